@@ -1,0 +1,84 @@
+"""Plain dataclasses exchanged between the runtime and the services (the servicers translate protobuf to these).
+
+    batcher --StepRequest--> router servicer --list[SeqWork]--> Engine.step --> list[SeqResult]
+                                                   |
+                       Backbone forward, per MoE layer:  dispatch(layer, hidden, topk_ids, topk_weights)
+                                                   |   (LocalDispatch in-process, or the router's gRPC fan-out)
+                                                   v
+                                 ExpertBank.forward on each shard --> partial [T, H], summed by the router
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen; defaults are greedy with no penalties (mirrors moemesh.v1.SamplingParams)."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # 1: off
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    ignore_eos: bool = False
+
+
+@dataclass
+class SeqWork:
+    """One sequence's share of a step: a prefill chunk or one decode token."""
+
+    seq_id: str
+    token_ids: list[int]
+    position: int  # tokens of this sequence already in the KV cache; 0 starts the sequence
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    sample: bool = True  # False for prefill chunks that are not the prompt's last
+
+
+@dataclass
+class SeqResult:
+    """What a step produced for one sequence."""
+
+    seq_id: str
+    token_id: int | None  # None when the work did not sample
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Which routed experts a shard hosts (same expert ids in every hosted layer)."""
+
+    address: str
+    layers: tuple[int, ...]
+    experts: tuple[int, ...]
+
+
+class ExpertDispatch(Protocol):
+    """Runs one MoE layer's routed experts for a block of tokens, wherever they live.
+
+    hidden: [T, H] compute dtype; topk_ids: [T, K] int64 global expert ids (-1: unused slot);
+    topk_weights: [T, K] float32. Returns [T, H]: sum_k weight[t, k] * expert_{ids[t, k]}(hidden[t]).
+    """
+
+    def __call__(
+        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+class CapacityError(RuntimeError):
+    """The KV cache cannot hold the step; nothing of the step was applied."""
+
+
+class SequenceStateError(ValueError):
+    """A work item's position does not match the cached length, or the sequence is unknown."""

@@ -1,0 +1,56 @@
+from moemesh.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ExpertRequest(_message.Message):
+    __slots__ = ("layer", "hidden", "expert_ids", "weights", "step_id")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    hidden: _common_pb2.Tensor
+    expert_ids: _common_pb2.Tensor
+    weights: _common_pb2.Tensor
+    step_id: int
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., step_id: _Optional[int] = ...) -> None: ...
+
+class ExpertResponse(_message.Message):
+    __slots__ = ("output", "compute_seconds")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    output: _common_pb2.Tensor
+    compute_seconds: float
+    def __init__(self, output: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+
+class ExpertInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExpertInfo(_message.Message):
+    __slots__ = ("model", "shard_index", "num_shards", "layers", "experts", "backend", "dtype", "device", "weight_bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    shard_index: int
+    num_shards: int
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    experts: _containers.RepeatedScalarFieldContainer[int]
+    backend: str
+    dtype: str
+    device: str
+    weight_bytes: int
+    def __init__(self, model: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., experts: _Optional[_Iterable[int]] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
