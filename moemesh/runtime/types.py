@@ -82,3 +82,24 @@ class CapacityError(RuntimeError):
 
 class SequenceStateError(ValueError):
     """A work item's position does not match the cached length, or the sequence is unknown."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the router reports about its model and KV cache (mirrors moemesh.v1.RouterInfo)."""
+
+    model: str
+    architecture: str
+    max_context: int
+    kv_block_size: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    active_sequences: int
+    vocab_size: int
+    num_layers: int
+    num_experts: int  # routed experts per MoE layer; 0 for a dense model
+    experts_per_token: int
+    moe_layers: tuple[int, ...]  # decoder layers that have routed experts
+    eos_token_ids: tuple[int, ...]
+    device: str
+    dtype: str

@@ -82,7 +82,7 @@ class ExpertPlacement(_message.Message):
     def __init__(self, address: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RouterInfo(_message.Message):
-    __slots__ = ("model", "architecture", "max_context", "kv_block_size", "kv_blocks_total", "kv_blocks_free", "active_sequences", "vocab_size", "num_layers", "num_experts", "experts_per_token", "placement", "device", "dtype")
+    __slots__ = ("model", "architecture", "max_context", "kv_block_size", "kv_blocks_total", "kv_blocks_free", "active_sequences", "vocab_size", "num_layers", "num_experts", "experts_per_token", "placement", "device", "dtype", "eos_token_ids", "moe_layers")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,8 @@ class RouterInfo(_message.Message):
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MOE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     max_context: int
@@ -111,4 +113,6 @@ class RouterInfo(_message.Message):
     placement: _containers.RepeatedCompositeFieldContainer[ExpertPlacement]
     device: str
     dtype: str
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., active_sequences: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    moe_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., active_sequences: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., moe_layers: _Optional[_Iterable[int]] = ...) -> None: ...
