@@ -84,6 +84,10 @@ class SequenceStateError(ValueError):
     """A work item's position does not match the cached length, or the sequence is unknown."""
 
 
+class ContextLengthError(SequenceStateError):
+    """A sequence would grow past the engine's max_context (a client error, like SequenceStateError)."""
+
+
 @dataclass(frozen=True)
 class EngineInfo:
     """What the router reports about its model and KV cache (mirrors moemesh.v1.RouterInfo)."""

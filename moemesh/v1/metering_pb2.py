@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19moemesh/v1/metering.proto\x12\nmoemesh.v1\"&\n\x13\x41uthenticateRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\"X\n\x14\x41uthenticateResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x10\n\x08priority\x18\x04 \x01(\x05\"y\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x1d\n\x15max_completion_tokens\x18\x05 \x01(\r\"?\n\x0fReserveResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x14\n\x0c\x65xpires_in_s\x18\x02 \x01(\r\"\xe3\x01\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x15\n\rcached_tokens\x18\x07 \x01(\r\x12\x17\n\x0flatency_seconds\x18\x08 \x01(\x01\x12\x15\n\rfinish_reason\x18\t \x01(\t\x12\x16\n\x0e\x65ngine_seconds\x18\n \x01(\x01\"H\n\x0e\x43ommitResponse\x12\x11\n\tprice_usd\x18\x01 \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x02 \x01(\x01\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"I\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsince_unix\x18\x02 \x01(\r\x12\x12\n\nuntil_unix\x18\x03 \x01(\r\"\x86\x01\n\x0bUsageReport\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x11\n\tprice_usd\x18\x05 \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x06 \x01(\x01\x32\xa4\x02\n\x08Metering\x12Q\n\x0c\x41uthenticate\x12\x1f.moemesh.v1.AuthenticateRequest\x1a .moemesh.v1.AuthenticateResponse\x12\x42\n\x07Reserve\x12\x1a.moemesh.v1.ReserveRequest\x1a\x1b.moemesh.v1.ReserveResponse\x12?\n\x06\x43ommit\x12\x19.moemesh.v1.CommitRequest\x1a\x1a.moemesh.v1.CommitResponse\x12@\n\x08GetUsage\x12\x1b.moemesh.v1.GetUsageRequest\x1a\x17.moemesh.v1.UsageReportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19moemesh/v1/metering.proto\x12\nmoemesh.v1\"&\n\x13\x41uthenticateRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\"k\n\x14\x41uthenticateResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x11\n\tnamespace\x18\x05 \x01(\t\"\x8e\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x1d\n\x15max_completion_tokens\x18\x05 \x01(\r\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\r\"v\n\x0fReserveResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x14\n\x0c\x65xpires_in_s\x18\x02 \x01(\r\x12\x18\n\x10\x65stimated_tokens\x18\x03 \x01(\r\x12\x1b\n\x13\x65stimated_price_usd\x18\x04 \x01(\x01\"\x94\x02\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x15\n\rcached_tokens\x18\x07 \x01(\r\x12\x17\n\x0flatency_seconds\x18\x08 \x01(\x01\x12\x15\n\rfinish_reason\x18\t \x01(\t\x12\x16\n\x0e\x65ngine_seconds\x18\n \x01(\x01\x12\x10\n\x08hardware\x18\x0b \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x0c \x01(\r\x12\x0c\n\x04user\x18\r \x01(\t\"[\n\x0e\x43ommitResponse\x12\x11\n\tprice_usd\x18\x01 \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x02 \x01(\x01\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x11\n\tledger_id\x18\x04 \x01(\t\"`\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsince_unix\x18\x02 \x01(\r\x12\x12\n\nuntil_unix\x18\x03 \x01(\r\x12\x15\n\rcaller_tenant\x18\x04 \x01(\t\"\xde\x02\n\x0bUsageReport\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x11\n\tprice_usd\x18\x05 \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x06 \x01(\x01\x12\x15\n\rcached_tokens\x18\x07 \x01(\r\x12\x16\n\x0e\x65ngine_seconds\x18\x08 \x01(\x01\x12\x12\n\nmargin_usd\x18\t \x01(\x01\x12\x16\n\x0erated_requests\x18\n \x01(\r\x12\x14\n\x0csatisfaction\x18\x0b \x01(\x01\x12\x1c\n\x14task_completion_rate\x18\x0c \x01(\x01\x12\x1f\n\x17task_completion_answers\x18\r \x01(\r\x12&\n\x06models\x18\x0e \x03(\x0b\x32\x16.moemesh.v1.ModelUsage\"\x9a\x01\n\nModelUsage\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x11\n\tprice_usd\x18\x05 \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x06 \x01(\x01\x12\x14\n\x0csatisfaction\x18\x07 \x01(\x01\"\x9b\x03\n\x0bUsageRecord\x12\x11\n\tledger_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61t_unix\x18\x02 \x01(\x01\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x0c\n\x04user\x18\x07 \x01(\t\x12\x15\n\rprompt_tokens\x18\x08 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\t \x01(\r\x12\x15\n\rcached_tokens\x18\n \x01(\r\x12\x17\n\x0flatency_seconds\x18\x0b \x01(\x01\x12\x15\n\rfinish_reason\x18\x0c \x01(\t\x12\x16\n\x0e\x65ngine_seconds\x18\r \x01(\x01\x12\x10\n\x08hardware\x18\x0e \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x0f \x01(\r\x12\x11\n\tprice_usd\x18\x10 \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x11 \x01(\x01\x12\x0e\n\x06rating\x18\x12 \x01(\r\x12\x1b\n\x0etask_completed\x18\x13 \x01(\x08H\x00\x88\x01\x01\x42\x11\n\x0f_task_completed\"\x86\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06rating\x18\x03 \x01(\r\x12\x1b\n\x0etask_completed\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x0f\n\x07\x63omment\x18\x05 \x01(\tB\x11\n\x0f_task_completed\")\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x15\n\rrecorded_unix\x18\x01 \x01(\x01\"x\n\x05Quota\x12\x1b\n\x13requests_per_minute\x18\x01 \x01(\r\x12\x19\n\x11tokens_per_minute\x18\x02 \x01(\r\x12\x1b\n\x13\x63oncurrent_requests\x18\x03 \x01(\r\x12\x1a\n\x12monthly_budget_usd\x18\x04 \x01(\x01\"z\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12 \n\x05quota\x18\x03 \x01(\x0b\x32\x11.moemesh.v1.Quota\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x10\n\x08priority\x18\x05 \x01(\x05\"_\n\x14\x43reateTenantResponse\x12&\n\x06tenant\x18\x01 \x01(\x0b\x32\x16.moemesh.v1.TenantInfo\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\" \n\x10GetTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x07KeyInfo\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x02 \x01(\x01\x12\x14\n\x0crevoked_unix\x18\x03 \x01(\x01\"\xdb\x01\n\nTenantInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x03 \x01(\x01\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12 \n\x05quota\x18\x06 \x01(\x0b\x32\x11.moemesh.v1.Quota\x12!\n\x04keys\x18\x07 \x03(\x0b\x32\x13.moemesh.v1.KeyInfo\x12\x17\n\x0fmonth_spent_usd\x18\x08 \x01(\x01\x12\x16\n\x0emonth_held_usd\x18\t \x01(\x01\"\x14\n\x12ListTenantsRequest\">\n\x13ListTenantsResponse\x12\'\n\x07tenants\x18\x01 \x03(\x0b\x32\x16.moemesh.v1.TenantInfo\"\xc5\x02\n\x0fSetQuotaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x13requests_per_minute\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x1e\n\x11tokens_per_minute\x18\x03 \x01(\rH\x01\x88\x01\x01\x12 \n\x13\x63oncurrent_requests\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x1f\n\x12monthly_budget_usd\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x13\n\x06weight\x18\x06 \x01(\x01H\x04\x88\x01\x01\x12\x15\n\x08priority\x18\x07 \x01(\x05H\x05\x88\x01\x01\x42\x16\n\x14_requests_per_minuteB\x14\n\x12_tokens_per_minuteB\x16\n\x14_concurrent_requestsB\x15\n\x13_monthly_budget_usdB\t\n\x07_weightB\x0b\n\t_priority\"6\n\x0fIssueKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rrevoke_others\x18\x02 \x01(\x08\"L\n\x10IssueKeyResponse\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x17\n\x0frevoked_key_ids\x18\x03 \x03(\t\"0\n\x10RevokeKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"\x13\n\x11RevokeKeyResponse2\xea\x06\n\x08Metering\x12Q\n\x0c\x41uthenticate\x12\x1f.moemesh.v1.AuthenticateRequest\x1a .moemesh.v1.AuthenticateResponse\x12\x42\n\x07Reserve\x12\x1a.moemesh.v1.ReserveRequest\x1a\x1b.moemesh.v1.ReserveResponse\x12?\n\x06\x43ommit\x12\x19.moemesh.v1.CommitRequest\x1a\x1a.moemesh.v1.CommitResponse\x12@\n\x08GetUsage\x12\x1b.moemesh.v1.GetUsageRequest\x1a\x17.moemesh.v1.UsageReport\x12\x45\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1b.moemesh.v1.FeedbackRequest\x1a\x1c.moemesh.v1.FeedbackResponse\x12\x45\n\x0b\x45xportUsage\x12\x1b.moemesh.v1.GetUsageRequest\x1a\x17.moemesh.v1.UsageRecord0\x01\x12Q\n\x0c\x43reateTenant\x12\x1f.moemesh.v1.CreateTenantRequest\x1a .moemesh.v1.CreateTenantResponse\x12\x41\n\tGetTenant\x12\x1c.moemesh.v1.GetTenantRequest\x1a\x16.moemesh.v1.TenantInfo\x12N\n\x0bListTenants\x12\x1e.moemesh.v1.ListTenantsRequest\x1a\x1f.moemesh.v1.ListTenantsResponse\x12?\n\x08SetQuota\x12\x1b.moemesh.v1.SetQuotaRequest\x1a\x16.moemesh.v1.TenantInfo\x12\x45\n\x08IssueKey\x12\x1b.moemesh.v1.IssueKeyRequest\x1a\x1c.moemesh.v1.IssueKeyResponse\x12H\n\tRevokeKey\x12\x1c.moemesh.v1.RevokeKeyRequest\x1a\x1d.moemesh.v1.RevokeKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,53 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHENTICATEREQUEST']._serialized_start=41
   _globals['_AUTHENTICATEREQUEST']._serialized_end=79
   _globals['_AUTHENTICATERESPONSE']._serialized_start=81
-  _globals['_AUTHENTICATERESPONSE']._serialized_end=169
-  _globals['_RESERVEREQUEST']._serialized_start=171
-  _globals['_RESERVEREQUEST']._serialized_end=292
-  _globals['_RESERVERESPONSE']._serialized_start=294
-  _globals['_RESERVERESPONSE']._serialized_end=357
-  _globals['_COMMITREQUEST']._serialized_start=360
-  _globals['_COMMITREQUEST']._serialized_end=587
-  _globals['_COMMITRESPONSE']._serialized_start=589
-  _globals['_COMMITRESPONSE']._serialized_end=661
-  _globals['_GETUSAGEREQUEST']._serialized_start=663
-  _globals['_GETUSAGEREQUEST']._serialized_end=736
-  _globals['_USAGEREPORT']._serialized_start=739
-  _globals['_USAGEREPORT']._serialized_end=873
-  _globals['_METERING']._serialized_start=876
-  _globals['_METERING']._serialized_end=1168
+  _globals['_AUTHENTICATERESPONSE']._serialized_end=188
+  _globals['_RESERVEREQUEST']._serialized_start=191
+  _globals['_RESERVEREQUEST']._serialized_end=333
+  _globals['_RESERVERESPONSE']._serialized_start=335
+  _globals['_RESERVERESPONSE']._serialized_end=453
+  _globals['_COMMITREQUEST']._serialized_start=456
+  _globals['_COMMITREQUEST']._serialized_end=732
+  _globals['_COMMITRESPONSE']._serialized_start=734
+  _globals['_COMMITRESPONSE']._serialized_end=825
+  _globals['_GETUSAGEREQUEST']._serialized_start=827
+  _globals['_GETUSAGEREQUEST']._serialized_end=923
+  _globals['_USAGEREPORT']._serialized_start=926
+  _globals['_USAGEREPORT']._serialized_end=1276
+  _globals['_MODELUSAGE']._serialized_start=1279
+  _globals['_MODELUSAGE']._serialized_end=1433
+  _globals['_USAGERECORD']._serialized_start=1436
+  _globals['_USAGERECORD']._serialized_end=1847
+  _globals['_FEEDBACKREQUEST']._serialized_start=1850
+  _globals['_FEEDBACKREQUEST']._serialized_end=1984
+  _globals['_FEEDBACKRESPONSE']._serialized_start=1986
+  _globals['_FEEDBACKRESPONSE']._serialized_end=2027
+  _globals['_QUOTA']._serialized_start=2029
+  _globals['_QUOTA']._serialized_end=2149
+  _globals['_CREATETENANTREQUEST']._serialized_start=2151
+  _globals['_CREATETENANTREQUEST']._serialized_end=2273
+  _globals['_CREATETENANTRESPONSE']._serialized_start=2275
+  _globals['_CREATETENANTRESPONSE']._serialized_end=2370
+  _globals['_GETTENANTREQUEST']._serialized_start=2372
+  _globals['_GETTENANTREQUEST']._serialized_end=2404
+  _globals['_KEYINFO']._serialized_start=2406
+  _globals['_KEYINFO']._serialized_end=2475
+  _globals['_TENANTINFO']._serialized_start=2478
+  _globals['_TENANTINFO']._serialized_end=2697
+  _globals['_LISTTENANTSREQUEST']._serialized_start=2699
+  _globals['_LISTTENANTSREQUEST']._serialized_end=2719
+  _globals['_LISTTENANTSRESPONSE']._serialized_start=2721
+  _globals['_LISTTENANTSRESPONSE']._serialized_end=2783
+  _globals['_SETQUOTAREQUEST']._serialized_start=2786
+  _globals['_SETQUOTAREQUEST']._serialized_end=3111
+  _globals['_ISSUEKEYREQUEST']._serialized_start=3113
+  _globals['_ISSUEKEYREQUEST']._serialized_end=3167
+  _globals['_ISSUEKEYRESPONSE']._serialized_start=3169
+  _globals['_ISSUEKEYRESPONSE']._serialized_end=3245
+  _globals['_REVOKEKEYREQUEST']._serialized_start=3247
+  _globals['_REVOKEKEYREQUEST']._serialized_end=3295
+  _globals['_REVOKEKEYRESPONSE']._serialized_start=3297
+  _globals['_REVOKEKEYRESPONSE']._serialized_end=3316
+  _globals['_METERING']._serialized_start=3319
+  _globals['_METERING']._serialized_end=4193
 # @@protoc_insertion_point(module_scope)

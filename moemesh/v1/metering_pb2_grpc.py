@@ -55,6 +55,46 @@ class MeteringStub:
                 request_serializer=moemesh_dot_v1_dot_metering__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=moemesh_dot_v1_dot_metering__pb2.UsageReport.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/moemesh.v1.Metering/Feedback',
+                request_serializer=moemesh_dot_v1_dot_metering__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_metering__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
+        self.ExportUsage = channel.unary_stream(
+                '/moemesh.v1.Metering/ExportUsage',
+                request_serializer=moemesh_dot_v1_dot_metering__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_metering__pb2.UsageRecord.FromString,
+                _registered_method=True)
+        self.CreateTenant = channel.unary_unary(
+                '/moemesh.v1.Metering/CreateTenant',
+                request_serializer=moemesh_dot_v1_dot_metering__pb2.CreateTenantRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_metering__pb2.CreateTenantResponse.FromString,
+                _registered_method=True)
+        self.GetTenant = channel.unary_unary(
+                '/moemesh.v1.Metering/GetTenant',
+                request_serializer=moemesh_dot_v1_dot_metering__pb2.GetTenantRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_metering__pb2.TenantInfo.FromString,
+                _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/moemesh.v1.Metering/ListTenants',
+                request_serializer=moemesh_dot_v1_dot_metering__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_metering__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
+        self.SetQuota = channel.unary_unary(
+                '/moemesh.v1.Metering/SetQuota',
+                request_serializer=moemesh_dot_v1_dot_metering__pb2.SetQuotaRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_metering__pb2.TenantInfo.FromString,
+                _registered_method=True)
+        self.IssueKey = channel.unary_unary(
+                '/moemesh.v1.Metering/IssueKey',
+                request_serializer=moemesh_dot_v1_dot_metering__pb2.IssueKeyRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_metering__pb2.IssueKeyResponse.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/moemesh.v1.Metering/RevokeKey',
+                request_serializer=moemesh_dot_v1_dot_metering__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_metering__pb2.RevokeKeyResponse.FromString,
+                _registered_method=True)
 
 
 class MeteringServicer:
@@ -86,7 +126,65 @@ class MeteringServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetUsage(self, request, context):
-        """Usage totals of a tenant over a period.
+        """Usage totals of a tenant over a period. PERMISSION_DENIED when `caller_tenant` is set and is another tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Feedback(self, request, context):
+        """Records a tenant's rating / task-completed flag for one of its own requests (giving it again replaces it).
+        PERMISSION_DENIED for a request id that is not a recent committed request of that tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportUsage(self, request, context):
+        """Streams the ledger records of a tenant over a period, oldest first. PERMISSION_DENIED as for GetUsage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateTenant(self, request, context):
+        """Tenant administration (internal: not routed by Envoy, not exposed by the gateway; `moemesh tenants` does the
+        same directly on Redis). Creates a tenant and its first API key. ALREADY_EXISTS when the name is taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTenant(self, request, context):
+        """A tenant's settings and keys (ids only). NOT_FOUND for an unknown tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTenants(self, request, context):
+        """Every tenant's settings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetQuota(self, request, context):
+        """Changes limits, weight or priority; the next Reserve already applies them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueKey(self, request, context):
+        """Issues another API key for a tenant (with `revoke_others`: a rotation). The key is returned only here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """Revokes one API key at once. NOT_FOUND for a key id the tenant does not have.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,6 +212,46 @@ def add_MeteringServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=moemesh_dot_v1_dot_metering__pb2.GetUsageRequest.FromString,
                     response_serializer=moemesh_dot_v1_dot_metering__pb2.UsageReport.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=moemesh_dot_v1_dot_metering__pb2.FeedbackRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_metering__pb2.FeedbackResponse.SerializeToString,
+            ),
+            'ExportUsage': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportUsage,
+                    request_deserializer=moemesh_dot_v1_dot_metering__pb2.GetUsageRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_metering__pb2.UsageRecord.SerializeToString,
+            ),
+            'CreateTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTenant,
+                    request_deserializer=moemesh_dot_v1_dot_metering__pb2.CreateTenantRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_metering__pb2.CreateTenantResponse.SerializeToString,
+            ),
+            'GetTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenant,
+                    request_deserializer=moemesh_dot_v1_dot_metering__pb2.GetTenantRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_metering__pb2.TenantInfo.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=moemesh_dot_v1_dot_metering__pb2.ListTenantsRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_metering__pb2.ListTenantsResponse.SerializeToString,
+            ),
+            'SetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQuota,
+                    request_deserializer=moemesh_dot_v1_dot_metering__pb2.SetQuotaRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_metering__pb2.TenantInfo.SerializeToString,
+            ),
+            'IssueKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueKey,
+                    request_deserializer=moemesh_dot_v1_dot_metering__pb2.IssueKeyRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_metering__pb2.IssueKeyResponse.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=moemesh_dot_v1_dot_metering__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_metering__pb2.RevokeKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +363,222 @@ class Metering:
             '/moemesh.v1.Metering/GetUsage',
             moemesh_dot_v1_dot_metering__pb2.GetUsageRequest.SerializeToString,
             moemesh_dot_v1_dot_metering__pb2.UsageReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.Metering/Feedback',
+            moemesh_dot_v1_dot_metering__pb2.FeedbackRequest.SerializeToString,
+            moemesh_dot_v1_dot_metering__pb2.FeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moemesh.v1.Metering/ExportUsage',
+            moemesh_dot_v1_dot_metering__pb2.GetUsageRequest.SerializeToString,
+            moemesh_dot_v1_dot_metering__pb2.UsageRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.Metering/CreateTenant',
+            moemesh_dot_v1_dot_metering__pb2.CreateTenantRequest.SerializeToString,
+            moemesh_dot_v1_dot_metering__pb2.CreateTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.Metering/GetTenant',
+            moemesh_dot_v1_dot_metering__pb2.GetTenantRequest.SerializeToString,
+            moemesh_dot_v1_dot_metering__pb2.TenantInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.Metering/ListTenants',
+            moemesh_dot_v1_dot_metering__pb2.ListTenantsRequest.SerializeToString,
+            moemesh_dot_v1_dot_metering__pb2.ListTenantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.Metering/SetQuota',
+            moemesh_dot_v1_dot_metering__pb2.SetQuotaRequest.SerializeToString,
+            moemesh_dot_v1_dot_metering__pb2.TenantInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.Metering/IssueKey',
+            moemesh_dot_v1_dot_metering__pb2.IssueKeyRequest.SerializeToString,
+            moemesh_dot_v1_dot_metering__pb2.IssueKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.Metering/RevokeKey',
+            moemesh_dot_v1_dot_metering__pb2.RevokeKeyRequest.SerializeToString,
+            moemesh_dot_v1_dot_metering__pb2.RevokeKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

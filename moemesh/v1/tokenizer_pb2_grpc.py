@@ -55,6 +55,11 @@ class TokenizerStub:
                 request_serializer=moemesh_dot_v1_dot_tokenizer__pb2.TokenizerInfoRequest.SerializeToString,
                 response_deserializer=moemesh_dot_v1_dot_tokenizer__pb2.TokenizerInfo.FromString,
                 _registered_method=True)
+        self.Pieces = channel.unary_unary(
+                '/moemesh.v1.Tokenizer/Pieces',
+                request_serializer=moemesh_dot_v1_dot_tokenizer__pb2.PiecesRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_tokenizer__pb2.PiecesResponse.FromString,
+                _registered_method=True)
 
 
 class TokenizerServicer:
@@ -91,6 +96,13 @@ class TokenizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pieces(self, request, context):
+        """Each token on its own, with its exact bytes (for logprobs: chosen tokens and their alternatives).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +125,11 @@ def add_TokenizerServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=moemesh_dot_v1_dot_tokenizer__pb2.TokenizerInfoRequest.FromString,
                     response_serializer=moemesh_dot_v1_dot_tokenizer__pb2.TokenizerInfo.SerializeToString,
+            ),
+            'Pieces': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pieces,
+                    request_deserializer=moemesh_dot_v1_dot_tokenizer__pb2.PiecesRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_tokenizer__pb2.PiecesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +241,33 @@ class Tokenizer:
             '/moemesh.v1.Tokenizer/Info',
             moemesh_dot_v1_dot_tokenizer__pb2.TokenizerInfoRequest.SerializeToString,
             moemesh_dot_v1_dot_tokenizer__pb2.TokenizerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pieces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.Tokenizer/Pieces',
+            moemesh_dot_v1_dot_tokenizer__pb2.PiecesRequest.SerializeToString,
+            moemesh_dot_v1_dot_tokenizer__pb2.PiecesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,45 @@
+"""`python -m gateway` / `moemesh-gateway`: the public Chat API process."""
+
+from __future__ import annotations
+
+import sys
+
+from gateway.completion import Completions
+from gateway.config import GatewayConfig
+from gateway.metering_client import LocalMetering, MeteringClient
+from gateway.models import ModelCatalog
+from gateway.servicer import ChatServicer, add_to_server
+from gateway.upstream import BatcherClient, TokenizerClient
+from moemesh.serving import client_channel, run_service
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = GatewayConfig.load(argv)
+    channels = []
+    completions: list[Completions] = []
+
+    def register(server):
+        tokenizer, batcher = client_channel(config.tokenizer_addr), client_channel(config.batcher_addr)
+        channels.extend([tokenizer, batcher])
+        if config.auth:
+            metering_channel = client_channel(config.metering_addr)
+            channels.append(metering_channel)
+            metering = MeteringClient(metering_channel, cache_seconds=config.auth_cache_seconds)
+        else:
+            metering = LocalMetering()
+        completions.append(Completions(TokenizerClient(tokenizer), BatcherClient(batcher), metering))
+        servicer = ChatServicer(completions[0], ModelCatalog([config.model]), metering, auth=config.auth,
+                                default_max_tokens=config.default_max_tokens, request_timeout=config.request_timeout)
+        return add_to_server(servicer, server)
+
+    async def on_stop() -> None:
+        for c in completions:
+            await c.drain()
+        for channel in channels:
+            await channel.close()
+
+    return run_service(config, register, name="gateway", on_stop=on_stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

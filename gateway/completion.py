@@ -1,0 +1,198 @@
+"""One chat completion through the mesh, as a stream of text deltas and a finish (no grpc, no protobuf here).
+
+    encode chat (tokenizer) -> reserve quota (metering) -> Generate stream (batcher)
+        -> per event: detokenize (tokenizer stream) -> StopChecker (eos, stop strings, max_tokens) -> Delta
+    -> Finish; always, in the background: commit usage (metering)
+
+The gateway owns the text: stop strings are matched here on the detokenized stream (never split across deltas);
+when the text stops before the batcher does, the batcher is told to cancel and its last event (engine time) is
+still collected for the bill. If the caller goes away, the upstream calls are cancelled and the commit still runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from gateway.chat_request import ValidatedChat
+from gateway.events import (
+    FINISH_CANCELLED, FINISH_DEADLINE, FINISH_ERROR, GenerateParams, Tenant, TokenEvent, TokenInfo, UsageRecord,
+)
+from moemesh.runtime.stopping import StopChecker
+from moemesh.serving.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+
+class Tokenizer(Protocol):
+    async def encode_chat(self, model: str, messages: list[dict[str, str]]) -> list[int]: ...
+    async def eos_token_ids(self, model: str) -> tuple[int, ...]: ...
+    async def pieces(self, model: str, ids: list[int]) -> list[tuple[str, bytes]]: ...
+    def detokenizer(self, model: str): ...  # feed(ids) -> per-id texts (async), close()
+
+
+class Batcher(Protocol):
+    def generate(self, params: GenerateParams, timeout_s: float | None): ...  # events(), stop_early(), cancel()
+
+
+class Metering(Protocol):
+    async def reserve(self, request_id: str, tenant: str, model: str, prompt_tokens: int, max_tokens: int): ...
+    async def commit(self, usage: UsageRecord) -> None: ...
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text (never part of a stop string), and the tokens behind it when logprobs were asked for."""
+
+    text: str
+    tokens: tuple[TokenInfo, ...] = ()
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str  # "stop", "length" or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class EngineFailure(ServiceError):
+    grpc_status = "INTERNAL"
+
+
+@dataclass
+class _Outcome:
+    """What the bill needs; updated as the stream goes."""
+
+    prompt_tokens: int
+    finish_reason: str = FINISH_CANCELLED  # until something better is known
+    completion_tokens: int = 0
+    engine_seconds: float = 0.0
+
+
+class Completions:
+    def __init__(self, tokenizer: Tokenizer, batcher: Batcher, metering: Metering) -> None:
+        self._tokenizer, self._batcher, self._metering = tokenizer, batcher, metering
+        self._eos: dict[str, tuple[int, ...]] = {}
+        self._background: set[asyncio.Task] = set()
+
+    async def run(self, chat: ValidatedChat, tenant: Tenant, request_id: str,
+                  timeout_s: float | None) -> AsyncIterator[Delta | Finish]:
+        start = time.monotonic()
+        prompt_ids = await self._tokenizer.encode_chat(chat.model, chat.messages)
+        eos = await self._eos_ids(chat.model)
+        await self._metering.reserve(request_id, tenant.name, chat.model, len(prompt_ids), chat.sampling.max_tokens)
+        outcome = _Outcome(prompt_tokens=len(prompt_ids))
+        deadline_ms = int((time.time() + timeout_s) * 1000) if timeout_s else 0
+        params = GenerateParams(request_id, tenant.name, chat.model, tuple(prompt_ids), chat.sampling,
+                                deadline_ms, tenant.priority, tenant.weight)
+        generation = self._batcher.generate(params, timeout_s)
+        detok = self._tokenizer.detokenizer(chat.model)
+        checker = StopChecker(replace(chat.sampling, stop=chat.stop), eos)
+        try:
+            async for item in self._stream(chat, generation, detok, checker, outcome):
+                yield item
+        except Exception:
+            outcome.finish_reason = FINISH_ERROR
+            raise
+        finally:
+            generation.cancel()
+            detok.close()
+            self._commit_later(UsageRecord(
+                request_id=request_id, tenant=tenant.name, key_id=tenant.key_id, model=chat.model,
+                prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
+                latency_seconds=time.monotonic() - start, finish_reason=outcome.finish_reason,
+                engine_seconds=outcome.engine_seconds, user=chat.user,
+            ))
+
+    async def _stream(self, chat, generation, detok, checker: StopChecker,
+                      outcome: _Outcome) -> AsyncIterator[Delta | Finish]:
+        async for event in generation.events():
+            _account(outcome, event)
+            delta = await self._consume(chat, event, detok, checker)
+            outcome.completion_tokens = checker.num_tokens
+            if delta.text or delta.tokens:
+                yield delta
+            if not checker.finished and event.finish_reason:
+                tail = _finish_for_batcher(checker, event.finish_reason)
+                if tail:
+                    yield Delta(tail)
+            if checker.finished:
+                if not event.finish_reason:  # our stop string or max_tokens came first
+                    last = await generation.stop_early()
+                    if last is not None:
+                        outcome.engine_seconds = last.engine_seconds
+                outcome.finish_reason = checker.finish_reason
+                yield Finish(checker.finish_reason, outcome.prompt_tokens, checker.num_tokens)
+                return
+        raise EngineFailure("batcher: the Generate stream ended without a finish reason")
+
+    async def _consume(self, chat: ValidatedChat, event: TokenEvent, detok, checker: StopChecker) -> Delta:
+        """Steps the checker over the event's tokens; returns the text that may be shown now."""
+        ids = list(event.token_ids)
+        if not ids or checker.finished:
+            return Delta("")
+        texts = await detok.feed(ids)
+        emitted: list[str] = []
+        used = 0
+        for token_id, text in zip(ids, texts):
+            decision = checker.step(token_id, text)
+            emitted.append(decision.text)
+            used += 1
+            if decision.finished:
+                break
+        tokens = await self._token_infos(chat, event, used) if chat.sampling.logprobs else ()
+        return Delta("".join(emitted), tokens)
+
+    async def _token_infos(self, chat: ValidatedChat, event: TokenEvent, used: int) -> tuple[TokenInfo, ...]:
+        ids = list(event.token_ids[:used])
+        alts = [list(event.top_logprobs[i]) if i < len(event.top_logprobs) else [] for i in range(used)]
+        wanted = ids + [a for per in alts for a, _ in per]
+        pieces = dict(zip(wanted, await self._tokenizer.pieces(chat.model, wanted))) if wanted else {}
+        out = []
+        for i, token_id in enumerate(ids):
+            top = tuple(TokenInfo(a, pieces[a][0], pieces[a][1], lp) for a, lp in alts[i])
+            logprob = event.logprobs[i] if i < len(event.logprobs) else 0.0
+            out.append(TokenInfo(token_id, pieces[token_id][0], pieces[token_id][1], logprob, top))
+        return tuple(out)
+
+    async def _eos_ids(self, model: str) -> tuple[int, ...]:
+        if model not in self._eos:
+            self._eos[model] = await self._tokenizer.eos_token_ids(model)
+        return self._eos[model]
+
+    def _commit_later(self, usage: UsageRecord) -> None:
+        """Commits on its own task: it must survive the cancellation of the request's task."""
+        task = asyncio.get_running_loop().create_task(self._commit(usage))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _commit(self, usage: UsageRecord) -> None:
+        try:
+            await self._metering.commit(usage)
+        except Exception as exc:  # the answer was already given; the reservation expires and is refunded
+            log.warning("commit of %s failed: %s", usage.request_id, exc)
+
+    async def drain(self) -> None:
+        """Waits for pending commits (at shutdown)."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=5)
+
+
+def _account(outcome: _Outcome, event: TokenEvent) -> None:
+    if event.prompt_tokens:
+        outcome.prompt_tokens = event.prompt_tokens
+    if event.finish_reason:
+        outcome.engine_seconds = event.engine_seconds
+
+
+def _finish_for_batcher(checker: StopChecker, reason: str) -> str:
+    """The batcher ended the sequence before our checker did: finish it the same way (returns held-back text)."""
+    if reason == FINISH_DEADLINE:
+        raise TimeoutError("deadline: the request did not finish in time")
+    if reason == FINISH_ERROR:
+        raise EngineFailure("batcher: the engine failed while generating this request")
+    return checker.finish(reason).text  # "stop", "length" or "cancelled"

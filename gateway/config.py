@@ -1,0 +1,45 @@
+"""Settings of the gateway process (flags, then MOEMESH_GATEWAY_* / peer *_ADDR env, then defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from moemesh.serving.config import BATCHER_ADDR, METERING_ADDR, TOKENIZER_ADDR, ConfigError, ServiceConfig
+from moemesh.serving.config import check_address, setting
+
+
+@dataclass(frozen=True)
+class GatewayConfig(ServiceConfig):
+    """The public Chat API: validation, auth and metering, then tokenizer and batcher."""
+
+    SERVICE: ClassVar[str] = "gateway"
+
+    port: int = setting(50051, "gRPC port of the Chat API (0: any free port)")
+    model: str = setting("smollm2-moe", "model id the mesh serves (as given to the other services)",
+                         env="MOEMESH_MODEL")
+    tokenizer_addr: str = setting("127.0.0.1:50052", "tokenizer service address", env=TOKENIZER_ADDR)
+    batcher_addr: str = setting("127.0.0.1:50053", "batcher service address", env=BATCHER_ADDR)
+    metering_addr: str = setting("", "metering service address (empty: none; needs --no-auth)", env=METERING_ADDR)
+    auth: bool = setting(True, "require `authorization: Bearer <key>` checked by metering; --no-auth: every "
+                               "request is the dev tenant 'local' and no usage is recorded")
+    auth_cache_seconds: float = setting(30.0, "how long a verified API key is trusted without asking metering")
+    default_max_tokens: int = setting(256, "max_tokens of requests that give none")
+    request_timeout: float = setting(300.0, "seconds a request may take end to end (also the batcher deadline)")
+
+    def validate(self) -> None:
+        super().validate()
+        check_address(self.tokenizer_addr, self.source("tokenizer_addr"))
+        check_address(self.batcher_addr, self.source("batcher_addr"))
+        check_address(self.metering_addr, self.source("metering_addr"), allow_empty=True)
+        if self.auth and not self.metering_addr:
+            raise ConfigError(f"{self.source('metering_addr')}: empty while auth is on: give the metering address, "
+                              f"or pass --no-auth (dev tenant 'local')")
+        if not self.model:
+            raise ConfigError(f"{self.source('model')}: empty model id")
+        if self.auth_cache_seconds < 0:
+            raise ConfigError(f"{self.source('auth_cache_seconds')}: {self.auth_cache_seconds!r} must be >= 0")
+        if self.default_max_tokens < 1:
+            raise ConfigError(f"{self.source('default_max_tokens')}: {self.default_max_tokens!r} must be >= 1")
+        if not self.request_timeout > 0:
+            raise ConfigError(f"{self.source('request_timeout')}: {self.request_timeout!r} must be > 0")

@@ -1,0 +1,45 @@
+"""The models the gateway serves: canonical ids (what the other services call the model) and accepted aliases.
+
+The canonical id is the model string the mesh was started with (MOEMESH_MODEL): a built-in name, a checkpoint
+directory or a Hugging Face repo id. For a directory, its last path component is accepted as an alias, so that
+`--model /tmp/x/tiny` can be called as "tiny".
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import PurePath
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    id: str
+    created: int  # Unix seconds when the gateway loaded it
+
+
+class ModelCatalog:
+    def __init__(self, model_ids: list[str], created: int | None = None) -> None:
+        if not model_ids:
+            raise ValueError("the gateway needs at least one model")
+        when = int(time.time()) if created is None else created
+        self.entries = [ModelEntry(m, when) for m in model_ids]
+        self._aliases: dict[str, str] = {}
+        for m in model_ids:
+            self._aliases[m] = m
+            name = PurePath(m).name
+            if name and name != m:
+                self._aliases.setdefault(name, m)
+
+    @property
+    def ids(self) -> list[str]:
+        return [e.id for e in self.entries]
+
+    def resolve(self, name: str) -> str:
+        """Canonical id for a requested model; ValueError naming the field otherwise."""
+        if not name:
+            raise ValueError(f"model: required (available: {', '.join(self.ids)})")
+        try:
+            return self._aliases[name]
+        except KeyError:
+            raise ValueError(f"model: {name!r} is not served (available: {', '.join(self.ids)})") from None

@@ -1,0 +1,132 @@
+"""Adapters from the gateway's domain to the tokenizer and batcher services (protobuf <-> gateway.events)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from gateway.events import GenerateParams, TokenEvent
+from moemesh.v1 import batcher_pb2, batcher_pb2_grpc, common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+
+log = logging.getLogger(__name__)
+_FINISH = {
+    common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_CANCELLED: "cancelled", common_pb2.FINISH_REASON_DEADLINE: "deadline",
+    common_pb2.FINISH_REASON_ERROR: "error",
+}
+# After Batcher.Cancel, how long to wait for the stream's last event (it carries engine_seconds for the bill).
+CANCEL_DRAIN_S = 2.0
+
+
+class TokenizerClient:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = tokenizer_pb2_grpc.TokenizerStub(channel)
+
+    async def encode_chat(self, model: str, messages: list[dict[str, str]]) -> list[int]:
+        chat = tokenizer_pb2.ChatInput(add_generation_prompt=True, messages=[
+            common_pb2.ChatMessage(role=m["role"], content=m["content"], name=m.get("name")) for m in messages
+        ])
+        response = await self._stub.Encode(tokenizer_pb2.EncodeRequest(model=model, chat=chat))
+        return list(response.ids)
+
+    async def eos_token_ids(self, model: str) -> tuple[int, ...]:
+        info = await self._stub.Info(tokenizer_pb2.TokenizerInfoRequest(model=model))
+        return tuple(info.eos_token_ids)
+
+    async def pieces(self, model: str, ids: list[int]) -> list[tuple[str, bytes]]:
+        response = await self._stub.Pieces(tokenizer_pb2.PiecesRequest(model=model, ids=ids))
+        return [(p.text, p.bytes) for p in response.pieces]
+
+    def detokenizer(self, model: str) -> StreamDetokenizer:
+        return StreamDetokenizer(self._stub, model)
+
+
+class StreamDetokenizer:
+    """One DetokenizeStream call for one generated sequence: feed(ids) -> the text each id completed."""
+
+    def __init__(self, stub: tokenizer_pb2_grpc.TokenizerStub, model: str) -> None:
+        self._stub, self._model = stub, model
+        self._call = None
+
+    async def feed(self, ids: list[int]) -> list[str]:
+        if self._call is None:
+            self._call = self._stub.DetokenizeStream()
+            request = tokenizer_pb2.DetokenizeRequest(model=self._model, ids=ids, skip_special_tokens=True)
+        else:
+            request = tokenizer_pb2.DetokenizeRequest(ids=ids)
+        await self._call.write(request)
+        response = await self._call.read()
+        if response is grpc.aio.EOF:
+            raise ConnectionError("tokenizer closed the detokenize stream early")
+        return list(response.token_texts)
+
+    def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+
+
+class BatcherClient:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = batcher_pb2_grpc.BatcherStub(channel)
+
+    def generate(self, params: GenerateParams, timeout_s: float | None) -> Generation:
+        s = params.sampling
+        sampling = common_pb2.SamplingParams(
+            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
+            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, max_tokens=s.max_tokens,
+            logprobs=s.logprobs, top_logprobs=s.top_logprobs,
+        )  # stop strings stay in the gateway: it owns the text (StopChecker on the detokenized stream)
+        request = batcher_pb2.GenerateRequest(
+            request_id=params.request_id, tenant=params.tenant, model=params.model, prompt_ids=params.prompt_ids,
+            sampling=sampling, deadline_unix_ms=params.deadline_unix_ms, priority=params.priority,
+            tenant_weight=params.tenant_weight,
+        )
+        return Generation(self._stub, self._stub.Generate(request, timeout=timeout_s), params.request_id)
+
+
+class Generation:
+    """A running Generate call: iterate for TokenEvents; stop_early() ends it and returns the last event if the
+    batcher sends it in time."""
+
+    def __init__(self, stub: batcher_pb2_grpc.BatcherStub, call, request_id: str) -> None:
+        self._stub, self._call, self._request_id = stub, call, request_id
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        async for event in self._call:
+            yield _event(event)
+
+    async def stop_early(self) -> TokenEvent | None:
+        """Batcher.Cancel, then read on until the final event (for engine_seconds), at most CANCEL_DRAIN_S."""
+        last = None
+        try:
+            await self._stub.Cancel(batcher_pb2.CancelRequest(request_id=self._request_id), timeout=CANCEL_DRAIN_S)
+            async with asyncio.timeout(CANCEL_DRAIN_S):
+                async for event in self._call:
+                    last = _event(event)
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            log.debug("stopping %s early: %s", self._request_id, exc)
+        finally:
+            self.cancel()
+        return last if last is not None and last.finish_reason else None
+
+    def cancel(self) -> None:
+        with contextlib.suppress(Exception):
+            self._call.cancel()
+
+
+def _event(event: batcher_pb2.GenerateEvent) -> TokenEvent:
+    n = len(event.token_ids)
+    per = len(event.top_logprobs) // n if n else 0
+    top = tuple(
+        tuple((t.token_id, t.logprob) for t in event.top_logprobs[i * per:(i + 1) * per]) for i in range(n)
+    ) if per else ()
+    return TokenEvent(
+        token_ids=tuple(event.token_ids), logprobs=tuple(lp.logprob for lp in event.logprobs), top_logprobs=top,
+        finish_reason=_FINISH.get(event.finish_reason), prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens, engine_seconds=event.engine_seconds,
+        queue_seconds=event.queue_seconds,
+    )

@@ -1,0 +1,93 @@
+"""Text the dense model writes itself: the only data conversion calibrates and distills on (never held-out eval text).
+
+Each sequence starts from a fixed-length prompt, so a batch needs no padding: half from "<|im_start|>user\n" (the
+model writes a user turn and usually answers it) when the tokenizer has a chat template, the rest from one
+plain-text starter token (a common sentence opening). Sampling: temperature 1, nucleus 0.95, seeded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from moemesh.convert.model import TrainableLlama
+
+STARTER_WORDS = ("The", "In", "A", "It", "This", "He", "She", "On", "After", "During", "When", "As", "Its", "There",
+                 "They", "We", "I", "For", "One", "His", "Her", "At", "By", "From", "Although", "However", "Many",
+                 "According", "Some", "Most", "If", "How", "What", "Why", "Today", "Each")
+CHAT_PROMPT = "<|im_start|>user\n"
+GEN_BATCH = 256  # sequences generated together
+
+
+def prompt_groups(model_dir: Path, vocab_size: int, count: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Prompts for `count` sequences as groups of equal length ([n, P] int64 each)."""
+    starters, chat = _prompt_tokens(model_dir)
+    if not starters:  # no tokenizer: random single tokens
+        starters = torch.randint(0, vocab_size, (64,), generator=gen).tolist()
+    n_chat = count // 2 if chat else 0
+    groups = []
+    if n_chat:
+        groups.append(torch.tensor([chat] * n_chat, dtype=torch.long))
+    pick = torch.randint(0, len(starters), (count - n_chat,), generator=gen)
+    groups.append(torch.tensor(starters, dtype=torch.long)[pick].unsqueeze(1))
+    return groups
+
+
+def _prompt_tokens(model_dir: Path) -> tuple[list[int], list[int] | None]:
+    """Single-token starter ids and the chat prompt's ids (None without a chat template)."""
+    if not (model_dir / "tokenizer.json").is_file():
+        return [], None
+    from moemesh.tokenization.chat_tokenizer import ChatTokenizer
+
+    tok = ChatTokenizer.load(model_dir)
+    starters = []
+    for word in STARTER_WORDS:
+        ids = tok.encode(word, add_special_tokens=False)
+        if len(ids) == 1 and ids[0] not in starters:
+            starters.append(ids[0])
+    chat = tok.encode(CHAT_PROMPT, add_special_tokens=False) if tok.has_chat_template else None
+    return starters, chat
+
+
+def sample_next(logits: torch.Tensor, gen: torch.Generator, temperature: float = 1.0, top_p: float = 0.95) -> torch.Tensor:
+    """Token ids [B] drawn from logits [B, V] with temperature and nucleus sampling."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest prefix reaching top_p (always the first token)
+    sorted_p = sorted_p * keep
+    pick = torch.multinomial(sorted_p, 1, generator=gen)
+    return order.gather(-1, pick).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: TrainableLlama, prompts: torch.Tensor, length: int, gen: torch.Generator) -> torch.Tensor:
+    """Continue prompts [B, P] to [B, length] with the KV cache."""
+    cache: list = []
+    logits = model(prompts, cache=cache)[:, -1]
+    tokens = [prompts]
+    for pos in range(prompts.shape[1], length):
+        nxt = sample_next(logits, gen)
+        tokens.append(nxt[:, None])
+        if pos + 1 < length:
+            logits = model(nxt[:, None], cache=cache, start=pos)[:, -1]
+    return torch.cat(tokens, dim=1)
+
+
+def self_generated(model: TrainableLlama, model_dir: Path, count: int, length: int, seed: int,
+                   progress: Callable[[str], None] | None = None) -> torch.Tensor:
+    """`count` sequences of `length` tokens [count, length] (int64, on the model's device), seeded."""
+    device = model.embed_tokens.weight.device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    cpu_gen = torch.Generator().manual_seed(seed)
+    out = []
+    done = 0
+    for group in prompt_groups(model_dir, model.shape.vocab_size, count, cpu_gen):
+        for chunk in group.split(GEN_BATCH):
+            out.append(generate(model, chunk.to(device), length, gen))
+            done += chunk.shape[0]
+            if progress:
+                progress(f"self-generated {done}/{count} sequences of {length} tokens")
+    return torch.cat(out)

@@ -1,0 +1,110 @@
+"""The model minus its routed experts: embeddings, attention, norms, expert gates, shared experts, LM head.
+
+Per MoE layer the backbone routes (Router), hands the routed part to an ExpertDispatch (in process or over gRPC)
+and adds the shared expert itself. Loading reads only non-expert tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moemesh.runtime.attention import Attention
+from moemesh.runtime.checkpoint import Checkpoint
+from moemesh.runtime.experts import moe_prefix
+from moemesh.runtime.layers import GatedMLP, Linear, Loader, RMSNorm
+from moemesh.runtime.mla import LatentAttention
+from moemesh.runtime.rope import Rotary
+from moemesh.runtime.routing import Router
+from moemesh.runtime.spec import ModelSpec
+from moemesh.runtime.step_context import StepContext
+from moemesh.runtime.types import ExpertDispatch
+
+
+class MoeBlock(nn.Module):
+    """Gate + shared expert of one MoE layer; the routed experts are behind the dispatch."""
+
+    def __init__(self, layer: int, router: Router, shared: GatedMLP | None, shared_gate: Linear | None) -> None:
+        super().__init__()
+        self.layer, self.router, self.shared, self.shared_gate = layer, router, shared, shared_gate
+
+    @classmethod
+    def load(cls, ld: Loader, layer: int, spec: ModelSpec) -> MoeBlock:
+        moe = spec.moe
+        prefix = moe_prefix(ld.ckpt, layer)
+        shared = shared_gate = None
+        if moe.shared_intermediate_size:
+            name = "shared_experts" if ld.has(f"{prefix}.shared_experts.gate_proj.weight") else "shared_expert"
+            shared = GatedMLP.load(ld, f"{prefix}.{name}", spec.hidden_act)
+        if moe.shared_gate:
+            shared_gate = Linear.load(ld, f"{prefix}.shared_expert_gate")
+        return cls(layer, Router.load(ld, f"{prefix}.gate", moe), shared, shared_gate)
+
+    def forward(self, h: torch.Tensor, dispatch: ExpertDispatch) -> torch.Tensor:  # [T, H] -> [T, H]
+        topk_ids, topk_weights = self.router(h)  # [T, K] int64, [T, K] float32
+        out = dispatch(self.layer, h, topk_ids, topk_weights)
+        if self.shared is not None:
+            shared = self.shared(h)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(h)) * shared
+            out = out + shared
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, input_norm: RMSNorm, attn: nn.Module, post_norm: RMSNorm, mlp: nn.Module) -> None:
+        super().__init__()
+        self.input_norm, self.attn, self.post_norm, self.mlp = input_norm, attn, post_norm, mlp
+
+    @classmethod
+    def load(cls, ld: Loader, i: int, spec: ModelSpec) -> DecoderLayer:
+        prefix, eps = f"model.layers.{i}", spec.rms_norm_eps
+        attention = LatentAttention if spec.attention.mla else Attention
+        attn = attention.load(ld, f"{prefix}.self_attn", spec.attention, eps)
+        mlp = MoeBlock.load(ld, i, spec) if spec.is_moe_layer(i) else GatedMLP.load(ld, f"{prefix}.mlp", spec.hidden_act)
+        return cls(RMSNorm.load(ld, f"{prefix}.input_layernorm", eps), attn,
+                   RMSNorm.load(ld, f"{prefix}.post_attention_layernorm", eps), mlp)
+
+
+class Backbone(nn.Module):
+    def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[DecoderLayer], norm: RMSNorm,
+                 lm_head: torch.Tensor | None, device: torch.device | str) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Parameter(embed, requires_grad=False)  # [V, H]
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = self.embed if lm_head is None else nn.Parameter(lm_head, requires_grad=False)  # [V, H]
+        self.rotary = Rotary(spec.rope, device)
+
+    @classmethod
+    def load(cls, ckpt: Checkpoint, spec: ModelSpec, device: torch.device | str, dtype: torch.dtype) -> Backbone:
+        ld = Loader(ckpt, device, dtype)
+        layers = [DecoderLayer.load(ld, i, spec) for i in range(spec.num_layers)]
+        lm_head = None if spec.tie_word_embeddings else ld.tensor("lm_head.weight")
+        norm = RMSNorm.load(ld, "model.norm", spec.rms_norm_eps)
+        return cls(spec, ld.tensor("model.embed_tokens.weight"), layers, norm, lm_head, device)
+
+    def cache_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per-token, per-layer KV cache entry shapes (the two pools)."""
+        attention = LatentAttention if self.spec.attention.mla else Attention
+        return attention.cache_shapes(self.spec.attention)
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,  # [T] int64
+        ctx: StepContext,
+        dispatch: ExpertDispatch,
+        pools: list[tuple[torch.Tensor, torch.Tensor]] | None = None,  # per layer; None: no cache
+        logit_rows: torch.Tensor | None = None,  # [N] rows to compute logits for; None: all
+    ) -> torch.Tensor:
+        x = F.embedding(token_ids, self.embed)  # [T, H]
+        rope = self.rotary.table(ctx.positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = x + layer.attn(layer.input_norm(x), rope, self.rotary, ctx, pools[i] if pools is not None else None)
+            h = layer.post_norm(x)
+            x = x + (layer.mlp(h, dispatch) if isinstance(layer.mlp, MoeBlock) else layer.mlp(h))
+        if logit_rows is not None:
+            x = x[logit_rows]
+        return F.linear(self.norm(x), self.lm_head).float()  # [N, V]

@@ -1,0 +1,99 @@
+"""Lazy, selective reads from a safetensors checkpoint: a shard or the router reads only the tensors it needs.
+
+`Checkpoint` maps tensor names to files (one model.safetensors, or shards listed by model.safetensors.index.json, or
+every *.safetensors) and reads single tensors or slices of their first dimension through `safe_open` (memory
+mapped: only the bytes of what is read are touched). Every read is logged in `reads` (tests check it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from moemesh.runtime.spec import ConfigError
+
+CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt")
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """A local checkpoint directory as is; otherwise a Hugging Face repo id, downloaded (config, weights, tokenizer)
+    into the HF cache. Only called with network for repo ids."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    text = str(model)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(f"model {text!r} is neither a checkpoint directory nor a Hugging Face repo id")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id=text, allow_patterns=list(CHECKPOINT_PATTERNS)))
+
+
+class Checkpoint:
+    """Tensor name -> file index over a checkpoint directory; reads tensors and first-dim slices on demand."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        self.dir = Path(model_dir)
+        self.files = self._index()  # name -> file name
+        self._handles: dict[str, Any] = {}
+        self.reads: list[str] = []  # names read, in order (slices as "name[i]")
+
+    def _index(self) -> dict[str, str]:
+        index_file = self.dir / "model.safetensors.index.json"
+        if index_file.is_file():
+            return dict(json.loads(index_file.read_text(encoding="utf-8"))["weight_map"])
+        files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+        if not files:
+            raise ConfigError(f"no *.safetensors weights in {str(self.dir)!r}")
+        mapping: dict[str, str] = {}
+        for name in files:
+            with safe_open(str(self.dir / name), framework="pt") as f:
+                mapping.update(dict.fromkeys(f.keys(), name))
+        return mapping
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def _handle(self, name: str) -> Any:
+        if name not in self.files:
+            raise KeyError(f"tensor {name!r} not found in checkpoint {str(self.dir)!r}")
+        file = self.files[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(self.dir / file), framework="pt")
+        return self._handles[file]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._handle(name).get_slice(name).get_shape())
+
+    def read(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = self._handle(name).get_tensor(name)
+        self.reads.append(name)
+        return _place(tensor, device, dtype)
+
+    def read_rows(self, name: str, index: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        """tensor[index] of a stacked tensor, reading only that slice."""
+        tensor = self._handle(name).get_slice(name)[index : index + 1][0]
+        self.reads.append(f"{name}[{index}]")
+        return _place(tensor, device, dtype)
+
+    def close(self) -> None:
+        self._handles.clear()  # safe_open handles release their mapping when collected
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _place(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.to(device).contiguous()

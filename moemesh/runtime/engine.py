@@ -1,0 +1,194 @@
+"""The step engine the router serves: backbone + expert dispatch + paged KV cache + sampling.
+
+`step` runs one batch step over sequences in any mix of states (new prompts, prefill chunks, decode tokens),
+atomically: it validates and reserves KV blocks before touching anything (CapacityError / SequenceStateError leave
+the engine as it was), and a failure during the forward (e.g. an expert shard down) rolls the step back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moemesh.runtime.backbone import Backbone
+from moemesh.runtime.block_manager import BlockManager
+from moemesh.runtime.checkpoint import Checkpoint, resolve_model_dir
+from moemesh.runtime.dispatch import LocalDispatch
+from moemesh.runtime.experts import ExpertBank
+from moemesh.runtime.kv_cache import KVCache
+from moemesh.runtime.sampling import Sampler, SeqSampleState, validate
+from moemesh.runtime.spec import ModelSpec, load_spec
+from moemesh.runtime.step_context import StepContext
+from moemesh.runtime.types import (
+    ContextLengthError, EngineInfo, ExpertDispatch, SeqResult, SequenceStateError, SeqWork,
+)
+
+DEFAULT_KV_BYTES = 256 * 2**20  # KV budget when neither kv_blocks nor kv_memory_bytes is given
+DEFAULT_MAX_SEQUENCES = 16  # ...but no more than this many full-context sequences' worth of blocks
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
+    return value
+
+
+def _no_experts(layer: int, *args: object) -> torch.Tensor:
+    raise RuntimeError(f"layer {layer} asked for routed experts but the model is dense")
+
+
+@dataclass
+class _Sequence:
+    length: int  # tokens in the KV cache
+    sampling: SeqSampleState  # seeded generator + completion token counts
+
+
+class Engine:
+    def __init__(self, spec: ModelSpec, backbone: Backbone, dispatch: ExpertDispatch, cache: KVCache,
+                 blocks: BlockManager, *, max_context: int, model_name: str, device: torch.device) -> None:
+        self.spec, self.backbone, self.dispatch = spec, backbone, dispatch
+        self.cache, self.blocks = cache, blocks
+        self.max_context, self.model_name, self.device = max_context, model_name, device
+        self.dtype = backbone.embed.dtype
+        self.sampler = Sampler()
+        self._seqs: dict[str, _Sequence] = {}
+
+    @classmethod
+    def load(cls, model_dir: str | Path, *, dispatch: ExpertDispatch | None = None, device: str | torch.device = "cpu",
+             dtype: torch.dtype | str = torch.float32, kv_blocks: int | None = None, kv_memory_bytes: int | None = None,
+             block_size: int = 16, max_context: int | None = None, model_name: str | None = None) -> Engine:
+        """dispatch None: every routed expert in process. KV capacity: kv_blocks, else the blocks kv_memory_bytes
+        buys (default 256 MiB, capped at 16 full-context sequences). max_context defaults to the model's and is
+        capped by the cache capacity."""
+        local = resolve_model_dir(model_dir)
+        device, dtype = torch.device(device), as_dtype(dtype)
+        spec = load_spec(local)
+        if max_context is not None and not 1 <= max_context <= spec.max_context:
+            raise ValueError(f"max_context must be in [1, {spec.max_context}] for this model, got {max_context}")
+        context = max_context or spec.max_context
+        with Checkpoint(local) as ckpt:
+            backbone = Backbone.load(ckpt, spec, device, dtype)
+        if dispatch is None:
+            dispatch = LocalDispatch(ExpertBank.load(local, device=device, dtype=dtype, spec=spec)) if spec.moe else _no_experts
+        shapes = backbone.cache_shapes()
+        if kv_blocks is None:
+            budget = kv_memory_bytes or DEFAULT_KV_BYTES
+            kv_blocks = KVCache.blocks_for_budget(budget, block_size, spec.num_layers, shapes, dtype)
+            if kv_memory_bytes is None:
+                kv_blocks = min(kv_blocks, DEFAULT_MAX_SEQUENCES * -(-context // block_size))
+        blocks = BlockManager(kv_blocks, block_size)
+        cache = KVCache(spec.num_layers, kv_blocks, block_size, shapes, device, dtype)
+        name = model_name or (local.name if Path(model_dir).expanduser().is_dir() else str(model_dir))
+        return cls(spec, backbone, dispatch, cache, blocks, max_context=min(context, kv_blocks * block_size),
+                   model_name=name, device=device)
+
+    # ---- stepping -------------------------------------------------------------------------------------------
+
+    def step(self, works: list[SeqWork]) -> list[SeqResult]:
+        """Run one step; results in work order (token_id None where the work did not sample)."""
+        return self.step_with_logits(works)[0]
+
+    def step_with_logits(self, works: list[SeqWork]) -> tuple[list[SeqResult], torch.Tensor]:
+        """step(), also returning the raw logits [N, V] float32 the sampler saw, one row per sampling work in
+        work order (for evaluation and parity checks)."""
+        if not works:
+            return [], torch.empty(0, self.spec.vocab_size)
+        self._validate(works)
+        self.blocks.reserve({w.seq_id: w.position + len(w.token_ids) for w in works})  # CapacityError: no change
+        try:
+            states = [self._seqs[w.seq_id].sampling if w.position else SeqSampleState.new(w.sampling, self.device)
+                      for w in works]
+            with torch.inference_mode():
+                logits = self._forward(works)  # [N, V], one row per sampling work
+            results = self._sample(works, states, logits)
+        except BaseException:
+            for w in works:  # give back the blocks this step took; new sequences disappear
+                self.blocks.truncate(w.seq_id, w.position)
+            raise
+        for w, state in zip(works, states):
+            self._seqs[w.seq_id] = _Sequence(w.position + len(w.token_ids), state)
+        return results, logits
+
+    def _validate(self, works: list[SeqWork]) -> None:
+        ids = [w.seq_id for w in works]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"a step lists each sequence at most once, got {sorted(i for i in set(ids) if ids.count(i) > 1)}")
+        for w in works:
+            if not w.token_ids:
+                raise ValueError(f"sequence {w.seq_id!r}: token_ids is empty")
+            bad = [t for t in w.token_ids if not 0 <= t < self.spec.vocab_size]
+            if bad:
+                raise ValueError(f"sequence {w.seq_id!r}: token ids {bad[:5]} outside [0, {self.spec.vocab_size})")
+            known = self._seqs.get(w.seq_id)
+            cached = known.length if known else 0
+            if w.position != cached or (known is None and w.position != 0):
+                state = f"has {cached} tokens cached" if known else "is unknown (a new sequence starts at position 0)"
+                raise SequenceStateError(f"sequence {w.seq_id!r}: position {w.position} but it {state}")
+            if w.position + len(w.token_ids) > self.max_context:
+                raise ContextLengthError(f"sequence {w.seq_id!r}: {w.position + len(w.token_ids)} tokens exceed "
+                                         f"max_context {self.max_context}")
+            if w.sample:
+                validate(w.sampling)
+
+    def _forward(self, works: list[SeqWork]) -> torch.Tensor:
+        new = [len(w.token_ids) for w in works]
+        tables = [self.blocks.table(w.seq_id) for w in works]
+        ctx = StepContext.build([w.position for w in works], new, tables, self.blocks.block_size, self.device)
+        tokens = torch.tensor([t for w in works for t in w.token_ids], dtype=torch.int64, device=self.device)
+        ends = torch.cumsum(torch.tensor(new), 0) - 1  # last row of each work
+        rows = ends[[i for i, w in enumerate(works) if w.sample]].to(self.device)
+        return self.backbone(tokens, ctx, self.dispatch, self.cache.pools, rows)
+
+    def _sample(self, works: list[SeqWork], states: list[SeqSampleState], logits: torch.Tensor) -> list[SeqResult]:
+        picked = [i for i, w in enumerate(works) if w.sample]
+        outs = self.sampler.sample(logits, [works[i].sampling for i in picked], [states[i] for i in picked]) if picked else []
+        results = [SeqResult(w.seq_id, None) for w in works]
+        for i, out in zip(picked, outs):
+            results[i] = SeqResult(works[i].seq_id, out.token_id, out.logprob, list(out.top_logprobs))
+        return results
+
+    def release(self, seq_ids: list[str]) -> int:
+        """Drop sequences and free their KV blocks; unknown ids are ignored. Returns how many were known."""
+        released = 0
+        for seq_id in seq_ids:
+            if self._seqs.pop(seq_id, None) is not None:
+                self.blocks.free(seq_id)
+                released += 1
+        return released
+
+    def cached_length(self, seq_id: str) -> int | None:
+        seq = self._seqs.get(seq_id)
+        return seq.length if seq else None
+
+    # ---- scoring and info -----------------------------------------------------------------------------------
+
+    def forward_logits(self, token_ids_batch: list[list[int]]) -> list[torch.Tensor]:
+        """Logits [L_i, V] float32 at every position of each sequence (perplexity/eval); the KV cache is untouched."""
+        if not token_ids_batch or any(not ids for ids in token_ids_batch):
+            raise ValueError("forward_logits needs one or more non-empty token id lists")
+        longest = max(len(ids) for ids in token_ids_batch)
+        if longest > self.spec.max_context:
+            raise ContextLengthError(f"{longest} tokens exceed the model's context {self.spec.max_context}")
+        lengths = [len(ids) for ids in token_ids_batch]
+        ctx = StepContext.build([0] * len(lengths), lengths, None, self.blocks.block_size, self.device)
+        tokens = torch.tensor([t for ids in token_ids_batch for t in ids], dtype=torch.int64, device=self.device)
+        with torch.inference_mode():
+            logits = self.backbone(tokens, ctx, self.dispatch)  # [sum L, V]
+        return list(logits.split(lengths))
+
+    @property
+    def info(self) -> EngineInfo:
+        s = self.spec
+        return EngineInfo(
+            model=self.model_name, architecture=s.architecture, max_context=self.max_context,
+            kv_block_size=self.blocks.block_size, kv_blocks_total=self.blocks.num_blocks,
+            kv_blocks_free=self.blocks.free_blocks, active_sequences=len(self._seqs), vocab_size=s.vocab_size,
+            num_layers=s.num_layers, num_experts=s.num_experts, experts_per_token=s.moe.top_k if s.moe else 0,
+            moe_layers=s.moe_layers, eos_token_ids=s.eos_token_ids, device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+        )

@@ -1,0 +1,129 @@
+"""Routed experts of some MoE layers, in process: what an expert shard hosts, or all of them for a local model.
+
+`ExpertBank.load` reads only the hosted experts' tensors: per-expert layouts (`<moe>.experts.{e}.gate_proj.weight`
+/ `w1`...) tensor by tensor, fused layouts (`<moe>.experts.gate_up_proj` [E, 2I, H], `down_proj` [E, H, I], as
+transformers 5 holds them in memory) one expert slice at a time. Weights are stacked per layer as
+gate_up [E_local, 2I, H] and down [E_local, H, I].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moemesh.runtime.checkpoint import Checkpoint, resolve_model_dir
+from moemesh.runtime.layers import ACTIVATIONS
+from moemesh.runtime.spec import ModelSpec, load_spec
+
+MOE_MODULES = ("mlp", "block_sparse_moe")  # transformers names; Mixtral checkpoints use block_sparse_moe
+PER_EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+def shard_experts(num_experts: int, num_shards: int, index: int) -> tuple[int, ...]:
+    """Contiguous, balanced split of expert ids 0..num_experts-1 (contiguous keeps DeepSeek's expert groups
+    together); shard `index` of `num_shards`."""
+    if num_shards < 1 or num_shards > num_experts:
+        raise ValueError(f"num_shards must be in [1, {num_experts}] for {num_experts} experts, got {num_shards}")
+    if not 0 <= index < num_shards:
+        raise ValueError(f"shard index must be in [0, {num_shards}), got {index}")
+    return tuple(range(index * num_experts // num_shards, (index + 1) * num_experts // num_shards))
+
+
+def moe_prefix(ckpt: Checkpoint, layer: int) -> str:
+    """`model.layers.{layer}.mlp` or `.block_sparse_moe`, whichever holds the layer's router."""
+    for module in MOE_MODULES:
+        prefix = f"model.layers.{layer}.{module}"
+        if f"{prefix}.gate.weight" in ckpt:
+            return prefix
+    raise KeyError(f"no router 'model.layers.{layer}.mlp.gate.weight' in checkpoint {str(ckpt.dir)!r}")
+
+
+def _read_expert(ckpt: Checkpoint, prefix: str, e: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up [2I, H], down [H, I]) of expert e, read from whichever layout the checkpoint uses."""
+    for gate, up, down in PER_EXPERT_NAMES:
+        base = f"{prefix}.experts.{e}"
+        if f"{base}.{gate}.weight" in ckpt:
+            g, u = (ckpt.read(f"{base}.{n}.weight", device, dtype) for n in (gate, up))
+            return torch.cat((g, u), dim=0), ckpt.read(f"{base}.{down}.weight", device, dtype)
+    for suffix in ("", ".weight"):
+        fused = f"{prefix}.experts.gate_up_proj{suffix}"
+        if fused in ckpt:
+            return (ckpt.read_rows(fused, e, device, dtype),
+                    ckpt.read_rows(f"{prefix}.experts.down_proj{suffix}", e, device, dtype))
+    raise KeyError(f"expert {e} of {prefix!r} not found (neither per-expert nor fused gate_up_proj tensors)")
+
+
+class ExpertBank:
+    """Hosted experts of the hosted layers. forward() sums, per token, the weighted outputs of those of its
+    selected experts hosted here; others contribute nothing (another shard adds them)."""
+
+    def __init__(self, spec: ModelSpec, experts: tuple[int, ...], gate_up: dict[int, torch.Tensor],
+                 down: dict[int, torch.Tensor]) -> None:
+        self.spec = spec
+        self.experts = experts
+        self.layers = tuple(sorted(gate_up))
+        self.gate_up = gate_up  # layer -> [E_local, 2I, H]
+        self.down = down  # layer -> [E_local, H, I]
+        self.act = ACTIVATIONS[spec.hidden_act]
+        first = next(iter(gate_up.values()))
+        self.dtype, self.device = first.dtype, first.device
+        self.read_names: tuple[str, ...] = ()  # checkpoint tensors (or "name[e]" slices) load() read
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in [*gate_up.values(), *down.values()])
+        local = torch.full((spec.num_experts,), -1, dtype=torch.int64)
+        local[list(experts)] = torch.arange(len(experts))
+        self.local_index = local.to(self.device)  # global expert id -> row in the stacks, -1 if not hosted
+
+    @classmethod
+    def load(cls, model_dir: str | Path, experts: tuple[int, ...] | list[int] | None = None,
+             layers: list[int] | tuple[int, ...] | None = None, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32, spec: ModelSpec | None = None) -> ExpertBank:
+        """experts: global ids to host (None: all); layers: MoE layers to host (None: every MoE layer)."""
+        model_dir = resolve_model_dir(model_dir)
+        spec = spec or load_spec(model_dir)
+        if spec.moe is None:
+            raise ValueError(f"{spec.architecture} in {str(model_dir)!r} has no routed experts")
+        experts = tuple(sorted(set(range(spec.num_experts) if experts is None else experts)))
+        layers = tuple(spec.moe_layers if layers is None else layers)
+        bad = [e for e in experts if not 0 <= e < spec.num_experts] or [x for x in layers if x not in spec.moe_layers]
+        if bad or not experts or not layers:
+            raise ValueError(f"bad expert placement: experts {experts} of {spec.num_experts}, layers {layers} of "
+                             f"MoE layers {spec.moe_layers} (offending: {bad})")
+        with Checkpoint(model_dir) as ckpt:
+            gate_up, down = {}, {}
+            for layer in layers:
+                prefix = moe_prefix(ckpt, layer)
+                pairs = [_read_expert(ckpt, prefix, e, device, dtype) for e in experts]
+                gate_up[layer] = torch.stack([p[0] for p in pairs])
+                down[layer] = torch.stack([p[1] for p in pairs])
+            bank = cls(spec, experts, gate_up, down)
+            bank.read_names = tuple(ckpt.reads)
+        return bank
+
+    def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H], topk_ids [T, K] int64 global ids (-1 unused), topk_weights [T, K] -> [T, H] (hidden's dtype)."""
+        if layer not in self.gate_up:
+            raise KeyError(f"layer {layer} is not hosted here (hosted: {self.layers})")
+        out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # accumulate in float32
+        ids = topk_ids.reshape(-1).to(hidden.device)  # [T*K]
+        local = torch.where(ids >= 0, self.local_index[ids.clamp(min=0)], -1)  # [T*K]
+        hosted = (local >= 0).nonzero().squeeze(1)  # flat (token, slot) pairs for experts hosted here
+        if hosted.numel() == 0:
+            return out.to(hidden.dtype)
+        order = hosted[local[hosted].argsort(stable=True)]  # pairs grouped by local expert
+        counts = torch.bincount(local[order], minlength=len(self.experts)).tolist()
+        tokens = order // topk_ids.shape[1]  # [P] token of each pair
+        weights = topk_weights.reshape(-1)[order].float()  # [P]
+        x = hidden[tokens].to(self.dtype)  # [P, H] one gather for all experts
+        start = 0
+        for e, n in enumerate(counts):  # one matmul pair per hosted expert that has tokens
+            if n == 0:
+                continue
+            rows = slice(start, start + n)
+            gate, up = (x[rows] @ self.gate_up[layer][e].T).chunk(2, dim=-1)  # [n, I] each
+            y = (self.act(gate) * up) @ self.down[layer][e].T  # [n, H]
+            out.index_add_(0, tokens[rows], y.float() * weights[rows, None])
+            start += n
+        return out.to(hidden.dtype)
+
+    __call__ = forward

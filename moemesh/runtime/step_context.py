@@ -1,0 +1,94 @@
+"""Index tensors of one ragged step: B sequences, sequence b has c_b tokens cached and n_b new tokens this step
+(a prefill chunk, a whole prompt, or one decode token), all flattened into T = sum(n_b) rows through the model.
+
+Attention pads per sequence: queries to [B, Tq, ...] (Tq = max n_b) and the context (cached + new keys) to
+[B, Tk, ...] (Tk = max(c_b + n_b)), gathered from the paged KV pools through `ctx_index`; `mask` [B, 1, Tq, Tk] is
+causal with each sequence's own offset: query t of sequence b sees keys 0 .. c_b + t. Padded rows are discarded.
+Without a cache (full-sequence scoring) the context is the step's own new tokens (every c_b must be 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepContext:
+    positions: torch.Tensor  # [T] int64, absolute position of every new token
+    seq_of_token: torch.Tensor  # [T] int64, b of every new token
+    q_index: torch.Tensor  # [T] int64, row of every new token in the flattened [B * Tq] padded queries
+    ctx_index: torch.Tensor  # [B, Tk] int64, pool slot (paged) or step row (no cache) of each context key
+    slots: torch.Tensor | None  # [T] int64, pool slot each new token's K/V is written to; None: no cache
+    mask: torch.Tensor  # [B, 1, Tq, Tk] bool, True where attention is allowed
+    batch: int
+    q_len: int  # Tq
+    kv_len: int  # Tk
+
+    @classmethod
+    def build(
+        cls,
+        cached: list[int],
+        new: list[int],
+        block_tables: list[list[int]] | None,
+        block_size: int,
+        device: torch.device | str,
+    ) -> StepContext:
+        """block_tables: each sequence's KV blocks (covering c_b + n_b tokens), or None for no cache."""
+        b = len(new)
+        q_len, kv_len = max(new), max(c + n for c, n in zip(cached, new))
+        cached_t = torch.tensor(cached, dtype=torch.int64, device=device)  # [B]
+        new_t = torch.tensor(new, dtype=torch.int64, device=device)  # [B]
+        seq_of_token = torch.repeat_interleave(torch.arange(b, device=device), new_t)  # [T]
+        starts = torch.cumsum(new_t, 0) - new_t  # [B] first row of each sequence
+        offset = torch.arange(seq_of_token.numel(), device=device) - starts[seq_of_token]  # [T] t within its chunk
+        positions = cached_t[seq_of_token] + offset
+        q_index = seq_of_token * q_len + offset
+        j = torch.arange(kv_len, device=device)  # [Tk]
+        valid = j[None, :] < (cached_t + new_t)[:, None]  # [B, Tk]
+        if block_tables is None:
+            if any(cached):
+                raise ValueError(f"scoring without a cache needs every sequence to start at 0, got cached {cached}")
+            ctx_index = torch.where(valid, starts[:, None] + j[None, :], 0)
+            slots = None
+        else:
+            width = max(len(t) for t in block_tables)
+            table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int64, device=device)
+            block_of_j = torch.clamp(j // block_size, max=width - 1)
+            ctx_index = torch.where(valid, table[:, block_of_j] * block_size + j % block_size, 0)  # [B, Tk]
+            slots = ctx_index[seq_of_token, positions]
+        mask = cls._mask(cached_t, new_t, q_len, kv_len, device)
+        return cls(positions, seq_of_token, q_index, ctx_index, slots, mask, b, q_len, kv_len)
+
+    @staticmethod
+    def _mask(cached: torch.Tensor, new: torch.Tensor, q_len: int, kv_len: int, device: torch.device | str) -> torch.Tensor:
+        t = torch.arange(q_len, device=device)[None, :, None]  # [1, Tq, 1]
+        j = torch.arange(kv_len, device=device)[None, None, :]  # [1, 1, Tk]
+        allowed = j <= cached[:, None, None] + t  # [B, Tq, Tk] causal with the sequence's offset
+        real_row = t < new[:, None, None]  # [B, Tq, 1]
+        # Padded query rows see key 0 only: never an all-masked row (NaN in softmax); their output is dropped.
+        allowed = torch.where(real_row, allowed, j == 0)
+        return allowed[:, None, :, :]
+
+    def context(
+        self, pools: tuple[torch.Tensor, torch.Tensor] | None, a: torch.Tensor, b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's per-token cache entries a [T, *A], b [T, *B] into the layer's pools (if any) and return
+        every sequence's whole context: [B, Tk, *A], [B, Tk, *B]."""
+        if pools is None:
+            return a[self.ctx_index], b[self.ctx_index]
+        pool_a, pool_b = pools
+        pool_a[self.slots] = a.to(pool_a.dtype)
+        pool_b[self.slots] = b.to(pool_b.dtype)
+        return pool_a[self.ctx_index], pool_b[self.ctx_index]
+
+    def pad_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """[T, *S] -> [B, Tq, *S] (zeros in padded rows)."""
+        padded = q.new_zeros(self.batch * self.q_len, *q.shape[1:])
+        padded[self.q_index] = q
+        return padded.view(self.batch, self.q_len, *q.shape[1:])
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, Tq, *S] -> [T, *S]."""
+        return x.reshape(self.batch * self.q_len, *x.shape[2:])[self.q_index]

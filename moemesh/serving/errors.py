@@ -1,0 +1,85 @@
+"""Exception -> gRPC status policy of every moemesh service (applied by interceptors.StatusInterceptor).
+
+A handler never lets a known failure surface as UNKNOWN: builtin exception classes map to the codes below, a domain
+error names its own code with a `grpc_status` attribute (a grpc.StatusCode or its name, e.g. "RESOURCE_EXHAUSTED"),
+an error from an upstream call keeps the upstream code, and anything else is INTERNAL (with its traceback logged).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+# Checked in order: the first matching class wins (KeyError is a LookupError; TimeoutError is an OSError).
+BUILTIN_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (PermissionError, grpc.StatusCode.PERMISSION_DENIED),
+    (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (LookupError, grpc.StatusCode.NOT_FOUND),
+)
+
+
+class ServiceError(Exception):
+    """A domain failure with an explicit status. Subclass it, or set `grpc_status` on any exception class.
+
+    `retry_after_ms` (when set) travels as trailing metadata `retry-after-ms`, the hint RESOURCE_EXHAUSTED carries.
+    """
+
+    grpc_status: grpc.StatusCode | str = grpc.StatusCode.FAILED_PRECONDITION
+    retry_after_ms: int | None = None
+
+    def __init__(self, message: str, *, status: grpc.StatusCode | str | None = None,
+                 retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.grpc_status = status
+        if retry_after_ms is not None:
+            self.retry_after_ms = retry_after_ms
+
+
+def _as_code(value: grpc.StatusCode | str) -> grpc.StatusCode:
+    if isinstance(value, grpc.StatusCode):
+        return value
+    try:
+        return grpc.StatusCode[str(value).upper()]
+    except KeyError:
+        return grpc.StatusCode.INTERNAL
+
+
+def _details(exc: BaseException) -> str:
+    # KeyError's str() is the repr of its key ("'foo'"); the message reads better without the quotes.
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        return exc.args[0]
+    text = str(exc)
+    return text or type(exc).__name__
+
+
+def _upstream_retry_after(exc: grpc.RpcError) -> list[tuple[str, str]]:
+    """An upstream's retry-after-ms hint, passed on to our caller."""
+    try:
+        metadata = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
+    except Exception:
+        return []
+    return [(k, str(v)) for k, v in metadata if k == "retry-after-ms"]
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """(code, details, trailing metadata) for an exception a handler raised. INTERNAL means "log the traceback"."""
+    trailing: list[tuple[str, str]] = []
+    retry = getattr(exc, "retry_after_ms", None)
+    if retry is not None:
+        trailing.append(("retry-after-ms", str(int(retry))))
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+        trailing.extend(_upstream_retry_after(exc) if retry is None else ())
+        code = exc.code()
+        # An upstream UNKNOWN is still a failure we did not understand: report it as INTERNAL.
+        code = grpc.StatusCode.INTERNAL if code in (None, grpc.StatusCode.UNKNOWN, grpc.StatusCode.OK) else code
+        details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
+        return code, details or code.name, tuple(trailing)
+    status = getattr(exc, "grpc_status", None)
+    if status is not None:
+        return _as_code(status), _details(exc), tuple(trailing)
+    for cls, code in BUILTIN_STATUS:
+        if isinstance(exc, cls):
+            return code, _details(exc), tuple(trailing)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {_details(exc)}", tuple(trailing)

@@ -1,0 +1,253 @@
+"""The batcher's one asyncio loop: ask the scheduler for a step, run it on the router, feed the results back, and
+push each request's events into its own asyncio queue. Everything that changes scheduler state runs on the event
+loop's thread, so the scheduler needs no locks.
+
+    turn:  schedule -> deliver events -> Release(plan.release) -> Step(plan) -> complete -> deliver events
+    idle:  Release(pending) -> sleep until scheduler.wake_at, a new request, or a cancel
+
+A cancel arriving during a step ends the request's stream at once; its sequence is released before the next step
+(within one step). The router's busy fraction is its reported compute time over wall time, on a sliding window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence as Seq
+
+from services.batcher import metrics
+from services.batcher.kv_budget import KvBudget
+from services.batcher.meters import BusyMeter
+from services.batcher.policy import Policy
+from services.batcher.scheduler import Scheduler
+from services.batcher.sequence import Sequence
+from services.batcher.step import Event, RouterFull, RouterLimits, StepOutcome, StepPlan
+
+log = logging.getLogger(__name__)
+
+
+class RouterPort(Protocol):
+    async def info(self) -> RouterLimits: ...
+    async def step(self, plan: StepPlan) -> StepOutcome: ...
+    async def release(self, seq_ids: Seq[str]) -> int: ...
+
+
+class RouterNotReady(Exception):
+    """The router did not answer Info in time (UNAVAILABLE for the caller)."""
+
+    grpc_status = "UNAVAILABLE"
+
+
+@dataclass
+class _Stream:
+    arrival: float
+    queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+
+class EngineLoop:
+    MAX_REFUSALS = 3  # consecutive RESOURCE_EXHAUSTED answers before the step's sequences fail
+    ERROR_BACKOFF = 0.2  # seconds after a failed step
+    KV_POLL = 0.1  # seconds between Info polls when foreign sequences block every admission
+
+    def __init__(self, router: RouterPort, policy: Policy, *, clock: Callable[[], float] = time.monotonic,
+                 busy_window: float = 10.0, router_wait: float = 60.0) -> None:
+        self.router, self.policy, self.clock = router, policy, clock
+        self.router_wait = router_wait
+        self.busy = BusyMeter(busy_window, clock)
+        self.scheduler: Scheduler | None = None
+        self.limits: RouterLimits | None = None
+        self._streams: dict[str, _Stream] = {}
+        self._wake = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._refusals = 0
+
+    # ---- life cycle -----------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher-engine-loop")
+
+    async def stop(self) -> None:
+        """Stops stepping; ends every open stream as cancelled and releases its sequence in the router."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.scheduler is not None:
+            for seq_id in list(self._streams):
+                self.scheduler.cancel(seq_id)
+            self._deliver()
+            await self._release(self.scheduler.take_releases())
+
+    async def wait_ready(self, timeout: float | None = None) -> Scheduler:
+        try:
+            await asyncio.wait_for(self._ready.wait(), self.router_wait if timeout is None else timeout)
+        except TimeoutError:
+            raise RouterNotReady("the router has not answered Info yet; retry later") from None
+        assert self.scheduler is not None
+        return self.scheduler
+
+    # ---- requests -------------------------------------------------------------------------------------------------
+    async def submit(self, seq: Sequence) -> asyncio.Queue[Event]:
+        """Queues a sequence; its events arrive on the returned queue, the last one with `finish` set.
+        Raises InvalidRequest or QueueFull (from the scheduler), RouterNotReady."""
+        scheduler = await self.wait_ready()
+        scheduler.add(seq)
+        stream = self._streams[seq.seq_id] = _Stream(arrival=seq.arrival)
+        metrics.PROMPT_TOKENS.inc(len(seq.prompt_ids))
+        self._wake.set()
+        return stream.queue
+
+    def cancel(self, seq_id: str) -> bool:
+        found = self.scheduler is not None and self.scheduler.cancel(seq_id)
+        if found:
+            self._deliver()
+            self._wake.set()  # an idle loop releases the sequence now
+        return found
+
+    # ---- the loop -------------------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        await self._connect()
+        while True:
+            try:
+                await self._turn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not stop the engine: log it and go on
+                log.exception("engine loop turn failed")
+                await asyncio.sleep(self.ERROR_BACKOFF)
+
+    async def _connect(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                limits = await self.router.info()
+                break
+            except Exception as exc:  # the router may start after us
+                log.info("waiting for the router: %s", _describe(exc))
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
+        kv = KvBudget(limits.kv_block_size, limits.kv_blocks_total,
+                      watermark_blocks=int(self.policy.kv_watermark * limits.kv_blocks_total))
+        kv.observe(limits.kv_blocks_free)  # blocks held by someone else (a previous batcher) stay out of reach
+        self.limits = limits
+        self.scheduler = Scheduler(self.policy, kv, limits.max_context, limits.eos_token_ids, self.clock)
+        log.info("router %s: model %s, context %d, %d KV blocks of %d tokens, eos %s", getattr(self.router, "address", ""),
+                 limits.model, limits.max_context, limits.kv_blocks_total, limits.kv_block_size, limits.eos_token_ids)
+        self._ready.set()
+
+    async def _turn(self) -> None:
+        scheduler = self.scheduler
+        assert scheduler is not None
+        self._wake.clear()
+        plan = scheduler.schedule()
+        self._deliver()
+        if plan is None:
+            await self._release(scheduler.take_releases())
+            self._update_gauges()
+            if len(scheduler.queue) and not scheduler.running and scheduler.wake_at is None:
+                await self._poll_kv()  # nothing fits although nothing runs: foreign blocks; watch them go
+            await self._sleep(scheduler.wake_at)
+            return
+        await self._release(plan.release)
+        await self._step(plan)
+        self._deliver()
+        self._update_gauges()
+
+    async def _step(self, plan: StepPlan) -> None:
+        scheduler = self.scheduler
+        assert scheduler is not None
+        try:
+            outcome = await self.router.step(plan)
+        except RouterFull as exc:
+            metrics.STEP_FAILURES.labels("capacity").inc()
+            self._refusals += 1
+            if self._refusals > self.MAX_REFUSALS:
+                scheduler.fail(plan, f"router KV cache full: {exc}")
+            else:
+                scheduler.abort(plan, exc.kv_blocks_free)
+            return
+        except Exception as exc:  # router down, timeout, bad state: these sequences cannot go on
+            metrics.STEP_FAILURES.labels("error").inc()
+            log.warning("step %d failed: %s", plan.step_id, _describe(exc))
+            scheduler.fail(plan, f"router step failed: {_describe(exc)}")
+            await asyncio.sleep(self.ERROR_BACKOFF)
+            return
+        self._refusals = 0
+        before = scheduler.preemptions
+        scheduler.complete(plan, outcome)
+        self.busy.add(outcome.compute_seconds)
+        metrics.ROUTER_BUSY_SECONDS.inc(outcome.compute_seconds)
+        metrics.BATCH_SIZE.observe(len(plan.items))
+        metrics.ITERATION_TOKENS.observe(plan.tokens)
+        metrics.PREEMPTIONS.inc(scheduler.preemptions - before)
+
+    async def _release(self, seq_ids: list[str]) -> None:
+        if not seq_ids:
+            return
+        try:
+            free = await self.router.release(seq_ids)
+        except Exception as exc:
+            log.warning("release of %d sequences failed: %s", len(seq_ids), _describe(exc))
+            return
+        if self.scheduler is not None:
+            self.scheduler.kv.observe(free)
+
+    async def _sleep(self, wake_at: float | None) -> None:
+        timeout = None if wake_at is None else max(0.0, wake_at - self.clock())
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def _poll_kv(self) -> None:
+        try:
+            self.scheduler.kv.observe((await self.router.info()).kv_blocks_free)
+        except Exception as exc:
+            log.warning("router Info failed: %s", _describe(exc))
+        await asyncio.sleep(self.KV_POLL)
+        self._wake.set()
+
+    # ---- events ---------------------------------------------------------------------------------------------------
+    def _deliver(self) -> None:
+        now = self.clock()
+        for event in self.scheduler.take_events():
+            stream = self._streams.get(event.seq_id)
+            if stream is None:
+                continue
+            self._observe(stream, event, now)
+            stream.queue.put_nowait(event)
+            if event.finish is not None:
+                del self._streams[event.seq_id]
+
+    def _observe(self, stream: _Stream, event: Event, now: float) -> None:
+        if event.token_ids:
+            metrics.GENERATION_TOKENS.inc(len(event.token_ids))
+            if stream.first_token_at is None:
+                stream.first_token_at = now
+                metrics.TTFT.observe(now - stream.arrival)
+                metrics.QUEUE_TIME.observe(event.queue_seconds)
+            else:
+                metrics.ITL.observe(now - stream.last_token_at)
+            stream.last_token_at = now
+        if event.finish is not None:
+            if stream.first_token_at is None:
+                metrics.QUEUE_TIME.observe(event.queue_seconds)
+            metrics.E2E.observe(now - stream.arrival)
+            metrics.FINISHED.labels(event.finish.value).inc()
+
+    def _update_gauges(self) -> None:
+        s = self.scheduler
+        metrics.RUNNING.set(len(s.running))
+        metrics.WAITING.set(len(s.queue))
+        metrics.KV_USAGE.set(1 - s.kv.free / s.kv.total)
+        metrics.ROUTER_BUSY.set(self.busy.fraction())
+
+
+def _describe(exc: Exception) -> str:
+    details = getattr(exc, "details", None)
+    text = details() if callable(details) else str(exc)
+    code = getattr(exc, "code", None)
+    return f"{code().name}: {text}" if callable(code) and hasattr(code(), "name") else (text or type(exc).__name__)

@@ -1,0 +1,90 @@
+"""The batcher's side of moemesh.v1.Router: step plans -> StepRequest, StepResponse -> outcomes, Release, Info.
+
+Tracing: a step serves many requests, so its span "batcher.step" is a child of one of them (the first sequence that
+starts in the step, else the first in the step) and links to the others; the Step call made under it carries that
+trace to the router and the expert shards. A request's trace thus holds the steps it started in, and every step is
+reachable from every request through the links.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import grpc
+from opentelemetry import trace
+
+from moemesh.serving.telemetry import client_channel, tracer
+from moemesh.v1 import router_pb2, router_pb2_grpc
+from services.batcher.step import RouterFull, RouterLimits, SeqOutput, StepOutcome, StepPlan
+
+_MAX_LINKS = 64
+
+
+class RouterClient:
+    def __init__(self, address: str, step_timeout: float = 120.0) -> None:
+        self.address = address
+        self.step_timeout = step_timeout
+        self._channel = client_channel(address)
+        self._stub = router_pb2_grpc.RouterStub(self._channel)
+        self._tracer = tracer("moemesh.batcher")
+
+    async def info(self, timeout: float = 10.0) -> RouterLimits:
+        r = await self._stub.Info(router_pb2.RouterInfoRequest(), timeout=timeout)
+        return RouterLimits(
+            model=r.model, max_context=r.max_context, kv_block_size=r.kv_block_size,
+            kv_blocks_total=r.kv_blocks_total, kv_blocks_free=r.kv_blocks_free,
+            active_sequences=r.active_sequences, eos_token_ids=tuple(r.eos_token_ids),
+        )
+
+    async def release(self, seq_ids: Seq[str]) -> int:
+        """Frees the sequences' KV cache; returns the router's free blocks afterwards."""
+        r = await self._stub.Release(router_pb2.ReleaseRequest(seq_ids=list(seq_ids)), timeout=self.step_timeout)
+        return r.kv_blocks_free
+
+    async def step(self, plan: StepPlan) -> StepOutcome:
+        """Runs the plan (its releases must have been sent). Raises RouterFull on RESOURCE_EXHAUSTED."""
+        request = router_pb2.StepRequest(step_id=plan.step_id, work=[
+            router_pb2.SequenceWork(seq_id=i.seq.seq_id, token_ids=i.token_ids, position=i.position,
+                                    sampling=i.seq.sampling, sample=i.sample)
+            for i in plan.items
+        ])
+        parent, links = _trace_parent(plan)
+        attributes = {"moemesh.step_id": plan.step_id, "moemesh.sequences": len(plan.items),
+                      "moemesh.tokens": plan.tokens}
+        with self._tracer.start_as_current_span("batcher.step", context=parent, links=links, attributes=attributes):
+            try:
+                r = await self._stub.Step(request, timeout=self.step_timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                raise RouterFull(exc.details() or "KV cache full", await self._free_blocks()) from exc
+        outputs = [
+            SeqOutput(seq_id=o.seq_id, token_id=o.token_id if o.HasField("token_id") else None, logprob=o.logprob,
+                      top_logprobs=[(t.token_id, t.logprob) for t in o.top_logprobs])
+            for o in r.results
+        ]
+        return StepOutcome(outputs=outputs, compute_seconds=r.compute_seconds, kv_blocks_free=r.kv_blocks_free)
+
+    async def _free_blocks(self) -> int | None:
+        try:
+            return (await self.info()).kv_blocks_free
+        except grpc.aio.AioRpcError:
+            return None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+def _trace_parent(plan: StepPlan):
+    """(parent context, links to the other requests' spans) of a step span."""
+    ctxs = [i.seq.trace for i in plan.items if i.seq.trace is not None]
+    fresh = [i.seq.trace for i in plan.items if i.seq.trace is not None and i.position == 0]
+    parent = (fresh or ctxs or [None])[0]
+    links = []
+    for ctx in ctxs:
+        if ctx is parent or len(links) >= _MAX_LINKS:
+            continue
+        span_ctx = trace.get_current_span(ctx).get_span_context()
+        if span_ctx.is_valid:
+            links.append(trace.Link(span_ctx))
+    return parent, links

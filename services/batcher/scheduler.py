@@ -1,0 +1,282 @@
+"""The scheduling policy: at every step, which sequences feed which tokens to the router. Pure code on an injected
+clock: no sockets, no protobuf, no asyncio. The engine loop drives it:
+
+    plan = scheduler.schedule()           # None: nothing to do (wake at scheduler.wake_at, or on the next add)
+    router.release(plan.release); outcome = router.step(plan)
+    scheduler.complete(plan, outcome)     # or abort(plan, free) when the router refused, fail(plan, why) on errors
+    deliver(scheduler.take_events())
+
+A step is built in three passes, decodes first so running sequences keep flowing:
+1. running sequences, decodes before prefill chunks, in rank order (priority, then age); a decode that needs a KV block
+   the cache lacks preempts the lowest-ranked running sequence (recompute later), possibly itself;
+2. (chunked mode) prefill chunks of running sequences in what is left of the token budget;
+3. admissions in weighted-fair order while the batch and the budget have room and the KV cache keeps its watermark.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from services.batcher.admission import check_room, validate
+from services.batcher.fairness import FairQueue
+from services.batcher.kv_budget import KvBudget
+from services.batcher.meters import WindowSum
+from services.batcher.policy import Policy
+from services.batcher.sequence import Finish, Sequence, Status
+from services.batcher.step import Event, InvalidRequest, StepOutcome, StepPlan, WorkItem
+
+
+@dataclass
+class _Draft:
+    budget: float  # tokens left in this step
+    items: list[WorkItem] = field(default_factory=list)
+    planned: set[str] = field(default_factory=set)
+    preempted: bool = False
+
+
+class Scheduler:
+    def __init__(
+        self,
+        policy: Policy,
+        kv: KvBudget,
+        max_context: int,
+        eos_ids: Iterable[int],
+        clock: Callable[[], float],
+    ) -> None:
+        self.policy = policy
+        self.kv = kv
+        self.max_context = max_context
+        self.eos = frozenset(eos_ids)
+        self.clock = clock
+        self.queue = FairQueue()
+        self.running: list[Sequence] = []
+        self.steps = 0
+        self.preemptions = 0
+        self.wake_at: float | None = None  # when schedule() returned None but wants another look
+        self._live: dict[str, Sequence] = {}
+        self._deadlines: list[tuple[float, int, Sequence]] = []
+        self._releases: list[str] = []
+        self._events: list[Event] = []
+        self._admitted = WindowSum(10.0, clock)  # admissions per second, for the retry-after hint
+
+    # ---- requests -------------------------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Queues a request. Raises InvalidRequest (can never run) or QueueFull (try again later)."""
+        validate(seq, self.max_context, self.kv)
+        if seq.seq_id in self._live:
+            raise InvalidRequest(f"request_id {seq.seq_id!r} is already waiting or running")
+        check_room(self.queue, self.policy, seq.tenant, self._admitted.rate())
+        seq.arrival = self.clock()
+        seq.status = Status.WAITING
+        self._live[seq.seq_id] = seq
+        self.queue.push(seq)
+        if seq.deadline is not None:
+            heapq.heappush(self._deadlines, (seq.deadline, seq.serial, seq))
+
+    def cancel(self, seq_id: str) -> bool:
+        seq = self._live.get(seq_id)
+        if seq is None:
+            return False
+        self._finish(seq, Finish.CANCELLED)
+        return True
+
+    def get(self, seq_id: str) -> Sequence | None:
+        return self._live.get(seq_id)
+
+    # ---- steps ----------------------------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan | None:
+        now = self.clock()
+        self.wake_at = None
+        self._expire(now)
+        admit = self._may_admit(now)
+        draft = _Draft(budget=self.policy.max_step_tokens if self.policy.chunked else math.inf)
+        self._plan_running(draft)
+        while not draft.items and self.running:  # every running sequence waits for blocks: free some
+            self._preempt(max(self.running, key=lambda s: s.rank))
+            draft.preempted = True
+            self._plan_running(draft)
+        if admit and not draft.preempted:  # no admissions in a step that had to preempt (it would thrash)
+            self._admit(draft, now)
+        if not draft.items:
+            return None
+        self.steps += 1
+        return StepPlan(step_id=self.steps, items=draft.items, release=self.take_releases())
+
+    def complete(self, plan: StepPlan, outcome: StepOutcome) -> None:
+        """Applies a step's results; sequences cancelled or expired meanwhile are skipped."""
+        by_id = {o.seq_id: o for o in outcome.outputs}
+        total = plan.tokens or 1
+        for item in plan.items:
+            seq = item.seq
+            if seq.status is not Status.RUNNING:
+                continue
+            seq.num_cached = item.position + len(item.token_ids)
+            seq.engine_seconds += outcome.compute_seconds * len(item.token_ids) / total
+            if not item.sample:
+                continue
+            out = by_id.get(seq.seq_id)
+            if out is None or out.token_id is None:
+                self._finish(seq, Finish.ERROR, f"router returned no token for {seq.seq_id}")
+                continue
+            seq.output_ids.append(out.token_id)
+            event = self._event(seq, [out.token_id])
+            if out.logprob is not None:
+                event.logprobs, event.top_logprobs = [out.logprob], [list(out.top_logprobs)]
+            reason = self._stop_reason(seq, out.token_id)
+            if reason is None:
+                self._events.append(event)
+            else:
+                self._finish(seq, reason, event=event)
+        self.kv.observe(outcome.kv_blocks_free)
+
+    def abort(self, plan: StepPlan, kv_blocks_free: int | None = None) -> None:
+        """The router refused the step for lack of KV blocks and applied nothing: undo, re-sync, make room."""
+        for item in plan.items:
+            if item.seq.status is Status.RUNNING:
+                self.kv.shrink_to(item.seq.seq_id, item.seq.num_cached)
+        if kv_blocks_free is not None:
+            self.kv.observe(kv_blocks_free)
+        if len(self.running) > 1:
+            self._preempt(max(self.running, key=lambda s: s.rank))
+
+    def fail(self, plan: StepPlan, detail: str) -> None:
+        """The router failed the step: its sequences end with ERROR (their router state is unknown: released)."""
+        for item in plan.items:
+            if item.seq.status is not Status.FINISHED:
+                self._finish(item.seq, Finish.ERROR, detail)
+
+    def take_releases(self) -> list[str]:
+        """Sequences the router must drop (finished, cancelled, preempted); their blocks return to the ledger."""
+        out, self._releases = self._releases, []
+        for seq_id in out:
+            self.kv.release(seq_id)
+        return out
+
+    def take_events(self) -> list[Event]:
+        out, self._events = self._events, []
+        return out
+
+    # ---- passes ---------------------------------------------------------------------------------------------------
+    def _plan_running(self, draft: _Draft) -> None:
+        order = sorted(self.running, key=lambda s: (s.pending > 1, s.rank))  # decodes first
+        for seq in order:
+            if seq.status is not Status.RUNNING or seq.seq_id in draft.planned or draft.budget < 1:
+                continue
+            partial_ok = self.policy.chunked and seq.pending > 1
+            want = int(min(seq.pending, draft.budget)) if partial_ok else seq.pending
+            if partial_ok:
+                n = self.kv.fit(seq.seq_id, seq.num_cached, want)
+            else:
+                n = want if self._make_room(seq, want, draft) else 0
+            if n > 0:
+                self._take(draft, seq, n)
+
+    def _make_room(self, seq: Sequence, n: int, draft: _Draft) -> bool:
+        """Preempts lower-ranked unplanned sequences until `seq` can add n tokens; False if `seq` itself had to go."""
+        while not self.kv.can_grow(seq.seq_id, seq.num_cached + n):
+            others = [s for s in self.running if s is not seq and s.seq_id not in draft.planned]
+            if not others and len(self.running) == 1:
+                self._finish(seq, Finish.LENGTH, "the KV cache cannot hold this sequence")
+                return False
+            victim = max(others + [seq], key=lambda s: s.rank)
+            self._preempt(victim)
+            draft.preempted = True
+            if victim is seq:
+                return False
+        return True
+
+    def _admit(self, draft: _Draft, now: float) -> None:
+        keep = self.kv.watermark
+        while len(self.running) < self.policy.batch_limit and draft.budget >= 1:
+            seq = self.queue.peek()
+            if seq is None:
+                break
+            want = int(min(seq.pending, draft.budget)) if self.policy.chunked else seq.pending
+            n = self.kv.fit(seq.seq_id, 0, want, keep_free=keep)
+            if n < want and not (self.policy.chunked and n > 0):
+                break  # head-of-line: keep fairness order rather than skip to a smaller request
+            self.queue.pop(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            if seq.first_scheduled is None:
+                seq.first_scheduled = now
+                self._admitted.add(1)
+            self._take(draft, seq, n)
+
+    def _take(self, draft: _Draft, seq: Sequence, n: int) -> None:
+        start = seq.num_cached
+        self.kv.grow(seq.seq_id, start + n)
+        sample = start + n == seq.length
+        draft.items.append(WorkItem(seq=seq, token_ids=seq.tokens[start : start + n], position=start, sample=sample))
+        draft.planned.add(seq.seq_id)
+        draft.budget -= n
+        self.queue.charge(seq.tenant, n)  # now, not after the step: one admission pass then interleaves tenants
+
+    def _may_admit(self, now: float) -> bool:
+        """Whether new sequences may join this step; sets wake_at when gathering arrivals for max_wait."""
+        if self.running:
+            return self.policy.joins_running_batch  # static batches run to completion without joins
+        if not len(self.queue) or self.policy.mode == "none":
+            return True
+        if len(self.queue) >= self.policy.batch_limit:
+            return True
+        flush_at = min(s.arrival for s in self.queue.waiting()) + self.policy.max_wait
+        if now >= flush_at:  # compare against the same sum as wake_at, so waking at wake_at always flushes
+            return True
+        self.wake_at = flush_at
+        return False
+
+    # ---- state changes --------------------------------------------------------------------------------------------
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.queue.left_batch(seq)
+        self.kv.release(seq.seq_id)
+        self._releases.append(seq.seq_id)
+        seq.num_cached = 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        seq.status = Status.WAITING
+        self.queue.push(seq)
+
+    def _finish(self, seq: Sequence, reason: Finish, detail: str = "", event: Event | None = None) -> None:
+        if seq.status is Status.WAITING:
+            self.queue.discard(seq)
+        elif seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self.queue.left_batch(seq)
+            self._releases.append(seq.seq_id)
+        seq.status, seq.finish = Status.FINISHED, reason
+        self._live.pop(seq.seq_id, None)
+        event = event or self._event(seq, [])
+        event.finish, event.detail = reason, detail
+        event.engine_seconds = seq.engine_seconds
+        event.preemptions = seq.preemptions
+        self._events.append(event)
+
+    def _expire(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            seq = heapq.heappop(self._deadlines)[2]
+            if seq.status is not Status.FINISHED:
+                self._finish(seq, Finish.DEADLINE, "the deadline passed")
+
+    def _stop_reason(self, seq: Sequence, token: int) -> Finish | None:
+        if token in seq.stop_ids or (not seq.ignore_eos and token in self.eos):
+            return Finish.STOP
+        if seq.max_tokens and len(seq.output_ids) >= seq.max_tokens:
+            return Finish.LENGTH
+        if seq.length >= self.max_context:
+            return Finish.LENGTH
+        return None
+
+    def _event(self, seq: Sequence, token_ids: list[int]) -> Event:
+        return Event(
+            seq_id=seq.seq_id,
+            token_ids=token_ids,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids),
+            queue_seconds=seq.queue_seconds(self.clock()),
+            preemptions=seq.preemptions,
+        )

@@ -1,0 +1,98 @@
+"""What crosses between the scheduler, the engine loop and the router client: a step's plan, its results, and the
+events the waiting clients receive. Plain dataclasses; the router client maps them to protobuf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from services.batcher.sequence import Finish, Sequence
+
+
+@dataclass
+class WorkItem:
+    """One sequence's share of a step: tokens[position : position + len(token_ids)]."""
+
+    seq: Sequence
+    token_ids: list[int]
+    position: int  # tokens already in the router's KV cache
+    sample: bool  # the chunk ends the known tokens: sample the next one
+
+
+@dataclass
+class StepPlan:
+    step_id: int
+    items: list[WorkItem]
+    release: list[str] = field(default_factory=list)  # sequences to release in the router before this step
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(i.token_ids) for i in self.items)
+
+
+@dataclass
+class SeqOutput:
+    """The router's answer for one work item."""
+
+    seq_id: str
+    token_id: int | None  # None when the item did not sample
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class StepOutcome:
+    outputs: list[SeqOutput]
+    compute_seconds: float  # time inside the router
+    kv_blocks_free: int
+
+
+@dataclass
+class Event:
+    """Something a client is told: new tokens, and on the last event the finish reason and the request's figures."""
+
+    seq_id: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # per token, when the router returned them
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token
+    finish: Finish | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    engine_seconds: float = 0.0
+    queue_seconds: float = 0.0
+    preemptions: int = 0
+    detail: str = ""  # why the sequence ended, in words (errors, deadlines)
+
+
+@dataclass
+class QueueFull(Exception):
+    """The bounded queue is full; retry after `retry_after` seconds."""
+
+    retry_after: float
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.reason}; retry after {self.retry_after * 1000:.0f} ms"
+
+
+class InvalidRequest(ValueError):
+    """The request can never run (names the offending field and value)."""
+
+
+@dataclass(frozen=True)
+class RouterLimits:
+    """What the batcher needs from Router.Info."""
+
+    model: str
+    max_context: int
+    kv_block_size: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    active_sequences: int
+    eos_token_ids: tuple[int, ...]
+
+
+class RouterFull(Exception):
+    """The router refused a step for lack of KV blocks (it applied nothing)."""
+
+    def __init__(self, message: str, kv_blocks_free: int | None) -> None:
+        super().__init__(message)
+        self.kv_blocks_free = kv_blocks_free

@@ -1,0 +1,72 @@
+"""Settings of one expert shard process (flags, then MOEMESH_EXPERT_* env, then defaults).
+
+Which experts: either `--shard-index I --num-shards N` (the runtime's shard_experts(num_experts, N, I) split, the
+same on every shard so the shards tile the experts), or an explicit `--experts 0-3,8` list. In Kubernetes the shard
+index comes from the StatefulSet pod ordinal (deploy/k8s/expert.yaml).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from moemesh.serving.config import ConfigError, ServiceConfig, setting
+
+DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("torch",)
+
+
+def parse_expert_list(items: tuple[str, ...], source: str) -> tuple[int, ...]:
+    """("0-3", "8") -> (0, 1, 2, 3, 8); ConfigError quoting the bad item."""
+    out: list[int] = []
+    for item in items:
+        lo, sep, hi = item.partition("-")
+        try:
+            first, last = (int(lo), int(hi)) if sep else (int(item), int(item))
+        except ValueError:
+            raise ConfigError(f"{source}: {item!r} is not an expert id or a range like 0-7") from None
+        if first < 0 or last < first:
+            raise ConfigError(f"{source}: {item!r} is not a non-empty range of non-negative expert ids")
+        out.extend(range(first, last + 1))
+    if len(set(out)) != len(out):
+        raise ConfigError(f"{source}: {','.join(items)!r} lists an expert twice")
+    return tuple(sorted(out))
+
+
+@dataclass(frozen=True)
+class ExpertConfig(ServiceConfig):
+    """An expert shard: the routed experts of the MoE layers, for the router's per-layer Forward calls."""
+
+    SERVICE: ClassVar[str] = "expert"
+
+    port: int = setting(50055, "gRPC port (0: any free port)")
+    model: str = setting("smollm2-moe", "model name (models registry) or checkpoint directory",
+                         env="MOEMESH_MODEL")
+    shard_index: int = setting(0, "this shard's index in 0..num_shards-1")
+    num_shards: int = setting(1, "number of shards the experts are split over")
+    experts: tuple[str, ...] = setting((), "explicit expert ids/ranges to host, e.g. 0-3,8 (overrides the split)")
+    device: str = setting("cpu", "torch device of the experts (cpu, cuda, cuda:1)")
+    dtype: str = setting("float32", "compute dtype of the experts", choices=DTYPES)
+    backend: str = setting("torch", "expert backend", choices=BACKENDS)
+    compute_threads: int = setting(0, "torch intra-op threads (0: torch's default)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_shards < 1:
+            raise ConfigError(f"{self.source('num_shards')}: {self.num_shards!r} must be >= 1")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ConfigError(
+                f"{self.source('shard_index')}: {self.shard_index!r} is not in 0..{self.num_shards - 1} "
+                f"(num_shards {self.num_shards})"
+            )
+        if not self.model:
+            raise ConfigError(f"{self.source('model')}: empty model name")
+        if not (self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
+            raise ConfigError(f"{self.source('device')}: {self.device!r} is not cpu, cuda[:N] or mps")
+        if self.compute_threads < 0:
+            raise ConfigError(f"{self.source('compute_threads')}: {self.compute_threads!r} must be >= 0")
+        self.expert_list()
+
+    def expert_list(self) -> tuple[int, ...] | None:
+        """Explicit expert ids, or None to use the shard_index/num_shards split."""
+        return parse_expert_list(self.experts, self.source("experts")) if self.experts else None

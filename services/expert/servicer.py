@@ -1,0 +1,113 @@
+"""moemesh.v1.Expert over gRPC: protobuf <-> tensors, the shard's compute on a worker thread, per-step spans.
+
+Forward decodes without copying, runs ExpertShard.forward on one dedicated thread (torch parallelises inside an op;
+two concurrent blocks would only contend), and encodes the [T, H] output. Errors: InvalidTensor / ValueError ->
+INVALID_ARGUMENT naming the field; LayerNotHosted -> FAILED_PRECONDITION (via moemesh.serving.errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from moemesh.serving import tensors
+from moemesh.serving.telemetry import tracer
+from moemesh.v1 import expert_pb2, expert_pb2_grpc
+from services.expert.shard import ExpertShard
+from services.expert.step_spans import CallStats, StepSpans
+from services.expert import metrics
+
+SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name
+
+
+@dataclass(frozen=True)
+class ShardIdentity:
+    """What Info reports besides the bank's own layers/experts."""
+
+    model: str
+    shard_index: int
+    num_shards: int
+    backend: str
+    dtype: str
+    device: str
+
+
+class ExpertServicer(expert_pb2_grpc.ExpertServicer):
+    def __init__(self, shard: ExpertShard, identity: ShardIdentity, spans: StepSpans | None = None) -> None:
+        self._shard = shard
+        self._identity = identity
+        self._spans = spans or StepSpans(tracer("moemesh.expert"))
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-compute")
+        self._sweeper: asyncio.Task | None = None
+
+    async def Forward(self, request: expert_pb2.ExpertRequest, context: grpc.aio.ServicerContext):
+        start_ns = time.time_ns()
+        hidden = tensors.from_proto(request.hidden, name="hidden")  # [T, H]
+        ids = tensors.from_proto(request.expert_ids, name="expert_ids")  # [T, K] int32
+        weights = tensors.from_proto(request.weights, name="weights")  # [T, K] float32
+        loop = asyncio.get_running_loop()
+        error: str | None = None
+        compute = 0.0
+        received = len(request.hidden.data) + len(request.expert_ids.data) + len(request.weights.data)
+        sent = 0
+        try:
+            out, compute = await loop.run_in_executor(self._pool, self._compute, request.layer, hidden, ids, weights)
+            response = expert_pb2.ExpertResponse(output=tensors.to_proto(out), compute_seconds=compute)
+            sent = len(response.output.data)
+            return response
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            metrics.observe_forward(request.layer, hidden.shape[0] if hidden.dim() else 0, received, sent, compute,
+                                    error is None)
+            self._record(context, CallStats(
+                layer=request.layer, tokens=int(hidden.shape[0]) if hidden.dim() else 0, bytes_received=received,
+                bytes_sent=sent, compute_seconds=compute, start_ns=start_ns, end_ns=time.time_ns(), error=error,
+            ))
+
+    def _compute(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self._shard.forward(layer, hidden, ids, weights)  # [T, H]
+        return out, time.perf_counter() - start
+
+    def _record(self, context: grpc.aio.ServicerContext, call: CallStats) -> None:
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        self._spans.record(context.peer() or "", metadata, call)
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Ends idle step spans; exits when none is open (restarted by the next call)."""
+        while self._spans.open_count:
+            await asyncio.sleep(self._spans.idle_s / 2)
+            self._spans.sweep()
+
+    async def Info(self, request: expert_pb2.ExpertInfoRequest, context: grpc.aio.ServicerContext):
+        ident, bank = self._identity, self._shard.bank
+        return expert_pb2.ExpertInfo(
+            model=ident.model, shard_index=ident.shard_index, num_shards=ident.num_shards,
+            layers=sorted(bank.layers), experts=sorted(bank.experts), backend=ident.backend, dtype=ident.dtype,
+            device=ident.device, weight_bytes=int(bank.weight_bytes),
+        )
+
+    async def close(self) -> None:
+        """Ends open step spans and stops the compute thread (server on_stop)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        self._spans.close()
+        self._pool.shutdown(wait=True)
+
+
+def add_to_server(servicer: ExpertServicer, server: grpc.aio.Server) -> list[str]:
+    expert_pb2_grpc.add_ExpertServicer_to_server(servicer, server)
+    return [SERVICE_NAME]

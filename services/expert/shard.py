@@ -1,0 +1,98 @@
+"""ExpertShard: one shard's loaded experts plus the checks every Forward input passes before touching them.
+
+A Forward block is [T, H] hidden states in the compute dtype, [T, K] int32 global expert ids (-1: unused slot) and
+[T, K] float32 weights. Slots of experts this shard does not host are ignored (masked to -1) here, so the contract
+"selected experts hosted elsewhere contribute nothing" holds whatever the caller sends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class InvalidTensor(ValueError):
+    """A Forward input has the wrong shape or dtype; the message starts with the field name (INVALID_ARGUMENT)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class LayerNotHosted(RuntimeError):
+    """Forward for a layer this shard does not host: the router's placement is stale or wrong."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class Bank(Protocol):
+    """What ExpertShard needs of moemesh.runtime.engine.ExpertBank."""
+
+    layers: tuple[int, ...]
+    experts: tuple[int, ...]
+    weight_bytes: int
+
+    def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor: ...
+
+
+def _ranges(ids: tuple[int, ...]) -> str:
+    if not ids:
+        return "none"
+    return f"{min(ids)}-{max(ids)}" if list(ids) == list(range(min(ids), max(ids) + 1)) else ", ".join(map(str, ids))
+
+
+@dataclass
+class ExpertShard:
+    """The bank, the model sizes needed to validate inputs, and the hosted-expert mask."""
+
+    bank: Bank
+    hidden_size: int
+    num_experts: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        # hosted[e + 1]: expert e is hosted; index 0 stands for the unused slot -1. [E + 1] bool
+        self._hosted = torch.zeros(self.num_experts + 1, dtype=torch.bool)
+        self._hosted[[e + 1 for e in self.bank.experts]] = True
+        self._layers = frozenset(self.bank.layers)
+
+    def check(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """Raises LayerNotHosted or InvalidTensor (naming the field) for inputs the bank cannot run."""
+        if layer not in self._layers:
+            raise LayerNotHosted(
+                f"layer {layer} is not hosted by this shard (it hosts layers {_ranges(tuple(sorted(self._layers)))})"
+            )
+        if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
+            raise InvalidTensor("hidden", f"shape {list(hidden.shape)} is not [T, {self.hidden_size}]")
+        if hidden.dtype != self.dtype:
+            raise InvalidTensor("hidden", f"dtype {hidden.dtype} is not the shard's compute dtype {self.dtype}")
+        tokens = hidden.shape[0]
+        if expert_ids.dim() != 2 or expert_ids.shape[0] != tokens:
+            raise InvalidTensor("expert_ids", f"shape {list(expert_ids.shape)} is not [T={tokens}, K]")
+        if expert_ids.dtype != torch.int32:
+            raise InvalidTensor("expert_ids", f"dtype {expert_ids.dtype} is not int32")
+        if weights.shape != expert_ids.shape:
+            raise InvalidTensor("weights", f"shape {list(weights.shape)} does not match expert_ids "
+                                           f"{list(expert_ids.shape)}")
+        if weights.dtype != torch.float32:
+            raise InvalidTensor("weights", f"dtype {weights.dtype} is not float32")
+        if expert_ids.numel() and (int(expert_ids.min()) < -1 or int(expert_ids.max()) >= self.num_experts):
+            raise InvalidTensor("expert_ids", f"values must lie in [-1, {self.num_experts - 1}], got "
+                                              f"[{int(expert_ids.min())}, {int(expert_ids.max())}]")
+
+    def forward(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        """[T, H] routing-weighted sum of the hosted selected experts (same dtype as hidden); checks first."""
+        self.check(layer, hidden, expert_ids, weights)
+        if hidden.shape[0] == 0:
+            return hidden.clone()
+        ids = expert_ids.to(torch.int64)  # [T, K]
+        hosted = self._hosted[ids + 1]  # [T, K]
+        ids = torch.where(hosted, ids, -1)
+        w = torch.where(hosted, weights, 0.0)
+        out = self.bank.forward(layer, hidden.to(self.device), ids.to(self.device), w.to(self.device))
+        return out.to(hidden.dtype)

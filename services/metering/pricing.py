@@ -1,0 +1,183 @@
+"""What a request is charged (per-model token prices) and what it cost us (hardware time).
+
+Money is kept as integer nano-dollars (1e-9 USD) everywhere it is stored or summed: at $0.001 per 1k tokens one
+token is 1,000 n$, and Redis/Lua integers stay exact up to 2^53 n$ (about $9 million per counter).
+
+Price table (JSON file via --prices / MOEMESH_METERING_PRICES):
+    {"default": {"input_per_1k": 0.001, "output_per_1k": 0.001},
+     "models": {"smollm2": {"input_per_1k": 0.0005, "output_per_1k": 0.0015, "cached_input_per_1k": 0.0001}}}
+Cached prompt tokens (served from a prefix cache) cost `cached_input_per_1k`, which defaults to the input price.
+
+Hardware table (JSON file via --hardware-prices / MOEMESH_METERING_HARDWARE_PRICES, merged over the defaults):
+    {"h100:spot": {"unit": "gpu", "usd_per_hour": 1.49}}
+Keys are "<device>:<class>", class one of shared (on-demand / shared instances), spot, reserved. `usd_per_hour` is per
+GPU (unit "gpu") or per CPU core (unit "cpu_core"). Cost of goods of a request = engine_seconds x usd_per_hour / 3600
+x devices (GPUs, or cores for a CPU engine), where engine_seconds is the request's share of batch-shared engine time.
+
+Default hardware prices (USD per device-hour; re-check before relying on them, cloud prices move monthly):
+
+| key            | $/h    | source |
+|----------------|--------|--------|
+| h100:shared    | 2.23   | CoreWeave H100 on-demand, 2026 (gridstackhub.ai/learn/reserved-vs-spot-vs-on-demand-gpu) |
+| h100:reserved  | 1.79   | same page, 1-year reserved |
+| h100:spot      | 1.49   | same page, Vast.ai spot, "typical, not guaranteed" |
+| h200:shared    | 2.25   | packet.ai H200 SXM on-demand (packet.ai/blog/gpu-pricing-models-compared) |
+| h200:reserved  | 1.575  | same page: reserved 20-40% off; 30% taken |
+| h200:spot      | 0.90   | same page: spot 50-70% below on-demand; 60% taken |
+| cpu:shared     | 0.0425 | AWS c5.2xlarge on-demand $0.34/h for 8 vCPU (AWS Auto Scaling guide, spot price example) |
+| cpu:spot       | 0.02125| same table, us-east-1c spot $0.170/h for 8 vCPU |
+| cpu:reserved   | 0.0255 | on-demand x 0.6 (reserved 30-55% off, computingpower.org/providers/pricing-models-explained) |
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NANO_PER_USD = 1_000_000_000
+DEFAULT_PER_1K_USD = 0.001
+INSTANCE_CLASSES = ("shared", "spot", "reserved")
+UNITS = ("gpu", "cpu_core")
+
+
+class PricingError(ValueError):
+    """A price or hardware table entry is invalid; the message names it."""
+
+
+def usd(nano: int) -> float:
+    return nano / NANO_PER_USD
+
+
+def _nonneg(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise PricingError(f"{where}: {value!r} is not a non-negative number")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """Dollars per 1,000 tokens."""
+
+    input_per_1k: float = DEFAULT_PER_1K_USD
+    output_per_1k: float = DEFAULT_PER_1K_USD
+    cached_input_per_1k: float | None = None  # None: same as input_per_1k
+
+    @classmethod
+    def parse(cls, raw: object, where: str) -> "ModelPrice":
+        if not isinstance(raw, dict):
+            raise PricingError(f"{where}: {raw!r} is not an object")
+        unknown = set(raw) - {"input_per_1k", "output_per_1k", "cached_input_per_1k"}
+        if unknown:
+            raise PricingError(f"{where}: unknown fields {sorted(unknown)}")
+        cached = raw.get("cached_input_per_1k")
+        return cls(
+            _nonneg(raw.get("input_per_1k", DEFAULT_PER_1K_USD), f"{where}.input_per_1k"),
+            _nonneg(raw.get("output_per_1k", DEFAULT_PER_1K_USD), f"{where}.output_per_1k"),
+            None if cached is None else _nonneg(cached, f"{where}.cached_input_per_1k"),
+        )
+
+
+@dataclass(frozen=True)
+class PriceTable:
+    """Per-model token prices; models not listed pay `default`."""
+
+    default: ModelPrice = ModelPrice()
+    models: dict[str, ModelPrice] = field(default_factory=dict)
+
+    def for_model(self, model: str) -> ModelPrice:
+        return self.models.get(model, self.default)
+
+    def price_nano(self, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+        """Price in n$. Cached tokens are part of prompt_tokens, billed at the cached rate."""
+        p = self.for_model(model)
+        cached = min(cached_tokens, prompt_tokens)
+        cached_rate = p.input_per_1k if p.cached_input_per_1k is None else p.cached_input_per_1k
+        # $/1k tokens x 1e9 n$/$ / 1e3 tokens = 1e6 n$ per (token x $/1k)
+        return round(1e6 * ((prompt_tokens - cached) * p.input_per_1k + cached * cached_rate
+                            + completion_tokens * p.output_per_1k))
+
+    @classmethod
+    def from_mapping(cls, raw: dict) -> "PriceTable":
+        if not isinstance(raw, dict) or set(raw) - {"default", "models"}:
+            raise PricingError(f"price table: expected keys 'default' and 'models', got {raw!r:.200}")
+        default = ModelPrice.parse(raw["default"], "default") if "default" in raw else ModelPrice()
+        models = raw.get("models", {})
+        if not isinstance(models, dict):
+            raise PricingError(f"models: {models!r:.200} is not an object")
+        return cls(default, {name: ModelPrice.parse(v, f"models.{name}") for name, v in models.items()})
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> "PriceTable":
+        """The table in a JSON file; None or "": every model at the default $0.001 per 1k tokens."""
+        return cls.from_mapping(_read_json(path)) if path else cls()
+
+
+@dataclass(frozen=True)
+class HardwarePrice:
+    """Dollars per device-hour; a device is one GPU or one CPU core."""
+
+    unit: str
+    usd_per_hour: float
+
+
+DEFAULT_HARDWARE: dict[str, HardwarePrice] = {
+    "h100:shared": HardwarePrice("gpu", 2.23),
+    "h100:reserved": HardwarePrice("gpu", 1.79),
+    "h100:spot": HardwarePrice("gpu", 1.49),
+    "h200:shared": HardwarePrice("gpu", 2.25),
+    "h200:reserved": HardwarePrice("gpu", 1.575),
+    "h200:spot": HardwarePrice("gpu", 0.90),
+    "cpu:shared": HardwarePrice("cpu_core", 0.0425),
+    "cpu:spot": HardwarePrice("cpu_core", 0.02125),
+    "cpu:reserved": HardwarePrice("cpu_core", 0.0255),
+}
+
+
+@dataclass(frozen=True)
+class HardwareTable:
+    """Hardware prices by "<device>:<class>"."""
+
+    entries: dict[str, HardwarePrice] = field(default_factory=lambda: dict(DEFAULT_HARDWARE))
+
+    def get(self, key: str) -> HardwarePrice:
+        try:
+            return self.entries[key]
+        except KeyError:
+            raise PricingError(f"hardware {key!r} is not in the hardware table {sorted(self.entries)}") from None
+
+    def cost_nano(self, key: str, devices: int, engine_seconds: float) -> int:
+        """Cost of goods in n$: engine_seconds x $/device-hour / 3600 x devices."""
+        if devices < 1:
+            raise PricingError(f"devices: {devices!r} must be >= 1")
+        if not (math.isfinite(engine_seconds) and engine_seconds >= 0):
+            raise PricingError(f"engine_seconds: {engine_seconds!r} must be a finite number >= 0")
+        return round(engine_seconds * self.get(key).usd_per_hour * devices * NANO_PER_USD / 3600.0)
+
+    @classmethod
+    def from_mapping(cls, raw: dict) -> "HardwareTable":
+        if not isinstance(raw, dict):
+            raise PricingError(f"hardware table: {raw!r:.200} is not an object")
+        entries = dict(DEFAULT_HARDWARE)
+        for key, value in raw.items():
+            device, _, klass = key.partition(":")
+            if not device or klass not in INSTANCE_CLASSES:
+                raise PricingError(f"hardware {key!r}: expected '<device>:<class>', class one of {INSTANCE_CLASSES}")
+            if not isinstance(value, dict) or value.get("unit") not in UNITS:
+                raise PricingError(f"hardware {key!r}: 'unit' must be one of {UNITS}, got {value!r:.200}")
+            entries[key] = HardwarePrice(value["unit"], _nonneg(value.get("usd_per_hour"), f"{key}.usd_per_hour"))
+        return cls(entries)
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> "HardwareTable":
+        return cls.from_mapping(_read_json(path)) if path else cls()
+
+
+def _read_json(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise PricingError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise PricingError(f"{path} is not valid JSON: {exc}") from None

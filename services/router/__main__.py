@@ -1,0 +1,108 @@
+"""`python -m services.router` / `moemesh-router`: the router process.
+
+Start-up: resolve the model, ask every shard in EXPERT_ADDRS for its placement and check that every expert of every
+MoE layer is hosted exactly once (else exit with an error naming the missing experts), then load the backbone and
+KV cache, then serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from moemesh.models.registry import resolve_model
+from moemesh.runtime.engine import Engine
+from moemesh.runtime.spec import load_spec
+from moemesh.runtime.types import ExpertPlacement
+from moemesh.serving.server import run_service
+from services.router.config import RouterConfig
+from services.router.dispatch import RemoteDispatch
+from services.router.engine_worker import EngineWorker
+from services.router.expert_client import GrpcShardClient
+from services.router.servicer import RouterServicer, add_to_server
+
+log = logging.getLogger("services.router")
+LOCAL = "local"  # placement address of experts running inside the router
+
+
+@dataclass
+class Router:
+    """Everything the router process holds; close() releases it (server on_stop)."""
+
+    servicer: RouterServicer
+    engine: Engine
+    worker: EngineWorker
+    clients: list[GrpcShardClient]
+
+    def close(self) -> None:
+        self.worker.shutdown()
+        for client in self.clients:
+            client.close()
+
+
+def connect_shards(config: RouterConfig, moe_layers: tuple[int, ...], num_experts: int):
+    """(dispatch, placement, clients): RemoteDispatch over EXPERT_ADDRS, or in-process experts when it is empty."""
+    if not config.expert_addrs:
+        log.warning("EXPERT_ADDRS is empty: running every expert inside the router")
+        return None, (ExpertPlacement(LOCAL, moe_layers, tuple(range(num_experts))),), []
+    clients = [GrpcShardClient(a, call_timeout=config.expert_timeout, connect_timeout=config.connect_timeout)
+               for a in config.expert_addrs]
+    try:
+        dispatch = RemoteDispatch.connect(clients, moe_layers, num_experts)
+    except BaseException:
+        for client in clients:
+            client.close()
+        raise
+    return dispatch, dispatch.placement.shards, clients
+
+
+def build_router(config: RouterConfig) -> Router:
+    if config.compute_threads:
+        torch.set_num_threads(config.compute_threads)
+    model_dir = resolve_model(config.model)
+    spec = load_spec(model_dir)
+    dispatch, placement, clients = connect_shards(config, spec.moe_layers, spec.num_experts)
+    worker = EngineWorker()
+    try:
+        kv_bytes = config.kv_memory_mb * 2**20 if config.kv_memory_mb else None
+        engine = worker.call(  # built on the engine thread, which alone touches it afterwards
+            Engine.load, model_dir, dispatch=dispatch, device=config.device, dtype=config.dtype,
+            kv_blocks=config.kv_blocks, kv_memory_bytes=kv_bytes, block_size=config.block_size,
+            max_context=config.max_context, model_name=config.model,
+        )
+    except BaseException:
+        worker.shutdown()
+        for client in clients:
+            client.close()
+        raise
+    info = engine.info
+    log.info("router: %s, %d MoE layers x %d experts over %s; KV %d blocks x %d tokens, context %d", info.model,
+             len(info.moe_layers), info.num_experts, ", ".join(p.address for p in placement), info.kv_blocks_total,
+             info.kv_block_size, info.max_context)
+    return Router(RouterServicer(engine, worker, placement), engine, worker, clients)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = RouterConfig.load(argv)
+    routers: list[Router] = []
+
+    async def register(server: grpc.aio.Server) -> list[str]:
+        # Off the loop: start-up blocks on shard Info calls (and in-process test shards need the loop to answer).
+        routers.append(await asyncio.to_thread(build_router, config))
+        return add_to_server(routers[0].servicer, server)
+
+    def on_stop() -> None:
+        for router in routers:
+            router.close()
+
+    # A failed start (PlacementError, a shard not answering, a bad model) logs one line and exits 1.
+    return run_service(config, register, name="router", on_stop=on_stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

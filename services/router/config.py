@@ -1,0 +1,57 @@
+"""Settings of the router process (flags, then env, then defaults).
+
+EXPERT_ADDRS lists the expert shards in shard order (comma-separated host:port); empty runs every expert inside the
+router (one process, no shards: development only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from moemesh.serving.config import EXPERT_ADDRS, ConfigError, ServiceConfig, check_address, setting
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class RouterConfig(ServiceConfig):
+    """The router: model backbone, KV cache, sampling; fans each MoE layer out to the expert shards."""
+
+    SERVICE: ClassVar[str] = "router"
+
+    port: int = setting(50054, "gRPC port (0: any free port)")
+    model: str = setting("smollm2-moe", "model name (models registry) or checkpoint directory", env="MOEMESH_MODEL")
+    expert_addrs: tuple[str, ...] = setting((), "expert shard addresses in shard order (empty: experts in process)",
+                                            env=EXPERT_ADDRS)
+    device: str = setting("cpu", "torch device of the backbone and KV cache (cpu, cuda, cuda:1)")
+    dtype: str = setting("float32", "compute dtype", choices=DTYPES)
+    kv_blocks: int | None = setting(None, "KV cache blocks (default: what kv_memory_mb buys)")
+    kv_memory_mb: int | None = setting(None, "KV cache memory budget in MiB when kv_blocks is not set")
+    block_size: int = setting(16, "tokens per KV block")
+    max_context: int | None = setting(None, "longest sequence in tokens (default: the model's, capped by the cache)")
+    expert_timeout: float = setting(30.0, "seconds one per-layer expert call may take")
+    connect_timeout: float = setting(120.0, "seconds to wait at start for every expert shard to answer Info")
+    compute_threads: int = setting(0, "torch intra-op threads (0: torch's default)")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.model:
+            raise ConfigError(f"{self.source('model')}: empty model name")
+        for addr in self.expert_addrs:
+            check_address(addr, self.source("expert_addrs"))
+        if len(set(self.expert_addrs)) != len(self.expert_addrs):
+            raise ConfigError(f"{self.source('expert_addrs')}: {','.join(self.expert_addrs)!r} lists a shard twice")
+        if not (self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
+            raise ConfigError(f"{self.source('device')}: {self.device!r} is not cpu, cuda[:N] or mps")
+        for name in ("kv_blocks", "kv_memory_mb", "max_context"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{self.source(name)}: {value!r} must be >= 1")
+        if self.block_size < 1:
+            raise ConfigError(f"{self.source('block_size')}: {self.block_size!r} must be >= 1")
+        for name in ("expert_timeout", "connect_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{self.source(name)}: {getattr(self, name)!r} must be > 0 seconds")
+        if self.compute_threads < 0:
+            raise ConfigError(f"{self.source('compute_threads')}: {self.compute_threads!r} must be >= 0")

@@ -1,0 +1,114 @@
+"""moemesh.v1.Router over gRPC: protobuf <-> runtime dataclasses, every engine call on the one engine thread.
+
+Status mapping: CapacityError -> RESOURCE_EXHAUSTED (nothing of the step applied), SequenceStateError (position
+mismatch, unknown sequence, context too long) and other bad input -> INVALID_ARGUMENT, an expert shard failing ->
+UNAVAILABLE (the engine rolled the step back). Spans: see services/router/step_trace.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from opentelemetry import trace
+
+from moemesh.runtime.engine import Engine
+from moemesh.runtime.types import CapacityError, ExpertPlacement, SamplingParams, SeqResult, SequenceStateError, SeqWork
+from moemesh.serving.errors import ServiceError
+from moemesh.serving.telemetry import tracer
+from moemesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+from services.router import metrics
+from services.router.engine_worker import EngineWorker
+from services.router.step_trace import step_scope
+
+SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+_DEFAULTS = SamplingParams()
+
+
+def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
+    """proto3 zeros mean "off"/"default": top_p 0 -> 1 (off), max_tokens 0 -> the runtime default."""
+    return SamplingParams(
+        temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k,
+        seed=p.seed if p.HasField("seed") else None, presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty, max_tokens=p.max_tokens or _DEFAULTS.max_tokens,
+        stop_token_ids=tuple(p.stop_token_ids), stop=tuple(p.stop), logprobs=p.logprobs,
+        top_logprobs=p.top_logprobs, ignore_eos=p.ignore_eos,
+    )
+
+
+def work_from_proto(w: router_pb2.SequenceWork) -> SeqWork:
+    return SeqWork(seq_id=w.seq_id, token_ids=list(w.token_ids), position=w.position,
+                   sampling=sampling_from_proto(w.sampling), sample=w.sample)
+
+
+def result_to_proto(r: SeqResult) -> router_pb2.SequenceResult:
+    out = router_pb2.SequenceResult(seq_id=r.seq_id, logprob=r.logprob or 0.0)
+    if r.token_id is not None:
+        out.token_id = r.token_id
+    out.top_logprobs.extend(common_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in r.top_logprobs)
+    return out
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, engine: Engine, worker: EngineWorker, placement: tuple[ExpertPlacement, ...],
+                 tracer_: trace.Tracer | None = None) -> None:
+        self._engine, self._worker, self._placement = engine, worker, placement
+        self._tracer = tracer_ or tracer("moemesh.router")
+
+    async def Step(self, request: router_pb2.StepRequest, context: grpc.aio.ServicerContext):
+        works = [work_from_proto(w) for w in request.work]
+        results, seconds, free = await self._worker.run(self._step, request.step_id, works)
+        return router_pb2.StepResponse(results=[result_to_proto(r) for r in results], compute_seconds=seconds,
+                                       kv_blocks_free=free, tokens=sum(len(w.token_ids) for w in works))
+
+    def _step(self, step_id: int, works: list[SeqWork]) -> tuple[list[SeqResult], float, int]:
+        """On the engine thread: one router.step span, the engine step, metrics."""
+        tokens = sum(len(w.token_ids) for w in works)
+        start, outcome = time.perf_counter(), "error"
+        with step_scope(step_id, self._tracer) as step:
+            trace.get_current_span().set_attributes({"moemesh.sequences": len(works), "moemesh.tokens": tokens})
+            try:
+                results = self._engine.step(works)
+                outcome = "ok"
+            except CapacityError as exc:
+                outcome = "capacity"
+                raise ServiceError(str(exc), status=grpc.StatusCode.RESOURCE_EXHAUSTED) from exc
+            except SequenceStateError as exc:
+                outcome = "invalid"
+                raise ServiceError(str(exc), status=grpc.StatusCode.INVALID_ARGUMENT) from exc
+            finally:
+                seconds = time.perf_counter() - start
+                metrics.observe_step(step, seconds, tokens, len(works), outcome)
+                self._update_gauges()
+        return results, seconds, self._engine.blocks.free_blocks
+
+    def _update_gauges(self) -> None:
+        info = self._engine.info
+        metrics.KV_BLOCKS_FREE.set(info.kv_blocks_free)
+        metrics.ACTIVE_SEQUENCES.set(info.active_sequences)
+
+    async def Release(self, request: router_pb2.ReleaseRequest, context: grpc.aio.ServicerContext):
+        released, free = await self._worker.run(self._release, list(request.seq_ids))
+        return router_pb2.ReleaseResponse(released=released, kv_blocks_free=free)
+
+    def _release(self, seq_ids: list[str]) -> tuple[int, int]:
+        released = self._engine.release(seq_ids)
+        self._update_gauges()
+        return released, self._engine.blocks.free_blocks
+
+    async def Info(self, request: router_pb2.RouterInfoRequest, context: grpc.aio.ServicerContext):
+        info = await self._worker.run(lambda: self._engine.info)
+        return router_pb2.RouterInfo(
+            model=info.model, architecture=info.architecture, max_context=info.max_context,
+            kv_block_size=info.kv_block_size, kv_blocks_total=info.kv_blocks_total,
+            kv_blocks_free=info.kv_blocks_free, active_sequences=info.active_sequences, vocab_size=info.vocab_size,
+            num_layers=info.num_layers, num_experts=info.num_experts, experts_per_token=info.experts_per_token,
+            placement=[router_pb2.ExpertPlacement(address=p.address, layers=p.layers, experts=p.experts)
+                       for p in self._placement],
+            device=info.device, dtype=info.dtype, eos_token_ids=info.eos_token_ids, moe_layers=info.moe_layers,
+        )
+
+
+def add_to_server(servicer: RouterServicer, server: grpc.aio.Server) -> list[str]:
+    router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
+    return [SERVICE_NAME]

@@ -1,0 +1,81 @@
+"""moemesh.v1.Tokenizer over gRPC: protobuf <-> plain values only; the work is in catalog.py / stream.py."""
+
+from __future__ import annotations
+
+import grpc
+
+from moemesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from services.tokenizer.catalog import TokenizerCatalog, check_ids
+from services.tokenizer.stream import DetokenizeSession
+
+SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
+
+
+def _messages(chat: tokenizer_pb2.ChatInput) -> list[dict[str, str]]:
+    out = []
+    for m in chat.messages:
+        message = {"role": m.role, "content": m.content}
+        if m.HasField("name"):
+            message["name"] = m.name
+        out.append(message)
+    return out
+
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
+    def __init__(self, catalog: TokenizerCatalog) -> None:
+        self._catalog = catalog
+
+    async def Encode(self, request: tokenizer_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
+        tokenizer = self._catalog.get(request.model)
+        kind = request.WhichOneof("input")
+        if kind == "text":
+            return tokenizer_pb2.EncodeResponse(ids=tokenizer.encode(request.text))
+        if kind == "chat":
+            if not request.chat.messages:
+                raise ValueError("chat.messages: at least one message is required")
+            ids, rendered = tokenizer.encode_chat(_messages(request.chat), request.chat.add_generation_prompt)
+            return tokenizer_pb2.EncodeResponse(ids=ids, rendered=rendered)
+        raise ValueError("input: set either text or chat")
+
+    async def Decode(self, request: tokenizer_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
+        tokenizer = self._catalog.get(request.model)
+        ids = check_ids(tokenizer, request.ids)
+        return tokenizer_pb2.DecodeResponse(text=tokenizer.decode(ids, request.skip_special_tokens))
+
+    async def DetokenizeStream(self, request_iterator, context: grpc.aio.ServicerContext):
+        """One response per request message; when the client closes its side, one more response with the held-back
+        remainder if there is any."""
+        session: DetokenizeSession | None = None
+        tokenizer = None
+        async for request in request_iterator:
+            if session is None:
+                tokenizer = self._catalog.get(request.model)
+                session = DetokenizeSession(tokenizer, skip_special_tokens=request.skip_special_tokens)
+            piece = session.feed(check_ids(tokenizer, request.ids))
+            yield tokenizer_pb2.DetokenizeResponse(text=piece.text, token_texts=piece.token_texts)
+        if session is not None:
+            rest = session.finish()
+            if rest:
+                yield tokenizer_pb2.DetokenizeResponse(text=rest)
+
+    async def Info(self, request: tokenizer_pb2.TokenizerInfoRequest, context: grpc.aio.ServicerContext):
+        tokenizer = self._catalog.get(request.model)
+        info = tokenizer_pb2.TokenizerInfo(
+            model=request.model or self._catalog.models[0], vocab_size=tokenizer.vocab_size,
+            eos_token_ids=tokenizer.eos_token_ids, has_chat_template=tokenizer.has_chat_template,
+        )
+        if tokenizer.bos_token_id is not None:
+            info.bos_token_id = tokenizer.bos_token_id
+        return info
+
+    async def Pieces(self, request: tokenizer_pb2.PiecesRequest, context: grpc.aio.ServicerContext):
+        tokenizer = self._catalog.get(request.model)
+        pieces = [tokenizer.token_piece(i) for i in check_ids(tokenizer, request.ids)]
+        return tokenizer_pb2.PiecesResponse(
+            pieces=[tokenizer_pb2.TokenPiece(id=p.token_id, text=p.text, bytes=p.bytes) for p in pieces]
+        )
+
+
+def add_to_server(servicer: TokenizerServicer, server: grpc.aio.Server) -> list[str]:
+    tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, server)
+    return [SERVICE_NAME]

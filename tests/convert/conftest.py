@@ -1,0 +1,33 @@
+"""A tiny dense Llama written by transformers (LlamaConfig + save_pretrained) with SmolLM2's real tokenizer files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=49152, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=100000.0,
+            tie_word_embeddings=True)
+
+
+def write_tiny_dense(out: Path, tokenizer_from: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**TINY, bos_token_id=1, eos_token_id=2, pad_token_id=2))
+    with torch.no_grad():  # std 0.02 everywhere makes every neuron alike; spread the FFN so routing matters
+        for layer in model.model.layers:
+            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                proj.weight.normal_(0, 0.2)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copyfile(tokenizer_from / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_dir(tmp_path_factory: pytest.TempPathFactory, builtin_dense_dir: Path) -> Path:
+    return write_tiny_dense(tmp_path_factory.mktemp("tiny_dense"), builtin_dense_dir)
