@@ -15,7 +15,7 @@ from gateway.events import Tenant, TokenInfo
 from gateway.models import ModelCatalog
 from moemesh.serving.errors import status_for
 from moemesh.serving.telemetry import request_scope
-from moemesh.v1 import chat_pb2, chat_pb2_grpc
+from moemesh.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
@@ -94,7 +94,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                 else:
                     finish = item
         choice = chat_pb2.Choice(index=0, finish_reason=finish.reason,
-                                 message=chat_pb2.common__pb2.ChatMessage(role="assistant", content="".join(texts)))
+                                 message=common_pb2.ChatMessage(role="assistant", content="".join(texts)))
         if chat.sampling.logprobs:
             choice.logprobs.CopyFrom(_logprobs(tuple(tokens)))
         return chat_pb2.ChatCompletion(

@@ -5,7 +5,7 @@ incremental detokenizer). The checker stops on, in this order of precedence:
   1. a stop token: `stop_token_ids`, plus the model's end-of-sequence ids unless `ignore_eos` -> reason "stop"; the
      stop token's own text is never emitted (its id still belongs to the completion's token ids);
   2. a stop string anywhere in the text, also one straddling several tokens -> reason "stop"; the text is cut before
-     the earliest occurrence and the stop string is never emitted;
+     the stop string that completes first (ending earliest; on a tie the longest) and it is never emitted;
   3. `max_tokens` generated -> reason "length".
 While running it holds back the longest tail of the text that is a proper prefix of some stop string, so a streamed
 delta never shows part of a stop string; the held tail is released as soon as it can no longer start one, or when
@@ -91,9 +91,12 @@ class StopChecker:
         return StopDecision(text=emit, finish_reason=reason)
 
     def _earliest_stop(self, buffer: str) -> int | None:
-        """Index where the earliest stop string occurrence starts in buffer, or None."""
-        found = [i for i in (buffer.find(s) for s in self.stop_strings) if i >= 0]
-        return min(found) if found else None
+        """Start of the stop string that completes first in buffer (earliest end; on a tie the longest), or None.
+
+        Ordering by end makes the result independent of how the text was split into deltas: it is where a
+        character-by-character stream would have stopped."""
+        found = [(i + len(s), i) for s in self.stop_strings if (i := buffer.find(s)) >= 0]
+        return min(found)[1] if found else None
 
     def _prefix_tail_len(self, buffer: str) -> int:
         """Length of the longest suffix of buffer that is a proper prefix of some stop string."""

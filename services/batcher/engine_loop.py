@@ -145,11 +145,14 @@ class EngineLoop:
         plan = scheduler.schedule()
         self._deliver()
         if plan is None:
+            # nothing fits although nothing runs: blocks held by someone else; watch them go
+            blocked = len(scheduler.queue) > 0 and not scheduler.running and scheduler.wake_at is None
+            wake_at = scheduler.wake_at
             await self._release(scheduler.take_releases())
             self._update_gauges()
-            if len(scheduler.queue) and not scheduler.running and scheduler.wake_at is None:
-                await self._poll_kv()  # nothing fits although nothing runs: foreign blocks; watch them go
-            await self._sleep(scheduler.wake_at)
+            if blocked:
+                await self._poll_kv()
+            await self._sleep(wake_at)
             return
         await self._release(plan.release)
         await self._step(plan)

@@ -68,6 +68,8 @@ def _config(data_dir: Path, sock: Path) -> str:
         "appendfsync everysec",
         'save ""',  # the AOF is the durable copy; no fork for RDB snapshots
         "databases 1",
+        # Redis rewrites its process title; keep the config path in it so that _is_our_server can find it.
+        'proc-title-template "{title} {listen-addr} {config-file}"',
         "",
     ])
 
@@ -94,10 +96,12 @@ def _alive(pid: int) -> bool:
 def _is_our_server(pid: int, data_dir: Path) -> bool:
     """True when pid is a redis-server started with this data directory's config (pids get reused)."""
     try:
-        cmdline = psutil.Process(pid).cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        proc = psutil.Process(pid)
+        title = " ".join(proc.cmdline())
+        exe = proc.exe()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
-    return bool(cmdline) and "redis-server" in cmdline[0] and str(data_dir / "redis.conf") in cmdline
+    return Path(exe).name == "redis-server" and str(data_dir.resolve() / "redis.conf") in title
 
 
 def _terminate(pid: int, timeout: float) -> None:
@@ -182,7 +186,7 @@ class EmbeddedRedis:
             candidates.add(int((self.data_dir / "redis.pid").read_text().strip()))
         for pid in sorted(p for p in candidates if p and _is_our_server(p, self.data_dir)):
             owner = int(info.get("owner_pid", 0)) if pid == int(info.get("server_pid", 0)) else 0
-            if owner and owner != os.getpid() and _alive(owner):
+            if owner and _alive(owner):
                 raise RedisBusy(self.data_dir, owner, str(info.get("socket", "")))
             log.warning("killing stale redis-server %d of %s (owner %s is gone)", pid, self.data_dir, owner or "?")
             _terminate(pid, timeout=10.0)

@@ -88,18 +88,19 @@ slide_window(now, window)
 local lim = redis.call('HMGET', KEYS[1], 'rpm', 'tpm', 'concurrency', 'budget_nano')
 local rpm, tpm = tonumber(lim[1]) or 0, tonumber(lim[2]) or 0
 local conc, budget = tonumber(lim[3]) or 0, tonumber(lim[4]) or 0
+-- a request that can never fit is told so whatever the current load
+if tpm > 0 and est > tpm then return {'tpm_never', 0, tpm} end
+if budget > 0 and nano > budget then return {'budget_never', 0, budget} end
 if conc > 0 and redis.call('ZCARD', KEYS[2]) >= conc then return {'concurrency', tonumber(ARGV[9]), conc} end
 if rpm > 0 and redis.call('ZCARD', KEYS[4]) >= rpm then
   local oldest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
   return {'rpm', tonumber(oldest[2]) + window - now, rpm}
 end
 if tpm > 0 then
-  if est > tpm then return {'tpm_never', 0, tpm} end
   local used = tonumber(redis.call('HGET', KEYS[6], 'win_tokens')) or 0
   if used + est > tpm then return {'tpm', tokens_retry(now, window, used + est - tpm), tpm} end
 end
 if budget > 0 then
-  if nano > budget then return {'budget_never', 0, budget} end
   local spent = tonumber(redis.call('HGET', KEYS[6], month .. ':spent')) or 0
   local held = tonumber(redis.call('HGET', KEYS[6], month .. ':held')) or 0
   if spent + held + nano > budget then

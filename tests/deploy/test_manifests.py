@@ -3,6 +3,8 @@ every peer address (*_ADDR, *_ADDRS, REDIS_URL) names a Service (and port) defin
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,6 +13,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 from kubernetes_validate import utils as kv
+
+from moemesh.serving.config import ServiceConfig
 
 ROOT = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 BASE = ROOT / "base"
@@ -170,6 +174,37 @@ def test_services_select_their_workloads():
     for svc in (d for d in docs if d["kind"] == "Service"):
         selector = svc["spec"]["selector"]
         assert any(selector.items() <= labels.items() for labels in pod_labels), svc["metadata"]["name"]
+
+
+def extra_env(component: str) -> set[str]:
+    """Service env read outside the config class."""
+    if component == "metering":
+        from services.metering.secret import SECRET_ENV
+
+        return {SECRET_ENV}
+    return set()
+
+
+def config_class(component: str) -> type[ServiceConfig]:
+    module = importlib.import_module("gateway.config" if component == "gateway" else f"services.{component}.config")
+    return next(v for v in vars(module).values()
+                if isinstance(v, type) and issubclass(v, ServiceConfig) and v.SERVICE == component)
+
+
+def test_every_service_setting_in_the_manifests_is_read_by_its_config():
+    """MOEMESH_<SERVICE>_*, *_ADDR(S) and REDIS_URL set on a pod must be settings of that service's config class."""
+    for doc in (d for d in base_docs() if d["kind"] in WORKLOADS):
+        for c in containers(doc):
+            if not c["image"].startswith(MOEMESH_IMAGE):
+                continue
+            component = doc["metadata"]["name"].removeprefix("moemesh-")
+            cls = config_class(component)
+            known = {cls.env_name(f.name) for f in dataclasses.fields(cls)} | extra_env(component)
+            prefix = f"MOEMESH_{component.upper()}_"
+            for e in c.get("env", []):
+                name = e["name"]
+                if name.startswith(prefix) or name.endswith(("_ADDR", "_ADDRS")) or name == "REDIS_URL":
+                    assert name in known, f"{doc['metadata']['name']}: {name} is no setting of {cls.__name__}"
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (for kustomize) not installed")

@@ -47,10 +47,14 @@ def test_hold_back_only_the_matching_tail():
     assert run(c, ["x"])[0] == ["<|ix"]
 
 
-def test_earliest_stop_string_wins_and_text_after_it_is_dropped():
+def test_first_completed_stop_string_wins_and_text_after_it_is_dropped():
     c = checker(stop=("world", "lo"))
     emitted, reason = run(c, ["hello world and more"])
     assert reason == "stop" and c.text == "hel" and emitted == ["hel"]
+    # "a" completes before "baa" does, whether the text comes in one delta or in two.
+    assert run(checker(stop=("baa", "a")), ["baa"])[0] == ["b"]
+    assert run(checker(stop=("baa", "a")), ["b", "aa"])[0] == ["", "b"]  # "b" held: it may start "baa"
+    assert run(checker(stop=("ab", "b")), ["xab"])[0] == ["x"]  # same end: the longer one
 
 
 def test_max_tokens_finishes_with_length_and_flushes_the_held_tail():
@@ -105,7 +109,7 @@ def longest_stop_prefix_suffix(text, stops):
     cuts=st.lists(st.integers(0, 30), max_size=10),
 )
 def test_streaming_equals_cutting_the_whole_text(text, stops, cuts):
-    """Any split of the text into deltas emits exactly text[:earliest stop], holding back no more than needed."""
+    """Any split of the text into deltas emits what a character stream would, holding back no more than needed."""
     bounds = sorted({0, len(text), *[min(c, len(text)) for c in cuts]})
     deltas = [text[a:b] for a, b in zip(bounds, bounds[1:])]
     c = checker(stop=tuple(stops))
@@ -116,9 +120,11 @@ def test_streaming_equals_cutting_the_whole_text(text, stops, cuts):
         if decision.finished:
             break
         assert c.text == seen[: len(seen) - longest_stop_prefix_suffix(seen, stops)]
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    if hits:
-        assert (c.finish_reason, c.text) == ("stop", text[: min(hits)])
+    # Where a character-by-character stream stops: the first prefix of the text that ends with a stop string.
+    end = next((n for n in range(len(text) + 1) if any(text[:n].endswith(s) for s in stops)), None)
+    if end is not None:
+        start = min(end - len(s) for s in stops if text[:end].endswith(s))
+        assert (c.finish_reason, c.text) == ("stop", text[:start])
     else:
         assert c.finish_reason is None
         c.finish("length")

@@ -1,0 +1,233 @@
+"""`moemesh up`: the whole mesh on this machine, one OS process per service, under one supervisor.
+
+Starts metering, tokenizer, two expert shards, router, batcher and gateway (`python -m services.<name>`,
+`python -m gateway`), peers wired through the *_ADDR env variables; waits until every health check says SERVING;
+prints the endpoints; writes the status file (default MOEMESH_HOME/run/status.json) with each service's address, pid
+and metrics port, the gateway address under `gateway`, and the dev API key. Ctrl-C or SIGTERM stops everything
+within 10 s: the gateway first (it drains client streams), then the rest; SIGKILL for anything left. Children die
+with the supervisor even if it is SIGKILLed (PR_SET_PDEATHSIG). Logs: MOEMESH_HOME/logs/<service>.log.
+
+Auth is on: metering creates the dev tenant "local" (MOEMESH_METERING_DEV_TENANT) and its key lands in the status
+file, where `moemesh chat` finds it. `--no-auth` runs the gateway without metering checks (tenant "local", no usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from moemesh import home
+from moemesh.serving import status as status_file
+from moemesh.serving.server import READY_FILE_ENV
+from moemesh.serving.supervisor import Child, stop_in_order
+
+DEV_TENANT = "local"
+# name -> (module, gRPC service whose health says the process is ready)
+SERVICES = {
+    "metering": ("services.metering", "moemesh.v1.Metering"),
+    "tokenizer": ("services.tokenizer", "moemesh.v1.Tokenizer"),
+    "expert-0": ("services.expert", "moemesh.v1.Expert"),
+    "expert-1": ("services.expert", "moemesh.v1.Expert"),
+    "router": ("services.router", "moemesh.v1.Router"),
+    "batcher": ("services.batcher", "moemesh.v1.Batcher"),
+    "gateway": ("gateway", "moemesh.v1.Chat"),
+}
+# Shutdown order: nothing is cut off upstream of a draining caller.
+STOP_WAVES = [["gateway"], ["batcher"], ["router", "tokenizer"], ["expert-0", "expert-1", "metering"]]
+GRACE_S = {"gateway": 6.0, "batcher": 2.0}  # others 1 s: nothing is in flight once their callers stopped
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM reached the supervisor."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("up", help="run the whole mesh locally (one process per service)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-moe", help="built-in name, checkpoint directory or HF repo id")
+    p.add_argument("--gateway-port", type=int, default=50051, help="port of the public Chat API (default 50051)")
+    p.add_argument("--host", default="127.0.0.1", help="interface every service listens on")
+    p.add_argument("--status-file", type=Path, default=None, help="default MOEMESH_HOME/run/status.json")
+    p.add_argument("--no-auth", action="store_true", help="no API keys: every request is tenant 'local'")
+    p.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for SERVING (first run "
+                   "converts the built-in model)")
+    p.set_defaults(func=run)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def plan(ns: argparse.Namespace, run_dir: Path) -> dict[str, Child]:
+    """The seven children with their ports, peer addresses and env."""
+    ports = {name: _free_port(ns.host) for name in SERVICES}
+    ports["gateway"] = ns.gateway_port
+    addr = {name: f"{ns.host}:{port}" for name, port in ports.items()}
+    model = str(Path(ns.model).resolve()) if Path(ns.model).is_dir() else ns.model
+    base = {**os.environ, "MOEMESH_MODEL": model, "PYTHONUNBUFFERED": "1",
+            "TOKENIZER_ADDR": addr["tokenizer"], "BATCHER_ADDR": addr["batcher"], "ROUTER_ADDR": addr["router"],
+            "EXPERT_ADDRS": f"{addr['expert-0']},{addr['expert-1']}", "METERING_ADDR": addr["metering"],
+            "GATEWAY_ADDR": addr["gateway"], "MOEMESH_HOME": str(home.home())}
+    children = {}
+    for name, (module, _) in SERVICES.items():
+        kind = name.split("-")[0].upper()
+        env = {**base, "OTEL_SERVICE_NAME": name, READY_FILE_ENV: str(run_dir / f"{name}.json"),
+               f"MOEMESH_{kind}_HOST": ns.host, f"MOEMESH_{kind}_PORT": str(ports[name]),
+               f"MOEMESH_{kind}_METRICS_PORT": "0", f"MOEMESH_{kind}_GRACE": str(GRACE_S.get(name, 1.0))}
+        if kind == "EXPERT":
+            env.update(MOEMESH_EXPERT_SHARD_INDEX=name.split("-")[1], MOEMESH_EXPERT_NUM_SHARDS="2")
+        if name == "metering" and not ns.no_auth:
+            env["MOEMESH_METERING_DEV_TENANT"] = DEV_TENANT
+        if name == "gateway":
+            env["MOEMESH_GATEWAY_AUTH"] = "false" if ns.no_auth else "true"
+        children[name] = Child(name, [sys.executable, "-m", module], env, home.subdir("logs") / f"{name}.log")
+    return children
+
+
+def _serving(address: str, service: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                                  timeout=2)
+        except grpc.RpcError:
+            return False
+    return response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def wait_ready(children: dict[str, Child], run_dir: Path, timeout: float, say) -> dict[str, dict]:
+    """Ready-file info per service once each is SERVING; raises RuntimeError naming a child that died."""
+    ready: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout
+    while len(ready) < len(children):
+        for name, child in children.items():
+            if name in ready:
+                continue
+            code = child.exited()
+            if code is not None:
+                raise RuntimeError(f"{name} exited with code {code} while starting")
+            info_path = run_dir / f"{name}.json"
+            if info_path.exists():
+                info = json.loads(info_path.read_text())
+                if _serving(info["address"], SERVICES[name][1]):
+                    ready[name] = info
+                    say(f"  ok  {name:<10} {info['address']:<22} pid {child.pid:<8} "
+                        f"({time.monotonic() - child.started:.1f} s)")
+        if time.monotonic() > deadline:
+            late = ", ".join(n for n in children if n not in ready)
+            raise RuntimeError(f"not SERVING after {timeout:.0f} s: {late}")
+        time.sleep(0.1)
+    return ready
+
+
+def _dev_key() -> str | None:
+    with contextlib.suppress(OSError):
+        return (home.subdir("run") / "dev_api_key").read_text().strip() or None
+    return None
+
+
+def run(ns: argparse.Namespace) -> int:
+    say = lambda msg: print(msg, flush=True)  # noqa: E731
+    path = ns.status_file or status_file.default_path()
+    running = status_file.read(path)
+    if running:
+        say(f"moemesh up: a mesh is already running (supervisor pid {running.get('pid')}, gateway "
+            f"{running.get('gateway')}); stop it first, or pass another --status-file and --gateway-port")
+        return 1
+    if not _port_free(ns.host, ns.gateway_port):
+        say(f"moemesh up: gateway port {ns.host}:{ns.gateway_port} is in use; pick another with --gateway-port")
+        return 1
+    run_dir = home.subdir("run") / f"up-{os.getpid()}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    children = plan(ns, run_dir)
+
+    def interrupt(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    code = 0
+    try:
+        say(f"moemesh up: model {ns.model!r}, logs in {home.subdir('logs')}")
+        for child in children.values():
+            child.start()
+        ready = wait_ready(children, run_dir, ns.start_timeout, say)
+        write_status(path, ns, children, ready)
+        say(f"\nmesh SERVING: gateway {ready['gateway']['address']} (status {path})")
+        say(f'  try: moemesh chat "Hello"' + ("" if path == status_file.default_path() else f" --status-file {path}"))
+        say("  stop: Ctrl-C")
+        code = supervise(children, say)
+    except Interrupted as exc:
+        say(f"\nmoemesh up: {exc}: stopping")
+    except RuntimeError as exc:
+        code = 1
+        failed = next((c for c in children.values() if c.exited() not in (None, 0)), None)
+        say(f"\nmoemesh up: {exc}")
+        if failed is not None:
+            say(f"--- last lines of {failed.log_path} ---\n{failed.log_tail()}\n---")
+            say("fix the cause above (a port in use? a model that does not load?) and run `moemesh up` again")
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop(children, path, run_dir, say)
+    return code
+
+
+def supervise(children: dict[str, Child], say) -> int:
+    """Runs until a signal (Interrupted) or until a service dies (returns 1)."""
+    while True:
+        for name, child in children.items():
+            code = child.exited()
+            if code is not None:
+                say(f"\nmoemesh up: {name} exited with code {code}; stopping the mesh\n"
+                    f"--- last lines of {child.log_path} ---\n{child.log_tail()}\n---")
+                return 1
+        time.sleep(0.5)
+
+
+def write_status(path: Path, ns: argparse.Namespace, children: dict[str, Child], ready: dict[str, dict]) -> None:
+    services = {
+        name: {"name": name, "address": info["address"], "pid": children[name].pid,
+               "metrics_port": info.get("metrics_port"), "log": str(children[name].log_path)}
+        for name, info in ready.items()
+    }
+    status_file.write(path, {
+        "gateway": ready["gateway"]["address"], "api_key": None if ns.no_auth else _dev_key(),
+        "model": children["gateway"].env["MOEMESH_MODEL"], "pid": os.getpid(), "started": time.time(),
+        "services": services,
+    })
+
+
+def stop(children: dict[str, Child], path: Path, run_dir: Path, say) -> None:
+    start = time.monotonic()
+    waves = [[children[n] for n in wave if n in children and children[n].proc is not None] for wave in STOP_WAVES]
+    killed = stop_in_order([w for w in waves if w], budget_s=10.0)
+    with contextlib.suppress(OSError):
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    for leftover in run_dir.glob("*"):
+        leftover.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
+    note = f" (killed: {', '.join(killed)})" if killed else ""
+    say(f"moemesh up: stopped in {time.monotonic() - start:.1f} s{note}")
