@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from gateway.completion import Completions
 from gateway.config import GatewayConfig
 from gateway.metering_client import LocalMetering, MeteringClient
@@ -11,9 +9,10 @@ from gateway.models import ModelCatalog
 from gateway.servicer import ChatServicer, add_to_server
 from gateway.upstream import BatcherClient, TokenizerClient
 from moemesh.serving import client_channel, run_service
+from moemesh.serving.server import exit_now
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     config = GatewayConfig.load(argv)
     channels = []
     completions: list[Completions] = []
@@ -38,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         for channel in channels:
             await channel.close()
 
-    return run_service(config, register, name="gateway", on_stop=on_stop)
+    exit_now(run_service(config, register, name="gateway", on_stop=on_stop))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -6,6 +6,7 @@ dev tenant "local" and nothing is reserved or recorded.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections import OrderedDict
@@ -18,6 +19,8 @@ from moemesh.v1 import metering_pb2, metering_pb2_grpc
 
 LOCAL_TENANT = Tenant(name="local", key_id="local")
 CACHE_ENTRIES = 10_000
+COMMIT_RETRY_S = 60.0  # how long a commit is retried while metering restarts
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class UnauthenticatedError(PermissionError):
@@ -59,12 +62,24 @@ class MeteringClient:
         ))
 
     async def commit(self, usage: UsageRecord) -> None:
-        await self._stub.Commit(metering_pb2.CommitRequest(
+        """Commits, retrying while metering is unreachable (a restart): Commit is idempotent by request id, so a
+        retry never double-counts, and a record is lost only after COMMIT_RETRY_S of failures."""
+        request = metering_pb2.CommitRequest(
             request_id=usage.request_id, tenant=usage.tenant, key_id=usage.key_id, model=usage.model,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-            latency_seconds=usage.latency_seconds, finish_reason=usage.finish_reason,
-            engine_seconds=usage.engine_seconds, user=usage.user,
-        ))
+            cached_tokens=getattr(usage, "cached_tokens", 0), latency_seconds=usage.latency_seconds,
+            finish_reason=usage.finish_reason, engine_seconds=usage.engine_seconds, user=usage.user,
+        )
+        deadline, delay = time.monotonic() + COMMIT_RETRY_S, 0.1
+        while True:
+            try:
+                await self._stub.Commit(request, timeout=5.0)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _RETRYABLE or time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
 
 
 class LocalMetering:

@@ -22,13 +22,14 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moemesh import home
 from moemesh.serving import status as status_file
-from moemesh.serving.server import READY_FILE_ENV
+from moemesh.serving.server import READY_FILE_ENV, exit_now
 from moemesh.serving.supervisor import Child, stop_in_order
 
 DEV_TENANT = "local"
@@ -146,17 +147,17 @@ def _dev_key() -> str | None:
     return None
 
 
-def run(ns: argparse.Namespace) -> int:
+def run(ns: argparse.Namespace) -> NoReturn:
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     path = ns.status_file or status_file.default_path()
     running = status_file.read(path)
     if running:
         say(f"moemesh up: a mesh is already running (supervisor pid {running.get('pid')}, gateway "
             f"{running.get('gateway')}); stop it first, or pass another --status-file and --gateway-port")
-        return 1
+        exit_now(1)
     if not _port_free(ns.host, ns.gateway_port):
         say(f"moemesh up: gateway port {ns.host}:{ns.gateway_port} is in use; pick another with --gateway-port")
-        return 1
+        exit_now(1)
     run_dir = home.subdir("run") / f"up-{os.getpid()}"
     run_dir.mkdir(parents=True, exist_ok=True)
     children = plan(ns, run_dir)
@@ -190,7 +191,7 @@ def run(ns: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop(children, path, run_dir, say)
-    return code
+    exit_now(code)  # no interpreter teardown: the mesh is down, nothing is left to clean up
 
 
 def supervise(children: dict[str, Child], say) -> int:

@@ -111,6 +111,7 @@ def run(ns: argparse.Namespace) -> int:
     else:
         print_table(report)
     if ns.plot:
+        sys.stdout.flush()
         buckets = draw_usage_png(report, ns.plot)
         print(f"wrote {ns.plot} ({buckets} buckets)", file=sys.stderr)
     return 0

@@ -1,7 +1,7 @@
-"""Calibration: self-generated tokens run through the dense model, every FFN's input and neuron activations kept.
+"""Calibration: every FFN's input and neuron activations on the self-generated tokens, recorded while generating.
 
 From these, `build_student` partitions each FFN (partition.py) and fits its router (router_fit.py). Memory: per
-layer x [T, H] float32 and silu(gate) * up [T, F] float16 (4096 tokens of SmolLM2: 30 x 4096 x (576*4 + 1536*2)
+layer x [T, H] float32 and silu(gate) * up [T, F] bfloat16 (4096 tokens of SmolLM2: 30 x 4096 x (576*4 + 1536*2)
 bytes = 660 MB).
 """
 
@@ -20,33 +20,31 @@ from moemesh.convert.router_fit import expert_scores, fit_router
 from moemesh.convert.selfgen import self_generated
 from moemesh.convert.settings import ConvertSettings
 
-FORWARD_BATCH = 4  # calibration sequences per forward (bounds activation memory)
-
-
 @dataclass
 class Calibration:
     tokens: torch.Tensor  # [N, L] int64
     inputs: list[torch.Tensor] = field(default_factory=list)  # per layer FFN input [T, H] float32, CPU
-    activations: list[torch.Tensor] = field(default_factory=list)  # per layer silu(gate)*up [T, F] float16, CPU
+    activations: list[torch.Tensor] = field(default_factory=list)  # per layer silu(gate)*up [T, F] bfloat16, CPU
 
 
 @torch.no_grad()
 def calibrate(teacher: TrainableLlama, dense: DenseCheckpoint, settings: ConvertSettings,
               log: Callable[[str], None]) -> Calibration:
-    count = math.ceil(settings.calib_tokens / settings.seq_len)
-    tokens = self_generated(teacher, dense.path, count, settings.seq_len, settings.seed, log)
+    """Generate the calibration text, recording each FFN's input and activations as the tokens go through."""
     layers = dense.shape.num_layers
     inputs: list[list[torch.Tensor]] = [[] for _ in range(layers)]
     acts: list[list[torch.Tensor]] = [[] for _ in range(layers)]
 
     def record(layer: int, x: torch.Tensor, act: torch.Tensor) -> None:
         inputs[layer].append(x.float().cpu())
-        acts[layer].append(act.to("cpu", torch.float16))
+        acts[layer].append(act.to("cpu", torch.bfloat16))  # bf16: no overflow on outlier neurons
 
-    for chunk in tokens.split(FORWARD_BATCH):
-        teacher(chunk, recorder=record, head=False)
-    log(f"recorded FFN activations of {tokens.numel()} calibration tokens in {layers} layers")
-    return Calibration(tokens=tokens.cpu(), inputs=[torch.cat(x) for x in inputs], activations=[torch.cat(a) for a in acts])
+    count = math.ceil(settings.calib_tokens / settings.seq_len)
+    tokens = self_generated(teacher, dense.path, count, settings.seq_len, settings.seed, log, record)
+    calib = Calibration(tokens=tokens.cpu(), inputs=[torch.cat(x) for x in inputs],
+                        activations=[torch.cat(a) for a in acts])
+    log(f"recorded FFN activations of {calib.inputs[0].shape[0]} calibration tokens in {layers} layers")
+    return calib
 
 
 def build_student(dense: DenseCheckpoint, calib: Calibration, settings: ConvertSettings,

@@ -132,6 +132,32 @@ def moe_tensors(model: TrainableLlama, dtype: torch.dtype) -> dict[str, torch.Te
     return {k: v.detach().to("cpu", dtype).contiguous() for k, v in out.items()}
 
 
+def load_moe(path: str | Path, dtype: torch.dtype = torch.float32) -> TrainableLlama:
+    """A written MoE directory back as a TrainableLlama (experts re-stacked in expert order)."""
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if ARCHITECTURE not in (config.get("architectures") or []):
+        raise ValueError(f"{path}: architectures={config.get('architectures')}, expected [{ARCHITECTURE!r}]")
+    shape = LlamaShape.from_config(config)
+    experts, inter = int(config["num_local_experts"]), int(config["moe_intermediate_size"])
+    shared = int(config.get("shared_expert_intermediate_size") or 0)
+    ffns = [MoEFFN(shape.hidden_size, experts, inter, int(config["num_experts_per_tok"]), shared,
+                   config.get("router_weighting", "unit")) for _ in range(shape.num_layers)]
+    model = TrainableLlama(shape, ffns)
+    tensors = load_file(str(path / "model.safetensors"))
+    state = {k: v for k, v in _local_state(tensors, shape).items() if ".mlp." not in k}
+    for i in range(shape.num_layers):
+        p = f"model.layers.{i}.mlp"
+        state[f"layers.{i}.mlp.router.weight"] = tensors[f"{p}.gate.weight"]
+        for proj, dim in (("gate", 0), ("up", 0), ("down", 1)):
+            state[f"layers.{i}.mlp.routed.{proj}_proj.weight"] = torch.cat(
+                [tensors[f"{p}.experts.{e}.{proj}_proj.weight"] for e in range(experts)], dim=dim)
+            if shared:
+                state[f"layers.{i}.mlp.shared.{proj}_proj.weight"] = tensors[f"{p}.shared_expert.{proj}_proj.weight"]
+    model.load_state_dict(state, strict=True)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
 def moe_config(dense: DenseCheckpoint, settings: ConvertSettings) -> dict[str, Any]:
     config = dict(dense.config)
     config.update({

@@ -1,8 +1,9 @@
 """Text the dense model writes itself: the only data conversion calibrates and distills on (never held-out eval text).
 
-Each sequence starts from a fixed-length prompt, so a batch needs no padding: half from "<|im_start|>user\n" (the
-model writes a user turn and usually answers it) when the tokenizer has a chat template, the rest from one
-plain-text starter token (a common sentence opening). Sampling: temperature 1, nucleus 0.95, seeded.
+Every sequence starts from a single token, so one batch needs no padding: half from "<|im_start|>" (the model writes
+a chat turn, usually a user question, then answers it) when the tokenizer has one, the rest from a plain-text
+starter token (a common sentence opening). Sampling: temperature 1, nucleus 0.95, seeded. A recorder passed to
+`generate` sees every FFN's activations on the way, so calibration costs no second forward.
 """
 
 from __future__ import annotations
@@ -12,31 +13,28 @@ from pathlib import Path
 
 import torch
 
-from moemesh.convert.model import TrainableLlama
+from moemesh.convert.model import Recorder, TrainableLlama
 
 STARTER_WORDS = ("The", "In", "A", "It", "This", "He", "She", "On", "After", "During", "When", "As", "Its", "There",
                  "They", "We", "I", "For", "One", "His", "Her", "At", "By", "From", "Although", "However", "Many",
                  "According", "Some", "Most", "If", "How", "What", "Why", "Today", "Each")
-CHAT_PROMPT = "<|im_start|>user\n"
+CHAT_START = "<|im_start|>"
 GEN_BATCH = 256  # sequences generated together
 
 
-def prompt_groups(model_dir: Path, vocab_size: int, count: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """Prompts for `count` sequences as groups of equal length ([n, P] int64 each)."""
-    starters, chat = _prompt_tokens(model_dir)
+def first_tokens(model_dir: Path, vocab_size: int, count: int, gen: torch.Generator) -> torch.Tensor:
+    """The first token of each of `count` sequences [count, 1]: chat starts, then plain-text starters."""
+    starters, chat = _starter_tokens(model_dir)
     if not starters:  # no tokenizer: random single tokens
         starters = torch.randint(0, vocab_size, (64,), generator=gen).tolist()
-    n_chat = count // 2 if chat else 0
-    groups = []
-    if n_chat:
-        groups.append(torch.tensor([chat] * n_chat, dtype=torch.long))
+    n_chat = count // 2 if chat is not None else 0
     pick = torch.randint(0, len(starters), (count - n_chat,), generator=gen)
-    groups.append(torch.tensor(starters, dtype=torch.long)[pick].unsqueeze(1))
-    return groups
+    first = torch.cat([torch.full((n_chat,), chat if chat is not None else 0), torch.tensor(starters)[pick]])
+    return first.long().unsqueeze(1)
 
 
-def _prompt_tokens(model_dir: Path) -> tuple[list[int], list[int] | None]:
-    """Single-token starter ids and the chat prompt's ids (None without a chat template)."""
+def _starter_tokens(model_dir: Path) -> tuple[list[int], int | None]:
+    """Single-token starter ids and the chat start token id (None without a chat template)."""
     if not (model_dir / "tokenizer.json").is_file():
         return [], None
     from moemesh.tokenization.chat_tokenizer import ChatTokenizer
@@ -47,7 +45,7 @@ def _prompt_tokens(model_dir: Path) -> tuple[list[int], list[int] | None]:
         ids = tok.encode(word, add_special_tokens=False)
         if len(ids) == 1 and ids[0] not in starters:
             starters.append(ids[0])
-    chat = tok.encode(CHAT_PROMPT, add_special_tokens=False) if tok.has_chat_template else None
+    chat = tok.tokenizer.token_to_id(CHAT_START) if tok.has_chat_template else None
     return starters, chat
 
 
@@ -62,32 +60,30 @@ def sample_next(logits: torch.Tensor, gen: torch.Generator, temperature: float =
 
 
 @torch.no_grad()
-def generate(model: TrainableLlama, prompts: torch.Tensor, length: int, gen: torch.Generator) -> torch.Tensor:
-    """Continue prompts [B, P] to [B, length] with the KV cache."""
+def generate(model: TrainableLlama, prompts: torch.Tensor, length: int, gen: torch.Generator,
+             recorder: Recorder | None = None) -> torch.Tensor:
+    """Continue prompts [B, P] to [B, length] with the KV cache; `recorder` sees every token fed to the model."""
     cache: list = []
-    logits = model(prompts, cache=cache)[:, -1]
+    logits = model(prompts, cache=cache, recorder=recorder)[:, -1]
     tokens = [prompts]
     for pos in range(prompts.shape[1], length):
         nxt = sample_next(logits, gen)
         tokens.append(nxt[:, None])
         if pos + 1 < length:
-            logits = model(nxt[:, None], cache=cache, start=pos)[:, -1]
+            logits = model(nxt[:, None], cache=cache, start=pos, recorder=recorder)[:, -1]
     return torch.cat(tokens, dim=1)
 
 
 def self_generated(model: TrainableLlama, model_dir: Path, count: int, length: int, seed: int,
-                   progress: Callable[[str], None] | None = None) -> torch.Tensor:
+                   progress: Callable[[str], None] | None = None, recorder: Recorder | None = None) -> torch.Tensor:
     """`count` sequences of `length` tokens [count, length] (int64, on the model's device), seeded."""
     device = model.embed_tokens.weight.device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    cpu_gen = torch.Generator().manual_seed(seed)
+    first = first_tokens(model_dir, model.shape.vocab_size, count, torch.Generator().manual_seed(seed))
     out = []
-    done = 0
-    for group in prompt_groups(model_dir, model.shape.vocab_size, count, cpu_gen):
-        for chunk in group.split(GEN_BATCH):
-            out.append(generate(model, chunk.to(device), length, gen))
-            done += chunk.shape[0]
-            if progress:
-                progress(f"self-generated {done}/{count} sequences of {length} tokens")
+    for chunk in first.split(GEN_BATCH):
+        out.append(generate(model, chunk.to(device), length, gen, recorder))
+        if progress:
+            progress(f"self-generated {sum(o.shape[0] for o in out)}/{count} sequences of {length} tokens")
     return torch.cat(out)

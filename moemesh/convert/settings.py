@@ -28,7 +28,7 @@ class ConvertSettings:
     cluster: str = "coactivation"
     router_weighting: str = "unit"
     calib_tokens: int = 4096
-    seq_len: int = 256  # length of each self-generated sequence (prompt included)
+    seq_len: int = 128  # length of each self-generated sequence (first token included)
     router_steps: int = 300  # full-batch Adam steps of the router calibration, per layer
     distill_steps: int = 0
     train_experts: bool = False

@@ -8,6 +8,7 @@ into moemesh.home.models_dir()/<name> atomically (temp dir + rename) and reused 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -139,8 +140,11 @@ def _download(repo: str, progress: bool) -> Path:
     return Path(path)
 
 
-def resolve_model(name_or_path: str, *, progress: bool = True) -> Path:
-    """Checkpoint directory (config.json + safetensors + tokenizer files) for a built-in name, path or repo id."""
+def resolve_model(name_or_path: str | os.PathLike[str], *, progress: bool = True) -> Path:
+    """Checkpoint directory (config.json + safetensors + tokenizer files) for a built-in name (which wins over a
+    same-named directory in the working directory), a path, or a Hugging Face repo id."""
+    if isinstance(name_or_path, os.PathLike):
+        name_or_path = os.fspath(name_or_path)
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ValueError(f"model must be a non-empty name or path, got {name_or_path!r}")
     name = name_or_path.strip()

@@ -39,6 +39,7 @@ class Checkpoint:
     def __init__(self, model_dir: str | Path) -> None:
         self.dir = Path(model_dir)
         self.files = self._index()  # name -> file name
+        self.fp8_block = _fp8_block_size(self.dir)  # DeepSeek-style FP8 weights: dequantized on read
         self._handles: dict[str, Any] = {}
         self.reads: list[str] = []  # names read, in order (slices as "name[i]")
 
@@ -75,6 +76,10 @@ class Checkpoint:
     def read(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
         tensor = self._handle(name).get_tensor(name)
         self.reads.append(name)
+        scale = f"{name}_scale_inv"
+        if tensor.dtype in FP8_DTYPES and scale in self.files:
+            tensor = dequantize_fp8(tensor, self._handle(scale).get_tensor(scale), self.fp8_block)
+            self.reads.append(scale)
         return _place(tensor, device, dtype)
 
     def read_rows(self, name: str, index: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -91,6 +96,23 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _fp8_block_size(model_dir: Path) -> tuple[int, int]:
+    config = model_dir / "config.json"
+    data = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    block = (data.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
+    return int(block[0]), int(block[1])
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Block-scaled FP8 [M, N] with scale_inv [ceil(M/bm), ceil(N/bn)] -> float32 weight * its block's scale."""
+    m, n = weight.shape
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:m].repeat_interleave(block[1], 1)[:, :n]  # [M, N]
+    return weight.float() * scale
 
 
 def _place(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None) -> torch.Tensor:

@@ -76,19 +76,29 @@ class StepContext:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's per-token cache entries a [T, *A], b [T, *B] into the layer's pools (if any) and return
         every sequence's whole context: [B, Tk, *A], [B, Tk, *B]."""
+        # index_select/index_copy_ rather than advanced indexing: same result, but no parallel region for a few
+        # rows (advanced indexing costs milliseconds per call on a busy 2-core machine).
+        flat = self.ctx_index.reshape(-1)  # [B * Tk]
         if pools is None:
-            return a[self.ctx_index], b[self.ctx_index]
-        pool_a, pool_b = pools
-        pool_a[self.slots] = a.to(pool_a.dtype)
-        pool_b[self.slots] = b.to(pool_b.dtype)
-        return pool_a[self.ctx_index], pool_b[self.ctx_index]
+            source_a, source_b = a, b
+        else:
+            source_a, source_b = pools
+            source_a.index_copy_(0, self.slots, a.to(source_a.dtype))
+            source_b.index_copy_(0, self.slots, b.to(source_b.dtype))
+        shape = (self.batch, self.kv_len)
+        return (source_a.index_select(0, flat).view(*shape, *a.shape[1:]),
+                source_b.index_select(0, flat).view(*shape, *b.shape[1:]))
 
     def pad_queries(self, q: torch.Tensor) -> torch.Tensor:
         """[T, *S] -> [B, Tq, *S] (zeros in padded rows)."""
+        if self.batch == 1:
+            return q.unsqueeze(0)  # one sequence: nothing to pad
         padded = q.new_zeros(self.batch * self.q_len, *q.shape[1:])
-        padded[self.q_index] = q
+        padded.index_copy_(0, self.q_index, q)
         return padded.view(self.batch, self.q_len, *q.shape[1:])
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """[B, Tq, *S] -> [T, *S]."""
-        return x.reshape(self.batch * self.q_len, *x.shape[2:])[self.q_index]
+        if self.batch == 1:
+            return x[0]
+        return x.reshape(self.batch * self.q_len, *x.shape[2:]).index_select(0, self.q_index)

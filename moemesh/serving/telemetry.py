@@ -151,11 +151,6 @@ def request_scope(request_id: str) -> Iterator[None]:
         context.detach(token)
 
 
-# Methods whose handlers make their own (aggregated) spans instead of one span per call: the router's per-layer
-# expert calls would otherwise make thousands of spans per request (policy: services/router/step_trace.py).
-UNTRACED_METHODS: tuple[str, ...] = ("/moemesh.v1.Expert/Forward",)
-
-
 def _traced(details) -> bool:
     """Server-side filter: no spans for health checks and reflection (`moemesh up` polls them) nor for
     UNTRACED_METHODS (per-layer calls, aggregated into per-step spans by their services instead)."""

@@ -1,5 +1,6 @@
-"""Domain errors of metering. Each names its gRPC status in `grpc_status` (a code name: domain code imports no grpc);
-moemesh.serving's status interceptor aborts with it, and sends `retry_after_ms` as trailing metadata `retry-after-ms`."""
+"""Domain errors of metering. Each names its gRPC status in `grpc_status` (a code name: domain code imports no
+grpc); moemesh.serving's status interceptor aborts with it and sends `retry_after_ms` as trailing metadata
+`retry-after-ms`."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ class TenantKeys:
         return self._k("state")
 
     @property
-    def done(self) -> str:  # hash: committed request id -> "<price nano> <cost nano> <ledger id>"
+    def done(self) -> str:  # hash: committed request id -> "<price n$> <cost p$> <ledger id>"
         return self._k("done")
 
     @property

@@ -13,15 +13,15 @@ from dataclasses import asdict, dataclass
 import redis.asyncio as aioredis
 
 from services.metering.keys import TenantKeys
-from services.metering.pricing import usd
+from services.metering.pricing import usd, usd_pico
 
 # Stream field names (short: the ledger is the largest thing in Redis).
 _FIELDS = {
     "request_id": "rid", "key_id": "key", "model": "model", "user": "user", "prompt_tokens": "pt",
     "completion_tokens": "ct", "cached_tokens": "cached", "latency_s": "lat", "finish_reason": "fin",
-    "engine_s": "eng", "hardware": "hw", "devices": "dev", "price_nano": "price", "cost_nano": "cost", "at_ms": "at",
+    "engine_s": "eng", "hardware": "hw", "devices": "dev", "price_nano": "price", "cost_pico": "cost", "at_ms": "at",
 }
-_INTS = {"prompt_tokens", "completion_tokens", "cached_tokens", "devices", "price_nano", "cost_nano", "at_ms"}
+_INTS = {"prompt_tokens", "completion_tokens", "cached_tokens", "devices", "price_nano", "cost_pico", "at_ms"}
 _FLOATS = {"latency_s", "engine_s"}
 
 
@@ -46,10 +46,10 @@ class Usage:
 
 @dataclass(frozen=True)
 class UsageRecord(Usage):
-    """A ledger entry: the usage plus what was charged and what it cost, in n$."""
+    """A ledger entry: the usage plus what was charged (n$) and what it cost (p$)."""
 
     price_nano: int = 0
-    cost_nano: int = 0
+    cost_pico: int = 0
     at_ms: int = 0
     ledger_id: str = ""
 
@@ -59,11 +59,11 @@ class UsageRecord(Usage):
 
     @property
     def cost_usd(self) -> float:
-        return usd(self.cost_nano)
+        return usd_pico(self.cost_pico)
 
     @property
     def margin_usd(self) -> float:
-        return usd(self.price_nano - self.cost_nano)
+        return usd_pico(self.price_nano * 1000 - self.cost_pico)
 
     def stream_fields(self) -> list[str]:
         """Flat field/value list for XADD."""
@@ -85,7 +85,7 @@ class UsageRecord(Usage):
         """Flat dict for CSV/JSON export (dollars as floats)."""
         row = asdict(self)
         row.pop("price_nano")
-        row.pop("cost_nano")
+        row.pop("cost_pico")
         row.update(at_unix=self.at_ms / 1000.0, price_usd=self.price_usd, cost_usd=self.cost_usd,
                    margin_usd=self.margin_usd)
         return row

@@ -87,6 +87,8 @@ class Meter:
         for name, v in (("prompt_tokens", prompt_tokens), ("max_completion_tokens", max_completion_tokens)):
             if v < 0:
                 raise InvalidArgument(f"{name}: {v!r} must be >= 0")
+        if ttl_s is not None and not 0 <= ttl_s <= 86400:
+            raise InvalidArgument(f"ttl_seconds: {ttl_s!r} must be in [0, 86400] (0: the default)")
         ttl_ms = self.ttl_ms if not ttl_s else int(ttl_s * 1000)
         now_s = self.clock()
         now_ms = int(now_s * 1000)
@@ -132,7 +134,7 @@ class Meter:
         hardware = usage.hardware or self.default_hardware
         devices = usage.devices or self.default_devices
         try:
-            cost = self.hardware.cost_nano(hardware, devices, usage.engine_s)
+            cost = self.hardware.cost_pico(hardware, devices, usage.engine_s)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
         now_s = self.clock()
@@ -140,7 +142,7 @@ class Meter:
         price = self.prices.price_nano(usage.model, usage.prompt_tokens, usage.completion_tokens,
                                        usage.cached_tokens)
         record = UsageRecord(**{**usage.__dict__, "hardware": hardware, "devices": devices},
-                             price_nano=price, cost_nano=cost, at_ms=now_ms)
+                             price_nano=price, cost_pico=cost, at_ms=now_ms)
         status, second = await self._commit(
             keys=TenantKeys(usage.tenant).script_keys(),
             args=[usage.request_id, now_ms, usage.prompt_tokens + usage.completion_tokens, price, cost,
@@ -150,7 +152,7 @@ class Meter:
         if status == "duplicate":
             first_price, first_cost, ledger_id = second.split(" ")
             first = UsageRecord(usage.request_id, usage.tenant, price_nano=int(first_price),
-                                cost_nano=int(first_cost), ledger_id=ledger_id)
+                                cost_pico=int(first_cost), ledger_id=ledger_id)
             return CommitResult(first, duplicate=True)
         return CommitResult(replace(record, ledger_id=second), duplicate=False)
 

@@ -44,7 +44,7 @@ def _buckets(report: Report) -> tuple[int, list[tuple[int, Totals]]]:
     merged: dict[int, Totals] = {}
     for h in hours:
         t, src = merged.setdefault(h - h % size, Totals()), report.by_hour[h]
-        for name in ("requests", "prompt_tokens", "completion_tokens", "price_nano", "cost_nano"):
+        for name in ("requests", "prompt_tokens", "completion_tokens", "price_nano", "cost_pico"):
             setattr(t, name, getattr(t, name) + getattr(src, name))
     first, last = min(merged), max(merged)
     return size, [(b, merged.get(b, Totals())) for b in range(first, last + size, size)]
@@ -113,7 +113,7 @@ def draw_usage_png(report: Report, path: str | Path) -> int:
         return 0
     starts = [b for b, _ in buckets]
     tokens = [[t.prompt_tokens for _, t in buckets], [t.completion_tokens for _, t in buckets]]
-    money = [[t.price_nano / 1e9 for _, t in buckets], [t.cost_nano / 1e9 for _, t in buckets]]
+    money = [[t.price_nano / 1e9 for _, t in buckets], [t.cost_pico / 1e12 for _, t in buckets]]
     _panel(c, TOP + 20, 320, "TOKENS", tokens, [PROMPT, COMPLETION], stacked=True, dollars=False)
     _legend(c, W - RIGHT - 370, TOP - 6, [("PROMPT", PROMPT), ("COMPLETION", COMPLETION)])
     _time_labels(c, starts, size, 330)

@@ -1,7 +1,9 @@
 """What a request is charged (per-model token prices) and what it cost us (hardware time).
 
-Money is kept as integer nano-dollars (1e-9 USD) everywhere it is stored or summed: at $0.001 per 1k tokens one
-token is 1,000 n$, and Redis/Lua integers stay exact up to 2^53 n$ (about $9 million per counter).
+Money is kept as integers wherever it is stored or summed. Prices are in nano-dollars (n$, 1e-9 USD): at $0.001 per
+1k tokens one token is 1,000 n$, and the budget arithmetic in Lua (doubles) stays exact up to 2^53 n$ (about
+$9 million per counter). Costs of goods are in pico-dollars (p$, 1e-12 USD): a 5 ms share of one CPU core costs
+about 59 n$, so n$ would round it by up to 1%; costs take part in no Lua arithmetic, so their range is Python's.
 
 Price table (JSON file via --prices / MOEMESH_METERING_PRICES):
     {"default": {"input_per_1k": 0.001, "output_per_1k": 0.001},
@@ -16,17 +18,17 @@ x devices (GPUs, or cores for a CPU engine), where engine_seconds is the request
 
 Default hardware prices (USD per device-hour; re-check before relying on them, cloud prices move monthly):
 
-| key            | $/h    | source |
-|----------------|--------|--------|
-| h100:shared    | 2.23   | CoreWeave H100 on-demand, 2026 (gridstackhub.ai/learn/reserved-vs-spot-vs-on-demand-gpu) |
-| h100:reserved  | 1.79   | same page, 1-year reserved |
-| h100:spot      | 1.49   | same page, Vast.ai spot, "typical, not guaranteed" |
-| h200:shared    | 2.25   | packet.ai H200 SXM on-demand (packet.ai/blog/gpu-pricing-models-compared) |
-| h200:reserved  | 1.575  | same page: reserved 20-40% off; 30% taken |
-| h200:spot      | 0.90   | same page: spot 50-70% below on-demand; 60% taken |
-| cpu:shared     | 0.0425 | AWS c5.2xlarge on-demand $0.34/h for 8 vCPU (AWS Auto Scaling guide, spot price example) |
-| cpu:spot       | 0.02125| same table, us-east-1c spot $0.170/h for 8 vCPU |
-| cpu:reserved   | 0.0255 | on-demand x 0.6 (reserved 30-55% off, computingpower.org/providers/pricing-models-explained) |
+| key           | $/h     | source |
+|---------------|---------|--------|
+| h100:shared   | 2.23    | CoreWeave H100 on-demand, 2026 (gridstackhub.ai/learn/reserved-vs-spot-vs-on-demand-gpu) |
+| h100:reserved | 1.79    | same page, 1-year reserved |
+| h100:spot     | 1.49    | same page, Vast.ai spot, "typical, not guaranteed" |
+| h200:shared   | 2.25    | packet.ai H200 SXM on-demand (packet.ai/blog/gpu-pricing-models-compared) |
+| h200:reserved | 1.575   | same page: reserved 20-40% off; 30% taken |
+| h200:spot     | 0.90    | same page: spot 50-70% below on-demand; 60% taken |
+| cpu:shared    | 0.0425  | AWS c5.2xlarge on-demand $0.34/h for 8 vCPU (AWS Auto Scaling guide, spot example) |
+| cpu:spot      | 0.02125 | same table, us-east-1c spot $0.170/h for 8 vCPU |
+| cpu:reserved  | 0.0255  | on-demand x 0.6 (30-55% off: computingpower.org/providers/pricing-models-explained) |
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 NANO_PER_USD = 1_000_000_000
+PICO_PER_USD = 1_000_000_000_000
 DEFAULT_PER_1K_USD = 0.001
 INSTANCE_CLASSES = ("shared", "spot", "reserved")
 UNITS = ("gpu", "cpu_core")
@@ -48,6 +51,10 @@ class PricingError(ValueError):
 
 def usd(nano: int) -> float:
     return nano / NANO_PER_USD
+
+
+def usd_pico(pico: int) -> float:
+    return pico / PICO_PER_USD
 
 
 def _nonneg(value: object, where: str) -> float:
@@ -147,13 +154,13 @@ class HardwareTable:
         except KeyError:
             raise PricingError(f"hardware {key!r} is not in the hardware table {sorted(self.entries)}") from None
 
-    def cost_nano(self, key: str, devices: int, engine_seconds: float) -> int:
-        """Cost of goods in n$: engine_seconds x $/device-hour / 3600 x devices."""
+    def cost_pico(self, key: str, devices: int, engine_seconds: float) -> int:
+        """Cost of goods in p$: engine_seconds x $/device-hour / 3600 x devices."""
         if devices < 1:
             raise PricingError(f"devices: {devices!r} must be >= 1")
         if not (math.isfinite(engine_seconds) and engine_seconds >= 0):
             raise PricingError(f"engine_seconds: {engine_seconds!r} must be a finite number >= 0")
-        return round(engine_seconds * self.get(key).usd_per_hour * devices * NANO_PER_USD / 3600.0)
+        return round(engine_seconds * self.get(key).usd_per_hour * devices * PICO_PER_USD / 3600.0)
 
     @classmethod
     def from_mapping(cls, raw: dict) -> "HardwareTable":

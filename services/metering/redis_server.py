@@ -68,6 +68,7 @@ def _config(data_dir: Path, sock: Path) -> str:
         "appendfsync everysec",
         'save ""',  # the AOF is the durable copy; no fork for RDB snapshots
         "databases 1",
+        "loglevel warning",
         # Redis rewrites its process title; keep the config path in it so that _is_our_server can find it.
         'proc-title-template "{title} {listen-addr} {config-file}"',
         "",

@@ -1,8 +1,8 @@
 """Usage reports of a tenant over a period: totals, per model and per hour, price beside cost of goods and margin,
 with the tenant's feedback (satisfaction = mean rating, task completion = share of "completed" answers).
 
-Reports scan the ledger stream over the period (one XRANGE page of 1,000 records at a time). Sums are in n$ so
-that a report's total equals the sum of its records exactly.
+Reports scan the ledger stream over the period (one XRANGE page of 1,000 records at a time). Sums are integers (n$, p$)
+so that a report's total equals the sum of its records exactly.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from services.metering.feedback import Feedback, FeedbackStore
 from services.metering.ledger import UsageRecord, read_ledger
-from services.metering.pricing import usd
+from services.metering.pricing import usd, usd_pico
 
 EXPORT_COLUMNS = [
     "ledger_id", "at_unix", "request_id", "tenant", "key_id", "model", "user", "prompt_tokens", "completion_tokens",
@@ -34,7 +34,7 @@ class Totals:
     engine_s: float = 0.0
     latency_s: float = 0.0
     price_nano: int = 0
-    cost_nano: int = 0
+    cost_pico: int = 0
     rated: int = 0
     rating_sum: int = 0
     completion_answers: int = 0
@@ -48,7 +48,7 @@ class Totals:
         self.engine_s += r.engine_s
         self.latency_s += r.latency_s
         self.price_nano += r.price_nano
-        self.cost_nano += r.cost_nano
+        self.cost_pico += r.cost_pico
         if fb is not None and fb.rating:
             self.rated += 1
             self.rating_sum += fb.rating
@@ -62,9 +62,9 @@ class Totals:
             "completion_tokens": self.completion_tokens, "total_tokens": self.prompt_tokens + self.completion_tokens,
             "cached_tokens": self.cached_tokens, "engine_s": self.engine_s,
             "mean_latency_s": self.latency_s / self.requests if self.requests else None,
-            "price_usd": usd(self.price_nano), "cost_usd": usd(self.cost_nano),
-            "margin_usd": usd(self.price_nano - self.cost_nano),
-            "margin_pct": 100.0 * (self.price_nano - self.cost_nano) / self.price_nano if self.price_nano else None,
+            "price_usd": usd(self.price_nano), "cost_usd": usd_pico(self.cost_pico),
+            "margin_usd": usd_pico(self.price_nano * 1000 - self.cost_pico),
+            "margin_pct": 100.0 * (1 - self.cost_pico / (self.price_nano * 1000)) if self.price_nano else None,
             "rated_requests": self.rated,
             "satisfaction": self.rating_sum / self.rated if self.rated else None,
             "task_completion_rate": self.completed / self.completion_answers if self.completion_answers else None,

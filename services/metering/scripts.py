@@ -118,7 +118,7 @@ redis.call('HINCRBY', KEYS[6], month .. ':held', ARGV[4])
 return {'ok', ttl, 0}
 """
 
-# ARGV: 1 request id, 2 now ms, 3 actual tokens, 4 price n$, 5 cost n$, 6 month of now, 7 forget ids committed
+# ARGV: 1 request id, 2 now ms, 3 actual tokens, 4 price n$, 5 cost p$, 6 month of now, 7 forget ids committed
 #       before this ms, 8 window ms, 9.. ledger field/value pairs.
 # Returns {'ok', ledger id}, {'duplicate', "<price> <cost> <ledger id>"} or {'unknown_tenant', ''}.
 COMMIT = _PRELUDE + r"""

@@ -58,6 +58,10 @@ def connect_shards(config: RouterConfig, moe_layers: tuple[int, ...], num_expert
         for client in clients:
             client.close()
         raise
+    for client in clients:  # the same weights under another name is fine; a different model fails on first call
+        if client.info is not None and client.info.model != config.model:
+            log.warning("expert shard %s serves model %r, the router %r", client.address, client.info.model,
+                        config.model)
     return dispatch, dispatch.placement.shards, clients
 
 
@@ -105,4 +109,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from moemesh.serving.server import exit_now  # no ~2 s torch teardown: `moemesh up` stops all within 10 s
+
+    exit_now(main())

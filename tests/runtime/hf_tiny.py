@@ -9,9 +9,13 @@ a dense first layer (DeepSeek V2), MLA without q_lora + yarn + sigmoid routing w
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
+
+# The runtime side of the parity tests runs here (MOEMESH_TEST_DEVICE=cuda on a GPU machine); references on CPU.
+DEVICE = os.environ.get("MOEMESH_TEST_DEVICE", "cpu")
 
 VOCAB = 256
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, initializer_range=0.05,

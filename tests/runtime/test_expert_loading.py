@@ -91,3 +91,16 @@ def test_bank_sums_only_hosted_experts(tiny_hf):
     assert torch.equal(only_low[4], torch.zeros(64))  # token 4 routed to experts 2, 3 only
     with pytest.raises(KeyError, match="not hosted"):
         whole.forward(99, hidden, ids, weights)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_grouped_mm_matches_per_expert_loop_on_cuda(tiny_hf):
+    path, _ = tiny_hf("qwen3_moe")
+    bank = ExpertBank.load(path, device="cuda", dtype=torch.bfloat16)
+    assert bank._use_grouped_mm()
+    layer = bank.layers[0]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(40, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+    counts = torch.tensor([5, 0, 12, 3, 0, 9, 11, 0], device="cuda")  # empty experts too
+    torch.testing.assert_close(bank._grouped(layer, x, counts).float(), bank._per_expert(layer, x, counts).float(),
+                               atol=2e-2, rtol=2e-2)

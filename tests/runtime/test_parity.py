@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import hf_tiny
+from hf_tiny import DEVICE
 from moemesh.runtime.dispatch import SumDispatch
 from moemesh.runtime.engine import Engine
 from moemesh.runtime.experts import ExpertBank, shard_experts
@@ -25,21 +26,22 @@ def _tokens(n: int, seed: int) -> list[int]:
 
 def _two_shards(path) -> SumDispatch:
     n = load_spec(path).num_experts
-    return SumDispatch([ExpertBank.load(path, experts=shard_experts(n, 2, i)) for i in range(2)])
+    return SumDispatch([ExpertBank.load(path, experts=shard_experts(n, 2, i), device=DEVICE) for i in range(2)])
 
 
-def _engine(path, sharded: bool) -> Engine:
-    return Engine.load(path, dispatch=_two_shards(path) if sharded else None, kv_blocks=24, block_size=4)
+def _engine(path, sharded: bool = False, kv_blocks: int = 24) -> Engine:
+    dispatch = _two_shards(path) if sharded else None
+    return Engine.load(path, dispatch=dispatch, device=DEVICE, kv_blocks=kv_blocks, block_size=4)
 
 
 @pytest.mark.parametrize("arch", hf_tiny.ARCHS)
 def test_forward_logits_match_transformers(tiny_hf, arch):
     path, ref = tiny_hf(arch)
-    engine = Engine.load(path, kv_blocks=4)
+    engine = _engine(path, kv_blocks=4)
     prompts = [_tokens(n, seed=n) for n in (1, 7, 30)]  # one unequal-length batch
     for prompt, logits in zip(prompts, engine.forward_logits(prompts)):
         expected = hf_tiny.reference_logits(ref, prompt)
-        torch.testing.assert_close(logits, expected, atol=TOL, rtol=0)
+        torch.testing.assert_close(logits.cpu(), expected, atol=TOL, rtol=0)
 
 
 # Each step lists (seq, start, end, sample): seq's tokens [start, end) are fed; prefill chunks, whole prompts and
@@ -67,7 +69,7 @@ def test_ragged_steps_through_kv_cache_match_transformers(tiny_hf, arch, sharded
         rows = [(s, b) for s, a, b, sample in step if sample]
         assert len(rows) == logits.shape[0]
         for (s, end), row in zip(rows, logits):
-            torch.testing.assert_close(row, expected[s][end - 1], atol=TOL, rtol=0, msg=f"{s} at {end - 1}")
+            torch.testing.assert_close(row.cpu(), expected[s][end - 1], atol=TOL, rtol=0, msg=f"{s} at {end - 1}")
         for r, (s, a, b, sample) in zip(results, step):
             assert r.seq_id == s and (r.token_id is not None) == sample
     assert engine.release(list(LENGTHS)) == 4
@@ -77,7 +79,7 @@ def test_ragged_steps_through_kv_cache_match_transformers(tiny_hf, arch, sharded
 @pytest.mark.parametrize("arch", hf_tiny.ARCHS)
 def test_greedy_generation_matches_transformers(tiny_hf, arch):
     path, ref = tiny_hf(arch)
-    engine = Engine.load(path, kv_blocks=32, block_size=4)
+    engine = _engine(path, kv_blocks=32)
     prompts = {"p": _tokens(3, seed=7), "q": _tokens(11, seed=8)}
     generated: dict[str, list[int]] = {s: [] for s in prompts}
     works = [SeqWork(s, p, 0, SamplingParams(temperature=0.0)) for s, p in prompts.items()]

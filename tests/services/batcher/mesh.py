@@ -23,13 +23,32 @@ from services.router.config import RouterConfig
 from services.router.servicer import add_to_server as add_router
 
 
+class RecordingRouter:
+    """The real router client, with a log of what the engine loop asked it: ("step", ids), ("release", ids); the
+    mesh also logs ("cancel", id) when the loop is told to cancel."""
+
+    def __init__(self, client, log: list) -> None:
+        self.client, self.log, self.address = client, log, client.address
+
+    async def info(self):
+        return await self.client.info()
+
+    async def step(self, plan):
+        self.log.append(("step", [i.seq.seq_id for i in plan.items]))
+        return await self.client.step(plan)
+
+    async def release(self, seq_ids):
+        self.log.append(("release", list(seq_ids)))
+        return await self.client.release(seq_ids)
+
+
 @dataclass
 class Mesh:
     batcher: batcher_pb2_grpc.BatcherStub
     router: router_pb2_grpc.RouterStub
     loop: EngineLoop
     model: str
-    channels: list = field(default_factory=list)
+    log: list = field(default_factory=list)
 
     async def router_info(self) -> router_pb2.RouterInfo:
         return await self.router.Info(router_pb2.RouterInfoRequest())
@@ -71,10 +90,15 @@ async def mesh(model_dir, kv_blocks: int = 64, block_size: int = 16, **knobs) ->
             knobs.setdefault("max_wait_ms", 5.0)
             bconf = BatcherConfig(port=0, metrics_port=-1, router_addr=r.address, **knobs)
             loop, client = build(bconf)
+            log: list = []
+            loop.router = RecordingRouter(client, log)
+            cancel = loop.cancel
+            loop.cancel = lambda seq_id: (log.append(("cancel", seq_id)), cancel(seq_id))[1]
             loop.start()
             async with serve_in_process(lambda s: add_batcher(BatcherServicer(loop), s), name="batcher") as b:
                 bch, rch = client_channel(b.address), client_channel(r.address)
-                yield Mesh(batcher_pb2_grpc.BatcherStub(bch), router_pb2_grpc.RouterStub(rch), loop, str(model_dir))
+                stubs = batcher_pb2_grpc.BatcherStub(bch), router_pb2_grpc.RouterStub(rch)
+                yield Mesh(*stubs, loop, str(model_dir), log)
                 await bch.close()
                 await rch.close()
             await loop.stop()

@@ -109,8 +109,8 @@ def test_price_and_hardware_tables(tmp_path) -> None:
     table = PriceTable.load(path)
     assert table.price_nano("big", 2000, 1000) == 2_500_000_000 and table.price_nano("small", 1000, 0) == 1_000_000
     hw = HardwareTable()
-    assert hw.cost_nano("h100:spot", 8, 3600) == round(8 * 1.49 * 1e9)
-    assert hw.cost_nano("cpu:shared", 4, 1800) == round(4 * 0.0425 * 0.5 * 1e9)
+    assert hw.cost_pico("h100:spot", 8, 3600) == round(8 * 1.49 * 1e12)
+    assert hw.cost_pico("cpu:shared", 4, 1800) == round(4 * 0.0425 * 0.5 * 1e12)
     path.write_text(json.dumps({"models": {"big": {"input_per_1k": -1}}}))
     with pytest.raises(PricingError, match="models.big.input_per_1k"):
         PriceTable.load(path)

@@ -199,3 +199,17 @@ async def test_incomplete_or_overlapping_placement_refuses_to_start(tiny_moe_dir
         _, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 1 and b"experts hosted by no shard: layer 0: experts 2-3" in err
     assert b"Traceback" not in err
+
+
+async def test_without_expert_addrs_the_experts_run_in_the_router(tiny_moe_dir):
+    router = await asyncio.to_thread(build_router, router_config(tiny_moe_dir, []))
+    try:
+        async with serve_in_process(lambda s: add_to_server(router.servicer, s), name="router-local") as r:
+            stub = router_pb2_grpc.RouterStub(client_channel(r.address))
+            info = await stub.Info(router_pb2.RouterInfoRequest())
+            assert [(p.address, list(p.experts)) for p in info.placement] == [("local", [0, 1, 2, 3])]
+            local = Engine.load(tiny_moe_dir, kv_blocks=KV_BLOCKS, block_size=BLOCK)
+            reply = await stub.Step(router_pb2.StepRequest(work=[work("a", PROMPT, 0)]))
+            assert reply.results[0].token_id == local.step([SeqWork("a", PROMPT, 0)])[0].token_id
+    finally:
+        router.close()
