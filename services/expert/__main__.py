@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import sys
+from typing import NoReturn
 
 import grpc
 import torch
@@ -12,7 +12,7 @@ from moemesh.models.registry import resolve_model
 from moemesh.runtime.engine import as_dtype
 from moemesh.runtime.experts import ExpertBank, shard_experts
 from moemesh.runtime.spec import load_spec
-from moemesh.serving.server import run_service
+from moemesh.serving.server import exit_now, run_service
 from moemesh.serving.telemetry import tracer
 from services.expert.config import ExpertConfig
 from services.expert.servicer import ExpertServicer, ShardIdentity, add_to_server
@@ -43,7 +43,7 @@ def build_servicer(config: ExpertConfig) -> ExpertServicer:
     return ExpertServicer(shard, identity, StepSpans(tracer("moemesh.expert")))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> NoReturn:
     config = ExpertConfig.load(argv)
     servicers: list[ExpertServicer] = []
 
@@ -55,10 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         for servicer in servicers:
             await servicer.close()
 
-    return run_service(config, register, name="expert", on_stop=on_stop)  # a failed start logs why, exits 1
+    # A failed start logs why and exits 1. exit_now skips the ~2 s torch teardown (console script too).
+    exit_now(run_service(config, register, name="expert", on_stop=on_stop))
 
 
 if __name__ == "__main__":
-    from moemesh.serving.server import exit_now  # no ~2 s torch teardown: `moemesh up` stops all within 10 s
-
-    exit_now(main())
+    main()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 import torch
@@ -19,7 +19,7 @@ from moemesh.models.registry import resolve_model
 from moemesh.runtime.engine import Engine
 from moemesh.runtime.spec import load_spec
 from moemesh.runtime.types import ExpertPlacement
-from moemesh.serving.server import run_service
+from moemesh.serving.server import exit_now, run_service
 from services.router.config import RouterConfig
 from services.router.dispatch import RemoteDispatch
 from services.router.engine_worker import EngineWorker
@@ -91,7 +91,7 @@ def build_router(config: RouterConfig) -> Router:
     return Router(RouterServicer(engine, worker, placement), engine, worker, clients)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> NoReturn:
     config = RouterConfig.load(argv)
     routers: list[Router] = []
 
@@ -104,11 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         for router in routers:
             router.close()
 
-    # A failed start (PlacementError, a shard not answering, a bad model) logs one line and exits 1.
-    return run_service(config, register, name="router", on_stop=on_stop)
+    # A failed start (PlacementError, a shard not answering, a bad model) logs one line and exits 1; exit_now skips
+    # the ~2 s torch teardown (for the console script too).
+    exit_now(run_service(config, register, name="router", on_stop=on_stop))
 
 
 if __name__ == "__main__":
-    from moemesh.serving.server import exit_now  # no ~2 s torch teardown: `moemesh up` stops all within 10 s
-
-    exit_now(main())
+    main()
