@@ -34,14 +34,26 @@ end
 
 local ESCAPES = { ['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = "\b", f = "\f", n = "\n", r = "\r", t = "\t" }
 
--- Decodes a key's escapes (\u00XX beyond ASCII stays as written: no declared name needs it).
+-- Decodes a key's escapes (a \u escape beyond ASCII stays as written: no declared name needs one).
 local function unescape(raw)
   if not raw:find("\\", 1, true) then return raw end
-  return (raw:gsub("\\(u?)(%x?%x?%x?%x?)", function(u, hex)
-    if u == "u" and #hex == 4 and tonumber(hex, 16) < 128 then return string.char(tonumber(hex, 16)) end
-    if u == "" and hex == "" then return nil end
-    return nil
-  end):gsub("\\(.)", function(c) return ESCAPES[c] or ("\\" .. c) end))
+  local out, i = {}, 1
+  while i <= #raw do
+    local c = raw:sub(i, i)
+    if c ~= "\\" then
+      out[#out + 1] = c
+      i = i + 1
+    elseif raw:sub(i + 1, i + 1) == "u" then
+      local cp = tonumber(raw:sub(i + 2, i + 5), 16)
+      out[#out + 1] = (cp and cp < 128) and string.char(cp) or raw:sub(i, i + 5)
+      i = i + 6
+    else
+      local e = raw:sub(i + 1, i + 1)
+      out[#out + 1] = ESCAPES[e] or e
+      i = i + 2
+    end
+  end
+  return table.concat(out)
 end
 
 local skip
@@ -202,22 +214,19 @@ local CODES = { [1] = "CANCELLED", [2] = "UNKNOWN", [3] = "INVALID_ARGUMENT", [4
 
 -- {"code":3,"message":"max_tokens: -5 must be >= 1",...} -> OpenAI's error object (message kept as sent).
 local function openai_error(status, text)
-  local code = tonumber(text:match('"code"%s*:%s*(%d+)') or "")
-  local message = text:match('"message"%s*:%s*("[^"\\]*[^"]*")')
-  local start = text:find('"message"%s*:%s*"')
-  if start then
-    local q = text:find('"', text:find(":", start + 9, true), true)
-    local raw = read_string(text, q)
-    message = raw and ('"' .. raw .. '"') or nil
+  local code = tonumber(text:match('^%s*{%s*"code"%s*:%s*(%d+)') or "")
+  local message
+  local m = text:find('"message"%s*:%s*"')
+  if m then
+    local raw = read_string(text, text:find('"', text:find(":", m + 9, true), true))
+    if raw then message = '"' .. raw .. '"' end
   end
   message = message or json_string(text ~= "" and text or ("HTTP " .. status))
-  local param = "null"
   local field = message:match('^"([%w_%.%[%]]+): ')
-  if status == 400 and field then param = '"' .. field .. '"' end
-  local code_name = code and CODES[code] and ('"' .. CODES[code] .. '"') or "null"
-  local kind = TYPES[status] or "server_error"
-  return '{"error":{"message":' .. message .. ',"type":"' .. kind .. '","param":' .. param .. ',"code":'
-    .. code_name .. '}}'
+  local param = (status == 400 and field) and ('"' .. field .. '"') or "null"
+  local code_name = (code and CODES[code]) and ('"' .. CODES[code] .. '"') or "null"
+  return '{"error":{"message":' .. message .. ',"type":"' .. (TYPES[status] or "server_error") .. '","param":'
+    .. param .. ',"code":' .. code_name .. '}}'
 end
 
 local function shape_error(handle, headers, status)

@@ -62,7 +62,10 @@ class DecoderLayer(nn.Module):
         prefix, eps = f"model.layers.{i}", spec.rms_norm_eps
         attention = LatentAttention if spec.attention.mla else Attention
         attn = attention.load(ld, f"{prefix}.self_attn", spec.attention, eps)
-        mlp = MoeBlock.load(ld, i, spec) if spec.is_moe_layer(i) else GatedMLP.load(ld, f"{prefix}.mlp", spec.hidden_act)
+        if spec.is_moe_layer(i):
+            mlp: nn.Module = MoeBlock.load(ld, i, spec)
+        else:
+            mlp = GatedMLP.load(ld, f"{prefix}.mlp", spec.hidden_act)
         return cls(RMSNorm.load(ld, f"{prefix}.input_layernorm", eps), attn,
                    RMSNorm.load(ld, f"{prefix}.post_attention_layernorm", eps), mlp)
 

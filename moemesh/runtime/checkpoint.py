@@ -82,7 +82,8 @@ class Checkpoint:
             self.reads.append(scale)
         return _place(tensor, device, dtype)
 
-    def read_rows(self, name: str, index: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+    def read_rows(self, name: str, index: int, device: torch.device | str = "cpu",
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
         """tensor[index] of a stacked tensor, reading only that slice."""
         tensor = self._handle(name).get_slice(name)[index : index + 1][0]
         self.reads.append(f"{name}[{index}]")

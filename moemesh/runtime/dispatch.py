@@ -13,7 +13,8 @@ class LocalDispatch:
     def __init__(self, bank: ExpertBank) -> None:
         self.bank = bank
 
-    def __call__(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> torch.Tensor:
         return self.bank.forward(layer, hidden, topk_ids, topk_weights).to(hidden.device)
 
 
@@ -25,7 +26,8 @@ class SumDispatch:
             raise ValueError("SumDispatch needs at least one part")
         self.parts = list(parts)
 
-    def __call__(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         for part in self.parts:
             total += part(layer, hidden, topk_ids, topk_weights).to(hidden.device, torch.float32)

@@ -74,7 +74,8 @@ class Engine:
         with Checkpoint(local) as ckpt:
             backbone = Backbone.load(ckpt, spec, device, dtype)
         if dispatch is None:
-            dispatch = LocalDispatch(ExpertBank.load(local, device=device, dtype=dtype, spec=spec)) if spec.moe else _no_experts
+            bank = ExpertBank.load(local, device=device, dtype=dtype, spec=spec) if spec.moe else None
+            dispatch = LocalDispatch(bank) if bank is not None else _no_experts
         shapes = backbone.cache_shapes()
         if kv_blocks is None:
             budget = kv_memory_bytes or DEFAULT_KV_BYTES
@@ -117,7 +118,8 @@ class Engine:
     def _validate(self, works: list[SeqWork]) -> None:
         ids = [w.seq_id for w in works]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"a step lists each sequence at most once, got {sorted(i for i in set(ids) if ids.count(i) > 1)}")
+            repeated = sorted(i for i in set(ids) if ids.count(i) > 1)
+            raise ValueError(f"a step lists each sequence at most once, got {repeated} more than once")
         for w in works:
             if not w.token_ids:
                 raise ValueError(f"sequence {w.seq_id!r}: token_ids is empty")
@@ -146,7 +148,9 @@ class Engine:
 
     def _sample(self, works: list[SeqWork], states: list[SeqSampleState], logits: torch.Tensor) -> list[SeqResult]:
         picked = [i for i, w in enumerate(works) if w.sample]
-        outs = self.sampler.sample(logits, [works[i].sampling for i in picked], [states[i] for i in picked]) if picked else []
+        outs = []
+        if picked:
+            outs = self.sampler.sample(logits, [works[i].sampling for i in picked], [states[i] for i in picked])
         results = [SeqResult(w.seq_id, None) for w in works]
         for i, out in zip(picked, outs):
             results[i] = SeqResult(works[i].seq_id, out.token_id, out.logprob, list(out.top_logprobs))

@@ -101,8 +101,10 @@ class ExpertBank:
             bank.read_names = tuple(ckpt.reads)
         return bank
 
-    def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """hidden [T, H], topk_ids [T, K] int64 global ids (-1 unused), topk_weights [T, K] -> [T, H] (hidden's dtype)."""
+    def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H], topk_ids [T, K] int64 global ids (-1 unused), topk_weights [T, K] -> [T, H] in hidden's
+        dtype and device."""
         if layer not in self.gate_up:
             raise KeyError(f"layer {layer} is not hosted here (hosted: {self.layers})")
         caller_device, caller_dtype = hidden.device, hidden.dtype

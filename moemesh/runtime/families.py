@@ -100,7 +100,8 @@ def _max_context(c: _Cfg, max_pos: int) -> int:
     return max_pos
 
 
-def _base(c: _Cfg, arch: str, attention: AttentionSpec, rope: RopeSpec, config: dict, generation: dict, **kw) -> ModelSpec:
+def _base(c: _Cfg, arch: str, attention: AttentionSpec, rope: RopeSpec, config: dict, generation: dict,
+          **kw: Any) -> ModelSpec:
     return ModelSpec(
         architecture=arch,
         model_type=str(config.get("model_type", "")),
@@ -124,7 +125,8 @@ def _gqa(c: _Cfg, qk_norm: str | None = None, clip: bool = False) -> AttentionSp
     heads = c.int("num_attention_heads")
     kv_heads = c.int("num_key_value_heads", heads)
     if heads % kv_heads:
-        raise ConfigError(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        raise ConfigError(f"config.json: num_attention_heads {heads} is not a multiple of "
+                          f"num_key_value_heads {kv_heads}")
     head_dim = c.int("head_dim", None) or c.int("hidden_size") // heads
     clip_qkv = c.float("clip_qkv", None) if clip else None
     return AttentionSpec(heads, kv_heads, head_dim, head_dim**-0.5, qk_norm=qk_norm, clip_qkv=clip_qkv)
@@ -140,11 +142,13 @@ def _sparse_layers(c: _Cfg, num_experts: int) -> tuple[int, ...]:
 
 def _llama(c: _Cfg, config: dict, generation: dict, default_theta: float = 10000.0, **kw) -> ModelSpec:
     att = _gqa(c)
-    return _base(c, config["architectures"][0], att, _rope(c, att.head_dim, False, default_theta), config, generation, **kw)
+    rope = _rope(c, att.head_dim, False, default_theta)
+    return _base(c, config["architectures"][0], att, rope, config, generation, **kw)
 
 
 def _mixtral(c: _Cfg, config: dict, generation: dict) -> ModelSpec:
-    moe = MoeSpec(c.int("num_local_experts"), c.int("num_experts_per_tok"), c.int("intermediate_size"), norm_topk_prob=True)
+    moe = MoeSpec(c.int("num_local_experts"), c.int("num_experts_per_tok"), c.int("intermediate_size"),
+                  norm_topk_prob=True)
     layers = tuple(range(c.int("num_hidden_layers")))
     return _llama(c, config, generation, default_theta=1e6, moe=moe, moe_layers=layers)
 
@@ -166,7 +170,8 @@ def _olmoe(c: _Cfg, config: dict, generation: dict) -> ModelSpec:
                   norm_topk_prob=c.bool("norm_topk_prob", False))
     att = _gqa(c, qk_norm="full", clip=True)
     layers = tuple(range(c.int("num_hidden_layers")))
-    return _base(c, "OlmoeForCausalLM", att, _rope(c, att.head_dim, False), config, generation, moe=moe, moe_layers=layers)
+    rope = _rope(c, att.head_dim, False)
+    return _base(c, "OlmoeForCausalLM", att, rope, config, generation, moe=moe, moe_layers=layers)
 
 
 def _moemesh(c: _Cfg, config: dict, generation: dict) -> ModelSpec:
@@ -207,9 +212,11 @@ def _deepseek(c: _Cfg, config: dict, generation: dict, v3: bool) -> ModelSpec:
         raise ConfigError(f"config.json: n_group {n_group} / topk_group {topk_group} do not fit {experts} experts")
     moe = MoeSpec(
         experts, c.int("num_experts_per_tok"), c.int("moe_intermediate_size"), scoring=scoring,
-        norm_topk_prob=c.bool("norm_topk_prob", v3), routed_scaling_factor=c.float("routed_scaling_factor", 2.5 if v3 else 1.0),
+        norm_topk_prob=c.bool("norm_topk_prob", v3),
+        routed_scaling_factor=c.float("routed_scaling_factor", 2.5 if v3 else 1.0),
         n_group=n_group, topk_group=topk_group, group_score="top2" if method == "noaux_tc" else "max",
-        correction_bias=method == "noaux_tc", shared_intermediate_size=c.int("n_shared_experts", 0, minimum=0) * c.int("moe_intermediate_size"),
+        correction_bias=method == "noaux_tc",
+        shared_intermediate_size=c.int("n_shared_experts", 0, minimum=0) * c.int("moe_intermediate_size"),
     )
     first_dense, freq = c.int("first_k_dense_replace", 3 if v3 else 0, minimum=0), c.int("moe_layer_freq", 1)
     layers = tuple(i for i in range(c.int("num_hidden_layers")) if i >= first_dense and i % freq == 0)

@@ -19,8 +19,11 @@ import math
 import torch
 
 
+Shapes = tuple[tuple[int, ...], tuple[int, ...]]  # per-token entry shapes of a layer's two pools
+
+
 class KVCache:
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, shapes: tuple[tuple[int, ...], tuple[int, ...]],
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, shapes: Shapes,
                  device: torch.device | str, dtype: torch.dtype) -> None:
         self.num_blocks, self.block_size, self.shapes, self.dtype = num_blocks, block_size, shapes, dtype
         slots = num_blocks * block_size
@@ -31,13 +34,13 @@ class KVCache:
         ]  # per layer: ([slots, *A], [slots, *B])
 
     @staticmethod
-    def bytes_per_token(num_layers: int, shapes: tuple[tuple[int, ...], tuple[int, ...]], dtype: torch.dtype) -> int:
+    def bytes_per_token(num_layers: int, shapes: Shapes, dtype: torch.dtype) -> int:
         per_layer = sum(math.prod(s) for s in shapes)
         return num_layers * per_layer * torch.empty((), dtype=dtype).element_size()
 
     @classmethod
-    def blocks_for_budget(cls, budget_bytes: int, block_size: int, num_layers: int,
-                          shapes: tuple[tuple[int, ...], tuple[int, ...]], dtype: torch.dtype) -> int:
+    def blocks_for_budget(cls, budget_bytes: int, block_size: int, num_layers: int, shapes: Shapes,
+                          dtype: torch.dtype) -> int:
         """How many blocks fit in budget_bytes (at least 1)."""
         return max(1, budget_bytes // (block_size * cls.bytes_per_token(num_layers, shapes, dtype)))
 

@@ -62,7 +62,8 @@ class StepContext:
         return cls(positions, seq_of_token, q_index, ctx_index, slots, mask, b, q_len, kv_len)
 
     @staticmethod
-    def _mask(cached: torch.Tensor, new: torch.Tensor, q_len: int, kv_len: int, device: torch.device | str) -> torch.Tensor:
+    def _mask(cached: torch.Tensor, new: torch.Tensor, q_len: int, kv_len: int,
+              device: torch.device | str) -> torch.Tensor:
         t = torch.arange(q_len, device=device)[None, :, None]  # [1, Tq, 1]
         j = torch.arange(kv_len, device=device)[None, None, :]  # [1, 1, Tk]
         allowed = j <= cached[:, None, None] + t  # [B, Tq, Tk] causal with the sequence's offset

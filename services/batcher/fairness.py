@@ -6,6 +6,9 @@ becomes active (its first waiting or running request after being idle) has its c
 of the other active tenants (or, when none is active, to the counter of the tenant that went idle last), so idleness
 banks no credit: a flood from A cannot starve B, and B returning after a
 quiet hour cannot starve A.
+
+Batch slots are shared the same way: tenants below their weighted share of the slots are admitted first, and when the
+batch is full the scheduler may preempt a sequence of a tenant above its share to make room (scheduler._rebalance).
 """
 
 from __future__ import annotations
@@ -54,16 +57,33 @@ class FairQueue:
         t.queued += 1
         self._size += 1
 
-    def peek(self) -> Sequence | None:
-        """The next sequence to admit, or None when nothing waits."""
+    def peek(self, slots: int = 0) -> Sequence | None:
+        """The next sequence to admit, or None when nothing waits. With `slots` (the batch size), tenants holding
+        fewer running sequences than their weighted share of the slots go first; then the smallest counter."""
         best: _Tenant | None = None
-        for t in self._tenants.values():
-            if t.queued and (best is None or t.counter < best.counter):
-                best = t
+        best_key: tuple = ()
+        for name, t in self._tenants.items():
+            if not t.queued:
+                continue
+            key = (slots > 0 and t.running >= self.share(name, slots), t.counter, t.running)
+            if best is None or key < best_key:
+                best, best_key = t, key
         if best is None:
             return None
         self._drop_stale(best)
         return best.heap[0][1]
+
+    def share(self, tenant: str, slots: int) -> float:
+        """The tenant's weighted share of `slots` among the active tenants (those waiting or running)."""
+        t = self._tenants.get(tenant)
+        if t is None or not (t.queued or t.running):
+            return 0.0
+        total = sum(x.weight for x in self._tenants.values() if x.queued or x.running)
+        return slots * t.weight / total
+
+    def running(self, tenant: str) -> int:
+        t = self._tenants.get(tenant)
+        return t.running if t else 0
 
     def pop(self, seq: Sequence) -> None:
         """Removes `seq` (the one peek returned) as it joins the batch."""

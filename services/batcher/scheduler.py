@@ -92,6 +92,8 @@ class Scheduler:
         self.wake_at = None
         self._expire(now)
         admit = self._may_admit(now)
+        if admit:
+            self._rebalance()
         draft = _Draft(budget=self.policy.max_step_tokens if self.policy.chunked else math.inf)
         self._plan_running(draft)
         while not draft.items and self.running:  # every running sequence waits for blocks: free some
@@ -191,7 +193,7 @@ class Scheduler:
     def _admit(self, draft: _Draft, now: float) -> None:
         keep = self.kv.watermark
         while len(self.running) < self.policy.batch_limit and draft.budget >= 1:
-            seq = self.queue.peek()
+            seq = self.queue.peek(self.policy.batch_limit)
             if seq is None:
                 break
             want = int(min(seq.pending, draft.budget)) if self.policy.chunked else seq.pending
@@ -205,6 +207,24 @@ class Scheduler:
                 seq.first_scheduled = now
                 self._admitted.add(1)
             self._take(draft, seq, n)
+
+    def _rebalance(self) -> None:
+        """Slot fairness: when the batch is full and the next tenant in fair order holds fewer slots than its weighted
+        share, preempt (recompute later) the lowest-ranked sequences of tenants above their share, as many as it
+        has waiting up to its share. One tenant's burst then cannot hold every slot while another waits."""
+        limit = self.policy.batch_limit
+        if not self.policy.joins_running_batch or len(self.running) < limit:
+            return
+        head = self.queue.peek(limit)
+        if head is None:
+            return
+        tenant, q = head.tenant, self.queue
+        deficit = min(q.queued(tenant), math.ceil(q.share(tenant, limit)) - q.running(tenant))
+        for _ in range(deficit):
+            over = [s for s in self.running if q.running(s.tenant) > q.share(s.tenant, limit)]
+            if not over:
+                return
+            self._preempt(max(over, key=lambda s: s.rank))
 
     def _take(self, draft: _Draft, seq: Sequence, n: int) -> None:
         start = seq.num_cached
