@@ -94,6 +94,8 @@ class Completions:
         checker = StopChecker(replace(chat.sampling, stop=chat.stop), eos)
         try:
             async for item in self._stream(chat, generation, detok, checker, outcome):
+                if isinstance(item, Finish):
+                    await detok.finish()
                 yield item
         except Exception:
             outcome.finish_reason = FINISH_ERROR

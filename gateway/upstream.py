@@ -20,6 +20,8 @@ _FINISH = {
 }
 # After Batcher.Cancel, how long to wait for the stream's last event (it carries engine_seconds for the bill).
 CANCEL_DRAIN_S = 2.0
+# How long to wait for a finished stream's end-of-stream before abandoning it.
+CLOSE_WAIT_S = 1.0
 
 
 class TokenizerClient:
@@ -64,9 +66,25 @@ class StreamDetokenizer:
             raise ConnectionError("tokenizer closed the detokenize stream early")
         return list(response.token_texts)
 
+    async def finish(self) -> None:
+        """Ends the stream cleanly (so that its client span ends too): half-close, read to the end."""
+        if self._call is None:
+            return
+        call, self._call = self._call, None
+        try:
+            await call.done_writing()
+            async with asyncio.timeout(CLOSE_WAIT_S):
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+        except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError) as exc:
+            log.debug("detokenize stream ended: %s", exc)
+            end_call(call)
+
     def close(self) -> None:
+        """Abandons the stream (cancel; its span is ended in the background)."""
         if self._call is not None:
-            self._call.cancel()
+            end_call(self._call)
+            self._call = None
 
 
 class BatcherClient:
@@ -96,8 +114,22 @@ class Generation:
         self._stub, self._call, self._request_id = stub, call, request_id
 
     async def events(self) -> AsyncIterator[TokenEvent]:
+        """Events until the one with finish_reason (the stream is then read to its end, which ends its span)."""
         async for event in self._call:
-            yield _event(event)
+            token_event = _event(event)
+            if token_event.finish_reason:
+                await self._read_to_end()
+                yield token_event
+                return
+            yield token_event
+
+    async def _read_to_end(self) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_WAIT_S):
+                async for _ in self._call:
+                    pass
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            log.debug("generate stream of %s ended: %s", self._request_id, exc)
 
     async def stop_early(self) -> TokenEvent | None:
         """Batcher.Cancel, then read on until the final event (for engine_seconds), at most CANCEL_DRAIN_S."""
@@ -114,8 +146,28 @@ class Generation:
         return last if last is not None and last.finish_reason else None
 
     def cancel(self) -> None:
-        with contextlib.suppress(Exception):
-            self._call.cancel()
+        end_call(self._call)
+
+
+_ending: set[asyncio.Task] = set()
+
+
+def end_call(call) -> None:
+    """Cancels a streaming call and, in the background, reads it once more: the OTel client interceptor ends a
+    stream's span only when its response iterator finishes, so an abandoned stream would never export its span."""
+    if call.done():
+        return
+    with contextlib.suppress(Exception):
+        call.cancel()
+
+    async def drain() -> None:
+        with contextlib.suppress(BaseException):
+            async for _ in call:
+                pass
+
+    task = asyncio.get_running_loop().create_task(drain())
+    _ending.add(task)
+    task.add_done_callback(_ending.discard)
 
 
 def _event(event: batcher_pb2.GenerateEvent) -> TokenEvent:

@@ -28,6 +28,7 @@ def llama_config(gguf: GgufLlama, has_output: bool) -> dict[str, Any]:
     n_head = int(gguf.arch("attention.head_count"))
     hidden = int(gguf.arch("embedding_length"))
     tokens = gguf.metadata("tokenizer.ggml.tokens")
+    eos = gguf.metadata("tokenizer.ggml.eos_token_id")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -47,8 +48,8 @@ def llama_config(gguf: GgufLlama, has_output: bool) -> dict[str, Any]:
         "mlp_bias": False,
         "tie_word_embeddings": not has_output,  # GGUF omits output.weight when the head is the embedding
         "bos_token_id": int(gguf.metadata("tokenizer.ggml.bos_token_id")),
-        "eos_token_id": int(gguf.metadata("tokenizer.ggml.eos_token_id")),
-        "pad_token_id": int(gguf.metadata("tokenizer.ggml.padding_token_id", gguf.metadata("tokenizer.ggml.eos_token_id"))),
+        "eos_token_id": int(eos),
+        "pad_token_id": int(gguf.metadata("tokenizer.ggml.padding_token_id", eos)),
         "torch_dtype": "float32",
         "use_cache": True,
     }

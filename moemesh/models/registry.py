@@ -73,7 +73,8 @@ def _moe_is_current(path: Path) -> bool:
         manifest = json.loads((path / MANIFEST).read_text())
     except (ImportError, OSError, ValueError):
         return False
-    return manifest.get("algorithm_version") == ALGORITHM_VERSION and manifest.get("settings") == ConvertSettings().to_json()
+    current = manifest.get("algorithm_version") == ALGORITHM_VERSION
+    return current and manifest.get("settings") == ConvertSettings().to_json()
 
 
 def list_builtin() -> list[BuiltinModel]:

@@ -219,9 +219,10 @@ class Scheduler:
         if head is None:
             return
         tenant, q = head.tenant, self.queue
-        deficit = min(q.queued(tenant), math.ceil(q.share(tenant, limit)) - q.running(tenant))
+        # whole slots only (floor for the taker, ceil for the giver): shares below one slot never preempt (no ping-pong)
+        deficit = min(q.queued(tenant), math.floor(q.share(tenant, limit)) - q.running(tenant))
         for _ in range(deficit):
-            over = [s for s in self.running if q.running(s.tenant) > q.share(s.tenant, limit)]
+            over = [s for s in self.running if q.running(s.tenant) > math.ceil(q.share(s.tenant, limit))]
             if not over:
                 return
             self._preempt(max(over, key=lambda s: s.rank))

@@ -66,12 +66,3 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path: Path) -> None:
     assert sorted(p.name for p in target.iterdir()) == ["b"]
     assert oct(os.stat(target).st_mode & 0o777) == "0o755"
 
-
-@pytest.mark.slow  # converts once per machine (the persistent test cache), then is instant
-def test_builtin_moe_is_converted_and_cached(builtin_dense_dir: Path) -> None:
-    path = resolve_model("smollm2-moe", progress=False)
-    config = json.loads((path / "config.json").read_text())
-    assert config["architectures"] == ["MoemeshLlamaMoeForCausalLM"]
-    assert (config["num_local_experts"], config["num_experts_per_tok"]) == (8, 8)
-    assert (path / "tokenizer.json").read_bytes() == (builtin_dense_dir / "tokenizer.json").read_bytes()
-    assert {m.name: m.cached for m in list_builtin()}["smollm2-moe"]

@@ -81,7 +81,8 @@ def save(model, out: Path, fused: bool = False) -> Path:
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.config.tie_word_embeddings}
+    tied = model.config.tie_word_embeddings
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not tied}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 

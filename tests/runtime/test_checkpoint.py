@@ -38,7 +38,8 @@ def test_block_scaled_fp8_weights_are_dequantized(tmp_path):
     expanded = scale.repeat_interleave(4, 0)[:10].repeat_interleave(4, 1)[:, :12]
     quantized = (weight / expanded).to(torch.float8_e4m3fn)
     save_file({"w.weight": quantized, "w.weight_scale_inv": scale}, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8", "weight_block_size": list(block)}}))
+    quantization = {"quant_method": "fp8", "weight_block_size": list(block)}
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": quantization}))
     ckpt = Checkpoint(tmp_path)
     restored = ckpt.read("w.weight", dtype=torch.float32)
     assert restored.dtype == torch.float32 and ckpt.reads == ["w.weight", "w.weight_scale_inv"]

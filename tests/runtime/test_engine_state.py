@@ -113,7 +113,8 @@ def test_logprobs_and_bfloat16(tiny_hf):
     path, _ = tiny_hf("qwen3_moe")
     engine = Engine.load(path, dtype="bfloat16", kv_blocks=4)
     assert engine.info.dtype == "bfloat16"
-    (result,), logits = engine.step_with_logits([SeqWork("a", PROMPT, 0, SamplingParams(logprobs=True, top_logprobs=3))])
+    params = SamplingParams(logprobs=True, top_logprobs=3)
+    (result,), logits = engine.step_with_logits([SeqWork("a", PROMPT, 0, params)])
     assert torch.isfinite(logits).all() and result.token_id == int(logits[0].argmax())
     assert result.logprob == pytest.approx(float(torch.log_softmax(logits[0], -1).max()), abs=1e-4)
     assert [t for t, _ in result.top_logprobs][0] == result.token_id and len(result.top_logprobs) == 3

@@ -73,7 +73,8 @@ def test_fused_checkpoint_matches_transformers(tiny_hf, arch):
     banks = [ExpertBank.load(path, experts=shard_experts(n, 2, i)) for i in range(2)]
     engine = Engine.load(path, dispatch=SumDispatch(banks), kv_blocks=4)
     prompt = list(range(3, 20))
-    torch.testing.assert_close(engine.forward_logits([prompt])[0], hf_tiny.reference_logits(ref, prompt), atol=1e-4, rtol=0)
+    expected = hf_tiny.reference_logits(ref, prompt)
+    torch.testing.assert_close(engine.forward_logits([prompt])[0], expected, atol=1e-4, rtol=0)
 
 
 def test_bank_sums_only_hosted_experts(tiny_hf):
@@ -85,7 +86,8 @@ def test_bank_sums_only_hosted_experts(tiny_hf):
     ids = torch.tensor([[0, 2], [1, 3], [3, -1], [0, 1], [2, 3], [-1, -1]])
     weights = torch.rand(6, 2, generator=g)
     total = whole.forward(layer, hidden, ids, weights)
-    torch.testing.assert_close(low.forward(layer, hidden, ids, weights) + high.forward(layer, hidden, ids, weights), total)
+    parts = low.forward(layer, hidden, ids, weights) + high.forward(layer, hidden, ids, weights)
+    torch.testing.assert_close(parts, total)
     assert torch.equal(total[5], torch.zeros(64))  # no expert selected: nothing added
     only_low = low.forward(layer, hidden, ids, weights)
     assert torch.equal(only_low[4], torch.zeros(64))  # token 4 routed to experts 2, 3 only

@@ -30,15 +30,18 @@ def _split_llama(model, out, top_k: int, weighting: str):
     for i, layer in enumerate(model.model.layers):
         perm = torch.randperm(inter, generator=g)
         gate, up, down = layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight
-        parts = {"shared_expert": perm[:SHARED]} | {f"experts.{e}": perm[SHARED + e * size:SHARED + (e + 1) * size] for e in range(EXPERTS)}
+        parts = {"shared_expert": perm[:SHARED]}
+        parts |= {f"experts.{e}": perm[SHARED + e * size:SHARED + (e + 1) * size] for e in range(EXPERTS)}
         for name, idx in parts.items():
             p = f"model.layers.{i}.mlp.{name}"
-            state |= {f"{p}.gate_proj.weight": gate[idx], f"{p}.up_proj.weight": up[idx], f"{p}.down_proj.weight": down[:, idx]}
+            state |= {f"{p}.gate_proj.weight": gate[idx], f"{p}.up_proj.weight": up[idx],
+                      f"{p}.down_proj.weight": down[:, idx]}
         state[f"model.layers.{i}.mlp.gate.weight"] = torch.randn(EXPERTS, model.config.hidden_size, generator=g)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
     config = model.config.to_dict() | {
-        "architectures": ["MoemeshLlamaMoeForCausalLM"], "model_type": "moemesh_llama_moe", "num_local_experts": EXPERTS,
+        "architectures": ["MoemeshLlamaMoeForCausalLM"], "model_type": "moemesh_llama_moe",
+        "num_local_experts": EXPERTS,
         "num_experts_per_tok": top_k, "moe_intermediate_size": size, "shared_expert_intermediate_size": SHARED,
         "router_weighting": weighting,
     }
@@ -54,9 +57,9 @@ def test_all_experts_unit_weighting_is_the_dense_llama(tiny_hf, tmp_path):
     banks = [ExpertBank.load(path, experts=e) for e in ((0, 1), (2, 3))]
     engine = Engine.load(path, dispatch=SumDispatch(banks), kv_blocks=8)
     prompt = list(range(3, 30))
-    torch.testing.assert_close(engine.forward_logits([prompt])[0], hf_tiny.reference_logits(ref, prompt), atol=1e-4, rtol=0)
-    _, logits = engine.step_with_logits([SeqWork("a", prompt[:20], 0), SeqWork("b", prompt[:5], 0)])
     expected = hf_tiny.reference_logits(ref, prompt)
+    torch.testing.assert_close(engine.forward_logits([prompt])[0], expected, atol=1e-4, rtol=0)
+    _, logits = engine.step_with_logits([SeqWork("a", prompt[:20], 0), SeqWork("b", prompt[:5], 0)])
     torch.testing.assert_close(logits, expected[[19, 4]], atol=1e-4, rtol=0)
 
 
@@ -69,7 +72,8 @@ def test_sparse_routing_differs_from_dense(tiny_hf, tmp_path):
 
 @pytest.mark.parametrize("weighting", ["unit", "softmax"])
 def test_router_weighting(weighting):
-    spec = MoeSpec(num_experts=4, top_k=2, intermediate_size=8, scoring=weighting, norm_topk_prob=weighting == "softmax")
+    spec = MoeSpec(num_experts=4, top_k=2, intermediate_size=8, scoring=weighting,
+                   norm_topk_prob=weighting == "softmax")
     weight = torch.eye(4, 6)  # logits = the first 4 features
     ids, weights = Router(spec, weight)(torch.tensor([[3.0, 1.0, 2.0, 0.0, 9.0, 9.0]]))
     assert ids.tolist() == [[0, 2]]

@@ -39,7 +39,8 @@ def test_deepseek_v3_hub_config():
     spec = spec_from_config(DEEPSEEK_V3_HUB)
     moe = spec.moe
     assert spec.moe_layers == (3, 4) and moe.num_experts == 16 and moe.shared_intermediate_size == 16
-    assert (moe.scoring, moe.group_score, moe.correction_bias, moe.n_group, moe.topk_group) == ("sigmoid", "top2", True, 8, 4)
+    routing = (moe.scoring, moe.group_score, moe.correction_bias, moe.n_group, moe.topk_group)
+    assert routing == ("sigmoid", "top2", True, 8, 4)
     assert spec.rope.interleaved and spec.rope.scaling["rope_type"] == "yarn" and spec.rope.dim == 8
     mscale = 0.1 * 1.0 * torch.log(torch.tensor(40.0)).item() + 1.0
     assert spec.attention.mla and spec.attention.scale == pytest.approx(16**-0.5 * mscale**2)

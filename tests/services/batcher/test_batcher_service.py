@@ -181,6 +181,5 @@ async def test_a_tenant_flood_does_not_starve_another(tiny_moe_dir):
         b_ttft = sorted(r.ttft for r in loaded)
         p95 = b_ttft[-1]  # of 5 samples
         unloaded = statistics.median(alone)
-        print("FAIRNESS", [round(x,3) for x in b_ttft], round(unloaded,3), [round(x,3) for x in alone], round((await late_a).ttft,3))
         assert p95 <= 3 * unloaded, f"B p95 {p95:.3f}s vs unloaded {unloaded:.3f}s"
-        assert (await late_a).ttft > p95  # without fair queuing B would have waited like this
+        assert (await late_a).ttft > 2 * p95  # without fair queuing B would have waited like this

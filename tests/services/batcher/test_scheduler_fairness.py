@@ -31,6 +31,29 @@ def test_a_flood_from_one_tenant_does_not_starve_another():
     assert len(b_slots) == 5 and b_slots[-1] < 12
 
 
+def test_a_full_batch_gives_slots_to_a_tenant_below_its_share():
+    sched, router, clock = make(max_batch_size=4, max_step_tokens=64)
+    for i in range(8):
+        sched.add(seq(f"A{i}", max_tokens=50, tenant="A"))
+    run_step(sched, router, clock)  # A0..A3 fill the batch
+    sched.add(seq("B0", max_tokens=2, tenant="B"))
+    sched.add(seq("B1", max_tokens=2, tenant="B"))
+    plan, _ = run_step(sched, router, clock)
+    assert sorted(ids(plan)) == ["A0", "A1", "B0", "B1"]  # B's share is 2 of 4 slots: A's two newest step aside
+    assert plan.release == ["A3", "A2"] and sched.get("A3").preemptions == 1
+    run_step(sched, router, clock)
+    plan, _ = run_step(sched, router, clock)  # B done: A's preempted ones come back first, recomputed
+    assert ids(plan) == ["A0", "A1", "A2", "A3"] and plan.items[2].position == 0
+
+
+def test_shares_below_one_slot_never_preempt():
+    sched, router, clock = make(max_batch_size=4, max_step_tokens=64)
+    for i in range(24):  # 6 tenants over 4 slots: 2/3 of a slot each
+        sched.add(seq(f"s{i}", max_tokens=3, tenant=f"t{i % 6}"))
+    run_until_idle(sched, router, clock)
+    assert sched.preemptions == 0
+
+
 def test_weights_share_tokens_between_backlogged_tenants():
     sched, router, clock = make(max_batch_size=3, max_step_tokens=64, max_queue=1000)
     for i in range(100):  # more than 150 steps can serve: both stay backlogged
