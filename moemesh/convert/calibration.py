@@ -48,17 +48,19 @@ def calibrate(teacher: TrainableLlama, dense: DenseCheckpoint, settings: Convert
 
 
 def build_student(dense: DenseCheckpoint, calib: Calibration, settings: ConvertSettings,
-                  log: Callable[[str], None]) -> tuple[TrainableLlama, list[float]]:
-    """The MoE model before distillation and each layer's held-out router hit rate."""
+                  log: Callable[[str], None], device: str | torch.device = "cpu") -> tuple[TrainableLlama, list[float]]:
+    """The MoE model (on the CPU) before distillation and each layer's held-out router hit rate; the clustering
+    and router fitting run on `device`."""
     gen = torch.Generator().manual_seed(settings.seed)
     partitions: list[LayerPartition] = []
     routers, hits = [], []
     for i in range(dense.shape.num_layers):
-        gate, up, down = (dense.tensors[f"model.layers.{i}.mlp.{n}_proj.weight"].float() for n in ("gate", "up", "down"))
-        act = calib.activations[i].float()
+        gate, up, down = (dense.tensors[f"model.layers.{i}.mlp.{n}_proj.weight"].to(device, torch.float32)
+                          for n in ("gate", "up", "down"))
+        act = calib.activations[i].to(device, torch.float32)
         part = partition_layer(settings.cluster, settings.experts, settings.shared_neurons, act, gate, up, down, gen)
-        fit = fit_router(calib.inputs[i], expert_scores(act, down, part), settings.top_k, settings.router_steps,
-                         settings.seed + i)
+        fit = fit_router(calib.inputs[i].to(device), expert_scores(act, down, part), settings.top_k,
+                         settings.router_steps, settings.seed + i)
         partitions.append(part)
         routers.append(fit.weight)
         hits.append(round(fit.hit_rate, 4))

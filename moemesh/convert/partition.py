@@ -31,17 +31,17 @@ def balanced_assign(sim: torch.Tensor, capacity: int) -> torch.Tensor:
     n, clusters = sim.shape
     if n != clusters * capacity:
         raise ValueError(f"{n} points do not fill {clusters} clusters of {capacity}")
-    labels = torch.full((n,), -1, dtype=torch.long)
-    room = torch.full((clusters,), capacity, dtype=torch.long)
+    labels = torch.full((n,), -1, dtype=torch.long, device=sim.device)
+    room = [capacity] * clusters  # host-side: no device sync per check
     while bool((labels < 0).any()):
         free = labels < 0
-        masked = sim.masked_fill((room == 0).unsqueeze(0), float("-inf"))
-        best = masked.argmax(dim=1)
+        full = torch.tensor([r == 0 for r in room], device=sim.device)
+        best = sim.masked_fill(full.unsqueeze(0), float("-inf")).argmax(dim=1)
         for e in range(clusters):
             bidders = torch.nonzero(free & (best == e)).flatten()
             if bidders.numel() == 0:
                 continue
-            take = min(int(room[e]), bidders.numel())
+            take = min(room[e], bidders.numel())
             chosen = bidders[torch.topk(sim[bidders, e], take, sorted=True).indices]
             labels[chosen] = e
             room[e] -= take
@@ -54,8 +54,8 @@ def balanced_kmeans(features: torch.Tensor, clusters: int, gen: torch.Generator)
     n = x.shape[0]
     centers = [int(torch.randint(0, n, (1,), generator=gen))]
     for _ in range(clusters - 1):
-        dist = (1 - x @ x[centers].T).clamp_min(0).min(dim=1).values  # cosine distance to the nearest centre
-        probs = dist / dist.sum() if float(dist.sum()) > 0 else torch.full((n,), 1.0 / n)
+        dist = (1 - x @ x[centers].T).clamp_min(0).min(dim=1).values.double().cpu()  # cosine distance to nearest centre
+        probs = dist / dist.sum() if float(dist.sum()) > 0 else torch.full((n,), 1.0 / n, dtype=torch.float64)
         centers.append(int(torch.multinomial(probs, 1, generator=gen)))
     centroids = x[centers]
     labels = balanced_assign(x @ centroids.T, n // clusters)
@@ -73,15 +73,16 @@ def partition_layer(method: str, experts: int, shared: int, act: torch.Tensor, g
                     up: torch.Tensor, down: torch.Tensor, gen: torch.Generator) -> LayerPartition:
     """Partition of one FFN (act [T, F] calibration activations, gate/up [F, H], down [H, F])."""
     total = gate.shape[0]
-    order = torch.argsort(neuron_importance(act, down), descending=True, stable=True)
+    order = torch.argsort(neuron_importance(act, down), descending=True, stable=True).cpu()
     shared_idx = torch.sort(order[:shared]).values
     routed = torch.sort(order[shared:]).values  # [F - S] ascending neuron ids
     if method == "contiguous":
         labels = torch.arange(routed.numel()) // (routed.numel() // experts)
     elif method == "coactivation":
-        labels = balanced_kmeans(act[:, routed].abs().T, experts, gen)
+        labels = balanced_kmeans(act[:, routed.to(act.device)].abs().T, experts, gen).cpu()
     elif method == "kmeans":
-        labels = balanced_kmeans(torch.cat([gate[routed], up[routed]], dim=1), experts, gen)
+        cols = routed.to(gate.device)
+        labels = balanced_kmeans(torch.cat([gate[cols], up[cols]], dim=1), experts, gen).cpu()
     else:
         raise ValueError(f"cluster={method!r}")
     groups = [routed[labels == e] for e in range(experts)]  # ascending within each expert

@@ -77,7 +77,7 @@ def convert(dense_dir: str | Path, out_dir: str | Path, settings: ConvertSetting
         f"neurons, top-{settings.top_k}, shared {settings.shared_neurons}, "
         f"{settings.active_ffn_fraction(intermediate):.1%} of FFN parameters active, device {device}")
     teacher = build_dense(dense).to(device)
-    student, hits = build_student(dense, calibrate(teacher, dense, settings, log), settings, log)
+    student, hits = build_student(dense, calibrate(teacher, dense, settings, log), settings, log, device)
     manifest: dict[str, Any] = {
         "algorithm_version": ALGORITHM_VERSION, "source": fingerprint, "source_dir": str(dense_dir),
         "settings": settings.to_json(), "active_ffn_fraction": settings.active_ffn_fraction(intermediate),

@@ -27,7 +27,7 @@ class RouterFit:
 def expert_scores(act: torch.Tensor, down: torch.Tensor, part: LayerPartition) -> torch.Tensor:
     """[T, E]: norm of each routed expert's output per token (act [T, F], down [H, F])."""
     act, down = act.float(), down.float()
-    cols = [(act[:, idx] @ down[:, idx].T).norm(dim=-1) for idx in part.experts]
+    cols = [(act[:, idx] @ down[:, idx].T).norm(dim=-1) for idx in part.experts.to(act.device)]
     return torch.stack(cols, dim=1)
 
 
@@ -51,17 +51,17 @@ def fit_router(x: torch.Tensor, scores: torch.Tensor, top_k: int, steps: int, se
     x = x.float()
     target = topk_mask(scores.float(), k)
     gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(x.shape[0], generator=gen)
+    perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
     n_hold = max(1, int(x.shape[0] * HOLDOUT)) if x.shape[0] > 10 else 0
-    hold, train = perm[:n_hold], perm[n_hold:]
-    weight = torch.zeros(experts, x.shape[1], requires_grad=True)
+    x_hold, t_hold, x_train, t_train = x[perm[:n_hold]], target[perm[:n_hold]], x[perm[n_hold:]], target[perm[n_hold:]]
+    weight = torch.zeros(experts, x.shape[1], device=x.device, requires_grad=True)
     opt = torch.optim.Adam([weight], lr=LR)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(x[train] @ weight.T, target[train])
+        loss = loss_fn(x_train @ weight.T, t_train)
         loss.backward()
         opt.step()
-    weight = weight.detach()
-    rate = hit_rate(x[hold] @ weight.T, target[hold], k) if n_hold else float("nan")
+    weight = weight.detach().cpu()
+    rate = hit_rate(x_hold.cpu() @ weight.T, t_hold.cpu(), k) if n_hold else float("nan")
     return RouterFit(weight=weight, hit_rate=rate)

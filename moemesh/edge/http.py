@@ -45,7 +45,7 @@ ACCESS_LOG_FIELDS = {
 
 def _not_grpc() -> dict:
     return {"header_filter": {"header": {"name": "content-type", "string_match": {"prefix": "application/grpc"},
-                                         "invert_match": True}}}
+                                         "invert_match": True, "treat_missing_header_as_empty": True}}}
 
 
 def _error_body(kind: str, code: str) -> dict:

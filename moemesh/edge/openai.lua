@@ -176,22 +176,35 @@ local function json_string(text)
 end
 
 local function reject(handle, field, message)
-  local meta = handle:streamInfo():dynamicMetadata()
-  meta:set(NS, "param", field)
+  if field then handle:streamInfo():dynamicMetadata():set(NS, "param", field) end
   handle:respond({ [":status"] = "400", ["content-type"] = "text/plain" }, message)
+end
+
+-- gRPC's reserved headers mean nothing on plain HTTP: dropped both ways (a client's grpc-timeout would otherwise
+-- become the call's deadline, and the transcoder's grpc-status/grpc-message would leak to HTTP clients).
+local function drop_grpc_headers(headers)
+  local names = {}
+  for key, _ in pairs(headers) do
+    if key:sub(1, 5) == "grpc-" then names[#names + 1] = key end
+  end
+  for _, key in ipairs(names) do headers:remove(key) end
 end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
-  if headers:get(":method") ~= "POST" then return end
   if (headers:get("content-type") or ""):find("^application/grpc") then return end
+  drop_grpc_headers(headers)
+  if headers:get(":method") ~= "POST" then return end
   local path = headers:get(":path") or ""
   local base, query = path:match("^([^?]*)(.*)$")
   if base ~= CHAT and base ~= STREAM then return end
   local body = handle:body()
   local text = body and body:getBytes(0, body:length()) or ""
+  headers = handle:headers()  -- a wrapper taken before body() is stale once the script resumes
   local found = inspect_body(text)
-  if not found then return end
+  if not found then
+    return reject(handle, nil, "body: not a valid JSON object (or nested deeper than " .. MAX_DEPTH .. " levels)")
+  end
   if found.bad then
     return reject(handle, found.bad, found.bad .. ": unknown field; moemesh's chat-completion API does not "
       .. "declare it (remove it)")
@@ -212,11 +225,16 @@ local CODES = { [1] = "CANCELLED", [2] = "UNKNOWN", [3] = "INVALID_ARGUMENT", [4
   [9] = "FAILED_PRECONDITION", [10] = "ABORTED", [11] = "OUT_OF_RANGE", [12] = "UNIMPLEMENTED", [13] = "INTERNAL",
   [14] = "UNAVAILABLE", [15] = "DATA_LOSS", [16] = "UNAUTHENTICATED" }
 
+-- HTTP status -> code, for error bodies that carry none (the transcoder's own complaints).
+local STATUS_CODES = { [400] = "INVALID_ARGUMENT", [401] = "UNAUTHENTICATED", [403] = "PERMISSION_DENIED",
+  [404] = "NOT_FOUND", [413] = "REQUEST_TOO_LARGE", [429] = "RESOURCE_EXHAUSTED", [503] = "UNAVAILABLE",
+  [504] = "DEADLINE_EXCEEDED" }
+
 -- {"code":3,"message":"max_tokens: -5 must be >= 1",...} -> OpenAI's error object (message kept as sent).
 local function openai_error(status, text)
   local code = tonumber(text:match('^%s*{%s*"code"%s*:%s*(%d+)') or "")
   local message
-  local m = text:find('"message"%s*:%s*"')
+  local m = code and text:find('"message"%s*:%s*"')
   if m then
     local raw = read_string(text, text:find('"', text:find(":", m + 9, true), true))
     if raw then message = '"' .. raw .. '"' end
@@ -224,14 +242,17 @@ local function openai_error(status, text)
   message = message or json_string(text ~= "" and text or ("HTTP " .. status))
   local field = message:match('^"([%w_%.%[%]]+): ')
   local param = (status == 400 and field) and ('"' .. field .. '"') or "null"
-  local code_name = (code and CODES[code]) and ('"' .. CODES[code] .. '"') or "null"
-  return '{"error":{"message":' .. message .. ',"type":"' .. (TYPES[status] or "server_error") .. '","param":'
-    .. param .. ',"code":' .. code_name .. '}}'
+  local server = status >= 500
+  local name = (code and CODES[code]) or STATUS_CODES[status] or (server and "INTERNAL" or "INVALID_ARGUMENT")
+  local kind = TYPES[status] or (server and "server_error" or "invalid_request_error")
+  return '{"error":{"message":' .. message .. ',"type":"' .. kind .. '","param":' .. param .. ',"code":"' .. name
+    .. '"}}'
 end
 
-local function shape_error(handle, headers, status)
+local function shape_error(handle, status)
   local body = handle:body(true)
   local text = body:getBytes(0, body:length())
+  local headers = handle:headers()  -- taken after body(): an earlier wrapper is stale once the script resumes
   if text:find('^%s*{%s*"error"%s*:') then return end  -- already OpenAI's shape (the local reply mapper's)
   body:setBytes(openai_error(status, text))
   headers:replace("content-type", "application/json")
@@ -252,8 +273,9 @@ end
 function envoy_on_response(handle)
   local headers = handle:headers()
   if (headers:get("content-type") or ""):find("^application/grpc") then return end
+  drop_grpc_headers(headers)
   local status = tonumber(headers:get(":status") or "") or 0
-  if status >= 400 then return shape_error(handle, headers, status) end
+  if status >= 400 then return shape_error(handle, status) end
   local meta = handle:streamInfo():dynamicMetadata():get(NS)
   if not (meta and meta.stream) or status ~= 200 then return end
   headers:replace("content-type", "text/event-stream")
@@ -267,4 +289,6 @@ function envoy_on_response(handle)
       done = true
     end
   end
+  local trailers = handle:trailers()
+  if trailers then drop_grpc_headers(trailers) end
 end

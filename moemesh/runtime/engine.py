@@ -25,8 +25,11 @@ from moemesh.runtime.types import (
     ContextLengthError, EngineInfo, ExpertDispatch, SeqResult, SequenceStateError, SeqWork,
 )
 
-DEFAULT_KV_BYTES = 256 * 2**20  # KV budget when neither kv_blocks nor kv_memory_bytes is given
-DEFAULT_MAX_SEQUENCES = 16  # ...but no more than this many full-context sequences' worth of blocks
+# Default KV budget (neither kv_blocks nor kv_memory_bytes given): 256 MiB, raised up to 1 GiB so that one
+# full-context sequence fits, and never more blocks than DEFAULT_MAX_SEQUENCES full-context sequences need.
+DEFAULT_KV_BYTES = 256 * 2**20
+MAX_DEFAULT_KV_BYTES = 2**30
+DEFAULT_MAX_SEQUENCES = 16
 
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -63,8 +66,7 @@ class Engine:
              dtype: torch.dtype | str = torch.float32, kv_blocks: int | None = None, kv_memory_bytes: int | None = None,
              block_size: int = 16, max_context: int | None = None, model_name: str | None = None) -> Engine:
         """dispatch None: every routed expert in process. KV capacity: kv_blocks, else the blocks kv_memory_bytes
-        buys (default 256 MiB, capped at 16 full-context sequences). max_context defaults to the model's and is
-        capped by the cache capacity."""
+        buys (default: see DEFAULT_KV_BYTES). max_context defaults to the model's and is capped by the capacity."""
         local = resolve_model_dir(model_dir)
         device, dtype = torch.device(device), as_dtype(dtype)
         spec = load_spec(local)
@@ -78,7 +80,8 @@ class Engine:
             dispatch = LocalDispatch(bank) if bank is not None else _no_experts
         shapes = backbone.cache_shapes()
         if kv_blocks is None:
-            budget = kv_memory_bytes or DEFAULT_KV_BYTES
+            full_context = KVCache.bytes_per_token(spec.num_layers, shapes, dtype) * context
+            budget = kv_memory_bytes or min(max(DEFAULT_KV_BYTES, full_context), MAX_DEFAULT_KV_BYTES)
             kv_blocks = KVCache.blocks_for_budget(budget, block_size, spec.num_layers, shapes, dtype)
             if kv_memory_bytes is None:
                 kv_blocks = min(kv_blocks, DEFAULT_MAX_SEQUENCES * -(-context // block_size))

@@ -118,3 +118,13 @@ def test_logprobs_and_bfloat16(tiny_hf):
     assert torch.isfinite(logits).all() and result.token_id == int(logits[0].argmax())
     assert result.logprob == pytest.approx(float(torch.log_softmax(logits[0], -1).max()), abs=1e-4)
     assert [t for t, _ in result.top_logprobs][0] == result.token_id and len(result.top_logprobs) == 3
+
+
+def test_capacity_from_a_memory_budget(tiny_hf):
+    path, _ = tiny_hf("mixtral")  # 2 layers x (K + V) x 2 kv heads x 16 dims x 4 bytes = 512 B per token
+    engine = Engine.load(path, kv_memory_bytes=20 * 1024, block_size=4)  # 2 KiB blocks
+    assert engine.info.kv_blocks_total == 10 and engine.cache.nbytes == 20 * 1024
+    assert engine.info.max_context == 40
+    mla_path, _ = tiny_hf("deepseek_v3")  # MLA caches the latent: 2 layers x (16 latent + 8 rope) x 4 B = 192 B/token
+    mla = Engine.load(mla_path, kv_memory_bytes=5 * 4 * 192, block_size=4)
+    assert mla.info.kv_blocks_total == 5 and mla.cache.shapes == ((16,), (8,))
