@@ -71,12 +71,15 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         self._completions, self._models, self._metering = completions, models, metering
         self._auth, self._default_max_tokens, self._timeout = auth, default_max_tokens, request_timeout
 
-    async def _admit(self, request, context) -> tuple[ValidatedChat, Tenant, float]:
+    async def _tenant(self, context) -> Tenant:
         key = api_key(context)
         if self._auth and not key:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "authorization: missing; send metadata 'authorization: Bearer <api key>'")
-        tenant = await self._metering.authenticate(key)
+        return await self._metering.authenticate(key)
+
+    async def _admit(self, request, context) -> tuple[ValidatedChat, Tenant, float]:
+        tenant = await self._tenant(context)
         chat = validate(to_chat_request(request), self._models, default_max_tokens=self._default_max_tokens)
         remaining = context.time_remaining()
         timeout = self._timeout if remaining is None else min(self._timeout, max(remaining, 0.001))
@@ -137,6 +140,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                                                        type=_ERROR_TYPES.get(code, "server_error")))
 
     async def ListModels(self, request, context):
+        await self._tenant(context)  # nothing but health answers without a key
         return chat_pb2.ListModelsResponse(object="list", data=[
             chat_pb2.ModelCard(id=e.id, object="model", created=e.created, owned_by="moemesh")
             for e in self._models.entries

@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moemesh import home
+from moemesh.edge import mesh_hook as edge_hook
 from moemesh.serving import status as status_file
 from moemesh.serving.server import READY_FILE_ENV, exit_now
 from moemesh.serving.supervisor import Child, stop_in_order
@@ -44,7 +45,7 @@ SERVICES = {
     "gateway": ("gateway", "moemesh.v1.Chat"),
 }
 # Shutdown order: nothing is cut off upstream of a draining caller.
-STOP_WAVES = [["gateway"], ["batcher"], ["router", "tokenizer"], ["expert-0", "expert-1", "metering"]]
+STOP_WAVES = [["edge"], ["gateway"], ["batcher"], ["router", "tokenizer"], ["expert-0", "expert-1", "metering"]]
 GRACE_S = {"gateway": 6.0, "batcher": 2.0}  # others 1 s: nothing is in flight once their callers stopped
 
 
@@ -62,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-auth", action="store_true", help="no API keys: every request is tenant 'local'")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for SERVING (first run "
                    "converts the built-in model)")
+    edge_hook.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -173,6 +175,8 @@ def run(ns: argparse.Namespace) -> NoReturn:
         for child in children.values():
             child.start()
         ready = wait_ready(children, run_dir, ns.start_timeout, say)
+        if ns.edge:  # Envoy in front of the gateway, once it is SERVING (moemesh/edge/mesh_hook.py)
+            ready[edge_hook.NAME] = edge_hook.start(ns, children, ready["gateway"]["address"], run_dir, say)
         write_status(path, ns, children, ready)
         say(f"\nmesh SERVING: gateway {ready['gateway']['address']} (status {path})")
         say(f'  try: moemesh chat "Hello"' + ("" if path == status_file.default_path() else f" --status-file {path}"))
@@ -182,16 +186,21 @@ def run(ns: argparse.Namespace) -> NoReturn:
         say(f"\nmoemesh up: {exc}: stopping")
     except RuntimeError as exc:
         code = 1
-        failed = next((c for c in children.values() if c.exited() not in (None, 0)), None)
-        say(f"\nmoemesh up: {exc}")
-        if failed is not None:
-            say(f"--- last lines of {failed.log_path} ---\n{failed.log_tail()}\n---")
-            say("fix the cause above (a port in use? a model that does not load?) and run `moemesh up` again")
+        report_failure(children, exc, say)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop(children, path, run_dir, say)
     exit_now(code)  # no interpreter teardown: the mesh is down, nothing is left to clean up
+
+
+def report_failure(children: dict[str, Child], exc: Exception, say) -> None:
+    """Why the start failed: the first child that died, with its log tail, and what to do."""
+    failed = next((c for c in children.values() if c.exited() not in (None, 0)), None)
+    say(f"\nmoemesh up: {exc}")
+    if failed is not None:
+        say(f"--- last lines of {failed.log_path} ---\n{failed.log_tail()}\n---")
+        say("fix the cause above (a port in use? a model that does not load?) and run `moemesh up` again")
 
 
 def supervise(children: dict[str, Child], say) -> int:
@@ -215,7 +224,7 @@ def write_status(path: Path, ns: argparse.Namespace, children: dict[str, Child],
     status_file.write(path, {
         "gateway": ready["gateway"]["address"], "api_key": None if ns.no_auth else _dev_key(),
         "model": children["gateway"].env["MOEMESH_MODEL"], "pid": os.getpid(), "started": time.time(),
-        "services": services,
+        "services": services, **edge_hook.status_fields(ready),
     })
 
 

@@ -47,22 +47,27 @@ def calibrate(teacher: TrainableLlama, dense: DenseCheckpoint, settings: Convert
     return calib
 
 
-def build_student(dense: DenseCheckpoint, calib: Calibration, settings: ConvertSettings,
-                  log: Callable[[str], None], device: str | torch.device = "cpu") -> tuple[TrainableLlama, list[float]]:
+def build_student(dense: DenseCheckpoint, calib: Calibration, settings: ConvertSettings, log: Callable[[str], None],
+                  device: str | torch.device = "cpu", memo: dict | None = None) -> tuple[TrainableLlama, list[float]]:
     """The MoE model (on the CPU) before distillation and each layer's held-out router hit rate; the clustering
-    and router fitting run on `device`."""
+    and router fitting run on `device`. `memo` (a dict kept by the caller) reuses partitions across top-k values."""
     gen = torch.Generator().manual_seed(settings.seed)
+    key = (settings.cluster, settings.experts, settings.shared_neurons, settings.seed)
+    known = (memo or {}).get(key)
     partitions: list[LayerPartition] = []
     routers, hits = [], []
     for i in range(dense.shape.num_layers):
         gate, up, down = (dense.tensors[f"model.layers.{i}.mlp.{n}_proj.weight"].to(device, torch.float32)
                           for n in ("gate", "up", "down"))
         act = calib.activations[i].to(device, torch.float32)
-        part = partition_layer(settings.cluster, settings.experts, settings.shared_neurons, act, gate, up, down, gen)
+        part = known[i] if known else partition_layer(settings.cluster, settings.experts, settings.shared_neurons,
+                                                      act, gate, up, down, gen)
         fit = fit_router(calib.inputs[i].to(device), expert_scores(act, down, part), settings.top_k,
                          settings.router_steps, settings.seed + i)
         partitions.append(part)
         routers.append(fit.weight)
         hits.append(round(fit.hit_rate, 4))
         log(f"layer {i + 1}/{dense.shape.num_layers}: {settings.cluster} partition, router hit rate {fit.hit_rate:.3f}")
+    if memo is not None:
+        memo[key] = partitions
     return build_moe(dense, partitions, routers, settings), hits

@@ -108,7 +108,7 @@ def distill(teacher: TrainableLlama, student: TrainableLlama, data: torch.Tensor
     kl_before = heldout_kl(teacher, student, hold, settings.distill_batch) if n_hold else float("nan")
     for moe in student.moe_layers():
         moe.straight_through = True
-    start, losses, step = time.perf_counter(), [], 0
+    start, losses, every = time.perf_counter(), [], max(10, settings.distill_steps // 20)
     for step in range(settings.distill_steps):
         for group, lr in zip(opt.param_groups, base):
             group["lr"] = lr * lr_factor(step, settings.distill_steps)
@@ -119,7 +119,7 @@ def distill(teacher: TrainableLlama, student: TrainableLlama, data: torch.Tensor
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-        if progress and (step % 10 == 0 or step + 1 == settings.distill_steps):
+        if progress and (step % every == 0 or step + 1 == settings.distill_steps):
             progress(f"distill step {step + 1}/{settings.distill_steps} loss {losses[-1]:.4f} kl {float(kl.detach()):.4f}")
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             break

@@ -19,7 +19,7 @@ STARTER_WORDS = ("The", "In", "A", "It", "This", "He", "She", "On", "After", "Du
                  "They", "We", "I", "For", "One", "His", "Her", "At", "By", "From", "Although", "However", "Many",
                  "According", "Some", "Most", "If", "How", "What", "Why", "Today", "Each")
 CHAT_START = "<|im_start|>"
-GEN_BATCH = 256  # sequences generated together
+GEN_BATCH = 256  # sequences generated together (default)
 
 
 def first_tokens(model_dir: Path, vocab_size: int, count: int, gen: torch.Generator) -> torch.Tensor:
@@ -75,14 +75,15 @@ def generate(model: TrainableLlama, prompts: torch.Tensor, length: int, gen: tor
 
 
 def self_generated(model: TrainableLlama, model_dir: Path, count: int, length: int, seed: int,
-                   progress: Callable[[str], None] | None = None, recorder: Recorder | None = None) -> torch.Tensor:
+                   progress: Callable[[str], None] | None = None, recorder: Recorder | None = None,
+                   batch: int = GEN_BATCH) -> torch.Tensor:
     """`count` sequences of `length` tokens [count, length] (int64, on the model's device), seeded."""
     device = model.embed_tokens.weight.device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     first = first_tokens(model_dir, model.shape.vocab_size, count, torch.Generator().manual_seed(seed))
     out = []
-    for chunk in first.split(GEN_BATCH):
+    for chunk in first.split(batch):
         out.append(generate(model, chunk.to(device), length, gen, recorder))
         if progress:
             progress(f"self-generated {sum(o.shape[0] for o in out)}/{count} sequences of {length} tokens")

@@ -120,9 +120,12 @@ end
 -- Walks the body: the first undeclared field (a JSON path), and what decides the RPC. nil when not JSON.
 local function inspect_body(s)
   local found = { bad = nil, stream = false, include_usage = false }
-  local function check(table_, prefix)
+  local function check_message(prefix)
     return function(key, v, d)
-      if not found.bad and not table_[key] then found.bad = prefix .. key end
+      if not found.bad and not MESSAGE[key] then found.bad = prefix .. key end
+      if not found.bad and key == "content" and s:byte(v) ~= 34 and literal(s, v) ~= "null" then
+        found.bad, found.why = prefix .. key, "must be a string (moemesh takes text content only)"
+      end
       return skip(s, v, d)
     end
   end
@@ -135,7 +138,7 @@ local function inspect_body(s)
     if key == "messages" and c == 91 then
       return elements(s, v, d, function(n, e, d2)
         if s:byte(e) ~= 123 then return skip(s, e, d2) end
-        return members(s, e, d2, check(MESSAGE, "messages[" .. n .. "]."))
+        return members(s, e, d2, check_message("messages[" .. n .. "]."))
       end)
     elseif (key == "stream_options" or key == "streamOptions") and c == 123 then
       return members(s, v, d, function(k, w, d2)
@@ -206,8 +209,8 @@ function envoy_on_request(handle)
     return reject(handle, nil, "body: not a valid JSON object (or nested deeper than " .. MAX_DEPTH .. " levels)")
   end
   if found.bad then
-    return reject(handle, found.bad, found.bad .. ": unknown field; moemesh's chat-completion API does not "
-      .. "declare it (remove it)")
+    return reject(handle, found.bad, found.bad .. ": " .. (found.why or "unknown field; moemesh's chat-completion "
+      .. "API does not declare it (remove it)"))
   end
   local meta = handle:streamInfo():dynamicMetadata()
   if base == STREAM or found.stream then

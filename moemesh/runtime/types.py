@@ -11,9 +11,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:  # annotations only: the gateway and batcher use these dataclasses without loading torch
+    import torch
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,10 @@ def validate(seq: Sequence, max_context: int, kv: KvBudget) -> None:
         )
     if seq.max_tokens < 0:
         raise InvalidRequest(f"max_tokens must be >= 0, got {seq.max_tokens}")
+    if seq.max_tokens >= max_context:  # could never be reached: say so instead of generating to the window's end
+        raise InvalidRequest(
+            f"max_tokens: {seq.max_tokens} is not below the context window of {max_context} tokens (prompt included)"
+        )
 
 
 def check_room(queue: FairQueue, policy: Policy, tenant: str, admit_rate: float) -> None:

@@ -4,7 +4,6 @@ stops the mesh)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from moemesh.sdk import ChatClient
 from moemesh.sdk.client import build_request
 from moemesh.v1 import chat_pb2_grpc
 
-from conftest import ROOT, RunningMesh, free_port
+from mesh_harness import ROOT, RunningMesh, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 SERVICES = {"gateway": "moemesh.v1.Chat", "tokenizer": "moemesh.v1.Tokenizer", "batcher": "moemesh.v1.Batcher",

@@ -1,17 +1,10 @@
-"""The gateway in-process with its real tokenizer service (tiny model's SmolLM2 tokenizer) over real sockets.
-
-The batcher and metering are scripted stand-ins speaking their real contracts (the gateway is under test here;
-tests/e2e runs the real ones): the batcher streams a script of token ids, one per event, then an EOS (or fails as a
-test asks); metering knows one API key and records every call.
-"""
+"""The gateway in-process with its real tokenizer service (tiny model's SmolLM2 tokenizer) over real sockets, and
+the scripted batcher and metering of gateway_harness.py."""
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import pytest
 
 from gateway.completion import Completions
@@ -20,99 +13,13 @@ from gateway.models import ModelCatalog
 from gateway.servicer import ChatServicer
 from gateway.servicer import add_to_server as add_chat
 from gateway.upstream import BatcherClient, TokenizerClient
+from gateway_harness import MODEL, Mesh, RecordingMetering, ScriptedBatcher
 from moemesh.serving import client_channel, serve_in_process
 from moemesh.tokenization.chat_tokenizer import ChatTokenizer
-from moemesh.v1 import batcher_pb2, batcher_pb2_grpc, chat_pb2_grpc, common_pb2, metering_pb2, metering_pb2_grpc
+from moemesh.v1 import batcher_pb2_grpc, chat_pb2_grpc, metering_pb2_grpc
 from services.tokenizer.catalog import TokenizerCatalog
 from services.tokenizer.servicer import TokenizerServicer
 from services.tokenizer.servicer import add_to_server as add_tokenizer
-
-MODEL = "tiny"
-API_KEY = "mm-test-key"
-EOS = 2  # <|im_end|> in SmolLM2's vocabulary
-
-
-@dataclass
-class ScriptedBatcher(batcher_pb2_grpc.BatcherServicer):
-    """Generate streams `script` (token ids) one per event, `delay` apart, then EOS; `fail_after` raises an
-    error after that many events; `refuse` fails the call before any event."""
-
-    script: list[int] = field(default_factory=list)
-    delay: float = 0.0
-    fail_after: int | None = None
-    refuse: Exception | None = None
-    requests: list[batcher_pb2.GenerateRequest] = field(default_factory=list)
-    cancels: list[str] = field(default_factory=list)
-    client_cancelled: asyncio.Event = field(default_factory=asyncio.Event)
-    first_event_sent: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def Generate(self, request, context):
-        self.requests.append(request)
-        if self.refuse is not None:
-            raise self.refuse
-        prompt = len(request.prompt_ids)
-        try:
-            for i, token in enumerate([*self.script, EOS][: request.sampling.max_tokens]):
-                if request.request_id in self.cancels:
-                    yield batcher_pb2.GenerateEvent(finish_reason=common_pb2.FINISH_REASON_CANCELLED,
-                                                    prompt_tokens=prompt, completion_tokens=i, engine_seconds=0.5)
-                    return
-                if self.fail_after is not None and i == self.fail_after:
-                    raise RuntimeError("engine exploded")
-                await asyncio.sleep(self.delay)
-                last = token == EOS or i + 1 == request.sampling.max_tokens
-                reason = (common_pb2.FINISH_REASON_STOP if token == EOS else common_pb2.FINISH_REASON_LENGTH) if last else 0
-                event = batcher_pb2.GenerateEvent(token_ids=[token], finish_reason=reason, prompt_tokens=prompt,
-                                                  completion_tokens=i + 1, engine_seconds=0.25 if last else 0.0)
-                if request.sampling.logprobs:
-                    event.logprobs.add(token_id=token, logprob=-0.5)
-                    for k in range(request.sampling.top_logprobs):
-                        event.top_logprobs.add(token_id=token + k, logprob=-0.5 - k)
-                yield event
-                self.first_event_sent.set()
-        except asyncio.CancelledError:
-            self.client_cancelled.set()
-            raise
-
-    async def Cancel(self, request, context):
-        self.cancels.append(request.request_id)
-        return batcher_pb2.CancelResponse(found=True)
-
-
-@dataclass
-class RecordingMetering(metering_pb2_grpc.MeteringServicer):
-    authenticated: int = 0
-    reserves: list[metering_pb2.ReserveRequest] = field(default_factory=list)
-    commits: list[metering_pb2.CommitRequest] = field(default_factory=list)
-    committed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def Authenticate(self, request, context):
-        self.authenticated += 1
-        if request.api_key != API_KEY:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown key")
-        return metering_pb2.AuthenticateResponse(tenant="acme", key_id="k1", weight=2.0, priority=1)
-
-    async def Reserve(self, request, context):
-        self.reserves.append(request)
-        return metering_pb2.ReserveResponse(reservation_id=request.request_id, expires_in_s=60)
-
-    async def Commit(self, request, context):
-        self.commits.append(request)
-        self.committed.set()
-        return metering_pb2.CommitResponse()
-
-
-@dataclass
-class Mesh:
-    chat: chat_pb2_grpc.ChatStub
-    batcher: ScriptedBatcher
-    metering: RecordingMetering
-    tokenizer: ChatTokenizer
-
-    def script(self, text: str, **kwargs) -> None:
-        self.batcher.script = self.tokenizer.encode(text)
-        for name, value in kwargs.items():
-            setattr(self.batcher, name, value)
 
 
 @pytest.fixture(scope="session")

@@ -9,17 +9,9 @@ import re
 import grpc
 import pytest
 
-from moemesh.v1 import chat_pb2, common_pb2
+from moemesh.v1 import chat_pb2
 
-from conftest import API_KEY, MODEL
-
-AUTH = (("authorization", f"Bearer {API_KEY}"),)
-
-
-def request(**fields) -> chat_pb2.ChatCompletionRequest:
-    fields.setdefault("model", MODEL)
-    fields.setdefault("messages", [common_pb2.ChatMessage(role="user", content="Say hello")])
-    return chat_pb2.ChatCompletionRequest(**fields)
+from gateway_harness import AUTH, MODEL, request
 
 
 async def test_unary_completion_text_usage_and_bill(mesh) -> None:

@@ -6,10 +6,10 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
-from moemesh.v1 import chat_pb2, common_pb2
+from moemesh.v1 import common_pb2
 
-from conftest import MODEL
-from test_gateway_completion import AUTH, request
+from gateway_harness import MODEL
+from gateway_harness import AUTH, request
 
 USER = [common_pb2.ChatMessage(role="user", content="hi")]
 CASES = [

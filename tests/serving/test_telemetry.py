@@ -119,3 +119,20 @@ def test_log_records_carry_the_trace_id(spans: InMemorySpanExporter) -> None:
 def test_client_channel_outside_a_loop_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="inside a running event loop"):
         client_channel("127.0.0.1:1")
+
+
+def test_exporter_is_otlp_when_an_endpoint_is_set(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    from moemesh.serving.telemetry import _exporter
+
+    monkeypatch.setenv("MOEMESH_HOME", str(tmp_path))
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    local = _exporter("svc")
+    assert isinstance(local, JsonlSpanExporter) and local.path == tmp_path / "traces" / "svc.jsonl"
+    local.shutdown()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+    remote = _exporter("svc")
+    assert isinstance(remote, OTLPSpanExporter)
+    remote.shutdown()

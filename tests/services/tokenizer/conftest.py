@@ -12,7 +12,7 @@ from moemesh.v1 import tokenizer_pb2_grpc
 from services.tokenizer.catalog import TokenizerCatalog
 from services.tokenizer.servicer import TokenizerServicer, add_to_server
 
-MODEL = "tiny"
+from tokenizer_harness import MODEL
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 from moemesh.tokenization.chat_tokenizer import ChatTokenizer
 from moemesh.v1 import common_pb2, tokenizer_pb2
 
-from conftest import MODEL
+from tokenizer_harness import MODEL
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, naïve café 🙂?"}]
 

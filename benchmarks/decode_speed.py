@@ -1,0 +1,119 @@
+"""Decode speed on this CPU: smollm2 and smollm2-moe through the runtime beside transformers' generate() on the same
+dense weights, batch 1 and batch 8, in one run.
+
+    python benchmarks/decode_speed.py [--steps 32] [--repeats 3] [--prompt-len 32]
+
+Runtime: one prefill step (all prompts), then `steps` greedy decode steps of Engine.step, timed alone.
+transformers: generate(max_new_tokens=steps+1) minus generate(max_new_tokens=1) (the prefill and first token), so
+both count the same decode steps. tokens/s = batch x steps / decode seconds; median of `repeats` runs.
+Writes benchmarks/results/decode_speed.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TEXT = ("The history of the region begins with small farming villages along the river, which grew into market towns "
+        "as trade with the coast increased. By the twelfth century the largest of them had walls, a cathedral and a "
+        "charter granting its merchants the right to hold a weekly fair, and the surrounding countryside supplied "
+        "wool, grain and timber to buyers from across the sea.")
+
+
+def prompts(model_dir: Path, batch: int, length: int) -> list[list[int]]:
+    from moemesh.tokenization.chat_tokenizer import ChatTokenizer
+
+    ids = ChatTokenizer.load(model_dir).encode(TEXT)
+    if len(ids) < length + batch:
+        raise ValueError(f"prompt text too short for {batch} prompts of {length} tokens")
+    return [ids[i:i + length] for i in range(batch)]  # equal lengths: no padding for transformers
+
+
+def runtime_decode(model_dir: Path, batch_prompts: list[list[int]], steps: int) -> float:
+    """Seconds for `steps` decode steps of the whole batch through Engine.step (after its prefill step)."""
+    from moemesh.runtime.engine import Engine
+    from moemesh.runtime.types import SamplingParams, SeqWork
+
+    engine = Engine.load(model_dir, kv_blocks=64)
+    sampling = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
+    works = [SeqWork(f"s{i}", p, 0, sampling) for i, p in enumerate(batch_prompts)]
+    results = engine.step(works)
+    positions = [len(p) for p in batch_prompts]
+    start = time.perf_counter()
+    for _ in range(steps):
+        works = [SeqWork(f"s{i}", [r.token_id], positions[i], sampling) for i, r in enumerate(results)]
+        results = engine.step(works)
+        positions = [p + 1 for p in positions]
+    seconds = time.perf_counter() - start
+    engine.release([f"s{i}" for i in range(len(batch_prompts))])
+    return seconds
+
+
+def hf_decode(model, batch_prompts: list[list[int]], steps: int) -> float:
+    ids = torch.tensor(batch_prompts)
+    kwargs = dict(do_sample=False, use_cache=True, pad_token_id=2)
+
+    def timed(new: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                 **kwargs)
+        assert out.shape[1] == ids.shape[1] + new
+        return time.perf_counter() - start
+
+    return timed(steps + 1) - timed(1)
+
+
+def measure(fn, repeats: int) -> float:
+    fn()  # warm-up
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ns = p.parse_args()
+    from transformers import LlamaForCausalLM
+
+    from moemesh.models.registry import resolve_model
+
+    dense, moe = resolve_model("smollm2"), resolve_model("smollm2-moe")
+    hf = LlamaForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+    rows = []
+    for batch in ns.batches:
+        batch_prompts = prompts(dense, batch, ns.prompt_len)
+        for name, fn in (("smollm2 (runtime)", lambda: runtime_decode(dense, batch_prompts, ns.steps)),
+                         ("smollm2-moe (runtime, 8 of 8 experts)", lambda: runtime_decode(moe, batch_prompts, ns.steps)),
+                         ("smollm2 (transformers generate)", lambda: hf_decode(hf, batch_prompts, ns.steps))):
+            seconds = measure(fn, ns.repeats)
+            rows.append({"model": name, "batch": batch, "decode_steps": ns.steps, "seconds": round(seconds, 3),
+                         "tokens_per_s": round(batch * ns.steps / seconds, 2)})
+            print(f"{name:42s} batch {batch}: {rows[-1]['tokens_per_s']:8.2f} tok/s", flush=True)
+    result = {"command": "python benchmarks/decode_speed.py " + " ".join(sys.argv[1:]),
+              "machine": {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "load_avg_1m_at_end": os.getloadavg()[0], "torch": torch.__version__},
+              "prompt_len": ns.prompt_len, "rows": rows}
+    out = ROOT / "benchmarks" / "results" / "decode_speed.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n| model | batch | decode tok/s |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['tokens_per_s']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Conversion quality of the built-in model: smollm2-moe vs smollm2, the quality/sparsity curve, convert wall time.
+
+    python benchmarks/quality.py default          # (a) logit diff + perplexity of smollm2-moe vs smollm2 (runtime)
+    python benchmarks/quality.py convert-time     # (c) `moemesh convert` of the default into a fresh dir, timed
+    python benchmarks/quality.py sparse LABEL     # a sparse setting converted on this CPU, scored by the CLI
+    python benchmarks/quality.py device-files     # .devA/.devB carried to the GPU by benchmarks/device_sweep.sh
+    python benchmarks/quality.py table            # benchmarks/results/quality.md from the JSON files
+
+Perplexity: `moemesh eval perplexity` on ../shared/eval/wikitext2-test.raw, first 8192 tokens in 8 windows of 1024.
+The GPU sweep (b) is benchmarks/quality_sweep.py, run through benchmarks/device_sweep.sh; its JSON is copied to
+benchmarks/results/quality_sweep.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+EVAL_TEXT = ROOT.parent / "shared" / "eval" / "wikitext2-test.raw"
+MOEMESH = [sys.executable, "-m", "moemesh.cli.main"]
+SPARSE = {"k6": ["--experts", "8", "--top-k", "6"], "k6+shared": ["--experts", "7", "--top-k", "5", "--shared-neurons", "192"]}
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+            "load_avg_1m": os.getloadavg()[0], "python": platform.python_version()}
+
+
+def eval_ppl(model: str) -> dict:
+    out = subprocess.run([*MOEMESH, "eval", "perplexity", "--model", model, "--text", str(EVAL_TEXT),
+                          "--max-tokens", "8192", "--window", "1024", "--json"],
+                         check=True, capture_output=True, text=True, cwd=ROOT)
+    return json.loads(out.stdout)
+
+
+def logit_diff(dense: Path, moe: Path) -> float:
+    from moemesh.runtime.engine import Engine
+    from moemesh.tokenization.chat_tokenizer import ChatTokenizer
+
+    tok = ChatTokenizer.load(dense)
+    text = EVAL_TEXT.read_bytes().decode("utf-8")
+    prompts = [tok.encode(text[i * 5000:i * 5000 + 4000])[:512] for i in range(4)]
+    prompts.append(tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}]))
+    a = Engine.load(dense, kv_blocks=1).forward_logits(prompts)
+    b = Engine.load(moe, kv_blocks=1).forward_logits(prompts)
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def write(name: str, data: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / name).write_text(json.dumps(data, indent=2) + "\n")
+    print(json.dumps(data, indent=2))
+
+
+def cmd_default() -> None:
+    from moemesh.models.registry import resolve_model
+
+    dense, moe = resolve_model("smollm2"), resolve_model("smollm2-moe")
+    diff = logit_diff(dense, moe)
+    write("quality_default.json", {"command": "python benchmarks/quality.py default", "machine": machine(),
+                                   "max_abs_logit_diff": diff, "dense": eval_ppl("smollm2"),
+                                   "moe": eval_ppl("smollm2-moe")})
+
+
+def cmd_convert_time() -> None:
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="convert-time-")) / "smollm2-moe"
+    start = time.perf_counter()
+    subprocess.run([*MOEMESH, "convert", "--model", "smollm2", "--out", str(out)], check=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    write("convert_time.json", {"command": f"moemesh convert --model smollm2 --out {out}", "machine": machine(),
+                                "wall_seconds": round(seconds, 1), "target_seconds": 300})
+
+
+def cmd_sparse(label: str) -> None:
+    from moemesh.home import models_dir
+
+    out = models_dir() / f"bench-{label}"
+    subprocess.run([*MOEMESH, "convert", "--model", "smollm2", "--out", str(out), *SPARSE[label]], check=True, cwd=ROOT)
+    result = eval_ppl(str(out))
+    path = RESULTS / "quality_sparse_cpu.json"
+    data = json.loads(path.read_text()) if path.is_file() else {"machine": machine(), "runs": {}}
+    data["runs"][label] = {"convert_args": SPARSE[label], "perplexity": result["perplexity"], "eval": result}
+    write(path.name, data)
+
+
+def cmd_device_files() -> None:
+    """Split the GGUF into .devA (50 MiB + wheel + eval ids) and .devB (the rest) for device_sweep.sh."""
+    import torch
+
+    from moemesh.builtin.gguf_source import builtin_gguf_path
+    from moemesh.models.registry import resolve_model
+    from moemesh.tokenization.chat_tokenizer import ChatTokenizer
+
+    data = builtin_gguf_path().read_bytes()
+    ids = ChatTokenizer.load(resolve_model("smollm2")).encode(EVAL_TEXT.read_bytes().decode("utf-8"))
+    for name, part in ((".devA", data[:50 << 20]), (".devB", data[50 << 20:])):
+        folder = ROOT / name
+        folder.mkdir(exist_ok=True)
+        (folder / f"gguf.part{name[-1]}").write_bytes(part)
+        torch.save(torch.tensor(ids[:40000], dtype=torch.int32), folder / "eval_ids.pt")
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "--python-version", "3.12", "-d", str(folder), "gguf==0.19.0"], check=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    cmd, *rest = sys.argv[1:] or ["table"]
+    if cmd == "table":
+        from quality_table import write_table  # noqa: E402  (benchmarks/quality_table.py)
+
+        write_table(RESULTS)
+    else:
+        {"default": cmd_default, "convert-time": cmd_convert_time, "sparse": cmd_sparse,
+         "device-files": cmd_device_files}[cmd](*rest)
