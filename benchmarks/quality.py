@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 EVAL_TEXT = ROOT.parent / "shared" / "eval" / "wikitext2-test.raw"
 MOEMESH = [sys.executable, "-m", "moemesh.cli.main"]
-SPARSE = {"k6": ["--experts", "8", "--top-k", "6"], "k6+shared": ["--experts", "7", "--top-k", "5", "--shared-neurons", "192"]}
+# "of 8": with a shared expert, 1 shared + (k-1) of 7 routed, so k/8 of the FFN is active either way (as the sweep).
+SPARSE = {"k6": ["--experts", "8", "--top-k", "6"], "k6+shared": ["--experts", "7", "--top-k", "5", "--shared-neurons", "192"],
+          "k2": ["--experts", "8", "--top-k", "2"], "k2+shared": ["--experts", "7", "--top-k", "1", "--shared-neurons", "192"]}
 
 
 def machine() -> dict:
@@ -113,13 +115,67 @@ def cmd_device_files() -> None:
                         "--python-version", "3.12", "-d", str(folder), "gguf==0.19.0"], check=True)
 
 
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _sweep_rows(sweep: dict) -> list[str]:
+    dense8, dense32 = sweep["dense"]["ppl_8x1024"], sweep["dense"]["ppl_32x1024"]
+    rows = [f"| dense `smollm2` | 100% | - | {dense8:.2f} (1.00x) | - | {dense32:.2f} | - | - |"]
+    for c in sweep["configs"]:
+        layout = f"{c['experts']} routed, top-{c['top_k']}" + (f" + shared {c['shared_neurons']}" if c["shared_neurons"] else "")
+        b8, b32 = c["before"]["ppl_8x1024"], c["before"]["ppl_32x1024"]
+        after = c.get("after")
+        a8 = f"{after['ppl_8x1024']:.2f} ({after['ppl_8x1024'] / dense8:.2f}x)" if after else "not run"
+        a32 = f"{after['ppl_32x1024']:.2f}" if after else "-"
+        steps = c.get("distill", {}).get("steps", 0)
+        rows.append(f"| {c['label']} | {c['active_ffn_fraction']:.1%} | {layout} | {b8:.2f} ({b8 / dense8:.2f}x) | "
+                    f"{a8} | {b32:.2f} | {a32} | {steps} |")
+    return rows
+
+
+def cmd_table() -> None:
+    out = ["# Conversion quality of the built-in model", ""]
+    default, sweep, sparse = _load("quality_default.json"), _load("quality_sweep.json"), _load("quality_sparse_cpu.json")
+    timing, speed = _load("convert_time.json"), _load("decode_speed.json")
+    if default:
+        out += ["## smollm2-moe (default: 8 experts, all on) vs smollm2", "",
+                f"`{default['command']}` on {default['machine']['cpu']} ({default['machine']['cores']} cores). "
+                "Perplexity: `moemesh eval perplexity --text ../shared/eval/wikitext2-test.raw --max-tokens 8192 "
+                "--window 1024` (8 windows of 1024, through the runtime, float32).", "",
+                "| model | perplexity | max abs logit diff vs smollm2 |", "|---|---|---|",
+                f"| smollm2 | {default['dense']['perplexity']:.4f} | - |",
+                f"| smollm2-moe | {default['moe']['perplexity']:.4f} | {default['max_abs_logit_diff']:.2e} |", ""]
+    if sweep:
+        out += ["## Quality / sparsity (GPU sweep)", "", f"`python {sweep['command']}` on {sweep['device']} "
+                f"(torch {sweep['torch']}), via `benchmarks/device_sweep.sh`. Calibration {sweep['settings']['calib_tokens']}"
+                f" and distillation pool {sweep['settings']['distill_tokens']} self-generated tokens; distillation: "
+                f"routers + experts, batch {sweep['settings']['distill_batch']} x {sweep['settings']['seq_len']} tokens, "
+                f"Adam lr experts {sweep['lr_experts']:g} (picked by held-out KL on self-generated text), routers "
+                f"{sweep['settings']['lr_router']:g}. Perplexity in float32 with the conversion model on the same "
+                "windows as the CLI.", "",
+                "| setting | active FFN | layout | ppl 8x1024 before | ppl 8x1024 after | 32x1024 before | 32x1024 after "
+                "| distill steps |", "|---|---|---|---|---|---|---|---|", *_sweep_rows(sweep), ""]
+    if sparse:
+        out += ["## Sparse settings converted on the CPU (no distillation), scored by the CLI", "",
+                "| setting | convert args | perplexity 8x1024 |", "|---|---|---|"]
+        out += [f"| {k} | `{' '.join(v['convert_args'])}` | {v['perplexity']:.2f} |" for k, v in sparse["runs"].items()]
+        out.append("")
+    if timing:
+        out += ["## `moemesh convert` of the default", "", f"`{timing['command']}`: {timing['wall_seconds']} s wall on "
+                f"{timing['machine']['cpu']} ({timing['machine']['cores']} cores, 1-min load average "
+                f"{timing['machine']['load_avg_1m']:.1f} at the end; target < {timing['target_seconds']} s).", ""]
+    if speed:
+        out += ["## Decode speed (CPU)", "", f"`{speed['command']}`, {speed['machine']}", "",
+                "| model | batch | decode tokens/s |", "|---|---|---|"]
+        out += [f"| {r['model']} | {r['batch']} | {r['tokens_per_s']} |" for r in speed["rows"]]
+    (RESULTS / "quality.md").write_text("\n".join(out) + "\n")
+    print("\n".join(out))
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     cmd, *rest = sys.argv[1:] or ["table"]
-    if cmd == "table":
-        from quality_table import write_table  # noqa: E402  (benchmarks/quality_table.py)
-
-        write_table(RESULTS)
-    else:
-        {"default": cmd_default, "convert-time": cmd_convert_time, "sparse": cmd_sparse,
-         "device-files": cmd_device_files}[cmd](*rest)
+    {"default": cmd_default, "convert-time": cmd_convert_time, "sparse": cmd_sparse, "device-files": cmd_device_files,
+     "table": cmd_table}[cmd](*rest)

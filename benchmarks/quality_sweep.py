@@ -139,13 +139,14 @@ def setup(ns: argparse.Namespace) -> tuple[dict, ConvertSettings, dict]:
     return ctx, base, meta
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dense", help="dense HF Llama dir (default: the built-in smollm2)")
     p.add_argument("--eval-ids", help="torch.save'd 1-D tensor of eval token ids (the tokenized eval text)")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="smoke test on a tiny random model")
+    p.add_argument("--only", nargs="+", help="run only these configuration labels (e.g. k6+shared)")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--windows", type=int, nargs="+", default=[8, 32])
     p.add_argument("--calib-tokens", type=int, default=16384)
@@ -163,8 +164,15 @@ def main() -> int:
     ns = p.parse_args()
     if ns.tiny:
         ns.window, ns.windows = 64, [8]
+    return ns
+
+
+def main() -> int:
+    ns = parse_args()
+    configs = [c for c in (TINY_CONFIGS if ns.tiny else CONFIGS) if not ns.only or c[0] in ns.only]
+    if not configs:
+        raise SystemExit(f"--only {ns.only}: no such configuration (known: {[c[0] for c in CONFIGS]})")
     ctx, base, meta = setup(ns)
-    configs = TINY_CONFIGS if ns.tiny else CONFIGS
     first = configs[0]
     probe_settings = replace(base, experts=first[1], top_k=first[2], shared_neurons=first[3])
     probe_student, _ = build_student(ctx["dense"], ctx["calib"], probe_settings, log, ns.device, ctx["memo"])

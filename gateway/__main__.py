@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gateway.account import MeteringAccount
 from gateway.completion import Completions
 from gateway.config import GatewayConfig
 from gateway.metering_client import LocalMetering, MeteringClient
@@ -20,15 +21,18 @@ def main(argv: list[str] | None = None) -> None:
     def register(server):
         tokenizer, batcher = client_channel(config.tokenizer_addr), client_channel(config.batcher_addr)
         channels.extend([tokenizer, batcher])
+        account = None
         if config.auth:
             metering_channel = client_channel(config.metering_addr)
             channels.append(metering_channel)
             metering = MeteringClient(metering_channel, cache_seconds=config.auth_cache_seconds)
+            account = MeteringAccount(metering_channel)
         else:
             metering = LocalMetering()
         completions.append(Completions(TokenizerClient(tokenizer), BatcherClient(batcher), metering))
         servicer = ChatServicer(completions[0], ModelCatalog([config.model]), metering, auth=config.auth,
-                                default_max_tokens=config.default_max_tokens, request_timeout=config.request_timeout)
+                                default_max_tokens=config.default_max_tokens, request_timeout=config.request_timeout,
+                                account=account)
         return add_to_server(servicer, server)
 
     async def on_stop() -> None:

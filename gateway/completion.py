@@ -168,7 +168,7 @@ class Completions:
 
     def _commit_later(self, usage: UsageRecord) -> None:
         """Commits on its own task: it must survive the cancellation of the request's task."""
-        task = asyncio.get_running_loop().create_task(self._commit(usage))
+        task = asyncio.get_running_loop().create_task(self._commit(usage), name=f"commit:{usage.request_id}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -177,6 +177,12 @@ class Completions:
             await self._metering.commit(usage)
         except Exception as exc:  # the answer was already given; the reservation expires and is refunded
             log.warning("commit of %s failed: %s", usage.request_id, exc)
+
+    async def committed(self, request_id: str, timeout: float) -> None:
+        """Waits (at most `timeout` s) for this gateway's commit of `request_id` if it is still pending."""
+        pending = [t for t in self._background if t.get_name() == f"commit:{request_id}"]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
 
     async def drain(self) -> None:
         """Waits for pending commits (at shutdown)."""

@@ -22,7 +22,7 @@ class GatewayConfig(ServiceConfig):
     batcher_addr: str = setting("127.0.0.1:50053", "batcher service address", env=BATCHER_ADDR)
     metering_addr: str = setting("", "metering service address (empty: none; needs --no-auth)", env=METERING_ADDR)
     auth: bool = setting(True, "require `authorization: Bearer <key>` checked by metering; --no-auth: every "
-                               "request is the dev tenant 'local' and no usage is recorded")
+                               "request is the dev tenant 'default' and no usage is recorded")
     auth_cache_seconds: float = setting(30.0, "how long a verified API key is trusted without asking metering")
     default_max_tokens: int = setting(256, "max_tokens of requests that give none")
     request_timeout: float = setting(300.0, "seconds a request may take end to end (also the batcher deadline)")
@@ -34,7 +34,7 @@ class GatewayConfig(ServiceConfig):
         check_address(self.metering_addr, self.source("metering_addr"), allow_empty=True)
         if self.auth and not self.metering_addr:
             raise ConfigError(f"{self.source('metering_addr')}: empty while auth is on: give the metering address, "
-                              f"or pass --no-auth (dev tenant 'local')")
+                              f"or pass --no-auth (dev tenant 'default')")
         if not self.model:
             raise ConfigError(f"{self.source('model')}: empty model id")
         if self.auth_cache_seconds < 0:

@@ -46,6 +46,7 @@ class Tenant:
     key_id: str
     weight: float = 1.0
     priority: int = 0
+    namespace: str = ""  # isolation scope of the tenant's caches and resources (its name unless set)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Adapter to the metering service: Authenticate (with a short local TTL cache), Reserve, Commit.
 
 `LocalMetering` stands in when the gateway runs with auth off (`--no-auth`, local development): every request is the
-dev tenant "local" and nothing is reserved or recorded.
+dev tenant "default" and nothing is reserved or recorded.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import grpc
 from gateway.events import Tenant, UsageRecord
 from moemesh.v1 import metering_pb2, metering_pb2_grpc
 
-LOCAL_TENANT = Tenant(name="local", key_id="local")
+LOCAL_TENANT = Tenant(name="default", key_id="default", namespace="default")  # = metering's dev tenant
 CACHE_ENTRIES = 10_000
 COMMIT_RETRY_S = 60.0  # how long a commit is retried while metering restarts
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -48,7 +48,8 @@ class MeteringClient:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise UnauthenticatedError("authorization: unknown or revoked API key") from None
             raise
-        tenant = Tenant(response.tenant, response.key_id, response.weight or 1.0, response.priority)
+        tenant = Tenant(response.tenant, response.key_id, response.weight or 1.0, response.priority,
+                        response.namespace or response.tenant)
         self._cache[digest] = (tenant, now + self._ttl)
         self._cache.move_to_end(digest)
         while len(self._cache) > CACHE_ENTRIES:

@@ -9,6 +9,7 @@ import time
 
 import grpc
 
+from gateway.account import AccountRpcs, MeteringAccount
 from gateway.chat_request import ChatRequest, Message, ValidatedChat, validate
 from gateway.completion import Completions, Delta, Finish
 from gateway.events import Tenant, TokenInfo
@@ -65,10 +66,11 @@ def _logprobs(tokens: tuple[TokenInfo, ...]) -> chat_pb2.ChoiceLogprobs:
     return chat_pb2.ChoiceLogprobs(content=[one(t) for t in tokens])
 
 
-class ChatServicer(chat_pb2_grpc.ChatServicer):
+class ChatServicer(AccountRpcs, chat_pb2_grpc.ChatServicer):
     def __init__(self, completions: Completions, models: ModelCatalog, metering, *, auth: bool,
-                 default_max_tokens: int, request_timeout: float) -> None:
+                 default_max_tokens: int, request_timeout: float, account: MeteringAccount | None = None) -> None:
         self._completions, self._models, self._metering = completions, models, metering
+        self._account = account  # SubmitFeedback / GetUsage (gateway/account.py); None: not metered
         self._auth, self._default_max_tokens, self._timeout = auth, default_max_tokens, request_timeout
 
     async def _tenant(self, context) -> Tenant:

@@ -7,8 +7,9 @@ and metrics port, the gateway address under `gateway`, and the dev API key. Ctrl
 within 10 s: the gateway first (it drains client streams), then the rest; SIGKILL for anything left. Children die
 with the supervisor even if it is SIGKILLed (PR_SET_PDEATHSIG). Logs: MOEMESH_HOME/logs/<service>.log.
 
-Auth is on: metering creates the dev tenant "local" (MOEMESH_METERING_DEV_TENANT) and its key lands in the status
-file, where `moemesh chat` finds it. `--no-auth` runs the gateway without metering checks (tenant "local", no usage).
+Auth is on: metering makes sure the dev tenant "default" exists (MOEMESH_METERING_DEV_TENANT) and its key lands in the
+status file as `api_key`, where `moemesh chat` finds it. `--no-auth` runs the gateway without metering checks (tenant
+"default", no usage).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from moemesh.serving import status as status_file
 from moemesh.serving.server import READY_FILE_ENV, exit_now
 from moemesh.serving.supervisor import Child, stop_in_order
 
-DEV_TENANT = "local"
+DEV_TENANT = "default"  # = services.metering.bootstrap.DEV_TENANT (not imported: it pulls in redis)
 # name -> (module, gRPC service whose health says the process is ready)
 SERVICES = {
     "metering": ("services.metering", "moemesh.v1.Metering"),
@@ -60,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gateway-port", type=int, default=50051, help="port of the public Chat API (default 50051)")
     p.add_argument("--host", default="127.0.0.1", help="interface every service listens on")
     p.add_argument("--status-file", type=Path, default=None, help="default MOEMESH_HOME/run/status.json")
-    p.add_argument("--no-auth", action="store_true", help="no API keys: every request is tenant 'local'")
+    p.add_argument("--no-auth", action="store_true", help="no API keys: every request is tenant 'default'")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for SERVING (first run "
                    "converts the built-in model)")
     edge_hook.add_arguments(p)

@@ -101,6 +101,8 @@ def _write_atomic(out_dir: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         write(tmp)
+        for path in [tmp, *tmp.iterdir()]:  # mkdtemp makes 0700, safetensors 0600: readable like any checkpoint
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

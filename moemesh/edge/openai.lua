@@ -1,9 +1,11 @@
 -- OpenAI compatibility at the edge, between the HTTP client and grpc_json_transcoder (moemesh/edge/lua.py prepends
--- the tables TOP, MESSAGE and STREAM_OPTIONS: the JSON names the moemesh.v1 request messages declare).
+-- the tables TOP, MESSAGE and STREAM_OPTIONS: JSON name -> kind of every field the moemesh.v1 request messages
+-- declare; kinds: "string", "number", "bool", "list", "object", "any").
 --
 -- Request (POST /v1/chat/completions[:stream], JSON only; gRPC passes untouched):
---   * one walk over the buffered body rejects fields the API does not declare with 400 naming the field (the
---     transcoder would drop them silently) and reads `stream` and `stream_options.include_usage`;
+--   * one walk over the buffered body rejects fields the API does not declare (the transcoder would drop them
+--     silently) and values of the wrong kind (its messages would not name the field) with 400 naming the field,
+--     and reads `stream` and `stream_options.include_usage`;
 --   * "stream": true moves the call to /v1/chat/completions:stream (StreamChatCompletion), so both modes share
 --     OpenAI's one path. A body that is not valid JSON is left to the transcoder, which says what is wrong.
 -- Response:
@@ -117,32 +119,66 @@ local function literal(s, i)
   return s:sub(i, (s:find("[,}%] \t\r\n]", i) or (#s + 1)) - 1)
 end
 
--- Walks the body: the first undeclared field (a JSON path), and what decides the RPC. nil when not JSON.
+local KINDS = { list = "a list", object = "an object", string = "a string", bool = "true or false",
+  number = "a number" }
+
+-- Whether the JSON value at v has the field's kind (null always does: the field is then absent).
+local function kind_ok(kind, s, v)
+  local c = s:byte(v)
+  if kind == "any" or c == nil then return true end
+  local lit = (c ~= 34 and c ~= 123 and c ~= 91) and literal(s, v) or nil
+  if lit == "null" then return true end
+  if kind == "list" then return c == 91 end
+  if kind == "object" then return c == 123 end
+  if kind == "string" then return c == 34 end
+  if kind == "bool" then return lit == "true" or lit == "false" end
+  if kind == "number" then return c == 34 or (lit ~= nil and lit ~= "true" and lit ~= "false") end
+  return true
+end
+
+-- Walks the body: the first undeclared or mistyped field (a JSON path and why), and what decides the RPC
+-- (stream, include_usage). nil when the body is not a JSON object.
 local function inspect_body(s)
-  local found = { bad = nil, stream = false, include_usage = false }
-  local function check_message(prefix)
+  local found = { bad = nil, why = nil, stream = false, include_usage = false }
+  local function judge(kinds, path, key, v)
+    if found.bad then return end
+    local kind = kinds[key]
+    if not kind then
+      found.bad = path
+    elseif not kind_ok(kind, s, v) then
+      found.bad, found.why = path, "must be " .. KINDS[kind]
+      if key == "content" then found.why = found.why .. " (moemesh takes text content only)" end
+    end
+  end
+  local function message_fields(prefix)
     return function(key, v, d)
-      if not found.bad and not MESSAGE[key] then found.bad = prefix .. key end
-      if not found.bad and key == "content" and s:byte(v) ~= 34 and literal(s, v) ~= "null" then
-        found.bad, found.why = prefix .. key, "must be a string (moemesh takes text content only)"
-      end
+      judge(MESSAGE, prefix .. key, key, v)
       return skip(s, v, d)
     end
   end
   local i = ws(s, 1)
   if s:byte(i) ~= 123 then return nil end
   local last = members(s, i, 1, function(key, v, d)
-    if not found.bad and not TOP[key] then found.bad = key end
     local c = s:byte(v)
+    if key == "stop" and c == 34 then  -- OpenAI also takes one stop string: the walk wraps it in a list
+      local j = skip(s, v, d)
+      found.stop_string = j and { v, j }
+      return j
+    end
+    judge(TOP, key, key, v)
     if key == "stream" then found.stream = literal(s, v) == "true" end
     if key == "messages" and c == 91 then
       return elements(s, v, d, function(n, e, d2)
-        if s:byte(e) ~= 123 then return skip(s, e, d2) end
-        return members(s, e, d2, check_message("messages[" .. n .. "]."))
+        local path = "messages[" .. n .. "]"
+        if s:byte(e) ~= 123 then
+          if not found.bad and literal(s, e) ~= "null" then found.bad, found.why = path, "must be an object" end
+          return skip(s, e, d2)
+        end
+        return members(s, e, d2, message_fields(path .. "."))
       end)
     elseif (key == "stream_options" or key == "streamOptions") and c == 123 then
       return members(s, v, d, function(k, w, d2)
-        if not found.bad and not STREAM_OPTIONS[k] then found.bad = key .. "." .. k end
+        judge(STREAM_OPTIONS, key .. "." .. k, k, w)
         if k == "include_usage" or k == "includeUsage" then found.include_usage = literal(s, w) == "true" end
         return skip(s, w, d2)
       end)
@@ -211,6 +247,12 @@ function envoy_on_request(handle)
   if found.bad then
     return reject(handle, found.bad, found.bad .. ": " .. (found.why or "unknown field; moemesh's chat-completion "
       .. "API does not declare it (remove it)"))
+  end
+  if found.stop_string then
+    local a, b = found.stop_string[1], found.stop_string[2]
+    body:setBytes(text:sub(1, a - 1) .. "[" .. text:sub(a, b - 1) .. "]" .. text:sub(b))
+    headers = handle:headers()
+    headers:remove("content-length")
   end
   local meta = handle:streamInfo():dynamicMetadata()
   if base == STREAM or found.stream then

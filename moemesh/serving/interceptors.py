@@ -53,6 +53,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             with _Recorder(self._service, method, context) as rec:
                 await self._refuse_if_draining(context)
                 try:
+                    _check_decoded(request)
                     result = behavior(request, context)
                     return (await result) if inspect.isawaitable(result) else result
                 except Exception as exc:
@@ -65,6 +66,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             with _Recorder(self._service, method, context) as rec:
                 await self._refuse_if_draining(context)
                 try:
+                    _check_decoded(request)
                     result = behavior(request, context)
                     if hasattr(result, "__aiter__"):
                         async for item in result:
@@ -138,8 +140,35 @@ def _rewrap(handler, wrap: Callable[[Callable, bool], Callable]):
         factory, behavior = grpc.unary_stream_rpc_method_handler, handler.unary_stream
     else:
         factory, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+    deserializer = handler.request_deserializer
     return factory(
         wrap(behavior, handler.response_streaming),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer if handler.request_streaming else _tolerant(deserializer),
         response_serializer=handler.response_serializer,
     )
+
+
+class _Undecodable:
+    """A unary request whose bytes did not parse. grpc would answer UNKNOWN ("Unexpected DecodeError"); the
+    wrapped behavior answers INVALID_ARGUMENT instead: garbage from a client is the client's error."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable | None) -> Callable | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError (corrupt wire format, bad UTF-8 in a string field)
+            return _Undecodable(exc)
+
+    return parse
+
+
+def _check_decoded(request) -> None:
+    if isinstance(request, _Undecodable):
+        raise ValueError(f"request: not a valid protobuf message ({request.error})")

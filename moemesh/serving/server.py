@@ -45,7 +45,10 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 READY_FILE_ENV = "MOEMESH_READY_FILE"
 _WILDCARD_HOSTS = {"0.0.0.0", "[::]", "::", ""}
 # SO_REUSEPORT off: a second process on the same port must fail to start, not silently share the port.
-SERVER_OPTIONS = (*telemetry.CHANNEL_OPTIONS, ("grpc.so_reuseport", 0))
+# Metadata up to 1 MiB: grpc's own 8 KiB soft / 16 KiB hard limits would answer big headers with a misleading
+# RESOURCE_EXHAUSTED (a "rate limit" to OpenAI clients); the edge's header limits (60 KiB) answer first instead.
+SERVER_OPTIONS = (*telemetry.CHANNEL_OPTIONS, ("grpc.so_reuseport", 0), ("grpc.max_metadata_size", 1 << 20),
+                  ("grpc.absolute_max_metadata_size", 1 << 20))
 
 
 @dataclass

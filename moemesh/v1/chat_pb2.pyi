@@ -1,6 +1,7 @@
 from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from moemesh.v1 import common_pb2 as _common_pb2
+from moemesh.v1 import metering_pb2 as _metering_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -194,3 +195,33 @@ class ListModelsResponse(_message.Message):
     object: str
     data: _containers.RepeatedCompositeFieldContainer[ModelCard]
     def __init__(self, object: _Optional[str] = ..., data: _Optional[_Iterable[_Union[ModelCard, _Mapping]]] = ...) -> None: ...
+
+class SubmitFeedbackRequest(_message.Message):
+    __slots__ = ("request_id", "rating", "task_completed", "comment")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RATING_FIELD_NUMBER: _ClassVar[int]
+    TASK_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    rating: int
+    task_completed: bool
+    comment: str
+    def __init__(self, request_id: _Optional[str] = ..., rating: _Optional[int] = ..., task_completed: _Optional[bool] = ..., comment: _Optional[str] = ...) -> None: ...
+
+class SubmitFeedbackResponse(_message.Message):
+    __slots__ = ("request_id", "recorded_unix")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    recorded_unix: float
+    def __init__(self, request_id: _Optional[str] = ..., recorded_unix: _Optional[float] = ...) -> None: ...
+
+class UsageQuery(_message.Message):
+    __slots__ = ("since_unix", "until_unix", "tenant")
+    SINCE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UNIX_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    since_unix: int
+    until_unix: int
+    tenant: str
+    def __init__(self, since_unix: _Optional[int] = ..., until_unix: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...

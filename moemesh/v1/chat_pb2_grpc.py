@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from moemesh.v1 import chat_pb2 as moemesh_dot_v1_dot_chat__pb2
+from moemesh.v1 import metering_pb2 as moemesh_dot_v1_dot_metering__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
@@ -50,6 +51,16 @@ class ChatStub:
                 request_serializer=moemesh_dot_v1_dot_chat__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=moemesh_dot_v1_dot_chat__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.SubmitFeedback = channel.unary_unary(
+                '/moemesh.v1.Chat/SubmitFeedback',
+                request_serializer=moemesh_dot_v1_dot_chat__pb2.SubmitFeedbackRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_chat__pb2.SubmitFeedbackResponse.FromString,
+                _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/moemesh.v1.Chat/GetUsage',
+                request_serializer=moemesh_dot_v1_dot_chat__pb2.UsageQuery.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_metering__pb2.UsageReport.FromString,
+                _registered_method=True)
 
 
 class ChatServicer:
@@ -78,6 +89,25 @@ class ChatServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitFeedback(self, request, context):
+        """Rates one of the caller's own completions (by its id, "chatcmpl-..."): 1-5 and/or task completed, with an
+        optional comment; giving feedback again replaces it. The gateway forwards it to Metering.Feedback as the key's
+        tenant: PERMISSION_DENIED for a request id that is not a recent request of that tenant (another tenant's, or
+        unknown), INVALID_ARGUMENT for a rating outside 0-5 or neither rating nor task_completed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """The caller's usage over a period: requests, tokens, price charged, cost of goods, margin, satisfaction, per model
+        (Metering.GetUsage on behalf of the key's tenant). Asking for another tenant's usage: PERMISSION_DENIED.
+        HTTP: GET /v1/usage?since_unix=...&until_unix=...
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +125,16 @@ def add_ChatServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=moemesh_dot_v1_dot_chat__pb2.ListModelsRequest.FromString,
                     response_serializer=moemesh_dot_v1_dot_chat__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'SubmitFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitFeedback,
+                    request_deserializer=moemesh_dot_v1_dot_chat__pb2.SubmitFeedbackRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_chat__pb2.SubmitFeedbackResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=moemesh_dot_v1_dot_chat__pb2.UsageQuery.FromString,
+                    response_serializer=moemesh_dot_v1_dot_metering__pb2.UsageReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +219,60 @@ class Chat:
             '/moemesh.v1.Chat/ListModels',
             moemesh_dot_v1_dot_chat__pb2.ListModelsRequest.SerializeToString,
             moemesh_dot_v1_dot_chat__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.Chat/SubmitFeedback',
+            moemesh_dot_v1_dot_chat__pb2.SubmitFeedbackRequest.SerializeToString,
+            moemesh_dot_v1_dot_chat__pb2.SubmitFeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.Chat/GetUsage',
+            moemesh_dot_v1_dot_chat__pb2.UsageQuery.SerializeToString,
+            moemesh_dot_v1_dot_metering__pb2.UsageReport.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,10 +4,14 @@ Tracing: a step serves many requests, so its span "batcher.step" is a child of o
 starts in the step, else the first in the step) and links to the others; the Step call made under it carries that
 trace to the router and the expert shards. A request's trace thus holds the steps it started in, and every step is
 reachable from every request through the links.
+
+Deadlines: a Step call's gRPC deadline is the latest deadline of its sequences (when all have one), so the router
+sees how long the step is worth computing; per-sequence deadlines are enforced by the scheduler between steps.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence as Seq
 
 import grpc
@@ -21,12 +25,12 @@ _MAX_LINKS = 64
 
 
 class RouterClient:
-    def __init__(self, address: str, step_timeout: float = 120.0) -> None:
+    def __init__(self, address: str, step_timeout: float = 120.0, span_tracer: trace.Tracer | None = None) -> None:
         self.address = address
         self.step_timeout = step_timeout
         self._channel = client_channel(address)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
-        self._tracer = tracer("moemesh.batcher")
+        self._tracer = span_tracer or tracer("moemesh.batcher")
 
     async def info(self, timeout: float = 10.0) -> RouterLimits:
         r = await self._stub.Info(router_pb2.RouterInfoRequest(), timeout=timeout)
@@ -53,7 +57,7 @@ class RouterClient:
                       "moemesh.tokens": plan.tokens}
         with self._tracer.start_as_current_span("batcher.step", context=parent, links=links, attributes=attributes):
             try:
-                r = await self._stub.Step(request, timeout=self.step_timeout)
+                r = await self._stub.Step(request, timeout=self._timeout(plan))
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
@@ -64,6 +68,14 @@ class RouterClient:
             for o in r.results
         ]
         return StepOutcome(outputs=outputs, compute_seconds=r.compute_seconds, kv_blocks_free=r.kv_blocks_free)
+
+    def _timeout(self, plan: StepPlan) -> float:
+        """The step's gRPC deadline: step_timeout, or sooner when every sequence in it has a deadline (the latest
+        of them), so the router sees how long the step is worth computing."""
+        deadlines = [i.seq.deadline for i in plan.items]
+        if not deadlines or any(d is None for d in deadlines):
+            return self.step_timeout
+        return max(0.001, min(self.step_timeout, max(deadlines) - time.monotonic()))
 
     async def _free_blocks(self) -> int | None:
         try:

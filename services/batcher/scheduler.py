@@ -6,11 +6,14 @@ clock: no sockets, no protobuf, no asyncio. The engine loop drives it:
     scheduler.complete(plan, outcome)     # or abort(plan, free) when the router refused, fail(plan, why) on errors
     deliver(scheduler.take_events())
 
-A step is built in three passes, decodes first so running sequences keep flowing:
+A step is built in passes, decodes first so running sequences keep flowing:
+0. (joining modes) slot fairness: a full batch gives slots to a waiting tenant below its weighted share (_rebalance);
 1. running sequences, decodes before prefill chunks, in rank order (priority, then age); a decode that needs a KV block
    the cache lacks preempts the lowest-ranked running sequence (recompute later), possibly itself;
 2. (chunked mode) prefill chunks of running sequences in what is left of the token budget;
 3. admissions in weighted-fair order while the batch and the budget have room and the KV cache keeps its watermark.
+Requests whose deadline passed are dropped first, queued or running; cancelled ones leave at once. Every sequence
+that leaves the router (finished, cancelled, expired, preempted) is listed in the next plan's `release`.
 """
 
 from __future__ import annotations
@@ -127,7 +130,7 @@ class Scheduler:
             event = self._event(seq, [out.token_id])
             if out.logprob is not None:
                 event.logprobs, event.top_logprobs = [out.logprob], [list(out.top_logprobs)]
-            reason = self._stop_reason(seq, out.token_id)
+            reason = seq.stop_reason(out.token_id, self.eos, self.max_context)
             if reason is None:
                 self._events.append(event)
             else:
@@ -231,7 +234,7 @@ class Scheduler:
         start = seq.num_cached
         self.kv.grow(seq.seq_id, start + n)
         sample = start + n == seq.length
-        draft.items.append(WorkItem(seq=seq, token_ids=seq.tokens[start : start + n], position=start, sample=sample))
+        draft.items.append(WorkItem(seq=seq, token_ids=seq.window(start, n), position=start, sample=sample))
         draft.planned.add(seq.seq_id)
         draft.budget -= n
         self.queue.charge(seq.tenant, n)  # now, not after the step: one admission pass then interleaves tenants
@@ -282,15 +285,6 @@ class Scheduler:
             seq = heapq.heappop(self._deadlines)[2]
             if seq.status is not Status.FINISHED:
                 self._finish(seq, Finish.DEADLINE, "the deadline passed")
-
-    def _stop_reason(self, seq: Sequence, token: int) -> Finish | None:
-        if token in seq.stop_ids or (not seq.ignore_eos and token in self.eos):
-            return Finish.STOP
-        if seq.max_tokens and len(seq.output_ids) >= seq.max_tokens:
-            return Finish.LENGTH
-        if seq.length >= self.max_context:
-            return Finish.LENGTH
-        return None
 
     def _event(self, seq: Sequence, token_ids: list[int]) -> Event:
         return Event(

@@ -74,6 +74,15 @@ class Sequence:
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    def window(self, start: int, n: int) -> list[int]:
+        """tokens[start : start + n] without copying the whole sequence (decodes of long sequences stay cheap)."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p : start - p + n]
+        if start + n <= p:
+            return self.prompt_ids[start : start + n]
+        return self.prompt_ids[start:] + self.output_ids[: start + n - p]
+
     @property
     def pending(self) -> int:
         """Tokens still to feed before the next sample (1 when decoding)."""
@@ -83,6 +92,16 @@ class Sequence:
     def rank(self) -> tuple[int, float, int]:
         """Service order: higher priority first, then older first. The largest rank is the preemption victim."""
         return (-self.priority, self.arrival, self.serial)
+
+    def stop_reason(self, token: int, eos: frozenset[int], max_context: int) -> Finish | None:
+        """Why the sequence ends after sampling `token` (already appended to output_ids), or None to go on."""
+        if token in self.stop_ids or (not self.ignore_eos and token in eos):
+            return Finish.STOP
+        if self.max_tokens and len(self.output_ids) >= self.max_tokens:
+            return Finish.LENGTH
+        if self.length >= max_context:  # the next token would not fit the context window
+            return Finish.LENGTH
+        return None
 
     def queue_seconds(self, now: float) -> float:
         start = self.first_scheduled if self.first_scheduled is not None else now

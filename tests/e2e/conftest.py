@@ -15,7 +15,8 @@ from mesh_harness import ROOT, RunningMesh, free_port, wait_status
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory, tiny_moe_dir: Path):
+def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_moe_dir: Path):
+    """One mesh per test module; a module's `MESH_UP_ARGS` (e.g. ["--edge", "--edge-port", "0"]) go to `up`."""
     home = tmp_path_factory.mktemp("mesh-home")
     status_path, output = home / "status.json", home / "up.out"
     env = {**os.environ, "MOEMESH_HOME": str(home)}
@@ -23,7 +24,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, tiny_moe_dir: Path):
     with output.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moemesh.cli.main", "up", "--model", str(tiny_moe_dir), "--gateway-port",
-             str(free_port()), "--status-file", str(status_path)],
+             str(free_port()), "--status-file", str(status_path), *getattr(request.module, "MESH_UP_ARGS", ())],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     try:

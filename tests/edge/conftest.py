@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import edge_harness
 from edge_fake_chat import FakeGateway
+from edge_harness import EdgeMesh
 from moemesh.edge import EdgeProcess, launch
 
 
@@ -41,3 +43,11 @@ def edge(edge_home: Path, fake_gateway: FakeGateway) -> Iterator[EdgeProcess]:
     process = launch([fake_gateway.address], port=0, rate_limit_rps=10_000, rate_limit_burst=10_000)
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def edge_mesh(tmp_path_factory: pytest.TempPathFactory, tiny_moe_dir: Path) -> Iterator[EdgeMesh]:
+    """`moemesh up --edge` on the tiny MoE, shared by the mesh tests of every edge test module."""
+    mesh = edge_harness.start(tmp_path_factory.mktemp("edge-mesh-home"), tiny_moe_dir, "--edge-rps", "5000")
+    yield mesh
+    edge_harness.stop(mesh.proc)

@@ -48,6 +48,7 @@ class Mesh:
     router: router_pb2_grpc.RouterStub
     loop: EngineLoop
     model: str
+    router_address: str
     log: list = field(default_factory=list)
 
     async def router_info(self) -> router_pb2.RouterInfo:
@@ -98,7 +99,7 @@ async def mesh(model_dir, kv_blocks: int = 64, block_size: int = 16, **knobs) ->
             async with serve_in_process(lambda s: add_batcher(BatcherServicer(loop), s), name="batcher") as b:
                 bch, rch = client_channel(b.address), client_channel(r.address)
                 stubs = batcher_pb2_grpc.BatcherStub(bch), router_pb2_grpc.RouterStub(rch)
-                yield Mesh(*stubs, loop, str(model_dir), log)
+                yield Mesh(*stubs, loop, str(model_dir), r.address, log)
                 await bch.close()
                 await rch.close()
             await loop.stop()

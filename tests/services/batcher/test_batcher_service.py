@@ -11,7 +11,15 @@ import grpc
 import pytest
 import torch
 
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
 from moemesh.v1 import batcher_pb2, common_pb2
+from services.batcher.router_client import RouterClient
+from services.batcher.sequence import Sequence
+from services.batcher.step import StepPlan, WorkItem
 from tests.services.batcher.mesh import code_of, mesh, request_for
 
 PROMPT = [1, 9690, 314, 253, 1345, 30, 2045, 28]
@@ -98,8 +106,10 @@ async def test_cancel_by_request_id(tiny_moe_dir):
 
 async def test_full_queue_answers_resource_exhausted_promptly_then_recovers(tiny_moe_dir):
     async with mesh(tiny_moe_dir, max_batch_size=1, max_queue=2, max_step_tokens=64) as m:
-        busy = [m.batcher.Generate(request_for(PROMPT, 400, "t")) for _ in range(3)]
-        for _ in range(200):  # one runs, two wait
+        busy = [m.batcher.Generate(request_for(PROMPT, 1000, "t"))]
+        await busy[0].read()  # running: the next two wait (arriving together with it, one would be refused)
+        busy += [m.batcher.Generate(request_for(PROMPT, 1000, "t")) for _ in range(2)]
+        for _ in range(200):
             stats = await m.batcher.Stats(batcher_pb2.StatsRequest())
             if (stats.running, stats.waiting) == (1, 2):
                 break
@@ -183,3 +193,28 @@ async def test_a_tenant_flood_does_not_starve_another(tiny_moe_dir):
         unloaded = statistics.median(alone)
         assert p95 <= 3 * unloaded, f"B p95 {p95:.3f}s vs unloaded {unloaded:.3f}s"
         assert (await late_a).ttft > 2 * p95  # without fair queuing B would have waited like this
+
+
+async def test_a_step_span_joins_one_request_trace_and_links_the_others(tiny_moe_dir):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    async with mesh(tiny_moe_dir) as m:
+        client = RouterClient(m.router_address, span_tracer=tracer)
+        seqs = []
+        for name in ("a", "b"):
+            with tracer.start_as_current_span(f"generate-{name}"):
+                seqs.append(Sequence(seq_id=f"trace-{name}", prompt_ids=PROMPT, max_tokens=1,
+                                     sampling=common_pb2.SamplingParams(), trace=trace.set_span_in_context(
+                                         trace.get_current_span())))
+        plan = StepPlan(step_id=7, items=[WorkItem(s, PROMPT, 0, True) for s in seqs])
+        outcome = await client.step(plan)
+        assert [o.seq_id for o in outcome.outputs] == ["trace-a", "trace-b"] and outcome.compute_seconds > 0
+        await client.release(["trace-a", "trace-b"])
+        await client.close()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    step, a, b = spans["batcher.step"], spans["generate-a"], spans["generate-b"]
+    assert step.parent.span_id == a.context.span_id and step.context.trace_id == a.context.trace_id
+    assert [link.context.span_id for link in step.links] == [b.context.span_id]
+    assert step.attributes["moemesh.step_id"] == 7 and step.attributes["moemesh.tokens"] == 2 * len(PROMPT)
