@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 PROTOS  := $(wildcard protos/moemesh/v1/*.proto)
 
-.PHONY: install protos test test-fast run lint clean bench
+.PHONY: install protos test test-fast run lint clean bench certs
 
 install: $(BIN)/moemesh
 
@@ -27,6 +27,10 @@ test: install
 
 run: install
 	$(BIN)/moemesh up
+
+# Development CA and TLS certificates under MOEMESH_HOME/certs (the edge's; `moemesh certs --help` for mTLS peers).
+certs: install
+	$(BIN)/moemesh certs
 
 clean:
 	rm -rf $(VENV) build *.egg-info

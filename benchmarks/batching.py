@@ -159,22 +159,28 @@ def summarize(mode: str, rate: float, results: list[dict], unfinished: int, wall
     }
 
 
-async def bench_mode(address: str, metrics_port: int, mode: str, rates: list[float], args) -> list[dict]:
-    channel = grpc.aio.insecure_channel(address)
-    stub = batcher_pb2_grpc.BatcherStub(channel)
+async def bench(batchers: dict[str, dict], rates: list[float], args) -> list[dict]:
+    """Rates outer, modes inner: drifts in the shared machine's load hit every mode of a rate alike."""
+    channels = {mode: grpc.aio.insecure_channel(b["address"]) for mode, b in batchers.items()}
+    stubs = {mode: batcher_pb2_grpc.BatcherStub(ch) for mode, ch in channels.items()}
     warm = [random.Random(k).randrange(100, 49000) for k in range(args.prompt_tokens)]
-    await one_request(stub, f"{mode}-warm", warm, 2)
-    await asyncio.gather(*[one_request(stub, f"{mode}-warm{k}", warm, 2) for k in range(8)])
+    for mode, stub in stubs.items():
+        await one_request(stub, f"{mode}-warm", warm, 2)
+        await asyncio.gather(*[one_request(stub, f"{mode}-warm{k}", warm, 2) for k in range(8)])
     rows = []
     for rate in rates:
-        before = scrape(metrics_port)
-        results, unfinished, t0, t_end = await run_cell(stub, rate, args, f"{mode}-{rate}")
-        await asyncio.sleep(0.3)  # let the batcher count the last steps
-        delta = {k: v - before[k] for k, v in scrape(metrics_port).items()}
-        rows.append(summarize(mode, rate, results, unfinished, t_end - t0, delta))
-        print(format_row(rows[-1]), flush=True)
-    await channel.close()
-    return rows
+        for mode, stub in stubs.items():
+            port = batchers[mode]["metrics_port"]
+            before = scrape(port)
+            results, unfinished, t0, t_end = await run_cell(stub, rate, args, f"{mode}-{rate}")
+            await asyncio.sleep(0.3)  # let the batcher count the last steps
+            delta = {k: v - before[k] for k, v in scrape(port).items()}
+            rows.append(summarize(mode, rate, results, unfinished, t_end - t0, delta))
+            print(format_row(rows[-1]), flush=True)
+            await asyncio.sleep(1.0)  # cancelled stragglers leave the router before the next cell
+    for ch in channels.values():
+        await ch.close()
+    return sorted(rows, key=lambda r: (MODES.index(r["mode"]), r["rate_rps"]))
 
 
 # ---- report ---------------------------------------------------------------------------------------------------------
@@ -253,18 +259,18 @@ def main(argv=None) -> int:
             core.append(router)
             env["ROUTER_ADDR"] = start([router], run)["router"]["address"]
             print(HEADER + "\n" + SEPARATOR, flush=True)
-            for mode in modes:
+            batchers = []
+            for mode in modes:  # one batcher per mode, all on the one router; only one has load at a time
                 knobs = {"MOEMESH_BATCHER_MODE": mode, "MOEMESH_BATCHER_MAX_BATCH_SIZE": str(args.max_batch_size),
                          "MOEMESH_BATCHER_MAX_WAIT_MS": str(args.max_wait_ms),
                          "MOEMESH_BATCHER_MAX_STEP_TOKENS": str(max(512, args.max_batch_size))}
-                batcher = child(f"batcher-{mode}", "services.batcher", {**env, **knobs}, run)
-                try:
-                    b = start([batcher], run)[batcher.name]
-                    rows += asyncio.run(bench_mode(b["address"], b["metrics_port"], mode, rates, args))
-                finally:
-                    stop_in_order([[batcher]], budget_s=5)
+                batchers.append(child(f"batcher-{mode}", "services.batcher", {**env, **knobs}, run))
+            core += batchers
+            info = start(batchers, run)
+            rows = asyncio.run(bench({m: info[f"batcher-{m}"] for m in modes}, rates, args))
         finally:
-            stop_in_order([[c for c in core if c.name == "router"], experts], budget_s=10)
+            stop_in_order([[c for c in core if c.name.startswith("batcher")], [c for c in core if c.name == "router"],
+                           experts], budget_s=10)
         out = write(rows, args, model, started)
     print(f"wrote {out} and {out.with_suffix('.md')} in {time.time() - started:.0f} s")
     return 0

@@ -61,7 +61,7 @@ def sample_next(logits: torch.Tensor, gen: torch.Generator, temperature: float =
 
 @torch.no_grad()
 def generate(model: TrainableLlama, prompts: torch.Tensor, length: int, gen: torch.Generator,
-             recorder: Recorder | None = None) -> torch.Tensor:
+             recorder: Recorder | None = None, progress: Callable[[str], None] | None = None) -> torch.Tensor:
     """Continue prompts [B, P] to [B, length] with the KV cache; `recorder` sees every token fed to the model."""
     cache: list = []
     logits = model(prompts, cache=cache, recorder=recorder)[:, -1]
@@ -71,6 +71,8 @@ def generate(model: TrainableLlama, prompts: torch.Tensor, length: int, gen: tor
         tokens.append(nxt[:, None])
         if pos + 1 < length:
             logits = model(nxt[:, None], cache=cache, start=pos, recorder=recorder)[:, -1]
+        if progress and (pos + 1) % 32 == 0:
+            progress(f"  {prompts.shape[0]} sequences at token {pos + 1}/{length}")
     return torch.cat(tokens, dim=1)
 
 
@@ -84,7 +86,7 @@ def self_generated(model: TrainableLlama, model_dir: Path, count: int, length: i
     first = first_tokens(model_dir, model.shape.vocab_size, count, torch.Generator().manual_seed(seed))
     out = []
     for chunk in first.split(batch):
-        out.append(generate(model, chunk.to(device), length, gen, recorder))
+        out.append(generate(model, chunk.to(device), length, gen, recorder, progress))
         if progress:
             progress(f"self-generated {sum(o.shape[0] for o in out)}/{count} sequences of {length} tokens")
     return torch.cat(out)

@@ -34,8 +34,10 @@ def envoy_binary() -> str:
 
 def envoy_argv(config_path: Path, *, concurrency: int = 1, log_level: str = "warning") -> list[str]:
     # --disable-hot-restart: several Envoys (tests, meshes) share this machine; no shared-memory base id clash.
+    # Access log lines reach the file within a second (the default waits up to 10 s).
     return [envoy_binary(), "-c", str(config_path), "--disable-hot-restart", "--concurrency", str(concurrency),
-            "-l", log_level, "--drain-time-s", "2", "--parent-shutdown-time-s", "3"]
+            "-l", log_level, "--drain-time-s", "2", "--parent-shutdown-time-s", "3", "--file-flush-interval-msec",
+            "1000"]
 
 
 @dataclass

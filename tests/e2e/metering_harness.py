@@ -11,6 +11,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import zlib
@@ -176,3 +177,61 @@ def side_gateway(mesh: RunningMesh, home: Path, metering_addr: str) -> Process:
 def metering_stub(address: str) -> tuple[grpc.Channel, metering_pb2_grpc.MeteringStub]:
     channel = grpc.insecure_channel(address)
     return channel, metering_pb2_grpc.MeteringStub(channel)
+
+
+class ChatLoad:
+    """`clients` threads chatting in a loop through `gateway` until the block ends: `done` holds the ids of the chats
+    they saw complete, `refused` the status codes of those that failed (each followed by a 0.2 s pause)."""
+
+    def __init__(self, gateway: str, api_key: str, model: str, clients: int = 3) -> None:
+        self.gateway, self.api_key, self.model = gateway, api_key, model
+        self.done: list[str] = []
+        self.refused: list[grpc.StatusCode] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
+
+    def _client(self, i: int) -> None:
+        from moemesh.sdk import ChatClient
+
+        with ChatClient(self.gateway, self.api_key, model=self.model, timeout=60) as chat:
+            while not self._stop.is_set():
+                try:
+                    self.done.append(chat.complete(f"Client {i} says hi", max_tokens=4).id)
+                except grpc.RpcError as exc:
+                    self.refused.append(exc.code())
+                    time.sleep(0.2)
+
+    def __enter__(self) -> ChatLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(90)
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie is dead
+    except FileNotFoundError:
+        return False
+
+
+def ledger_ids(metering_addr: str, tenant: str, at_least: int, timeout: float = 90.0) -> list[str]:
+    """Request ids of the tenant's ledger once it holds `at_least` records (then 1 s more: nothing else arrives)."""
+    channel, stub = metering_stub(metering_addr)
+    with channel:
+        wait_for(lambda: stub.GetUsage(metering_pb2.GetUsageRequest(tenant=tenant)).requests >= at_least, timeout,
+                 f"{at_least} ledger records")
+        time.sleep(1.0)
+        return [r.request_id for r in stub.ExportUsage(metering_pb2.GetUsageRequest(tenant=tenant))]

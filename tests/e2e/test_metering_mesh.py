@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import signal
 import ssl
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,13 +17,14 @@ import grpc
 import pytest
 
 from moemesh.sdk import ChatClient
-from moemesh.v1 import chat_pb2, chat_pb2_grpc, metering_pb2
+from moemesh.v1 import chat_pb2, chat_pb2_grpc
 from services.metering.plot import COMPLETION, COST, PROMPT
 from services.metering.pricing import HardwareTable
 
 from mesh_harness import RunningMesh, free_port
 from metering_harness import (
-    Account, cli, create_tenant, metering_stub, metric_sum, read_png, side_gateway, side_metering,
+    Account, ChatLoad, alive, cli, create_tenant, ledger_ids, metric_sum, read_png, side_gateway, side_metering,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -194,60 +194,45 @@ def test_usage_command_json_totals_and_plot(mesh: RunningMesh, tmp_path: Path) -
 @pytest.mark.timeout(300)
 def test_sigkill_and_restart_of_metering_loses_no_committed_record(mesh: RunningMesh, tmp_path: Path) -> None:
     """Its own metering (fixed port, own Redis) and a second gateway on the mesh's tokenizer and batcher; clients
-    chat throughout; metering is SIGKILLed mid-run and restarted. Every chat a client saw complete is in the ledger
-    exactly once (the gateway retries commits while metering is away; commits are idempotent)."""
+    chat throughout; metering is SIGKILLed while a chat is generating and restarted once chats are refused. Every
+    chat a client saw complete is in the ledger exactly once (the gateway retries commits while metering is away;
+    commits are idempotent); refused chats (Reserve failed: nothing ran) are not."""
     home, port = tmp_path / "home", free_port()
     home.mkdir()
     metering = side_metering(home, port).start()
     gateway = side_gateway(mesh, home, f"127.0.0.1:{port}").start()
     key = (home / "run" / "dev_api_key").read_text().strip()
-    done, refused, stop = [], [], threading.Event()
-
-    def client(i: int) -> None:
-        with ChatClient(gateway.info["address"], key, model=mesh.status["model"], timeout=60) as chat:
-            while not stop.is_set():
-                try:
-                    done.append(chat.complete(f"Client {i} says hi", max_tokens=4).id)
-                except grpc.RpcError as exc:  # metering away: Reserve fails, nothing ran, nothing is billed
-                    refused.append(exc.code())
-                    time.sleep(0.2)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
     try:
-        for t in threads:
-            t.start()
-        _wait(lambda: len(done) >= 6, 120, "first chats")
-        redis_pid = json.loads((home / "redis" / "owner.json").read_text())["server_pid"]
-        metering.proc.send_signal(signal.SIGKILL)
-        metering.proc.wait(10)
-        killed_at = len(done)
-        _wait(lambda: not _alive(redis_pid), 15, "the embedded redis-server to die with metering")
-        # Stay down until a chat has completed (its commit must wait for metering) and a new one was refused.
-        _wait(lambda: len(done) > killed_at and refused, 120, "a chat completed and one refused while down")
-        completed_while_down = len(done) - killed_at
-        metering.start()
-        _wait(lambda: len(done) >= killed_at + 6, 120, "chats after the restart")
-        stop.set()
-        for t in threads:
-            t.join(90)
-        channel, stub = metering_stub(f"127.0.0.1:{port}")
-        with channel:
-            deadline = time.monotonic() + 90
-            while (n := stub.GetUsage(metering_pb2.GetUsageRequest(tenant="default")).requests) < len(done):
-                assert time.monotonic() < deadline, f"ledger has {n} of {len(done)} completed chats"
-                time.sleep(0.2)
-            time.sleep(1.0)  # nothing more trickles in: no double count
-            records = list(stub.ExportUsage(metering_pb2.GetUsageRequest(tenant="default")))
-        print(f"\n{len(done)} chats completed ({killed_at} before the kill, {completed_while_down} while metering was "
-              f"down), {len(refused)} refused: {sorted({c.name for c in refused})}; ledger {len(records)} records")
-        assert sorted(r.request_id for r in records) == sorted(done)
-        assert set(refused) <= {grpc.StatusCode.UNAVAILABLE}
+        with ChatLoad(gateway.info["address"], key, mesh.status["model"]) as load:
+            wait_for(lambda: len(load.done) >= 6, 120, "first chats")
+            redis_pid = json.loads((home / "redis" / "owner.json").read_text())["server_pid"]
+            killed_at, refused_before, completed_while_down = _kill_during_a_chat(metering, gateway, key, mesh, load)
+            wait_for(lambda: not alive(redis_pid), 15, "the embedded redis-server to die with metering")
+            wait_for(lambda: len(load.refused) > refused_before, 120, "a chat refused while metering is down")
+            metering.start()
+            wait_for(lambda: len(load.done) >= killed_at + 6, 120, "chats after the restart")
+        records = ledger_ids(f"127.0.0.1:{port}", "default", len(load.done))
+        print(f"\n{len(load.done)} chats completed ({killed_at} before the kill, >= {completed_while_down} while "
+              f"metering was down), {len(load.refused)} refused: {sorted({c.name for c in load.refused})}; "
+              f"ledger {len(records)} records")
+        assert sorted(records) == sorted(load.done)
+        assert set(load.refused) <= {grpc.StatusCode.UNAVAILABLE}
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
         gateway.stop()
         metering.stop()
+
+
+def _kill_during_a_chat(metering, gateway, key: str, mesh: RunningMesh, load: ChatLoad) -> tuple[int, int, int]:
+    """SIGKILLs metering once a streamed chat is admitted and generating, then lets that chat finish (its commit has
+    to wait for metering). Returns (chats done before the kill, refusals before the kill, chats done since)."""
+    with ChatClient(gateway.info["address"], key, model=mesh.status["model"], timeout=120) as chat:
+        for chunk in chat.stream("Tell me a story", max_tokens=12):
+            if metering.proc.poll() is None:
+                metering.proc.send_signal(signal.SIGKILL)
+                metering.proc.wait(10)
+                killed_at, refused_before = len(load.done), len(load.refused)
+    load.done.append(chunk.id)
+    return killed_at, refused_before, len(load.done) - killed_at
 
 
 def test_account_rpcs_are_plain_grpc_on_the_chat_service(mesh: RunningMesh) -> None:
@@ -260,18 +245,3 @@ def test_account_rpcs_are_plain_grpc_on_the_chat_service(mesh: RunningMesh) -> N
     with Account(mesh.gateway, mesh.api_key) as me, pytest.raises(grpc.RpcError) as empty:
         me.feedback("", rating=3)
     assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT and empty.value.details().startswith("request_id:")
-
-
-def _wait(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False

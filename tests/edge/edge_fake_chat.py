@@ -4,7 +4,7 @@ It runs in its own threads (grpc's sync server), so blocking clients (the sync o
 it answers. Requests are validated by the gateway's own code (gateway.chat_request.validate); answers echo the last
 message. Keys: "good-key" (tenant acme), "limited-key" (always RESOURCE_EXHAUSTED with retry-after-ms 1500).
 Prompts steer failures: "fail midstream" streams one delta then an in-band error (like the gateway), "sleep <s>"
-answers after that many seconds.
+answers after that many seconds, "drip <n> <s>" streams n words `s` seconds apart.
 """
 
 from __future__ import annotations
@@ -77,7 +77,12 @@ class FakeChat(chat_pb2_grpc.ChatServicer):
 
         yield chunk(choices=[chat_pb2.ChunkChoice(index=0, delta=chat_pb2.Delta(role="assistant", content=""))])
         words = text.split(" ")
+        last = chat.messages[-1]["content"]
+        gap = float(last.split()[2]) if last.startswith("drip ") else 0.0
+        if gap:
+            words = ["w"] * int(last.split()[1])
         for i, word in enumerate(words):
+            time.sleep(gap)
             piece = word if i == 0 else " " + word
             yield chunk(choices=[chat_pb2.ChunkChoice(index=0, delta=chat_pb2.Delta(content=piece))])
             if "fail midstream" in text and i == 0:

@@ -69,6 +69,7 @@ class EdgeMesh:
 
 
 def start(home: Path, model_dir: Path, *extra: str) -> EdgeMesh:
+    home.mkdir(parents=True, exist_ok=True)
     status_path, output = home / "run" / "status.json", home / "up.out"
     # A request without max_tokens (hostile cases send some) generates 4 tokens, not the default 256.
     env = {**os.environ, "MOEMESH_HOME": str(home), "MOEMESH_GATEWAY_DEFAULT_MAX_TOKENS": "4"}

@@ -141,3 +141,23 @@ def test_mtls_to_the_gateway_is_a_config_option(edge_home) -> None:
     finally:
         edge.stop()
         gateway.stop()
+
+
+def test_streams_have_no_route_timeout_but_an_idle_timeout(edge_home, fake_gateway) -> None:
+    edge = launch([fake_gateway.address], port=0, request_timeout_s=1.0, stream_idle_timeout_s=1.0)
+    auth = {"authorization": f"Bearer {GOOD_KEY}"}
+
+    def ask(content: str, stream: bool):
+        body = {"model": "tiny", "stream": stream, "messages": [{"role": "user", "content": content}]}
+        return client.post(f"{edge.url}/v1/chat/completions", json=body, headers=auth)
+
+    try:
+        with http_client(edge_home) as client:
+            slow_unary = ask("sleep 1.5", stream=False)
+            assert slow_unary.status_code == 504 and slow_unary.json()["error"]["code"] == "DEADLINE_EXCEEDED"
+            long_stream = ask("drip 6 0.4", stream=True)  # 2.4 s in all, never 1 s without a byte
+            assert long_stream.status_code == 200 and long_stream.text.endswith("data: [DONE]\n\n")
+            idle_stream = ask("sleep 1.5", stream=True)
+            assert idle_stream.status_code == 504, idle_stream.text
+    finally:
+        edge.stop()
