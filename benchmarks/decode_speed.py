@@ -95,9 +95,10 @@ def main() -> int:
     rows = []
     for batch in ns.batches:
         batch_prompts = prompts(dense, batch, ns.prompt_len)
-        for name, fn in (("smollm2 (runtime)", lambda: runtime_decode(dense, batch_prompts, ns.steps)),
-                         ("smollm2-moe (runtime, 8 of 8 experts)", lambda: runtime_decode(moe, batch_prompts, ns.steps)),
-                         ("smollm2 (transformers generate)", lambda: hf_decode(hf, batch_prompts, ns.steps))):
+        runs = (("smollm2 (runtime)", lambda: runtime_decode(dense, batch_prompts, ns.steps)),
+                ("smollm2-moe (runtime, 8 of 8 experts)", lambda: runtime_decode(moe, batch_prompts, ns.steps)),
+                ("smollm2 (transformers generate)", lambda: hf_decode(hf, batch_prompts, ns.steps)))
+        for name, fn in runs:
             seconds = measure(fn, ns.repeats)
             rows.append({"model": name, "batch": batch, "decode_steps": ns.steps, "seconds": round(seconds, 3),
                          "tokens_per_s": round(batch * ns.steps / seconds, 2)})

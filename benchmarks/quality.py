@@ -26,8 +26,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 EVAL_TEXT = ROOT.parent / "shared" / "eval" / "wikitext2-test.raw"
 MOEMESH = [sys.executable, "-m", "moemesh.cli.main"]
 # "of 8": with a shared expert, 1 shared + (k-1) of 7 routed, so k/8 of the FFN is active either way (as the sweep).
-SPARSE = {"k6": ["--experts", "8", "--top-k", "6"], "k6+shared": ["--experts", "7", "--top-k", "5", "--shared-neurons", "192"],
-          "k2": ["--experts", "8", "--top-k", "2"], "k2+shared": ["--experts", "7", "--top-k", "1", "--shared-neurons", "192"]}
+SHARED = ["--shared-neurons", "192"]
+SPARSE = {"k6": ["--experts", "8", "--top-k", "6"], "k6+shared": ["--experts", "7", "--top-k", "5", *SHARED],
+          "k2": ["--experts", "8", "--top-k", "2"], "k2+shared": ["--experts", "7", "--top-k", "1", *SHARED]}
 
 
 def machine() -> dict:
@@ -129,7 +130,8 @@ def _sweep_rows(sweep: dict) -> list[str]:
     dense8, dense32 = sweep["dense"]["ppl_8x1024"], sweep["dense"]["ppl_32x1024"]
     rows = [f"| dense `smollm2` | 100% | - | {dense8:.2f} (1.00x) | - | {dense32:.2f} | - | - |"]
     for c in sweep["configs"]:
-        layout = f"{c['experts']} routed, top-{c['top_k']}" + (f" + shared {c['shared_neurons']}" if c["shared_neurons"] else "")
+        shared = f" + shared {c['shared_neurons']}" if c["shared_neurons"] else ""
+        layout = f"{c['experts']} routed, top-{c['top_k']}{shared}"
         b8, b32 = c["before"]["ppl_8x1024"], c["before"]["ppl_32x1024"]
         after = c.get("after")
         a8 = f"{after['ppl_8x1024']:.2f} ({after['ppl_8x1024'] / dense8:.2f}x)" if after else "not run"
@@ -142,7 +144,8 @@ def _sweep_rows(sweep: dict) -> list[str]:
 
 def cmd_table() -> None:
     out = ["# Conversion quality of the built-in model", ""]
-    default, sweep, sparse = _load("quality_default.json"), _load("quality_sweep.json"), _load("quality_sparse_cpu.json")
+    default, sweep = _load("quality_default.json"), _load("quality_sweep.json")
+    sparse = _load("quality_sparse_cpu.json")
     timing, speed = _load("convert_time.json"), _load("decode_speed.json")
     if default:
         out += ["## smollm2-moe (default: 8 experts, all on) vs smollm2", "",
@@ -154,14 +157,16 @@ def cmd_table() -> None:
                 f"| smollm2-moe | {default['moe']['perplexity']:.4f} | {default['max_abs_logit_diff']:.2e} |", ""]
     if sweep:
         out += ["## Quality / sparsity (GPU sweep)", "", f"`python {sweep['command']}` on {sweep['device']} "
-                f"(torch {sweep['torch']}), via `benchmarks/device_sweep.sh`. Calibration {sweep['settings']['calib_tokens']}"
+                f"(torch {sweep['torch']}), via `benchmarks/device_sweep.sh`. "
+                f"Calibration {sweep['settings']['calib_tokens']}"
                 f" and distillation pool {sweep['settings']['distill_tokens']} self-generated tokens; distillation: "
-                f"routers + experts, batch {sweep['settings']['distill_batch']} x {sweep['settings']['seq_len']} tokens, "
+                f"routers + experts, batch {sweep['settings']['distill_batch']} x "
+                f"{sweep['settings']['seq_len']} tokens, "
                 f"Adam lr experts {sweep['lr_experts']:g} (picked by held-out KL on self-generated text), routers "
                 f"{sweep['settings']['lr_router']:g}. Perplexity in float32 with the conversion model on the same "
                 "windows as the CLI.", "",
-                "| setting | active FFN | layout | ppl 8x1024 before | ppl 8x1024 after | 32x1024 before | 32x1024 after "
-                "| distill steps |", "|---|---|---|---|---|---|---|---|", *_sweep_rows(sweep), ""]
+                "| setting | active FFN | layout | ppl 8x1024 before | ppl 8x1024 after | 32x1024 before "
+                "| 32x1024 after | distill steps |", "|---|---|---|---|---|---|---|---|", *_sweep_rows(sweep), ""]
     if sparse:
         out += ["## Sparse settings converted on the CPU (no distillation), scored by the CLI", "",
                 "| setting | convert args | perplexity 8x1024 |", "|---|---|---|"]

@@ -11,7 +11,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="evaluate a model (perplexity on a text file)")
     sub = parser.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
     ppl = sub.add_parser("perplexity", help="perplexity of a model on a UTF-8 text file")
-    ppl.add_argument("--model", required=True, help="built-in name (smollm2, smollm2-moe), checkpoint dir or HF repo id")
+    ppl.add_argument("--model", required=True,
+                     help="built-in name (smollm2, smollm2-moe), checkpoint dir or HF repo id")
     ppl.add_argument("--text", required=True, help="UTF-8 text file (e.g. ../shared/eval/wikitext2-test.raw)")
     ppl.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens (default: all)")
     ppl.add_argument("--window", type=int, default=None,

@@ -81,7 +81,8 @@ def _local_state(tensors: dict[str, torch.Tensor], shape: LlamaShape) -> dict[st
 
 def build_dense(dense: DenseCheckpoint, dtype: torch.dtype = torch.float32) -> TrainableLlama:
     shape = dense.shape
-    model = TrainableLlama(shape, [DenseFFN(shape.hidden_size, shape.intermediate_size) for _ in range(shape.num_layers)])
+    ffns = [DenseFFN(shape.hidden_size, shape.intermediate_size) for _ in range(shape.num_layers)]
+    model = TrainableLlama(shape, ffns)
     model.load_state_dict(_local_state(dense.tensors, shape), strict=True)
     return model.to(dtype).eval().requires_grad_(False)
 

@@ -120,7 +120,8 @@ def distill(teacher: TrainableLlama, student: TrainableLlama, data: torch.Tensor
         opt.step()
         losses.append(float(loss.detach()))
         if progress and (step % every == 0 or step + 1 == settings.distill_steps):
-            progress(f"distill step {step + 1}/{settings.distill_steps} loss {losses[-1]:.4f} kl {float(kl.detach()):.4f}")
+            progress(f"distill step {step + 1}/{settings.distill_steps} loss {losses[-1]:.4f} "
+                     f"kl {float(kl.detach()):.4f}")
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             break
     for moe in student.moe_layers():

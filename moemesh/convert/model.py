@@ -18,7 +18,9 @@ from torch import nn
 
 # recorder(layer, ffn_input [N, H], neuron_activations [N, F]) sees each FFN's input and silu(gate) * up.
 Recorder = Callable[[int, torch.Tensor, torch.Tensor], None]
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+KV = tuple[torch.Tensor, torch.Tensor]  # keys, values [B, kv_heads, S, D]
+KVCache = list[KV]
+LayerRecord = Callable[[torch.Tensor, torch.Tensor], None]  # (ffn input, activations) of one layer
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(shape.num_heads * d, h, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                past: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+                past: KV | None) -> tuple[torch.Tensor, KV]:
         b, t, _ = x.shape  # x [B, T, H]; q [B, heads, T, D]; k, v [B, kv_heads, S, D]
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -117,7 +119,7 @@ class DenseFFN(nn.Module):
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         return F.silu(self.gate_proj(x)) * self.up_proj(x)
 
-    def forward(self, x: torch.Tensor, record: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, record: LayerRecord | None = None) -> torch.Tensor:
         act = self.activations(x)
         if record is not None:
             record(x, act)
@@ -150,7 +152,7 @@ class MoEFFN(nn.Module):
             weights = weights + probs - probs.detach()  # same values, d(loss)/d(router) through every expert
         return weights
 
-    def forward(self, x: torch.Tensor, record: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, record: LayerRecord | None = None) -> torch.Tensor:
         weights = self.route(x).to(x.dtype)  # [N, E]
         act = self.routed.activations(x)  # [N, E*I]
         if record is not None:
@@ -205,7 +207,8 @@ class TrainableLlama(nn.Module):
                 cache.append(kv)
             x = x + attn
             h = layer.post_attention_layernorm(x)
-            record = None if recorder is None else (lambda inp, act, i=i: recorder(i, inp.flatten(0, -2), act.flatten(0, -2)))
+            record = None if recorder is None else (
+                lambda inp, act, i=i: recorder(i, inp.flatten(0, -2), act.flatten(0, -2)))
             x = x + layer.mlp(h, record)
             if hiddens is not None:
                 hiddens.append(x)

@@ -49,7 +49,8 @@ def _starter_tokens(model_dir: Path) -> tuple[list[int], int | None]:
     return starters, chat
 
 
-def sample_next(logits: torch.Tensor, gen: torch.Generator, temperature: float = 1.0, top_p: float = 0.95) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, gen: torch.Generator, temperature: float = 1.0,
+                top_p: float = 0.95) -> torch.Tensor:
     """Token ids [B] drawn from logits [B, V] with temperature and nucleus sampling."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     sorted_p, order = torch.sort(probs, dim=-1, descending=True)

@@ -47,7 +47,8 @@ class ConvertSettings:
         if self.cluster not in CLUSTER_METHODS:
             raise ValueError(f"cluster={self.cluster!r}; choose one of {', '.join(CLUSTER_METHODS)}")
         if self.router_weighting not in ROUTER_WEIGHTINGS:
-            raise ValueError(f"router_weighting={self.router_weighting!r}; choose one of {', '.join(ROUTER_WEIGHTINGS)}")
+            raise ValueError(f"router_weighting={self.router_weighting!r}; "
+                             f"choose one of {', '.join(ROUTER_WEIGHTINGS)}")
         if self.seq_len < 8:
             raise ValueError(f"seq_len={self.seq_len} is too short (at least 8 tokens)")
         if self.distill_steps and self.distill_tokens < self.seq_len:

@@ -65,14 +65,22 @@ class EngineLoop:
         self._ready = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._refusals = 0
+        self._stopping = False
 
     # ---- life cycle -----------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher-engine-loop")
 
-    async def stop(self) -> None:
-        """Stops stepping; ends every open stream as cancelled and releases its sequence in the router."""
+    async def stop(self, wait: float = 5.0) -> None:
+        """Stops stepping after the step in flight (waiting up to `wait` seconds); ends every open stream as
+        cancelled and releases its sequence in the router."""
+        self._stopping = True
+        self._wake.set()
         if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), wait)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self.scheduler is not None:
@@ -110,7 +118,7 @@ class EngineLoop:
     # ---- the loop -------------------------------------------------------------------------------------------------
     async def _run(self) -> None:
         await self._connect()
-        while True:
+        while not self._stopping:
             try:
                 await self._turn()
             except asyncio.CancelledError:

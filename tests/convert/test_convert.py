@@ -57,7 +57,8 @@ def test_partition_covers_every_neuron_exactly_once(tiny_dense_dir: Path, all_on
     for layer in range(2):
         p = f"model.layers.{layer}.mlp"
         gate = dense[f"{p}.gate_proj.weight"]  # [F, H], random rows: each row identifies its neuron
-        parts = [moe[f"{p}.shared_expert.gate_proj.weight"]] + [moe[f"{p}.experts.{e}.gate_proj.weight"] for e in range(4)]
+        parts = [moe[f"{p}.shared_expert.gate_proj.weight"]]
+        parts += [moe[f"{p}.experts.{e}.gate_proj.weight"] for e in range(4)]
         rows = torch.cat(parts)
         match = (rows[:, None, :] == gate[None, :, :]).all(-1)  # [F, F]: written row r is dense neuron n
         assert match.sum(1).eq(1).all() and match.sum(0).eq(1).all()
@@ -82,19 +83,21 @@ def test_sparse_routing_matches_between_runtime_and_conversion_model(tiny_dense_
     assert max((g - d).abs().max().item() for g, d in zip(got, dense)) > 1e-3  # really sparse: not the dense function
 
 
-def test_same_seed_gives_identical_files_and_the_cache_is_reused(tiny_dense_dir: Path, tmp_path: Path) -> None:
+def test_same_seed_gives_identical_files_and_the_cache_is_reused(tiny_dense_small_vocab: Path,
+                                                                tmp_path: Path) -> None:
     settings = ConvertSettings(experts=4, top_k=2, seed=7, **FAST)
-    a = convert(tiny_dense_dir, tmp_path / "a", settings, progress=False)
-    b = convert(tiny_dense_dir, tmp_path / "b", settings, progress=False)
+    a = convert(tiny_dense_small_vocab, tmp_path / "a", settings, progress=False)
+    b = convert(tiny_dense_small_vocab, tmp_path / "b", settings, progress=False)
     for name in ("model.safetensors", "config.json", MANIFEST):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    other = convert(tiny_dense_dir, tmp_path / "c", ConvertSettings(experts=4, top_k=2, seed=8, **FAST), progress=False)
+    reseeded = ConvertSettings(experts=4, top_k=2, seed=8, **FAST)
+    other = convert(tiny_dense_small_vocab, tmp_path / "c", reseeded, progress=False)
     assert (other / "model.safetensors").read_bytes() != (a / "model.safetensors").read_bytes()
     stamp = (a / "model.safetensors").stat().st_mtime_ns
-    assert convert(tiny_dense_dir, a, settings, progress=False) == a
+    assert convert(tiny_dense_small_vocab, a, settings, progress=False) == a
     assert (a / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rewritten
     changed = ConvertSettings(experts=4, top_k=1, seed=7, **FAST)
-    convert(tiny_dense_dir, a, changed, progress=False)
+    convert(tiny_dense_small_vocab, a, changed, progress=False)
     assert json.loads((a / MANIFEST).read_text())["settings"]["top_k"] == 1
 
 

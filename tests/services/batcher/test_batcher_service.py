@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from opentelemetry import trace
+from prometheus_client import REGISTRY
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -34,9 +35,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def sample(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
 async def test_generate_streams_tokens_and_ends_with_the_figures(tiny_moe_dir):
     async with mesh(tiny_moe_dir) as m:
+        ttft, itl = sample("moemesh_batcher_time_to_first_token_seconds_count"), sample(
+            "moemesh_batcher_inter_token_latency_seconds_count")
+        busy = sample("moemesh_batcher_router_busy_seconds_total")
         r = await m.generate(PROMPT, max_tokens=6)
+        assert sample("moemesh_batcher_time_to_first_token_seconds_count") == ttft + 1
+        assert sample("moemesh_batcher_inter_token_latency_seconds_count") == itl + 5
+        assert sample("moemesh_batcher_router_busy_seconds_total") > busy
         assert len(r.tokens) == 6 and all(len(e.token_ids) == 1 for e in r.events)
         last = r.events[-1]
         assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
