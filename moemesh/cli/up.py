@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import sys
@@ -68,10 +69,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+# Internal ports come from below the kernel's ephemeral range (32768-60999 on Linux): a port probed free here is
+# bound by its service seconds later, and in between any outgoing connection could take an ephemeral port, while
+# nothing takes one of these unless it listens on it explicitly.
+_INTERNAL_PORTS = range(20000, 32000)
+
+
+def _free_ports(host: str, count: int, taken: set[int]) -> list[int]:
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = rng.choice(_INTERNAL_PORTS)
+        if port not in taken and port not in ports and _port_free(host, port):
+            ports.append(port)
+    return ports
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -85,7 +96,8 @@ def _port_free(host: str, port: int) -> bool:
 
 def plan(ns: argparse.Namespace, run_dir: Path) -> dict[str, Child]:
     """The seven children with their ports, peer addresses and env."""
-    ports = {name: _free_port(ns.host) for name in SERVICES}
+    internal = [name for name in SERVICES if name != "gateway"]
+    ports = dict(zip(internal, _free_ports(ns.host, len(internal), {ns.gateway_port})))
     ports["gateway"] = ns.gateway_port
     addr = {name: f"{ns.host}:{port}" for name, port in ports.items()}
     model = str(Path(ns.model).resolve()) if Path(ns.model).is_dir() else ns.model

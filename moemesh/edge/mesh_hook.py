@@ -7,6 +7,7 @@ Imports of the edge machinery are deferred: `moemesh up` without --edge does not
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 
 NAME = "edge"
@@ -28,11 +29,13 @@ def start(ns: argparse.Namespace, children: dict, gateway_address: str, run_dir:
     from moemesh.edge.local import local_settings
     from moemesh.edge.process import start as start_envoy
 
+    host = ns.edge_host or ns.host
+    if ns.edge_port and not _port_free(host, ns.edge_port):
+        raise RuntimeError(f"edge port {host}:{ns.edge_port} is in use; pick another with --edge-port (0: any)")
     overrides = {}
     if ns.edge_rps:
         overrides.update(rate_limit_rps=ns.edge_rps, rate_limit_burst=2 * ns.edge_rps)
-    settings = local_settings([gateway_address], port=ns.edge_port, host=ns.edge_host or ns.host, run_dir=run_dir,
-                              **overrides)
+    settings = local_settings([gateway_address], port=ns.edge_port, host=host, run_dir=run_dir, **overrides)
     edge = start_envoy(settings, run_dir=run_dir, log_path=home.subdir("logs") / "edge.log")
     children[NAME] = edge.child
     edge.wait_ready(timeout=30.0)
@@ -40,6 +43,15 @@ def start(ns: argparse.Namespace, children: dict, gateway_address: str, run_dir:
         f"CA {Path(settings.cert).with_name('ca.pem')})")
     return {"address": edge.url.removeprefix("https://"), "edge_https": edge.url, "admin": edge.admin,
             "ca_cert": str(Path(settings.cert).with_name("ca.pem")), "metrics_port": None}
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def status_fields(ready: dict) -> dict:
