@@ -1,21 +1,29 @@
-"""gRPC credentials from the development certificates, for mTLS between mesh services (a config option: off unless
-MOEMESH_MTLS is set). A server made with `server_credentials` accepts only clients holding a certificate signed by
-the same CA; a channel made with `channel_credentials` verifies the server against that CA and presents its own.
+"""gRPC over mTLS between mesh services: a config option, off unless MOEMESH_MTLS is set (1/true/yes/on).
 
-    paths = ensure_peer("gateway")                      # MOEMESH_HOME/certs/mtls/gateway.{pem,key}
-    server.add_secure_port(addr, server_credentials(paths))
-    grpc.aio.secure_channel(addr, channel_credentials(ensure_peer("edge")))
+With it on, every server listens with its development certificate (MOEMESH_HOME/certs/mtls/<service>.pem, made on
+first use) and accepts only clients presenting a certificate of the same CA; every client channel verifies the server
+against that CA and presents its own (named by MOEMESH_MTLS_NAME, else OTEL_SERVICE_NAME, else "client"). Off, the
+helpers below are plain insecure ports and channels, as before.
+
+    port = listen(server, "127.0.0.1:50051", "gateway")      # moemesh/serving/server.py
+    channel = aio_channel("127.0.0.1:50052", options)          # moemesh/serving/telemetry.py
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import grpc
 
 from moemesh.certs.layout import CertPaths, ensure_peer
 
 MTLS_ENV = "MOEMESH_MTLS"
+NAME_ENV = "MOEMESH_MTLS_NAME"
+
+
+def mtls_enabled() -> bool:
+    return os.environ.get(MTLS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def server_credentials(paths: CertPaths, *, require_client_auth: bool = True) -> grpc.ServerCredentials:
@@ -30,10 +38,26 @@ def channel_credentials(paths: CertPaths) -> grpc.ChannelCredentials:
                                         certificate_chain=paths.cert.read_bytes())
 
 
-def mtls_enabled() -> bool:
-    return os.environ.get(MTLS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+def _client_paths() -> CertPaths:
+    name = os.environ.get(NAME_ENV) or os.environ.get("OTEL_SERVICE_NAME") or "client"
+    return ensure_peer(name.lower())
 
 
-def peer_paths(name: str) -> CertPaths | None:
-    """This peer's certificate when mTLS is on (made on first use), else None."""
-    return ensure_peer(name) if mtls_enabled() else None
+def listen(server, address: str, name: str) -> int:
+    """Binds `server` (sync or aio) to `address`: mTLS with peer `name`'s certificate when on, else plaintext."""
+    if not mtls_enabled():
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, server_credentials(ensure_peer(name.lower())))
+
+
+def channel(address: str, options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
+    if not mtls_enabled():
+        return grpc.insecure_channel(address, options=list(options))
+    return grpc.secure_channel(address, channel_credentials(_client_paths()), options=list(options))
+
+
+def aio_channel(address: str, options: Sequence[tuple[str, object]] = (), interceptors=None) -> grpc.aio.Channel:
+    if not mtls_enabled():
+        return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
+    return grpc.aio.secure_channel(address, channel_credentials(_client_paths()), options=list(options),
+                                   interceptors=interceptors)

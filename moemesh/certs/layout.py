@@ -10,8 +10,11 @@ that trust it keep working). Keys are written 0600, every file atomically.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +60,25 @@ def _load(cert: Path, key: Path) -> Issued | None:
     return issued
 
 
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """One writer at a time: services of a mesh starting together must not each make a CA."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def ensure_ca(directory: Path | None = None, *, force: bool = False) -> Issued:
     directory = directory or certs_dir()
+    with _locked(directory):
+        return _ensure_ca(directory, force)
+
+
+def _ensure_ca(directory: Path, force: bool) -> Issued:
     ca = None if force else _load(directory / "ca.pem", directory / "ca.key")
     if ca is None or not still_good(ca.cert, (), margin_days=30):
         ca = make_ca()
@@ -69,7 +89,13 @@ def ensure_ca(directory: Path | None = None, *, force: bool = False) -> Issued:
 
 def _ensure_leaf(directory: Path, stem: str, common_name: str, sans: tuple[str, ...], *, client: bool,
                  force: bool) -> CertPaths:
-    ca = ensure_ca(directory)
+    with _locked(directory):
+        return _leaf(directory, stem, common_name, sans, client=client, force=force)
+
+
+def _leaf(directory: Path, stem: str, common_name: str, sans: tuple[str, ...], *, client: bool,
+          force: bool) -> CertPaths:
+    ca = _ensure_ca(directory, force=False)
     paths = CertPaths(directory / "ca.pem", directory / f"{stem}.pem", directory / f"{stem}.key")
     leaf = None if force else _load(paths.cert, paths.key)
     if leaf is not None and not _signed_by(leaf.cert, ca.cert):
@@ -104,5 +130,4 @@ def ensure_peer(name: str, extra_sans: tuple[str, ...] = (), directory: Path | N
     sans = tuple(dict.fromkeys((name, *DEFAULT_SANS, *extra_sans)))
     directory = directory or certs_dir()
     (directory / "mtls").mkdir(parents=True, exist_ok=True)
-    ensure_ca(directory)
     return _ensure_leaf(directory, f"mtls/{name}", f"moemesh {name}", sans, client=True, force=force)

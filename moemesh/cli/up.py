@@ -30,6 +30,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moemesh import home
+from moemesh.certs import grpc_tls
 from moemesh.edge import mesh_hook as edge_hook
 from moemesh.serving import status as status_file
 from moemesh.serving.server import READY_FILE_ENV, exit_now
@@ -122,7 +123,7 @@ def plan(ns: argparse.Namespace, run_dir: Path) -> dict[str, Child]:
 
 
 def _serving(address: str, service: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
+    with grpc_tls.channel(address) as channel:  # mTLS with MOEMESH_MTLS
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
                                                                   timeout=2)

@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def start(ns: argparse.Namespace, children: dict, gateway_address: str, run_dir: Path, say) -> dict:
     """Starts Envoy in front of `gateway_address`, adds it to `children`, and returns its ready info."""
     from moemesh import home
+    from moemesh.certs import grpc_tls
     from moemesh.edge.local import local_settings
     from moemesh.edge.process import start as start_envoy
 
@@ -35,7 +36,8 @@ def start(ns: argparse.Namespace, children: dict, gateway_address: str, run_dir:
     overrides = {}
     if ns.edge_rps:
         overrides.update(rate_limit_rps=ns.edge_rps, rate_limit_burst=2 * ns.edge_rps)
-    settings = local_settings([gateway_address], port=ns.edge_port, host=host, run_dir=run_dir, **overrides)
+    settings = local_settings([gateway_address], port=ns.edge_port, host=host, run_dir=run_dir,
+                              mtls=grpc_tls.mtls_enabled(), **overrides)
     edge = start_envoy(settings, run_dir=run_dir, log_path=home.subdir("logs") / "edge.log")
     children[NAME] = edge.child
     edge.wait_ready(timeout=30.0)

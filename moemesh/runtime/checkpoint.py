@@ -16,21 +16,13 @@ from safetensors import safe_open
 
 from moemesh.runtime.spec import ConfigError
 
-CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt")
-
 
 def resolve_model_dir(model: str | Path) -> Path:
-    """A local checkpoint directory as is; otherwise a Hugging Face repo id, downloaded (config, weights, tokenizer)
-    into the HF cache. Only called with network for repo ids."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    text = str(model)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise FileNotFoundError(f"model {text!r} is neither a checkpoint directory nor a Hugging Face repo id")
-    from huggingface_hub import snapshot_download
+    """A built-in name, a checkpoint directory or a Hugging Face repo id -> local directory (the registry decides;
+    imported here, not at module level, because building a built-in MoE runs the converter, which uses the runtime)."""
+    from moemesh.models.registry import resolve_model
 
-    return Path(snapshot_download(repo_id=text, allow_patterns=list(CHECKPOINT_PATTERNS)))
+    return resolve_model(model, progress=False)
 
 
 class Checkpoint:

@@ -32,6 +32,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from moemesh.certs import grpc_tls
 from moemesh.serving import metrics, telemetry
 from moemesh.serving.config import ServiceConfig
 from moemesh.serving.interceptors import DrainState, StatusInterceptor
@@ -112,7 +113,7 @@ async def start_service(config: ServiceConfig, register: Register, *, name: str,
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*names, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(config.address)
+        port = grpc_tls.listen(server, config.address, name)  # plaintext, or mTLS with MOEMESH_MTLS
     except RuntimeError:
         port = 0
     if port == 0:

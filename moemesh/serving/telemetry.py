@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from moemesh import home
+from moemesh.certs import grpc_tls
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def client_channel(address: str, options: Sequence[tuple[str, object]] = (), *,
     except RuntimeError:
         raise RuntimeError(f"client_channel({address!r}) must be called inside a running event loop") from None
     interceptors = aio_client_interceptors() if traced else None
-    return grpc.aio.insecure_channel(address, options=[*CHANNEL_OPTIONS, *options], interceptors=interceptors)
+    return grpc_tls.aio_channel(address, [*CHANNEL_OPTIONS, *options], interceptors)  # mTLS with MOEMESH_MTLS
 
 
 def sync_client_channel(address: str, options: Sequence[tuple[str, object]] = (), *,
@@ -183,5 +184,5 @@ def sync_client_channel(address: str, options: Sequence[tuple[str, object]] = ()
     """A blocking channel for worker threads (stubs support `.future()` fan-out). The thread must run with the
     caller's context (asyncio.to_thread copies it; loop.run_in_executor does not) for spans to join the trace.
     traced=False: no spans and no propagation (the caller injects the context into metadata itself)."""
-    channel = grpc.insecure_channel(address, options=[*CHANNEL_OPTIONS, *options])
+    channel = grpc_tls.channel(address, [*CHANNEL_OPTIONS, *options])  # mTLS with MOEMESH_MTLS
     return grpcext.intercept_channel(channel, client_interceptor()) if traced else channel

@@ -12,6 +12,7 @@ import time
 import grpc
 import torch
 
+from moemesh.certs import grpc_tls
 from moemesh.runtime.engine import as_dtype
 from moemesh.runtime.types import ExpertPlacement
 from moemesh.serving.telemetry import CHANNEL_OPTIONS
@@ -61,7 +62,7 @@ class GrpcShardClient:
     def __init__(self, address: str, *, call_timeout: float = 30.0, connect_timeout: float = 60.0) -> None:
         self.address = address
         self.call_timeout, self.connect_timeout = call_timeout, connect_timeout
-        self._channel = grpc.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+        self._channel = grpc_tls.channel(address, CHANNEL_OPTIONS)  # mTLS with MOEMESH_MTLS
         self._stub = expert_pb2_grpc.ExpertStub(self._channel)
         self.info: expert_pb2.ExpertInfo | None = None
         self.dtype: torch.dtype | None = None  # the shard's compute dtype: hidden travels in it
