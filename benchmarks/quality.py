@@ -52,7 +52,7 @@ def logit_diff(dense: Path, moe: Path) -> float:
     tok = ChatTokenizer.load(dense)
     text = EVAL_TEXT.read_bytes().decode("utf-8")
     prompts = [tok.encode(text[i * 5000:i * 5000 + 4000])[:512] for i in range(4)]
-    prompts.append(tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}]))
+    prompts.append(tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])[0])
     a = Engine.load(dense, kv_blocks=1).forward_logits(prompts)
     b = Engine.load(moe, kv_blocks=1).forward_logits(prompts)
     return max(float((x - y).abs().max()) for x, y in zip(a, b))

@@ -121,8 +121,10 @@ def connection_manager(s: EdgeSettings, descriptor: str) -> dict:
         "max_request_headers_kb": 60,
         "common_http_protocol_options": {"idle_timeout": "300s", "max_headers_count": 100,
                                          "headers_with_underscores_action": "DROP_HEADER"},
+        # A malformed HTTP/2 request (say, a connection-specific header) resets its stream, not the connection.
         "http2_protocol_options": {"max_concurrent_streams": 128, "initial_stream_window_size": 1 << 20,
-                                   "initial_connection_window_size": 2 << 20},
+                                   "initial_connection_window_size": 2 << 20,
+                                   "override_stream_error_on_invalid_http_message": True},
         "route_config": route_config(s, GATEWAY_CLUSTER),
         "http_filters": http_filters(s, descriptor),
         "local_reply_config": local_reply_config(),

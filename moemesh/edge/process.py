@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +40,23 @@ def envoy_argv(config_path: Path, *, concurrency: int = 1, log_level: str = "war
     return [envoy_binary(), "-c", str(config_path), "--disable-hot-restart", "--concurrency", str(concurrency),
             "-l", log_level, "--drain-time-s", "2", "--parent-shutdown-time-s", "3", "--file-flush-interval-msec",
             "1000"]
+
+
+class EnvoyChild(Child):
+    """A Child started without a Python preexec_fn: the supervisor (and a test) already run gRPC threads, and a
+    plain fork() then runs gRPC's fork handlers in the child, which can abort it before it execs Envoy. Spawned
+    the vfork way instead, in its own session; `setpriv --pdeathsig` keeps "dies with its parent" where present."""
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        setpriv = shutil.which("setpriv")
+        argv = [setpriv, "--pdeathsig", "TERM", *self.argv] if setpriv else self.argv
+        with self.log_path.open("ab") as log:
+            log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {' '.join(self.argv)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self.started = time.monotonic()
 
 
 @dataclass
@@ -97,7 +116,8 @@ def start(settings: EdgeSettings, *, run_dir: Path, log_path: Path, concurrency:
            env: dict[str, str] | None = None) -> EdgeProcess:
     """Writes the config to run_dir/envoy.json and starts Envoy (not yet ready: call wait_ready)."""
     config_path = write(settings, run_dir / "envoy.json")
-    child = Child("edge", envoy_argv(config_path, concurrency=concurrency), {**os.environ, **(env or {})}, log_path)
+    child = EnvoyChild("edge", envoy_argv(config_path, concurrency=concurrency), {**os.environ, **(env or {})},
+                       log_path)
     child.start()
     return EdgeProcess(settings, child, config_path)
 

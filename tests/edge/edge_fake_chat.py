@@ -2,7 +2,8 @@
 
 It runs in its own threads (grpc's sync server), so blocking clients (the sync openai client) can call Envoy while
 it answers. Requests are validated by the gateway's own code (gateway.chat_request.validate); answers echo the last
-message. Keys: "good-key" (tenant acme), "limited-key" (always RESOURCE_EXHAUSTED with retry-after-ms 1500).
+message. Keys: "good-key" (tenant acme), "limited-key" (always RESOURCE_EXHAUSTED with retry-after-ms 1500),
+"code-<NAME>" (always that gRPC status).
 Prompts steer failures: "fail midstream" streams one delta then an in-band error (like the gateway), "sleep <s>"
 answers after that many seconds, "drip <n> <s>" streams n words `s` seconds apart.
 """
@@ -39,6 +40,8 @@ class FakeChat(chat_pb2_grpc.ChatServicer):
     def _admit(self, request, context):
         self.metadata.append({k: v for k, v in context.invocation_metadata() if isinstance(v, str)})
         key = _key(context)
+        if key.startswith("code-"):  # "code-PERMISSION_DENIED": fail with that status
+            context.abort(grpc.StatusCode[key[5:]], f"failing with {key[5:]} as asked")
         if key == LIMITED_KEY:
             context.set_trailing_metadata((("retry-after-ms", str(RETRY_AFTER_MS)),))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,

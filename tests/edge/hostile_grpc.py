@@ -74,15 +74,18 @@ def bad_value(draw, model: str, auth) -> GrpcCase:
                     stream=draw(st.booleans()), names=names)
 
 
+# HTTP/2 forbids connection-specific headers: sent as metadata, they make a malformed request (stream reset).
+FORBIDDEN = ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade")
 _key = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_.", min_size=1, max_size=20).filter(
-    lambda k: not k.startswith(("grpc-", ":")) and k not in ("te", "content-type", "authorization", "user-agent"))
+    lambda k: not k.startswith(("grpc-", ":")) and not k.endswith("-bin") and k not in FORBIDDEN
+    and k not in ("te", "content-type", "authorization", "user-agent"))
 _value = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=100).map(str.strip)
 
 
 @st.composite
 def bad_metadata(draw, model: str, auth) -> GrpcCase:
     request = valid_request(model).SerializeToString()
-    choice = draw(st.sampled_from(["none", "scheme", "bad_key", "extra", "binary", "huge"]))
+    choice = draw(st.sampled_from(["none", "scheme", "bad_key", "extra", "binary", "forbidden", "huge"]))
     if choice == "none":
         return GrpcCase("grpc_no_key", request, (), names=("authorization",))
     if choice == "scheme":
@@ -97,6 +100,9 @@ def bad_metadata(draw, model: str, auth) -> GrpcCase:
     if choice == "binary":
         value = draw(st.binary(max_size=200))
         return GrpcCase("grpc_binary_metadata", request, auth + (("x-junk-bin", value),), reject=False)
+    if choice == "forbidden":
+        return GrpcCase("grpc_forbidden_header", request, auth + ((draw(st.sampled_from(FORBIDDEN)), "x"),),
+                        reset_ok=True)
     n = draw(st.integers(61 << 10, 200 << 10))
     return GrpcCase("grpc_huge_metadata", request, auth + (("x-pad", "a" * n),), reset_ok=True)
 

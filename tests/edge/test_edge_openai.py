@@ -154,3 +154,21 @@ def test_the_authorization_header_reaches_the_gateway_and_no_key_is_refused(edge
         refused = client.post(f"{edge.url}/v1/chat/completions", json={"model": "tiny", "messages": USER})
     assert ok.status_code == 200 and fake_gateway.chat.metadata[-2]["authorization"] == f"Bearer {GOOD_KEY}"
     assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+
+
+@pytest.mark.parametrize(("code", "status", "kind", "error"), [
+    ("INVALID_ARGUMENT", 400, "invalid_request_error", openai.BadRequestError),
+    ("UNAUTHENTICATED", 401, "authentication_error", openai.AuthenticationError),
+    ("PERMISSION_DENIED", 403, "permission_error", openai.PermissionDeniedError),
+    ("NOT_FOUND", 404, "not_found_error", openai.NotFoundError),
+    ("RESOURCE_EXHAUSTED", 429, "rate_limit_exceeded", openai.RateLimitError),
+    ("UNAVAILABLE", 503, "server_error", openai.InternalServerError),
+    ("DEADLINE_EXCEEDED", 504, "server_error", openai.InternalServerError),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_grpc_codes_map_to_http_statuses(edge, edge_home, code, status, kind, error, stream: bool) -> None:
+    with pytest.raises(error) as err:
+        openai_client(edge, edge_home, key=f"code-{code}").chat.completions.create(model="tiny", messages=USER,
+                                                                                   stream=stream)
+    assert err.value.status_code == status
+    assert err.value.body == {"message": f"failing with {code} as asked", "type": kind, "param": None, "code": code}

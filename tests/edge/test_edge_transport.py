@@ -4,8 +4,10 @@ gateway, the local rate limit, mTLS to the gateway, and access logs (real Envoy,
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 
 import grpc
@@ -161,3 +163,24 @@ def test_streams_have_no_route_timeout_but_an_idle_timeout(edge_home, fake_gatew
             assert idle_stream.status_code == 504, idle_stream.text
     finally:
         edge.stop()
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux) for the parent-death signal")
+def test_envoy_dies_with_the_process_that_started_it(edge_home, fake_gateway) -> None:
+    script = ("import sys, time; from moemesh.edge import launch; "
+              f"edge = launch([{fake_gateway.address!r}], port=0); print(edge.child.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "MOEMESH_HOME": str(edge_home)})
+    envoy_pid = int(parent.stdout.readline())
+    parent.kill()  # SIGKILL: no cleanup code runs in the parent
+    parent.wait()
+    _until(lambda: not _alive(envoy_pid))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie (exited, not yet reaped) counts as gone
+        return stat.read().split(")")[-1].split()[0] != "Z"
