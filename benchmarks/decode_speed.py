@@ -5,7 +5,8 @@ dense weights, batch 1 and batch 8, in one run.
 
 Runtime: one prefill step (all prompts), then `steps` greedy decode steps of Engine.step, timed alone.
 transformers: generate(max_new_tokens=steps+1) minus generate(max_new_tokens=1) (the prefill and first token), so
-both count the same decode steps. tokens/s = batch x steps / decode seconds; median of `repeats` runs.
+both count the same decode steps. tokens/s = batch x steps / decode seconds; median of `repeats` runs,
+interleaved across the three models.
 Writes benchmarks/results/decode_speed.json and prints a table.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+LOAD_AT_START = os.getloadavg()[0]
 sys.path.insert(0, str(ROOT))
 
 TEXT = ("The history of the region begins with small farming villages along the river, which grew into market towns "
@@ -39,12 +41,10 @@ def prompts(model_dir: Path, batch: int, length: int) -> list[list[int]]:
     return [ids[i:i + length] for i in range(batch)]  # equal lengths: no padding for transformers
 
 
-def runtime_decode(model_dir: Path, batch_prompts: list[list[int]], steps: int) -> float:
+def runtime_decode(engine, batch_prompts: list[list[int]], steps: int) -> float:
     """Seconds for `steps` decode steps of the whole batch through Engine.step (after its prefill step)."""
-    from moemesh.runtime.engine import Engine
     from moemesh.runtime.types import SamplingParams, SeqWork
 
-    engine = Engine.load(model_dir, kv_blocks=64)
     sampling = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
     works = [SeqWork(f"s{i}", p, 0, sampling) for i, p in enumerate(batch_prompts)]
     results = engine.step(works)
@@ -74,15 +74,22 @@ def hf_decode(model, batch_prompts: list[list[int]], steps: int) -> float:
     return timed(steps + 1) - timed(1)
 
 
-def measure(fn, repeats: int) -> float:
-    fn()  # warm-up
-    return statistics.median(fn() for _ in range(repeats))
+def measure(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per name; the runs are interleaved (A B C A B C ...) so load from other jobs on shared cores
+    hits every model alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(fn())
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ns = p.parse_args()
@@ -90,22 +97,26 @@ def main() -> int:
 
     from moemesh.models.registry import resolve_model
 
+    from moemesh.runtime.engine import Engine
+
     dense, moe = resolve_model("smollm2"), resolve_model("smollm2-moe")
     hf = LlamaForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+    engines = {name: Engine.load(path, kv_blocks=64) for name, path in (("dense", dense), ("moe", moe))}
     rows = []
     for batch in ns.batches:
         batch_prompts = prompts(dense, batch, ns.prompt_len)
-        runs = (("smollm2 (runtime)", lambda: runtime_decode(dense, batch_prompts, ns.steps)),
-                ("smollm2-moe (runtime, 8 of 8 experts)", lambda: runtime_decode(moe, batch_prompts, ns.steps)),
-                ("smollm2 (transformers generate)", lambda: hf_decode(hf, batch_prompts, ns.steps)))
-        for name, fn in runs:
-            seconds = measure(fn, ns.repeats)
+        runs = {"smollm2 (runtime)": lambda: runtime_decode(engines["dense"], batch_prompts, ns.steps),
+                "smollm2-moe (runtime, 8 of 8 experts)":
+                    lambda: runtime_decode(engines["moe"], batch_prompts, ns.steps),
+                "smollm2 (transformers generate)": lambda: hf_decode(hf, batch_prompts, ns.steps)}
+        for name, seconds in measure(runs, ns.repeats).items():
             rows.append({"model": name, "batch": batch, "decode_steps": ns.steps, "seconds": round(seconds, 3),
                          "tokens_per_s": round(batch * ns.steps / seconds, 2)})
             print(f"{name:42s} batch {batch}: {rows[-1]['tokens_per_s']:8.2f} tok/s", flush=True)
     result = {"command": "python benchmarks/decode_speed.py " + " ".join(sys.argv[1:]),
               "machine": {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "load_avg_1m_at_end": os.getloadavg()[0], "torch": torch.__version__},
+                          "load_avg_1m_at_start": LOAD_AT_START, "load_avg_1m_at_end": os.getloadavg()[0],
+                          "torch": torch.__version__},
               "prompt_len": ns.prompt_len, "rows": rows}
     out = ROOT / "benchmarks" / "results" / "decode_speed.json"
     out.parent.mkdir(parents=True, exist_ok=True)

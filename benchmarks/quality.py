@@ -142,6 +142,26 @@ def _sweep_rows(sweep: dict) -> list[str]:
     return rows
 
 
+def _goal_lines(sweep: dict) -> list[str]:
+    """The issue's goal: some setting with <= 75% of FFN parameters active at <= 1.25x dense perplexity."""
+    dense = sweep["dense"]["ppl_8x1024"]
+    done = [c for c in sweep["configs"] if c["active_ffn_fraction"] <= 0.75 and c.get("after")]
+    from quality_sweep import CONFIGS  # benchmarks/ is sys.path[0] when this file runs as a script
+
+    skipped = [label for label, *_ in CONFIGS if label not in {c["label"] for c in sweep["configs"]}]
+    lines = []
+    if done:
+        best = min(done, key=lambda c: c["after"]["ppl_8x1024"])
+        ratio = best["after"]["ppl_8x1024"] / dense
+        verdict = "met" if ratio <= 1.25 else "NOT met"
+        lines.append(f"Goal (<= 75% of FFN parameters active, perplexity <= 1.25x dense): {verdict}; best "
+                     f"{best['label']} at {best['active_ffn_fraction']:.0%} active: {best['after']['ppl_8x1024']:.2f} = "
+                     f"{ratio:.2f}x dense after {best['distill']['steps']} distillation steps.")
+    if skipped:
+        lines.append(f"Not run on the GPU (the call's deadline came first): {', '.join(skipped)}.")
+    return [*lines, ""] if lines else []
+
+
 def cmd_table() -> None:
     out = ["# Conversion quality of the built-in model", ""]
     default, sweep = _load("quality_default.json"), _load("quality_sweep.json")
@@ -154,7 +174,11 @@ def cmd_table() -> None:
                 "--window 1024` (8 windows of 1024, through the runtime, float32).", "",
                 "| model | perplexity | max abs logit diff vs smollm2 |", "|---|---|---|",
                 f"| smollm2 | {default['dense']['perplexity']:.4f} | - |",
-                f"| smollm2-moe | {default['moe']['perplexity']:.4f} | {default['max_abs_logit_diff']:.2e} |", ""]
+                f"| smollm2-moe | {default['moe']['perplexity']:.4f} | {default['max_abs_logit_diff']:.2e} |", "",
+                "Logit diff: max over every position of 4 prompts of 512 eval-text tokens and a chat prompt. The "
+                "weights are exact copies; the difference is float32 summation order (the runtime sums 8 expert "
+                "outputs of 192 neurons where the dense FFN does one 1536-wide matmul). Note FACTS.md's 29.19 was "
+                "a throwaway script's figure; the runtime and the conversion model both give 28.897 here.", ""]
     if sweep:
         out += ["## Quality / sparsity (GPU sweep)", "", f"`python {sweep['command']}` on {sweep['device']} "
                 f"(torch {sweep['torch']}), via `benchmarks/device_sweep.sh`. "
@@ -167,6 +191,8 @@ def cmd_table() -> None:
                 "windows as the CLI.", "",
                 "| setting | active FFN | layout | ppl 8x1024 before | ppl 8x1024 after | 32x1024 before "
                 "| 32x1024 after | distill steps |", "|---|---|---|---|---|---|---|---|", *_sweep_rows(sweep), ""]
+    if sweep:
+        out += _goal_lines(sweep)
     if sparse:
         out += ["## Sparse settings converted on the CPU (no distillation), scored by the CLI", "",
                 "| setting | convert args | perplexity 8x1024 |", "|---|---|---|"]
