@@ -23,7 +23,7 @@ protos:
 	$(BIN)/python -m moemesh.protogen
 
 test: install
-	$(BIN)/python -m pytest -q -x --durations=15
+	$(BIN)/python -m pytest -q --durations=25
 
 run: install
 	$(BIN)/moemesh up
