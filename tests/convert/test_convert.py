@@ -139,11 +139,17 @@ def test_cli_converts_and_reports_bad_arguments(tiny_dense_dir: Path, tmp_path: 
 
 @pytest.mark.slow
 def test_builtin_default_reproduces_dense_logits(builtin_dense_dir: Path) -> None:
-    """The real `smollm2-moe` (converted on first use, cached per machine) against `smollm2`."""
+    """The real `smollm2-moe` (converted on first use, cached per machine) against `smollm2` through the runtime.
+
+    The weights are exact copies, but the runtime sums 8 expert outputs where the dense FFN does one matmul: float32
+    summation order alone moves logits by ~1e-4 through 30 layers whose residual reaches norm ~24k (FACTS.md: a
+    packed per-expert path differs by <= 1.2e-4; measured here 0.8-1.3e-4), hence 2e-4 and the same argmax everywhere.
+    """
     from moemesh.models.registry import resolve_model
 
     moe_dir = resolve_model("smollm2-moe", progress=False)
     prompts = [list(range(1000, 1040)), [504, 3458, 314, 260, 3575, 282, 4649, 47]]
     dense = runtime_logits(builtin_dense_dir, prompts)
     moe = runtime_logits(moe_dir, prompts)
-    assert max((d - m).abs().max().item() for d, m in zip(dense, moe)) <= 1e-4
+    assert max((d - m).abs().max().item() for d, m in zip(dense, moe)) <= 2e-4
+    assert all(torch.equal(d.argmax(-1), m.argmax(-1)) for d, m in zip(dense, moe))
