@@ -9,6 +9,8 @@ to first token, mean batch size, preemptions; prints a table and writes JSON + m
 
     .venv/bin/python benchmarks/batching.py --model tiny                          # tiny random MoE, ~3 min
     .venv/bin/python benchmarks/batching.py --model smollm2-moe --rates 0.5,1,2   # the built-in model
+    python3 benchmarks/batching.py --model /tmp/qwen3moe-8l --device cuda --dtype bfloat16 --gpu-util  # a GPU
+      (checkpoint from benchmarks/random_moe.py; router and both expert shards on the one GPU, as separate processes)
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import os
 import platform
 import random
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -57,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, default=100.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per router/expert process")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device of the router and the expert shards (cpu, cuda)")
+    p.add_argument("--dtype", default="float32", help="compute dtype of the router and the expert shards")
+    p.add_argument("--gpu-util", action="store_true", help="also sample GPU 0's busy fraction through NVML")
+    p.add_argument("--logs", type=Path, default=None, help="copy the service processes' logs into this folder")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/batching-<model>.json)")
     return p.parse_args(argv)
 
@@ -100,6 +108,31 @@ def scrape(metrics_port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     values = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if not s.labels}
     return {key: values.get(series, 0.0) for key, series in COUNTERS.items()}
+
+
+class GpuSampler:
+    """NVML's utilization.gpu (share of the last sample period in which a kernel ran: what "GPU utilization" means
+    in nvidia-smi) of GPU 0, sampled every 50 ms on a thread; mean(t0, t1) averages the samples in that window."""
+
+    def __init__(self) -> None:
+        import pynvml  # nvidia-ml-py; only with --gpu-util
+
+        pynvml.nvmlInit()
+        self.nvml, self.handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+        name = pynvml.nvmlDeviceGetName(self.handle)
+        self.name = name.decode() if isinstance(name, bytes) else str(name)  # bytes in older nvidia-ml-py
+        self.samples: list[tuple[float, int]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.05):
+            self.samples.append((time.perf_counter(), self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu))
+
+    def mean(self, t0: float, t1: float) -> float | None:
+        window = [u for t, u in self.samples if t0 <= t <= t1]
+        return statistics.fmean(window) / 100 if window else None
 
 
 # ---- load -----------------------------------------------------------------------------------------------------------
@@ -159,7 +192,7 @@ def summarize(mode: str, rate: float, results: list[dict], unfinished: int, wall
     }
 
 
-async def bench(batchers: dict[str, dict], rates: list[float], args) -> list[dict]:
+async def bench(batchers: dict[str, dict], rates: list[float], args, gpu: GpuSampler | None) -> list[dict]:
     """Rates outer, modes inner: drifts in the shared machine's load hit every mode of a rate alike."""
     channels = {mode: grpc.aio.insecure_channel(b["address"]) for mode, b in batchers.items()}
     stubs = {mode: batcher_pb2_grpc.BatcherStub(ch) for mode, ch in channels.items()}
@@ -176,6 +209,8 @@ async def bench(batchers: dict[str, dict], rates: list[float], args) -> list[dic
             await asyncio.sleep(0.3)  # let the batcher count the last steps
             delta = {k: v - before[k] for k, v in scrape(port).items()}
             rows.append(summarize(mode, rate, results, unfinished, t_end - t0, delta))
+            if gpu is not None:
+                rows[-1]["gpu_utilization"] = gpu.mean(t0, t_end)
             print(format_row(rows[-1]), flush=True)
             await asyncio.sleep(1.0)  # cancelled stragglers leave the router before the next cell
     for ch in channels.values():
@@ -186,15 +221,22 @@ async def bench(batchers: dict[str, dict], rates: list[float], args) -> list[dic
 # ---- report ---------------------------------------------------------------------------------------------------------
 HEADER = ("| mode | rate req/s | done/sent | tok/s | router util | tok per busy s | e2e mean ms | e2e p95 ms "
           "| TTFT mean ms | TTFT p95 ms | batch | preempt |")
-SEPARATOR = "|" + "---|" * (HEADER.count("|") - 1)
+GPU_HEADER = HEADER + " GPU util |"
+
+
+def separator(header: str) -> str:
+    return "|" + "---|" * (header.count("|") - 1)
 
 
 def format_row(r: dict) -> str:
     ms = lambda v: "-" if v is None else f"{v * 1000:.0f}"  # noqa: E731
-    return (f"| {r['mode']} | {r['rate_rps']:g} | {r['completed']}/{r['requests']} | {r['throughput_tok_s']:.1f} "
+    line = (f"| {r['mode']} | {r['rate_rps']:g} | {r['completed']}/{r['requests']} | {r['throughput_tok_s']:.1f} "
             f"| {r['router_utilization']:.0%} | {r['tokens_per_busy_s']:.0f} | {ms(r['e2e_mean_s'])} "
             f"| {ms(r['e2e_p95_s'])} | {ms(r['ttft_mean_s'])} | {ms(r['ttft_p95_s'])} "
             f"| {r['mean_batch_size']:.1f} | {r['preemptions']} |")
+    if "gpu_utilization" in r:
+        line += " - |" if r["gpu_utilization"] is None else f" {r['gpu_utilization']:.0%} |"
+    return line
 
 
 def claim_line(mode: str, rows: list[dict]) -> str:
@@ -203,32 +245,52 @@ def claim_line(mode: str, rows: list[dict]) -> str:
     best = f"{min(means)[0] * 1000:.0f} ms (at {min(means)[1]:g} req/s)" if means else "-"
     under = [f"{r['rate_rps']:g}" for r in rows if r["e2e_mean_s"] is not None and r["e2e_mean_s"] < 0.2
              and r["unfinished"] == 0]
+    gpu = [r["gpu_utilization"] for r in rows if r.get("gpu_utilization") is not None]
+    gpu_text = f", GPU utilization {min(gpu):.0%}-{max(gpu):.0%}" if gpu else ""
     return (f"- {mode}: router utilization {min(r['router_utilization'] for r in rows):.0%}-"
-            f"{max(r['router_utilization'] for r in rows):.0%}; at {top['rate_rps']:g} req/s "
+            f"{max(r['router_utilization'] for r in rows):.0%}{gpu_text}; at {top['rate_rps']:g} req/s "
             f"{top['throughput_tok_s']:.1f} tok/s, {top['completed']}/{top['requests']} done; best mean response "
             f"{best}; mean under 200 ms (all done) at: {', '.join(under) or 'no rate'} req/s")
 
 
-def machine() -> dict:
+def machine(args, gpu: GpuSampler | None) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "processor": platform.processor(), "loadavg_at_end": load, "git_commit": commit, "device": "cpu"}
+            "processor": platform.processor(), "loadavg_at_end": load, "git_commit": commit, "device": args.device,
+            "dtype": args.dtype, "gpu": gpu.name if gpu is not None else None}
 
 
-def write(rows: list[dict], args, model: str, started: float) -> Path:
+def model_shape(model_dir: str) -> str:
+    """One line from config.json: architecture, layers, hidden, experts/top-k, expert FFN, vocab."""
+    try:
+        c = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "?"
+    experts = c.get("num_experts", c.get("num_local_experts"))
+    return (f"{c.get('architectures', ['?'])[0]}: {c.get('num_hidden_layers')} layers, hidden {c.get('hidden_size')}, "
+            f"{c.get('num_attention_heads')} heads / {c.get('num_key_value_heads')} KV heads, {experts} experts "
+            f"top-{c.get('num_experts_per_tok')}, expert FFN {c.get('moe_intermediate_size')}, "
+            f"vocab {c.get('vocab_size')}")
+
+
+def write(rows: list[dict], args, model: str, started: float, gpu: GpuSampler | None) -> Path:
     out = args.out or ROOT / "benchmarks" / "results" / f"batching-{Path(args.model).name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "batching", "command": " ".join([Path(sys.executable).name, *sys.argv]), "model": args.model,
            "model_dir": model, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "machine": machine(), "started_unix": started, "seconds": time.time() - started, "rows": rows}
+           "model_shape": model_shape(model), "machine": machine(args, gpu), "started_unix": started, "seconds": time.time() - started, "rows": rows}
     out.write_text(json.dumps(doc, indent=2) + "\n")
+    header = GPU_HEADER if gpu is not None else HEADER
+    where = f"; {gpu.name}, router and experts on {args.device} in {args.dtype}" if gpu is not None else ""
     md = [f"# Batching benchmark: {args.model}", "", f"Command: `{doc['command']}`", "",
-          f"Machine: {doc['machine']['platform']}, {doc['machine']['cpus']} CPUs, load average at end "
-          f"{doc['machine']['loadavg_at_end']}; commit {doc['machine']['git_commit'][:12]}", "", HEADER, SEPARATOR]
+          f"Model: {doc['model_shape']}", "",
+          f"Machine: {doc['machine']['platform']}, {doc['machine']['cpus']} CPUs{where}, load average at end "
+          f"{doc['machine']['loadavg_at_end']}; commit {doc['machine']['git_commit'][:12]}", "", header,
+          separator(header)]
     md += [format_row(r) for r in rows]
     md += ["", "## Against the claim (\"utilization 65% -> 89%, mean response time under 200 ms\")", ""]
     md += [claim_line(mode, [r for r in rows if r["mode"] == mode]) for mode in dict.fromkeys(r["mode"] for r in rows)]
@@ -247,7 +309,10 @@ def main(argv=None) -> int:
         model = resolve_model(args.model, run)
         env = {**os.environ, "MOEMESH_HOME": str(run / "home"), "MOEMESH_MODELS": str(models_dir()),
                "MOEMESH_MODEL": model, "PYTHONUNBUFFERED": "1", "MOEMESH_ROUTER_COMPUTE_THREADS": str(args.threads),
-               "MOEMESH_EXPERT_COMPUTE_THREADS": str(args.threads), "MOEMESH_EXPERT_NUM_SHARDS": "2"}
+               "MOEMESH_EXPERT_COMPUTE_THREADS": str(args.threads), "MOEMESH_EXPERT_NUM_SHARDS": "2",
+               "MOEMESH_ROUTER_DEVICE": args.device, "MOEMESH_ROUTER_DTYPE": args.dtype,
+               "MOEMESH_EXPERT_DEVICE": args.device, "MOEMESH_EXPERT_DTYPE": args.dtype}
+        gpu = GpuSampler() if args.gpu_util else None
         experts = [child(f"expert-{i}", "services.expert", {**env, "MOEMESH_EXPERT_SHARD_INDEX": str(i)}, run)
                    for i in (0, 1)]
         core = experts[:]
@@ -258,7 +323,8 @@ def main(argv=None) -> int:
             router = child("router", "services.router", env, run)
             core.append(router)
             env["ROUTER_ADDR"] = start([router], run)["router"]["address"]
-            print(HEADER + "\n" + SEPARATOR, flush=True)
+            header = GPU_HEADER if gpu is not None else HEADER
+            print(header + "\n" + separator(header), flush=True)
             batchers = []
             for mode in modes:  # one batcher per mode, all on the one router; only one has load at a time
                 knobs = {"MOEMESH_BATCHER_MODE": mode, "MOEMESH_BATCHER_MAX_BATCH_SIZE": str(args.max_batch_size),
@@ -267,11 +333,15 @@ def main(argv=None) -> int:
                 batchers.append(child(f"batcher-{mode}", "services.batcher", {**env, **knobs}, run))
             core += batchers
             info = start(batchers, run)
-            rows = asyncio.run(bench({m: info[f"batcher-{m}"] for m in modes}, rates, args))
+            rows = asyncio.run(bench({m: info[f"batcher-{m}"] for m in modes}, rates, args, gpu))
         finally:
             stop_in_order([[c for c in core if c.name.startswith("batcher")], [c for c in core if c.name == "router"],
                            experts], budget_s=10)
-        out = write(rows, args, model, started)
+            if args.logs is not None:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for c in core:
+                    shutil.copyfile(c.log_path, args.logs / c.log_path.name)
+        out = write(rows, args, model, started, gpu)
     print(f"wrote {out} and {out.with_suffix('.md')} in {time.time() - started:.0f} s")
     return 0
 
