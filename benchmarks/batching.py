@@ -282,7 +282,8 @@ def write(rows: list[dict], args, model: str, started: float, gpu: GpuSampler | 
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "batching", "command": " ".join([Path(sys.executable).name, *sys.argv]), "model": args.model,
            "model_dir": model, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "model_shape": model_shape(model), "machine": machine(args, gpu), "started_unix": started, "seconds": time.time() - started, "rows": rows}
+           "model_shape": model_shape(model), "machine": machine(args, gpu), "started_unix": started,
+           "seconds": time.time() - started, "rows": rows}
     out.write_text(json.dumps(doc, indent=2) + "\n")
     header = GPU_HEADER if gpu is not None else HEADER
     where = f"; {gpu.name}, router and experts on {args.device} in {args.dtype}" if gpu is not None else ""

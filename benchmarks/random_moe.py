@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(args.out)
     summary = {"dir": str(args.out), "params": params, "bytes_bf16": 2 * params,
-               "seconds": round(time.perf_counter() - started, 1), **{k: v for k, v in vars(args).items() if k != "out"}}
+               "seconds": round(time.perf_counter() - started, 1),
+               **{k: v for k, v in vars(args).items() if k != "out"}}
     (args.out / "random_moe.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary), flush=True)
     return 0
