@@ -74,6 +74,7 @@ class ExpertBank:
         local = torch.full((spec.num_experts,), -1, dtype=torch.int64)
         local[list(experts)] = torch.arange(len(experts))
         self.local_index = local.to(self.device)  # global expert id -> row in the stacks, -1 if not hosted
+        self._concat: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # see _all_selected
 
     @classmethod
     def load(cls, model_dir: str | Path, experts: tuple[int, ...] | list[int] | None = None,
@@ -115,6 +116,9 @@ class ExpertBank:
         hosted = (local >= 0).nonzero().squeeze(1)  # flat (token, slot) pairs for experts hosted here
         if hosted.numel() == 0:
             return out.to(caller_device, caller_dtype)
+        if hosted.numel() == hidden.shape[0] * len(self.experts):  # every token selected every hosted expert
+            out += self._all_selected(layer, hidden, local.view(topk_ids.shape), topk_weights)
+            return out.to(caller_device, caller_dtype)
         order = hosted[local[hosted].argsort(stable=True)]  # [P] pairs grouped by local expert
         counts = torch.bincount(local[order], minlength=len(self.experts))  # [E_local]
         tokens = order // topk_ids.shape[1]  # [P] token of each pair
@@ -124,6 +128,26 @@ class ExpertBank:
         weights = topk_weights.reshape(-1)[order].float()  # [P]
         out.index_add_(0, tokens, y.float() * weights[:, None])
         return out.to(caller_device, caller_dtype)
+
+    def _all_selected(self, layer: int, hidden: torch.Tensor, local: torch.Tensor,
+                      topk_weights: torch.Tensor) -> torch.Tensor:
+        """Dense routing over this bank (e.g. the built-in `smollm2-moe`, top-8 of 8): the hosted experts side by
+        side are one FFN of E_local * I neurons, so two GEMMs replace E_local pairs, no gather or scatter; each
+        neuron is scaled by its expert's routing weight. local [T, K] local expert ids (-1: elsewhere)."""
+        if layer not in self._concat:  # built on first use only: it duplicates the layer's expert weights
+            e, two_i, h = self.gate_up[layer].shape
+            gate_up = self.gate_up[layer].view(e, 2, two_i // 2, h)
+            self._concat[layer] = (gate_up[:, 0].reshape(-1, h), gate_up[:, 1].reshape(-1, h),  # [E*I, H] each
+                                   self.down[layer].permute(1, 0, 2).reshape(h, -1))  # [H, E*I]
+        gate_w, up_w, down_w = self._concat[layer]
+        t, neurons = hidden.shape[0], gate_w.shape[0] // len(self.experts)
+        weights = torch.zeros(t, len(self.experts), dtype=torch.float32, device=self.device)  # [T, E_local]
+        slot = local >= 0
+        weights[slot.nonzero()[:, 0], local[slot]] = topk_weights[slot].float()
+        x = hidden.to(self.dtype)  # [T, H]
+        act = self.act(x @ gate_w.T) * (x @ up_w.T)  # [T, E*I]
+        act = act * weights.repeat_interleave(neurons, dim=1).to(self.dtype)
+        return (act @ down_w.T).float()  # [T, H]
 
     def _use_grouped_mm(self) -> bool:
         return self.device.type == "cuda" and self.dtype == torch.bfloat16 and GROUPED_MM is not None
