@@ -19,7 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model id (default: the mesh's model)")
     p.add_argument("--system", help="a system message before the text")
     p.add_argument("--max-tokens", type=int, help="most tokens to generate")
-    p.add_argument("--temperature", type=float, help="0 for greedy; default 1.0")
+    # Greedy by default: a smoke-test command should answer the same way every time, and small models sampled at
+    # the API's default temperature (1.0) ramble. The API itself keeps OpenAI's default.
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
