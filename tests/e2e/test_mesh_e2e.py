@@ -103,8 +103,9 @@ def test_moemesh_chat_command(mesh: RunningMesh) -> None:
     body = json.loads(as_json.stdout)
     assert body["id"].startswith("chatcmpl-") and body["choices"][0]["message"]["content"]
     assert body["usage"]["completion_tokens"] >= 1 and body["model"] == mesh.status["model"]
-    streamed = chat("--stream")
-    assert streamed.returncode == 0 and streamed.stdout.strip()
+    content = body["choices"][0]["message"]["content"]
+    streamed = chat("--stream")  # greedy by default: the streamed text is the unary answer, delta by delta
+    assert streamed.returncode == 0 and streamed.stdout == content + "\n", streamed.stderr
     bad = chat("--api-key", "wrong")
     assert bad.returncode == 1 and "UNAUTHENTICATED" in bad.stderr
 
