@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import mesh_process
+from mesh_process import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 240.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -44,11 +38,4 @@ class RunningMesh:
 
 
 def wait_status(proc: subprocess.Popen, status_path: Path, output: Path) -> dict:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if status_path.exists():
-            return json.loads(status_path.read_text())
-        if proc.poll() is not None:
-            raise AssertionError(f"moemesh up exited with {proc.returncode}:\n{output.read_text()[-4000:]}")
-        time.sleep(0.2)
-    raise AssertionError(f"mesh not SERVING after {START_TIMEOUT_S} s:\n{output.read_text()[-4000:]}")
+    return mesh_process.wait_status(proc, status_path, output, START_TIMEOUT_S)

@@ -4,24 +4,17 @@ any free port (read back from the status file)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mesh_process import free_port, wait_status
+
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 300.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -79,15 +72,11 @@ def start(home: Path, model_dir: Path, *extra: str) -> EdgeMesh:
             [sys.executable, "-m", "moemesh.cli.main", "up", "--model", str(model_dir), "--gateway-port",
              str(free_port()), "--edge", "--edge-port", "0", *extra],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if status_path.exists():
-            return EdgeMesh(proc, home, json.loads(status_path.read_text()), output)
-        if proc.poll() is not None:
-            raise AssertionError(f"moemesh up exited with {proc.returncode}:\n{output.read_text()[-4000:]}")
-        time.sleep(0.2)
-    stop(proc)
-    raise AssertionError(f"mesh not SERVING after {START_TIMEOUT_S} s:\n{output.read_text()[-4000:]}")
+    try:
+        return EdgeMesh(proc, home, wait_status(proc, status_path, output, START_TIMEOUT_S), output)
+    except AssertionError:
+        stop(proc)
+        raise
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -31,8 +31,8 @@ def _s_client(port: int, version: str) -> subprocess.CompletedProcess:
                           input=b"", capture_output=True, timeout=20)
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_tls12_is_refused_and_tls13_negotiates_h2(edge) -> None:
+    assert shutil.which("openssl"), "this check needs the openssl command (Debian package openssl)"
     old = _s_client(edge.port, "-tls1_2")
     assert old.returncode != 0 and b"alert protocol version" in old.stdout + old.stderr
     new = _s_client(edge.port, "-tls1_3")
@@ -165,8 +165,8 @@ def test_streams_have_no_route_timeout_but_an_idle_timeout(edge_home, fake_gatew
         edge.stop()
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux) for the parent-death signal")
 def test_envoy_dies_with_the_process_that_started_it(edge_home, fake_gateway) -> None:
+    assert shutil.which("setpriv"), "Envoy's parent-death signal needs setpriv (Debian package util-linux)"
     script = ("import sys, time; from moemesh.edge import launch; "
               f"edge = launch([{fake_gateway.address!r}], port=0); print(edge.child.pid, flush=True); time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
