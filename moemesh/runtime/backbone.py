@@ -43,13 +43,14 @@ class MoeBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, dispatch: ExpertDispatch) -> torch.Tensor:  # [T, H] -> [T, H]
         topk_ids, topk_weights = self.router(h)  # [T, K] int64, [T, K] float32
-        out = dispatch(self.layer, h, topk_ids, topk_weights)
-        if self.shared is not None:
+        pending = dispatch.submit(self.layer, h, topk_ids, topk_weights)
+        shared = None
+        if self.shared is not None:  # computed while the routed experts are out
             shared = self.shared(h)
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(h)) * shared
-            out = out + shared
-        return out
+        out = dispatch.collect(pending)
+        return out if shared is None else out + shared
 
 
 class DecoderLayer(nn.Module):

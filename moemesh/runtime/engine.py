@@ -15,7 +15,7 @@ import torch
 from moemesh.runtime.backbone import Backbone
 from moemesh.runtime.block_manager import BlockManager
 from moemesh.runtime.checkpoint import Checkpoint, resolve_model_dir
-from moemesh.runtime.dispatch import LocalDispatch
+from moemesh.runtime.dispatch import DenseModel, LocalDispatch
 from moemesh.runtime.experts import ExpertBank
 from moemesh.runtime.kv_cache import KVCache
 from moemesh.runtime.sampling import Sampler, SeqSampleState, validate
@@ -39,10 +39,6 @@ def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise ValueError(f"dtype must be a floating torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
     return value
-
-
-def _no_experts(layer: int, *args: object) -> torch.Tensor:
-    raise RuntimeError(f"layer {layer} asked for routed experts but the model is dense")
 
 
 @dataclass
@@ -77,7 +73,7 @@ class Engine:
             backbone = Backbone.load(ckpt, spec, device, dtype)
         if dispatch is None:
             bank = ExpertBank.load(local, device=device, dtype=dtype, spec=spec) if spec.moe else None
-            dispatch = LocalDispatch(bank) if bank is not None else _no_experts
+            dispatch = LocalDispatch(bank) if bank is not None else DenseModel()
         shapes = backbone.cache_shapes()
         if kv_blocks is None:
             full_context = KVCache.bytes_per_token(spec.num_layers, shapes, dtype) * context
@@ -147,7 +143,11 @@ class Engine:
         tokens = torch.tensor([t for w in works for t in w.token_ids], dtype=torch.int64, device=self.device)
         ends = torch.cumsum(torch.tensor(new), 0) - 1  # last row of each work
         rows = ends[[i for i, w in enumerate(works) if w.sample]].to(self.device)
-        return self.backbone(tokens, ctx, self.dispatch, self.cache.pools, rows)
+        self.dispatch.begin_step(len(tokens))
+        try:
+            return self.backbone(tokens, ctx, self.dispatch, self.cache.pools, rows)
+        finally:
+            self.dispatch.end_step()
 
     def _sample(self, works: list[SeqWork], states: list[SeqSampleState], logits: torch.Tensor) -> list[SeqResult]:
         picked = [i for i, w in enumerate(works) if w.sample]
@@ -184,8 +184,12 @@ class Engine:
         lengths = [len(ids) for ids in token_ids_batch]
         ctx = StepContext.build([0] * len(lengths), lengths, None, self.blocks.block_size, self.device)
         tokens = torch.tensor([t for ids in token_ids_batch for t in ids], dtype=torch.int64, device=self.device)
-        with torch.inference_mode():
-            logits = self.backbone(tokens, ctx, self.dispatch)  # [sum L, V]
+        self.dispatch.begin_step(len(tokens))
+        try:
+            with torch.inference_mode():
+                logits = self.backbone(tokens, ctx, self.dispatch)  # [sum L, V]
+        finally:
+            self.dispatch.end_step()
         return list(logits.split(lengths))
 
     @property

@@ -2,7 +2,7 @@
 
     batcher --StepRequest--> router servicer --list[SeqWork]--> Engine.step --> list[SeqResult]
                                                    |
-                       Backbone forward, per MoE layer:  dispatch(layer, hidden, topk_ids, topk_weights)
+                       Backbone forward, per MoE layer:  dispatch.submit(layer, hidden, ids, weights) ... collect()
                                                    |   (LocalDispatch in-process, or the router's gRPC fan-out)
                                                    v
                                  ExpertBank.forward on each shard --> partial [T, H], summed by the router
@@ -66,11 +66,26 @@ class ExpertPlacement:
 
 
 class ExpertDispatch(Protocol):
-    """Runs one MoE layer's routed experts for a block of tokens, wherever they live.
+    """Runs one MoE layer's routed experts for a block of tokens, wherever they live: the seam between the backbone
+    (attention, gates, shared experts) and the expert data plane (in process, shared memory, CUDA IPC, NCCL, gRPC).
 
     hidden: [T, H] compute dtype; topk_ids: [T, K] int64 global expert ids (-1: unused slot);
-    topk_weights: [T, K] float32. Returns [T, H]: sum_k weight[t, k] * expert_{ids[t, k]}(hidden[t]).
+    topk_weights: [T, K] float32. The result is [T, H]: sum_k weight[t, k] * expert_{ids[t, k]}(hidden[t]).
+
+    Per MoE layer the backbone calls `submit` (starts the routed experts: must not block on them and must not
+    synchronize the host with the device), runs the shared expert meanwhile, then `collect`. Per step the engine calls
+    `begin_step(tokens)` before the forward (T of every layer of this step; a transport sizes or picks its
+    preallocated buffers here, once per step) and `end_step()` after it, also when the forward raised.
+    `__call__(...)` is `collect(submit(...))`, for callers without overlap.
     """
+
+    def begin_step(self, tokens: int) -> None: ...
+
+    def submit(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> object: ...
+
+    def collect(self, handle: object) -> torch.Tensor: ...
+
+    def end_step(self) -> None: ...
 
     def __call__(
         self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor

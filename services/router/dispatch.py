@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from moemesh.runtime.dispatch import Dispatch
 from moemesh.runtime.types import ExpertPlacement
 from services.router.placement import Placement
 from services.router.step_trace import StepTrace, current_step
@@ -49,7 +50,7 @@ class ShardClient(Protocol):
     ) -> PendingForward: ...
 
 
-class RemoteDispatch:
+class RemoteDispatch(Dispatch):
     """ExpertDispatch over shard clients, one client per entry of the placement (same order)."""
 
     def __init__(self, clients: Sequence[ShardClient], placement: Placement, num_experts: int) -> None:
@@ -77,7 +78,7 @@ class RemoteDispatch:
             self._layer_shards[layer] = self.placement.shards_for_layer(layer)
         return self._layer_shards[layer]
 
-    def __call__(
+    def submit(
         self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
         # hidden [T, H]; topk_ids [T, K] int64 (-1 unused); topk_weights [T, K] float32.

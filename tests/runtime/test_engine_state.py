@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moemesh.runtime.dispatch import Dispatch
 from moemesh.runtime.engine import Engine
 from moemesh.runtime.types import (
     CapacityError, ContextLengthError, SamplingParams, SequenceStateError, SeqWork,
@@ -41,10 +42,11 @@ def test_failed_forward_rolls_the_step_back(engine):
     before = _snapshot(engine)
     real = engine.dispatch
 
-    def shard_down(*args):
-        raise RuntimeError("expert shard unavailable")
+    class ShardDown(Dispatch):
+        def submit(self, *args):
+            raise RuntimeError("expert shard unavailable")
 
-    engine.dispatch = shard_down
+    engine.dispatch = ShardDown()
     with pytest.raises(RuntimeError, match="unavailable"):
         engine.step([SeqWork("a", PROMPT[4:], 4), SeqWork("b", [7, 8], 0)])
     assert _snapshot(engine) == before
