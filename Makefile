@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 PROTOS  := $(wildcard protos/moemesh/v1/*.proto)
 
-.PHONY: install protos test test-fast run lint clean bench certs
+.PHONY: install protos test run clean certs
 
 install: $(BIN)/moemesh
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gateway.account import MeteringAccount
+from gateway.closing import Closing
 from gateway.completion import Completions
 from gateway.config import GatewayConfig
 from gateway.metering_client import LocalMetering, MeteringClient
@@ -17,6 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     config = GatewayConfig.load(argv)
     channels = []
     completions: list[Completions] = []
+    closing = Closing()  # on_drain: open streams end in-band before the grace is over (gateway/closing.py)
 
     def register(server):
         tokenizer, batcher = client_channel(config.tokenizer_addr), client_channel(config.batcher_addr)
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         completions.append(Completions(TokenizerClient(tokenizer), BatcherClient(batcher), metering))
         servicer = ChatServicer(completions[0], ModelCatalog([config.model]), metering, auth=config.auth,
                                 default_max_tokens=config.default_max_tokens, request_timeout=config.request_timeout,
-                                account=account)
+                                account=account, closing=closing)
         return add_to_server(servicer, server)
 
     async def on_stop() -> None:
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         for channel in channels:
             await channel.close()
 
-    exit_now(run_service(config, register, name="gateway", on_stop=on_stop))
+    exit_now(run_service(config, register, name="gateway", on_stop=on_stop, on_drain=closing.begin))
 
 
 if __name__ == "__main__":

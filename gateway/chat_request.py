@@ -44,6 +44,7 @@ class ChatRequest:
     n: int | None = None
     user: str = ""
     include_usage: bool = False
+    ignore_eos: bool = False  # moemesh extension (benchmarks): run to max_tokens past end-of-sequence tokens
     unsupported: tuple[str, ...] = ()  # names of set fields moemesh does not support
 
 
@@ -86,6 +87,8 @@ def _messages(messages: tuple[Message, ...]) -> list[dict[str, str]]:
     for i, m in enumerate(messages):
         if m.role not in ROLES:
             raise ValueError(f"messages[{i}].role: {m.role!r} is not one of {sorted(ROLES)}")
+        if not m.content:  # nothing to answer: OpenAI accepts it, but it only wastes a request
+            raise ValueError(f"messages[{i}].content: must not be empty")
         message = {"role": "system" if m.role == "developer" else m.role, "content": m.content}
         if m.name:
             message["name"] = m.name
@@ -136,6 +139,7 @@ def validate(req: ChatRequest, models: ModelCatalog, *, default_max_tokens: int)
         stop=req.stop,
         logprobs=req.logprobs,
         top_logprobs=req.top_logprobs or 0,
+        ignore_eos=req.ignore_eos,
     )
     return ValidatedChat(model=model, messages=messages, sampling=sampling, user=req.user,
                          include_usage=req.include_usage, stop=req.stop)

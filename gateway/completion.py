@@ -7,6 +7,11 @@
 The gateway owns the text: stop strings are matched here on the detokenized stream (never split across deltas);
 when the text stops before the batcher does, the batcher is told to cancel and its last event (engine time) is
 still collected for the bill. If the caller goes away, the upstream calls are cancelled and the commit still runs.
+
+Billing through faults: a request the batcher refuses before it runs (prompt beyond the context window, queue full,
+router down before the first token) is committed at 0 tokens with finish_reason "rejected", which releases its hold
+at once and bills nothing; a request cut after tokens were delivered is billed for the prompt and the tokens the
+client got (the commit is retried while metering restarts).
 """
 
 from __future__ import annotations
@@ -63,6 +68,16 @@ class EngineFailure(ServiceError):
     grpc_status = "INTERNAL"
 
 
+class EngineLost(ServiceError):
+    """The engine failed mid-generation: in practice a mesh service (router, expert shard) went away. Retrying is
+    the right reaction, hence UNAVAILABLE and not INTERNAL."""
+
+    grpc_status = "UNAVAILABLE"
+
+
+FINISH_REJECTED = "rejected"  # the ledger's finish_reason of a request refused before it ran (0 tokens, $0)
+
+
 @dataclass
 class _Outcome:
     """What the bill needs; updated as the stream goes."""
@@ -71,6 +86,13 @@ class _Outcome:
     finish_reason: str = FINISH_CANCELLED  # until something better is known
     completion_tokens: int = 0
     engine_seconds: float = 0.0
+    admitted: bool = False  # the batcher sent an event: the request ran (else it is billed nothing)
+
+    def billed(self) -> tuple[int, int, str]:
+        """(prompt tokens, completion tokens, finish reason) to commit."""
+        if not self.admitted:
+            return 0, 0, FINISH_REJECTED
+        return self.prompt_tokens, self.completion_tokens, self.finish_reason
 
 
 class Completions:
@@ -103,16 +125,18 @@ class Completions:
         finally:
             generation.cancel()
             detok.close()
+            prompt_tokens, completion_tokens, finish_reason = outcome.billed()
             self._commit_later(UsageRecord(
                 request_id=request_id, tenant=tenant.name, key_id=tenant.key_id, model=chat.model,
-                prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
-                latency_seconds=time.monotonic() - start, finish_reason=outcome.finish_reason,
+                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                latency_seconds=time.monotonic() - start, finish_reason=finish_reason,
                 engine_seconds=outcome.engine_seconds, user=chat.user,
             ))
 
     async def _stream(self, chat, generation, detok, checker: StopChecker,
                       outcome: _Outcome) -> AsyncIterator[Delta | Finish]:
         async for event in generation.events():
+            outcome.admitted = True
             _account(outcome, event)
             delta = await self._consume(chat, event, detok, checker)
             outcome.completion_tokens = checker.num_tokens
@@ -202,5 +226,6 @@ def _finish_for_batcher(checker: StopChecker, reason: str) -> str:
     if reason == FINISH_DEADLINE:
         raise TimeoutError("deadline: the request did not finish in time")
     if reason == FINISH_ERROR:
-        raise EngineFailure("batcher: the engine failed while generating this request")
+        raise EngineLost("the engine failed while generating this request (a mesh service went away: router or "
+                         "expert shard); the tokens delivered so far are billed; retry the request")
     return checker.finish(reason).text  # "stop", "length" or "cancelled"

@@ -11,6 +11,7 @@ import grpc
 
 from gateway.account import AccountRpcs, MeteringAccount
 from gateway.chat_request import ChatRequest, Message, ValidatedChat, validate
+from gateway.closing import Closing
 from gateway.completion import Completions, Delta, Finish
 from gateway.events import Tenant, TokenInfo
 from gateway.models import ModelCatalog
@@ -44,7 +45,7 @@ def to_chat_request(req: chat_pb2.ChatCompletionRequest) -> ChatRequest:
         stop=tuple(req.stop), presence_penalty=_opt(req, "presence_penalty"),
         frequency_penalty=_opt(req, "frequency_penalty"), top_k=_opt(req, "top_k"), logprobs=req.logprobs,
         top_logprobs=_opt(req, "top_logprobs"), n=_opt(req, "n"), user=req.user,
-        include_usage=req.stream_options.include_usage,
+        include_usage=req.stream_options.include_usage, ignore_eos=req.ignore_eos,
         unsupported=tuple(name for name in UNSUPPORTED if req.HasField(name)),
     )
 
@@ -68,8 +69,10 @@ def _logprobs(tokens: tuple[TokenInfo, ...]) -> chat_pb2.ChoiceLogprobs:
 
 class ChatServicer(AccountRpcs, chat_pb2_grpc.ChatServicer):
     def __init__(self, completions: Completions, models: ModelCatalog, metering, *, auth: bool,
-                 default_max_tokens: int, request_timeout: float, account: MeteringAccount | None = None) -> None:
+                 default_max_tokens: int, request_timeout: float, account: MeteringAccount | None = None,
+                 closing: Closing | None = None) -> None:
         self._completions, self._models, self._metering = completions, models, metering
+        self._closing = closing or Closing()  # streams end in-band before a drain's grace is over
         self._account = account  # SubmitFeedback / GetUsage (gateway/account.py); None: not metered
         self._auth, self._default_max_tokens, self._timeout = auth, default_max_tokens, request_timeout
 
@@ -118,7 +121,7 @@ class ChatServicer(AccountRpcs, chat_pb2_grpc.ChatServicer):
         started = False
         with request_scope(request_id):
             try:
-                async for item in self._completions.run(chat, tenant, request_id, timeout):
+                async for item in self._closing.guard(self._completions.run(chat, tenant, request_id, timeout)):
                     if not started:
                         started = True
                         yield chunk(choices=[chat_pb2.ChunkChoice(index=0, delta=chat_pb2.Delta(role="assistant",

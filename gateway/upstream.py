@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from gateway.events import GenerateParams, TokenEvent
+from gateway.upstream_errors import in_chat_terms
+from moemesh.serving.errors import ServiceError
 from moemesh.v1 import batcher_pb2, batcher_pb2_grpc, common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,30 @@ CANCEL_DRAIN_S = 2.0
 CLOSE_WAIT_S = 1.0
 
 
+class PeerLost(ServiceError):
+    """A peer service went away during a call: UNAVAILABLE with a message that says what to do."""
+
+    grpc_status = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, peer: str, cause: object) -> None:
+        super().__init__(f"{peer}: {cause}; a mesh service went away (it is restarted): retry the request in a "
+                         "few seconds")
+
+
+def _lost(peer: str, exc: BaseException) -> BaseException:
+    """The error to raise for `exc` from a call to `peer`: PeerLost when the peer died, else `exc` unchanged."""
+    if isinstance(exc, asyncio.InvalidStateError | ConnectionError):  # a write on a call the peer already ended
+        return PeerLost(peer, "its stream broke")
+    if not isinstance(exc, grpc.aio.AioRpcError):
+        return exc
+    details = exc.details() or exc.code().name
+    # A peer that dies mid-stream resets it: UNAVAILABLE ("Socket closed"), or INTERNAL naming the RST_STREAM.
+    reset = exc.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in details
+    if exc.code() == grpc.StatusCode.UNAVAILABLE or reset:
+        return PeerLost(peer, details)
+    return exc
+
+
 class TokenizerClient:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = tokenizer_pb2_grpc.TokenizerStub(channel)
@@ -32,7 +58,10 @@ class TokenizerClient:
         chat = tokenizer_pb2.ChatInput(add_generation_prompt=True, messages=[
             common_pb2.ChatMessage(role=m["role"], content=m["content"], name=m.get("name")) for m in messages
         ])
-        response = await self._stub.Encode(tokenizer_pb2.EncodeRequest(model=model, chat=chat))
+        try:
+            response = await self._stub.Encode(tokenizer_pb2.EncodeRequest(model=model, chat=chat))
+        except grpc.aio.AioRpcError as exc:
+            raise _lost("tokenizer", exc) from exc
         return list(response.ids)
 
     async def eos_token_ids(self, model: str) -> tuple[int, ...]:
@@ -60,10 +89,13 @@ class StreamDetokenizer:
             request = tokenizer_pb2.DetokenizeRequest(model=self._model, ids=ids, skip_special_tokens=True)
         else:
             request = tokenizer_pb2.DetokenizeRequest(ids=ids)
-        await self._call.write(request)
-        response = await self._call.read()
+        try:
+            await self._call.write(request)
+            response = await self._call.read()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            raise _lost("tokenizer", exc) from exc
         if response is grpc.aio.EOF:
-            raise ConnectionError("tokenizer closed the detokenize stream early")
+            raise PeerLost("tokenizer", "it closed the detokenize stream early")
         return list(response.token_texts)
 
     async def finish(self) -> None:
@@ -96,7 +128,7 @@ class BatcherClient:
         sampling = common_pb2.SamplingParams(
             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
             presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, max_tokens=s.max_tokens,
-            logprobs=s.logprobs, top_logprobs=s.top_logprobs,
+            logprobs=s.logprobs, top_logprobs=s.top_logprobs, ignore_eos=s.ignore_eos,
         )  # stop strings stay in the gateway: it owns the text (StopChecker on the detokenized stream)
         request = batcher_pb2.GenerateRequest(
             request_id=params.request_id, tenant=params.tenant, model=params.model, prompt_ids=params.prompt_ids,
@@ -115,13 +147,17 @@ class Generation:
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         """Events until the one with finish_reason (the stream is then read to its end, which ends its span)."""
-        async for event in self._call:
-            token_event = _event(event)
-            if token_event.finish_reason:
-                await self._read_to_end()
+        try:
+            async for event in self._call:
+                token_event = _event(event)
+                if token_event.finish_reason:
+                    await self._read_to_end()
+                    yield token_event
+                    return
                 yield token_event
-                return
-            yield token_event
+        except grpc.aio.AioRpcError as exc:
+            # Before the first event the batcher's own status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED...) stands.
+            raise (in_chat_terms(exc) or _lost("batcher", exc)) from exc
 
     async def _read_to_end(self) -> None:
         try:

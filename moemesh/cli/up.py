@@ -20,7 +20,6 @@ import json
 import os
 import random
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -31,8 +30,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moemesh import home
 from moemesh.certs import grpc_tls
+from moemesh.cli import data_plane, supervision
+from moemesh.cli.progress import StartProgress, first_start_note
+from moemesh.dashboard import mesh_hook as dashboard_hook
 from moemesh.edge import mesh_hook as edge_hook
-from moemesh.serving import status as status_file
+from moemesh.serving import ports, status as status_file
 from moemesh.serving.server import READY_FILE_ENV, exit_now
 from moemesh.serving.supervisor import Child, stop_in_order
 
@@ -47,8 +49,9 @@ SERVICES = {
     "batcher": ("services.batcher", "moemesh.v1.Batcher"),
     "gateway": ("gateway", "moemesh.v1.Chat"),
 }
-# Shutdown order: nothing is cut off upstream of a draining caller.
-STOP_WAVES = [["edge"], ["gateway"], ["batcher"], ["router", "tokenizer"], ["expert-0", "expert-1", "metering"]]
+# Shutdown order: nothing is cut off upstream of a draining caller. The edge goes after the gateway: Envoy exits at
+# once on SIGTERM, while the gateway ends its streams in-band (error event, then [DONE] over HTTP) within its grace.
+STOP_WAVES = [["gateway"], ["edge"], ["batcher"], ["router", "tokenizer"], ["expert-0", "expert-1", "metering"]]
 GRACE_S = {"gateway": 6.0, "batcher": 2.0}  # others 1 s: nothing is in flight once their callers stopped
 
 
@@ -67,6 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for SERVING (first run "
                    "converts the built-in model)")
     edge_hook.add_arguments(p)
+    supervision.add_arguments(p)
+    dashboard_hook.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -87,12 +92,7 @@ def _free_ports(host: str, count: int, taken: set[int]) -> list[int]:
 
 
 def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+    return ports.port_free(host, port)  # SO_REUSEADDR: a port left in TIME_WAIT by a stopped mesh is free
 
 
 def plan(ns: argparse.Namespace, run_dir: Path) -> dict[str, Child]:
@@ -114,6 +114,7 @@ def plan(ns: argparse.Namespace, run_dir: Path) -> dict[str, Child]:
                f"MOEMESH_{kind}_METRICS_PORT": "0", f"MOEMESH_{kind}_GRACE": str(GRACE_S.get(name, 1.0))}
         if kind == "EXPERT":
             env.update(MOEMESH_EXPERT_SHARD_INDEX=name.split("-")[1], MOEMESH_EXPERT_NUM_SHARDS="2")
+        env.update(data_plane.thread_env(kind, num_shards=2))  # torch threads, passive OpenMP waits
         if name == "metering" and not ns.no_auth:
             env["MOEMESH_METERING_DEV_TENANT"] = DEV_TENANT
         if name == "gateway":
@@ -186,16 +187,27 @@ def run(ns: argparse.Namespace) -> NoReturn:
     code = 0
     try:
         say(f"moemesh up: model {ns.model!r}, logs in {home.subdir('logs')}")
-        for child in children.values():
-            child.start()
-        ready = wait_ready(children, run_dir, ns.start_timeout, say)
+        note = first_start_note(ns.model)
+        if note:
+            say(note)
+        # Console progress (conversion, loading, waiting) while the services start: moemesh/cli/progress.py.
+        with StartProgress({n: c.log_path for n, c in children.items()}, run_dir, say):
+            for child in children.values():
+                child.start()
+            ready = wait_ready(children, run_dir, ns.start_timeout, say)
         if ns.edge:  # Envoy in front of the gateway, once it is SERVING (moemesh/edge/mesh_hook.py)
             ready[edge_hook.NAME] = edge_hook.start(ns, children, ready["gateway"]["address"], run_dir, say)
-        write_status(path, ns, children, ready)
+        dashboard = dashboard_hook.start(ns, path, say)  # live monitoring on threads of this process
+        transports = data_plane.expert_transports(
+            ready["router"]["address"], {n: i["address"] for n, i in ready.items() if n.startswith("expert-")})
+        say("  expert transport: " + (", ".join(f"{n} {t}" for n, t in sorted(transports.items())) or "unknown"))
+        write_status(path, ns, children, ready, dashboard, transports)
         say(f"\nmesh SERVING: gateway {ready['gateway']['address']} (status {path})")
+        if dashboard:
+            say(f"  dashboard: {dashboard['dashboard']}")
         say(f'  try: moemesh chat "Hello"' + ("" if path == status_file.default_path() else f" --status-file {path}"))
         say("  stop: Ctrl-C")
-        code = supervise(children, say)
+        code = supervise(children, ready, ns, path, say)
     except Interrupted as exc:
         say(f"\nmoemesh up: {exc}: stopping")
     except RuntimeError as exc:
@@ -217,28 +229,30 @@ def report_failure(children: dict[str, Child], exc: Exception, say) -> None:
         say("fix the cause above (a port in use? a model that does not load?) and run `moemesh up` again")
 
 
-def supervise(children: dict[str, Child], say) -> int:
-    """Runs until a signal (Interrupted) or until a service dies (returns 1)."""
-    while True:
-        for name, child in children.items():
-            code = child.exited()
-            if code is not None:
-                say(f"\nmoemesh up: {name} exited with code {code}; stopping the mesh\n"
-                    f"--- last lines of {child.log_path} ---\n{child.log_tail()}\n---")
-                return 1
-        time.sleep(0.5)
+def supervise(children: dict[str, Child], ready: dict[str, dict], ns: argparse.Namespace, path: Path, say) -> int:
+    """Runs until a signal (Interrupted) or until a service needs more restarts than allowed (returns 1); a service
+    that exits or fails its health checks is restarted on its port (moemesh/cli/supervision.py)."""
+    def probe(name: str) -> bool:  # same port after a restart: the address in `ready` stays right
+        address = ready[name]["address"]
+        return _serving(address, SERVICES[name][1]) if name in SERVICES else supervision.tcp_open(address)
+
+    return supervision.watch_until_given_up(children, probe, supervision.policy_from(ns), path, ns.host, say)
 
 
-def write_status(path: Path, ns: argparse.Namespace, children: dict[str, Child], ready: dict[str, dict]) -> None:
+def write_status(path: Path, ns: argparse.Namespace, children: dict[str, Child], ready: dict[str, dict],
+                 extra: dict | None = None, transports: dict[str, str] | None = None) -> None:
+    transports = transports or {}
     services = {
         name: {"name": name, "address": info["address"], "pid": children[name].pid,
                "metrics_port": info.get("metrics_port"), "log": str(children[name].log_path)}
         for name, info in ready.items()
     }
+    for name, transport in transports.items():  # expert data plane per shard (shm, grpc), from Router.Info
+        services[name]["transport"] = transport
     status_file.write(path, {
         "gateway": ready["gateway"]["address"], "api_key": None if ns.no_auth else _dev_key(),
         "model": children["gateway"].env["MOEMESH_MODEL"], "pid": os.getpid(), "started": time.time(),
-        "services": services, **edge_hook.status_fields(ready),
+        "services": services, **edge_hook.status_fields(ready), **(extra or {}),
     })
 
 

@@ -27,6 +27,7 @@ LOCAL_ERRORS: dict[int, tuple[str, str]] = {
     404: ("not_found_error", "NOT_FOUND"),
     408: ("invalid_request_error", "DEADLINE_EXCEEDED"),
     413: ("invalid_request_error", "REQUEST_TOO_LARGE"),
+    415: ("invalid_request_error", "UNSUPPORTED_MEDIA_TYPE"),
     429: ("rate_limit_exceeded", "RESOURCE_EXHAUSTED"),
     431: ("invalid_request_error", "HEADERS_TOO_LARGE"),
     503: ("server_error", "UNAVAILABLE"),

@@ -1,5 +1,6 @@
 """What `moemesh up --edge` adds to the mesh (called from moemesh/cli/up.py): the flags, Envoy started once the
-gateway is SERVING (as one more supervised child, stopped first), and the status file's `edge_https` / `ca_cert`.
+gateway is SERVING (as one more supervised child, stopped right after the gateway), and the status file's
+`edge_https` / `ca_cert`.
 
 Imports of the edge machinery are deferred: `moemesh up` without --edge does not pay for them.
 """
@@ -7,7 +8,6 @@ Imports of the edge machinery are deferred: `moemesh up` without --edge does not
 from __future__ import annotations
 
 import argparse
-import socket
 from pathlib import Path
 
 NAME = "edge"
@@ -48,12 +48,9 @@ def start(ns: argparse.Namespace, children: dict, gateway_address: str, run_dir:
 
 
 def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+    from moemesh.serving.ports import port_free
+
+    return port_free(host, port)  # SO_REUSEADDR, as Envoy's listener: a port left in TIME_WAIT is free
 
 
 def status_fields(ready: dict) -> dict:

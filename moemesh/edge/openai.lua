@@ -2,7 +2,9 @@
 -- the field tables TOP, MESSAGE and STREAM_OPTIONS (JSON name -> kind of every field the moemesh.v1 request messages
 -- declare: "string", "number", "bool", "list", "object", "any") and json_walk.lua (inspect_body, json_string).
 --
--- Request (POST /v1/chat/completions[:stream], JSON only; gRPC passes untouched):
+-- Request (POST /v1/chat/completions[:stream]; gRPC passes untouched):
+--   * a content-type other than application/json is 415, a body that is not UTF-8 400 (one line each: the
+--     transcoder would answer the first as if valid and the second with its parser's raw text);
 --   * one walk over the buffered body rejects fields the API does not declare (the transcoder would drop them
 --     silently) and values of the wrong kind (its messages would not name the field) with 400 naming the field,
 --     and reads `stream` and `stream_options.include_usage`;
@@ -18,9 +20,38 @@ local NS = "moemesh.edge"
 local CHAT = "/v1/chat/completions"
 local STREAM = "/v1/chat/completions:stream"
 
-local function reject(handle, field, message)
+local function reject(handle, field, message, status)
   if field then handle:streamInfo():dynamicMetadata():set(NS, "param", field) end
-  handle:respond({ [":status"] = "400", ["content-type"] = "text/plain" }, message)
+  handle:respond({ [":status"] = status or "400", ["content-type"] = "text/plain" }, message)
+end
+
+-- The chat body is JSON; a form or text body would otherwise reach the transcoder and be answered as if valid.
+local function is_json(content_type)
+  local media = (content_type or ""):lower():match("^%s*([^;%s]+)")
+  return media == "application/json"
+end
+
+-- Index of the first byte that is not part of valid UTF-8 (RFC 3629: no overlongs, surrogates or > U+10FFFF), or
+-- nil. ASCII bodies take one string.find; the loop only starts at the first byte >= 0x80.
+local function utf8_error(s)
+  local i = s:find("[\128-\255]")
+  while i do
+    local c, n, lo, hi = s:byte(i), 0, 0x80, 0xBF
+    if c >= 0xC2 and c <= 0xDF then n = 1
+    elseif c >= 0xE0 and c <= 0xEF then
+      n = 2
+      if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end
+    elseif c >= 0xF0 and c <= 0xF4 then
+      n = 3
+      if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end
+    else return i end
+    for k = 1, n do
+      local b = s:byte(i + k)
+      if not b or b < (k == 1 and lo or 0x80) or b > (k == 1 and hi or 0xBF) then return i end
+    end
+    i = s:find("[\128-\255]", i + n + 1)
+  end
+  return nil
 end
 
 -- gRPC's reserved headers mean nothing on plain HTTP: dropped both ways (a client's grpc-timeout would otherwise
@@ -41,9 +72,18 @@ function envoy_on_request(handle)
   local path = headers:get(":path") or ""
   local base, query = path:match("^([^?]*)(.*)$")
   if base ~= CHAT and base ~= STREAM then return end
+  if not is_json(headers:get("content-type")) then
+    return reject(handle, nil, "content-type: " .. (headers:get("content-type") or "missing") .. " is not supported; "
+      .. "send the body as application/json", "415")
+  end
   local body = handle:body()
   local text = body and body:getBytes(0, body:length()) or ""
   headers = handle:headers()  -- a wrapper taken before body() is stale once the script resumes
+  local bad_byte = utf8_error(text)
+  if bad_byte then
+    return reject(handle, nil, string.format("body: not valid UTF-8 (byte 0x%02x at offset %d); JSON must be "
+      .. "UTF-8", text:byte(bad_byte), bad_byte - 1))
+  end
   local found = inspect_body(text)
   if not found then
     return reject(handle, nil, "body: not a valid JSON object (or nested deeper than " .. MAX_DEPTH .. " levels)")
@@ -79,8 +119,9 @@ local STATUS_CODES = { [400] = "INVALID_ARGUMENT", [401] = "UNAUTHENTICATED", [4
   [404] = "NOT_FOUND", [413] = "REQUEST_TOO_LARGE", [429] = "RESOURCE_EXHAUSTED", [503] = "UNAVAILABLE",
   [504] = "DEADLINE_EXCEEDED" }
 
--- {"code":3,"message":"max_tokens: -5 must be >= 1",...} -> OpenAI's error object (message kept as sent).
-local function openai_error(status, text)
+-- {"code":3,"message":"max_tokens: -5 must be >= 1",...} -> OpenAI's error object (message kept as sent). `reason`:
+-- the gateway's `error-code` metadata (e.g. context_length_exceeded), which is OpenAI's `code` where it is set.
+local function openai_error(status, text, reason)
   local code = tonumber(text:match('^%s*{%s*"code"%s*:%s*(%d+)') or "")
   local message
   local m = code and text:find('"message"%s*:%s*"')
@@ -93,6 +134,7 @@ local function openai_error(status, text)
   local param = (status == 400 and field) and ('"' .. field .. '"') or "null"
   local server = status >= 500
   local name = (code and CODES[code]) or STATUS_CODES[status] or (server and "INTERNAL" or "INVALID_ARGUMENT")
+  if reason and reason:match("^[%w_]+$") then name = reason end
   local kind = TYPES[status] or (server and "server_error" or "invalid_request_error")
   return '{"error":{"message":' .. message .. ',"type":"' .. kind .. '","param":' .. param .. ',"code":"' .. name
     .. '"}}'
@@ -103,7 +145,7 @@ local function shape_error(handle, status)
   local text = body:getBytes(0, body:length())
   local headers = handle:headers()  -- taken after body(): an earlier wrapper is stale once the script resumes
   if text:find('^%s*{%s*"error"%s*:') then return end  -- already OpenAI's shape (the local reply mapper's)
-  body:setBytes(openai_error(status, text))
+  body:setBytes(openai_error(status, text, headers:get("error-code")))
   headers:replace("content-type", "application/json")
   local ms = tonumber(headers:get("retry-after-ms") or "")
   if ms and not headers:get("retry-after") then

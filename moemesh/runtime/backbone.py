@@ -12,6 +12,7 @@ from torch import nn
 
 from moemesh.runtime.attention import Attention
 from moemesh.runtime.checkpoint import Checkpoint
+from moemesh.runtime.expert_load import ExpertLoad
 from moemesh.runtime.experts import moe_prefix
 from moemesh.runtime.layers import GatedMLP, Linear, Loader, RMSNorm
 from moemesh.runtime.mla import LatentAttention
@@ -24,6 +25,8 @@ from moemesh.runtime.types import ExpertDispatch
 
 class MoeBlock(nn.Module):
     """Gate + shared expert of one MoE layer; the routed experts are behind the dispatch."""
+
+    expert_load: ExpertLoad | None = None  # routed-token counters, set by ExpertLoad.attach (the router does)
 
     def __init__(self, layer: int, router: Router, shared: GatedMLP | None, shared_gate: Linear | None) -> None:
         super().__init__()
@@ -43,6 +46,8 @@ class MoeBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, dispatch: ExpertDispatch) -> torch.Tensor:  # [T, H] -> [T, H]
         topk_ids, topk_weights = self.router(h)  # [T, K] int64, [T, K] float32
+        if self.expert_load is not None:  # on the device, no host sync
+            self.expert_load.record(self.layer, topk_ids)
         pending = dispatch.submit(self.layer, h, topk_ids, topk_weights)
         shared = None
         if self.shared is not None:  # computed while the routed experts are out
@@ -81,6 +86,17 @@ class Backbone(nn.Module):
         self.norm = norm
         self.lm_head = self.embed if lm_head is None else nn.Parameter(lm_head, requires_grad=False)  # [V, H]
         self.rotary = Rotary(spec.rope, device)
+        self.fast = False  # CUDA: fused residual-add + RMSNorm and the fused attention/routing kernels (set_fast)
+
+    def set_fast(self, on: bool) -> None:
+        """Switch every module to the Triton kernels of gpu/fused_ops.py (CUDA) or back to the torch reference."""
+        self.fast = on
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.set_fast(on and not self.rotary.interleaved and self.rotary.inv_freq.shape[0] * 2 ==
+                                module.spec.head_dim)
+            elif isinstance(module, Router):
+                module.set_fast(on)
 
     @classmethod
     def load(cls, ckpt: Checkpoint, spec: ModelSpec, device: torch.device | str, dtype: torch.dtype) -> Backbone:
@@ -105,6 +121,8 @@ class Backbone(nn.Module):
     ) -> torch.Tensor:
         x = F.embedding(token_ids, self.embed)  # [T, H]
         rope = self.rotary.table(ctx.positions, x.dtype)
+        if self.fast:
+            return self._forward_fast(x, rope, ctx, dispatch, pools, logit_rows)
         for i, layer in enumerate(self.layers):
             x = x + layer.attn(layer.input_norm(x), rope, self.rotary, ctx, pools[i] if pools is not None else None)
             h = layer.post_norm(x)
@@ -112,3 +130,20 @@ class Backbone(nn.Module):
         if logit_rows is not None:
             x = x[logit_rows]
         return F.linear(self.norm(x), self.lm_head).float()  # [N, V]
+
+    def _forward_fast(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: StepContext,
+                      dispatch: ExpertDispatch, pools: list | None, logit_rows: torch.Tensor | None) -> torch.Tensor:
+        """forward() with each residual add fused into the next RMSNorm (one launch instead of ~8)."""
+        from moemesh.runtime.gpu.fused_ops import add_rms_norm
+
+        layers = list(self.layers)
+        x, h = add_rms_norm(x, None, layers[0].input_norm.weight, layers[0].input_norm.eps)
+        for i, layer in enumerate(layers):
+            attn = layer.attn(h, rope, self.rotary, ctx, pools[i] if pools is not None else None)
+            x, h = add_rms_norm(x, attn, layer.post_norm.weight, layer.post_norm.eps)
+            mlp = layer.mlp(h, dispatch) if isinstance(layer.mlp, MoeBlock) else layer.mlp(h)
+            norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.norm
+            x, h = add_rms_norm(x, mlp, norm.weight, norm.eps)
+        if logit_rows is not None:
+            h = h[logit_rows]
+        return F.linear(h, self.lm_head).float()  # [N, V]

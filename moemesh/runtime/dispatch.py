@@ -16,6 +16,10 @@ from moemesh.runtime.experts import ExpertBank
 class Dispatch:
     """Base of the ExpertDispatch implementations (see moemesh.runtime.types.ExpertDispatch)."""
 
+    # True when submit/collect only queue device work on the caller's stream (no host round trip, no host sync), so
+    # a decode step that calls them can be captured in a CUDA graph and replayed. Transports say so themselves.
+    capturable = False
+
     def begin_step(self, tokens: int) -> None:
         """Called once per step before the forward with T, the tokens every MoE layer of the step carries."""
 
@@ -38,6 +42,7 @@ class LocalDispatch(Dispatch):
 
     def __init__(self, bank: ExpertBank) -> None:
         self.bank = bank
+        self.capturable = bank.device.type == "cuda"  # in process on the GPU: kernels only (see ExpertBank)
 
     def submit(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                topk_weights: torch.Tensor) -> torch.Tensor:
@@ -51,6 +56,7 @@ class SumDispatch(Dispatch):
         if not parts:
             raise ValueError("SumDispatch needs at least one part")
         self.parts = list(parts)
+        self.capturable = all(getattr(p, "capturable", False) for p in self.parts)
 
     def begin_step(self, tokens: int) -> None:
         for part in self.parts:
@@ -78,6 +84,8 @@ class SumDispatch(Dispatch):
 
 class DenseModel(Dispatch):
     """The dispatch of a model without routed experts: any call is a bug."""
+
+    capturable = True  # never called
 
     def submit(self, layer: int, *args: object) -> object:
         raise RuntimeError(f"layer {layer} asked for routed experts but the model is dense")

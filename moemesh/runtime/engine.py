@@ -14,9 +14,11 @@ import torch
 
 from moemesh.runtime.backbone import Backbone
 from moemesh.runtime.block_manager import BlockManager
-from moemesh.runtime.checkpoint import Checkpoint, resolve_model_dir
+from moemesh.runtime.checkpoint import resolve_model_dir
 from moemesh.runtime.dispatch import DenseModel, LocalDispatch
+from moemesh.runtime.dummy import open_checkpoint
 from moemesh.runtime.experts import ExpertBank
+from moemesh.runtime.gpu import decode_plan, kernels_usable
 from moemesh.runtime.kv_cache import KVCache
 from moemesh.runtime.sampling import Sampler, SeqSampleState, validate
 from moemesh.runtime.spec import ModelSpec, load_spec
@@ -49,30 +51,37 @@ class _Sequence:
 
 class Engine:
     def __init__(self, spec: ModelSpec, backbone: Backbone, dispatch: ExpertDispatch, cache: KVCache,
-                 blocks: BlockManager, *, max_context: int, model_name: str, device: torch.device) -> None:
+                 blocks: BlockManager, *, max_context: int, model_name: str, device: torch.device,
+                 decode=None, cuda_graphs: str = "off: not a CUDA engine") -> None:
         self.spec, self.backbone, self.dispatch = spec, backbone, dispatch
         self.cache, self.blocks = cache, blocks
         self.max_context, self.model_name, self.device = max_context, model_name, device
         self.dtype = backbone.embed.dtype
         self.sampler = Sampler()
         self._seqs: dict[str, _Sequence] = {}
+        self.decode, self.cuda_graphs = decode, cuda_graphs  # gpu/decode_graphs.DecodeRunner or None, and why
 
     @classmethod
     def load(cls, model_dir: str | Path, *, dispatch: ExpertDispatch | None = None, device: str | torch.device = "cpu",
              dtype: torch.dtype | str = torch.float32, kv_blocks: int | None = None, kv_memory_bytes: int | None = None,
-             block_size: int = 16, max_context: int | None = None, model_name: str | None = None) -> Engine:
+             block_size: int = 16, max_context: int | None = None, model_name: str | None = None,
+             load_format: str = "auto", cuda_graphs: bool = True) -> Engine:
         """dispatch None: every routed expert in process. KV capacity: kv_blocks, else the blocks kv_memory_bytes
-        buys (default: see DEFAULT_KV_BYTES). max_context defaults to the model's and is capped by the capacity."""
+        buys (default: see DEFAULT_KV_BYTES). max_context defaults to the model's and is capped by the capacity.
+        load_format "dummy": random weights from config.json alone (dummy.py). cuda_graphs: capture decode steps
+        on CUDA where possible (EngineInfo.cuda_graphs says what happened)."""
         local = resolve_model_dir(model_dir)
         device, dtype = torch.device(device), as_dtype(dtype)
         spec = load_spec(local)
         if max_context is not None and not 1 <= max_context <= spec.max_context:
             raise ValueError(f"max_context must be in [1, {spec.max_context}] for this model, got {max_context}")
         context = max_context or spec.max_context
-        with Checkpoint(local) as ckpt:
+        with open_checkpoint(local, spec, load_format) as ckpt:
             backbone = Backbone.load(ckpt, spec, device, dtype)
+        backbone.set_fast(not kernels_usable(device, dtype))  # the Triton kernels of gpu/fused_ops.py on CUDA
         if dispatch is None:
-            bank = ExpertBank.load(local, device=device, dtype=dtype, spec=spec) if spec.moe else None
+            bank = (ExpertBank.load(local, device=device, dtype=dtype, spec=spec, load_format=load_format)
+                    if spec.moe else None)
             dispatch = LocalDispatch(bank) if bank is not None else DenseModel()
         shapes = backbone.cache_shapes()
         if kv_blocks is None:
@@ -82,10 +91,19 @@ class Engine:
             if kv_memory_bytes is None:
                 kv_blocks = min(kv_blocks, DEFAULT_MAX_SEQUENCES * -(-context // block_size))
         blocks = BlockManager(kv_blocks, block_size)
-        cache = KVCache(spec.num_layers, kv_blocks, block_size, shapes, device, dtype)
+        paged, graphs, note = decode_plan(spec, device, dtype, dispatch, cuda_graphs)
+        # The paged decode runner pads batches with rows that write into one extra block no sequence owns.
+        cache = KVCache(spec.num_layers, kv_blocks + paged, block_size, shapes, device, dtype)
+        max_context = min(context, kv_blocks * block_size)
+        decode = None
+        if paged:
+            from moemesh.runtime.gpu.decode_graphs import DecodeRunner  # imports triton
+
+            decode = DecodeRunner(backbone, dispatch, cache.pools, block_size, -(-max_context // block_size),
+                                  trash_block=kv_blocks, device=device, graphs=graphs)
         name = model_name or (local.name if Path(model_dir).expanduser().is_dir() else str(model_dir))
-        return cls(spec, backbone, dispatch, cache, blocks, max_context=min(context, kv_blocks * block_size),
-                   model_name=name, device=device)
+        return cls(spec, backbone, dispatch, cache, blocks, max_context=max_context, model_name=name, device=device,
+                   decode=decode, cuda_graphs=note)
 
     # ---- stepping -------------------------------------------------------------------------------------------
 
@@ -137,6 +155,8 @@ class Engine:
                 validate(w.sampling)
 
     def _forward(self, works: list[SeqWork]) -> torch.Tensor:
+        if self.decode is not None and self.decode.takes(works):
+            return self._decode(works)
         new = [len(w.token_ids) for w in works]
         tables = [self.blocks.table(w.seq_id) for w in works]
         ctx = StepContext.build([w.position for w in works], new, tables, self.blocks.block_size, self.device)
@@ -146,6 +166,15 @@ class Engine:
         self.dispatch.begin_step(len(tokens))
         try:
             return self.backbone(tokens, ctx, self.dispatch, self.cache.pools, rows)
+        finally:
+            self.dispatch.end_step()
+
+    def _decode(self, works: list[SeqWork]) -> torch.Tensor:
+        """All works decode one token: the paged runner (CUDA graphs where captured); logits [N, V] float32."""
+        self.dispatch.begin_step(self.decode.rows_for(len(works)))
+        try:
+            return self.decode.run([w.token_ids[0] for w in works], [w.position for w in works],
+                                   [self.blocks.table(w.seq_id) for w in works])
         finally:
             self.dispatch.end_step()
 
@@ -201,5 +230,5 @@ class Engine:
             kv_blocks_free=self.blocks.free_blocks, active_sequences=len(self._seqs), vocab_size=s.vocab_size,
             num_layers=s.num_layers, num_experts=s.num_experts, experts_per_token=s.moe.top_k if s.moe else 0,
             moe_layers=s.moe_layers, eos_token_ids=s.eos_token_ids, device=str(self.device),
-            dtype=str(self.dtype).removeprefix("torch."),
+            dtype=str(self.dtype).removeprefix("torch."), cuda_graphs=self.cuda_graphs,
         )

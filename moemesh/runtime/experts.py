@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from moemesh.runtime.checkpoint import Checkpoint, resolve_model_dir
+from moemesh.runtime.dummy import open_checkpoint
+from moemesh.runtime.gpu import kernels_usable
 from moemesh.runtime.layers import ACTIVATIONS
 from moemesh.runtime.spec import ModelSpec, load_spec
 
@@ -75,12 +77,17 @@ class ExpertBank:
         local[list(experts)] = torch.arange(len(experts))
         self.local_index = local.to(self.device)  # global expert id -> row in the stacks, -1 if not hosted
         self._concat: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # see _all_selected
+        # '' when forward runs the fused Triton kernels (CUDA, bf16/fp16, SiLU), else why it keeps the torch path.
+        self.fused_off = kernels_usable(self.device, self.dtype) or (
+            "" if spec.hidden_act == "silu" else f"activation {spec.hidden_act} (the fused kernel is SiLU)")
 
     @classmethod
     def load(cls, model_dir: str | Path, experts: tuple[int, ...] | list[int] | None = None,
              layers: list[int] | tuple[int, ...] | None = None, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32, spec: ModelSpec | None = None) -> ExpertBank:
-        """experts: global ids to host (None: all); layers: MoE layers to host (None: every MoE layer)."""
+             dtype: torch.dtype = torch.float32, spec: ModelSpec | None = None,
+             load_format: str = "auto") -> ExpertBank:
+        """experts: global ids to host (None: all); layers: MoE layers to host (None: every MoE layer);
+        load_format "dummy": random weights from config.json alone (see dummy.py)."""
         model_dir = resolve_model_dir(model_dir)
         spec = spec or load_spec(model_dir)
         if spec.moe is None:
@@ -91,7 +98,7 @@ class ExpertBank:
         if bad or not experts or not layers:
             raise ValueError(f"bad expert placement: experts {experts} of {spec.num_experts}, layers {layers} of "
                              f"MoE layers {spec.moe_layers} (offending: {bad})")
-        with Checkpoint(model_dir) as ckpt:
+        with open_checkpoint(model_dir, spec, load_format) as ckpt:
             gate_up, down = {}, {}
             for layer in layers:
                 prefix = moe_prefix(ckpt, layer)
@@ -110,6 +117,8 @@ class ExpertBank:
             raise KeyError(f"layer {layer} is not hosted here (hosted: {self.layers})")
         caller_device, caller_dtype = hidden.device, hidden.dtype
         hidden, topk_weights = hidden.to(self.device), topk_weights.to(self.device)
+        if not self.fused_off:
+            return self._fused(layer, hidden, topk_ids, topk_weights).to(caller_device, caller_dtype)
         out = torch.zeros(hidden.shape, dtype=torch.float32, device=self.device)  # accumulate in float32
         ids = topk_ids.reshape(-1).to(self.device, torch.int64)  # [T*K]
         local = torch.where(ids >= 0, self.local_index[ids.clamp(min=0)], -1)  # [T*K]
@@ -148,6 +157,16 @@ class ExpertBank:
         act = self.act(x @ gate_w.T) * (x @ up_w.T)  # [T, E*I]
         act = act * weights.repeat_interleave(neurons, dim=1).to(self.dtype)
         return (act @ down_w.T).float()  # [T, H]
+
+    def _fused(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+               topk_weights: torch.Tensor) -> torch.Tensor:
+        """GPU path (gpu/fused_moe.py): routing sorted on the device, two Triton GEMMs, no host sync. [T, H] fp32."""
+        from moemesh.runtime.gpu.fused_moe import fused_moe  # imports triton: CUDA only
+
+        ids = topk_ids.to(self.device)  # [T, K] global ids, -1 unused
+        if len(self.experts) != self.spec.num_experts:  # a shard: global -> local rows, -1 where hosted elsewhere
+            ids = torch.where(ids >= 0, self.local_index[ids.clamp(min=0)], -1)
+        return fused_moe(hidden.to(self.dtype), self.gate_up[layer], self.down[layer], ids, topk_weights)
 
     def _use_grouped_mm(self) -> bool:
         return self.device.type == "cuda" and self.dtype == torch.bfloat16 and GROUPED_MM is not None

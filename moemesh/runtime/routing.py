@@ -21,6 +21,11 @@ class Router(nn.Module):
         self.spec = spec
         self.weight = nn.Parameter(weight.float(), requires_grad=False)  # [E, H] float32
         self.correction_bias = bias.float() if bias is not None else None  # [E] (V3), selection only
+        self.fast = False  # CUDA: softmax + top-k + renormalisation in one Triton kernel (set_fast)
+
+    def set_fast(self, on: bool) -> None:
+        s = self.spec
+        self.fast = on and s.scoring == "softmax" and s.n_group == 1 and self.correction_bias is None
 
     @classmethod
     def load(cls, ld: Loader, prefix: str, spec: MoeSpec) -> Router:
@@ -33,6 +38,10 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec
         logits = F.linear(x.float(), self.weight)  # [T, E]
+        if self.fast:
+            from moemesh.runtime.gpu.fused_ops import route_softmax
+
+            return route_softmax(logits, s.top_k, s.norm_topk_prob, s.routed_scaling_factor)
         if s.scoring == "unit":
             ids = logits.topk(s.top_k, dim=-1).indices
             return ids, torch.ones(ids.shape, dtype=torch.float32, device=x.device)

@@ -123,3 +123,4 @@ class EngineInfo:
     eos_token_ids: tuple[int, ...]
     device: str
     dtype: str
+    cuda_graphs: str = "off: not a CUDA engine"  # "on: ..." or "off: <why>" (decode steps replayed as CUDA graphs)

@@ -23,6 +23,8 @@ class ServiceError(Exception):
     """A domain failure with an explicit status. Subclass it, or set `grpc_status` on any exception class.
 
     `retry_after_ms` (when set) travels as trailing metadata `retry-after-ms`, the hint RESOURCE_EXHAUSTED carries.
+    `error_code` (on any exception; e.g. "context_length_exceeded") travels as trailing metadata `error-code`: the
+    machine-readable reason a caller can act on, and the edge's OpenAI `code`.
     """
 
     grpc_status: grpc.StatusCode | str = grpc.StatusCode.FAILED_PRECONDITION
@@ -69,6 +71,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
     retry = getattr(exc, "retry_after_ms", None)
     if retry is not None:
         trailing.append(("retry-after-ms", str(int(retry))))
+    if getattr(exc, "error_code", None):  # not passed on from upstream: its code names the upstream's own fields
+        trailing.append(("error-code", str(exc.error_code)))
     if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
         trailing.extend(_upstream_retry_after(exc) if retry is None else ())
         code = exc.code()

@@ -11,6 +11,7 @@ interceptors, Prometheus metrics, and graceful shutdown.
 `register` runs inside the event loop (so it may create client channels) and may be async. Shutdown on SIGTERM or
 SIGINT: health turns NOT_SERVING, new calls get UNAVAILABLE, in-flight calls get `config.grace` seconds to finish,
 then `on_stop` runs (close channels, stop engines) and the process exits 0. A second signal cuts the grace short.
+`on_drain(grace)` runs when draining starts: a service with long streams ends them in-band before the grace is over.
 When MOEMESH_READY_FILE is set, a JSON file {name, address, port, metrics_port, pid} is written there once serving.
 """
 
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 Register = Callable[[grpc.aio.Server], "Sequence[str] | Awaitable[Sequence[str]]"]
 OnStop = Callable[[], "Awaitable[None] | None"]
+OnDrain = Callable[[float | None], None]  # told the grace when draining starts (e.g. to end long streams in-band)
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 READY_FILE_ENV = "MOEMESH_READY_FILE"
 _WILDCARD_HOSTS = {"0.0.0.0", "[::]", "::", ""}
@@ -66,6 +68,7 @@ class RunningService:
     drain: DrainState
     on_stop: OnStop | None = None
     _metrics_http: object | None = None
+    on_drain: OnDrain | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -79,6 +82,8 @@ class RunningService:
             await self._stopped.wait()
             return
         self.drain.draining = True
+        if self.on_drain is not None:
+            self.on_drain(grace)
         metrics.SERVICE_UP.labels(self.name).set(0)
         await self.health.enter_graceful_shutdown()
         log.info("%s draining (grace %.1fs)", self.name, grace or 0.0)
@@ -99,7 +104,7 @@ class RunningService:
 
 
 async def start_service(config: ServiceConfig, register: Register, *, name: str,
-                        on_stop: OnStop | None = None) -> RunningService:
+                        on_stop: OnStop | None = None, on_drain: OnDrain | None = None) -> RunningService:
     """Builds, binds and starts the server inside the running loop; all services SERVING when it returns."""
     drain = DrainState()
     server = grpc.aio.server(
@@ -128,7 +133,7 @@ async def start_service(config: ServiceConfig, register: Register, *, name: str,
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     metrics.SERVICE_UP.labels(name).set(1)
     running = RunningService(name, server, config.host, port, names, health_servicer, metrics_port, drain,
-                             on_stop, metrics_http)
+                             on_stop, metrics_http, on_drain)
     log.info("%s serving %s on %s (metrics port %s)", name, ", ".join(names), running.address, metrics_port)
     return running
 
@@ -148,8 +153,8 @@ def write_ready_file(path: Path, running: RunningService) -> None:
 
 
 async def serve_until_signal(config: ServiceConfig, register: Register, *, name: str,
-                             on_stop: OnStop | None = None) -> None:
-    running = await start_service(config, register, name=name, on_stop=on_stop)
+                             on_stop: OnStop | None = None, on_drain: OnDrain | None = None) -> None:
+    running = await start_service(config, register, name=name, on_stop=on_stop, on_drain=on_drain)
     loop = asyncio.get_running_loop()
     signals: list[int] = []
 
@@ -169,12 +174,13 @@ async def serve_until_signal(config: ServiceConfig, register: Register, *, name:
     await running.wait_stopped()
 
 
-def run_service(config: ServiceConfig, register: Register, *, name: str, on_stop: OnStop | None = None) -> int:
+def run_service(config: ServiceConfig, register: Register, *, name: str, on_stop: OnStop | None = None,
+                on_drain: OnDrain | None = None) -> int:
     """Runs a service process until SIGTERM/SIGINT; returns the exit code (0 after a clean drain)."""
     setup_logging(name, config.log_level)
     telemetry.setup_tracing(name)
     try:
-        asyncio.run(serve_until_signal(config, register, name=name, on_stop=on_stop))
+        asyncio.run(serve_until_signal(config, register, name=name, on_stop=on_stop, on_drain=on_drain))
     except Exception as exc:  # a failed start: say why in one line (with the traceback when it is a bug)
         expected = isinstance(exc, (OSError, ValueError, LookupError, NotImplementedError))
         log.error("%s failed: %s", name, exc, exc_info=not expected)

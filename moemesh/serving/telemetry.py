@@ -36,9 +36,13 @@ log = logging.getLogger(__name__)
 REQUEST_ID_KEY = "moemesh.request_id"
 # Expert tensors of a large batch step exceed gRPC's 4 MiB default message size.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+# A peer restarted by `moemesh up` (or Kubernetes) is back on its address within seconds: reconnect attempts stay
+# at most 2 s apart (gRPC's default backoff grows to 120 s, so a channel could fail fast long after the peer is back).
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 )
 # Per-layer calls: thousands per request. The expert aggregates them into one span per step and shard
 # (services/expert/step_spans.py); the router calls them on an untraced channel (services/router/step_trace.py).

@@ -28,7 +28,7 @@ from moemesh.v1 import common_pb2 as moemesh_dot_v1_dot_common__pb2
 from moemesh.v1 import metering_pb2 as moemesh_dot_v1_dot_metering__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15moemesh/v1/chat.proto\x12\nmoemesh.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17moemesh/v1/common.proto\x1a\x19moemesh/v1/metering.proto\"&\n\rStreamOptions\x12\x15\n\rinclude_usage\x18\x01 \x01(\x08\"\xe1\x06\n\x15\x43hatCompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.moemesh.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x0e\n\x06stream\x18\x08 \x01(\x08\x12\x1d\n\x10presence_penalty\x18\t \x01(\x01H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x01H\x05\x88\x01\x01\x12\x12\n\x05top_k\x18\x0b \x01(\rH\x06\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\r \x01(\rH\x07\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\rH\x08\x88\x01\x01\x12\x0c\n\x04user\x18\x0f \x01(\t\x12\"\n\x15max_completion_tokens\x18\x10 \x01(\x05H\t\x88\x01\x01\x12\x31\n\x0estream_options\x18\x11 \x01(\x0b\x32\x19.moemesh.v1.StreamOptions\x12%\n\x05tools\x18\x1e \x01(\x0b\x32\x16.google.protobuf.Value\x12+\n\x0btool_choice\x18\x1f \x01(\x0b\x32\x16.google.protobuf.Value\x12/\n\x0fresponse_format\x18  \x01(\x0b\x32\x16.google.protobuf.Value\x12)\n\tfunctions\x18! \x01(\x0b\x32\x16.google.protobuf.Value\x12*\n\nlogit_bias\x18\" \x01(\x0b\x32\x16.google.protobuf.Value\x12-\n\rfunction_call\x18# \x01(\x0b\x32\x16.google.protobuf.ValueB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x08\n\x06_top_kB\x0f\n\r_top_logprobsB\x04\n\x02_nB\x18\n\x16_max_completion_tokens\"o\n\rChoiceLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05\x62ytes\x18\x03 \x03(\r\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.moemesh.v1.ChoiceLogprob\"<\n\x0e\x43hoiceLogprobs\x12*\n\x07\x63ontent\x18\x01 \x03(\x0b\x32\x19.moemesh.v1.ChoiceLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x86\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12(\n\x07message\x18\x02 \x01(\x0b\x32\x17.moemesh.v1.ChatMessage\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x01(\x0b\x32\x1a.moemesh.v1.ChoiceLogprobs\"\xaf\x01\n\x0e\x43hatCompletion\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12#\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x12.moemesh.v1.Choice\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.moemesh.v1.Usage\x12\x1a\n\x12system_fingerprint\x18\x07 \x01(\t\"E\n\x05\x44\x65lta\x12\x11\n\x04role\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07\x63ontent\x18\x02 \x01(\tH\x01\x88\x01\x01\x42\x07\n\x05_roleB\n\n\x08_content\"\x9a\x01\n\x0b\x43hunkChoice\x12\r\n\x05index\x18\x01 \x01(\r\x12 \n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x11.moemesh.v1.Delta\x12\x1a\n\rfinish_reason\x18\x03 \x01(\tH\x00\x88\x01\x01\x12,\n\x08logprobs\x18\x04 \x01(\x0b\x32\x1a.moemesh.v1.ChoiceLogprobsB\x10\n\x0e_finish_reason\":\n\x0bStreamError\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\"\xc5\x01\n\x13\x43hatCompletionChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12(\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x17.moemesh.v1.ChunkChoice\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.moemesh.v1.Usage\x12&\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x17.moemesh.v1.StreamError\"\x13\n\x11ListModelsRequest\"J\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x10\n\x08owned_by\x18\x04 \x01(\t\"I\n\x12ListModelsResponse\x12\x0e\n\x06object\x18\x01 \x01(\t\x12#\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x15.moemesh.v1.ModelCard\"|\n\x15SubmitFeedbackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06rating\x18\x02 \x01(\r\x12\x1b\n\x0etask_completed\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x0f\n\x07\x63omment\x18\x04 \x01(\tB\x11\n\x0f_task_completed\"C\n\x16SubmitFeedbackResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rrecorded_unix\x18\x02 \x01(\x01\"D\n\nUsageQuery\x12\x12\n\nsince_unix\x18\x01 \x01(\r\x12\x12\n\nuntil_unix\x18\x02 \x01(\r\x12\x0e\n\x06tenant\x18\x03 \x01(\t2\xa8\x04\n\x04\x43hat\x12v\n\x14\x43reateChatCompletion\x12!.moemesh.v1.ChatCompletionRequest\x1a\x1a.moemesh.v1.ChatCompletion\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/chat/completions:\x01*\x12\x84\x01\n\x14StreamChatCompletion\x12!.moemesh.v1.ChatCompletionRequest\x1a\x1f.moemesh.v1.ChatCompletionChunk\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/chat/completions:stream:\x01*0\x01\x12_\n\nListModels\x12\x1d.moemesh.v1.ListModelsRequest\x1a\x1e.moemesh.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12p\n\x0eSubmitFeedback\x12!.moemesh.v1.SubmitFeedbackRequest\x1a\".moemesh.v1.SubmitFeedbackResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/feedback:\x01*\x12N\n\x08GetUsage\x12\x16.moemesh.v1.UsageQuery\x1a\x17.moemesh.v1.UsageReport\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/usageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15moemesh/v1/chat.proto\x12\nmoemesh.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17moemesh/v1/common.proto\x1a\x19moemesh/v1/metering.proto\"&\n\rStreamOptions\x12\x15\n\rinclude_usage\x18\x01 \x01(\x08\"\xf5\x06\n\x15\x43hatCompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.moemesh.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x0e\n\x06stream\x18\x08 \x01(\x08\x12\x1d\n\x10presence_penalty\x18\t \x01(\x01H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x01H\x05\x88\x01\x01\x12\x12\n\x05top_k\x18\x0b \x01(\rH\x06\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\r \x01(\rH\x07\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\rH\x08\x88\x01\x01\x12\x0c\n\x04user\x18\x0f \x01(\t\x12\"\n\x15max_completion_tokens\x18\x10 \x01(\x05H\t\x88\x01\x01\x12\x31\n\x0estream_options\x18\x11 \x01(\x0b\x32\x19.moemesh.v1.StreamOptions\x12\x12\n\nignore_eos\x18\x12 \x01(\x08\x12%\n\x05tools\x18\x1e \x01(\x0b\x32\x16.google.protobuf.Value\x12+\n\x0btool_choice\x18\x1f \x01(\x0b\x32\x16.google.protobuf.Value\x12/\n\x0fresponse_format\x18  \x01(\x0b\x32\x16.google.protobuf.Value\x12)\n\tfunctions\x18! \x01(\x0b\x32\x16.google.protobuf.Value\x12*\n\nlogit_bias\x18\" \x01(\x0b\x32\x16.google.protobuf.Value\x12-\n\rfunction_call\x18# \x01(\x0b\x32\x16.google.protobuf.ValueB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x08\n\x06_top_kB\x0f\n\r_top_logprobsB\x04\n\x02_nB\x18\n\x16_max_completion_tokens\"o\n\rChoiceLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05\x62ytes\x18\x03 \x03(\r\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.moemesh.v1.ChoiceLogprob\"<\n\x0e\x43hoiceLogprobs\x12*\n\x07\x63ontent\x18\x01 \x03(\x0b\x32\x19.moemesh.v1.ChoiceLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x86\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12(\n\x07message\x18\x02 \x01(\x0b\x32\x17.moemesh.v1.ChatMessage\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x01(\x0b\x32\x1a.moemesh.v1.ChoiceLogprobs\"\xaf\x01\n\x0e\x43hatCompletion\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12#\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x12.moemesh.v1.Choice\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.moemesh.v1.Usage\x12\x1a\n\x12system_fingerprint\x18\x07 \x01(\t\"E\n\x05\x44\x65lta\x12\x11\n\x04role\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07\x63ontent\x18\x02 \x01(\tH\x01\x88\x01\x01\x42\x07\n\x05_roleB\n\n\x08_content\"\x9a\x01\n\x0b\x43hunkChoice\x12\r\n\x05index\x18\x01 \x01(\r\x12 \n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x11.moemesh.v1.Delta\x12\x1a\n\rfinish_reason\x18\x03 \x01(\tH\x00\x88\x01\x01\x12,\n\x08logprobs\x18\x04 \x01(\x0b\x32\x1a.moemesh.v1.ChoiceLogprobsB\x10\n\x0e_finish_reason\":\n\x0bStreamError\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\"\xc5\x01\n\x13\x43hatCompletionChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12(\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x17.moemesh.v1.ChunkChoice\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.moemesh.v1.Usage\x12&\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x17.moemesh.v1.StreamError\"\x13\n\x11ListModelsRequest\"J\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x10\n\x08owned_by\x18\x04 \x01(\t\"I\n\x12ListModelsResponse\x12\x0e\n\x06object\x18\x01 \x01(\t\x12#\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x15.moemesh.v1.ModelCard\"|\n\x15SubmitFeedbackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06rating\x18\x02 \x01(\r\x12\x1b\n\x0etask_completed\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x0f\n\x07\x63omment\x18\x04 \x01(\tB\x11\n\x0f_task_completed\"C\n\x16SubmitFeedbackResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rrecorded_unix\x18\x02 \x01(\x01\"D\n\nUsageQuery\x12\x12\n\nsince_unix\x18\x01 \x01(\r\x12\x12\n\nuntil_unix\x18\x02 \x01(\r\x12\x0e\n\x06tenant\x18\x03 \x01(\t2\xa8\x04\n\x04\x43hat\x12v\n\x14\x43reateChatCompletion\x12!.moemesh.v1.ChatCompletionRequest\x1a\x1a.moemesh.v1.ChatCompletion\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/chat/completions:\x01*\x12\x84\x01\n\x14StreamChatCompletion\x12!.moemesh.v1.ChatCompletionRequest\x1a\x1f.moemesh.v1.ChatCompletionChunk\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/chat/completions:stream:\x01*0\x01\x12_\n\nListModels\x12\x1d.moemesh.v1.ListModelsRequest\x1a\x1e.moemesh.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12p\n\x0eSubmitFeedback\x12!.moemesh.v1.SubmitFeedbackRequest\x1a\".moemesh.v1.SubmitFeedbackResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/feedback:\x01*\x12N\n\x08GetUsage\x12\x16.moemesh.v1.UsageQuery\x1a\x17.moemesh.v1.UsageReport\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/usageb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,37 +48,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMOPTIONS']._serialized_start=149
   _globals['_STREAMOPTIONS']._serialized_end=187
   _globals['_CHATCOMPLETIONREQUEST']._serialized_start=190
-  _globals['_CHATCOMPLETIONREQUEST']._serialized_end=1055
-  _globals['_CHOICELOGPROB']._serialized_start=1057
-  _globals['_CHOICELOGPROB']._serialized_end=1168
-  _globals['_CHOICELOGPROBS']._serialized_start=1170
-  _globals['_CHOICELOGPROBS']._serialized_end=1230
-  _globals['_USAGE']._serialized_start=1232
-  _globals['_USAGE']._serialized_end=1311
-  _globals['_CHOICE']._serialized_start=1314
-  _globals['_CHOICE']._serialized_end=1448
-  _globals['_CHATCOMPLETION']._serialized_start=1451
-  _globals['_CHATCOMPLETION']._serialized_end=1626
-  _globals['_DELTA']._serialized_start=1628
-  _globals['_DELTA']._serialized_end=1697
-  _globals['_CHUNKCHOICE']._serialized_start=1700
-  _globals['_CHUNKCHOICE']._serialized_end=1854
-  _globals['_STREAMERROR']._serialized_start=1856
-  _globals['_STREAMERROR']._serialized_end=1914
-  _globals['_CHATCOMPLETIONCHUNK']._serialized_start=1917
-  _globals['_CHATCOMPLETIONCHUNK']._serialized_end=2114
-  _globals['_LISTMODELSREQUEST']._serialized_start=2116
-  _globals['_LISTMODELSREQUEST']._serialized_end=2135
-  _globals['_MODELCARD']._serialized_start=2137
-  _globals['_MODELCARD']._serialized_end=2211
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2213
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2286
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=2288
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=2412
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=2414
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=2481
-  _globals['_USAGEQUERY']._serialized_start=2483
-  _globals['_USAGEQUERY']._serialized_end=2551
-  _globals['_CHAT']._serialized_start=2554
-  _globals['_CHAT']._serialized_end=3106
+  _globals['_CHATCOMPLETIONREQUEST']._serialized_end=1075
+  _globals['_CHOICELOGPROB']._serialized_start=1077
+  _globals['_CHOICELOGPROB']._serialized_end=1188
+  _globals['_CHOICELOGPROBS']._serialized_start=1190
+  _globals['_CHOICELOGPROBS']._serialized_end=1250
+  _globals['_USAGE']._serialized_start=1252
+  _globals['_USAGE']._serialized_end=1331
+  _globals['_CHOICE']._serialized_start=1334
+  _globals['_CHOICE']._serialized_end=1468
+  _globals['_CHATCOMPLETION']._serialized_start=1471
+  _globals['_CHATCOMPLETION']._serialized_end=1646
+  _globals['_DELTA']._serialized_start=1648
+  _globals['_DELTA']._serialized_end=1717
+  _globals['_CHUNKCHOICE']._serialized_start=1720
+  _globals['_CHUNKCHOICE']._serialized_end=1874
+  _globals['_STREAMERROR']._serialized_start=1876
+  _globals['_STREAMERROR']._serialized_end=1934
+  _globals['_CHATCOMPLETIONCHUNK']._serialized_start=1937
+  _globals['_CHATCOMPLETIONCHUNK']._serialized_end=2134
+  _globals['_LISTMODELSREQUEST']._serialized_start=2136
+  _globals['_LISTMODELSREQUEST']._serialized_end=2155
+  _globals['_MODELCARD']._serialized_start=2157
+  _globals['_MODELCARD']._serialized_end=2231
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2233
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2306
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=2308
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=2432
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=2434
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=2501
+  _globals['_USAGEQUERY']._serialized_start=2503
+  _globals['_USAGEQUERY']._serialized_end=2571
+  _globals['_CHAT']._serialized_start=2574
+  _globals['_CHAT']._serialized_end=3126
 # @@protoc_insertion_point(module_scope)

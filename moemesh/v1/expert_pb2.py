@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moemesh.v1 import common_pb2 as moemesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/expert.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\xa0\x01\n\rExpertRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\"\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12&\n\nexpert_ids\x18\x03 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12#\n\x07weights\x18\x04 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x0f\n\x07step_id\x18\x05 \x01(\x04\"M\n\x0e\x45xpertResponse\x12\"\n\x06output\x18\x01 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\"\x13\n\x11\x45xpertInfoRequest\"\xab\x01\n\nExpertInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\r\x12\x12\n\nnum_shards\x18\x03 \x01(\r\x12\x0e\n\x06layers\x18\x04 \x03(\r\x12\x0f\n\x07\x65xperts\x18\x05 \x03(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0cweight_bytes\x18\t \x01(\x04\x32\x89\x01\n\x06\x45xpert\x12@\n\x07\x46orward\x12\x19.moemesh.v1.ExpertRequest\x1a\x1a.moemesh.v1.ExpertResponse\x12=\n\x04Info\x12\x1d.moemesh.v1.ExpertInfoRequest\x1a\x16.moemesh.v1.ExpertInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/expert.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\xa0\x01\n\rExpertRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\"\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12&\n\nexpert_ids\x18\x03 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12#\n\x07weights\x18\x04 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x0f\n\x07step_id\x18\x05 \x01(\x04\"M\n\x0e\x45xpertResponse\x12\"\n\x06output\x18\x01 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\"\x13\n\x11\x45xpertInfoRequest\"\xab\x01\n\nExpertInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\r\x12\x12\n\nnum_shards\x18\x03 \x01(\r\x12\x0e\n\x06layers\x18\x04 \x03(\r\x12\x0f\n\x07\x65xperts\x18\x05 \x03(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0cweight_bytes\x18\t \x01(\x04\"\x8e\x01\n\rAttachRequest\x12\x10\n\x08shm_path\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x13\n\x0bsocket_path\x18\x06 \x01(\t\x12\x0f\n\x07host_id\x18\x07 \x01(\t\",\n\x0e\x41ttachResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xca\x01\n\x06\x45xpert\x12@\n\x07\x46orward\x12\x19.moemesh.v1.ExpertRequest\x1a\x1a.moemesh.v1.ExpertResponse\x12=\n\x04Info\x12\x1d.moemesh.v1.ExpertInfoRequest\x1a\x16.moemesh.v1.ExpertInfo\x12?\n\x06\x41ttach\x12\x19.moemesh.v1.AttachRequest\x1a\x1a.moemesh.v1.AttachResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPERTINFOREQUEST']._serialized_end=325
   _globals['_EXPERTINFO']._serialized_start=328
   _globals['_EXPERTINFO']._serialized_end=499
-  _globals['_EXPERT']._serialized_start=502
-  _globals['_EXPERT']._serialized_end=639
+  _globals['_ATTACHREQUEST']._serialized_start=502
+  _globals['_ATTACHREQUEST']._serialized_end=644
+  _globals['_ATTACHRESPONSE']._serialized_start=646
+  _globals['_ATTACHRESPONSE']._serialized_end=690
+  _globals['_EXPERT']._serialized_start=693
+  _globals['_EXPERT']._serialized_end=895
 # @@protoc_insertion_point(module_scope)

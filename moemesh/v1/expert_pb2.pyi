@@ -54,3 +54,29 @@ class ExpertInfo(_message.Message):
     device: str
     weight_bytes: int
     def __init__(self, model: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., experts: _Optional[_Iterable[int]] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("shm_path", "max_tokens", "hidden_size", "top_k", "dtype", "socket_path", "host_id")
+    SHM_PATH_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    shm_path: str
+    max_tokens: int
+    hidden_size: int
+    top_k: int
+    dtype: str
+    socket_path: str
+    host_id: str
+    def __init__(self, shm_path: _Optional[str] = ..., max_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., top_k: _Optional[int] = ..., dtype: _Optional[str] = ..., socket_path: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
+
+class AttachResponse(_message.Message):
+    __slots__ = ("ok", "reason")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    reason: str
+    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -45,6 +45,11 @@ class ExpertStub:
                 request_serializer=moemesh_dot_v1_dot_expert__pb2.ExpertInfoRequest.SerializeToString,
                 response_deserializer=moemesh_dot_v1_dot_expert__pb2.ExpertInfo.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_unary(
+                '/moemesh.v1.Expert/Attach',
+                request_serializer=moemesh_dot_v1_dot_expert__pb2.AttachRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_expert__pb2.AttachResponse.FromString,
+                _registered_method=True)
 
 
 class ExpertServicer:
@@ -67,6 +72,17 @@ class ExpertServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request, context):
+        """Moves the router's per-layer expert traffic of this shard off gRPC, onto shared memory on the same host: the
+        shard maps the region the router created and connects to the router's signalling socket (one small fixed struct
+        per layer each way). Answers ok=false with the reason when it cannot (other host, size or dtype mismatch); the
+        router then keeps using Forward. A new Attach from the same router replaces nothing: each attachment is served
+        until its socket closes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +95,11 @@ def add_ExpertServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=moemesh_dot_v1_dot_expert__pb2.ExpertInfoRequest.FromString,
                     response_serializer=moemesh_dot_v1_dot_expert__pb2.ExpertInfo.SerializeToString,
+            ),
+            'Attach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=moemesh_dot_v1_dot_expert__pb2.AttachRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_expert__pb2.AttachResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +157,33 @@ class Expert:
             '/moemesh.v1.Expert/Info',
             moemesh_dot_v1_dot_expert__pb2.ExpertInfoRequest.SerializeToString,
             moemesh_dot_v1_dot_expert__pb2.ExpertInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.Expert/Attach',
+            moemesh_dot_v1_dot_expert__pb2.AttachRequest.SerializeToString,
+            moemesh_dot_v1_dot_expert__pb2.AttachResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,17 +72,19 @@ class RouterInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertPlacement(_message.Message):
-    __slots__ = ("address", "layers", "experts")
+    __slots__ = ("address", "layers", "experts", "transport")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     address: str
     layers: _containers.RepeatedScalarFieldContainer[int]
     experts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, address: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
+    transport: str
+    def __init__(self, address: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., experts: _Optional[_Iterable[int]] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class RouterInfo(_message.Message):
-    __slots__ = ("model", "architecture", "max_context", "kv_block_size", "kv_blocks_total", "kv_blocks_free", "active_sequences", "vocab_size", "num_layers", "num_experts", "experts_per_token", "placement", "device", "dtype", "eos_token_ids", "moe_layers")
+    __slots__ = ("model", "architecture", "max_context", "kv_block_size", "kv_blocks_total", "kv_blocks_free", "active_sequences", "vocab_size", "num_layers", "num_experts", "experts_per_token", "placement", "device", "dtype", "eos_token_ids", "moe_layers", "expert_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +101,7 @@ class RouterInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MOE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     max_context: int
@@ -115,4 +118,13 @@ class RouterInfo(_message.Message):
     dtype: str
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     moe_layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., active_sequences: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., moe_layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    expert_tokens: _containers.RepeatedCompositeFieldContainer[ExpertLayerLoad]
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., active_sequences: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., moe_layers: _Optional[_Iterable[int]] = ..., expert_tokens: _Optional[_Iterable[_Union[ExpertLayerLoad, _Mapping]]] = ...) -> None: ...
+
+class ExpertLayerLoad(_message.Message):
+    __slots__ = ("layer", "tokens")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -10,17 +10,24 @@ from services.batcher.sequence import Sequence
 from services.batcher.step import InvalidRequest, QueueFull
 
 
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt alone fills the context window (or the whole KV cache). `error_code` tells callers so without
+    parsing the message (trailing metadata `error-code`, moemesh/serving/errors.py)."""
+
+    error_code = "context_length_exceeded"
+
+
 def validate(seq: Sequence, max_context: int, kv: KvBudget) -> None:
     """Raises InvalidRequest, naming the field, for a request no schedule could ever run."""
     n = len(seq.prompt_ids)
     if n == 0:
         raise InvalidRequest("prompt_ids must hold at least one token, got 0")
     if n >= max_context:
-        raise InvalidRequest(
+        raise ContextLengthExceeded(
             f"prompt_ids has {n} tokens; the context window is {max_context} (prompt + at least 1 generated token)"
         )
     if kv.blocks_for(n + 1) > kv.total:
-        raise InvalidRequest(
+        raise ContextLengthExceeded(
             f"prompt_ids has {n} tokens, needing {kv.blocks_for(n + 1)} KV blocks; the router has {kv.total}"
         )
     if seq.max_tokens < 0:

@@ -20,6 +20,7 @@ from moemesh.serving import tensors
 from moemesh.serving.telemetry import tracer
 from moemesh.v1 import expert_pb2, expert_pb2_grpc
 from services.expert.shard import ExpertShard
+from services.expert.shm_server import AttachSpec, ShmServer
 from services.expert.step_spans import CallStats, StepSpans
 from services.expert import metrics
 
@@ -45,6 +46,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         self._spans = spans or StepSpans(tracer("moemesh.expert"))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-compute")
         self._sweeper: asyncio.Task | None = None
+        self._shm = ShmServer(shard, identity.dtype)
 
     async def Forward(self, request: expert_pb2.ExpertRequest, context: grpc.aio.ServicerContext):
         start_ns = time.time_ns()
@@ -98,8 +100,16 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             device=ident.device, weight_bytes=int(bank.weight_bytes),
         )
 
+    async def Attach(self, request: expert_pb2.AttachRequest, context: grpc.aio.ServicerContext):
+        spec = AttachSpec(shm_path=request.shm_path, max_tokens=request.max_tokens, hidden_size=request.hidden_size,
+                          top_k=request.top_k, dtype=request.dtype, socket_path=request.socket_path,
+                          host_id=request.host_id)
+        reason = await asyncio.to_thread(self._shm.attach, spec)  # connect blocks briefly
+        return expert_pb2.AttachResponse(ok=reason is None, reason=reason or "")
+
     async def close(self) -> None:
-        """Ends open step spans and stops the compute thread (server on_stop)."""
+        """Ends open step spans, the shared-memory links and the compute thread (server on_stop)."""
+        self._shm.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

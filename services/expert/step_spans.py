@@ -61,9 +61,13 @@ class StepSpans:
         self.idle_s = idle_s
         self._open: dict[tuple[str, int, int, int], _Aggregate] = {}
         self._by_peer: dict[str, tuple[str, int, int, int]] = {}
+        self._last_metadata: Mapping[str, str] | None = None
+        self._last_parent: otel_context.Context | None = None
 
     def record(self, peer: str, metadata: Mapping[str, str], call: CallStats) -> None:
-        parent = propagate.extract(metadata)
+        if metadata is not self._last_metadata:  # the shm link passes one dict for all calls of a step
+            self._last_metadata, self._last_parent = metadata, propagate.extract(metadata)
+        parent = self._last_parent
         span_ctx = trace.get_current_span(parent).get_span_context()
         if not span_ctx.is_valid:
             return  # no trace context: no span (never start a root trace per call)

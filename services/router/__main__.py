@@ -21,9 +21,10 @@ from moemesh.runtime.spec import load_spec
 from moemesh.runtime.types import ExpertPlacement
 from moemesh.serving.server import exit_now, run_service
 from services.router.config import RouterConfig
-from services.router.dispatch import RemoteDispatch
 from services.router.engine_worker import EngineWorker
 from services.router.expert_client import GrpcShardClient
+from services.router.placement import Placement, check_same_model
+from services.router.shm_dispatch import ShmDispatch
 from services.router.servicer import RouterServicer, add_to_server
 
 log = logging.getLogger("services.router")
@@ -38,22 +39,31 @@ class Router:
     engine: Engine
     worker: EngineWorker
     clients: list[GrpcShardClient]
+    dispatch: ShmDispatch | None = None
 
     def close(self) -> None:
         self.worker.shutdown()
+        if self.dispatch is not None:
+            self.dispatch.close()
         for client in self.clients:
             client.close()
 
 
-def connect_shards(config: RouterConfig, moe_layers: tuple[int, ...], num_experts: int):
-    """(dispatch, placement, clients): RemoteDispatch over EXPERT_ADDRS, or in-process experts when it is empty."""
+def connect_shards(config: RouterConfig, spec):
+    """(dispatch, placement, clients): ShmDispatch over EXPERT_ADDRS, or in-process experts when it is empty."""
+    moe_layers, num_experts = spec.moe_layers, spec.num_experts
     if not config.expert_addrs:
         log.warning("EXPERT_ADDRS is empty: running every expert inside the router")
         return None, (ExpertPlacement(LOCAL, moe_layers, tuple(range(num_experts))),), []
     clients = [GrpcShardClient(a, call_timeout=config.expert_timeout, connect_timeout=config.connect_timeout)
                for a in config.expert_addrs]
     try:
-        dispatch = RemoteDispatch.connect(clients, moe_layers, num_experts)
+        placement = Placement(tuple(c.placement() for c in clients))
+        placement.validate(moe_layers, num_experts)
+        check_same_model([(c.address, c.info.model, c.info.dtype, tuple(c.info.experts)) for c in clients])
+        dispatch = ShmDispatch.start(clients, placement, num_experts, mode=config.expert_transport,
+                                     hidden_size=spec.hidden_size, top_k=spec.moe.top_k,
+                                     stall_timeout=config.stall_timeout, call_timeout=config.expert_timeout)
     except BaseException:
         for client in clients:
             client.close()
@@ -70,7 +80,7 @@ def build_router(config: RouterConfig) -> Router:
         torch.set_num_threads(config.compute_threads)
     model_dir = resolve_model(config.model)
     spec = load_spec(model_dir)
-    dispatch, placement, clients = connect_shards(config, spec.moe_layers, spec.num_experts)
+    dispatch, placement, clients = connect_shards(config, spec)
     worker = EngineWorker()
     try:
         kv_bytes = config.kv_memory_mb * 2**20 if config.kv_memory_mb else None
@@ -81,14 +91,19 @@ def build_router(config: RouterConfig) -> Router:
         )
     except BaseException:
         worker.shutdown()
+        if dispatch is not None:
+            dispatch.close()
         for client in clients:
             client.close()
         raise
     info = engine.info
+    transports = dispatch.transports if dispatch is not None else (lambda: ["local"] * len(placement))
     log.info("router: %s, %d MoE layers x %d experts over %s; KV %d blocks x %d tokens, context %d", info.model,
-             len(info.moe_layers), info.num_experts, ", ".join(p.address for p in placement), info.kv_blocks_total,
+             len(info.moe_layers), info.num_experts,
+             ", ".join(f"{p.address} ({t})" for p, t in zip(placement, transports())), info.kv_blocks_total,
              info.kv_block_size, info.max_context)
-    return Router(RouterServicer(engine, worker, placement), engine, worker, clients)
+    servicer = RouterServicer(engine, worker, placement, transports=transports)
+    return Router(servicer, engine, worker, clients, dispatch)
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

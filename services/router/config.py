@@ -12,6 +12,7 @@ from typing import ClassVar
 from moemesh.serving.config import EXPERT_ADDRS, ConfigError, ServiceConfig, check_address, setting
 
 DTYPES = ("float32", "bfloat16", "float16")
+TRANSPORTS = ("auto", "shm", "grpc")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class RouterConfig(ServiceConfig):
     expert_timeout: float = setting(30.0, "seconds one per-layer expert call may take")
     connect_timeout: float = setting(120.0, "seconds to wait at start for every expert shard to answer Info")
     compute_threads: int = setting(0, "torch intra-op threads (0: torch's default)")
+    expert_transport: str = setting("auto", "expert data plane: auto (shared memory for shards on this host that "
+                                    "accept it, gRPC otherwise), shm (every shard, or refuse to start), grpc",
+                                    choices=TRANSPORTS)
+    stall_timeout: float = setting(1.0, "seconds without a heartbeat from a shared-memory shard before its step "
+                                   "fails (a long step on a live shard keeps beating)")
 
     def validate(self) -> None:
         super().validate()
@@ -50,7 +56,7 @@ class RouterConfig(ServiceConfig):
                 raise ConfigError(f"{self.source(name)}: {value!r} must be >= 1")
         if self.block_size < 1:
             raise ConfigError(f"{self.source('block_size')}: {self.block_size!r} must be >= 1")
-        for name in ("expert_timeout", "connect_timeout"):
+        for name in ("expert_timeout", "connect_timeout", "stall_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{self.source(name)}: {getattr(self, name)!r} must be > 0 seconds")
         if self.compute_threads < 0:

@@ -78,38 +78,50 @@ class RemoteDispatch(Dispatch):
             self._layer_shards[layer] = self.placement.shards_for_layer(layer)
         return self._layer_shards[layer]
 
-    def submit(
-        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-    ) -> torch.Tensor:
-        # hidden [T, H]; topk_ids [T, K] int64 (-1 unused); topk_weights [T, K] float32.
-        step = current_step()
-        hosted = self._hosted_on.get(topk_ids.device)
+    def _hosted_mask(self, device: torch.device) -> torch.Tensor:
+        hosted = self._hosted_on.get(device)
         if hosted is None:
-            hosted = self._hosted_on[topk_ids.device] = self._hosted.to(topk_ids.device)
-        valid = topk_ids >= 0  # [T, K]
-        safe_ids = topk_ids.clamp(min=0)
-        calls: list[tuple[int, torch.Tensor, PendingForward, int]] = []
-        for i in self._shards_of(layer):
-            mine = hosted[i][safe_ids] & valid  # [T, K]
-            rows = mine.any(dim=1).nonzero().squeeze(1)  # [T_i] tokens with at least one expert here
-            if rows.numel() == 0:
-                continue
-            ids = torch.where(mine, topk_ids, -1)[rows].to(torch.int32)  # [T_i, K]
-            weights = torch.where(mine, topk_weights, 0.0)[rows].to(torch.float32)  # [T_i, K]
-            block = hidden[rows].contiguous()  # [T_i, H]
-            headers = step.headers(i, self._clients[i].address, layer) if step else {}
-            sent = block.numel() * block.element_size() + ids.numel() * 4 + weights.numel() * 4
-            pending = self._clients[i].submit(layer, block, ids, weights, step.step_id if step else 0, headers)
-            calls.append((i, rows, pending, sent))
+            hosted = self._hosted_on[device] = self._hosted.to(device)
+        return hosted  # [S, E] bool
+
+    def _grpc_submit(self, i: int, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                     topk_weights: torch.Tensor, step: StepTrace | None) -> tuple | None:
+        """Starts shard i's Forward with only its tokens; None when no token selected one of its experts."""
+        mine = self._hosted_mask(topk_ids.device)[i][topk_ids.clamp(min=0)] & (topk_ids >= 0)  # [T, K]
+        rows = mine.any(dim=1).nonzero().squeeze(1)  # [T_i] tokens with at least one expert here
+        if rows.numel() == 0:
+            return None
+        ids = torch.where(mine, topk_ids, -1)[rows].to(torch.int32)  # [T_i, K]
+        weights = torch.where(mine, topk_weights, 0.0)[rows].to(torch.float32)  # [T_i, K]
+        block = hidden[rows].contiguous()  # [T_i, H]
+        headers = step.headers(i, self._clients[i].address, layer) if step else {}
+        sent = block.numel() * block.element_size() + ids.numel() * 4 + weights.numel() * 4
+        pending = self._clients[i].submit(layer, block, ids, weights, step.step_id if step else 0, headers)
+        return i, rows, pending, sent
+
+    def _grpc_collect(self, call: tuple, layer: int, out: torch.Tensor, step: StepTrace | None) -> None:
+        """Waits for one Forward and adds its partial [T_i, H] into out [T, H] (float32)."""
+        i, rows, pending, sent = call
+        done = pending.result()
+        partial = done.output  # [T_i, H]
+        out.index_add_(0, rows, partial.to(device=out.device, dtype=torch.float32))
+        if step is not None:
+            step.record(i, layer, tokens=int(rows.numel()), bytes_sent=sent,
+                        bytes_received=partial.numel() * partial.element_size(),
+                        seconds=done.seconds, compute_seconds=done.compute_seconds)
+
+    def submit(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> tuple:
+        # hidden [T, H]; topk_ids [T, K] int64 (-1 unused); topk_weights [T, K] float32. Every shard's call is in
+        # flight before submit returns (the backbone computes the shared expert meanwhile).
+        step = current_step()
+        calls = [self._grpc_submit(i, layer, hidden, topk_ids, topk_weights, step) for i in self._shards_of(layer)]
+        return layer, hidden, [c for c in calls if c is not None], step
+
+    def collect(self, handle: tuple) -> torch.Tensor:
+        layer, hidden, calls, step = handle
         out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # [T, H] accumulator
-        for i, rows, pending, sent in calls:
-            done = pending.result()
-            partial = done.output  # [T_i, H]
-            out.index_add_(0, rows, partial.to(device=out.device, dtype=torch.float32))
-            if step is not None:
-                step.record(i, layer, tokens=int(rows.numel()), bytes_sent=sent,
-                            bytes_received=partial.numel() * partial.element_size(),
-                            seconds=done.seconds, compute_seconds=done.compute_seconds)
+        for call in calls:
+            self._grpc_collect(call, layer, out, step)
         return out.to(hidden.dtype)
 
 

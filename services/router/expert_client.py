@@ -79,6 +79,14 @@ class GrpcShardClient:
         self.dtype = as_dtype(info.dtype) if info.dtype in ("float32", "bfloat16", "float16") else None
         return ExpertPlacement(self.address, tuple(info.layers), tuple(info.experts))
 
+    def attach(self, request: expert_pb2.AttachRequest, timeout: float) -> expert_pb2.AttachResponse:
+        """Expert/Attach (shared-memory data plane, services/router/shm_link.py); raises grpc.RpcError."""
+        return self._stub.Attach(request, timeout=timeout)
+
+    def info_now(self, timeout: float) -> expert_pb2.ExpertInfo:
+        """Info without waiting for the shard to come up (re-attach after a fault); raises grpc.RpcError."""
+        return self._stub.Info(expert_pb2.ExpertInfoRequest(), timeout=timeout)
+
     def submit(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                step_id: int, headers: dict[str, str]):
         # hidden [T_i, H] -> the shard's dtype; expert_ids [T_i, K] int32; weights [T_i, K] float32

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Callable
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from moemesh.serving.metrics import NAMESPACE
 from services.router.step_trace import StepTrace
@@ -45,3 +49,27 @@ def observe_step(step: StepTrace, seconds: float, tokens: int, sequences: int, o
         calls = EXPERT_CALL_SECONDS.labels(shard)
         for seconds in stats.call_seconds:
             calls.observe(seconds)
+
+
+class ExpertTokensCollector(Collector):
+    """moemesh_expert_tokens_total{layer,expert}: tokens routed to each expert of each MoE layer since start.
+
+    The counts live on the model's device (runtime/expert_load.py); they are read only when Prometheus scrapes, through
+    `read` (the servicer makes it run on the engine thread), never once per step."""
+
+    def __init__(self) -> None:
+        self.read: Callable[[], dict[int, list[int]]] | None = None
+
+    def collect(self):
+        family = CounterMetricFamily(f"{NAMESPACE}_expert_tokens", "Tokens routed to each expert of each MoE layer "
+                                     "(a token counts once per expert it selected).", labels=["layer", "expert"])
+        counts = self.read() if self.read is not None else {}
+        for layer, per_expert in counts.items():
+            for expert, tokens in enumerate(per_expert):
+                family.add_metric([str(layer), str(expert)], tokens)
+        yield family
+
+
+EXPERT_TOKENS_BY_EXPERT = ExpertTokensCollector()
+REGISTRY.register(EXPERT_TOKENS_BY_EXPERT)  # one per process, like the module-level metrics above
+

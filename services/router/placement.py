@@ -88,3 +88,13 @@ class Placement:
                 "MOEMESH_EXPERT_NUM_SHARDS (or explicit disjoint MOEMESH_EXPERT_EXPERTS lists covering every expert), "
                 "and list all of them, in shard order, in EXPERT_ADDRS."
             )
+
+
+def check_same_model(shards: list[tuple[str, str, str, tuple[int, ...]]]) -> None:
+    """shards: (address, model, dtype, experts) from each shard's Info. Raise PlacementError naming the shards and
+    their experts when they do not all serve the same model in the same dtype (their partial sums would not add up)."""
+    for what, index in (("models", 1), ("dtypes", 2)):
+        if len({s[index] for s in shards}) > 1:
+            layout = "; ".join(f"{a} serves {m!r} in {d} (experts {_ranges(list(e))})" for a, m, d, e in shards)
+            raise PlacementError(f"expert shards of different {what}: {layout}. Start every shard with the "
+                                 "router's model and dtype (MOEMESH_MODEL, MOEMESH_EXPERT_DTYPE).")

@@ -8,11 +8,13 @@ UNAVAILABLE (the engine rolled the step back). Spans: see services/router/step_t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import grpc
 from opentelemetry import trace
 
 from moemesh.runtime.engine import Engine
+from moemesh.runtime.expert_load import ExpertLoad
 from moemesh.runtime.types import CapacityError, ExpertPlacement, SamplingParams, SeqResult, SequenceStateError, SeqWork
 from moemesh.serving.errors import ServiceError
 from moemesh.serving.telemetry import tracer
@@ -51,9 +53,14 @@ def result_to_proto(r: SeqResult) -> router_pb2.SequenceResult:
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, engine: Engine, worker: EngineWorker, placement: tuple[ExpertPlacement, ...],
-                 tracer_: trace.Tracer | None = None) -> None:
+                 tracer_: trace.Tracer | None = None, transports: Callable[[], list[str]] | None = None) -> None:
         self._engine, self._worker, self._placement = engine, worker, placement
+        self._transports = transports or (lambda: [""] * len(placement))  # per shard: "shm", "grpc", "local"...
         self._tracer = tracer_ or tracer("moemesh.router")
+        # Routed-token counters on the device; read on the engine thread (never inside a step), only when asked.
+        self._expert_load = ExpertLoad.attach(engine.backbone)
+        if self._expert_load is not None:
+            metrics.EXPERT_TOKENS_BY_EXPERT.read = self._scrape_expert_load
 
     async def Step(self, request: router_pb2.StepRequest, context: grpc.aio.ServicerContext):
         works = [work_from_proto(w) for w in request.work]
@@ -97,16 +104,27 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return released, self._engine.blocks.free_blocks
 
     async def Info(self, request: router_pb2.RouterInfoRequest, context: grpc.aio.ServicerContext):
-        info = await self._worker.run(lambda: self._engine.info)
+        info, load = await self._worker.run(lambda: (self._engine.info, self._expert_load_snapshot()))
         return router_pb2.RouterInfo(
             model=info.model, architecture=info.architecture, max_context=info.max_context,
             kv_block_size=info.kv_block_size, kv_blocks_total=info.kv_blocks_total,
             kv_blocks_free=info.kv_blocks_free, active_sequences=info.active_sequences, vocab_size=info.vocab_size,
             num_layers=info.num_layers, num_experts=info.num_experts, experts_per_token=info.experts_per_token,
-            placement=[router_pb2.ExpertPlacement(address=p.address, layers=p.layers, experts=p.experts)
-                       for p in self._placement],
+            placement=[router_pb2.ExpertPlacement(address=p.address, layers=p.layers, experts=p.experts,
+                                                  transport=t) for p, t in zip(self._placement, self._transports())],
             device=info.device, dtype=info.dtype, eos_token_ids=info.eos_token_ids, moe_layers=info.moe_layers,
+            expert_tokens=[router_pb2.ExpertLayerLoad(layer=layer, tokens=tokens) for layer, tokens in load.items()],
         )
+
+    def _scrape_expert_load(self) -> dict[int, list[int]]:
+        """For the metrics thread: waits for the engine thread (at most one step); nothing once the router closed."""
+        try:
+            return self._worker.call(self._expert_load_snapshot)
+        except RuntimeError:  # the worker was shut down
+            return {}
+
+    def _expert_load_snapshot(self) -> dict[int, list[int]]:
+        return self._expert_load.snapshot() if self._expert_load is not None else {}
 
 
 def add_to_server(servicer: RouterServicer, server: grpc.aio.Server) -> list[str]:

@@ -90,6 +90,11 @@ class StepTrace:
         propagate.inject(carrier, context=trace.set_span_in_context(span, self._parent))
         return carrier
 
+    def count(self, index: int, address: str, layer: int, tokens: int, seconds: float) -> None:
+        """A shared-memory call (no metadata travels, no bytes on the wire): counted in the shard's step span."""
+        self._shard(index, address)
+        self.record(index, layer, tokens=tokens, bytes_sent=0, bytes_received=0, seconds=seconds, compute_seconds=0.0)
+
     def record(self, index: int, layer: int, *, tokens: int, bytes_sent: int, bytes_received: int,
                seconds: float, compute_seconds: float) -> None:
         stats = self.shards[index]

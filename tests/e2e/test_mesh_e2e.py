@@ -176,3 +176,8 @@ def _alive(pid: int) -> bool:
 def _redis_alive(home: Path) -> bool:
     out = subprocess.run(["pgrep", "-f", str(home / "redis")], capture_output=True, text=True)
     return bool(out.stdout.strip())
+
+
+def test_expert_shards_use_shared_memory_and_the_status_file_says_so(mesh: RunningMesh) -> None:
+    assert {mesh.status["services"][n].get("transport") for n in ("expert-0", "expert-1")} == {"shm"}
+    assert "expert transport: expert-0 shm, expert-1 shm" in mesh.output_path.read_text()

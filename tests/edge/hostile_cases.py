@@ -131,7 +131,7 @@ def sizes(draw, model: str) -> HttpCase:
         return HttpCase("empty_messages", _dumps(base(model, messages=[])), names=("messages",))
     if choice == "empty_content":
         return HttpCase("empty_content", _dumps(base(model, messages=[{"role": "user", "content": ""}])),
-                        reject=False)
+                        names=("messages[0].content",))
     if choice == "many_messages":
         n = draw(st.integers(1100, 5000))
         messages = [{"role": "user", "content": "hi"}] * n

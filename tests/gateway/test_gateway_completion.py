@@ -56,6 +56,13 @@ async def test_stream_chunks_shape(mesh) -> None:
     assert not usage.choices and usage.usage.completion_tokens == len(mesh.batcher.script) + 1
 
 
+async def test_ignore_eos_reaches_the_batcher_only_when_asked(mesh) -> None:
+    mesh.script("x")
+    await mesh.chat.CreateChatCompletion(request(max_tokens=4, ignore_eos=True), metadata=AUTH)
+    await mesh.chat.CreateChatCompletion(request(max_tokens=4), metadata=AUTH)
+    assert [r.sampling.ignore_eos for r in mesh.batcher.requests] == [True, False]
+
+
 async def test_stop_string_cuts_text_and_cancels_the_batcher(mesh) -> None:
     mesh.script("one two three four five six seven eight nine ten", delay=0.02)
     response = await mesh.chat.CreateChatCompletion(request(stop=["three", "zzz"]), metadata=AUTH)

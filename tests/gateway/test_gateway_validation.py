@@ -17,6 +17,7 @@ CASES = [
     (dict(model=""), "model: required"),
     (dict(messages=[]), "messages: at least one message"),
     (dict(messages=[common_pb2.ChatMessage(role="robot", content="x")]), "messages[0].role: 'robot'"),
+    (dict(messages=[*USER, common_pb2.ChatMessage(role="user", content="")]), "messages[1].content: must not be empty"),
     (dict(max_tokens=-5), "max_tokens: -5 must be >= 1"),
     (dict(max_tokens=0), "max_tokens: 0 must be >= 1"),
     (dict(max_completion_tokens=-1), "max_completion_tokens: -1 must be >= 1"),

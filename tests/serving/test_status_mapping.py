@@ -99,3 +99,12 @@ async def test_upstream_retry_after_hint_is_passed_on() -> None:
             await stub.Decode(tokenizer_pb2.DecodeRequest(model="domain"))
     code, _, trailing = status_for(info.value)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and trailing == (("retry-after-ms", "1500"),)
+
+
+def test_error_code_travels_as_trailing_metadata_but_not_from_upstream() -> None:
+    class PromptTooLong(ValueError):
+        error_code = "context_length_exceeded"
+
+    assert status_for(PromptTooLong("prompt_ids: too many")) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "prompt_ids: too many", (("error-code", "context_length_exceeded"),))
+    assert status_for(ValueError("x"))[2] == ()

@@ -52,9 +52,11 @@ def make_expert(model_dir, index: int, tracer, shards: int = 2) -> expert_servic
     return servicer
 
 
-def router_config(model_dir, addrs) -> RouterConfig:
+def router_config(model_dir, addrs, transport: str = "grpc") -> RouterConfig:
+    """gRPC Forward calls (this file's spans and faults are theirs); test_shm_transport.py covers shared memory."""
     return RouterConfig(model=str(model_dir), expert_addrs=tuple(addrs), port=0, metrics_port=-1,
-                        kv_blocks=KV_BLOCKS, block_size=BLOCK, connect_timeout=10, expert_timeout=10)
+                        kv_blocks=KV_BLOCKS, block_size=BLOCK, connect_timeout=10, expert_timeout=10,
+                        expert_transport=transport)
 
 
 @pytest.fixture
@@ -213,3 +215,18 @@ async def test_without_expert_addrs_the_experts_run_in_the_router(tiny_moe_dir):
             assert reply.results[0].token_id == local.step([SeqWork("a", PROMPT, 0)])[0].token_id
     finally:
         router.close()
+
+
+async def test_expert_token_counters_in_info_and_prometheus(mesh):
+    start = await mesh.stub.Info(router_pb2.RouterInfoRequest())
+    before = {layer.layer: list(layer.tokens) for layer in start.expert_tokens}
+    await mesh.stub.Step(router_pb2.StepRequest(step_id=1, work=[work("a", PROMPT, 0), work("b", PROMPT[:3], 0)]))
+    info = await mesh.stub.Info(router_pb2.RouterInfoRequest())
+    after = {layer.layer: list(layer.tokens) for layer in info.expert_tokens}
+    assert sorted(after) == [0, 1] and all(len(tokens) == 4 for tokens in after.values())
+    for layer, tokens in after.items():  # 14 tokens, top-2: 28 expert slots per MoE layer
+        assert sum(tokens) - sum(before.get(layer, [0] * 4)) == (len(PROMPT) + 3) * 2
+    scraped = {(layer, e): await asyncio.to_thread(REGISTRY.get_sample_value, "moemesh_expert_tokens_total",
+                                                    {"layer": str(layer), "expert": str(e)})
+               for layer in (0, 1) for e in range(4)}  # off the loop: the scrape waits for the engine thread
+    assert scraped == {(layer, e): after[layer][e] for layer in (0, 1) for e in range(4)}

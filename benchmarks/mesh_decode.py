@@ -1,0 +1,192 @@
+"""Streamed decode through the mesh (`moemesh up`) against the in-process Engine, same model, same machine, one run.
+
+    python benchmarks/mesh_decode.py [--model smollm2-moe] [--tokens 64] [--transports shm,grpc] [--repeats 1]
+
+In process: Engine.load(model) in this process (torch defaults), one prefill step, then `tokens` greedy decode steps
+(ignore_eos) at batch 1 and batch 8; ms/step is the median step. Mesh: `moemesh up --no-auth` in a temporary
+MOEMESH_HOME (models from the usual cache) with MOEMESH_ROUTER_EXPERT_TRANSPORT=<transport>, then
+StreamChatCompletion through the gateway (greedy, ignore_eos, max_tokens=tokens): 1 stream, then 8 concurrent
+streams. ms/token of a stream = (last chunk - first chunk) / (completion tokens - 1): the decode pace a client sees
+(prefill and time to first token excluded); the table shows the median over streams, tok/s = streams x 1000 / that.
+ratio = in-process ms/step / mesh ms/token at the same batch (1.0: the mesh decodes as fast as its own engine).
+Writes benchmarks/results/mesh-decode-cpu.json and .md (machine, load average, command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PROMPT = ("Write a long story about a lighthouse keeper who finds a message in a bottle, with many details about the "
+          "sea, the weather and the village.")
+
+
+def engine_decode(model: str, batch: int, tokens: int) -> float:
+    """Median ms of one decode step of `batch` sequences through Engine.step."""
+    from moemesh.models.registry import resolve_model
+    from moemesh.runtime.engine import Engine
+    from moemesh.runtime.types import SamplingParams, SeqWork
+    from moemesh.tokenization.chat_tokenizer import ChatTokenizer
+
+    global _ENGINE
+    model_dir = resolve_model(model)
+    if "_ENGINE" not in globals():
+        _ENGINE = Engine.load(model_dir, kv_blocks=256)
+    ids = ChatTokenizer.load(model_dir).encode(PROMPT)
+    sampling = SamplingParams(max_tokens=tokens + 1, ignore_eos=True)
+    results = _ENGINE.step([SeqWork(f"s{i}", ids, 0, sampling) for i in range(batch)])
+    times, position = [], len(ids)
+    for _ in range(tokens):
+        works = [SeqWork(f"s{i}", [r.token_id], position, sampling) for i, r in enumerate(results)]
+        start = time.perf_counter()
+        results = _ENGINE.step(works)
+        times.append(time.perf_counter() - start)
+        position += 1
+    _ENGINE.release([f"s{i}" for i in range(batch)])
+    return statistics.median(times) * 1000
+
+
+async def _stream(stub, model: str, tokens: int) -> tuple[int, float]:
+    from moemesh.v1 import chat_pb2, common_pb2
+
+    request = chat_pb2.ChatCompletionRequest(
+        model=model, messages=[common_pb2.ChatMessage(role="user", content=PROMPT)], max_tokens=tokens,
+        temperature=0.0, ignore_eos=True, stream_options=chat_pb2.StreamOptions(include_usage=True))
+    stamps, completion = [], 0
+    async for chunk in stub.StreamChatCompletion(request, timeout=600):
+        if chunk.HasField("error"):
+            raise RuntimeError(f"stream failed: {chunk.error.code}: {chunk.error.message}")
+        if chunk.choices and chunk.choices[0].delta.content:
+            stamps.append(time.perf_counter())
+        if chunk.HasField("usage"):
+            completion = chunk.usage.completion_tokens
+    if completion < 2 or len(stamps) < 2:
+        raise RuntimeError(f"only {completion} tokens streamed")
+    return completion, (stamps[-1] - stamps[0]) / (completion - 1) * 1000
+
+
+async def mesh_streams(gateway: str, concurrency: int, tokens: int) -> list[float]:
+    """ms/token of each of `concurrency` simultaneous streams."""
+    import grpc
+
+    from moemesh.v1 import chat_pb2, chat_pb2_grpc
+
+    async with grpc.aio.insecure_channel(gateway) as channel:
+        stub = chat_pb2_grpc.ChatStub(channel)
+        model = (await stub.ListModels(chat_pb2.ListModelsRequest(), timeout=30)).data[0].id
+        await _stream(stub, model, 4)  # warm-up: first-use costs out of the figures
+        done = await asyncio.gather(*(_stream(stub, model, tokens) for _ in range(concurrency)))
+    return [ms for _, ms in done]
+
+
+def start_mesh(model: str, transport: str, workdir: Path) -> tuple[subprocess.Popen, dict]:
+    from moemesh import home
+    from tests.mesh_process import free_port, wait_status
+
+    env = {**os.environ, "MOEMESH_HOME": str(workdir / "home"), "MOEMESH_ROUTER_EXPERT_TRANSPORT": transport,
+           "MOEMESH_MODELS": os.environ.get("MOEMESH_MODELS") or str(home.models_dir())}
+    status, log = workdir / f"status-{transport}.json", workdir / f"up-{transport}.log"
+    cmd = [sys.executable, "-m", "moemesh.cli.main", "up", "--model", model, "--no-auth", "--gateway-port",
+           str(free_port()), "--status-file", str(status)]
+    help_text = subprocess.run([*cmd[:4], "--help"], capture_output=True, text=True, env=env).stdout
+    if "--dashboard-port" in help_text:
+        cmd += ["--dashboard-port", "-1"]  # no scraping while timing
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+                            start_new_session=True)
+    return proc, wait_status(proc, status, log, timeout_s=900)
+
+
+def stop_mesh(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    rows: dict[str, dict] = {}
+    for rep in range(args.repeats):
+        rows.setdefault("in-process", {"batch1": [], "batch8": []})
+        for batch in (1, 8):
+            rows["in-process"][f"batch{batch}"].append(engine_decode(args.model, batch, args.tokens))
+        for transport in args.transports.split(","):
+            with tempfile.TemporaryDirectory(prefix="mesh-decode-") as tmp:
+                proc, status = start_mesh(args.model, transport, Path(tmp))
+                try:
+                    row = rows.setdefault(f"mesh {transport}", {"batch1": [], "batch8": []})
+                    row["transports"] = {n: s.get("transport") for n, s in status["services"].items()
+                                         if n.startswith("expert-")}
+                    for concurrency in (1, 8):
+                        per_stream = asyncio.run(mesh_streams(status["gateway"], concurrency, args.tokens))
+                        row[f"batch{concurrency}"].append(statistics.median(per_stream))
+                finally:
+                    stop_mesh(proc)
+        print(f"repeat {rep + 1}/{args.repeats}: " + json.dumps({k: {b: v[b][-1] for b in ("batch1", "batch8")}
+                                                                 for k, v in rows.items()}), flush=True)
+    return rows
+
+
+def report(rows: dict, args: argparse.Namespace, load_start: float) -> tuple[dict, str]:
+    base = {b: statistics.median(rows["in-process"][b]) for b in ("batch1", "batch8")}
+    table = ["| where | transport | batch 1 ms/token | batch 1 tok/s | ratio | batch 8 ms/token | batch 8 tok/s | "
+             "ratio |", "|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    for name, row in rows.items():
+        ms = {b: statistics.median(row[b]) for b in ("batch1", "batch8")}
+        ratio = {b: base[b] / ms[b] for b in ms}
+        transport = ",".join(sorted(set((row.get("transports") or {}).values()))) or "in process"
+        summary[name] = {"ms_per_token": ms, "tok_per_s": {"batch1": 1000 / ms["batch1"],
+                                                           "batch8": 8000 / ms["batch8"]},
+                         "ratio_to_in_process": ratio, "transports": row.get("transports"), "runs": row}
+        table.append(f"| {name} | {transport} | {ms['batch1']:.1f} | {1000 / ms['batch1']:.1f} | "
+                     f"{ratio['batch1']:.2f} | {ms['batch8']:.1f} | {8000 / ms['batch8']:.1f} | {ratio['batch8']:.2f} |")
+    import torch
+
+    machine = {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+               "torch": torch.__version__, "load_average_start": load_start,
+               "load_average_end": os.getloadavg()[0]}
+    command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
+                                    else sys.argv[0], *sys.argv[1:]])
+    result = {"benchmark": "mesh_decode", "model": args.model, "tokens": args.tokens, "repeats": args.repeats,
+              "machine": machine, "command": command, "results": summary}
+    md = "\n".join([f"# Streamed decode: mesh vs in-process Engine ({args.model}, {args.tokens} tokens, greedy)", "",
+                    f"Command: `{command}`  ", f"Machine: {machine['cpu_cores']} cores, {machine['platform']}, torch "
+                    f"{machine['torch']}; load average {load_start:.2f} at start, {machine['load_average_end']:.2f} "
+                    "at end.", "", *table, "",
+                    "ms/token: median over streams of (last chunk - first chunk) / (tokens - 1); in process: median "
+                    "Engine.step decode time. ratio = in-process ms / mesh ms (>= 0.9 is the issue 9 target).", ""])
+    return result, md
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-moe")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--transports", default="shm,grpc")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mesh-decode-cpu")
+    args = parser.parse_args()
+    load_start = os.getloadavg()[0]
+    result, md = report(measure(args), args, load_start)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

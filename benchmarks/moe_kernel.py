@@ -1,0 +1,225 @@
+"""One MoE layer on the GPU: tune the fused Triton kernels per token count, then time them beside torch._grouped_mm.
+
+    tune:  for each token count T, every candidate block config of each kernel (gate_up, down) timed alone;
+           the best per (T, kernel) written to moemesh/runtime/gpu/configs/<shape>.json (what fused_moe reads)
+    bench: the whole fused layer (align + 2 GEMMs + sum, replayed as a CUDA graph) and ExpertBank's torch path
+           (sort + torch._grouped_mm, eager) at T tokens; bytes = the distinct experts' weights actually routed to
+           + activations; % of the measured device copy bandwidth; TFLOP/s for the prefill size
+
+Weights rotate over several layers so that repeated runs do not read from L2 (60 MB on an H200).
+
+    PYTHONPATH=. python3 benchmarks/moe_kernel.py --tune --out benchmarks/results      # on the H200, ~3 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TUNE_TOKENS = (1, 4, 16, 32, 64, 128, 256, 1024, 4096)
+BENCH_TOKENS = (1, 8, 16, 32, 64, 128, 4096)
+
+
+def candidates(tokens: int) -> list[dict]:
+    if tokens <= 128:
+        grid = itertools.product((16,), (32, 64, 128), (128, 256), (1,), (4,), (3, 4))
+    else:
+        grid = itertools.product((32, 64, 128), (64, 128), (64,), (8,), (4, 8), (3,))
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+    return [dict(zip(keys, values)) for values in grid]
+
+
+def routing(t: int, e: int, k: int, dev: str = "cuda"):
+    weights, ids = torch.randn(t, e, device=dev).softmax(-1).topk(k, dim=-1)
+    return ids, weights / weights.sum(-1, keepdim=True)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    import triton
+
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=20, rep=200, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def layers_of_weights(n: int, e: int, h: int, i: int):
+    gen = [(torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) * 0.02,
+            torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(n)]
+    return gen
+
+
+def tune(layers, k: int) -> dict[int, dict]:
+    import triton
+
+    from moemesh.runtime.gpu.fused_moe import moe_gemm
+    from moemesh.runtime.gpu.moe_align import align
+
+    e, two_i, h = layers[0][0].shape
+    table = {}
+    for t in TUNE_TOKENS:
+        ids, weights = routing(t, e, k)
+        hidden = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+        act = torch.randn(t * k, two_i // 2, device="cuda", dtype=torch.bfloat16)
+        best = {}
+        for kind in ("gate_up", "down"):
+            timed = []
+            for cfg in candidates(t):
+                al = align(ids, e, cfg["BLOCK_M"])
+                it = itertools.cycle(layers)
+
+                def run():
+                    gu, dn = next(it)
+                    if kind == "gate_up":
+                        moe_gemm(hidden, gu, act, al, k, cfg, up_rows=two_i // 2)
+                    else:
+                        moe_gemm(act, dn, torch.empty(t * k, h, device="cuda"), al, 1, cfg, weights=weights.view(-1))
+                try:
+                    timed.append((triton.testing.do_bench(run, warmup=5, rep=25, return_mode="median"), cfg))
+                except Exception as exc:  # out of shared memory / registers for this tile: skip it
+                    print(f"  skip {kind} {cfg}: {type(exc).__name__}", flush=True)
+            best[kind] = min(timed, key=lambda x: x[0])[1]
+            print(f"T={t} {kind}: {min(timed, key=lambda x: x[0])[0] * 1e3:.1f} us {best[kind]}", flush=True)
+        table[t] = best
+    return table
+
+
+def tune_gemv(layers, k: int) -> dict[str, dict]:
+    """Best GEMV block shape per kernel at 1 token (the GEMV path serves up to GEMV_MAX_PAIRS pairs)."""
+    import triton
+
+    from moemesh.runtime.gpu.fused_moe import moe_gemv
+
+    e, two_i, h = layers[0][0].shape
+    ids, weights = routing(1, e, k)
+    ids = ids.reshape(-1).contiguous()
+    hidden = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
+    act = torch.randn(k, two_i // 2, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(k, h, device="cuda")
+    best = {}
+    for kind in ("gemv_gate_up", "gemv_down"):
+        timed = []
+        for bn, bk, warps, stages in itertools.product((8, 16, 32), (256, 512), (4, 8), (3,)):
+            cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+            it = itertools.cycle(layers)
+
+            def run():
+                gu, dn = next(it)
+                if kind == "gemv_gate_up":
+                    moe_gemv(hidden, gu, act, ids, k, cfg, up_rows=two_i // 2)
+                else:
+                    moe_gemv(act, dn, y, ids, 1, cfg, weights=weights.view(-1))
+            timed.append((triton.testing.do_bench(run, warmup=5, rep=25, return_mode="median"), cfg))
+        us, best[kind] = min(timed, key=lambda x: x[0])
+        print(f"T=1 {kind}: {us * 1e3:.1f} us {best[kind]}", flush=True)
+    return best
+
+
+def bench(layers, k: int, bandwidth: float) -> list[dict]:
+    import triton
+
+    from moemesh.runtime.gpu.fused_moe import fused_moe
+    from moemesh.runtime.experts import GROUPED_MM
+
+    e, two_i, h = layers[0][0].shape
+    inter = two_i // 2
+    expert_bytes = 3 * inter * h * 2
+    rows = []
+    for t in BENCH_TOKENS:
+        ids, weights = routing(t, e, k)
+        hidden = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+        graphs = []
+        for gu, dn in layers:  # one graph per layer of weights: replays rotate through them (no L2 reuse)
+            fused_moe(hidden, gu, dn, ids, weights)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fused_moe(hidden, gu, dn, ids, weights)
+            graphs.append(g)
+        it = itertools.cycle(graphs)
+        fused_ms = triton.testing.do_bench(lambda: next(it).replay(), warmup=10, rep=100, return_mode="median")
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=e)
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        x = hidden[order // k]
+        lit = itertools.cycle(layers)
+
+        def grouped():  # the torch path's two grouped GEMMs on pre-sorted rows (FACTS.md's "plain grouped_mm")
+            gu, dn = next(lit)
+            y = GROUPED_MM(x, gu.transpose(1, 2), offs=offs)
+            g, u = y.chunk(2, dim=-1)
+            return GROUPED_MM((torch.nn.functional.silu(g) * u).contiguous(), dn.transpose(1, 2), offs=offs)
+
+        grouped_ms = triton.testing.do_bench(grouped, warmup=10, rep=100, return_mode="median")
+        distinct = int((counts > 0).sum())
+        nbytes = distinct * expert_bytes + t * h * 2 * 2 + t * k * (inter * 2 * 2 + h * 4)
+        flops = 2 * t * k * 3 * inter * h
+        for who, ms in (("fused_moe (triton, graph)", fused_ms), ("torch._grouped_mm (sorted rows)", grouped_ms)):
+            rows.append({"tokens": t, "who": who, "us": round(ms * 1e3, 1), "experts_touched": distinct,
+                         "GB_per_s": round(nbytes / ms / 1e6, 1), "pct_of_copy_bw": round(100 * nbytes / (ms * 1e-3)
+                                                                                         / bandwidth, 1),
+                         "TFLOP_per_s": round(flops / ms / 1e9, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--inter", type=int, default=768)
+    p.add_argument("--tune", action="store_true", help="tune first and write the config JSON")
+    p.add_argument("--tune-gemv", action="store_true", help="tune the few-token GEMV kernel into the config JSON")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = p.parse_args(argv)
+    from moemesh.runtime.gpu import fused_moe as fm
+
+    torch.manual_seed(0)
+    layers = layers_of_weights(4, args.experts, args.hidden, args.inter)
+    name = fm.config_name(args.experts, args.inter, args.hidden, torch.bfloat16, torch.cuda.get_device_name())
+    if args.tune:
+        started = time.perf_counter()
+        table = tune(layers, args.top_k)
+        text = json.dumps({str(t): v for t, v in table.items()}, indent=1) + "\n"
+        fm.CONFIG_DIR.mkdir(parents=True, exist_ok=True)
+        (fm.CONFIG_DIR / name).write_text(text)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / name).write_text(text)
+        fm._tuned.cache_clear()
+        print(f"tuned in {time.perf_counter() - started:.0f} s -> {name}", flush=True)
+    if args.tune_gemv:
+        path = fm.CONFIG_DIR / name
+        table = json.loads(path.read_text(encoding="utf-8"))
+        table["1"].update(tune_gemv(layers, args.top_k))
+        path.write_text(json.dumps(table, indent=1) + "\n")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / name).write_text(json.dumps(table, indent=1) + "\n")
+        fm._tuned.cache_clear()
+    bandwidth = copy_bandwidth()
+    rows = bench(layers, args.top_k, bandwidth)
+    meta = {"machine": torch.cuda.get_device_name(), "copy_TB_per_s": round(bandwidth / 1e12, 2),
+            "torch": torch.__version__, "python": platform.python_version(), "config": name,
+            "command": "PYTHONPATH=. python3 " + " ".join(sys.argv)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "moe-kernel-h200.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    lines = [f"# One MoE layer (E {args.experts}, top-{args.top_k}, H {args.hidden}, I {args.inter}, bf16)", "",
+             f"{meta['machine']}, copy bandwidth {meta['copy_TB_per_s']} TB/s; `{meta['command']}`", "",
+             "| tokens | who | us | experts touched | GB/s | % of copy bw | TFLOP/s |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['tokens']} | {r['who']} | {r['us']} | {r['experts_touched']} | {r['GB_per_s']} | "
+              f"{r['pct_of_copy_bw']} | {r['TFLOP_per_s']} |" for r in rows]
+    (args.out / "moe-kernel-h200.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""What `moemesh up` does for the expert data plane: CPU thread defaults per service, and which transport the router
+chose for each expert shard (Router.Info), for the printout and the status file (`services.<name>.transport`).
+
+Threads (2-core CPU, smollm2-moe, measured with benchmarks/mesh_decode.py): the router computes while the shards
+wait and the shards compute while the router waits, so the router gets every core and each shard its share.
+OMP_WAIT_POLICY=PASSIVE: an OpenMP worker that spins after its parallel region (libgomp's default) takes a core from
+the other processes; on 2 cores that alone made a shared-memory decode step 1.6x slower (74 vs 46 ms).
+Values already in the environment win.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import grpc
+
+from moemesh.certs import grpc_tls
+from moemesh.v1 import router_pb2, router_pb2_grpc
+
+
+def thread_env(kind: str, num_shards: int, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Env defaults for a service of `kind` ("ROUTER", "EXPERT", ...): torch intra-op threads and a passive OpenMP
+    wait policy for the compute processes; nothing for the others."""
+    cores = os.cpu_count() or 1
+    threads = {"ROUTER": cores, "EXPERT": max(1, cores // max(num_shards, 1))}.get(kind)
+    if threads is None:
+        return {}
+    defaults = {f"MOEMESH_{kind}_COMPUTE_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    return {k: v for k, v in defaults.items() if k not in environ}
+
+
+def _port(address: str) -> str:
+    return address.rpartition(":")[2]
+
+
+def expert_transports(router_address: str, shard_addresses: Mapping[str, str], timeout: float = 5.0) -> dict[str, str]:
+    """{service name: transport} from Router.Info's placement, matched by port (hosts may be spelled differently);
+    {} when the router does not answer."""
+    with grpc_tls.channel(router_address) as channel:
+        try:
+            info = router_pb2_grpc.RouterStub(channel).Info(router_pb2.RouterInfoRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return {}
+    by_port = {_port(p.address): p.transport for p in info.placement if p.transport}
+    return {name: by_port[_port(a)] for name, a in shard_addresses.items() if _port(a) in by_port}

@@ -1,0 +1,36 @@
+"""The Triton kernel of moe_align.align_small: one program sorts up to a few thousand (token, slot) pairs by expert
+(see moe_align.py for the layout it produces)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, rows_used_ptr, cursor_ptr, p, e, em,
+                  BLOCK_M: tl.constexpr, PB: tl.constexpr, BINS: tl.constexpr):
+    lanes = tl.arange(0, PB)
+    valid = lanes < p
+    ids = tl.load(ids_ptr + lanes, mask=valid, other=-1).to(tl.int32)
+    bucket = tl.where(ids >= 0, ids, e)  # [PB] expert, or e: hosted elsewhere
+    bucket = tl.where(valid, bucket, BINS - 1)
+    counts = tl.histogram(bucket, BINS)  # [BINS]
+    bins = tl.arange(0, BINS)
+    padded = tl.where(bins < e, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    ends = tl.cumsum(padded, 0)  # [BINS] end row of each expert's run
+    tl.store(cursor_ptr + bins, ends - padded)  # start row of each expert: the cursors
+    tl.store(rows_used_ptr, tl.sum(padded, 0).to(tl.int64))
+    for start in range(0, em, PB):  # every row is padding until claimed
+        rows = start + lanes
+        tl.store(sorted_ptr + rows, p.to(tl.int64), mask=rows < em)
+    nblocks = em // BLOCK_M
+    for start in range(0, nblocks, 32):  # block b belongs to the first expert whose run ends past b * BLOCK_M
+        blocks = start + tl.arange(0, 32)
+        done = tl.where(bins[None, :] < e, ends[None, :] <= (blocks * BLOCK_M)[:, None], 0)  # [32, BINS]
+        expert = tl.sum(done.to(tl.int32), 1)
+        tl.store(block_expert_ptr + blocks, tl.where(expert < e, expert, -1).to(tl.int64), mask=blocks < nblocks)
+    tl.debug_barrier()  # cursors and padding stores visible to the whole program before the claims
+    here = valid & (ids >= 0)
+    row = tl.atomic_add(cursor_ptr + bucket, 1, mask=here)
+    tl.store(sorted_ptr + row, lanes.to(tl.int64), mask=here)

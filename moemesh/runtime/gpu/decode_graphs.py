@@ -1,0 +1,127 @@
+"""Decode steps (every sequence adds one token) on CUDA over static buffers, replayed as CUDA graphs.
+
+    works -> host: tokens, positions, KV slots, context lengths, block tables of n sequences, padded to the bucket
+             b >= n (padding rows: token 0 at position 0, written to a trash KV block no sequence owns)
+          -> two host-to-device copies into static buffers
+          -> graph of bucket b (captured on first use: Backbone.forward with a DecodeContext: paged attention,
+             fused MoE, LM head) replayed -> static logits [b, V] float32 -> rows [:n] to the sampler
+
+DecodeContext stands in for StepContext: the attention writes the new K/V into the pools and reads the context
+through the block tables (paged_attention.py), so every shape is fixed per bucket and nothing syncs with the host.
+Without graphs (a dispatch that cannot be captured) the same DecodeContext runs eagerly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moemesh.runtime.gpu.paged_attention import paged_decode_attention
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass
+class DecodeContext:
+    """One decode step's index tensors on the device (see the module doc); B rows, one token each."""
+
+    positions: torch.Tensor  # [B] int64 position of the new token
+    slots: torch.Tensor  # [B] int64 pool slot its K/V is written to
+    block_tables: torch.Tensor  # [B, W] int32
+    seq_lens: torch.Tensor  # [B] int32 tokens in the context, the new one included
+    kv_block: int
+    paged_decode: bool = True  # Attention checks this to take attend() instead of the gather + SDPA path
+
+    @property
+    def batch(self) -> int:
+        return self.positions.shape[0]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               pools: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+        """q [B, Hq, D], k/v [B, Hkv, D] -> [B, Hq, D]; writes k/v into the layer's pools first."""
+        k_pool, v_pool = pools
+        k_pool.index_copy_(0, self.slots, k.to(k_pool.dtype))
+        v_pool.index_copy_(0, self.slots, v.to(v_pool.dtype))
+        return paged_decode_attention(q, k_pool, v_pool, self.block_tables, self.seq_lens, scale, self.kv_block)
+
+
+def bucket_for(n: int) -> int | None:
+    return next((b for b in BUCKETS if b >= n), None)
+
+
+class DecodeRunner:
+    """Runs decode steps for up to BUCKETS[-1] sequences; `graphs` False: eagerly, with the same static buffers."""
+
+    def __init__(self, backbone, dispatch, pools: list, block_size: int, table_width: int, trash_block: int,
+                 device: torch.device, graphs: bool) -> None:
+        self.backbone, self.dispatch, self.pools = backbone, dispatch, pools
+        self.block_size, self.trash_block, self.graphs_on = block_size, trash_block, graphs
+        m, w = BUCKETS[-1], table_width
+        pinned = device.type == "cuda"  # pinned staging: the host-to-device copies stay asynchronous
+        self.host_rows = torch.zeros(4, m, dtype=torch.int64, pin_memory=pinned)  # tokens, positions, slots, lens
+        self.host_tables = torch.zeros(m, w, dtype=torch.int32, pin_memory=pinned)
+        self.rows = torch.zeros(4, m, dtype=torch.int64, device=device)
+        self.lens = torch.ones(m, dtype=torch.int32, device=device)
+        self.tables = torch.full((m, w), trash_block, dtype=torch.int32, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+
+    def takes(self, works: list) -> bool:
+        """True for a pure decode step (each work one sampled token of a started sequence) that fits a bucket."""
+        return len(works) <= BUCKETS[-1] and all(len(w.token_ids) == 1 and w.position > 0 and w.sample
+                                                 for w in works)
+
+    @staticmethod
+    def rows_for(n: int) -> int:
+        """Rows every MoE layer carries for n sequences (the bucket: the dispatch sees padded batches)."""
+        return bucket_for(n)
+
+    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """n sequences' new tokens, their positions and block tables -> logits [n, V] float32."""
+        n = len(tokens)
+        b = bucket_for(n)
+        if b is None:
+            raise ValueError(f"decode runner takes at most {BUCKETS[-1]} sequences, got {n}")
+        width = self._stage(tokens, positions, tables, b)
+        self.rows[:, :b].copy_(self.host_rows[:, :b], non_blocking=True)
+        self.tables[:b, :width].copy_(self.host_tables[:b, :width], non_blocking=True)
+        self.lens[:b].copy_(self.rows[3, :b])
+        if not self.graphs_on:
+            return self._forward(b)[:n]
+        if b not in self.graphs:
+            self.graphs[b] = self._capture(b)
+        graph, logits = self.graphs[b]
+        graph.replay()
+        return logits[:n].clone()  # the next replay overwrites the static output
+
+    def _stage(self, tokens: list[int], positions: list[int], tables: list[list[int]], b: int) -> int:
+        """Fill the pinned host buffers for bucket b; returns the block-table width in use."""
+        n, bs = len(tokens), self.block_size
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)]
+        trash = self.trash_block * bs
+        pad = b - n
+        self.host_rows[:, :b] = torch.tensor([tokens + [0] * pad, positions + [0] * pad, slots + [trash] * pad,
+                                              [p + 1 for p in positions] + [1] * pad], dtype=torch.int64)
+        width = max(len(t) for t in tables)
+        self.host_tables[:b, :width] = torch.tensor([t + [self.trash_block] * (width - len(t)) for t in tables]
+                                                    + [[self.trash_block] * width] * pad, dtype=torch.int32)
+        return width
+
+    def _forward(self, b: int) -> torch.Tensor:
+        ctx = DecodeContext(self.rows[1, :b], self.rows[2, :b], self.tables[:b], self.lens[:b], self.block_size)
+        return self.backbone(self.rows[0, :b], ctx, self.dispatch, self.pools)  # [b, V] float32
+
+    def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up (Triton compiles, allocator settles) on a side stream, then capture. The static inputs already
+        hold this step's data, so the warm-up's KV writes are the ones the replay repeats."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(b)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(b)
+        return graph, logits

@@ -1,0 +1,122 @@
+"""Shared-memory expert data plane between a router and one expert shard process on the same host (CPU).
+
+The region is one file under /dev/shm, mapped by both processes (torch.from_file, MAP_SHARED), holding:
+
+    header  [8] int64      header[0]: the shard's heartbeat counter (a shard thread bumps it every HEARTBEAT_S)
+    hidden  [Tmax, H]      dtype   router -> shard, rows 0..T-1 of the current layer
+    ids     [Tmax, K]      int32   router -> shard, global expert ids (-1: unused slot)
+    weights [Tmax, K]      float32 router -> shard
+    output  [Tmax, H]      dtype   shard -> router, partial sum over the shard's hosted selected experts
+
+Signalling is a UNIX SOCK_SEQPACKET connection carrying one MESSAGE struct per layer each way: the router sends
+(seq, layer, T, 0) after writing the inputs (on a step's first layer followed by the step's W3C trace context as
+"key=value" lines), the shard replies (seq, layer, T, status) after writing the output; status != 0 is followed by a
+UTF-8 error text in the same packet. Blocking recv on both sides: nobody spins, and a
+process that dies closes its end (EOF at once). Invariant: the shard handles one message at a time, in order, so a
+reply with the router's latest seq means the output rows are that request's (stale replies are skipped by seq).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+MESSAGE = struct.Struct("<QIIi")  # seq, layer, tokens, status (0 ok)
+HEADER_WORDS = 8
+HEARTBEAT_S = 0.1
+SHM_DIR = Path("/dev/shm")
+_ALIGN = 64
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of the buffers; both sides compute the same offsets from them."""
+
+    max_tokens: int
+    hidden_size: int
+    top_k: int
+    dtype: str
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        for name in ("max_tokens", "hidden_size", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)!r} must be >= 1")
+
+    def offsets(self) -> tuple[int, int, int, int, int]:
+        """(hidden, ids, weights, output, total) byte offsets."""
+        esize = DTYPES[self.dtype].itemsize
+        rows_h, rows_k = self.max_tokens * self.hidden_size * esize, self.max_tokens * self.top_k * 4
+        hidden = _aligned(HEADER_WORDS * 8)
+        ids = hidden + _aligned(rows_h)
+        weights = ids + _aligned(rows_k)
+        output = weights + _aligned(rows_k)
+        return hidden, ids, weights, output, output + _aligned(rows_h)
+
+
+class Region:
+    """The mapped buffers (views into one shared uint8 mapping); unmapped when the last view is dropped."""
+
+    def __init__(self, path: str | Path, layout: Layout, *, create: bool) -> None:
+        self.path, self.layout = Path(path), layout
+        o_hidden, o_ids, o_weights, o_out, total = layout.offsets()
+        if create:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, total)
+            finally:
+                os.close(fd)
+        elif self.path.stat().st_size < total:
+            raise ValueError(f"{self.path} holds {self.path.stat().st_size} bytes, the layout needs {total}")
+        raw = torch.from_file(str(self.path), shared=True, size=total, dtype=torch.uint8)
+        t, h, k, dtype = layout.max_tokens, layout.hidden_size, layout.top_k, DTYPES[layout.dtype]
+        self.header = raw[:HEADER_WORDS * 8].view(torch.int64)  # [8]
+        self.hidden = raw[o_hidden:o_hidden + t * h * dtype.itemsize].view(dtype).view(t, h)  # [Tmax, H]
+        self.ids = raw[o_ids:o_ids + t * k * 4].view(torch.int32).view(t, k)  # [Tmax, K]
+        self.weights = raw[o_weights:o_weights + t * k * 4].view(torch.float32).view(t, k)  # [Tmax, K]
+        self.output = raw[o_out:o_out + t * h * dtype.itemsize].view(dtype).view(t, h)  # [Tmax, H]
+
+    def unlink(self) -> None:
+        """Removes the file; the mappings stay valid until dropped (done once both sides mapped it)."""
+        self.path.unlink(missing_ok=True)
+
+
+def socket_address(name: str) -> str | bytes:
+    """"@name" -> the Linux abstract socket b"\\0name" (no file to clean up); anything else is a filesystem path."""
+    return b"\0" + name[1:].encode() if name.startswith("@") else name
+
+
+def host_id() -> str:
+    """Hostname and kernel boot id: two processes that agree share /dev/shm and abstract UNIX sockets (unless in
+    different network namespaces, which the Attach connect then reports)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "?"
+    return f"{socket.gethostname()}/{boot}"
+
+
+def send_message(sock: socket.socket, seq: int, layer: int, tokens: int, status: int = 0, text: str = "") -> None:
+    sock.sendall(MESSAGE.pack(seq, layer, tokens, status) + text.encode()[:4000])
+
+
+def recv_message(sock: socket.socket) -> tuple[int, int, int, int, str] | None:
+    """(seq, layer, tokens, status, text), or None on EOF (the peer closed or died)."""
+    data = sock.recv(MESSAGE.size + 4096)
+    if not data:
+        return None
+    if len(data) < MESSAGE.size:
+        raise ConnectionError(f"short shm signal packet ({len(data)} bytes)")
+    seq, layer, tokens, status = MESSAGE.unpack_from(data)
+    return seq, layer, tokens, status, data[MESSAGE.size:].decode(errors="replace")

@@ -1,0 +1,156 @@
+"""The shard side of the shared-memory data plane (moemesh/serving/shm_region.py): one attachment per router.
+
+Attach maps the router's region, connects to its signalling socket and starts two threads (not the asyncio loop:
+torch compute would block it): `serve` waits in a blocking recv for (seq, layer, T), runs ExpertShard.forward on the
+region's rows 0..T-1, writes the output in place and replies; `beat` bumps the heartbeat word so the router can tell
+a long step (beats go on) from a stalled process (beats stop). An attachment lives until its socket closes (the
+router closed it, re-attached with a bigger region, or died) or the shard stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from moemesh.serving import shm_region
+from moemesh.serving.telemetry import tracer
+from services.expert import metrics
+from services.expert.shard import ExpertShard
+from services.expert.step_spans import CallStats, StepSpans
+
+log = logging.getLogger("services.expert.shm")
+
+
+@dataclass(frozen=True)
+class AttachSpec:
+    """What the router asks for (mirrors moemesh.v1.AttachRequest)."""
+
+    shm_path: str
+    max_tokens: int
+    hidden_size: int
+    top_k: int
+    dtype: str
+    socket_path: str
+    host_id: str
+
+
+class Attachment:
+    def __init__(self, shard: ExpertShard, region: shm_region.Region, sock: socket.socket, name: str) -> None:
+        self._shard, self._region, self._sock, self.name = shard, region, sock, name
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._serve, name=f"shm-serve-{name}", daemon=True),
+                         threading.Thread(target=self._beat, name=f"shm-beat-{name}", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return not self._stop.is_set()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(shm_region.HEARTBEAT_S):
+            self._region.header[0] += 1
+
+    def _receive(self, spans: StepSpans) -> tuple | None:
+        """The next message; while a step span is open, wakes every idle_s to end it once the router is idle."""
+        while True:
+            self._sock.settimeout(spans.idle_s if spans.open_count else None)
+            try:
+                return shm_region.recv_message(self._sock)
+            except TimeoutError:
+                spans.sweep()
+
+    def _serve(self) -> None:
+        region, spans, metadata = self._region, StepSpans(tracer("moemesh.expert")), {}
+        try:
+            with torch.inference_mode():
+                while not self._stop.is_set():
+                    message = self._receive(spans)
+                    if message is None:
+                        break  # the router closed the link (or died)
+                    seq, layer, tokens, _, headers = message
+                    if headers:  # first call of a router step: its trace context (see ShmDispatch.submit)
+                        metadata = dict(line.split("=", 1) for line in headers.splitlines() if "=" in line)
+                    status, text, start, start_ns = 0, "", time.perf_counter(), time.time_ns()
+                    try:
+                        out = self._shard.forward(layer, region.hidden[:tokens], region.ids[:tokens],
+                                                  region.weights[:tokens])  # [T, H]
+                        region.output[:tokens].copy_(out)
+                    except Exception as exc:  # reported to the router, which fails the step
+                        status, text = 1, f"{type(exc).__name__}: {exc}"
+                    compute = time.perf_counter() - start
+                    metrics.observe_forward(layer, tokens, 0, 0, compute, status == 0)
+                    shm_region.send_message(self._sock, seq, layer, tokens, status, text)
+                    spans.record(f"shm:{self.name}", metadata, CallStats(
+                        layer=layer, tokens=tokens, bytes_received=0, bytes_sent=0, compute_seconds=compute,
+                        start_ns=start_ns, end_ns=time.time_ns(), error=text or None))
+        except OSError as exc:
+            log.info("shm link %s closed: %s", self.name, exc)
+        finally:
+            spans.close()
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the serving thread's recv
+        except OSError:
+            pass
+        self._sock.close()
+
+
+class ShmServer:
+    """The shard's attachments; attach() is called from the Attach RPC (off the event loop: connect blocks)."""
+
+    def __init__(self, shard: ExpertShard, dtype: str) -> None:
+        self._shard, self._dtype = shard, dtype
+        self._attachments: list[Attachment] = []
+        self._count = 0
+
+    def refusal(self, spec: AttachSpec) -> str | None:
+        """Why this shard cannot serve the request over shared memory, or None."""
+        here = shm_region.host_id()
+        if spec.host_id != here:
+            return f"the router runs on host {spec.host_id!r}, this shard on {here!r}"
+        if spec.dtype != self._dtype:
+            return f"dtype {spec.dtype!r} is not this shard's compute dtype {self._dtype!r}"
+        if spec.hidden_size != self._shard.hidden_size:
+            return f"hidden_size {spec.hidden_size} is not this shard's model's {self._shard.hidden_size}"
+        if spec.top_k < 1 or spec.max_tokens < 1:
+            return f"top_k {spec.top_k} and max_tokens {spec.max_tokens} must be >= 1"
+        return None
+
+    def attach(self, spec: AttachSpec) -> str | None:
+        """Maps and connects; returns None when attached, else the reason."""
+        reason = self.refusal(spec)
+        if reason is not None:
+            return reason
+        layout = shm_region.Layout(spec.max_tokens, spec.hidden_size, spec.top_k, spec.dtype)
+        try:
+            region = shm_region.Region(spec.shm_path, layout, create=False)
+        except (OSError, ValueError, RuntimeError) as exc:
+            return f"cannot map {spec.shm_path}: {exc}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.settimeout(5.0)
+        try:
+            sock.connect(shm_region.socket_address(spec.socket_path))
+        except OSError as exc:
+            sock.close()
+            return f"cannot connect to the router's socket {spec.socket_path}: {exc}"
+        sock.settimeout(None)  # the serving thread blocks in recv
+        self._count += 1
+        self._attachments = [a for a in self._attachments if a.alive]
+        self._attachments.append(Attachment(self._shard, region, sock, f"{self._count}"))
+        log.info("shm attached: %s, %d tokens x H %d x K %d %s", spec.shm_path, spec.max_tokens, spec.hidden_size,
+                 spec.top_k, spec.dtype)
+        return None
+
+    def close(self) -> None:
+        for attachment in self._attachments:
+            attachment.close()
+        self._attachments.clear()

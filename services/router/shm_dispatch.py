@@ -1,0 +1,193 @@
+"""ShmDispatch: RemoteDispatch whose shards on this host take the shared-memory data plane (services/router/shm_link.py).
+
+Transport per shard, chosen at start-up and shown in Router.Info / the log: "shm" for a shard on this host that
+accepted Attach, "grpc" for the others (another host, Attach refused, or EXPERT_TRANSPORT=grpc), "shm-down" while a
+shared-memory shard is lost. Per layer, submit writes every token of the layer into each shm shard's region (the shard
+masks the experts it does not host; with dense routing every shard needs every token anyway) and signals all of them
+before returning; collect waits for every reply and sums the partial outputs in float32. gRPC shards keep the
+Forward path of RemoteDispatch in the same layer. A lost shard fails the step (ExpertCallError, UNAVAILABLE);
+begin_step re-attaches it, at most once per retry_s, once it answers again with the same placement.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Sequence
+
+import grpc
+import torch
+
+from services.router.dispatch import RemoteDispatch
+from services.router.expert_client import ExpertCallError, GrpcShardClient
+from services.router.placement import Placement
+from services.router.shm_link import AttachRefused, ShmLink
+from services.router.step_trace import current_step
+
+log = logging.getLogger("services.router.shm")
+MIN_TOKENS = 256  # the first region's rows; it grows to the next power of two when a step needs more
+
+
+def is_local(address: str) -> bool:
+    """The host of `address` is this machine: loopback, this hostname, or an address a socket can bind here."""
+    if address.startswith("unix:"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host in ("localhost", socket.gethostname(), socket.getfqdn()):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if ip.is_loopback:
+        return True
+    with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError:
+            return False
+    return True
+
+
+def _bucket(tokens: int) -> int:
+    return max(MIN_TOKENS, 1 << (max(tokens, 1) - 1).bit_length())
+
+
+class ShmDispatch(RemoteDispatch):
+    def __init__(self, clients: Sequence[GrpcShardClient], placement: Placement, num_experts: int,
+                 links: list[ShmLink | None], *, retry_s: float = 0.5) -> None:
+        super().__init__(clients, placement, num_experts)
+        self._links, self.retry_s = list(links), retry_s
+        self._retry_at = [0.0] * len(links)
+        self._seq = 0
+        self._traced: tuple[object, set[int]] = (None, set())  # (step trace, shards already sent its context)
+
+    @classmethod
+    def start(cls, clients: Sequence[GrpcShardClient], placement: Placement, num_experts: int, *, mode: str,
+              hidden_size: int, top_k: int, stall_timeout: float, call_timeout: float) -> ShmDispatch:
+        """mode "auto": shm for shards on this host that accept Attach, gRPC otherwise; "shm": every shard must
+        attach (ConnectionError naming the shard and why not); "grpc": no shared memory."""
+        links: list[ShmLink | None] = []
+        for client in clients:
+            link = None
+            if mode != "grpc" and (mode == "shm" or is_local(client.address)):
+                link = ShmLink(client, hidden_size=hidden_size, top_k=top_k, dtype=client.info.dtype,
+                               stall_timeout=stall_timeout, call_timeout=call_timeout)
+                try:
+                    link.attach(MIN_TOKENS)
+                except (AttachRefused, ExpertCallError, OSError, ValueError) as exc:
+                    if mode == "shm":
+                        raise ConnectionError(f"expert shard {client.address}: shared memory refused: {exc}") from None
+                    log.warning("expert shard %s: shared memory not used (%s); transport grpc", client.address, exc)
+                    link = None
+            elif mode != "grpc":
+                log.info("expert shard %s is not on this host; transport grpc", client.address)
+            links.append(link)
+        dispatch = cls(clients, placement, num_experts, links)
+        for client, transport in zip(clients, dispatch.transports()):
+            log.info("expert shard %s: transport %s", client.address, transport)
+        return dispatch
+
+    def transports(self) -> list[str]:
+        """Per shard, in placement order: "shm", "shm-down" or "grpc"."""
+        return ["grpc" if link is None else "shm" if link.attached else "shm-down" for link in self._links]
+
+    def begin_step(self, tokens: int) -> None:
+        for i, link in enumerate(self._links):
+            if link is not None and (not link.attached or tokens > link.max_tokens):
+                self._reattach(i, link, tokens)
+
+    def _reattach(self, i: int, link: ShmLink, tokens: int) -> None:
+        grow, now = link.attached, time.monotonic()
+        if not grow and now < self._retry_at[i]:
+            raise ExpertCallError(link.address, -1, grpc.StatusCode.UNAVAILABLE,
+                                  f"shm link down; next re-attach in {self._retry_at[i] - now:.1f} s")
+        try:
+            if not grow:
+                self._check_same_shard(i, link)
+            link.attach(_bucket(max(tokens, link.max_tokens)))
+        except AttachRefused as exc:
+            log.warning("expert shard %s refused shared memory (%s); transport grpc", link.address, exc)
+            self._links[i] = None
+            return
+        except (ExpertCallError, OSError) as exc:
+            self._retry_at[i] = now + self.retry_s
+            if isinstance(exc, ExpertCallError):
+                raise
+            raise ExpertCallError(link.address, -1, grpc.StatusCode.UNAVAILABLE, f"shm attach: {exc}") from None
+        log.info("expert shard %s: shm %s (%d tokens)", link.address, "grown" if grow else "re-attached",
+                 link.max_tokens)
+
+    def _check_same_shard(self, i: int, link: ShmLink) -> None:
+        """A shard that came back must host what the placement says (else the sums would be wrong)."""
+        try:
+            info = link.client.info_now(timeout=1.0)
+        except grpc.RpcError as exc:
+            raise ExpertCallError(link.address, -1, exc.code(), f"Info: {exc.details()}") from None
+        want = self.placement.shards[i]
+        if tuple(info.layers) != tuple(want.layers) or tuple(info.experts) != tuple(want.experts):
+            raise ExpertCallError(link.address, -1, grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"came back hosting experts {list(info.experts)} of layers {list(info.layers)}, "
+                                  f"the placement says experts {list(want.experts)} of layers {list(want.layers)}")
+
+    def submit(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> tuple:
+        # hidden [T, H]; topk_ids [T, K] int64 (-1 unused); topk_weights [T, K] float32.
+        step, self._seq = current_step(), self._seq + 1
+        started, calls, errors = [], [], []
+        for i in self._shards_of(layer):
+            link = self._links[i]
+            if link is None:
+                call = self._grpc_submit(i, layer, hidden, topk_ids, topk_weights, step)
+                if call is not None:
+                    calls.append(call)
+            elif not link.attached:
+                errors.append(ExpertCallError(link.address, layer, grpc.StatusCode.UNAVAILABLE, "shm link down"))
+            else:
+                try:
+                    link.start(self._seq, layer, hidden, topk_ids, topk_weights, self._trace_context(i, layer, step))
+                    started.append(i)
+                except ExpertCallError as exc:
+                    errors.append(exc)
+        return layer, hidden, self._seq, started, calls, errors, step, time.perf_counter()
+
+    def _trace_context(self, i: int, layer: int, step) -> str:
+        """The step's W3C context for shard i ("k=v" lines), on its first call of the step only: the shard joins
+        its "expert.step" span to the trace (as over gRPC) at no per-layer cost."""
+        if step is None:
+            return ""
+        if self._traced[0] is not step:
+            self._traced = (step, set())
+        if i in self._traced[1]:
+            return ""
+        self._traced[1].add(i)
+        return "\n".join(f"{k}={v}" for k, v in step.headers(i, self._clients[i].address, layer).items())
+
+    def collect(self, handle: tuple) -> torch.Tensor:
+        layer, hidden, seq, started, calls, errors, step, t0 = handle
+        tokens = hidden.shape[0]
+        out: torch.Tensor | None = None  # [T, H] float32 accumulator
+        for i in started:  # every started shard is waited for, also after an error, so none is left mid-request
+            try:
+                part = self._links[i].wait(seq, layer, tokens)  # [T, H] view into shared memory
+            except ExpertCallError as exc:
+                errors.append(exc)
+                continue
+            out = part.to(torch.float32, copy=True) if out is None else out.add_(part)
+            if step is not None:
+                step.count(i, self._clients[i].address, layer, tokens, time.perf_counter() - t0)
+        if calls:
+            out = torch.zeros(hidden.shape, dtype=torch.float32) if out is None else out
+            for call in calls:
+                self._grpc_collect(call, layer, out, step)
+        if errors:
+            raise errors[0]
+        if out is None:
+            out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        return out.to(hidden.dtype)
+
+    def close(self) -> None:
+        for link in self._links:
+            if link is not None:
+                link.close()

@@ -1,0 +1,73 @@
+"""HTTP streams through the edge (`moemesh up --edge`) that a death or a stop cuts still end as SSE should: an error
+event, then `data: [DONE]` (issue 12). The stop runs last: it ends this module's mesh."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import httpx2
+import pytest
+
+from mesh_harness import RunningMesh
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+MESH_UP_ARGS = ["--edge", "--edge-port", "0"]
+
+
+def _cut_stream(mesh: RunningMesh, cut) -> list[str]:
+    """The SSE data lines of a long streamed chat over HTTPS; `cut()` runs once its first content arrived."""
+    status = json.loads(mesh.status_path.read_text())
+    body = {"model": status["model"], "stream": True, "max_tokens": 1000,
+            "messages": [{"role": "user", "content": "Tell me a very long story"}]}
+    data: list[str] = []
+    with httpx2.Client(verify=status["ca_cert"], timeout=120) as client:
+        with client.stream("POST", f"{status['edge_https']}/v1/chat/completions", json=body,
+                           headers={"authorization": f"Bearer {status['api_key']}"}) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    data.append(line.removeprefix("data: "))
+                    if len(data) == 3:  # role chunk, then content
+                        cut()
+    return data
+
+
+def _assert_error_then_done(data: list[str]) -> dict:
+    assert data[-1] == "[DONE]", data[-3:]
+    error = json.loads(data[-2])["error"]
+    assert error["code"] == "UNAVAILABLE" and "retry the request" in error["message"], error
+    return error
+
+
+def test_a_batcher_death_ends_the_http_stream_with_an_error_event_and_done(mesh: RunningMesh) -> None:
+    batcher = json.loads(mesh.status_path.read_text())["services"]["batcher"]["pid"]
+    data = _cut_stream(mesh, lambda: os.kill(batcher, signal.SIGKILL))
+    _assert_error_then_done(data)
+
+
+def test_a_stop_ends_the_http_stream_with_an_error_event_and_done(mesh: RunningMesh) -> None:
+    _wait_serving(mesh)  # the batcher killed above is back
+    stopped: list[float] = []
+
+    def stop() -> None:
+        stopped.append(time.monotonic())
+        mesh.proc.send_signal(signal.SIGTERM)
+
+    data = _cut_stream(mesh, stop)
+    error = _assert_error_then_done(data)
+    assert "shutting down" in error["message"]
+    assert mesh.proc.wait(timeout=20) == 0 and time.monotonic() - stopped[0] < 11
+
+
+def _wait_serving(mesh: RunningMesh, timeout: float = 60.0) -> None:
+    status = json.loads(mesh.status_path.read_text())
+    body = {"model": status["model"], "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    deadline = time.monotonic() + timeout
+    with httpx2.Client(verify=status["ca_cert"], timeout=30) as client:
+        while client.post(f"{status['edge_https']}/v1/chat/completions", json=body,
+                          headers={"authorization": f"Bearer {status['api_key']}"}).status_code != 200:
+            assert time.monotonic() < deadline, "the mesh did not serve again"
+            time.sleep(0.5)

@@ -1,0 +1,195 @@
+"""GPU path (moemesh/runtime/gpu): fused MoE against ExpertBank's torch path, paged decode attention against SDPA,
+decode steps in CUDA graphs against the eager engine. Needs CUDA and Triton: run on the H200."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moemesh.runtime.dispatch import LocalDispatch
+from moemesh.runtime.engine import Engine
+from moemesh.runtime.experts import ExpertBank
+from moemesh.runtime.gpu import kernels_usable
+from moemesh.runtime.types import SeqWork
+
+cuda = pytest.mark.skipif(bool(kernels_usable(torch.device("cuda"), torch.bfloat16)),
+                          reason=f"needs CUDA with Triton: {kernels_usable(torch.device('cuda'), torch.bfloat16)}")
+BF16 = torch.bfloat16
+
+
+def _qwen3_config(tmp_path, experts=16, top_k=4, layers=2):
+    config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 1000,
+              "hidden_size": 256, "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 2,
+              "head_dim": 64, "intermediate_size": 512, "moe_intermediate_size": 128, "num_experts": experts,
+              "num_experts_per_tok": top_k, "norm_topk_prob": True, "rms_norm_eps": 1e-6,
+              "max_position_embeddings": 4096, "tie_word_embeddings": False, "eos_token_id": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _routing(t, e, k, device="cuda"):
+    logits = torch.randn(t, e, device=device)
+    weights, ids = logits.softmax(-1).topk(k, dim=-1)
+    return ids, weights / weights.sum(-1, keepdim=True)
+
+
+def test_cpu_engine_says_why_there_are_no_graphs(tmp_path):
+    engine = Engine.load(_qwen3_config(tmp_path), load_format="dummy", kv_blocks=4, block_size=4)
+    assert engine.info.cuda_graphs == "off: device cpu is not CUDA"
+    assert engine.decode is None and engine.dispatch.bank.fused_off == "device cpu is not CUDA"
+
+
+@cuda
+@pytest.mark.parametrize("experts", [None, (0, 2, 3, 5, 8, 9, 10, 15)])  # the whole bank, or one shard
+def test_fused_moe_matches_the_torch_path(tmp_path, experts):
+    bank = ExpertBank.load(_qwen3_config(tmp_path), experts=experts, device="cuda", dtype=BF16, load_format="dummy")
+    assert bank.fused_off == ""
+    for t in (1, 7, 64, 300, 1100):  # GEMV (<= 32 pairs), one-launch align, sorted align (> 4096 pairs)
+        hidden = torch.randn(t, 256, device="cuda", dtype=BF16)
+        ids, weights = _routing(t, 16, 4)
+        ids[0, -1] = -1  # an unused slot
+        got = bank.forward(1, hidden, ids, weights)
+        bank.fused_off = "reference"
+        want = bank.forward(1, hidden, ids, weights)
+        bank.fused_off = ""
+        assert got.dtype == BF16 and _rel(got, want) < 2e-2, (t, _rel(got, want))
+
+
+@cuda
+@pytest.mark.parametrize("tokens", [8, 20])  # the GEMV path and the aligned GEMM path
+def test_fused_moe_replays_in_a_cuda_graph_with_new_routing(tmp_path, tokens):
+    bank = ExpertBank.load(_qwen3_config(tmp_path), device="cuda", dtype=BF16, load_format="dummy")
+    hidden = torch.randn(tokens, 256, device="cuda", dtype=BF16)
+    ids, weights = _routing(tokens, 16, 4)
+    bank.forward(0, hidden, ids, weights)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = bank.forward(0, hidden, ids, weights)
+    new_ids, new_weights = _routing(tokens, 16, 4)
+    hidden.normal_()
+    ids.copy_(new_ids)
+    weights.copy_(new_weights)
+    graph.replay()
+    assert _rel(out, bank.forward(0, hidden, ids, weights)) < 1e-3
+
+
+@cuda
+def test_paged_decode_attention_matches_sdpa():
+    from moemesh.runtime.gpu.paged_attention import paged_decode_attention
+
+    hq, hkv, d, bs, lens = 32, 4, 128, 16, [1, 17, 130, 64]
+    pool_k = torch.randn(64 * bs, hkv, d, device="cuda", dtype=BF16)
+    pool_v = torch.randn_like(pool_k)
+    order = torch.randperm(64).tolist()
+    tables = torch.zeros(len(lens), 16, dtype=torch.int32, device="cuda")
+    q = torch.randn(len(lens), hq, d, device="cuda", dtype=BF16)
+    used = 0
+    for b, n in enumerate(lens):
+        blocks = order[used:used + -(-n // bs)]
+        used += len(blocks)
+        tables[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    got = paged_decode_attention(q, pool_k, pool_v, tables, torch.tensor(lens, dtype=torch.int32, device="cuda"),
+                                 d**-0.5, bs)
+    for b, n in enumerate(lens):
+        slots = torch.tensor([int(tables[b, j // bs]) * bs + j % bs for j in range(n)], device="cuda")
+        want = F.scaled_dot_product_attention(q[b, :, None].unsqueeze(0), pool_k[slots].transpose(0, 1)[None],
+                                              pool_v[slots].transpose(0, 1)[None], enable_gqa=True)[0, :, 0]
+        assert _rel(got[b], want) < 1e-2, (b, n)
+
+
+def _decode_logits(engine, prompts, steps):
+    """Teacher-forced: prefill, then `steps` decode steps feeding token 7 + step; logits of every step."""
+    works = [SeqWork(f"s{i}", p, 0) for i, p in enumerate(prompts)]
+    out = [engine.step_with_logits(works)[1]]
+    pos = [len(p) for p in prompts]
+    for step in range(steps):
+        works = [SeqWork(f"s{i}", [7 + step + i], pos[i]) for i in range(len(prompts))]
+        out.append(engine.step_with_logits(works)[1])
+        pos = [p + 1 for p in pos]
+    return out
+
+
+@cuda
+@pytest.mark.parametrize("batch", [1, 5])  # 5: padded to the bucket of 8
+def test_decode_graphs_match_the_eager_engine(tmp_path, batch):
+    path = _qwen3_config(tmp_path)
+    kw = dict(load_format="dummy", device="cuda", dtype=BF16, kv_blocks=64, block_size=16)
+    graphs, eager, reference = (Engine.load(path, **kw), Engine.load(path, cuda_graphs=False, **kw),
+                                Engine.load(path, **kw))
+    reference.decode = None  # the pre-GPU path: gathered context + SDPA, torch experts and ops
+    reference.dispatch.bank.fused_off = "reference"
+    reference.backbone.set_fast(False)
+    assert graphs.info.cuda_graphs.startswith("on") and eager.info.cuda_graphs.startswith("off: disabled")
+    prompts = [[3 + i] * (5 + 9 * i) for i in range(batch)]
+    want = _decode_logits(reference, prompts, 20)  # crosses a KV block boundary
+    for engine in (graphs, eager):
+        got = _decode_logits(engine, prompts, 20)
+        assert all(_rel(g, w) < 3e-2 for g, w in zip(got, want)), [_rel(g, w) for g, w in zip(got, want)]
+    assert len(graphs.decode.graphs) == 1
+
+
+@cuda
+def test_a_dispatch_that_cannot_be_captured_runs_eagerly(tmp_path):
+    path = _qwen3_config(tmp_path)
+    bank = ExpertBank.load(path, device="cuda", dtype=BF16, load_format="dummy")
+
+    class Remote(LocalDispatch):  # stands in for a transport with host round trips
+        capturable = False
+
+    dispatch = Remote(bank)
+    dispatch.capturable = False
+    engine = Engine.load(path, dispatch=dispatch, load_format="dummy", device="cuda", dtype=BF16, kv_blocks=8)
+    assert engine.info.cuda_graphs == "off: dispatch Remote cannot be captured (decode runs eagerly)"
+    assert engine.decode is not None and not engine.decode.graphs_on
+
+
+@cuda
+def test_one_launch_alignment_groups_the_same_pairs_as_the_torch_one():
+    from moemesh.runtime.gpu.moe_align import align, align_small
+
+    for t, k, e, block_m in ((1, 8, 128, 16), (64, 8, 128, 16), (128, 8, 128, 64), (7, 2, 6, 32)):
+        ids = _routing(t, e, k)[0]
+        ids[0, -1] = -1
+        want, got = align(ids, e, block_m), align_small(ids, e, block_m)
+        assert torch.equal(want.block_expert, got.block_expert) and torch.equal(want.rows_used, got.rows_used)
+        for b in range(want.block_expert.numel()):  # rows within a block may come in any order
+            rows = slice(b * block_m, (b + 1) * block_m)
+            assert torch.equal(want.sorted_ids[rows].sort().values, got.sorted_ids[rows].sort().values), (t, b)
+
+
+@cuda
+def test_fused_ops_match_their_torch_references():
+    from moemesh.runtime.gpu.fused_ops import add_rms_norm, norm_rope_, route_softmax
+    from moemesh.runtime.layers import RMSNorm
+    from moemesh.runtime.rope import Rotary
+    from moemesh.runtime.spec import RopeSpec
+
+    x, d = (torch.randn(33, 2048, device="cuda", dtype=BF16) for _ in range(2))
+    w = torch.rand(2048, device="cuda", dtype=BF16) + 0.5
+    summed, h = add_rms_norm(x, d, w, 1e-6)
+    assert torch.equal(summed, x + d) and _rel(h, RMSNorm(w, 1e-6)(x + d)) < 1e-2
+    t, hq, hk, dim = 9, 32, 4, 128
+    qkv = torch.randn(t, (hq + 2 * hk) * dim, device="cuda", dtype=BF16)
+    qw, kw = (torch.rand(dim, device="cuda", dtype=BF16) + 0.5 for _ in range(2))
+    rotary = Rotary(RopeSpec(1e6, dim, False, 40960), "cuda")
+    cos, sin = rotary.table(torch.arange(100, 100 + t, device="cuda"), BF16)
+    q = rotary.apply(RMSNorm(qw, 1e-6)(qkv[:, :hq * dim].view(t, hq, dim)), cos, sin)
+    k = rotary.apply(RMSNorm(kw, 1e-6)(qkv[:, hq * dim:(hq + hk) * dim].view(t, hk, dim)), cos, sin)
+    v = qkv[:, (hq + hk) * dim:].clone()
+    norm_rope_(qkv, hq, hk, dim, qw, kw, 1e-6, cos.view(t, dim), sin.view(t, dim))
+    assert _rel(qkv[:, :hq * dim], q.reshape(t, -1)) < 1e-2 and _rel(qkv[:, hq * dim:(hq + hk) * dim],
+                                                                     k.reshape(t, -1)) < 1e-2
+    assert torch.equal(qkv[:, (hq + hk) * dim:], v)
+    logits = torch.randn(50, 128, device="cuda")
+    ids, weights = route_softmax(logits, 8, True, 1.0)
+    probs = logits.softmax(-1)
+    want_w, want_ids = probs.topk(8, dim=-1)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_w / want_w.sum(-1, keepdim=True))
