@@ -4,9 +4,22 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 PROTOS  := $(wildcard protos/moemesh/v1/*.proto)
 
-.PHONY: install protos test run clean certs
+.PHONY: install system-deps protos test run clean certs
 
-install: $(BIN)/moemesh
+install: system-deps $(BIN)/moemesh
+
+# Prometheus (with promtool) and Chromium for the monitoring tests (tests/e2e/test_monitoring_e2e.py,
+# tests/dashboard/), from Debian's packages; nothing to do when the binaries are there. Without root or apt-get it
+# says what is missing and those tests fail with the same reason.
+MON_BINS := prometheus promtool chromium
+system-deps:
+	@missing=""; for b in $(MON_BINS); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing prometheus chromium (missing:$$missing)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus chromium >/dev/null; \
+	else echo "make install: missing$$missing; install the Debian packages prometheus and chromium as root"; fi
 
 $(BIN)/moemesh: pyproject.toml
 	$(PY) -m venv $(VENV)

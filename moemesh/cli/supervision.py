@@ -159,7 +159,9 @@ def add_arguments(p) -> None:
 
 
 def policy_from(ns) -> RestartPolicy:
-    return RestartPolicy(max_restarts=ns.max_restarts, window_s=ns.restart_window * 60)
+    """A restart may load (even convert) the model again: it gets up's --start-timeout too."""
+    return RestartPolicy(max_restarts=ns.max_restarts, window_s=ns.restart_window * 60,
+                         start_timeout_s=ns.start_timeout)
 
 
 def _ready_file(child: Child) -> Path | None:

@@ -6,6 +6,8 @@ prints the endpoints; writes the status file (default MOEMESH_HOME/run/status.js
 and metrics port, the gateway address under `gateway`, and the dev API key. Ctrl-C or SIGTERM stops everything
 within 10 s: the gateway first (it drains client streams), then the rest; SIGKILL for anything left. Children die
 with the supervisor even if it is SIGKILLed (PR_SET_PDEATHSIG). Logs: MOEMESH_HOME/logs/<service>.log.
+A service that dies or stalls later is restarted on its port (moemesh/cli/supervision.py: --max-restarts,
+--restart-window).
 
 Auth is on: metering makes sure the dev tenant "default" exists (MOEMESH_METERING_DEV_TENANT) and its key lands in the
 status file as `api_key`, where `moemesh chat` finds it. `--no-auth` runs the gateway without metering checks (tenant

@@ -47,15 +47,17 @@ def health(old: Snapshot, new: Snapshot) -> dict:
 
 def usage_rates(old: Snapshot, new: Snapshot) -> dict:
     """Tier 2 and 3 over the window: finish reasons per second, dollars per hour (price and cost of goods), router
-    busy fraction, CPU cores per service, routed tokens per second per expert shard."""
+    busy fraction, CPU cores per service, Forward seconds per second per expert shard."""
     return {
         "finish_rate": _named(rate(old, new, f"{M}requests_total", ("finish_reason",))),
         "price_usd_h": 3600 * total(rate(old, new, f"{M}charged_usd_total")),
         "cost_usd_h": 3600 * total(rate(old, new, f"{M}cost_of_goods_usd_total")),
         "router_busy": gauge(new, f"{B}router_busy_fraction"),
         "cpu": _named(rate(old, new, "process_cpu_seconds_total", ("job",))),
+        # Every shard receives every token row (it runs the experts it hosts on them), so the balance shows in the
+        # time each shard's Forward calls take per second of wall time, not in rows.
         "shards": {new.aliases.get(k, k): v
-                   for k, v in _named(rate(old, new, "moemesh_router_expert_tokens_total", ("shard",))).items()},
+                   for k, v in _named(rate(old, new, "moemesh_router_expert_step_seconds_sum", ("shard",))).items()},
         "per_mtok": _per_mtok(old, new),
     }
 

@@ -61,8 +61,8 @@ PANELS = (
     Panel(3, "Router busy and CPU per service", "short", (
         ("router busy", f"max({B}router_busy_fraction)"),
         ("{{service}} CPU cores", "sum by (service) (rate(process_cpu_seconds_total[1m]))"))),
-    Panel(3, "Shard balance: routed tokens per shard", "short", (
-        ("{{shard}}", "sum by (shard) (rate(moemesh_router_expert_tokens_total[1m]))"),)),
+    Panel(3, "Shard balance: Forward time per shard", "percentunit", (
+        ("{{shard}}", "sum by (shard) (rate(moemesh_router_expert_step_seconds_sum[1m]))"),)),
     Panel(3, "Expert heat map (tokens per expert, last 5 min)", "short", (
         ("layer {{layer}} expert {{expert}}", "sum by (layer, expert) (increase(moemesh_expert_tokens_total[5m]))"),),
         "table"),

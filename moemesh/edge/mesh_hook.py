@@ -41,6 +41,11 @@ def start(ns: argparse.Namespace, children: dict, gateway_address: str, run_dir:
     edge = start_envoy(settings, run_dir=run_dir, log_path=home.subdir("logs") / "edge.log")
     children[NAME] = edge.child
     edge.wait_ready(timeout=30.0)
+    if not ns.edge_port:  # port 0: a restart by `moemesh up`'s supervision must come back on the port clients know
+        from dataclasses import replace
+
+        from moemesh.edge.config import write
+        write(replace(settings, listen_port=edge.port), run_dir / "envoy.json")
     say(f"  ok  {NAME:<10} {edge.url:<22} pid {edge.child.pid:<8} (Envoy; OpenAI base URL {edge.url}/v1, "
         f"CA {Path(settings.cert).with_name('ca.pem')})")
     return {"address": edge.url.removeprefix("https://"), "edge_https": edge.url, "admin": edge.admin,

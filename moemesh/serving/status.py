@@ -3,7 +3,10 @@
 
     {"gateway": "127.0.0.1:50051", "api_key": "...", "model": "smollm2-moe", "pid": <supervisor>, "started": <unix>,
      "services": {"gateway": {"name": "gateway", "address": "...", "pid": 123, "metrics_port": 41234,
-                              "log": ".../logs/gateway.log"}, "tokenizer": {...}, ..., "expert-1": {...}}}
+                              "log": ".../logs/gateway.log", "restarts": 0}, "tokenizer": {...}, ...},
+     "supervisor_metrics_port": 41235}
+`restarts` (how often `moemesh up` restarted the service) and `supervisor_metrics_port` (its /metrics, with
+moemesh_up_restarts_total) are added once the mesh is SERVING, and updated after each restart.
 """
 
 from __future__ import annotations

@@ -50,6 +50,11 @@ class ExpertStub:
                 request_serializer=moemesh_dot_v1_dot_expert__pb2.AttachRequest.SerializeToString,
                 response_deserializer=moemesh_dot_v1_dot_expert__pb2.AttachResponse.FromString,
                 _registered_method=True)
+        self.JoinGroup = channel.unary_unary(
+                '/moemesh.v1.Expert/JoinGroup',
+                request_serializer=moemesh_dot_v1_dot_expert__pb2.JoinGroupRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_expert__pb2.JoinGroupResponse.FromString,
+                _registered_method=True)
 
 
 class ExpertServicer:
@@ -83,6 +88,17 @@ class ExpertServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinGroup(self, request, context):
+        """Moves the router's per-layer expert traffic of this shard onto a torch.distributed process group (shards on
+        other hosts or GPUs): the shard joins the group the router (rank 0) forms at the TCP store it names, as the given
+        rank, and answers once the group is formed (ok=true) or could not be (ok=false with the reason: dtype or size
+        mismatch, backend unavailable, rendezvous unreachable). A later JoinGroup (the router re-forms the group after a
+        fault) starts a new membership; the old one ends when its peers close.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +116,11 @@ def add_ExpertServicer_to_server(servicer, server):
                     servicer.Attach,
                     request_deserializer=moemesh_dot_v1_dot_expert__pb2.AttachRequest.FromString,
                     response_serializer=moemesh_dot_v1_dot_expert__pb2.AttachResponse.SerializeToString,
+            ),
+            'JoinGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinGroup,
+                    request_deserializer=moemesh_dot_v1_dot_expert__pb2.JoinGroupRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_expert__pb2.JoinGroupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +205,33 @@ class Expert:
             '/moemesh.v1.Expert/Attach',
             moemesh_dot_v1_dot_expert__pb2.AttachRequest.SerializeToString,
             moemesh_dot_v1_dot_expert__pb2.AttachResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.Expert/JoinGroup',
+            moemesh_dot_v1_dot_expert__pb2.JoinGroupRequest.SerializeToString,
+            moemesh_dot_v1_dot_expert__pb2.JoinGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,8 +54,10 @@ moemesh_expert_tokens_total{{layer="0",expert="0"}} {3 * n}
 moemesh_expert_tokens_total{{layer="0",expert="1"}} {n}
 moemesh_expert_tokens_total{{layer="1",expert="0"}} {2 * n}
 moemesh_expert_tokens_total{{layer="1",expert="1"}} {2 * n}
-# TYPE moemesh_router_expert_tokens counter
-moemesh_router_expert_tokens_total{{shard="127.0.0.1:7001"}} {4 * n}
+# TYPE moemesh_router_expert_step_seconds histogram
+moemesh_router_expert_step_seconds_bucket{{le="+Inf",shard="127.0.0.1:7001"}} {n}
+moemesh_router_expert_step_seconds_sum{{shard="127.0.0.1:7001"}} {0.02 * n}
+moemesh_router_expert_step_seconds_count{{shard="127.0.0.1:7001"}} {n}
 """,
     }
     for job, text in texts.items():

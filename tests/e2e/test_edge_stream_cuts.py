@@ -12,6 +12,7 @@ import httpx2
 import pytest
 
 from mesh_harness import RunningMesh
+from metering_harness import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MESH_UP_ARGS = ["--edge", "--edge-port", "0"]
@@ -46,6 +47,23 @@ def test_a_batcher_death_ends_the_http_stream_with_an_error_event_and_done(mesh:
     batcher = json.loads(mesh.status_path.read_text())["services"]["batcher"]["pid"]
     data = _cut_stream(mesh, lambda: os.kill(batcher, signal.SIGKILL))
     _assert_error_then_done(data)
+
+
+def test_a_killed_edge_comes_back_on_its_port(mesh: RunningMesh) -> None:
+    """--edge-port 0 picked the port at the first start; the restart must reuse it (clients know that URL)."""
+    status = json.loads(mesh.status_path.read_text())
+    os.kill(status["services"]["edge"]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    with httpx2.Client(verify=status["ca_cert"], timeout=5) as client:
+        while True:
+            try:
+                assert client.get(f"{status['edge_https']}/healthz").status_code == 200
+                break
+            except httpx2.TransportError:
+                assert time.monotonic() < deadline, "the edge did not come back on its port"
+                time.sleep(0.3)
+    wait_for(lambda: json.loads(mesh.status_path.read_text())["services"]["edge"]["restarts"] == 1, 10,
+             "the edge's restart in the status file")
 
 
 def test_a_stop_ends_the_http_stream_with_an_error_event_and_done(mesh: RunningMesh) -> None:

@@ -35,7 +35,8 @@ const CHARTS = [
   }],
   ["mtok", "tier3", "Price and cost per million tokens", "$/M tok",
     (p) => ({ price: p.per_mtok.price, "cost of goods": p.per_mtok.cost })],
-  ["shards", "tier3", "Shard balance: routed tokens per shard", "tok/s", (p) => p.shards],
+  ["shards", "tier3", "Shard balance: Forward time per shard", "% of wall time",
+    (p) => Object.fromEntries(Object.entries(p.shards).map(([s, v]) => [s, pct(v)]))],
 ];
 
 class Chart {

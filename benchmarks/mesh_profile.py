@@ -1,0 +1,134 @@
+"""Where a streamed token's CPU goes in the mesh: CPU ms per generated token per process, and the router's gaps.
+
+    python benchmarks/mesh_profile.py [--model smollm2-moe] [--tokens 24] [--py-spy DIR]
+
+Starts `moemesh up` like benchmarks/mesh_decode.py (temporary MOEMESH_HOME, shm transport), then for concurrency 1
+and 8: reads utime+stime of every mesh process (/proc/<pid>/stat, threads included) around the streams, and divides
+by the completion tokens streamed. The router's "router.step" spans (MOEMESH_HOME/traces/router.jsonl) give its busy
+time per step and the idle gap between one step's end and the next one's start (the time the router waits for the
+batcher). With --py-spy DIR, every process is also sampled by `py-spy record` (speedscope files in DIR).
+Writes benchmarks/results/mesh-profile-cpu.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from mesh_decode import mesh_streams, start_mesh, stop_mesh  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14, 15)
+
+
+def router_steps(traces: Path, since_ns: int) -> list[tuple[int, int, int]]:
+    """(start, end, sequences) of every router.step span after since_ns, by start."""
+    flush_wait = time.monotonic() + 2
+    while time.monotonic() < flush_wait:  # the BatchSpanProcessor exports every 200 ms
+        time.sleep(0.5)
+    out = []
+    path = traces / "router.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        span = json.loads(line)
+        if span["name"] == "router.step" and span["start"] >= since_ns:
+            out.append((span["start"], span["end"], span["attributes"].get("moemesh.sequences", 0)))
+    return sorted(out)
+
+
+def gaps(steps: list[tuple[int, int, int]]) -> dict:
+    busy = [(e - s) / 1e6 for s, e, _ in steps]
+    idle = [(steps[i + 1][0] - steps[i][1]) / 1e6 for i in range(len(steps) - 1)]
+    if not busy:
+        return {}
+    return {"steps": len(steps), "step_ms_median": statistics.median(busy),
+            "gap_ms_median": statistics.median(idle) if idle else 0.0,
+            "gap_ms_mean": statistics.mean(idle) if idle else 0.0,
+            "gap_ms_p90": sorted(idle)[int(0.9 * len(idle))] if idle else 0.0}
+
+
+def run_load(gateway: str, pids: dict[str, int], concurrency: int, tokens: int, traces: Path,
+             spy_dir: Path | None) -> dict:
+    spies = []
+    if spy_dir is not None:
+        spy_dir.mkdir(parents=True, exist_ok=True)
+        for name, pid in pids.items():
+            out = spy_dir / f"{name}-c{concurrency}.speedscope.json"
+            spies.append(subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--rate", "50",
+                 "--format", "speedscope", "--nonblocking", "--output", str(out), "--threads"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(1)
+    before = {n: cpu_seconds(p) for n, p in pids.items()}
+    since, start = time.time_ns(), time.perf_counter()
+    per_stream = asyncio.run(mesh_streams(gateway, concurrency, tokens))
+    wall = time.perf_counter() - start
+    after = {n: cpu_seconds(p) for n, p in pids.items()}
+    for spy in spies:
+        spy.send_signal(2)
+    for spy in spies:
+        spy.wait(60)
+    generated = concurrency * tokens + 4  # + the warm-up stream's 4 tokens
+    cpu_ms = {n: (after[n] - before[n]) * 1000 / generated for n in pids}
+    return {"concurrency": concurrency, "ms_per_token": statistics.median(per_stream), "wall_s": wall,
+            "cpu_ms_per_token": cpu_ms, "cpu_ms_per_token_total": sum(cpu_ms.values()),
+            "router_steps": gaps(router_steps(traces, since))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-moe")
+    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--transport", default="shm")
+    parser.add_argument("--py-spy", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mesh-profile-cpu")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mesh-profile-") as tmp:
+        proc, status = start_mesh(args.model, args.transport, Path(tmp))
+        try:
+            pids = {n: s["pid"] for n, s in status["services"].items()}
+            traces = Path(tmp) / "home" / "traces"
+            for concurrency in (1, 8):
+                rows.append(run_load(status["gateway"], pids, concurrency, args.tokens, traces, args.py_spy))
+        finally:
+            stop_mesh(proc)
+    names = list(rows[0]["cpu_ms_per_token"])
+    table = ["| concurrency | ms/token | " + " | ".join(names) + " | total CPU | router step ms | router gap ms "
+             "(median / mean) |", "|---" * (len(names) + 5) + "|"]
+    for r in rows:
+        g = r["router_steps"]
+        table.append(f"| {r['concurrency']} | {r['ms_per_token']:.1f} | "
+                     + " | ".join(f"{r['cpu_ms_per_token'][n]:.1f}" for n in names)
+                     + f" | {r['cpu_ms_per_token_total']:.1f} | {g.get('step_ms_median', 0):.1f} | "
+                     f"{g.get('gap_ms_median', 0):.1f} / {g.get('gap_ms_mean', 0):.1f} |")
+    command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
+                                    else sys.argv[0], *sys.argv[1:]])
+    md = "\n".join([f"# CPU ms per streamed token per mesh process ({args.model}, {args.tokens} tokens)", "",
+                    f"Command: `{command}`; load average {os.getloadavg()[0]:.2f} at end.", "", *table, "",
+                    "CPU ms per token: utime+stime of the process over the run / completion tokens streamed. Router "
+                    "gap: from the end of one router.step span to the start of the next (waiting for the batcher).",
+                    ""])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
