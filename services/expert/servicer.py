@@ -19,6 +19,7 @@ import torch
 from moemesh.serving import tensors
 from moemesh.serving.telemetry import tracer
 from moemesh.v1 import expert_pb2, expert_pb2_grpc
+from services.expert.dist_server import DistServer, JoinSpec
 from services.expert.shard import ExpertShard
 from services.expert.shm_server import AttachSpec, ShmServer
 from services.expert.step_spans import CallStats, StepSpans
@@ -47,6 +48,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-compute")
         self._sweeper: asyncio.Task | None = None
         self._shm = ShmServer(shard, identity.dtype)
+        self._dist = DistServer(shard, identity.dtype)
 
     async def Forward(self, request: expert_pb2.ExpertRequest, context: grpc.aio.ServicerContext):
         start_ns = time.time_ns()
@@ -107,9 +109,18 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         reason = await asyncio.to_thread(self._shm.attach, spec)  # connect blocks briefly
         return expert_pb2.AttachResponse(ok=reason is None, reason=reason or "")
 
+    async def JoinGroup(self, request: expert_pb2.JoinGroupRequest, context: grpc.aio.ServicerContext):
+        spec = JoinSpec(store_address=request.store_address, group_name=request.group_name, rank=request.rank,
+                        world_size=request.world_size, backend=request.backend, hidden_size=request.hidden_size,
+                        top_k=request.top_k, dtype=request.dtype, timeout_ms=request.timeout_ms,
+                        heartbeat_ms=request.heartbeat_ms)
+        reason = await asyncio.to_thread(self._dist.join, spec)  # blocks until every rank connected
+        return expert_pb2.JoinGroupResponse(ok=reason is None, reason=reason or "")
+
     async def close(self) -> None:
-        """Ends open step spans, the shared-memory links and the compute thread (server on_stop)."""
+        """Ends open step spans, the shared-memory links and process groups, and the compute thread (on_stop)."""
         self._shm.close()
+        self._dist.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

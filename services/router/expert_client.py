@@ -83,6 +83,10 @@ class GrpcShardClient:
         """Expert/Attach (shared-memory data plane, services/router/shm_link.py); raises grpc.RpcError."""
         return self._stub.Attach(request, timeout=timeout)
 
+    def join_group(self, request: expert_pb2.JoinGroupRequest, timeout: float) -> grpc.Future:
+        """Expert/JoinGroup as a future (services/router/dist_link.py: every shard joins while rank 0 waits)."""
+        return self._stub.JoinGroup.future(request, timeout=timeout)
+
     def info_now(self, timeout: float) -> expert_pb2.ExpertInfo:
         """Info without waiting for the shard to come up (re-attach after a fault); raises grpc.RpcError."""
         return self._stub.Info(expert_pb2.ExpertInfoRequest(), timeout=timeout)

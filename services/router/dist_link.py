@@ -1,0 +1,207 @@
+"""The router's end (rank 0) of the torch.distributed expert data plane (wire format: moemesh/serving/dist_wire.py).
+
+DistGroup forms one process group with every shard of this transport (ranks 1..N in their order): a fresh TCPStore
+on a free port, JoinGroup RPCs to all shards at once, then rank 0's own member, which returns once every rank has
+connected. One DistLink per shard gives ShmDispatch the interface of ShmLink (attach / start / wait / close): start
+posts the request sends and the reply receives, wait blocks on the receives. Any fault (a dead shard closes its
+sockets: the receive fails at once; a silent one misses its heartbeat for stall_timeout) marks the group broken, so
+every link of it reports down and the step fails; the group object is dropped once no operation is pending (at the
+next form or close) and begin_step re-forms it, with new JoinGroup calls, when the shards answer again.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from concurrent.futures import Future
+
+import grpc
+import torch
+import torch.distributed as dist
+
+from moemesh.serving import dist_wire
+from moemesh.v1 import expert_pb2
+from services.router.expert_client import ExpertCallError, GrpcShardClient
+from services.router.shm_link import AttachRefused
+
+log = logging.getLogger("services.router.dist")
+UNBOUNDED = 1 << 30  # no preallocated region limits T: buffers grow with the step
+
+
+class DistGroup:
+    def __init__(self, clients: list[GrpcShardClient], *, backend: str, hidden_size: int, top_k: int, dtype: str,
+                 device: str = "cpu", join_timeout: float = 10.0, stall_timeout: float = 1.0,
+                 call_timeout: float = 30.0) -> None:
+        self.backend, self.hidden_size, self.top_k, self.dtype = backend, hidden_size, top_k, dtype
+        self.torch_dtype = dist_wire.DTYPES[dtype]
+        self.device = torch.device(device if backend == "nccl" else "cpu")  # gloo moves CPU tensors only
+        self.join_timeout, self.stall_timeout, self.call_timeout = join_timeout, stall_timeout, call_timeout
+        self.links = [DistLink(self, client, rank) for rank, client in enumerate(clients, start=1)]
+        self.group = None
+        self.broken = False
+        self._store: dist.TCPStore | None = None
+        self._generation = 0
+
+    @property
+    def formed(self) -> bool:
+        return self.group is not None and not self.broken
+
+    def form(self) -> None:
+        """(Re-)forms the group; AttachRefused when a shard refuses, ExpertCallError when one fails or is absent."""
+        self.teardown()
+        self._generation += 1
+        name = f"moemesh-{os.getpid()}-{self._generation}"
+        first_host = self.links[0].client.address.rpartition(":")[0].strip("[]")
+        bind_ip = dist_wire.local_ip_towards(first_host)
+        store = dist.TCPStore(bind_ip, 0, len(self.links) + 1, True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=self.join_timeout))
+        futures = [link.join(store.port, name) for link in self.links]  # all in flight: rank 0 waits for them all
+        try:
+            group = dist_wire.form_group(store, name, 0, len(self.links) + 1, self.backend, bind_ip,
+                                         self.join_timeout)
+        except RuntimeError as exc:
+            group, failure = None, exc
+        for link, future in zip(self.links, futures):
+            link.check_join(future)  # a shard's own reason beats rank 0's timeout
+        if group is None:
+            raise ExpertCallError(self.links[0].address, -1, grpc.StatusCode.UNAVAILABLE,
+                                  f"{self.backend} group {name} not formed: {failure}")
+        self.group, self._store, self.broken = group, store, False
+        log.info("%s group %s formed: router (rank 0) + %s", self.backend, name,
+                 ", ".join(f"{link.address} (rank {link.rank})" for link in self.links))
+
+    def teardown(self) -> None:
+        """Drops the group (its peers see their connections close and end their memberships)."""
+        for link in self.links:
+            link.forget()
+        dist_wire.abort(self.group)
+        self.group, self._store, self.broken = None, None, False
+
+
+class DistLink:
+    """One shard of a DistGroup, with the interface of ShmLink for ShmDispatch."""
+
+    def __init__(self, owner: DistGroup, client: GrpcShardClient, rank: int) -> None:
+        self.owner, self.client, self.address, self.rank = owner, client, client.address, rank
+        self._request = torch.empty(0, dtype=torch.uint8, device=owner.device)  # packed bodies, grown as needed
+        self._output = torch.empty(0, owner.hidden_size, dtype=owner.torch_dtype, device=owner.device)  # [Tcap, H]
+        self._reply_head = torch.zeros(dist_wire.HEAD_WORDS, dtype=torch.int64, device=owner.device)  # [8]
+        self._pending: dict[str, object] = {}  # in-flight works and the tensors they read or write
+
+    @property
+    def kind(self) -> str:
+        return self.owner.backend
+
+    @property
+    def attached(self) -> bool:
+        return self.owner.formed
+
+    @property
+    def max_tokens(self) -> int:
+        return UNBOUNDED
+
+    def attach(self, max_tokens: int) -> None:
+        if not self.owner.formed:
+            self.owner.form()
+
+    def join(self, store_port: int, name: str) -> Future:
+        owner = self.owner
+        store_host = dist_wire.local_ip_towards(self.address.rpartition(":")[0].strip("[]"))
+        request = expert_pb2.JoinGroupRequest(
+            store_address=f"{store_host}:{store_port}", group_name=name, rank=self.rank,
+            world_size=len(owner.links) + 1, backend=owner.backend, hidden_size=owner.hidden_size,
+            top_k=owner.top_k, dtype=owner.dtype, timeout_ms=int(owner.join_timeout * 1000),
+            heartbeat_ms=int(owner.stall_timeout * 250) if owner.backend == "gloo" else 0)
+        return self.client.join_group(request, timeout=owner.join_timeout + 5)
+
+    def check_join(self, future: Future) -> None:
+        try:
+            reply = future.result()
+        except grpc.RpcError as exc:
+            raise ExpertCallError(self.address, -1, exc.code(), f"JoinGroup: {exc.details()}") from None
+        if not reply.ok:
+            raise AttachRefused(f"expert shard {self.address}: {reply.reason}")
+
+    def start(self, seq: int, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+              trace_context: str = "") -> None:
+        """Packs hidden [T, H], topk_ids [T, K], topk_weights [T, K] and posts the sends and the reply receives."""
+        owner, tokens = self.owner, hidden.shape[0]
+        body = self._grow_request(dist_wire.body_bytes(tokens, owner.hidden_size, owner.top_k, owner.torch_dtype))
+        h, ids, w = dist_wire.unpack(body, tokens, owner.hidden_size, owner.top_k, owner.torch_dtype)
+        h.copy_(hidden)
+        ids.copy_(topk_ids)
+        w.copy_(topk_weights)
+        head = dist_wire.header(dist_wire.LAYER, seq, layer, tokens, device=owner.device)
+        out = self._grow_output(tokens)[:tokens]  # [T, H]
+        group = owner.group
+        try:
+            self._pending = {
+                "head": head, "body": body, "out": out,
+                "send_head": group.send([head], self.rank, dist_wire.REQUEST_HEAD),
+                "send_body": group.send([body], self.rank, dist_wire.REQUEST_BODY),
+                "recv_head": group.recv([self._reply_head], self.rank, dist_wire.REPLY_HEAD),
+                "recv_body": group.recv([out.reshape(-1).view(torch.uint8)], self.rank, dist_wire.REPLY_BODY)}
+        except RuntimeError as exc:
+            self._fail(layer, f"send failed: {exc}")
+
+    def wait(self, seq: int, layer: int, tokens: int) -> torch.Tensor:
+        """Blocks until the shard's reply to `seq`; returns the output rows [T, H] (a view: use before next start)."""
+        pending, owner = self._pending, self.owner
+        deadline = time.monotonic() + owner.call_timeout
+        beat_s = owner.stall_timeout if owner.backend == "gloo" else owner.call_timeout
+        try:
+            dist_wire.wait(pending["send_head"], owner.call_timeout)
+            dist_wire.wait(pending["send_body"], owner.call_timeout)
+            while True:
+                dist_wire.wait(pending["recv_head"], min(beat_s, max(deadline - time.monotonic(), 0.01)))
+                kind, got_seq, _, _, status, text_len = self._reply_head[:6].tolist()
+                if kind != dist_wire.BEAT:
+                    break
+                if time.monotonic() > deadline:  # a live shard, but slower than call_timeout
+                    raise RuntimeError(f"no reply within {owner.call_timeout} s")
+                pending["recv_head"] = owner.group.recv([self._reply_head], self.rank, dist_wire.REPLY_HEAD)
+            dist_wire.wait(pending["recv_body"], owner.call_timeout)
+        except RuntimeError as exc:
+            self._fail(layer, _describe(exc, beat_s))
+        finally:
+            self._pending = {}
+        out = pending["out"]
+        if kind != dist_wire.REPLY or got_seq != seq:
+            self._fail(layer, f"protocol: reply kind {kind} seq {got_seq} to request seq {seq}")
+        if status:  # the shard is in step (it sent the whole reply): the group stays
+            text = bytes(out.reshape(-1).view(torch.uint8)[:text_len].cpu().tolist()).decode(errors="replace")
+            raise ExpertCallError(self.address, layer, grpc.StatusCode.FAILED_PRECONDITION, text)
+        return out
+
+    def _grow_request(self, nbytes: int) -> torch.Tensor:
+        if self._request.numel() < nbytes:
+            self._request = torch.empty(1 << (nbytes - 1).bit_length(), dtype=torch.uint8, device=self.owner.device)
+        return self._request[:nbytes]
+
+    def _grow_output(self, tokens: int) -> torch.Tensor:
+        if self._output.shape[0] < tokens:
+            self._output = torch.empty(1 << (tokens - 1).bit_length(), self.owner.hidden_size,
+                                       dtype=self.owner.torch_dtype, device=self.owner.device)
+        return self._output
+
+    def _fail(self, layer: int, why: str):
+        # Not torn down here: other links of the group may still have operations in flight (collect waits them).
+        self.owner.broken = True
+        raise ExpertCallError(self.address, layer, grpc.StatusCode.UNAVAILABLE, f"{self.owner.backend}: {why}")
+
+    def forget(self) -> None:
+        self._pending = {}
+
+    def close(self) -> None:
+        self.owner.teardown()
+
+
+def _describe(exc: RuntimeError, beat_s: float) -> str:
+    text = str(exc)
+    if "closed by peer" in text or "Connection reset" in text:
+        return "the shard closed its connection (process exited?)"
+    if "Timed out" in text or "timeout" in text.lower():
+        return f"stalled: no reply or heartbeat for {beat_s:.1f} s"
+    return text.splitlines()[0][:300] if text else type(exc).__name__
