@@ -63,7 +63,8 @@ def connect_shards(config: RouterConfig, spec):
         check_same_model([(c.address, c.info.model, c.info.dtype, tuple(c.info.experts)) for c in clients])
         dispatch = ShmDispatch.start(clients, placement, num_experts, mode=config.expert_transport,
                                      hidden_size=spec.hidden_size, top_k=spec.moe.top_k,
-                                     stall_timeout=config.stall_timeout, call_timeout=config.expert_timeout)
+                                     stall_timeout=config.stall_timeout, call_timeout=config.expert_timeout,
+                                     device=config.device)
     except BaseException:
         for client in clients:
             client.close()

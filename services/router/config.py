@@ -12,7 +12,7 @@ from typing import ClassVar
 from moemesh.serving.config import EXPERT_ADDRS, ConfigError, ServiceConfig, check_address, setting
 
 DTYPES = ("float32", "bfloat16", "float16")
-TRANSPORTS = ("auto", "shm", "grpc")
+TRANSPORTS = ("auto", "shm", "dist", "grpc")
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,10 @@ class RouterConfig(ServiceConfig):
     expert_timeout: float = setting(30.0, "seconds one per-layer expert call may take")
     connect_timeout: float = setting(120.0, "seconds to wait at start for every expert shard to answer Info")
     compute_threads: int = setting(0, "torch intra-op threads (0: torch's default)")
-    expert_transport: str = setting("auto", "expert data plane: auto (shared memory for shards on this host that "
-                                    "accept it, gRPC otherwise), shm (every shard, or refuse to start), grpc",
-                                    choices=TRANSPORTS)
+    expert_transport: str = setting("auto", "expert data plane: auto (shared memory for shards on this host, a "
+                                    "torch.distributed group (gloo, or nccl on GPUs) for shards on other hosts, gRPC "
+                                    "for shards that refuse either), shm or dist (every shard, or refuse to start), "
+                                    "grpc", choices=TRANSPORTS)
     stall_timeout: float = setting(1.0, "seconds without a heartbeat from a shared-memory shard before its step "
                                    "fails (a long step on a live shard keeps beating)")
 

@@ -1,19 +1,18 @@
-"""ShmDispatch: RemoteDispatch whose shards on this host take the shared-memory data plane (services/router/shm_link.py).
+"""ShmDispatch: RemoteDispatch whose shards take a data plane off gRPC: shared memory on this host
+(services/router/shm_link.py) or a torch.distributed group (services/router/dist_link.py), same link interface.
 
-Transport per shard, chosen at start-up and shown in Router.Info / the log: "shm" for a shard on this host that
-accepted Attach, "grpc" for the others (another host, Attach refused, or EXPERT_TRANSPORT=grpc), "shm-down" while a
-shared-memory shard is lost. Per layer, submit writes every token of the layer into each shm shard's region (the shard
-masks the experts it does not host; with dense routing every shard needs every token anyway) and signals all of them
-before returning; collect waits for every reply and sums the partial outputs in float32. gRPC shards keep the
+Transport per shard, chosen at start-up (services/router/link_choice.py) and shown in Router.Info / the log: "shm"
+for a shard on this host that accepted Attach, "gloo"/"nccl" for the shards of the process group, "grpc" for the
+others, "<kind>-down" while a shard is lost. Per layer, submit writes every token of the layer into each shm shard's
+region or posts it to each group shard (the shard masks the experts it does not host; with dense routing every shard
+needs every token anyway) and signals all of them before returning; collect waits for every reply and sums the partial outputs in float32. gRPC shards keep the
 Forward path of RemoteDispatch in the same layer. A lost shard fails the step (ExpertCallError, UNAVAILABLE);
 begin_step re-attaches it, at most once per retry_s, once it answers again with the same placement.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import socket
 import time
 from collections.abc import Sequence
 
@@ -21,43 +20,19 @@ import grpc
 import torch
 
 from services.router.dispatch import RemoteDispatch
+from services.router.dist_link import DistLink
 from services.router.expert_client import ExpertCallError, GrpcShardClient
+from services.router.link_choice import MIN_TOKENS, is_local, open_links  # noqa: F401 (is_local: API)
 from services.router.placement import Placement
 from services.router.shm_link import AttachRefused, ShmLink
 from services.router.step_trace import current_step
 
 log = logging.getLogger("services.router.shm")
-MIN_TOKENS = 256  # the first region's rows; it grows to the next power of two when a step needs more
-
-
-def is_local(address: str) -> bool:
-    """The host of `address` is this machine: loopback, this hostname, or an address a socket can bind here."""
-    if address.startswith("unix:"):
-        return True
-    host = address.rpartition(":")[0].strip("[]")
-    if host in ("localhost", socket.gethostname(), socket.getfqdn()):
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if ip.is_loopback:
-        return True
-    with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind((host, 0))
-        except OSError:
-            return False
-    return True
-
-
-def _bucket(tokens: int) -> int:
-    return max(MIN_TOKENS, 1 << (max(tokens, 1) - 1).bit_length())
 
 
 class ShmDispatch(RemoteDispatch):
     def __init__(self, clients: Sequence[GrpcShardClient], placement: Placement, num_experts: int,
-                 links: list[ShmLink | None], *, retry_s: float = 0.5) -> None:
+                 links: list[ShmLink | DistLink | None], *, retry_s: float = 0.5) -> None:
         super().__init__(clients, placement, num_experts)
         self._links, self.retry_s = list(links), retry_s
         self._retry_at = [0.0] * len(links)
@@ -66,33 +41,28 @@ class ShmDispatch(RemoteDispatch):
 
     @classmethod
     def start(cls, clients: Sequence[GrpcShardClient], placement: Placement, num_experts: int, *, mode: str,
-              hidden_size: int, top_k: int, stall_timeout: float, call_timeout: float) -> ShmDispatch:
-        """mode "auto": shm for shards on this host that accept Attach, gRPC otherwise; "shm": every shard must
-        attach (ConnectionError naming the shard and why not); "grpc": no shared memory."""
-        links: list[ShmLink | None] = []
-        for client in clients:
-            link = None
-            if mode != "grpc" and (mode == "shm" or is_local(client.address)):
-                link = ShmLink(client, hidden_size=hidden_size, top_k=top_k, dtype=client.info.dtype,
-                               stall_timeout=stall_timeout, call_timeout=call_timeout)
-                try:
-                    link.attach(MIN_TOKENS)
-                except (AttachRefused, ExpertCallError, OSError, ValueError) as exc:
-                    if mode == "shm":
-                        raise ConnectionError(f"expert shard {client.address}: shared memory refused: {exc}") from None
-                    log.warning("expert shard %s: shared memory not used (%s); transport grpc", client.address, exc)
-                    link = None
-            elif mode != "grpc":
-                log.info("expert shard %s is not on this host; transport grpc", client.address)
-            links.append(link)
+              hidden_size: int, top_k: int, stall_timeout: float, call_timeout: float, device: str = "cpu",
+              join_timeout: float = 10.0) -> ShmDispatch:
+        """Links per shard as services/router/link_choice.py says for `mode` (auto, shm, dist, grpc); refusals of
+        a forced mode raise ConnectionError naming the shard and why."""
+        links = open_links(clients, mode=mode, device=device, hidden_size=hidden_size, top_k=top_k,
+                           stall_timeout=stall_timeout, call_timeout=call_timeout, join_timeout=join_timeout)
         dispatch = cls(clients, placement, num_experts, links)
         for client, transport in zip(clients, dispatch.transports()):
             log.info("expert shard %s: transport %s", client.address, transport)
         return dispatch
 
     def transports(self) -> list[str]:
-        """Per shard, in placement order: "shm", "shm-down" or "grpc"."""
-        return ["grpc" if link is None else "shm" if link.attached else "shm-down" for link in self._links]
+        """Per shard, in placement order: "shm", "gloo", "nccl", "grpc", or "<kind>-down" while lost."""
+        return ["grpc" if link is None else link.kind if link.attached else f"{link.kind}-down"
+                for link in self._links]
+
+    def _peers(self, i: int) -> list[int]:
+        """Shards whose links stand or fall with link i's: its process group's (torch.distributed), else i."""
+        owner = getattr(self._links[i], "owner", None)
+        if owner is None:
+            return [i]
+        return [j for j, link in enumerate(self._links) if getattr(link, "owner", None) is owner]
 
     def begin_step(self, tokens: int) -> None:
         for i, link in enumerate(self._links):
@@ -106,19 +76,20 @@ class ShmDispatch(RemoteDispatch):
                                   f"shm link down; next re-attach in {self._retry_at[i] - now:.1f} s")
         try:
             if not grow:
-                self._check_same_shard(i, link)
+                for j in self._peers(i):  # a re-formed group holds every shard of it
+                    self._check_same_shard(j, self._links[j])
             link.attach(_bucket(max(tokens, link.max_tokens)))
         except AttachRefused as exc:
-            log.warning("expert shard %s refused shared memory (%s); transport grpc", link.address, exc)
-            self._links[i] = None
+            log.warning("expert shard %s refused %s (%s); transport grpc", link.address, link.kind, exc)
+            for j in self._peers(i):
+                self._links[j] = None
             return
         except (ExpertCallError, OSError) as exc:
             self._retry_at[i] = now + self.retry_s
             if isinstance(exc, ExpertCallError):
                 raise
             raise ExpertCallError(link.address, -1, grpc.StatusCode.UNAVAILABLE, f"shm attach: {exc}") from None
-        log.info("expert shard %s: shm %s (%d tokens)", link.address, "grown" if grow else "re-attached",
-                 link.max_tokens)
+        log.info("expert shard %s: %s %s", link.address, link.kind, "grown" if grow else "re-attached")
 
     def _check_same_shard(self, i: int, link: ShmLink) -> None:
         """A shard that came back must host what the placement says (else the sums would be wrong)."""

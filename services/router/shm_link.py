@@ -30,6 +30,8 @@ class AttachRefused(Exception):
 
 
 class ShmLink:
+    kind = "shm"  # the transport name in Router.Info
+
     def __init__(self, client: GrpcShardClient, *, hidden_size: int, top_k: int, dtype: str,
                  stall_timeout: float = 1.0, call_timeout: float = 30.0) -> None:
         self.client, self.address = client, client.address
