@@ -4,9 +4,18 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 PROTOS  := $(wildcard protos/moemesh/v1/*.proto)
 
-.PHONY: install system-deps protos test run clean certs
+.PHONY: install system-deps netns-deps protos test run clean certs
 
-install: system-deps $(BIN)/moemesh
+install: system-deps netns-deps $(BIN)/moemesh
+
+# `ip` (iproute2) for the multi-host test (tests/e2e/test_multihost_netns.py: network namespaces + veth, as root);
+# nothing to do when it is there.
+netns-deps:
+	@command -v ip >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing iproute2 (missing: ip)"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 >/dev/null; \
+	else echo "make install: missing ip; install the Debian package iproute2 as root"; fi
 
 # Prometheus (with promtool) and Chromium for the monitoring tests (tests/e2e/test_monitoring_e2e.py,
 # tests/dashboard/), from Debian's packages; nothing to do when the binaries are there. Without root or apt-get it

@@ -51,6 +51,39 @@ def router_steps(traces: Path, since_ns: int) -> list[tuple[int, int, int]]:
     return sorted(out)
 
 
+def _spans(traces: Path, service: str, since_ns: int) -> list[dict]:
+    path = traces / f"{service}.jsonl"
+    spans = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [s for s in spans if s["start"] >= since_ns]
+
+
+def gap_parts(traces: Path, since_ns: int) -> dict:
+    """Median ms of each leg between one router.step's end and the next one's start, from the spans of the router
+    (router.step, its Router/Step server span) and the batcher (batcher.step, its Step client span)."""
+    router, batcher = _spans(traces, "router", since_ns), _spans(traces, "batcher", since_ns)
+    by_id = {s["span_id"]: s for s in router}
+    steps = {}  # step_id -> {name: span}
+    for s in router:
+        if s["name"] == "router.step":
+            server = by_id.get(s["parent_id"])
+            steps.setdefault(s["attributes"]["moemesh.step_id"], {}).update(rstep=s, server=server)
+    for s in batcher:
+        if s["name"] == "batcher.step":
+            steps.setdefault(s["attributes"]["moemesh.step_id"], {})["bstep"] = s
+    legs = {"router_reply": [], "to_batcher": [], "batcher_turn": [], "to_router": [], "router_request": []}
+    ids = sorted(i for i, v in steps.items() if len(v) == 3 and v["server"] is not None)
+    for a, b in zip(ids, ids[1:]):
+        x, y = steps[a], steps[b]
+        if b != a + 1:
+            continue
+        legs["router_reply"].append(x["server"]["end"] - x["rstep"]["end"])
+        legs["to_batcher"].append(x["bstep"]["end"] - x["server"]["end"])
+        legs["batcher_turn"].append(y["bstep"]["start"] - x["bstep"]["end"])
+        legs["to_router"].append(y["server"]["start"] - y["bstep"]["start"])
+        legs["router_request"].append(y["rstep"]["start"] - y["server"]["start"])
+    return {k: statistics.median(v) / 1e6 for k, v in legs.items() if v}
+
+
 def gaps(steps: list[tuple[int, int, int]]) -> dict:
     busy = [(e - s) / 1e6 for s, e, _ in steps]
     idle = [(steps[i + 1][0] - steps[i][1]) / 1e6 for i in range(len(steps) - 1)]
@@ -70,7 +103,7 @@ def run_load(gateway: str, pids: dict[str, int], concurrency: int, tokens: int, 
         for name, pid in pids.items():
             out = spy_dir / f"{name}-c{concurrency}.speedscope.json"
             spies.append(subprocess.Popen(
-                [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--rate", "50",
+                [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--rate", "250",
                  "--format", "speedscope", "--nonblocking", "--output", str(out), "--threads"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1)
@@ -87,7 +120,7 @@ def run_load(gateway: str, pids: dict[str, int], concurrency: int, tokens: int, 
     cpu_ms = {n: (after[n] - before[n]) * 1000 / generated for n in pids}
     return {"concurrency": concurrency, "ms_per_token": statistics.median(per_stream), "wall_s": wall,
             "cpu_ms_per_token": cpu_ms, "cpu_ms_per_token_total": sum(cpu_ms.values()),
-            "router_steps": gaps(router_steps(traces, since))}
+            "router_steps": gaps(router_steps(traces, since)), "gap_legs_ms": gap_parts(traces, since)}
 
 
 def main() -> None:
@@ -98,17 +131,21 @@ def main() -> None:
     parser.add_argument("--py-spy", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mesh-profile-cpu")
     args = parser.parse_args()
-    rows = []
+    rows, idle = [], {}
     with tempfile.TemporaryDirectory(prefix="mesh-profile-") as tmp:
         proc, status = start_mesh(args.model, args.transport, Path(tmp))
         try:
             pids = {n: s["pid"] for n, s in status["services"].items()}
             traces = Path(tmp) / "home" / "traces"
+            before = {n: cpu_seconds(p) for n, p in pids.items()}
+            time.sleep(10)
+            idle = {n: (cpu_seconds(p) - before[n]) * 100 for n, p in pids.items()}  # % of one core
             for concurrency in (1, 8):
                 rows.append(run_load(status["gateway"], pids, concurrency, args.tokens, traces, args.py_spy))
         finally:
             stop_mesh(proc)
-    names = list(rows[0]["cpu_ms_per_token"])
+    order = ["router", "expert-0", "expert-1", "batcher", "gateway", "tokenizer", "metering"]
+    names = sorted(rows[0]["cpu_ms_per_token"], key=lambda n: order.index(n) if n in order else len(order))
     table = ["| concurrency | ms/token | " + " | ".join(names) + " | total CPU | router step ms | router gap ms "
              "(median / mean) |", "|---" * (len(names) + 5) + "|"]
     for r in rows:
@@ -117,6 +154,10 @@ def main() -> None:
                      + " | ".join(f"{r['cpu_ms_per_token'][n]:.1f}" for n in names)
                      + f" | {r['cpu_ms_per_token_total']:.1f} | {g.get('step_ms_median', 0):.1f} | "
                      f"{g.get('gap_ms_median', 0):.1f} / {g.get('gap_ms_mean', 0):.1f} |")
+    table += ["", "Idle mesh, % of one core over 10 s: " + ", ".join(f"{n} {idle[n]:.1f}" for n in names)]
+    table += ["", "Router gap legs, median ms (router reply -> batcher -> batcher turn -> router -> router request):",
+              ""] + [f"- concurrency {r['concurrency']}: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                             r["gap_legs_ms"].items()) for r in rows]
     command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
                                     else sys.argv[0], *sys.argv[1:]])
     md = "\n".join([f"# CPU ms per streamed token per mesh process ({args.model}, {args.tokens} tokens)", "",
@@ -125,7 +166,7 @@ def main() -> None:
                     "gap: from the end of one router.step span to the start of the next (waiting for the batcher).",
                     ""])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "idle_core_percent": idle, "rows": rows}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(md)
     print(md)
 

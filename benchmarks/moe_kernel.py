@@ -123,21 +123,26 @@ def tune_gemv(layers, k: int) -> dict[str, dict]:
     return best
 
 
-def bench(layers, k: int, bandwidth: float) -> list[dict]:
+def bench(layers, k: int, bandwidth: float, scheme: str = "none") -> list[dict]:
+    """Rows of the fused layer with experts in bf16 (beside torch._grouped_mm) or quantized (fp8/int8: 1 byte per
+    weight + a float32 scale per output channel, dequantized in the kernel)."""
     import triton
 
     from moemesh.runtime.gpu.fused_moe import fused_moe
     from moemesh.runtime.experts import GROUPED_MM
+    from moemesh.runtime.quant import quantize
 
     e, two_i, h = layers[0][0].shape
     inter = two_i // 2
-    expert_bytes = 3 * inter * h * 2
+    expert_bytes = 3 * inter * (h * (2 if scheme == "none" else 1) + 4)
+    kernel_layers = layers if scheme == "none" else [(quantize(gu, scheme), quantize(dn, scheme)) for gu, dn in layers]
+    label = "fused_moe (triton, graph)" if scheme == "none" else f"fused_moe {scheme} (triton, graph)"
     rows = []
     for t in BENCH_TOKENS:
         ids, weights = routing(t, e, k)
         hidden = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
         graphs = []
-        for gu, dn in layers:  # one graph per layer of weights: replays rotate through them (no L2 reuse)
+        for gu, dn in kernel_layers:  # one graph per layer of weights: replays rotate through them (no L2 reuse)
             fused_moe(hidden, gu, dn, ids, weights)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
@@ -158,11 +163,14 @@ def bench(layers, k: int, bandwidth: float) -> list[dict]:
             g, u = y.chunk(2, dim=-1)
             return GROUPED_MM((torch.nn.functional.silu(g) * u).contiguous(), dn.transpose(1, 2), offs=offs)
 
-        grouped_ms = triton.testing.do_bench(grouped, warmup=10, rep=100, return_mode="median")
+        timed = [(label, fused_ms)]
+        if scheme == "none":
+            timed.append(("torch._grouped_mm (sorted rows)",
+                          triton.testing.do_bench(grouped, warmup=10, rep=100, return_mode="median")))
         distinct = int((counts > 0).sum())
         nbytes = distinct * expert_bytes + t * h * 2 * 2 + t * k * (inter * 2 * 2 + h * 4)
         flops = 2 * t * k * 3 * inter * h
-        for who, ms in (("fused_moe (triton, graph)", fused_ms), ("torch._grouped_mm (sorted rows)", grouped_ms)):
+        for who, ms in timed:
             rows.append({"tokens": t, "who": who, "us": round(ms * 1e3, 1), "experts_touched": distinct,
                          "GB_per_s": round(nbytes / ms / 1e6, 1), "pct_of_copy_bw": round(100 * nbytes / (ms * 1e-3)
                                                                                          / bandwidth, 1),
@@ -179,6 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--inter", type=int, default=768)
     p.add_argument("--tune", action="store_true", help="tune first and write the config JSON")
     p.add_argument("--tune-gemv", action="store_true", help="tune the few-token GEMV kernel into the config JSON")
+    p.add_argument("--quantizations", type=lambda s: s.split(","), default=["none", "fp8", "int8"],
+                   help="expert weights to bench: none (bf16), fp8, int8")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
     from moemesh.runtime.gpu import fused_moe as fm
@@ -205,13 +215,14 @@ def main(argv=None) -> int:
         (args.out / name).write_text(json.dumps(table, indent=1) + "\n")
         fm._tuned.cache_clear()
     bandwidth = copy_bandwidth()
-    rows = bench(layers, args.top_k, bandwidth)
+    rows = [r for scheme in args.quantizations for r in bench(layers, args.top_k, bandwidth, scheme)]
     meta = {"machine": torch.cuda.get_device_name(), "copy_TB_per_s": round(bandwidth / 1e12, 2),
             "torch": torch.__version__, "python": platform.python_version(), "config": name,
             "command": "PYTHONPATH=. python3 " + " ".join(sys.argv)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "moe-kernel-h200.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-    lines = [f"# One MoE layer (E {args.experts}, top-{args.top_k}, H {args.hidden}, I {args.inter}, bf16)", "",
+    lines = [f"# One MoE layer (E {args.experts}, top-{args.top_k}, H {args.hidden}, I {args.inter}, bf16 activations; "
+             f"experts: {', '.join(args.quantizations)})", "",
              f"{meta['machine']}, copy bandwidth {meta['copy_TB_per_s']} TB/s; `{meta['command']}`", "",
              "| tokens | who | us | experts touched | GB/s | % of copy bw | TFLOP/s |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['tokens']} | {r['who']} | {r['us']} | {r['experts_touched']} | {r['GB_per_s']} | "

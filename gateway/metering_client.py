@@ -15,12 +15,16 @@ from collections.abc import Callable
 import grpc
 
 from gateway.events import Tenant, UsageRecord
+from gateway.upstream import PeerLost, _lost
 from moemesh.v1 import metering_pb2, metering_pb2_grpc
 
 LOCAL_TENANT = Tenant(name="default", key_id="default", namespace="default")  # = metering's dev tenant
 CACHE_ENTRIES = 10_000
 COMMIT_RETRY_S = 60.0  # how long a commit is retried while metering restarts
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Authenticate and Reserve: a stalled metering (SIGSTOP, a hung Redis) counts as a dead one after this long, so the
+# request fails closed with UNAVAILABLE instead of hanging (supervision restarts a metering that stays silent).
+METERING_CALL_S = 10.0
 
 
 class UnauthenticatedError(PermissionError):
@@ -43,11 +47,12 @@ class MeteringClient:
         if hit is not None and hit[1] > now:
             return hit[0]
         try:
-            response = await self._stub.Authenticate(metering_pb2.AuthenticateRequest(api_key=api_key))
+            response = await self._stub.Authenticate(metering_pb2.AuthenticateRequest(api_key=api_key),
+                                                     timeout=METERING_CALL_S)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise UnauthenticatedError("authorization: unknown or revoked API key") from None
-            raise
+            raise _stalled(exc) from exc
         tenant = Tenant(response.tenant, response.key_id, response.weight or 1.0, response.priority,
                         response.namespace or response.tenant)
         self._cache[digest] = (tenant, now + self._ttl)
@@ -57,10 +62,13 @@ class MeteringClient:
         return tenant
 
     async def reserve(self, request_id: str, tenant: str, model: str, prompt_tokens: int, max_tokens: int) -> None:
-        await self._stub.Reserve(metering_pb2.ReserveRequest(
-            request_id=request_id, tenant=tenant, model=model, prompt_tokens=prompt_tokens,
-            max_completion_tokens=max_tokens,
-        ))
+        try:
+            await self._stub.Reserve(metering_pb2.ReserveRequest(
+                request_id=request_id, tenant=tenant, model=model, prompt_tokens=prompt_tokens,
+                max_completion_tokens=max_tokens,
+            ), timeout=METERING_CALL_S)
+        except grpc.aio.AioRpcError as exc:
+            raise _stalled(exc) from exc
 
     async def commit(self, usage: UsageRecord) -> None:
         """Commits, retrying while metering is unreachable (a restart): Commit is idempotent by request id, so a
@@ -81,6 +89,13 @@ class MeteringClient:
                     raise
             await asyncio.sleep(delay)
             delay = min(2.0, delay * 2)
+
+
+def _stalled(exc: grpc.aio.AioRpcError) -> Exception:
+    """DEADLINE_EXCEEDED of our own per-call timeout means metering stalled: UNAVAILABLE, like a dead one."""
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return PeerLost("metering", f"no answer in {METERING_CALL_S:.0f} s (stalled)")
+    return _lost("metering", exc)
 
 
 class LocalMetering:

@@ -24,6 +24,11 @@ _FINISH = {
 CANCEL_DRAIN_S = 2.0
 # How long to wait for a finished stream's end-of-stream before abandoning it.
 CLOSE_WAIT_S = 1.0
+# Tokenizer calls: a stalled tokenizer (SIGSTOP, a hung process) must not hold a request forever. One attempt gets
+# TOKENIZER_CALL_S; Encode, which admits nothing yet, is retried while the tokenizer restarts (supervision brings it
+# back within seconds), for at most ENCODE_RETRY_S in all.
+TOKENIZER_CALL_S = 15.0
+ENCODE_RETRY_S = 30.0
 
 
 class PeerLost(ServiceError):
@@ -58,14 +63,11 @@ class TokenizerClient:
         chat = tokenizer_pb2.ChatInput(add_generation_prompt=True, messages=[
             common_pb2.ChatMessage(role=m["role"], content=m["content"], name=m.get("name")) for m in messages
         ])
-        try:
-            response = await self._stub.Encode(tokenizer_pb2.EncodeRequest(model=model, chat=chat))
-        except grpc.aio.AioRpcError as exc:
-            raise _lost("tokenizer", exc) from exc
+        response = await _retried(self._stub.Encode, tokenizer_pb2.EncodeRequest(model=model, chat=chat))
         return list(response.ids)
 
     async def eos_token_ids(self, model: str) -> tuple[int, ...]:
-        info = await self._stub.Info(tokenizer_pb2.TokenizerInfoRequest(model=model))
+        info = await _retried(self._stub.Info, tokenizer_pb2.TokenizerInfoRequest(model=model))
         return tuple(info.eos_token_ids)
 
     async def pieces(self, model: str, ids: list[int]) -> list[tuple[str, bytes]]:
@@ -74,6 +76,23 @@ class TokenizerClient:
 
     def detokenizer(self, model: str) -> StreamDetokenizer:
         return StreamDetokenizer(self._stub, model)
+
+
+async def _retried(method, request):
+    """A unary tokenizer call, retried with backoff while the tokenizer is away or stalled (nothing is admitted
+    before it answers, so a retry is safe); PeerLost once ENCODE_RETRY_S has passed."""
+    give_up, delay = asyncio.get_running_loop().time() + ENCODE_RETRY_S, 0.1
+    while True:
+        try:
+            return await method(request, timeout=TOKENIZER_CALL_S)
+        except grpc.aio.AioRpcError as exc:
+            lost = _lost("tokenizer", exc)
+            stalled = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            if not (isinstance(lost, PeerLost) or stalled) or asyncio.get_running_loop().time() + delay > give_up:
+                raise (PeerLost("tokenizer", "no answer in time (stalled)") if stalled else lost) from exc
+        log.info("tokenizer unavailable: retrying in %.1f s", delay)
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, 2.0)
 
 
 class StreamDetokenizer:
@@ -90,8 +109,11 @@ class StreamDetokenizer:
         else:
             request = tokenizer_pb2.DetokenizeRequest(ids=ids)
         try:
-            await self._call.write(request)
-            response = await self._call.read()
+            async with asyncio.timeout(TOKENIZER_CALL_S):
+                await self._call.write(request)
+                response = await self._call.read()
+        except TimeoutError as exc:
+            raise PeerLost("tokenizer", f"no answer in {TOKENIZER_CALL_S:.0f} s (stalled)") from exc
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             raise _lost("tokenizer", exc) from exc
         if response is grpc.aio.EOF:

@@ -12,10 +12,13 @@ from pathlib import Path
 import pytest
 
 TEST_MODELS_CACHE = Path.home() / ".cache" / "moemesh-test-models"
+# Every metering a test starts (in process or as a child) accepts this admin token; tests present it for admin RPCs.
+TEST_ADMIN_TOKEN = "test-admin-token-0123456789abcdef0123456789"
 
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("MOEMESH_MODELS", str(TEST_MODELS_CACHE))
+    os.environ.setdefault("MOEMESH_ADMIN_TOKEN", TEST_ADMIN_TOKEN)
 
 
 @pytest.fixture(scope="session")

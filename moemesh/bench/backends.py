@@ -12,6 +12,7 @@ import grpc
 from moemesh.bench.load import Clock
 from moemesh.bench.stats import RequestRecord
 from moemesh.bench.workload import LoadSpec
+from moemesh.certs.client_tls import ClientTls
 from moemesh.sdk.client import build_request
 from moemesh.v1 import chat_pb2, chat_pb2_grpc
 
@@ -19,10 +20,12 @@ MESSAGE_LIMIT = 64 * 1024 * 1024
 
 
 class GrpcBackend:
-    """StreamChatCompletion on a gateway, plaintext (the gateway's port; TLS is the edge's job)."""
+    """StreamChatCompletion on a gateway's port: plaintext, or mTLS when the mesh speaks it (`tls`)."""
 
-    def __init__(self, target: str, api_key: str | None, model: str | None, timeout_s: float) -> None:
+    def __init__(self, target: str, api_key: str | None, model: str | None, timeout_s: float,
+                 tls: ClientTls | None = None) -> None:
         self.target, self.model, self.timeout_s = target, model, timeout_s
+        self.tls = tls or ClientTls()
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._stub: chat_pb2_grpc.ChatStub | None = None
         self._channel: grpc.aio.Channel | None = None
@@ -31,7 +34,7 @@ class GrpcBackend:
         # The aio channel is made here, inside the running loop: one made outside it fails (FACTS.md).
         if self._stub is None:
             options = (("grpc.max_receive_message_length", MESSAGE_LIMIT),)
-            self._channel = grpc.aio.insecure_channel(self.target, options=options)
+            self._channel = self.tls.aio_channel(self.target, options)
             self._stub = chat_pb2_grpc.ChatStub(self._channel)
         if self.model is None:
             models = await self._stub.ListModels(chat_pb2.ListModelsRequest(), metadata=self._metadata, timeout=30)

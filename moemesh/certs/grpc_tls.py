@@ -38,7 +38,7 @@ def channel_credentials(paths: CertPaths) -> grpc.ChannelCredentials:
                                         certificate_chain=paths.cert.read_bytes())
 
 
-def _client_paths() -> CertPaths:
+def client_paths() -> CertPaths:
     name = os.environ.get(NAME_ENV) or os.environ.get("OTEL_SERVICE_NAME") or "client"
     return ensure_peer(name.lower())
 
@@ -53,11 +53,11 @@ def listen(server, address: str, name: str) -> int:
 def channel(address: str, options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
     if not mtls_enabled():
         return grpc.insecure_channel(address, options=list(options))
-    return grpc.secure_channel(address, channel_credentials(_client_paths()), options=list(options))
+    return grpc.secure_channel(address, channel_credentials(client_paths()), options=list(options))
 
 
 def aio_channel(address: str, options: Sequence[tuple[str, object]] = (), interceptors=None) -> grpc.aio.Channel:
     if not mtls_enabled():
         return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
-    return grpc.aio.secure_channel(address, channel_credentials(_client_paths()), options=list(options),
+    return grpc.aio.secure_channel(address, channel_credentials(client_paths()), options=list(options),
                                    interceptors=interceptors)

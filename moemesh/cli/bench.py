@@ -36,7 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                       "(default: the running mesh's gateway)")
     p.add_argument("--api-key", help="API key (default: env MOEMESH_API_KEY, else the status file's dev key)")
     p.add_argument("--model", help="model id (client: default the served one); with --in-process: name or path")
-    p.add_argument("--ca", type=Path, help="CA certificate for https endpoints (default: the mesh's dev CA)")
+    p.add_argument("--ca", type=Path, help="CA certificate for https endpoints (default: the mesh's dev CA), or of "
+                   "the gateway's mTLS (gRPC endpoints)")
+    p.add_argument("--cert", type=Path, help="client certificate for a gateway speaking mTLS (with --key; default "
+                   "with MOEMESH_MTLS=1: the mesh's dev certificate)")
+    p.add_argument("--key", type=Path, help="private key of --cert")
     p.add_argument("--concurrency", type=int, default=1, help="most requests in flight (default 1)")
     p.add_argument("--requests", type=int, help=f"requests to send (default {DEFAULT_REQUESTS} unless --duration)")
     p.add_argument("--duration", type=float, help="seconds to keep sending requests")
@@ -144,9 +148,11 @@ def _backend(ns: argparse.Namespace):
         ca = Path(ca) if ca and endpoint.startswith("https://") else None
         return OpenAIBackend(endpoint, key, ns.model or status.get("model"), ns.timeout, ca), endpoint, "openai-http"
     from moemesh.bench.backends import GrpcBackend
+    from moemesh.certs.client_tls import ClientTls
 
     target = endpoint.removeprefix("grpc://")
-    return GrpcBackend(target, key, ns.model or status.get("model"), ns.timeout), target, "grpc"
+    tls = ClientTls(ns.ca, ns.cert, ns.key)  # mTLS when given, or with MOEMESH_MTLS=1
+    return GrpcBackend(target, key, ns.model or status.get("model"), ns.timeout, tls), target, "grpc"
 
 
 def _in_process(ns: argparse.Namespace, spec: LoadSpec, argv: list[str]) -> dict:

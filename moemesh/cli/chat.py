@@ -41,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--status-file", type=Path,
                    help="status file of `moemesh up` (default MOEMESH_HOME/run/status.json)")
     p.add_argument("--timeout", type=finite_float, default=600.0, help="seconds to wait for the answer")
+    # mTLS to a gateway that speaks it; MOEMESH_MTLS=1 alone uses the mesh's dev certificate (moemesh/certs/client_tls)
+    p.add_argument("--ca", type=Path, help="CA certificate of the gateway's mTLS")
+    p.add_argument("--cert", type=Path, help="client certificate for mTLS (with --key)")
+    p.add_argument("--key", type=Path, help="private key of --cert")
     p.set_defaults(func=run, parser=p)
 
 
@@ -77,7 +81,8 @@ def run(ns: argparse.Namespace) -> int:
                   stop=ns.stop, system=ns.system)
     try:
         with ChatClient.from_status(ns.status_file, endpoint=ns.endpoint, model=ns.model, timeout=ns.timeout,
-                                    api_key=ns.api_key or os.environ.get("MOEMESH_API_KEY")) as client:
+                                    api_key=ns.api_key or os.environ.get("MOEMESH_API_KEY"), ca=ns.ca,
+                                    cert=ns.cert, key=ns.key) as client:
             finish, tokens = (_stream if ns.stream else _complete)(client, text, params, ns.json)
     except grpc.RpcError as exc:
         print(f"moemesh chat: {exc.code().name}: {exc.details()}{_hint(exc.code().name)}", file=sys.stderr)

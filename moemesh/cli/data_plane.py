@@ -44,3 +44,30 @@ def expert_transports(router_address: str, shard_addresses: Mapping[str, str], t
             return {}
     by_port = {_port(p.address): p.transport for p in info.placement if p.transport}
     return {name: by_port[_port(a)] for name, a in shard_addresses.items() if _port(a) in by_port}
+
+
+def expert_shard_count(device: str, requested: int | None, visible_gpus: int) -> int:
+    """Expert shard processes `moemesh up` starts: --expert-shards when given; on CUDA one per visible GPU, except
+    that one GPU co-locates the experts with the router (0: the router's in-process bank, fused MoE + CUDA graphs);
+    on CPU two."""
+    if requested is not None:
+        if requested < 0:
+            raise ValueError(f"--expert-shards {requested} must be >= 0")
+        return requested
+    if device.startswith("cuda"):
+        return 0 if visible_gpus <= 1 else visible_gpus
+    return 2
+
+
+def service_env(kind: str, index: int, num_shards: int, device: str, dtype: str, load_format: str,
+                visible_gpus: int) -> dict[str, str]:
+    """Device, dtype and weights settings of the router and the expert shards (empty for other services); shard i
+    of several on several GPUs gets cuda:i, every shard of one GPU that GPU."""
+    if kind not in ("ROUTER", "EXPERT"):
+        return {}
+    env = {f"MOEMESH_{kind}_DEVICE": device, f"MOEMESH_{kind}_DTYPE": dtype, f"MOEMESH_{kind}_LOAD_FORMAT": load_format}
+    if kind == "EXPERT":
+        env["MOEMESH_EXPERT_NUM_SHARDS"] = str(num_shards)
+        if device == "cuda" and visible_gpus > 1:
+            env["MOEMESH_EXPERT_DEVICE"] = f"cuda:{index % visible_gpus}"
+    return env

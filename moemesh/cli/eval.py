@@ -20,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--batch", type=int, default=None, help="windows per forward (default: by logits memory)")
     ppl.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ppl.add_argument("--quantization", default="none", choices=["none", "fp8", "int8"],
+                     help="weight-only quantization of the experts (a dense model: its FFN)")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(func=run_perplexity)
 
@@ -34,7 +36,8 @@ def run_perplexity(ns: argparse.Namespace) -> int:
             return 2
     try:
         result = evaluate_perplexity(ns.model, ns.text, max_tokens=ns.max_tokens, window=ns.window, batch=ns.batch,
-                                     device=ns.device, dtype=ns.dtype, progress=not ns.json)
+                                     device=ns.device, dtype=ns.dtype, progress=not ns.json,
+                                     quantization=ns.quantization)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -45,6 +48,6 @@ def run_perplexity(ns: argparse.Namespace) -> int:
     print(f"text         {result.text} ({result.text_tokens} tokens, sha256 {result.text_sha256[:12]})")
     print(f"scored       {result.tokens} tokens in {result.windows} window(s) of {result.window} "
           f"({result.predictions} predictions), max_tokens {result.max_tokens}")
-    print(f"device       {result.device} {result.dtype}, {result.seconds:.1f}s")
+    print(f"device       {result.device} {result.dtype}, quantization {result.quantization}, {result.seconds:.1f}s")
     print(f"perplexity   {result.perplexity:.4f}  (mean NLL {result.mean_nll:.5f})")
     return 0

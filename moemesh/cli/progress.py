@@ -17,9 +17,11 @@ from pathlib import Path
 
 from moemesh import home
 
-# Measured on 2 shared CPU cores (README "First start"): an empty MOEMESH_HOME, then an existing one.
-FIRST_START_S = 150
-LATER_START_S = 25
+# Measured on 2 shared CPU cores (README "Quick start"): an empty MOEMESH_HOME took 348-385 s with other work
+# loading the cores (load average 7-10); the conversion alone needs 100-380 CPU-seconds
+# (benchmarks/results/quality.md). With the model cached, a start takes 8 s.
+FIRST_START_MINUTES = (2, 7)
+LATER_START_S = 10
 BUILTIN = ("smollm2", "smollm2-moe")
 _CONVERSION = re.compile(r"^\[(moemesh|convert)")  # registry.py and convert/pipeline.py progress lines
 _LAYER = re.compile(r"layer (\d+)/(\d+):")  # the converter reports every layer: every 10th is enough here
@@ -30,9 +32,9 @@ def first_start_note(model: str) -> str | None:
     """The line that sets expectations when the built-in model still has to be built (None otherwise)."""
     if model not in BUILTIN or (home.models_dir() / model / "config.json").is_file():
         return None
-    return (f"first start: building the built-in model {model!r} into {home.models_dir()} once; this takes about "
-            f"{FIRST_START_S // 60}-{FIRST_START_S // 60 + 1} minutes on 2 CPU cores (later starts about "
-            f"{LATER_START_S} s)")
+    low, high = FIRST_START_MINUTES
+    return (f"first start: building the built-in model {model!r} into {home.models_dir()} once; this takes "
+            f"{low}-{high} minutes on 2 CPU cores, the more the busier they are (later starts about {LATER_START_S} s)")
 
 
 def interesting(line: str) -> str | None:

@@ -69,6 +69,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface every service listens on")
     p.add_argument("--status-file", type=Path, default=None, help="default MOEMESH_HOME/run/status.json")
     p.add_argument("--no-auth", action="store_true", help="no API keys: every request is tenant 'default'")
+    p.add_argument("--device", default="cpu", help="torch device of the router and expert shards (cpu, cuda)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="compute dtype")
+    p.add_argument("--expert-shards", type=int, default=None, help="expert shard processes (default: 2 on CPU; on "
+                   "CUDA one per GPU, and 0 with one GPU: experts co-located in the router)")
+    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
+                   help="dummy: random weights from the model's config.json (benchmarks without a checkpoint)")
+    p.add_argument("--quantization", default="none", choices=("none", "fp8", "int8"),
+                   help="weight-only quantization of the experts (router and shards; MOEMESH_QUANTIZATION)")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for SERVING (first run "
                    "converts the built-in model)")
     edge_hook.add_arguments(p)
@@ -99,30 +107,48 @@ def _port_free(host: str, port: int) -> bool:
 
 def plan(ns: argparse.Namespace, run_dir: Path) -> dict[str, Child]:
     """The seven children with their ports, peer addresses and env."""
-    internal = [name for name in SERVICES if name != "gateway"]
+    gpus = _visible_gpus(ns.device)
+    shards = data_plane.expert_shard_count(ns.device, ns.expert_shards, gpus)
+    experts = [f"expert-{i}" for i in range(shards)]
+    for name in experts:
+        SERVICES.setdefault(name, SERVICES["expert-0"])
+    internal = [n for n in SERVICES if n != "gateway" and (not n.startswith("expert-") or n in experts)]
     ports = dict(zip(internal, _free_ports(ns.host, len(internal), {ns.gateway_port})))
     ports["gateway"] = ns.gateway_port
     addr = {name: f"{ns.host}:{port}" for name, port in ports.items()}
     model = str(Path(ns.model).resolve()) if Path(ns.model).is_dir() else ns.model
     base = {**os.environ, "MOEMESH_MODEL": model, "PYTHONUNBUFFERED": "1",
             "TOKENIZER_ADDR": addr["tokenizer"], "BATCHER_ADDR": addr["batcher"], "ROUTER_ADDR": addr["router"],
-            "EXPERT_ADDRS": f"{addr['expert-0']},{addr['expert-1']}", "METERING_ADDR": addr["metering"],
-            "GATEWAY_ADDR": addr["gateway"], "MOEMESH_HOME": str(home.home())}
+            "EXPERT_ADDRS": ",".join(addr[n] for n in experts), "METERING_ADDR": addr["metering"],
+            "GATEWAY_ADDR": addr["gateway"], "MOEMESH_HOME": str(home.home()),
+            "MOEMESH_QUANTIZATION": getattr(ns, "quantization", "none")}
     children = {}
     for name, (module, _) in SERVICES.items():
+        if name not in addr:
+            continue
         kind = name.split("-")[0].upper()
         env = {**base, "OTEL_SERVICE_NAME": name, READY_FILE_ENV: str(run_dir / f"{name}.json"),
                f"MOEMESH_{kind}_HOST": ns.host, f"MOEMESH_{kind}_PORT": str(ports[name]),
                f"MOEMESH_{kind}_METRICS_PORT": "0", f"MOEMESH_{kind}_GRACE": str(GRACE_S.get(name, 1.0))}
         if kind == "EXPERT":
-            env.update(MOEMESH_EXPERT_SHARD_INDEX=name.split("-")[1], MOEMESH_EXPERT_NUM_SHARDS="2")
-        env.update(data_plane.thread_env(kind, num_shards=2))  # torch threads, passive OpenMP waits
+            env.update(MOEMESH_EXPERT_SHARD_INDEX=name.split("-")[1])
+        env.update(data_plane.service_env(kind, int(name.split("-")[-1]) if kind == "EXPERT" else 0, shards,
+                                          ns.device, ns.dtype, ns.load_format, gpus))
+        env.update(data_plane.thread_env(kind, num_shards=max(shards, 1)))  # torch threads, passive OpenMP waits
         if name == "metering" and not ns.no_auth:
             env["MOEMESH_METERING_DEV_TENANT"] = DEV_TENANT
         if name == "gateway":
             env["MOEMESH_GATEWAY_AUTH"] = "false" if ns.no_auth else "true"
         children[name] = Child(name, [sys.executable, "-m", module], env, home.subdir("logs") / f"{name}.log")
     return children
+
+
+def _visible_gpus(device: str) -> int:
+    if not device.startswith("cuda"):
+        return 0
+    import torch  # only for --device cuda
+
+    return torch.cuda.device_count()
 
 
 def _serving(address: str, service: str) -> bool:
@@ -249,7 +275,7 @@ def write_status(path: Path, ns: argparse.Namespace, children: dict[str, Child],
                "metrics_port": info.get("metrics_port"), "log": str(children[name].log_path)}
         for name, info in ready.items()
     }
-    for name, transport in transports.items():  # expert data plane per shard (shm, grpc), from Router.Info
+    for name, transport in transports.items():  # expert data plane per shard (shm, gloo, grpc...), Router.Info
         services[name]["transport"] = transport
     status_file.write(path, {
         "gateway": ready["gateway"]["address"], "api_key": None if ns.no_auth else _dev_key(),
@@ -260,7 +286,9 @@ def write_status(path: Path, ns: argparse.Namespace, children: dict[str, Child],
 
 def stop(children: dict[str, Child], path: Path, run_dir: Path, say) -> None:
     start = time.monotonic()
-    waves = [[children[n] for n in wave if n in children and children[n].proc is not None] for wave in STOP_WAVES]
+    last = [n for n in children if n.startswith("expert-")] + ["metering"]  # however many shards were started
+    waves = [[children[n] for n in wave if n in children and children[n].proc is not None]
+             for wave in STOP_WAVES[:-1] + [last]]
     killed = stop_in_order([w for w in waves if w], budget_s=10.0)
     with contextlib.suppress(OSError):
         if json.loads(path.read_text()).get("pid") == os.getpid():

@@ -74,6 +74,13 @@ class Checkpoint:
             self.reads.append(scale)
         return _place(tensor, device, dtype)
 
+    def read_fp8(self, name: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [M, N] fp8, weight_scale_inv [ceil(M/bm), ceil(N/bn)] float32) as stored, for serving in FP8."""
+        scale = f"{name}_scale_inv"
+        tensor, scale_inv = self._handle(name).get_tensor(name), self._handle(scale).get_tensor(scale)
+        self.reads += [name, scale]
+        return tensor.to(device), scale_inv.float().to(device)
+
     def read_rows(self, name: str, index: int, device: torch.device | str = "cpu",
                   dtype: torch.dtype | None = None) -> torch.Tensor:
         """tensor[index] of a stacked tensor, reading only that slice."""

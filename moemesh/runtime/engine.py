@@ -20,6 +20,7 @@ from moemesh.runtime.dummy import open_checkpoint
 from moemesh.runtime.experts import ExpertBank
 from moemesh.runtime.gpu import decode_plan, kernels_usable
 from moemesh.runtime.kv_cache import KVCache
+from moemesh.runtime.quant import check_quantization, quantize_dense_ffn
 from moemesh.runtime.sampling import Sampler, SeqSampleState, validate
 from moemesh.runtime.spec import ModelSpec, load_spec
 from moemesh.runtime.step_context import StepContext
@@ -52,7 +53,7 @@ class _Sequence:
 class Engine:
     def __init__(self, spec: ModelSpec, backbone: Backbone, dispatch: ExpertDispatch, cache: KVCache,
                  blocks: BlockManager, *, max_context: int, model_name: str, device: torch.device,
-                 decode=None, cuda_graphs: str = "off: not a CUDA engine") -> None:
+                 decode=None, cuda_graphs: str = "off: not a CUDA engine", quantization: str = "none") -> None:
         self.spec, self.backbone, self.dispatch = spec, backbone, dispatch
         self.cache, self.blocks = cache, blocks
         self.max_context, self.model_name, self.device = max_context, model_name, device
@@ -60,16 +61,19 @@ class Engine:
         self.sampler = Sampler()
         self._seqs: dict[str, _Sequence] = {}
         self.decode, self.cuda_graphs = decode, cuda_graphs  # gpu/decode_graphs.DecodeRunner or None, and why
+        self.quantization = quantization
 
     @classmethod
     def load(cls, model_dir: str | Path, *, dispatch: ExpertDispatch | None = None, device: str | torch.device = "cpu",
              dtype: torch.dtype | str = torch.float32, kv_blocks: int | None = None, kv_memory_bytes: int | None = None,
              block_size: int = 16, max_context: int | None = None, model_name: str | None = None,
-             load_format: str = "auto", cuda_graphs: bool = True) -> Engine:
+             load_format: str = "auto", cuda_graphs: bool = True, quantization: str = "none") -> Engine:
         """dispatch None: every routed expert in process. KV capacity: kv_blocks, else the blocks kv_memory_bytes
         buys (default: see DEFAULT_KV_BYTES). max_context defaults to the model's and is capped by the capacity.
         load_format "dummy": random weights from config.json alone (dummy.py). cuda_graphs: capture decode steps
-        on CUDA where possible (EngineInfo.cuda_graphs says what happened)."""
+        on CUDA where possible (EngineInfo.cuda_graphs says what happened). quantization none/fp8/int8: weight-only
+        quantized routed experts in process (a given dispatch quantizes its own), or the FFN of a dense model."""
+        check_quantization(quantization)
         local = resolve_model_dir(model_dir)
         device, dtype = torch.device(device), as_dtype(dtype)
         spec = load_spec(local)
@@ -78,10 +82,12 @@ class Engine:
         context = max_context or spec.max_context
         with open_checkpoint(local, spec, load_format) as ckpt:
             backbone = Backbone.load(ckpt, spec, device, dtype)
+        if spec.moe is None:
+            quantize_dense_ffn(backbone, quantization)
         backbone.set_fast(not kernels_usable(device, dtype))  # the Triton kernels of gpu/fused_ops.py on CUDA
         if dispatch is None:
-            bank = (ExpertBank.load(local, device=device, dtype=dtype, spec=spec, load_format=load_format)
-                    if spec.moe else None)
+            bank = (ExpertBank.load(local, device=device, dtype=dtype, spec=spec, load_format=load_format,
+                                    quantization=quantization) if spec.moe else None)
             dispatch = LocalDispatch(bank) if bank is not None else DenseModel()
         shapes = backbone.cache_shapes()
         if kv_blocks is None:
@@ -103,7 +109,7 @@ class Engine:
                                   trash_block=kv_blocks, device=device, graphs=graphs)
         name = model_name or (local.name if Path(model_dir).expanduser().is_dir() else str(model_dir))
         return cls(spec, backbone, dispatch, cache, blocks, max_context=max_context, model_name=name, device=device,
-                   decode=decode, cuda_graphs=note)
+                   decode=decode, cuda_graphs=note, quantization=quantization)
 
     # ---- stepping -------------------------------------------------------------------------------------------
 
@@ -230,5 +236,5 @@ class Engine:
             kv_blocks_free=self.blocks.free_blocks, active_sequences=len(self._seqs), vocab_size=s.vocab_size,
             num_layers=s.num_layers, num_experts=s.num_experts, experts_per_token=s.moe.top_k if s.moe else 0,
             moe_layers=s.moe_layers, eos_token_ids=s.eos_token_ids, device=str(self.device),
-            dtype=str(self.dtype).removeprefix("torch."), cuda_graphs=self.cuda_graphs,
+            dtype=str(self.dtype).removeprefix("torch."), cuda_graphs=self.cuda_graphs, quantization=self.quantization,
         )

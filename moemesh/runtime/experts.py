@@ -3,7 +3,9 @@
 `ExpertBank.load` reads only the hosted experts' tensors: per-expert layouts (`<moe>.experts.{e}.gate_proj.weight`
 / `w1`...) tensor by tensor, fused layouts (`<moe>.experts.gate_up_proj` [E, 2I, H], `down_proj` [E, H, I], as
 transformers 5 holds them in memory) one expert slice at a time. Weights are stacked per layer as
-gate_up [E_local, 2I, H] and down [E_local, H, I].
+gate_up [E_local, 2I, H] and down [E_local, H, I], or as quant.QuantTensor stacks of the same shapes
+(`quantization` fp8/int8: one scale per output channel; a DeepSeek block-scaled FP8 checkpoint stays in FP8 with its
+block scales). The fused GPU kernels dequantize in registers; the torch paths dequantize a layer on the fly.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from moemesh.runtime.checkpoint import Checkpoint, resolve_model_dir
 from moemesh.runtime.dummy import open_checkpoint
 from moemesh.runtime.gpu import kernels_usable
 from moemesh.runtime.layers import ACTIVATIONS
+from moemesh.runtime.quant import QuantTensor, check_quantization, from_block_fp8, quantize, stack
 from moemesh.runtime.spec import ModelSpec, load_spec
 
 GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -57,37 +60,69 @@ def _read_expert(ckpt: Checkpoint, prefix: str, e: int, device, dtype) -> tuple[
     raise KeyError(f"expert {e} of {prefix!r} not found (neither per-expert nor fused gate_up_proj tensors)")
 
 
+def _read_fp8_expert(ckpt: Checkpoint, prefix: str, e: int, device) -> tuple[QuantTensor, QuantTensor] | None:
+    """(gate_up, down) of expert e as stored in a block-scaled FP8 checkpoint (weight + weight_scale_inv), without
+    dequantizing; None when the checkpoint does not store this expert that way."""
+    raw = getattr(ckpt, "read_fp8", None)
+    for gate, up, down in PER_EXPERT_NAMES:
+        base = f"{prefix}.experts.{e}"
+        if raw is None or f"{base}.{gate}.weight_scale_inv" not in ckpt:
+            continue
+        g, u, d = (from_block_fp8(*raw(f"{base}.{n}.weight", device), ckpt.fp8_block) for n in (gate, up, down))
+        return QuantTensor(torch.cat((g.q, u.q)), torch.cat((g.scale, u.scale)), g.block_k), d
+    return None
+
+
+def _read_layer(ckpt: Checkpoint, prefix: str, experts: tuple[int, ...], device, dtype, quantization: str):
+    """(gate_up, down) stacks of one layer's hosted experts: tensors, or QuantTensors when quantized."""
+    if quantization == "fp8":
+        raw = [_read_fp8_expert(ckpt, prefix, e, device) for e in experts]
+        if all(r is not None for r in raw):
+            return stack([r[0] for r in raw]), stack([r[1] for r in raw])
+    pairs = [_read_expert(ckpt, prefix, e, device, dtype) for e in experts]
+    gate_up, down = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    if quantization == "none":
+        return gate_up, down
+    return quantize(gate_up, quantization), quantize(down, quantization)  # the bf16 stacks are freed on return
+
+
 class ExpertBank:
     """Hosted experts of the hosted layers. forward() sums, per token, the weighted outputs of those of its
     selected experts hosted here; others contribute nothing (another shard adds them)."""
 
-    def __init__(self, spec: ModelSpec, experts: tuple[int, ...], gate_up: dict[int, torch.Tensor],
-                 down: dict[int, torch.Tensor]) -> None:
+    def __init__(self, spec: ModelSpec, experts: tuple[int, ...], gate_up: dict, down: dict,
+                 dtype: torch.dtype | None = None) -> None:
+        """gate_up/down: layer -> stacked tensors or QuantTensors; dtype: compute dtype (needed when quantized)."""
         self.spec = spec
         self.experts = experts
         self.layers = tuple(sorted(gate_up))
-        self.gate_up = gate_up  # layer -> [E_local, 2I, H]
+        self.gate_up = gate_up  # layer -> [E_local, 2I, H] (tensor or QuantTensor)
         self.down = down  # layer -> [E_local, H, I]
         self.act = ACTIVATIONS[spec.hidden_act]
         first = next(iter(gate_up.values()))
-        self.dtype, self.device = first.dtype, first.device
+        self.quantization = first.scheme if isinstance(first, QuantTensor) else "none"
+        self.dtype, self.device = dtype or first.dtype, first.q.device if self.quantization != "none" else first.device
         self.read_names: tuple[str, ...] = ()  # checkpoint tensors (or "name[e]" slices) load() read
-        self.weight_bytes = sum(t.numel() * t.element_size() for t in [*gate_up.values(), *down.values()])
+        self.weight_bytes = sum(t.nbytes if isinstance(t, QuantTensor) else t.numel() * t.element_size()
+                                for t in [*gate_up.values(), *down.values()])
         local = torch.full((spec.num_experts,), -1, dtype=torch.int64)
         local[list(experts)] = torch.arange(len(experts))
         self.local_index = local.to(self.device)  # global expert id -> row in the stacks, -1 if not hosted
         self._concat: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # see _all_selected
         # '' when forward runs the fused Triton kernels (CUDA, bf16/fp16, SiLU), else why it keeps the torch path.
         self.fused_off = kernels_usable(self.device, self.dtype) or (
-            "" if spec.hidden_act == "silu" else f"activation {spec.hidden_act} (the fused kernel is SiLU)")
+            "" if spec.hidden_act == "silu" else f"activation {spec.hidden_act} (the fused kernel is SiLU)") or (
+            _fp8_unsupported(self.device) if self.quantization == "fp8" else "")
 
     @classmethod
     def load(cls, model_dir: str | Path, experts: tuple[int, ...] | list[int] | None = None,
              layers: list[int] | tuple[int, ...] | None = None, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32, spec: ModelSpec | None = None,
-             load_format: str = "auto") -> ExpertBank:
+             load_format: str = "auto", quantization: str = "none") -> ExpertBank:
         """experts: global ids to host (None: all); layers: MoE layers to host (None: every MoE layer);
-        load_format "dummy": random weights from config.json alone (see dummy.py)."""
+        load_format "dummy": random weights from config.json alone (see dummy.py); quantization: none, fp8, int8
+        (weight-only, see quant.py)."""
+        check_quantization(quantization)
         model_dir = resolve_model_dir(model_dir)
         spec = spec or load_spec(model_dir)
         if spec.moe is None:
@@ -102,10 +137,8 @@ class ExpertBank:
             gate_up, down = {}, {}
             for layer in layers:
                 prefix = moe_prefix(ckpt, layer)
-                pairs = [_read_expert(ckpt, prefix, e, device, dtype) for e in experts]
-                gate_up[layer] = torch.stack([p[0] for p in pairs])
-                down[layer] = torch.stack([p[1] for p in pairs])
-            bank = cls(spec, experts, gate_up, down)
+                gate_up[layer], down[layer] = _read_layer(ckpt, prefix, experts, device, dtype, quantization)
+            bank = cls(spec, experts, gate_up, down, dtype)
             bank.read_names = tuple(ckpt.reads)
         return bank
 
@@ -133,7 +166,7 @@ class ExpertBank:
         tokens = order // topk_ids.shape[1]  # [P] token of each pair
         x = hidden[tokens].to(self.dtype)  # [P, H] one gather for all experts
         run = self._grouped if self._use_grouped_mm() else self._per_expert
-        y = run(layer, x, counts)  # [P, H]
+        y = run(*self._dense(layer), x, counts)  # [P, H]
         weights = topk_weights.reshape(-1)[order].float()  # [P]
         out.index_add_(0, tokens, y.float() * weights[:, None])
         return out.to(caller_device, caller_dtype)
@@ -143,12 +176,16 @@ class ExpertBank:
         """Dense routing over this bank (e.g. the built-in `smollm2-moe`, top-8 of 8): the hosted experts side by
         side are one FFN of E_local * I neurons, so two GEMMs replace E_local pairs, no gather or scatter; each
         neuron is scaled by its expert's routing weight. local [T, K] local expert ids (-1: elsewhere)."""
-        if layer not in self._concat:  # built on first use only: it duplicates the layer's expert weights
-            e, two_i, h = self.gate_up[layer].shape
-            gate_up = self.gate_up[layer].view(e, 2, two_i // 2, h)
-            self._concat[layer] = (gate_up[:, 0].reshape(-1, h), gate_up[:, 1].reshape(-1, h),  # [E*I, H] each
-                                   self.down[layer].permute(1, 0, 2).reshape(h, -1))  # [H, E*I]
-        gate_w, up_w, down_w = self._concat[layer]
+        concat = self._concat.get(layer)
+        if concat is None:  # cached only unquantized: it duplicates the layer's expert weights
+            gate_up, down = self._dense(layer)
+            e, two_i, h = gate_up.shape
+            gate_up = gate_up.view(e, 2, two_i // 2, h)
+            concat = (gate_up[:, 0].reshape(-1, h), gate_up[:, 1].reshape(-1, h),  # [E*I, H] each
+                      down.permute(1, 0, 2).reshape(h, -1))  # [H, E*I]
+            if self.quantization == "none":
+                self._concat[layer] = concat
+        gate_w, up_w, down_w = concat
         t, neurons = hidden.shape[0], gate_w.shape[0] // len(self.experts)
         weights = torch.zeros(t, len(self.experts), dtype=torch.float32, device=self.device)  # [T, E_local]
         slot = local >= 0
@@ -157,6 +194,11 @@ class ExpertBank:
         act = self.act(x @ gate_w.T) * (x @ up_w.T)  # [T, E*I]
         act = act * weights.repeat_interleave(neurons, dim=1).to(self.dtype)
         return (act @ down_w.T).float()  # [T, H]
+
+    def _dense(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [E, 2I, H], down [E, H, I]) in the compute dtype; quantized layers dequantized on the fly."""
+        pair = self.gate_up[layer], self.down[layer]
+        return tuple(w.dequantize(self.dtype) if isinstance(w, QuantTensor) else w for w in pair)
 
     def _fused(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                topk_weights: torch.Tensor) -> torch.Tensor:
@@ -171,23 +213,31 @@ class ExpertBank:
     def _use_grouped_mm(self) -> bool:
         return self.device.type == "cuda" and self.dtype == torch.bfloat16 and GROUPED_MM is not None
 
-    def _per_expert(self, layer: int, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _per_expert(self, w_gate_up: torch.Tensor, w_down: torch.Tensor, x: torch.Tensor,
+                    counts: torch.Tensor) -> torch.Tensor:
         """One matmul pair per hosted expert that has tokens (x rows grouped by expert, counts [E_local])."""
         y = torch.empty_like(x)
         start = 0
         for e, n in enumerate(counts.tolist()):
             if n:
                 rows = slice(start, start + n)
-                gate, up = (x[rows] @ self.gate_up[layer][e].T).chunk(2, dim=-1)  # [n, I] each
-                y[rows] = (self.act(gate) * up) @ self.down[layer][e].T  # [n, H]
+                gate, up = (x[rows] @ w_gate_up[e].T).chunk(2, dim=-1)  # [n, I] each
+                y[rows] = (self.act(gate) * up) @ w_down[e].T  # [n, H]
                 start += n
         return y
 
-    def _grouped(self, layer: int, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _grouped(self, w_gate_up: torch.Tensor, w_down: torch.Tensor, x: torch.Tensor,
+                 counts: torch.Tensor) -> torch.Tensor:
         """Same as _per_expert in two grouped GEMMs (CUDA bf16): no per-expert launches, no host sync."""
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # [E_local] end row of each expert
-        gate_up = GROUPED_MM(x, self.gate_up[layer].transpose(1, 2), offs=offsets)  # [P, 2I]
+        gate_up = GROUPED_MM(x, w_gate_up.transpose(1, 2), offs=offsets)  # [P, 2I]
         gate, up = gate_up.chunk(2, dim=-1)
-        return GROUPED_MM((self.act(gate) * up).contiguous(), self.down[layer].transpose(1, 2), offs=offsets)  # [P, H]
+        return GROUPED_MM((self.act(gate) * up).contiguous(), w_down.transpose(1, 2), offs=offsets)  # [P, H]
 
     __call__ = forward
+
+
+def _fp8_unsupported(device: torch.device) -> str:
+    """'' when the GPU converts e4m3 in hardware (compute capability 8.9+: Ada, Hopper), else why not."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return "" if (major, minor) >= (8, 9) else f"fp8 weights need compute capability 8.9+, this GPU has {major}.{minor}"

@@ -124,3 +124,4 @@ class EngineInfo:
     device: str
     dtype: str
     cuda_graphs: str = "off: not a CUDA engine"  # "on: ..." or "off: <why>" (decode steps replayed as CUDA graphs)
+    quantization: str = "none"  # weight-only quantization of the in-process experts / dense FFN: none, fp8, int8

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 
+from moemesh.certs.client_tls import ClientTls
 from moemesh.serving import status as status_file
 from moemesh.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
@@ -41,10 +42,12 @@ def build_request(messages: Messages, *, model: str, system: str | None = None, 
 
 class ChatClient:
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, api_key: str | None = None, *, model: str | None = None,
-                 timeout: float | None = 600.0) -> None:
+                 timeout: float | None = 600.0, ca: Path | None = None, cert: Path | None = None,
+                 key: Path | None = None) -> None:
         self.endpoint, self.model, self.timeout = endpoint, model, timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._channel = grpc.insecure_channel(endpoint)
+        # mTLS when the mesh speaks it: explicit files, else MOEMESH_MTLS=1's dev certificate, else plaintext
+        self._channel = ClientTls(ca, cert, key).channel(endpoint)
         self._stub = chat_pb2_grpc.ChatStub(self._channel)
 
     @classmethod

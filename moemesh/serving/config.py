@@ -68,6 +68,8 @@ class ServiceConfig:
     host: str = setting("127.0.0.1", "interface to listen on (0.0.0.0 or [::] for all)")
     port: int = setting(0, "gRPC port (0: any free port)")
     metrics_port: int = setting(0, "Prometheus /metrics HTTP port (0: any free port, -1: off)")
+    metrics_host: str = setting("", "interface of /metrics (empty: the same as --host, never all interfaces unless "
+                                "--host is; 0.0.0.0 for a scraper on another host)")
     grace: float = setting(10.0, "seconds in-flight calls get to finish after SIGTERM")
     log_level: str = setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 

@@ -2,18 +2,19 @@
 
 The group is formed per JoinGroup (protos/moemesh/v1/expert.proto): the router creates a TCPStore, every member
 builds a ProcessGroupGloo / ProcessGroupNCCL object on it directly (not torch.distributed's global default group, so
-a process can drop a failed group and form a new one without restarting). Per MoE layer and shard, four messages:
+a process can drop a failed group and form a new one without restarting). Per MoE layer and shard, three messages:
 
     router -> shard  tag REQUEST_HEAD  header [8] int64  (kind LAYER, seq, layer, T, 0, ...)
     router -> shard  tag REQUEST_BODY  uint8 [T*H*es + T*K*4 + T*K*4]  hidden [T, H] | ids [T, K] int32 |
                                                                         weights [T, K] float32, packed
-    shard -> router  tag REPLY_HEAD    header [8] int64  (kind REPLY, seq, layer, T, status, text bytes)
-    shard -> router  tag REPLY_BODY    [T, H] dtype output (status != 0: the UTF-8 error text, zero-padded)
+    shard -> router  tag REPLY         uint8 [64 + T*H*es]  header [8] int64 (kind REPLY, seq, layer, T, status,
+                                                            text bytes) | output [T, H] (status != 0: error text)
 
-Every message has a size both ends know from T, as NCCL requires (gloo alone would accept a larger receive buffer).
-While a block computes, a gloo shard also sends (kind BEAT, seq) headers on REPLY_HEAD every heartbeat_ms, so the
-router's bounded wait tells a long block from a stalled shard. A dead peer closes its TCP connections: the pending
-gloo operation fails at once. A gloo wait that times out closes the pair, so any failure ends the group.
+Every message has a size both ends know (from T, or the fixed header), as NCCL requires. While a block computes, a
+gloo shard also sends bare 64-byte (kind BEAT, seq) headers on REPLY every heartbeat_ms (gloo accepts a message
+shorter than the posted receive), so the router's bounded wait tells a long block from a stalled shard. A dead peer
+closes its TCP connections: the pending gloo operation fails at once. A gloo wait that times out closes the pair,
+so any failure ends the group.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import torch.distributed as dist
 
 HEAD_WORDS = 8
 LAYER, REPLY, BEAT = 1, 2, 3  # header[0]: the message kind
-REQUEST_HEAD, REQUEST_BODY, REPLY_HEAD, REPLY_BODY = 0, 1, 2, 3  # tags
+REQUEST_HEAD, REQUEST_BODY, REPLY = 0, 1, 2  # tags
+HEAD_BYTES = HEAD_WORDS * 8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("gloo", "nccl")
 
@@ -44,6 +46,13 @@ def unpack(body: torch.Tensor, tokens: int, hidden_size: int, top_k: int, dtype:
     ids = body[n_hidden:n_hidden + n_ids].view(torch.int32).view(tokens, top_k)
     weights = body[n_hidden + n_ids:n_hidden + 2 * n_ids].view(torch.float32).view(tokens, top_k)
     return hidden, ids, weights
+
+
+def reply_views(reply: torch.Tensor, tokens: int, hidden_size: int, dtype: torch.dtype):
+    """Views (header [8] int64, output [T, H] dtype) into a reply buffer of at least HEAD_BYTES + T*H*es bytes."""
+    n_out = tokens * hidden_size * dtype.itemsize
+    return reply[:HEAD_BYTES].view(torch.int64), reply[HEAD_BYTES:HEAD_BYTES + n_out].view(dtype).view(tokens,
+                                                                                                      hidden_size)
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -82,8 +91,8 @@ def form_group(store: dist.Store, name: str, rank: int, world_size: int, backend
 
 
 def abort(group) -> None:
-    """Ends a group without waiting for its peers: NCCL needs an explicit abort (its kernels would wait forever);
-    gloo closes its sockets when the object is dropped, which the caller does next."""
+    """Ends a group without waiting for its peers (NCCL: its kernels would otherwise wait forever; gloo: closes its
+    sockets at once, as dropping the object, which the caller does next, would too). Called with nothing pending."""
     if group is not None and hasattr(group, "abort"):
         try:
             group.abort()

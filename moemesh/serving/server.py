@@ -139,7 +139,8 @@ async def start_service(config: ServiceConfig, register: Register, *, name: str,
 
 
 def _start_metrics(config: ServiceConfig) -> tuple[object, int]:
-    host = "0.0.0.0" if config.host in _WILDCARD_HOSTS else config.host
+    chosen = config.metrics_host or config.host  # the service's own interface unless configured
+    host = "0.0.0.0" if chosen in _WILDCARD_HOSTS else chosen
     return metrics.start_metrics_server(config.metrics_port, host)
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moemesh.v1 import common_pb2 as moemesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/expert.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\xa0\x01\n\rExpertRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\"\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12&\n\nexpert_ids\x18\x03 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12#\n\x07weights\x18\x04 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x0f\n\x07step_id\x18\x05 \x01(\x04\"M\n\x0e\x45xpertResponse\x12\"\n\x06output\x18\x01 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\"\x13\n\x11\x45xpertInfoRequest\"\xab\x01\n\nExpertInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\r\x12\x12\n\nnum_shards\x18\x03 \x01(\r\x12\x0e\n\x06layers\x18\x04 \x03(\r\x12\x0f\n\x07\x65xperts\x18\x05 \x03(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0cweight_bytes\x18\t \x01(\x04\"\x8e\x01\n\rAttachRequest\x12\x10\n\x08shm_path\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x13\n\x0bsocket_path\x18\x06 \x01(\t\x12\x0f\n\x07host_id\x18\x07 \x01(\t\",\n\x0e\x41ttachResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xcd\x01\n\x10JoinGroupRequest\x12\x15\n\rstore_address\x18\x01 \x01(\t\x12\x12\n\ngroup_name\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x12\n\ntimeout_ms\x18\t \x01(\r\x12\x14\n\x0cheartbeat_ms\x18\n \x01(\r\"/\n\x11JoinGroupResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t2\x94\x02\n\x06\x45xpert\x12@\n\x07\x46orward\x12\x19.moemesh.v1.ExpertRequest\x1a\x1a.moemesh.v1.ExpertResponse\x12=\n\x04Info\x12\x1d.moemesh.v1.ExpertInfoRequest\x1a\x16.moemesh.v1.ExpertInfo\x12?\n\x06\x41ttach\x12\x19.moemesh.v1.AttachRequest\x1a\x1a.moemesh.v1.AttachResponse\x12H\n\tJoinGroup\x12\x1c.moemesh.v1.JoinGroupRequest\x1a\x1d.moemesh.v1.JoinGroupResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/expert.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\xa0\x01\n\rExpertRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\"\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12&\n\nexpert_ids\x18\x03 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12#\n\x07weights\x18\x04 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x0f\n\x07step_id\x18\x05 \x01(\x04\"M\n\x0e\x45xpertResponse\x12\"\n\x06output\x18\x01 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\"\x13\n\x11\x45xpertInfoRequest\"\xab\x01\n\nExpertInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\r\x12\x12\n\nnum_shards\x18\x03 \x01(\r\x12\x0e\n\x06layers\x18\x04 \x03(\r\x12\x0f\n\x07\x65xperts\x18\x05 \x03(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0cweight_bytes\x18\t \x01(\x04\"\xbb\x01\n\rAttachRequest\x12\x10\n\x08shm_path\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x13\n\x0bsocket_path\x18\x06 \x01(\t\x12\x0f\n\x07host_id\x18\x07 \x01(\t\x12+\n\x08\x63uda_ipc\x18\x14 \x01(\x0b\x32\x19.moemesh.v1.CudaIpcRegion\"\xef\x01\n\rCudaIpcRegion\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12\x15\n\rmemory_handle\x18\x02 \x01(\x0c\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x14\n\x0coffset_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x05 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x06 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x07 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x08 \x01(\x08\x12\x12\n\nnum_layers\x18\t \x01(\r\x12\x0e\n\x06graphs\x18\n \x01(\x08\",\n\x0e\x41ttachResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xcd\x01\n\x10JoinGroupRequest\x12\x15\n\rstore_address\x18\x01 \x01(\t\x12\x12\n\ngroup_name\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x12\n\ntimeout_ms\x18\t \x01(\r\x12\x14\n\x0cheartbeat_ms\x18\n \x01(\r\"/\n\x11JoinGroupResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t2\x94\x02\n\x06\x45xpert\x12@\n\x07\x46orward\x12\x19.moemesh.v1.ExpertRequest\x1a\x1a.moemesh.v1.ExpertResponse\x12=\n\x04Info\x12\x1d.moemesh.v1.ExpertInfoRequest\x1a\x16.moemesh.v1.ExpertInfo\x12?\n\x06\x41ttach\x12\x19.moemesh.v1.AttachRequest\x1a\x1a.moemesh.v1.AttachResponse\x12H\n\tJoinGroup\x12\x1c.moemesh.v1.JoinGroupRequest\x1a\x1d.moemesh.v1.JoinGroupResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,13 +41,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPERTINFO']._serialized_start=328
   _globals['_EXPERTINFO']._serialized_end=499
   _globals['_ATTACHREQUEST']._serialized_start=502
-  _globals['_ATTACHREQUEST']._serialized_end=644
-  _globals['_ATTACHRESPONSE']._serialized_start=646
-  _globals['_ATTACHRESPONSE']._serialized_end=690
-  _globals['_JOINGROUPREQUEST']._serialized_start=693
-  _globals['_JOINGROUPREQUEST']._serialized_end=898
-  _globals['_JOINGROUPRESPONSE']._serialized_start=900
-  _globals['_JOINGROUPRESPONSE']._serialized_end=947
-  _globals['_EXPERT']._serialized_start=950
-  _globals['_EXPERT']._serialized_end=1226
+  _globals['_ATTACHREQUEST']._serialized_end=689
+  _globals['_CUDAIPCREGION']._serialized_start=692
+  _globals['_CUDAIPCREGION']._serialized_end=931
+  _globals['_ATTACHRESPONSE']._serialized_start=933
+  _globals['_ATTACHRESPONSE']._serialized_end=977
+  _globals['_JOINGROUPREQUEST']._serialized_start=980
+  _globals['_JOINGROUPREQUEST']._serialized_end=1185
+  _globals['_JOINGROUPRESPONSE']._serialized_start=1187
+  _globals['_JOINGROUPRESPONSE']._serialized_end=1234
+  _globals['_EXPERT']._serialized_start=1237
+  _globals['_EXPERT']._serialized_end=1513
 # @@protoc_insertion_point(module_scope)

@@ -56,7 +56,7 @@ class ExpertInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., experts: _Optional[_Iterable[int]] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("shm_path", "max_tokens", "hidden_size", "top_k", "dtype", "socket_path", "host_id")
+    __slots__ = ("shm_path", "max_tokens", "hidden_size", "top_k", "dtype", "socket_path", "host_id", "cuda_ipc")
     SHM_PATH_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class AttachRequest(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
     shm_path: str
     max_tokens: int
     hidden_size: int
@@ -71,7 +72,32 @@ class AttachRequest(_message.Message):
     dtype: str
     socket_path: str
     host_id: str
-    def __init__(self, shm_path: _Optional[str] = ..., max_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., top_k: _Optional[int] = ..., dtype: _Optional[str] = ..., socket_path: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
+    cuda_ipc: CudaIpcRegion
+    def __init__(self, shm_path: _Optional[str] = ..., max_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., top_k: _Optional[int] = ..., dtype: _Optional[str] = ..., socket_path: _Optional[str] = ..., host_id: _Optional[str] = ..., cuda_ipc: _Optional[_Union[CudaIpcRegion, _Mapping]] = ...) -> None: ...
+
+class CudaIpcRegion(_message.Message):
+    __slots__ = ("device", "memory_handle", "size_bytes", "offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "num_layers", "graphs")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    GRAPHS_FIELD_NUMBER: _ClassVar[int]
+    device: int
+    memory_handle: bytes
+    size_bytes: int
+    offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    num_layers: int
+    graphs: bool
+    def __init__(self, device: _Optional[int] = ..., memory_handle: _Optional[bytes] = ..., size_bytes: _Optional[int] = ..., offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ..., num_layers: _Optional[int] = ..., graphs: _Optional[bool] = ...) -> None: ...
 
 class AttachResponse(_message.Message):
     __slots__ = ("ok", "reason")

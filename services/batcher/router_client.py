@@ -38,6 +38,7 @@ class RouterClient:
             model=r.model, max_context=r.max_context, kv_block_size=r.kv_block_size,
             kv_blocks_total=r.kv_blocks_total, kv_blocks_free=r.kv_blocks_free,
             active_sequences=r.active_sequences, eos_token_ids=tuple(r.eos_token_ids),
+            instance_id=r.instance_id,
         )
 
     async def release(self, seq_ids: Seq[str]) -> int:

@@ -153,6 +153,27 @@ class Scheduler:
             if item.seq.status is not Status.FINISHED:
                 self._finish(item.seq, Finish.ERROR, detail)
 
+    def requeue_running(self, seq_ids: set[str] | None = None) -> int:
+        """The router lost these running sequences' KV cache (it restarted, or swept them): back to the queue to
+        recompute prompt + output, as after a preemption. None: every running sequence. Returns how many."""
+        lost = [s for s in self.running if seq_ids is None or s.seq_id in seq_ids]
+        for seq in lost:
+            self._preempt(seq)
+        return len(lost)
+
+    def fail_waiting(self, seq_ids: set[str], detail: str) -> int:
+        """Ends the given live sequences with ERROR (UNAVAILABLE for the client): the router did not come back for
+        them in time. Returns how many were still live."""
+        live = [self._live[i] for i in seq_ids if i in self._live]
+        for seq in live:
+            self._finish(seq, Finish.ERROR, detail)
+        return len(live)
+
+    def expire_unavailable(self, detail: str) -> int:
+        """Ends the sequences whose deadline passed with ERROR (not DEADLINE): while the router is away, a request
+        that runs out of time did so because of it, and the client should retry (UNAVAILABLE)."""
+        return self._expire(self.clock(), Finish.ERROR, detail)
+
     def take_releases(self) -> list[str]:
         """Sequences the router must drop (finished, cancelled, preempted); their blocks return to the ledger."""
         out, self._releases = self._releases, []
@@ -280,11 +301,14 @@ class Scheduler:
         event.preemptions = seq.preemptions
         self._events.append(event)
 
-    def _expire(self, now: float) -> None:
+    def _expire(self, now: float, reason: Finish = Finish.DEADLINE, detail: str = "the deadline passed") -> int:
+        expired = 0
         while self._deadlines and self._deadlines[0][0] <= now:
             seq = heapq.heappop(self._deadlines)[2]
             if seq.status is not Status.FINISHED:
-                self._finish(seq, Finish.DEADLINE, "the deadline passed")
+                self._finish(seq, reason, detail)
+                expired += 1
+        return expired
 
     def _event(self, seq: Sequence, token_ids: list[int]) -> Event:
         return Event(

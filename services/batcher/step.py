@@ -88,6 +88,7 @@ class RouterLimits:
     kv_blocks_free: int
     active_sequences: int
     eos_token_ids: tuple[int, ...]
+    instance_id: str = ""  # new at every router start: a change means its KV cache is gone (recompute)
 
 
 class RouterFull(Exception):

@@ -13,6 +13,7 @@ from typing import ClassVar
 from moemesh.serving.config import ConfigError, ServiceConfig, setting
 
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "fp8", "int8")  # = moemesh.runtime.quant.QUANTIZATIONS (configs import no torch)
 BACKENDS = ("torch",)
 
 
@@ -49,6 +50,10 @@ class ExpertConfig(ServiceConfig):
     dtype: str = setting("float32", "compute dtype of the experts", choices=DTYPES)
     backend: str = setting("torch", "expert backend", choices=BACKENDS)
     compute_threads: int = setting(0, "torch intra-op threads (0: torch's default)")
+    load_format: str = setting("auto", "weights: auto (the checkpoint's) or dummy (random from config.json, seeded per "
+                               "tensor name, as the router's)", choices=("auto", "dummy"))
+    quantization: str = setting("none", "weight-only quantization of this shard's experts: none, fp8 (e4m3) "
+                                "or int8, per-channel scales", env="MOEMESH_QUANTIZATION", choices=QUANTIZATIONS)
 
     def validate(self) -> None:
         super().validate()

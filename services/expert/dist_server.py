@@ -2,7 +2,7 @@
 
 JoinGroup -> DistServer.join: checks the request, connects to the router's TCP store, builds this rank's member of
 the group (blocks until every rank connected) and starts a Member: a thread that loops on receiving a request header
-from rank 0, then its packed body, runs ExpertShard.forward and sends the reply header and the [T, H] output; and,
+from rank 0, then its packed body, runs ExpertShard.forward and sends one reply (header and [T, H] output); and,
 for gloo, a thread that sends heartbeat headers while a block computes longer than heartbeat_ms. A membership ends
 when its connection to the router closes (the router dropped the group to re-form it, or died); a new JoinGroup
 starts a new one meanwhile, so nothing has to interrupt a thread blocked in a receive.
@@ -67,6 +67,8 @@ class Member:
     def _serve(self) -> None:
         spec, head = self.spec, torch.zeros(dist_wire.HEAD_WORDS, dtype=torch.int64, device=self._device)  # [8]
         body = torch.empty(0, dtype=torch.uint8, device=self._device)
+        if self._device.type == "cuda":  # NCCL uses this thread's current device
+            torch.cuda.set_device(self._device)
         try:
             with torch.inference_mode():
                 while not self._stop.is_set():
@@ -95,15 +97,17 @@ class Member:
             status, text = 1, f"{type(exc).__name__}: {exc}".encode()
             out = torch.zeros(tokens, spec.hidden_size, dtype=self._dtype, device=self._device)
         compute = time.perf_counter() - start
-        reply = out.contiguous().reshape(-1).view(torch.uint8)  # [T*H*es], the size the router posted
-        text = text[:reply.numel()]
+        reply = torch.empty(dist_wire.HEAD_BYTES + out.numel() * out.element_size(), dtype=torch.uint8,
+                            device=self._device)  # header | output [T, H]: the size the router posted
+        head, body = dist_wire.reply_views(reply, tokens, spec.hidden_size, self._dtype)
+        body.copy_(out)
+        text = text[:out.numel() * out.element_size()]
         if text:
-            reply[:len(text)] = torch.tensor(list(text), dtype=torch.uint8, device=self._device)
-        with self._lock:
+            body.reshape(-1).view(torch.uint8)[:len(text)] = torch.tensor(list(text), dtype=torch.uint8)
+        head.copy_(dist_wire.header(dist_wire.REPLY, seq, layer, tokens, status, len(text), self._device))
+        with self._lock:  # no heartbeat of this block after its reply
             self._busy = None
-            self._send(dist_wire.header(dist_wire.REPLY, seq, layer, tokens, status, len(text), self._device),
-                       dist_wire.REPLY_HEAD)
-        self._send(reply, dist_wire.REPLY_BODY)
+            self._send(reply, dist_wire.REPLY)
         metrics.observe_forward(layer, tokens, body.numel(), reply.numel(), compute, status == 0)
 
     def _beat(self) -> None:
@@ -113,7 +117,7 @@ class Member:
                 busy = self._busy
                 if busy is not None and time.monotonic() - busy[2] >= every:
                     try:
-                        self._send(dist_wire.header(dist_wire.BEAT, busy[0], busy[1], 0), dist_wire.REPLY_HEAD)
+                        self._send(dist_wire.header(dist_wire.BEAT, busy[0], busy[1], 0), dist_wire.REPLY)
                     except RuntimeError:
                         return  # the serving thread sees the same failure and ends the membership
 

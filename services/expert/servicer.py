@@ -21,6 +21,7 @@ from moemesh.serving.telemetry import tracer
 from moemesh.v1 import expert_pb2, expert_pb2_grpc
 from services.expert.dist_server import DistServer, JoinSpec
 from services.expert.shard import ExpertShard
+from services.expert import cuda_ipc_server
 from services.expert.shm_server import AttachSpec, ShmServer
 from services.expert.step_spans import CallStats, StepSpans
 from services.expert import metrics
@@ -49,6 +50,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         self._sweeper: asyncio.Task | None = None
         self._shm = ShmServer(shard, identity.dtype)
         self._dist = DistServer(shard, identity.dtype)
+        self._ipc: list[cuda_ipc_server.CudaIpcAttachment] = []  # same-GPU links (Attach with cuda_ipc set)
 
     async def Forward(self, request: expert_pb2.ExpertRequest, context: grpc.aio.ServicerContext):
         start_ns = time.time_ns()
@@ -103,6 +105,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         )
 
     async def Attach(self, request: expert_pb2.AttachRequest, context: grpc.aio.ServicerContext):
+        if request.HasField("cuda_ipc"):  # same GPU: device buffers instead of /dev/shm
+            reason = await asyncio.to_thread(self._attach_cuda_ipc, request)
+            return expert_pb2.AttachResponse(ok=reason is None, reason=reason or "")
         spec = AttachSpec(shm_path=request.shm_path, max_tokens=request.max_tokens, hidden_size=request.hidden_size,
                           top_k=request.top_k, dtype=request.dtype, socket_path=request.socket_path,
                           host_id=request.host_id)
@@ -117,8 +122,22 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         reason = await asyncio.to_thread(self._dist.join, spec)  # blocks until every rank connected
         return expert_pb2.JoinGroupResponse(ok=reason is None, reason=reason or "")
 
+    def _attach_cuda_ipc(self, request: expert_pb2.AttachRequest) -> str | None:
+        ident, shard = self._identity, self._shard
+        reason = cuda_ipc_server.refusal(request, ident.device, ident.dtype, shard.hidden_size,
+                                         tuple(shard.bank.layers))
+        if reason is None:
+            try:
+                self._ipc = [a for a in self._ipc if a.alive]
+                self._ipc.append(cuda_ipc_server.attach(shard.bank, request, str(len(self._ipc))))
+            except Exception as exc:  # noqa: BLE001 -- CUDA refused the handle: the router falls back
+                reason = f"{type(exc).__name__}: {exc}"
+        return reason
+
     async def close(self) -> None:
         """Ends open step spans, the shared-memory links and process groups, and the compute thread (on_stop)."""
+        for attachment in self._ipc:
+            attachment.close()
         self._shm.close()
         self._dist.close()
         if self._sweeper is not None:

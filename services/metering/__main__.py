@@ -20,6 +20,8 @@ from services.metering.config import MeteringConfig
 from services.metering.connection import make_client, open_for_service
 from services.metering.feedback import FeedbackStore
 from services.metering.meter import Meter
+from services.metering.admin import load_or_create_admin_token
+from services.metering.sealing import TextSealer
 from services.metering.secret import load_or_create_secret
 from services.metering.servicer import MeteringServicer, add_to_server
 from services.metering.tenants import TenantStore
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         await client.ping()
         secret = load_or_create_secret(Path(config.secret_file) if config.secret_file else None)
         tenants = TenantStore(client, secret)
+        sealer = TextSealer.load(config.text_keys_file or None)  # a bad key file stops the start, naming it
         meter = Meter(client, config.price_table(), config.hardware_table(), default_hardware=config.hardware,
                       default_devices=config.devices, reservation_ttl_s=config.reservation_ttl_s,
                       dedup_s=config.dedup_days * 86400)
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         if config.sweep_interval_s > 0:
             held["sweeper"] = asyncio.create_task(sweep_forever(meter, config.sweep_interval_s))
         log.info("redis at %s", target.url)
-        return add_to_server(MeteringServicer(meter, tenants, FeedbackStore(client)), server)
+        return add_to_server(MeteringServicer(meter, tenants, FeedbackStore(client, sealer=sealer),
+                                                admin_token=load_or_create_admin_token()), server)
 
     async def on_stop() -> None:
         if "sweeper" in held:

@@ -23,6 +23,9 @@ class MeteringConfig(ServiceConfig):
     redis_max_connections: int = setting(64, "size of the Redis connection pool (callers wait for a free one)")
     secret_file: str = setting("", "file with the API-key HMAC secret (created 0600 if absent); empty: "
                                "MOEMESH_HOME/secrets/metering_hmac_key; MOEMESH_METERING_SECRET overrides both")
+    text_keys_file: str = setting("", "AES-256-GCM key ring for tenant text at rest (see services/metering/"
+                                  "sealing.py); empty: MOEMESH_TEXT_KEYS_FILE, else MOEMESH_HOME/secrets/"
+                                  "metering_text_keys (created 0600 if absent)")
     prices: str = setting("", "JSON price table ($ per 1k input/output tokens per model); empty: $0.001 per 1k")
     hardware_prices: str = setting("", "JSON hardware table merged over the defaults (see services/metering/"
                                    "pricing.py)")

@@ -1,6 +1,6 @@
 """Quality signals next to cost: a tenant's rating (1-5) and task-completed flag for one of its own requests.
 
-Stored in `mm:{tenant}:feedback` (request id -> JSON); giving feedback again replaces the earlier one. Only requests
+Stored in `mm:{tenant}:feedback` (request id -> JSON, the comment sealed with AES-256-GCM: sealing.py); giving feedback again replaces the earlier one. Only requests
 the tenant committed within the dedup window (Meter.dedup_s, 7 days by default) accept feedback; anything else —
 another tenant's request, or an unknown id — is PERMISSION_DENIED, so one tenant cannot probe another's request ids.
 """
@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from services.metering.errors import InvalidArgument, PermissionDenied
 from services.metering.keys import TenantKeys
 from services.metering.meter import check_tenant
+from services.metering.sealing import TextSealer
 
 MAX_COMMENT = 2000
 
@@ -31,8 +32,10 @@ class Feedback:
 
 
 class FeedbackStore:
-    def __init__(self, redis: aioredis.Redis, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, redis: aioredis.Redis, clock: Callable[[], float] = time.time,
+                 sealer: TextSealer | None = None) -> None:
         self.redis, self.clock = redis, clock
+        self.sealer = sealer or TextSealer.load()
 
     async def give(self, tenant: str, fb: Feedback) -> Feedback:
         """Stores feedback of `tenant` (the authenticated caller) on its own request."""
@@ -47,10 +50,24 @@ class FeedbackStore:
         if not fb.request_id or not await self.redis.hexists(k.done, fb.request_id):
             raise PermissionDenied(f"request {fb.request_id!r} is not a recent request of tenant {tenant!r}")
         stored = Feedback(fb.request_id, fb.rating, fb.task_completed, fb.comment, int(self.clock() * 1000))
-        await self.redis.hset(k.feedback, fb.request_id, json.dumps(
-            {"rating": stored.rating, "completed": stored.task_completed, "comment": stored.comment,
-             "at_ms": stored.at_ms}))
+        await self.redis.hset(k.feedback, fb.request_id, self._encode(tenant, stored))
         return stored
+
+    def _encode(self, tenant: str, fb: Feedback) -> str:
+        comment = self.sealer.seal(fb.comment, _place(tenant, fb.request_id)) if fb.comment else ""
+        return json.dumps({"rating": fb.rating, "completed": fb.task_completed, "comment": comment,
+                           "at_ms": fb.at_ms})
+
+    async def reseal(self, tenant: str) -> int:
+        """Rewrites the tenant's comments under the current key (key rotation); returns how many changed."""
+        key, changed = TenantKeys(tenant).feedback, 0
+        for rid, value in (await self.redis.hgetall(key)).items():
+            if not json.loads(value)["comment"] or self.sealer.is_current(json.loads(value)["comment"]):
+                continue
+            fb = (await self.get_many(tenant, [rid]))[rid]
+            await self.redis.hset(key, rid, self._encode(tenant, fb))
+            changed += 1
+        return changed
 
     async def get_many(self, tenant: str, request_ids: Sequence[str]) -> dict[str, Feedback]:
         if not request_ids:
@@ -60,5 +77,11 @@ class FeedbackStore:
         for rid, value in zip(request_ids, raw):
             if value:
                 d = json.loads(value)
-                out[rid] = Feedback(rid, d["rating"], d["completed"], d["comment"], d["at_ms"])
+                comment = self.sealer.open(d["comment"], _place(tenant, rid)) if d["comment"] else ""
+                out[rid] = Feedback(rid, d["rating"], d["completed"], comment, d["at_ms"])
         return out
+
+
+def _place(tenant: str, request_id: str) -> str:
+    """Associated data of a sealed comment: it opens only in this tenant's slot for this request."""
+    return f"feedback|{tenant}|{request_id}"

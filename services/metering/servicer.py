@@ -12,6 +12,7 @@ from moemesh.serving.errors import ServiceError
 from moemesh.v1 import metering_pb2 as pb
 from moemesh.v1 import metering_pb2_grpc
 from services.metering import metrics
+from services.metering.admin import METADATA_KEY, AdminGuard
 from services.metering.errors import NeverFits, PermissionDenied, QuotaExceeded
 from services.metering.feedback import Feedback, FeedbackStore
 from services.metering.ledger import Usage, read_ledger
@@ -30,6 +31,16 @@ def _redis_unavailable(handler):
             return await handler(self, request, context)
         except _REDIS_DOWN as exc:
             raise ServiceError(f"metering cannot reach Redis: {exc}", status=grpc.StatusCode.UNAVAILABLE) from exc
+
+    return wrapped
+
+
+def _admin(handler):
+    """Admin RPCs: the caller must present the admin token (services/metering/admin.py)."""
+    @functools.wraps(handler)
+    async def wrapped(self, request, context):
+        self._check_admin(context)
+        return await handler(self, request, context)
 
     return wrapped
 
@@ -64,8 +75,14 @@ def _report(tenant: str, totals: Totals, by_model: dict[str, Totals]) -> pb.Usag
 
 
 class MeteringServicer(metering_pb2_grpc.MeteringServicer):
-    def __init__(self, meter: Meter, tenants: TenantStore, feedback: FeedbackStore) -> None:
+    def __init__(self, meter: Meter, tenants: TenantStore, feedback: FeedbackStore,
+                 admin_token: str | None = None) -> None:
         self.meter, self.tenants, self.feedback = meter, tenants, feedback
+        self._admin = AdminGuard(admin_token)
+
+    def _check_admin(self, context) -> None:
+        presented = next((v for k, v in context.invocation_metadata() or () if k == METADATA_KEY), None)
+        self._admin.check(presented if isinstance(presented, str) else None)
 
     @_redis_unavailable
     async def Authenticate(self, request: pb.AuthenticateRequest, context) -> pb.AuthenticateResponse:
@@ -108,12 +125,16 @@ class MeteringServicer(metering_pb2_grpc.MeteringServicer):
     @_redis_unavailable
     async def GetUsage(self, request: pb.GetUsageRequest, context) -> pb.UsageReport:
         _check_caller(request)
+        if not request.caller_tenant:  # any tenant's usage: an admin read
+            self._check_admin(context)
         await self.tenants.get(request.tenant)
         report = await build_report(self.meter.redis, request.tenant, *_period(request))
         return _report(request.tenant, report.totals, report.by_model)
 
     async def ExportUsage(self, request: pb.GetUsageRequest, context):
         _check_caller(request)
+        if not request.caller_tenant:
+            self._check_admin(context)
         check_tenant(request.tenant)
         try:
             await self.tenants.get(request.tenant)
@@ -154,6 +175,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServicer):
         return info
 
     @_redis_unavailable
+    @_admin
     async def CreateTenant(self, request: pb.CreateTenantRequest, context) -> pb.CreateTenantResponse:
         q = request.quota
         limits = Limits(q.requests_per_minute, q.tokens_per_minute, q.concurrent_requests, q.monthly_budget_usd)
@@ -163,14 +185,17 @@ class MeteringServicer(metering_pb2_grpc.MeteringServicer):
         return pb.CreateTenantResponse(tenant=info, api_key=api_key, key_id=info.keys[0].key_id)
 
     @_redis_unavailable
+    @_admin
     async def GetTenant(self, request: pb.GetTenantRequest, context) -> pb.TenantInfo:
         return await self._info(await self.tenants.get(request.name), with_keys=True)
 
     @_redis_unavailable
+    @_admin
     async def ListTenants(self, request: pb.ListTenantsRequest, context) -> pb.ListTenantsResponse:
         return pb.ListTenantsResponse(tenants=[await self._info(t, False) for t in await self.tenants.list()])
 
     @_redis_unavailable
+    @_admin
     async def SetQuota(self, request: pb.SetQuotaRequest, context) -> pb.TenantInfo:
         def opt(name):
             return getattr(request, name) if request.HasField(name) else None
@@ -182,6 +207,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServicer):
         return await self._info(tenant, with_keys=True)
 
     @_redis_unavailable
+    @_admin
     async def IssueKey(self, request: pb.IssueKeyRequest, context) -> pb.IssueKeyResponse:
         if request.revoke_others:
             key_id, api_key, revoked = await self.tenants.rotate_key(request.name)
@@ -190,6 +216,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServicer):
         return pb.IssueKeyResponse(api_key=api_key, key_id=key_id, revoked_key_ids=revoked)
 
     @_redis_unavailable
+    @_admin
     async def RevokeKey(self, request: pb.RevokeKeyRequest, context) -> pb.RevokeKeyResponse:
         await self.tenants.revoke_key(request.name, request.key_id)
         return pb.RevokeKeyResponse()

@@ -24,6 +24,8 @@ from services.router.config import RouterConfig
 from services.router.engine_worker import EngineWorker
 from services.router.expert_client import GrpcShardClient
 from services.router.placement import Placement, check_same_model
+from services.router import cuda_ipc_dispatch
+from services.router.link_choice import is_local
 from services.router.shm_dispatch import ShmDispatch
 from services.router.servicer import RouterServicer, add_to_server
 
@@ -61,7 +63,12 @@ def connect_shards(config: RouterConfig, spec):
         placement = Placement(tuple(c.placement() for c in clients))
         placement.validate(moe_layers, num_experts)
         check_same_model([(c.address, c.info.model, c.info.dtype, tuple(c.info.experts)) for c in clients])
-        dispatch = ShmDispatch.start(clients, placement, num_experts, mode=config.expert_transport,
+        dispatch = None
+        if config.expert_transport in ("auto", "cuda_ipc"):  # same GPU first; None: refused (logged), fall back
+            dispatch = cuda_ipc_dispatch.start(clients, placement, mode=config.expert_transport, device=config.device,
+                                               spec=spec, local=[is_local(c.address) for c in clients],
+                                               call_timeout=config.expert_timeout)
+        dispatch = dispatch or ShmDispatch.start(clients, placement, num_experts, mode=config.expert_transport,
                                      hidden_size=spec.hidden_size, top_k=spec.moe.top_k,
                                      stall_timeout=config.stall_timeout, call_timeout=config.expert_timeout,
                                      device=config.device)
@@ -88,7 +95,8 @@ def build_router(config: RouterConfig) -> Router:
         engine = worker.call(  # built on the engine thread, which alone touches it afterwards
             Engine.load, model_dir, dispatch=dispatch, device=config.device, dtype=config.dtype,
             kv_blocks=config.kv_blocks, kv_memory_bytes=kv_bytes, block_size=config.block_size,
-            max_context=config.max_context, model_name=config.model,
+            max_context=config.max_context, model_name=config.model, load_format=config.load_format,
+            quantization=config.quantization,
         )
     except BaseException:
         worker.shutdown()
@@ -103,7 +111,7 @@ def build_router(config: RouterConfig) -> Router:
              len(info.moe_layers), info.num_experts,
              ", ".join(f"{p.address} ({t})" for p, t in zip(placement, transports())), info.kv_blocks_total,
              info.kv_block_size, info.max_context)
-    servicer = RouterServicer(engine, worker, placement, transports=transports)
+    servicer = RouterServicer(engine, worker, placement, transports=transports, seq_lease=config.seq_lease)
     return Router(servicer, engine, worker, clients, dispatch)
 
 
@@ -114,6 +122,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     async def register(server: grpc.aio.Server) -> list[str]:
         # Off the loop: start-up blocks on shard Info calls (and in-process test shards need the loop to answer).
         routers.append(await asyncio.to_thread(build_router, config))
+        routers[0].servicer.start_sweeper()
         return add_to_server(routers[0].servicer, server)
 
     def on_stop() -> None:

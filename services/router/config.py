@@ -12,7 +12,8 @@ from typing import ClassVar
 from moemesh.serving.config import EXPERT_ADDRS, ConfigError, ServiceConfig, check_address, setting
 
 DTYPES = ("float32", "bfloat16", "float16")
-TRANSPORTS = ("auto", "shm", "dist", "grpc")
+QUANTIZATIONS = ("none", "fp8", "int8")  # = moemesh.runtime.quant.QUANTIZATIONS (configs import no torch)
+TRANSPORTS = ("auto", "cuda_ipc", "shm", "dist", "grpc")
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,20 @@ class RouterConfig(ServiceConfig):
     expert_timeout: float = setting(30.0, "seconds one per-layer expert call may take")
     connect_timeout: float = setting(120.0, "seconds to wait at start for every expert shard to answer Info")
     compute_threads: int = setting(0, "torch intra-op threads (0: torch's default)")
-    expert_transport: str = setting("auto", "expert data plane: auto (shared memory for shards on this host, a "
+    expert_transport: str = setting("auto", "expert data plane: auto (cuda_ipc when every shard shares the router's "
+                                    "GPU, else shared memory for shards on this host, a "
                                     "torch.distributed group (gloo, or nccl on GPUs) for shards on other hosts, gRPC "
                                     "for shards that refuse either), shm or dist (every shard, or refuse to start), "
                                     "grpc", choices=TRANSPORTS)
+    load_format: str = setting("auto", "weights: auto (the checkpoint's) or dummy (random from config.json, seeded per "
+                               "tensor name: the shards must use dummy too)", choices=("auto", "dummy"))
+    quantization: str = setting("none", "weight-only quantization of the experts run in process (or of a dense "
+                                "model's FFN): none, fp8 (e4m3) or int8, per-channel scales",
+                                env="MOEMESH_QUANTIZATION", choices=QUANTIZATIONS)
     stall_timeout: float = setting(1.0, "seconds without a heartbeat from a shared-memory shard before its step "
                                    "fails (a long step on a live shard keeps beating)")
+    seq_lease: float = setting(30.0, "seconds after which the KV cache of a sequence no batcher stepped is freed "
+                               "(a dead batcher's sequences)")
 
     def validate(self) -> None:
         super().validate()
@@ -57,7 +66,7 @@ class RouterConfig(ServiceConfig):
                 raise ConfigError(f"{self.source(name)}: {value!r} must be >= 1")
         if self.block_size < 1:
             raise ConfigError(f"{self.source('block_size')}: {self.block_size!r} must be >= 1")
-        for name in ("expert_timeout", "connect_timeout", "stall_timeout"):
+        for name in ("expert_timeout", "connect_timeout", "stall_timeout", "seq_lease"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{self.source(name)}: {getattr(self, name)!r} must be > 0 seconds")
         if self.compute_threads < 0:

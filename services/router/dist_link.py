@@ -86,8 +86,7 @@ class DistLink:
     def __init__(self, owner: DistGroup, client: GrpcShardClient, rank: int) -> None:
         self.owner, self.client, self.address, self.rank = owner, client, client.address, rank
         self._request = torch.empty(0, dtype=torch.uint8, device=owner.device)  # packed bodies, grown as needed
-        self._output = torch.empty(0, owner.hidden_size, dtype=owner.torch_dtype, device=owner.device)  # [Tcap, H]
-        self._reply_head = torch.zeros(dist_wire.HEAD_WORDS, dtype=torch.int64, device=owner.device)  # [8]
+        self._reply = torch.empty(0, dtype=torch.uint8, device=owner.device)  # header | output [T, H], grown
         self._pending: dict[str, object] = {}  # in-flight works and the tensors they read or write
 
     @property
@@ -128,21 +127,22 @@ class DistLink:
               trace_context: str = "") -> None:
         """Packs hidden [T, H], topk_ids [T, K], topk_weights [T, K] and posts the sends and the reply receives."""
         owner, tokens = self.owner, hidden.shape[0]
+        if owner.device.type == "cuda":  # NCCL uses the calling thread's current device (the engine thread's)
+            torch.cuda.set_device(owner.device)
         body = self._grow_request(dist_wire.body_bytes(tokens, owner.hidden_size, owner.top_k, owner.torch_dtype))
         h, ids, w = dist_wire.unpack(body, tokens, owner.hidden_size, owner.top_k, owner.torch_dtype)
         h.copy_(hidden)
         ids.copy_(topk_ids)
         w.copy_(topk_weights)
         head = dist_wire.header(dist_wire.LAYER, seq, layer, tokens, device=owner.device)
-        out = self._grow_output(tokens)[:tokens]  # [T, H]
+        reply = self._grow_reply(dist_wire.HEAD_BYTES + tokens * owner.hidden_size * owner.torch_dtype.itemsize)
         group = owner.group
         try:
             self._pending = {
-                "head": head, "body": body, "out": out,
+                "head": head, "body": body, "reply": reply,
                 "send_head": group.send([head], self.rank, dist_wire.REQUEST_HEAD),
                 "send_body": group.send([body], self.rank, dist_wire.REQUEST_BODY),
-                "recv_head": group.recv([self._reply_head], self.rank, dist_wire.REPLY_HEAD),
-                "recv_body": group.recv([out.reshape(-1).view(torch.uint8)], self.rank, dist_wire.REPLY_BODY)}
+                "recv": group.recv([reply], self.rank, dist_wire.REPLY)}
         except RuntimeError as exc:
             self._fail(layer, f"send failed: {exc}")
 
@@ -152,22 +152,22 @@ class DistLink:
         deadline = time.monotonic() + owner.call_timeout
         beat_s = owner.stall_timeout if owner.backend == "gloo" else owner.call_timeout
         try:
-            dist_wire.wait(pending["send_head"], owner.call_timeout)
-            dist_wire.wait(pending["send_body"], owner.call_timeout)
+            # A gloo send completes once the shard posted its receive, which a live shard does at once.
+            dist_wire.wait(pending["send_head"], beat_s)
+            dist_wire.wait(pending["send_body"], beat_s)
             while True:
-                dist_wire.wait(pending["recv_head"], min(beat_s, max(deadline - time.monotonic(), 0.01)))
-                kind, got_seq, _, _, status, text_len = self._reply_head[:6].tolist()
+                dist_wire.wait(pending["recv"], min(beat_s, max(deadline - time.monotonic(), 0.01)))
+                head, out = dist_wire.reply_views(pending["reply"], tokens, owner.hidden_size, owner.torch_dtype)
+                kind, got_seq, _, _, status, text_len = head[:6].tolist()
                 if kind != dist_wire.BEAT:
                     break
                 if time.monotonic() > deadline:  # a live shard, but slower than call_timeout
                     raise RuntimeError(f"no reply within {owner.call_timeout} s")
-                pending["recv_head"] = owner.group.recv([self._reply_head], self.rank, dist_wire.REPLY_HEAD)
-            dist_wire.wait(pending["recv_body"], owner.call_timeout)
+                pending["recv"] = owner.group.recv([pending["reply"]], self.rank, dist_wire.REPLY)
         except RuntimeError as exc:
             self._fail(layer, _describe(exc, beat_s))
         finally:
             self._pending = {}
-        out = pending["out"]
         if kind != dist_wire.REPLY or got_seq != seq:
             self._fail(layer, f"protocol: reply kind {kind} seq {got_seq} to request seq {seq}")
         if status:  # the shard is in step (it sent the whole reply): the group stays
@@ -180,11 +180,10 @@ class DistLink:
             self._request = torch.empty(1 << (nbytes - 1).bit_length(), dtype=torch.uint8, device=self.owner.device)
         return self._request[:nbytes]
 
-    def _grow_output(self, tokens: int) -> torch.Tensor:
-        if self._output.shape[0] < tokens:
-            self._output = torch.empty(1 << (tokens - 1).bit_length(), self.owner.hidden_size,
-                                       dtype=self.owner.torch_dtype, device=self.owner.device)
-        return self._output
+    def _grow_reply(self, nbytes: int) -> torch.Tensor:
+        if self._reply.numel() < nbytes:
+            self._reply = torch.empty(1 << (nbytes - 1).bit_length(), dtype=torch.uint8, device=self.owner.device)
+        return self._reply[:nbytes]
 
     def _fail(self, layer: int, why: str):
         # Not torn down here: other links of the group may still have operations in flight (collect waits them).

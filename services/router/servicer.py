@@ -7,7 +7,10 @@ UNAVAILABLE (the engine rolled the step back). Spans: see services/router/step_t
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+import uuid
 from collections.abc import Callable
 
 import grpc
@@ -21,8 +24,10 @@ from moemesh.serving.telemetry import tracer
 from moemesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.router import metrics
 from services.router.engine_worker import EngineWorker
+from services.router.leases import SequenceLeases
 from services.router.step_trace import step_scope
 
+log = logging.getLogger(__name__)
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 _DEFAULTS = SamplingParams()
 
@@ -53,14 +58,42 @@ def result_to_proto(r: SeqResult) -> router_pb2.SequenceResult:
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, engine: Engine, worker: EngineWorker, placement: tuple[ExpertPlacement, ...],
-                 tracer_: trace.Tracer | None = None, transports: Callable[[], list[str]] | None = None) -> None:
+                 tracer_: trace.Tracer | None = None, transports: Callable[[], list[str]] | None = None,
+                 seq_lease: float = 30.0) -> None:
         self._engine, self._worker, self._placement = engine, worker, placement
+        # A new id per process: a batcher that sees it change knows the KV cache it relied on is gone (recompute).
+        self.instance_id = uuid.uuid4().hex
+        self._leases = SequenceLeases(seq_lease)
+        self._sweeper: asyncio.Task | None = None
         self._transports = transports or (lambda: [""] * len(placement))  # per shard: "shm", "grpc", "local"...
         self._tracer = tracer_ or tracer("moemesh.router")
         # Routed-token counters on the device; read on the engine thread (never inside a step), only when asked.
         self._expert_load = ExpertLoad.attach(engine.backbone)
         if self._expert_load is not None:
             metrics.EXPERT_TOKENS_BY_EXPERT.read = self._scrape_expert_load
+
+    def start_sweeper(self) -> None:
+        """Frees, every ttl/4 seconds, the KV cache of sequences no batcher stepped for ttl (see leases.py)."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="router-kv-leases")
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._leases.ttl / 4)
+            await self.sweep()
+
+    async def sweep(self) -> int:
+        """Releases the sequences whose lease expired; returns how many the engine still held."""
+        released, free = await self._worker.run(self._sweep)
+        if released:
+            log.warning("freed the KV cache of %d sequences no batcher stepped for %.1f s (a batcher died or "
+                        "stalled); %d blocks free", released, self._leases.ttl, free)
+        return released
+
+    def _sweep(self) -> tuple[int, int]:
+        # On the engine thread, like every lease update: a step in flight has touched its sequences by now.
+        stale = self._leases.expired()
+        return self._release(stale) if stale else (0, self._engine.blocks.free_blocks)
 
     async def Step(self, request: router_pb2.StepRequest, context: grpc.aio.ServicerContext):
         works = [work_from_proto(w) for w in request.work]
@@ -76,6 +109,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             trace.get_current_span().set_attributes({"moemesh.sequences": len(works), "moemesh.tokens": tokens})
             try:
                 results = self._engine.step(works)
+                self._leases.touch(w.seq_id for w in works)  # after the step: a long step never counts as idle
                 outcome = "ok"
             except CapacityError as exc:
                 outcome = "capacity"
@@ -100,6 +134,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     def _release(self, seq_ids: list[str]) -> tuple[int, int]:
         released = self._engine.release(seq_ids)
+        self._leases.forget(seq_ids)
         self._update_gauges()
         return released, self._engine.blocks.free_blocks
 
@@ -114,6 +149,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                                                   transport=t) for p, t in zip(self._placement, self._transports())],
             device=info.device, dtype=info.dtype, eos_token_ids=info.eos_token_ids, moe_layers=info.moe_layers,
             expert_tokens=[router_pb2.ExpertLayerLoad(layer=layer, tokens=tokens) for layer, tokens in load.items()],
+            instance_id=self.instance_id, cuda_graphs=info.cuda_graphs, quantization=info.quantization,
         )
 
     def _scrape_expert_load(self) -> dict[int, list[int]]:

@@ -5,9 +5,10 @@ Transport per shard, chosen at start-up (services/router/link_choice.py) and sho
 for a shard on this host that accepted Attach, "gloo"/"nccl" for the shards of the process group, "grpc" for the
 others, "<kind>-down" while a shard is lost. Per layer, submit writes every token of the layer into each shm shard's
 region or posts it to each group shard (the shard masks the experts it does not host; with dense routing every shard
-needs every token anyway) and signals all of them before returning; collect waits for every reply and sums the partial outputs in float32. gRPC shards keep the
-Forward path of RemoteDispatch in the same layer. A lost shard fails the step (ExpertCallError, UNAVAILABLE);
-begin_step re-attaches it, at most once per retry_s, once it answers again with the same placement.
+needs every token anyway) and signals all of them before returning; collect waits for every reply and sums the
+partial outputs in float32. gRPC shards keep the Forward path of RemoteDispatch in the same layer. A lost shard
+fails the step (ExpertCallError, UNAVAILABLE); begin_step re-attaches it (a process group: re-forms it with all its
+shards), at most once per retry_s, once it answers again with the same placement.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ from services.router.shm_link import AttachRefused, ShmLink
 from services.router.step_trace import current_step
 
 log = logging.getLogger("services.router.shm")
+
+
+def _bucket(tokens: int) -> int:
+    """A grown region's rows: the next power of two, at least MIN_TOKENS."""
+    return max(MIN_TOKENS, 1 << (max(tokens, 1) - 1).bit_length())
 
 
 class ShmDispatch(RemoteDispatch):
@@ -73,7 +79,7 @@ class ShmDispatch(RemoteDispatch):
         grow, now = link.attached, time.monotonic()
         if not grow and now < self._retry_at[i]:
             raise ExpertCallError(link.address, -1, grpc.StatusCode.UNAVAILABLE,
-                                  f"shm link down; next re-attach in {self._retry_at[i] - now:.1f} s")
+                                  f"{link.kind} link down; next re-attach in {self._retry_at[i] - now:.1f} s")
         try:
             if not grow:
                 for j in self._peers(i):  # a re-formed group holds every shard of it
@@ -114,7 +120,8 @@ class ShmDispatch(RemoteDispatch):
                 if call is not None:
                     calls.append(call)
             elif not link.attached:
-                errors.append(ExpertCallError(link.address, layer, grpc.StatusCode.UNAVAILABLE, "shm link down"))
+                errors.append(ExpertCallError(link.address, layer, grpc.StatusCode.UNAVAILABLE,
+                                              f"{link.kind} link down"))
             else:
                 try:
                     link.start(self._seq, layer, hidden, topk_ids, topk_weights, self._trace_context(i, layer, step))

@@ -174,9 +174,13 @@ def side_gateway(mesh: RunningMesh, home: Path, metering_addr: str) -> Process:
                    home / "gateway.ready.json")
 
 
+from tests.metering_admin import AdminToken  # noqa: E402
+
+
 def metering_stub(address: str) -> tuple[grpc.Channel, metering_pb2_grpc.MeteringStub]:
+    """A stub that presents the admin token (MOEMESH_ADMIN_TOKEN, set for every test process: tests/conftest.py)."""
     channel = grpc.insecure_channel(address)
-    return channel, metering_pb2_grpc.MeteringStub(channel)
+    return channel, metering_pb2_grpc.MeteringStub(grpc.intercept_channel(channel, AdminToken()))
 
 
 class ChatLoad:

@@ -57,6 +57,13 @@ async def test_metrics_endpoint_counts_rpcs() -> None:
     assert line in text
 
 
+@pytest.mark.parametrize("metrics_host, bound", [("", "127.0.0.1"), ("0.0.0.0", "0.0.0.0")])
+async def test_metrics_listen_on_the_service_host_unless_configured(metrics_host, bound) -> None:
+    config = ServiceConfig(host="127.0.0.1", port=0, metrics_port=0, metrics_host=metrics_host)
+    async with serve_in_process(register_echo(), name="metrics-host", config=config) as svc:
+        assert svc._metrics_http.server_address[0] == bound
+
+
 async def test_drain_finishes_in_flight_stream_refuses_new_calls() -> None:
     batcher = SlowBatcher(delay=0.1)
     svc = await start_service(ServiceConfig(port=0, metrics_port=-1), register_echo(batcher), name="drain")

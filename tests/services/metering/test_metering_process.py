@@ -46,8 +46,10 @@ class Metering:
         return self
 
     def stub(self) -> tuple[grpc.Channel, metering_pb2_grpc.MeteringStub]:
+        from tests.metering_admin import AdminToken  # presents MOEMESH_ADMIN_TOKEN (tests/conftest.py)
+
         channel = grpc.insecure_channel(self.info["address"])
-        return channel, metering_pb2_grpc.MeteringStub(channel)
+        return channel, metering_pb2_grpc.MeteringStub(grpc.intercept_channel(channel, AdminToken()))
 
     def redis_pid(self) -> int:
         return json.loads((self.home / "redis" / "owner.json").read_text())["server_pid"]

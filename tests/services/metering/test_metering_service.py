@@ -17,15 +17,64 @@ from services.metering.tenants import TenantStore
 
 from .conftest import SECRET
 
+ADMIN = "admin-token-for-this-test-0123456789abcdef"
+ADMIN_MD = [("x-moemesh-admin-token", ADMIN)]
+
+
+class AdminMetadata(grpc.aio.UnaryUnaryClientInterceptor):
+    """Unary calls only: metadata added by an aio unary-stream interceptor does not reach the server (grpcio 1.84);
+    streaming calls pass it themselves."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def _details(self, details):
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata.add("x-moemesh-admin-token", self.token)
+        return details._replace(metadata=metadata)
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
 
 @pytest.fixture
 async def stub(redis):
     tenants, meter, feedback = TenantStore(redis, SECRET), Meter(redis), FeedbackStore(redis)
-    async with serve_in_process(lambda server: add_to_server(MeteringServicer(meter, tenants, feedback), server),
-                                name="metering") as svc:
+    servicer = MeteringServicer(meter, tenants, feedback, admin_token=ADMIN)
+    async with serve_in_process(lambda server: add_to_server(servicer, server), name="metering") as svc:
+        channel = grpc.aio.insecure_channel(svc.address, interceptors=[AdminMetadata(ADMIN)])
+        yield metering_pb2_grpc.MeteringStub(channel)
+        await channel.close()
+
+
+@pytest.fixture
+async def anonymous(stub, redis):
+    """A second metering on the same Redis, called without the admin token."""
+    servicer = MeteringServicer(Meter(redis), TenantStore(redis, SECRET), FeedbackStore(redis), admin_token=ADMIN)
+    async with serve_in_process(lambda server: add_to_server(servicer, server), name="metering") as svc:
         channel = client_channel(svc.address)
         yield metering_pb2_grpc.MeteringStub(channel)
         await channel.close()
+
+
+async def test_admin_operations_need_the_admin_token(stub, anonymous) -> None:
+    await _tenant(stub, "acme")
+    calls = [anonymous.CreateTenant(pb.CreateTenantRequest(name="evil")),
+             anonymous.SetQuota(pb.SetQuotaRequest(name="acme", tokens_per_minute=10**9)),
+             anonymous.IssueKey(pb.IssueKeyRequest(name="acme")), anonymous.ListTenants(pb.ListTenantsRequest()),
+             anonymous.GetTenant(pb.GetTenantRequest(name="acme")),
+             anonymous.RevokeKey(pb.RevokeKeyRequest(name="acme", key_id="x")),
+             anonymous.GetUsage(pb.GetUsageRequest(tenant="acme"))]
+    for call in calls:
+        assert (await _code(call)).code() == grpc.StatusCode.UNAUTHENTICATED
+    wrong = [("x-moemesh-admin-token", "y" * 40)]
+    err = await _code(anonymous.CreateTenant(pb.CreateTenantRequest(name="evil"), metadata=wrong))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    err = await _code(anonymous.ExportUsage(pb.GetUsageRequest(tenant="acme")).read())
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    # a tenant's own usage (what the gateway asks for its caller) needs no admin token
+    assert (await anonymous.GetUsage(pb.GetUsageRequest(tenant="acme", caller_tenant="acme"))).requests == 0
+    assert [t.name for t in (await stub.ListTenants(pb.ListTenantsRequest())).tenants] == ["acme"]
 
 
 async def _tenant(stub, name: str, **quota) -> str:
@@ -83,7 +132,7 @@ async def test_commit_is_idempotent_and_feeds_usage_and_metrics(stub) -> None:
     after = REGISTRY.get_sample_value("moemesh_metering_tokens_total",
                                       {"tenant": "acme", "model": "m", "kind": "completion"})
     assert after - before == 30
-    records = [r async for r in stub.ExportUsage(pb.GetUsageRequest(tenant="acme"))]
+    records = [r async for r in stub.ExportUsage(pb.GetUsageRequest(tenant="acme"), metadata=ADMIN_MD)]
     assert [(r.request_id, r.user, r.HasField("task_completed")) for r in records] == [("r1", "u1", False)]
 
 

@@ -1,0 +1,128 @@
+"""The Triton kernels of fused_moe.py (see there for the data flow): a grouped GEMM over row blocks of one expert,
+and a GEMV for a few tokens. Both take bf16/fp16 weights, or weight-only quantized ones (QUANT: int8 or fp8 e4m3
+with float32 scales [E, N, G], quant.py), converted to the activations' dtype in registers: int8 and e4m3 values are
+exact in bf16, so the only rounding is the one the bf16 kernel already has, and HBM traffic is half of bf16's.
+
+Scales: GROUP_K 0 = one scale per output channel, applied once to the accumulator after the K loop (free); else one
+per GROUP_K columns (DeepSeek's 128x128 FP8 blocks), applied to each K step's partial product (GROUP_K is a multiple
+of BLOCK_K, so a K step never straddles two scale groups).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _moe_gemm(a_ptr, b_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows_used_ptr, scale_ptr,
+              num_pairs, em, n_out, k_in, stride_am, stride_be, stride_bn, stride_cm, stride_se, stride_sn, up_rows,
+              A_DIV: tl.constexpr, GATED: tl.constexpr, WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr,
+              QUANT: tl.constexpr, GROUP_K: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """C[pair] = A[pair // A_DIV] @ B_e^T (B [E, n_out (+ up_rows), k_in], k contiguous), per row block of one expert.
+    GATED: C = silu(A @ gate^T) * (A @ up^T), up rows start at up_rows. WEIGHTED: C *= weight[pair]."""
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(em, BLOCK_M), tl.cdiv(n_out, BLOCK_N)
+    group = GROUP_M * num_n  # programs sharing a group of row blocks walk n first (L2 reuse of A)
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+    if pid_m * BLOCK_M >= tl.load(rows_used_ptr):
+        return  # past the padded rows in use this step (the grid is sized for the worst case)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + rows)  # [BM] int64; num_pairs marks padding
+    row_ok = pair < num_pairs
+    expert = tl.load(expert_ptr + pid_m)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    col_ok = cols < n_out
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (pair // A_DIV)[:, None] * stride_am + ks[None, :]  # [BM, BK]
+    b_ptrs = b_ptr + expert * stride_be + cols[None, :] * stride_bn + ks[:, None]  # [BK, BN]
+    s_ptrs = scale_ptr + expert * stride_se + cols * stride_sn  # [BN] scales of these output channels
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k_in, BLOCK_K):
+        k_ok = ks < k_in - k0
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _mac(acc, a, b, s_ptrs, col_ok, k0, QUANT, GROUP_K)
+        if GATED:
+            up_ptrs = b_ptrs + up_rows * stride_bn
+            if EVEN_K:
+                u = tl.load(up_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                u = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_up = _mac(acc_up, a, u, s_ptrs + up_rows * stride_sn, col_ok, k0, QUANT, GROUP_K)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if QUANT and GROUP_K == 0:  # per-channel scales: once, on the float32 accumulators
+        acc = acc * tl.load(s_ptrs, mask=col_ok, other=0.0)[None, :]
+        if GATED:
+            acc_up = acc_up * tl.load(s_ptrs + up_rows * stride_sn, mask=col_ok, other=0.0)[None, :]
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up, in float32 before the one rounding
+    if WEIGHTED:
+        acc = acc * tl.load(weight_ptr + pair, mask=row_ok, other=0.0)[:, None]
+    c_ptrs = c_ptr + pair[:, None] * stride_cm + cols[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _mac(acc, a, b, s_ptrs, col_ok, k0, QUANT: tl.constexpr, GROUP_K: tl.constexpr):
+    """acc [BM, BN] += a [BM, BK] @ b [BK, BN]; quantized b converted to a's dtype, block scale applied here."""
+    if QUANT:
+        b = b.to(a.dtype)
+    if GROUP_K > 0:
+        acc = acc + tl.dot(a, b) * tl.load(s_ptrs + k0 // GROUP_K, mask=col_ok, other=0.0)[None, :]
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, n_out, k_in, stride_am, stride_be, stride_bn,
+              stride_cm, stride_se, stride_sn, up_rows, A_DIV: tl.constexpr, GATED: tl.constexpr,
+              WEIGHTED: tl.constexpr, QUANT: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """Few tokens (decode at batch 1-4): one program per (pair, column block), a dot product per output column, no
+    alignment and no tensor cores; many more programs in flight than the row-block GEMM has at this size."""
+    pair = tl.program_id(0).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    col_ok = cols < n_out
+    expert = tl.load(ids_ptr + pair)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if expert >= 0:  # hosted elsewhere (-1): the row stays zero
+        ks = tl.arange(0, BLOCK_K)
+        a_row = a_ptr + (pair // A_DIV) * stride_am
+        w_rows = b_ptr + expert * stride_be + cols[:, None] * stride_bn  # [BN, 1]
+        s_rows = scale_ptr + expert * stride_se + cols * stride_sn  # [BN]
+        for k0 in range(0, k_in, BLOCK_K):
+            k_ok = ks + k0 < k_in
+            x = tl.load(a_row + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]  # [1, BK]
+            mask = col_ok[:, None] & k_ok[None, :]
+            part = tl.sum(tl.load(w_rows + k0 + ks[None, :], mask=mask, other=0.0).to(tl.float32) * x, 1)
+            if GROUP_K > 0:
+                part = part * tl.load(s_rows + k0 // GROUP_K, mask=col_ok, other=0.0)
+            acc += part
+            if GATED:
+                up = tl.load(w_rows + up_rows * stride_bn + k0 + ks[None, :], mask=mask, other=0.0)
+                part_up = tl.sum(up.to(tl.float32) * x, 1)
+                if GROUP_K > 0:
+                    part_up = part_up * tl.load(s_rows + up_rows * stride_sn + k0 // GROUP_K, mask=col_ok, other=0.0)
+                acc_up += part_up
+        if QUANT and GROUP_K == 0:
+            acc = acc * tl.load(s_rows, mask=col_ok, other=0.0)
+            if GATED:
+                acc_up = acc_up * tl.load(s_rows + up_rows * stride_sn, mask=col_ok, other=0.0)
+        if GATED:
+            acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+        if WEIGHTED:
+            acc = acc * tl.load(weight_ptr + pair)
+    tl.store(c_ptr + pair * stride_cm + cols, acc.to(c_ptr.dtype.element_ty), mask=col_ok)

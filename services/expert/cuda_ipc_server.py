@@ -1,0 +1,158 @@
+"""The shard side of the same-GPU data plane (moemesh/serving/cuda_ipc.py): one attachment per router.
+
+Attach maps the router's device region (CUDA IPC), connects to its signalling socket and starts a serving thread.
+Per executed router step the router sends one message (seq, STEP, T); the thread enqueues, on its own stream, for
+every hosted MoE layer in order:
+
+    wait flags_in[l] == 1 -> flags_in[l] = 0 -> bank.forward(l, hidden[:T], ids[:T], weights[:T]) -> output[:T]
+    -> flags_out[l] = 1
+
+and answers (seq, STEP, T, status) once enqueued (not computed: the GPU orders the rest). With graphs on, a step of
+T rows in a decode bucket replays a CUDA graph of exactly that sequence (captured on first use, after a warm-up on
+private scratch buffers so that Triton compiles without touching the shared rows); other T run eagerly.
+The thread exits when the socket closes (router closed the link or died) or the shard stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import torch
+
+from moemesh.serving import cuda_ipc, shm_region
+from services.expert import metrics
+
+log = logging.getLogger("services.expert.cuda_ipc")
+STEP = 0  # the message's layer field: a whole-step announcement
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # = moemesh.runtime.gpu.decode_graphs.BUCKETS (the router's decode rows)
+
+
+class CudaIpcAttachment:
+    def __init__(self, bank, region: cuda_ipc.DeviceRegion, sock: socket.socket, graphs: bool, name: str) -> None:
+        self._bank, self._region, self._sock, self.name = bank, region, sock, name
+        self._graphs_on = graphs
+        self._layers = tuple(sorted(bank.layers))
+        self._stream = torch.cuda.Stream(region.raw.device)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"cuda-ipc-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return not self._stop.is_set()
+
+    def _enqueue(self, tokens: int) -> None:
+        """The step's layers on the current stream (see the module doc); no host sync."""
+        r = self._region
+        hidden, weights = r.hidden[:tokens], r.weights[:tokens]  # [T, H], [T, K]
+        for layer in self._layers:
+            cuda_ipc.wait_flag(r.flags_in[layer], 1)
+            cuda_ipc.write_flag(r.flags_in[layer], 0)
+            ids = r.ids[:tokens].to(torch.int64)  # [T, K] global ids, -1 unused (the bank masks non-hosted)
+            r.output[:tokens].copy_(self._bank.forward(layer, hidden, ids, weights))
+            cuda_ipc.write_flag(r.flags_out[layer], 1)
+
+    def _capture(self, tokens: int) -> torch.cuda.CUDAGraph:
+        """Warm-up on scratch rows (Triton compiles for this T), then capture _enqueue(T)."""
+        r, layer = self._region, self._layers[0]
+        scratch_h = torch.randn_like(r.hidden[:tokens])
+        scratch_ids = torch.randint(0, self._bank.spec.num_experts, r.ids[:tokens].shape, device=scratch_h.device)
+        scratch_w = torch.rand_like(r.weights[:tokens])
+        for _ in range(2):
+            self._bank.forward(layer, scratch_h, scratch_ids, scratch_w)
+        self._stream.synchronize()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+            self._enqueue(tokens)
+        return graph
+
+    def _run(self, tokens: int) -> None:
+        if tokens > self._region.layout.max_tokens:
+            raise ValueError(f"step of {tokens} rows, the region holds {self._region.layout.max_tokens}")
+        with torch.cuda.stream(self._stream):
+            if self._graphs_on and tokens in BUCKETS:
+                graph = self._graphs.get(tokens)
+                if graph is None:
+                    graph = self._graphs[tokens] = self._capture(tokens)
+                graph.replay()
+            else:
+                self._enqueue(tokens)
+
+    def _serve(self) -> None:
+        try:
+            with torch.inference_mode():
+                while not self._stop.is_set():
+                    message = shm_region.recv_message(self._sock)
+                    if message is None:
+                        break  # the router closed the link (or died)
+                    seq, kind, tokens, _, _ = message
+                    status, text, start = 0, "", time.perf_counter()
+                    try:
+                        if kind != STEP:
+                            raise ValueError(f"unknown message kind {kind}")
+                        self._run(tokens)
+                    except Exception as exc:  # reported to the router, which fails the step
+                        status, text = 1, f"{type(exc).__name__}: {exc}"
+                        log.warning("cuda_ipc step of %d rows failed: %s", tokens, text)
+                    metrics.observe_forward(-1, tokens, 0, 0, time.perf_counter() - start, status == 0)
+                    shm_region.send_message(self._sock, seq, kind, tokens, status, text)
+        except OSError as exc:
+            log.info("cuda_ipc link %s closed: %s", self.name, exc)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+
+def refusal(request, shard_device: str, dtype: str, hidden_size: int, layers: tuple[int, ...]) -> str | None:
+    """Why this shard cannot serve the AttachRequest over CUDA IPC, or None (pure: tested on CPU)."""
+    c = request.cuda_ipc
+    here = shm_region.host_id()
+    if request.host_id != here:
+        return f"the router runs on host {request.host_id!r}, this shard on {here!r}"
+    device = cuda_ipc.normalize_device(shard_device)
+    if device != f"cuda:{c.device}":
+        return f"the router's buffers are on cuda:{c.device}, this shard computes on {device}"
+    if request.dtype != dtype:
+        return f"dtype {request.dtype!r} is not this shard's compute dtype {dtype!r}"
+    if request.hidden_size != hidden_size:
+        return f"hidden_size {request.hidden_size} is not this shard's model's {hidden_size}"
+    if request.top_k < 1 or request.max_tokens < 1:
+        return f"top_k {request.top_k} and max_tokens {request.max_tokens} must be >= 1"
+    if layers and max(layers) >= c.num_layers:
+        return f"the flag block has {c.num_layers} layers, this shard hosts layer {max(layers)}"
+    return None
+
+
+def attach(bank, request, name: str) -> CudaIpcAttachment:
+    """Maps the region and connects the socket (the caller checked refusal()); raises with the reason."""
+    c = request.cuda_ipc
+    layout = shm_region.Layout(request.max_tokens, request.hidden_size, request.top_k, request.dtype)
+    handle = cuda_ipc.IpcHandle(c.device, c.memory_handle, c.size_bytes, c.offset_bytes, c.ref_counter_handle,
+                                c.ref_counter_offset, c.event_handle, c.event_sync_required)
+    torch.cuda.set_device(c.device)
+    region = cuda_ipc.DeviceRegion.open(handle, layout, c.num_layers)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(5.0)
+    try:
+        sock.connect(shm_region.socket_address(request.socket_path))
+    except OSError as exc:
+        sock.close()
+        raise ConnectionError(f"cannot connect to the router's socket {request.socket_path}: {exc}") from None
+    sock.settimeout(None)
+    log.info("cuda_ipc attached: cuda:%d, %d tokens x H %d x K %d %s, graphs %s", c.device, request.max_tokens,
+             request.hidden_size, request.top_k, request.dtype, c.graphs)
+    return CudaIpcAttachment(bank, region, sock, c.graphs, name)
