@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 
 from moemesh.bench.backends import GrpcBackend
+from moemesh.bench.stats import RequestRecord
 from moemesh.bench.workload import LoadSpec
 from moemesh.sdk.client import build_request
 from moemesh.v1 import metering_pb2, metering_pb2_grpc
@@ -39,6 +40,7 @@ class Outcome:
     completion_tokens: int = 0  # from the usage chunk (what the client was told it got)
     completed: bool = False  # a finish_reason and usage arrived, no error
     error: str = ""  # "CODE: message" (status or in-band)
+    probe: bool = False  # a serving-again probe, not load: never counted as failed, but matched to the ledger
 
 
 class TrackedBackend(GrpcBackend):
@@ -81,14 +83,14 @@ async def serving_again(backend: TrackedBackend, since: float, limit_s: float = 
         probe = TrackedBackend(backend.target, None, backend.model, 5.0)
         probe._metadata = backend._metadata
         try:
-            from moemesh.bench.stats import RequestRecord
-
             await probe.send("probe", spec, RequestRecord(start=0.0), time.perf_counter)
             return time.monotonic() - since
         except Exception:
             await asyncio.sleep(0.5)
         finally:
-            backend.outcomes += probe.outcomes  # probes are client-observed completions too
+            for o in probe.outcomes:  # probes are client-observed completions too (ledger check)
+                o.probe = True
+            backend.outcomes += probe.outcomes
             await probe.close()
     return None
 

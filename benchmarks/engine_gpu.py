@@ -124,11 +124,12 @@ def replay_ms(engine) -> dict[int, float]:
 
 
 def profile_replays(engine, label: str, out: Path) -> None:
-    """Per-kernel GPU time of 5 replays of the bucket-1 and bucket-64 graphs (torch profiler sees kernels inside
-    graphs), to out/profile-<label>-b<bucket>.txt: where a step's time goes."""
+    """Per-kernel GPU time of 5 replays of the bucket-1 and bucket-64 graphs (the torch profiler sees kernels inside
+    graphs), to out/profile-<label>.txt: where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     out.mkdir(parents=True, exist_ok=True)
+    text = []
     for b in (1, 64):
         graph = engine.decode.graphs.get(b, (None,))[0]
         if graph is None:
@@ -141,7 +142,8 @@ def profile_replays(engine, label: str, out: Path) -> None:
             table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
         except Exception as exc:  # a profiler without graph support must not cost the benchmark
             table = f"profiler failed: {type(exc).__name__}: {exc}"
-        (out / f"profile-{label}-b{b}.txt").write_text(table + "\n")
+        text.append(f"## {label}, bucket {b}, 5 graph replays\n{table}")
+    (out / f"profile-{label}.txt").write_text("\n".join(text) + "\n")
 
 
 def main(argv=None) -> int:

@@ -134,7 +134,7 @@ def bench(layers, k: int, bandwidth: float, scheme: str = "none") -> list[dict]:
 
     e, two_i, h = layers[0][0].shape
     inter = two_i // 2
-    expert_bytes = 3 * inter * (h * (2 if scheme == "none" else 1) + 4)
+    expert_bytes = 3 * inter * h * 2 if scheme == "none" else 3 * inter * h + (two_i + h) * 4  # + fp32 row scales
     kernel_layers = layers if scheme == "none" else [(quantize(gu, scheme), quantize(dn, scheme)) for gu, dn in layers]
     label = "fused_moe (triton, graph)" if scheme == "none" else f"fused_moe {scheme} (triton, graph)"
     rows = []

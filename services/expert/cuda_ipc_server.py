@@ -7,9 +7,14 @@ every hosted MoE layer in order:
     wait flags_in[l] == 1 -> flags_in[l] = 0 -> bank.forward(l, hidden[:T], ids[:T], weights[:T]) -> output[:T]
     -> flags_out[l] = 1
 
-and answers (seq, STEP, T, status) once enqueued (not computed: the GPU orders the rest). With graphs on, a step of
-T rows in a decode bucket replays a CUDA graph of exactly that sequence (captured on first use, after a warm-up on
-private scratch buffers so that Triton compiles without touching the shared rows); other T run eagerly.
+and answers (seq, STEP, T, status) once enqueued (not computed: the GPU orders the rest; the router does not wait
+for the answer, see cuda_ipc_dispatch.py). With graphs on, a step of T rows in a decode bucket replays a CUDA graph
+of exactly that sequence (captured on first use); other T run eagerly.
+
+First use of a T: the stream is drained and one layer runs on private scratch rows before any flag wait is queued.
+Why: a kernel's first launch loads its module (Triton compiles one variant per T range; CUDA lazy loading), and a
+module load may synchronize the whole context; with a cross-process flag wait pending on our stream that
+synchronization would wait for the router, which may be waiting for us (measured: the first eager step deadlocked).
 The thread exits when the socket closes (router closed the link or died) or the shard stops.
 """
 
@@ -37,6 +42,7 @@ class CudaIpcAttachment:
         self._layers = tuple(sorted(bank.layers))
         self._stream = torch.cuda.Stream(region.raw.device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._warm: set[int] = set()  # T whose kernels are loaded (see the module doc)
         self._pool = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"cuda-ipc-{name}", daemon=True)
@@ -49,23 +55,30 @@ class CudaIpcAttachment:
     def _enqueue(self, tokens: int) -> None:
         """The step's layers on the current stream (see the module doc); no host sync."""
         r = self._region
-        hidden, weights = r.hidden[:tokens], r.weights[:tokens]  # [T, H], [T, K]
         for layer in self._layers:
             cuda_ipc.wait_flag(r.flags_in[layer], 1)
             cuda_ipc.write_flag(r.flags_in[layer], 0)
-            ids = r.ids[:tokens].to(torch.int64)  # [T, K] global ids, -1 unused (the bank masks non-hosted)
-            r.output[:tokens].copy_(self._bank.forward(layer, hidden, ids, weights))
+            self._layer(layer, r.hidden[:tokens], r.ids[:tokens], r.weights[:tokens], r.output[:tokens])
             cuda_ipc.write_flag(r.flags_out[layer], 1)
 
-    def _capture(self, tokens: int) -> torch.cuda.CUDAGraph:
-        """Warm-up on scratch rows (Triton compiles for this T), then capture _enqueue(T)."""
-        r, layer = self._region, self._layers[0]
-        scratch_h = torch.randn_like(r.hidden[:tokens])
-        scratch_ids = torch.randint(0, self._bank.spec.num_experts, r.ids[:tokens].shape, device=scratch_h.device)
-        scratch_w = torch.rand_like(r.weights[:tokens])
-        for _ in range(2):
-            self._bank.forward(layer, scratch_h, scratch_ids, scratch_w)
+    def _layer(self, layer: int, hidden, ids, weights, out) -> None:
+        """hidden [T, H], ids [T, K] int32 global (-1 unused; the bank masks non-hosted), weights [T, K] -> out."""
+        out.copy_(self._bank.forward(layer, hidden, ids.to(torch.int64), weights))
+
+    def _warm_up(self, tokens: int) -> None:
+        """Loads every kernel a step of T rows launches, with no flag wait pending (see the module doc)."""
+        r = self._region
         self._stream.synchronize()
+        hidden = torch.randn_like(r.hidden[:tokens])
+        ids = torch.randint(0, self._bank.spec.num_experts, r.ids[:tokens].shape, device=hidden.device,
+                            dtype=torch.int32)
+        self._layer(self._layers[0], hidden, ids, torch.rand_like(r.weights[:tokens]), torch.empty_like(hidden))
+        self._stream.synchronize()
+        self._warm.add(tokens)
+
+    def _capture(self, tokens: int) -> torch.cuda.CUDAGraph:
+        """Warm-up on scratch rows (kernels of this T loaded), then capture _enqueue(T)."""
+        self._warm_up(tokens)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
@@ -83,6 +96,8 @@ class CudaIpcAttachment:
                     graph = self._graphs[tokens] = self._capture(tokens)
                 graph.replay()
             else:
+                if tokens not in self._warm:
+                    self._warm_up(tokens)
                 self._enqueue(tokens)
 
     def _serve(self) -> None:

@@ -5,7 +5,8 @@ Per MoE layer, submit copies hidden/ids/weights into each shard's region and enq
 enqueues the wait for flags_out[l] == 1, resets it and sums the shards' output rows. Nothing waits on the host, so
 the dispatch is `capturable` when the driver captures stream memory operations: the router's decode steps stay
 CUDA graphs. Once per *executed* forward the shard is told the step's rows (socket message, answered once the
-shard has enqueued its side):
+shard has enqueued its side; the router does not wait for that answer: the shard may first drain its stream,
+which needs the router's queued work to run):
   - an eager forward (prefill, warm-up before a capture, decode without graphs) announces itself at its first MoE
     layer's submit (the current stream is not capturing);
   - a graph replay cannot announce itself, so end_step announces it: a step in which the dispatch saw no eager
@@ -63,7 +64,7 @@ class CudaIpcLink:
         self.num_layers, self.device, self.graphs, self.call_timeout = num_layers, device, graphs, call_timeout
         self.region: cuda_ipc.DeviceRegion | None = None
         self._sock: socket.socket | None = None
-        self._seq = 0
+        self._seq, self._pending = 0, 0  # announcements sent, answers not read yet
 
     @property
     def attached(self) -> bool:
@@ -98,25 +99,37 @@ class CudaIpcLink:
         finally:
             listener.close()
         sock.settimeout(self.call_timeout)
-        self.region, self._sock = region, sock
+        self.region, self._sock, self._pending = region, sock, 0
 
     def announce(self, tokens: int) -> None:
-        """Tells the shard that a forward of `tokens` rows runs now; returns once its side is enqueued."""
+        """Tells the shard that a forward of `tokens` rows runs now (its answer is read later by drain())."""
         self._seq += 1
         try:
             shm_region.send_message(self._sock, self._seq, STEP, tokens)
-            while True:
+        except OSError as exc:
+            self._fail(f"signal failed ({exc}); did the shard process exit?")
+        self._pending += 1
+
+    def drain(self) -> None:
+        """Reads the answers that arrived; ExpertCallError for a step the shard failed or a closed link."""
+        while self._pending:
+            self._sock.settimeout(0.0)
+            try:
                 message = shm_region.recv_message(self._sock)
-                if message is None:
-                    self._fail("the shard closed the link (process exited?)")
-                seq, _, _, status, text = message
-                if seq == self._seq:
-                    break
-        except OSError as exc:  # TimeoutError included: the shard did not enqueue within call_timeout
-            self._fail(f"link error: {exc}")
-        if status:
-            self.close()
-            raise ExpertCallError(self.address, -1, grpc.StatusCode.FAILED_PRECONDITION, f"cuda_ipc: {text}")
+            except (BlockingIOError, TimeoutError):
+                return
+            except OSError as exc:
+                self._fail(f"link error: {exc}")
+            finally:
+                if self._sock is not None:
+                    self._sock.settimeout(self.call_timeout)
+            if message is None:
+                self._fail("the shard closed the link (process exited?)")
+            self._pending -= 1
+            if message[3]:
+                self.close()
+                raise ExpertCallError(self.address, -1, grpc.StatusCode.FAILED_PRECONDITION,
+                                      f"cuda_ipc: {message[4]}")
 
     def _fail(self, why: str):
         self.close()
@@ -142,6 +155,8 @@ class CudaIpcDispatch(Dispatch):
     def begin_step(self, tokens: int) -> None:
         self._tokens, self._eager, self._captured = tokens, 0, False
         for link in self.links:
+            if link.attached:
+                link.drain()  # a failure the shard reported for an earlier step fails this one
             if not link.attached:
                 try:
                     link.attach()

@@ -53,3 +53,45 @@ def test_region_layout_puts_flags_after_the_buffers():
 def test_transport_flag_accepts_cuda_ipc_and_dummy_weights():
     config = RouterConfig.from_args(["--expert-transport", "cuda_ipc", "--load-format", "dummy"], env={})
     assert (config.expert_transport, config.load_format) == ("cuda_ipc", "dummy")
+
+
+def _link_over(sock):
+    class Client:
+        address = "127.0.0.1:1"
+
+    link = cuda_ipc_dispatch.CudaIpcLink(Client(), num_layers=2, hidden_size=8, top_k=2, dtype="bfloat16",
+                                         device=None, graphs=False, call_timeout=1.0)
+    link._sock = sock
+    return link
+
+
+def test_announce_does_not_wait_and_drain_reports_the_shards_failure():
+    import socket
+
+    from services.router.expert_client import ExpertCallError
+
+    router, shard = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    link = _link_over(router)
+    link.announce(64)  # returns although the shard has not answered
+    assert shm_region.recv_message(shard)[:3] == (1, cuda_ipc_dispatch.STEP, 64)
+    link.drain()  # nothing arrived yet: no wait, no error
+    shm_region.send_message(shard, 1, cuda_ipc_dispatch.STEP, 64)
+    link.announce(8)
+    shm_region.send_message(shard, 2, cuda_ipc_dispatch.STEP, 8, 1, "ValueError: step of 8 rows")
+    with pytest.raises(ExpertCallError, match="step of 8 rows"):
+        link.drain()
+    assert not link.attached
+    shard.close()
+
+
+def test_drain_reports_a_shard_that_exited():
+    import socket
+
+    from services.router.expert_client import ExpertCallError
+
+    router, shard = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    link = _link_over(router)
+    link.announce(4)
+    shard.close()
+    with pytest.raises(ExpertCallError, match="UNAVAILABLE: cuda_ipc: (link error|the shard closed)"):
+        link.drain()

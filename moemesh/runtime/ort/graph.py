@@ -1,0 +1,72 @@
+"""Builds small ONNX graphs around ORT's weight-only integer matmul (com.microsoft MatMulNBits).
+
+MatMulNBits computes Y = A @ dequant(B)^T for B [N, K] stored as uint8 blobs [N, K/block, block*bits/8],
+scales [N * K/block] and packed uint8 zero points; weights live inside the graph as initializers, so a session
+call passes only activations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from moemesh.quant.packing import QWeight, pack_nibbles
+
+OPSET = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+# accuracy_level 4: activations quantized to int8 per block inside the kernel (the fast AVX2/AVX512-VNNI path);
+# 0 keeps float activations. Chosen per session (Builder.accuracy).
+
+
+class Builder:
+    """Accumulates nodes/initializers; names are unique per builder."""
+
+    def __init__(self, accuracy: int = 4) -> None:
+        self.nodes: list = []
+        self.inits: list = []
+        self.accuracy = accuracy
+        self._n = 0
+
+    def name(self, stem: str) -> str:
+        self._n += 1
+        return f"{stem}_{self._n}"
+
+    def const(self, array: np.ndarray, stem: str = "c") -> str:
+        name = self.name(stem)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], domain: str = "", **attrs) -> str:
+        out = self.name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], domain=domain or None, **attrs))
+        return out
+
+    def matmul_q(self, x: str, qw: QWeight, stem: str = "w") -> str:
+        """x [..., K] @ W^T -> [..., N] with W stored in qw.bits bits, block qw.group."""
+        n, k = qw.shape
+        blocks = k // qw.group
+        codes = qw.q.numpy().reshape(n, blocks, qw.group)
+        blob = pack_nibbles(codes) if qw.bits == 4 else codes.astype(np.uint8)
+        zeros = qw.zero.numpy().astype(np.uint8)  # [N, blocks]
+        if qw.bits == 4:
+            if blocks % 2:
+                zeros = np.concatenate([zeros, np.zeros((n, 1), np.uint8)], axis=1)
+            zeros = pack_nibbles(zeros)
+        ins = [x, self.const(blob, stem + "_q"), self.const(qw.scale.numpy().astype(np.float32).reshape(-1),
+                                                           stem + "_s"), self.const(zeros.reshape(-1), stem + "_z")]
+        return self.op("MatMulNBits", ins, domain="com.microsoft", K=k, N=n, bits=qw.bits, block_size=qw.group,
+                       accuracy_level=self.accuracy)
+
+    def matmul_f(self, x: str, w: np.ndarray, stem: str = "w") -> str:
+        """x @ w.T for a float weight w [N, K] (kept float32: layers the caller chose not to quantize)."""
+        return self.op("MatMul", [x, self.const(np.ascontiguousarray(w.T.astype(np.float32)), stem)])
+
+    def model(self, inputs: list[tuple[str, list]], outputs: list[tuple[str, str]]) -> onnx.ModelProto:
+        """inputs: (name, shape with str for dynamic dims); outputs: (graph value, output name)."""
+        outs = []
+        for value, name in outputs:
+            self.nodes.append(helper.make_node("Identity", [value], [name]))
+            outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+        ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs]
+        graph = helper.make_graph(self.nodes, "moemesh", ins, outs, self.inits)
+        return helper.make_model(graph, opset_imports=OPSET, ir_version=10)
