@@ -2,10 +2,12 @@
 against the real mesh behind Envoy, HTTP and gRPC over TLS. After every case a valid request on the same protocol
 must still succeed; at the end every process of the mesh must still be alive.
 
-Counts per category and outcome (rejected / accepted / reset / server_fault / unnamed / not_rejected), the number
-of 5xx answers (HTTP 5xx, gRPC INTERNAL/UNKNOWN/UNAVAILABLE/DATA_LOSS), failed valid requests, dead processes.
+Counts per category and outcome (rejected / accepted / reset / server_fault / unnamed / not_rejected /
+cross_tenant_leak), the number of 5xx answers (HTTP 5xx, gRPC INTERNAL/UNKNOWN/UNAVAILABLE/DATA_LOSS), failed valid
+requests, dead processes. A second tenant ("victim") makes one chat first; the attacker's cases include its request
+id and name (feedback, usage), and any answer holding its request id counts as a cross-tenant leak.
 
-    .venv/bin/python benchmarks/hostile.py [--http 1100] [--grpc 1000] [--status-file ...]
+    .venv/bin/python benchmarks/hostile.py [--http 5000] [--grpc 5000] [--valid-every 10] [--status-file ...]
 Writes benchmarks/results/hostile.json and .md (machine, command); exit code 1 when any case failed.
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -21,12 +25,26 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, given, settings
 
 from edge_bench_mesh import ROOT, edge_mesh, machine
-from hostile_cases import http_cases
-from hostile_grpc import grpc_cases
+from hostile_cases import Victim, http_cases
+from hostile_grpc import grpc_cases, valid_request
 from hostile_run import Probe
+from moemesh.v1 import chat_pb2
 
 
-def run_cases(probe: Probe, strategy, send, valid, count: int, seed: int) -> dict:
+def make_victim(mesh, probe: Probe) -> Victim:
+    """Tenant "victim" (moemesh tenants, on the mesh's Redis) and one request of it through the edge."""
+    env = {**os.environ, "MOEMESH_HOME": str(mesh.home)}
+    out = subprocess.run([sys.executable, "-m", "moemesh.cli.main", "tenants", "create", "victim", "--json"],
+                         env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    key = json.loads(out.stdout)["api_key"]
+    stub = probe._channel.unary_unary("/moemesh.v1.Chat/CreateChatCompletion",
+                                      request_serializer=lambda m: m.SerializeToString(),
+                                      response_deserializer=chat_pb2.ChatCompletion.FromString)
+    answer = stub(valid_request(mesh.model), metadata=(("authorization", f"Bearer {key}"),), timeout=120)
+    return Victim("victim", answer.id)
+
+
+def run_cases(probe: Probe, strategy, send, valid, count: int, seed: int, valid_every: int = 1) -> dict:
     """`count` generated cases, each followed by a valid request; returns counters."""
     stats = Counter()
 
@@ -37,6 +55,9 @@ def run_cases(probe: Probe, strategy, send, valid, count: int, seed: int) -> dic
         verdict = send(case)
         stats["cases"] += 1
         stats["5xx"] += verdict.outcome == "server_fault"
+        stats["leaks"] += verdict.outcome == "cross_tenant_leak"
+        if stats["cases"] % valid_every:
+            return
         try:
             ok = valid()
         except Exception:  # noqa: BLE001 (any failure of the valid request counts)
@@ -54,8 +75,10 @@ def markdown(result: dict) -> str:
              f"Command: `{result['command']}`  ", f"Machine: {json.dumps(result['machine'])}  ",
              f"Duration: {result['seconds']:.0f} s", "",
              f"- 5xx answers (HTTP 5xx, gRPC INTERNAL/UNKNOWN/UNAVAILABLE/DATA_LOSS): **{result['5xx']}**",
+             f"- answers holding another tenant's data: **{result['leaks']}**",
              f"- cases judged wrong (5xx, not rejected, error not naming the problem): **{result['failures']}**",
-             f"- valid requests right after a case: {result['valid_ok']} ok, **{result['valid_failed']}** failed",
+             f"- valid requests after every {result['valid_every']} cases: {result['valid_ok']} ok, "
+             f"**{result['valid_failed']}** failed",
              f"- processes dead afterwards: **{len(result['dead'])}** {result['dead'] or ''}", "",
              "| category | outcome | cases |", "|---|---|---|"]
     for row in result["tally"]:
@@ -67,8 +90,9 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--http", type=int, default=1100, help="generated HTTP cases")
-    p.add_argument("--grpc", type=int, default=1000, help="generated gRPC cases")
+    p.add_argument("--http", type=int, default=5000, help="generated HTTP cases")
+    p.add_argument("--grpc", type=int, default=5000, help="generated gRPC cases")
+    p.add_argument("--valid-every", type=int, default=10, help="a valid request (both protocols) after every N cases")
     p.add_argument("--seed", type=int, default=20261128)
     p.add_argument("--status-file", type=Path, help="a running mesh with --edge (default: start one, tiny MoE)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "hostile")
@@ -76,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     with edge_mesh(ns.status_file, "--edge-rps", "5000") as mesh:
         probe = Probe(mesh.url, mesh.ca_cert, mesh.model, mesh.api_key)
-        http = run_cases(probe, http_cases(mesh.model, mesh.api_key), probe.http, probe.valid_http, ns.http, ns.seed)
-        grpc = run_cases(probe, grpc_cases(mesh.model, mesh.api_key), probe.grpc, probe.valid_grpc, ns.grpc,
-                         ns.seed + 1)
+        victim = make_victim(mesh, probe)
+        probe.secrets = victim.secrets()
+        http = run_cases(probe, http_cases(mesh.model, mesh.api_key, victim), probe.http, probe.valid_http, ns.http,
+                         ns.seed, ns.valid_every)
+        grpc = run_cases(probe, grpc_cases(mesh.model, mesh.api_key, victim), probe.grpc, probe.valid_grpc, ns.grpc,
+                         ns.seed + 1, ns.valid_every)
         dead = [name for name, alive in mesh.alive().items() if not alive]
         if ns.status_file is None and mesh.proc.poll() is not None:
             dead.append("supervisor")
@@ -86,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     total = Counter(http) + Counter(grpc)
     result = {
         "cases": total["cases"], "http_cases": http.get("cases", 0), "grpc_cases": grpc.get("cases", 0),
-        "5xx": total["5xx"], "failures": len(probe.failures), "valid_ok": total["valid_ok"],
+        "5xx": total["5xx"], "leaks": total["leaks"], "valid_every": ns.valid_every,
+        "failures": len(probe.failures), "valid_ok": total["valid_ok"],
         "valid_failed": total["valid_failed"], "dead": dead, "seconds": time.monotonic() - start,
         "tally": [{"kind": k, "outcome": o, "count": n} for (k, o), n in sorted(probe.tally.items())],
         "failure_samples": [f"{v.kind} {v.outcome}: {v.detail}" for v in probe.failures[:20]],
@@ -97,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ns.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     ns.out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
-    clean = not (result["5xx"] or result["failures"] or result["valid_failed"] or dead)
+    clean = not (result["5xx"] or result["leaks"] or result["failures"] or result["valid_failed"] or dead)
     return 0 if clean else 1
 
 

@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "convert": "turn a dense Llama checkpoint into a Mixture-of-Experts checkpoint",
     "eval": "evaluate a model (perplexity on a text file)",
     "certs": "make the development CA and TLS certificates (MOEMESH_HOME/certs)",
+    "quantize": "int4/int8 weight-only quantization of a checkpoint (GPTQ or round-to-nearest)",
 }
 
 

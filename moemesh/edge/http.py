@@ -16,6 +16,8 @@ from moemesh.edge.settings import EdgeSettings
 
 CHAT_SERVICE = "moemesh.v1.Chat"
 GATEWAY_CLUSTER = "gateway"
+# 256 KiB x max_concurrent_streams (128) bounds header memory per connection at 32 MiB.
+CODEC_HEADERS_KB = 256
 EDGE_NAMESPACE = "moemesh.edge"  # dynamic metadata written by openai.lua
 _T = "type.googleapis.com/envoy.extensions.filters"
 
@@ -119,7 +121,9 @@ def connection_manager(s: EdgeSettings, descriptor: str) -> dict:
         "use_remote_address": True, "generate_request_id": True, "always_set_request_id_in_response": True,
         "normalize_path": True, "merge_slashes": True, "path_with_escaped_slashes_action": "REJECT_REQUEST",
         "request_headers_timeout": "10s", "stream_idle_timeout": f"{s.stream_idle_timeout_s:g}s",
-        "max_request_headers_kb": 60,
+        # The codec takes up to CODEC_HEADERS_KB so that openai.lua can answer headers over lua.MAX_HEADERS_KB with a
+        # gRPC status / 431 (beyond this the HTTP/2 stream is reset: nothing above the codec sees it).
+        "max_request_headers_kb": CODEC_HEADERS_KB,
         "common_http_protocol_options": {"idle_timeout": "300s", "max_headers_count": 100,
                                          "headers_with_underscores_action": "DROP_HEADER"},
         # A malformed HTTP/2 request (say, a connection-specific header) resets its stream, not the connection.

@@ -64,9 +64,29 @@ local function drop_grpc_headers(headers)
   for _, key in ipairs(names) do headers:remove(key) end
 end
 
+-- Envoy's codec accepts headers up to CODEC_HEADERS_KB (moemesh/edge/http.py) so that oversized metadata reaches
+-- this filter and gets an answer: a gRPC status (RESOURCE_EXHAUSTED, trailers-only) or HTTP 431, instead of the
+-- HTTP/2 stream reset the codec gives beyond its limit. Counted as HPACK does: name + value + 32 per header.
+local function oversized(handle, headers, grpc)
+  local total = 0
+  for key, value in pairs(headers) do total = total + #key + #value + 32 end
+  if total <= MAX_HEADERS_BYTES then return false end
+  local message = string.format("metadata: %d KiB of headers exceed the %d KiB limit (Request Header Fields Too "
+    .. "Large); send less", math.ceil(total / 1024), math.floor(MAX_HEADERS_BYTES / 1024))
+  if grpc then
+    handle:respond({ [":status"] = "200", ["content-type"] = "application/grpc", ["grpc-status"] = "8",
+                     ["grpc-message"] = message }, "")
+  else
+    reject(handle, nil, message, "431")
+  end
+  return true
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
-  if (headers:get("content-type") or ""):find("^application/grpc") then return end
+  local grpc = (headers:get("content-type") or ""):find("^application/grpc") ~= nil
+  if oversized(handle, headers, grpc) then return end
+  if grpc then return end
   drop_grpc_headers(headers)
   if headers:get(":method") ~= "POST" then return end
   local path = headers:get(":path") or ""

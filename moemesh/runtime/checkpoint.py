@@ -32,6 +32,10 @@ class Checkpoint:
         self.dir = Path(model_dir)
         self.files = self._index()  # name -> file name
         self.fp8_block = _fp8_block_size(self.dir)  # DeepSeek-style FP8 weights: dequantized on read
+        # int4/int8 layouts (compressed-tensors, AWQ, GPTQ): `<p>.weight` is virtual, rebuilt from codes + scales;
+        # every QWeight read is kept in `quantized` so the ONNX Runtime backend can use the integer codes as is.
+        self.quant = quantized_layout(self.dir, set(self.files))
+        self.quantized: dict[str, Any] = {}
         self._handles: dict[str, Any] = {}
         self.reads: list[str] = []  # names read, in order (slices as "name[i]")
 
@@ -49,7 +53,7 @@ class Checkpoint:
         return mapping
 
     def __contains__(self, name: str) -> bool:
-        return name in self.files
+        return name in self.files or (self.quant is not None and name in self.quant)
 
     def names(self) -> list[str]:
         return list(self.files)
@@ -66,6 +70,10 @@ class Checkpoint:
         return list(self._handle(name).get_slice(name).get_shape())
 
     def read(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name not in self.files and self.quant is not None and name in self.quant:
+            qweight = self.quantized[name] = self.quant.qweight(name, self._raw)
+            self.reads.append(name)
+            return _place(qweight.dequantize(), device, dtype or torch.float32)
         tensor = self._handle(name).get_tensor(name)
         self.reads.append(name)
         scale = f"{name}_scale_inv"
@@ -80,6 +88,9 @@ class Checkpoint:
         tensor, scale_inv = self._handle(name).get_tensor(name), self._handle(scale).get_tensor(scale)
         self.reads += [name, scale]
         return tensor.to(device), scale_inv.float().to(device)
+
+    def _raw(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
 
     def read_rows(self, name: str, index: int, device: torch.device | str = "cpu",
                   dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -99,6 +110,18 @@ class Checkpoint:
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def quantized_layout(model_dir: Path, names: set[str]):
+    """moemesh.quant.formats.QuantizedLayout of an int4/int8 checkpoint, None for float and FP8 checkpoints."""
+    config = model_dir / "config.json"
+    data = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    qconfig = data.get("quantization_config")
+    if not qconfig or qconfig.get("quant_method") == "fp8":
+        return None
+    from moemesh.quant.formats import QuantizedLayout  # only quantized checkpoints pay the import
+
+    return QuantizedLayout(qconfig, names)
 
 
 def _fp8_block_size(model_dir: Path) -> tuple[int, int]:

@@ -43,7 +43,8 @@ class GrpcCase:
     stream: bool = False
     reject: bool = True
     names: tuple[str, ...] = ()
-    reset_ok: bool = False  # oversized metadata: HTTP/2 answers with a stream reset, not a status
+    reset_ok: bool = False  # a single header field over 64 KiB, a forbidden header: HTTP/2 resets the stream
+    method: str = ""  # a Chat RPC name; "": CreateChatCompletion, or StreamChatCompletion when `stream`
 
 
 def base(served: str, **fields) -> dict:
@@ -231,10 +232,35 @@ def header_abuse(draw, model: str, api_key: str) -> HttpCase:
     return HttpCase("random_headers", body, {**extra, **auth}, reject=False)
 
 
-def http_cases(model: str, api_key: str) -> st.SearchStrategy[HttpCase]:
-    """Every HTTP category, with the API key (the case decides whether to send it)."""
+@dataclass(frozen=True)
+class Victim:
+    """Another tenant's data the attacker's key must never reach: its name and one of its request ids."""
+
+    tenant: str
+    request_id: str
+
+    def secrets(self) -> tuple[bytes, ...]:
+        return (self.request_id.encode(),)
+
+
+@st.composite
+def http_cross_tenant(draw, api_key: str, victim: Victim) -> HttpCase:
+    """The attacker's key on the account endpoints, aimed at the victim's request or usage."""
+    auth = {"authorization": f"Bearer {api_key}"}
+    if draw(st.booleans()):
+        body = _dumps({"request_id": victim.request_id, "rating": draw(st.integers(1, 5)),
+                       "comment": draw(st.text(max_size=50))})
+        return HttpCase("cross_tenant", body, auth, path="/v1/feedback", names=("tenant", "request"))
+    return HttpCase("cross_tenant", None, auth, path=f"/v1/usage?tenant={victim.tenant}", method="GET",
+                    names=("tenant",))
+
+
+def http_cases(model: str, api_key: str, victim: Victim | None = None) -> st.SearchStrategy[HttpCase]:
+    """Every HTTP category, with the API key (the case decides whether to send it); `victim`: cross-tenant too."""
     keyed = st.one_of(malformed_json(model), wrong_type(model), invalid_utf8(model), sizes(model),
                       bad_numbers(model), unknown_model(model), unknown_field(model))
     with_key = keyed.map(lambda c: HttpCase(c.kind, c.body, {"authorization": f"Bearer {api_key}", **c.headers},
                                             c.path, c.method, c.reject, c.names))
-    return st.one_of(with_key, header_abuse(model, api_key))
+    if victim is None:
+        return st.one_of(with_key, header_abuse(model, api_key))
+    return st.one_of(with_key, header_abuse(model, api_key), http_cross_tenant(api_key, victim))

@@ -8,7 +8,7 @@ import math
 from google.protobuf import struct_pb2
 from hypothesis import strategies as st
 
-from hostile_cases import CONTEXT_WINDOW, GrpcCase
+from hostile_cases import CONTEXT_WINDOW, GrpcCase, Victim
 from moemesh.v1 import chat_pb2, common_pb2
 
 _text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
@@ -36,6 +36,53 @@ def garbage(draw, model: str, auth) -> GrpcCase:
     data = draw(st.one_of(st.binary(min_size=1, max_size=300),
                           st.binary(max_size=40).map(lambda b: valid_request(model).SerializeToString()[:5] + b)))
     return GrpcCase("grpc_garbage", data, auth, stream=draw(st.booleans()))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+@st.composite
+def _field(draw) -> bytes:
+    """One protobuf wire-format field with a hostile twist: a declared field number with the wrong wire type, a
+    length beyond the buffer, a truncated varint, a group that never ends, a huge field number."""
+    number = draw(st.one_of(st.integers(1, 40), st.integers(2**28, 2**29 - 1)))
+    wire = draw(st.integers(0, 7))  # 6 and 7 do not exist
+    tag = _varint(number << 3 | wire)
+    payload = draw(st.one_of(
+        st.binary(max_size=20),
+        st.integers(0, 2**64 - 1).map(_varint),
+        st.integers(0, 2**32).map(lambda n: _varint(n) + b"x"),  # a length that lies
+        st.just(b"\xff" * 11),  # a varint longer than 10 bytes
+    ))
+    return tag + payload
+
+
+@st.composite
+def malformed_protobuf(draw, model: str, auth) -> GrpcCase:
+    """Wire-format abuse on a valid prefix: wrong types, lying lengths, unterminated or deeply nested groups."""
+    prefix = valid_request(model).SerializeToString()[: draw(st.integers(0, 12))]
+    body = b"".join(draw(st.lists(_field(), min_size=1, max_size=8)))
+    if draw(st.booleans()):
+        body += _varint(99 << 3 | 3) * draw(st.integers(1, 2000))  # start-group x N: recursion depth
+    return GrpcCase("grpc_malformed_protobuf", prefix + body, auth, stream=draw(st.booleans()), reject=False)
+
+
+@st.composite
+def cross_tenant(draw, auth, victim: Victim) -> GrpcCase:
+    """The attacker's key aimed at the victim's request (feedback) or usage: PERMISSION_DENIED, nothing leaks."""
+    if draw(st.booleans()):
+        request = chat_pb2.SubmitFeedbackRequest(request_id=victim.request_id, rating=draw(st.integers(1, 5)),
+                                                 comment=draw(_text))
+        return GrpcCase("grpc_cross_tenant", request.SerializeToString(), auth, method="SubmitFeedback",
+                        names=("tenant", "request"))
+    request = chat_pb2.UsageQuery(tenant=victim.tenant, since_unix=draw(st.integers(0, 2**32 - 1)))
+    return GrpcCase("grpc_cross_tenant", request.SerializeToString(), auth, method="GetUsage", names=("tenant",))
 
 
 def _message(role: str = "user", content: str = "hi") -> common_pb2.ChatMessage:
@@ -104,9 +151,16 @@ def bad_metadata(draw, model: str, auth) -> GrpcCase:
         return GrpcCase("grpc_forbidden_header", request, auth + ((draw(st.sampled_from(FORBIDDEN)), "x"),),
                         reset_ok=True)
     n = draw(st.integers(61 << 10, 200 << 10))
-    return GrpcCase("grpc_huge_metadata", request, auth + (("x-pad", "a" * n),), reset_ok=True)
+    if draw(st.booleans()):  # one field over 64 KiB: Envoy's HPACK decoder resets (no status possible there)
+        return GrpcCase("grpc_huge_field", request, auth + (("x-pad", "a" * max(n, 65 << 10)),), reset_ok=True)
+    parts = -(-n // (50 << 10))  # the same size in fields under 64 KiB: RESOURCE_EXHAUSTED naming the limit
+    pad = tuple((f"x-pad-{i}", "a" * (n // parts)) for i in range(parts))
+    return GrpcCase("grpc_huge_metadata", request, auth + pad, names=("metadata",))
 
 
-def grpc_cases(model: str, api_key: str) -> st.SearchStrategy[GrpcCase]:
+def grpc_cases(model: str, api_key: str, victim: Victim | None = None) -> st.SearchStrategy[GrpcCase]:
     auth = (("authorization", f"Bearer {api_key}"),)
-    return st.one_of(garbage(model, auth), bad_value(model, auth), bad_metadata(model, auth))
+    cases = [garbage(model, auth), malformed_protobuf(model, auth), bad_value(model, auth), bad_metadata(model, auth)]
+    if victim is not None:
+        cases.append(cross_tenant(auth, victim))
+    return st.one_of(*cases)

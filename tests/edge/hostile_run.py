@@ -77,6 +77,7 @@ class Probe:
     api_key: str
     tally: Counter = field(default_factory=Counter)
     failures: list[Verdict] = field(default_factory=list)
+    secrets: tuple[bytes, ...] = ()  # another tenant's data: in any answer it is a cross-tenant leak
 
     def __post_init__(self) -> None:
         self._http = httpx2.Client(verify=self.ca_cert, timeout=120)
@@ -86,6 +87,10 @@ class Probe:
     def close(self) -> None:
         self._http.close()
         self._channel.close()
+
+    def _leak(self, kind: str, answer: bytes) -> Verdict | None:
+        found = [s for s in self.secrets if s and s in answer]
+        return Verdict(kind, "cross_tenant_leak", False, f"answer holds {found[0]!r}") if found else None
 
     def _record(self, verdict: Verdict) -> Verdict:
         self.tally[(verdict.kind, verdict.outcome)] += 1
@@ -101,19 +106,23 @@ class Probe:
             self._http.close()
             self._http = httpx2.Client(verify=self.ca_cert, timeout=120)
             return self._record(Verdict(case.kind, "server_fault", False, f"{type(exc).__name__}: {exc}"))
-        return self._record(judge_http(case, response.status_code, response.content, response.headers))
+        leak = self._leak(case.kind, response.content)
+        return self._record(leak or judge_http(case, response.status_code, response.content, response.headers))
 
     def grpc(self, case: GrpcCase) -> Verdict:
-        method = CHAT + ("StreamChatCompletion" if case.stream else "CreateChatCompletion")
+        method = CHAT + (case.method or ("StreamChatCompletion" if case.stream else "CreateChatCompletion"))
         kwargs = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
         try:
             if case.stream:
-                list(self._channel.unary_stream(method, **kwargs)(case.request, metadata=case.metadata, timeout=120))
+                answers = list(self._channel.unary_stream(method, **kwargs)(case.request, metadata=case.metadata,
+                                                                           timeout=120))
             else:
-                self._channel.unary_unary(method, **kwargs)(case.request, metadata=case.metadata, timeout=120)
+                answers = [self._channel.unary_unary(method, **kwargs)(case.request, metadata=case.metadata,
+                                                                      timeout=120)]
         except grpc.RpcError as exc:
-            return self._record(judge_grpc(case, exc.code(), exc.details() or ""))
-        return self._record(judge_grpc(case, grpc.StatusCode.OK, ""))
+            leak = self._leak(case.kind, (exc.details() or "").encode())
+            return self._record(leak or judge_grpc(case, exc.code(), exc.details() or ""))
+        return self._record(self._leak(case.kind, b"".join(answers)) or judge_grpc(case, grpc.StatusCode.OK, ""))
 
     def valid_http(self) -> bool:
         response = self._http.post(self.url + "/v1/chat/completions", json=base(self.model),

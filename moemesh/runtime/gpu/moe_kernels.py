@@ -1,7 +1,9 @@
 """The Triton kernels of fused_moe.py (see there for the data flow): a grouped GEMM over row blocks of one expert,
 and a GEMV for a few tokens. Both take bf16/fp16 weights, or weight-only quantized ones (QUANT: int8 or fp8 e4m3
 with float32 scales [E, N, G], quant.py), converted to the activations' dtype in registers: int8 and e4m3 values are
-exact in bf16, so the only rounding is the one the bf16 kernel already has, and HBM traffic is half of bf16's.
+exact in fp16 and bf16, and HBM traffic is half of bf16's. The quantized GEMM multiplies in fp16 (activations
+clamped to fp16's range, 3 more mantissa bits than bf16): e4m3 and int8 convert to fp16 in one instruction per value
+pair on Hopper, to bf16 in several, and at decode sizes those conversions, not HBM, bound the bf16 variant.
 
 Scales: GROUP_K 0 = one scale per output channel, applied once to the accumulator after the K loop (free); else one
 per GROUP_K columns (DeepSeek's 128x128 FP8 blocks), applied to each K step's partial product (GROUP_K is a multiple
@@ -51,6 +53,8 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows_used
         else:
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if QUANT:  # once per K step, shared by gate and up
+            a = tl.minimum(tl.maximum(a.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
         acc = _mac(acc, a, b, s_ptrs, col_ok, k0, QUANT, GROUP_K)
         if GATED:
             up_ptrs = b_ptrs + up_rows * stride_bn
@@ -75,7 +79,7 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows_used
 
 @triton.jit
 def _mac(acc, a, b, s_ptrs, col_ok, k0, QUANT: tl.constexpr, GROUP_K: tl.constexpr):
-    """acc [BM, BN] += a [BM, BK] @ b [BK, BN]; quantized b converted to a's dtype, block scale applied here."""
+    """acc [BM, BN] += a [BM, BK] @ b [BK, BN]; quantized b converted to a's dtype (fp16), block scale applied."""
     if QUANT:
         b = b.to(a.dtype)
     if GROUP_K > 0:
@@ -88,10 +92,12 @@ def _mac(acc, a, b, s_ptrs, col_ok, k0, QUANT: tl.constexpr, GROUP_K: tl.constex
 @triton.jit
 def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, n_out, k_in, stride_am, stride_be, stride_bn,
               stride_cm, stride_se, stride_sn, up_rows, A_DIV: tl.constexpr, GATED: tl.constexpr,
-              WEIGHTED: tl.constexpr, QUANT: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr):
+              WEIGHTED: tl.constexpr, QUANT: tl.constexpr, GROUP_K: tl.constexpr, SUM_SLOTS: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Few tokens (decode at batch 1-4): one program per (pair, column block), a dot product per output column, no
-    alignment and no tensor cores; many more programs in flight than the row-block GEMM has at this size."""
+    alignment and no tensor cores; many more programs in flight than the row-block GEMM has at this size.
+    SUM_SLOTS K > 0: add the row into c[pair // K] (float32, zeroed by the caller) instead of storing c[pair]: the
+    per-token sum over slots without a reduction launch (a handful of atomic adds per address)."""
     pair = tl.program_id(0).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     col_ok = cols < n_out
@@ -125,4 +131,7 @@ def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, n_out, k_in, 
             acc = acc / (1.0 + tl.exp(-acc)) * acc_up
         if WEIGHTED:
             acc = acc * tl.load(weight_ptr + pair)
-    tl.store(c_ptr + pair * stride_cm + cols, acc.to(c_ptr.dtype.element_ty), mask=col_ok)
+    if SUM_SLOTS > 0:
+        tl.atomic_add(c_ptr + (pair // SUM_SLOTS) * stride_cm + cols, acc, mask=col_ok & (expert >= 0), sem="relaxed")
+    else:
+        tl.store(c_ptr + pair * stride_cm + cols, acc.to(c_ptr.dtype.element_ty), mask=col_ok)

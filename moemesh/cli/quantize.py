@@ -1,0 +1,50 @@
+"""`moemesh quantize MODEL --bits {4,8} --method {gptq,rtn} [--group-size 32] [--calib FILE] --out DIR`.
+
+Writes a compressed-tensors (pack-quantized) checkpoint that `moemesh up --model DIR` (torch or
+`--backend onnxruntime`), `moemesh eval perplexity --model DIR` and transformers / vLLM load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("quantize", help="int4/int8 weight-only quantization (GPTQ or round-to-nearest)")
+    p.add_argument("model", help="built-in name (smollm2, smollm2-moe), checkpoint dir or HF repo id")
+    p.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    p.add_argument("--method", choices=("gptq", "rtn"), default="gptq",
+                   help="gptq: calibrated (Hessian of each Linear's input); rtn: round to nearest, no data")
+    p.add_argument("--group-size", type=int, default=32, help="input columns per scale (must divide every K)")
+    p.add_argument("--symmetric", action="store_true", help="symmetric codes (default: asymmetric, zero points)")
+    p.add_argument("--int8", action="append", default=[], metavar="REGEX",
+                   help="with --bits 4: keep modules matching REGEX in int8 (repeatable), e.g. 'down_proj$'")
+    p.add_argument("--calib", default=None, help="UTF-8 calibration text (default: moemesh/quant/data/calib_en.txt)")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.set_defaults(func=run)
+
+
+def run(ns: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from moemesh.models.registry import resolve_model
+    from moemesh.quant.quantizer import QuantSettings, quantize_model
+
+    settings = QuantSettings(bits=ns.bits, method=ns.method, group_size=ns.group_size, symmetric=ns.symmetric,
+                             int8_modules=tuple(ns.int8), **({"calib": ns.calib} if ns.calib else {}))
+    try:
+        settings.validate()
+        if ns.calib and not Path(ns.calib).is_file():
+            raise ValueError(f"--calib {ns.calib!r} is not a file")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model_dir = resolve_model(ns.model, progress=True)
+    bar = lambda names: tqdm(names, desc="quantize", unit="tensor", file=sys.stderr)  # noqa: E731
+    log = lambda msg: print(f"[quantize] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    summary = quantize_model(model_dir, Path(ns.out), settings, log=log, progress=bar)
+    print(f"wrote {ns.out} ({settings.method} int{settings.bits} group {settings.group_size}, "
+          f"{summary['seconds']} s)")
+    return 0

@@ -1,0 +1,60 @@
+"""GPTQ (Frantar et al. 2022): quantize the columns of W [N, K] one by one, pushing each column's rounding error onto
+the not-yet-quantized columns through the inverse Hessian of the layer input, H = 2 X^T X over calibration tokens.
+
+Groups of `group` columns get their scale/zero when the quantizer reaches the group's first column (static order,
+no act-order: the result stays a plain (q, scale, zero) per group, which every layout and MatMulNBits can hold).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moemesh.quant.packing import QWeight, check_group, minmax_params
+
+BLOCK = 128  # columns updated together (the lazy batch update of the paper)
+
+
+def inverse_hessian_chol(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 after dampening the diagonal by damp * mean(diag) (keeps H invertible)."""
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0  # inputs never active: any value works, pin them
+    h[dead, dead] = 1
+    h += torch.eye(h.shape[0], dtype=h.dtype) * damp * torch.diag(h).mean()
+    for extra in (0.0, 0.1, 1.0):  # more dampening if the factorization fails (rank-deficient calibration)
+        try:
+            eye = torch.eye(h.shape[0], dtype=h.dtype)
+            inv = torch.cholesky_inverse(torch.linalg.cholesky(h + eye * extra * torch.diag(h).mean()))
+            return torch.linalg.cholesky(inv, upper=True).float()
+        except torch.linalg.LinAlgError:
+            continue
+    raise ValueError("GPTQ: the calibration Hessian is not positive definite even after dampening")
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, symmetric: bool = False,
+         damp: float = 0.01) -> QWeight:
+    """weight [N, K], hessian [K, K] (sum of x x^T over calibration inputs) -> QWeight."""
+    n, k = weight.shape
+    check_group(k, group)
+    w = weight.float().clone()
+    w[:, torch.diag(hessian) == 0] = 0
+    hinv = inverse_hessian_chol(hessian, damp)  # [K, K] upper
+    scale = torch.empty(n, k // group)
+    zero = torch.empty(n, k // group, dtype=torch.uint8)
+    q = torch.empty(n, k, dtype=torch.uint8)
+    top = 2**bits - 1
+    for b0 in range(0, k, BLOCK):
+        b1 = min(b0 + BLOCK, k)
+        wb, err = w[:, b0:b1].clone(), torch.zeros(n, b1 - b0)
+        for j in range(b1 - b0):
+            col = b0 + j
+            if col % group == 0:  # the group's parameters from the already error-updated weights
+                s, z = minmax_params(torch.cat([wb[:, j:], w[:, b1:]], 1)[:, :group], bits, group, symmetric)
+                scale[:, col // group], zero[:, col // group] = s[:, 0], z[:, 0]
+            s, z = scale[:, col // group], zero[:, col // group].float()
+            code = (wb[:, j] / s + z).round().clamp(0, top)
+            q[:, col] = code.to(torch.uint8)
+            e = (wb[:, j] - (code - z) * s) / hinv[col, col]  # [N]
+            wb[:, j:] -= e[:, None] * hinv[col, col:b1][None, :]
+            err[:, j] = e
+        w[:, b1:] -= err @ hinv[b0:b1, b1:]
+    return QWeight(q, scale, zero, bits, group)
