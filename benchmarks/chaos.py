@@ -107,21 +107,36 @@ def _exists(pid: int) -> bool:
 
 
 def score(phases: list[dict], outcomes: list[Outcome], records: list) -> None:
-    """Adds failed / to_error_s / ledger_minus_clients to each phase (a request belongs to the phase it ended in)."""
+    """Adds to each phase (a request belongs to the phase it ended in): in_flight_failed (requests running at the
+    signal that failed), refused (sent after it and failed; clients pause 0.2 s after a failure), to_error_s, and
+    ledger_minus_clients with up to 5 mismatches named."""
     billed = {r.request_id: r for r in records}
     for i, phase in enumerate(phases):
         until = phases[i + 1]["t0"] if i + 1 < len(phases) else float("inf")
         mine = [o for o in outcomes if phase["t0"] <= o.end < until]
         failed = [o for o in mine if not o.completed and not o.probe]
-        phase["requests"], phase["failed"] = sum(not o.probe for o in mine), len(failed)
+        phase["requests"] = sum(not o.probe for o in mine)
+        phase["in_flight_failed"] = sum(o.start < phase["t0"] for o in failed)
+        phase["refused"] = len(failed) - phase["in_flight_failed"]
         phase["to_error_s"] = round(max((o.end - phase["t0"] for o in failed), default=0.0), 2)
         phase["errors"] = sorted({o.error.split(":")[0] for o in failed})
-        done = [o for o in mine if o.request_id]
-        ledger_done = sum(1 for o in done if o.request_id in billed and billed[o.request_id].finish_reason
-                          in ("stop", "length"))
-        token_gap = sum(billed[o.request_id].completion_tokens - o.completion_tokens for o in done
-                        if o.completed and o.request_id in billed)
-        phase["ledger_minus_clients"] = ledger_done - sum(o.completed for o in mine) + abs(token_gap)
+        mismatches = [_mismatch(o, billed.get(o.request_id)) for o in mine if o.request_id]
+        mismatches = [m for m in mismatches if m]
+        phase["ledger_minus_clients"] = sum(m["gap"] for m in mismatches)
+        phase["mismatches"] = mismatches[:5]
+
+
+def _mismatch(o: Outcome, r) -> dict | None:
+    """How the ledger differs from what the client saw: +1 a completion the client did not see, -1 the reverse,
+    +-tokens when both completed with different counts; None when they agree."""
+    ledger_done = r is not None and r.finish_reason in ("stop", "length")
+    if ledger_done == o.completed and (not o.completed or r.completion_tokens == o.completion_tokens):
+        return None
+    gap = (r.completion_tokens - o.completion_tokens) if ledger_done and o.completed else int(ledger_done) - int(
+        o.completed)
+    return {"request_id": o.request_id, "gap": gap, "client": {"completed": o.completed, "tokens":
+            o.completion_tokens, "error": o.error[:120], "probe": o.probe},
+            "ledger": None if r is None else {"finish": r.finish_reason, "tokens": r.completion_tokens}}
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -161,11 +176,11 @@ def write(doc: dict, argv: list[str]) -> None:
                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "chaos.json").write_text(json.dumps(doc, indent=2) + "\n")
-    rows = ["| service | signal | requests | failed | errors seen | to error (s) | serving again (s) | "
-            "ledger - clients | left behind |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| service | signal | requests | in flight failed | refused while down | errors seen | to error (s) | "
+            "serving again (s) | ledger - clients | left behind |", "|---|---|---|---|---|---|---|---|---|---|"]
     for p in doc["phases"]:
         back = "not within 90" if p["serving_again_s"] is None else f"{p['serving_again_s']:.1f}"
-        rows.append(f"| {p['service']} | {p['action']} | {p['requests']} | {p['failed']} | "
+        rows.append(f"| {p['service']} | {p['action']} | {p['requests']} | {p['in_flight_failed']} | {p['refused']} | "
                     f"{', '.join(p['errors']) or '-'} | {p['to_error_s']:.1f} | {back} | "
                     f"{p['ledger_minus_clients']} | {p['left_behind']} |")
     m = doc["machine"]

@@ -22,6 +22,9 @@ from moemesh.sdk.client import build_request
 from moemesh.v1 import metering_pb2, metering_pb2_grpc
 
 
+RETRY_PAUSE_S = 0.2  # a client pauses after a failure (as a real one backs off) rather than spinning on a dead port
+
+
 @dataclass(frozen=True)
 class UntilStopped(LoadSpec):
     """A LoadSpec whose closed loop sends until `stop` is set (duration_s is only the validation's bound)."""
@@ -74,6 +77,8 @@ class TrackedBackend(GrpcBackend):
             raise RuntimeError(out.error) from None
         finally:
             out.end = time.monotonic()
+            if not out.completed:
+                await asyncio.sleep(RETRY_PAUSE_S)
 
 
 async def serving_again(backend: TrackedBackend, since: float, limit_s: float = 90.0) -> float | None:

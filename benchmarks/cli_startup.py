@@ -1,7 +1,7 @@
 """Start-up time of the `moemesh` command line: wall time of `moemesh <command> --help` (a fresh interpreter each
 run, as a person typing it gets), median and max over --repeat runs, and which heavy modules the command imported.
 
-A client command (chat, usage, tenants, trace, bench) must answer --help in under 0.5 s and import no torch; `convert`
+A client command (chat, usage, tenants, trace, bench, top) must answer --help in under 0.5 s and import no torch; `convert`
 and `eval` do need torch and are listed for comparison.
 
     .venv/bin/python benchmarks/cli_startup.py [--repeat 7]
@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CLIENT_COMMANDS = ["chat", "usage", "tenants", "trace", "bench"]
-OTHER_COMMANDS = ["up", "certs", "convert", "eval"]
+CLIENT_COMMANDS = ["chat", "usage", "tenants", "trace", "bench", "top"]
+OTHER_COMMANDS = ["up", "certs", "convert", "eval", "quantize"]
 HEAVY = ["torch", "numpy", "transformers", "safetensors", "redis", "grpc", "opentelemetry"]
 BUDGET_S = 0.5
 # Runs main() as the console script does, then reports which heavy modules ended up imported.

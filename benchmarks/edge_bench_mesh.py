@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "edge")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "edge")]  # mesh_process.py is in tests/
 os.environ.setdefault("MOEMESH_MODELS", str(Path.home() / ".cache" / "moemesh-test-models"))
 
 import edge_harness  # noqa: E402

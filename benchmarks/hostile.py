@@ -28,7 +28,7 @@ from edge_bench_mesh import ROOT, edge_mesh, machine
 from hostile_cases import Victim, http_cases
 from hostile_grpc import grpc_cases, valid_request
 from hostile_run import Probe
-from moemesh.v1 import chat_pb2
+from moemesh.v1 import chat_pb2, common_pb2
 
 
 def make_victim(mesh, probe: Probe) -> Victim:
@@ -37,11 +37,19 @@ def make_victim(mesh, probe: Probe) -> Victim:
     out = subprocess.run([sys.executable, "-m", "moemesh.cli.main", "tenants", "create", "victim", "--json"],
                          env=env, capture_output=True, text=True, check=True, cwd=ROOT)
     key = json.loads(out.stdout)["api_key"]
-    stub = probe._channel.unary_unary("/moemesh.v1.Chat/CreateChatCompletion",
+    marker = f"victim-secret-{os.urandom(8).hex()}"
+    auth = (("authorization", f"Bearer {key}"),)
+    chat = probe._channel.unary_unary("/moemesh.v1.Chat/CreateChatCompletion",
                                       request_serializer=lambda m: m.SerializeToString(),
                                       response_deserializer=chat_pb2.ChatCompletion.FromString)
-    answer = stub(valid_request(mesh.model), metadata=(("authorization", f"Bearer {key}"),), timeout=120)
-    return Victim("victim", answer.id)
+    request = valid_request(mesh.model, messages=[common_pb2.ChatMessage(role="user", content=marker)])
+    answer = chat(request, metadata=auth, timeout=120)
+    feedback = probe._channel.unary_unary("/moemesh.v1.Chat/SubmitFeedback",
+                                          request_serializer=lambda m: m.SerializeToString(),
+                                          response_deserializer=chat_pb2.SubmitFeedbackResponse.FromString)
+    feedback(chat_pb2.SubmitFeedbackRequest(request_id=answer.id, rating=4, comment=marker), metadata=auth,
+             timeout=30)
+    return Victim("victim", answer.id, key, marker)
 
 
 def run_cases(probe: Probe, strategy, send, valid, count: int, seed: int, valid_every: int = 1) -> dict:

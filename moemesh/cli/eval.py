@@ -22,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ppl.add_argument("--quantization", default="none", choices=["none", "fp8", "int8"],
                      help="weight-only quantization of the experts (a dense model: its FFN)")
+    ppl.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
+                     help="onnxruntime: int4/int8 MatMulNBits (the checkpoint's, else int8 round-to-nearest)")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(func=run_perplexity)
 
@@ -37,7 +39,7 @@ def run_perplexity(ns: argparse.Namespace) -> int:
     try:
         result = evaluate_perplexity(ns.model, ns.text, max_tokens=ns.max_tokens, window=ns.window, batch=ns.batch,
                                      device=ns.device, dtype=ns.dtype, progress=not ns.json,
-                                     quantization=ns.quantization)
+                                     quantization=ns.quantization, backend=ns.backend)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

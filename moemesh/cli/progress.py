@@ -17,11 +17,10 @@ from pathlib import Path
 
 from moemesh import home
 
-# Measured on 2 shared CPU cores (README "Quick start"): an empty MOEMESH_HOME took 348-385 s with other work
-# loading the cores (load average 7-10); the conversion alone needs 100-380 CPU-seconds
-# (benchmarks/results/quality.md). With the model cached, a start takes 8 s.
-FIRST_START_MINUTES = (2, 7)
-LATER_START_S = 10
+# Measured on 2 CPU cores shared with other work (README "Quick start", load average 7-11): an empty MOEMESH_HOME
+# took 6.4 and 13.8 minutes; the conversion needs 100-380 CPU-seconds (benchmarks/results/quality.md), hence about 2
+# minutes on idle cores. With the model cached, a start took 8-26 s.
+FIRST_START_MINUTES = (2, 14)
 BUILTIN = ("smollm2", "smollm2-moe")
 _CONVERSION = re.compile(r"^\[(moemesh|convert)")  # registry.py and convert/pipeline.py progress lines
 _LAYER = re.compile(r"layer (\d+)/(\d+):")  # the converter reports every layer: every 10th is enough here
@@ -34,7 +33,7 @@ def first_start_note(model: str) -> str | None:
         return None
     low, high = FIRST_START_MINUTES
     return (f"first start: building the built-in model {model!r} into {home.models_dir()} once; this takes "
-            f"{low}-{high} minutes on 2 CPU cores, the more the busier they are (later starts about {LATER_START_S} s)")
+            f"{low}-{high} minutes on 2 CPU cores, the busier the longer (later starts: under half a minute)")
 
 
 def interesting(line: str) -> str | None:

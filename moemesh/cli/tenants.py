@@ -13,13 +13,12 @@ import argparse
 import json
 import sys
 
-import redis.exceptions
+from typing import TYPE_CHECKING
 
-from services.metering.connection import run_on_redis
-from services.metering.errors import MeteringError
-from services.metering.meter import Meter
-from services.metering.secret import load_or_create_secret
-from services.metering.tenants import Limits, Tenant, TenantStore
+if TYPE_CHECKING:
+    from services.metering.meter import Meter
+    from services.metering.tenants import Tenant
+# Redis and metering are imported where they are used: `moemesh tenants --help` stays fast (benchmarks/cli_startup.py).
 
 
 def _common() -> argparse.ArgumentParser:
@@ -79,6 +78,10 @@ async def _with_month(meter: Meter, t: Tenant) -> dict:
 
 
 async def _act(ns: argparse.Namespace, client) -> dict:
+    from services.metering.meter import Meter
+    from services.metering.secret import load_or_create_secret
+    from services.metering.tenants import Limits, TenantStore
+
     store = TenantStore(client, load_or_create_secret())
     meter = Meter(client)
     limits = {k: getattr(ns, k, None) for k in ("rpm", "tpm", "concurrency", "budget_usd")}
@@ -128,6 +131,11 @@ def _print_human(action: str, out: dict) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
+    import redis.exceptions
+
+    from services.metering.connection import run_on_redis
+    from services.metering.errors import MeteringError
+
     try:
         out = run_on_redis(lambda client: _act(ns, client), ns.redis_url)
     except (MeteringError, ValueError, RuntimeError, redis.exceptions.RedisError) as exc:

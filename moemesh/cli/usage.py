@@ -17,13 +17,12 @@ import sys
 import time
 from datetime import datetime, timezone
 
-import redis.exceptions
+from typing import TYPE_CHECKING
 
-from services.metering.connection import run_on_redis
-from services.metering.errors import MeteringError
-from services.metering.plot import draw_usage_png
-from services.metering.report import Report, build_report, rows_csv
-from services.metering.tenants import require_tenant
+if TYPE_CHECKING:
+    from services.metering.report import Report
+# Redis, metering and the plot are imported where they are used: `moemesh usage --help` stays fast
+# (benchmarks/cli_startup.py).
 
 _RELATIVE = re.compile(r"^now(?:-(\d+(?:\.\d+)?)([mhd]))?$")
 
@@ -89,11 +88,21 @@ def print_table(report: Report) -> None:
 
 
 async def _report(ns: argparse.Namespace, client, since: float, until: float | None) -> Report:
+    from services.metering.report import build_report
+    from services.metering.tenants import require_tenant
+
     await require_tenant(client, ns.tenant)
     return await build_report(client, ns.tenant, since, until, with_rows=ns.csv or ns.records)
 
 
 def run(ns: argparse.Namespace) -> int:
+    import redis.exceptions
+
+    from services.metering.connection import run_on_redis
+    from services.metering.errors import MeteringError
+    from services.metering.plot import draw_usage_png
+    from services.metering.report import rows_csv
+
     try:
         since = parse_time(ns.since) if ns.since else 0.0
         until = parse_time(ns.until) if ns.until else None

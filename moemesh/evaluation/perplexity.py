@@ -39,6 +39,7 @@ class PerplexityResult:
     dtype: str
     seconds: float
     quantization: str = "none"  # weight-only quantization of the experts / dense FFN (Engine.load)
+    backend: str = "torch"  # torch or onnxruntime (Engine.load)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,7 +89,8 @@ def default_batch(window: int, vocab_size: int) -> int:
 
 def evaluate_perplexity(model: str, text_path: str | Path, *, max_tokens: int | None = None,
                         window: int | None = None, batch: int | None = None, device: str = "cpu",
-                        dtype: str = "float32", progress: bool = False, quantization: str = "none") -> PerplexityResult:
+                        dtype: str = "float32", progress: bool = False, quantization: str = "none",
+                        backend: str = "torch") -> PerplexityResult:
     from moemesh.models.registry import resolve_model
     from moemesh.runtime.engine import Engine
     from moemesh.tokenization.chat_tokenizer import ChatTokenizer
@@ -99,7 +101,8 @@ def evaluate_perplexity(model: str, text_path: str | Path, *, max_tokens: int | 
     text, sha = read_text(text_path)
     ids = ChatTokenizer.load(model_dir).encode(text)  # the tokenizer's own post-processor, nothing added by us
     scored = ids[:max_tokens] if max_tokens is not None else ids
-    engine = Engine.load(model_dir, device=device, dtype=dtype, kv_blocks=1, quantization=quantization)
+    engine = Engine.load(model_dir, device=device, dtype=dtype, kv_blocks=1, quantization=quantization,
+                         backend=backend)
     context = engine.spec.max_context
     window = window or min(len(scored), context)
     if window > context:
@@ -114,4 +117,5 @@ def evaluate_perplexity(model: str, text_path: str | Path, *, max_tokens: int | 
         perplexity=math.exp(total / count), mean_nll=total / count, tokens=sum(len(w) for w in windows),
         predictions=count, windows=len(windows), window=window, max_tokens=max_tokens, text_tokens=len(ids),
         device=device, dtype=dtype, seconds=round(time.perf_counter() - start, 3), quantization=quantization,
+        backend=backend,
     )

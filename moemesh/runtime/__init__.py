@@ -7,6 +7,7 @@ Map: spec.py (ModelSpec) <- families.py (config.json of each architecture); chec
 backbone.py (embeddings, attention.py / mla.py, routing.py, shared experts, LM head) + experts.py (routed experts)
 joined by an ExpertDispatch (dispatch.py in process); kv_cache.py + block_manager.py + step_context.py (paged KV,
 ragged steps); rope.py; layers.py; engine.py (steps, release, info, scoring); sampling.py, stopping.py, generate.py.
-dummy.py (load_format="dummy": random weights from config.json); gpu/ (CUDA only: Triton fused MoE, paged decode
-attention, fused small ops, decode steps in CUDA graphs).
+dummy.py (load_format="dummy": random weights from config.json); quant.py (weight-only fp8/int8 experts, or a
+dense model's FFN); gpu/ (CUDA only: Triton fused MoE, paged decode attention, fused small ops, decode steps in CUDA
+graphs).
 """

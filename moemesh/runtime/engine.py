@@ -20,6 +20,7 @@ from moemesh.runtime.dummy import open_checkpoint
 from moemesh.runtime.experts import ExpertBank
 from moemesh.runtime.gpu import decode_plan, kernels_usable
 from moemesh.runtime.kv_cache import KVCache
+from moemesh.runtime.ort import check_backend
 from moemesh.runtime.quant import check_quantization, quantize_dense_ffn
 from moemesh.runtime.sampling import Sampler, SeqSampleState, validate
 from moemesh.runtime.spec import ModelSpec, load_spec
@@ -67,13 +68,16 @@ class Engine:
     def load(cls, model_dir: str | Path, *, dispatch: ExpertDispatch | None = None, device: str | torch.device = "cpu",
              dtype: torch.dtype | str = torch.float32, kv_blocks: int | None = None, kv_memory_bytes: int | None = None,
              block_size: int = 16, max_context: int | None = None, model_name: str | None = None,
-             load_format: str = "auto", cuda_graphs: bool = True, quantization: str = "none") -> Engine:
+             load_format: str = "auto", cuda_graphs: bool = True, quantization: str = "none",
+             backend: str = "torch") -> Engine:
         """dispatch None: every routed expert in process. KV capacity: kv_blocks, else the blocks kv_memory_bytes
         buys (default: see DEFAULT_KV_BYTES). max_context defaults to the model's and is capped by the capacity.
         load_format "dummy": random weights from config.json alone (dummy.py). cuda_graphs: capture decode steps
         on CUDA where possible (EngineInfo.cuda_graphs says what happened). quantization none/fp8/int8: weight-only
-        quantized routed experts in process (a given dispatch quantizes its own), or the FFN of a dense model."""
+        quantized routed experts in process (a given dispatch quantizes its own), or the FFN of a dense model.
+        backend onnxruntime: dense layers and in-process experts on ONNX Runtime int4/int8 (runtime/ort/)."""
         check_quantization(quantization)
+        check_backend(backend, dtype, quantization)
         local = resolve_model_dir(model_dir)
         device, dtype = torch.device(device), as_dtype(dtype)
         spec = load_spec(local)
@@ -82,9 +86,18 @@ class Engine:
         context = max_context or spec.max_context
         with open_checkpoint(local, spec, load_format) as ckpt:
             backbone = Backbone.load(ckpt, spec, device, dtype)
+            quantized = dict(getattr(ckpt, "quantized", {}))  # int4/int8 checkpoints: the codes, for ORT
         if spec.moe is None:
             quantize_dense_ffn(backbone, quantization)
         backbone.set_fast(not kernels_usable(device, dtype))  # the Triton kernels of gpu/fused_ops.py on CUDA
+        if backend == "onnxruntime":
+            from moemesh.runtime.ort.backbone import OrtBackbone, default_weights
+
+            backbone = OrtBackbone(backbone, default_weights(quantized), str(device))
+        if dispatch is None and spec.moe and backend == "onnxruntime":
+            from moemesh.runtime.ort.experts import OrtExpertBank
+
+            dispatch = LocalDispatch(OrtExpertBank.load(local, device=str(device), spec=spec, load_format=load_format))
         if dispatch is None:
             bank = (ExpertBank.load(local, device=device, dtype=dtype, spec=spec, load_format=load_format,
                                     quantization=quantization) if spec.moe else None)

@@ -244,8 +244,9 @@ def spec_from_config(config: dict[str, Any], generation: dict[str, Any] | None =
     if family is None:
         raise ConfigError(f"config.json: architecture {archs[0]!r} is not supported; supported: {sorted(FAMILIES)}")
     quant = (config.get("quantization_config") or {}).get("quant_method")
-    if quant not in (None, "fp8"):
-        raise ConfigError(f"config.json: quantization_config.quant_method {quant!r} is not supported (only fp8)")
+    if quant not in (None, "fp8", "compressed-tensors", "awq", "gptq"):  # the int layouts: moemesh/quant/formats.py
+        raise ConfigError(f"config.json: quantization_config.quant_method {quant!r} is not supported (fp8, "
+                          "compressed-tensors, awq, gptq)")
     spec = family(_Cfg(config), config, generation or {})
     if spec.moe and spec.moe.top_k > spec.moe.num_experts:
         raise ConfigError(f"config.json: num_experts_per_tok {spec.moe.top_k} exceeds {spec.moe.num_experts} experts")

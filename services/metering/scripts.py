@@ -16,6 +16,13 @@ Invariants kept by every script:
 from __future__ import annotations
 
 _PRELUDE = r"""
+-- HINCRBY by -n. Lua 5.1 writes -0 as "-0", which HINCRBY refuses ("value is not an integer"): a window whose
+-- sliding entries were all 0-token rejections failed every commit that slid it, and those requests went unbilled.
+local function hdecr(key, field, n)
+  n = tonumber(n) or 0
+  if n ~= 0 then redis.call('HINCRBY', key, field, -n) end
+end
+
 local function each_chunk(list, fn)  -- unpack() of thousands of values overflows Lua's C stack
   for i = 1, #list, 500 do
     local chunk = {}
@@ -30,10 +37,10 @@ local function expire_reservations(now)
     local r = redis.call('HGET', KEYS[3], rid)
     if r then
       local _, nano, month = string.match(r, '^(%d+) (%d+) (%S+)$')
-      redis.call('HINCRBY', KEYS[6], month .. ':held', -tonumber(nano))
+      hdecr(KEYS[6], month .. ':held', nano)
       local wt = redis.call('HGET', KEYS[5], rid)
       if wt then
-        redis.call('HINCRBY', KEYS[6], 'win_tokens', -tonumber(wt))
+        hdecr(KEYS[6], 'win_tokens', wt)
         redis.call('HSET', KEYS[5], rid, 0)
       end
       redis.call('HDEL', KEYS[3], rid)
@@ -54,7 +61,7 @@ local function slide_window(now, window)
     redis.call('HDEL', KEYS[5], unpack(c))
     redis.call('ZREM', KEYS[4], unpack(c))
   end)
-  redis.call('HINCRBY', KEYS[6], 'win_tokens', -freed)
+  hdecr(KEYS[6], 'win_tokens', freed)
 end
 
 -- ms until enough of the window's oldest admissions slide out to free `need` tokens
@@ -131,7 +138,7 @@ slide_window(now, tonumber(ARGV[8]))
 local r = redis.call('HGET', KEYS[3], rid)
 if r then
   local _, nano, month = string.match(r, '^(%d+) (%d+) (%S+)$')
-  redis.call('HINCRBY', KEYS[6], month .. ':held', -tonumber(nano))
+  hdecr(KEYS[6], month .. ':held', nano)
   redis.call('HDEL', KEYS[3], rid)
   redis.call('ZREM', KEYS[2], rid)
 end

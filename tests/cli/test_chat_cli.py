@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "numpy", "transformers", "safetensors")
+HEAVY = ("torch", "numpy", "transformers", "safetensors", "redis", "matplotlib")
 # Runs the CLI in a fresh interpreter, then says which heavy modules it loaded.
 PROBE = ("import sys\nfrom moemesh.cli.main import main\ntry:\n    code = main(sys.argv[1:])\n"
          "except SystemExit as exc:\n    code = exc.code\n"
@@ -31,9 +31,12 @@ def _cli(*argv: str | bytes, stdin: bytes = b"") -> subprocess.CompletedProcess:
                           capture_output=True, timeout=60)
 
 
-@pytest.mark.parametrize("argv", [("chat", "--help"), ("--help",),
+CLIENT_COMMANDS = ("chat", "usage", "tenants", "trace", "bench", "top")
+
+
+@pytest.mark.parametrize("argv", [("--help",), *[(c, "--help") for c in CLIENT_COMMANDS],
                                   ("chat", "--endpoint", "127.0.0.1:9", "--timeout", "2", "Hi")])
-def test_the_chat_path_does_not_import_torch(argv: tuple[str, ...]) -> None:
+def test_client_commands_do_not_import_heavy_modules(argv: tuple[str, ...]) -> None:
     heavy, code = _probe(*argv).split()
     assert heavy == "HEAVY=", (argv, heavy)
     assert code == ("CODE=0" if "--help" in argv else "CODE=1")  # 1: nothing listens on port 9

@@ -234,13 +234,16 @@ def header_abuse(draw, model: str, api_key: str) -> HttpCase:
 
 @dataclass(frozen=True)
 class Victim:
-    """Another tenant's data the attacker's key must never reach: its name and one of its request ids."""
+    """Another tenant: its name and one of its request ids (the attacker aims at them), and what the attacker must
+    never see in any answer: the victim's API key and a marker only the victim wrote (prompt, feedback comment)."""
 
     tenant: str
     request_id: str
+    api_key: str = ""
+    marker: str = ""
 
     def secrets(self) -> tuple[bytes, ...]:
-        return (self.request_id.encode(),)
+        return tuple(s.encode() for s in (self.api_key, self.marker) if s)
 
 
 @st.composite

@@ -2,7 +2,8 @@
 
     fused_moe.py        routed experts: on-device sort by expert (moe_align.py, align_kernel.py) + two grouped
                         GEMM kernels (gate_up with SiLU-and-mul fused, down with the routing weight), or two GEMV
-                        kernels for a few tokens; block shapes tuned per token count in configs/
+                        kernels for a few tokens (moe_kernels.py), bf16 or fp8/int8 weights dequantized in registers;
+                        block shapes tuned per token count in configs/
     fused_ops.py        residual add + RMSNorm, per-head q/k norm + rope, softmax top-k routing: one launch each
     paged_attention.py  decode attention (one query token per sequence) reading K/V through block tables
     decode_graphs.py    CUDA graphs of whole decode steps per batch-size bucket, over static buffers

@@ -7,6 +7,8 @@ call passes only activations.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -21,10 +23,10 @@ OPSET = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
 class Builder:
     """Accumulates nodes/initializers; names are unique per builder."""
 
-    def __init__(self, accuracy: int = 4) -> None:
+    def __init__(self, accuracy: int | None = None) -> None:
         self.nodes: list = []
         self.inits: list = []
-        self.accuracy = accuracy
+        self.accuracy = int(os.environ.get("MOEMESH_ORT_ACCURACY", 4)) if accuracy is None else accuracy
         self._n = 0
 
     def name(self, stem: str) -> str:
@@ -70,3 +72,20 @@ class Builder:
         ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs]
         graph = helper.make_graph(self.nodes, "moemesh", ins, outs, self.inits)
         return helper.make_model(graph, opset_imports=OPSET, ir_version=10)
+
+
+def rms_norm(b: Builder, x: str, weight: np.ndarray, eps: float) -> str:
+    """weight * x / sqrt(mean(x^2) + eps) over the last axis (SimplifiedLayerNormalization: ORT's RMSNorm kernel)."""
+    return b.op("SimplifiedLayerNormalization", [x, b.const(weight.astype(np.float32), "norm")], axis=-1,
+                epsilon=float(eps), stash_type=1)
+
+
+def silu_mul(b: Builder, gate: str, up: str) -> str:
+    """silu(gate) * up (SwiGLU); the only FFN activation the ORT backend builds (checked at load)."""
+    return b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
+
+
+def linear(b: Builder, x: str, weight, bias: np.ndarray | None = None, stem: str = "w") -> str:
+    """x @ W^T (+ bias); weight a QWeight (MatMulNBits) or a float [N, K] array (plain MatMul)."""
+    y = b.matmul_q(x, weight, stem) if isinstance(weight, QWeight) else b.matmul_f(x, weight, stem)
+    return b.op("Add", [y, b.const(bias.astype(np.float32), stem + "_b")]) if bias is not None else y

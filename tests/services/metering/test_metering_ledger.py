@@ -135,3 +135,15 @@ async def test_old_request_ids_are_forgotten_after_the_dedup_window(redis, clock
     await meter.commit(_usage("new"))
     assert not await redis.hexists("mm:{acme}:done", "old")
     assert await redis.hexists("mm:{acme}:done", "new")
+
+
+async def test_a_window_of_zero_token_rejections_sliding_out_does_not_fail_commits(meter: Meter, clock) -> None:
+    """Regression (chaos benchmark): HINCRBY by "-0" failed every commit that slid such a window out, so requests
+    that completed while the window held only rejections (refused during an outage) went unbilled."""
+    for rid in ("rejected-1", "rejected-2"):
+        await meter.reserve("acme", rid, "m", 10, 20)
+        await meter.commit(_usage(rid, prompt_tokens=0, completion_tokens=0, finish_reason="rejected"))
+    clock.advance(61)  # both leave the 60 s token window with 0 tokens each
+    await meter.reserve("acme", "served", "m", 10, 20)
+    result = await meter.commit(_usage("served"))
+    assert not result.duplicate and result.record.completion_tokens == 50

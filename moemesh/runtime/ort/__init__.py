@@ -1,0 +1,17 @@
+"""The ONNX Runtime backend (`--backend onnxruntime`): int4/int8 weight-only matmuls (MatMulNBits) for the dense
+layers (backbone.py) and the routed experts (experts.py); torch keeps attention, routing and the KV cache."""
+
+from __future__ import annotations
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+def check_backend(backend: str, dtype, quantization: str = "none") -> None:
+    """ValueError naming the field: the ORT graphs are float32 activations with their own integer weights."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "onnxruntime" and str(dtype).removeprefix("torch.") != "float32":
+        raise ValueError(f"backend onnxruntime computes in float32, got dtype {str(dtype)!r}")
+    if backend == "onnxruntime" and quantization != "none":
+        raise ValueError(f"quantization {quantization!r} applies to the torch backend; backend onnxruntime runs the "
+                         "checkpoint's int4/int8 weights (or int8 round-to-nearest): use quantization none")
