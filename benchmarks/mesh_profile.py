@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -131,6 +132,7 @@ def main() -> None:
     parser.add_argument("--py-spy", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mesh-profile-cpu")
     args = parser.parse_args()
+    load_start = os.getloadavg()[0]
     rows, idle = [], {}
     with tempfile.TemporaryDirectory(prefix="mesh-profile-") as tmp:
         proc, status = start_mesh(args.model, args.transport, Path(tmp))
@@ -161,12 +163,16 @@ def main() -> None:
     command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
                                     else sys.argv[0], *sys.argv[1:]])
     md = "\n".join([f"# CPU ms per streamed token per mesh process ({args.model}, {args.tokens} tokens)", "",
-                    f"Command: `{command}`; load average {os.getloadavg()[0]:.2f} at end.", "", *table, "",
+                    f"Command: `{command}`; {os.cpu_count()} cores; load average {load_start:.2f} at start, "
+                    f"{os.getloadavg()[0]:.2f} at end.", "", *table, "",
                     "CPU ms per token: utime+stime of the process over the run / completion tokens streamed. Router "
                     "gap: from the end of one router.step span to the start of the next (waiting for the batcher).",
                     ""])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "idle_core_percent": idle, "rows": rows}, indent=2) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": {"cpu_cores": os.cpu_count(), "platform": platform.platform(),
+                                                  "load_average_start": load_start,
+                                                  "load_average_end": os.getloadavg()[0]},
+                    "idle_core_percent": idle, "rows": rows}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(md)
     print(md)
 

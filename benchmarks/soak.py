@@ -1,9 +1,11 @@
 """Soak: `moemesh up` on the tiny model under Poisson load at 80% of its measured capacity for --minutes (issue 12:
-20), with slow-reading streams of a second tenant held open during the middle third.
+20); then the slow-reader phase: a second tenant holds --slow-streams streams open, reading one chunk a second.
 
-Figures: per service RSS growth (first sample -> last, must be <= 10%) and open file descriptors (first -> last,
-flat), p99 end-to-end latency of the last window vs the first (windows of min(5 min, a third of the run); must be
-<= 1.2x), and during the slow-reader phase: streams held, the load tenant's p99 then vs before (not starved).
+Figures: per service RSS growth and open file descriptors from the end of the first window (warm-up: allocator,
+connection pools, caches) to the last sample (must be <= 10%, flat), and from the very first sample; p99 end-to-end
+latency of the last window vs the first (windows of min(5 min, a third of the run); must be <= 1.2x). Slow-reader
+phase: the load tenant runs at 30% of capacity (inside its fair share of two tenants) for --minutes/3 without, then
+as long with the slow streams; its p99 with them vs without says whether they starve it.
 
     .venv/bin/python benchmarks/soak.py --minutes 20 --slow-streams 1000     # the issue's run
     .venv/bin/python benchmarks/soak.py --minutes 3 --slow-streams 200       # a short validation
@@ -114,38 +116,50 @@ async def run(args: argparse.Namespace) -> dict:
     target, key, model = status["gateway"], status["api_key"], status["model"]
     slow_key = _tenant(home, "slow")
     cap = await capacity(target, key, model, args.capacity_s)
-    total = args.minutes * 60
-    spec = LoadSpec(concurrency=256, rate=0.8 * cap, requests=None, duration_s=total, prompt_tokens=PROMPT,
-                    max_tokens=MAX_TOKENS, ignore_eos=True, seed=1)
-    samples, held, peak = [], [0], [0]
+    total, samples = args.minutes * 60, []
     clock0 = time.perf_counter()
-    load = asyncio.create_task(LoadRun(GrpcBackend(target, key, model, 120.0), spec).run())
-
-    async def watch() -> None:
-        while not load.done():
-            samples.append((time.perf_counter() - clock0, sample(status_path)))
-            peak[0] = max(peak[0], held[0])
-            await asyncio.sleep(min(10.0, total / 30))
-
-    watcher = asyncio.create_task(watch())
-    await asyncio.sleep(total / 3)
-    slow_start = time.perf_counter()
-    slow_errors = await slow_readers(target, slow_key, model, args.slow_streams, total / 3, held)
-    slow_end = time.perf_counter()
-    records, duration = await load
+    soak = asyncio.create_task(_load(target, key, model, 0.8 * cap, total, seed=1))
+    watcher = asyncio.create_task(_watch(soak, status_path, samples, clock0, min(10.0, total / 30)))
+    records, duration = await soak
     await watcher
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(60)
     window = min(300.0, total / 3)
     first, last = p99(records, clock0, clock0 + window), p99(records, clock0 + total - window, clock0 + total)
+    slow = await _slow_phase(target, key, slow_key, model, 0.3 * cap, total / 3, args.slow_streams)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
     return {"minutes": args.minutes, "capacity_rps": round(cap, 2), "rate_rps": round(0.8 * cap, 2),
             "requests": len(records), "failed": sum(not r.ok for r in records), "duration_s": round(duration, 1),
             "p99_first_s": first, "p99_last_s": last, "p99_ratio": round(last / first, 3) if first and last else None,
-            "window_s": window, "services": _growth(samples),
-            "slow": {"streams": args.slow_streams, "held_peak": peak[0], "errors": len(slow_errors),
-                     "error_samples": sorted(set(slow_errors))[:5],
-                     "p99_before_s": p99(records, slow_start - (slow_end - slow_start), slow_start),
-                     "p99_during_s": p99(records, slow_start, slow_end)}}
+            "window_s": window, "services": _growth(samples, window), "slow": slow}
+
+
+async def _load(target: str, key: str, model: str, rate: float, seconds: float, seed: int):
+    spec = LoadSpec(concurrency=256, rate=rate, requests=None, duration_s=seconds, prompt_tokens=PROMPT,
+                    max_tokens=MAX_TOKENS, ignore_eos=True, seed=seed)
+    backend = GrpcBackend(target, key, model, 120.0)
+    try:
+        return await LoadRun(backend, spec).run()
+    finally:
+        await backend.close()
+
+
+async def _watch(load: asyncio.Task, status_path: Path, samples: list, clock0: float, every: float) -> None:
+    while not load.done():
+        samples.append((time.perf_counter() - clock0, sample(status_path)))
+        await asyncio.sleep(every)
+
+
+async def _slow_phase(target: str, key: str, slow_key: str, model: str, rate: float, seconds: float,
+                      streams: int) -> dict:
+    """The load tenant at `rate` for `seconds` alone, then as long next to `streams` slow readers of tenant slow."""
+    alone, _ = await _load(target, key, model, rate, seconds, seed=2)
+    held: list[int] = [0]
+    mixed = asyncio.create_task(_load(target, key, model, rate, seconds, seed=3))
+    slow_errors = await slow_readers(target, slow_key, model, streams, seconds, held)
+    records, _ = await mixed
+    return {"streams": streams, "rate_rps": round(rate, 2), "seconds": round(seconds), "errors": len(slow_errors),
+            "error_samples": sorted(set(slow_errors))[:5], "p99_alone_s": p99(alone, 0, float("inf")),
+            "p99_with_slow_s": p99(records, 0, float("inf")), "failed_with_slow": sum(not r.ok for r in records)}
 
 
 def _tenant(home: Path, name: str) -> str:
@@ -155,13 +169,15 @@ def _tenant(home: Path, name: str) -> str:
     return json.loads(out.stdout)["api_key"]
 
 
-def _growth(samples: list) -> dict:
+def _growth(samples: list, warm_s: float) -> dict:
     first, last = samples[0][1], samples[-1][1]
+    warm = next((s for t, s in samples if t >= warm_s), first)
     out = {}
-    for name in sorted(set(first) & set(last)):
-        (rss0, fd0), (rss1, fd1) = first[name], last[name]
-        out[name] = {"rss_kib": [rss0, rss1], "rss_growth_pct": round(100 * (rss1 - rss0) / rss0, 1),
-                     "fds": [fd0, fd1], "fds_max": max(s[1][name][1] for s in samples if name in s[1])}
+    for name in sorted(set(first) & set(last) & set(warm)):
+        (rss0, fd0), (rssw, fdw), (rss1, fd1) = first[name], warm[name], last[name]
+        out[name] = {"rss_kib": [rss0, rssw, rss1], "rss_growth_pct": round(100 * (rss1 - rssw) / rssw, 1),
+                     "rss_growth_from_start_pct": round(100 * (rss1 - rss0) / rss0, 1), "fds": [fd0, fdw, fd1],
+                     "fds_max": max(s[1][name][1] for s in samples if name in s[1])}
     return out
 
 
@@ -170,10 +186,11 @@ def write(doc: dict, argv: list[str]) -> None:
                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "soak.json").write_text(json.dumps(doc, indent=2) + "\n")
-    rows = ["| process | RSS KiB first -> last | growth | open fds first -> last (max) |", "|---|---|---|---|"]
+    rows = ["| process | RSS KiB start / after warm-up / end | growth after warm-up (from start) | "
+            "open fds start / after warm-up / end (max) |", "|---|---|---|---|"]
     for name, s in doc["services"].items():
-        rows.append(f"| {name} | {s['rss_kib'][0]} -> {s['rss_kib'][1]} | {s['rss_growth_pct']}% | "
-                    f"{s['fds'][0]} -> {s['fds'][1]} ({s['fds_max']}) |")
+        rows.append(f"| {name} | {' / '.join(map(str, s['rss_kib']))} | {s['rss_growth_pct']}% "
+                    f"({s['rss_growth_from_start_pct']}%) | {' / '.join(map(str, s['fds']))} ({s['fds_max']}) |")
     slow = doc["slow"]
     text = "\n".join([
         f"# Soak ({doc['minutes']} minutes)", "", f"Command: `{doc['command']}` ({doc['date']})", "",
@@ -183,9 +200,10 @@ def write(doc: dict, argv: list[str]) -> None:
         f"Poisson): {doc['requests']} requests, {doc['failed']} failed.", "",
         f"p99 end-to-end: first {doc['window_s']:.0f} s {doc['p99_first_s']} s, last {doc['p99_last_s']} s "
         f"(ratio {doc['p99_ratio']}; limit 1.2).", "", *rows, "",
-        f"Slow readers (tenant `slow`, 1 chunk/s, middle third): {slow['streams']} streams, {slow['held_peak']} "
-        f"held at once, {slow['errors']} errors {slow['error_samples'] or ''}; load tenant p99 before "
-        f"{slow['p99_before_s']} s, during {slow['p99_during_s']} s.", ""])
+        f"Slow readers (tenant `slow`, 1 chunk/s, after the soak): {slow['streams']} streams held "
+        f"{slow['seconds']} s, {slow['errors']} errors {slow['error_samples'] or ''}; the load tenant at "
+        f"{slow['rate_rps']} req/s (30% of capacity): p99 alone {slow['p99_alone_s']} s, next to the slow streams "
+        f"{slow['p99_with_slow_s']} s ({slow['failed_with_slow']} failed).", ""])
     (RESULTS / "soak.md").write_text(text)
     print(text)
 

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         completions.append(Completions(TokenizerClient(tokenizer), BatcherClient(batcher), metering))
         servicer = ChatServicer(completions[0], ModelCatalog([config.model]), metering, auth=config.auth,
                                 default_max_tokens=config.default_max_tokens, request_timeout=config.request_timeout,
-                                account=account, closing=closing)
+                                account=account, closing=closing, max_n=config.max_n)
         return add_to_server(servicer, server)
 
     async def on_stop() -> None:

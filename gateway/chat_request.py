@@ -8,25 +8,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
-from gateway.models import ModelCatalog
-from moemesh.runtime.types import SamplingParams
+from gateway.message_shapes import Message, template_messages
+from gateway.models import ModelCatalog, ModelDefaults
+from gateway.structured import ToolPlan, response_guided, tool_plan
+from moemesh.runtime.types import Guided, SamplingParams
 
-ROLES = {"system", "user", "assistant", "developer"}
 MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
-    name: str | None = None
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range (the router checks it again: moemesh/runtime/penalties.py)
 
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """The request as received (absent optional fields are None)."""
+    """The request as received (absent optional fields are None). A completions request sets `prompt` instead of
+    messages."""
 
     model: str
     messages: tuple[Message, ...]
@@ -46,18 +43,28 @@ class ChatRequest:
     include_usage: bool = False
     ignore_eos: bool = False  # moemesh extension (benchmarks): run to max_tokens past end-of-sequence tokens
     unsupported: tuple[str, ...] = ()  # names of set fields moemesh does not support
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: Any = None  # "auto" | "none" | "required" | {"type": "function", "function": {"name": ...}}
+    response_format: dict[str, Any] | None = None
+    logit_bias: tuple[tuple[str, float], ...] = ()  # (token id as sent, bias)
+    stop_token_ids: tuple[int, ...] = ()
+    repetition_penalty: float | None = None
+    prompt: str | None = None  # /v1/completions: plain text, no chat template
 
 
 @dataclass(frozen=True)
 class ValidatedChat:
-    """What the gateway runs: canonical model, template-ready messages, sampling for the batcher."""
+    """What the gateway runs: canonical model, template-ready messages (or a plain prompt), sampling."""
 
     model: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     sampling: SamplingParams
     user: str = ""
     include_usage: bool = False
     stop: tuple[str, ...] = field(default=())  # applied by the gateway on the detokenized text
+    n: int = 1
+    tools: ToolPlan = field(default_factory=ToolPlan)
+    prompt: str | None = None
 
 
 def _in_range(name: str, value: float | None, low: float, high: float, *, low_open: bool = False) -> None:
@@ -80,22 +87,6 @@ def _max_tokens(req: ChatRequest, default: int) -> int:
     return value
 
 
-def _messages(messages: tuple[Message, ...]) -> list[dict[str, str]]:
-    if not messages:
-        raise ValueError("messages: at least one message is required")
-    out = []
-    for i, m in enumerate(messages):
-        if m.role not in ROLES:
-            raise ValueError(f"messages[{i}].role: {m.role!r} is not one of {sorted(ROLES)}")
-        if not m.content:  # nothing to answer: OpenAI accepts it, but it only wastes a request
-            raise ValueError(f"messages[{i}].content: must not be empty")
-        message = {"role": "system" if m.role == "developer" else m.role, "content": m.content}
-        if m.name:
-            message["name"] = m.name
-        out.append(message)
-    return out
-
-
 def _check_stop(stop: tuple[str, ...]) -> None:
     if len(stop) > MAX_STOP_STRINGS:
         raise ValueError(f"stop: {len(stop)} stop strings, at most {MAX_STOP_STRINGS}")
@@ -113,33 +104,73 @@ def _check_logprobs(req: ChatRequest) -> None:
         raise ValueError("top_logprobs: requires logprobs to be true")
 
 
-def validate(req: ChatRequest, models: ModelCatalog, *, default_max_tokens: int) -> ValidatedChat:
-    """The checks, in the order a client fixes them: unsupported features, model, messages, then numbers."""
-    if req.unsupported:
-        raise ValueError(f"{req.unsupported[0]}: not supported by moemesh (remove the field)")
-    model = models.resolve(req.model)
-    messages = _messages(req.messages)
-    max_tokens = _max_tokens(req, default_max_tokens)
-    _in_range("temperature", req.temperature, 0.0, 2.0)
-    _in_range("top_p", req.top_p, 0.0, 1.0, low_open=True)
-    _in_range("presence_penalty", req.presence_penalty, -2.0, 2.0)
-    _in_range("frequency_penalty", req.frequency_penalty, -2.0, 2.0)
-    if req.n is not None and req.n != 1:
-        raise ValueError(f"n: {req.n} choices requested; only n=1 is supported")
-    _check_stop(req.stop)
-    _check_logprobs(req)
-    sampling = SamplingParams(
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
+def _logit_bias(pairs: tuple[tuple[str, float], ...]) -> tuple[tuple[int, float], ...]:
+    out = []
+    for key, bias in pairs:
+        if not key.isdigit():
+            raise ValueError(f"logit_bias[{key!r}]: keys must be token ids (non-negative integers as strings)")
+        _in_range(f"logit_bias[{key!r}]", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+        out.append((int(key), bias))
+    return tuple(out)
+
+
+def _guided(req: ChatRequest) -> tuple[ToolPlan, Guided | None]:
+    plan, forced = tool_plan(list(req.tools), req.tool_choice)
+    guided = response_guided(req.response_format)
+    if forced is not None and guided is not None:
+        raise ValueError("response_format: cannot be combined with a tool_choice that forces a call")
+    return plan, forced or guided
+
+
+def _default(value, defaults: ModelDefaults, name: str, fallback):
+    """The request's value, else the model's generation_config default, else moemesh's (as vLLM does)."""
+    if value is not None:
+        return value
+    chosen = getattr(defaults, name)
+    return fallback if chosen is None else chosen
+
+
+def _sampling(req: ChatRequest, max_tokens: int, defaults: ModelDefaults, guided: Guided | None) -> SamplingParams:
+    return SamplingParams(
+        temperature=_default(req.temperature, defaults, "temperature", 1.0),
+        top_p=_default(req.top_p, defaults, "top_p", 1.0),
+        top_k=_default(req.top_k, defaults, "top_k", 0),
         seed=None if req.seed is None else req.seed % 2**64,
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         max_tokens=max_tokens,
         stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
         logprobs=req.logprobs,
         top_logprobs=req.top_logprobs or 0,
         ignore_eos=req.ignore_eos,
+        logit_bias=_logit_bias(req.logit_bias),
+        repetition_penalty=_default(req.repetition_penalty, defaults, "repetition_penalty", 1.0),
+        guided=guided,
     )
+
+
+def validate(req: ChatRequest, models: ModelCatalog, *, default_max_tokens: int, max_n: int = 8,
+             defaults: ModelDefaults | None = None) -> ValidatedChat:
+    """The checks, in the order a client fixes them: unsupported features, model, messages, then numbers."""
+    if req.unsupported:
+        raise ValueError(f"{req.unsupported[0]}: not supported by moemesh (remove the field)")
+    model = models.resolve(req.model)
+    messages = template_messages(req.messages) if req.prompt is None else []
+    if req.prompt is not None and not req.prompt:
+        raise ValueError("prompt: must not be empty")
+    max_tokens = _max_tokens(req, default_max_tokens)
+    _in_range("temperature", req.temperature, 0.0, 2.0)
+    _in_range("top_p", req.top_p, 0.0, 1.0, low_open=True)
+    _in_range("presence_penalty", req.presence_penalty, -2.0, 2.0)
+    _in_range("frequency_penalty", req.frequency_penalty, -2.0, 2.0)
+    _in_range("repetition_penalty", req.repetition_penalty, 0.0, 2.0, low_open=True)
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= max_n:
+        raise ValueError(f"n: {n} choices requested; this gateway allows 1 to {max_n} (--max-n)")
+    _check_stop(req.stop)
+    _check_logprobs(req)
+    plan, guided = _guided(req)
+    sampling = _sampling(req, max_tokens, defaults or ModelDefaults(), guided)
     return ValidatedChat(model=model, messages=messages, sampling=sampling, user=req.user,
-                         include_usage=req.include_usage, stop=req.stop)
+                         include_usage=req.include_usage, stop=req.stop, n=n, tools=plan, prompt=req.prompt)

@@ -17,6 +17,7 @@ client got (the commit is retried while metering restarts).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from gateway.chat_request import ValidatedChat
+from gateway.models import ModelDefaults
 from gateway.events import (
     FINISH_CANCELLED, FINISH_DEADLINE, FINISH_ERROR, GenerateParams, Tenant, TokenEvent, TokenInfo, UsageRecord,
 )
@@ -34,7 +36,9 @@ log = logging.getLogger(__name__)
 
 
 class Tokenizer(Protocol):
-    async def encode_chat(self, model: str, messages: list[dict[str, str]]) -> list[int]: ...
+    async def encode_chat(self, model: str, messages: list[dict], tools_json: str = "") -> list[int]: ...
+    async def encode_text(self, model: str, text: str) -> list[int]: ...
+    async def sampling_defaults(self, model: str) -> dict[str, float]: ...
     async def eos_token_ids(self, model: str) -> tuple[int, ...]: ...
     async def pieces(self, model: str, ids: list[int]) -> list[tuple[str, bytes]]: ...
     def detokenizer(self, model: str): ...  # feed(ids) -> per-id texts (async), close()
@@ -99,18 +103,20 @@ class Completions:
     def __init__(self, tokenizer: Tokenizer, batcher: Batcher, metering: Metering) -> None:
         self._tokenizer, self._batcher, self._metering = tokenizer, batcher, metering
         self._eos: dict[str, tuple[int, ...]] = {}
+        self._defaults: dict[str, ModelDefaults] = {}
         self._background: set[asyncio.Task] = set()
 
     async def run(self, chat: ValidatedChat, tenant: Tenant, request_id: str,
                   timeout_s: float | None) -> AsyncIterator[Delta | Finish]:
         start = time.monotonic()
-        prompt_ids = await self._tokenizer.encode_chat(chat.model, chat.messages)
+        prompt_ids = await self._prompt_ids(chat)
         eos = await self._eos_ids(chat.model)
         await self._metering.reserve(request_id, tenant.name, chat.model, len(prompt_ids), chat.sampling.max_tokens)
         outcome = _Outcome(prompt_tokens=len(prompt_ids))
         deadline_ms = int((time.time() + timeout_s) * 1000) if timeout_s else 0
         params = GenerateParams(request_id, tenant.name, chat.model, tuple(prompt_ids), chat.sampling,
                                 deadline_ms, tenant.priority, tenant.weight)
+        params = replace(params, sampling=replace(chat.sampling, prompt_tokens=len(prompt_ids)))
         generation = self._batcher.generate(params, timeout_s)
         detok = self._tokenizer.detokenizer(chat.model)
         checker = StopChecker(replace(chat.sampling, stop=chat.stop), eos)
@@ -184,6 +190,18 @@ class Completions:
             logprob = event.logprobs[i] if i < len(event.logprobs) else 0.0
             out.append(TokenInfo(token_id, pieces[token_id][0], pieces[token_id][1], logprob, top))
         return tuple(out)
+
+    async def _prompt_ids(self, chat: ValidatedChat) -> list[int]:
+        if chat.prompt is not None:
+            return await self._tokenizer.encode_text(chat.model, chat.prompt)
+        tools = json.dumps(list(chat.tools.tools)) if chat.tools.tools else ""
+        return await self._tokenizer.encode_chat(chat.model, chat.messages, tools)
+
+    async def defaults(self, model: str) -> ModelDefaults:
+        """The model's generation_config sampling defaults (asked of the tokenizer once, then cached)."""
+        if model not in self._defaults:
+            self._defaults[model] = ModelDefaults(**await self._tokenizer.sampling_defaults(model))
+        return self._defaults[model]
 
     async def _eos_ids(self, model: str) -> tuple[int, ...]:
         if model not in self._eos:

@@ -26,6 +26,7 @@ class GatewayConfig(ServiceConfig):
     auth_cache_seconds: float = setting(30.0, "how long a verified API key is trusted without asking metering")
     default_max_tokens: int = setting(256, "max_tokens of requests that give none")
     request_timeout: float = setting(300.0, "seconds a request may take end to end (also the batcher deadline)")
+    max_n: int = setting(8, "most choices (n) one request may ask for; each is its own sequence")
 
     def validate(self) -> None:
         super().validate()
@@ -41,5 +42,7 @@ class GatewayConfig(ServiceConfig):
             raise ConfigError(f"{self.source('auth_cache_seconds')}: {self.auth_cache_seconds!r} must be >= 0")
         if self.default_max_tokens < 1:
             raise ConfigError(f"{self.source('default_max_tokens')}: {self.default_max_tokens!r} must be >= 1")
+        if not 1 <= self.max_n <= 128:
+            raise ConfigError(f"{self.source('max_n')}: {self.max_n!r} must be in [1, 128]")
         if not self.request_timeout > 0:
             raise ConfigError(f"{self.source('request_timeout')}: {self.request_timeout!r} must be > 0")

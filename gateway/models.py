@@ -13,6 +13,16 @@ from pathlib import PurePath
 
 
 @dataclass(frozen=True)
+class ModelDefaults:
+    """A model's sampling defaults (generation_config.json); None: not set there."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     id: str
     created: int  # Unix seconds when the gateway loaded it

@@ -10,10 +10,13 @@ import time
 import grpc
 
 from gateway.account import AccountRpcs, MeteringAccount
-from gateway.chat_request import ChatRequest, Message, ValidatedChat, validate
+from gateway import chat_proto
+from gateway.chat_request import ValidatedChat, validate
+from gateway.choices import ToolShaper, run_choices
 from gateway.closing import Closing
-from gateway.completion import Completions, Delta, Finish
-from gateway.events import Tenant, TokenInfo
+from gateway.completion import Completions, Delta
+from gateway.completion_api import CompletionRpcs
+from gateway.events import Tenant
 from gateway.models import ModelCatalog
 from moemesh.serving.errors import status_for
 from moemesh.serving.telemetry import request_scope
@@ -21,33 +24,14 @@ from moemesh.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
-UNSUPPORTED = ("tools", "tool_choice", "response_format", "functions", "logit_bias", "function_call")
 FINGERPRINT = "moemesh-v1"
 _ERROR_TYPES = {grpc.StatusCode.RESOURCE_EXHAUSTED: "rate_limit_exceeded",
                 grpc.StatusCode.INVALID_ARGUMENT: "invalid_request_error",
                 grpc.StatusCode.UNAUTHENTICATED: "authentication_error"}
 
 
-def new_request_id() -> str:
-    return f"chatcmpl-{secrets.token_hex(12)}"
-
-
-def _opt(msg, name: str):
-    return getattr(msg, name) if msg.HasField(name) else None
-
-
-def to_chat_request(req: chat_pb2.ChatCompletionRequest) -> ChatRequest:
-    return ChatRequest(
-        model=req.model,
-        messages=tuple(Message(m.role, m.content, _opt(m, "name")) for m in req.messages),
-        max_tokens=_opt(req, "max_tokens"), max_completion_tokens=_opt(req, "max_completion_tokens"),
-        temperature=_opt(req, "temperature"), top_p=_opt(req, "top_p"), seed=_opt(req, "seed"),
-        stop=tuple(req.stop), presence_penalty=_opt(req, "presence_penalty"),
-        frequency_penalty=_opt(req, "frequency_penalty"), top_k=_opt(req, "top_k"), logprobs=req.logprobs,
-        top_logprobs=_opt(req, "top_logprobs"), n=_opt(req, "n"), user=req.user,
-        include_usage=req.stream_options.include_usage, ignore_eos=req.ignore_eos,
-        unsupported=tuple(name for name in UNSUPPORTED if req.HasField(name)),
-    )
+def new_request_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
 
 
 def api_key(context: grpc.aio.ServicerContext) -> str:
@@ -59,22 +43,21 @@ def api_key(context: grpc.aio.ServicerContext) -> str:
     return ""
 
 
-def _logprobs(tokens: tuple[TokenInfo, ...]) -> chat_pb2.ChoiceLogprobs:
-    def one(t: TokenInfo) -> chat_pb2.ChoiceLogprob:
-        return chat_pb2.ChoiceLogprob(token=t.text, logprob=t.logprob, bytes=list(t.bytes),
-                                      top_logprobs=[one(a) for a in t.top])
-
-    return chat_pb2.ChoiceLogprobs(content=[one(t) for t in tokens])
+def _error_chunk(exc: Exception, request_id: str) -> chat_pb2.StreamError:
+    code, details, _ = status_for(exc)
+    log.warning("stream %s failed after its first chunk: %s %s", request_id, code.name, details)
+    return chat_pb2.StreamError(message=details, code=code.name, type=_ERROR_TYPES.get(code, "server_error"))
 
 
-class ChatServicer(AccountRpcs, chat_pb2_grpc.ChatServicer):
+class ChatServicer(AccountRpcs, CompletionRpcs, chat_pb2_grpc.ChatServicer):
     def __init__(self, completions: Completions, models: ModelCatalog, metering, *, auth: bool,
                  default_max_tokens: int, request_timeout: float, account: MeteringAccount | None = None,
-                 closing: Closing | None = None) -> None:
+                 closing: Closing | None = None, max_n: int = 8) -> None:
         self._completions, self._models, self._metering = completions, models, metering
         self._closing = closing or Closing()  # streams end in-band before a drain's grace is over
         self._account = account  # SubmitFeedback / GetUsage (gateway/account.py); None: not metered
         self._auth, self._default_max_tokens, self._timeout = auth, default_max_tokens, request_timeout
+        self._max_n = max_n  # most choices one request may ask for (n)
 
     async def _tenant(self, context) -> Tenant:
         key = api_key(context)
@@ -83,9 +66,12 @@ class ChatServicer(AccountRpcs, chat_pb2_grpc.ChatServicer):
                                 "authorization: missing; send metadata 'authorization: Bearer <api key>'")
         return await self._metering.authenticate(key)
 
-    async def _admit(self, request, context) -> tuple[ValidatedChat, Tenant, float]:
+    async def _admit(self, request, context, convert=chat_proto.to_chat_request) -> tuple[ValidatedChat, Tenant, float]:
         tenant = await self._tenant(context)
-        chat = validate(to_chat_request(request), self._models, default_max_tokens=self._default_max_tokens)
+        req = convert(request)
+        defaults = await self._completions.defaults(self._models.resolve(req.model))
+        chat = validate(req, self._models, default_max_tokens=self._default_max_tokens, max_n=self._max_n,
+                        defaults=defaults)
         remaining = context.time_remaining()
         timeout = self._timeout if remaining is None else min(self._timeout, max(remaining, 0.001))
         return chat, tenant, timeout
@@ -93,21 +79,24 @@ class ChatServicer(AccountRpcs, chat_pb2_grpc.ChatServicer):
     async def CreateChatCompletion(self, request, context):
         chat, tenant, timeout = await self._admit(request, context)
         request_id, created = new_request_id(), int(time.time())
-        texts, tokens, finish = [], [], None
+        texts, tokens, finishes = [[] for _ in range(chat.n)], [[] for _ in range(chat.n)], [None] * chat.n
         with request_scope(request_id):
-            async for item in self._completions.run(chat, tenant, request_id, timeout):
+            async for i, item in run_choices(self._completions, chat, tenant, request_id, timeout):
                 if isinstance(item, Delta):
-                    texts.append(item.text)
-                    tokens.extend(item.tokens)
+                    texts[i].append(item.text)
+                    tokens[i].extend(item.tokens)
                 else:
-                    finish = item
-        choice = chat_pb2.Choice(index=0, finish_reason=finish.reason,
-                                 message=common_pb2.ChatMessage(role="assistant", content="".join(texts)))
-        if chat.sampling.logprobs:
-            choice.logprobs.CopyFrom(_logprobs(tuple(tokens)))
+                    finishes[i] = item
+        choices = []
+        for i in range(chat.n):
+            content, calls, reason = ToolShaper(chat.tools).answer("".join(texts[i]), finishes[i])
+            choice = chat_pb2.Choice(index=i, finish_reason=reason, message=chat_proto.assistant(content, calls))
+            if chat.sampling.logprobs:
+                choice.logprobs.CopyFrom(chat_proto.logprobs(tuple(tokens[i])))
+            choices.append(choice)
         return chat_pb2.ChatCompletion(
-            id=request_id, object="chat.completion", created=created, model=chat.model, choices=[choice],
-            usage=_usage(finish), system_fingerprint=FINGERPRINT,
+            id=request_id, object="chat.completion", created=created, model=chat.model, choices=choices,
+            usage=chat_proto.usage(finishes), system_fingerprint=FINGERPRINT,
         )
 
     async def StreamChatCompletion(self, request, context):
@@ -118,43 +107,42 @@ class ChatServicer(AccountRpcs, chat_pb2_grpc.ChatServicer):
             return chat_pb2.ChatCompletionChunk(id=request_id, object="chat.completion.chunk", created=created,
                                                 model=chat.model, **fields)
 
-        started = False
+        started, shapers, finishes = set(), [ToolShaper(chat.tools) for _ in range(chat.n)], []
         with request_scope(request_id):
             try:
-                async for item in self._closing.guard(self._completions.run(chat, tenant, request_id, timeout)):
-                    if not started:
-                        started = True
-                        yield chunk(choices=[chat_pb2.ChunkChoice(index=0, delta=chat_pb2.Delta(role="assistant",
-                                                                                                 content=""))])
+                async for i, item in self._closing.guard(run_choices(self._completions, chat, tenant, request_id,
+                                                                     timeout)):
+                    if i not in started:
+                        started.add(i)
+                        yield chunk(choices=[chat_pb2.ChunkChoice(index=i, delta=chat_proto.delta("", [], "assistant"))])
                     if isinstance(item, Delta):
-                        choice = chat_pb2.ChunkChoice(index=0, delta=chat_pb2.Delta(content=item.text))
+                        content, tools = shapers[i].delta(item)
+                        choice = chat_pb2.ChunkChoice(index=i, delta=chat_proto.delta(content, tools))
                         if item.tokens:
-                            choice.logprobs.CopyFrom(_logprobs(item.tokens))
-                        yield chunk(choices=[choice])
-                    else:
-                        yield chunk(choices=[chat_pb2.ChunkChoice(index=0, delta=chat_pb2.Delta(),
-                                                                  finish_reason=item.reason)])
-                        if chat.include_usage:
-                            yield chunk(usage=_usage(item))
+                            choice.logprobs.CopyFrom(chat_proto.logprobs(item.tokens))
+                        if content or tools or item.tokens:
+                            yield chunk(choices=[choice])
+                        continue
+                    finishes.append(item)
+                    content, tools, reason = shapers[i].finish(item)
+                    if content or tools:
+                        yield chunk(choices=[chat_pb2.ChunkChoice(index=i, delta=chat_proto.delta(content, tools))])
+                    yield chunk(choices=[chat_pb2.ChunkChoice(index=i, delta=chat_pb2.Delta(), finish_reason=reason)])
+                if chat.include_usage:
+                    yield chunk(usage=chat_proto.usage(finishes))
             except Exception as exc:
                 if not started:
                     raise  # nothing sent yet: a real status
-                code, details, _ = status_for(exc)
-                log.warning("stream %s failed after its first chunk: %s %s", request_id, code.name, details)
-                yield chunk(error=chat_pb2.StreamError(message=details, code=code.name,
-                                                       type=_ERROR_TYPES.get(code, "server_error")))
+                yield chunk(error=_error_chunk(exc, request_id))
 
     async def ListModels(self, request, context):
         await self._tenant(context)  # nothing but health answers without a key
-        return chat_pb2.ListModelsResponse(object="list", data=[
-            chat_pb2.ModelCard(id=e.id, object="model", created=e.created, owned_by="moemesh")
-            for e in self._models.entries
-        ])
-
-
-def _usage(finish: Finish) -> chat_pb2.Usage:
-    return chat_pb2.Usage(prompt_tokens=finish.prompt_tokens, completion_tokens=finish.completion_tokens,
-                          total_tokens=finish.prompt_tokens + finish.completion_tokens)
+        cards = []
+        for e in self._models.entries:
+            defaults = await self._completions.defaults(e.id)
+            cards.append(chat_pb2.ModelCard(id=e.id, object="model", created=e.created, owned_by="moemesh",
+                                            sampling_defaults=chat_proto.defaults_proto(defaults)))
+        return chat_pb2.ListModelsResponse(object="list", data=cards)
 
 
 def add_to_server(servicer: ChatServicer, server: grpc.aio.Server) -> list[str]:

@@ -59,12 +59,21 @@ class TokenizerClient:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = tokenizer_pb2_grpc.TokenizerStub(channel)
 
-    async def encode_chat(self, model: str, messages: list[dict[str, str]]) -> list[int]:
-        chat = tokenizer_pb2.ChatInput(add_generation_prompt=True, messages=[
-            common_pb2.ChatMessage(role=m["role"], content=m["content"], name=m.get("name")) for m in messages
-        ])
+    async def encode_chat(self, model: str, messages: list[dict], tools_json: str = "") -> list[int]:
+        chat = tokenizer_pb2.ChatInput(add_generation_prompt=True, tools_json=tools_json,
+                                       messages=[_chat_message(m) for m in messages])
         response = await _retried(self._stub.Encode, tokenizer_pb2.EncodeRequest(model=model, chat=chat))
         return list(response.ids)
+
+    async def encode_text(self, model: str, text: str) -> list[int]:
+        response = await _retried(self._stub.Encode, tokenizer_pb2.EncodeRequest(model=model, text=text))
+        return list(response.ids)
+
+    async def sampling_defaults(self, model: str) -> dict[str, float]:
+        """The model's generation_config.json sampling defaults (only those it sets)."""
+        info = await _retried(self._stub.Info, tokenizer_pb2.TokenizerInfoRequest(model=model))
+        d = info.generation_defaults
+        return {f.name: value for f, value in d.ListFields()}
 
     async def eos_token_ids(self, model: str) -> tuple[int, ...]:
         info = await _retried(self._stub.Info, tokenizer_pb2.TokenizerInfoRequest(model=model))
@@ -141,17 +150,39 @@ class StreamDetokenizer:
             self._call = None
 
 
+def _chat_message(m: dict) -> common_pb2.ChatMessage:
+    out = common_pb2.ChatMessage(role=m["role"], content=m["content"], name=m.get("name"),
+                                 tool_call_id=m.get("tool_call_id"))
+    for c in m.get("tool_calls", ()):
+        f = c.get("function", {})
+        out.tool_calls.add(id=c.get("id", ""), type=c.get("type", "function"), function=common_pb2.FunctionCall(
+            name=f.get("name", ""), arguments=f.get("arguments", "")))
+    return out
+
+
+def sampling_to_proto(s) -> common_pb2.SamplingParams:
+    """runtime SamplingParams -> proto; stop strings stay in the gateway (it owns the text)."""
+    out = common_pb2.SamplingParams(
+        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
+        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, max_tokens=s.max_tokens,
+        logprobs=s.logprobs, top_logprobs=s.top_logprobs, ignore_eos=s.ignore_eos,
+        stop_token_ids=s.stop_token_ids, logit_bias=[common_pb2.TokenBias(token_id=t, bias=b) for t, b in s.logit_bias],
+        prompt_tokens=s.prompt_tokens,
+    )
+    if s.repetition_penalty != 1.0:
+        out.repetition_penalty = s.repetition_penalty
+    if s.guided is not None:
+        out.guided.CopyFrom(common_pb2.GuidedDecoding(json_schema=s.guided.json_schema,
+                                                      json_object=s.guided.json_object))
+    return out
+
+
 class BatcherClient:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = batcher_pb2_grpc.BatcherStub(channel)
 
     def generate(self, params: GenerateParams, timeout_s: float | None) -> Generation:
-        s = params.sampling
-        sampling = common_pb2.SamplingParams(
-            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
-            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, max_tokens=s.max_tokens,
-            logprobs=s.logprobs, top_logprobs=s.top_logprobs, ignore_eos=s.ignore_eos,
-        )  # stop strings stay in the gateway: it owns the text (StopChecker on the detokenized stream)
+        sampling = sampling_to_proto(params.sampling)
         request = batcher_pb2.GenerateRequest(
             request_id=params.request_id, tenant=params.tenant, model=params.model, prompt_ids=params.prompt_ids,
             sampling=sampling, deadline_unix_ms=params.deadline_unix_ms, priority=params.priority,

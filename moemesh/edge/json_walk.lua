@@ -58,7 +58,7 @@ local function members(s, i, depth, on)
     if not raw then return nil end
     j = ws(s, j)
     if s:byte(j) ~= 58 then return nil end
-    j = on(unescape(raw), ws(s, j + 1), depth + 1)
+    j = on(unescape(raw), ws(s, j + 1), depth + 1, i)
     if not j then return nil end
     j = ws(s, j)
     local c = s:byte(j)
@@ -131,7 +131,6 @@ local function judge(found, s, kinds, path, key, v)
     found.bad = path
   elseif not kind_ok(kind, s, v) then
     found.bad, found.why = path, "must be " .. KINDS[kind]
-    if key == "content" then found.why = found.why .. " (moemesh takes text content only)" end
   end
 end
 
@@ -142,7 +141,11 @@ local function walk_messages(found, s, v, d)
       if not found.bad and literal(s, e) ~= "null" then found.bad, found.why = path, "must be an object" end
       return skip(s, e, d2)
     end
-    return members(s, e, d2, function(key, w, d3)
+    return members(s, e, d2, function(key, w, d3, k)
+      if key == "content" and s:byte(w) == 91 then  -- an array of parts: the transcoder takes it as content_parts
+        found.splices[#found.splices + 1] = { k, w, '"content_parts":' }
+        return skip(s, w, d3)
+      end
       judge(found, s, MESSAGE, path .. "." .. key, key, w)
       return skip(s, w, d3)
     end)
@@ -157,21 +160,24 @@ local function walk_stream_options(found, s, name, v, d)
   end)
 end
 
--- Walks the body: the first undeclared or mistyped field (a JSON path and why), what decides the RPC (stream,
--- include_usage), and where a lone stop string is. nil when the body is not a JSON object.
-local function inspect_body(s)
-  local found = { bad = nil, why = nil, stream = false, include_usage = false }
+-- Walks the body against the field table `top`: the first undeclared or mistyped field (a JSON path and why), what
+-- decides the RPC (stream, include_usage), and the rewrites the transcoder needs (`splices`: {from, to, text}
+-- replacing bytes [from, to): a lone stop string wrapped in a list, a message's array `content` renamed
+-- content_parts). nil when the body is not a JSON object.
+local function inspect_body(s, top)
+  local found = { bad = nil, why = nil, stream = false, include_usage = false, splices = {}, n = 1 }
   local i = ws(s, 1)
   if s:byte(i) ~= 123 then return nil end
   local last = members(s, i, 1, function(key, v, d)
     local c = s:byte(v)
     if key == "stop" and c == 34 then  -- OpenAI also takes one stop string: the walk wraps it in a list
       local j = skip(s, v, d)
-      found.stop_string = j and { v, j }
+      if j then found.splices[#found.splices + 1] = { v, j, "[" .. s:sub(v, j - 1) .. "]" } end
       return j
     end
-    judge(found, s, TOP, key, key, v)
+    judge(found, s, top, key, key, v)
     if key == "stream" then found.stream = literal(s, v) == "true" end
+    if key == "n" then found.n = math.max(1, math.floor(tonumber(literal(s, v)) or 1)) end
     if key == "messages" and c == 91 then return walk_messages(found, s, v, d) end
     if (key == "stream_options" or key == "streamOptions") and c == 123 then
       return walk_stream_options(found, s, key, v, d)

@@ -52,6 +52,7 @@ def source() -> str:
         _table("TOP", json_kinds(chat_pb2.ChatCompletionRequest.DESCRIPTOR))
         + _table("MESSAGE", json_kinds(common_pb2.ChatMessage.DESCRIPTOR))
         + _table("STREAM_OPTIONS", json_kinds(chat_pb2.StreamOptions.DESCRIPTOR))
+        + _table("COMPLETION", json_kinds(chat_pb2.CompletionRequest.DESCRIPTOR))
     )
     tables += f"local MAX_HEADERS_BYTES = {MAX_HEADERS_KB * 1024}\n"
     scripts = "\n".join(path.read_text() for path in SCRIPTS)

@@ -2,7 +2,7 @@
 -- the field tables TOP, MESSAGE and STREAM_OPTIONS (JSON name -> kind of every field the moemesh.v1 request messages
 -- declare: "string", "number", "bool", "list", "object", "any") and json_walk.lua (inspect_body, json_string).
 --
--- Request (POST /v1/chat/completions[:stream]; gRPC passes untouched):
+-- Request (POST /v1/chat/completions[:stream], /v1/completions[:stream] (table COMPLETION); gRPC untouched):
 --   * a content-type other than application/json is 415, a body that is not UTF-8 400 (one line each: the
 --     transcoder would answer the first as if valid and the second with its parser's raw text);
 --   * one walk over the buffered body rejects fields the API does not declare (the transcoder would drop them
@@ -19,6 +19,23 @@
 local NS = "moemesh.edge"
 local CHAT = "/v1/chat/completions"
 local STREAM = "/v1/chat/completions:stream"
+local COMPLETIONS = "/v1/completions"
+-- Path -> (field table, streaming path) of the POST endpoints whose bodies the walk checks.
+local ENDPOINTS = { [CHAT] = { TOP, STREAM }, [STREAM] = { TOP, STREAM },
+  [COMPLETIONS] = { COMPLETION, COMPLETIONS .. ":stream" }, [COMPLETIONS .. ":stream"] = { COMPLETION,
+  COMPLETIONS .. ":stream" } }
+
+-- Applies the walk's splices (in body order) to the text.
+local function spliced(text, splices)
+  table.sort(splices, function(a, b) return a[1] < b[1] end)
+  local out, at = {}, 1
+  for _, sp in ipairs(splices) do
+    out[#out + 1] = text:sub(at, sp[1] - 1) .. sp[3]
+    at = sp[2]
+  end
+  out[#out + 1] = text:sub(at)
+  return table.concat(out)
+end
 
 local function reject(handle, field, message, status)
   if field then handle:streamInfo():dynamicMetadata():set(NS, "param", field) end
@@ -91,7 +108,8 @@ function envoy_on_request(handle)
   if headers:get(":method") ~= "POST" then return end
   local path = headers:get(":path") or ""
   local base, query = path:match("^([^?]*)(.*)$")
-  if base ~= CHAT and base ~= STREAM then return end
+  local endpoint = ENDPOINTS[base]
+  if not endpoint then return end
   if not is_json(headers:get("content-type")) then
     return reject(handle, nil, "content-type: " .. (headers:get("content-type") or "missing") .. " is not supported; "
       .. "send the body as application/json", "415")
@@ -104,7 +122,7 @@ function envoy_on_request(handle)
     return reject(handle, nil, string.format("body: not valid UTF-8 (byte 0x%02x at offset %d); JSON must be "
       .. "UTF-8", text:byte(bad_byte), bad_byte - 1))
   end
-  local found = inspect_body(text)
+  local found = inspect_body(text, endpoint[1])
   if not found then
     return reject(handle, nil, "body: not a valid JSON object (or nested deeper than " .. MAX_DEPTH .. " levels)")
   end
@@ -112,17 +130,17 @@ function envoy_on_request(handle)
     return reject(handle, found.bad, found.bad .. ": " .. (found.why or "unknown field; moemesh's chat-completion "
       .. "API does not declare it (remove it)"))
   end
-  if found.stop_string then
-    local a, b = found.stop_string[1], found.stop_string[2]
-    body:setBytes(text:sub(1, a - 1) .. "[" .. text:sub(a, b - 1) .. "]" .. text:sub(b))
+  if #found.splices > 0 then
+    body:setBytes(spliced(text, found.splices))
     headers = handle:headers()
     headers:remove("content-length")
   end
   local meta = handle:streamInfo():dynamicMetadata()
-  if base == STREAM or found.stream then
+  if base == endpoint[2] or found.stream then
     meta:set(NS, "stream", true)
     meta:set(NS, "include_usage", found.include_usage)
-    if base == CHAT then headers:replace(":path", STREAM .. query) end
+    meta:set(NS, "n", found.n)
+    if base ~= endpoint[2] then headers:replace(":path", endpoint[2] .. query) end
   end
 end
 
@@ -175,10 +193,12 @@ end
 
 -- The last chunk of a stream: usage when asked for, else the finish; an in-band error always. A key preceded by
 -- '{' or ',' cannot be text inside a JSON string (its quote would be escaped there).
-local function is_last(data, include_usage)
-  if data:find('[{,]"error":{') then return true end
-  if include_usage then return data:find('[{,]"usage":{') ~= nil end
-  return data:find('[{,]"finish_reason":"') ~= nil
+-- With n choices, the n-th finish is the last (`finished` counts them across chunks).
+local function is_last(data, include_usage, n, finished)
+  if data:find('[{,]"error":{') then return true, finished end
+  if include_usage then return data:find('[{,]"usage":{') ~= nil, finished end
+  for _ in data:gmatch('[{,]"finish_reason":"') do finished = finished + 1 end
+  return finished >= n, finished
 end
 
 function envoy_on_response(handle)
@@ -192,10 +212,13 @@ function envoy_on_response(handle)
   headers:replace("content-type", "text/event-stream")
   headers:replace("cache-control", "no-cache")
   headers:replace("x-accel-buffering", "no")
-  local done = false
+  local done, finished, last = false, 0, false
   for chunk in handle:bodyChunks() do
     local n = chunk:length()
-    if not done and n > 0 and is_last(chunk:getBytes(0, n), meta.include_usage) then
+    if not done and n > 0 then
+      last, finished = is_last(chunk:getBytes(0, n), meta.include_usage, meta.n or 1, finished)
+    end
+    if not done and last then
       chunk:setBytes(chunk:getBytes(0, n) .. "data: [DONE]\n\n")
       done = true
     end

@@ -43,6 +43,8 @@ def route_config(s: EdgeSettings, cluster: str) -> dict:
                grpc_max="0s", retry=SAFE_RETRY),
         _route("chat_create", {"path": f"{chat}CreateChatCompletion"}, cluster, timeout=unary, idle=unary,
                grpc_max=unary, retry=SAFE_RETRY),
+        _route("completion_stream", {"path": f"{chat}StreamCompletion"}, cluster, timeout="0s", idle=idle,
+               grpc_max="0s", retry=SAFE_RETRY),
         _route("models", {"path": f"{chat}ListModels"}, cluster, timeout="10s", idle=None, grpc_max="10s",
                retry=IDEMPOTENT_RETRY),
         _route("chat_other", {"prefix": chat}, cluster, timeout=unary, idle=unary, grpc_max=unary,

@@ -11,7 +11,7 @@ import torch
 
 from moemesh.quant.packing import QWeight, check_group, minmax_params
 
-BLOCK = 128  # columns updated together (the lazy batch update of the paper)
+BLOCK = 128  # columns updated together (the lazy batch update of the paper); a multiple of every group size used
 
 
 def inverse_hessian_chol(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -32,7 +32,18 @@ def inverse_hessian_chol(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, symmetric: bool = False,
          damp: float = 0.01) -> QWeight:
-    """weight [N, K], hessian [K, K] (sum of x x^T over calibration inputs) -> QWeight."""
+    """weight [N, K], hessian [K, K] (sum of x x^T over calibration inputs) -> QWeight. Runs on one thread: the
+    column loop is thousands of small ops, and OpenMP workers waking for each made it 200x slower on 2 busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _gptq(weight, hessian, bits, group, symmetric, damp)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, symmetric: bool,
+          damp: float) -> QWeight:
     n, k = weight.shape
     check_group(k, group)
     w = weight.float().clone()
@@ -42,13 +53,14 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, sym
     zero = torch.empty(n, k // group, dtype=torch.uint8)
     q = torch.empty(n, k, dtype=torch.uint8)
     top = 2**bits - 1
-    for b0 in range(0, k, BLOCK):
-        b1 = min(b0 + BLOCK, k)
+    block = group * max(1, BLOCK // group)  # whole groups per block: a group's parameters come from one block
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
         wb, err = w[:, b0:b1].clone(), torch.zeros(n, b1 - b0)
         for j in range(b1 - b0):
             col = b0 + j
             if col % group == 0:  # the group's parameters from the already error-updated weights
-                s, z = minmax_params(torch.cat([wb[:, j:], w[:, b1:]], 1)[:, :group], bits, group, symmetric)
+                s, z = minmax_params(wb[:, j:j + group], bits, group, symmetric)  # group inside the block
                 scale[:, col // group], zero[:, col // group] = s[:, 0], z[:, 0]
             s, z = scale[:, col // group], zero[:, col // group].float()
             code = (wb[:, j] / s + z).round().clamp(0, top)

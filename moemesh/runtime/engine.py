@@ -7,6 +7,7 @@ the engine as it was), and a failure during the forward (e.g. an expert shard do
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from moemesh.runtime.sampling import Sampler, SeqSampleState, validate
 from moemesh.runtime.spec import ModelSpec, load_spec
 from moemesh.runtime.step_context import StepContext
 from moemesh.runtime.types import (
-    ContextLengthError, EngineInfo, ExpertDispatch, SeqResult, SequenceStateError, SeqWork,
+    ContextLengthError, EngineInfo, ExpertDispatch, Guided, SeqResult, SequenceStateError, SeqWork,
 )
+
+log = logging.getLogger(__name__)
 
 # Default KV budget (neither kv_blocks nor kv_memory_bytes given): 256 MiB, raised up to 1 GiB so that one
 # full-context sequence fits, and never more blocks than DEFAULT_MAX_SEQUENCES full-context sequences need.
@@ -63,6 +66,8 @@ class Engine:
         self._seqs: dict[str, _Sequence] = {}
         self.decode, self.cuda_graphs = decode, cuda_graphs  # gpu/decode_graphs.DecodeRunner or None, and why
         self.quantization = quantization
+        self.model_dir: Path | None = None  # where the tokenizer lives (grammars need its vocabulary)
+        self.grammars = None  # runtime/grammar.GrammarBook, built on the first constrained request
 
     @classmethod
     def load(cls, model_dir: str | Path, *, dispatch: ExpertDispatch | None = None, device: str | torch.device = "cpu",
@@ -121,8 +126,10 @@ class Engine:
             decode = DecodeRunner(backbone, dispatch, cache.pools, block_size, -(-max_context // block_size),
                                   trash_block=kv_blocks, device=device, graphs=graphs)
         name = model_name or (local.name if Path(model_dir).expanduser().is_dir() else str(model_dir))
-        return cls(spec, backbone, dispatch, cache, blocks, max_context=max_context, model_name=name, device=device,
-                   decode=decode, cuda_graphs=note, quantization=quantization)
+        engine = cls(spec, backbone, dispatch, cache, blocks, max_context=max_context, model_name=name, device=device,
+                     decode=decode, cuda_graphs=note, quantization=quantization)
+        engine.model_dir = local
+        return engine
 
     # ---- stepping -------------------------------------------------------------------------------------------
 
@@ -140,6 +147,10 @@ class Engine:
         try:
             states = [self._seqs[w.seq_id].sampling if w.position else SeqSampleState.new(w.sampling, self.device)
                       for w in works]
+            for w, state in zip(works, states):
+                if w.position == 0 and w.sampling.guided is not None:
+                    state.grammar = self._grammar(w.sampling)
+                state.fed(w.token_ids, w.position, w.sampling.prompt_tokens)
             with torch.inference_mode():
                 logits = self._forward(works)  # [N, V], one row per sampling work
             results = self._sample(works, states, logits)
@@ -150,6 +161,18 @@ class Engine:
         for w, state in zip(works, states):
             self._seqs[w.seq_id] = _Sequence(w.position + len(w.token_ids), state)
         return results, logits
+
+    def _grammar(self, params):
+        """The grammar state of a constrained sequence (the book is built on first use: ~0.6 s)."""
+        from moemesh.runtime.grammar import GrammarBook, GrammarError
+
+        if self.grammars is None:
+            self.grammars = GrammarBook(self.model_dir, self.spec.vocab_size, self.spec.eos_token_ids)
+        try:
+            return self.grammars.sequence(params.guided, params.max_tokens)
+        except GrammarError as exc:  # the gateway checked the schema; never fail the whole batch's step for one
+            log.warning("%s; falling back to any JSON object", exc)
+            return self.grammars.sequence(Guided(json_object=True), params.max_tokens)
 
     def _validate(self, works: list[SeqWork]) -> None:
         ids = [w.seq_id for w in works]

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moemesh.runtime import grammar as grammars
+from moemesh.runtime.penalties import MAX_LOGIT_BIAS, apply_logit_bias, apply_repetition_penalty
 from moemesh.runtime.types import SamplingParams
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
@@ -38,6 +40,9 @@ class SeqSampleState:
 
     generator: torch.Generator | None
     counts: dict[int, int] = field(default_factory=dict)  # token id -> occurrences in the completion so far
+    seen: set[int] = field(default_factory=set)  # prompt and completion tokens (repetition_penalty)
+    grammar: grammars.SeqGrammar | None = None  # constrained decoding (runtime/grammar.py)
+    replayed: int = 0  # completion tokens this state has seen (sampled here, or replayed after a recompute)
 
     @classmethod
     def new(cls, params: SamplingParams, device: torch.device | str = "cpu") -> SeqSampleState:
@@ -49,8 +54,22 @@ class SeqSampleState:
         return cls(generator=generator)
 
     def observe(self, token_id: int) -> None:
-        """Count one generated token (feeds the presence/frequency penalties)."""
+        """Count one generated token (feeds the penalties) and advance the grammar past it."""
         self.counts[token_id] = self.counts.get(token_id, 0) + 1
+        self.seen.add(token_id)
+        self.replayed += 1
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
+
+    def fed(self, token_ids: list[int], position: int, prompt_tokens: int | None) -> None:
+        """Tokens fed to the model at `position`: prompt tokens join `seen`; completion tokens this state has not
+        observed (a preempted sequence recomputed from position 0) are replayed into counts and grammar."""
+        self.seen.update(token_ids)
+        if prompt_tokens is None:
+            return
+        for offset, token in enumerate(token_ids):
+            if position + offset - prompt_tokens >= self.replayed:
+                self.observe(token)
 
 
 @dataclass
@@ -98,6 +117,10 @@ def validate(params: SamplingParams) -> None:
     top_ok = _is_int(p.top_logprobs) and 0 <= p.top_logprobs <= MAX_TOP_LOGPROBS
     _check(top_ok, "top_logprobs", p.top_logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
     _check(isinstance(p.ignore_eos, bool), "ignore_eos", p.ignore_eos, "a bool")
+    bias_ok = all(_is_int(t) and t >= 0 and _is_real(b) and abs(b) <= MAX_LOGIT_BIAS for t, b in p.logit_bias)
+    _check(bias_ok, "logit_bias", p.logit_bias, f"(token id >= 0, bias in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}])")
+    rep_ok = _is_real(p.repetition_penalty) and 0 <= p.repetition_penalty <= 2
+    _check(rep_ok, "repetition_penalty", p.repetition_penalty, "a number in (0, 2] (0 also means off)")
 
 
 def wants_logprobs(params: SamplingParams) -> bool:
@@ -115,6 +138,9 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(states):
             raise ValueError(f"logits {tuple(logits.shape)} must be [N, V] with N = {len(params)} params and states")
         logits = self._penalised(logits.float(), params, states)  # [N, V], a copy
+        apply_logit_bias(logits, [p.logit_bias for p in params])
+        apply_repetition_penalty(logits, [p.repetition_penalty for p in params], [s.seen for s in states])
+        grammars.apply(logits, [s.grammar for s in states])  # -inf where a grammar forbids the token
         temps = [p.temperature for p in params]
         tokens = logits.argmax(dim=-1)  # [N]; greedy rows keep this
         sampled = [i for i, t in enumerate(temps) if t > 0]

@@ -33,6 +33,18 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    repetition_penalty: float = 1.0  # HF semantics over prompt + completion tokens; 1: off
+    guided: Guided | None = None  # grammar the output must match (runtime/grammar.py)
+    prompt_tokens: int | None = None  # tokens of the prompt; later fed tokens are replayed into state (recompute)
+
+
+@dataclass(frozen=True)
+class Guided:
+    """Constrained decoding (mirrors moemesh.v1.GuidedDecoding): a JSON Schema text, or any JSON object."""
+
+    json_schema: str = ""
+    json_object: bool = False
 
 
 @dataclass

@@ -15,9 +15,11 @@ from typing import Any
 from tokenizers import Tokenizer, decoders
 
 from moemesh.tokenization.chat_template import ChatTemplate
+from moemesh.tokenization.tool_prompt import with_tools
 from moemesh.tokenization.token_bytes import byte_level_token_bytes, sentencepiece_token_bytes
 
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")  # generation_config.json sampling defaults
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class ChatTokenizer:
         self.bos_token_id = tokenizer.token_to_id(bos) if bos else None
         self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
         self._added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
+        self._generation_defaults: dict[str, float] = {}  # load() reads them from generation_config.json
 
     @classmethod
     def load(cls, model_dir: str | Path) -> ChatTokenizer:
@@ -83,12 +86,16 @@ class ChatTokenizer:
         tokenizer = Tokenizer.from_file(str(path))
         config = _read_json(model_dir / "tokenizer_config.json")
         # EOS: generation_config's list first (what generate() stops on), then config.json, then the named token.
-        eos = _as_id_list(_read_json(model_dir / "generation_config.json").get("eos_token_id"))
+        generation = _read_json(model_dir / "generation_config.json")
+        eos = _as_id_list(generation.get("eos_token_id"))
         eos += _as_id_list(_read_json(model_dir / "config.json").get("eos_token_id"))
         eos_name = _token_content(config.get("eos_token"))
         if eos_name and tokenizer.token_to_id(eos_name) is not None:
             eos.append(tokenizer.token_to_id(eos_name))
-        return cls(tokenizer, config, _chat_template_source(model_dir, config), eos)
+        made = cls(tokenizer, config, _chat_template_source(model_dir, config), eos)
+        made._generation_defaults = {k: int(v) if k == "top_k" else float(v) for k in _DEFAULT_KEYS
+                                     if isinstance(v := generation.get(k), (int, float)) and not isinstance(v, bool)}
+        return made
 
     @property
     def vocab_size(self) -> int:
@@ -109,9 +116,24 @@ class ChatTokenizer:
             raise ValueError("this model has no chat template (tokenizer_config.json chat_template is missing)")
         return self._template.render(messages, add_generation_prompt=add_generation_prompt, **extra)
 
+    @property
+    def template_supports_tools(self) -> bool:
+        """Whether the chat template renders `tools` itself (else tool_prompt.py writes them into the prompt)."""
+        return self._template is not None and "tools" in self._template.source
+
+    @property
+    def generation_defaults(self) -> dict[str, float]:
+        """Sampling defaults of generation_config.json (temperature, top_p, top_k, repetition_penalty) it sets."""
+        return dict(self._generation_defaults)
+
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    **extra: Any) -> tuple[list[int], str]:
-        """(ids, rendered prompt) of a conversation; the template already wrote BOS/role tokens as text."""
+                    tools: list[dict[str, Any]] | None = None, **extra: Any) -> tuple[list[int], str]:
+        """(ids, rendered prompt) of a conversation; the template already wrote BOS/role tokens as text. Tools go
+        to the template when it renders them, else into the system prompt (tool_prompt.py)."""
+        if tools and self.template_supports_tools:
+            extra["tools"] = tools
+        elif tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
+            messages = with_tools(messages, tools or [])
         rendered = self.render_chat(messages, add_generation_prompt, **extra)
         return self.encode(rendered, add_special_tokens=False), rendered
 

@@ -51,6 +51,16 @@ class ChatStub:
                 request_serializer=moemesh_dot_v1_dot_chat__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=moemesh_dot_v1_dot_chat__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.CreateCompletion = channel.unary_unary(
+                '/moemesh.v1.Chat/CreateCompletion',
+                request_serializer=moemesh_dot_v1_dot_chat__pb2.CompletionRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_chat__pb2.Completion.FromString,
+                _registered_method=True)
+        self.StreamCompletion = channel.unary_stream(
+                '/moemesh.v1.Chat/StreamCompletion',
+                request_serializer=moemesh_dot_v1_dot_chat__pb2.CompletionRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_chat__pb2.Completion.FromString,
+                _registered_method=True)
         self.SubmitFeedback = channel.unary_unary(
                 '/moemesh.v1.Chat/SubmitFeedback',
                 request_serializer=moemesh_dot_v1_dot_chat__pb2.SubmitFeedbackRequest.SerializeToString,
@@ -84,6 +94,20 @@ class ChatServicer:
 
     def ListModels(self, request, context):
         """Lists the models this mesh serves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateCompletion(self, request, context):
+        """Completes a plain-text prompt (OpenAI's legacy completions: prompt in, text out, no chat template).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamCompletion(self, request, context):
+        """Completes a plain-text prompt, streaming Completion chunks (object "text_completion", text deltas).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,6 +149,16 @@ def add_ChatServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=moemesh_dot_v1_dot_chat__pb2.ListModelsRequest.FromString,
                     response_serializer=moemesh_dot_v1_dot_chat__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'CreateCompletion': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCompletion,
+                    request_deserializer=moemesh_dot_v1_dot_chat__pb2.CompletionRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_chat__pb2.Completion.SerializeToString,
+            ),
+            'StreamCompletion': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamCompletion,
+                    request_deserializer=moemesh_dot_v1_dot_chat__pb2.CompletionRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_chat__pb2.Completion.SerializeToString,
             ),
             'SubmitFeedback': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitFeedback,
@@ -219,6 +253,60 @@ class Chat:
             '/moemesh.v1.Chat/ListModels',
             moemesh_dot_v1_dot_chat__pb2.ListModelsRequest.SerializeToString,
             moemesh_dot_v1_dot_chat__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCompletion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.Chat/CreateCompletion',
+            moemesh_dot_v1_dot_chat__pb2.CompletionRequest.SerializeToString,
+            moemesh_dot_v1_dot_chat__pb2.Completion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamCompletion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moemesh.v1.Chat/StreamCompletion',
+            moemesh_dot_v1_dot_chat__pb2.CompletionRequest.SerializeToString,
+            moemesh_dot_v1_dot_chat__pb2.Completion.FromString,
             options,
             channel_credentials,
             insecure,

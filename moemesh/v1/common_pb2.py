@@ -24,27 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/common.proto\x12\nmoemesh.v1\"x\n\x0f\x45xternalPayload\x12(\n\ttransport\x18\x01 \x01(\x0e\x32\x15.moemesh.v1.Transport\x12\x0e\n\x06handle\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0b\n\x03tag\x18\x05 \x01(\x04\"\x85\x01\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.moemesh.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12/\n\x08\x65xternal\x18\x04 \x01(\x0b\x32\x1b.moemesh.v1.ExternalPayloadH\x00\x42\t\n\x07payload\"H\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x11\n\x04name\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_name\"\x8a\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x01\x12\x12\n\nmax_tokens\x18\x07 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x42\x07\n\x05_seed\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01*\x9b\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0e\n\nDTYPE_INT8\x10\x06\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x07*d\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRANSPORT_SHARED_MEMORY\x10\x01\x12\x1f\n\x1bTRANSPORT_TORCH_DISTRIBUTED\x10\x02*\xb1\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/common.proto\x12\nmoemesh.v1\"x\n\x0f\x45xternalPayload\x12(\n\ttransport\x18\x01 \x01(\x0e\x32\x15.moemesh.v1.Transport\x12\x0e\n\x06handle\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0b\n\x03tag\x18\x05 \x01(\x04\"\x85\x01\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.moemesh.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12/\n\x08\x65xternal\x18\x04 \x01(\x0b\x32\x1b.moemesh.v1.ExternalPayloadH\x00\x42\t\n\x07payload\"\xce\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x11\n\x04name\x18\x03 \x01(\tH\x00\x88\x01\x01\x12.\n\rcontent_parts\x18\x04 \x03(\x0b\x32\x17.moemesh.v1.ContentPart\x12(\n\ntool_calls\x18\x05 \x03(\x0b\x32\x14.moemesh.v1.ToolCall\x12\x19\n\x0ctool_call_id\x18\x06 \x01(\tH\x01\x88\x01\x01\x42\x07\n\x05_nameB\x0f\n\r_tool_call_id\")\n\x0b\x43ontentPart\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"P\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12*\n\x08\x66unction\x18\x03 \x01(\x0b\x32\x18.moemesh.v1.FunctionCall\"/\n\x0c\x46unctionCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\targuments\x18\x02 \x01(\t\"+\n\tTokenBias\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04\x62ias\x18\x02 \x01(\x01\":\n\x0eGuidedDecoding\x12\x13\n\x0bjson_schema\x18\x01 \x01(\t\x12\x13\n\x0bjson_object\x18\x02 \x01(\x08\"\xb0\x01\n\x10SamplingDefaults\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x01H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penalty\"\xc7\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x01\x12\x12\n\nmax_tokens\x18\x07 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12)\n\nlogit_bias\x18\r \x03(\x0b\x32\x15.moemesh.v1.TokenBias\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x01H\x01\x88\x01\x01\x12*\n\x06guided\x18\x0f \x01(\x0b\x32\x1a.moemesh.v1.GuidedDecoding\x12\x1a\n\rprompt_tokens\x18\x10 \x01(\rH\x02\x88\x01\x01\x42\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x10\n\x0e_prompt_tokens\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01*\x9b\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0e\n\nDTYPE_INT8\x10\x06\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x07*d\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRANSPORT_SHARED_MEMORY\x10\x01\x12\x1f\n\x1bTRANSPORT_TORCH_DISTRIBUTED\x10\x02*\xb1\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moemesh.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=692
-  _globals['_DTYPE']._serialized_end=847
-  _globals['_TRANSPORT']._serialized_start=849
-  _globals['_TRANSPORT']._serialized_end=949
-  _globals['_FINISHREASON']._serialized_start=952
-  _globals['_FINISHREASON']._serialized_end=1129
+  _globals['_DTYPE']._serialized_start=1474
+  _globals['_DTYPE']._serialized_end=1629
+  _globals['_TRANSPORT']._serialized_start=1631
+  _globals['_TRANSPORT']._serialized_end=1731
+  _globals['_FINISHREASON']._serialized_start=1734
+  _globals['_FINISHREASON']._serialized_end=1911
   _globals['_EXTERNALPAYLOAD']._serialized_start=39
   _globals['_EXTERNALPAYLOAD']._serialized_end=159
   _globals['_TENSOR']._serialized_start=162
   _globals['_TENSOR']._serialized_end=295
-  _globals['_CHATMESSAGE']._serialized_start=297
-  _globals['_CHATMESSAGE']._serialized_end=369
-  _globals['_SAMPLINGPARAMS']._serialized_start=372
-  _globals['_SAMPLINGPARAMS']._serialized_end=638
-  _globals['_TOKENLOGPROB']._serialized_start=640
-  _globals['_TOKENLOGPROB']._serialized_end=689
+  _globals['_CHATMESSAGE']._serialized_start=298
+  _globals['_CHATMESSAGE']._serialized_end=504
+  _globals['_CONTENTPART']._serialized_start=506
+  _globals['_CONTENTPART']._serialized_end=547
+  _globals['_TOOLCALL']._serialized_start=549
+  _globals['_TOOLCALL']._serialized_end=629
+  _globals['_FUNCTIONCALL']._serialized_start=631
+  _globals['_FUNCTIONCALL']._serialized_end=678
+  _globals['_TOKENBIAS']._serialized_start=680
+  _globals['_TOKENBIAS']._serialized_end=723
+  _globals['_GUIDEDDECODING']._serialized_start=725
+  _globals['_GUIDEDDECODING']._serialized_end=783
+  _globals['_SAMPLINGDEFAULTS']._serialized_start=786
+  _globals['_SAMPLINGDEFAULTS']._serialized_end=962
+  _globals['_SAMPLINGPARAMS']._serialized_start=965
+  _globals['_SAMPLINGPARAMS']._serialized_end=1420
+  _globals['_TOKENLOGPROB']._serialized_start=1422
+  _globals['_TOKENLOGPROB']._serialized_end=1471
 # @@protoc_insertion_point(module_scope)

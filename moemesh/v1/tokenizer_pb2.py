@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moemesh.v1 import common_pb2 as moemesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amoemesh/v1/tokenizer.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"U\n\tChatInput\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.moemesh.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\"^\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.moemesh.v1.ChatInputH\x00\x42\x07\n\x05input\"/\n\x0e\x45ncodeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x10\n\x08rendered\x18\x02 \x01(\t\"H\n\rDecodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\"\x1e\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"L\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\"7\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_texts\x18\x02 \x03(\t\"%\n\x14TokenizerInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x90\x01\n\rTokenizerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x42\x0f\n\r_bos_token_id\"+\n\rPiecesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\r\"5\n\nTokenPiece\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\"8\n\x0ePiecesResponse\x12&\n\x06pieces\x18\x01 \x03(\x0b\x32\x16.moemesh.v1.TokenPiece2\xea\x02\n\tTokenizer\x12?\n\x06\x45ncode\x12\x19.moemesh.v1.EncodeRequest\x1a\x1a.moemesh.v1.EncodeResponse\x12?\n\x06\x44\x65\x63ode\x12\x19.moemesh.v1.DecodeRequest\x1a\x1a.moemesh.v1.DecodeResponse\x12U\n\x10\x44\x65tokenizeStream\x12\x1d.moemesh.v1.DetokenizeRequest\x1a\x1e.moemesh.v1.DetokenizeResponse(\x01\x30\x01\x12\x43\n\x04Info\x12 .moemesh.v1.TokenizerInfoRequest\x1a\x19.moemesh.v1.TokenizerInfo\x12?\n\x06Pieces\x12\x19.moemesh.v1.PiecesRequest\x1a\x1a.moemesh.v1.PiecesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amoemesh/v1/tokenizer.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"i\n\tChatInput\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.moemesh.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\x12\x12\n\ntools_json\x18\x03 \x01(\t\"^\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.moemesh.v1.ChatInputH\x00\x42\x07\n\x05input\"/\n\x0e\x45ncodeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x10\n\x08rendered\x18\x02 \x01(\t\"H\n\rDecodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\"\x1e\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"L\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\"7\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_texts\x18\x02 \x03(\t\"%\n\x14TokenizerInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xec\x01\n\rTokenizerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x12\x39\n\x13generation_defaults\x18\x06 \x01(\x0b\x32\x1c.moemesh.v1.SamplingDefaults\x12\x1f\n\x17template_supports_tools\x18\x07 \x01(\x08\x42\x0f\n\r_bos_token_id\"+\n\rPiecesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\r\"5\n\nTokenPiece\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\"8\n\x0ePiecesResponse\x12&\n\x06pieces\x18\x01 \x03(\x0b\x32\x16.moemesh.v1.TokenPiece2\xea\x02\n\tTokenizer\x12?\n\x06\x45ncode\x12\x19.moemesh.v1.EncodeRequest\x1a\x1a.moemesh.v1.EncodeResponse\x12?\n\x06\x44\x65\x63ode\x12\x19.moemesh.v1.DecodeRequest\x1a\x1a.moemesh.v1.DecodeResponse\x12U\n\x10\x44\x65tokenizeStream\x12\x1d.moemesh.v1.DetokenizeRequest\x1a\x1e.moemesh.v1.DetokenizeResponse(\x01\x30\x01\x12\x43\n\x04Info\x12 .moemesh.v1.TokenizerInfoRequest\x1a\x19.moemesh.v1.TokenizerInfo\x12?\n\x06Pieces\x12\x19.moemesh.v1.PiecesRequest\x1a\x1a.moemesh.v1.PiecesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,29 +33,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moemesh.v1.tokenizer_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHATINPUT']._serialized_start=67
-  _globals['_CHATINPUT']._serialized_end=152
-  _globals['_ENCODEREQUEST']._serialized_start=154
-  _globals['_ENCODEREQUEST']._serialized_end=248
-  _globals['_ENCODERESPONSE']._serialized_start=250
-  _globals['_ENCODERESPONSE']._serialized_end=297
-  _globals['_DECODEREQUEST']._serialized_start=299
-  _globals['_DECODEREQUEST']._serialized_end=371
-  _globals['_DECODERESPONSE']._serialized_start=373
-  _globals['_DECODERESPONSE']._serialized_end=403
-  _globals['_DETOKENIZEREQUEST']._serialized_start=405
-  _globals['_DETOKENIZEREQUEST']._serialized_end=481
-  _globals['_DETOKENIZERESPONSE']._serialized_start=483
-  _globals['_DETOKENIZERESPONSE']._serialized_end=538
-  _globals['_TOKENIZERINFOREQUEST']._serialized_start=540
-  _globals['_TOKENIZERINFOREQUEST']._serialized_end=577
-  _globals['_TOKENIZERINFO']._serialized_start=580
-  _globals['_TOKENIZERINFO']._serialized_end=724
-  _globals['_PIECESREQUEST']._serialized_start=726
-  _globals['_PIECESREQUEST']._serialized_end=769
-  _globals['_TOKENPIECE']._serialized_start=771
-  _globals['_TOKENPIECE']._serialized_end=824
-  _globals['_PIECESRESPONSE']._serialized_start=826
-  _globals['_PIECESRESPONSE']._serialized_end=882
-  _globals['_TOKENIZER']._serialized_start=885
-  _globals['_TOKENIZER']._serialized_end=1247
+  _globals['_CHATINPUT']._serialized_end=172
+  _globals['_ENCODEREQUEST']._serialized_start=174
+  _globals['_ENCODEREQUEST']._serialized_end=268
+  _globals['_ENCODERESPONSE']._serialized_start=270
+  _globals['_ENCODERESPONSE']._serialized_end=317
+  _globals['_DECODEREQUEST']._serialized_start=319
+  _globals['_DECODEREQUEST']._serialized_end=391
+  _globals['_DECODERESPONSE']._serialized_start=393
+  _globals['_DECODERESPONSE']._serialized_end=423
+  _globals['_DETOKENIZEREQUEST']._serialized_start=425
+  _globals['_DETOKENIZEREQUEST']._serialized_end=501
+  _globals['_DETOKENIZERESPONSE']._serialized_start=503
+  _globals['_DETOKENIZERESPONSE']._serialized_end=558
+  _globals['_TOKENIZERINFOREQUEST']._serialized_start=560
+  _globals['_TOKENIZERINFOREQUEST']._serialized_end=597
+  _globals['_TOKENIZERINFO']._serialized_start=600
+  _globals['_TOKENIZERINFO']._serialized_end=836
+  _globals['_PIECESREQUEST']._serialized_start=838
+  _globals['_PIECESREQUEST']._serialized_end=881
+  _globals['_TOKENPIECE']._serialized_start=883
+  _globals['_TOKENPIECE']._serialized_end=936
+  _globals['_PIECESRESPONSE']._serialized_start=938
+  _globals['_PIECESRESPONSE']._serialized_end=994
+  _globals['_TOKENIZER']._serialized_start=997
+  _globals['_TOKENIZER']._serialized_end=1359
 # @@protoc_insertion_point(module_scope)

@@ -18,7 +18,9 @@ from opentelemetry import trace
 
 from moemesh.runtime.engine import Engine
 from moemesh.runtime.expert_load import ExpertLoad
-from moemesh.runtime.types import CapacityError, ExpertPlacement, SamplingParams, SeqResult, SequenceStateError, SeqWork
+from moemesh.runtime.types import (
+    CapacityError, ExpertPlacement, Guided, SamplingParams, SeqResult, SequenceStateError, SeqWork,
+)
 from moemesh.serving.errors import ServiceError
 from moemesh.serving.telemetry import tracer
 from moemesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -40,6 +42,10 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
         frequency_penalty=p.frequency_penalty, max_tokens=p.max_tokens or _DEFAULTS.max_tokens,
         stop_token_ids=tuple(p.stop_token_ids), stop=tuple(p.stop), logprobs=p.logprobs,
         top_logprobs=p.top_logprobs, ignore_eos=p.ignore_eos,
+        logit_bias=tuple((b.token_id, b.bias) for b in p.logit_bias),
+        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
+        guided=Guided(p.guided.json_schema, p.guided.json_object) if p.HasField("guided") else None,
+        prompt_tokens=p.prompt_tokens if p.HasField("prompt_tokens") else None,
     )
 
 

@@ -2,23 +2,39 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 
-from moemesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from moemesh.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from services.tokenizer.catalog import TokenizerCatalog, check_ids
 from services.tokenizer.stream import DetokenizeSession
 
 SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
 
 
-def _messages(chat: tokenizer_pb2.ChatInput) -> list[dict[str, str]]:
+def _messages(chat: tokenizer_pb2.ChatInput) -> list[dict]:
     out = []
     for m in chat.messages:
         message = {"role": m.role, "content": m.content}
         if m.HasField("name"):
             message["name"] = m.name
+        if m.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": c.type or "function", "function": {
+                "name": c.function.name, "arguments": c.function.arguments}} for c in m.tool_calls]
+        if m.HasField("tool_call_id"):
+            message["tool_call_id"] = m.tool_call_id
         out.append(message)
     return out
+
+
+def _tools(chat: tokenizer_pb2.ChatInput) -> list[dict] | None:
+    if not chat.tools_json:
+        return None
+    tools = json.loads(chat.tools_json)
+    if not isinstance(tools, list):
+        raise ValueError("chat.tools_json: must be a JSON array of tools")
+    return tools
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
@@ -33,7 +49,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         if kind == "chat":
             if not request.chat.messages:
                 raise ValueError("chat.messages: at least one message is required")
-            ids, rendered = tokenizer.encode_chat(_messages(request.chat), request.chat.add_generation_prompt)
+            ids, rendered = tokenizer.encode_chat(_messages(request.chat), request.chat.add_generation_prompt,
+                                                  tools=_tools(request.chat))
             return tokenizer_pb2.EncodeResponse(ids=ids, rendered=rendered)
         raise ValueError("input: set either text or chat")
 
@@ -63,6 +80,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         info = tokenizer_pb2.TokenizerInfo(
             model=request.model or self._catalog.models[0], vocab_size=tokenizer.vocab_size,
             eos_token_ids=tokenizer.eos_token_ids, has_chat_template=tokenizer.has_chat_template,
+            template_supports_tools=tokenizer.template_supports_tools,
+            generation_defaults=common_pb2.SamplingDefaults(**tokenizer.generation_defaults),
         )
         if tokenizer.bos_token_id is not None:
             info.bos_token_id = tokenizer.bos_token_id

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gateway.chat_request import validate
 from gateway.models import ModelCatalog
-from gateway.servicer import to_chat_request
+from gateway.chat_proto import to_chat_request
 from moemesh.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
 MODEL = "tiny"

@@ -65,13 +65,13 @@ def test_an_exhausted_quota_is_a_rate_limit_error_with_retry_after(edge, edge_ho
 @pytest.mark.parametrize(("args", "param", "fragment"), [
     ({"temperature": -1}, "temperature", "not in [0, 2]"),
     ({"model": "nope"}, "model", "is not served"),
-    ({"extra_body": {"logit_bias": {"1": 2}}}, "logit_bias", "not supported"),
+    ({"extra_body": {"functions": [{"name": "f"}]}}, "functions", "not supported"),
     ({"extra_body": {"tool_calls_please": True}}, "tool_calls_please", "unknown field"),
     ({"messages": [{"role": "user", "content": "x", "refusal": "no"}]}, "messages[0].refusal", "unknown field"),
     ({"extra_body": {"stream_options": {"include_usage": True, "chunk_size": 3}}}, "stream_options.chunk_size",
      "unknown field"),
     ({"extra_body": {"max_tokens": "many"}}, "max_tokens", "invalid value"),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, "messages[0].content",
+    ({"messages": [{"role": "user", "content": {"type": "text", "text": "hi"}}]}, "messages[0].content",
      "must be a string"),
 ])
 def test_a_bad_field_is_a_bad_request_naming_it(edge, edge_home, args: dict, param: str, fragment: str) -> None:

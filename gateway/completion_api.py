@@ -1,0 +1,73 @@
+"""moemesh.v1.Chat's CreateCompletion / StreamCompletion (OpenAI's legacy /v1/completions: text in, text out).
+
+A mixin of ChatServicer: same admission (auth, validation, model defaults), same Completions pipeline with the prompt
+encoded as plain text instead of a chat template, n choices as in chat.
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateway import chat_proto
+from gateway.choices import run_choices
+from gateway.completion import Delta
+from moemesh.serving.telemetry import request_scope
+from moemesh.v1 import chat_pb2
+
+
+class CompletionRpcs:
+    """Needs from the servicer: _admit, _completions, _closing (see gateway/servicer.py)."""
+
+    async def CreateCompletion(self, request, context):
+        from gateway.servicer import FINGERPRINT, new_request_id
+
+        chat, tenant, timeout = await self._admit(request, context, chat_proto.to_completion_request)
+        request_id, created = new_request_id("cmpl"), int(time.time())
+        texts, tokens, finishes = [[] for _ in range(chat.n)], [[] for _ in range(chat.n)], [None] * chat.n
+        with request_scope(request_id):
+            async for i, item in run_choices(self._completions, chat, tenant, request_id, timeout):
+                if isinstance(item, Delta):
+                    texts[i].append(item.text)
+                    tokens[i].extend(item.tokens)
+                else:
+                    finishes[i] = item
+        choices = []
+        for i in range(chat.n):
+            choice = chat_pb2.CompletionChoice(index=i, text="".join(texts[i]), finish_reason=finishes[i].reason)
+            if chat.sampling.logprobs:
+                choice.logprobs.CopyFrom(chat_proto.completion_logprobs(tuple(tokens[i]), 0))
+            choices.append(choice)
+        return chat_pb2.Completion(id=request_id, object="text_completion", created=created, model=chat.model,
+                                   choices=choices, usage=chat_proto.usage(finishes), system_fingerprint=FINGERPRINT)
+
+    async def StreamCompletion(self, request, context):
+        from gateway.servicer import FINGERPRINT, _error_chunk, new_request_id
+
+        chat, tenant, timeout = await self._admit(request, context, chat_proto.to_completion_request)
+        request_id, created = new_request_id("cmpl"), int(time.time())
+
+        def chunk(**fields) -> chat_pb2.Completion:
+            return chat_pb2.Completion(id=request_id, object="text_completion", created=created, model=chat.model,
+                                       system_fingerprint=FINGERPRINT, **fields)
+
+        offsets, finishes, started = [0] * chat.n, [], False
+        with request_scope(request_id):
+            try:
+                async for i, item in self._closing.guard(run_choices(self._completions, chat, tenant, request_id,
+                                                                     timeout)):
+                    started = True
+                    if isinstance(item, Delta):
+                        choice = chat_pb2.CompletionChoice(index=i, text=item.text)
+                        if item.tokens:
+                            choice.logprobs.CopyFrom(chat_proto.completion_logprobs(item.tokens, offsets[i]))
+                        offsets[i] += len(item.text)
+                        yield chunk(choices=[choice])
+                    else:
+                        finishes.append(item)
+                        yield chunk(choices=[chat_pb2.CompletionChoice(index=i, text="", finish_reason=item.reason)])
+                if chat.include_usage:
+                    yield chunk(usage=chat_proto.usage(finishes))
+            except Exception as exc:
+                if not started:
+                    raise
+                yield chunk(error=_error_chunk(exc, request_id))

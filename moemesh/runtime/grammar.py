@@ -1,0 +1,133 @@
+"""Grammar-constrained decoding (xgrammar): a JSON Schema or "any JSON object" turned into a token mask per step.
+
+    GrammarBook (one per engine: the tokenizer's vocabulary, a compiler, compiled grammars by key)
+      -> SeqGrammar per constrained sequence: xgrammar matcher + its next-token bitmask [1, ceil(V / 32)] int32
+
+Off the critical path: after a token is accepted, the next step's bitmask is filled on the book's worker thread
+while the batcher round-trip and the next forward run; the sampler only joins that future (normally done long
+before) and applies the mask on the logits' device (`apply` below: one bitmask op over the batch).
+
+Termination within max_tokens: the grammar guarantees that whatever is emitted is a prefix of valid output, but a
+prefix is not valid JSON. When `CLOSING_RESERVE` or fewer tokens remain, tokens that only close structures (their
+text, whitespace aside, made of `"`, `}` and `]`) and the end-of-sequence tokens get a large bonus, so whenever the
+grammar allows closing, the sequence closes; where it does not (a required key still missing) the model fills it in.
+Whitespace between JSON tokens is fixed (any_whitespace=False): a model cannot loop on newlines.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from moemesh.runtime.types import Guided
+
+log = logging.getLogger(__name__)
+CLOSING_RESERVE = 10  # tokens before max_tokens from which closing tokens are preferred
+CLOSING_BONUS = 1.0e4  # added to closing tokens' logits (masked tokens stay -inf)
+_CLOSERS = set('"}]')
+_CACHE = 64  # compiled grammars kept (schemas repeat across requests of one application)
+
+
+class GrammarError(ValueError):
+    """A schema the grammar compiler refuses (the gateway checks schemas first; this is the last line)."""
+
+
+class GrammarBook:
+    """Everything grammars of one model share; built on the first constrained request (about 0.6 s)."""
+
+    def __init__(self, model_dir: Path, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
+        import xgrammar as xgr
+        from transformers import PreTrainedTokenizerFast
+
+        self._xgr = xgr
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(Path(model_dir) / "tokenizer.json"))
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                       stop_token_ids=list(eos_token_ids) or None)
+        self._compiler = xgr.GrammarCompiler(self.info, max_threads=1)
+        self._compiled: OrderedDict[tuple[str, bool], object] = OrderedDict()
+        self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+        self.closing = _closing_tokens(tokenizer, vocab_size, eos_token_ids)  # [V] bool
+
+    def compile(self, guided: Guided):
+        key = (guided.json_schema, guided.json_object)
+        if key in self._compiled:
+            self._compiled.move_to_end(key)
+            return self._compiled[key]
+        try:
+            if guided.json_schema:
+                compiled = self._compiler.compile_json_schema(guided.json_schema, any_whitespace=False)
+            else:
+                compiled = self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+        except RuntimeError as exc:
+            raise GrammarError(f"sampling.guided.json_schema: {str(exc).splitlines()[-1][:300]}") from exc
+        self._compiled[key] = compiled
+        if len(self._compiled) > _CACHE:
+            self._compiled.popitem(last=False)
+        return compiled
+
+    def sequence(self, guided: Guided, max_tokens: int) -> SeqGrammar:
+        return SeqGrammar(self, self._xgr.GrammarMatcher(self.compile(guided)), max_tokens)
+
+
+def _closing_tokens(tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]) -> torch.Tensor:
+    closing = torch.zeros(vocab_size, dtype=torch.bool)
+    for token_id in range(min(vocab_size, len(tokenizer))):
+        text = tokenizer.decode([token_id]).strip()
+        if text and set(text) <= _CLOSERS:
+            closing[token_id] = True
+    closing[[t for t in eos_token_ids if t < vocab_size]] = True
+    return closing
+
+
+class SeqGrammar:
+    """One sequence's grammar state: accepted tokens so far and the bitmask of the next step."""
+
+    def __init__(self, book: GrammarBook, matcher, max_tokens: int) -> None:
+        self.book, self.matcher, self.max_tokens = book, matcher, max_tokens
+        self.accepted = 0
+        self.bitmask = book._xgr.allocate_token_bitmask(1, book.info.vocab_size)  # [1, W] int32
+        self._next = book.worker.submit(self._fill)
+
+    def _fill(self) -> None:
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+
+    def mask(self) -> torch.Tensor:
+        """The bitmask of the coming step [1, W] (waits for the worker if it has not filled it yet)."""
+        self._next.result()
+        return self.bitmask
+
+    @property
+    def closing(self) -> bool:
+        return self.max_tokens - self.accepted <= CLOSING_RESERVE
+
+    def accept(self, token_id: int) -> None:
+        """Advance past a sampled (or replayed) token and start filling the next mask."""
+        self._next.result()  # never mutate the matcher while the worker reads it
+        if not self.matcher.is_terminated() and not self.matcher.accept_token(token_id):
+            log.warning("grammar refused token %d after %d tokens (mask not applied?)", token_id, self.accepted)
+        self.accepted += 1
+        self._next = self.book.worker.submit(self._fill)
+
+
+def apply(logits: torch.Tensor, grammars: list[SeqGrammar | None]) -> None:
+    """In place on logits [N, V]: -inf where the row's grammar forbids a token; closing bonus near max_tokens."""
+    rows = [i for i, g in enumerate(grammars) if g is not None]
+    if not rows:
+        return
+    import xgrammar as xgr
+
+    masks = torch.cat([grammars[i].mask() for i in rows]).to(logits.device, non_blocking=True)  # [R, W]
+    if len(rows) == logits.shape[0]:
+        xgr.apply_token_bitmask_inplace(logits, masks)
+    else:
+        full = torch.full((logits.shape[0], masks.shape[1]), -1, dtype=masks.dtype, device=logits.device)
+        full[rows] = masks  # all bits set: unconstrained rows keep every token
+        xgr.apply_token_bitmask_inplace(logits, full, indices=rows)
+    closing = [i for i in rows if grammars[i].closing]
+    if closing:
+        bonus = grammars[closing[0]].book.closing.to(logits.device)[: logits.shape[1]]  # [V] bool
+        logits[closing, : bonus.shape[0]] += bonus.to(logits.dtype) * CLOSING_BONUS
