@@ -77,6 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="dummy: random weights from the model's config.json (benchmarks without a checkpoint)")
     p.add_argument("--quantization", default="none", choices=("none", "fp8", "int8"),
                    help="weight-only quantization of the experts (router and shards; MOEMESH_QUANTIZATION)")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
+                   help="onnxruntime: int4/int8 weight-only matmuls on CPU for the router's dense layers and the "
+                   "expert shards (an int4 checkpoint from `moemesh quantize`, else int8; MOEMESH_BACKEND)")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for SERVING (first run "
                    "converts the built-in model)")
     edge_hook.add_arguments(p)
@@ -121,7 +124,8 @@ def plan(ns: argparse.Namespace, run_dir: Path) -> dict[str, Child]:
             "TOKENIZER_ADDR": addr["tokenizer"], "BATCHER_ADDR": addr["batcher"], "ROUTER_ADDR": addr["router"],
             "EXPERT_ADDRS": ",".join(addr[n] for n in experts), "METERING_ADDR": addr["metering"],
             "GATEWAY_ADDR": addr["gateway"], "MOEMESH_HOME": str(home.home()),
-            "MOEMESH_QUANTIZATION": getattr(ns, "quantization", "none")}
+            "MOEMESH_QUANTIZATION": getattr(ns, "quantization", "none"),
+            "MOEMESH_BACKEND": getattr(ns, "backend", "torch")}
     children = {}
     for name, (module, _) in SERVICES.items():
         if name not in addr:

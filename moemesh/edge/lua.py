@@ -22,6 +22,8 @@ _SCALAR_KINDS = {FieldDescriptor.TYPE_STRING: "string", FieldDescriptor.TYPE_BYT
 
 def kind(field: FieldDescriptor) -> str:
     """What JSON value the field takes: list, object, string, number, bool, or any (google.protobuf.Value)."""
+    if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+        return "object"  # a map (logit_bias) is a JSON object
     if field.is_repeated:
         return "list"
     if field.type == FieldDescriptor.TYPE_MESSAGE:

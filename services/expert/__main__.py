@@ -34,8 +34,14 @@ def build_servicer(config: ExpertConfig) -> ExpertServicer:
     if experts is None:
         experts = shard_experts(spec.num_experts, config.num_shards, config.shard_index)
     dtype, device = as_dtype(config.dtype), torch.device(config.device)
-    bank = ExpertBank.load(model_dir, experts=experts, device=device, dtype=dtype, spec=spec,
-                           load_format=config.load_format, quantization=config.quantization)
+    if config.backend == "onnxruntime":
+        from moemesh.runtime.ort.experts import OrtExpertBank
+
+        bank = OrtExpertBank.load(model_dir, experts=experts, device=str(device), spec=spec,
+                                  load_format=config.load_format)
+    else:
+        bank = ExpertBank.load(model_dir, experts=experts, device=device, dtype=dtype, spec=spec,
+                               load_format=config.load_format, quantization=config.quantization)
     shard = ExpertShard(bank, hidden_size=spec.hidden_size, num_experts=spec.num_experts, dtype=dtype, device=device)
     identity = ShardIdentity(model=config.model, shard_index=config.shard_index, num_shards=config.num_shards,
                              backend=config.backend, dtype=config.dtype, device=str(device))

@@ -14,7 +14,7 @@ from moemesh.serving.config import ConfigError, ServiceConfig, setting
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "fp8", "int8")  # = moemesh.runtime.quant.QUANTIZATIONS (configs import no torch)
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime")  # = moemesh.runtime.ort.BACKENDS
 
 
 def parse_expert_list(items: tuple[str, ...], source: str) -> tuple[int, ...]:
@@ -48,7 +48,7 @@ class ExpertConfig(ServiceConfig):
     experts: tuple[str, ...] = setting((), "explicit expert ids/ranges to host, e.g. 0-3,8 (overrides the split)")
     device: str = setting("cpu", "torch device of the experts (cpu, cuda, cuda:1)")
     dtype: str = setting("float32", "compute dtype of the experts", choices=DTYPES)
-    backend: str = setting("torch", "expert backend", choices=BACKENDS)
+    backend: str = setting("torch", "expert backend: torch, or onnxruntime (int4/int8 MatMulNBits: the checkpoint's weights, else int8 round-to-nearest; float32 only)", env="MOEMESH_BACKEND", choices=BACKENDS)
     compute_threads: int = setting(0, "torch intra-op threads (0: torch's default)")
     load_format: str = setting("auto", "weights: auto (the checkpoint's) or dummy (random from config.json, seeded per "
                                "tensor name, as the router's)", choices=("auto", "dummy"))
@@ -71,6 +71,9 @@ class ExpertConfig(ServiceConfig):
         if self.compute_threads < 0:
             raise ConfigError(f"{self.source('compute_threads')}: {self.compute_threads!r} must be >= 0")
         self.expert_list()
+        if self.backend == "onnxruntime" and (self.dtype != "float32" or self.quantization != "none"):
+            raise ConfigError(f"{self.source('backend')}: onnxruntime needs dtype float32 and quantization none "
+                              f"(got {self.dtype!r}, {self.quantization!r})")
 
     def expert_list(self) -> tuple[int, ...] | None:
         """Explicit expert ids, or None to use the shard_index/num_shards split."""

@@ -45,6 +45,8 @@ class RouterConfig(ServiceConfig):
     quantization: str = setting("none", "weight-only quantization of the experts run in process (or of a dense "
                                 "model's FFN): none, fp8 (e4m3) or int8, per-channel scales",
                                 env="MOEMESH_QUANTIZATION", choices=QUANTIZATIONS)
+    backend: str = setting("torch", "dense layers (and in-process experts): torch, or onnxruntime (int4/int8 "
+                           "MatMulNBits; float32 only)", env="MOEMESH_BACKEND", choices=("torch", "onnxruntime"))
     stall_timeout: float = setting(1.0, "seconds without a heartbeat from a shared-memory shard before its step "
                                    "fails (a long step on a live shard keeps beating)")
     seq_lease: float = setting(30.0, "seconds after which the KV cache of a sequence no batcher stepped is freed "

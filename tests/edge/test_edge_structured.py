@@ -86,10 +86,10 @@ def test_n_three_returns_three_choices_streamed_or_not(edge_mesh: EdgeMesh) -> N
 def test_text_parts_are_answered_like_the_same_string(edge_mesh: EdgeMesh) -> None:
     client = _client(edge_mesh)
     parts = [{"type": "text", "text": "Say "}, {"type": "text", "text": "something."}]
-    as_parts = client.chat.completions.create(model=edge_mesh.model, max_tokens=6,
+    as_parts = client.chat.completions.create(model=edge_mesh.model, max_tokens=6, temperature=0,
                                               messages=[{"role": "developer", "content": "Be brief.", "name": "d"},
                                                         {"role": "user", "content": parts}])
-    as_text = client.chat.completions.create(model=edge_mesh.model, max_tokens=6,
+    as_text = client.chat.completions.create(model=edge_mesh.model, max_tokens=6, temperature=0,
                                              messages=[{"role": "developer", "content": "Be brief.", "name": "d"},
                                                        {"role": "user", "content": "Say something."}])
     assert as_parts.choices[0].message.content == as_text.choices[0].message.content
