@@ -4,9 +4,12 @@
 
 Starts `moemesh up` like benchmarks/mesh_decode.py (temporary MOEMESH_HOME, shm transport), then for concurrency 1
 and 8: reads utime+stime of every mesh process (/proc/<pid>/stat, threads included) around the streams, and divides
-by the completion tokens streamed. The router's "router.step" spans (MOEMESH_HOME/traces/router.jsonl) give its busy
+by the completion tokens streamed; then streams again and reads the CPU over the decode only (from every stream's
+second chunk on: no prefill). The router's "router.step" spans (MOEMESH_HOME/traces/router.jsonl) give its busy
 time per step and the idle gap between one step's end and the next one's start (the time the router waits for the
-batcher). With --py-spy DIR, every process is also sampled by `py-spy record` (speedscope files in DIR).
+batcher), split into legs with the Router/Step server span and the batcher's "batcher.step" span. The idle mesh's CPU
+(10 s before any request) comes first. With --py-spy DIR, every process is also sampled by `py-spy record`
+(speedscope files in DIR).
 Writes benchmarks/results/mesh-profile-cpu.json and .md.
 """
 
@@ -28,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from mesh_decode import mesh_streams, start_mesh, stop_mesh  # noqa: E402
+from mesh_decode import PROMPT, mesh_streams, start_mesh, stop_mesh  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -96,6 +99,38 @@ def gaps(steps: list[tuple[int, int, int]]) -> dict:
             "gap_ms_p90": sorted(idle)[int(0.9 * len(idle))] if idle else 0.0}
 
 
+async def decode_cpu(gateway: str, pids: dict[str, int], concurrency: int, tokens: int) -> tuple[list[float], dict]:
+    """Streams like mesh_decode.mesh_streams; CPU seconds of every process between the moment every stream has its
+    second chunk and the moment the streams together have (tokens - 1) x concurrency chunks: decode only, no
+    prefill. Returns (ms/token per stream, {"tokens": chunks in between, "cpu": {name: seconds}})."""
+    import grpc
+
+    from moemesh.v1 import chat_pb2, chat_pb2_grpc, common_pb2
+
+    seen, marks = [0], {}
+
+    async def one(stub, model: str) -> float:
+        request = chat_pb2.ChatCompletionRequest(
+            model=model, messages=[common_pb2.ChatMessage(role="user", content=PROMPT)], max_tokens=tokens,
+            temperature=0.0, ignore_eos=True)
+        stamps = []
+        async for chunk in stub.StreamChatCompletion(request, timeout=600):
+            if chunk.choices and chunk.choices[0].delta.content:
+                stamps.append(time.perf_counter())
+                seen[0] += 1
+                for name, at in (("a", 2 * concurrency), ("b", (tokens - 1) * concurrency)):
+                    if seen[0] == at:
+                        marks[name] = (seen[0], {n: cpu_seconds(p) for n, p in pids.items()})
+        return (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1000
+
+    async with grpc.aio.insecure_channel(gateway) as channel:
+        stub = chat_pb2_grpc.ChatStub(channel)
+        model = (await stub.ListModels(chat_pb2.ListModelsRequest(), timeout=30)).data[0].id
+        per_stream = await asyncio.gather(*(one(stub, model) for _ in range(concurrency)))
+    (na, a), (nb, b) = marks["a"], marks["b"]
+    return list(per_stream), {"tokens": nb - na, "cpu": {n: b[n] - a[n] for n in pids}}
+
+
 def run_load(gateway: str, pids: dict[str, int], concurrency: int, tokens: int, traces: Path,
              spy_dir: Path | None) -> dict:
     spies = []
@@ -113,6 +148,7 @@ def run_load(gateway: str, pids: dict[str, int], concurrency: int, tokens: int, 
     per_stream = asyncio.run(mesh_streams(gateway, concurrency, tokens))
     wall = time.perf_counter() - start
     after = {n: cpu_seconds(p) for n, p in pids.items()}
+    _, decode = asyncio.run(decode_cpu(gateway, pids, concurrency, tokens))
     for spy in spies:
         spy.send_signal(2)
     for spy in spies:
@@ -121,6 +157,7 @@ def run_load(gateway: str, pids: dict[str, int], concurrency: int, tokens: int, 
     cpu_ms = {n: (after[n] - before[n]) * 1000 / generated for n in pids}
     return {"concurrency": concurrency, "ms_per_token": statistics.median(per_stream), "wall_s": wall,
             "cpu_ms_per_token": cpu_ms, "cpu_ms_per_token_total": sum(cpu_ms.values()),
+            "decode_cpu_ms_per_token": {n: c * 1000 / decode["tokens"] for n, c in decode["cpu"].items()},
             "router_steps": gaps(router_steps(traces, since)), "gap_legs_ms": gap_parts(traces, since)}
 
 
@@ -146,6 +183,22 @@ def main() -> None:
                 rows.append(run_load(status["gateway"], pids, concurrency, args.tokens, traces, args.py_spy))
         finally:
             stop_mesh(proc)
+    md = render(rows, idle, args, load_start)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    machine = {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "load_average_start": load_start,
+               "load_average_end": os.getloadavg()[0]}
+    args.out.with_suffix(".json").write_text(json.dumps({"command": _command(), "machine": machine,
+                                                         "idle_core_percent": idle, "rows": rows}, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+def _command() -> str:
+    return "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
+                                 else sys.argv[0], *sys.argv[1:]])
+
+
+def render(rows: list[dict], idle: dict, args: argparse.Namespace, load_start: float) -> str:
     order = ["router", "expert-0", "expert-1", "batcher", "gateway", "tokenizer", "metering"]
     names = sorted(rows[0]["cpu_ms_per_token"], key=lambda n: order.index(n) if n in order else len(order))
     table = ["| concurrency | ms/token | " + " | ".join(names) + " | total CPU | router step ms | router gap ms "
@@ -156,25 +209,22 @@ def main() -> None:
                      + " | ".join(f"{r['cpu_ms_per_token'][n]:.1f}" for n in names)
                      + f" | {r['cpu_ms_per_token_total']:.1f} | {g.get('step_ms_median', 0):.1f} | "
                      f"{g.get('gap_ms_median', 0):.1f} / {g.get('gap_ms_mean', 0):.1f} |")
+    table += ["", "Decode only (no prefill), CPU ms per token:", "",
+              "| concurrency | " + " | ".join(names) + " | total |", "|---" * (len(names) + 2) + "|"]
+    for r in rows:
+        d = r["decode_cpu_ms_per_token"]
+        table.append(f"| {r['concurrency']} | " + " | ".join(f"{d[n]:.1f}" for n in names)
+                     + f" | {sum(d.values()):.1f} |")
     table += ["", "Idle mesh, % of one core over 10 s: " + ", ".join(f"{n} {idle[n]:.1f}" for n in names)]
     table += ["", "Router gap legs, median ms (router reply -> batcher -> batcher turn -> router -> router request):",
               ""] + [f"- concurrency {r['concurrency']}: " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                              r["gap_legs_ms"].items()) for r in rows]
-    command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
-                                    else sys.argv[0], *sys.argv[1:]])
-    md = "\n".join([f"# CPU ms per streamed token per mesh process ({args.model}, {args.tokens} tokens)", "",
-                    f"Command: `{command}`; {os.cpu_count()} cores; load average {load_start:.2f} at start, "
-                    f"{os.getloadavg()[0]:.2f} at end.", "", *table, "",
-                    "CPU ms per token: utime+stime of the process over the run / completion tokens streamed. Router "
-                    "gap: from the end of one router.step span to the start of the next (waiting for the batcher).",
-                    ""])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": {"cpu_cores": os.cpu_count(), "platform": platform.platform(),
-                                                  "load_average_start": load_start,
-                                                  "load_average_end": os.getloadavg()[0]},
-                    "idle_core_percent": idle, "rows": rows}, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
+    return "\n".join([f"# CPU ms per streamed token per mesh process ({args.model}, {args.tokens} tokens)", "",
+                      f"Command: `{_command()}`; {os.cpu_count()} cores; load average {load_start:.2f} at start, "
+                      f"{os.getloadavg()[0]:.2f} at end.", "", *table, "",
+                      "CPU ms per token: utime+stime of the process over the run (prefills included) / completion "
+                      "tokens streamed. Router gap: from the end of one router.step span to the start of the next "
+                      "(waiting for the batcher).", ""])
 
 
 if __name__ == "__main__":

@@ -88,8 +88,11 @@ class QuantizedLayout:
             zero = torch.full(scale.shape, 2 ** (bits - 1), dtype=torch.uint8)
         else:
             zp = _need(read, self.names, f"{p}.weight_zero_point", "symmetric")
-            zero = unpack_int32(zp, bits, 0)[:n] if zp.dtype == torch.int32 else (zp.to(torch.int32) + 2 ** (bits - 1))
-            zero = zero.to(torch.uint8)
+            if zp.is_floating_point():  # fractional zero points (zp_dtype float32, moemesh.quant.grid)
+                _check_scale(f"{p}.weight_zero_point", zp, n, k, group, "group_size")
+                zero_f = zp.float() + 2 ** (bits - 1)
+                return QWeight(q, scale, zero_f.round().clamp(0, 2**bits - 1).to(torch.uint8), bits, group, zero_f)
+            zero = unpack_int32(zp, bits, 0)[:n].to(torch.uint8)
         return QWeight(q, scale, zero, bits, group)
 
     def _awq(self, p: str, read: Read) -> QWeight:

@@ -16,13 +16,16 @@ import torch
 
 @dataclass
 class QWeight:
-    """q [N, K] uint8 codes, scale [N, G] float32, zero [N, G] uint8 (G = K / group)."""
+    """q [N, K] uint8 codes, scale [N, G] float32, zero [N, G] uint8 (G = K / group). zero_f [N, G] float32, when
+    set, is the exact (fractional) zero point and `zero` its rounding: weights that already sit on a 4-bit grid with
+    a float offset (GGUF Q4_1: w = d*q + m) are then represented exactly (see grid.py)."""
 
     q: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     bits: int
     group: int
+    zero_f: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -32,7 +35,8 @@ class QWeight:
         """[N, K] float32."""
         n, k = self.q.shape
         q = self.q.view(n, k // self.group, self.group).float()
-        w = (q - self.zero.float()[..., None]) * self.scale[..., None]
+        zero = self.zero.float() if self.zero_f is None else self.zero_f
+        w = (q - zero[..., None]) * self.scale[..., None]
         return w.reshape(n, k)
 
 

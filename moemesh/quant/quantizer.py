@@ -17,12 +17,14 @@ import torch
 
 from moemesh.quant.calibration import DEFAULT_CALIB, FALLBACK, CalibrationDispatch, Hessians, attach_dense
 from moemesh.quant.gptq import gptq
+from moemesh.quant.grid import grid, grid_params
 from moemesh.quant.packing import rtn
 from moemesh.quant.writer import packed_tensors, quantization_config, write_checkpoint
 
 LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|(mlp|block_sparse_moe)\.((shared_experts?|experts\.\d+)"
                     r"\.)?(gate_proj|up_proj|down_proj|w1|w2|w3))\.weight$")
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "grid")
+GRID_MIN_FIT = 0.5  # grid: a tensor with fewer groups on a 4-bit grid than this is stored in int8 instead
 
 
 @dataclass(frozen=True)
@@ -108,13 +110,31 @@ def quantize_model(model_dir: Path, out: Path, s: QuantSettings, log: Callable[[
             if raw.shape[1] % group:
                 raise ValueError(f"--group-size {group} does not divide the input size {raw.shape[1]} of tensor "
                                  f"{name!r} (use a divisor, e.g. 32 or 64)")
-            if s.method == "gptq" and name in hessians.h:
-                qw = gptq(raw.float(), hessians.h[name], bits, group, s.symmetric, s.damp)
-            else:
-                qw = rtn(raw.float(), bits, group, s.symmetric)
+            qw = _quantize(raw.float(), name, bits, group, s, hessians)
             tensors.update(packed_tensors(prefix, qw, raw.dtype, s.symmetric))
             modules.setdefault(bits, []).append(prefix)
+    for bits in list(modules):  # a grid tensor that fell back to int8 sits in the int8 group
+        for prefix in list(modules[bits]):
+            actual = 8 if tensors[f"{prefix}.weight_packed"].shape[1] * 4 == tensors[f"{prefix}.weight_shape"][1] \
+                else 4
+            if actual != bits:
+                modules[bits].remove(prefix)
+                modules.setdefault(actual, []).append(prefix)
+    modules = {b: m for b, m in modules.items() if m}
+    floats = (4,) if s.method == "grid" else ()
     extra = {**asdict(s), "fallback": FALLBACK, "fell_back": [list(p) for p in fell],
              "seconds": round(time.perf_counter() - start, 1)}
-    write_checkpoint(model_dir, out, tensors, quantization_config(modules, s.group_size, s.symmetric), extra)
+    write_checkpoint(model_dir, out, tensors, quantization_config(modules, s.group_size, s.symmetric, floats), extra)
     return extra
+
+
+def _quantize(w: torch.Tensor, name: str, bits: int, group: int, s: QuantSettings, hessians: Hessians):
+    """One Linear's weight [N, K] -> QWeight by the chosen method."""
+    if s.method == "gptq" and name in hessians.h:
+        return gptq(w, hessians.h[name], bits, group, s.symmetric, s.damp)
+    if s.method == "grid" and bits == 4:
+        _, _, fits = grid_params(w, bits, group)
+        if fits.float().mean() < GRID_MIN_FIT:  # not a re-encoded 4-bit model here: keep int8 quality
+            return rtn(w, 8, group, s.symmetric)
+        return grid(w, bits, group, rtn(w, bits, group, s.symmetric))
+    return rtn(w, bits, group, s.symmetric)

@@ -26,21 +26,24 @@ def packed_tensors(prefix: str, qw: QWeight, dtype: torch.dtype, symmetric: bool
     out = {f"{prefix}.weight_packed": pack_int32(qw.q, qw.bits, 1),
            f"{prefix}.weight_scale": qw.scale.to(dtype),
            f"{prefix}.weight_shape": torch.tensor(list(qw.shape), dtype=torch.int64)}
-    if not symmetric:
-        signed = qw.zero.to(torch.int32) - 2 ** (qw.bits - 1)
-        out[f"{prefix}.weight_zero_point"] = pack_int32(signed + 2 ** (qw.bits - 1), qw.bits, 0)
+    if qw.zero_f is not None:  # fractional zero points (grid.py): float, unpacked, signed like the integer ones
+        out[f"{prefix}.weight_zero_point"] = qw.zero_f - 2 ** (qw.bits - 1)
+    elif not symmetric:
+        out[f"{prefix}.weight_zero_point"] = pack_int32(qw.zero, qw.bits, 0)  # stored = signed + 2^(bits-1) = zero
     return out
 
 
-def quantization_config(modules: dict[int, list[str]], group: int, symmetric: bool) -> dict:
-    """modules: bits -> module names (no `.weight`)."""
+def quantization_config(modules: dict[int, list[str]], group: int, symmetric: bool,
+                        float_zero: tuple[int, ...] = ()) -> dict:
+    """modules: bits -> module names (no `.weight`); float_zero: bit widths whose zero points are float (grid)."""
     groups = {}
     for i, (bits, names) in enumerate(sorted(modules.items())):
         groups[f"group_{i}"] = {
             "targets": sorted(names), "input_activations": None, "output_activations": None,
             "format": "pack-quantized",
             "weights": {"num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False,
-                        "strategy": "group", "group_size": group, "observer": "minmax", "actorder": None},
+                        "strategy": "group", "group_size": group, "observer": "minmax", "actorder": None,
+                        **({"zp_dtype": "float32"} if bits in float_zero else {})},
         }
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": groups, "ignore": ["lm_head"], "kv_cache_scheme": None}

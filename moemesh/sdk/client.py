@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
 from moemesh.certs.client_tls import ClientTls
 from moemesh.serving import status as status_file
 from moemesh.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
-Messages = str | Sequence[dict[str, str]]
+Messages = str | Sequence[dict[str, Any]]
 
 
 class ChatStreamError(RuntimeError):
@@ -24,17 +25,25 @@ class ChatStreamError(RuntimeError):
         self.code, self.type, self.message = error.code, error.type, error.message
 
 
+def _turn(m: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI message as the proto's JSON: content given as an array of parts goes to content_parts."""
+    m = {k: v for k, v in m.items() if v is not None}
+    if isinstance(m.get("content"), list):
+        m["content_parts"] = m.pop("content")
+    return m
+
+
 def build_request(messages: Messages, *, model: str, system: str | None = None, stream_usage: bool = False,
                   **params: Any) -> chat_pb2.ChatCompletionRequest:
-    """A ChatCompletionRequest from a user text (or a list of {role, content}) and OpenAI-named parameters;
-    parameters left None are not sent (the gateway's defaults apply)."""
+    """A ChatCompletionRequest from a user text (or a list of OpenAI messages) and OpenAI-named parameters in
+    OpenAI's JSON shapes (tools, tool_choice, response_format, logit_bias, n, stop_token_ids...); parameters left
+    None are not sent (the gateway's defaults, then the model's, apply)."""
     turns = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
     if system is not None:
         turns.insert(0, {"role": "system", "content": system})
-    request = chat_pb2.ChatCompletionRequest(
-        model=model, messages=[common_pb2.ChatMessage(**m) for m in turns],
-        **{k: v for k, v in params.items() if v is not None},
-    )
+    body = {"model": model, "messages": [_turn(m) for m in turns],
+            **{k: v for k, v in params.items() if v is not None}}
+    request = json_format.ParseDict(body, chat_pb2.ChatCompletionRequest())
     if stream_usage:
         request.stream_options.include_usage = True
     return request

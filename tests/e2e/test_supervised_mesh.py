@@ -73,6 +73,54 @@ def test_a_dead_peer_is_unavailable_with_advice_and_serves_again(mesh: RunningMe
     assert mesh.proc.poll() is None
 
 
+def test_router_sigkill_mid_stream_recomputes_and_streams_finish(mesh: RunningMesh) -> None:
+    """The router's KV cache dies with it: the batcher re-queues the running sequences and recomputes them on the
+    restarted router; the clients' streams pause, then finish with every token, billed once."""
+    TOKENS = 200  # long enough to be mid-stream at the kill (the tiny model's context is 256)
+    results: dict[int, tuple[str, str, int]] = {}
+    started = threading.Barrier(STREAMS + 1, timeout=120)
+
+    def stream(i: int) -> None:
+        request_id, finish, tokens = "", "", 0
+        with ChatClient(mesh.gateway, mesh.api_key, model=mesh.status["model"], timeout=120) as chat:
+            for n, chunk in enumerate(chat.stream(f"A long story {i}", max_tokens=TOKENS, ignore_eos=True,
+                                                  stream_usage=True)):
+                request_id = chunk.id
+                if n == 2:
+                    started.wait()
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    finish = chunk.choices[0].finish_reason
+                if chunk.HasField("usage"):
+                    tokens = chunk.usage.completion_tokens
+        results[i] = (request_id, finish, tokens)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(STREAMS)]
+    for t in threads:
+        t.start()
+    started.wait()
+    os.kill(json.loads(mesh.status_path.read_text())["services"]["router"]["pid"], signal.SIGKILL)
+    for t in threads:
+        t.join(120)
+    assert sorted(results) == list(range(STREAMS)) and all(r[1:] == ("length", TOKENS) for r in results.values()), \
+        results
+    assert "running sequences re-queued to recompute" in (mesh.home / "logs" / "batcher.log").read_text()
+    channel, stub = metering_stub(mesh.status["services"]["metering"]["address"])
+    with channel:
+        ids = {r[0] for r in results.values()}
+        query = metering_pb2.GetUsageRequest(tenant="default")
+        wait_for(lambda: len([r for r in stub.ExportUsage(query, timeout=10) if r.request_id in ids]) == STREAMS,
+                 30, "the recomputed streams' commits")
+        billed = [r for r in stub.ExportUsage(query, timeout=10) if r.request_id in ids]
+    assert sorted((r.finish_reason, r.completion_tokens) for r in billed) == [("length", TOKENS)] * STREAMS
+
+
+def test_a_request_sent_while_the_tokenizer_restarts_is_retried_not_refused(mesh: RunningMesh) -> None:
+    os.kill(json.loads(mesh.status_path.read_text())["services"]["tokenizer"]["pid"], signal.SIGKILL)
+    with ChatClient(mesh.gateway, mesh.api_key, model=mesh.status["model"], timeout=60) as chat:
+        answer = chat.complete("Still there?", max_tokens=3)  # Encode is retried until the tokenizer is back
+    assert answer.choices[0].finish_reason in ("stop", "length")
+
+
 def _stream(mesh: RunningMesh, i: int, started: threading.Barrier, outcomes: dict) -> None:
     chunks, request_id, end = 0, "", None
     with ChatClient(mesh.gateway, mesh.api_key, model=mesh.status["model"], timeout=120) as chat:

@@ -120,3 +120,17 @@ def test_bad_structured_input_is_a_400_naming_the_field(edge_mesh: EdgeMesh, arg
     with pytest.raises(openai.BadRequestError) as err:
         _client(edge_mesh).chat.completions.create(**{"model": edge_mesh.model, "messages": ASK, **args})
     assert err.value.body["param"] == param, err.value.body
+
+
+def test_sdk_exposes_structured_output_tools_and_n(edge_mesh: EdgeMesh) -> None:
+    from moemesh.sdk import ChatModel
+
+    with ChatModel(model_name=edge_mesh.model, endpoint=edge_mesh.status["gateway"], api_key=edge_mesh.api_key,
+                   temperature=0, max_tokens=30) as model:
+        reply = model.chat([{"role": "user", "content": [{"type": "text", "text": "A person?"}]}],
+                           response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}})
+        jsonschema.validate(json.loads(reply.content), SCHEMA)
+        call = model.chat("Weather?", tools=[WEATHER], tool_choice={"type": "function",
+                                                                    "function": {"name": "get_weather"}})
+        assert call.tool_calls[0]["function"]["name"] == "get_weather"
+        assert len(model.chat("Hi", n=2, max_tokens=2).choices) == 2

@@ -56,8 +56,19 @@ class Builder:
             zeros = pack_nibbles(zeros)
         ins = [x, self.const(blob, stem + "_q"), self.const(qw.scale.numpy().astype(np.float32).reshape(-1),
                                                            stem + "_s"), self.const(zeros.reshape(-1), stem + "_z")]
-        return self.op("MatMulNBits", ins, domain="com.microsoft", K=k, N=n, bits=qw.bits, block_size=qw.group,
-                       accuracy_level=self.accuracy)
+        y = self.op("MatMulNBits", ins, domain="com.microsoft", K=k, N=n, bits=qw.bits, block_size=qw.group,
+                    accuracy_level=self.accuracy)
+        return y if qw.zero_f is None else self.op("Add", [y, self._zero_correction(x, qw, stem)])
+
+    def _zero_correction(self, x: str, qw: QWeight, stem: str) -> str:
+        """Fractional zero points: (q - z_f) s = (q - z) s + (z - z_f) s, so y gains sum_g (sum_{k in g} x_k) c[n, g]
+        with c = (z - z_f) s [N, G]: a [T, G] @ [G, N] matmul (G = K / group, 18 for K = 576), far cheaper than
+        MatMulNBits' float zero point path (~10x slower, measured)."""
+        n, k = qw.shape
+        c = ((qw.zero.float() - qw.zero_f) * qw.scale).numpy().astype(np.float32)  # [N, G]
+        groups = self.op("Reshape", [x, self.const(np.array([-1, k // qw.group, qw.group], np.int64))])
+        sums = self.op("ReduceSum", [groups, self.const(np.array([-1], np.int64))], keepdims=0)  # [T, G]
+        return self.op("MatMul", [sums, self.const(np.ascontiguousarray(c.T), stem + "_zc")])  # [T, N]
 
     def matmul_f(self, x: str, w: np.ndarray, stem: str = "w") -> str:
         """x @ w.T for a float weight w [N, K] (kept float32: layers the caller chose not to quantize)."""
