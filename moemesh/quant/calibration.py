@@ -17,7 +17,8 @@ from moemesh.runtime.backbone import MoeBlock
 from moemesh.runtime.dispatch import Dispatch
 from moemesh.runtime.experts import ExpertBank
 
-FALLBACK = "layer-wide"  # experts with < min_tokens routed tokens use their layer's all-token Hessian
+# Experts with < min_tokens routed tokens: gate/up use their layer's all-token Hessian, down round-to-nearest.
+FALLBACK = "layer-wide gate/up Hessian, round-to-nearest down"
 DEFAULT_CALIB = Path(__file__).with_name("data") / "calib_en.txt"
 
 
@@ -72,8 +73,7 @@ class CalibrationDispatch(Dispatch):
 
     def submit(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         self.layer_h.add([f"{layer}"], hidden)
-        e_local = len(self.bank.experts)
-        gate_up, down = self.bank.gate_up[layer], self.bank.down[layer]  # [E, 2I, H], [E, H, I]
+        gate_up = self.bank.gate_up[layer]  # [E_local, 2I, H]
         for row, e in enumerate(self.bank.experts):
             tokens = (topk_ids == e).any(-1).nonzero().squeeze(1)  # [n] tokens routed to e
             x = hidden[tokens].float()  # [n, H]
@@ -82,12 +82,11 @@ class CalibrationDispatch(Dispatch):
             self.hessians.add(gu_names, x)
             self.hessians.add([down_name], self.bank.act(g) * u)  # [n, I]
             self.routed[(layer, e)] = self.routed.get((layer, e), 0) + len(tokens)
-        del e_local, down
         return self.bank.forward(layer, hidden, topk_ids, topk_weights)
 
     def apply_fallback(self, min_tokens: int) -> list[tuple[int, int]]:
-        """Experts with < min_tokens routed tokens: gate/up Hessian := the layer's all-token Hessian; down's
-        from running the expert on every token. Returns the (layer, expert) pairs that fell back."""
+        """Experts with < min_tokens routed tokens: gate/up Hessian := the layer's all-token Hessian, down's :=
+        a scaled identity (GPTQ then reduces to round-to-nearest there). Returns the (layer, expert) pairs."""
         fell = []
         for (layer, e), n in sorted(self.routed.items()):
             if n >= min_tokens:
@@ -100,8 +99,7 @@ class CalibrationDispatch(Dispatch):
         return fell
 
     def _down_all_tokens(self, layer: int, e: int) -> torch.Tensor:
-        """Hessian of the down input if every token of the layer went to expert e, from the layer Hessian of x:
-        not derivable exactly (nonlinear), so the recorded inputs' diagonal scale is used: identity * mean."""
+        """The down input's Hessian cannot be derived from the layer's (SwiGLU is nonlinear): identity * scale."""
         h = self.layer_h.h[f"{layer}"]
         inter = self.bank.down[layer].shape[2]
         return torch.eye(inter) * torch.diag(h).mean()

@@ -78,7 +78,7 @@ def rtn(w: torch.Tensor, bits: int, group: int, symmetric: bool = False) -> QWei
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """[..., 2M] uint8 values < 16 -> [..., M] bytes, element 2i in the low nibble (ORT and compressed-tensors order)."""
+    """[..., 2M] uint8 values < 16 -> [..., M] bytes, element 2i in the low nibble (ORT's order)."""
     codes = codes.astype(np.uint8)
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
 

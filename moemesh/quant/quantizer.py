@@ -21,8 +21,8 @@ from moemesh.quant.grid import grid, grid_params
 from moemesh.quant.packing import rtn
 from moemesh.quant.writer import packed_tensors, quantization_config, write_checkpoint
 
-LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|(mlp|block_sparse_moe)\.((shared_experts?|experts\.\d+)"
-                    r"\.)?(gate_proj|up_proj|down_proj|w1|w2|w3))\.weight$")
+LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|(mlp|block_sparse_moe)\."
+                    r"((shared_experts?|experts\.\d+)\.)?(gate_proj|up_proj|down_proj|w1|w2|w3))\.weight$")
 METHODS = ("rtn", "gptq", "grid")
 GRID_MIN_FIT = 0.5  # grid: a tensor with fewer groups on a 4-bit grid than this is stored in int8 instead
 

@@ -8,7 +8,7 @@ the engine as it was), and a failure during the forward (e.g. an expert shard do
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from moemesh.runtime.sampling import Sampler, SeqSampleState, validate
 from moemesh.runtime.spec import ModelSpec, load_spec
 from moemesh.runtime.step_context import StepContext
 from moemesh.runtime.types import (
-    ContextLengthError, EngineInfo, ExpertDispatch, Guided, SeqResult, SequenceStateError, SeqWork,
+    ContextLengthError, EngineInfo, ExpertDispatch, Guided, SamplingParams, SeqResult, SequenceStateError, SeqWork,
 )
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 class _Sequence:
     length: int  # tokens in the KV cache
     sampling: SeqSampleState  # seeded generator + completion token counts
+    params: SamplingParams  # what it started with (later works may leave sampling out)
 
 
 class Engine:
@@ -74,13 +75,14 @@ class Engine:
              dtype: torch.dtype | str = torch.float32, kv_blocks: int | None = None, kv_memory_bytes: int | None = None,
              block_size: int = 16, max_context: int | None = None, model_name: str | None = None,
              load_format: str = "auto", cuda_graphs: bool = True, quantization: str = "none",
-             backend: str = "torch") -> Engine:
+             backend: str = "torch", prefix_cache: bool = True) -> Engine:
         """dispatch None: every routed expert in process. KV capacity: kv_blocks, else the blocks kv_memory_bytes
         buys (default: see DEFAULT_KV_BYTES). max_context defaults to the model's and is capped by the capacity.
         load_format "dummy": random weights from config.json alone (dummy.py). cuda_graphs: capture decode steps
         on CUDA where possible (EngineInfo.cuda_graphs says what happened). quantization none/fp8/int8: weight-only
         quantized routed experts in process (a given dispatch quantizes its own), or the FFN of a dense model.
-        backend onnxruntime: dense layers and in-process experts on ONNX Runtime int4/int8 (runtime/ort/)."""
+        backend onnxruntime: dense layers and in-process experts on ONNX Runtime int4/int8 (runtime/ort/).
+        prefix_cache: share the K/V of full blocks of equal prefixes (same salt) between sequences."""
         check_quantization(quantization)
         check_backend(backend, dtype, quantization)
         local = resolve_model_dir(model_dir)
@@ -114,7 +116,7 @@ class Engine:
             kv_blocks = KVCache.blocks_for_budget(budget, block_size, spec.num_layers, shapes, dtype)
             if kv_memory_bytes is None:
                 kv_blocks = min(kv_blocks, DEFAULT_MAX_SEQUENCES * -(-context // block_size))
-        blocks = BlockManager(kv_blocks, block_size)
+        blocks = BlockManager(kv_blocks, block_size, prefix_cache=prefix_cache)
         paged, graphs, note = decode_plan(spec, device, dtype, dispatch, cuda_graphs)
         # The paged decode runner pads batches with rows that write into one extra block no sequence owns.
         cache = KVCache(spec.num_layers, kv_blocks + paged, block_size, shapes, device, dtype)
@@ -142,8 +144,9 @@ class Engine:
         work order (for evaluation and parity checks)."""
         if not works:
             return [], torch.empty(0, self.spec.vocab_size)
+        works = self._with_sampling(works)
         self._validate(works)
-        self.blocks.reserve({w.seq_id: w.position + len(w.token_ids) for w in works})  # CapacityError: no change
+        hits = self._reserve(works)  # CapacityError: no change
         try:
             states = [self._seqs[w.seq_id].sampling if w.position else SeqSampleState.new(w.sampling, self.device)
                       for w in works]
@@ -152,15 +155,53 @@ class Engine:
                     state.grammar = self._grammar(w.sampling)
                 state.fed(w.token_ids, w.position, w.sampling.prompt_tokens)
             with torch.inference_mode():
-                logits = self._forward(works)  # [N, V], one row per sampling work
+                logits = self._forward(self._uncached(works, hits))  # [N, V], one row per sampling work
             results = self._sample(works, states, logits)
         except BaseException:
             for w in works:  # give back the blocks this step took; new sequences disappear
                 self.blocks.truncate(w.seq_id, w.position)
             raise
-        for w, state in zip(works, states):
-            self._seqs[w.seq_id] = _Sequence(w.position + len(w.token_ids), state)
+        for w, state, result in zip(works, states, results):
+            self._seqs[w.seq_id] = _Sequence(w.position + len(w.token_ids), state, w.sampling)
+            self.blocks.commit(w.seq_id, w.token_ids)  # K/V written: full blocks become shareable
+            result.cached_tokens = hits[w.seq_id]
         return results, logits
+
+    def _with_sampling(self, works: list[SeqWork]) -> list[SeqWork]:
+        """Works that leave sampling out (None) use the parameters their sequence started with."""
+        out = []
+        for w in works:
+            if w.sampling is None:
+                known = self._seqs.get(w.seq_id)
+                w = replace(w, sampling=known.params if known else SamplingParams())
+            out.append(w)
+        return out
+
+    def _reserve(self, works: list[SeqWork]) -> dict[str, int]:
+        """Adopts cached prefix blocks, then reserves blocks for the rest; returns the tokens hit per sequence.
+        A sampling work keeps at least its last token to compute (its logits are needed)."""
+        hits = {}
+        try:
+            for w in works:
+                limit = len(w.token_ids) - (1 if w.sample else 0)
+                hits[w.seq_id] = self.blocks.match(w.seq_id, w.salt, w.position, w.token_ids, limit)
+            self.blocks.reserve({w.seq_id: w.position + len(w.token_ids) for w in works})
+        except BaseException:
+            for w in works:
+                self.blocks.truncate(w.seq_id, w.position)
+            raise
+        return hits
+
+    @staticmethod
+    def _uncached(works: list[SeqWork], hits: dict[str, int]) -> list[SeqWork]:
+        """What the forward computes: each work without its cached head; fully cached chunks that do not sample
+        drop out (sampling works always keep a token, so logits rows stay one per sampling work)."""
+        out = []
+        for w in works:
+            h = hits[w.seq_id]
+            if h < len(w.token_ids):
+                out.append(w if h == 0 else replace(w, token_ids=w.token_ids[h:], position=w.position + h))
+        return out
 
     def _grammar(self, params):
         """The grammar state of a constrained sequence (the book is built on first use: ~0.6 s)."""
@@ -197,6 +238,8 @@ class Engine:
                 validate(w.sampling)
 
     def _forward(self, works: list[SeqWork]) -> torch.Tensor:
+        if not works:  # every work was a cached chunk
+            return torch.empty(0, self.spec.vocab_size, device=self.device)
         if self.decode is not None and self.decode.takes(works):
             return self._decode(works)
         new = [len(w.token_ids) for w in works]
@@ -273,4 +316,6 @@ class Engine:
             num_layers=s.num_layers, num_experts=s.num_experts, experts_per_token=s.moe.top_k if s.moe else 0,
             moe_layers=s.moe_layers, eos_token_ids=s.eos_token_ids, device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."), cuda_graphs=self.cuda_graphs, quantization=self.quantization,
+            prefix_cache=self.blocks.prefix_cache, kv_blocks_cached=self.blocks.cached_blocks,
+            kv_blocks_evicted=self.blocks.index.evictions,
         )

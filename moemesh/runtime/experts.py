@@ -108,6 +108,8 @@ class ExpertBank:
         local = torch.full((spec.num_experts,), -1, dtype=torch.int64)
         local[list(experts)] = torch.arange(len(experts))
         self.local_index = local.to(self.device)  # global expert id -> row in the stacks, -1 if not hosted
+        # column[id + 1]: 1 + the row of global expert id, 0 for an expert hosted elsewhere or the unused id -1. [E + 1]
+        self._column = torch.cat((torch.zeros(1, dtype=torch.int64), local + 1)).to(self.device)
         self._concat: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # see _all_selected
         # '' when forward runs the fused Triton kernels (CUDA, bf16/fp16, SiLU), else why it keeps the torch path.
         self.fused_off = kernels_usable(self.device, self.dtype) or (
@@ -143,56 +145,67 @@ class ExpertBank:
         return bank
 
     def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
-                topk_weights: torch.Tensor) -> torch.Tensor:
-        """hidden [T, H], topk_ids [T, K] int64 global ids (-1 unused), topk_weights [T, K] -> [T, H] in hidden's
-        dtype and device."""
+                topk_weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [T, H], topk_ids [T, K] global ids (-1 unused, int32 or int64), topk_weights [T, K] -> [T, H] in
+        hidden's dtype and device; written into `out` ([T, H], hidden's dtype; e.g. a shared-memory output region)
+        when given, which is then returned."""
         if layer not in self.gate_up:
             raise KeyError(f"layer {layer} is not hosted here (hosted: {self.layers})")
         caller_device, caller_dtype = hidden.device, hidden.dtype
         hidden, topk_weights = hidden.to(self.device), topk_weights.to(self.device)
         if not self.fused_off:
-            return self._fused(layer, hidden, topk_ids, topk_weights).to(caller_device, caller_dtype)
-        out = torch.zeros(hidden.shape, dtype=torch.float32, device=self.device)  # accumulate in float32
-        ids = topk_ids.reshape(-1).to(self.device, torch.int64)  # [T*K]
-        local = torch.where(ids >= 0, self.local_index[ids.clamp(min=0)], -1)  # [T*K]
+            return _into(self._fused(layer, hidden, topk_ids, topk_weights), out, caller_device, caller_dtype)
+        # One gather maps global ids to 1 + local row (0: not hosted here); on the CPU the per-op cost dominates a
+        # decode step's expert call, so the dense path below is kept to a handful of ops.
+        column = self._column[topk_ids.to(self.device, torch.int64) + 1]  # [T, K]
+        selected = int(column.count_nonzero())
+        if selected == hidden.shape[0] * len(self.experts):  # every token selected every hosted expert
+            y = self._all_selected(layer, hidden, column, topk_weights, out)
+            return y if y is out else _into(y, out, caller_device, caller_dtype)
+        result = torch.zeros(hidden.shape, dtype=torch.float32, device=self.device)  # accumulate in float32
+        if selected:
+            self._sparse(layer, hidden, column.reshape(-1) - 1, topk_weights, result)
+        return _into(result, out, caller_device, caller_dtype)
+
+    def _sparse(self, layer: int, hidden: torch.Tensor, local: torch.Tensor, topk_weights: torch.Tensor,
+                result: torch.Tensor) -> None:
+        """Adds the hosted selected experts' weighted outputs into result [T, H] float32; local [T*K] local rows
+        (-1: elsewhere or unused)."""
+        k = topk_weights.shape[1]
         hosted = (local >= 0).nonzero().squeeze(1)  # flat (token, slot) pairs for experts hosted here
-        if hosted.numel() == 0:
-            return out.to(caller_device, caller_dtype)
-        if hosted.numel() == hidden.shape[0] * len(self.experts):  # every token selected every hosted expert
-            out += self._all_selected(layer, hidden, local.view(topk_ids.shape), topk_weights)
-            return out.to(caller_device, caller_dtype)
         order = hosted[local[hosted].argsort(stable=True)]  # [P] pairs grouped by local expert
         counts = torch.bincount(local[order], minlength=len(self.experts))  # [E_local]
-        tokens = order // topk_ids.shape[1]  # [P] token of each pair
+        tokens = order // k  # [P] token of each pair
         x = hidden[tokens].to(self.dtype)  # [P, H] one gather for all experts
         run = self._grouped if self._use_grouped_mm() else self._per_expert
         y = run(*self._dense(layer), x, counts)  # [P, H]
         weights = topk_weights.reshape(-1)[order].float()  # [P]
-        out.index_add_(0, tokens, y.float() * weights[:, None])
-        return out.to(caller_device, caller_dtype)
+        result.index_add_(0, tokens, y.float() * weights[:, None])
 
-    def _all_selected(self, layer: int, hidden: torch.Tensor, local: torch.Tensor,
-                      topk_weights: torch.Tensor) -> torch.Tensor:
+    def _all_selected(self, layer: int, hidden: torch.Tensor, column: torch.Tensor, topk_weights: torch.Tensor,
+                      out: torch.Tensor | None) -> torch.Tensor:
         """Dense routing over this bank (e.g. the built-in `smollm2-moe`, top-8 of 8): the hosted experts side by
         side are one FFN of E_local * I neurons, so two GEMMs replace E_local pairs, no gather or scatter; each
-        neuron is scaled by its expert's routing weight. local [T, K] local expert ids (-1: elsewhere)."""
+        neuron is scaled by its expert's routing weight. column [T, K] 1 + local row (0: elsewhere or unused).
+        Returns [T, H]: `out` when it has the compute dtype (the down GEMM writes it), else float32."""
         concat = self._concat.get(layer)
         if concat is None:  # cached only unquantized: it duplicates the layer's expert weights
             gate_up, down = self._dense(layer)
             e, two_i, h = gate_up.shape
-            gate_up = gate_up.view(e, 2, two_i // 2, h)
-            concat = (gate_up[:, 0].reshape(-1, h), gate_up[:, 1].reshape(-1, h),  # [E*I, H] each
-                      down.permute(1, 0, 2).reshape(h, -1))  # [H, E*I]
+            gate_up = gate_up.view(e, 2, two_i // 2, h).transpose(0, 1).reshape(-1, h)  # [2*E*I]: gates, then ups
+            concat = (gate_up, down.permute(1, 0, 2).reshape(h, -1))  # [2*E*I, H], [H, E*I]
             if self.quantization == "none":
                 self._concat[layer] = concat
-        gate_w, up_w, down_w = concat
-        t, neurons = hidden.shape[0], gate_w.shape[0] // len(self.experts)
-        weights = torch.zeros(t, len(self.experts), dtype=torch.float32, device=self.device)  # [T, E_local]
-        slot = local >= 0
-        weights[slot.nonzero()[:, 0], local[slot]] = topk_weights[slot].float()
+        gate_up_w, down_w = concat
+        t, experts = hidden.shape[0], len(self.experts)
+        weights = torch.zeros(t, experts + 1, dtype=torch.float32, device=self.device)  # [T, 1 + E_local]
+        weights.scatter_add_(1, column, topk_weights.float())  # column 0 collects the slots hosted elsewhere
         x = hidden.to(self.dtype)  # [T, H]
-        act = self.act(x @ gate_w.T) * (x @ up_w.T)  # [T, E*I]
-        act = act * weights.repeat_interleave(neurons, dim=1).to(self.dtype)
+        gate, up = (x @ gate_up_w.T).chunk(2, dim=1)  # [T, E*I] each
+        act = self.act(gate).mul_(up)
+        act.view(t, experts, -1).mul_(weights[:, 1:, None].to(self.dtype))
+        if out is not None and out.dtype == self.dtype and out.device == self.device:
+            return torch.matmul(act, down_w.T, out=out)
         return (act @ down_w.T).float()  # [T, H]
 
     def _dense(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,6 +248,11 @@ class ExpertBank:
         return GROUPED_MM((self.act(gate) * up).contiguous(), w_down.transpose(1, 2), offs=offsets)  # [P, H]
 
     __call__ = forward
+
+
+def _into(y: torch.Tensor, out: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """y [T, H] in the caller's device and dtype: copied into `out` when given."""
+    return y.to(device, dtype) if out is None else out.copy_(y)
 
 
 def _fp8_unsupported(device: torch.device) -> str:

@@ -9,8 +9,10 @@ before) and applies the mask on the logits' device (`apply` below: one bitmask o
 
 Termination within max_tokens: the grammar guarantees that whatever is emitted is a prefix of valid output, but a
 prefix is not valid JSON. When `CLOSING_RESERVE` or fewer tokens remain, tokens that only close structures (their
-text, whitespace aside, made of `"`, `}` and `]`) and the end-of-sequence tokens get a large bonus, so whenever the
-grammar allows closing, the sequence closes; where it does not (a required key still missing) the model fills it in.
+text, whitespace aside, made of `"`, `}` and `]`; inside a string only those starting with `"`, tracked by a small
+lexer over the accepted text) and the end-of-sequence tokens get a large bonus, and separators (`,` `:`) half of it:
+whenever the grammar allows closing, the sequence closes; where it does not (a required key still missing) the
+separators lead to it and the grammar spells it out.
 Whitespace between JSON tokens is fixed (any_whitespace=False): a model cannot loop on newlines.
 """
 
@@ -26,9 +28,10 @@ import torch
 from moemesh.runtime.types import Guided
 
 log = logging.getLogger(__name__)
-CLOSING_RESERVE = 10  # tokens before max_tokens from which closing tokens are preferred
+CLOSING_RESERVE = 16  # tokens before max_tokens from which closing tokens are preferred
 CLOSING_BONUS = 1.0e4  # added to closing tokens' logits (masked tokens stay -inf)
 _CLOSERS = set('"}]')
+_SEPARATORS = set(",:")
 _CACHE = 64  # compiled grammars kept (schemas repeat across requests of one application)
 
 
@@ -50,7 +53,10 @@ class GrammarBook:
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=1)
         self._compiled: OrderedDict[tuple[str, bool], object] = OrderedDict()
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
-        self.closing = _closing_tokens(tokenizer, vocab_size, eos_token_ids)  # [V] bool
+        self.texts = [tokenizer.decode([i]) for i in range(min(vocab_size, len(tokenizer)))]  # per token id
+        # [V] bonuses: tokens that close (outside a string), and those starting with `"` (inside one, where ] and }
+        # are just characters)
+        self.closing, self.closing_string = _closing_tokens(self.texts, vocab_size, eos_token_ids)
 
     def compile(self, guided: Guided):
         key = (guided.json_schema, guided.json_object)
@@ -73,14 +79,21 @@ class GrammarBook:
         return SeqGrammar(self, self._xgr.GrammarMatcher(self.compile(guided)), max_tokens)
 
 
-def _closing_tokens(tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]) -> torch.Tensor:
-    closing = torch.zeros(vocab_size, dtype=torch.bool)
-    for token_id in range(min(vocab_size, len(tokenizer))):
-        text = tokenizer.decode([token_id]).strip()
-        if text and set(text) <= _CLOSERS:
-            closing[token_id] = True
-    closing[[t for t in eos_token_ids if t < vocab_size]] = True
-    return closing
+def _closing_tokens(texts: list[str], vocab_size: int, eos: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[V] float bonuses, outside and inside a string: 2 x CLOSING_BONUS for tokens of closers alone (and the
+    end-of-sequence tokens), 1 x for closers with separators (`,` `:`), which finish a required member fastest."""
+    outside = torch.zeros(vocab_size)
+    inside = torch.zeros(vocab_size)
+    for token_id, text in enumerate(texts):
+        text = text.strip()
+        if not text or not set(text) <= _CLOSERS | _SEPARATORS:
+            continue
+        bonus = CLOSING_BONUS * (2.0 if set(text) <= _CLOSERS else 1.0)
+        outside[token_id] = bonus
+        inside[token_id] = bonus if text.startswith('"') else 0.0
+    ends = [t for t in eos if t < vocab_size]
+    outside[ends] = inside[ends] = 2 * CLOSING_BONUS
+    return outside, inside
 
 
 class SeqGrammar:
@@ -89,6 +102,7 @@ class SeqGrammar:
     def __init__(self, book: GrammarBook, matcher, max_tokens: int) -> None:
         self.book, self.matcher, self.max_tokens = book, matcher, max_tokens
         self.accepted = 0
+        self.in_string, self._escaped = False, False  # JSON lexer state of the text so far (for closing)
         self.bitmask = book._xgr.allocate_token_bitmask(1, book.info.vocab_size)  # [1, W] int32
         self._next = book.worker.submit(self._fill)
 
@@ -111,7 +125,20 @@ class SeqGrammar:
         if not self.matcher.is_terminated() and not self.matcher.accept_token(token_id):
             log.warning("grammar refused token %d after %d tokens (mask not applied?)", token_id, self.accepted)
         self.accepted += 1
+        self._lex(self.book.texts[token_id] if token_id < len(self.book.texts) else "")
         self._next = self.book.worker.submit(self._fill)
+
+    def _lex(self, text: str) -> None:
+        for ch in text:
+            if self._escaped:
+                self._escaped = False
+            elif self.in_string and ch == "\\":
+                self._escaped = True
+            elif ch == '"':
+                self.in_string = not self.in_string
+
+    def closing_tokens(self) -> torch.Tensor:
+        return self.book.closing_string if self.in_string else self.book.closing
 
 
 def apply(logits: torch.Tensor, grammars: list[SeqGrammar | None]) -> None:
@@ -125,7 +152,7 @@ def apply(logits: torch.Tensor, grammars: list[SeqGrammar | None]) -> None:
     index = torch.tensor(rows, device=logits.device)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))  # one op per step (xgrammar's own
     # apply_token_bitmask_inplace measured 0.42 ms at V=49152 on this CPU, this 0.15 ms)
-    closing = [i for i in rows if grammars[i].closing]
-    if closing:
-        bonus = grammars[closing[0]].book.closing.to(logits.device)[: logits.shape[1]]  # [V] bool
-        logits[closing, : bonus.shape[0]] += bonus.to(logits.dtype) * CLOSING_BONUS
+    for i in rows:
+        if grammars[i].closing:
+            bonus = grammars[i].closing_tokens().to(logits.device)[: logits.shape[1]]  # [V]
+            logits[i, : bonus.shape[0]] += bonus.to(logits.dtype)

@@ -54,8 +54,9 @@ class SeqWork:
     seq_id: str
     token_ids: list[int]
     position: int  # tokens of this sequence already in the KV cache; 0 starts the sequence
-    sampling: SamplingParams = field(default_factory=SamplingParams)
+    sampling: SamplingParams | None = field(default_factory=SamplingParams)  # None: the ones it started with
     sample: bool = True  # False for prefill chunks that are not the prompt's last
+    salt: str = ""  # prefix-cache namespace (tenant + client cache_salt): blocks are shared only within one salt
 
 
 @dataclass
@@ -66,6 +67,7 @@ class SeqResult:
     token_id: int | None  # None when the work did not sample
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    cached_tokens: int = 0  # tokens of this work found in the prefix cache (not computed)
 
 
 @dataclass(frozen=True)
@@ -137,3 +139,6 @@ class EngineInfo:
     dtype: str
     cuda_graphs: str = "off: not a CUDA engine"  # "on: ..." or "off: <why>" (decode steps replayed as CUDA graphs)
     quantization: str = "none"  # weight-only quantization of the in-process experts / dense FFN: none, fp8, int8
+    prefix_cache: bool = False  # full KV blocks shared between sequences of one salt
+    kv_blocks_cached: int = 0  # idle blocks kept for their prefix (also counted in kv_blocks_free)
+    kv_blocks_evicted: int = 0  # cached blocks evicted since start

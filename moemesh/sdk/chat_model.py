@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 
+from moemesh.certs.client_tls import ClientTls
 from moemesh.sdk.client import Messages, build_request
 from moemesh.sdk.errors import MoemeshError, from_rpc_error, from_stream_error
 from moemesh.serving import status as status_file
@@ -109,7 +110,7 @@ class ChatModel:
         if self._sync is None:
             e = self.endpoint
             self._sync = (grpc.secure_channel(e.target, e.credentials(), options=_OPTIONS) if e.tls
-                          else grpc.insecure_channel(e.target, options=_OPTIONS))
+                          else ClientTls().channel(e.target, _OPTIONS))  # mTLS with MOEMESH_MTLS=1
         return chat_pb2_grpc.ChatStub(self._sync)
 
     def _astub(self) -> chat_pb2_grpc.ChatStub:
@@ -118,7 +119,7 @@ class ChatModel:
         if self._aio is None or self._aio[0] is not loop:
             e = self.endpoint
             channel = (grpc.aio.secure_channel(e.target, e.credentials(), options=_OPTIONS) if e.tls
-                       else grpc.aio.insecure_channel(e.target, options=_OPTIONS))
+                       else ClientTls().aio_channel(e.target, _OPTIONS))
             self._aio = (loop, channel)
         return chat_pb2_grpc.ChatStub(self._aio[1])
 

@@ -86,6 +86,19 @@ class Region:
         self.ids = raw[o_ids:o_ids + t * k * 4].view(torch.int32).view(t, k)  # [Tmax, K]
         self.weights = raw[o_weights:o_weights + t * k * 4].view(torch.float32).view(t, k)  # [Tmax, K]
         self.output = raw[o_out:o_out + t * h * dtype.itemsize].view(dtype).view(t, h)  # [Tmax, H]
+        self.beats = self.header.numpy()  # the same words as a numpy array: reading one costs no torch op
+        self._rows: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def rows(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden, ids, weights, output) rows 0..tokens-1, views made once per row count (a decode step reuses
+        the same few)."""
+        views = self._rows.get(tokens)
+        if views is None:
+            if len(self._rows) > 64:
+                self._rows.clear()
+            views = self._rows[tokens] = (self.hidden[:tokens], self.ids[:tokens], self.weights[:tokens],
+                                          self.output[:tokens])
+        return views
 
     def unlink(self) -> None:
         """Removes the file; the mappings stay valid until dropped (done once both sides mapped it)."""
@@ -108,7 +121,12 @@ def host_id() -> str:
 
 
 def send_message(sock: socket.socket, seq: int, layer: int, tokens: int, status: int = 0, text: str = "") -> None:
-    sock.sendall(MESSAGE.pack(seq, layer, tokens, status) + text.encode()[:4000])
+    data = MESSAGE.pack(seq, layer, tokens, status) + text.encode()[:4000] if text else \
+        MESSAGE.pack(seq, layer, tokens, status)
+    try:  # one write(2): socket.send on a socket with a timeout polls first (a second system call per message)
+        os.write(sock.fileno(), data)  # SOCK_SEQPACKET: the whole packet or an error
+    except BlockingIOError:  # the peer's queue is full (it is not reading): wait as the socket's timeout allows
+        sock.sendall(data)
 
 
 def recv_message(sock: socket.socket) -> tuple[int, int, int, int, str] | None:

@@ -4,7 +4,7 @@ retry-after hint instead of growing without limit."""
 from __future__ import annotations
 
 from services.batcher.fairness import FairQueue
-from services.batcher.kv_budget import KvBudget
+from services.batcher.kv_view import KvView
 from services.batcher.policy import Policy
 from services.batcher.sequence import Sequence
 from services.batcher.step import InvalidRequest, QueueFull
@@ -17,7 +17,7 @@ class ContextLengthExceeded(InvalidRequest):
     error_code = "context_length_exceeded"
 
 
-def validate(seq: Sequence, max_context: int, kv: KvBudget) -> None:
+def validate(seq: Sequence, max_context: int, kv: KvView) -> None:
     """Raises InvalidRequest, naming the field, for a request no schedule could ever run."""
     n = len(seq.prompt_ids)
     if n == 0:

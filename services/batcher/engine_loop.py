@@ -2,7 +2,7 @@
 push each request's events into its own asyncio queue. Everything that changes scheduler state runs on the event
 loop's thread, so the scheduler needs no locks.
 
-    turn:  schedule -> Release(plan.release) -> send Step(plan) -> deliver events -> complete
+    turn:  schedule -> send Step(plan, with plan.release) -> deliver events -> complete
     idle:  deliver events -> Release(pending) -> sleep until scheduler.wake_at, a new request, or a cancel
 
 The previous step's tokens are delivered once the next Step is on its way (not before): their streams' writes to the
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence as Seq
 
 from services.batcher import metrics
-from services.batcher.kv_budget import KvBudget
+from services.batcher.kv_view import KvView
 from services.batcher.meters import BusyMeter
 from services.batcher.policy import Policy
 from services.batcher.router_recovery import RouterRecovery
@@ -146,9 +146,8 @@ class EngineLoop:
                 log.info("waiting for the router: %s", _describe(exc))
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 2.0)
-        kv = KvBudget(limits.kv_block_size, limits.kv_blocks_total,
-                      watermark_blocks=int(self.policy.kv_watermark * limits.kv_blocks_total))
-        kv.observe(limits.kv_blocks_free)  # blocks held by someone else (a previous batcher) stay out of reach
+        kv = KvView.for_router(limits.kv_block_size, limits.kv_blocks_total, limits.kv_blocks_free,
+                               self.policy.kv_watermark)
         self.limits = limits
         self.scheduler = Scheduler(self.policy, kv, limits.max_context, limits.eos_token_ids, self.clock)
         log.info("router %s: model %s, context %d, %d KV blocks of %d tokens, eos %s", getattr(self.router, "address", ""),
@@ -171,8 +170,7 @@ class EngineLoop:
                 await self._poll_kv()
             await self._sleep(wake_at)
             return
-        await self._release(plan.release)
-        call = asyncio.ensure_future(self.router.step(plan))
+        call = asyncio.ensure_future(self.router.step(plan))  # carries plan.release
         try:
             for _ in range(self.SEND_HOPS):  # let the call reach the wire before the streams take the loop
                 await asyncio.sleep(0)

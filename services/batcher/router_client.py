@@ -19,7 +19,7 @@ from opentelemetry import trace
 
 from moemesh.serving.telemetry import client_channel, tracer
 from moemesh.v1 import router_pb2, router_pb2_grpc
-from services.batcher.step import RouterFull, RouterLimits, SeqOutput, StepOutcome, StepPlan
+from services.batcher.step import RouterFull, RouterLimits, SeqOutput, StepOutcome, StepPlan, WorkItem
 
 _MAX_LINKS = 64
 
@@ -47,12 +47,10 @@ class RouterClient:
         return r.kv_blocks_free
 
     async def step(self, plan: StepPlan) -> StepOutcome:
-        """Runs the plan (its releases must have been sent). Raises RouterFull on RESOURCE_EXHAUSTED."""
-        request = router_pb2.StepRequest(step_id=plan.step_id, work=[
-            router_pb2.SequenceWork(seq_id=i.seq.seq_id, token_ids=i.token_ids, position=i.position,
-                                    sampling=i.seq.sampling, sample=i.sample)
-            for i in plan.items
-        ])
+        """Runs the plan, its releases first (the router applies them even when it refuses the step). Raises
+        RouterFull on RESOURCE_EXHAUSTED."""
+        request = router_pb2.StepRequest(step_id=plan.step_id, work=[_work(i) for i in plan.items],
+                                         release=plan.release)
         parent, links = _trace_parent(plan)
         attributes = {"moemesh.step_id": plan.step_id, "moemesh.sequences": len(plan.items),
                       "moemesh.tokens": plan.tokens}
@@ -65,10 +63,11 @@ class RouterClient:
                 raise RouterFull(exc.details() or "KV cache full", await self._free_blocks()) from exc
         outputs = [
             SeqOutput(seq_id=o.seq_id, token_id=o.token_id if o.HasField("token_id") else None, logprob=o.logprob,
-                      top_logprobs=[(t.token_id, t.logprob) for t in o.top_logprobs])
+                      top_logprobs=[(t.token_id, t.logprob) for t in o.top_logprobs], cached_tokens=o.cached_tokens)
             for o in r.results
         ]
-        return StepOutcome(outputs=outputs, compute_seconds=r.compute_seconds, kv_blocks_free=r.kv_blocks_free)
+        return StepOutcome(outputs=outputs, compute_seconds=r.compute_seconds, kv_blocks_free=r.kv_blocks_free,
+                           kv_blocks_own=dict(r.kv_blocks_own), kv_blocks_cached=r.kv_blocks_cached)
 
     def _timeout(self, plan: StepPlan) -> float:
         """The step's gRPC deadline: step_timeout, or sooner when every sequence in it has a deadline (the latest
@@ -86,6 +85,19 @@ class RouterClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+def _work(item: WorkItem) -> router_pb2.SequenceWork:
+    """Sampling parameters, tenant and cache salt travel once per sequence: with its first work (position 0, also
+    when it restarts after a preemption); the router keeps them."""
+    work = router_pb2.SequenceWork(seq_id=item.seq.seq_id, token_ids=item.token_ids, position=item.position,
+                                   sample=item.sample)
+    if item.position == 0:
+        seq = item.seq
+        if seq.sampling is not None:
+            work.sampling.CopyFrom(seq.sampling)
+        work.tenant, work.cache_salt = seq.tenant, seq.cache_salt
+    return work
 
 
 def _trace_parent(plan: StepPlan):

@@ -22,7 +22,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from services.batcher import metrics
-from services.batcher.kv_budget import KvBudget
+from services.batcher.kv_view import KvView
 from services.batcher.step import RouterLimits, StepPlan
 
 if TYPE_CHECKING:
@@ -87,9 +87,8 @@ class RouterRecovery:
 
     def _adopt(self, loop: EngineLoop, limits: RouterLimits) -> None:
         """A fresh KV ledger for the router that answered (nothing runs now: every sequence was re-queued)."""
-        kv = KvBudget(limits.kv_block_size, limits.kv_blocks_total,
-                      watermark_blocks=int(loop.policy.kv_watermark * limits.kv_blocks_total))
-        kv.observe(limits.kv_blocks_free)
+        kv = KvView.for_router(limits.kv_block_size, limits.kv_blocks_total, limits.kv_blocks_free,
+                               loop.policy.kv_watermark)
         loop.scheduler.kv, loop.limits = kv, limits
         log.info("router back (instance %s): %d KV blocks free", limits.instance_id[:8], limits.kv_blocks_free)
 

@@ -2,7 +2,7 @@
 clock: no sockets, no protobuf, no asyncio. The engine loop drives it:
 
     plan = scheduler.schedule()           # None: nothing to do (wake at scheduler.wake_at, or on the next add)
-    router.release(plan.release); outcome = router.step(plan)
+    outcome = router.step(plan)           # the router drops plan.release first, then runs the work
     scheduler.complete(plan, outcome)     # or abort(plan, free) when the router refused, fail(plan, why) on errors
     deliver(scheduler.take_events())
 
@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 
 from services.batcher.admission import check_room, validate
 from services.batcher.fairness import FairQueue
-from services.batcher.kv_budget import KvBudget
+from services.batcher.kv_view import KvView
 from services.batcher.meters import WindowSum
 from services.batcher.policy import Policy
 from services.batcher.sequence import Finish, Sequence, Status
@@ -44,7 +44,7 @@ class Scheduler:
     def __init__(
         self,
         policy: Policy,
-        kv: KvBudget,
+        kv: KvView,
         max_context: int,
         eos_ids: Iterable[int],
         clock: Callable[[], float],
@@ -112,14 +112,20 @@ class Scheduler:
 
     def complete(self, plan: StepPlan, outcome: StepOutcome) -> None:
         """Applies a step's results; sequences cancelled or expired meanwhile are skipped."""
+        # First the router's report (leaving sequences credited below are on top of it), then the results.
+        self.kv.observe(outcome.kv_blocks_free, outcome.kv_blocks_own, outcome.kv_blocks_cached)
         by_id = {o.seq_id: o for o in outcome.outputs}
-        total = plan.tokens or 1
+        computed = {i.seq.seq_id: len(i.token_ids) - _hits(by_id, i.seq.seq_id) for i in plan.items}
+        total = sum(computed.values()) or 1
         for item in plan.items:
             seq = item.seq
             if seq.status is not Status.RUNNING:
                 continue
             seq.num_cached = item.position + len(item.token_ids)
-            seq.engine_seconds += outcome.compute_seconds * len(item.token_ids) / total
+            # cost of goods: a share of the step by the tokens computed (cached ones cost nothing)
+            seq.engine_seconds += outcome.compute_seconds * computed[seq.seq_id] / total
+            if seq.preemptions == 0:  # billing counts the prompt's first computation, not recomputes
+                seq.cached_tokens += _hits(by_id, seq.seq_id)
             if not item.sample:
                 continue
             out = by_id.get(seq.seq_id)
@@ -135,13 +141,10 @@ class Scheduler:
                 self._events.append(event)
             else:
                 self._finish(seq, reason, event=event)
-        self.kv.observe(outcome.kv_blocks_free)
 
     def abort(self, plan: StepPlan, kv_blocks_free: int | None = None) -> None:
         """The router refused the step for lack of KV blocks and applied nothing: undo, re-sync, make room."""
-        for item in plan.items:
-            if item.seq.status is Status.RUNNING:
-                self.kv.shrink_to(item.seq.seq_id, item.seq.num_cached)
+        self.kv.drop_plan()
         if kv_blocks_free is not None:
             self.kv.observe(kv_blocks_free)
         if len(self.running) > 1:
@@ -149,6 +152,7 @@ class Scheduler:
 
     def fail(self, plan: StepPlan, detail: str) -> None:
         """The router failed the step: its sequences end with ERROR (their router state is unknown: released)."""
+        self.kv.drop_plan()  # the next router report says what it holds
         for item in plan.items:
             if item.seq.status is not Status.FINISHED:
                 self._finish(item.seq, Finish.ERROR, detail)
@@ -177,8 +181,7 @@ class Scheduler:
     def take_releases(self) -> list[str]:
         """Sequences the router must drop (finished, cancelled, preempted); their blocks return to the ledger."""
         out, self._releases = self._releases, []
-        for seq_id in out:
-            self.kv.release(seq_id)
+        self.kv.sent(out)
         return out
 
     def take_events(self) -> list[Event]:
@@ -194,7 +197,7 @@ class Scheduler:
             partial_ok = self.policy.chunked and seq.pending > 1
             want = int(min(seq.pending, draft.budget)) if partial_ok else seq.pending
             if partial_ok:
-                n = self.kv.fit(seq.seq_id, seq.num_cached, want)
+                n = self.kv.fit(seq.num_cached, want)
             else:
                 n = want if self._make_room(seq, want, draft) else 0
             if n > 0:
@@ -202,7 +205,7 @@ class Scheduler:
 
     def _make_room(self, seq: Sequence, n: int, draft: _Draft) -> bool:
         """Preempts lower-ranked unplanned sequences until `seq` can add n tokens; False if `seq` itself had to go."""
-        while not self.kv.can_grow(seq.seq_id, seq.num_cached + n):
+        while not self.kv.can_grow(seq.num_cached, seq.num_cached + n):
             others = [s for s in self.running if s is not seq and s.seq_id not in draft.planned]
             if not others and len(self.running) == 1:
                 self._finish(seq, Finish.LENGTH, "the KV cache cannot hold this sequence")
@@ -221,7 +224,7 @@ class Scheduler:
             if seq is None:
                 break
             want = int(min(seq.pending, draft.budget)) if self.policy.chunked else seq.pending
-            n = self.kv.fit(seq.seq_id, 0, want, keep_free=keep)
+            n = self.kv.fit(0, want, keep_free=keep)
             if n < want and not (self.policy.chunked and n > 0):
                 break  # head-of-line: keep fairness order rather than skip to a smaller request
             self.queue.pop(seq)
@@ -253,7 +256,7 @@ class Scheduler:
 
     def _take(self, draft: _Draft, seq: Sequence, n: int) -> None:
         start = seq.num_cached
-        self.kv.grow(seq.seq_id, start + n)
+        self.kv.take(start, start + n)
         sample = start + n == seq.length
         draft.items.append(WorkItem(seq=seq, token_ids=seq.window(start, n), position=start, sample=sample))
         draft.planned.add(seq.seq_id)
@@ -292,6 +295,7 @@ class Scheduler:
         elif seq.status is Status.RUNNING:
             self.running.remove(seq)
             self.queue.left_batch(seq)
+            self.kv.release(seq.seq_id)
             self._releases.append(seq.seq_id)
         seq.status, seq.finish = Status.FINISHED, reason
         self._live.pop(seq.seq_id, None)
@@ -318,4 +322,10 @@ class Scheduler:
             completion_tokens=len(seq.output_ids),
             queue_seconds=seq.queue_seconds(self.clock()),
             preemptions=seq.preemptions,
+            cached_tokens=seq.cached_tokens,
         )
+
+
+def _hits(by_id: dict, seq_id: str) -> int:
+    out = by_id.get(seq_id)
+    return out.cached_tokens if out is not None else 0

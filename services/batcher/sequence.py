@@ -51,6 +51,7 @@ class Sequence:
     ignore_eos: bool = False
     sampling: Any = None  # passed to the router untouched; the scheduler never reads it
     trace: Any = None  # the request's tracing context (the router client parents step spans to it)
+    cache_salt: str = ""  # the client's prefix-cache salt within its tenant
     arrival: float = 0.0
 
     status: Status = Status.WAITING
@@ -59,6 +60,7 @@ class Sequence:
     preemptions: int = 0
     first_scheduled: float | None = None  # first time it took part in a step
     engine_seconds: float = 0.0  # its share of router compute time
+    cached_tokens: int = 0  # prompt tokens the router served from its prefix cache (first computation)
     finish: Finish | None = None
     serial: int = field(default_factory=lambda: next(_serial))  # tie-break: earlier submissions first
 

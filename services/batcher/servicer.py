@@ -57,13 +57,14 @@ def sequence_from_proto(request: batcher_pb2.GenerateRequest, deadline: float | 
         seq_id=request.request_id, prompt_ids=list(request.prompt_ids), max_tokens=sampling.max_tokens,
         tenant=request.tenant, priority=request.priority, weight=request.tenant_weight or 1.0, deadline=deadline,
         stop_ids=frozenset(sampling.stop_token_ids), ignore_eos=sampling.ignore_eos, sampling=sampling, trace=ctx,
+        cache_salt=request.cache_salt,
     )
 
 
 def event_to_proto(event: Event, sampling: common_pb2.SamplingParams) -> batcher_pb2.GenerateEvent:
     out = batcher_pb2.GenerateEvent(
         token_ids=event.token_ids, prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-        queue_seconds=event.queue_seconds, preemptions=event.preemptions,
+        queue_seconds=event.queue_seconds, preemptions=event.preemptions, cached_tokens=event.cached_tokens,
     )
     if sampling.logprobs or sampling.top_logprobs:
         for token, lp in zip(event.token_ids, event.logprobs):
@@ -119,7 +120,7 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
                                        router_busy_fraction=self._loop.busy.fraction())
         if s is not None:
             out.waiting, out.running, out.steps, out.preemptions = len(s.queue), len(s.running), s.steps, s.preemptions
-            out.kv_blocks_free, out.kv_blocks_total = s.kv.free, s.kv.total
+            out.kv_blocks_free, out.kv_blocks_total, out.kv_blocks_cached = s.kv.free, s.kv.total, s.kv.cached
         return out
 
 

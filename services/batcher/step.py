@@ -21,7 +21,7 @@ class WorkItem:
 class StepPlan:
     step_id: int
     items: list[WorkItem]
-    release: list[str] = field(default_factory=list)  # sequences to release in the router before this step
+    release: list[str] = field(default_factory=list)  # sequences the router drops before this step's work
 
     @property
     def tokens(self) -> int:
@@ -36,13 +36,16 @@ class SeqOutput:
     token_id: int | None  # None when the item did not sample
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    cached_tokens: int = 0  # tokens of the item served from the prefix cache (not computed)
 
 
 @dataclass
 class StepOutcome:
     outputs: list[SeqOutput]
     compute_seconds: float  # time inside the router
-    kv_blocks_free: int
+    kv_blocks_free: int  # idle cached blocks included (evicted on demand)
+    kv_blocks_own: dict[str, int] = field(default_factory=dict)  # blocks only that sequence holds (changed ones)
+    kv_blocks_cached: int | None = None  # idle blocks kept for a cached prefix
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Event:
     engine_seconds: float = 0.0
     queue_seconds: float = 0.0
     preemptions: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the router's prefix cache
     detail: str = ""  # why the sequence ended, in words (errors, deadlines)
 
 

@@ -1,12 +1,13 @@
 """ExpertShard: one shard's loaded experts plus the checks every Forward input passes before touching them.
 
 A Forward block is [T, H] hidden states in the compute dtype, [T, K] int32 global expert ids (-1: unused slot) and
-[T, K] float32 weights. Slots of experts this shard does not host are ignored (masked to -1) here, so the contract
-"selected experts hosted elsewhere contribute nothing" holds whatever the caller sends.
+[T, K] float32 weights. Slots of experts this shard does not host are ignored by the bank (its global -> local map),
+so the contract "selected experts hosted elsewhere contribute nothing" holds whatever the caller sends.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,7 +29,8 @@ class LayerNotHosted(RuntimeError):
 
 
 class Bank(Protocol):
-    """What ExpertShard needs of moemesh.runtime.engine.ExpertBank."""
+    """What ExpertShard needs of moemesh.runtime.experts.ExpertBank: forward sums only the hosted selected experts
+    (the slots of others contribute nothing); ExpertBank's also takes out= (its result written there)."""
 
     layers: tuple[int, ...]
     experts: tuple[int, ...]
@@ -46,7 +48,7 @@ def _ranges(ids: tuple[int, ...]) -> str:
 
 @dataclass
 class ExpertShard:
-    """The bank, the model sizes needed to validate inputs, and the hosted-expert mask."""
+    """The bank and the model sizes needed to validate inputs."""
 
     bank: Bank
     hidden_size: int
@@ -55,10 +57,9 @@ class ExpertShard:
     device: torch.device
 
     def __post_init__(self) -> None:
-        # hosted[e + 1]: expert e is hosted; index 0 stands for the unused slot -1. [E + 1] bool
-        self._hosted = torch.zeros(self.num_experts + 1, dtype=torch.bool)
-        self._hosted[[e + 1 for e in self.bank.experts]] = True
         self._layers = frozenset(self.bank.layers)
+        # ExpertBank.forward writes into a given output (no copy); other banks (ONNX Runtime) return a tensor.
+        self._writes_out = "out" in inspect.signature(self.bank.forward).parameters
 
     def check(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
         """Raises LayerNotHosted or InvalidTensor (naming the field) for inputs the bank cannot run."""
@@ -80,19 +81,22 @@ class ExpertShard:
                                            f"{list(expert_ids.shape)}")
         if weights.dtype != torch.float32:
             raise InvalidTensor("weights", f"dtype {weights.dtype} is not float32")
-        if expert_ids.numel() and (int(expert_ids.min()) < -1 or int(expert_ids.max()) >= self.num_experts):
-            raise InvalidTensor("expert_ids", f"values must lie in [-1, {self.num_experts - 1}], got "
-                                              f"[{int(expert_ids.min())}, {int(expert_ids.max())}]")
+        if expert_ids.numel():
+            low, high = (int(v) for v in expert_ids.aminmax())  # one pass: this runs per layer
+            if low < -1 or high >= self.num_experts:
+                raise InvalidTensor("expert_ids", f"values must lie in [-1, {self.num_experts - 1}], got "
+                                                  f"[{low}, {high}]")
 
-    def forward(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
-                weights: torch.Tensor) -> torch.Tensor:
-        """[T, H] routing-weighted sum of the hosted selected experts (same dtype as hidden); checks first."""
+    def forward(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, H] routing-weighted sum of the hosted selected experts (same dtype as hidden); checks first. The
+        bank ignores the slots of experts hosted elsewhere (its own global -> local map). With `out` ([T, H],
+        hidden's dtype, e.g. the shared-memory output rows) the result is written there and `out` returned."""
         self.check(layer, hidden, expert_ids, weights)
         if hidden.shape[0] == 0:
-            return hidden.clone()
-        ids = expert_ids.to(torch.int64)  # [T, K]
-        hosted = self._hosted[ids + 1]  # [T, K]
-        ids = torch.where(hosted, ids, -1)
-        w = torch.where(hosted, weights, 0.0)
-        out = self.bank.forward(layer, hidden.to(self.device), ids.to(self.device), w.to(self.device))
-        return out.to(hidden.dtype)
+            return hidden.clone() if out is None else out
+        if out is not None and self._writes_out:
+            return self.bank.forward(layer, hidden, expert_ids, weights, out=out)
+        result = self.bank.forward(layer, hidden.to(self.device), expert_ids.to(self.device),
+                                   weights.to(self.device)).to(hidden.dtype)
+        return result if out is None else out.copy_(result)

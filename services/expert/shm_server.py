@@ -77,10 +77,8 @@ class Attachment:
                     if headers:  # first call of a router step: its trace context (see ShmDispatch.submit)
                         metadata = dict(line.split("=", 1) for line in headers.splitlines() if "=" in line)
                     status, text, start, start_ns = 0, "", time.perf_counter(), time.time_ns()
-                    try:
-                        out = self._shard.forward(layer, region.hidden[:tokens], region.ids[:tokens],
-                                                  region.weights[:tokens])  # [T, H]
-                        region.output[:tokens].copy_(out)
+                    try:  # the bank writes the output rows in place (no copy)
+                        self._shard.forward(layer, *region.rows(tokens))
                     except Exception as exc:  # reported to the router, which fails the step
                         status, text = 1, f"{type(exc).__name__}: {exc}"
                     compute = time.perf_counter() - start

@@ -96,7 +96,7 @@ def build_router(config: RouterConfig) -> Router:
             Engine.load, model_dir, dispatch=dispatch, device=config.device, dtype=config.dtype,
             kv_blocks=config.kv_blocks, kv_memory_bytes=kv_bytes, block_size=config.block_size,
             max_context=config.max_context, model_name=config.model, load_format=config.load_format,
-            quantization=config.quantization, backend=config.backend,
+            quantization=config.quantization, backend=config.backend, prefix_cache=config.prefix_cache,
         )
     except BaseException:
         worker.shutdown()

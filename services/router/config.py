@@ -51,6 +51,8 @@ class RouterConfig(ServiceConfig):
                                    "fails (a long step on a live shard keeps beating)")
     seq_lease: float = setting(30.0, "seconds after which the KV cache of a sequence no batcher stepped is freed "
                                "(a dead batcher's sequences)")
+    prefix_cache: bool = setting(True, "share the KV blocks of equal prompt prefixes between sequences of one tenant "
+                                 "(and cache_salt); idle cached blocks are evicted least recently used")
 
     def validate(self) -> None:
         super().validate()

@@ -73,3 +73,13 @@ class ExpertTokensCollector(Collector):
 EXPERT_TOKENS_BY_EXPERT = ExpertTokensCollector()
 REGISTRY.register(EXPERT_TOKENS_BY_EXPERT)  # one per process, like the module-level metrics above
 
+
+# Prefix cache: hit rate per tenant = rate(cached) / rate(prompt) of these two counters.
+PREFIX_PROMPT_TOKENS = Counter("router_prefix_cache_prompt_tokens", "Prefill tokens of work the prefix cache was asked "
+                               "about, by tenant.", ["tenant"], namespace=NAMESPACE)
+PREFIX_CACHED_TOKENS = Counter("router_prefix_cache_cached_tokens", "Prefill tokens served from the prefix cache "
+                               "(not computed), by tenant.", ["tenant"], namespace=NAMESPACE)
+KV_BLOCKS_CACHED = Gauge("router_kv_blocks_cached", "Idle KV blocks kept for their cached prefix (also free).",
+                         namespace=NAMESPACE)
+KV_BLOCKS_EVICTED = Counter("router_kv_blocks_evicted", "Cached KV blocks evicted (LRU) to make room.",
+                            namespace=NAMESPACE)

@@ -27,6 +27,7 @@ from moemesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.router import metrics
 from services.router.engine_worker import EngineWorker
 from services.router.leases import SequenceLeases
+from services.router.prefix_stats import PrefixStats
 from services.router.step_trace import step_scope
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,20 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
 
 
 def work_from_proto(w: router_pb2.SequenceWork) -> SeqWork:
-    return SeqWork(seq_id=w.seq_id, token_ids=list(w.token_ids), position=w.position,
-                   sampling=sampling_from_proto(w.sampling), sample=w.sample)
+    """No sampling field: the engine uses the sequence's own (sent once, when it started)."""
+    sampling = sampling_from_proto(w.sampling) if w.HasField("sampling") else None
+    return SeqWork(seq_id=w.seq_id, token_ids=list(w.token_ids), position=w.position, sampling=sampling,
+                   sample=w.sample, salt=cache_salt(w.tenant, w.cache_salt))
+
+
+def cache_salt(tenant: str, client_salt: str) -> str:
+    """The prefix-cache namespace: the tenant always, the client's salt within it ("\x00" cannot occur in either
+    as sent by the gateway, so no tenant/salt pair can spell another's)."""
+    return f"{tenant}\x00{client_salt}" if client_salt else tenant
 
 
 def result_to_proto(r: SeqResult) -> router_pb2.SequenceResult:
-    out = router_pb2.SequenceResult(seq_id=r.seq_id, logprob=r.logprob or 0.0)
+    out = router_pb2.SequenceResult(seq_id=r.seq_id, logprob=r.logprob or 0.0, cached_tokens=r.cached_tokens)
     if r.token_id is not None:
         out.token_id = r.token_id
     out.top_logprobs.extend(common_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in r.top_logprobs)
@@ -70,6 +79,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         # A new id per process: a batcher that sees it change knows the KV cache it relied on is gone (recompute).
         self.instance_id = uuid.uuid4().hex
         self._leases = SequenceLeases(seq_lease)
+        self._prefix = PrefixStats()  # prefix-cache hits per tenant
         self._sweeper: asyncio.Task | None = None
         self._transports = transports or (lambda: [""] * len(placement))  # per shard: "shm", "grpc", "local"...
         self._tracer = tracer_ or tracer("moemesh.router")
@@ -103,9 +113,27 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def Step(self, request: router_pb2.StepRequest, context: grpc.aio.ServicerContext):
         works = [work_from_proto(w) for w in request.work]
-        results, seconds, free = await self._worker.run(self._step, request.step_id, works)
+        tenants = {w.seq_id: w.tenant for w in request.work if w.tenant}
+        released, results, seconds, (free, cached, own) = await self._worker.run(
+            self._release_and_step, list(request.release), request.step_id, works, tenants)
         return router_pb2.StepResponse(results=[result_to_proto(r) for r in results], compute_seconds=seconds,
-                                       kv_blocks_free=free, tokens=sum(len(w.token_ids) for w in works))
+                                       kv_blocks_free=free, tokens=sum(len(w.token_ids) for w in works),
+                                       kv_blocks_cached=cached, kv_blocks_own=own, released=released)
+
+    def _release_and_step(self, release: list[str], step_id: int, works: list[SeqWork],
+                          tenants: dict[str, str]) -> tuple[int, list[SeqResult], float, tuple]:
+        """Releases first, even when the step then fails (the batcher has already forgotten those sequences)."""
+        released = self._release(release)[0] if release else 0
+        self._prefix.started(works, tenants)
+        results, seconds, _ = self._step(step_id, works)
+        self._prefix.observe(works, results)
+        return released, results, seconds, self._kv_figures(works)
+
+    def _kv_figures(self, works: list[SeqWork]) -> tuple[int, int, dict[str, int]]:
+        """Free and cached blocks, and own blocks of the step's sequences and of those whose sharing changed."""
+        blocks = self._engine.blocks
+        ids = blocks.take_dirty() | {w.seq_id for w in works}
+        return blocks.free_blocks, blocks.cached_blocks, {i: blocks.own(i) for i in ids if i in blocks}
 
     def _step(self, step_id: int, works: list[SeqWork]) -> tuple[list[SeqResult], float, int]:
         """On the engine thread: one router.step span, the engine step, metrics."""
@@ -133,6 +161,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         info = self._engine.info
         metrics.KV_BLOCKS_FREE.set(info.kv_blocks_free)
         metrics.ACTIVE_SEQUENCES.set(info.active_sequences)
+        self._prefix.gauges(info.kv_blocks_cached, info.kv_blocks_evicted)
 
     async def Release(self, request: router_pb2.ReleaseRequest, context: grpc.aio.ServicerContext):
         released, free = await self._worker.run(self._release, list(request.seq_ids))
@@ -141,6 +170,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def _release(self, seq_ids: list[str]) -> tuple[int, int]:
         released = self._engine.release(seq_ids)
         self._leases.forget(seq_ids)
+        self._prefix.forget(seq_ids)
         self._update_gauges()
         return released, self._engine.blocks.free_blocks
 
@@ -156,6 +186,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             device=info.device, dtype=info.dtype, eos_token_ids=info.eos_token_ids, moe_layers=info.moe_layers,
             expert_tokens=[router_pb2.ExpertLayerLoad(layer=layer, tokens=tokens) for layer, tokens in load.items()],
             instance_id=self.instance_id, cuda_graphs=info.cuda_graphs, quantization=info.quantization,
+            prefix_cache=info.prefix_cache, kv_blocks_cached=info.kv_blocks_cached,
+            kv_blocks_evicted=info.kv_blocks_evicted,
+            prefix_cache_tenants=[router_pb2.TenantCacheStats(tenant=t, prompt_tokens=h.prompt_tokens,
+                                                              cached_tokens=h.cached_tokens)
+                                  for t, h in sorted(self._prefix.tenants.items())],
         )
 
     def _scrape_expert_load(self) -> dict[int, list[int]]:

@@ -5,7 +5,7 @@ Transport per shard, chosen at start-up (services/router/link_choice.py) and sho
 for a shard on this host that accepted Attach, "gloo"/"nccl" for the shards of the process group, "grpc" for the
 others, "<kind>-down" while a shard is lost. Per layer, submit writes every token of the layer into each shm shard's
 region or posts it to each group shard (the shard masks the experts it does not host; with dense routing every shard
-needs every token anyway) and signals all of them before returning; collect waits for every reply and sums the
+needs every token anyway), then signals all of them back to back before returning; collect waits for every reply and sums the
 partial outputs in float32. gRPC shards keep the Forward path of RemoteDispatch in the same layer. A lost shard
 fails the step (ExpertCallError, UNAVAILABLE); begin_step re-attaches it (a process group: re-forms it with all its
 shards), at most once per retry_s, once it answers again with the same placement.
@@ -112,7 +112,7 @@ class ShmDispatch(RemoteDispatch):
     def submit(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> tuple:
         # hidden [T, H]; topk_ids [T, K] int64 (-1 unused); topk_weights [T, K] float32.
         step, self._seq = current_step(), self._seq + 1
-        started, calls, errors = [], [], []
+        written, started, calls, errors = [], [], [], []
         for i in self._shards_of(layer):
             link = self._links[i]
             if link is None:
@@ -122,12 +122,23 @@ class ShmDispatch(RemoteDispatch):
             elif not link.attached:
                 errors.append(ExpertCallError(link.address, layer, grpc.StatusCode.UNAVAILABLE,
                                               f"{link.kind} link down"))
+            elif isinstance(link, ShmLink):
+                link.write(hidden, topk_ids, topk_weights)
+                written.append(i)
             else:
                 try:
                     link.start(self._seq, layer, hidden, topk_ids, topk_weights, self._trace_context(i, layer, step))
                     started.append(i)
                 except ExpertCallError as exc:
                     errors.append(exc)
+        # Shared memory: the signals go back to back, after every copy, so a shard that wakes on this core and
+        # pre-empts the router does so only once every shard has its inputs.
+        for i in written:
+            try:
+                self._links[i].signal(self._seq, layer, hidden.shape[0], self._trace_context(i, layer, step))
+                started.append(i)
+            except ExpertCallError as exc:
+                errors.append(exc)
         return layer, hidden, self._seq, started, calls, errors, step, time.perf_counter()
 
     def _trace_context(self, i: int, layer: int, step) -> str:
@@ -145,24 +156,24 @@ class ShmDispatch(RemoteDispatch):
     def collect(self, handle: tuple) -> torch.Tensor:
         layer, hidden, seq, started, calls, errors, step, t0 = handle
         tokens = hidden.shape[0]
-        out: torch.Tensor | None = None  # [T, H] float32 accumulator
+        parts = []  # [T, H] views into shared memory, valid until the next submit
         for i in started:  # every started shard is waited for, also after an error, so none is left mid-request
             try:
-                part = self._links[i].wait(seq, layer, tokens)  # [T, H] view into shared memory
+                parts.append(self._links[i].wait(seq, layer, tokens))
             except ExpertCallError as exc:
                 errors.append(exc)
                 continue
-            out = part.to(torch.float32, copy=True) if out is None else out.add_(part)
             if step is not None:
                 step.count(i, self._clients[i].address, layer, tokens, time.perf_counter() - t0)
-        if calls:
-            out = torch.zeros(hidden.shape, dtype=torch.float32) if out is None else out
-            for call in calls:
-                self._grpc_collect(call, layer, out, step)
+        if len(parts) == 2 and not calls and not errors and hidden.dtype == torch.float32:
+            return torch.add(parts[0], parts[1])  # the CPU default (two shards): one op, a fresh [T, H]
+        out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # float32 accumulator
+        for part in parts:
+            out.add_(part)
+        for call in calls:
+            self._grpc_collect(call, layer, out, step)
         if errors:
             raise errors[0]
-        if out is None:
-            out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         return out.to(hidden.dtype)
 
     def close(self) -> None:

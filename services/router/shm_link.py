@@ -1,9 +1,9 @@
 """The router's end of one expert shard's shared-memory link (layout and signals: moemesh/serving/shm_region.py).
 
 attach(max_tokens): create the region and a listening abstract UNIX socket, ask the shard over gRPC (Expert/Attach)
-to map the region and connect, accept, then unlink the file (both sides keep their mappings). start() writes the
-layer's inputs into the region and sends the signal; wait() blocks in recv (the router's CPU is idle meanwhile) for the
-reply with the same seq and returns a view of the output rows. Faults: EOF (the shard died), a heartbeat that stops
+to map the region and connect, accept, then unlink the file (both sides keep their mappings). write() puts the
+layer's inputs into the region, signal() sends the message (start() = both); wait() blocks in recv (the router's CPU
+is idle meanwhile) for the reply with the same seq and returns a view of the output rows. Faults: EOF (the shard died), a heartbeat that stops
 for stall_timeout (the shard hangs), or call_timeout in all -> ExpertCallError (UNAVAILABLE) and the link closes;
 the dispatch re-attaches later. A long step on a live shard is not a stall: its heartbeat thread keeps beating.
 """
@@ -82,12 +82,19 @@ class ShmLink:
 
     def start(self, seq: int, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
               topk_weights: torch.Tensor, trace_context: str = "") -> None:
-        """Writes rows 0..T-1 (hidden [T, H], topk_ids [T, K] int64, topk_weights [T, K]) and signals the shard
-        (with the step's trace context on its first layer)."""
-        region, tokens = self.region, hidden.shape[0]
-        region.hidden[:tokens].copy_(hidden)
-        region.ids[:tokens].copy_(topk_ids)
-        region.weights[:tokens].copy_(topk_weights)
+        """write() then signal()."""
+        self.write(hidden, topk_ids, topk_weights)
+        self.signal(seq, layer, hidden.shape[0], trace_context)
+
+    def write(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+        """Writes rows 0..T-1 of the inputs (hidden [T, H], topk_ids [T, K] int64, topk_weights [T, K])."""
+        rows = self.region.rows(hidden.shape[0])
+        rows[0].copy_(hidden)
+        rows[1].copy_(topk_ids)
+        rows[2].copy_(topk_weights)
+
+    def signal(self, seq: int, layer: int, tokens: int, trace_context: str = "") -> None:
+        """Tells the shard the inputs are there (with the step's trace context on its first layer)."""
         try:
             shm_region.send_message(self._sock, seq, layer, tokens, 0, trace_context)
         except OSError as exc:
@@ -96,13 +103,13 @@ class ShmLink:
     def wait(self, seq: int, layer: int, tokens: int) -> torch.Tensor:
         """Blocks until the shard's reply to `seq`; returns the output rows [T, H] (a view: use before next start)."""
         start = time.monotonic()
-        beat, beat_at = int(self.region.header[0]), start
+        beat, beat_at = int(self.region.beats[0]), start
         while True:
             try:
                 message = shm_region.recv_message(self._sock)
             except TimeoutError:
                 now = time.monotonic()
-                seen = int(self.region.header[0])
+                seen = int(self.region.beats[0])
                 if seen != beat:
                     beat, beat_at = seen, now
                 elif now - beat_at > self.stall_timeout:
@@ -120,7 +127,7 @@ class ShmLink:
                 continue  # the reply to a request of a step that failed earlier
             if status:
                 raise ExpertCallError(self.address, layer, grpc.StatusCode.FAILED_PRECONDITION, text)
-            return self.region.output[:tokens]
+            return self.region.rows(tokens)[3]
 
     def _fail(self, layer: int, why: str):
         self.close()

@@ -1,5 +1,5 @@
-"""The Chat API's own clients speak mTLS when the mesh does: `ChatClient`, `moemesh chat` and `moemesh bench`'s gRPC
-backend, with MOEMESH_MTLS=1 (the dev certificate) or explicit --ca/--cert/--key; plaintext to an mTLS gateway fails."""
+"""The Chat API's own clients speak mTLS when the mesh does: `ChatClient`, `ChatModel`, `moemesh chat` and `moemesh
+bench`'s gRPC backend, with MOEMESH_MTLS=1 (the dev certificate) or explicit --ca/--cert/--key; plaintext to an mTLS gateway fails."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from moemesh.bench.backends import GrpcBackend
 from moemesh.certs import ensure_peer
 from moemesh.certs.client_tls import ClientTls
 from moemesh.cli.main import main as moemesh_main
-from moemesh.sdk import ChatClient
+from moemesh.sdk import ChatClient, ChatModel
 from moemesh.serving import serve_in_process
 from moemesh.v1 import chat_pb2, chat_pb2_grpc
 
@@ -45,6 +45,9 @@ async def test_chat_client_and_bench_follow_moemesh_mtls(mtls_gateway) -> None:
     address, _ = mtls_gateway
     with ChatClient(address) as client:
         assert await asyncio.to_thread(client.models) == ["tiny"]
+    model = ChatModel("tiny", endpoint=address, api_key="k")  # the SDK's host:port endpoints too
+    assert (await asyncio.to_thread(model.chat, "hi")).content == "over mTLS"
+    model.close()
     backend = GrpcBackend(address, None, None, 10.0, ClientTls())
     await backend._ready()
     assert backend.model == "tiny"

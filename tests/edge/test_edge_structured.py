@@ -129,6 +129,7 @@ def test_sdk_exposes_structured_output_tools_and_n(edge_mesh: EdgeMesh) -> None:
                    temperature=0, max_tokens=30) as model:
         reply = model.chat([{"role": "user", "content": [{"type": "text", "text": "A person?"}]}],
                            response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}})
+        assert reply.finish_reason == "stop", reply
         jsonschema.validate(json.loads(reply.content), SCHEMA)
         call = model.chat("Weather?", tools=[WEATHER], tool_choice={"type": "function",
                                                                     "function": {"name": "get_weather"}})

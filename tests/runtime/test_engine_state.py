@@ -29,7 +29,7 @@ def test_capacity_error_leaves_the_engine_unchanged(engine):
     engine.step([SeqWork("a", PROMPT, 0)])  # 3 blocks
     before = _snapshot(engine)
     with pytest.raises(CapacityError):
-        engine.step([SeqWork("a", [5], 10), SeqWork("b", list(range(3, 11)), 0)])  # b needs 2 blocks, 1 free
+        engine.step([SeqWork("a", [5], 10), SeqWork("b", list(range(20, 28)), 0)])  # b needs 2 blocks, 1 free
     assert _snapshot(engine) == before == (1, 1, 10, None)
     # a's cache is intact: its next step gives the logits of a fresh full forward
     _, logits = engine.step_with_logits([SeqWork("a", [5], 10)])

@@ -27,7 +27,8 @@ from moemesh.runtime.ort.session import Graph
 
 Weights = Callable[[str, torch.Tensor], "QWeight | torch.Tensor"]  # checkpoint name, float weight -> what to run
 SMALL_STEP = 16  # steps of at most this many tokens run torch (attention) on one thread: see forward
-HEAD_BITS = int(os.environ.get("MOEMESH_ORT_HEAD_BITS", 8))  # the LM head (tied embeddings too) in int8: 4x fewer bytes than float32 at ~0 perplexity cost
+# The LM head (tied embeddings too) in int8: 4x fewer bytes than float32, ~0 perplexity cost.
+HEAD_BITS = int(os.environ.get("MOEMESH_ORT_HEAD_BITS", 8))
 
 
 def default_weights(quantized: dict[str, QWeight], bits: int = 8, group: int = 32) -> Weights:
@@ -68,6 +69,17 @@ class OrtBackbone(nn.Module):
         self.head = Graph(self._head(rtn(head, HEAD_BITS, 32) if head.shape[1] % 32 == 0 else head), device)
         self.attend = [Attention(a.spec, a.q_proj, a.k_proj, a.v_proj, nn.Identity(), a.q_norm, a.k_norm)
                        for a in (layer.attn for layer in base.layers)]  # o_proj is in the tail graph
+        self._drop_float_weights()
+
+    def _drop_float_weights(self) -> None:
+        """The graphs hold their own copies: free the float projections and dense FFNs (MoE gates and shared
+        experts stay, torch runs them)."""
+        for layer in self.base.layers:
+            mods = [layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj, layer.attn.o_proj]
+            if not isinstance(layer.mlp, MoeBlock):
+                mods += [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+            for m in mods:
+                m.weight = nn.Parameter(torch.empty(0), requires_grad=False)
 
     def set_fast(self, on: bool) -> None:  # the CUDA Triton kernels do not apply to ORT graphs
         self.fast = False

@@ -34,6 +34,8 @@ class RecordingRouter:
         return await self.client.info()
 
     async def step(self, plan):
+        if plan.release:  # releases travel in the step request, ahead of its work
+            self.log.append(("release", list(plan.release)))
         self.log.append(("step", [i.seq.seq_id for i in plan.items]))
         return await self.client.step(plan)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.batcher.kv_budget import KvBudget
+from services.batcher.kv_view import KvView
 from services.batcher.policy import Policy
 from services.batcher.scheduler import Scheduler
 from services.batcher.sequence import Sequence
@@ -57,7 +57,8 @@ class SimRouter:
         assert need <= self.total_blocks, f"KV overflow: {need} > {self.total_blocks}"
         self.cached = after
         self.steps.append(plan)
-        return StepOutcome(outs, step_seconds, self.total_blocks - self.used())
+        own = {i.seq.seq_id: -(-after[i.seq.seq_id] // self.block_size) for i in plan.items}  # nothing shared here
+        return StepOutcome(outs, step_seconds, self.total_blocks - self.used(), own)
 
 
 def make(
@@ -66,7 +67,7 @@ def make(
 ) -> tuple[Scheduler, SimRouter, Clock]:
     clock = clock or Clock()
     policy.setdefault("max_wait", 0.0)
-    sched = Scheduler(Policy(**policy), KvBudget(block_size, total_blocks), max_context, eos, clock)
+    sched = Scheduler(Policy(**policy), KvView(block_size, total_blocks), max_context, eos, clock)
     return sched, SimRouter(block_size, total_blocks), clock
 
 

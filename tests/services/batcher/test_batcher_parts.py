@@ -9,7 +9,7 @@ import pytest
 from moemesh.serving.config import ConfigError
 from moemesh.v1 import batcher_pb2, common_pb2
 from services.batcher.config import BatcherConfig
-from services.batcher.kv_budget import KvBudget
+from services.batcher.kv_view import KvView
 from services.batcher.meters import BusyMeter
 from services.batcher.sequence import Finish, Sequence
 from services.batcher.servicer import deadline_from, event_to_proto, sequence_from_proto
@@ -39,19 +39,22 @@ def test_bad_config_names_the_flag_and_value(argv, words):
         BatcherConfig.from_args(argv, env={})
 
 
-def test_kv_ledger_counts_blocks_like_the_router():
-    kv = KvBudget(block_size=4, total_blocks=5, watermark_blocks=1)
-    kv.grow("a", 5)  # 2 blocks
-    assert (kv.held("a"), kv.free) == (2, 3)
-    assert kv.fit("a", 5, 100) == 3 * 4 + 8 - 5  # its slack in block 2 plus three free blocks
-    assert kv.fit("b", 0, 100, keep_free=1) == 8
-    kv.observe(router_free=2)  # the router knows one more used block than the ledger
-    assert (kv.external, kv.free) == (1, 2)
-    kv.shrink_to("a", 4)
-    kv.release("a")
-    assert kv.used == 0
+def test_kv_view_plans_on_what_the_router_reports():
+    kv = KvView(block_size=4, total_blocks=5, watermark_blocks=1)
+    kv.take(0, 5)  # a new sequence of 5 tokens: 2 blocks
+    assert kv.free == 3
+    assert kv.fit(5, 100) == 3 * 4 + 8 - 5  # its slack in block 2 plus three free blocks
+    assert kv.fit(0, 100, keep_free=1) == 8
+    kv.observe(router_free=2, own={"a": 1, "b": 1})  # a shares one of its 2 blocks (a prefix-cache hit)
+    assert (kv.claimed, kv.free) == (0, 2)
+    kv.release("a")  # leaving: only the block it holds alone comes back
+    assert kv.free == 3
+    kv.sent(["a"])
+    assert kv.free == 3
+    kv.observe(router_free=3, own={"b": 2})  # the router applied the release: b now holds both alone
+    assert kv.free == 3 and "a" not in kv.own
     with pytest.raises(RuntimeError, match="overdraft"):
-        kv.grow("c", 100)
+        kv.take(0, 100)
 
 
 def test_busy_meter_is_the_fraction_of_the_recent_window():

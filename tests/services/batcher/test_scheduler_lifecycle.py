@@ -33,7 +33,7 @@ def test_deadline_passing_while_running_stops_compute_and_releases():
         events += run_step(sched, router, clock, dt=0.01)[1]
     done = finals(events)["s"]
     assert done.finish is Finish.DEADLINE and 2 <= done.completion_tokens <= 4
-    assert router.cached == {} and sched.kv.used == 0
+    assert router.cached == {} and sched.kv.free == sched.kv.total
 
 
 def test_cancel_while_waiting_and_while_running():
@@ -48,7 +48,7 @@ def test_cancel_while_waiting_and_while_running():
     events = sched.take_events()
     assert [(e.seq_id, e.finish) for e in events] == [("wait", Finish.CANCELLED), ("run", Finish.CANCELLED)]
     assert sched.schedule() is None and sched.take_releases() == ["run"]
-    assert sched.kv.used == 0 and not sched.running and not len(sched.queue)
+    assert sched.kv.free == sched.kv.total and not sched.running and not len(sched.queue)
 
 
 def test_eos_stop_ids_ignore_eos_and_context_limit():
@@ -110,7 +110,7 @@ def test_router_refusal_undoes_the_step_and_makes_room():
     run_step(sched, router, clock)
     plan = sched.schedule()
     sched.abort(plan, kv_blocks_free=2)  # the router has less room than the ledger thought
-    assert sched.kv.external > 0 and [s.seq_id for s in sched.running] == ["a", "b"]
+    assert sched.kv.reported == 2 and [s.seq_id for s in sched.running] == ["a", "b"]
     assert sched.get("c").status is Status.WAITING and sched.get("c").num_cached == 0
     assert sched.take_releases() == ["c"]
 
@@ -122,7 +122,7 @@ def test_router_failure_ends_the_steps_sequences_with_error():
     sched.fail(plan, "router unavailable")
     (event,) = sched.take_events()
     assert event.finish is Finish.ERROR and "unavailable" in event.detail
-    assert sched.take_releases() == ["a"] and sched.kv.used == 0
+    assert sched.take_releases() == ["a"] and sched.kv.free == sched.kv.total
 
 
 @settings(max_examples=40, deadline=None)
@@ -146,10 +146,10 @@ def test_any_mix_of_arrivals_cancels_and_pressure_drains_cleanly(ops, mode, bloc
                 pass
         events = run_step(sched, router, clock)[1]
         router.release(sched.take_releases())  # what the engine loop does when it goes idle
-        assert sched.kv.used == sum(sched.kv.held(s.seq_id) for s in sched.running) == router.used()
+        assert sched.kv.free == router.total_blocks - router.used()  # the view is the router's truth
         finished += [e.seq_id for e in events if e.finish]
         assert not set(finished) & {s.seq_id for s in sched.running}
     finished += [e.seq_id for e in run_until_idle(sched, router, clock) if e.finish]
     assert sorted(finished) == sorted(added)  # every request ends exactly once
-    assert router.cached == {} and sched.kv.used == 0
+    assert router.cached == {} and sched.kv.free == sched.kv.total
     assert not sched.running and not len(sched.queue)

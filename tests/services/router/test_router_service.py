@@ -165,8 +165,10 @@ async def test_bad_positions_and_tokens_are_invalid_argument(mesh, seq_work, tex
 async def test_full_kv_cache_is_resource_exhausted_and_changes_nothing(mesh):
     long = (PROMPT * 10)[:100]  # 7 of the 8 blocks
     await mesh.stub.Step(router_pb2.StepRequest(work=[work("a", long, 0)]))
+    other = work("b", PROMPT * 3, 0)
+    other.tenant = "another-tenant"  # no prefix-cache hit on a's blocks: b needs 3 blocks of its own
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await mesh.stub.Step(router_pb2.StepRequest(work=[work("b", PROMPT * 3, 0)]))
+        await mesh.stub.Step(router_pb2.StepRequest(work=[other]))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     state = await mesh.stub.Info(router_pb2.RouterInfoRequest())
     assert (state.active_sequences, state.kv_blocks_free) == (1, 1)
