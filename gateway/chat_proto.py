@@ -50,7 +50,7 @@ def to_chat_request(req: chat_pb2.ChatCompletionRequest) -> ChatRequest:
         tools=tuple(_dict(t) for t in req.tools),
         tool_choice=json_format.MessageToDict(req.tool_choice) if req.HasField("tool_choice") else None,
         response_format=_dict(req.response_format) if req.HasField("response_format") else None,
-        **_sampling_fields(req),
+        cache_salt=req.cache_salt, **_sampling_fields(req),
     )
 
 
@@ -72,7 +72,9 @@ def usage(finishes: list[Finish]) -> chat_pb2.Usage:
     """Usage of n choices: the prompt once (as OpenAI reports it), the completion tokens of all."""
     prompt = finishes[0].prompt_tokens if finishes else 0
     completion = sum(f.completion_tokens for f in finishes)
-    return chat_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    cached = chat_pb2.PromptTokensDetails(cached_tokens=finishes[0].cached_tokens if finishes else 0)
+    return chat_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                          prompt_tokens_details=cached)
 
 
 def assistant(content: str, calls: list[Call]) -> common_pb2.ChatMessage:

@@ -50,6 +50,7 @@ class ChatRequest:
     stop_token_ids: tuple[int, ...] = ()
     repetition_penalty: float | None = None
     prompt: str | None = None  # /v1/completions: plain text, no chat template
+    cache_salt: str = ""  # vLLM's field: prefix-cache sharing only among requests of the tenant with this salt
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,14 @@ class ValidatedChat:
     n: int = 1
     tools: ToolPlan = field(default_factory=ToolPlan)
     prompt: str | None = None
+    cache_salt: str = ""  # prefix-cache salt within the tenant
+
+
+def _cache_salt(salt: str) -> str:
+    """NUL separates tenant and salt in the router's cache namespace; a salt is a short opaque string."""
+    if "\x00" in salt or len(salt) > 256:
+        raise ValueError(f"cache_salt: must be at most 256 characters without NUL, got {salt[:40]!r}")
+    return salt
 
 
 def _in_range(name: str, value: float | None, low: float, high: float, *, low_open: bool = False) -> None:
@@ -173,4 +182,5 @@ def validate(req: ChatRequest, models: ModelCatalog, *, default_max_tokens: int,
     plan, guided = _guided(req)
     sampling = _sampling(req, max_tokens, defaults or ModelDefaults(), guided)
     return ValidatedChat(model=model, messages=messages, sampling=sampling, user=req.user,
-                         include_usage=req.include_usage, stop=req.stop, n=n, tools=plan, prompt=req.prompt)
+                         include_usage=req.include_usage, stop=req.stop, n=n, tools=plan, prompt=req.prompt,
+                         cache_salt=_cache_salt(req.cache_salt))

@@ -66,6 +66,7 @@ class Finish:
     reason: str  # "stop", "length" or "cancelled"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of the prompt tokens, served from the prefix cache
 
 
 class EngineFailure(ServiceError):
@@ -90,6 +91,7 @@ class _Outcome:
     finish_reason: str = FINISH_CANCELLED  # until something better is known
     completion_tokens: int = 0
     engine_seconds: float = 0.0
+    cached_tokens: int = 0
     admitted: bool = False  # the batcher sent an event: the request ran (else it is billed nothing)
 
     def billed(self) -> tuple[int, int, str]:
@@ -115,7 +117,7 @@ class Completions:
         outcome = _Outcome(prompt_tokens=len(prompt_ids))
         deadline_ms = int((time.time() + timeout_s) * 1000) if timeout_s else 0
         params = GenerateParams(request_id, tenant.name, chat.model, tuple(prompt_ids), chat.sampling,
-                                deadline_ms, tenant.priority, tenant.weight)
+                                deadline_ms, tenant.priority, tenant.weight, chat.cache_salt)
         params = replace(params, sampling=replace(chat.sampling, prompt_tokens=len(prompt_ids)))
         generation = self._batcher.generate(params, timeout_s)
         detok = self._tokenizer.detokenizer(chat.model)
@@ -137,6 +139,7 @@ class Completions:
                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                 latency_seconds=time.monotonic() - start, finish_reason=finish_reason,
                 engine_seconds=outcome.engine_seconds, user=chat.user,
+                cached_tokens=min(outcome.cached_tokens, prompt_tokens),
             ))
 
     async def _stream(self, chat, generation, detok, checker: StopChecker,
@@ -158,7 +161,7 @@ class Completions:
                     if last is not None:
                         outcome.engine_seconds = last.engine_seconds
                 outcome.finish_reason = checker.finish_reason
-                yield Finish(checker.finish_reason, outcome.prompt_tokens, checker.num_tokens)
+                yield Finish(checker.finish_reason, outcome.prompt_tokens, checker.num_tokens, outcome.cached_tokens)
                 return
         raise EngineFailure("batcher: the Generate stream ended without a finish reason")
 
@@ -235,6 +238,7 @@ class Completions:
 def _account(outcome: _Outcome, event: TokenEvent) -> None:
     if event.prompt_tokens:
         outcome.prompt_tokens = event.prompt_tokens
+    outcome.cached_tokens = max(outcome.cached_tokens, event.cached_tokens)
     if event.finish_reason:
         outcome.engine_seconds = event.engine_seconds
 

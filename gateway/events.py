@@ -22,6 +22,7 @@ class TokenEvent:
     completion_tokens: int = 0
     engine_seconds: float = 0.0
     queue_seconds: float = 0.0
+    cached_tokens: int = 0  # prompt tokens served from the router's prefix cache
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class GenerateParams:
     deadline_unix_ms: int = 0
     priority: int = 0
     tenant_weight: float = 1.0
+    cache_salt: str = ""  # prefix-cache salt within the tenant (the tenant always isolates)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class UsageRecord:
     finish_reason: str
     engine_seconds: float = 0.0
     user: str = ""
+    cached_tokens: int = 0  # prompt tokens served from a prefix cache (billed at the cached rate)
 
 
 @dataclass(frozen=True)

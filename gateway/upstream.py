@@ -186,7 +186,7 @@ class BatcherClient:
         request = batcher_pb2.GenerateRequest(
             request_id=params.request_id, tenant=params.tenant, model=params.model, prompt_ids=params.prompt_ids,
             sampling=sampling, deadline_unix_ms=params.deadline_unix_ms, priority=params.priority,
-            tenant_weight=params.tenant_weight,
+            tenant_weight=params.tenant_weight, cache_salt=params.cache_salt,
         )
         return Generation(self._stub, self._stub.Generate(request, timeout=timeout_s), params.request_id)
 
@@ -269,5 +269,5 @@ def _event(event: batcher_pb2.GenerateEvent) -> TokenEvent:
         token_ids=tuple(event.token_ids), logprobs=tuple(lp.logprob for lp in event.logprobs), top_logprobs=top,
         finish_reason=_FINISH.get(event.finish_reason), prompt_tokens=event.prompt_tokens,
         completion_tokens=event.completion_tokens, engine_seconds=event.engine_seconds,
-        queue_seconds=event.queue_seconds,
+        queue_seconds=event.queue_seconds, cached_tokens=event.cached_tokens,
     )

@@ -3,7 +3,7 @@ used, what it was charged, what it cost us (cost of goods), the margin, and its 
 the mesh's Redis (`--redis-url` / REDIS_URL, else MOEMESH_HOME's embedded server).
 
 Default output is a table per model with a total line. `--json` prints the totals (requests, prompt_tokens,
-completion_tokens, price_usd, cost_usd, margin_usd, satisfaction, ... and by_model); with `--records` also every
+cached_tokens (prompt tokens served from the prefix cache, billed at the cached rate), completion_tokens, price_usd, cost_usd, margin_usd, satisfaction, ... and by_model); with `--records` also every
 ledger record. `--csv` prints one row per request (the ledger export). `--plot` draws tokens and dollars per hour
 to a PNG. Times: Unix seconds, ISO dates/times (UTC unless they carry an offset), or "now-<N>{m,h,d}".
 """
@@ -71,15 +71,16 @@ def _opt(v: float | None, fmt: str) -> str:
 def print_table(report: Report) -> None:
     since = "the beginning" if not report.since_s else _when(report.since_s)
     print(f"tenant {report.tenant}, {since} .. {_when(report.until_s)} (UTC)")
-    head = (f"{'model':24} {'requests':>8} {'prompt':>9} {'completion':>10} {'price $':>11} {'cost $':>11} "
-            f"{'margin $':>11} {'margin':>7} {'satisf.':>7} {'done':>5}")
+    head = (f"{'model':24} {'requests':>8} {'prompt':>9} {'cached':>9} {'completion':>10} {'price $':>11} "
+            f"{'cost $':>11} {'margin $':>11} {'margin':>7} {'satisf.':>7} {'done':>5}")
     print(head)
     print("-" * len(head))
     rows = [(m, t.as_dict()) for m, t in sorted(report.by_model.items())] + [("TOTAL", report.totals.as_dict())]
     for i, (name, d) in enumerate(rows):
         if i == len(rows) - 1:
             print("-" * len(head))
-        print(f"{name[:24]:24} {d['requests']:>8} {d['prompt_tokens']:>9} {d['completion_tokens']:>10} "
+        print(f"{name[:24]:24} {d['requests']:>8} {d['prompt_tokens']:>9} {d['cached_tokens']:>9} "
+              f"{d['completion_tokens']:>10} "
               f"{d['price_usd']:>11.6f} {d['cost_usd']:>11.6f} {d['margin_usd']:>11.6f} "
               f"{_opt(d['margin_pct'], '.1f') + '%' if d['margin_pct'] is not None else '-':>7} "
               f"{_opt(d['satisfaction'], '.2f'):>7} "

@@ -180,5 +180,5 @@ class BlockManager:
                 self._free.append(block)
         elif self._ref[block] == 1:  # the remaining holder now owns it alone
             (other,) = holders
-            self._own[other] += 1
+            self._own[other] = self.own(other) + 1  # it may have held only shared blocks so far
             self._dirty.add(other)

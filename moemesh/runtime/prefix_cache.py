@@ -18,6 +18,12 @@ from collections.abc import Sequence
 ROOT = b""  # the parent key of a sequence's first block
 
 
+def cache_salt(tenant: str, client_salt: str = "") -> str:
+    """The namespace of a sequence's blocks: its tenant always, the client's salt within it (NUL cannot occur in
+    either as the gateway passes them, so no tenant/salt pair can spell another's)."""
+    return f"{tenant}\x00{client_salt}" if client_salt else tenant
+
+
 def block_key(salt: str, parent: bytes, tokens: Sequence[int]) -> bytes:
     """16-byte key of a full block (blake2b: collisions are out of reach, unlike Python's 64-bit hash)."""
     h = hashlib.blake2b(digest_size=16)

@@ -6,9 +6,11 @@ $9 million per counter). Costs of goods are in pico-dollars (p$, 1e-12 USD): a 5
 about 59 n$, so n$ would round it by up to 1%; costs take part in no Lua arithmetic, so their range is Python's.
 
 Price table (JSON file via --prices / MOEMESH_METERING_PRICES):
-    {"default": {"input_per_1k": 0.001, "output_per_1k": 0.001},
+    {"default": {"input_per_1k": 0.001, "output_per_1k": 0.001}, "cached_discount": 0.75,
      "models": {"smollm2": {"input_per_1k": 0.0005, "output_per_1k": 0.0015, "cached_input_per_1k": 0.0001}}}
-Cached prompt tokens (served from a prefix cache) cost `cached_input_per_1k`, which defaults to the input price.
+Cached prompt tokens (served from the router's prefix cache: their K/V were not computed) cost the model's
+`cached_input_per_1k`, else the input price less `cached_discount` (default 0.75: a quarter of the input price, as
+DeepSeek bills cache hits). Their cost of goods is lower on its own: engine_seconds counts computed tokens only.
 
 Hardware table (JSON file via --hardware-prices / MOEMESH_METERING_HARDWARE_PRICES, merged over the defaults):
     {"h100:spot": {"unit": "gpu", "usd_per_hour": 1.49}}
@@ -41,6 +43,7 @@ from pathlib import Path
 NANO_PER_USD = 1_000_000_000
 PICO_PER_USD = 1_000_000_000_000
 DEFAULT_PER_1K_USD = 0.001
+DEFAULT_CACHED_DISCOUNT = 0.75  # cached prompt tokens pay 25% of the input price unless a model says otherwise
 INSTANCE_CLASSES = ("shared", "spot", "reserved")
 UNITS = ("gpu", "cpu_core")
 
@@ -69,7 +72,7 @@ class ModelPrice:
 
     input_per_1k: float = DEFAULT_PER_1K_USD
     output_per_1k: float = DEFAULT_PER_1K_USD
-    cached_input_per_1k: float | None = None  # None: same as input_per_1k
+    cached_input_per_1k: float | None = None  # None: input_per_1k less the table's cached_discount
 
     @classmethod
     def parse(cls, raw: object, where: str) -> "ModelPrice":
@@ -92,6 +95,7 @@ class PriceTable:
 
     default: ModelPrice = ModelPrice()
     models: dict[str, ModelPrice] = field(default_factory=dict)
+    cached_discount: float = DEFAULT_CACHED_DISCOUNT  # fraction of the input price cached tokens do not pay
 
     def for_model(self, model: str) -> ModelPrice:
         return self.models.get(model, self.default)
@@ -100,20 +104,25 @@ class PriceTable:
         """Price in n$. Cached tokens are part of prompt_tokens, billed at the cached rate."""
         p = self.for_model(model)
         cached = min(cached_tokens, prompt_tokens)
-        cached_rate = p.input_per_1k if p.cached_input_per_1k is None else p.cached_input_per_1k
+        cached_rate = (p.input_per_1k * (1 - self.cached_discount) if p.cached_input_per_1k is None
+                       else p.cached_input_per_1k)
         # $/1k tokens x 1e9 n$/$ / 1e3 tokens = 1e6 n$ per (token x $/1k)
         return round(1e6 * ((prompt_tokens - cached) * p.input_per_1k + cached * cached_rate
                             + completion_tokens * p.output_per_1k))
 
     @classmethod
     def from_mapping(cls, raw: dict) -> "PriceTable":
-        if not isinstance(raw, dict) or set(raw) - {"default", "models"}:
-            raise PricingError(f"price table: expected keys 'default' and 'models', got {raw!r:.200}")
+        if not isinstance(raw, dict) or set(raw) - {"default", "models", "cached_discount"}:
+            raise PricingError(f"price table: expected keys 'default', 'models' and 'cached_discount', "
+                               f"got {raw!r:.200}")
+        discount = _nonneg(raw.get("cached_discount", DEFAULT_CACHED_DISCOUNT), "cached_discount")
+        if discount > 1:
+            raise PricingError(f"cached_discount: {discount!r} is not in [0, 1]")
         default = ModelPrice.parse(raw["default"], "default") if "default" in raw else ModelPrice()
         models = raw.get("models", {})
         if not isinstance(models, dict):
             raise PricingError(f"models: {models!r:.200} is not an object")
-        return cls(default, {name: ModelPrice.parse(v, f"models.{name}") for name, v in models.items()})
+        return cls(default, {name: ModelPrice.parse(v, f"models.{name}") for name, v in models.items()}, discount)
 
     @classmethod
     def load(cls, path: str | Path | None) -> "PriceTable":

@@ -18,6 +18,7 @@ from opentelemetry import trace
 
 from moemesh.runtime.engine import Engine
 from moemesh.runtime.expert_load import ExpertLoad
+from moemesh.runtime.prefix_cache import cache_salt
 from moemesh.runtime.types import (
     CapacityError, ExpertPlacement, Guided, SamplingParams, SeqResult, SequenceStateError, SeqWork,
 )
@@ -55,12 +56,6 @@ def work_from_proto(w: router_pb2.SequenceWork) -> SeqWork:
     sampling = sampling_from_proto(w.sampling) if w.HasField("sampling") else None
     return SeqWork(seq_id=w.seq_id, token_ids=list(w.token_ids), position=w.position, sampling=sampling,
                    sample=w.sample, salt=cache_salt(w.tenant, w.cache_salt))
-
-
-def cache_salt(tenant: str, client_salt: str) -> str:
-    """The prefix-cache namespace: the tenant always, the client's salt within it ("\x00" cannot occur in either
-    as sent by the gateway, so no tenant/salt pair can spell another's)."""
-    return f"{tenant}\x00{client_salt}" if client_salt else tenant
 
 
 def result_to_proto(r: SeqResult) -> router_pb2.SequenceResult:

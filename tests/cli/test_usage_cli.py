@@ -37,7 +37,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         for i in range(12):  # one request every 30 min from 10:00: 10:00 .. 15:30
             clock[0] = T0 + i * 1800
             await meter.commit(Usage(f"r{i}", "acme", model="m", prompt_tokens=100, completion_tokens=10 * i,
-                                     engine_s=0.5, finish_reason="stop"))
+                                     cached_tokens=20, engine_s=0.5, finish_reason="stop"))
         await FeedbackStore(client).give("acme", Feedback("r1", rating=4, task_completed=True))
 
     run_on_redis(fill)
@@ -61,8 +61,9 @@ def test_json_totals_over_a_period(capsys) -> None:
     assert cli(["usage", "--tenant", "acme", "--json", "--since", "2026-01-05T11:00", "--until",
                 "2026-01-05T13:00"]) == 0
     out = json.loads(capsys.readouterr().out)  # r2 .. r5
-    assert (out["requests"], out["prompt_tokens"], out["completion_tokens"]) == (4, 400, 140)
-    assert out["price_usd"] == pytest.approx(0.00054) and out["cost_usd"] == pytest.approx(4 * 0.5 * 0.0425 / 3600)
+    assert (out["requests"], out["prompt_tokens"], out["completion_tokens"], out["cached_tokens"]) == (4, 400, 140, 80)
+    # 320 prompt tokens at $0.001/1k, 80 cached ones at a quarter of it, 140 completion tokens at $0.001/1k
+    assert out["price_usd"] == pytest.approx(0.00048) and out["cost_usd"] == pytest.approx(4 * 0.5 * 0.0425 / 3600)
     assert out["margin_usd"] == pytest.approx(out["price_usd"] - out["cost_usd"])
     assert cli(["usage", "--tenant", "acme", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -76,6 +77,7 @@ def test_csv_export_and_table(capsys) -> None:
     assert cli(["usage", "--tenant", "acme"]) == 0
     table = capsys.readouterr().out
     assert "TOTAL" in table and " 12 " in table and "4.00" in table
+    assert "cached" in table.splitlines()[1] and " 240 " in table.splitlines()[-1]  # 12 x 20 cached prompt tokens
 
 
 def test_plot_draws_tokens_and_dollars_per_hour(capsys, tmp_path: Path) -> None:

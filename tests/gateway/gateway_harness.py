@@ -29,6 +29,7 @@ class ScriptedBatcher(batcher_pb2_grpc.BatcherServicer):
     delay: float = 0.0
     fail_after: int | None = None
     refuse: Exception | None = None
+    cached_tokens: int = 0  # prompt tokens every event reports as served from the prefix cache
     requests: list[batcher_pb2.GenerateRequest] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
     client_cancelled: asyncio.Event = field(default_factory=asyncio.Event)
@@ -51,7 +52,8 @@ class ScriptedBatcher(batcher_pb2_grpc.BatcherServicer):
                 last = token == EOS or i + 1 == request.sampling.max_tokens
                 reason = (common_pb2.FINISH_REASON_STOP if token == EOS else common_pb2.FINISH_REASON_LENGTH) if last else 0
                 event = batcher_pb2.GenerateEvent(token_ids=[token], finish_reason=reason, prompt_tokens=prompt,
-                                                  completion_tokens=i + 1, engine_seconds=0.25 if last else 0.0)
+                                                  completion_tokens=i + 1, engine_seconds=0.25 if last else 0.0,
+                                                  cached_tokens=min(self.cached_tokens, prompt))
                 if request.sampling.logprobs:
                     event.logprobs.add(token_id=token, logprob=-0.5)
                     for k in range(request.sampling.top_logprobs):

@@ -115,3 +115,17 @@ async def test_auth_missing_and_bad_keys_are_unauthenticated_and_good_keys_cache
     await mesh.chat.CreateChatCompletion(request(), metadata=AUTH)
     await mesh.chat.CreateChatCompletion(request(), metadata=AUTH)
     assert mesh.metering.authenticated == calls + 1
+
+
+async def test_cache_salt_reaches_the_batcher_and_cached_tokens_are_reported_and_billed(mesh) -> None:
+    mesh.script("Hi")
+    mesh.batcher.cached_tokens = 16
+    response = await mesh.chat.CreateChatCompletion(request(cache_salt="user-42"), metadata=AUTH)
+    generate = mesh.batcher.requests[0]
+    assert (generate.tenant, generate.cache_salt) == ("acme", "user-42")  # the tenant comes from the API key
+    assert response.usage.prompt_tokens_details.cached_tokens == 16 < response.usage.prompt_tokens
+    await asyncio.wait_for(mesh.metering.committed.wait(), 5)
+    assert mesh.metering.commits[0].cached_tokens == 16
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await mesh.chat.CreateChatCompletion(request(cache_salt="a\x00b"), metadata=AUTH)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in bad.value.details()

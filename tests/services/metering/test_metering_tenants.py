@@ -119,3 +119,12 @@ def test_price_and_hardware_tables(tmp_path) -> None:
     with pytest.raises(PricingError, match="not valid JSON"):
         path.write_text("{")
         PriceTable.load(path)
+
+
+def test_cached_prompt_tokens_pay_the_discounted_input_price():
+    table = PriceTable()  # $0.001 per 1k in and out; cached tokens at a quarter of it by default
+    assert table.price_nano("any", 1000, 0, cached_tokens=800) == 200_000 + 200_000
+    half = PriceTable.from_mapping({"cached_discount": 0.5})
+    assert half.price_nano("any", 1000, 0, cached_tokens=1000) == 500_000
+    with pytest.raises(PricingError, match="cached_discount: 1.5"):
+        PriceTable.from_mapping({"cached_discount": 1.5})

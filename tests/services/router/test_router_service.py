@@ -233,3 +233,27 @@ async def test_expert_token_counters_in_info_and_prometheus(mesh):
                                                     {"layer": str(layer), "expert": str(e)})
                for layer in (0, 1) for e in range(4)}  # off the loop: the scrape waits for the engine thread
     assert scraped == {(layer, e): after[layer][e] for layer in (0, 1) for e in range(4)}
+
+
+async def test_prefix_cache_over_grpc_per_tenant_with_release_in_the_step(mesh):
+    """Tenant t hits its own prefix (not u's); releases ride in the step; sampling is sent once per sequence."""
+    prompt = (PROMPT * 4)[:40]  # 2 full blocks of 16, then 8 tokens
+    first = await mesh.stub.Step(router_pb2.StepRequest(work=[_tenant(work("a", prompt, 0), "t")]))
+    assert first.results[0].cached_tokens == 0 and first.kv_blocks_own == {"a": 3}
+    b = await mesh.stub.Step(router_pb2.StepRequest(work=[_tenant(work("b", prompt, 0), "t")], release=["a"]))
+    assert (b.released, b.results[0].cached_tokens, b.kv_blocks_own["b"]) == (1, 32, 3)  # a's blocks now b's alone
+    assert b.results[0].token_id == first.results[0].token_id
+    other = await mesh.stub.Step(router_pb2.StepRequest(work=[_tenant(work("c", prompt, 0), "u")]))
+    assert other.results[0].cached_tokens == 0  # another tenant never sees t's blocks
+    decode = router_pb2.SequenceWork(seq_id="b", token_ids=[b.results[0].token_id], position=40, sample=True)
+    step = await mesh.stub.Step(router_pb2.StepRequest(work=[decode]))  # no sampling: b keeps its own (logprobs)
+    assert len(step.results[0].top_logprobs) == 3
+    info = await mesh.stub.Info(router_pb2.RouterInfoRequest())
+    stats = {s.tenant: (s.prompt_tokens, s.cached_tokens) for s in info.prefix_cache_tenants}
+    assert info.prefix_cache and stats == {"t": (80, 32), "u": (40, 0)}
+    assert REGISTRY.get_sample_value("moemesh_router_prefix_cache_cached_tokens_total", {"tenant": "t"}) >= 32
+
+
+def _tenant(w: router_pb2.SequenceWork, tenant: str) -> router_pb2.SequenceWork:
+    w.tenant = tenant
+    return w
