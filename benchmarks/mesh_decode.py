@@ -2,8 +2,10 @@
 
     python benchmarks/mesh_decode.py [--model smollm2-moe] [--tokens 64] [--transports shm,grpc] [--repeats 1]
 
-In process: Engine.load(model) in this process (torch defaults), one prefill step, then `tokens` greedy decode steps
-(ignore_eos) at batch 1 and batch 8; ms/step is the median step. Mesh: `moemesh up --no-auth` in a temporary
+In process: Engine.load(model) in this process with what a user gets (torch's default intra-op threads = every core,
+the environment's OpenMP settings; both recorded in the JSON), the chat-templated prompt the gateway renders, one
+prefill step, then `tokens` greedy decode steps (ignore_eos) at batch 1 and batch 8; ms/step is the median step.
+No mesh process runs meanwhile. Mesh: `moemesh up --no-auth` in a temporary
 MOEMESH_HOME (models from the usual cache) with MOEMESH_ROUTER_EXPERT_TRANSPORT=<transport>, then
 StreamChatCompletion through the gateway (greedy, ignore_eos, max_tokens=tokens): 1 stream, then 8 concurrent
 streams. ms/token of a stream = (last chunk - first chunk) / (completion tokens - 1): the decode pace a client sees
@@ -44,7 +46,8 @@ def engine_decode(model: str, batch: int, tokens: int) -> float:
     model_dir = resolve_model(model)
     if "_ENGINE" not in globals():
         _ENGINE = Engine.load(model_dir, kv_blocks=256)
-    ids = ChatTokenizer.load(model_dir).encode(PROMPT)
+    # The same chat-templated prompt the gateway renders for the mesh's request (same prompt length, same tokens).
+    ids, _ = ChatTokenizer.load(model_dir).encode_chat([{"role": "user", "content": PROMPT}])
     sampling = SamplingParams(max_tokens=tokens + 1, ignore_eos=True)
     results = _ENGINE.step([SeqWork(f"s{i}", ids, 0, sampling) for i in range(batch)])
     times, position = [], len(ids)
@@ -158,7 +161,8 @@ def report(rows: dict, args: argparse.Namespace, load_start: float) -> tuple[dic
 
     machine = {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
                "torch": torch.__version__, "load_average_start": load_start,
-               "load_average_end": os.getloadavg()[0]}
+               "load_average_end": os.getloadavg()[0], "in_process_threads": torch.get_num_threads(),
+               "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_"))}}
     command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
                                     else sys.argv[0], *sys.argv[1:]])
     result = {"benchmark": "mesh_decode", "model": args.model, "tokens": args.tokens, "repeats": args.repeats,

@@ -59,7 +59,9 @@ class Attachment:
     def _receive(self, spans: StepSpans) -> tuple | None:
         """The next message; while a step span is open, wakes every idle_s to end it once the router is idle."""
         while True:
-            self._sock.settimeout(spans.idle_s if spans.open_count else None)
+            timeout = spans.idle_s if spans.open_count else None
+            if timeout != self._sock.gettimeout():  # settimeout is a system call: only on a change
+                self._sock.settimeout(timeout)
             try:
                 return shm_region.recv_message(self._sock)
             except TimeoutError:
@@ -82,8 +84,9 @@ class Attachment:
                     except Exception as exc:  # reported to the router, which fails the step
                         status, text = 1, f"{type(exc).__name__}: {exc}"
                     compute = time.perf_counter() - start
-                    metrics.observe_forward(layer, tokens, 0, 0, compute, status == 0)
                     shm_region.send_message(self._sock, seq, layer, tokens, status, text)
+                    # Bookkeeping after the reply: the router is not kept waiting for it.
+                    metrics.observe_forward(layer, tokens, 0, 0, compute, status == 0)
                     spans.record(f"shm:{self.name}", metadata, CallStats(
                         layer=layer, tokens=tokens, bytes_received=0, bytes_sent=0, compute_seconds=compute,
                         start_ns=start_ns, end_ns=time.time_ns(), error=text or None))

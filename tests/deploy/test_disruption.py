@@ -3,19 +3,22 @@ blocks a node drain, and the liveness probes restart a dead or stalled pod as `m
 
 from __future__ import annotations
 
+import pytest
+
 from moemesh.cli.supervision import RestartPolicy
 
-from .test_manifests import MOEMESH_IMAGE, WORKLOADS, base_docs, containers
+from .test_manifests import MOEMESH_IMAGE, SOURCES, WORKLOADS, containers, docs_of
 
 
-def _budgets() -> tuple[dict[str, dict], dict[str, dict]]:
-    docs = base_docs()
+def _budgets(source: str) -> tuple[dict[str, dict], dict[str, dict]]:
+    docs = docs_of(source)
     return ({d["metadata"]["name"]: d for d in docs if d["kind"] in WORKLOADS},
             {d["metadata"]["name"]: d for d in docs if d["kind"] == "PodDisruptionBudget"})
 
 
-def test_every_workload_has_a_budget_that_selects_it() -> None:
-    workloads, budgets = _budgets()
+@pytest.mark.parametrize("source", SOURCES)
+def test_every_workload_has_a_budget_that_selects_it(source: str) -> None:
+    workloads, budgets = _budgets(source)
     assert set(budgets) == set(workloads)
     for name, pdb in budgets.items():
         pod_labels = workloads[name]["spec"]["template"]["metadata"]["labels"]
@@ -25,8 +28,9 @@ def test_every_workload_has_a_budget_that_selects_it() -> None:
         assert others == [], f"{name}'s budget also selects {others}"
 
 
-def test_replicated_tiers_keep_a_pod_and_no_budget_blocks_a_drain() -> None:
-    workloads, budgets = _budgets()
+@pytest.mark.parametrize("source", SOURCES)
+def test_replicated_tiers_keep_a_pod_and_no_budget_blocks_a_drain(source: str) -> None:
+    workloads, budgets = _budgets(source)
     for name, pdb in budgets.items():
         replicas, spec = workloads[name]["spec"]["replicas"], pdb["spec"]
         allowed = spec["maxUnavailable"] if "maxUnavailable" in spec else replicas - spec["minAvailable"]
@@ -35,9 +39,10 @@ def test_replicated_tiers_keep_a_pod_and_no_budget_blocks_a_drain() -> None:
             assert replicas - allowed >= 1, f"{name}: a drain could take every replica at once"
 
 
-def test_liveness_restarts_a_stalled_pod_as_moemesh_up_does() -> None:
+@pytest.mark.parametrize("source", SOURCES)
+def test_liveness_restarts_a_stalled_pod_as_moemesh_up_does(source: str) -> None:
     policy = RestartPolicy()
-    workloads, _ = _budgets()
+    workloads, _ = _budgets(source)
     for name, doc in workloads.items():
         for c in containers(doc):
             if not c["image"].startswith(MOEMESH_IMAGE):

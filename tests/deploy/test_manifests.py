@@ -1,9 +1,12 @@
 """deploy/k8s: every manifest validates against the Kubernetes schemas, every workload is probed and non-root, and
-every peer address (*_ADDR, *_ADDRS, REDIS_URL) names a Service (and port) defined in the manifests."""
+every peer address (*_ADDR, *_ADDRS, REDIS_URL) names a Service (and port) defined in the manifests. The checks run
+on the base's files and on what `kubectl kustomize` renders for deploy/k8s (base + edge) and overlays/gpu."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import importlib
 import shutil
 import subprocess
@@ -22,6 +25,7 @@ BASE = ROOT / "base"
 K8S_VERSIONS = ("1.30", kv.latest_version())
 WORKLOADS = ("Deployment", "StatefulSet")
 MOEMESH_IMAGE = "ghcr.io/moemesh/moemesh"
+SOURCES = ("base", ".", "overlays/gpu")  # base's files; the kustomizations deploy/k8s and deploy/k8s/overlays/gpu
 
 
 def load_docs(paths: list[Path]) -> list[dict]:
@@ -34,6 +38,27 @@ def load_docs(paths: list[Path]) -> list[dict]:
 def base_docs() -> list[dict]:
     kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
     return load_docs([BASE / name for name in kustomization["resources"]])
+
+
+@functools.cache
+def _render(target: str) -> tuple[dict, ...]:
+    assert shutil.which("kubectl"), "rendering the kustomizations needs kubectl (Debian package kubectl)"
+    out = subprocess.run(["kubectl", "kustomize", str(ROOT / target)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+
+
+def rendered(target: str) -> list[dict]:
+    """`kubectl kustomize deploy/k8s/<target>` as documents (a fresh copy: tests may edit it)."""
+    return copy.deepcopy(list(_render(target)))
+
+
+def docs_of(source: str) -> list[dict]:
+    return base_docs() if source == "base" else rendered(source)
+
+
+def workload(docs: list[dict], name: str) -> dict:
+    return next(d for d in docs if d["kind"] in WORKLOADS and d["metadata"]["name"] == name)
 
 
 def containers(doc: dict) -> list[dict]:
@@ -92,10 +117,12 @@ def _check_target(target: str, services: dict, statefulsets: dict) -> str | None
     return None
 
 
-def test_kustomization_lists_every_manifest():
-    listed = set(yaml.safe_load((BASE / "kustomization.yaml").read_text())["resources"])
-    on_disk = {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml"}
-    assert listed == on_disk
+@pytest.mark.parametrize("directory", ["base", "edge", "overlays/gpu"])
+def test_kustomization_lists_every_manifest(directory):
+    kustomization = yaml.safe_load((ROOT / directory / "kustomization.yaml").read_text())
+    listed = set(kustomization.get("resources", [])) | {p["path"] for p in kustomization.get("patches", [])}
+    on_disk = {p.name for p in (ROOT / directory).glob("*.yaml")} - {"kustomization.yaml"}
+    assert {name for name in listed if not name.startswith("..")} == on_disk  # ../: other kustomizations
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -110,8 +137,9 @@ def test_every_manifest_validates_strictly(version):
                         f"{'/'.join(map(str, exc.absolute_path))}")
 
 
-def test_each_service_has_a_workload_and_probes():
-    docs = base_docs()
+@pytest.mark.parametrize("source", SOURCES)
+def test_each_service_has_a_workload_and_probes(source):
+    docs = docs_of(source)
     workloads = {d["metadata"]["name"]: d for d in docs if d["kind"] in WORKLOADS}
     expected = {f"moemesh-{n}" for n in ("tokenizer", "batcher", "router", "expert", "metering", "gateway", "redis")}
     assert expected <= set(workloads)
@@ -126,8 +154,9 @@ def test_each_service_has_a_workload_and_probes():
                 assert env_of(c)[f"MOEMESH_{service}_PORT"] == str(grpc_port), name
 
 
-def test_every_workload_is_non_root_and_locked_down():
-    for doc in (d for d in base_docs() if d["kind"] in WORKLOADS):
+@pytest.mark.parametrize("source", SOURCES)
+def test_every_workload_is_non_root_and_locked_down(source):
+    for doc in (d for d in docs_of(source) if d["kind"] in WORKLOADS):
         pod = doc["spec"]["template"]["spec"]
         name = doc["metadata"]["name"]
         assert pod["securityContext"]["runAsNonRoot"] is True, name
@@ -140,8 +169,9 @@ def test_every_workload_is_non_root_and_locked_down():
             assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"], name
 
 
-def test_every_peer_address_points_at_a_service():
-    docs = base_docs()
+@pytest.mark.parametrize("source", SOURCES)
+def test_every_peer_address_points_at_a_service(source):
+    docs = docs_of(source)
     assert address_problems(docs) == []
     addressed = {e for d in docs if d["kind"] in WORKLOADS for c in containers(d) for e in env_of(c)
                  if e.endswith(("_ADDR", "_ADDRS"))}
@@ -191,9 +221,10 @@ def config_class(component: str) -> type[ServiceConfig]:
                 if isinstance(v, type) and issubclass(v, ServiceConfig) and v.SERVICE == component)
 
 
-def test_every_service_setting_in_the_manifests_is_read_by_its_config():
+@pytest.mark.parametrize("source", SOURCES)
+def test_every_service_setting_in_the_manifests_is_read_by_its_config(source):
     """MOEMESH_<SERVICE>_*, *_ADDR(S) and REDIS_URL set on a pod must be settings of that service's config class."""
-    for doc in (d for d in base_docs() if d["kind"] in WORKLOADS):
+    for doc in (d for d in docs_of(source) if d["kind"] in WORKLOADS):
         for c in containers(doc):
             if not c["image"].startswith(MOEMESH_IMAGE):
                 continue
@@ -207,16 +238,15 @@ def test_every_service_setting_in_the_manifests_is_read_by_its_config():
                     assert name in known, f"{doc['metadata']['name']}: {name} is no setting of {cls.__name__}"
 
 
-@pytest.mark.parametrize("target", ["", "overlays/gpu"])
-def test_kustomize_output_validates(target):
-    assert shutil.which("kubectl"), "rendering the kustomizations needs kubectl (Debian package kubectl)"
-    out = subprocess.run(["kubectl", "kustomize", str(ROOT / target)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("target", [".", "overlays/gpu"])
+def test_kustomize_output_validates(target, version):
+    docs = rendered(target)
+    assert {"Deployment", "StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget"} <= {d["kind"] for d in docs}
     for doc in docs:
-        kv.validate(doc, K8S_VERSIONS[-1], strict=True)
+        try:
+            kv.validate(doc, version, strict=True)
+        except kv.ValidationError as exc:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} (k8s {version}): {exc.message} at "
+                        f"{'/'.join(map(str, exc.absolute_path))}")
         assert doc["kind"] == "Namespace" or doc["metadata"]["namespace"] == "moemesh"
-    assert address_problems(docs) == []
-    if target == "overlays/gpu":
-        sts = next(d for d in docs if d["kind"] == "StatefulSet")
-        assert containers(sts)[0]["resources"]["limits"]["nvidia.com/gpu"] == 1

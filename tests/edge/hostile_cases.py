@@ -15,11 +15,17 @@ from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
 
-from moemesh.v1 import chat_pb2
+from moemesh.v1 import chat_pb2, common_pb2
 
-DECLARED = {f.name for f in chat_pb2.ChatCompletionRequest.DESCRIPTOR.fields} | {
-    f.json_name for f in chat_pb2.ChatCompletionRequest.DESCRIPTOR.fields}
-MESSAGE_FIELDS = {"role", "content", "name"}
+def _declared(descriptor) -> set[str]:
+    """Proto and JSON names of a message's fields (the API grows: read them, do not list them)."""
+    return {f.name for f in descriptor.fields} | {f.json_name for f in descriptor.fields}
+
+
+DECLARED = _declared(chat_pb2.ChatCompletionRequest.DESCRIPTOR)
+MESSAGE_FIELDS = _declared(common_pb2.ChatMessage.DESCRIPTOR)
+STREAM_OPTION_FIELDS = _declared(chat_pb2.StreamOptions.DESCRIPTOR)
+MAX_N = 8  # the gateway's default --max-n
 CONTEXT_WINDOW = 2048  # the tiny test model's
 SERVER_FAULTS = {"INTERNAL", "UNKNOWN", "UNAVAILABLE", "DATA_LOSS"}
 
@@ -160,7 +166,7 @@ def bad_numbers(draw, model: str) -> HttpCase:
         st.tuples(st.sampled_from(["presence_penalty", "frequency_penalty"]),
                   st.one_of(st.floats(min_value=2.0001, allow_infinity=False), st.floats(max_value=-2.0001,
                                                                                          allow_infinity=False))),
-        st.tuples(st.just("n"), st.integers(2, 2**32 - 1)),
+        st.tuples(st.just("n"), st.integers(MAX_N + 1, 2**32 - 1)),
         st.tuples(st.just("top_logprobs"), st.integers(21, 2**32 - 1)),
     ))
     # max_completion_tokens wins over max_tokens; the batcher, which checks the window, knows it as max_tokens.
@@ -183,6 +189,7 @@ def unknown_field(draw, model: str) -> HttpCase:
     where = draw(st.sampled_from(["top", "message", "stream_options"]))
     request = base(model)
     if where == "top":
+        key = key + "_x" if key in DECLARED else key
         request[key] = value
         path = key
     elif where == "message":
@@ -191,7 +198,7 @@ def unknown_field(draw, model: str) -> HttpCase:
         request["messages"][0][key] = value
         path = f"messages[0].{key}"
     else:
-        key = key if key not in ("include_usage", "includeUsage") else key + "_x"
+        key = key + "_x" if key in STREAM_OPTION_FIELDS else key
         request["stream_options"] = {"include_usage": False, key: value}
         path = f"stream_options.{key}"
     return HttpCase("unknown_field", _dumps(request), names=(path,))

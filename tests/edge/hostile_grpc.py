@@ -8,7 +8,7 @@ import math
 from google.protobuf import struct_pb2
 from hypothesis import strategies as st
 
-from hostile_cases import CONTEXT_WINDOW, GrpcCase, Victim
+from hostile_cases import CONTEXT_WINDOW, MAX_N, GrpcCase, Victim
 from moemesh.v1 import chat_pb2, common_pb2
 
 _text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
@@ -102,7 +102,7 @@ def bad_value(draw, model: str, auth) -> GrpcCase:
         st.tuples(st.just("frequency_penalty"), st.one_of(st.just(math.nan), f(min_value=2.0001)),
                   st.just(("frequency_penalty",))),
         st.tuples(st.just("model"), _text.filter(lambda t: t != model), st.just(("model",))),
-        st.tuples(st.just("n"), st.integers(2, 2**32 - 1), st.just(("n",))),
+        st.tuples(st.just("n"), st.integers(MAX_N + 1, 2**32 - 1), st.just(("n",))),
         st.tuples(st.just("top_logprobs"), st.integers(21, 2**32 - 1), st.just(("top_logprobs",))),
         st.tuples(st.just("stop"), st.lists(_text, min_size=5, max_size=20), st.just(("stop",))),
         st.tuples(st.just("stop"), st.just([""]), st.just(("stop[0]",))),

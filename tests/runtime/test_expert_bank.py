@@ -44,3 +44,20 @@ def test_sparse_routing_does_not_take_the_fast_path(tmp_path):
     got = bank.forward(0, hidden, ids, weights)
     assert not bank._concat
     torch.testing.assert_close(got, _reference(bank, 0, hidden, ids, weights), atol=1e-5, rtol=1e-5)
+
+
+def test_out_receives_the_result_on_both_paths_with_int32_ids(tmp_path):
+    """The shared-memory shard passes its output rows as out= and int32 ids straight from the region."""
+    path = make_tiny_model(tmp_path / "tiny", num_experts=4, top_k=4, hidden=64, layers=2, seed=3)
+    bank = ExpertBank.load(path, experts=(1, 3))
+    torch.manual_seed(1)
+    hidden = torch.randn(3, 64)
+    weights = torch.softmax(torch.randn(3, 4), dim=-1)
+    dense = torch.stack([torch.randperm(4) for _ in range(3)]).to(torch.int32)  # every hosted expert selected
+    sparse = torch.tensor([[0, 1, -1, -1], [2, 3, 1, -1], [0, 2, -1, -1]], dtype=torch.int32)  # row 2: none hosted
+    for ids in (dense, sparse):
+        out = torch.full((3, 64), float("nan"))
+        got = bank.forward(1, hidden, ids, weights, out=out)
+        assert got is out
+        torch.testing.assert_close(out, _reference(bank, 1, hidden, ids, weights),
+                                   atol=1e-5, rtol=1e-5)

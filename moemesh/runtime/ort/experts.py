@@ -24,16 +24,24 @@ from moemesh.runtime.ort.graph import Builder, linear, silu_mul
 from moemesh.runtime.ort.session import Graph
 
 
+def _cat(parts: list[QWeight], dim: int) -> QWeight:
+    """Concatenate codes, scales and zero points along dim; fractional zero points (grid.py) are kept, an integer
+    part standing in with its own zeros where only some parts have them."""
+    zero_f = None
+    if any(p.zero_f is not None for p in parts):
+        zero_f = torch.cat([p.zero.float() if p.zero_f is None else p.zero_f for p in parts], dim)
+    return QWeight(torch.cat([p.q for p in parts], dim), torch.cat([p.scale for p in parts], dim),
+                   torch.cat([p.zero for p in parts], dim), parts[0].bits, parts[0].group, zero_f)
+
+
 def cat_rows(parts: list[QWeight]) -> QWeight:
     """Stack along N (output rows): experts' gate (or up) projections side by side."""
-    return QWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
-                   torch.cat([p.zero for p in parts]), parts[0].bits, parts[0].group)
+    return _cat(parts, 0)
 
 
 def cat_cols(parts: list[QWeight]) -> QWeight:
     """Concatenate along K (input columns, whole groups): the experts' down projections as one [H, E*I]."""
-    return QWeight(torch.cat([p.q for p in parts], 1), torch.cat([p.scale for p in parts], 1),
-                   torch.cat([p.zero for p in parts], 1), parts[0].bits, parts[0].group)
+    return _cat(parts, 1)
 
 
 def _uniform(parts: list[QWeight]) -> bool:

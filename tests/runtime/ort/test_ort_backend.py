@@ -88,3 +88,19 @@ def test_backend_refuses_other_dtypes_and_torch_quantization(checkpoint) -> None
         Engine.load(checkpoint("llama", 4), backend="onnxruntime", dtype="bfloat16")
     with pytest.raises(ValueError, match="quantization 'int8'"):
         Engine.load(checkpoint("llama", 4), backend="onnxruntime", quantization="int8")
+
+
+def test_concatenated_experts_keep_fractional_zero_points() -> None:
+    from moemesh.quant.grid import grid
+    from moemesh.quant.packing import rtn
+    from moemesh.runtime.ort.experts import cat_cols, cat_rows
+
+    torch.manual_seed(0)
+    parts = []
+    for _ in range(3):  # Q4_1-like: w = d*q + m per group of 32
+        d, m = torch.rand(8, 2, 1) * 0.05 + 0.01, -torch.rand(8, 2, 1) * 0.3
+        w = (d * torch.randint(0, 16, (8, 2, 32)) + m).view(8, 64)
+        parts.append((w, grid(w, 4, 32, rtn(w, 4, 32))))
+    for cat, dim in ((cat_rows, 0), (cat_cols, 1)):
+        joined = cat([q for _, q in parts])
+        assert torch.allclose(joined.dequantize(), torch.cat([w for w, _ in parts], dim), atol=1e-5)
