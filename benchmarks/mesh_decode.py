@@ -2,10 +2,10 @@
 
     python benchmarks/mesh_decode.py [--model smollm2-moe] [--tokens 64] [--transports shm,grpc] [--repeats 1]
 
-In process: Engine.load(model) in this process with what a user gets (torch's default intra-op threads = every core,
-the environment's OpenMP settings; both recorded in the JSON), the chat-templated prompt the gateway renders, one
-prefill step, then `tokens` greedy decode steps (ignore_eos) at batch 1 and batch 8; ms/step is the median step.
-No mesh process runs meanwhile. Mesh: `moemesh up --no-auth` in a temporary
+In process: Engine.load(model) in this process with the settings the mesh's router gets (torch's default
+intra-op threads = every core, as a user gets; OMP_WAIT_POLICY=PASSIVE unless set; both recorded in the JSON), the
+chat-templated prompt the gateway renders, one prefill step, then `tokens` greedy decode steps (ignore_eos) at batch 1
+and batch 8; ms/step is the median step. No mesh process runs meanwhile. Mesh: `moemesh up --no-auth` in a temporary
 MOEMESH_HOME (models from the usual cache) with MOEMESH_ROUTER_EXPERT_TRANSPORT=<transport>, then
 StreamChatCompletion through the gateway (greedy, ignore_eos, max_tokens=tokens): 1 stream, then 8 concurrent
 streams. ms/token of a stream = (last chunk - first chunk) / (completion tokens - 1): the decode pace a client sees
@@ -29,6 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# Same OpenMP settings in process as `moemesh up` gives its compute processes (moemesh/cli/data_plane.py), set before
+# torch loads libgomp: with libgomp's default (spinning workers) a 2-core machine shared with other work made the
+# in-process decode step 7x slower (about 290 vs 39 ms), which would flatter the mesh. An explicit value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PROMPT = ("Write a long story about a lighthouse keeper who finds a message in a bottle, with many details about the "

@@ -35,6 +35,9 @@ from services.batcher.step import Event, InvalidRequest, StepOutcome, StepPlan, 
 @dataclass
 class _Draft:
     budget: float  # tokens left in this step
+    # Tokens of chunks expected to come from the prefix cache (their sequence's last chunk did), not charged to the
+    # budget: if the cache misses after all, the step computes at most this much more than the budget.
+    bonus: float = 0.0
     items: list[WorkItem] = field(default_factory=list)
     planned: set[str] = field(default_factory=set)
     preempted: bool = False
@@ -97,7 +100,8 @@ class Scheduler:
         admit = self._may_admit(now)
         if admit:
             self._rebalance()
-        draft = _Draft(budget=self.policy.max_step_tokens if self.policy.chunked else math.inf)
+        draft = _Draft(budget=self.policy.max_step_tokens if self.policy.chunked else math.inf,
+                       bonus=self.policy.max_step_tokens if self.policy.chunked else 0.0)
         self._plan_running(draft)
         while not draft.items and self.running:  # every running sequence waits for blocks: free some
             self._preempt(max(self.running, key=lambda s: s.rank))
@@ -126,6 +130,7 @@ class Scheduler:
             seq.engine_seconds += outcome.compute_seconds * computed[seq.seq_id] / total
             if seq.preemptions == 0:  # billing counts the prompt's first computation, not recomputes
                 seq.cached_tokens += _hits(by_id, seq.seq_id)
+            seq.cache_streak = not item.sample and _hits(by_id, seq.seq_id) == len(item.token_ids)
             if not item.sample:
                 continue
             out = by_id.get(seq.seq_id)
@@ -195,7 +200,8 @@ class Scheduler:
             if seq.status is not Status.RUNNING or seq.seq_id in draft.planned or draft.budget < 1:
                 continue
             partial_ok = self.policy.chunked and seq.pending > 1
-            want = int(min(seq.pending, draft.budget)) if partial_ok else seq.pending
+            budget = draft.budget + (draft.bonus if seq.cache_streak else 0)
+            want = int(min(seq.pending, budget)) if partial_ok else seq.pending
             if partial_ok:
                 n = self.kv.fit(seq.num_cached, want)
             else:
@@ -256,6 +262,13 @@ class Scheduler:
 
     def _take(self, draft: _Draft, seq: Sequence, n: int) -> None:
         start = seq.num_cached
+        bs = self.kv.block_size
+        if n < seq.pending and (start + n) // bs * bs > start:  # chunks end on block boundaries: the prefix
+            n = (start + n) // bs * bs - start  # cache matches whole blocks from a block-aligned position
+        if seq.cache_streak:  # its last chunk was all cached: likely this one too; charge the bonus first
+            free = min(n, int(draft.bonus))
+            draft.bonus -= free
+            draft.budget += free
         self.kv.take(start, start + n)
         sample = start + n == seq.length
         draft.items.append(WorkItem(seq=seq, token_ids=seq.window(start, n), position=start, sample=sample))
@@ -284,6 +297,7 @@ class Scheduler:
         self.kv.release(seq.seq_id)
         self._releases.append(seq.seq_id)
         seq.num_cached = 0
+        seq.cache_streak = False
         seq.preemptions += 1
         self.preemptions += 1
         seq.status = Status.WAITING

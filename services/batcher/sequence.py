@@ -61,6 +61,7 @@ class Sequence:
     first_scheduled: float | None = None  # first time it took part in a step
     engine_seconds: float = 0.0  # its share of router compute time
     cached_tokens: int = 0  # prompt tokens the router served from its prefix cache (first computation)
+    cache_streak: bool = False  # its last prefill chunk came wholly from the prefix cache
     finish: Finish | None = None
     serial: int = field(default_factory=lambda: next(_serial))  # tie-break: earlier submissions first
 

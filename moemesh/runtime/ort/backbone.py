@@ -66,7 +66,9 @@ class OrtBackbone(nn.Module):
         self.pre = {i: Graph(self._pre(i, weights), device) for i in range(n) if i == 0 or self.moe[i - 1]}
         self.tail = [Graph(self._tail(i, weights), device) for i in range(n)]
         head = base.lm_head.detach().float()
-        self.head = Graph(self._head(rtn(head, HEAD_BITS, 32) if head.shape[1] % 32 == 0 else head), device)
+        # Symmetric: exact for Q8_0-born embeddings (the built-in model's), round-to-nearest otherwise.
+        self.head = Graph(self._head(rtn(head, HEAD_BITS, 32, symmetric=True) if head.shape[1] % 32 == 0 else head),
+                          device)
         self.attend = [Attention(a.spec, a.q_proj, a.k_proj, a.v_proj, nn.Identity(), a.q_norm, a.k_norm)
                        for a in (layer.attn for layer in base.layers)]  # o_proj is in the tail graph
         self._drop_float_weights()
