@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("quantize", help="int4/int8 weight-only quantization (GPTQ or round-to-nearest)")
     p.add_argument("model", help="built-in name (smollm2, smollm2-moe), checkpoint dir or HF repo id")
     p.add_argument("--bits", type=int, choices=(4, 8), default=4)
-    p.add_argument("--method", choices=("gptq", "rtn", "grid"), default="gptq",
+    p.add_argument("--method", choices=("gptq", "rtn", "grid"), default="rtn",
                    help="gptq: calibrated (Hessian of each Linear's input); rtn: round to nearest, no data; grid: "
                    "exact re-encoding of weights already on a 4-bit grid (GGUF-born models such as the built-in "
                    "smollm2), int8 for tensors that are not")
