@@ -62,13 +62,16 @@ class History:
 
 
 def list_accounts(metering_address: str, timeout_s: float = 2.0) -> dict[str, dict]:
-    """Month spend and budget of every tenant, from metering (ListTenants; an internal call, no caller tenant)."""
+    """Month spend and budget of every tenant, from metering (ListTenants: an admin call, so it carries the admin
+    token of this MOEMESH_HOME, the one `moemesh up` and metering share; see services/metering/admin.py)."""
     from moemesh.certs import grpc_tls
     from moemesh.v1 import metering_pb2, metering_pb2_grpc
+    from services.metering.admin import METADATA_KEY, load_or_create_admin_token
 
+    metadata = ((METADATA_KEY, load_or_create_admin_token()),)
     with grpc_tls.channel(metering_address) as channel:
         reply = metering_pb2_grpc.MeteringStub(channel).ListTenants(metering_pb2.ListTenantsRequest(),
-                                                                     timeout=timeout_s)
+                                                                     metadata=metadata, timeout=timeout_s)
     return {t.name: {"budget_usd": t.quota.monthly_budget_usd, "month_spent_usd": t.month_spent_usd,
                      "month_held_usd": t.month_held_usd} for t in reply.tenants}
 

@@ -16,7 +16,7 @@ from mesh_harness import RunningMesh
 from metering_harness import Account, create_tenant
 
 # name -> `moemesh tenants create` flags; acme's budget is a few dozen tiny requests (metering's default prices)
-TENANTS = {"acme": ("--budget-usd", "0.0004"), "globex": ("--rpm", "20"), "initech": ()}
+TENANTS = {"acme": ("--budget-usd", "0.0003"), "globex": ("--rpm", "20"), "initech": ()}
 
 
 class Traffic:

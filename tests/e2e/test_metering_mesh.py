@@ -19,7 +19,7 @@ import pytest
 from moemesh.sdk import ChatClient
 from moemesh.v1 import chat_pb2, chat_pb2_grpc
 from services.metering.plot import COMPLETION, COST, PROMPT
-from services.metering.pricing import HardwareTable
+from services.metering.pricing import DEFAULT_CACHED_DISCOUNT, HardwareTable
 
 from mesh_harness import RunningMesh, free_port
 from metering_harness import (
@@ -177,7 +177,10 @@ def test_usage_command_json_totals_and_plot(mesh: RunningMesh, tmp_path: Path) -
     assert after["requests"] - before.requests == 3
     assert after["prompt_tokens"] - before.prompt_tokens == prompt
     assert after["completion_tokens"] - before.completion_tokens == completion
-    assert after["price_usd"] - before.price_usd == pytest.approx((prompt + completion) * PRICE_PER_TOKEN_USD)
+    # Repeated chat-template prefixes hit the prefix cache: cached prompt tokens pay a quarter of the input price.
+    cached = sum(a.usage.prompt_tokens_details.cached_tokens for a in answers)
+    billed = prompt - cached + cached * (1 - DEFAULT_CACHED_DISCOUNT) + completion
+    assert after["price_usd"] - before.price_usd == pytest.approx(billed * PRICE_PER_TOKEN_USD)
     assert after["cost_usd"] > before.cost_usd
     assert (after["requests"], after["price_usd"], after["cost_usd"]) == pytest.approx(
         (after_report.requests, after_report.price_usd, after_report.cost_usd))  # CLI == the gateway's GetUsage

@@ -76,7 +76,8 @@ def test_windows_and_max_tokens(tiny_dense: Path, text_file: Path, capsys: pytes
     assert (out["windows"], out["window"], out["tokens"], out["predictions"], out["max_tokens"]) == (4, 16, 50, 46, 50)
     assert out["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
     expected_keys = {"model", "model_dir", "text", "text_sha256", "perplexity", "mean_nll", "tokens", "predictions",
-                     "windows", "window", "max_tokens", "text_tokens", "device", "dtype", "seconds"}
+                     "windows", "window", "max_tokens", "text_tokens", "device", "dtype", "seconds", "backend",
+                     "quantization"}
     assert set(out) == expected_keys
 
 
