@@ -26,6 +26,27 @@ def _sub(chat, i: int):
     return chat if seed is None or i == 0 else replace(chat, sampling=replace(chat.sampling, seed=(seed + i) % 2**64))
 
 
+@dataclass
+class Gathered:
+    """Every choice of a unary request, complete: texts[i], tokens[i] (Delta tokens) and finishes[i]."""
+
+    texts: list[str]
+    tokens: list[tuple]
+    finishes: list[Finish]
+
+
+async def gather_choices(completions, chat, tenant, request_id: str, timeout) -> Gathered:
+    """Runs every choice to its end (unary APIs: chat and text completions share this)."""
+    texts, tokens, finishes = [[] for _ in range(chat.n)], [[] for _ in range(chat.n)], [None] * chat.n
+    async for i, item in run_choices(completions, chat, tenant, request_id, timeout):
+        if isinstance(item, Delta):
+            texts[i].append(item.text)
+            tokens[i].extend(item.tokens)
+        else:
+            finishes[i] = item
+    return Gathered(["".join(t) for t in texts], [tuple(t) for t in tokens], finishes)
+
+
 async def run_choices(completions, chat, tenant, request_id: str, timeout) -> AsyncIterator[tuple[int, object]]:
     """(choice index, Delta | Finish) of every choice as they come; the first failure fails the request."""
     if chat.n == 1:

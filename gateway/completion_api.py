@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from gateway import chat_proto
-from gateway.choices import run_choices
+from gateway.choices import gather_choices, run_choices
 from gateway.completion import Delta
 from moemesh.serving.telemetry import request_scope
 from moemesh.v1 import chat_pb2
@@ -23,22 +23,16 @@ class CompletionRpcs:
 
         chat, tenant, timeout = await self._admit(request, context, chat_proto.to_completion_request)
         request_id, created = new_request_id("cmpl"), int(time.time())
-        texts, tokens, finishes = [[] for _ in range(chat.n)], [[] for _ in range(chat.n)], [None] * chat.n
         with request_scope(request_id):
-            async for i, item in run_choices(self._completions, chat, tenant, request_id, timeout):
-                if isinstance(item, Delta):
-                    texts[i].append(item.text)
-                    tokens[i].extend(item.tokens)
-                else:
-                    finishes[i] = item
+            got = await gather_choices(self._completions, chat, tenant, request_id, timeout)
         choices = []
         for i in range(chat.n):
-            choice = chat_pb2.CompletionChoice(index=i, text="".join(texts[i]), finish_reason=finishes[i].reason)
+            choice = chat_pb2.CompletionChoice(index=i, text=got.texts[i], finish_reason=got.finishes[i].reason)
             if chat.sampling.logprobs:
-                choice.logprobs.CopyFrom(chat_proto.completion_logprobs(tuple(tokens[i]), 0))
+                choice.logprobs.CopyFrom(chat_proto.completion_logprobs(got.tokens[i], 0))
             choices.append(choice)
         return chat_pb2.Completion(id=request_id, object="text_completion", created=created, model=chat.model,
-                                   choices=choices, usage=chat_proto.usage(finishes), system_fingerprint=FINGERPRINT)
+                                   choices=choices, usage=chat_proto.usage(got.finishes), system_fingerprint=FINGERPRINT)
 
     async def StreamCompletion(self, request, context):
         from gateway.servicer import FINGERPRINT, _error_chunk, new_request_id

@@ -12,7 +12,7 @@ import grpc
 from gateway.account import AccountRpcs, MeteringAccount
 from gateway import chat_proto
 from gateway.chat_request import ValidatedChat, validate
-from gateway.choices import ToolShaper, run_choices
+from gateway.choices import ToolShaper, gather_choices, run_choices
 from gateway.closing import Closing
 from gateway.completion import Completions, Delta
 from gateway.completion_api import CompletionRpcs
@@ -20,7 +20,7 @@ from gateway.events import Tenant
 from gateway.models import ModelCatalog
 from moemesh.serving.errors import status_for
 from moemesh.serving.telemetry import request_scope
-from moemesh.v1 import chat_pb2, chat_pb2_grpc, common_pb2
+from moemesh.v1 import chat_pb2, chat_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
@@ -79,24 +79,18 @@ class ChatServicer(AccountRpcs, CompletionRpcs, chat_pb2_grpc.ChatServicer):
     async def CreateChatCompletion(self, request, context):
         chat, tenant, timeout = await self._admit(request, context)
         request_id, created = new_request_id(), int(time.time())
-        texts, tokens, finishes = [[] for _ in range(chat.n)], [[] for _ in range(chat.n)], [None] * chat.n
         with request_scope(request_id):
-            async for i, item in run_choices(self._completions, chat, tenant, request_id, timeout):
-                if isinstance(item, Delta):
-                    texts[i].append(item.text)
-                    tokens[i].extend(item.tokens)
-                else:
-                    finishes[i] = item
+            got = await gather_choices(self._completions, chat, tenant, request_id, timeout)
         choices = []
         for i in range(chat.n):
-            content, calls, reason = ToolShaper(chat.tools).answer("".join(texts[i]), finishes[i])
+            content, calls, reason = ToolShaper(chat.tools).answer(got.texts[i], got.finishes[i])
             choice = chat_pb2.Choice(index=i, finish_reason=reason, message=chat_proto.assistant(content, calls))
             if chat.sampling.logprobs:
-                choice.logprobs.CopyFrom(chat_proto.logprobs(tuple(tokens[i])))
+                choice.logprobs.CopyFrom(chat_proto.logprobs(got.tokens[i]))
             choices.append(choice)
         return chat_pb2.ChatCompletion(
             id=request_id, object="chat.completion", created=created, model=chat.model, choices=choices,
-            usage=chat_proto.usage(finishes), system_fingerprint=FINGERPRINT,
+            usage=chat_proto.usage(got.finishes), system_fingerprint=FINGERPRINT,
         )
 
     async def StreamChatCompletion(self, request, context):
