@@ -2,9 +2,14 @@
 chose for each expert shard (Router.Info), for the printout and the status file (`services.<name>.transport`).
 
 Threads (2-core CPU, smollm2-moe, measured with benchmarks/mesh_decode.py): the router computes while the shards
-wait and the shards compute while the router waits, so the router gets every core and each shard its share.
+wait and the shards compute while the router waits: each shard gets its share of the cores, the router
+cores // (shards + 1) (at least 1; every core when the experts are in the router).
 OMP_WAIT_POLICY=PASSIVE: an OpenMP worker that spins after its parallel region (libgomp's default) takes a core from
 the other processes; on 2 cores that alone made a shared-memory decode step 1.6x slower (74 vs 46 ms).
+Priority: the front end (gateway, tokenizer, metering and its Redis) runs at nice FRONTEND_NICE. Its work (streaming
+a token, detokenizing, metering) is not on the per-layer path, but on 2 cores it pre-empted the router and the shards
+between their per-layer hand-offs: batch-1 streamed decode went from 0.88x to 0.94x of the in-process engine with it
+(benchmarks/mesh_decode.py). `MOEMESH_FRONTEND_NICE` overrides it (0: off).
 Values already in the environment win.
 """
 
@@ -23,11 +28,33 @@ def thread_env(kind: str, num_shards: int, environ: Mapping[str, str] = os.envir
     """Env defaults for a service of `kind` ("ROUTER", "EXPERT", ...): torch intra-op threads and a passive OpenMP
     wait policy for the compute processes; nothing for the others."""
     cores = os.cpu_count() or 1
-    threads = {"ROUTER": cores, "EXPERT": max(1, cores // max(num_shards, 1))}.get(kind)
+    # The router with shard processes: its own work per layer is small (attention, norms, gates), where a second
+    # OpenMP thread costs more than it brings and competes with the shards and the front end; on 2 cores 1 thread
+    # took batch-1 streamed decode from 48.5 to 45.7 ms per token (benchmarks/mesh_decode.py).
+    router = max(1, cores // (num_shards + 1)) if num_shards else cores
+    threads = {"ROUTER": router, "EXPERT": max(1, cores // max(num_shards, 1))}.get(kind)
     if threads is None:
         return {}
     defaults = {f"MOEMESH_{kind}_COMPUTE_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
     return {k: v for k, v in defaults.items() if k not in environ}
+
+
+FRONTEND = ("gateway", "tokenizer", "metering")
+FRONTEND_NICE = 10
+
+
+def nice_of(name: str, environ: Mapping[str, str] = os.environ) -> int:
+    """Niceness increment for service `name` (0 for the data plane: router, batcher, experts)."""
+    if name not in FRONTEND:
+        return 0
+    raw = environ.get("MOEMESH_FRONTEND_NICE", str(FRONTEND_NICE))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"MOEMESH_FRONTEND_NICE: {raw!r} is not an integer (0-19)") from None
+    if not 0 <= value <= 19:
+        raise ValueError(f"MOEMESH_FRONTEND_NICE: {value} is not in 0-19")
+    return value
 
 
 def _port(address: str) -> str:

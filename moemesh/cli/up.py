@@ -138,12 +138,13 @@ def plan(ns: argparse.Namespace, run_dir: Path) -> dict[str, Child]:
             env.update(MOEMESH_EXPERT_SHARD_INDEX=name.split("-")[1])
         env.update(data_plane.service_env(kind, int(name.split("-")[-1]) if kind == "EXPERT" else 0, shards,
                                           ns.device, ns.dtype, ns.load_format, gpus))
-        env.update(data_plane.thread_env(kind, num_shards=max(shards, 1)))  # torch threads, passive OpenMP waits
+        env.update(data_plane.thread_env(kind, num_shards=shards))  # torch threads, passive OpenMP waits
         if name == "metering" and not ns.no_auth:
             env["MOEMESH_METERING_DEV_TENANT"] = DEV_TENANT
         if name == "gateway":
             env["MOEMESH_GATEWAY_AUTH"] = "false" if ns.no_auth else "true"
-        children[name] = Child(name, [sys.executable, "-m", module], env, home.subdir("logs") / f"{name}.log")
+        children[name] = Child(name, [sys.executable, "-m", module], env, home.subdir("logs") / f"{name}.log",
+                               nice=data_plane.nice_of(name))
     return children
 
 

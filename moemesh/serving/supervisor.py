@@ -18,9 +18,11 @@ PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True) if sys.platform == "linux" else None
 
 
-def _die_with_parent(parent_pid: int):
+def _die_with_parent(parent_pid: int, nice: int = 0):
     def preexec() -> None:
         os.setpgrp()  # own process group: a terminal's Ctrl-C reaches only the supervisor, which stops us in order
+        if nice:
+            os.nice(nice)
         if _LIBC is not None:
             _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
             if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
@@ -39,6 +41,7 @@ class Child:
     log_path: Path
     proc: subprocess.Popen | None = None
     started: float = field(default=0.0)
+    nice: int = 0  # niceness increment (lower CPU priority), applied in the child before exec
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +49,7 @@ class Child:
             log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {' '.join(self.argv)}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(os.getpid()))
+                                         stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(os.getpid(), self.nice))
         self.started = time.monotonic()
 
     @property
