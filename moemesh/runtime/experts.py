@@ -155,6 +155,9 @@ class ExpertBank:
         hidden, topk_weights = hidden.to(self.device), topk_weights.to(self.device)
         if not self.fused_off:
             return _into(self._fused(layer, hidden, topk_ids, topk_weights), out, caller_device, caller_dtype)
+        # The torch reference path from here on (the CPU, or a GPU setting the fused kernel does not cover: see
+        # fused_off). Its data-dependent shapes (count_nonzero, nonzero, bincount) synchronize the host once per
+        # layer; the fused path above does not, and it is the one CUDA graphs capture.
         # One gather maps global ids to 1 + local row (0: not hosted here); on the CPU the per-op cost dominates a
         # decode step's expert call, so the dense path below is kept to a handful of ops.
         column = self._column[topk_ids.to(self.device, torch.int64) + 1]  # [T, K]
