@@ -79,20 +79,24 @@ class Attention(nn.Module):
     def _forward_fast(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: StepContext,
                       pools: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """CUDA: the same function as forward with 3 launches before attention instead of ~30 (gpu/fused_ops)."""
+        from moemesh.runtime.gpu.dense_gemv import linear
         from moemesh.runtime.gpu.fused_ops import norm_rope_
 
         s, t = self.spec, x.shape[0]
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, (Hq + 2 Hkv) D]
+        qkv = linear(x, self.qkv_weight, self.qkv_bias)  # [T, (Hq + 2 Hkv) D]
         norm = s.qk_norm == "head"
         cos, sin = (r.view(t, s.head_dim) for r in rope)
+        decode = getattr(ctx, "paged_decode", False)  # decode: the same kernel writes K/V into the pools
+        kv = (pools[0], pools[1], ctx.slots) if decode and all(p.is_contiguous() for p in pools) else None
         norm_rope_(qkv, s.num_heads, s.num_kv_heads, s.head_dim, self.q_norm.weight if norm else None,
-                   self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0, cos, sin)
+                   self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0, cos, sin, kv)
         q = qkv[:, :q_size].view(t, s.num_heads, s.head_dim)
         k = qkv[:, q_size:q_size + kv_size].view(t, s.num_kv_heads, s.head_dim)
         v = qkv[:, q_size + kv_size:].view(t, s.num_kv_heads, s.head_dim)
-        if getattr(ctx, "paged_decode", False):
-            return self.o_proj(ctx.attend(q, k, v, pools, s.scale).reshape(t, q_size))
+        if decode:
+            out = ctx.read(q, pools, s.scale) if kv is not None else ctx.attend(q, k, v, pools, s.scale)
+            return linear(out.reshape(t, q_size), self.o_proj.weight, self.o_proj.bias)
         return self._sdpa(q, k, v, ctx, pools)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext,

@@ -37,11 +37,11 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec
-        logits = F.linear(x.float(), self.weight)  # [T, E]
-        if self.fast:
-            from moemesh.runtime.gpu.fused_ops import route_softmax
+        if self.fast:  # CUDA: two launches (float32 logits, then softmax + top-k) instead of ~6
+            from moemesh.runtime.gpu.fused_ops import route_softmax, router_logits
 
-            return route_softmax(logits, s.top_k, s.norm_topk_prob, s.routed_scaling_factor)
+            return route_softmax(router_logits(x, self.weight), s.top_k, s.norm_topk_prob, s.routed_scaling_factor)
+        logits = F.linear(x.float(), self.weight)  # [T, E]
         if s.scoring == "unit":
             ids = logits.topk(s.top_k, dim=-1).indices
             return ids, torch.ones(ids.shape, dtype=torch.float32, device=x.device)

@@ -194,3 +194,60 @@ def test_fused_ops_match_their_torch_references():
     want_w, want_ids = probs.topk(8, dim=-1)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(weights, want_w / want_w.sum(-1, keepdim=True))
+
+
+@cuda
+def test_norm_rope_writes_the_decode_tokens_kv_into_the_pools():
+    from moemesh.runtime.gpu.fused_ops import norm_rope_
+
+    t, hq, hk, dim = 5, 32, 4, 128
+    qkv = torch.randn(t, (hq + 2 * hk) * dim, device="cuda", dtype=BF16)
+    reference = qkv.clone()
+    cos, sin = (torch.randn(t, dim, device="cuda", dtype=BF16) for _ in range(2))
+    k_pool, v_pool = (torch.zeros(64, hk, dim, device="cuda", dtype=BF16) for _ in range(2))
+    slots = torch.tensor([9, 3, 60, 17, 0], device="cuda")
+    norm_rope_(reference, hq, hk, dim, None, None, 0.0, cos, sin)
+    norm_rope_(qkv, hq, hk, dim, None, None, 0.0, cos, sin, (k_pool, v_pool, slots))
+    assert torch.equal(qkv, reference)
+    assert torch.equal(k_pool[slots].reshape(t, -1), reference[:, hq * dim:(hq + hk) * dim])
+    assert torch.equal(v_pool[slots].reshape(t, -1), reference[:, (hq + hk) * dim:])
+    assert int((k_pool.abs().sum((1, 2)) > 0).sum()) == t  # no other slot written
+
+
+@cuda
+@pytest.mark.parametrize("tokens", [1, 8, 64])  # the Triton GEMV, and cuBLAS beyond ROUTER_GEMV_MAX_TOKENS
+def test_router_logits_match_float32_linear(tokens):
+    from moemesh.runtime.gpu.fused_ops import router_logits
+
+    x = torch.randn(tokens, 2048, device="cuda", dtype=BF16)
+    w = torch.randn(128, 2048, device="cuda")
+    torch.testing.assert_close(router_logits(x, w), F.linear(x.float(), w), rtol=1e-4, atol=1e-3)
+
+
+@cuda
+@pytest.mark.parametrize("rows,bias", [(1, False), (2, True), (5, False)])  # GEMV rows, and cuBLAS beyond them
+def test_dense_gemv_matches_linear(rows, bias):
+    from moemesh.runtime.gpu.dense_gemv import linear
+
+    x = torch.randn(rows, 2048, device="cuda", dtype=BF16)
+    w = torch.randn(5120, 2048, device="cuda", dtype=BF16) / 45
+    b = torch.randn(5120, device="cuda", dtype=BF16) if bias else None
+    assert _rel(linear(x, w, b), F.linear(x.float(), w.float(), None if b is None else b.float())) < 1e-2
+
+
+@cuda
+@pytest.mark.parametrize("context", [1, 63, 2000])
+def test_split_context_decode_matches_one_program_per_head(context):
+    from moemesh.runtime.gpu.paged_attention import paged_decode_attention
+
+    b, hq, hkv, d, bs = 3, 32, 4, 128, 16
+    blocks = (context + bs - 1) // bs
+    k_pool, v_pool = (torch.randn(3 * blocks * bs + bs, hkv, d, device="cuda", dtype=BF16) for _ in range(2))
+    tables = torch.randperm(3 * blocks + 1, device="cuda")[:3 * blocks].view(3, blocks).int()
+    lens = torch.tensor([context, max(1, context // 2), 1], device="cuda", dtype=torch.int32)
+    q = torch.randn(b, hq, d, device="cuda", dtype=BF16)
+    one = paged_decode_attention(q, k_pool, v_pool, tables, lens, d ** -0.5, bs, splits=1)
+    for splits in (2, 16):
+        split = paged_decode_attention(q, k_pool, v_pool, tables, lens, d ** -0.5, bs, splits=splits)
+        assert _rel(split, one) < 1e-2, splits
+

@@ -43,7 +43,11 @@ class DecodeContext:
         k_pool, v_pool = pools
         k_pool.index_copy_(0, self.slots, k.to(k_pool.dtype))
         v_pool.index_copy_(0, self.slots, v.to(v_pool.dtype))
-        return paged_decode_attention(q, k_pool, v_pool, self.block_tables, self.seq_lens, scale, self.kv_block)
+        return self.read(q, pools, scale)
+
+    def read(self, q: torch.Tensor, pools: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+        """attend() when the new K/V are already in the pools (the fused norm/rope kernel wrote them)."""
+        return paged_decode_attention(q, pools[0], pools[1], self.block_tables, self.seq_lens, scale, self.kv_block)
 
 
 def bucket_for(n: int) -> int | None:

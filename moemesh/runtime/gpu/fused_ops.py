@@ -4,6 +4,8 @@ every launch still costs ~2 us, and a layer had ~90 of them).
     add_rms_norm   x' = x + delta (optional); h = weight * rmsnorm(x') (float32 statistics, the RMSNorm order)
     norm_rope_     in place on the fused qkv rows: per-head RMSNorm of q and k (Qwen3) then rotate-half rope
     route_softmax  router logits [T, E] -> softmax -> top-k -> optional renormalisation -> (ids, weights)
+    router_logits  x [T, H] @ W^T in float32, one launch at decode sizes (fusing it with route_softmax through a
+                   last-program-does-top-k ticket was measured slower on the H200: 5.9 us against 2.4 + 2.4)
 
 Each matches the torch reference up to bf16 rounding (one rounding at the end instead of one per torch op).
 """
@@ -45,9 +47,9 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
 
 
 @triton.jit
-def _norm_rope(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, stride_t, k_offset, eps,
+def _norm_rope(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, kp_ptr, vp_ptr, slot_ptr, stride_t, k_offset, eps,
                Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
-               NORM: tl.constexpr):
+               NORM: tl.constexpr, WRITE_KV: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     is_k = tl.program_id(1)
     heads = tl.where(is_k == 1, K_HEADS, Q_HEADS)
@@ -69,34 +71,44 @@ def _norm_rope(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, stride_t, k_offset, ep
     sin = tl.load(sin_ptr + t * D + i).to(tl.float32)
     out = x * cos + tl.where(i < D // 2, -xp, xp) * sin
     tl.store(base + hh * D + i, out.to(dtype), mask=ok)
+    if WRITE_KV:  # decode: the k program also writes this token's K (rotated) and V into the pools [slots, Hkv, D]
+        if is_k == 1:
+            slot = tl.load(slot_ptr + t)
+            tl.store(kp_ptr + slot * (K_HEADS * D) + hh * D + i, out.to(kp_ptr.dtype.element_ty), mask=ok)
+            v = tl.load(base + K_HEADS * D + hh * D + i, mask=ok, other=0.0)
+            tl.store(vp_ptr + slot * (K_HEADS * D) + hh * D + i, v.to(vp_ptr.dtype.element_ty), mask=ok)
 
 
 def norm_rope_(qkv: torch.Tensor, q_heads: int, k_heads: int, head_dim: int, q_weight: torch.Tensor | None,
-               k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> None:
+               k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+               kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     """qkv [T, (Hq + 2 Hkv) * D] (q heads, then k heads, then v): q and k normalised per head (if weights) and
-    rotated in place; cos/sin [T, D] contiguous (the rope table, attention factor included)."""
+    rotated in place; cos/sin [T, D] contiguous (the rope table, attention factor included). kv = (k_pool, v_pool,
+    slots): also write each token's rotated K and its V into pool slot slots[t] (pools [S, Hkv, D] contiguous,
+    slots [T] int64), which saves the decode step two index_copy launches per layer."""
     t = qkv.shape[0]
     if not t:
         return
     norm = q_weight is not None
-    _norm_rope[(t, 2)](qkv, q_weight if norm else qkv, k_weight if norm else qkv, cos, sin, qkv.stride(0),
-                       q_heads * head_dim, eps, Q_HEADS=q_heads, K_HEADS=k_heads,
-                       HP=triton.next_power_of_2(max(q_heads, k_heads)), D=head_dim, NORM=norm, num_warps=4)
+    if kv is not None and not all(p.is_contiguous() for p in kv[:2]):
+        raise ValueError("norm_rope_ writes K/V into contiguous pools only")
+    k_pool, v_pool, slots = kv if kv is not None else (qkv, qkv, qkv)
+    _norm_rope[(t, 2)](qkv, q_weight if norm else qkv, k_weight if norm else qkv, cos, sin, k_pool, v_pool, slots,
+                       qkv.stride(0), q_heads * head_dim, eps, Q_HEADS=q_heads, K_HEADS=k_heads,
+                       HP=triton.next_power_of_2(max(q_heads, k_heads)), D=head_dim, NORM=norm,
+                       WRITE_KV=kv is not None, num_warps=4)
 
 
 @triton.jit
-def _route_softmax(logits_ptr, ids_ptr, w_ptr, e, scale, K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr,
-                   RENORM: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, EP)
-    s = tl.load(logits_ptr + t * e + cols, mask=cols < e, other=float("-inf"))
+def _softmax_topk(s, cols, e, ids_ptr, w_ptr, t, scale, K: tl.constexpr, KP: tl.constexpr, RENORM: tl.constexpr):
+    """s [EP] logits of row t (-inf beyond e) -> ids/weights row t: softmax, top-k by repeated arg-max, renorm."""
     p = tl.exp(s - tl.max(s, 0))
     p = p / tl.sum(p, 0)  # [EP] probabilities over all experts
     p = tl.where(cols < e, p, -1.0)
     slots = tl.arange(0, KP)
     ids = tl.zeros((KP,), dtype=tl.int64)
     ws = tl.zeros((KP,), dtype=tl.float32)
-    for k in tl.static_range(K):  # top-k by repeated arg-max, most likely first (torch.topk's order)
+    for k in tl.static_range(K):  # most likely first (torch.topk's order)
         best = tl.argmax(p, 0)
         ids = tl.where(slots == k, best, ids)
         ws = tl.where(slots == k, tl.max(p, 0), ws)
@@ -107,6 +119,15 @@ def _route_softmax(logits_ptr, ids_ptr, w_ptr, e, scale, K: tl.constexpr, KP: tl
     tl.store(w_ptr + t * K + slots, ws * scale, mask=slots < K)
 
 
+@triton.jit
+def _route_softmax(logits_ptr, ids_ptr, w_ptr, e, scale, K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr,
+                   RENORM: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, EP)
+    s = tl.load(logits_ptr + t * e + cols, mask=cols < e, other=float("-inf"))
+    _softmax_topk(s, cols, e, ids_ptr, w_ptr, t, scale, K, KP, RENORM)
+
+
 def route_softmax(logits: torch.Tensor, top_k: int, renormalize: bool,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] float32 -> (ids [T, K] int64, weights [T, K] float32) as Router's softmax scoring."""
@@ -115,5 +136,41 @@ def route_softmax(logits: torch.Tensor, top_k: int, renormalize: bool,
     weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
     if t:
         _route_softmax[(t,)](logits, ids, weights, e, scale, K=top_k, KP=triton.next_power_of_2(top_k),
-                             EP=triton.next_power_of_2(e), RENORM=renormalize, num_warps=4)
-    return ids, weights
+                             EP=triton.next_power_of_2(e), RENORM=renormalize, num_warps=1 if e <= 256 else 4)
+    return ids, weights  # one warp for <= 256 experts: the top-k reductions stay in warp shuffles
+
+
+@triton.jit
+def _router_logits(x_ptr, w_ptr, out_ptr, e, h, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)  # [BE] experts of this program
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for k0 in range(0, h, BLOCK_K):
+        k_ok = k0 + ks < h
+        x = tl.load(x_ptr + t * h + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)  # [BK]
+        w = tl.load(w_ptr + rows[:, None] * h + k0 + ks[None, :], mask=(rows[:, None] < e) & k_ok[None, :],
+                    other=0.0)  # [BE, BK] float32
+        acc += tl.sum(w * x[None, :], 1)
+    tl.store(out_ptr + t * e + rows, acc, mask=rows < e)
+
+
+# Rows up to which the one-launch GEMV wins: it re-reads W (float32, 1 MB at 128 experts x 2048) per row from L2, so
+# from a few rows on cuBLAS's cast + GEMM is cheaper.
+ROUTER_GEMV_MAX_TOKENS = 8
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, H] (any float dtype, contiguous), weight [E, H] float32 -> logits [T, E] float32 = x.float() @ W^T in
+    one launch (instead of a cast, cuBLAS's float32 GEMV and its reduction: three launches at decode sizes)."""
+    t, h = x.shape
+    e = weight.shape[0]
+    if t > ROUTER_GEMV_MAX_TOKENS:
+        return torch.nn.functional.linear(x.float(), weight)
+    out = torch.empty(t, e, dtype=torch.float32, device=x.device)
+    if t:
+        # one expert row per program, its whole row in one load (up to 4096 wide): many short programs in flight
+        width = min(4096, triton.next_power_of_2(h))
+        _router_logits[(t, e)](x.contiguous(), weight, out, e, h, BLOCK_E=1, BLOCK_K=width, num_warps=4)
+    return out
+

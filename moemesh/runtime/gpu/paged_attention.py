@@ -7,8 +7,12 @@
 
 Shapes are fixed (W is the table width for max_context) and the loop bound is read on the device, so the launch
 can be captured in a CUDA graph; no context is gathered into a padded copy (step_context.py does that for prefill
-and on the CPU). One program walks a whole context: long contexts at small batch would want a split over the
-context (flash-decoding), not done here.
+and on the CPU).
+
+Small batches split each context (flash-decoding): with B * Hkv programs far below the SM count, one program walking
+a whole context would leave the GPU idle (batch 1, 4 kv heads: 4 programs). Then SPLITS programs per (sequence, kv
+head) each take an equal share of the tiles and write their unnormalised partial (max, sum, acc) to a scratch
+buffer, and a second kernel combines them: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
 """
 
 from __future__ import annotations
@@ -19,24 +23,28 @@ import triton.language as tl
 
 
 @triton.jit
-def _paged_decode(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, lens_ptr, scale,
+def _paged_decode(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, lens_ptr, part_ptr, scale,
                   stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb, stride_ob, stride_oh,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     g = tl.arange(0, GROUP_PAD)
     g_ok = g < GROUP
     heads = kv_head * GROUP + g  # [G] query heads served by this kv head
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
     seq_len = tl.load(lens_ptr + b)
+    tiles = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), SPLITS)  # tiles per split
+    lo = split * tiles * BLOCK_N
+    hi = tl.minimum(lo + tiles * BLOCK_N, seq_len)
     m_i = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
-    for start in range(0, seq_len, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)  # [N] token positions of this tile
-        ok = pos < seq_len
+        ok = pos < hi
         block = tl.load(table_ptr + b * stride_tb + pos // KV_BLOCK, mask=ok, other=0)
         slot = block.to(tl.int64) * KV_BLOCK + pos % KV_BLOCK  # [N]
         k = tl.load(k_ptr + slot[:, None] * stride_ks + kv_head * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
@@ -49,15 +57,46 @@ def _paged_decode(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, lens_ptr, scale,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=g_ok[:, None])
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=g_ok[:, None])
+    else:  # partial [B, Hq, SPLITS, D + 2]: acc, then m and l (an empty split leaves m = -inf, l = 0)
+        row = ((b * (tl.num_programs(1) * GROUP) + heads) * SPLITS + split) * (HEAD_DIM + 2)  # [G]
+        tl.store(part_ptr + row[:, None] + d[None, :], acc, mask=g_ok[:, None])
+        tl.store(part_ptr + row + HEAD_DIM, m_i, mask=g_ok)
+        tl.store(part_ptr + row + HEAD_DIM + 1, l_i, mask=g_ok)
+
+
+@triton.jit
+def _combine_splits(part_ptr, out_ptr, stride_ob, stride_oh, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    rows = ((b * tl.num_programs(1) + head) * SPLITS + s) * (HEAD_DIM + 2)  # [S]
+    m = tl.load(part_ptr + rows + HEAD_DIM)
+    l = tl.load(part_ptr + rows + HEAD_DIM + 1)
+    w = tl.exp(m - tl.max(m, 0))  # [S]; empty splits (m = -inf) weigh 0, and split 0 is never empty
+    acc = tl.load(part_ptr + rows[:, None] + d[None, :])  # [S, D]
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(out_ptr + b * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def splits_for(batch: int, kv_heads: int, max_splits: int = 16, programs: int = 128) -> int:
+    """Context splits per (sequence, kv head): enough programs to fill the GPU at small batch, 1 when B * Hkv
+    already does. A power of two (the combine kernel's arange)."""
+    s = 1
+    while s < max_splits and batch * kv_heads * s * 2 <= programs:
+        s *= 2
+    return s
 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float, kv_block: int, block_n: int = 64) -> torch.Tensor:
+                           seq_lens: torch.Tensor, scale: float, kv_block: int, block_n: int = 64,
+                           splits: int | None = None) -> torch.Tensor:
     """q [B, Hq, D]; pools [slots, Hkv, D]; block_tables [B, W] int32; seq_lens [B] int32 (>= 1, the new token
-    included, its K/V already written) -> [B, Hq, D] in q's dtype."""
+    included, its K/V already written) -> [B, Hq, D] in q's dtype. splits: context splits (None: splits_for)."""
     b, hq, d = q.shape
     hkv = k_pool.shape[1]
     if hq % hkv or d & (d - 1) or k_pool.stride(2) != 1 or v_pool.stride(2) != 1 or q.stride(2) != 1:
@@ -65,11 +104,15 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
                          f"q {tuple(q.shape)}, pools {tuple(k_pool.shape)}")
     group = hq // hkv
     out = torch.empty_like(q)
-    _paged_decode[(b, hkv)](
-        q, k_pool, v_pool, out, block_tables, seq_lens, scale,
+    splits = splits_for(b, hkv) if splits is None else splits
+    part = torch.empty(b, hq, splits, d + 2, dtype=torch.float32, device=q.device) if splits > 1 else out
+    _paged_decode[(b, hkv, splits)](
+        q, k_pool, v_pool, out, block_tables, seq_lens, part, scale,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, KV_BLOCK=kv_block, BLOCK_N=block_n,
-        num_warps=4, num_stages=2,
+        SPLITS=splits, num_warps=4, num_stages=2,
     )
+    if splits > 1:
+        _combine_splits[(b, hq)](part, out, out.stride(0), out.stride(1), SPLITS=splits, HEAD_DIM=d, num_warps=1)
     return out

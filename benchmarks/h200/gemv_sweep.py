@@ -1,0 +1,58 @@
+"""Block shapes of the few-token MoE GEMV (gpu/moe_kernels._moe_gemv) at T=1 as the engine calls it (gate_up gated,
+down weighted and summed over slots into float32 rows), over a wider grid than moe_kernel.py's --tune-gemv: narrow
+column blocks with whole-K tiles included. Prints the best per kind and the JSON entry for the config file.
+
+    PYTHONPATH=. python3 benchmarks/h200/gemv_sweep.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import torch
+import triton
+
+from moemesh.runtime.gpu.fused_moe import moe_gemv
+
+
+def main() -> None:
+    e, inter, h, k, n_layers = 128, 768, 2048, 8, 12  # Qwen3-30B-A3B; 12 layers' weights: more than L2 holds
+    layers = [(torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) / 45,
+               torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16) / 28) for _ in range(n_layers)]
+    ids = torch.randperm(e, device="cuda")[:k].long()
+    weights = torch.rand(k, device="cuda")
+    hidden = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
+    act = torch.empty(k, inter, device="cuda", dtype=torch.bfloat16)
+    out = torch.zeros(1, h, device="cuda")
+    best = {}
+    for kind in ("gemv_gate_up", "gemv_down"):
+        timed = []
+        for bn, bk, warps, stages in itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (2, 4, 8), (1, 3)):
+            cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+
+            def run():  # every layer once, as a decode step does (a graph: no launch overhead, L2 cold-ish)
+                for gu, dn in layers:
+                    if kind == "gemv_gate_up":
+                        moe_gemv(hidden, gu, act, ids, k, cfg, up_rows=inter)
+                    else:
+                        moe_gemv(act, dn, out, ids, 1, cfg, weights=weights, sum_slots=k)
+            try:
+                run()
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    run()
+                us = triton.testing.do_bench(graph.replay, warmup=5, rep=30, return_mode="median") / n_layers
+                timed.append((us, cfg))
+            except Exception as exc:  # noqa: BLE001 -- a tile that does not fit: skip
+                print("skip", cfg, type(exc).__name__)
+        timed.sort(key=lambda x: x[0])
+        for us, cfg in timed[:4]:
+            print(f"{kind}: {us * 1e3:.2f} us {cfg}", flush=True)
+        best[kind] = timed[0][1]
+    print(json.dumps(best))
+
+
+if __name__ == "__main__":
+    main()

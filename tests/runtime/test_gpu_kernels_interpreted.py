@@ -1,0 +1,67 @@
+"""The decode-path Triton kernels (gpu/fused_ops.py, paged_attention.py, dense_gemv.py) run on the CPU under Triton's
+interpreter, on tiny shapes, against torch: their index arithmetic is checked in CI, which has no GPU. The
+interpreter must be chosen before triton.jit decorates the kernels, so the checks run in a fresh interpreter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+CHECKS = textwrap.dedent('''
+    import torch
+    from moemesh.runtime.gpu import dense_gemv, fused_ops, paged_attention
+
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 256, dtype=torch.bfloat16), torch.randn(16, 256)
+    out = torch.empty(3, 16)
+    fused_ops._router_logits[(3, 4)](x, w, out, 16, 256, BLOCK_E=4, BLOCK_K=128)
+    assert (out - x.float() @ w.T).abs().max() < 1e-4, "router logits"
+    assert (fused_ops.router_logits(x, w) - x.float() @ w.T).abs().max() < 1e-4, "router logits, one row each"
+    t, hq, hk, d = 2, 4, 2, 16
+    qkv = torch.randn(t, (hq + 2 * hk) * d)
+    ref = qkv.clone()
+    cos, sin = torch.randn(t, d), torch.randn(t, d)
+    kp, vp, slots = torch.zeros(10, hk, d), torch.zeros(10, hk, d), torch.tensor([3, 7])
+    fused_ops.norm_rope_(qkv, hq, hk, d, None, None, 0.0, cos, sin, (kp, vp, slots))
+    fused_ops.norm_rope_(ref, hq, hk, d, None, None, 0.0, cos, sin)
+    assert torch.equal(qkv, ref), "q/k rotated as without the pools"
+    assert torch.equal(kp[slots].reshape(t, -1), ref[:, hq * d:(hq + hk) * d]), "K written to its slots"
+    assert torch.equal(vp[slots].reshape(t, -1), ref[:, (hq + hk) * d:]), "V written to its slots"
+    assert kp.abs().sum() == kp[slots].abs().sum(), "no other slot written"
+
+    b, hq, hkv, d, bs = 2, 8, 2, 16, 4
+    kpool, vpool = torch.randn(64, hkv, d), torch.randn(64, hkv, d)
+    tables = torch.randperm(16)[:8].view(2, 4).int()
+    lens = torch.tensor([13, 5], dtype=torch.int32)
+    q = torch.randn(b, hq, d)
+    want = torch.empty_like(q)
+    for i in range(b):
+        idx = torch.cat([torch.arange(int(tables[i, j]) * bs, int(tables[i, j]) * bs + bs) for j in range(4)])
+        idx = idx[:int(lens[i])]
+        k, v = (p[idx].repeat_interleave(hq // hkv, 1) for p in (kpool, vpool))
+        want[i] = torch.einsum("ht,thd->hd", (torch.einsum("hd,thd->ht", q[i], k) * 0.25).softmax(-1), v)
+    for splits in (1, 4):
+        got = paged_attention.paged_decode_attention(q, kpool, vpool, tables, lens, 0.25, bs, block_n=4,
+                                                     splits=splits)
+        assert (got - want).abs().max() < 1e-4, f"paged decode, {splits} splits"
+
+    xw, ww = torch.randn(2, 300, dtype=torch.bfloat16), torch.randn(50, 300, dtype=torch.bfloat16)
+    bias = torch.randn(50, dtype=torch.bfloat16)
+    y = torch.empty(2, 50, dtype=torch.bfloat16)
+    dense_gemv._gemv.fn[(2, 7)](xw, ww, bias, y, 50, 300, HAS_BIAS=True, BLOCK_N=8, BLOCK_K=128)
+    want = torch.nn.functional.linear(xw.float(), ww.float(), bias.float())
+    assert ((y.float() - want).norm() / want.norm()) < 1e-2, "dense GEMV"
+    print("ok")
+''')
+
+
+def test_decode_kernels_under_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
