@@ -2,9 +2,11 @@
 ONNX Runtime backend on an int8 and an int4 checkpoint, and llama.cpp on the model's own Q4_1 GGUF (when
 llama-cpp-python is installed; else FACTS.md's 16.8 ms/token is cited, marked as not measured here).
 
-    python benchmarks/cpu_quant.py --int8 DIR --int4 DIR [--model smollm2] [--steps 64] [--repeats 3] [--threads 2]
+    python benchmarks/cpu_quant.py [--int8 DIR] [--int4 DIR] [--model smollm2] [--steps 64] [--repeats 3]
+        [--threads 2]
 
-DIRs come from `moemesh quantize`. ms/token = decode seconds / steps after one prefill step of a 32-token prompt
+DIRs come from `moemesh quantize`; left out, they are made once (int8 rtn symmetric, int4 grid, both group 32: no
+calibration, about a minute) under MOEMESH_HOME/quant/ and reused, so a re-run takes a few minutes. ms/token = decode seconds / steps after one prefill step of a 32-token prompt
 (median of `repeats`, engines interleaved). Writes benchmarks/results/cpu-quant.{json,md} with the machine, the
 load average before and after, and the command.
 """
@@ -64,11 +66,22 @@ def llama_runner(threads: int):
     return run
 
 
+def cached_checkpoint(model_dir: Path, model: str, bits: int, method: str) -> str:
+    """MOEMESH_HOME/quant/<model>-int<bits>-<method>, quantized on first use (group 32, symmetric for int8)."""
+    from moemesh.home import subdir
+    from moemesh.quant.quantizer import QuantSettings, quantize_model
+
+    out = subdir("quant") / f"{Path(model).name}-int{bits}-{method}"
+    if not (out / "model.safetensors").exists():
+        quantize_model(model_dir, out, QuantSettings(bits=bits, method=method, group_size=32, symmetric=bits == 8))
+    return str(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--int8", required=True, help="int8 checkpoint dir (moemesh quantize --bits 8)")
-    p.add_argument("--int4", required=True, help="int4 checkpoint dir (moemesh quantize --bits 4)")
+    p.add_argument("--int8", help="int8 checkpoint dir (moemesh quantize --bits 8); default: made once, see above")
+    p.add_argument("--int4", help="int4 checkpoint dir (moemesh quantize --bits 4); default: made once, see above")
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
@@ -80,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     from moemesh.runtime.engine import Engine
 
     model_dir = resolve_model(ns.model, progress=True)
+    ns.int8 = ns.int8 or cached_checkpoint(model_dir, ns.model, 8, "rtn")
+    ns.int4 = ns.int4 or cached_checkpoint(model_dir, ns.model, 4, "grid")
     prompt = prompts(model_dir, 1, 32)[0]
     runs = {"torch float32": Engine.load(model_dir),
             "onnxruntime int8": Engine.load(ns.int8, backend="onnxruntime"),

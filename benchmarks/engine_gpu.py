@@ -1,5 +1,6 @@
 """The Engine on one GPU at the full Qwen3-30B-A3B shape (48 layers, random weights via load_format="dummy"), in bf16
-and with weight-only quantized experts (`--quantizations none,fp8`: fp8 e4m3 per-channel; int8 also accepted).
+and with weight-only quantized experts (`--quantizations none,fp8`: fp8 e4m3 per-channel; int8 and int4 (a scale
+per 128 columns) also accepted: `--quantizations none,fp8,int4` adds int4 rows and the int4/bf16 speed-up).
 
     config.json written here -> Engine.load(load_format="dummy") on cuda -> per batch size: prefill `--prompt`
     tokens per sequence in one step, warm-up decode steps (CUDA graph capture), then `--steps` timed decode steps
@@ -9,9 +10,15 @@ and with weight-only quantized experts (`--quantizations none,fp8`: fp8 e4m3 per
 who: "moemesh" (decode in CUDA graphs), "moemesh-eager" (same kernels, no graphs), "moemesh-before" (the path
 before issue 10: gathered context + SDPA, sort + torch._grouped_mm with host syncs). roofline_ms = bytes a decode
 step must read (weights of the experts a batch touches under uniform routing, attention, router, LM head, KV
-cache) / 4.22 TB/s (FACTS.md's measured H200 copy bandwidth); with quantized experts their weights count 1 byte each.
+cache) / 4.22 TB/s (FACTS.md's measured H200 copy bandwidth); with quantized experts their weights count 1 byte each
+(int4: half a byte + a float32 scale per 128 weights, EXPERT_BYTES).
 
     PYTHONPATH=. python3 benchmarks/engine_gpu.py --out benchmarks/results        # on the H200, ~4 min
+
+`--models qwen3,dsv2lite` adds DeepSeek-V2-Lite's shape (27 layers, MLA with kv_lora_rank 512, 64 routed + 2 shared
+experts, top-6; decode attends over the latent, weight-absorbed: gpu/mla_decode.py); its roofline counts MLA's
+latent KV bytes ((kv_lora_rank + rope dim) per token and layer) and its attention, shared-expert and dense-layer
+weights. `--layers` defaults to each model's own depth.
 """
 
 from __future__ import annotations
@@ -36,16 +43,38 @@ QWEN3_30B_A3B = {
     "norm_topk_prob": True, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
     "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645,
 }
+DEEPSEEK_V2_LITE = {  # deepseek-ai/DeepSeek-V2-Lite's config.json (the fields the runtime reads)
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048,
+    "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16, "q_lora_rank": None,
+    "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "intermediate_size": 10944, "moe_intermediate_size": 1408, "n_routed_experts": 64, "n_shared_experts": 2,
+    "num_experts_per_tok": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "greedy",
+    "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": False, "scoring_func": "softmax",
+    "rms_norm_eps": 1e-6, "rope_theta": 10000, "max_position_embeddings": 163840, "tie_word_embeddings": False,
+    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                     "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+    "bos_token_id": 100000, "eos_token_id": 100001,
+}
+MODELS = {"qwen3": ("Qwen3-30B-A3B shape", QWEN3_30B_A3B), "dsv2lite": ("DeepSeek-V2-Lite shape", DEEPSEEK_V2_LITE)}
+EXPERT_BYTES = {"bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5 + 4 / 128}  # per expert weight, scales included
 
 
-def roofline_ms(spec, batch: int, context: float, expert_bytes: int = 2) -> float:
+def roofline_ms(spec, batch: int, context: float, expert_bytes: float = 2) -> float:
     a, m, h = spec.attention, spec.moe, spec.hidden_size
     attn = (2 * a.num_heads + 2 * a.num_kv_heads) * a.head_dim * h * 2
-    touched = m.num_experts * (1 - (1 - m.top_k / m.num_experts) ** batch)
-    experts = touched * 3 * m.intermediate_size * h * expert_bytes
     kv = batch * context * 2 * a.num_kv_heads * a.head_dim * 2
+    if a.mla:  # q (or q_a + q_b), kv_a, kv_b, o in bf16; the cache holds the latent + the rope key per token
+        r, q = a.kv_lora_rank, a.num_heads * a.head_dim
+        q_bytes = q * h if a.q_lora_rank is None else a.q_lora_rank * (h + q)
+        attn = (q_bytes + (r + a.qk_rope_head_dim) * h + a.num_heads * (a.qk_nope_head_dim + a.v_head_dim) * r
+                + a.num_heads * a.v_head_dim * h) * 2
+        kv = batch * context * (r + a.qk_rope_head_dim) * 2
+    touched = m.num_experts * (1 - (1 - m.top_k / m.num_experts) ** batch)
+    experts = touched * 3 * m.intermediate_size * h * expert_bytes + 3 * m.shared_intermediate_size * h * 2
     per_layer = attn + m.num_experts * h * 4 + experts + kv + 4 * h * 2
-    return (spec.num_layers * per_layer + spec.vocab_size * h * 2) / BANDWIDTH * 1e3
+    moe_layers = sum(spec.is_moe_layer(i) for i in range(spec.num_layers))
+    dense = (spec.num_layers - moe_layers) * (3 * spec.intermediate_size * h * 2 - m.num_experts * h * 4 - experts)
+    return (spec.num_layers * per_layer + dense + spec.vocab_size * h * 2) / BANDWIDTH * 1e3
 
 
 def time_decode(engine, batch: int, prompt: int, steps: int, warmup: int) -> float:
@@ -99,7 +128,8 @@ def load(args, model_dir: Path, quantization: str):
     engine = Engine.load(model_dir, load_format="dummy", device="cuda", dtype=torch.bfloat16,
                          kv_memory_bytes=args.kv_gib * 2**30, max_context=args.prompt + args.steps + 64,
                          quantization=quantization)
-    print(f"loaded {args.layers} layers ({quantization}, experts {engine.dispatch.bank.weight_bytes / 1e9:.1f} GB) "
+    print(f"loaded {engine.spec.num_layers} layers of {args.model_label} ({quantization}, experts "
+          f"{engine.dispatch.bank.weight_bytes / 1e9:.1f} GB) "
           f"in {time.perf_counter() - started:.0f} s; graphs: {engine.info.cuda_graphs}", flush=True)
     return engine
 
@@ -108,11 +138,23 @@ def row(engine, args, who: str, label: str, batch: int, steps: int) -> dict:
     spec = engine.spec
     ms = time_decode(engine, batch, args.prompt, steps, args.warmup)
     context = args.prompt + args.warmup + steps / 2
-    out = {"model": "Qwen3-30B-A3B shape (random weights)", "layers": spec.num_layers, "who": who,
+    out = {"model": f"{args.model_label} (random weights)", "layers": spec.num_layers, "who": who,
            "quantization": label, "batch": batch, "ms_per_step": round(ms, 2), "tok_s": round(batch * 1e3 / ms, 1),
-           "roofline_ms": round(roofline_ms(spec, batch, context, 2 if label == "bf16" else 1), 2)}
+           "roofline_ms": round(roofline_ms(spec, batch, context, EXPERT_BYTES[label]), 2)}
     print(json.dumps(out), flush=True)
     return out
+
+
+def speedups(rows: list[dict]) -> list[str]:
+    """Lines 'int4 vs bf16: batch 1 1.62x, ...' (bf16 ms / quantized ms per step, moemesh rows of one model)."""
+    ms = {(r["model"], r["quantization"], r["batch"]): r["ms_per_step"] for r in rows if r["who"] == "moemesh"}
+    lines = []
+    for model, label in sorted({(m, q) for m, q, _ in ms if q != "bf16"}):
+        pairs = [f"batch {b} {ms[(m, 'bf16', b)] / t:.2f}x" for (m, q, b), t in sorted(ms.items())
+                 if (m, q) == (model, label) and (m, "bf16", b) in ms]
+        if pairs:
+            lines.append(f"{model}: {label} vs bf16 decode speed-up: {', '.join(pairs)}")
+    return lines
 
 
 def replay_ms(engine) -> dict[int, float]:
@@ -148,35 +190,44 @@ def profile_replays(engine, label: str, out: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=48)
+    p.add_argument("--layers", type=int, default=None, help="default: each model's own depth")
+    p.add_argument("--models", type=lambda s: s.split(","), default=["qwen3"], help=f"comma-separated: {list(MODELS)}")
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64, 128])
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--kv-gib", type=int, default=4)
     p.add_argument("--quantizations", type=lambda s: s.split(","), default=["none", "fp8"],
-                   help="comma-separated: none (bf16 experts), fp8, int8")
+                   help="comma-separated: none (bf16 experts), fp8, int8, int4")
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
                    help="skip the eager and pre-issue-10 rows")
     p.add_argument("--profile", type=Path, default=None, help="folder for per-kernel profiles of graph replays")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
-    model_dir = Path(tempfile.mkdtemp(prefix="qwen3-30b-a3b-dummy-"))
-    (model_dir / "config.json").write_text(json.dumps({**QWEN3_30B_A3B, "num_hidden_layers": args.layers}))
-    rows, replay = run(args, model_dir)
+    rows, replay = [], {}
+    for name in args.models:  # one model at a time; rows say which
+        args.model_label, config = MODELS[name]
+        model_dir = Path(tempfile.mkdtemp(prefix=f"{name}-dummy-"))
+        (model_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": args.layers or
+                                                           config["num_hidden_layers"]}))
+        model_rows, model_replay = run(args, model_dir)
+        rows += model_rows
+        replay.update({f"{name} {k}": v for k, v in model_replay.items()} if len(args.models) > 1 else model_replay)
     print(f"graph replay ms by bucket: {replay}", flush=True)
     meta = {"machine": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
             "command": "PYTHONPATH=. python3 " + " ".join(sys.argv), "prompt": args.prompt, "steps": args.steps,
             "graph_replay_ms": replay}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "engine-h200.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-    lines = [f"# Engine decode step, Qwen3-30B-A3B shape, {args.layers} layers, random weights", "",
+    stem = "engine-h200" if args.models == ["qwen3"] else "engine-h200-" + "-".join(args.models)
+    (args.out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    lines = [f"# Engine decode step, {', '.join(MODELS[n][0] for n in args.models)}, random weights", "",
              f"{meta['machine']}; prompt {args.prompt}, {args.steps} timed decode steps; `{meta['command']}`", "",
-             "| who | experts | batch | ms/step | tok/s | roofline ms |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['who']} | {r['quantization']} | {r['batch']} | {r['ms_per_step']} | {r['tok_s']} | "
-              f"{r['roofline_ms']} |" for r in rows]
+             "| model | layers | who | experts | batch | ms/step | tok/s | roofline ms |", "|---" * 8 + "|"]
+    lines += [f"| {r['model']} | {r['layers']} | {r['who']} | {r['quantization']} | {r['batch']} | "
+              f"{r['ms_per_step']} | {r['tok_s']} | {r['roofline_ms']} |" for r in rows]
     lines += ["", f"GPU time of one captured step (graph replay alone) by experts' dtype and bucket, ms: {replay}"]
-    (args.out / "engine-h200.md").write_text("\n".join(lines) + "\n")
+    lines += speedups(rows)
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -10,6 +10,7 @@ time per step and the idle gap between one step's end and the next one's start (
 batcher), split into legs with the Router/Step server span and the batcher's "batcher.step" span. The idle mesh's CPU
 (10 s before any request) comes first. With --py-spy DIR, every process is also sampled by `py-spy record`
 (speedscope files in DIR).
+--pipeline off disables the batcher's step pipelining (MOEMESH_BATCHER_PIPELINE=false), to compare.
 Writes benchmarks/results/mesh-profile-cpu.json and .md.
 """
 
@@ -74,7 +75,8 @@ def gap_parts(traces: Path, since_ns: int) -> dict:
     for s in batcher:
         if s["name"] == "batcher.step":
             steps.setdefault(s["attributes"]["moemesh.step_id"], {})["bstep"] = s
-    legs = {"router_reply": [], "to_batcher": [], "batcher_turn": [], "to_router": [], "router_request": []}
+    legs = {"router_reply": [], "to_batcher": [], "batcher_turn": [], "to_router": [], "router_request": [],
+            "next_request_lead": []}
     ids = sorted(i for i, v in steps.items() if len(v) == 3 and v["server"] is not None)
     for a, b in zip(ids, ids[1:]):
         x, y = steps[a], steps[b]
@@ -85,6 +87,8 @@ def gap_parts(traces: Path, since_ns: int) -> dict:
         legs["batcher_turn"].append(y["bstep"]["start"] - x["bstep"]["end"])
         legs["to_router"].append(y["server"]["start"] - y["bstep"]["start"])
         legs["router_request"].append(y["rstep"]["start"] - y["server"]["start"])
+        # > 0: the next Step was already at the router when this one ended (pipelined); < 0: the router waited
+        legs["next_request_lead"].append(x["rstep"]["end"] - y["server"]["start"])
     return {k: statistics.median(v) / 1e6 for k, v in legs.items() if v}
 
 
@@ -166,13 +170,16 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-moe")
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--transport", default="shm")
+    parser.add_argument("--pipeline", choices=("on", "off"), default="on",
+                        help="batcher step pipelining (MOEMESH_BATCHER_PIPELINE); with it on, the router's gap is "
+                             "only its own turn-around: the next step is already queued")
     parser.add_argument("--py-spy", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mesh-profile-cpu")
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
     rows, idle = [], {}
     with tempfile.TemporaryDirectory(prefix="mesh-profile-") as tmp:
-        proc, status = start_mesh(args.model, args.transport, Path(tmp))
+        proc, status = start_mesh(args.model, args.transport, Path(tmp), args.pipeline == "on")
         try:
             pids = {n: s["pid"] for n, s in status["services"].items()}
             traces = Path(tmp) / "home" / "traces"
@@ -186,7 +193,7 @@ def main() -> None:
     md = render(rows, idle, args, load_start)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "load_average_start": load_start,
-               "load_average_end": os.getloadavg()[0]}
+               "load_average_end": os.getloadavg()[0], "pipeline": args.pipeline}
     args.out.with_suffix(".json").write_text(json.dumps({"command": _command(), "machine": machine,
                                                          "idle_core_percent": idle, "rows": rows}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(md)
@@ -216,8 +223,9 @@ def render(rows: list[dict], idle: dict, args: argparse.Namespace, load_start: f
         table.append(f"| {r['concurrency']} | " + " | ".join(f"{d[n]:.1f}" for n in names)
                      + f" | {sum(d.values()):.1f} |")
     table += ["", "Idle mesh, % of one core over 10 s: " + ", ".join(f"{n} {idle[n]:.1f}" for n in names)]
-    table += ["", "Router gap legs, median ms (router reply -> batcher -> batcher turn -> router -> router request):",
-              ""] + [f"- concurrency {r['concurrency']}: " + ", ".join(f"{k} {v:.2f}" for k, v in
+    table += ["", "Router gap legs, median ms (router reply -> batcher -> batcher turn -> router -> router request; "
+              "pipelined, batcher_turn is negative: the next step left before this one's result came back; "
+              "next_request_lead: how long before this step's end the next Step reached the router):", ""] + [f"- concurrency {r['concurrency']}: " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                              r["gap_legs_ms"].items()) for r in rows]
     return "\n".join([f"# CPU ms per streamed token per mesh process ({args.model}, {args.tokens} tokens)", "",
                       f"Command: `{_command()}`; {os.cpu_count()} cores; load average {load_start:.2f} at start, "

@@ -7,8 +7,11 @@
            + activations; % of the measured device copy bandwidth; TFLOP/s for the prefill size
 
 Weights rotate over several layers so that repeated runs do not read from L2 (60 MB on an H200).
+`--tune-for int4` (or fp8, int8) tunes the tables of quantized weights, in their own config file (`dtype=int4`);
+without one, quantized weights use the bf16 tables. int4 rows: a byte per two weights + a float32 scale per 128.
 
     PYTHONPATH=. python3 benchmarks/moe_kernel.py --tune --out benchmarks/results      # on the H200, ~3 min
+    PYTHONPATH=. python3 benchmarks/moe_kernel.py --tune-gemv --tune-for int4 --quantizations none,int4
 """
 
 from __future__ import annotations
@@ -27,13 +30,24 @@ TUNE_TOKENS = (1, 4, 16, 32, 64, 128, 256, 1024, 4096)
 BENCH_TOKENS = (1, 8, 16, 32, 64, 128, 4096)
 
 
-def candidates(tokens: int) -> list[dict]:
+def candidates(tokens: int, int4: bool = False) -> list[dict]:
+    """int4: BLOCK_K is always the 128-column scale group (the kernel steps K one group at a time)."""
     if tokens <= 128:
-        grid = itertools.product((16,), (32, 64, 128), (128, 256), (1,), (4,), (3, 4))
+        grid = itertools.product((16,), (32, 64, 128), (128,) if int4 else (128, 256), (1,), (4,), (3, 4))
     else:
-        grid = itertools.product((32, 64, 128), (64, 128), (64,), (8,), (4, 8), (3,))
+        grid = itertools.product((32, 64, 128), (64, 128), (128,) if int4 else (64,), (8,), (4, 8), (3,))
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
     return [dict(zip(keys, values)) for values in grid]
+
+
+def expert_bytes(scheme: str, h: int, inter: int) -> float:
+    """HBM bytes of one expert's gate, up and down weights with their scales."""
+    weights = 3 * inter * h
+    if scheme == "none":
+        return weights * 2
+    if scheme == "int4":
+        return weights / 2 + weights / 128 * 4  # + a float32 scale per 128 columns
+    return weights + (2 * inter + h) * 4  # + a float32 scale per output channel
 
 
 def routing(t: int, e: int, k: int, dev: str = "cuda"):
@@ -63,7 +77,10 @@ def tune(layers, k: int) -> dict[int, dict]:
     from moemesh.runtime.gpu.fused_moe import moe_gemm
     from moemesh.runtime.gpu.moe_align import align
 
+    from moemesh.runtime.quant import QuantTensor
+
     e, two_i, h = layers[0][0].shape
+    int4 = isinstance(layers[0][0], QuantTensor) and layers[0][0].scheme == "int4"
     table = {}
     for t in TUNE_TOKENS:
         ids, weights = routing(t, e, k)
@@ -72,7 +89,7 @@ def tune(layers, k: int) -> dict[int, dict]:
         best = {}
         for kind in ("gate_up", "down"):
             timed = []
-            for cfg in candidates(t):
+            for cfg in candidates(t, int4):
                 al = align(ids, e, cfg["BLOCK_M"])
                 it = itertools.cycle(layers)
 
@@ -93,12 +110,15 @@ def tune(layers, k: int) -> dict[int, dict]:
 
 
 def tune_gemv(layers, k: int) -> dict[str, dict]:
-    """Best GEMV block shape per kernel at 1 token (the GEMV path serves up to GEMV_MAX_PAIRS pairs)."""
+    """Best GEMV block shape per kernel at 1 token (the GEMV path serves up to GEMV_MAX_PAIRS pairs); int4 steps
+    hold a quarter of bf16's bytes per column, so its candidates step 2-8x more columns."""
     import triton
 
     from moemesh.runtime.gpu.fused_moe import moe_gemv
+    from moemesh.runtime.quant import QuantTensor
 
     e, two_i, h = layers[0][0].shape
+    int4 = isinstance(layers[0][0], QuantTensor) and layers[0][0].scheme == "int4"
     ids, weights = routing(1, e, k)
     ids = ids.reshape(-1).contiguous()
     hidden = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
@@ -107,7 +127,8 @@ def tune_gemv(layers, k: int) -> dict[str, dict]:
     best = {}
     for kind in ("gemv_gate_up", "gemv_down"):
         timed = []
-        for bn, bk, warps, stages in itertools.product((8, 16, 32), (256, 512), (4, 8), (3,)):
+        for bn, bk, warps, stages in itertools.product((8, 16, 32), (512, 1024, 2048) if int4 else (256, 512), (4, 8),
+                                                       (3,)):
             cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
             it = itertools.cycle(layers)
 
@@ -125,7 +146,8 @@ def tune_gemv(layers, k: int) -> dict[str, dict]:
 
 def bench(layers, k: int, bandwidth: float, scheme: str = "none") -> list[dict]:
     """Rows of the fused layer with experts in bf16 (beside torch._grouped_mm) or quantized (fp8/int8: 1 byte per
-    weight + a float32 scale per output channel, dequantized in the kernel)."""
+    weight + a float32 scale per output channel; int4: half a byte + a float32 scale per 128 weights; dequantized
+    in the kernel)."""
     import triton
 
     from moemesh.runtime.gpu.fused_moe import fused_moe
@@ -134,7 +156,7 @@ def bench(layers, k: int, bandwidth: float, scheme: str = "none") -> list[dict]:
 
     e, two_i, h = layers[0][0].shape
     inter = two_i // 2
-    expert_bytes = 3 * inter * h * 2 if scheme == "none" else 3 * inter * h + (two_i + h) * 4  # + fp32 row scales
+    per_expert = expert_bytes(scheme, h, inter)
     kernel_layers = layers if scheme == "none" else [(quantize(gu, scheme), quantize(dn, scheme)) for gu, dn in layers]
     label = "fused_moe (triton, graph)" if scheme == "none" else f"fused_moe {scheme} (triton, graph)"
     rows = []
@@ -168,7 +190,7 @@ def bench(layers, k: int, bandwidth: float, scheme: str = "none") -> list[dict]:
             timed.append(("torch._grouped_mm (sorted rows)",
                           triton.testing.do_bench(grouped, warmup=10, rep=100, return_mode="median")))
         distinct = int((counts > 0).sum())
-        nbytes = distinct * expert_bytes + t * h * 2 * 2 + t * k * (inter * 2 * 2 + h * 4)
+        nbytes = distinct * per_expert + t * h * 2 * 2 + t * k * (inter * 2 * 2 + h * 4)
         flops = 2 * t * k * 3 * inter * h
         for who, ms in timed:
             rows.append({"tokens": t, "who": who, "us": round(ms * 1e3, 1), "experts_touched": distinct,
@@ -187,19 +209,31 @@ def main(argv=None) -> int:
     p.add_argument("--inter", type=int, default=768)
     p.add_argument("--tune", action="store_true", help="tune first and write the config JSON")
     p.add_argument("--tune-gemv", action="store_true", help="tune the few-token GEMV kernel into the config JSON")
-    p.add_argument("--quantizations", type=lambda s: s.split(","), default=["none", "fp8", "int8"],
-                   help="expert weights to bench: none (bf16), fp8, int8")
+    p.add_argument("--quantizations", type=lambda s: s.split(","), default=["none", "fp8", "int8", "int4"],
+                   help="expert weights to bench: none (bf16), fp8, int8, int4")
+    p.add_argument("--tune-for", default="none", choices=("none", "fp8", "int8", "int4"),
+                   help="weights --tune / --tune-gemv tune (quantized: their own config file)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
     from moemesh.runtime.gpu import fused_moe as fm
 
     torch.manual_seed(0)
     layers = layers_of_weights(4, args.experts, args.hidden, args.inter)
-    name = fm.config_name(args.experts, args.inter, args.hidden, torch.bfloat16, torch.cuda.get_device_name())
+    tuned_layers, dtype = layers, torch.bfloat16
+    if args.tune_for != "none":
+        from moemesh.runtime.quant import quantize
+
+        tuned_layers = [(quantize(gu, args.tune_for), quantize(dn, args.tune_for)) for gu, dn in layers]
+        dtype = "int4" if args.tune_for == "int4" else tuned_layers[0][0].q.dtype
+    name = fm.config_name(args.experts, args.inter, args.hidden, dtype, torch.cuda.get_device_name())
     if args.tune:
         started = time.perf_counter()
-        table = tune(layers, args.top_k)
-        text = json.dumps({str(t): v for t, v in table.items()}, indent=1) + "\n"
+        table = {str(t): v for t, v in tune(tuned_layers, args.top_k).items()}
+        path = fm.CONFIG_DIR / name
+        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        for t, entry in old.items():  # keep the GEMV entries (--tune-gemv) of the file being replaced
+            table.setdefault(t, {}).update({kind: cfg for kind, cfg in entry.items() if kind.startswith("gemv")})
+        text = json.dumps(table, indent=1) + "\n"
         fm.CONFIG_DIR.mkdir(parents=True, exist_ok=True)
         (fm.CONFIG_DIR / name).write_text(text)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -208,8 +242,8 @@ def main(argv=None) -> int:
         print(f"tuned in {time.perf_counter() - started:.0f} s -> {name}", flush=True)
     if args.tune_gemv:
         path = fm.CONFIG_DIR / name
-        table = json.loads(path.read_text(encoding="utf-8"))
-        table["1"].update(tune_gemv(layers, args.top_k))
+        table = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        table.setdefault("1", {}).update(tune_gemv(tuned_layers, args.top_k))
         path.write_text(json.dumps(table, indent=1) + "\n")
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / name).write_text(json.dumps(table, indent=1) + "\n")

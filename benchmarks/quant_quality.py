@@ -1,11 +1,13 @@
-"""Perplexity of quantized checkpoints (from `moemesh quantize`) against their float model, on the torch engine
-(the weights' own error) and on the ONNX Runtime backend (plus MatMulNBits' int8 activations), in one run.
+"""Perplexity of quantized checkpoints (from `moemesh quantize`) against their float model on two held-out texts, on
+the torch engine (the weights' own error) and on the ONNX Runtime backend (plus MatMulNBits' int8 activations).
 
     python benchmarks/quant_quality.py --model smollm2 LABEL=DIR [LABEL=DIR ...]
-        [--text ../shared/eval/wikitext2-test.raw] [--max-tokens 2048] [--window 512] [--out NAME]
+        [--text FILE --text FILE] [--max-tokens 2048] [--window 512] [--out NAME]
 
-Few windows on purpose (2 shared cores): the default scores 4 windows of 512 tokens. The eval text is held out:
-nothing here tunes on it (calibration text: moemesh/quant/data/calib_en.txt). Writes
+Texts (both held out: nothing here or in `moemesh quantize` tunes on them): ../shared/eval/wikitext2-test.raw
+(Wikipedia) and benchmarks/data/heldout_us_founding.txt (18th-19th century public-domain prose, see
+benchmarks/data/README.md). Calibration uses moemesh/quant/data/ or text the model writes itself. Few windows on
+purpose (2 shared cores): the default scores 4 windows of 512 tokens per text. Writes
 benchmarks/results/<out>.{json,md}.
 """
 
@@ -19,53 +21,80 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+TEXTS = {"wikitext2": ROOT.parent / "shared" / "eval" / "wikitext2-test.raw",
+         "us-founding": ROOT / "benchmarks" / "data" / "heldout_us_founding.txt"}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
-    p.add_argument("checkpoints", nargs="+", help="LABEL=DIR")
-    p.add_argument("--text", default=str(ROOT.parent / "shared" / "eval" / "wikitext2-test.raw"))
+    p.add_argument("checkpoints", nargs="*", help="LABEL=DIR")
+    p.add_argument("--text", action="append", help="held-out text (repeatable; default: the two above)")
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--out", default="quant-quality")
+    p.add_argument("--engine-quant", default="", help="comma-separated Engine.load weight-only schemes (fp8, int8) "
+                   "of --model itself, quantized on load (quant.py's rules); torch rows only")
     ns = p.parse_args(argv)
     from moemesh.evaluation.perplexity import evaluate_perplexity
 
+    texts = {Path(t).stem: Path(t) for t in ns.text} if ns.text else TEXTS
     load = os.getloadavg()
 
-    def ppl(model: str, backend: str) -> float:
-        return evaluate_perplexity(model, ns.text, max_tokens=ns.max_tokens, window=ns.window,
-                                   backend=backend).perplexity
+    def ppl(model: str, backend: str, quantization: str = "none") -> dict[str, float]:
+        return {name: round(evaluate_perplexity(model, str(path), max_tokens=ns.max_tokens, window=ns.window,
+                                                backend=backend, quantization=quantization).perplexity, 3)
+                for name, path in texts.items()}
 
     base = ppl(ns.model, "torch")
-    rows = [{"checkpoint": f"{ns.model} float32", "torch": round(base, 3), "onnxruntime": None}]
+    rows = [{"checkpoint": f"{ns.model} float32", "method": "-", "bits": 32, "group_size": "-", "torch": base,
+             "onnxruntime": None}]
+    print(rows[0], flush=True)
     for item in ns.checkpoints:
         label, _, path = item.partition("=")
         config = json.loads((Path(path) / "config.json").read_text()).get("moemesh_quantization", {})
-        torch_ppl, ort_ppl = ppl(path, "torch"), ppl(path, "onnxruntime")
         rows.append({"checkpoint": label, "method": config.get("method"), "bits": config.get("bits"),
                      "group_size": config.get("group_size"), "symmetric": config.get("symmetric"),
-                     "int8_modules": config.get("int8_modules"), "torch": round(torch_ppl, 3),
-                     "onnxruntime": round(ort_ppl, 3), "torch_delta_pct": round(100 * (torch_ppl / base - 1), 2),
-                     "ort_delta_pct": round(100 * (ort_ppl / base - 1), 2)})
-    result = {"command": "python " + " ".join(sys.argv), "model": ns.model, "text": ns.text,
-              "max_tokens": ns.max_tokens, "window": ns.window, "load_average": [round(x, 2) for x in load],
-              "rows": rows}
-    lines = ["| checkpoint | method | bits | group | torch ppl (delta) | ORT ppl (delta) |",
-             "|---|---|---|---|---|---|"]
-    lines.append(f"| {ns.model} float32 | - | 32 | - | {base:.3f} | - |")
-    for r in rows[1:]:
-        lines.append(f"| {r['checkpoint']} | {r['method']} | {r['bits']} | {r['group_size']} | {r['torch']} "
-                     f"({r['torch_delta_pct']:+.2f}%) | {r['onnxruntime']} ({r['ort_delta_pct']:+.2f}%) |")
-    table = "\n".join(lines)
+                     "int8_modules": config.get("int8_modules"), "calib": config.get("calib"),
+                     "torch": ppl(path, "torch"), "onnxruntime": ppl(path, "onnxruntime")})
+        print(rows[-1], flush=True)
+    for scheme in filter(None, ns.engine_quant.split(",")):  # Engine.load(quantization=...): no checkpoint
+        rows.append({"checkpoint": f"{ns.model} --quantization {scheme}", "method": "engine " + scheme, "bits": 8,
+                     "group_size": engine_rule(scheme), "torch": ppl(ns.model, "torch", scheme), "onnxruntime": None})
+        print(rows[-1], flush=True)
+    result = {"command": "python " + " ".join(sys.argv), "model": ns.model, "texts": {k: str(v) for k, v in
+              texts.items()}, "max_tokens": ns.max_tokens, "window": ns.window,
+              "load_average": [round(x, 2) for x in load], "rows": rows}
+    table = render(rows, base, list(texts))
     print(table)
     out = ROOT / "benchmarks" / "results"
     (out / f"{ns.out}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{ns.out}.md").write_text(f"# Quantized perplexity: {ns.model}\n\n`{result['command']}`\n\n"
-                                      f"{ns.max_tokens} tokens of {ns.text} in windows of {ns.window}; load "
-                                      f"average {result['load_average']}.\n\n{table}\n")
+    (out / f"{ns.out}.md").write_text(
+        f"# Quantized perplexity: {ns.model}\n\n`{result['command']}`\n\n{ns.max_tokens} tokens of each text in "
+        f"windows of {ns.window}; load average {result['load_average']}. Delta: against the float32 model on the "
+        f"torch engine.\n\n{table}\n")
     return 0
+
+
+def engine_rule(scheme: str) -> str:
+    """What Engine.load(quantization=scheme) does to a dense FFN (quant.quantize_dense_ffn), for the table."""
+    from moemesh.runtime.quant import FP8_BLOCK_K, FP8_DENSE_KEEP_FIRST
+
+    if scheme == "fp8":
+        return f"{FP8_BLOCK_K} (dense: first {FP8_DENSE_KEEP_FIRST} layers kept)"
+    return "channel"
+
+
+def render(rows: list[dict], base: dict[str, float], texts: list[str]) -> str:
+    def cell(value: float | None, text: str) -> str:
+        return "-" if value is None else f"{value} ({100 * (value / base[text] - 1):+.2f}%)"
+
+    head = "".join(f" {t} torch | {t} ORT |" for t in texts)
+    lines = [f"| checkpoint | method | bits | group |{head}", "|---|---|---|---|" + "---|---|" * len(texts)]
+    for r in rows:
+        cells = "".join(f" {cell(r['torch'][t], t)} | {cell((r['onnxruntime'] or {}).get(t), t)} |" for t in texts)
+        lines.append(f"| {r['checkpoint']} | {r['method']} | {r['bits']} | {r['group_size']} |{cells}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

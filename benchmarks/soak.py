@@ -4,11 +4,12 @@
 Figures: per service RSS growth and open file descriptors from the end of the first window (warm-up: allocator,
 connection pools, caches) to the last sample (must be <= 10%, flat), and from the very first sample; p99 end-to-end
 latency of the last window vs the first (windows of min(5 min, a third of the run); must be <= 1.2x). Slow-reader
-phase: the load tenant runs at 30% of capacity (inside its fair share of two tenants) for --minutes/3 without, then
-as long with the slow streams; its p99 with them vs without says whether they starve it.
+phase: the load tenant runs at 30% of capacity (inside its fair share of two tenants) for --slow-minutes without,
+then as long next to the slow streams (each asks for --slow-tokens tokens and reads one chunk a second); its p99
+with them vs without says whether they starve it. RSS and fds are sampled all along (the series is in the JSON).
 
     .venv/bin/python benchmarks/soak.py --minutes 20 --slow-streams 1000     # the issue's run
-    .venv/bin/python benchmarks/soak.py --minutes 3 --slow-streams 200       # a short validation
+    .venv/bin/python benchmarks/soak.py --minutes 3 --slow-streams 200 --slow-minutes 1   # a short validation
 Writes benchmarks/results/soak.json and soak.md (machine, command).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -29,13 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from chaos import start_mesh, tiny_model  # noqa: E402
+from slow_readers import batcher_counters, cpu_seconds, phase_figures, slow_readers  # noqa: E402
 from moemesh.bench.backends import GrpcBackend  # noqa: E402
 from moemesh.bench.load import LoadRun  # noqa: E402
 from moemesh.bench.report import machine  # noqa: E402
 from moemesh.bench.stats import percentile  # noqa: E402
 from moemesh.bench.workload import LoadSpec  # noqa: E402
-from moemesh.sdk.client import build_request  # noqa: E402
-from moemesh.v1 import chat_pb2_grpc  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PROMPT, MAX_TOKENS = 32, 32
@@ -73,37 +74,6 @@ async def capacity(target: str, key: str, model: str, seconds: float) -> float:
     return sum(r.ok for r in records) / duration
 
 
-async def slow_readers(target: str, key: str, model: str, count: int, hold_s: float, held: list[int]) -> list[str]:
-    """`count` streams of the slow tenant, each reading one chunk per second for hold_s; returns their errors."""
-    import grpc
-
-    channels = [grpc.aio.insecure_channel(target) for _ in range(max(1, count // 100))]
-    metadata = (("authorization", f"Bearer {key}"),)
-
-    async def one(i: int) -> str:
-        stub = chat_pb2_grpc.ChatStub(channels[i % len(channels)])
-        request = build_request("slow reader " * 4, model=model, max_tokens=200, ignore_eos=True)
-        call = stub.StreamChatCompletion(request, metadata=metadata, timeout=hold_s + 120)
-        held[0] += 1
-        try:
-            end = time.monotonic() + hold_s
-            async for _ in call:
-                if time.monotonic() > end:
-                    break
-                await asyncio.sleep(1.0)  # a client reading slowly: HTTP/2 flow control pushes back
-            return ""
-        except grpc.aio.AioRpcError as exc:
-            return f"{exc.code().name}: {exc.details()[:100]}"
-        finally:
-            held[0] -= 1
-            call.cancel()
-
-    errors = await asyncio.gather(*(one(i) for i in range(count)))
-    for channel in channels:
-        await channel.close()
-    return [e for e in errors if e]
-
-
 def p99(records, start: float, end: float) -> float | None:
     e2e = sorted(r.end - r.start for r in records if r.ok and start <= r.start < end)
     return round(percentile(e2e, 99), 3) if e2e else None
@@ -111,6 +81,11 @@ def p99(records, start: float, end: float) -> float | None:
 
 async def run(args: argparse.Namespace) -> dict:
     home = Path(tempfile.mkdtemp(prefix="moemesh-soak-"))
+    # The batcher's queue holds every waiting stream: room for the slow tenant's, and a per-tenant bound so that one
+    # tenant cannot fill it for the others (README: limits).
+    per_tenant = max(1024, args.slow_streams + 64)
+    os.environ.setdefault("MOEMESH_BATCHER_MAX_QUEUE_PER_TENANT", str(per_tenant))
+    os.environ.setdefault("MOEMESH_BATCHER_MAX_QUEUE", str(2 * per_tenant))
     proc, status_path = start_mesh(home, tiny_model())
     status = json.loads(status_path.read_text())
     target, key, model = status["gateway"], status["api_key"], status["model"]
@@ -119,18 +94,23 @@ async def run(args: argparse.Namespace) -> dict:
     total, samples = args.minutes * 60, []
     clock0 = time.perf_counter()
     soak = asyncio.create_task(_load(target, key, model, 0.8 * cap, total, seed=1))
-    watcher = asyncio.create_task(_watch(soak, status_path, samples, clock0, min(10.0, total / 30)))
+    done = asyncio.Event()
+    watcher = asyncio.create_task(_watch(done, status_path, samples, clock0, min(10.0, total / 30)))
     records, duration = await soak
-    await watcher
     window = min(300.0, total / 3)
     first, last = p99(records, clock0, clock0 + window), p99(records, clock0 + total - window, clock0 + total)
-    slow = await _slow_phase(target, key, slow_key, model, 0.3 * cap, total / 3, args.slow_streams)
+    soak_samples = [x for x in samples if x[0] <= total + 1]
+    slow = await _slow_phase(target, key, slow_key, model, status_path, 0.3 * cap, args)
+    done.set()
+    await watcher
     proc.send_signal(signal.SIGTERM)
     proc.wait(60)
     return {"minutes": args.minutes, "capacity_rps": round(cap, 2), "rate_rps": round(0.8 * cap, 2),
             "requests": len(records), "failed": sum(not r.ok for r in records), "duration_s": round(duration, 1),
             "p99_first_s": first, "p99_last_s": last, "p99_ratio": round(last / first, 3) if first and last else None,
-            "window_s": window, "services": _growth(samples, window), "slow": slow}
+            "window_s": window, "services": _growth(soak_samples, window), "slow": slow,
+            "series": _series(samples, 60.0), "soak_s": total,
+            "batcher_env": {k: v for k, v in os.environ.items() if k.startswith("MOEMESH_BATCHER_")}}
 
 
 async def _load(target: str, key: str, model: str, rate: float, seconds: float, seed: int):
@@ -143,29 +123,51 @@ async def _load(target: str, key: str, model: str, rate: float, seconds: float, 
         await backend.close()
 
 
-async def _watch(load: asyncio.Task, status_path: Path, samples: list, clock0: float, every: float) -> None:
-    while not load.done():
+async def _watch(done: asyncio.Event, status_path: Path, samples: list, clock0: float, every: float) -> None:
+    while not done.is_set():
         samples.append((time.perf_counter() - clock0, sample(status_path)))
-        await asyncio.sleep(every)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), every)
+    samples.append((time.perf_counter() - clock0, sample(status_path)))
 
 
-async def _slow_phase(target: str, key: str, slow_key: str, model: str, rate: float, seconds: float,
-                      streams: int) -> dict:
-    """The load tenant at `rate` for `seconds` alone, then as long next to `streams` slow readers of tenant slow."""
+def _series(samples: list, every: float) -> list[dict]:
+    """One sample per `every` seconds: {"t": s, "<service>": [RSS KiB, fds]}."""
+    out, next_t = [], 0.0
+    for t, s in samples:
+        if t >= next_t or (t, s) == samples[-1]:
+            out.append({"t": round(t), **{k: list(v) for k, v in s.items()}})
+            next_t = t + every
+    return out
+
+
+async def _slow_phase(target: str, key: str, slow_key: str, model: str, status_path: Path, rate: float,
+                      args: argparse.Namespace) -> dict:
+    """The load tenant at `rate` alone, then as long next to the slow readers of tenant slow (CPU per service, the
+    batcher's tokens, steps, preemptions and parks in each half)."""
+    seconds, streams = args.slow_minutes * 60, args.slow_streams
+    snap = lambda: (cpu_seconds(status_path), batcher_counters(status_path))  # noqa: E731
+    s0 = snap()
     alone, _ = await _load(target, key, model, rate, seconds, seed=2)
-    held: list[int] = [0]
+    s1 = snap()
+    held, read = [0], [0]
     mixed = asyncio.create_task(_load(target, key, model, rate, seconds, seed=3))
-    slow_errors = await slow_readers(target, slow_key, model, streams, seconds, held)
+    slow_errors = await slow_readers(target, slow_key, model, streams, seconds, held, args.slow_tokens, read,
+                                     args.slow_window)
     records, _ = await mixed
+    s2 = snap()
     return {"streams": streams, "rate_rps": round(rate, 2), "seconds": round(seconds), "errors": len(slow_errors),
-            "error_samples": sorted(set(slow_errors))[:5], "p99_alone_s": p99(alone, 0, float("inf")),
-            "p99_with_slow_s": p99(records, 0, float("inf")), "failed_with_slow": sum(not r.ok for r in records)}
+            "max_tokens": args.slow_tokens, "window": args.slow_window, "chunks_read": read[0], "error_samples": sorted(set(slow_errors))[:5],
+            "p99_alone_s": p99(alone, 0, float("inf")), "p99_with_slow_s": p99(records, 0, float("inf")),
+            "failed_alone": sum(not r.ok for r in alone), "failed_with_slow": sum(not r.ok for r in records),
+            "alone": phase_figures(s0, s1, seconds), "with_slow": phase_figures(s1, s2, seconds)}
 
 
 def _tenant(home: Path, name: str) -> str:
     env = {**os.environ, "MOEMESH_HOME": str(home)}
-    out = subprocess.run([sys.executable, "-m", "moemesh.cli.main", "tenants", "create", name, "--concurrency", "0",
-                          "--json"], env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    limits = ["--concurrency", "0", "--rpm", "0", "--tpm", "0"]  # unlimited: the mesh's own limits are under test
+    out = subprocess.run([sys.executable, "-m", "moemesh.cli.main", "tenants", "create", name, *limits, "--json"],
+                         env=env, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout)["api_key"]
 
 
@@ -181,15 +183,15 @@ def _growth(samples: list, warm_s: float) -> dict:
     return out
 
 
-def write(doc: dict, argv: list[str]) -> None:
+def write(doc: dict, argv: list[str], name: str = "soak") -> None:
     doc.update(machine=machine(), command=" ".join([".venv/bin/python", "benchmarks/soak.py", *argv]),
                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "soak.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     rows = ["| process | RSS KiB start / after warm-up / end | growth after warm-up (from start) | "
             "open fds start / after warm-up / end (max) |", "|---|---|---|---|"]
-    for name, s in doc["services"].items():
-        rows.append(f"| {name} | {' / '.join(map(str, s['rss_kib']))} | {s['rss_growth_pct']}% "
+    for svc, s in doc["services"].items():
+        rows.append(f"| {svc} | {' / '.join(map(str, s['rss_kib']))} | {s['rss_growth_pct']}% "
                     f"({s['rss_growth_from_start_pct']}%) | {' / '.join(map(str, s['fds']))} ({s['fds_max']}) |")
     slow = doc["slow"]
     text = "\n".join([
@@ -200,12 +202,43 @@ def write(doc: dict, argv: list[str]) -> None:
         f"Poisson): {doc['requests']} requests, {doc['failed']} failed.", "",
         f"p99 end-to-end: first {doc['window_s']:.0f} s {doc['p99_first_s']} s, last {doc['p99_last_s']} s "
         f"(ratio {doc['p99_ratio']}; limit 1.2).", "", *rows, "",
-        f"Slow readers (tenant `slow`, 1 chunk/s, after the soak): {slow['streams']} streams held "
-        f"{slow['seconds']} s, {slow['errors']} errors {slow['error_samples'] or ''}; the load tenant at "
-        f"{slow['rate_rps']} req/s (30% of capacity): p99 alone {slow['p99_alone_s']} s, next to the slow streams "
-        f"{slow['p99_with_slow_s']} s ({slow['failed_with_slow']} failed).", ""])
-    (RESULTS / "soak.md").write_text(text)
+        "RSS / open fds per service over time (soak, then the slow-reader phase):", "", *_series_rows(doc), "",
+        f"Slow readers (tenant `slow`, max_tokens {slow['max_tokens']}, 1 chunk/s, HTTP/2 stream window "
+        f"{slow['window'] or 'grpc default (BDP)'} B, after the soak; batcher {doc['batcher_env']}): "
+        f"{slow['streams']} streams held {slow['seconds']} s, {slow['errors']} errors "
+        f"{slow['error_samples'] or ''}, {slow['chunks_read']} chunks read; the load tenant at "
+        f"{slow['rate_rps']} req/s (30% of capacity): p99 alone {slow['p99_alone_s']} s "
+        f"({slow['failed_alone']} failed), next to the slow streams {slow['p99_with_slow_s']} s "
+        f"({slow['failed_with_slow']} failed).", "", *_slow_rows(slow), ""])
+    (RESULTS / f"{name}.md").write_text(text)
     print(text)
+
+
+def _series_rows(doc: dict) -> list[str]:
+    """Every 5 minutes (and the last sample): RSS MiB / fds per service."""
+    names = sorted(doc["services"])
+    picked, next_t = [], 0
+    for row in doc["series"]:
+        if row["t"] >= next_t or row is doc["series"][-1]:
+            picked.append(row)
+            next_t = row["t"] + 300
+    out = ["| t (s) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for row in picked:
+        cells = [f"{row[n][0] / 1024:.0f} MiB / {row[n][1]}" if n in row else "-" for n in names]
+        out.append(f"| {row['t']} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _slow_rows(slow: dict) -> list[str]:
+    a, w = slow["alone"], slow["with_slow"]
+    out = ["| slow-reader phase | load tenant p99 (s) | tokens/s | steps | mean batch | preemptions | parks | "
+           "CPU cores per service |", "|---|---|---|---|---|---|---|---|"]
+    for label, f, p in (("load tenant alone", a, slow["p99_alone_s"]), ("with slow readers", w,
+                                                                       slow["p99_with_slow_s"])):
+        cpu = ", ".join(f"{k} {v}" for k, v in sorted(f["cpu_cores"].items()))
+        out.append(f"| {label} | {p} | {f['tokens_per_s']} | {f['steps']} | {f['mean_batch']} | "
+                   f"{f['preemptions']} | {f['parks']} | {cpu} |")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,8 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=20.0)
     p.add_argument("--slow-streams", type=int, default=1000)
     p.add_argument("--capacity-s", type=float, default=30.0, help="seconds of the capacity measurement")
-    doc = asyncio.run(run(p.parse_args(argv)))
-    write(doc, argv)
+    p.add_argument("--slow-minutes", type=float, default=4.0, help="minutes of each half of the slow-reader phase")
+    p.add_argument("--slow-tokens", type=int, default=1000, help="max_tokens of each slow stream")
+    p.add_argument("--slow-window", type=int, default=65535,
+                   help="slow clients' HTTP/2 stream window in bytes (the RFC default; 0: grpc's BDP-grown window)")
+    p.add_argument("--name", default="soak", help="result files benchmarks/results/<name>.{json,md}")
+    args = p.parse_args(argv)
+    doc = asyncio.run(run(args))
+    write(doc, argv, args.name)
     return 0
 
 

@@ -9,7 +9,8 @@ from gateway.config import GatewayConfig
 from gateway.metering_client import LocalMetering, MeteringClient
 from gateway.models import ModelCatalog
 from gateway.servicer import ChatServicer, add_to_server
-from gateway.upstream import BatcherClient, TokenizerClient
+from gateway.batcher_pool import pool_from_addresses
+from gateway.upstream import BATCHER_CHANNEL_OPTIONS, TokenizerClient
 from moemesh.serving import client_channel, run_service
 from moemesh.serving.server import exit_now
 
@@ -21,8 +22,11 @@ def main(argv: list[str] | None = None) -> None:
     closing = Closing()  # on_drain: open streams end in-band before the grace is over (gateway/closing.py)
 
     def register(server):
-        tokenizer, batcher = client_channel(config.tokenizer_addr), client_channel(config.batcher_addr)
-        channels.extend([tokenizer, batcher])
+        tokenizer = client_channel(config.tokenizer_addr)
+        batcher_channels = [client_channel(a, BATCHER_CHANNEL_OPTIONS) for a in config.batcher_addrs]  # backpressure
+        channels.extend([tokenizer, *batcher_channels])
+        by_address = dict(zip(config.batcher_addrs, batcher_channels))
+        batcher = pool_from_addresses(config.batcher_addrs, by_address.__getitem__)  # several: gateway/batcher_pool.py
         account = None
         if config.auth:
             metering_channel = client_channel(config.metering_addr)
@@ -31,8 +35,9 @@ def main(argv: list[str] | None = None) -> None:
             account = MeteringAccount(metering_channel)
         else:
             metering = LocalMetering()
-        completions.append(Completions(TokenizerClient(tokenizer), BatcherClient(batcher), metering))
-        servicer = ChatServicer(completions[0], ModelCatalog([config.model]), metering, auth=config.auth,
+        completions.append(Completions(TokenizerClient(tokenizer), batcher, metering))
+        catalog = ModelCatalog([config.model], backend=config.backend)
+        servicer = ChatServicer(completions[0], catalog, metering, auth=config.auth,
                                 default_max_tokens=config.default_max_tokens, request_timeout=config.request_timeout,
                                 account=account, closing=closing, max_n=config.max_n)
         return add_to_server(servicer, server)

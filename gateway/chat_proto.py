@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 
 from gateway.chat_request import ChatRequest
 from gateway.choices import ToolDelta
@@ -50,14 +50,14 @@ def to_chat_request(req: chat_pb2.ChatCompletionRequest) -> ChatRequest:
         tools=tuple(_dict(t) for t in req.tools),
         tool_choice=json_format.MessageToDict(req.tool_choice) if req.HasField("tool_choice") else None,
         response_format=_dict(req.response_format) if req.HasField("response_format") else None,
-        cache_salt=req.cache_salt, **_sampling_fields(req),
+        cache_salt=req.cache_salt, prompt_logprobs=_opt(req, "prompt_logprobs"), **_sampling_fields(req),
     )
 
 
 def to_completion_request(req: chat_pb2.CompletionRequest) -> ChatRequest:
     count = _opt(req, "logprobs")
     return ChatRequest(messages=(), prompt=req.prompt, logprobs=count is not None, top_logprobs=count,
-                       **_sampling_fields(req))
+                       echo=req.echo, prompt_logprobs=_opt(req, "prompt_logprobs"), **_sampling_fields(req))
 
 
 def logprobs(tokens: tuple[TokenInfo, ...]) -> chat_pb2.ChoiceLogprobs:
@@ -96,11 +96,34 @@ def defaults_proto(d: ModelDefaults) -> common_pb2.SamplingDefaults:
     return common_pb2.SamplingDefaults(**{k: v for k, v in vars(d).items() if v is not None})
 
 
-def completion_logprobs(tokens: tuple[TokenInfo, ...], offset: int) -> chat_pb2.CompletionLogprobs:
+def completion_logprobs(tokens: tuple[TokenInfo, ...], offset: int, top: bool = True) -> chat_pb2.CompletionLogprobs:
+    """OpenAI's legacy shape; with echo `tokens` starts with the prompt's (whose first has logprob None: null in
+    token_logprobs and top_logprobs, 0 in numeric_token_logprobs). top: fill top_logprobs ({text: logprob})."""
     out = chat_pb2.CompletionLogprobs()
+    out.token_logprobs.SetInParent()
     for t in tokens:
         out.tokens.append(t.text)
-        out.token_logprobs.append(t.logprob)
+        out.numeric_token_logprobs.append(t.logprob or 0.0)
+        out.token_logprobs.values.add().CopyFrom(_number_or_null(t.logprob))
         out.text_offset.append(offset)
         offset += len(t.text)
+        if top:
+            entry = out.top_logprobs.values.add()
+            if t.logprob is None:
+                entry.null_value = struct_pb2.NULL_VALUE
+            else:
+                entry.struct_value.update({a.text: a.logprob for a in t.top})
     return out
+
+
+def _number_or_null(x: float | None) -> struct_pb2.Value:
+    return struct_pb2.Value(null_value=struct_pb2.NULL_VALUE) if x is None else struct_pb2.Value(number_value=x)
+
+
+def prompt_logprobs(tokens: tuple[TokenInfo, ...]) -> list[chat_pb2.PromptLogprob]:
+    """The prompt_logprobs extension's entries (typed: the first token's logprob is absent)."""
+    def alt(a: TokenInfo) -> chat_pb2.ChoiceLogprob:
+        return chat_pb2.ChoiceLogprob(token=a.text, logprob=a.logprob, bytes=list(a.bytes))
+
+    return [chat_pb2.PromptLogprob(token_id=t.token_id, token=t.text, logprob=t.logprob,
+                                   top_logprobs=[alt(a) for a in t.top]) for t in tokens]

@@ -51,6 +51,8 @@ class ChatRequest:
     repetition_penalty: float | None = None
     prompt: str | None = None  # /v1/completions: plain text, no chat template
     cache_salt: str = ""  # vLLM's field: prefix-cache sharing only among requests of the tenant with this salt
+    prompt_logprobs: int | None = None  # vLLM's extension: score the prompt's tokens with this many alternatives
+    echo: bool = False  # /v1/completions: the answer starts with the prompt (and its logprobs, with logprobs)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,12 @@ class ValidatedChat:
     tools: ToolPlan = field(default_factory=ToolPlan)
     prompt: str | None = None
     cache_salt: str = ""  # prefix-cache salt within the tenant
+    prompt_logprobs: int | None = None  # the client asked for prompt_logprobs (returned as such)
+    echo: bool = False  # completions: prepend the prompt to the text (and its token logprobs, with logprobs)
+    bill_prompt: bool = True  # False for choices 1..n-1 of one request: the prompt is billed once (choices.py)
+    # echo with max_tokens 0 (OpenAI's way to score a text, e.g. lm-eval's loglikelihood): the engine always samples,
+    # so one token is generated and dropped; the answer and the bill have 0 completion tokens
+    score_only: bool = False
 
 
 def _cache_salt(salt: str) -> str:
@@ -113,6 +121,18 @@ def _check_logprobs(req: ChatRequest) -> None:
         raise ValueError("top_logprobs: requires logprobs to be true")
 
 
+def _prompt_scoring(req: ChatRequest) -> int | None:
+    """How many alternatives the router scores prompt tokens with: prompt_logprobs, or echo's logprobs count
+    (OpenAI's echo returns the prompt tokens' logprobs with the same top_logprobs as the completion's)."""
+    if req.prompt_logprobs is not None and not 0 <= req.prompt_logprobs <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"prompt_logprobs: {req.prompt_logprobs} is not in [0, {MAX_TOP_LOGPROBS}]")
+    if req.echo and req.prompt is None:
+        raise ValueError("echo: only /v1/completions takes echo (chat: use prompt_logprobs)")
+    wanted = [n for n in (req.prompt_logprobs, (req.top_logprobs or 0) if req.echo and req.logprobs else None)
+              if n is not None]
+    return max(wanted) if wanted else None
+
+
 def _logit_bias(pairs: tuple[tuple[str, float], ...]) -> tuple[tuple[int, float], ...]:
     out = []
     for key, bias in pairs:
@@ -156,6 +176,7 @@ def _sampling(req: ChatRequest, max_tokens: int, defaults: ModelDefaults, guided
         logit_bias=_logit_bias(req.logit_bias),
         repetition_penalty=_default(req.repetition_penalty, defaults, "repetition_penalty", 1.0),
         guided=guided,
+        prompt_logprobs=_prompt_scoring(req),
     )
 
 
@@ -168,7 +189,9 @@ def validate(req: ChatRequest, models: ModelCatalog, *, default_max_tokens: int,
     messages = template_messages(req.messages) if req.prompt is None else []
     if req.prompt is not None and not req.prompt:
         raise ValueError("prompt: must not be empty")
-    max_tokens = _max_tokens(req, default_max_tokens)
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    score_only = req.echo and asked == 0
+    max_tokens = 1 if score_only else _max_tokens(req, default_max_tokens)
     _in_range("temperature", req.temperature, 0.0, 2.0)
     _in_range("top_p", req.top_p, 0.0, 1.0, low_open=True)
     _in_range("presence_penalty", req.presence_penalty, -2.0, 2.0)
@@ -183,4 +206,5 @@ def validate(req: ChatRequest, models: ModelCatalog, *, default_max_tokens: int,
     sampling = _sampling(req, max_tokens, defaults or ModelDefaults(), guided)
     return ValidatedChat(model=model, messages=messages, sampling=sampling, user=req.user,
                          include_usage=req.include_usage, stop=req.stop, n=n, tools=plan, prompt=req.prompt,
-                         cache_salt=_cache_salt(req.cache_salt))
+                         cache_salt=_cache_salt(req.cache_salt), prompt_logprobs=req.prompt_logprobs,
+                         echo=req.echo, score_only=score_only)

@@ -59,6 +59,7 @@ class Delta:
 
     text: str
     tokens: tuple[TokenInfo, ...] = ()
+    prompt: tuple[TokenInfo, ...] = ()  # sampling.prompt_logprobs: every prompt token (the first's logprob None)
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,8 @@ class Completions:
         start = time.monotonic()
         prompt_ids = await self._prompt_ids(chat)
         eos = await self._eos_ids(chat.model)
-        await self._metering.reserve(request_id, tenant.name, chat.model, len(prompt_ids), chat.sampling.max_tokens)
+        billed_prompt = len(prompt_ids) if chat.bill_prompt else 0
+        await self._metering.reserve(request_id, tenant.name, chat.model, billed_prompt, chat.sampling.max_tokens)
         outcome = _Outcome(prompt_tokens=len(prompt_ids))
         deadline_ms = int((time.time() + timeout_s) * 1000) if timeout_s else 0
         params = GenerateParams(request_id, tenant.name, chat.model, tuple(prompt_ids), chat.sampling,
@@ -123,9 +125,12 @@ class Completions:
         detok = self._tokenizer.detokenizer(chat.model)
         checker = StopChecker(replace(chat.sampling, stop=chat.stop), eos)
         try:
-            async for item in self._stream(chat, generation, detok, checker, outcome):
+            async for item in self._stream(chat, generation, detok, checker, outcome, prompt_ids):
                 if isinstance(item, Finish):
                     await detok.finish()
+                    item = replace(item, reason="length", completion_tokens=0) if chat.score_only else item
+                elif chat.score_only and not item.prompt:
+                    continue  # the one token generated to score the prompt is not part of the answer
                 yield item
         except Exception:
             outcome.finish_reason = FINISH_ERROR
@@ -134,6 +139,8 @@ class Completions:
             generation.cancel()
             detok.close()
             prompt_tokens, completion_tokens, finish_reason = outcome.billed()
+            prompt_tokens = prompt_tokens if chat.bill_prompt else 0  # billed with choice 0 (see choices.py)
+            completion_tokens = 0 if chat.score_only else completion_tokens
             self._commit_later(UsageRecord(
                 request_id=request_id, tenant=tenant.name, key_id=tenant.key_id, model=chat.model,
                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -142,11 +149,13 @@ class Completions:
                 cached_tokens=min(outcome.cached_tokens, prompt_tokens),
             ))
 
-    async def _stream(self, chat, generation, detok, checker: StopChecker,
-                      outcome: _Outcome) -> AsyncIterator[Delta | Finish]:
+    async def _stream(self, chat, generation, detok, checker: StopChecker, outcome: _Outcome,
+                      prompt_ids: list[int]) -> AsyncIterator[Delta | Finish]:
         async for event in generation.events():
             outcome.admitted = True
             _account(outcome, event)
+            if event.prompt_logprobs:
+                yield Delta("", prompt=await self._prompt_infos(chat.model, prompt_ids, event.prompt_logprobs))
             delta = await self._consume(chat, event, detok, checker)
             outcome.completion_tokens = checker.num_tokens
             if delta.text or delta.tokens:
@@ -193,6 +202,14 @@ class Completions:
             logprob = event.logprobs[i] if i < len(event.logprobs) else 0.0
             out.append(TokenInfo(token_id, pieces[token_id][0], pieces[token_id][1], logprob, top))
         return tuple(out)
+
+    async def _prompt_infos(self, model: str, prompt_ids: list[int], scores) -> tuple[TokenInfo, ...]:
+        """TokenEvent.prompt_logprobs -> TokenInfo per prompt token (texts of tokens and alternatives)."""
+        wanted = list(dict.fromkeys(prompt_ids + [t for _, top in scores for t, _ in top]))
+        pieces = dict(zip(wanted, await self._tokenizer.pieces(model, wanted)))
+        return tuple(TokenInfo(token_id, *pieces[token_id], logprob,
+                               tuple(TokenInfo(t, *pieces[t], lp) for t, lp in top))
+                     for token_id, (logprob, top) in zip(prompt_ids, scores))
 
     async def _prompt_ids(self, chat: ValidatedChat) -> list[int]:
         if chat.prompt is not None:

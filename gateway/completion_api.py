@@ -15,6 +15,14 @@ from moemesh.serving.telemetry import request_scope
 from moemesh.v1 import chat_pb2
 
 
+def unary_only(chat) -> None:
+    """Prompt scoring (echo, prompt_logprobs) is answered whole: refused on the streaming RPCs."""
+    if chat.echo:
+        raise ValueError("echo: not supported with stream (send stream: false)")
+    if chat.prompt_logprobs is not None:
+        raise ValueError("prompt_logprobs: not supported with stream (send stream: false)")
+
+
 class CompletionRpcs:
     """Needs from the servicer: _admit, _completions, _closing (see gateway/servicer.py)."""
 
@@ -27,9 +35,14 @@ class CompletionRpcs:
             got = await gather_choices(self._completions, chat, tenant, request_id, timeout)
         choices = []
         for i in range(chat.n):
-            choice = chat_pb2.CompletionChoice(index=i, text=got.texts[i], finish_reason=got.finishes[i].reason)
+            # echo: the prompt's text and tokens (choice 0 scored them for all) lead every choice's
+            text, tokens = (chat.prompt + got.texts[i], got.prompt + got.tokens[i]) if chat.echo else (
+                got.texts[i], got.tokens[i])
+            choice = chat_pb2.CompletionChoice(index=i, text=text, finish_reason=got.finishes[i].reason)
             if chat.sampling.logprobs:
-                choice.logprobs.CopyFrom(chat_proto.completion_logprobs(got.tokens[i], 0))
+                choice.logprobs.CopyFrom(chat_proto.completion_logprobs(tokens, 0))
+            if chat.prompt_logprobs is not None:
+                choice.prompt_logprobs.extend(chat_proto.prompt_logprobs(got.prompt))
             choices.append(choice)
         return chat_pb2.Completion(id=request_id, object="text_completion", created=created, model=chat.model,
                                    choices=choices, usage=chat_proto.usage(got.finishes), system_fingerprint=FINGERPRINT)
@@ -38,6 +51,7 @@ class CompletionRpcs:
         from gateway.servicer import FINGERPRINT, _error_chunk, new_request_id
 
         chat, tenant, timeout = await self._admit(request, context, chat_proto.to_completion_request)
+        unary_only(chat)
         request_id, created = new_request_id("cmpl"), int(time.time())
 
         def chunk(**fields) -> chat_pb2.Completion:

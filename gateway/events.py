@@ -23,6 +23,8 @@ class TokenEvent:
     engine_seconds: float = 0.0
     queue_seconds: float = 0.0
     cached_tokens: int = 0  # prompt tokens served from the router's prefix cache
+    # sampling.prompt_logprobs, first token's event: per prompt token (logprob or None for the first, alternatives)
+    prompt_logprobs: tuple[tuple[float | None, tuple[tuple[int, float], ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,5 +77,5 @@ class TokenInfo:
     token_id: int
     text: str
     bytes: bytes
-    logprob: float
+    logprob: float | None  # None: a prompt's first token (nothing precedes it)
     top: tuple["TokenInfo", ...] = field(default=())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import PurePath
+from pathlib import Path, PurePath
 
 
 @dataclass(frozen=True)
@@ -26,14 +26,16 @@ class ModelDefaults:
 class ModelEntry:
     id: str
     created: int  # Unix seconds when the gateway loaded it
+    quantization: str = "none"  # the checkpoint's, from its config.json (moemesh.quant.describe)
+    backend: str = "torch"  # what the mesh runs it on (MOEMESH_BACKEND)
 
 
 class ModelCatalog:
-    def __init__(self, model_ids: list[str], created: int | None = None) -> None:
+    def __init__(self, model_ids: list[str], created: int | None = None, backend: str = "torch") -> None:
         if not model_ids:
             raise ValueError("the gateway needs at least one model")
         when = int(time.time()) if created is None else created
-        self.entries = [ModelEntry(m, when) for m in model_ids]
+        self.entries = [ModelEntry(m, when, _quantization(m), backend) for m in model_ids]
         self._aliases: dict[str, str] = {}
         for m in model_ids:
             self._aliases[m] = m
@@ -53,3 +55,12 @@ class ModelCatalog:
             return self._aliases[name]
         except KeyError:
             raise ValueError(f"model: {name!r} is not served (available: {', '.join(self.ids)})") from None
+
+
+def _quantization(model: str) -> str:
+    """A checkpoint directory's (or downloaded built-in's) quantization; "none" for anything not on this disk."""
+    from moemesh.home import models_dir
+    from moemesh.quant.describe import describe_checkpoint
+
+    path = PurePath(model)
+    return describe_checkpoint(path if Path(path).is_dir() else models_dir() / model)

@@ -15,7 +15,7 @@ from gateway.chat_request import ValidatedChat, validate
 from gateway.choices import ToolShaper, gather_choices, run_choices
 from gateway.closing import Closing
 from gateway.completion import Completions, Delta
-from gateway.completion_api import CompletionRpcs
+from gateway.completion_api import CompletionRpcs, unary_only
 from gateway.events import Tenant
 from gateway.models import ModelCatalog
 from moemesh.serving.errors import status_for
@@ -91,10 +91,12 @@ class ChatServicer(AccountRpcs, CompletionRpcs, chat_pb2_grpc.ChatServicer):
         return chat_pb2.ChatCompletion(
             id=request_id, object="chat.completion", created=created, model=chat.model, choices=choices,
             usage=chat_proto.usage(got.finishes), system_fingerprint=FINGERPRINT,
+            prompt_logprobs=chat_proto.prompt_logprobs(got.prompt) if chat.prompt_logprobs is not None else [],
         )
 
     async def StreamChatCompletion(self, request, context):
         chat, tenant, timeout = await self._admit(request, context)
+        unary_only(chat)
         request_id, created = new_request_id(), int(time.time())
 
         def chunk(**fields) -> chat_pb2.ChatCompletionChunk:
@@ -135,7 +137,8 @@ class ChatServicer(AccountRpcs, CompletionRpcs, chat_pb2_grpc.ChatServicer):
         for e in self._models.entries:
             defaults = await self._completions.defaults(e.id)
             cards.append(chat_pb2.ModelCard(id=e.id, object="model", created=e.created, owned_by="moemesh",
-                                            sampling_defaults=chat_proto.defaults_proto(defaults)))
+                                            sampling_defaults=chat_proto.defaults_proto(defaults),
+                                            quantization=e.quantization, backend=e.backend))
         return chat_pb2.ListModelsResponse(object="list", data=cards)
 
 

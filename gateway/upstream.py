@@ -29,6 +29,11 @@ CLOSE_WAIT_S = 1.0
 # back within seconds), for at most ENCODE_RETRY_S in all.
 TOKENIZER_CALL_S = 15.0
 ENCODE_RETRY_S = 30.0
+# The gateway's channel to the batcher: small per-stream HTTP/2 windows (no BDP growth), so that a stream the gateway
+# stops reading (its client does not read) stops the batcher's writes after ~4 KiB (~100 token events) and the
+# batcher parks the sequence (services/batcher/backpressure.py). Measured: 117 events of 30 B per stalled stream;
+# streams read normally are not slowed (flow-control updates are local round trips).
+BATCHER_CHANNEL_OPTIONS = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4096))
 
 
 class PeerLost(ServiceError):
@@ -167,7 +172,7 @@ def sampling_to_proto(s) -> common_pb2.SamplingParams:
         presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, max_tokens=s.max_tokens,
         logprobs=s.logprobs, top_logprobs=s.top_logprobs, ignore_eos=s.ignore_eos,
         stop_token_ids=s.stop_token_ids, logit_bias=[common_pb2.TokenBias(token_id=t, bias=b) for t, b in s.logit_bias],
-        prompt_tokens=s.prompt_tokens,
+        prompt_tokens=s.prompt_tokens, prompt_logprobs=s.prompt_logprobs,
     )
     if s.repetition_penalty != 1.0:
         out.repetition_penalty = s.repetition_penalty
@@ -270,4 +275,6 @@ def _event(event: batcher_pb2.GenerateEvent) -> TokenEvent:
         finish_reason=_FINISH.get(event.finish_reason), prompt_tokens=event.prompt_tokens,
         completion_tokens=event.completion_tokens, engine_seconds=event.engine_seconds,
         queue_seconds=event.queue_seconds, cached_tokens=event.cached_tokens,
+        prompt_logprobs=tuple((p.logprob if p.HasField("logprob") else None,
+                               tuple((t.token_id, t.logprob) for t in p.top_logprobs)) for p in event.prompt_logprobs),
     )

@@ -1,4 +1,5 @@
-"""What `moemesh up` does for the expert data plane: CPU thread defaults per service, and which transport the router
+"""What `moemesh up` does for the expert data plane: CPU thread defaults per service, the --expert-transport and
+--placement flags (what the router and each shard get), and which transport the router
 chose for each expert shard (Router.Info), for the printout and the status file (`services.<name>.transport`).
 
 Threads (2-core CPU, smollm2-moe, measured with benchmarks/mesh_decode.py): the router computes while the shards
@@ -97,4 +98,60 @@ def service_env(kind: str, index: int, num_shards: int, device: str, dtype: str,
         env["MOEMESH_EXPERT_NUM_SHARDS"] = str(num_shards)
         if device == "cuda" and visible_gpus > 1:
             env["MOEMESH_EXPERT_DEVICE"] = f"cuda:{index % visible_gpus}"
+    return env
+
+
+TRANSPORT_ENV = "MOEMESH_ROUTER_EXPERT_TRANSPORT"
+
+
+def add_arguments(p) -> None:
+    """`moemesh up` flags of the expert data plane."""
+    p.add_argument("--expert-transport", default=None, choices=("auto", "shm", "dist", "cuda_ipc", "grpc"),
+                   help="expert data plane (default auto, or MOEMESH_ROUTER_EXPERT_TRANSPORT): a forced one never "
+                   "falls back to grpc; start-up or the step fails naming the shard")
+    p.add_argument("--placement", default=None, metavar="FILE", help="expert placement from `moemesh placement` "
+                   "(replicas of hot experts, per-layer expert sets): one shard per entry, the router splits "
+                   "replicated experts' tokens")
+
+
+def transport_line(flag: str | None, transports: Mapping[str, str]) -> str:
+    """The printout's line: the requested mode, then what the router chose per shard (Router.Info)."""
+    chosen = ", ".join(f"{n} {t}" for n, t in sorted(transports.items())) or "unknown"
+    return f"  expert transport: {chosen} (--expert-transport {requested_transport(flag)})"
+
+
+def requested_transport(flag: str | None, environ: Mapping[str, str] = os.environ) -> str:
+    """The router's --expert-transport: the flag, else the env the router would read, else auto."""
+    return flag or environ.get(TRANSPORT_ENV, "auto")
+
+
+def planned_shards(path: str | None, requested: int | None) -> list[list[int]] | None:
+    """Expert ids per shard from a `moemesh placement` file (None without one); ValueError naming the file when it
+    is unusable or --expert-shards disagrees with it."""
+    if not path:
+        return None
+    from moemesh.runtime.placement_plan import read  # pure Python (no torch)
+
+    shards, _ = read(path)
+    if requested is not None and requested != len(shards):
+        raise ValueError(f"--expert-shards {requested} disagrees with --placement {path} ({len(shards)} shards); "
+                         "leave --expert-shards out")
+    return shards
+
+
+def placement_env(kind: str, index: int, planned: list[list[int]] | None, path: str | None,
+                  transport: str | None) -> dict[str, str]:
+    """The router gets the placement file and the forced transport; shard i its experts from the file."""
+    env: dict[str, str] = {}
+    if kind == "ROUTER":
+        if transport:
+            env[TRANSPORT_ENV] = transport
+        if planned:
+            env["MOEMESH_ROUTER_PLACEMENT"] = str(os.path.abspath(path))
+    if kind == "EXPERT" and planned:
+        env["MOEMESH_EXPERT_EXPERTS"] = ",".join(map(str, planned[index]))  # per-layer files: the union
+        from moemesh.runtime.placement_plan import read_layers
+
+        if read_layers(path) is not None:  # per layer: the shard reads its entry of each layer
+            env["MOEMESH_EXPERT_PLACEMENT"] = str(os.path.abspath(path))
     return env

@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--batch", type=int, default=None, help="windows per forward (default: by logits memory)")
     ppl.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ppl.add_argument("--quantization", default="none", choices=["none", "fp8", "int8"],
+    ppl.add_argument("--quantization", default="none", choices=["none", "fp8", "int8", "int4"],
                      help="weight-only quantization of the experts (a dense model: its FFN)")
     ppl.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
                      help="onnxruntime: int4/int8 MatMulNBits (the checkpoint's, else int8 round-to-nearest)")

@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     "eval": "evaluate a model (perplexity on a text file)",
     "certs": "make the development CA and TLS certificates (MOEMESH_HOME/certs)",
     "quantize": "int4/int8 weight-only quantization of a checkpoint (GPTQ or round-to-nearest)",
+    "placement": "expert placement with replicas of the hottest experts, from observed load",
 }
 
 

@@ -23,7 +23,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--symmetric", action="store_true", help="symmetric codes (default: asymmetric, zero points)")
     p.add_argument("--int8", action="append", default=[], metavar="REGEX",
                    help="with --bits 4: keep modules matching REGEX in int8 (repeatable), e.g. 'down_proj$'")
-    p.add_argument("--calib", default=None, help="UTF-8 calibration text (default: moemesh/quant/data/calib_en.txt)")
+    p.add_argument("--calib", default=None,
+                   help="gptq: UTF-8 calibration text, or 'self': text the model samples itself (about 8k tokens of "
+                   "stories, letters, explanations; kept as calibration_self.txt in --out). Default: "
+                   "moemesh/quant/data/calib_en.txt")
+    p.add_argument("--damp", type=float, default=0.01,
+                   help="gptq: Hessian dampening, a fraction of its mean diagonal (higher: closer to round-to-nearest, "
+                   "safer with little calibration text)")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.set_defaults(func=run)
 
@@ -35,11 +41,9 @@ def run(ns: argparse.Namespace) -> int:
     from moemesh.quant.quantizer import QuantSettings, quantize_model
 
     settings = QuantSettings(bits=ns.bits, method=ns.method, group_size=ns.group_size, symmetric=ns.symmetric,
-                             int8_modules=tuple(ns.int8), **({"calib": ns.calib} if ns.calib else {}))
+                             int8_modules=tuple(ns.int8), damp=ns.damp, **({"calib": ns.calib} if ns.calib else {}))
     try:
         settings.validate()
-        if ns.calib and not Path(ns.calib).is_file():
-            raise ValueError(f"--calib {ns.calib!r} is not a file")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

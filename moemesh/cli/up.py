@@ -75,11 +75,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "CUDA one per GPU, and 0 with one GPU: experts co-located in the router)")
     p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
                    help="dummy: random weights from the model's config.json (benchmarks without a checkpoint)")
-    p.add_argument("--quantization", default="none", choices=("none", "fp8", "int8"),
+    p.add_argument("--quantization", default="none", choices=("none", "fp8", "int8", "int4"),
                    help="weight-only quantization of the experts (router and shards; MOEMESH_QUANTIZATION)")
     p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
                    help="onnxruntime: int4/int8 weight-only matmuls on CPU for the router's dense layers and the "
                    "expert shards (an int4 checkpoint from `moemesh quantize`, else int8; MOEMESH_BACKEND)")
+    data_plane.add_arguments(p)  # --expert-transport, --placement
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for SERVING (first run "
                    "converts the built-in model)")
     edge_hook.add_arguments(p)
@@ -111,7 +112,8 @@ def _port_free(host: str, port: int) -> bool:
 def plan(ns: argparse.Namespace, run_dir: Path) -> dict[str, Child]:
     """The seven children with their ports, peer addresses and env."""
     gpus = _visible_gpus(ns.device)
-    shards = data_plane.expert_shard_count(ns.device, ns.expert_shards, gpus)
+    planned = data_plane.planned_shards(getattr(ns, "placement", None), ns.expert_shards)
+    shards = len(planned) if planned else data_plane.expert_shard_count(ns.device, ns.expert_shards, gpus)
     experts = [f"expert-{i}" for i in range(shards)]
     for name in experts:
         SERVICES.setdefault(name, SERVICES["expert-0"])
@@ -139,6 +141,8 @@ def plan(ns: argparse.Namespace, run_dir: Path) -> dict[str, Child]:
         env.update(data_plane.service_env(kind, int(name.split("-")[-1]) if kind == "EXPERT" else 0, shards,
                                           ns.device, ns.dtype, ns.load_format, gpus))
         env.update(data_plane.thread_env(kind, num_shards=shards))  # torch threads, passive OpenMP waits
+        env.update(data_plane.placement_env(kind, int(name.split("-")[-1]) if kind == "EXPERT" else 0, planned,
+                                            getattr(ns, "placement", None), getattr(ns, "expert_transport", None)))
         if name == "metering" and not ns.no_auth:
             env["MOEMESH_METERING_DEV_TENANT"] = DEV_TENANT
         if name == "gateway":
@@ -233,7 +237,7 @@ def run(ns: argparse.Namespace) -> NoReturn:
         dashboard = dashboard_hook.start(ns, path, say)  # live monitoring on threads of this process
         transports = data_plane.expert_transports(
             ready["router"]["address"], {n: i["address"] for n, i in ready.items() if n.startswith("expert-")})
-        say("  expert transport: " + (", ".join(f"{n} {t}" for n, t in sorted(transports.items())) or "unknown"))
+        say(data_plane.transport_line(getattr(ns, "expert_transport", None), transports))
         write_status(path, ns, children, ready, dashboard, transports)
         say(f"\nmesh SERVING: gateway {ready['gateway']['address']} (status {path})")
         if dashboard:

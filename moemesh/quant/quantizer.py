@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from moemesh.quant.writer import packed_tensors, quantization_config, write_chec
 LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|(mlp|block_sparse_moe)\."
                     r"((shared_experts?|experts\.\d+)\.)?(gate_proj|up_proj|down_proj|w1|w2|w3))\.weight$")
 METHODS = ("rtn", "gptq", "grid")
+SELF = "self"  # QuantSettings.calib: text the model samples itself (self_calibration.py)
 GRID_MIN_FIT = 0.5  # grid: a tensor with fewer groups on a 4-bit grid than this is stored in int8 instead
 
 
@@ -46,6 +47,10 @@ class QuantSettings:
             raise ValueError(f"--method must be one of {list(METHODS)}, got {self.method!r}")
         if self.group_size < 1:
             raise ValueError(f"--group-size must be positive, got {self.group_size}")
+        if not 0 < self.damp <= 10:
+            raise ValueError(f"--damp must be in (0, 10], got {self.damp}")
+        if self.calib != SELF and not Path(self.calib).is_file():
+            raise ValueError(f"--calib {self.calib!r} is not a file (or 'self')")
 
 
 def collect_hessians(model_dir: Path, s: QuantSettings, log: Callable[[str], None]) -> tuple[Hessians, list]:
@@ -94,6 +99,12 @@ def quantize_model(model_dir: Path, out: Path, s: QuantSettings, log: Callable[[
 
     s.validate()
     start = time.perf_counter()
+    if s.calib == SELF and s.method == "gptq":  # the model writes its calibration text; kept beside the weights
+        from moemesh.quant.self_calibration import write_self_calibration
+
+        out.mkdir(parents=True, exist_ok=True)
+        log("writing calibration text with the model itself (sampled answers, see quant/self_calibration.py)")
+        s = replace(s, calib=str(write_self_calibration(model_dir, out / "calibration_self.txt")))
     hessians, fell = collect_hessians(model_dir, s, log) if s.method == "gptq" else (Hessians(), [])
     tensors, modules = {}, {}
     with Checkpoint(model_dir) as ckpt:

@@ -89,8 +89,8 @@ class BlockManager:
             return 0
         table = self._tables.setdefault(seq_id, [])
         parent, hit = chain.parent, 0
-        while hit + bs <= limit:
-            parent = block_key(salt, parent, token_ids[hit:hit + bs])
+        while hit + bs <= limit:  # the chain's salt: works after position 0 name none (it is sent once, at 0)
+            parent = block_key(chain.salt, parent, token_ids[hit:hit + bs])
             block = self.index.lookup(parent)
             if block is None:
                 break

@@ -8,7 +8,7 @@ the engine as it was), and a failure during the forward (e.g. an expert shard do
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,13 +22,14 @@ from moemesh.runtime.experts import ExpertBank
 from moemesh.runtime.gpu import decode_plan, kernels_usable
 from moemesh.runtime.kv_cache import KVCache
 from moemesh.runtime.ort import check_backend
+from moemesh.runtime.prompt_logprobs import PromptScorer, logit_rows, scored_works
+from moemesh.quant.describe import describe_checkpoint
 from moemesh.runtime.quant import check_quantization, quantize_dense_ffn
-from moemesh.runtime.sampling import Sampler, SeqSampleState, validate
+from moemesh.runtime.sampling import Sampler, SeqSampleState
 from moemesh.runtime.spec import ModelSpec, load_spec
 from moemesh.runtime.step_context import StepContext
-from moemesh.runtime.types import (
-    ContextLengthError, EngineInfo, ExpertDispatch, Guided, SamplingParams, SeqResult, SequenceStateError, SeqWork,
-)
+from moemesh.runtime.step_works import SeqState, check, fill_in
+from moemesh.runtime.types import ContextLengthError, EngineInfo, ExpertDispatch, Guided, SeqResult, SeqWork
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,6 @@ def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return value
 
 
-@dataclass
-class _Sequence:
-    length: int  # tokens in the KV cache
-    sampling: SeqSampleState  # seeded generator + completion token counts
-    params: SamplingParams  # what it started with (later works may leave sampling out)
-
-
 class Engine:
     def __init__(self, spec: ModelSpec, backbone: Backbone, dispatch: ExpertDispatch, cache: KVCache,
                  blocks: BlockManager, *, max_context: int, model_name: str, device: torch.device,
@@ -64,11 +58,13 @@ class Engine:
         self.max_context, self.model_name, self.device = max_context, model_name, device
         self.dtype = backbone.embed.dtype
         self.sampler = Sampler()
-        self._seqs: dict[str, _Sequence] = {}
+        self._seqs: dict[str, SeqState] = {}
         self.decode, self.cuda_graphs = decode, cuda_graphs  # gpu/decode_graphs.DecodeRunner or None, and why
         self.quantization = quantization
+        self.backend = "torch"  # Engine.load sets the one it built with
         self.model_dir: Path | None = None  # where the tokenizer lives (grammars need its vocabulary)
         self.grammars = None  # runtime/grammar.GrammarBook, built on the first constrained request
+        self.prompts = PromptScorer()  # prompt logprobs (prompt_logprobs.py): tails between prefill chunks
 
     @classmethod
     def load(cls, model_dir: str | Path, *, dispatch: ExpertDispatch | None = None, device: str | torch.device = "cpu",
@@ -79,7 +75,7 @@ class Engine:
         """dispatch None: every routed expert in process. KV capacity: kv_blocks, else the blocks kv_memory_bytes
         buys (default: see DEFAULT_KV_BYTES). max_context defaults to the model's and is capped by the capacity.
         load_format "dummy": random weights from config.json alone (dummy.py). cuda_graphs: capture decode steps
-        on CUDA where possible (EngineInfo.cuda_graphs says what happened). quantization none/fp8/int8: weight-only
+        on CUDA where possible (EngineInfo.cuda_graphs says what happened). quantization none/fp8/int8/int4: weight-only
         quantized routed experts in process (a given dispatch quantizes its own), or the FFN of a dense model.
         backend onnxruntime: dense layers and in-process experts on ONNX Runtime int4/int8 (runtime/ort/).
         prefix_cache: share the K/V of full blocks of equal prefixes (same salt) between sequences."""
@@ -129,8 +125,9 @@ class Engine:
                                   trash_block=kv_blocks, device=device, graphs=graphs)
         name = model_name or (local.name if Path(model_dir).expanduser().is_dir() else str(model_dir))
         engine = cls(spec, backbone, dispatch, cache, blocks, max_context=max_context, model_name=name, device=device,
-                     decode=decode, cuda_graphs=note, quantization=quantization)
-        engine.model_dir = local
+                     decode=decode, cuda_graphs=note,
+                     quantization=quantization if quantization != "none" else describe_checkpoint(local))
+        engine.model_dir, engine.backend = local, backend
         return engine
 
     # ---- stepping -------------------------------------------------------------------------------------------
@@ -144,9 +141,10 @@ class Engine:
         work order (for evaluation and parity checks)."""
         if not works:
             return [], torch.empty(0, self.spec.vocab_size)
-        works = self._with_sampling(works)
-        self._validate(works)
-        hits = self._reserve(works)  # CapacityError: no change
+        works = fill_in(works, self._seqs)  # sampling parameters and followed tokens (step_works.py)
+        check(works, self._seqs, self.spec.vocab_size, self.max_context)
+        scored = self._scored(works)  # works whose prompt tokens are scored (prompt_logprobs.py)
+        hits = self._reserve(works, scored)  # CapacityError: no change
         try:
             states = [self._seqs[w.seq_id].sampling if w.position else SeqSampleState.new(w.sampling, self.device)
                       for w in works]
@@ -155,35 +153,27 @@ class Engine:
                     state.grammar = self._grammar(w.sampling)
                 state.fed(w.token_ids, w.position, w.sampling.prompt_tokens)
             with torch.inference_mode():
-                logits = self._forward(self._uncached(works, hits))  # [N, V], one row per sampling work
+                logits, prompt_rows = self._forward(self._uncached(works, hits), scored)  # [N, V]: sampling works
             results = self._sample(works, states, logits)
+            self._score_prompts(works, results, prompt_rows, scored)
         except BaseException:
             for w in works:  # give back the blocks this step took; new sequences disappear
                 self.blocks.truncate(w.seq_id, w.position)
             raise
         for w, state, result in zip(works, states, results):
-            self._seqs[w.seq_id] = _Sequence(w.position + len(w.token_ids), state, w.sampling)
+            last = result.token_id if w.sample else None
+            self._seqs[w.seq_id] = SeqState(w.position + len(w.token_ids), state, w.sampling, last)
             self.blocks.commit(w.seq_id, w.token_ids)  # K/V written: full blocks become shareable
             result.cached_tokens = hits[w.seq_id]
         return results, logits
 
-    def _with_sampling(self, works: list[SeqWork]) -> list[SeqWork]:
-        """Works that leave sampling out (None) use the parameters their sequence started with."""
-        out = []
-        for w in works:
-            if w.sampling is None:
-                known = self._seqs.get(w.seq_id)
-                w = replace(w, sampling=known.params if known else SamplingParams())
-            out.append(w)
-        return out
-
-    def _reserve(self, works: list[SeqWork]) -> dict[str, int]:
+    def _reserve(self, works: list[SeqWork], scored: dict[str, int] | None = None) -> dict[str, int]:
         """Adopts cached prefix blocks, then reserves blocks for the rest; returns the tokens hit per sequence.
-        A sampling work keeps at least its last token to compute (its logits are needed)."""
+        A sampling work keeps at least its last token to compute (its logits are needed); a scored one all."""
         hits = {}
         try:
             for w in works:
-                limit = len(w.token_ids) - (1 if w.sample else 0)
+                limit = 0 if w.seq_id in (scored or {}) else len(w.token_ids) - (1 if w.sample else 0)
                 hits[w.seq_id] = self.blocks.match(w.seq_id, w.salt, w.position, w.token_ids, limit)
             self.blocks.reserve({w.seq_id: w.position + len(w.token_ids) for w in works})
         except BaseException:
@@ -215,44 +205,37 @@ class Engine:
             log.warning("%s; falling back to any JSON object", exc)
             return self.grammars.sequence(Guided(json_object=True), params.max_tokens)
 
-    def _validate(self, works: list[SeqWork]) -> None:
-        ids = [w.seq_id for w in works]
-        if len(set(ids)) != len(ids):
-            repeated = sorted(i for i in set(ids) if ids.count(i) > 1)
-            raise ValueError(f"a step lists each sequence at most once, got {repeated} more than once")
-        for w in works:
-            if not w.token_ids:
-                raise ValueError(f"sequence {w.seq_id!r}: token_ids is empty")
-            bad = [t for t in w.token_ids if not 0 <= t < self.spec.vocab_size]
-            if bad:
-                raise ValueError(f"sequence {w.seq_id!r}: token ids {bad[:5]} outside [0, {self.spec.vocab_size})")
-            known = self._seqs.get(w.seq_id)
-            cached = known.length if known else 0
-            if w.position != cached or (known is None and w.position != 0):
-                state = f"has {cached} tokens cached" if known else "is unknown (a new sequence starts at position 0)"
-                raise SequenceStateError(f"sequence {w.seq_id!r}: position {w.position} but it {state}")
-            if w.position + len(w.token_ids) > self.max_context:
-                raise ContextLengthError(f"sequence {w.seq_id!r}: {w.position + len(w.token_ids)} tokens exceed "
-                                         f"max_context {self.max_context}")
-            if w.sample:
-                validate(w.sampling)
-
-    def _forward(self, works: list[SeqWork]) -> torch.Tensor:
+    def _forward(self, works: list[SeqWork],
+                 scored: dict[str, int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits [N, V] of the sampling works' last rows, and of every row [L, V] of each scored work."""
         if not works:  # every work was a cached chunk
-            return torch.empty(0, self.spec.vocab_size, device=self.device)
-        if self.decode is not None and self.decode.takes(works):
-            return self._decode(works)
+            return torch.empty(0, self.spec.vocab_size, device=self.device), {}
+        if not scored and self.decode is not None and self.decode.takes(works):
+            return self._decode(works), {}
         new = [len(w.token_ids) for w in works]
         tables = [self.blocks.table(w.seq_id) for w in works]
         ctx = StepContext.build([w.position for w in works], new, tables, self.blocks.block_size, self.device)
         tokens = torch.tensor([t for w in works for t in w.token_ids], dtype=torch.int64, device=self.device)
-        ends = torch.cumsum(torch.tensor(new), 0) - 1  # last row of each work
-        rows = ends[[i for i, w in enumerate(works) if w.sample]].to(self.device)
+        rows, sampled, spans = logit_rows(works, new, scored or {})
         self.dispatch.begin_step(len(tokens))
         try:
-            return self.backbone(tokens, ctx, self.dispatch, self.cache.pools, rows)
+            logits = self.backbone(tokens, ctx, self.dispatch, self.cache.pools, rows.to(self.device))
         finally:
             self.dispatch.end_step()
+        if not spans:
+            return logits, {}
+        return logits[sampled], {seq_id: logits[a:b] for seq_id, (a, b) in spans.items()}
+
+    def _scored(self, works: list[SeqWork]) -> dict[str, int]:
+        """Sequence -> prompt end, for works feeding prompt tokens that asked for logprobs (read before this step
+        changes any state: a sequence that sampled before has no prompt left unless prompt_tokens says so)."""
+        return scored_works(works, lambda i: i in self._seqs and bool(self._seqs[i].sampling.replayed))
+
+    def _score_prompts(self, works: list[SeqWork], results: list[SeqResult], rows: dict[str, torch.Tensor],
+                       scored: dict[str, int]) -> None:
+        for w, result in zip(works, results):
+            if w.seq_id in rows:
+                result.prompt_logprobs = self.prompts.score(w, rows[w.seq_id], scored[w.seq_id])
 
     def _decode(self, works: list[SeqWork]) -> torch.Tensor:
         """All works decode one token: the paged runner (CUDA graphs where captured); logits [N, V] float32."""
@@ -277,6 +260,7 @@ class Engine:
         """Drop sequences and free their KV blocks; unknown ids are ignored. Returns how many were known."""
         released = 0
         for seq_id in seq_ids:
+            self.prompts.forget(seq_id)
             if self._seqs.pop(seq_id, None) is not None:
                 self.blocks.free(seq_id)
                 released += 1
@@ -316,6 +300,7 @@ class Engine:
             num_layers=s.num_layers, num_experts=s.num_experts, experts_per_token=s.moe.top_k if s.moe else 0,
             moe_layers=s.moe_layers, eos_token_ids=s.eos_token_ids, device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."), cuda_graphs=self.cuda_graphs, quantization=self.quantization,
+            backend=self.backend,
             prefix_cache=self.blocks.prefix_cache, kv_blocks_cached=self.blocks.cached_blocks,
             kv_blocks_evicted=self.blocks.index.evictions,
         )

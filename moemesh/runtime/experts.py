@@ -4,8 +4,9 @@
 / `w1`...) tensor by tensor, fused layouts (`<moe>.experts.gate_up_proj` [E, 2I, H], `down_proj` [E, H, I], as
 transformers 5 holds them in memory) one expert slice at a time. Weights are stacked per layer as
 gate_up [E_local, 2I, H] and down [E_local, H, I], or as quant.QuantTensor stacks of the same shapes
-(`quantization` fp8/int8: one scale per output channel; a DeepSeek block-scaled FP8 checkpoint stays in FP8 with its
-block scales). The fused GPU kernels dequantize in registers; the torch paths dequantize a layer on the fly.
+(`quantization` fp8/int8: one scale per output channel, int4: one per 128 columns; a DeepSeek block-scaled FP8
+checkpoint stays in FP8 with its block scales). The fused GPU kernels dequantize in registers; the torch paths
+dequantize a layer on the fly.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from moemesh.runtime.checkpoint import Checkpoint, resolve_model_dir
 from moemesh.runtime.dummy import open_checkpoint
 from moemesh.runtime.gpu import kernels_usable
 from moemesh.runtime.layers import ACTIVATIONS
-from moemesh.runtime.quant import QuantTensor, check_quantization, from_block_fp8, quantize, stack
+from moemesh.runtime.quant import QuantTensor, check_quantization, from_block_fp8, int4_from_qweight, quantize, stack
 from moemesh.runtime.spec import ModelSpec, load_spec
 
 GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -73,10 +74,29 @@ def _read_fp8_expert(ckpt: Checkpoint, prefix: str, e: int, device) -> tuple[Qua
     return None
 
 
+def _read_int4_expert(ckpt: Checkpoint, prefix: str, e: int, device) -> tuple[QuantTensor, QuantTensor] | None:
+    """(gate_up, down) of expert e with an int4 checkpoint's own codes and scales (quant.int4_from_qweight); None
+    when they are not stored that way (not per-expert int4, asymmetric, other group size): then re-quantized."""
+    for names in PER_EXPERT_NAMES:
+        full = [f"{prefix}.experts.{e}.{n}.weight" for n in names]
+        if getattr(ckpt, "quant", None) is None or full[0] in ckpt.files or full[0] not in ckpt:
+            continue
+        try:
+            for name in full:
+                ckpt.read(name)  # keeps the QWeight in ckpt.quantized
+            g, u, d = (int4_from_qweight(ckpt.quantized[name], name) for name in full)
+        except ValueError:
+            return None
+        return QuantTensor(torch.cat((g.q, u.q)).to(device), torch.cat((g.scale, u.scale)).to(device), g.block_k,
+                           g.cols), QuantTensor(d.q.to(device), d.scale.to(device), d.block_k, d.cols)
+    return None
+
+
 def _read_layer(ckpt: Checkpoint, prefix: str, experts: tuple[int, ...], device, dtype, quantization: str):
     """(gate_up, down) stacks of one layer's hosted experts: tensors, or QuantTensors when quantized."""
-    if quantization == "fp8":
-        raw = [_read_fp8_expert(ckpt, prefix, e, device) for e in experts]
+    reader = {"fp8": _read_fp8_expert, "int4": _read_int4_expert}.get(quantization)
+    if reader is not None:  # served as stored when the checkpoint is in that format
+        raw = [reader(ckpt, prefix, e, device) for e in experts]
         if all(r is not None for r in raw):
             return stack([r[0] for r in raw]), stack([r[1] for r in raw])
     pairs = [_read_expert(ckpt, prefix, e, device, dtype) for e in experts]
@@ -122,8 +142,8 @@ class ExpertBank:
              dtype: torch.dtype = torch.float32, spec: ModelSpec | None = None,
              load_format: str = "auto", quantization: str = "none") -> ExpertBank:
         """experts: global ids to host (None: all); layers: MoE layers to host (None: every MoE layer);
-        load_format "dummy": random weights from config.json alone (see dummy.py); quantization: none, fp8, int8
-        (weight-only, see quant.py)."""
+        load_format "dummy": random weights from config.json alone (see dummy.py); quantization: none, fp8, int8,
+        int4 (weight-only, see quant.py)."""
         check_quantization(quantization)
         model_dir = resolve_model_dir(model_dir)
         spec = spec or load_spec(model_dir)

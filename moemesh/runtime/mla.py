@@ -5,6 +5,9 @@ The KV cache holds the COMPRESSED latent, as transformers does: per token and la
 kv_b_proj into per-head keys [Hq, qk_nope + qk_rope] and values [Hq, v_head_dim]. That costs a matmul over the
 whole context per step but keeps the cache (kv_lora_rank + qk_rope_head_dim) wide instead of
 Hq * (qk_nope + qk_rope + v_head_dim): 576 vs 40960 values per token and layer for DeepSeek-V3.
+
+Decode steps through the paged runner (ctx.paged_decode, gpu/decode_graphs.py) skip the expansion: the absorbed
+path of mla_absorbed.py attends over the latent itself. Prefill and the CPU keep the expanded path here.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moemesh.runtime.layers import Linear, Loader, RMSNorm
+from moemesh.runtime.mla_absorbed import absorbed_decode
 from moemesh.runtime.rope import Rotary
 from moemesh.runtime.spec import AttentionSpec
 from moemesh.runtime.step_context import StepContext
@@ -64,6 +68,9 @@ class LatentAttention(nn.Module):
         cos, sin = rope
         q_rot = rotary.apply(q_rot, cos, sin)  # [T, Hq, r]
         k_rot = rotary.apply(k_rot[:, None, :], cos, sin)[:, 0]  # [T, r], one key shared by all heads
+        if getattr(ctx, "paged_decode", False):  # one token per sequence: attend over the latent (absorbed)
+            out = absorbed_decode(q_nope, q_rot, latent, k_rot, p["kv_b_proj"].weight, vdim, ctx, pools, s.scale)
+            return p["o_proj"](out)  # [T, H]
         lat_ctx, rot_ctx = ctx.context(pools, latent, k_rot)  # [B, Tk, R], [B, Tk, r]
         b, tk = lat_ctx.shape[:2]
         kv = p["kv_b_proj"](lat_ctx.to(x.dtype)).view(b, tk, heads, nope + vdim)

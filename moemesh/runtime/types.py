@@ -37,6 +37,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF semantics over prompt + completion tokens; 1: off
     guided: Guided | None = None  # grammar the output must match (runtime/grammar.py)
     prompt_tokens: int | None = None  # tokens of the prompt; later fed tokens are replayed into state (recompute)
+    prompt_logprobs: int | None = None  # score the prompt's tokens with this many alternatives (prompt_logprobs.py)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class SeqWork:
     sampling: SamplingParams | None = field(default_factory=SamplingParams)  # None: the ones it started with
     sample: bool = True  # False for prefill chunks that are not the prompt's last
     salt: str = ""  # prefix-cache namespace (tenant + client cache_salt): blocks are shared only within one salt
+    # token_ids empty: feed the token the engine sampled for this sequence in its last step (step pipelining)
+    follows: bool = False
 
 
 @dataclass
@@ -68,6 +71,7 @@ class SeqResult:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     cached_tokens: int = 0  # tokens of this work found in the prefix cache (not computed)
+    prompt_logprobs: list = field(default_factory=list)  # runtime/prompt_logprobs.PromptLogprob per prompt token fed
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,7 @@ class EngineInfo:
     dtype: str
     cuda_graphs: str = "off: not a CUDA engine"  # "on: ..." or "off: <why>" (decode steps replayed as CUDA graphs)
     quantization: str = "none"  # weight-only quantization of the in-process experts / dense FFN: none, fp8, int8
+    backend: str = "torch"  # runtime of the dense layers and in-process experts: torch or onnxruntime
     prefix_cache: bool = False  # full KV blocks shared between sequences of one salt
     kv_blocks_cached: int = 0  # idle blocks kept for their prefix (also counted in kv_blocks_free)
     kv_blocks_evicted: int = 0  # cached blocks evicted since start

@@ -10,6 +10,10 @@ a process can drop a failed group and form a new one without restarting). Per Mo
     shard -> router  tag REPLY         uint8 [64 + T*H*es]  header [8] int64 (kind REPLY, seq, layer, T, status,
                                                             text bytes) | output [T, H] (status != 0: error text)
 
+On the first layer of a router step a gloo request head may carry, in word 5, the length of the step's trace
+context ("k=v" lines, as over shared memory); the router then sends those bytes on tag CONTEXT after the body, and
+the shard joins its "expert.step" span to the trace.
+
 Every message has a size both ends know (from T, or the fixed header), as NCCL requires. While a block computes, a
 gloo shard also sends bare 64-byte (kind BEAT, seq) headers on REPLY every heartbeat_ms (gloo accepts a message
 shorter than the posted receive), so the router's bounded wait tells a long block from a stalled shard. A dead peer
@@ -27,7 +31,7 @@ import torch.distributed as dist
 
 HEAD_WORDS = 8
 LAYER, REPLY, BEAT = 1, 2, 3  # header[0]: the message kind
-REQUEST_HEAD, REQUEST_BODY, REPLY = 0, 1, 2  # tags
+REQUEST_HEAD, REQUEST_BODY, REPLY, CONTEXT = 0, 1, 2, 3  # tags
 HEAD_BYTES = HEAD_WORDS * 8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("gloo", "nccl")

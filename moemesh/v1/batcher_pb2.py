@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moemesh.v1 import common_pb2 as moemesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moemesh/v1/batcher.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\xdd\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nprompt_ids\x18\x04 \x03(\r\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x04\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x15\n\rtenant_weight\x18\x08 \x01(\x01\x12\x12\n\ncache_salt\x18\t \x01(\t\"\xbc\x02\n\rGenerateEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\x12.\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.moemesh.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x16\n\x0e\x65ngine_seconds\x18\x07 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x08 \x01(\x01\x12\x13\n\x0bpreemptions\x18\t \x01(\r\x12\x15\n\rcached_tokens\x18\n \x01(\r\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xe8\x01\n\x0c\x42\x61tcherStats\x12\x0f\n\x07waiting\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\x12\x11\n\tmax_queue\x18\x04 \x01(\r\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x1c\n\x14router_busy_fraction\x18\x06 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\t \x01(\r\x12\x18\n\x10kv_blocks_cached\x18\n \x01(\r2\xcd\x01\n\x07\x42\x61tcher\x12\x44\n\x08Generate\x12\x1b.moemesh.v1.GenerateRequest\x1a\x19.moemesh.v1.GenerateEvent0\x01\x12?\n\x06\x43\x61ncel\x12\x19.moemesh.v1.CancelRequest\x1a\x1a.moemesh.v1.CancelResponse\x12;\n\x05Stats\x12\x18.moemesh.v1.StatsRequest\x1a\x18.moemesh.v1.BatcherStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moemesh/v1/batcher.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\xdd\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nprompt_ids\x18\x04 \x03(\r\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x04\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x15\n\rtenant_weight\x18\x08 \x01(\x01\x12\x12\n\ncache_salt\x18\t \x01(\t\"\xf5\x02\n\rGenerateEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\x12.\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.moemesh.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x16\n\x0e\x65ngine_seconds\x18\x07 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x08 \x01(\x01\x12\x13\n\x0bpreemptions\x18\t \x01(\r\x12\x15\n\rcached_tokens\x18\n \x01(\r\x12\x37\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x1e.moemesh.v1.PromptTokenLogprob\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xe8\x01\n\x0c\x42\x61tcherStats\x12\x0f\n\x07waiting\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\x12\x11\n\tmax_queue\x18\x04 \x01(\r\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x1c\n\x14router_busy_fraction\x18\x06 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\t \x01(\r\x12\x18\n\x10kv_blocks_cached\x18\n \x01(\r2\xcd\x01\n\x07\x42\x61tcher\x12\x44\n\x08Generate\x12\x1b.moemesh.v1.GenerateRequest\x1a\x19.moemesh.v1.GenerateEvent0\x01\x12?\n\x06\x43\x61ncel\x12\x19.moemesh.v1.CancelRequest\x1a\x1a.moemesh.v1.CancelResponse\x12;\n\x05Stats\x12\x18.moemesh.v1.StatsRequest\x1a\x18.moemesh.v1.BatcherStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=66
   _globals['_GENERATEREQUEST']._serialized_end=287
   _globals['_GENERATEEVENT']._serialized_start=290
-  _globals['_GENERATEEVENT']._serialized_end=606
-  _globals['_CANCELREQUEST']._serialized_start=608
-  _globals['_CANCELREQUEST']._serialized_end=643
-  _globals['_CANCELRESPONSE']._serialized_start=645
-  _globals['_CANCELRESPONSE']._serialized_end=676
-  _globals['_STATSREQUEST']._serialized_start=678
-  _globals['_STATSREQUEST']._serialized_end=692
-  _globals['_BATCHERSTATS']._serialized_start=695
-  _globals['_BATCHERSTATS']._serialized_end=927
-  _globals['_BATCHER']._serialized_start=930
-  _globals['_BATCHER']._serialized_end=1135
+  _globals['_GENERATEEVENT']._serialized_end=663
+  _globals['_CANCELREQUEST']._serialized_start=665
+  _globals['_CANCELREQUEST']._serialized_end=700
+  _globals['_CANCELRESPONSE']._serialized_start=702
+  _globals['_CANCELRESPONSE']._serialized_end=733
+  _globals['_STATSREQUEST']._serialized_start=735
+  _globals['_STATSREQUEST']._serialized_end=749
+  _globals['_BATCHERSTATS']._serialized_start=752
+  _globals['_BATCHERSTATS']._serialized_end=984
+  _globals['_BATCHER']._serialized_start=987
+  _globals['_BATCHER']._serialized_end=1192
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moemesh.v1 import common_pb2 as moemesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/router.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\xa5\x01\n\x0cSequenceWork\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08position\x18\x03 \x01(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x12\n\ncache_salt\x18\x07 \x01(\t\"W\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12&\n\x04work\x18\x02 \x03(\x0b\x32\x18.moemesh.v1.SequenceWork\x12\x0f\n\x07release\x18\x03 \x03(\t\"\x9c\x01\n\x0eSequenceResult\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x15\n\x08token_id\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12.\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\x12\x15\n\rcached_tokens\x18\x05 \x01(\rB\x0b\n\t_token_id\"\x9e\x02\n\x0cStepResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.moemesh.v1.SequenceResult\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x16\n\x0ekv_blocks_free\x18\x03 \x01(\r\x12\x0e\n\x06tokens\x18\x04 \x01(\r\x12\x18\n\x10kv_blocks_cached\x18\x05 \x01(\r\x12@\n\rkv_blocks_own\x18\x06 \x03(\x0b\x32).moemesh.v1.StepResponse.KvBlocksOwnEntry\x12\x10\n\x08released\x18\x07 \x01(\r\x1a\x32\n\x10KvBlocksOwnEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"!\n\x0eReleaseRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\t\";\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x02 \x01(\r\"\x13\n\x11RouterInfoRequest\"V\n\x0f\x45xpertPlacement\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\r\x12\x0f\n\x07\x65xperts\x18\x03 \x03(\r\x12\x11\n\ttransport\x18\x04 \x01(\t\"\xf5\x04\n\nRouterInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x15\n\rkv_block_size\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\r\x12\x18\n\x10\x61\x63tive_sequences\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x12\n\nnum_layers\x18\t \x01(\r\x12\x13\n\x0bnum_experts\x18\n \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\x0b \x01(\r\x12.\n\tplacement\x18\x0c \x03(\x0b\x32\x1b.moemesh.v1.ExpertPlacement\x12\x0e\n\x06\x64\x65vice\x18\r \x01(\t\x12\r\n\x05\x64type\x18\x0e \x01(\t\x12\x15\n\reos_token_ids\x18\x0f \x03(\r\x12\x12\n\nmoe_layers\x18\x10 \x03(\r\x12\x32\n\rexpert_tokens\x18\x11 \x03(\x0b\x32\x1b.moemesh.v1.ExpertLayerLoad\x12\x13\n\x0binstance_id\x18\x12 \x01(\t\x12\x13\n\x0b\x63uda_graphs\x18\x13 \x01(\t\x12\x14\n\x0cquantization\x18\x14 \x01(\t\x12\x14\n\x0cprefix_cache\x18\x15 \x01(\x08\x12\x18\n\x10kv_blocks_cached\x18\x16 \x01(\r\x12\x19\n\x11kv_blocks_evicted\x18\x17 \x01(\x04\x12:\n\x14prefix_cache_tenants\x18\x18 \x03(\x0b\x32\x1c.moemesh.v1.TenantCacheStats\"P\n\x10TenantCacheStats\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x04\x12\x15\n\rcached_tokens\x18\x03 \x01(\x04\"0\n\x0f\x45xpertLayerLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\x04\x32\xc6\x01\n\x06Router\x12\x39\n\x04Step\x12\x17.moemesh.v1.StepRequest\x1a\x18.moemesh.v1.StepResponse\x12\x42\n\x07Release\x12\x1a.moemesh.v1.ReleaseRequest\x1a\x1b.moemesh.v1.ReleaseResponse\x12=\n\x04Info\x12\x1d.moemesh.v1.RouterInfoRequest\x1a\x16.moemesh.v1.RouterInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/router.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\xb6\x01\n\x0cSequenceWork\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08position\x18\x03 \x01(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12\x0f\n\x07\x66ollows\x18\x08 \x01(\x08\"W\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12&\n\x04work\x18\x02 \x03(\x0b\x32\x18.moemesh.v1.SequenceWork\x12\x0f\n\x07release\x18\x03 \x03(\t\"\xd5\x01\n\x0eSequenceResult\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x15\n\x08token_id\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12.\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\x12\x37\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1e.moemesh.v1.PromptTokenLogprobB\x0b\n\t_token_id\"\x9e\x02\n\x0cStepResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.moemesh.v1.SequenceResult\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x16\n\x0ekv_blocks_free\x18\x03 \x01(\r\x12\x0e\n\x06tokens\x18\x04 \x01(\r\x12\x18\n\x10kv_blocks_cached\x18\x05 \x01(\r\x12@\n\rkv_blocks_own\x18\x06 \x03(\x0b\x32).moemesh.v1.StepResponse.KvBlocksOwnEntry\x12\x10\n\x08released\x18\x07 \x01(\r\x1a\x32\n\x10KvBlocksOwnEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"!\n\x0eReleaseRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\t\";\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x02 \x01(\r\"\x13\n\x11RouterInfoRequest\"V\n\x0f\x45xpertPlacement\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\r\x12\x0f\n\x07\x65xperts\x18\x03 \x03(\r\x12\x11\n\ttransport\x18\x04 \x01(\t\"\x86\x05\n\nRouterInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x15\n\rkv_block_size\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\r\x12\x18\n\x10\x61\x63tive_sequences\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x12\n\nnum_layers\x18\t \x01(\r\x12\x13\n\x0bnum_experts\x18\n \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\x0b \x01(\r\x12.\n\tplacement\x18\x0c \x03(\x0b\x32\x1b.moemesh.v1.ExpertPlacement\x12\x0e\n\x06\x64\x65vice\x18\r \x01(\t\x12\r\n\x05\x64type\x18\x0e \x01(\t\x12\x15\n\reos_token_ids\x18\x0f \x03(\r\x12\x12\n\nmoe_layers\x18\x10 \x03(\r\x12\x32\n\rexpert_tokens\x18\x11 \x03(\x0b\x32\x1b.moemesh.v1.ExpertLayerLoad\x12\x13\n\x0binstance_id\x18\x12 \x01(\t\x12\x13\n\x0b\x63uda_graphs\x18\x13 \x01(\t\x12\x14\n\x0cquantization\x18\x14 \x01(\t\x12\x14\n\x0cprefix_cache\x18\x15 \x01(\x08\x12\x18\n\x10kv_blocks_cached\x18\x16 \x01(\r\x12\x19\n\x11kv_blocks_evicted\x18\x17 \x01(\x04\x12:\n\x14prefix_cache_tenants\x18\x18 \x03(\x0b\x32\x1c.moemesh.v1.TenantCacheStats\x12\x0f\n\x07\x62\x61\x63kend\x18\x19 \x01(\t\"P\n\x10TenantCacheStats\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x04\x12\x15\n\rcached_tokens\x18\x03 \x01(\x04\"0\n\x0f\x45xpertLayerLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\x04\x32\xc6\x01\n\x06Router\x12\x39\n\x04Step\x12\x17.moemesh.v1.StepRequest\x1a\x18.moemesh.v1.StepResponse\x12\x42\n\x07Release\x12\x1a.moemesh.v1.ReleaseRequest\x1a\x1b.moemesh.v1.ReleaseResponse\x12=\n\x04Info\x12\x1d.moemesh.v1.RouterInfoRequest\x1a\x16.moemesh.v1.RouterInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,29 +35,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPRESPONSE_KVBLOCKSOWNENTRY']._loaded_options = None
   _globals['_STEPRESPONSE_KVBLOCKSOWNENTRY']._serialized_options = b'8\001'
   _globals['_SEQUENCEWORK']._serialized_start=65
-  _globals['_SEQUENCEWORK']._serialized_end=230
-  _globals['_STEPREQUEST']._serialized_start=232
-  _globals['_STEPREQUEST']._serialized_end=319
-  _globals['_SEQUENCERESULT']._serialized_start=322
-  _globals['_SEQUENCERESULT']._serialized_end=478
-  _globals['_STEPRESPONSE']._serialized_start=481
-  _globals['_STEPRESPONSE']._serialized_end=767
-  _globals['_STEPRESPONSE_KVBLOCKSOWNENTRY']._serialized_start=717
-  _globals['_STEPRESPONSE_KVBLOCKSOWNENTRY']._serialized_end=767
-  _globals['_RELEASEREQUEST']._serialized_start=769
-  _globals['_RELEASEREQUEST']._serialized_end=802
-  _globals['_RELEASERESPONSE']._serialized_start=804
-  _globals['_RELEASERESPONSE']._serialized_end=863
-  _globals['_ROUTERINFOREQUEST']._serialized_start=865
-  _globals['_ROUTERINFOREQUEST']._serialized_end=884
-  _globals['_EXPERTPLACEMENT']._serialized_start=886
-  _globals['_EXPERTPLACEMENT']._serialized_end=972
-  _globals['_ROUTERINFO']._serialized_start=975
-  _globals['_ROUTERINFO']._serialized_end=1604
-  _globals['_TENANTCACHESTATS']._serialized_start=1606
-  _globals['_TENANTCACHESTATS']._serialized_end=1686
-  _globals['_EXPERTLAYERLOAD']._serialized_start=1688
-  _globals['_EXPERTLAYERLOAD']._serialized_end=1736
-  _globals['_ROUTER']._serialized_start=1739
-  _globals['_ROUTER']._serialized_end=1937
+  _globals['_SEQUENCEWORK']._serialized_end=247
+  _globals['_STEPREQUEST']._serialized_start=249
+  _globals['_STEPREQUEST']._serialized_end=336
+  _globals['_SEQUENCERESULT']._serialized_start=339
+  _globals['_SEQUENCERESULT']._serialized_end=552
+  _globals['_STEPRESPONSE']._serialized_start=555
+  _globals['_STEPRESPONSE']._serialized_end=841
+  _globals['_STEPRESPONSE_KVBLOCKSOWNENTRY']._serialized_start=791
+  _globals['_STEPRESPONSE_KVBLOCKSOWNENTRY']._serialized_end=841
+  _globals['_RELEASEREQUEST']._serialized_start=843
+  _globals['_RELEASEREQUEST']._serialized_end=876
+  _globals['_RELEASERESPONSE']._serialized_start=878
+  _globals['_RELEASERESPONSE']._serialized_end=937
+  _globals['_ROUTERINFOREQUEST']._serialized_start=939
+  _globals['_ROUTERINFOREQUEST']._serialized_end=958
+  _globals['_EXPERTPLACEMENT']._serialized_start=960
+  _globals['_EXPERTPLACEMENT']._serialized_end=1046
+  _globals['_ROUTERINFO']._serialized_start=1049
+  _globals['_ROUTERINFO']._serialized_end=1695
+  _globals['_TENANTCACHESTATS']._serialized_start=1697
+  _globals['_TENANTCACHESTATS']._serialized_end=1777
+  _globals['_EXPERTLAYERLOAD']._serialized_start=1779
+  _globals['_EXPERTLAYERLOAD']._serialized_end=1827
+  _globals['_ROUTER']._serialized_start=1830
+  _globals['_ROUTER']._serialized_end=2028
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SequenceWork(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "position", "sampling", "sample", "tenant", "cache_salt")
+    __slots__ = ("seq_id", "token_ids", "position", "sampling", "sample", "tenant", "cache_salt", "follows")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class SequenceWork(_message.Message):
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWS_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     position: int
@@ -23,7 +24,8 @@ class SequenceWork(_message.Message):
     sample: bool
     tenant: str
     cache_salt: str
-    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., position: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., sample: _Optional[bool] = ..., tenant: _Optional[str] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+    follows: bool
+    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., position: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., sample: _Optional[bool] = ..., tenant: _Optional[str] = ..., cache_salt: _Optional[str] = ..., follows: _Optional[bool] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("step_id", "work", "release")
@@ -36,18 +38,20 @@ class StepRequest(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., work: _Optional[_Iterable[_Union[SequenceWork, _Mapping]]] = ..., release: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SequenceResult(_message.Message):
-    __slots__ = ("seq_id", "token_id", "logprob", "top_logprobs", "cached_tokens")
+    __slots__ = ("seq_id", "token_id", "logprob", "top_logprobs", "cached_tokens", "prompt_logprobs")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     token_id: int
     logprob: float
     top_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     cached_tokens: int
-    def __init__(self, seq_id: _Optional[str] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.PromptTokenLogprob]
+    def __init__(self, seq_id: _Optional[str] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., cached_tokens: _Optional[int] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.PromptTokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("results", "compute_seconds", "kv_blocks_free", "tokens", "kv_blocks_cached", "kv_blocks_own", "released")
@@ -105,7 +109,7 @@ class ExpertPlacement(_message.Message):
     def __init__(self, address: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., experts: _Optional[_Iterable[int]] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class RouterInfo(_message.Message):
-    __slots__ = ("model", "architecture", "max_context", "kv_block_size", "kv_blocks_total", "kv_blocks_free", "active_sequences", "vocab_size", "num_layers", "num_experts", "experts_per_token", "placement", "device", "dtype", "eos_token_ids", "moe_layers", "expert_tokens", "instance_id", "cuda_graphs", "quantization", "prefix_cache", "kv_blocks_cached", "kv_blocks_evicted", "prefix_cache_tenants")
+    __slots__ = ("model", "architecture", "max_context", "kv_block_size", "kv_blocks_total", "kv_blocks_free", "active_sequences", "vocab_size", "num_layers", "num_experts", "experts_per_token", "placement", "device", "dtype", "eos_token_ids", "moe_layers", "expert_tokens", "instance_id", "cuda_graphs", "quantization", "prefix_cache", "kv_blocks_cached", "kv_blocks_evicted", "prefix_cache_tenants", "backend")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +134,7 @@ class RouterInfo(_message.Message):
     KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_EVICTED_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_TENANTS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     max_context: int
@@ -154,7 +159,8 @@ class RouterInfo(_message.Message):
     kv_blocks_cached: int
     kv_blocks_evicted: int
     prefix_cache_tenants: _containers.RepeatedCompositeFieldContainer[TenantCacheStats]
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., active_sequences: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., moe_layers: _Optional[_Iterable[int]] = ..., expert_tokens: _Optional[_Iterable[_Union[ExpertLayerLoad, _Mapping]]] = ..., instance_id: _Optional[str] = ..., cuda_graphs: _Optional[str] = ..., quantization: _Optional[str] = ..., prefix_cache: _Optional[bool] = ..., kv_blocks_cached: _Optional[int] = ..., kv_blocks_evicted: _Optional[int] = ..., prefix_cache_tenants: _Optional[_Iterable[_Union[TenantCacheStats, _Mapping]]] = ...) -> None: ...
+    backend: str
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., active_sequences: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., moe_layers: _Optional[_Iterable[int]] = ..., expert_tokens: _Optional[_Iterable[_Union[ExpertLayerLoad, _Mapping]]] = ..., instance_id: _Optional[str] = ..., cuda_graphs: _Optional[str] = ..., quantization: _Optional[str] = ..., prefix_cache: _Optional[bool] = ..., kv_blocks_cached: _Optional[int] = ..., kv_blocks_evicted: _Optional[int] = ..., prefix_cache_tenants: _Optional[_Iterable[_Union[TenantCacheStats, _Mapping]]] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class TenantCacheStats(_message.Message):
     __slots__ = ("tenant", "prompt_tokens", "cached_tokens")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from moemesh.serving.config import ROUTER_ADDR, ConfigError, ServiceConfig, check_address, setting
+from services.batcher.backpressure import Limits
 from services.batcher.policy import MODES, Policy
 
 
@@ -43,14 +44,19 @@ class BatcherConfig(ServiceConfig):
     step_timeout: float = setting(120.0, "seconds one Router.Step call may take before the step fails")
     router_wait: float = setting(60.0, "seconds Generate waits for the router to answer Info (start-up order)")
     busy_window: float = setting(10.0, "seconds of history in router_busy_fraction")
+    stream_buffer: int = setting(128, "undelivered events of one stream (its client does not read) that park its "
+                                 "sequence: out of the batch until the client has read them all (backpressure.py)")
+    stall_s: float = setting(120.0, "seconds a parked stream's client may read nothing before it is cancelled")
+    pipeline: bool = setting(True, "send the next decode step before the current step's result is back (step "
+                             "pipelining: the router never waits for the batcher's round trip)")
 
     def validate(self) -> None:
         super().validate()
         check_address(self.router_addr, self.source("router_addr"))
-        for name in ("step_timeout", "router_wait", "busy_window"):
+        for name in ("step_timeout", "router_wait", "busy_window", "stall_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{self.source(name)}: {getattr(self, name)!r} must be > 0 seconds")
-        for name in ("max_batch_size", "max_queue", "max_step_tokens"):
+        for name in ("max_batch_size", "max_queue", "max_step_tokens", "stream_buffer"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{self.source(name)}: {getattr(self, name)!r} must be >= 1")
         if self.max_step_tokens < self.max_batch_size:
@@ -68,6 +74,9 @@ class BatcherConfig(ServiceConfig):
                 f"{self.source('retry_after_min_ms')}: {self.retry_after_min_ms!r} must be > 0 and <= "
                 f"retry_after_max_ms ({self.retry_after_max_ms!r})"
             )
+
+    def stream_limits(self) -> Limits:
+        return Limits(high=self.stream_buffer, low=0, stall_s=self.stall_s)
 
     def policy(self) -> Policy:
         return Policy(

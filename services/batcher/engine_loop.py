@@ -3,6 +3,7 @@ push each request's events into its own asyncio queue. Everything that changes s
 loop's thread, so the scheduler needs no locks.
 
     turn:  schedule -> send Step(plan, with plan.release) -> deliver events -> complete
+           (pipelined, lookahead.py: send the next decode step before completing this one, while it can)
     idle:  deliver events -> Release(pending) -> sleep until scheduler.wake_at, a new request, or a cancel
 
 The previous step's tokens are delivered once the next Step is on its way (not before): their streams' writes to the
@@ -22,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence as Seq
 
 from services.batcher import metrics
+from services.batcher.backpressure import Backpressure, Limits
 from services.batcher.kv_view import KvView
+from services.batcher.lookahead import drive
 from services.batcher.meters import BusyMeter
 from services.batcher.policy import Policy
 from services.batcher.router_recovery import RouterRecovery
@@ -41,7 +44,6 @@ class RouterPort(Protocol):
 
 class RouterNotReady(Exception):
     """The router did not answer Info in time (UNAVAILABLE for the caller)."""
-
     grpc_status = "UNAVAILABLE"
 
 
@@ -62,8 +64,10 @@ class EngineLoop:
     SEND_HOPS = 3
 
     def __init__(self, router: RouterPort, policy: Policy, *, clock: Callable[[], float] = time.monotonic,
-                 busy_window: float = 10.0, router_wait: float = 60.0) -> None:
+                 busy_window: float = 10.0, router_wait: float = 60.0, pipeline: bool = True,
+                 stream_limits: Limits | None = None) -> None:
         self.router, self.policy, self.clock = router, policy, clock
+        self.pipeline = pipeline  # send step N+1 before step N's result is back (lookahead.py)
         self.router_wait = router_wait
         self.busy = BusyMeter(busy_window, clock)
         self.scheduler: Scheduler | None = None
@@ -72,19 +76,24 @@ class EngineLoop:
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._stalls: asyncio.Task | None = None  # ends streams parked past the stall limit
         self._refusals = 0
         self._stopping = False
         self.recovery = RouterRecovery(give_up=router_wait)  # a router that dies or restarts: recompute
+        self.backpressure = Backpressure(stream_limits or Limits(), clock)  # slow readers are parked
 
     # ---- life cycle -----------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher-engine-loop")
+        self._stalls = asyncio.get_running_loop().create_task(self._end_stalled(), name="batcher-stalls")
 
     async def stop(self, wait: float = 5.0) -> None:
         """Stops stepping after the step in flight (waiting up to `wait` seconds); ends every open stream as
         cancelled and releases its sequence in the router."""
         self._stopping = True
         self._wake.set()
+        if self._stalls is not None:
+            self._stalls.cancel()
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), wait)
@@ -112,7 +121,8 @@ class EngineLoop:
         Raises InvalidRequest or QueueFull (from the scheduler), RouterNotReady."""
         scheduler = await self.wait_ready()
         scheduler.add(seq)
-        stream = self._streams[seq.seq_id] = _Stream(arrival=seq.arrival)
+        buffer = self.backpressure.buffer(lambda: self._resume(seq.seq_id))
+        stream = self._streams[seq.seq_id] = _Stream(arrival=seq.arrival, queue=buffer)
         metrics.PROMPT_TOKENS.inc(len(seq.prompt_ids))
         self._wake.set()
         return stream.queue
@@ -170,6 +180,12 @@ class EngineLoop:
                 await self._poll_kv()
             await self._sleep(wake_at)
             return
+        call = await self._send(plan)
+        self._deliver()
+        await drive(self, plan, call)  # complete it, and the steps pipelined behind it (lookahead.py)
+        self._update_gauges()
+
+    async def _send(self, plan: StepPlan) -> asyncio.Future[StepOutcome]:
         call = asyncio.ensure_future(self.router.step(plan))  # carries plan.release
         try:
             for _ in range(self.SEND_HOPS):  # let the call reach the wire before the streams take the loop
@@ -177,11 +193,10 @@ class EngineLoop:
         except asyncio.CancelledError:
             call.cancel()
             raise
-        self._deliver()
-        await self._step(plan, call)
-        self._update_gauges()
+        return call
 
-    async def _step(self, plan: StepPlan, call: asyncio.Future[StepOutcome]) -> None:
+    async def _step(self, plan: StepPlan, call: asyncio.Future[StepOutcome]) -> bool:
+        """Awaits the step's result and applies it; False when the step failed (handled here)."""
         scheduler = self.scheduler
         assert scheduler is not None
         try:
@@ -193,15 +208,14 @@ class EngineLoop:
                 scheduler.fail(plan, f"router KV cache full: {exc}")
             else:
                 scheduler.abort(plan, exc.kv_blocks_free)
-            return
+            return False
         except Exception as exc:  # router down, timeout, bad state: these sequences cannot go on
             metrics.STEP_FAILURES.labels("error").inc()
             log.warning("step %d failed: %s", plan.step_id, _describe(exc))
-            if await self.recovery.handle(self, plan, exc):
-                return
-            scheduler.fail(plan, f"router step failed: {_describe(exc)}")
-            await asyncio.sleep(self.ERROR_BACKOFF)
-            return
+            if not await self.recovery.handle(self, plan, exc):
+                scheduler.fail(plan, f"router step failed: {_describe(exc)}")
+                await asyncio.sleep(self.ERROR_BACKOFF)
+            return False
         self._refusals = 0
         before = scheduler.preemptions
         scheduler.complete(plan, outcome)
@@ -210,6 +224,7 @@ class EngineLoop:
         metrics.BATCH_SIZE.observe(len(plan.items))
         metrics.ITERATION_TOKENS.observe(plan.tokens)
         metrics.PREEMPTIONS.inc(scheduler.preemptions - before)
+        return True
 
     async def _release(self, seq_ids: list[str]) -> None:
         if not seq_ids:
@@ -248,6 +263,24 @@ class EngineLoop:
             stream.queue.put_nowait(event)
             if event.finish is not None:
                 del self._streams[event.seq_id]
+            elif self.backpressure.should_park(stream.queue):  # its client stopped reading
+                self.scheduler.park(event.seq_id)
+                metrics.STREAM_PARKS.inc()
+
+    def _resume(self, seq_id: str) -> None:
+        """A parked stream's buffer is down to the low mark: schedule it again."""
+        if self.scheduler is not None and seq_id in self._streams:
+            self.scheduler.resume(seq_id)
+            self._wake.set()
+
+    async def _end_stalled(self) -> None:
+        """Ends the sequences parked for longer than the stall limit (checked every second)."""
+        while True:
+            await asyncio.sleep(1.0)
+            buffers = {k: s.queue for k, s in self._streams.items()}
+            for seq_id in self.backpressure.stalled(buffers):
+                log.info("%s: its client read nothing for %.0f s: cancelled", seq_id, self.backpressure.limits.stall_s)
+                self.cancel(seq_id)
 
     def _observe(self, stream: _Stream, event: Event, now: float) -> None:
         if event.token_ids:

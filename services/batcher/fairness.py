@@ -7,6 +7,9 @@ of the other active tenants (or, when none is active, to the counter of the tena
 banks no credit: a flood from A cannot starve B, and B returning after a
 quiet hour cannot starve A.
 
+Parked sequences (backpressure.py: their client does not read) are held out of the order: they count neither as
+queued nor as active until released.
+
 Batch slots are shared the same way: tenants below their weighted share of the slots are admitted first, and when the
 batch is full the scheduler may preempt a sequence of a tenant above its share to make room (scheduler._rebalance).
 """
@@ -14,6 +17,7 @@ batch is full the scheduler may preempt a sequence of a tenant above its share t
 from __future__ import annotations
 
 import heapq
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from services.batcher.sequence import Sequence, Status
@@ -35,6 +39,7 @@ class FairQueue:
         self._tenants: dict[str, _Tenant] = {}
         self._size = 0
         self._last_idle = 0.0  # counter of the tenant that last went idle: the floor when nobody is active
+        self._held: set[str] = set()  # seq_ids of parked WAITING sequences (their heap entries are skipped)
 
     def __len__(self) -> int:
         return self._size
@@ -57,21 +62,20 @@ class FairQueue:
         t.queued += 1
         self._size += 1
 
-    def peek(self, slots: int = 0) -> Sequence | None:
+    def peek(self, slots: int = 0, skip: Collection[str] = ()) -> Sequence | None:
         """The next sequence to admit, or None when nothing waits. With `slots` (the batch size), tenants holding
-        fewer running sequences than their weighted share of the slots go first; then the smallest counter."""
-        best: _Tenant | None = None
+        fewer running sequences than their weighted share of the slots go first; then the smallest counter.
+        Sequences whose seq_id is in `skip` (held back for this step) are passed over: their tenant's next counts."""
+        best: Sequence | None = None
         best_key: tuple = ()
         for name, t in self._tenants.items():
-            if not t.queued:
+            head = self._head(t, skip) if t.queued else None
+            if head is None:
                 continue
             key = (slots > 0 and t.running >= self.share(name, slots), t.counter, t.running)
             if best is None or key < best_key:
-                best, best_key = t, key
-        if best is None:
-            return None
-        self._drop_stale(best)
-        return best.heap[0][1]
+                best, best_key = head, key
+        return best
 
     def share(self, tenant: str, slots: int) -> float:
         """The tenant's weighted share of `slots` among the active tenants (those waiting or running)."""
@@ -89,14 +93,47 @@ class FairQueue:
         """Removes `seq` (the one peek returned) as it joins the batch."""
         t = self._tenants[seq.tenant]
         self._drop_stale(t)
-        assert t.heap and t.heap[0][1] is seq, "pop() must follow peek()"
-        heapq.heappop(t.heap)
+        if t.heap and t.heap[0][1] is seq:
+            heapq.heappop(t.heap)
+        else:  # peek(skip=...) passed over the ones ahead of it
+            t.heap.remove((seq.rank, seq))  # ValueError: pop() must follow peek()
+            heapq.heapify(t.heap)
         t.queued -= 1
         t.running += 1
         self._size -= 1
 
+    def hold(self, seq: Sequence) -> None:
+        """Takes a WAITING sequence out of the order (parked) until release(seq); its heap entry goes stale."""
+        if seq.seq_id in self._held or seq.status is not Status.WAITING:
+            return
+        t = self._tenants[seq.tenant]
+        self._held.add(seq.seq_id)
+        t.queued -= 1
+        self._size -= 1
+        self._drop_stale(t)
+        self._note_idle(t)
+
+    def release(self, seq: Sequence) -> None:
+        """Puts a held sequence back in the order (its old arrival keeps its place among the tenant's requests)."""
+        if seq.seq_id not in self._held:
+            return
+        self._held.discard(seq.seq_id)
+        t = self._tenants[seq.tenant]
+        if t.queued == 0 and t.running == 0:
+            self._lift(seq.tenant, t)
+        heapq.heappush(t.heap, (seq.rank, seq))
+        t.queued += 1
+        self._size += 1
+
+    def held(self) -> int:
+        return len(self._held)
+
     def discard(self, seq: Sequence) -> None:
         """Forgets a waiting sequence that was cancelled or expired (call before changing its status)."""
+        if seq.seq_id in self._held:  # parked: already out of the counts
+            self._held.discard(seq.seq_id)
+            seq.status = Status.FINISHED
+            return
         t = self._tenants[seq.tenant]
         t.queued -= 1
         self._size -= 1
@@ -116,7 +153,8 @@ class FairQueue:
         t.counter += tokens / t.weight
 
     def waiting(self) -> list[Sequence]:
-        return [s for t in self._tenants.values() for _, s in t.heap if s.status is Status.WAITING]
+        return [s for t in self._tenants.values() for _, s in t.heap
+                if s.status is Status.WAITING and s.seq_id not in self._held]
 
     def _lift(self, name: str, tenant: _Tenant) -> None:
         active = [t.counter for n, t in self._tenants.items() if n != name and (t.queued or t.running)]
@@ -126,7 +164,17 @@ class FairQueue:
         if t.queued == 0 and t.running == 0:
             self._last_idle = t.counter
 
-    @staticmethod
-    def _drop_stale(t: _Tenant) -> None:
-        while t.heap and t.heap[0][1].status is not Status.WAITING:
+    def _head(self, t: _Tenant, skip: Collection[str]) -> Sequence | None:
+        """The tenant's first waiting sequence not in `skip` (rank order; scans only when its head is skipped)."""
+        self._drop_stale(t)
+        if t.heap and t.heap[0][1].seq_id not in skip:
+            return t.heap[0][1]
+        rest = [e for e in t.heap if e[1].status is Status.WAITING and e[1].seq_id not in skip
+                and e[1].seq_id not in self._held]
+        return min(rest, key=lambda e: e[0])[1] if rest else None
+
+    def _drop_stale(self, t: _Tenant) -> None:
+        # stale: no longer waiting, or parked (release() pushes a fresh entry; a duplicate left deeper in the heap
+        # is harmless: it is skipped here whenever its sequence is not waiting, and pop() takes one entry)
+        while t.heap and (t.heap[0][1].status is not Status.WAITING or t.heap[0][1].seq_id in self._held):
             heapq.heappop(t.heap)

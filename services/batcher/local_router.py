@@ -41,13 +41,16 @@ class LocalRouter:
             raise RouterFull(str(exc), self.engine.blocks.free_blocks) from exc
         blocks = self.engine.blocks
         ids = blocks.take_dirty() | {w.seq_id for w in works}
-        outputs = [SeqOutput(r.seq_id, r.token_id, r.logprob, r.top_logprobs, r.cached_tokens) for r in results]
+        outputs = [SeqOutput(r.seq_id, r.token_id, r.logprob, r.top_logprobs, r.cached_tokens,
+                             [(e.logprob, list(e.top)) for e in r.prompt_logprobs]) for r in results]
         return StepOutcome(outputs, 0.0, blocks.free_blocks, {i: blocks.own(i) for i in ids if i in blocks},
                            blocks.cached_blocks)
 
     def _work(self, item: WorkItem) -> SeqWork:
         seq = item.seq
         first = item.position == 0
+        if item.follows:  # the engine feeds the token it sampled last (the batcher may not know it yet)
+            return SeqWork(seq.seq_id, [], item.position, sampling=None, follows=True)
         return SeqWork(seq.seq_id, item.token_ids, item.position, sample=item.sample,
                        sampling=self.sampling(seq) if first else None,
                        salt=cache_salt(seq.tenant, seq.cache_salt) if first else "")

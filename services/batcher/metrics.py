@@ -42,3 +42,5 @@ PROMPT_TOKENS = Counter("prompt_tokens", "Prompt tokens of admitted requests.", 
 GENERATION_TOKENS = Counter("generation_tokens", "Tokens generated.", namespace=NAMESPACE, subsystem=_SUB)
 STEP_FAILURES = Counter("step_failures", "Router steps that failed, by kind (capacity, error).", ["kind"],
                         namespace=NAMESPACE, subsystem=_SUB)
+STREAM_PARKS = Counter("stream_parks", "Sequences parked because their client stopped reading (backpressure.py).",
+                       namespace=NAMESPACE, subsystem=_SUB)

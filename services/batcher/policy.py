@@ -29,6 +29,9 @@ class Policy:
     max_queue_per_tenant: int = 0  # requests; 0: off
     max_step_tokens: int = 512  # tokens
     kv_watermark: float = 0.01  # fraction of KV blocks
+    # seconds a waiting request may wait for a running sequence of its tenant to write the prompt prefix they share
+    # (then it hits the prefix cache instead of computing it again; prefix_sharing.py); 0: never wait
+    prefix_hold: float = 10.0
     retry_after_min: float = 0.05  # seconds
     retry_after_max: float = 30.0  # seconds
 
@@ -47,6 +50,8 @@ class Policy:
             raise ValueError(f"max_wait must be >= 0 seconds, got {self.max_wait!r}")
         if self.max_queue_per_tenant < 0:
             raise ValueError(f"max_queue_per_tenant must be >= 0, got {self.max_queue_per_tenant!r}")
+        if not self.prefix_hold >= 0:
+            raise ValueError(f"prefix_hold must be >= 0 seconds, got {self.prefix_hold!r}")
         if not 0 <= self.kv_watermark < 1:
             raise ValueError(f"kv_watermark must be in [0, 1), got {self.kv_watermark!r}")
         if not 0 < self.retry_after_min <= self.retry_after_max:

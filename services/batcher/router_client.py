@@ -63,7 +63,9 @@ class RouterClient:
                 raise RouterFull(exc.details() or "KV cache full", await self._free_blocks()) from exc
         outputs = [
             SeqOutput(seq_id=o.seq_id, token_id=o.token_id if o.HasField("token_id") else None, logprob=o.logprob,
-                      top_logprobs=[(t.token_id, t.logprob) for t in o.top_logprobs], cached_tokens=o.cached_tokens)
+                      top_logprobs=[(t.token_id, t.logprob) for t in o.top_logprobs], cached_tokens=o.cached_tokens,
+                      prompt_logprobs=[(p.logprob if p.HasField("logprob") else None,
+                                        [(t.token_id, t.logprob) for t in p.top_logprobs]) for p in o.prompt_logprobs])
             for o in r.results
         ]
         return StepOutcome(outputs=outputs, compute_seconds=r.compute_seconds, kv_blocks_free=r.kv_blocks_free,
@@ -90,6 +92,8 @@ class RouterClient:
 def _work(item: WorkItem) -> router_pb2.SequenceWork:
     """Sampling parameters, tenant and cache salt travel once per sequence: with its first work (position 0, also
     when it restarts after a preemption); the router keeps them."""
+    if item.follows:  # the router feeds its own last sampled token (the batcher may not know it yet)
+        return router_pb2.SequenceWork(seq_id=item.seq.seq_id, position=item.position, sample=True, follows=True)
     work = router_pb2.SequenceWork(seq_id=item.seq.seq_id, token_ids=item.token_ids, position=item.position,
                                    sample=item.sample)
     if item.position == 0:

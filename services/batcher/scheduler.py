@@ -6,12 +6,16 @@ clock: no sockets, no protobuf, no asyncio. The engine loop drives it:
     scheduler.complete(plan, outcome)     # or abort(plan, free) when the router refused, fail(plan, why) on errors
     deliver(scheduler.take_events())
 
-A step is built in passes, decodes first so running sequences keep flowing:
+A step is built in passes (planning.py), decodes first so running sequences keep flowing:
 0. (joining modes) slot fairness: a full batch gives slots to a waiting tenant below its weighted share (_rebalance);
-1. running sequences, decodes before prefill chunks, in rank order (priority, then age); a decode that needs a KV block
-   the cache lacks preempts the lowest-ranked running sequence (recompute later), possibly itself;
-2. (chunked mode) prefill chunks of running sequences in what is left of the token budget;
-3. admissions in weighted-fair order while the batch and the budget have room and the KV cache keeps its watermark.
+1. running decodes in rank order (priority, then age); a decode that needs a KV block the cache lacks preempts the
+   lowest-ranked running sequence (recompute later), possibly itself;
+2. (chunked mode) short arrivals: admissions whose whole prompt fits in half the budget left, so a request arriving
+   during a long prefill gets its first token within a step or two;
+3. (chunked mode) prefill chunks of running sequences in what is left of the token budget;
+4. admissions in weighted-fair order while the batch and the budget have room and the KV cache keeps its watermark.
+Admissions pass over a request whose prompt prefix a running sequence of its tenant is still prefilling: it waits
+(at most policy.prefix_hold seconds) and then hits those blocks in the router's prefix cache (prefix_sharing.py).
 Requests whose deadline passed are dropped first, queued or running; cancelled ones leave at once. Every sequence
 that leaves the router (finished, cancelled, expired, preempted) is listed in the next plan's `release`.
 """
@@ -20,30 +24,21 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from services.batcher.admission import check_room, validate
+from services.batcher.draft import Draft
 from services.batcher.fairness import FairQueue
 from services.batcher.kv_view import KvView
 from services.batcher.meters import WindowSum
+from services.batcher.planning import StepPasses
 from services.batcher.policy import Policy
+from services.batcher.prefix_sharing import PrefixSharing
 from services.batcher.sequence import Finish, Sequence, Status
-from services.batcher.step import Event, InvalidRequest, StepOutcome, StepPlan, WorkItem
+from services.batcher.step import Event, InvalidRequest, StepOutcome, StepPlan
 
 
-@dataclass
-class _Draft:
-    budget: float  # tokens left in this step
-    # Tokens of chunks expected to come from the prefix cache (their sequence's last chunk did), not charged to the
-    # budget: if the cache misses after all, the step computes at most this much more than the budget.
-    bonus: float = 0.0
-    items: list[WorkItem] = field(default_factory=list)
-    planned: set[str] = field(default_factory=set)
-    preempted: bool = False
-
-
-class Scheduler:
+class Scheduler(StepPasses):
     def __init__(
         self,
         policy: Policy,
@@ -67,6 +62,7 @@ class Scheduler:
         self._releases: list[str] = []
         self._events: list[Event] = []
         self._admitted = WindowSum(10.0, clock)  # admissions per second, for the retry-after hint
+        self.sharing = PrefixSharing(kv.block_size, policy.prefix_hold)  # waits for in-flight prefixes
 
     # ---- requests -------------------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -92,6 +88,23 @@ class Scheduler:
     def get(self, seq_id: str) -> Sequence | None:
         return self._live.get(seq_id)
 
+    def park(self, seq_id: str) -> bool:
+        """Backpressure (backpressure.py): its client does not read. A running sequence leaves the batch (KV
+        released, recompute later, as a preemption); it waits outside the fair order until resume(seq_id)."""
+        seq = self._live.get(seq_id)
+        if seq is None:
+            return False
+        if seq.status is Status.RUNNING:
+            self._preempt(seq)
+        self.queue.hold(seq)
+        return True
+
+    def resume(self, seq_id: str) -> None:
+        """A parked sequence's client reads again: back in the fair order."""
+        seq = self._live.get(seq_id)
+        if seq is not None:
+            self.queue.release(seq)
+
     # ---- steps ----------------------------------------------------------------------------------------------------
     def schedule(self) -> StepPlan | None:
         now = self.clock()
@@ -100,8 +113,11 @@ class Scheduler:
         admit = self._may_admit(now)
         if admit:
             self._rebalance()
-        draft = _Draft(budget=self.policy.max_step_tokens if self.policy.chunked else math.inf,
-                       bonus=self.policy.max_step_tokens if self.policy.chunked else 0.0)
+        draft = Draft(budget=self.policy.max_step_tokens if self.policy.chunked else math.inf,
+                      bonus=self.policy.max_step_tokens if self.policy.chunked else 0.0)
+        self._plan_running(draft, prefill=False)
+        if admit and self.policy.chunked and not draft.preempted:
+            self._admit(draft, now, whole=True)  # short arrivals before prefill chunks: a long prompt never stalls them
         self._plan_running(draft)
         while not draft.items and self.running:  # every running sequence waits for blocks: free some
             self._preempt(max(self.running, key=lambda s: s.rank))
@@ -131,6 +147,8 @@ class Scheduler:
             if seq.preemptions == 0:  # billing counts the prompt's first computation, not recomputes
                 seq.cached_tokens += _hits(by_id, seq.seq_id)
             seq.cache_streak = not item.sample and _hits(by_id, seq.seq_id) == len(item.token_ids)
+            if by_id.get(seq.seq_id) is not None:
+                seq.add_prompt_scores(item.position, by_id[seq.seq_id].prompt_logprobs)
             if not item.sample:
                 continue
             out = by_id.get(seq.seq_id)
@@ -193,103 +211,6 @@ class Scheduler:
         out, self._events = self._events, []
         return out
 
-    # ---- passes ---------------------------------------------------------------------------------------------------
-    def _plan_running(self, draft: _Draft) -> None:
-        order = sorted(self.running, key=lambda s: (s.pending > 1, s.rank))  # decodes first
-        for seq in order:
-            if seq.status is not Status.RUNNING or seq.seq_id in draft.planned or draft.budget < 1:
-                continue
-            partial_ok = self.policy.chunked and seq.pending > 1
-            budget = draft.budget + (draft.bonus if seq.cache_streak else 0)
-            want = int(min(seq.pending, budget)) if partial_ok else seq.pending
-            if partial_ok:
-                n = self.kv.fit(seq.num_cached, want)
-            else:
-                n = want if self._make_room(seq, want, draft) else 0
-            if n > 0:
-                self._take(draft, seq, n)
-
-    def _make_room(self, seq: Sequence, n: int, draft: _Draft) -> bool:
-        """Preempts lower-ranked unplanned sequences until `seq` can add n tokens; False if `seq` itself had to go."""
-        while not self.kv.can_grow(seq.num_cached, seq.num_cached + n):
-            others = [s for s in self.running if s is not seq and s.seq_id not in draft.planned]
-            if not others and len(self.running) == 1:
-                self._finish(seq, Finish.LENGTH, "the KV cache cannot hold this sequence")
-                return False
-            victim = max(others + [seq], key=lambda s: s.rank)
-            self._preempt(victim)
-            draft.preempted = True
-            if victim is seq:
-                return False
-        return True
-
-    def _admit(self, draft: _Draft, now: float) -> None:
-        keep = self.kv.watermark
-        while len(self.running) < self.policy.batch_limit and draft.budget >= 1:
-            seq = self.queue.peek(self.policy.batch_limit)
-            if seq is None:
-                break
-            want = int(min(seq.pending, draft.budget)) if self.policy.chunked else seq.pending
-            n = self.kv.fit(0, want, keep_free=keep)
-            if n < want and not (self.policy.chunked and n > 0):
-                break  # head-of-line: keep fairness order rather than skip to a smaller request
-            self.queue.pop(seq)
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-            if seq.first_scheduled is None:
-                seq.first_scheduled = now
-                self._admitted.add(1)
-            self._take(draft, seq, n)
-
-    def _rebalance(self) -> None:
-        """Slot fairness: when the batch is full and the next tenant in fair order holds fewer slots than its weighted
-        share, preempt (recompute later) the lowest-ranked sequences of tenants above their share, as many as it
-        has waiting up to its share. One tenant's burst then cannot hold every slot while another waits."""
-        limit = self.policy.batch_limit
-        if not self.policy.joins_running_batch or len(self.running) < limit:
-            return
-        head = self.queue.peek(limit)
-        if head is None:
-            return
-        tenant, q = head.tenant, self.queue
-        # whole slots only (floor for the taker, ceil for the giver): shares below one slot never preempt (no ping-pong)
-        deficit = min(q.queued(tenant), math.floor(q.share(tenant, limit)) - q.running(tenant))
-        for _ in range(deficit):
-            over = [s for s in self.running if q.running(s.tenant) > math.ceil(q.share(s.tenant, limit))]
-            if not over:
-                return
-            self._preempt(max(over, key=lambda s: s.rank))
-
-    def _take(self, draft: _Draft, seq: Sequence, n: int) -> None:
-        start = seq.num_cached
-        bs = self.kv.block_size
-        if n < seq.pending and (start + n) // bs * bs > start:  # chunks end on block boundaries: the prefix
-            n = (start + n) // bs * bs - start  # cache matches whole blocks from a block-aligned position
-        if seq.cache_streak:  # its last chunk was all cached: likely this one too; charge the bonus first
-            free = min(n, int(draft.bonus))
-            draft.bonus -= free
-            draft.budget += free
-        self.kv.take(start, start + n)
-        sample = start + n == seq.length
-        draft.items.append(WorkItem(seq=seq, token_ids=seq.window(start, n), position=start, sample=sample))
-        draft.planned.add(seq.seq_id)
-        draft.budget -= n
-        self.queue.charge(seq.tenant, n)  # now, not after the step: one admission pass then interleaves tenants
-
-    def _may_admit(self, now: float) -> bool:
-        """Whether new sequences may join this step; sets wake_at when gathering arrivals for max_wait."""
-        if self.running:
-            return self.policy.joins_running_batch  # static batches run to completion without joins
-        if not len(self.queue) or self.policy.mode == "none":
-            return True
-        if len(self.queue) >= self.policy.batch_limit:
-            return True
-        flush_at = min(s.arrival for s in self.queue.waiting()) + self.policy.max_wait
-        if now >= flush_at:  # compare against the same sum as wake_at, so waking at wake_at always flushes
-            return True
-        self.wake_at = flush_at
-        return False
-
     # ---- state changes --------------------------------------------------------------------------------------------
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -313,6 +234,7 @@ class Scheduler:
             self._releases.append(seq.seq_id)
         seq.status, seq.finish = Status.FINISHED, reason
         self._live.pop(seq.seq_id, None)
+        self.sharing.forget(seq.seq_id)
         event = event or self._event(seq, [])
         event.finish, event.detail = reason, detail
         event.engine_seconds = seq.engine_seconds
@@ -337,6 +259,7 @@ class Scheduler:
             queue_seconds=seq.queue_seconds(self.clock()),
             preemptions=seq.preemptions,
             cached_tokens=seq.cached_tokens,
+            prompt_logprobs=seq.take_prompt_scores() if token_ids else [],
         )
 
 

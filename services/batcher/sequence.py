@@ -63,6 +63,8 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens the router served from its prefix cache (first computation)
     cache_streak: bool = False  # its last prefill chunk came wholly from the prefix cache
     finish: Finish | None = None
+    prompt_scores: list | None = None  # prompt logprobs gathered over the prefill chunks (SeqOutput.prompt_logprobs)
+    prompt_scores_sent: bool = False  # delivered with the first token: a recompute's repeats are dropped
     serial: int = field(default_factory=lambda: next(_serial))  # tie-break: earlier submissions first
 
     def __post_init__(self) -> None:
@@ -105,6 +107,20 @@ class Sequence:
         if self.length >= max_context:  # the next token would not fit the context window
             return Finish.LENGTH
         return None
+
+    def add_prompt_scores(self, position: int, entries: list) -> None:
+        """Prompt logprobs of a chunk fed at `position` (a recompute from 0 before delivery starts over)."""
+        if self.prompt_scores_sent or not entries:
+            return
+        if position == 0 or self.prompt_scores is None:
+            self.prompt_scores = []
+        self.prompt_scores.extend(entries)
+
+    def take_prompt_scores(self) -> list:
+        """The whole prompt's logprobs, once (for the first token's event)."""
+        scores, self.prompt_scores = self.prompt_scores or [], None
+        self.prompt_scores_sent = self.prompt_scores_sent or bool(scores)
+        return scores
 
     def queue_seconds(self, now: float) -> float:
         start = self.first_scheduled if self.first_scheduled is not None else now

@@ -72,6 +72,9 @@ def event_to_proto(event: Event, sampling: common_pb2.SamplingParams) -> batcher
         for alternatives in event.top_logprobs:
             for token, lp in alternatives[: sampling.top_logprobs]:
                 out.top_logprobs.add(token_id=token, logprob=lp)
+    for logprob, top in event.prompt_logprobs:
+        out.prompt_logprobs.add(logprob=logprob, top_logprobs=[common_pb2.TokenLogprob(token_id=t, logprob=lp)
+                                                                for t, lp in top])
     if event.finish is not None:
         out.finish_reason = FINISH_TO_PROTO[event.finish]
         out.engine_seconds = event.engine_seconds

@@ -15,6 +15,9 @@ class WorkItem:
     token_ids: list[int]
     position: int  # tokens already in the router's KV cache
     sample: bool  # the chunk ends the known tokens: sample the next one
+    # Pipelined (lookahead.py): the router feeds the token it sampled for the sequence in the previous step; planned
+    # before that step's result, so token_ids is empty until the result fills it in (then [that token]).
+    follows: bool = False
 
 
 @dataclass
@@ -25,7 +28,7 @@ class StepPlan:
 
     @property
     def tokens(self) -> int:
-        return sum(len(i.token_ids) for i in self.items)
+        return sum(1 if i.follows else len(i.token_ids) for i in self.items)  # a follows work feeds one token
 
 
 @dataclass
@@ -37,6 +40,8 @@ class SeqOutput:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     cached_tokens: int = 0  # tokens of the item served from the prefix cache (not computed)
+    # sampling.prompt_logprobs: per prompt token the item fed, (logprob or None for the first, [(id, logprob)])
+    prompt_logprobs: list[tuple[float | None, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 @dataclass
@@ -64,6 +69,7 @@ class Event:
     preemptions: int = 0
     cached_tokens: int = 0  # prompt tokens served from the router's prefix cache
     detail: str = ""  # why the sequence ended, in words (errors, deadlines)
+    prompt_logprobs: list = field(default_factory=list)  # every prompt token's (see SeqOutput), first token's event
 
 
 @dataclass

@@ -34,7 +34,13 @@ def build_servicer(config: ExpertConfig) -> ExpertServicer:
     if experts is None:
         experts = shard_experts(spec.num_experts, config.num_shards, config.shard_index)
     dtype, device = as_dtype(config.dtype), torch.device(config.device)
-    if config.backend == "onnxruntime":
+    by_layer = _layers_of(config)
+    if by_layer is not None:  # experts differ by layer: one ExpertBank per expert set
+        from services.expert.layered_bank import LayeredBank
+
+        bank = LayeredBank.load(model_dir, by_layer, device=device, dtype=dtype, spec=spec,
+                                load_format=config.load_format, quantization=config.quantization)
+    elif config.backend == "onnxruntime":
         from moemesh.runtime.ort.experts import OrtExpertBank
 
         bank = OrtExpertBank.load(model_dir, experts=experts, device=str(device), spec=spec,
@@ -45,9 +51,27 @@ def build_servicer(config: ExpertConfig) -> ExpertServicer:
     shard = ExpertShard(bank, hidden_size=spec.hidden_size, num_experts=spec.num_experts, dtype=dtype, device=device)
     identity = ShardIdentity(model=config.model, shard_index=config.shard_index, num_shards=config.num_shards,
                              backend=config.backend, dtype=config.dtype, device=str(device))
-    log.info("shard %d/%d hosts experts %s of layers %s (%.1f MB)", config.shard_index, config.num_shards,
-             list(bank.experts), list(bank.layers), bank.weight_bytes / 1e6)
+    hosts = (f"experts {list(bank.experts)} of layers {list(bank.layers)}" if by_layer is None else
+             "experts per layer " + "; ".join(f"{layer}: {list(e)}" for layer, e in sorted(by_layer.items())))
+    log.info("shard %d/%d hosts %s (%.1f MB)", config.shard_index, config.num_shards, hosts, bank.weight_bytes / 1e6)
     return ExpertServicer(shard, identity, StepSpans(tracer("moemesh.expert")))
+
+
+def _layers_of(config: ExpertConfig) -> dict[int, list[int]] | None:
+    """{layer: experts} of this shard from a per-layer placement file, or None (one set for all layers)."""
+    if not config.placement:
+        return None
+    from moemesh.runtime.placement_plan import read_layers
+
+    per_layer = read_layers(config.placement)
+    if per_layer is None:  # a global file: its entry is this shard's one set
+        raise ValueError(f"{config.source('placement')}: {config.placement!r} is not a per-layer file; start the "
+                         "shard with --experts (its entry of 'shards') instead")
+    if config.backend != "torch":
+        raise ValueError(f"{config.source('placement')}: a per-layer placement needs backend torch")
+    if not 0 <= config.shard_index < len(next(iter(per_layer.values()))):
+        raise ValueError(f"{config.source('shard_index')}: {config.shard_index} has no entry in {config.placement!r}")
+    return {layer: rows[config.shard_index] for layer, rows in per_layer.items()}
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

@@ -13,7 +13,7 @@ from typing import ClassVar
 from moemesh.serving.config import ConfigError, ServiceConfig, setting
 
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "fp8", "int8")  # = moemesh.runtime.quant.QUANTIZATIONS (configs import no torch)
+QUANTIZATIONS = ("none", "fp8", "int8", "int4")  # = moemesh.runtime.quant.QUANTIZATIONS (configs import no torch)
 BACKENDS = ("torch", "onnxruntime")  # = moemesh.runtime.ort.BACKENDS
 
 
@@ -46,6 +46,8 @@ class ExpertConfig(ServiceConfig):
     shard_index: int = setting(0, "this shard's index in 0..num_shards-1")
     num_shards: int = setting(1, "number of shards the experts are split over")
     experts: tuple[str, ...] = setting((), "explicit expert ids/ranges to host, e.g. 0-3,8 (overrides the split)")
+    placement: str = setting("", "per-layer placement file (`moemesh placement --per-layer`): host entry "
+                             "shard_index of each layer (overrides experts)")
     device: str = setting("cpu", "torch device of the experts (cpu, cuda, cuda:1)")
     dtype: str = setting("float32", "compute dtype of the experts", choices=DTYPES)
     backend: str = setting("torch", "expert backend: torch, or onnxruntime (int4/int8 MatMulNBits: the checkpoint's weights, else int8 round-to-nearest; float32 only)", env="MOEMESH_BACKEND", choices=BACKENDS)
@@ -53,7 +55,8 @@ class ExpertConfig(ServiceConfig):
     load_format: str = setting("auto", "weights: auto (the checkpoint's) or dummy (random from config.json, seeded per "
                                "tensor name, as the router's)", choices=("auto", "dummy"))
     quantization: str = setting("none", "weight-only quantization of this shard's experts: none, fp8 (e4m3) "
-                                "or int8, per-channel scales", env="MOEMESH_QUANTIZATION", choices=QUANTIZATIONS)
+                                "or int8, per-channel scales, or int4 (a scale per 128 columns)",
+                                env="MOEMESH_QUANTIZATION", choices=QUANTIZATIONS)
 
     def validate(self) -> None:
         super().validate()

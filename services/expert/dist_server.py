@@ -20,8 +20,10 @@ import torch
 import torch.distributed as dist
 
 from moemesh.serving import dist_wire
+from moemesh.serving.telemetry import tracer as default_tracer
 from services.expert import metrics
 from services.expert.shard import ExpertShard
+from services.expert.step_spans import CallStats, StepSpans
 
 log = logging.getLogger("services.expert.dist")
 IDLE_S = 7 * 24 * 3600.0  # a member waits this long for the router's next block (an idle mesh is not a fault)
@@ -44,13 +46,17 @@ class JoinSpec:
 
 
 class Member:
-    def __init__(self, shard: ExpertShard, group, spec: JoinSpec, device: torch.device) -> None:
+    def __init__(self, shard: ExpertShard, group, spec: JoinSpec, device: torch.device, spans: StepSpans) -> None:
         self._shard, self._group, self.spec, self._device = shard, group, spec, device
         self._dtype = dist_wire.DTYPES[spec.dtype]
         self._lock = threading.Lock()  # orders heartbeats before the reply of the same block
         self._busy: tuple[int, int, float] | None = None  # (seq, layer, since) of the block computing
         self._stop = threading.Event()
+        # "expert.step" spans: recorded by the serving thread, ended by the sweeper once the router is idle (a
+        # receive cannot time out to sweep: a gloo timeout ends the group). StepSpans is not thread-safe: the lock.
+        self._spans, self._spans_lock, self._metadata = spans, threading.Lock(), {}
         threading.Thread(target=self._serve, name=f"dist-{spec.group_name}", daemon=True).start()
+        threading.Thread(target=self._sweep, name=f"dist-spans-{spec.group_name}", daemon=True).start()
         if spec.heartbeat_ms and spec.backend == "gloo":
             threading.Thread(target=self._beat, name=f"dist-beat-{spec.group_name}", daemon=True).start()
 
@@ -73,22 +79,37 @@ class Member:
             with torch.inference_mode():
                 while not self._stop.is_set():
                     self._recv(head, dist_wire.REQUEST_HEAD, IDLE_S)
-                    _, seq, layer, tokens = head[:4].tolist()
+                    _, seq, layer, tokens, _, context = head[:6].tolist()
                     nbytes = dist_wire.body_bytes(tokens, spec.hidden_size, spec.top_k, self._dtype)
                     if body.numel() < nbytes:
                         body = torch.empty(1 << (nbytes - 1).bit_length(), dtype=torch.uint8, device=self._device)
                     self._recv(body[:nbytes], dist_wire.REQUEST_BODY, spec.timeout_ms / 1000)
+                    if context:  # the first layer of a router step: its trace context
+                        self._metadata = self._trace_context(context)
                     self._block(seq, layer, tokens, body[:nbytes])
         except RuntimeError as exc:  # the router closed the group (re-forming it, or gone)
             log.info("%s group %s ended: %s", spec.backend, spec.group_name, str(exc).splitlines()[0][:200])
         finally:
             self.close()
+            with self._spans_lock:
+                self._spans.close()
+
+    def _trace_context(self, nbytes: int) -> dict[str, str]:
+        text = torch.empty(nbytes, dtype=torch.uint8, device=self._device)
+        self._recv(text, dist_wire.CONTEXT, self.spec.timeout_ms / 1000)
+        lines = bytes(text.cpu().tolist()).decode(errors="replace").splitlines()
+        return dict(line.split("=", 1) for line in lines if "=" in line)
+
+    def _sweep(self) -> None:
+        while not self._stop.wait(self._spans.idle_s):
+            with self._spans_lock:
+                self._spans.sweep()
 
     def _block(self, seq: int, layer: int, tokens: int, body: torch.Tensor) -> None:
         """Computes one layer's block and replies (status 1 + the error text in the body on failure)."""
         spec = self.spec
         hidden, ids, weights = dist_wire.unpack(body, tokens, spec.hidden_size, spec.top_k, self._dtype)
-        start, status, text = time.perf_counter(), 0, b""
+        start, start_ns, status, text = time.perf_counter(), time.time_ns(), 0, b""
         with self._lock:
             self._busy = (seq, layer, time.monotonic())
         try:
@@ -109,6 +130,11 @@ class Member:
             self._busy = None
             self._send(reply, dist_wire.REPLY)
         metrics.observe_forward(layer, tokens, body.numel(), reply.numel(), compute, status == 0)
+        with self._spans_lock:
+            self._spans.record(f"{spec.backend}:{spec.group_name}", self._metadata, CallStats(
+                layer=layer, tokens=tokens, bytes_received=body.numel(), bytes_sent=reply.numel(),
+                compute_seconds=compute, start_ns=start_ns, end_ns=time.time_ns(),
+                error=text.decode(errors="replace") or None))
 
     def _beat(self) -> None:
         every = self.spec.heartbeat_ms / 1000
@@ -128,8 +154,9 @@ class Member:
 class DistServer:
     """The shard's memberships; join() is called from the JoinGroup RPC (off the event loop: it blocks)."""
 
-    def __init__(self, shard: ExpertShard, dtype: str) -> None:
+    def __init__(self, shard: ExpertShard, dtype: str, tracer=None) -> None:
         self._shard, self._dtype = shard, dtype
+        self.tracer = tracer  # of the "expert.step" spans (None: the process's, moemesh.expert)
         self._members: list[Member] = []
 
     def refusal(self, spec: JoinSpec) -> str | None:
@@ -164,7 +191,8 @@ class DistServer:
                     f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}")
         device = self._shard.device if spec.backend == "nccl" else torch.device("cpu")
         self._members = [m for m in self._members if m.alive]
-        self._members.append(Member(self._shard, group, spec, device))
+        spans = StepSpans(self.tracer or default_tracer("moemesh.expert"))
+        self._members.append(Member(self._shard, group, spec, device, spans))
         log.info("joined %s group %s as rank %d of %d (rendezvous %s)", spec.backend, spec.group_name, spec.rank,
                  spec.world_size, spec.store_address)
         return None

@@ -23,7 +23,7 @@ from moemesh.serving.server import exit_now, run_service
 from services.router.config import RouterConfig
 from services.router.engine_worker import EngineWorker
 from services.router.expert_client import GrpcShardClient
-from services.router.placement import Placement, check_same_model
+from services.router.placement import Placement, PlacementError, ReplicaSplit, check_file, check_same_model
 from services.router import cuda_ipc_dispatch
 from services.router.link_choice import is_local
 from services.router.shm_dispatch import ShmDispatch
@@ -61,17 +61,27 @@ def connect_shards(config: RouterConfig, spec):
                for a in config.expert_addrs]
     try:
         placement = Placement(tuple(c.placement() for c in clients))
-        placement.validate(moe_layers, num_experts)
         check_same_model([(c.address, c.info.model, c.info.dtype, tuple(c.info.experts)) for c in clients])
+        per_layer = None
+        if config.placement:  # declared replicas (or per-layer sets): the shards must match the file
+            planned, per_layer = _planned(config.placement)
+            check_file(placement.shards, planned)
+            if config.expert_transport == "cuda_ipc":
+                raise PlacementError("a placement file (--placement) is not supported over cuda_ipc yet: use "
+                                     "--expert-transport auto, shm, dist or grpc")
+        placement.validate(moe_layers, num_experts, replicas=bool(config.placement))
         dispatch = None
-        if config.expert_transport in ("auto", "cuda_ipc"):  # same GPU first; None: refused (logged), fall back
+        if config.expert_transport in ("auto", "cuda_ipc") and not config.placement:  # same GPU first, else fall back
             dispatch = cuda_ipc_dispatch.start(clients, placement, mode=config.expert_transport, device=config.device,
                                                spec=spec, local=[is_local(c.address) for c in clients],
                                                call_timeout=config.expert_timeout)
         dispatch = dispatch or ShmDispatch.start(clients, placement, num_experts, mode=config.expert_transport,
                                      hidden_size=spec.hidden_size, top_k=spec.moe.top_k,
                                      stall_timeout=config.stall_timeout, call_timeout=config.expert_timeout,
-                                     device=config.device)
+                                     device=config.device, join_timeout=config.join_timeout,
+                                     dist_host=config.dist_host)
+        if per_layer is not None:  # the shards' experts differ by layer: route every slot by the file
+            dispatch.split = ReplicaSplit.from_layers(per_layer, num_experts)
     except BaseException:
         for client in clients:
             client.close()
@@ -81,6 +91,16 @@ def connect_shards(config: RouterConfig, spec):
             log.warning("expert shard %s serves model %r, the router %r", client.address, client.info.model,
                         config.model)
     return dispatch, dispatch.placement.shards, clients
+
+
+def _planned(path: str) -> tuple[list[list[int]], dict | None]:
+    """(expert ids per shard, {layer: expert ids per shard} of a per-layer file or None)."""
+    from moemesh.runtime.placement_plan import PlacementFileError, read, read_layers
+
+    try:
+        return read(path)[0], read_layers(path)
+    except PlacementFileError as exc:
+        raise PlacementError(str(exc)) from None
 
 
 def build_router(config: RouterConfig) -> Router:

@@ -12,7 +12,7 @@ from typing import ClassVar
 from moemesh.serving.config import EXPERT_ADDRS, ConfigError, ServiceConfig, check_address, setting
 
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "fp8", "int8")  # = moemesh.runtime.quant.QUANTIZATIONS (configs import no torch)
+QUANTIZATIONS = ("none", "fp8", "int8", "int4")  # = moemesh.runtime.quant.QUANTIZATIONS (configs import no torch)
 TRANSPORTS = ("auto", "cuda_ipc", "shm", "dist", "grpc")
 
 
@@ -43,10 +43,18 @@ class RouterConfig(ServiceConfig):
     load_format: str = setting("auto", "weights: auto (the checkpoint's) or dummy (random from config.json, seeded per "
                                "tensor name: the shards must use dummy too)", choices=("auto", "dummy"))
     quantization: str = setting("none", "weight-only quantization of the experts run in process (or of a dense "
-                                "model's FFN): none, fp8 (e4m3) or int8, per-channel scales",
+                                "model's FFN): none, fp8 (e4m3) or int8, per-channel scales, or int4 (a scale "
+                                "per 128 columns)",
                                 env="MOEMESH_QUANTIZATION", choices=QUANTIZATIONS)
     backend: str = setting("torch", "dense layers (and in-process experts): torch, or onnxruntime (int4/int8 "
                            "MatMulNBits; float32 only)", env="MOEMESH_BACKEND", choices=("torch", "onnxruntime"))
+    placement: str = setting("", "placement file from `moemesh placement` (expert replicas, per-layer expert "
+                             "sets): the shards must host its entries in EXPERT_ADDRS order; replicated experts "
+                             "split their tokens")
+    dist_host: str = setting("", "host the expert shards reach this router's torch.distributed rendezvous at "
+                             "(default: this machine's address on the route to each shard)")
+    join_timeout: float = setting(10.0, "seconds a torch.distributed group may take to form (a shard that cannot "
+                                  "reach the rendezvous fails start-up after this, naming it)")
     stall_timeout: float = setting(1.0, "seconds without a heartbeat from a shared-memory shard before its step "
                                    "fails (a long step on a live shard keeps beating)")
     seq_lease: float = setting(30.0, "seconds after which the KV cache of a sequence no batcher stepped is freed "
@@ -70,7 +78,7 @@ class RouterConfig(ServiceConfig):
                 raise ConfigError(f"{self.source(name)}: {value!r} must be >= 1")
         if self.block_size < 1:
             raise ConfigError(f"{self.source('block_size')}: {self.block_size!r} must be >= 1")
-        for name in ("expert_timeout", "connect_timeout", "stall_timeout", "seq_lease"):
+        for name in ("expert_timeout", "connect_timeout", "stall_timeout", "seq_lease", "join_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{self.source(name)}: {getattr(self, name)!r} must be > 0 seconds")
         if self.compute_threads < 0:

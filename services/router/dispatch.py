@@ -16,7 +16,7 @@ import torch
 
 from moemesh.runtime.dispatch import Dispatch
 from moemesh.runtime.types import ExpertPlacement
-from services.router.placement import Placement
+from services.router.placement import Placement, ReplicaSplit
 from services.router.step_trace import StepTrace, current_step
 
 
@@ -65,6 +65,7 @@ class RemoteDispatch(Dispatch):
             self._hosted[i, ids] = True
         self._layer_shards: dict[int, list[int]] = {}
         self._hosted_on: dict[torch.device, torch.Tensor] = {}  # _hosted copied to the backbone's device
+        self.split = ReplicaSplit.of(placement, num_experts)  # None unless experts have replicas
 
     @classmethod
     def connect(cls, clients: Sequence[ShardClient], moe_layers: tuple[int, ...], num_experts: int) -> RemoteDispatch:
@@ -85,9 +86,14 @@ class RemoteDispatch(Dispatch):
         return hosted  # [S, E] bool
 
     def _grpc_submit(self, i: int, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
-                     topk_weights: torch.Tensor, step: StepTrace | None) -> tuple | None:
-        """Starts shard i's Forward with only its tokens; None when no token selected one of its experts."""
-        mine = self._hosted_mask(topk_ids.device)[i][topk_ids.clamp(min=0)] & (topk_ids >= 0)  # [T, K]
+                     topk_weights: torch.Tensor, step: StepTrace | None,
+                     assigned: torch.Tensor | None = None) -> tuple | None:
+        """Starts shard i's Forward with only its tokens; None when no token selected one of its experts.
+        assigned: [T, K] shard of each slot when experts have replicas (ReplicaSplit.assign)."""
+        if assigned is not None:
+            mine = assigned == i  # [T, K]
+        else:
+            mine = self._hosted_mask(topk_ids.device)[i][topk_ids.clamp(min=0)] & (topk_ids >= 0)  # [T, K]
         rows = mine.any(dim=1).nonzero().squeeze(1)  # [T_i] tokens with at least one expert here
         if rows.numel() == 0:
             return None
@@ -114,7 +120,9 @@ class RemoteDispatch(Dispatch):
         # hidden [T, H]; topk_ids [T, K] int64 (-1 unused); topk_weights [T, K] float32. Every shard's call is in
         # flight before submit returns (the backbone computes the shared expert meanwhile).
         step = current_step()
-        calls = [self._grpc_submit(i, layer, hidden, topk_ids, topk_weights, step) for i in self._shards_of(layer)]
+        assigned = self.split.assign(layer, topk_ids) if self.split is not None else None
+        calls = [self._grpc_submit(i, layer, hidden, topk_ids, topk_weights, step, assigned)
+                 for i in self._shards_of(layer)]
         return layer, hidden, [c for c in calls if c is not None], step
 
     def collect(self, handle: tuple) -> torch.Tensor:

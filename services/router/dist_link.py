@@ -33,11 +33,12 @@ UNBOUNDED = 1 << 30  # no preallocated region limits T: buffers grow with the st
 class DistGroup:
     def __init__(self, clients: list[GrpcShardClient], *, backend: str, hidden_size: int, top_k: int, dtype: str,
                  device: str = "cpu", join_timeout: float = 10.0, stall_timeout: float = 1.0,
-                 call_timeout: float = 30.0) -> None:
+                 call_timeout: float = 30.0, advertise: str = "") -> None:
         self.backend, self.hidden_size, self.top_k, self.dtype = backend, hidden_size, top_k, dtype
         self.torch_dtype = dist_wire.DTYPES[dtype]
         self.device = torch.device(device if backend == "nccl" else "cpu")  # gloo moves CPU tensors only
         self.join_timeout, self.stall_timeout, self.call_timeout = join_timeout, stall_timeout, call_timeout
+        self.advertise = advertise  # the rendezvous host the shards are told ("": our address on the route to each)
         self.links = [DistLink(self, client, rank) for rank, client in enumerate(clients, start=1)]
         self.group = None
         self.broken = False
@@ -107,7 +108,7 @@ class DistLink:
 
     def join(self, store_port: int, name: str) -> Future:
         owner = self.owner
-        store_host = dist_wire.local_ip_towards(self.address.rpartition(":")[0].strip("[]"))
+        store_host = owner.advertise or dist_wire.local_ip_towards(self.address.rpartition(":")[0].strip("[]"))
         request = expert_pb2.JoinGroupRequest(
             store_address=f"{store_host}:{store_port}", group_name=name, rank=self.rank,
             world_size=len(owner.links) + 1, backend=owner.backend, hidden_size=owner.hidden_size,
@@ -134,7 +135,9 @@ class DistLink:
         h.copy_(hidden)
         ids.copy_(topk_ids)
         w.copy_(topk_weights)
-        head = dist_wire.header(dist_wire.LAYER, seq, layer, tokens, device=owner.device)
+        # gloo: the step's trace context rides along on its first layer (word 5 = its length, tag CONTEXT)
+        context = trace_context.encode() if trace_context and owner.backend == "gloo" else b""
+        head = dist_wire.header(dist_wire.LAYER, seq, layer, tokens, extra=len(context), device=owner.device)
         reply = self._grow_reply(dist_wire.HEAD_BYTES + tokens * owner.hidden_size * owner.torch_dtype.itemsize)
         group = owner.group
         try:
@@ -143,6 +146,9 @@ class DistLink:
                 "send_head": group.send([head], self.rank, dist_wire.REQUEST_HEAD),
                 "send_body": group.send([body], self.rank, dist_wire.REQUEST_BODY),
                 "recv": group.recv([reply], self.rank, dist_wire.REPLY)}
+            if context:
+                text = torch.frombuffer(bytearray(context), dtype=torch.uint8)
+                self._pending.update(text=text, send_context=group.send([text], self.rank, dist_wire.CONTEXT))
         except RuntimeError as exc:
             self._fail(layer, f"send failed: {exc}")
 
@@ -155,6 +161,8 @@ class DistLink:
             # A gloo send completes once the shard posted its receive, which a live shard does at once.
             dist_wire.wait(pending["send_head"], beat_s)
             dist_wire.wait(pending["send_body"], beat_s)
+            if "send_context" in pending:
+                dist_wire.wait(pending["send_context"], beat_s)
             while True:
                 dist_wire.wait(pending["recv"], min(beat_s, max(deadline - time.monotonic(), 0.01)))
                 head, out = dist_wire.reply_views(pending["reply"], tokens, owner.hidden_size, owner.torch_dtype)

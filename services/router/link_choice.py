@@ -48,6 +48,17 @@ def is_local(address: str) -> bool:
     return True
 
 
+def forced_refusal(address: str, kind: str, mode: str, why: str) -> str:
+    """The message when a forced --expert-transport cannot serve a shard: the shard, the transport, what to do."""
+    fix = {"shm": "run the shard on the router's host with the router's dtype and model",
+           "dist": "make the router's rendezvous address reachable from the shard (firewall; router --dist-host, "
+                   "MOEMESH_ROUTER_DIST_HOST) and the shard's dtype and device match the router's"
+           }.get(mode, "check the shard's log")
+    shards = "expert shards" if "," in address else "expert shard"
+    return (f"{shards} {address}: transport {kind} (--expert-transport {mode}) refused: {why}. No fallback to "
+            f"grpc with a forced transport: {fix}, or start with --expert-transport auto (which falls back to grpc)")
+
+
 def _shm_link(client: GrpcShardClient, mode: str, sizes: dict) -> ShmLink | None:
     link = ShmLink(client, hidden_size=sizes["hidden_size"], top_k=sizes["top_k"], dtype=client.info.dtype,
                    stall_timeout=sizes["stall_timeout"], call_timeout=sizes["call_timeout"])
@@ -55,7 +66,7 @@ def _shm_link(client: GrpcShardClient, mode: str, sizes: dict) -> ShmLink | None
         link.attach(MIN_TOKENS)
     except (AttachRefused, ExpertCallError, OSError, ValueError) as exc:
         if mode == "shm":
-            raise ConnectionError(f"expert shard {client.address}: shared memory refused: {exc}") from None
+            raise ConnectionError(forced_refusal(client.address, "shm", mode, str(exc))) from None
         log.warning("expert shard %s: shared memory not used (%s); transport grpc", client.address, exc)
         return None
     return link
@@ -70,6 +81,7 @@ def _dist_links(clients: list[GrpcShardClient], mode: str, sizes: dict, device: 
     backend = backend_for(device, clients)
     group = DistGroup(clients, backend=backend, hidden_size=sizes["hidden_size"], top_k=sizes["top_k"],
                       dtype=clients[0].info.dtype, device=device, join_timeout=sizes["join_timeout"],
+                      advertise=sizes.get("dist_host", ""),
                       stall_timeout=sizes["stall_timeout"], call_timeout=sizes["call_timeout"])
     try:
         group.form()
@@ -77,7 +89,7 @@ def _dist_links(clients: list[GrpcShardClient], mode: str, sizes: dict, device: 
         group.teardown()
         names = ", ".join(c.address for c in clients)
         if mode == "dist":
-            raise ConnectionError(f"expert shards {names}: {backend} process group not formed: {exc}") from None
+            raise ConnectionError(forced_refusal(names, backend, mode, f"process group not formed: {exc}")) from None
         log.warning("expert shards %s: %s not used (%s); transport grpc", names, backend, exc)
         return [None] * len(clients)
     return list(group.links)
@@ -85,7 +97,7 @@ def _dist_links(clients: list[GrpcShardClient], mode: str, sizes: dict, device: 
 
 def open_links(clients: Sequence[GrpcShardClient], *, mode: str, device: str = "cpu", **sizes) -> list:
     """Per client, in order: a ShmLink, a DistLink or None (gRPC). sizes: hidden_size, top_k, stall_timeout,
-    call_timeout, join_timeout."""
+    call_timeout, join_timeout, dist_host (optional: the rendezvous host the shards are told)."""
     links: list = [None] * len(clients)
     remote = []
     for i, client in enumerate(clients):

@@ -48,6 +48,7 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
         repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
         guided=Guided(p.guided.json_schema, p.guided.json_object) if p.HasField("guided") else None,
         prompt_tokens=p.prompt_tokens if p.HasField("prompt_tokens") else None,
+        prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
     )
 
 
@@ -55,7 +56,7 @@ def work_from_proto(w: router_pb2.SequenceWork) -> SeqWork:
     """No sampling field: the engine uses the sequence's own (sent once, when it started)."""
     sampling = sampling_from_proto(w.sampling) if w.HasField("sampling") else None
     return SeqWork(seq_id=w.seq_id, token_ids=list(w.token_ids), position=w.position, sampling=sampling,
-                   sample=w.sample, salt=cache_salt(w.tenant, w.cache_salt))
+                   sample=w.sample, salt=cache_salt(w.tenant, w.cache_salt), follows=w.follows)
 
 
 def result_to_proto(r: SeqResult) -> router_pb2.SequenceResult:
@@ -63,10 +64,15 @@ def result_to_proto(r: SeqResult) -> router_pb2.SequenceResult:
     if r.token_id is not None:
         out.token_id = r.token_id
     out.top_logprobs.extend(common_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in r.top_logprobs)
+    for entry in r.prompt_logprobs:  # runtime/prompt_logprobs.PromptLogprob
+        out.prompt_logprobs.add(logprob=entry.logprob, top_logprobs=[
+            common_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in entry.top])
     return out
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
+    ORDER_WAIT = 0.05  # seconds a pipelined Step waits for the step it follows to reach the engine thread
+
     def __init__(self, engine: Engine, worker: EngineWorker, placement: tuple[ExpertPlacement, ...],
                  tracer_: trace.Tracer | None = None, transports: Callable[[], list[str]] | None = None,
                  seq_lease: float = 30.0) -> None:
@@ -76,6 +82,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._leases = SequenceLeases(seq_lease)
         self._prefix = PrefixStats()  # prefix-cache hits per tenant
         self._sweeper: asyncio.Task | None = None
+        self._handed = 0  # step_id of the last Step handed to the engine thread (pipelined steps wait for theirs)
         self._transports = transports or (lambda: [""] * len(placement))  # per shard: "shm", "grpc", "local"...
         self._tracer = tracer_ or tracer("moemesh.router")
         # Routed-token counters on the device; read on the engine thread (never inside a step), only when asked.
@@ -109,11 +116,22 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Step(self, request: router_pb2.StepRequest, context: grpc.aio.ServicerContext):
         works = [work_from_proto(w) for w in request.work]
         tenants = {w.seq_id: w.tenant for w in request.work if w.tenant}
+        if any(w.follows for w in works):  # pipelined: must reach the engine thread after the step it follows
+            await self._after_step(request.step_id - 1)
+        self._handed = request.step_id
         released, results, seconds, (free, cached, own) = await self._worker.run(
             self._release_and_step, list(request.release), request.step_id, works, tenants)
         return router_pb2.StepResponse(results=[result_to_proto(r) for r in results], compute_seconds=seconds,
-                                       kv_blocks_free=free, tokens=sum(len(w.token_ids) for w in works),
+                                       kv_blocks_free=free, tokens=_fed(works),
                                        kv_blocks_cached=cached, kv_blocks_own=own, released=released)
+
+    async def _after_step(self, step_id: int) -> None:
+        """Waits (at most ORDER_WAIT) until step `step_id` was handed to the engine thread. The batcher sends a
+        pipelined step right after the one it follows, on the same channel, so this almost never waits; if the
+        calls were reordered anyway, running it first would fail it (positions ahead of the cache)."""
+        deadline = time.monotonic() + self.ORDER_WAIT
+        while self._handed < step_id and time.monotonic() < deadline:
+            await asyncio.sleep(0.0005)
 
     def _release_and_step(self, release: list[str], step_id: int, works: list[SeqWork],
                           tenants: dict[str, str]) -> tuple[int, list[SeqResult], float, tuple]:
@@ -132,7 +150,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     def _step(self, step_id: int, works: list[SeqWork]) -> tuple[list[SeqResult], float, int]:
         """On the engine thread: one router.step span, the engine step, metrics."""
-        tokens = sum(len(w.token_ids) for w in works)
+        tokens = _fed(works)
         start, outcome = time.perf_counter(), "error"
         with step_scope(step_id, self._tracer) as step:
             trace.get_current_span().set_attributes({"moemesh.sequences": len(works), "moemesh.tokens": tokens})
@@ -181,6 +199,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             device=info.device, dtype=info.dtype, eos_token_ids=info.eos_token_ids, moe_layers=info.moe_layers,
             expert_tokens=[router_pb2.ExpertLayerLoad(layer=layer, tokens=tokens) for layer, tokens in load.items()],
             instance_id=self.instance_id, cuda_graphs=info.cuda_graphs, quantization=info.quantization,
+            backend=info.backend,
             prefix_cache=info.prefix_cache, kv_blocks_cached=info.kv_blocks_cached,
             kv_blocks_evicted=info.kv_blocks_evicted,
             prefix_cache_tenants=[router_pb2.TenantCacheStats(tenant=t, prompt_tokens=h.prompt_tokens,
@@ -197,6 +216,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     def _expert_load_snapshot(self) -> dict[int, list[int]]:
         return self._expert_load.snapshot() if self._expert_load is not None else {}
+
+
+def _fed(works: list[SeqWork]) -> int:
+    """Tokens the works feed (a follows work feeds the one token the engine sampled last)."""
+    return sum(1 if w.follows else len(w.token_ids) for w in works)
 
 
 def add_to_server(servicer: RouterServicer, server: grpc.aio.Server) -> list[str]:

@@ -23,7 +23,7 @@ import torch
 from services.router.dispatch import RemoteDispatch
 from services.router.dist_link import DistLink
 from services.router.expert_client import ExpertCallError, GrpcShardClient
-from services.router.link_choice import MIN_TOKENS, is_local, open_links  # noqa: F401 (is_local: API)
+from services.router.link_choice import MIN_TOKENS, forced_refusal, is_local, open_links  # noqa: F401 (is_local: API)
 from services.router.placement import Placement
 from services.router.shm_link import AttachRefused, ShmLink
 from services.router.step_trace import current_step
@@ -37,6 +37,8 @@ def _bucket(tokens: int) -> int:
 
 
 class ShmDispatch(RemoteDispatch):
+    mode = "auto"  # --expert-transport; a forced one (shm, dist) never falls back to gRPC, also on re-attach
+
     def __init__(self, clients: Sequence[GrpcShardClient], placement: Placement, num_experts: int,
                  links: list[ShmLink | DistLink | None], *, retry_s: float = 0.5) -> None:
         super().__init__(clients, placement, num_experts)
@@ -48,12 +50,14 @@ class ShmDispatch(RemoteDispatch):
     @classmethod
     def start(cls, clients: Sequence[GrpcShardClient], placement: Placement, num_experts: int, *, mode: str,
               hidden_size: int, top_k: int, stall_timeout: float, call_timeout: float, device: str = "cpu",
-              join_timeout: float = 10.0) -> ShmDispatch:
+              join_timeout: float = 10.0, dist_host: str = "") -> ShmDispatch:
         """Links per shard as services/router/link_choice.py says for `mode` (auto, shm, dist, grpc); refusals of
         a forced mode raise ConnectionError naming the shard and why."""
         links = open_links(clients, mode=mode, device=device, hidden_size=hidden_size, top_k=top_k,
-                           stall_timeout=stall_timeout, call_timeout=call_timeout, join_timeout=join_timeout)
+                           stall_timeout=stall_timeout, call_timeout=call_timeout, join_timeout=join_timeout,
+                           dist_host=dist_host)
         dispatch = cls(clients, placement, num_experts, links)
+        dispatch.mode = mode
         for client, transport in zip(clients, dispatch.transports()):
             log.info("expert shard %s: transport %s", client.address, transport)
         return dispatch
@@ -86,6 +90,10 @@ class ShmDispatch(RemoteDispatch):
                     self._check_same_shard(j, self._links[j])
             link.attach(_bucket(max(tokens, link.max_tokens)))
         except AttachRefused as exc:
+            if self.mode != "auto":  # forced: the step fails, the link stays down and is retried
+                self._retry_at[i] = now + self.retry_s
+                raise ExpertCallError(link.address, -1, grpc.StatusCode.UNAVAILABLE, forced_refusal(
+                    link.address, link.kind, self.mode, str(exc))) from None
             log.warning("expert shard %s refused %s (%s); transport grpc", link.address, link.kind, exc)
             for j in self._peers(i):
                 self._links[j] = None
@@ -113,21 +121,24 @@ class ShmDispatch(RemoteDispatch):
         # hidden [T, H]; topk_ids [T, K] int64 (-1 unused); topk_weights [T, K] float32.
         step, self._seq = current_step(), self._seq + 1
         written, started, calls, errors = [], [], [], []
+        assigned = self.split.assign(layer, topk_ids) if self.split is not None else None  # [T, K] with replicas
         for i in self._shards_of(layer):
             link = self._links[i]
+            ids, weights = (topk_ids, topk_weights) if assigned is None else \
+                self.split.only(assigned, i, topk_ids, topk_weights)  # replicas: only the slots shard i computes
             if link is None:
-                call = self._grpc_submit(i, layer, hidden, topk_ids, topk_weights, step)
+                call = self._grpc_submit(i, layer, hidden, topk_ids, topk_weights, step, assigned)
                 if call is not None:
                     calls.append(call)
             elif not link.attached:
                 errors.append(ExpertCallError(link.address, layer, grpc.StatusCode.UNAVAILABLE,
                                               f"{link.kind} link down"))
             elif isinstance(link, ShmLink):
-                link.write(hidden, topk_ids, topk_weights)
+                link.write(hidden, ids, weights)
                 written.append(i)
             else:
                 try:
-                    link.start(self._seq, layer, hidden, topk_ids, topk_weights, self._trace_context(i, layer, step))
+                    link.start(self._seq, layer, hidden, ids, weights, self._trace_context(i, layer, step))
                     started.append(i)
                 except ExpertCallError as exc:
                     errors.append(exc)

@@ -54,6 +54,8 @@ class ScriptedBatcher(batcher_pb2_grpc.BatcherServicer):
                 event = batcher_pb2.GenerateEvent(token_ids=[token], finish_reason=reason, prompt_tokens=prompt,
                                                   completion_tokens=i + 1, engine_seconds=0.25 if last else 0.0,
                                                   cached_tokens=min(self.cached_tokens, prompt))
+                if i == 0 and request.sampling.HasField("prompt_logprobs"):
+                    _score_prompt(event, request.prompt_ids, request.sampling.prompt_logprobs)
                 if request.sampling.logprobs:
                     event.logprobs.add(token_id=token, logprob=-0.5)
                     for k in range(request.sampling.top_logprobs):
@@ -67,6 +69,14 @@ class ScriptedBatcher(batcher_pb2_grpc.BatcherServicer):
     async def Cancel(self, request, context):
         self.cancels.append(request.request_id)
         return batcher_pb2.CancelResponse(found=True)
+
+
+def _score_prompt(event: batcher_pb2.GenerateEvent, prompt_ids, alternatives: int) -> None:
+    """What the router scores (prompt logprobs): prompt token k gets -k/10, alternatives token ids 0, 1, ..."""
+    for k in range(len(prompt_ids)):
+        entry = event.prompt_logprobs.add(logprob=None if k == 0 else -k / 10)
+        if k:
+            entry.top_logprobs.extend(common_pb2.TokenLogprob(token_id=a, logprob=-a - 0.5) for a in range(alternatives))
 
 
 @dataclass

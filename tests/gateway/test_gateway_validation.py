@@ -63,6 +63,7 @@ CASES = [
     (dict(logit_bias={"abc": 1.0}), "logit_bias['abc']: keys must be token ids"),
     (dict(logit_bias={"5": 101.0}), "logit_bias['5']: 101.0 is not in [-100, 100]"),
     (dict(n=2, repetition_penalty=0.0), "repetition_penalty: 0.0 is not in (0, 2]"),
+    (dict(prompt_logprobs=21), "prompt_logprobs: 21 is not in [0, 20]"),
 ]
 
 

@@ -86,3 +86,42 @@ def test_wrong_group_size_fails_at_load(quantized, tmp_path: Path) -> None:
     bad = _corrupt(qdir, tmp_path / "bad", regroup)
     with pytest.raises(QuantConfigError, match=r"weight_scale'.*group_size 32"):
         Engine.load(bad, kv_blocks=4)
+
+
+def _edit_config(edit):
+    """A _corrupt edit that changes config.json's quantization_config in place."""
+    def apply(tensors, config, out):
+        edit(config["quantization_config"])
+        (out / "config.json").write_text(json.dumps(config))
+    return apply
+
+
+def _first_group(q: dict) -> dict:
+    return next(iter(q["config_groups"].values()))["weights"]
+
+
+# Unknown or inconsistent configs, each failing at Engine.load with the field (and the tensor where there is one).
+BAD_CONFIGS = {
+    "unknown method": (lambda q: q.update(quant_method="bitsandbytes"), r"quant_method 'bitsandbytes'"),
+    "unknown format": (lambda q: q.update(format="marlin-24"), r"format 'marlin-24'"),
+    "3-bit weights": (lambda q: _first_group(q).update(num_bits=3), r"config_groups\.group_0\.weights.*num_bits 3"),
+    "unknown strategy": (lambda q: _first_group(q).update(strategy="block"), r"weights\.strategy 'block'"),
+    "no target matches": (lambda q: next(iter(q["config_groups"].values())).update(targets=["nothing"]),
+                          r"'model\.layers\.\d+\.[\w.]+\.weight_packed'.*config_groups target"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_unknown_or_inconsistent_config_fails_at_load_naming_the_field(quantized, tmp_path: Path, case: str) -> None:
+    edit, message = BAD_CONFIGS[case]
+    _, qdir = quantized("llama")
+    with pytest.raises(ValueError, match=message):  # QuantConfigError, or the spec's ConfigError for the method
+        Engine.load(_corrupt(qdir, tmp_path / "bad", _edit_config(edit)), kv_blocks=4)
+
+
+def test_missing_zero_points_of_an_asymmetric_checkpoint_fail_at_load(quantized, tmp_path: Path) -> None:
+    _, qdir = quantized("llama")
+    bad = _corrupt(qdir, tmp_path / "bad", lambda t, c, o: t.pop("model.layers.0.self_attn.o_proj.weight_zero_point"))
+    with pytest.raises(QuantConfigError, match=r"'model\.layers\.0\.self_attn\.o_proj\.weight_zero_point' is missing"
+                                               r".*'symmetric'"):
+        Engine.load(bad, kv_blocks=4)

@@ -101,3 +101,16 @@ def test_preempted_sequence_with_shared_blocks_recomputes_identically(tiny_hf):
     assert engine.blocks.own("a") == engine.blocks.blocks_for(14)
     again, _ = _prefill(engine, "b", PREFIX + [1, 2])
     assert again.cached_tokens == 12 and again.token_id == second.token_id
+
+
+def test_later_chunks_hit_under_the_salt_of_the_first():
+    """Works after position 0 name no salt (it travels once): their blocks are keyed with the sequence's own salt."""
+    bm = BlockManager(num_blocks=12, block_size=2)
+    bm.match("a", "s", 0, [1, 2, 3, 4], 4)
+    bm.reserve({"a": 4})
+    bm.commit("a", [1, 2, 3, 4])
+    for seq, salt, expect in (("b", "s", 2), ("c", "other", 0)):
+        assert bm.match(seq, salt, 0, [1, 2], 2) == expect
+        bm.reserve({seq: 2})
+        bm.commit(seq, [1, 2])
+        assert bm.match(seq, "", 2, [3, 4, 5], 3) == expect  # the second chunk: hit only within the salt

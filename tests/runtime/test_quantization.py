@@ -117,11 +117,12 @@ def test_an_fp8_checkpoint_is_served_in_fp8_with_its_block_scales(tiny_hf, tmp_p
 
 def test_bad_quantization_is_refused_with_its_value(tmp_path):
     path = _config(tmp_path)
-    with pytest.raises(ValueError, match="quantization must be one of .*'int4'"):
-        Engine.load(path, load_format="dummy", kv_blocks=4, quantization="int4")
+    with pytest.raises(ValueError, match="quantization must be one of .*'int3'"):
+        Engine.load(path, load_format="dummy", kv_blocks=4, quantization="int3")
     from moemesh.serving.config import ConfigError
     from services.router.config import RouterConfig
 
     with pytest.raises((ConfigError, SystemExit)):
-        RouterConfig.load(["--quantization", "int4"])
+        RouterConfig.load(["--quantization", "int3"])
     assert RouterConfig.load(["--quantization", "fp8"]).quantization == "fp8"
+    assert RouterConfig.load(["--quantization", "int4"]).quantization == "int4"

@@ -6,6 +6,7 @@
                         block shapes tuned per token count in configs/
     fused_ops.py        residual add + RMSNorm, per-head q/k norm + rope, softmax top-k routing: one launch each
     paged_attention.py  decode attention (one query token per sequence) reading K/V through block tables
+    mla_decode.py       DeepSeek MLA decode, weight-absorbed, over the paged latent cache (split context + merge)
     decode_graphs.py    CUDA graphs of whole decode steps per batch-size bucket, over static buffers
 
 Nothing here is imported unless the device is CUDA and Triton is installed (`triton_available`).
@@ -39,9 +40,7 @@ def decode_plan(spec, device: torch.device, dtype: torch.dtype, dispatch, cuda_g
     """(use the paged decode runner, capture it in CUDA graphs, the EngineInfo.cuda_graphs note)."""
     a = spec.attention
     reason = kernels_usable(device, dtype)
-    if not reason and a.mla:
-        reason = "MLA attention has no paged decode kernel yet (decode gathers the latent context)"
-    if not reason and a.head_dim & (a.head_dim - 1):
+    if not reason and not a.mla and a.head_dim & (a.head_dim - 1):  # MLA decodes over the latent (mla_decode.py)
         reason = f"head_dim {a.head_dim} is not a power of two (paged decode kernel)"
     if reason:
         return False, False, f"off: {reason}"

@@ -11,9 +11,11 @@ row block: at decode sizes the kernels stream each selected expert's weights onc
 from configs/*.json, tuned per token count on the target GPU (benchmarks/moe_kernel.py writes them), as vLLM does.
 Pairs of experts not hosted here are never computed; their rows of y stay zero.
 
-Weights are bf16/fp16 tensors or quant.QuantTensor stacks (int8 / fp8 e4m3 + float32 scales), dequantized inside the
-kernels (moe_kernels.py). Quantized weights use their own tuned configs when present, else the bf16 ones (same
-shape; the tiles then move half the bytes).
+Weights are bf16/fp16 tensors or quant.QuantTensor stacks (int8 / fp8 e4m3 + float32 scales, or int4 two per byte +
+a float32 scale per 128 columns), dequantized inside the kernels (moe_kernels.py). Quantized weights use their own
+tuned configs when present (`dtype=int4` etc. in the file name), else the bf16 ones (same shape; the tiles then move
+half or a quarter of the bytes). int4 steps K one 128-column scale group at a time in the GEMM (BLOCK_K is then
+ignored) and a multiple of 128 columns in the GEMV.
 """
 
 from __future__ import annotations
@@ -27,27 +29,36 @@ import triton
 
 from moemesh.runtime.gpu.moe_align import SMALL_PAIRS, Alignment, align, align_small
 from moemesh.runtime.gpu.moe_kernels import _moe_gemm, _moe_gemv
-from moemesh.runtime.quant import QuantTensor
+from moemesh.runtime.quant import INT4_GROUP, QuantTensor
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 GEMV_MAX_PAIRS = 32  # up to this many (token, slot) pairs the GEMV kernel runs (experts are then mostly distinct)
 GEMV_DEFAULT = {"gemv_gate_up": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
                 "gemv_down": {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}}
+# int4 rows hold a quarter of bf16's bytes: wider K steps keep 16-byte loads per thread (bf16's GEMV table does not
+# apply; checked on the sm_90 PTX: BLOCK_N 8 x BLOCK_K 512 -> ld.global.v4). Used until benchmarks/moe_kernel.py
+# --tune-gemv --tune-for int4 writes the int4 table.
+GEMV_INT4_DEFAULT = {"gemv_gate_up": {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3},
+                     "gemv_down": {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}}
 Weight = torch.Tensor | QuantTensor
 
 
 def _weight_args(w: Weight, block_k: int) -> tuple[tuple, dict, int]:
-    """(data, scale, stride_se, stride_sn), the QUANT/GROUP_K constexprs and the BLOCK_K to use for weight w."""
+    """(data, scale, stride_se, stride_sn), the QUANT/GROUP_K/INT4 constexprs and the BLOCK_K to use for weight w."""
     if not isinstance(w, QuantTensor):
-        return (w, w, 0, 0), {"QUANT": False, "GROUP_K": 0}, block_k
+        return (w, w, 0, 0), {"QUANT": False, "GROUP_K": 0, "INT4": False}, block_k
+    if w.scheme == "int4":  # K steps of whole 128-column groups (the packing unit)
+        scale = w.scale  # [E, N, G]
+        return ((w.q, scale, scale.stride(0), scale.stride(1)), {"QUANT": True, "GROUP_K": INT4_GROUP, "INT4": True},
+                max(INT4_GROUP, block_k // INT4_GROUP * INT4_GROUP))
     group = 0 if w.per_channel else w.block_k
     if group:  # a K step must not straddle two scale groups
         block_k = min(block_k, group)
         if group % block_k:
             raise ValueError(f"scale block of {group} columns is not a multiple of BLOCK_K {block_k}")
     scale = w.scale  # [E, N, G] contiguous
-    return (w.q, scale, scale.stride(0), scale.stride(1)), {"QUANT": True, "GROUP_K": group}, block_k
+    return (w.q, scale, scale.stride(0), scale.stride(1)), {"QUANT": True, "GROUP_K": group, "INT4": False}, block_k
 
 
 def moe_gemv(a: torch.Tensor, w: Weight, out: torch.Tensor, ids: torch.Tensor, a_div: int, cfg: dict,
@@ -74,7 +85,8 @@ def default_config(tokens: int, kind: str) -> dict[str, int]:
             "num_stages": 3}
 
 
-def config_name(num_experts: int, inter: int, hidden: int, dtype: torch.dtype, device_name: str) -> str:
+def config_name(num_experts: int, inter: int, hidden: int, dtype: torch.dtype | str, device_name: str) -> str:
+    """dtype: the weights' torch dtype, or "int4" (stored as uint8)."""
     dev = device_name.replace(" ", "_")
     return f"E={num_experts},I={inter},H={hidden},dtype={str(dtype).removeprefix('torch.')},device={dev}.json"
 
@@ -94,18 +106,23 @@ def _device_name(index: int) -> str:
 
 def pick_config(tokens: int, kind: str, w_gate_up: Weight) -> dict[str, int]:
     """Tuned config of the nearest token count for this shape, weight dtype and GPU (quantized weights fall back
-    to the bf16 table of the shape), else default_config."""
+    to the bf16 table of the shape, kind by kind, except int4's GEMV), else default_config / the GEMV defaults."""
     e, two_i, h = w_gate_up.shape
     data = w_gate_up.q if isinstance(w_gate_up, QuantTensor) else w_gate_up
     device = _device_name(data.device.index or 0) if data.is_cuda else "cpu"  # cpu: Triton's interpreter
-    table = _tuned(config_name(e, two_i // 2, h, data.dtype, device))
-    if not table and isinstance(w_gate_up, QuantTensor):
-        table = _tuned(config_name(e, two_i // 2, h, torch.bfloat16, device))
-    if kind.startswith("gemv"):
-        return next((table[m][kind] for m in sorted(table) if kind in table[m]), GEMV_DEFAULT[kind])
-    if not table:
-        return default_config(tokens, kind)
-    return table[min(table, key=lambda m: abs(m - tokens))][kind]
+    int4 = isinstance(w_gate_up, QuantTensor) and w_gate_up.scheme == "int4"
+    dtype = "int4" if int4 else data.dtype
+    gemv = kind.startswith("gemv")
+    dtypes = (dtype, torch.bfloat16) if isinstance(w_gate_up, QuantTensor) and not (int4 and gemv) else (dtype,)
+    for name in (config_name(e, two_i // 2, h, d, device) for d in dtypes):
+        table = {m: entry[kind] for m, entry in _tuned(name).items() if kind in entry}
+        if table and gemv:
+            return table[min(table)]
+        if table:
+            return table[min(table, key=lambda m: abs(m - tokens))]
+    if gemv:
+        return (GEMV_INT4_DEFAULT if int4 else GEMV_DEFAULT)[kind]
+    return default_config(tokens, kind)
 
 
 def moe_gemm(a: torch.Tensor, w: Weight, out: torch.Tensor, al: Alignment, a_div: int, cfg: dict,

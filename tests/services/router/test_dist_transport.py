@@ -113,23 +113,59 @@ async def test_join_refusals_name_the_reason(tiny_moe_dir):
 
 async def test_a_long_block_on_a_live_shard_beats_instead_of_failing(tiny_moe_dir):
     """Rank 0 and rank 1 in this one process (the groups are plain objects): a block computing 4x longer than the
-    stall timeout comes back, because the shard sends heartbeats meanwhile."""
+    stall timeout comes back, because the shard sends heartbeats meanwhile (stall 0.25 s: beats every 62 ms survive
+    a loaded 2-core machine, 0.1 s did not at load 15)."""
     servicer = build_servicer(ExpertConfig(model=str(tiny_moe_dir), shard_index=0, num_shards=1))
     bank = servicer._shard.bank
     fast = bank.forward
-    bank.forward = lambda *args: (time.sleep(0.4), fast(*args))[1]  # a slow shard, not a stalled one
+    bank.forward = lambda *args: (time.sleep(1.0), fast(*args))[1]  # a slow shard, not a stalled one
     async with serve_in_process(lambda s: expert_servicer.add_to_server(servicer, s), name="e0") as e:
         client = GrpcShardClient(e.address, call_timeout=5)
         await asyncio.to_thread(client.placement)
-        group = DistGroup([client], backend="gloo", hidden_size=64, top_k=2, dtype="float32", stall_timeout=0.1,
+        group = DistGroup([client], backend="gloo", hidden_size=64, top_k=2, dtype="float32", stall_timeout=0.25,
                           call_timeout=5)
         await asyncio.to_thread(group.form)
         hidden, ids, weights = torch.randn(3, 64), torch.tensor([[0, 1], [2, 3], [1, -1]]), torch.rand(3, 2)
         link, start = group.links[0], time.monotonic()
         link.start(1, 0, hidden, ids, weights)
         got = await asyncio.to_thread(link.wait, 1, 0, 3)
-        assert time.monotonic() - start >= 0.4 and group.formed
+        assert time.monotonic() - start >= 1.0 and group.formed
         torch.testing.assert_close(got, fast(0, hidden, ids, weights.where(ids >= 0, 0.0)))
         group.teardown()
         client.close()
     await servicer.close()
+
+
+async def test_gloo_blocks_make_one_expert_step_span_joined_to_the_routers_trace(tiny_moe_dir):
+    """The step's trace context rides on its first layer (tag CONTEXT); the shard aggregates the step's layers into
+    one "expert.step" span under the router's span, ended once the router is idle (as over shared memory)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter, provider = InMemorySpanExporter(), TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    servicer = build_servicer(ExpertConfig(model=str(tiny_moe_dir), shard_index=0, num_shards=1))
+    servicer._dist.tracer = provider.get_tracer("test")
+    trace_id, span_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    context = f"traceparent=00-{trace_id}-{span_id}-01\nmoemesh-step-id=7"
+    async with serve_in_process(lambda s: expert_servicer.add_to_server(servicer, s), name="e0") as e:
+        client = GrpcShardClient(e.address, call_timeout=5)
+        await asyncio.to_thread(client.placement)
+        group = DistGroup([client], backend="gloo", hidden_size=64, top_k=2, dtype="float32", call_timeout=5)
+        await asyncio.to_thread(group.form)
+        hidden, ids, weights = torch.randn(3, 64), torch.tensor([[0, 1], [2, 3], [1, -1]]), torch.rand(3, 2)
+        link = group.links[0]
+        for seq, (layer, ctx) in enumerate([(0, context), (1, "")], start=1):
+            link.start(seq, layer, hidden, ids, weights, ctx)
+            await asyncio.to_thread(link.wait, seq, layer, 3)
+        deadline = time.monotonic() + 5
+        while not exporter.get_finished_spans() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        group.teardown()
+        client.close()
+    await servicer.close()
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "expert.step"]
+    assert f"{span.context.trace_id:032x}" == trace_id and f"{span.parent.span_id:016x}" == span_id
+    assert span.attributes["moemesh.expert.calls"] == 2 and span.attributes["moemesh.step_id"] == 7
+    assert span.attributes["moemesh.expert.layers"] == 2 and span.attributes["moemesh.expert.tokens"] == 6

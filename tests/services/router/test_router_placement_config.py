@@ -74,3 +74,31 @@ def test_expert_config_split_and_explicit_lists():
 def test_expert_config_errors_quote_the_value(argv, text):
     with pytest.raises(ConfigError, match=text):
         ExpertConfig.from_args(argv, env={})
+
+
+def test_shards_of_different_models_are_named_with_their_experts():
+    from services.router.placement import check_same_model
+
+    with pytest.raises(PlacementError, match=r"different models: a:1 serves 'm1' in float32 \(experts 0-3\); "
+                                             r"b:1 serves 'm2' in float32 \(experts 4-7\)"):
+        check_same_model([("a:1", "m1", "float32", (0, 1, 2, 3)), ("b:1", "m2", "float32", (4, 5, 6, 7))])
+    check_same_model([("a:1", "m1", "float32", (0, 1)), ("b:1", "m1", "float32", (2, 3))])
+
+
+def test_declared_replicas_pass_validation_and_split_their_slots_evenly():
+    import torch
+
+    from services.router.placement import ReplicaSplit
+
+    p = Placement((shard("a:1", [0, 1, 2]), shard("b:1", [2, 3])))
+    with pytest.raises(PlacementError, match="more than one shard: layer 0: experts 2"):
+        p.validate((0, 1), 4)
+    p.validate((0, 1), 4, replicas=True)
+    split = ReplicaSplit.of(p, 4)
+    assert split is not None and ReplicaSplit.of(Placement((shard("a:1", [0, 1]), shard("b:1", [2, 3]))), 4) is None
+    ids = torch.tensor([[2, 0]] * 100 + [[3, -1]])  # [T, K]
+    assigned = split.assign(1, ids)
+    assert assigned[:100, 1].eq(0).all() and assigned[100].tolist() == [1, -1]  # single owners, unused slot
+    assert assigned[:100, 0].bincount().tolist() == [50, 50]  # expert 2's tokens halved between its replicas
+    only_ids, only_w = split.only(assigned, 1, ids, torch.ones(101, 2))
+    assert (only_ids[:100, 0] == 2).sum() == 50 and only_ids[:100, 1].eq(-1).all() and only_w.sum() == 51

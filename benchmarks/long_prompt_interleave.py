@@ -1,0 +1,151 @@
+"""A short request arriving during a long prefill, on the real mesh: `moemesh up --no-auth` (gateway, batcher, router,
+expert shards as separate processes, the built-in model, CPU), requests sent to its batcher's Generate as token ids.
+
+Per repeat (the two runs interleaved, so that load drift on a shared machine hits both alike; fresh random prompts
+every run, so the prefix cache never helps):
+  alone: a long prompt (--long-tokens, default 7,800) with 1 token out, by itself: its time to first token;
+  mixed: a long prompt, then --delay s (default 3) later a short one (--short-tokens, default 5; 4 tokens out): the
+         short one's TTFT from its own send, and the long one's TTFT.
+Targets (issue 14): the short request's first token within 3 s; the long prompt's TTFT at most 20% above alone.
+
+    .venv/bin/python benchmarks/long_prompt_interleave.py [--repeats 2] [--model smollm2-moe]
+
+Writes benchmarks/results/long-prompt-interleave-cpu.json and .md (machine, load average, command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+
+def start_mesh(model: str, workdir: Path) -> tuple[subprocess.Popen, dict]:
+    """`moemesh up --no-auth` with every default, as a new user runs it; returns (process, status file)."""
+    from moemesh import home
+    from tests.mesh_process import free_port, wait_status
+
+    env = {**os.environ, "MOEMESH_HOME": str(workdir / "home"),
+           "MOEMESH_MODELS": os.environ.get("MOEMESH_MODELS") or str(home.models_dir())}
+    status, log = workdir / "status.json", workdir / "up.log"
+    cmd = [sys.executable, "-m", "moemesh.cli.main", "up", "--model", model, "--no-auth", "--gateway-port",
+           str(free_port()), "--status-file", str(status)]
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+                            start_new_session=True)
+    return proc, wait_status(proc, status, log, timeout_s=900)
+
+
+def stop_mesh(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+async def ttft(stub, prompt: list[int], max_tokens: int, rid: str) -> float:
+    """Seconds from sending a Generate to its first token (the stream is read to its end)."""
+    from moemesh.v1 import batcher_pb2, common_pb2
+
+    request = batcher_pb2.GenerateRequest(request_id=rid, tenant="bench", prompt_ids=prompt,
+                                          sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    start, first = time.perf_counter(), None
+    async for event in stub.Generate(request, timeout=1800):
+        if event.token_ids and first is None:
+            first = time.perf_counter() - start
+    if first is None:
+        raise RuntimeError(f"{rid}: no token")
+    return first
+
+
+async def measure(batcher: str, args: argparse.Namespace) -> list[dict]:
+    import grpc
+
+    from moemesh.v1 import batcher_pb2_grpc
+
+    rng = random.Random(args.seed)
+    draw = lambda n: [rng.randrange(200, 40000) for _ in range(n)]  # noqa: E731
+    rows = []
+    async with grpc.aio.insecure_channel(batcher) as channel:
+        stub = batcher_pb2_grpc.BatcherStub(channel)
+        await ttft(stub, draw(64), 2, "warm")
+        for rep in range(args.repeats):
+            alone = await ttft(stub, draw(args.long_tokens), 1, f"alone-{rep}")
+            long_task = asyncio.ensure_future(ttft(stub, draw(args.long_tokens), 1, f"long-{rep}"))
+            await asyncio.sleep(args.delay)
+            short = await ttft(stub, draw(args.short_tokens), 4, f"short-{rep}")
+            mixed = await long_task
+            rows.append({"long_alone_ttft_s": alone, "long_mixed_ttft_s": mixed, "short_ttft_s": short,
+                         "long_growth": mixed / alone, "loadavg": os.getloadavg()})
+            print(f"repeat {rep + 1}: long alone {alone:.2f} s, long with the short one {mixed:.2f} s "
+                  f"(x{mixed / alone:.2f}), short TTFT {short:.2f} s; load {os.getloadavg()[0]:.1f}", flush=True)
+    return rows
+
+
+def report(rows: list[dict], args: argparse.Namespace, load_start: tuple, info: dict) -> str:
+    med = {k: statistics.median(r[k] for r in rows) for k in ("long_alone_ttft_s", "long_mixed_ttft_s",
+                                                             "short_ttft_s", "long_growth")}
+    lines = ["| repeat | long alone TTFT (s) | long TTFT, short one arriving (s) | growth | short TTFT (s) | load 1 min |",
+             "|---|---|---|---|---|---|"]
+    for k, r in enumerate(rows, 1):
+        lines.append(f"| {k} | {r['long_alone_ttft_s']:.2f} | {r['long_mixed_ttft_s']:.2f} | "
+                     f"{r['long_growth'] - 1:+.0%} | {r['short_ttft_s']:.2f} | {r['loadavg'][0]:.1f} |")
+    lines.append(f"| median | {med['long_alone_ttft_s']:.2f} | {med['long_mixed_ttft_s']:.2f} | "
+                 f"{med['long_growth'] - 1:+.0%} | {med['short_ttft_s']:.2f} | |")
+    verdict = (f"Targets: short TTFT <= 3 s: {'met' if med['short_ttft_s'] <= 3 else 'missed'} (median "
+               f"{med['short_ttft_s']:.2f} s); long TTFT growth <= 20%: "
+               f"{'met' if med['long_growth'] <= 1.2 else 'missed'} (median {med['long_growth'] - 1:+.0%}).")
+    return (f"# A short request during a long prefill (mesh, CPU)\n\n`{info['command']}` on {info['machine']}, "
+            f"{info['cpus']} CPUs; `moemesh up --no-auth --model {args.model}` (default batcher knobs); long prompt "
+            f"{args.long_tokens} tokens, short {args.short_tokens} tokens sent {args.delay:g} s after it; load "
+            f"average (1, 5, 15 min) {_load(load_start)} at the start, {_load(info['loadavg_end'])} at the end "
+            f"(2 cores shared with other work: absolute times vary with it)\n\n" + "\n".join(lines) + f"\n\n{verdict}\n")
+
+
+def _load(avg) -> str:
+    return "/".join(f"{x:.1f}" for x in avg)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-moe")
+    p.add_argument("--long-tokens", type=int, default=7800)
+    p.add_argument("--short-tokens", type=int, default=5)
+    p.add_argument("--delay", type=float, default=3.0, help="seconds between the long and the short request")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="long-prompt-interleave-cpu")
+    args = p.parse_args()
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="long-prompt-") as tmp:
+        proc, status = start_mesh(args.model, Path(tmp))
+        try:
+            rows = asyncio.run(measure(status["services"]["batcher"]["address"], args))
+        finally:
+            stop_mesh(proc)
+    info = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.platform(),
+            "cpus": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "args": vars(args)}
+    md = report(rows, args, load_start, info)
+    print(md)
+    out = ROOT / "benchmarks" / "results"
+    (out / f"{args.out}.json").write_text(json.dumps({**info, "rows": rows}, indent=1))
+    (out / f"{args.out}.md").write_text(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Run by test_gpu_int4.py in a subprocess with TRITON_INTERPRET=1 (the variable must be set before the kernels are
+defined): the fused int4 MoE kernels on the CPU, through Triton's interpreter, against a dequantized torch
+reference. Prints one JSON object: {"rel": {"<tokens>": relative error}, "elsewhere_row": max |row| of a token
+whose experts are all hosted elsewhere}.
+
+float16, not bfloat16: Triton 3.9's interpreter computes tl.dot on bfloat16 operands wrongly (checked: 1e10 errors
+on a 16x16 product; float16 and float32 are exact), and the kernels take both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from moemesh.runtime.gpu.fused_moe import GEMV_MAX_PAIRS, fused_moe
+from moemesh.runtime.quant import quantize
+
+E, H, I, K = 4, 256, 192, 2  # down's K = 192: a partial second 128-column group
+DT = torch.float16
+
+
+def reference(hidden, gate_up, down, ids, weights):
+    """sum_k weight * SwiGLU expert, the activation rounded to DT as the kernel stores it; ids -1 contribute 0."""
+    out = torch.zeros(hidden.shape[0], H)
+    for t in range(hidden.shape[0]):
+        for k in range(K):
+            e = int(ids[t, k])
+            if e >= 0:
+                g, u = (hidden[t].float() @ gate_up[e].T).chunk(2)
+                out[t] += weights[t, k] * ((F.silu(g) * u).to(DT).float() @ down[e].T)
+    return out
+
+
+def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    torch.manual_seed(0)
+    gu, dn = quantize(torch.randn(E, 2 * I, H) * 0.05, "int4"), quantize(torch.randn(E, H, I) * 0.05, "int4")
+    gu_ref, dn_ref = gu.dequantize(torch.float32), dn.dequantize(torch.float32)
+    rel, elsewhere = {}, 0.0
+    for t in (1, 3, 20):  # GEMV (<= GEMV_MAX_PAIRS pairs) twice, then the aligned GEMM
+        hidden = torch.randn(t, H).to(DT)
+        weights, ids = torch.randn(t, E).softmax(-1).topk(K)
+        ids[0, -1] = -1  # an unused slot
+        if t > 1:
+            ids[1] = -1  # every expert of token 1 hosted elsewhere: its row must stay zero
+        got = fused_moe(hidden, gu, dn, ids, weights)
+        want = reference(hidden, gu_ref, dn_ref, ids, weights)
+        rel[str(t)] = ((got - want).norm() / want.norm()).item()
+        if t > 1:
+            elsewhere = max(elsewhere, got[1].abs().max().item())
+    assert 20 * K > GEMV_MAX_PAIRS
+    print(json.dumps({"rel": rel, "elsewhere_row": elsewhere}))
+
+
+if __name__ == "__main__":
+    main()

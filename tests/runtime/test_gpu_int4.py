@@ -1,0 +1,223 @@
+"""INT4 weight-only experts (quant.py's packing, dequantized inside the fused Triton kernels): the packing and
+round-to-nearest on the CPU; compressed-tensors int4 checkpoints loaded into the kernels' layout with their own codes;
+the kernels themselves on the CPU through Triton's interpreter (small shapes); on CUDA, against the dequantized torch
+reference in the GEMV and GEMM paths, in CUDA graphs and inside the engine's decode graphs (run on the H200)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from moemesh.quant.packing import rtn
+from moemesh.quant.writer import packed_tensors, quantization_config
+from moemesh.runtime.engine import Engine
+from moemesh.runtime.experts import ExpertBank
+from moemesh.runtime.gpu import kernels_usable, triton_available
+from moemesh.runtime.quant import INT4_GROUP, QuantLinear, pack_int4, quantize, unpack_int4
+
+from test_gpu_kernels import _decode_logits, _qwen3_config, _rel, _routing
+
+WHY = kernels_usable(torch.device("cuda"), torch.bfloat16)
+cuda = pytest.mark.skipif(bool(WHY), reason=f"needs CUDA with Triton: {WHY}")
+BF16 = torch.bfloat16
+
+
+def test_packing_puts_a_groups_two_halves_in_the_low_and_high_nibbles():
+    codes = torch.randint(0, 16, (3, 2, INT4_GROUP), dtype=torch.uint8)  # [N, G, 128]
+    packed = pack_int4(codes)
+    assert packed.shape == (3, 2 * 64) and packed.dtype == torch.uint8
+    assert torch.equal(packed[:, 64 + 5] & 15, codes[:, 1, 5]) and torch.equal(packed[:, 64 + 5] >> 4, codes[:, 1, 69])
+    assert torch.equal(unpack_int4(packed), codes)
+
+
+@pytest.mark.parametrize("k", [256, 300])  # whole groups; a zero-padded last group
+def test_int4_round_to_nearest_has_quarter_bytes_and_bounded_error(k):
+    w = torch.randn(4, 96, k)
+    q = quantize(w, "int4")
+    assert q.scheme == "int4" and q.shape == w.shape and not q.per_channel
+    assert q.q.shape == (4, 96, -(-k // 128) * 64) and q.scale.shape == (4, 96, -(-k // 128))
+    assert q.nbytes == 4 * 96 * -(-k // 128) * (64 + 4)  # a byte per 2 values + a float32 scale per 128 columns
+    err = (q.dequantize(torch.float32) - w).abs()
+    step = q.scale.repeat_interleave(128, -1)[..., :k]  # a value is off by at most half a step
+    assert bool((err <= 0.5 * step + 1e-6).all())
+    assert torch.equal(q[2].dequantize(torch.float32), q.dequantize(torch.float32)[2])
+    x = torch.randn(2, k)  # a dense FFN's projection over the same weight (quantize_dense_ffn)
+    torch.testing.assert_close(QuantLinear(q[1], None)(x), x @ q.dequantize(torch.float32)[1].T)
+
+
+def _int4_checkpoint(path: Path, symmetric: bool) -> tuple[Path, dict]:
+    """A compressed-tensors int4 (group 128) checkpoint of _qwen3_config's dummy bank: (dir, name -> QWeight)."""
+    bank = ExpertBank.load(path, load_format="dummy")
+    inter = bank.down[bank.layers[0]].shape[2]
+    tensors, qweights = {}, {}
+    for layer in bank.layers:
+        tensors[f"model.layers.{layer}.mlp.gate.weight"] = torch.randn(bank.spec.num_experts, 256)
+        for e in bank.experts:
+            gate_up, down = bank.gate_up[layer][e], bank.down[layer][e]
+            for name, w in (("gate_proj", gate_up[:inter]), ("up_proj", gate_up[inter:]), ("down_proj", down)):
+                prefix = f"model.layers.{layer}.mlp.experts.{e}.{name}"
+                qweights[prefix] = qw = rtn(w, 4, INT4_GROUP, symmetric)
+                tensors.update(packed_tensors(prefix, qw, torch.float32, symmetric))
+    out = path / ("sym" if symmetric else "asym")
+    out.mkdir()
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = quantization_config({4: sorted(qweights)}, INT4_GROUP, symmetric)
+    (out / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    return out, qweights
+
+
+def test_symmetric_int4_checkpoint_is_served_with_its_own_codes(tmp_path):
+    path, qweights = _int4_checkpoint(_qwen3_config(tmp_path), symmetric=True)
+    bank = ExpertBank.load(path, experts=(1, 6), quantization="int4")
+    assert bank.quantization == "int4"
+    got = unpack_int4(bank.gate_up[0].q[1]).flatten(-2)  # expert 6's gate and up rows, [2I, 256] codes
+    want = torch.cat([qweights[f"model.layers.0.mlp.experts.6.{n}"].q for n in ("gate_proj", "up_proj")])
+    assert torch.equal(got, want)
+    assert torch.equal(bank.down[1].scale[0], qweights["model.layers.1.mlp.experts.1.down_proj"].scale)
+
+
+def test_asymmetric_int4_checkpoint_is_requantized_close_to_its_weights(tmp_path):
+    path, qweights = _int4_checkpoint(_qwen3_config(tmp_path), symmetric=False)
+    bank = ExpertBank.load(path, experts=(3,), quantization="int4")
+    stored = qweights["model.layers.0.mlp.experts.3.down_proj"].dequantize()
+    assert bank.quantization == "int4" and _rel(bank.down[0].dequantize(torch.float32)[0], stored) < 0.15
+
+
+def test_cpu_int4_bank_follows_the_float_bank(tmp_path):
+    """The torch path (dequantized on the fly) of an int4 bank: what the CPU serves and perplexity measures."""
+    path = _qwen3_config(tmp_path)
+    int4, full = (ExpertBank.load(path, load_format="dummy", quantization=q) for q in ("int4", "none"))
+    assert int4.weight_bytes < 0.3 * full.weight_bytes / 2  # float32 here: < 0.3 of bf16's bytes
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 256)
+    ids, weights = _routing(5, 16, 4, device="cpu")
+    # RTN int4 of Gaussian weights: about 11% error per weight, about 20% on the SwiGLU expert's output
+    assert _rel(int4.forward(0, hidden, ids, weights), full.forward(0, hidden, ids, weights)) < 0.3
+
+
+def test_cpu_engine_serves_int4_experts_and_says_so(tmp_path):
+    engine = Engine.load(_qwen3_config(tmp_path), load_format="dummy", kv_blocks=8, block_size=4, quantization="int4")
+    assert engine.info.quantization == "int4" and engine.dispatch.bank.quantization == "int4"  # Router.Info's field
+    logits = _decode_logits(engine, [[3, 4, 5]], 2)
+    assert all(bool(torch.isfinite(step).all()) for step in logits)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_int4_kernels_under_the_triton_interpreter():
+    """The GEMV (1 and 3 tokens) and GEMM (20 tokens) int4 paths on the CPU: float16 within rounding of the
+    dequantized reference; a token whose experts are all elsewhere gets an exact zero row."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    run = subprocess.run([sys.executable, str(Path(__file__).parent / "int4_interpret.py")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert all(err < 2e-3 for err in result["rel"].values()), result
+    assert result["elsewhere_row"] == 0.0
+
+
+def _compile_sm90(fn, pointers: list[str], consts: dict):
+    """triton.compile of a kernel for Hopper without a GPU (ptxas ships with Triton): the PTX, or the compile error.
+    Pointers, strides and sizes get the 16-divisibility the JIT infers for aligned tensors at run time."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names, ptrs, sig = fn.arg_names, iter(pointers), {}
+    for n in names:
+        sig[n] = "constexpr" if n in consts else next(ptrs) if n.endswith("_ptr") else "i64" if "stride" in n else "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n] != "constexpr"}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("gated", [True, False])  # gate_up (SiLU-and-mul), down (routing weight, summed slots)
+def test_int4_kernels_compile_for_hopper_with_wide_loads(gated):
+    """The compiled path (the interpreter test runs the Python semantics only): both int4 kernels compile for sm_90,
+    the GEMV reading weights with 16-byte loads and the GEMM on Hopper's wgmma."""
+    from moemesh.runtime.gpu.moe_kernels import _moe_gemm, _moe_gemv
+
+    flags = dict(A_DIV=8 if gated else 1, GATED=gated, WEIGHTED=not gated, QUANT=True, GROUP_K=128, INT4=True)
+    out = "*bf16" if gated else "*fp32"
+    gemv = _compile_sm90(_moe_gemv, ["*bf16", "*u8", out, "*fp32", "*i64", "*fp32"],
+                         {**flags, "SUM_SLOTS": 0 if gated else 8, "BLOCK_N": 8, "BLOCK_K": 512})
+    assert "ld.global.v4.b32" in gemv
+    gemm = _compile_sm90(_moe_gemm, ["*bf16", "*u8", out, "*fp32", "*i64", "*i64", "*i64", "*fp32"],
+                         {**flags, "EVEN_K": True, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8})
+    assert "wgmma.mma_async" in gemm
+
+
+def _int4_bank(path, experts=None):
+    return ExpertBank.load(path, experts=experts, device="cuda", dtype=BF16, load_format="dummy", quantization="int4")
+
+
+@cuda
+@pytest.mark.parametrize("experts", [None, (0, 2, 3, 5, 8, 9, 10, 15)])  # the whole bank, or one shard
+def test_int4_fused_moe_matches_the_dequantized_reference(tmp_path, experts):
+    bank = _int4_bank(_qwen3_config(tmp_path), experts)
+    assert bank.fused_off == "" and bank.quantization == "int4"
+    for t in (1, 7, 64, 300, 1100):  # GEMV (<= 32 pairs), one-launch align, sorted align (> 4096 pairs)
+        hidden = torch.randn(t, 256, device="cuda", dtype=BF16)
+        ids, weights = _routing(t, 16, 4)
+        ids[0, -1] = -1
+        if experts:  # token 1 routed only to experts hosted elsewhere: its row stays zero
+            ids[min(1, t - 1)] = torch.tensor([1, 4, 6, 7], device="cuda")
+        got = bank.forward(1, hidden, ids, weights)
+        bank.fused_off = "reference"  # torch path: dequantize the layer to bf16, grouped GEMMs
+        want = bank.forward(1, hidden, ids, weights)
+        bank.fused_off = ""
+        assert got.dtype == BF16 and _rel(got, want) < 2e-2, (t, _rel(got, want))
+        if experts:
+            assert got[min(1, t - 1)].abs().max().item() == 0.0
+
+
+@cuda
+def test_loaded_int4_bank_is_a_quarter_of_the_bytes_and_close_to_bf16(tmp_path):
+    path = _qwen3_config(tmp_path)
+    int4 = _int4_bank(path)
+    bf16 = ExpertBank.load(path, device="cuda", dtype=BF16, load_format="dummy")
+    assert int4.weight_bytes < 0.3 * bf16.weight_bytes
+    hidden = torch.randn(64, 256, device="cuda", dtype=BF16)
+    ids, weights = _routing(64, 16, 4)
+    assert _rel(int4.forward(0, hidden, ids, weights), bf16.forward(0, hidden, ids, weights)) < 0.3  # RTN error
+
+
+@cuda
+@pytest.mark.parametrize("tokens", [8, 20])  # the GEMV path and the aligned GEMM path
+def test_int4_fused_moe_replays_in_a_cuda_graph(tmp_path, tokens):
+    bank = _int4_bank(_qwen3_config(tmp_path))
+    hidden = torch.randn(tokens, 256, device="cuda", dtype=BF16)
+    ids, weights = _routing(tokens, 16, 4)
+    bank.forward(0, hidden, ids, weights)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = bank.forward(0, hidden, ids, weights)
+    new_ids, new_weights = _routing(tokens, 16, 4)
+    hidden.normal_()
+    ids.copy_(new_ids)
+    weights.copy_(new_weights)
+    graph.replay()
+    assert _rel(out, bank.forward(0, hidden, ids, weights)) < 1e-3
+
+
+@cuda
+def test_int4_decode_graphs_match_the_torch_reference(tmp_path):
+    path = _qwen3_config(tmp_path)
+    kw = dict(load_format="dummy", device="cuda", dtype=BF16, kv_blocks=64, block_size=16, quantization="int4")
+    graphs, reference = Engine.load(path, **kw), Engine.load(path, **kw)
+    reference.decode = None  # gathered context + SDPA, torch experts (dequantized) and ops
+    reference.dispatch.bank.fused_off = "reference"
+    reference.backbone.set_fast(False)
+    assert graphs.info.cuda_graphs.startswith("on") and graphs.info.quantization == "int4"
+    prompts = [[3 + i] * (5 + 9 * i) for i in range(3)]
+    want = _decode_logits(reference, prompts, 12)
+    got = _decode_logits(graphs, prompts, 12)
+    assert all(_rel(g, w) < 3e-2 for g, w in zip(got, want)), [_rel(g, w) for g, w in zip(got, want)]
