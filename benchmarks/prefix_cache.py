@@ -176,7 +176,7 @@ def main() -> None:
     (out / f"{args.out}.json").write_text(json.dumps({**meta, "results": results}, indent=1))
     (out / f"{args.out}.md").write_text(f"# Prefix cache on vs off\n\n`{meta['command']}` on {meta['machine']}, "
                                         f"{meta['cpus']} CPUs, {meta['torch_threads']} torch threads, "
-                                        f"device {args.device} {meta['gpu'] or ''}; load average (1, 5, 15 min) "
+                                        f"device {' '.join(filter(None, (args.device, meta['gpu'])))}; load average (1, 5, 15 min) "
                                         f"{_load(load_start)} at the start, {_load(meta['loadavg_end'])} at the end"
                                         f"\n\n{md}\n")
 

@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--out", default="quant-quality")
+    p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated: torch, onnxruntime")
     p.add_argument("--engine-quant", default="", help="comma-separated Engine.load weight-only schemes (fp8, int8) "
                    "of --model itself, quantized on load (quant.py's rules); torch rows only")
     ns = p.parse_args(argv)
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"checkpoint": label, "method": config.get("method"), "bits": config.get("bits"),
                      "group_size": config.get("group_size"), "symmetric": config.get("symmetric"),
                      "int8_modules": config.get("int8_modules"), "calib": config.get("calib"),
-                     "torch": ppl(path, "torch"), "onnxruntime": ppl(path, "onnxruntime")})
+                     "torch": ppl(path, "torch"),
+                     "onnxruntime": ppl(path, "onnxruntime") if "onnxruntime" in ns.backends else None})
         print(rows[-1], flush=True)
     for scheme in filter(None, ns.engine_quant.split(",")):  # Engine.load(quantization=...): no checkpoint
         rows.append({"checkpoint": f"{ns.model} --quantization {scheme}", "method": "engine " + scheme, "bits": 8,
@@ -78,11 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def engine_rule(scheme: str) -> str:
     """What Engine.load(quantization=scheme) does to a dense FFN (quant.quantize_dense_ffn), for the table."""
-    from moemesh.runtime.quant import FP8_BLOCK_K, FP8_DENSE_KEEP_FIRST
+    from moemesh.runtime.quant import FP8_BLOCK_K
 
-    if scheme == "fp8":
-        return f"{FP8_BLOCK_K} (dense: first {FP8_DENSE_KEEP_FIRST} layers kept)"
-    return "channel"
+    return f"{FP8_BLOCK_K} (dense FFN; experts: channel)" if scheme == "fp8" else "channel"
 
 
 def render(rows: list[dict], base: dict[str, float], texts: list[str]) -> str:

@@ -3,7 +3,8 @@ readers of a second tenant (each reads one chunk a second), with per-service CPU
 generated, the chunks the slow readers actually read, and the batcher's queue/batch/preemption figures per phase.
 
     .venv/bin/python benchmarks/slow_readers.py --streams 200 --seconds 40 --rate 4
-Writes benchmarks/results/slow-readers.{json,md} (machine, command). soak.py reuses `slow_readers` and `cpu_seconds`.
+Writes benchmarks/results/slow-readers[-TAG].json (machine, command) and a table of every slow-readers-*.json in
+benchmarks/results/slow-readers.md. soak.py reuses `slow_readers`, `cpu_seconds` and `phase_figures`.
 """
 
 from __future__ import annotations
@@ -163,6 +164,24 @@ async def probe(args: argparse.Namespace) -> dict:
                           "batcher_over_time": await watch}}
 
 
+def table() -> str:
+    """One row per slow-readers-*.json result: the load tenant alone, then next to the slow readers."""
+    rows = ["| run | load avg | slow streams x max_tokens, window | load tenant p99 alone / with (s) | tokens/s alone / "
+            "with | mean batch alone / with | parks | chunks read | CPU cores gateway, router, tokenizer (with) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(RESULTS.glob("slow-readers-*.json")):
+        d = json.loads(path.read_text())
+        a, w = d["alone"], d["with_slow"]
+        cpu = ", ".join(str(w["cpu_cores"].get(k)) for k in ("gateway", "router", "tokenizer"))
+        rows.append(f"| `{path.stem}`: `{d['command'].split('slow_readers.py ')[-1]}` | {d['machine']['loadavg'][0]} | "
+                    f"{d['streams']} x {d['max_tokens']}, {d.get('window') or 'grpc default (BDP)'} | {a['p99_s']} / "
+                    f"{w['p99_s']} | {a['tokens_per_s']} / {w['tokens_per_s']} | {a['mean_batch']} / "
+                    f"{w['mean_batch']} | {w.get('parks', '-')} | {w['slow_chunks_read']} | {cpu} |")
+    return "\n".join(["# Slow readers next to a tenant under load", "", "Each row: `benchmarks/slow_readers.py` "
+                      "(tiny MoE, `moemesh up`, 2 shared CPUs); the load tenant at --rate req/s alone for --seconds, "
+                      "then as long next to the slow readers (1 chunk/s each).", "", *rows, ""])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     name = f"slow-readers{'-' + args.tag if args.tag else ''}"
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    print(json.dumps(doc, indent=2))
+    text = table()
+    (RESULTS / "slow-readers.md").write_text(text)
+    print(text)
     return 0
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from gateway.account import MeteringAccount
+from gateway.batcher_pool import pool_from_addresses
 from gateway.closing import Closing
 from gateway.completion import Completions
 from gateway.config import GatewayConfig
 from gateway.metering_client import LocalMetering, MeteringClient
 from gateway.models import ModelCatalog
 from gateway.servicer import ChatServicer, add_to_server
-from gateway.batcher_pool import pool_from_addresses
 from gateway.upstream import BATCHER_CHANNEL_OPTIONS, TokenizerClient
 from moemesh.serving import client_channel, run_service
 from moemesh.serving.server import exit_now
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         batcher_channels = [client_channel(a, BATCHER_CHANNEL_OPTIONS) for a in config.batcher_addrs]  # backpressure
         channels.extend([tokenizer, *batcher_channels])
         by_address = dict(zip(config.batcher_addrs, batcher_channels))
-        batcher = pool_from_addresses(config.batcher_addrs, by_address.__getitem__)  # several: gateway/batcher_pool.py
+        batcher = pool_from_addresses(config.batcher_addrs, by_address.__getitem__)  # several: a pool
         account = None
         if config.auth:
             metering_channel = client_channel(config.metering_addr)

@@ -139,7 +139,8 @@ class PooledGeneration:
             self._pool.picker.release(self.batcher)
 
 
-def pool_from_addresses(addresses: Sequence[str], make_channel: Callable[[str], object]) -> BatcherClient | PooledBatcher:
+def pool_from_addresses(addresses: Sequence[str],
+                        make_channel: Callable[[str], object]) -> BatcherClient | PooledBatcher:
     """One batcher: the plain client; several: the pool (channels from make_channel(address))."""
     if len(addresses) == 1:
         return BatcherClient(make_channel(addresses[0]))

@@ -24,9 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--int8", action="append", default=[], metavar="REGEX",
                    help="with --bits 4: keep modules matching REGEX in int8 (repeatable), e.g. 'down_proj$'")
     p.add_argument("--calib", default=None,
-                   help="gptq: UTF-8 calibration text, or 'self': text the model samples itself (about 8k tokens of "
-                   "stories, letters, explanations; kept as calibration_self.txt in --out). Default: "
-                   "moemesh/quant/data/calib_en.txt")
+                   help="gptq: UTF-8 calibration text (default: moemesh/quant/data/calib_en.txt)")
     p.add_argument("--damp", type=float, default=0.01,
                    help="gptq: Hessian dampening, a fraction of its mean diagonal (higher: closer to round-to-nearest, "
                    "safer with little calibration text)")

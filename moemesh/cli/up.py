@@ -7,7 +7,7 @@ and metrics port, the gateway address under `gateway`, and the dev API key. Ctrl
 within 10 s: the gateway first (it drains client streams), then the rest; SIGKILL for anything left. Children die
 with the supervisor even if it is SIGKILLed (PR_SET_PDEATHSIG). Logs: MOEMESH_HOME/logs/<service>.log.
 A service that dies or stalls later is restarted on its port (moemesh/cli/supervision.py: --max-restarts,
---restart-window).
+--restart-window). `--routers N` starts N router + batcher replicas sharing the expert shards (up_replicas.py).
 
 Auth is on: metering makes sure the dev tenant "default" exists (MOEMESH_METERING_DEV_TENANT) and its key lands in the
 status file as `api_key`, where `moemesh chat` finds it. `--no-auth` runs the gateway without metering checks (tenant
@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moemesh import home
 from moemesh.certs import grpc_tls
-from moemesh.cli import data_plane, supervision
+from moemesh.cli import data_plane, supervision, up_replicas
 from moemesh.cli.progress import StartProgress, first_start_note
 from moemesh.dashboard import mesh_hook as dashboard_hook
 from moemesh.edge import mesh_hook as edge_hook
@@ -81,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="onnxruntime: int4/int8 weight-only matmuls on CPU for the router's dense layers and the "
                    "expert shards (an int4 checkpoint from `moemesh quantize`, else int8; MOEMESH_BACKEND)")
     data_plane.add_arguments(p)  # --expert-transport, --placement
+    up_replicas.add_arguments(p)  # --routers N: data-parallel replicas sharing the shards (M:N)
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for SERVING (first run "
                    "converts the built-in model)")
     edge_hook.add_arguments(p)
@@ -117,7 +118,11 @@ def plan(ns: argparse.Namespace, run_dir: Path) -> dict[str, Child]:
     experts = [f"expert-{i}" for i in range(shards)]
     for name in experts:
         SERVICES.setdefault(name, SERVICES["expert-0"])
-    internal = [n for n in SERVICES if n != "gateway" and (not n.startswith("expert-") or n in experts)]
+    routers = getattr(ns, "routers", 1)
+    up_replicas.check(routers, shards)
+    up_replicas.register(SERVICES, routers)
+    internal = [n for n in SERVICES if n != "gateway" and (not n.startswith("expert-") or n in experts)
+                and up_replicas.included(n, routers)]
     ports = dict(zip(internal, _free_ports(ns.host, len(internal), {ns.gateway_port})))
     ports["gateway"] = ns.gateway_port
     addr = {name: f"{ns.host}:{port}" for name, port in ports.items()}
@@ -143,6 +148,8 @@ def plan(ns: argparse.Namespace, run_dir: Path) -> dict[str, Child]:
         env.update(data_plane.thread_env(kind, num_shards=shards))  # torch threads, passive OpenMP waits
         env.update(data_plane.placement_env(kind, int(name.split("-")[-1]) if kind == "EXPERT" else 0, planned,
                                             getattr(ns, "placement", None), getattr(ns, "expert_transport", None)))
+        env.update(up_replicas.peer_env(name, addr, routers))  # batcher-i -> router-i, gateway -> every batcher
+        env.update(up_replicas.device_env(name, ns.device, gpus) if routers > 1 else {})  # router i on GPU i
         if name == "metering" and not ns.no_auth:
             env["MOEMESH_METERING_DEV_TENANT"] = DEV_TENANT
         if name == "gateway":
@@ -235,10 +242,15 @@ def run(ns: argparse.Namespace) -> NoReturn:
         if ns.edge:  # Envoy in front of the gateway, once it is SERVING (moemesh/edge/mesh_hook.py)
             ready[edge_hook.NAME] = edge_hook.start(ns, children, ready["gateway"]["address"], run_dir, say)
         dashboard = dashboard_hook.start(ns, path, say)  # live monitoring on threads of this process
-        transports = data_plane.expert_transports(
-            ready["router"]["address"], {n: i["address"] for n, i in ready.items() if n.startswith("expert-")})
+        shard_addrs = {n: i["address"] for n, i in ready.items() if n.startswith("expert-")}
+        per_router = {r: data_plane.expert_transports(ready[r]["address"], shard_addrs)
+                      for r, _ in up_replicas.names(getattr(ns, "routers", 1))}
+        transports = per_router["router"]
         say(data_plane.transport_line(getattr(ns, "expert_transport", None), transports))
-        write_status(path, ns, children, ready, dashboard, transports)
+        replicas = up_replicas.status(ready, getattr(ns, "routers", 1), per_router)
+        for line in up_replicas.lines(replicas):
+            say(line)
+        write_status(path, ns, children, ready, {**(dashboard or {}), "replicas": replicas}, transports)
         say(f"\nmesh SERVING: gateway {ready['gateway']['address']} (status {path})")
         if dashboard:
             say(f"  dashboard: {dashboard['dashboard']}")
@@ -297,7 +309,7 @@ def stop(children: dict[str, Child], path: Path, run_dir: Path, say) -> None:
     start = time.monotonic()
     last = [n for n in children if n.startswith("expert-")] + ["metering"]  # however many shards were started
     waves = [[children[n] for n in wave if n in children and children[n].proc is not None]
-             for wave in STOP_WAVES[:-1] + [last]]
+             for wave in up_replicas.stop_waves(STOP_WAVES[:-1], children) + [last]]
     killed = stop_in_order([w for w in waves if w], budget_s=10.0)
     with contextlib.suppress(OSError):
         if json.loads(path.read_text()).get("pid") == os.getpid():

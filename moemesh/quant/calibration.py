@@ -95,6 +95,8 @@ class CalibrationDispatch(Dispatch):
             for name in gu_names:
                 self.hessians.h[name] = self.layer_h.h[f"{layer}"].clone()
             self.hessians.h[down_name] = self._down_all_tokens(layer, e)
+            for name in (*gu_names, down_name):  # counts as the layer's tokens (quantizer: tokens_per_input)
+                self.hessians.tokens[name] = self.layer_h.tokens[f"{layer}"]
             fell.append((layer, e))
         return fell
 

@@ -19,7 +19,8 @@ from moemesh.runtime.checkpoint import Checkpoint, resolve_model_dir
 from moemesh.runtime.dummy import open_checkpoint
 from moemesh.runtime.gpu import kernels_usable
 from moemesh.runtime.layers import ACTIVATIONS
-from moemesh.runtime.quant import QuantTensor, check_quantization, from_block_fp8, int4_from_qweight, quantize, stack
+from moemesh.runtime.quant import (QuantTensor, check_quantization, concat_rows, from_block_fp8, int4_from_qweight,
+                                   quantize, stack)
 from moemesh.runtime.spec import ModelSpec, load_spec
 
 GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -75,8 +76,9 @@ def _read_fp8_expert(ckpt: Checkpoint, prefix: str, e: int, device) -> tuple[Qua
 
 
 def _read_int4_expert(ckpt: Checkpoint, prefix: str, e: int, device) -> tuple[QuantTensor, QuantTensor] | None:
-    """(gate_up, down) of expert e with an int4 checkpoint's own codes and scales (quant.int4_from_qweight); None
-    when they are not stored that way (not per-expert int4, asymmetric, other group size): then re-quantized."""
+    """(gate_up, down) of expert e with an int4 checkpoint's own codes, scales and zero points
+    (quant.int4_from_qweight); None when not stored that way (not per-expert int4, a group size the kernels do not
+    take): then re-quantized from the dequantized weights."""
     for names in PER_EXPERT_NAMES:
         full = [f"{prefix}.experts.{e}.{n}.weight" for n in names]
         if getattr(ckpt, "quant", None) is None or full[0] in ckpt.files or full[0] not in ckpt:
@@ -85,10 +87,10 @@ def _read_int4_expert(ckpt: Checkpoint, prefix: str, e: int, device) -> tuple[Qu
             for name in full:
                 ckpt.read(name)  # keeps the QWeight in ckpt.quantized
             g, u, d = (int4_from_qweight(ckpt.quantized[name], name) for name in full)
+            gate_up = concat_rows([g, u])
         except ValueError:
             return None
-        return QuantTensor(torch.cat((g.q, u.q)).to(device), torch.cat((g.scale, u.scale)).to(device), g.block_k,
-                           g.cols), QuantTensor(d.q.to(device), d.scale.to(device), d.block_k, d.cols)
+        return gate_up.to(device), d.to(device)
     return None
 
 

@@ -58,8 +58,9 @@ async def drive(loop: EngineLoop, plan: StepPlan, call: asyncio.Future[StepOutco
 
 def _release_early(loop: EngineLoop) -> None:
     """Draining: the sequences that finished in the last completed step leave the router now (the Release waits
-    on the router's engine thread behind the step in flight, which follows them), not one turn later. The next
-    step report accounts for them (KvView.observe), so the Release's own answer is not needed."""
+    on the router's engine thread behind the step in flight, which follows them), not one turn later. Their blocks
+    count as free again from the first router report taken after the Release (the ledger is conservative until
+    then), so the Release's own answer is not needed."""
     ids = loop.scheduler.take_releases()
     if ids:
         task = asyncio.ensure_future(loop.router.release(ids))

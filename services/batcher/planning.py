@@ -63,11 +63,22 @@ class StepPasses:
                 return False
         return True
 
-    def _admit(self, draft: Draft, now: float, whole: bool = False) -> None:
-        """Admits waiting sequences in fair order. Those waiting for a running sequence to write their prefix are
+    def _admit_short(self, draft: Draft, now: float) -> None:
+        """Admits requests whose whole prompt fits in half the budget left, before running prefill chunks. When one
+        joins while a long prefill would fill the step, the step is cut to a quarter of max_step_tokens: the newcomer's
+        first token comes with this step, and a chunk's time grows with its context (attention), not only with its
+        tokens, so a full chunk deep into a long prompt is the slowest step there is. The long prompt loses at most
+        one short step per joining request; a flood of short ones is bounded by the batch size."""
+        if self._admit(draft, now, whole=True) and any(
+                s.pending > draft.budget for s in self.running if s.seq_id not in draft.planned):
+            draft.budget = min(draft.budget, self.policy.max_step_tokens / 4)
+
+    def _admit(self, draft: Draft, now: float, whole: bool = False) -> int:
+        """Admits waiting sequences in fair order; returns how many. Those waiting for a running sequence to write their prefix are
         passed over (prefix_sharing.py). whole=True (before prefill chunks): only ones whose whole prompt fits in
         half the budget left, so short arrivals join at once and the running prefill chunks keep the rest."""
         keep, held, floor = self.kv.watermark, set(), draft.budget / 2 if whole else 0.0
+        admitted = 0
         while len(self.running) < self.policy.batch_limit and draft.budget >= 1:
             seq = self.queue.peek(self.policy.batch_limit, skip=held)
             if seq is None:
@@ -92,6 +103,8 @@ class StepPasses:
                 seq.first_scheduled = now
                 self._admitted.add(1)
             self._take(draft, seq, n, share.hits)
+            admitted += 1
+        return admitted
 
     def _rebalance(self) -> None:
         """Slot fairness: when the batch is full and the next tenant in fair order holds fewer slots than its weighted

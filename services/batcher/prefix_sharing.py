@@ -8,6 +8,7 @@ key, moemesh.runtime.prefix_cache.block_key(cache_salt(tenant, cache_salt), pare
 equal keys there, and no tenant's request ever waits on (or expects hits from) another tenant's sequence.
 
 Invariants:
+- A request asking for prompt logprobs is never held and expects no hits: the router computes its whole prompt.
 - A request is held only while a RUNNING sequence with a longer common key prefix has not yet fed it, and at most
   `Policy.prefix_hold` seconds in all (then it joins and computes what is still missing): no unbounded wait.
 - A held request is passed over, not queued behind: the admission pass goes on with the requests after it.
@@ -58,7 +59,7 @@ class PrefixSharing:
     def look(self, seq: Sequence, running: Iterable[Sequence], now: float) -> Share:
         """Whether `seq` (waiting) should wait this step, and the tokens it would hit if it joined now."""
         mine = self.keys(seq)
-        if not mine:
+        if not mine or _scores_prompt(seq):
             return NO_SHARE
         ready = coming = 0  # blocks of seq's prefix written / to be written by running sequences
         for other in running:
@@ -94,6 +95,17 @@ class PrefixSharing:
             self._since[seq_id], since = now, now
             self.holds += 1
         return now - since < self.hold_seconds
+
+
+def _scores_prompt(seq: Sequence) -> bool:
+    """Whether the request asks for prompt logprobs: the router then computes its whole prompt (no hits), so it
+    neither waits for a prefix nor may count on one. Reads the sampling parameters only for this (a protobuf
+    SamplingParams from the batcher's servicer, or the runtime's dataclass in tests and benchmarks)."""
+    params = seq.sampling
+    has_field = getattr(params, "HasField", None)
+    if has_field is not None:
+        return has_field("prompt_logprobs")
+    return getattr(params, "prompt_logprobs", None) is not None
 
 
 def _common(a: list[bytes], b: list[bytes]) -> int:

@@ -117,7 +117,7 @@ class Scheduler(StepPasses):
                       bonus=self.policy.max_step_tokens if self.policy.chunked else 0.0)
         self._plan_running(draft, prefill=False)
         if admit and self.policy.chunked and not draft.preempted:
-            self._admit(draft, now, whole=True)  # short arrivals before prefill chunks: a long prompt never stalls them
+            self._admit_short(draft, now)  # short arrivals before prefill chunks: a long prompt never stalls them
         self._plan_running(draft)
         while not draft.items and self.running:  # every running sequence waits for blocks: free some
             self._preempt(max(self.running, key=lambda s: s.rank))

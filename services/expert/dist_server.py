@@ -130,6 +130,7 @@ class Member:
             self._busy = None
             self._send(reply, dist_wire.REPLY)
         metrics.observe_forward(layer, tokens, body.numel(), reply.numel(), compute, status == 0)
+        metrics.ROUTER_TOKENS.labels(spec.group_name).inc(tokens if status == 0 else 0)  # M:N: a group per router
         with self._spans_lock:
             self._spans.record(f"{spec.backend}:{spec.group_name}", self._metadata, CallStats(
                 layer=layer, tokens=tokens, bytes_received=body.numel(), bytes_sent=reply.numel(),

@@ -16,6 +16,12 @@ FORWARD_TOKENS = Histogram("expert_forward_tokens", "Tokens in one Forward block
                            buckets=_TOKENS)
 FORWARD_BYTES = Counter("expert_forward_bytes", "Tensor payload bytes of Forward calls.", ["direction"],
                         namespace=NAMESPACE)
+# M:N: one shard serves several routers (data-parallel replicas); tokens per attached router show that each one's
+# tokens reach it. `router`: the router's process id on this host (shared memory) or its link name.
+ROUTER_TOKENS = Counter("expert_router_tokens", "Token rows computed for each attached router.", ["router"],
+                        namespace=NAMESPACE)
+MERGED_BLOCKS = Counter("expert_merged_blocks", "Blocks computed in one expert batch with another router's block "
+                        "of the same layer (M:N; services/expert/merged_compute.py).", namespace=NAMESPACE)
 FORWARD_CALLS = Counter("expert_forward_calls", "Forward calls, by outcome.", ["outcome"], namespace=NAMESPACE)
 
 

@@ -5,12 +5,18 @@ torch compute would block it): `serve` waits in a blocking recv for (seq, layer,
 region's rows 0..T-1, writes the output in place and replies; `beat` bumps the heartbeat word so the router can tell
 a long step (beats go on) from a stalled process (beats stop). An attachment lives until its socket closes (the
 router closed it, re-attached with a bigger region, or died) or the shard stops.
+
+M:N: several routers (data-parallel replicas) attach to one shard, one attachment each. The attachments share one
+MergedCompute (services/expert/merged_compute.py): one forward at a time per shard, and blocks of the same layer that
+wait at the same time (from different routers) run as one expert batch. Each router's tokens are counted under its
+pid (moemesh_expert_router_tokens_total{router}).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +26,7 @@ import torch
 from moemesh.serving import shm_region
 from moemesh.serving.telemetry import tracer
 from services.expert import metrics
+from services.expert.merged_compute import MergedCompute
 from services.expert.shard import ExpertShard
 from services.expert.step_spans import CallStats, StepSpans
 
@@ -40,8 +47,11 @@ class AttachSpec:
 
 
 class Attachment:
-    def __init__(self, shard: ExpertShard, region: shm_region.Region, sock: socket.socket, name: str) -> None:
+    def __init__(self, shard: ExpertShard, region: shm_region.Region, sock: socket.socket, name: str,
+                 compute: MergedCompute | None = None) -> None:
         self._shard, self._region, self._sock, self.name = shard, region, sock, name
+        self._compute = compute or MergedCompute(shard)  # shared by the shard's attachments (M:N)
+        self.router = peer_pid(sock)
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._serve, name=f"shm-serve-{name}", daemon=True),
                          threading.Thread(target=self._beat, name=f"shm-beat-{name}", daemon=True)]
@@ -78,15 +88,15 @@ class Attachment:
                     seq, layer, tokens, _, headers = message
                     if headers:  # first call of a router step: its trace context (see ShmDispatch.submit)
                         metadata = dict(line.split("=", 1) for line in headers.splitlines() if "=" in line)
-                    status, text, start, start_ns = 0, "", time.perf_counter(), time.time_ns()
-                    try:  # the bank writes the output rows in place (no copy)
-                        self._shard.forward(layer, *region.rows(tokens))
+                    status, text, start_ns, compute = 0, "", time.time_ns(), 0.0
+                    try:  # output rows written in place; compute: its batch's time (no wait for another router)
+                        compute = self._compute.forward(layer, *region.rows(tokens))
                     except Exception as exc:  # reported to the router, which fails the step
                         status, text = 1, f"{type(exc).__name__}: {exc}"
-                    compute = time.perf_counter() - start
                     shm_region.send_message(self._sock, seq, layer, tokens, status, text)
                     # Bookkeeping after the reply: the router is not kept waiting for it.
                     metrics.observe_forward(layer, tokens, 0, 0, compute, status == 0)
+                    metrics.ROUTER_TOKENS.labels(self.router).inc(tokens if status == 0 else 0)
                     spans.record(f"shm:{self.name}", metadata, CallStats(
                         layer=layer, tokens=tokens, bytes_received=0, bytes_sent=0, compute_seconds=compute,
                         start_ns=start_ns, end_ns=time.time_ns(), error=text or None))
@@ -112,6 +122,7 @@ class ShmServer:
         self._shard, self._dtype = shard, dtype
         self._attachments: list[Attachment] = []
         self._count = 0
+        self.compute = MergedCompute(shard)  # one forward at a time, same-layer blocks of several routers merged
 
     def refusal(self, spec: AttachSpec) -> str | None:
         """Why this shard cannot serve the request over shared memory, or None."""
@@ -146,7 +157,8 @@ class ShmServer:
         sock.settimeout(None)  # the serving thread blocks in recv
         self._count += 1
         self._attachments = [a for a in self._attachments if a.alive]
-        self._attachments.append(Attachment(self._shard, region, sock, f"{self._count}"))
+        self._attachments.append(Attachment(self._shard, region, sock, f"{self._count}",
+                                            self.compute))
         log.info("shm attached: %s, %d tokens x H %d x K %d %s", spec.shm_path, spec.max_tokens, spec.hidden_size,
                  spec.top_k, spec.dtype)
         return None
@@ -155,3 +167,12 @@ class ShmServer:
         for attachment in self._attachments:
             attachment.close()
         self._attachments.clear()
+
+
+def peer_pid(sock: socket.socket) -> str:
+    """The connected router's pid (SO_PEERCRED of the Unix socket), as a label; "unknown" where unsupported."""
+    try:
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except (OSError, AttributeError):
+        return "unknown"
+    return str(pid)

@@ -125,3 +125,4 @@ def test_missing_zero_points_of_an_asymmetric_checkpoint_fail_at_load(quantized,
     with pytest.raises(QuantConfigError, match=r"'model\.layers\.0\.self_attn\.o_proj\.weight_zero_point' is missing"
                                                r".*'symmetric'"):
         Engine.load(bad, kv_blocks=4)
+

@@ -37,6 +37,18 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs() -> None:
     assert err(gptq(w, x.T @ x, 4, 32)) < 0.8 * err(rtn(w, 4, 32))
 
 
+def test_gptq_fits_its_calibration_tokens_when_they_are_fewer_than_its_inputs() -> None:
+    """Why QuantSettings.tokens_per_input exists: with n <= K calibration tokens the Hessian has rank <= n, and on
+    held-out inputs GPTQ does worse than round-to-nearest; at n = 2K it is clearly better."""
+    torch.manual_seed(0)
+    w, mix = torch.randn(64, 128), torch.randn(128, 128) / 128**0.5 + torch.eye(128)
+    sample = lambda n: torch.randn(n, 128) @ mix  # noqa: E731
+    held = sample(4000)
+    err = lambda q: float(((held @ (q.dequantize() - w).T) ** 2).mean())  # noqa: E731
+    ratio = {n: err(gptq(w, x.T @ x, 4, 32)) / err(rtn(w, 4, 32)) for n in (64, 256) for x in [sample(n)]}
+    assert ratio[64] > 1.3 and ratio[256] < 0.85, ratio
+
+
 def _layout(tensors: dict, config: dict) -> tuple[QuantizedLayout, callable]:
     return QuantizedLayout(config, set(tensors)), tensors.__getitem__
 
@@ -100,3 +112,16 @@ def test_wrong_group_size_names_the_tensor_and_field() -> None:
 def test_unknown_method_is_refused() -> None:
     with pytest.raises(QuantConfigError, match="quant_method 'bitsandbytes'"):
         QuantizedLayout({"quant_method": "bitsandbytes"}, set())
+
+
+def test_the_quantizer_runs_gptq_only_with_enough_tokens_per_input() -> None:
+    from moemesh.quant.calibration import Hessians
+    from moemesh.quant.quantizer import QuantSettings, _quantize
+
+    torch.manual_seed(0)
+    w, x = torch.randn(16, 64), torch.randn(100, 64)  # 100 tokens for 64 inputs: 1.6 per input
+    hessians = Hessians()
+    hessians.add(["l.weight"], x)
+    q = {ratio: _quantize(w, "l.weight", 4, 32, QuantSettings(method="gptq", tokens_per_input=ratio), hessians).q
+         for ratio in (1.5, 2.0)}
+    assert torch.equal(q[1.5], gptq(w, x.T @ x, 4, 32).q) and torch.equal(q[2.0], rtn(w, 4, 32).q)

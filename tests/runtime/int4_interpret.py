@@ -1,7 +1,7 @@
 """Run by test_gpu_int4.py in a subprocess with TRITON_INTERPRET=1 (the variable must be set before the kernels are
 defined): the fused int4 MoE kernels on the CPU, through Triton's interpreter, against a dequantized torch
-reference. Prints one JSON object: {"rel": {"<tokens>": relative error}, "elsewhere_row": max |row| of a token
-whose experts are all hosted elsewhere}.
+reference, for each variant of the weights (group size, zero points). Prints one JSON object: {"rel": {"<variant>
+T=<tokens>": relative error}, "elsewhere_row": max |row| of a token whose experts are all hosted elsewhere}.
 
 float16, not bfloat16: Triton 3.9's interpreter computes tl.dot on bfloat16 operands wrongly (checked: 1e10 errors
 on a 16x16 product; float16 and float32 are exact), and the kernels take both.
@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
 from moemesh.runtime.gpu.fused_moe import GEMV_MAX_PAIRS, fused_moe
-from moemesh.runtime.quant import quantize
+from moemesh.runtime.quant import quantize_int4
 
 E, H, I, K = 4, 256, 192, 2  # down's K = 192: a partial second 128-column group
 DT = torch.float16
@@ -34,26 +35,34 @@ def reference(hidden, gate_up, down, ids, weights):
     return out
 
 
-def main() -> None:
+VARIANTS = {"sym128": (128, True, (1, 20)), "asym32": (32, False, (1, 20)), "sym64": (64, True, (1, 20)),
+            "asym128": (128, False, (1, 20))}  # (group, symmetric, token counts): every int4 kernel branch
+
+
+def main(names: list[str]) -> None:
+    """names: VARIANTS to run (all when empty)."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    assert 20 * K > GEMV_MAX_PAIRS  # 20 tokens take the GEMM path, 1 the GEMV
     torch.manual_seed(0)
-    gu, dn = quantize(torch.randn(E, 2 * I, H) * 0.05, "int4"), quantize(torch.randn(E, H, I) * 0.05, "int4")
-    gu_ref, dn_ref = gu.dequantize(torch.float32), dn.dequantize(torch.float32)
     rel, elsewhere = {}, 0.0
-    for t in (1, 3, 20):  # GEMV (<= GEMV_MAX_PAIRS pairs) twice, then the aligned GEMM
-        hidden = torch.randn(t, H).to(DT)
-        weights, ids = torch.randn(t, E).softmax(-1).topk(K)
-        ids[0, -1] = -1  # an unused slot
-        if t > 1:
-            ids[1] = -1  # every expert of token 1 hosted elsewhere: its row must stay zero
-        got = fused_moe(hidden, gu, dn, ids, weights)
-        want = reference(hidden, gu_ref, dn_ref, ids, weights)
-        rel[str(t)] = ((got - want).norm() / want.norm()).item()
-        if t > 1:
-            elsewhere = max(elsewhere, got[1].abs().max().item())
-    assert 20 * K > GEMV_MAX_PAIRS
+    for name in names or VARIANTS:
+        group, symmetric, tokens = VARIANTS[name]
+        gu = quantize_int4(torch.randn(E, 2 * I, H) * 0.05, group, symmetric)
+        dn = quantize_int4(torch.randn(E, H, I) * 0.05, group, symmetric)
+        gu_ref, dn_ref = gu.dequantize(torch.float32), dn.dequantize(torch.float32)
+        for t in tokens:
+            hidden = torch.randn(t, H).to(DT)
+            weights, ids = torch.randn(t, E).softmax(-1).topk(K)
+            ids[0, -1] = -1  # an unused slot
+            if t > 1:
+                ids[1] = -1  # every expert of token 1 hosted elsewhere: its row must stay zero
+            got = fused_moe(hidden, gu, dn, ids, weights)
+            want = reference(hidden, gu_ref, dn_ref, ids, weights)
+            rel[f"{name} T={t}"] = ((got - want).norm() / want.norm()).item()
+            if t > 1:
+                elsewhere = max(elsewhere, got[1].abs().max().item())
     print(json.dumps({"rel": rel, "elsewhere_row": elsewhere}))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -35,6 +35,7 @@ def _config(tmp_path, experts=8, top_k=2, arch="qwen3_moe"):
 
 @pytest.mark.parametrize("scheme, bound", [("int8", 0.5), ("fp8", 2**-4)])
 def test_quantize_per_channel_and_per_block_round_trip(scheme, bound):
+    torch.manual_seed(0)
     w = torch.randn(3, 40, 300) * torch.logspace(-3, 1, 40)[:, None]  # rows of very different magnitude
     w[0, 5] = 0.0  # an all-zero row must not divide by zero
     for block_k in (None, 128):
@@ -46,7 +47,7 @@ def test_quantize_per_channel_and_per_block_round_trip(scheme, bound):
         assert torch.isfinite(back).all() and (back[0, 5] == 0).all()
         step = qt.scale if block_k is None else qt.scale.repeat_interleave(128, -1)[..., :300]
         if scheme == "int8":  # rounding: at most half a step per element
-            assert ((back - w).abs() <= bound * step + 1e-12).all()
+            assert ((back - w).abs() <= bound * step * (1 + 1e-6) + 1e-12).all()  # float32 rounding of w / step
         else:  # e4m3: 3 mantissa bits, relative error <= 2^-4 for normal values
             normal = w.abs() > step * 2**-6
             assert ((back - w).abs()[normal] <= bound * w.abs()[normal] + 1e-12).all()

@@ -12,9 +12,10 @@ from configs/*.json, tuned per token count on the target GPU (benchmarks/moe_ker
 Pairs of experts not hosted here are never computed; their rows of y stay zero.
 
 Weights are bf16/fp16 tensors or quant.QuantTensor stacks (int8 / fp8 e4m3 + float32 scales, or int4 two per byte +
-a float32 scale per 128 columns), dequantized inside the kernels (moe_kernels.py). Quantized weights use their own
+a float32 scale per 128 (or 32, 64) columns, optionally zero points), dequantized inside the kernels (moe_kernels.py,
+int4_kernels.py). Quantized weights use their own
 tuned configs when present (`dtype=int4` etc. in the file name), else the bf16 ones (same shape; the tiles then move
-half or a quarter of the bytes). int4 steps K one 128-column scale group at a time in the GEMM (BLOCK_K is then
+half or a quarter of the bytes). int4 steps K one 128-column packing block at a time in the GEMM (BLOCK_K is then
 ignored) and a multiple of 128 columns in the GEMV.
 """
 
@@ -29,7 +30,7 @@ import triton
 
 from moemesh.runtime.gpu.moe_align import SMALL_PAIRS, Alignment, align, align_small
 from moemesh.runtime.gpu.moe_kernels import _moe_gemm, _moe_gemv
-from moemesh.runtime.quant import INT4_GROUP, QuantTensor
+from moemesh.runtime.quant import INT4_BLOCK, QuantTensor
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
@@ -45,20 +46,23 @@ Weight = torch.Tensor | QuantTensor
 
 
 def _weight_args(w: Weight, block_k: int) -> tuple[tuple, dict, int]:
-    """(data, scale, stride_se, stride_sn), the QUANT/GROUP_K/INT4 constexprs and the BLOCK_K to use for weight w."""
+    """(data, scale, zero, stride_se, stride_sn), the QUANT/GROUP_K/INT4/ZP constexprs and the BLOCK_K to use for
+    weight w (zero: int4 zero points laid out as the scales, else any tensor, unread)."""
     if not isinstance(w, QuantTensor):
-        return (w, w, 0, 0), {"QUANT": False, "GROUP_K": 0, "INT4": False}, block_k
-    if w.scheme == "int4":  # K steps of whole 128-column groups (the packing unit)
-        scale = w.scale  # [E, N, G]
-        return ((w.q, scale, scale.stride(0), scale.stride(1)), {"QUANT": True, "GROUP_K": INT4_GROUP, "INT4": True},
-                max(INT4_GROUP, block_k // INT4_GROUP * INT4_GROUP))
+        return (w, w, w, 0, 0), {"QUANT": False, "GROUP_K": 0, "INT4": False, "ZP": False}, block_k
+    scale = w.scale  # [E, N, G] contiguous
+    if w.scheme == "int4":  # K steps of whole 128-column packing blocks
+        zero = w.zero if w.zero is not None else scale  # [E, N, G]
+        flags = {"QUANT": True, "GROUP_K": w.block_k, "INT4": True, "ZP": w.zero is not None}
+        return (w.q, scale, zero, scale.stride(0), scale.stride(1)), flags, max(INT4_BLOCK, block_k // INT4_BLOCK *
+                                                                               INT4_BLOCK)
     group = 0 if w.per_channel else w.block_k
     if group:  # a K step must not straddle two scale groups
         block_k = min(block_k, group)
         if group % block_k:
             raise ValueError(f"scale block of {group} columns is not a multiple of BLOCK_K {block_k}")
-    scale = w.scale  # [E, N, G] contiguous
-    return (w.q, scale, scale.stride(0), scale.stride(1)), {"QUANT": True, "GROUP_K": group, "INT4": False}, block_k
+    return (w.q, scale, scale, scale.stride(0), scale.stride(1)), {"QUANT": True, "GROUP_K": group, "INT4": False,
+                                                                    "ZP": False}, block_k
 
 
 def moe_gemv(a: torch.Tensor, w: Weight, out: torch.Tensor, ids: torch.Tensor, a_div: int, cfg: dict,
@@ -66,10 +70,10 @@ def moe_gemv(a: torch.Tensor, w: Weight, out: torch.Tensor, ids: torch.Tensor, a
     """One launch of _moe_gemv: out [P, n_out] fully written (zeros for pairs hosted elsewhere); sum_slots K > 0:
     out [P / K, n_out] float32 zeroed by the caller, each token's K rows added into it."""
     n_out, k_in = out.shape[1], a.shape[1]
-    (data, scale, sse, ssn), quant, block_k = _weight_args(w, cfg["BLOCK_K"])
+    (data, scale, zero, sse, ssn), quant, block_k = _weight_args(w, cfg["BLOCK_K"])
     _moe_gemv[(ids.numel(), triton.cdiv(n_out, cfg["BLOCK_N"]))](
-        a, data, out, weights if weights is not None else out, ids, scale, n_out, k_in, a.stride(0), data.stride(0),
-        data.stride(1), out.stride(0), sse, ssn, up_rows, A_DIV=a_div, GATED=up_rows > 0,
+        a, data, out, weights if weights is not None else out, ids, scale, zero, n_out, k_in, a.stride(0),
+        data.stride(0), data.stride(1), out.stride(0), sse, ssn, up_rows, A_DIV=a_div, GATED=up_rows > 0,
         WEIGHTED=weights is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], SUM_SLOTS=sum_slots, **quant)
     return out
@@ -130,12 +134,12 @@ def moe_gemm(a: torch.Tensor, w: Weight, out: torch.Tensor, al: Alignment, a_div
     """One launch of _moe_gemm; out [P, n_out] (rows of pairs not computed are left as they were)."""
     n_out, k_in = out.shape[1], a.shape[1]
     em = al.sorted_ids.numel()
-    (data, scale, sse, ssn), quant, block_k = _weight_args(w, cfg["BLOCK_K"])
+    (data, scale, zero, sse, ssn), quant, block_k = _weight_args(w, cfg["BLOCK_K"])
     grid = (triton.cdiv(em, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
     _moe_gemm[grid](
         a, data, out, weights if weights is not None else out, al.sorted_ids, al.block_expert, al.rows_used, scale,
-        al.num_pairs, em, n_out, k_in, a.stride(0), data.stride(0), data.stride(1), out.stride(0), sse, ssn, up_rows,
-        A_DIV=a_div, GATED=up_rows > 0, WEIGHTED=weights is not None, EVEN_K=k_in % block_k == 0,
+        zero, al.num_pairs, em, n_out, k_in, a.stride(0), data.stride(0), data.stride(1), out.stride(0), sse, ssn,
+        up_rows, A_DIV=a_div, GATED=up_rows > 0, WEIGHTED=weights is not None, EVEN_K=k_in % block_k == 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **quant,
     )

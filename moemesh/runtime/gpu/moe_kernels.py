@@ -9,11 +9,11 @@ Scales: GROUP_K 0 = one scale per output channel, applied once to the accumulato
 per GROUP_K columns (DeepSeek's 128x128 FP8 blocks), applied to each K step's partial product (GROUP_K is a multiple
 of BLOCK_K, so a K step never straddles two scale groups).
 
-INT4 (quant.py's packing: rows of G * 64 bytes, byte j of group g = column 128g + j low nibble, 128g + 64 + j high
-nibble, code - 8 = value): a quarter of bf16's weight bytes. The GEMM steps K one 128-column group at a time: a
-[64, BN] byte tile, its nibbles two [64, BN] tiles of values (exact in bf16/fp16) for two dots of K = 64 against
-the activations' two halves of the group, then the group's scale on the partial product. The GEMV loads
-[BN, BLOCK_K / 128, 64] bytes per step (BLOCK_K a multiple of 128) and sums in float32 as the bf16 GEMV does.
+INT4 (int4_kernels.py; quant.py's packing: byte j of a row's 128-column block p = column 128p + j in the low nibble,
+128p + 64 + j in the high one; GROUP_K columns per scale, ZP: with zero points): a quarter of bf16's weight bytes.
+The GEMM steps K one block at a time: a [64, BN] byte tile, its nibbles two [64, BN] tiles of codes (exact in
+bf16/fp16) for dots against the activations' two halves of the block, the group scales on the partial products. The
+GEMV loads [BN, BLOCK_K / 128, 64] bytes per step (BLOCK_K a multiple of 128) and sums in float32 as the bf16 GEMV.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moemesh.runtime.gpu.int4_kernels import _int4_gemv_loop, _int4_mac
+
 
 @triton.jit
-def _moe_gemm(a_ptr, b_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows_used_ptr, scale_ptr,
+def _moe_gemm(a_ptr, b_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows_used_ptr, scale_ptr, zero_ptr,
               num_pairs, em, n_out, k_in, stride_am, stride_be, stride_bn, stride_cm, stride_se, stride_sn, up_rows,
               A_DIV: tl.constexpr, GATED: tl.constexpr, WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr,
-              QUANT: tl.constexpr, GROUP_K: tl.constexpr, INT4: tl.constexpr,
+              QUANT: tl.constexpr, GROUP_K: tl.constexpr, INT4: tl.constexpr, ZP: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C[pair] = A[pair // A_DIV] @ B_e^T (B [E, n_out (+ up_rows), k_in], k contiguous), per row block of one expert.
     GATED: C = silu(A @ gate^T) * (A @ up^T), up rows start at up_rows. WEIGHTED: C *= weight[pair]."""
@@ -51,14 +53,16 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows_used
     s_ptrs = scale_ptr + expert * stride_se + cols * stride_sn  # [BN] scales of these output channels
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if INT4:  # one scale group per K step
+    if INT4:  # one 128-column packing block per K step (int4_kernels.py)
         a_rows = a_ptr + (pair // A_DIV) * stride_am  # [BM]
         b_cols = b_ptr + expert * stride_be + cols * stride_bn  # [BN] packed rows
+        z_ptrs = zero_ptr + expert * stride_se + cols * stride_sn  # [BN] zero points (ZP), laid out as the scales
+        up = up_rows * stride_sn
         for k0 in range(0, k_in, 128):
-            acc = _int4_mac(acc, a_rows, b_cols, s_ptrs, row_ok, col_ok, k0, k_in)
+            acc = _int4_mac(acc, a_rows, b_cols, s_ptrs, z_ptrs, row_ok, col_ok, k0, k_in, GROUP_K, ZP)
             if GATED:
-                acc_up = _int4_mac(acc_up, a_rows, b_cols + up_rows * stride_bn, s_ptrs + up_rows * stride_sn,
-                                   row_ok, col_ok, k0, k_in)
+                acc_up = _int4_mac(acc_up, a_rows, b_cols + up_rows * stride_bn, s_ptrs + up, z_ptrs + up, row_ok,
+                                   col_ok, k0, k_in, GROUP_K, ZP)
     else:
         acc, acc_up = _gemm_loop(acc, acc_up, a_ptrs, b_ptrs, s_ptrs, row_ok, col_ok, ks, k_in, stride_bn, stride_sn,
                                  up_rows, GATED, EVEN_K, QUANT, GROUP_K, BLOCK_K)
@@ -113,43 +117,6 @@ def _mac(acc, a, b, s_ptrs, col_ok, k0, QUANT: tl.constexpr, GROUP_K: tl.constex
 
 
 @triton.jit
-def _int4_mac(acc, a_rows, b_cols, s_ptrs, row_ok, col_ok, k0, k_in):
-    """acc [BM, BN] += A[:, k0:k0+128] @ W[k0:k0+128, :] for one int4 group (k0 a multiple of 128): a_rows [BM]
-    activation row pointers, b_cols [BN] packed weight row pointers, s_ptrs [BN] the rows' scale pointers."""
-    j = tl.arange(0, 64)
-    lo_ok = (j < k_in - k0)[None, :]
-    hi_ok = (j < k_in - k0 - 64)[None, :]
-    a_lo = tl.load(a_rows[:, None] + k0 + j[None, :], mask=row_ok[:, None] & lo_ok, other=0.0)  # [BM, 64]
-    a_hi = tl.load(a_rows[:, None] + k0 + 64 + j[None, :], mask=row_ok[:, None] & hi_ok, other=0.0)
-    b = tl.load(b_cols[None, :] + k0 // 2 + j[:, None], mask=col_ok[None, :], other=0)  # [64, BN] uint8
-    lo = ((b & 15).to(tl.int8) - 8).to(a_lo.dtype)  # columns k0 + j
-    hi = ((b >> 4).to(tl.int8) - 8).to(a_lo.dtype)  # columns k0 + 64 + j
-    part = tl.dot(a_lo, lo)
-    part = tl.dot(a_hi, hi, part)
-    return acc + part * tl.load(s_ptrs + k0 // 128, mask=col_ok, other=0.0)[None, :]
-
-
-@triton.jit
-def _int4_gemv_step(x_row, w_rows, s_rows, col_ok, k0, k_in, BLOCK_K: tl.constexpr):
-    """[BN] float32: sum over columns k0 .. k0 + BLOCK_K of W[n, k] * x[k] for int4 rows (BLOCK_K a multiple of
-    128, k0 of BLOCK_K); x_row the activation row pointer, w_rows [BN] packed rows, s_rows [BN] their scales."""
-    NG: tl.constexpr = BLOCK_K // 128
-    grp = k0 // 128 + tl.arange(0, NG)  # [NG] groups of this step
-    g_ok = grp < tl.cdiv(k_in, 128)
-    j = tl.arange(0, 64)
-    lo_k = (grp * 128)[:, None] + j[None, :]  # [NG, 64] columns of the low nibbles (high: + 64)
-    x_lo = tl.load(x_row + lo_k, mask=lo_k < k_in, other=0.0).to(tl.float32)
-    x_hi = tl.load(x_row + lo_k + 64, mask=lo_k + 64 < k_in, other=0.0).to(tl.float32)
-    byte = (grp * 64)[None, :, None] + j[None, None, :]  # [1, NG, 64]
-    b = tl.load(w_rows[:, None, None] + byte, mask=col_ok[:, None, None] & g_ok[None, :, None], other=0)
-    lo = (b & 15).to(tl.float32) - 8.0  # [BN, NG, 64]
-    hi = (b >> 4).to(tl.float32) - 8.0
-    part = tl.sum(lo * x_lo[None, :, :] + hi * x_hi[None, :, :], 2)  # [BN, NG]
-    scale = tl.load(s_rows[:, None] + grp[None, :], mask=col_ok[:, None] & g_ok[None, :], other=0.0)
-    return tl.sum(part * scale, 1)
-
-
-@triton.jit
 def _gemv_loop(acc, acc_up, a_row, w_rows, s_rows, col_ok, k_in, stride_bn, stride_sn, up_rows,
                GATED: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """The K loop of _moe_gemv for bf16/fp16, int8 and fp8 weights: w_rows [BN, 1] row pointers, s_rows [BN]."""
@@ -172,22 +139,10 @@ def _gemv_loop(acc, acc_up, a_row, w_rows, s_rows, col_ok, k_in, stride_bn, stri
 
 
 @triton.jit
-def _int4_gemv_loop(acc, acc_up, a_row, w_rows, s_rows, col_ok, k_in, stride_bn, stride_sn, up_rows,
-                    GATED: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(gate or only, up) [BN] float32 sums of the GEMV over all of K for int4 rows w_rows [BN]."""
-    for k0 in range(0, k_in, BLOCK_K):
-        acc += _int4_gemv_step(a_row, w_rows, s_rows, col_ok, k0, k_in, BLOCK_K)
-        if GATED:
-            acc_up += _int4_gemv_step(a_row, w_rows + up_rows * stride_bn, s_rows + up_rows * stride_sn, col_ok, k0,
-                                      k_in, BLOCK_K)
-    return acc, acc_up
-
-
-@triton.jit
-def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, n_out, k_in, stride_am, stride_be, stride_bn,
-              stride_cm, stride_se, stride_sn, up_rows, A_DIV: tl.constexpr, GATED: tl.constexpr,
+def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, zero_ptr, n_out, k_in, stride_am, stride_be,
+              stride_bn, stride_cm, stride_se, stride_sn, up_rows, A_DIV: tl.constexpr, GATED: tl.constexpr,
               WEIGHTED: tl.constexpr, QUANT: tl.constexpr, GROUP_K: tl.constexpr, SUM_SLOTS: tl.constexpr,
-              INT4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              INT4: tl.constexpr, ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Few tokens (decode at batch 1-4): one program per (pair, column block), a dot product per output column, no
     alignment and no tensor cores; many more programs in flight than the row-block GEMM has at this size.
     SUM_SLOTS K > 0: add the row into c[pair // K] (float32, zeroed by the caller) instead of storing c[pair]: the
@@ -203,8 +158,9 @@ def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, n_out, k_in, 
         s_rows = scale_ptr + expert * stride_se + cols * stride_sn  # [BN]
         if INT4:
             w_packed = b_ptr + expert * stride_be + cols * stride_bn  # [BN] packed rows
-            acc, acc_up = _int4_gemv_loop(acc, acc_up, a_row, w_packed, s_rows, col_ok, k_in, stride_bn, stride_sn,
-                                          up_rows, GATED, BLOCK_K)
+            z_rows = zero_ptr + expert * stride_se + cols * stride_sn  # [BN] zero points (ZP)
+            acc, acc_up = _int4_gemv_loop(acc, acc_up, a_row, w_packed, s_rows, z_rows, col_ok, k_in, stride_bn,
+                                          stride_sn, up_rows, GATED, BLOCK_N, BLOCK_K, GROUP_K, ZP)
         else:
             w_rows = b_ptr + expert * stride_be + cols[:, None] * stride_bn  # [BN, 1]
             acc, acc_up = _gemv_loop(acc, acc_up, a_row, w_rows, s_rows, col_ok, k_in, stride_bn, stride_sn, up_rows,

@@ -112,7 +112,6 @@ def test_engine_follow_feeds_its_last_sampled_token(tiny_moe_dir):
         engine.step([SeqWork("d", [], 4, None, follows=True)])
 
 
-
 def _pipelined(sched, router, plan, ahead):
     """Completes `plan` with `ahead` in flight, as the engine loop does: complete, settle, then run `ahead`."""
     sched.complete(plan, router.step(plan))

@@ -1,0 +1,121 @@
+"""The int4 parts of the fused MoE kernels (moe_kernels.py calls them when INT4): one K step of the grouped GEMM and
+of the GEMV over packed int4 weights, dequantized in registers.
+
+Layout (quant.py): a row holds ceil(K / 128) packing blocks of 64 bytes; byte j of block p holds column 128p + j in
+its low nibble and 128p + 64 + j in its high nibble, as a code in [0, 16); w = (code - zero) * scale with one scale
+(and, when ZP, one zero point) per GROUP columns, GROUP in {32, 64, 128}; without ZP the zero is 8 (symmetric).
+So a block's low nibbles are its first 64 columns and its high nibbles the next 64, each half covering 64 / GROUP
+scale groups (or half of one for GROUP 128): every piece of W = min(GROUP, 64) columns is one contiguous byte range
+and one scale group.
+
+Symmetric groups of 128 (what `quantize(w, "int4")` makes): codes - 8 go into the dot and the group's scale
+multiplies the partial product (the fast path). Otherwise per piece: dot(activations, codes) - zero * sum of the
+activations, times the piece's scale (codes 0..15 are exact in bf16/fp16, so the dots stay exact up to the inputs).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _int4_mac(acc, a_rows, b_cols, s_ptrs, z_ptrs, row_ok, col_ok, k0, k_in,
+              GROUP: tl.constexpr, ZP: tl.constexpr):
+    """acc [BM, BN] += A[:, k0:k0+128] @ W[k0:k0+128, :] for one packing block (k0 a multiple of 128): a_rows [BM]
+    activation row pointers, b_cols [BN] packed weight row pointers, s_ptrs / z_ptrs [BN] the rows' scales / zeros."""
+    if GROUP == 128 and not ZP:
+        j = tl.arange(0, 64)
+        a_lo = tl.load(a_rows[:, None] + k0 + j[None, :], mask=row_ok[:, None] & (j < k_in - k0)[None, :], other=0.0)
+        a_hi = tl.load(a_rows[:, None] + k0 + 64 + j[None, :], mask=row_ok[:, None] & (j < k_in - k0 - 64)[None, :],
+                       other=0.0)  # [BM, 64]
+        b = tl.load(b_cols[None, :] + k0 // 2 + j[:, None], mask=col_ok[None, :], other=0)  # [64, BN] uint8
+        lo = ((b & 15).to(tl.int8) - 8).to(a_lo.dtype)  # columns k0 + j
+        hi = ((b >> 4).to(tl.int8) - 8).to(a_lo.dtype)  # columns k0 + 64 + j
+        part = tl.dot(a_lo, lo)
+        part = tl.dot(a_hi, hi, part)
+        acc = acc + part * tl.load(s_ptrs + k0 // 128, mask=col_ok, other=0.0)[None, :]
+    else:
+        W: tl.constexpr = 64 if GROUP > 64 else GROUP  # columns of one piece
+        jw = tl.arange(0, W)
+        for h in tl.static_range(64 // W):  # pieces of each half
+            b = tl.load(b_cols[None, :] + k0 // 2 + h * W + jw[:, None], mask=col_ok[None, :], other=0)  # [W, BN]
+            acc = _int4_piece(acc, a_rows, b & 15, s_ptrs, z_ptrs, row_ok, col_ok, k0 + h * W, k_in, W, GROUP, ZP)
+            acc = _int4_piece(acc, a_rows, b >> 4, s_ptrs, z_ptrs, row_ok, col_ok, k0 + 64 + h * W, k_in, W, GROUP,
+                              ZP)
+    return acc
+
+
+@triton.jit
+def _int4_piece(acc, a_rows, codes, s_ptrs, z_ptrs, row_ok, col_ok, col0, k_in, W: tl.constexpr,
+                GROUP: tl.constexpr, ZP: tl.constexpr):
+    """acc += (A[:, col0:col0+W] @ (codes - zero)) * scale for one piece: codes [W, BN] uint8 of columns col0 + j,
+    all in scale group col0 // GROUP."""
+    jw = tl.arange(0, W)
+    a = tl.load(a_rows[:, None] + col0 + jw[None, :], mask=row_ok[:, None] & (jw < k_in - col0)[None, :], other=0.0)
+    g = col0 // GROUP
+    if ZP:
+        part = tl.dot(a, codes.to(a.dtype))  # [BM, BN]
+        zero = tl.load(z_ptrs + g, mask=col_ok, other=0.0)  # [BN]
+        part = part - tl.sum(a.to(tl.float32), 1)[:, None] * zero[None, :]
+    else:
+        part = tl.dot(a, (codes.to(tl.int8) - 8).to(a.dtype))
+    return acc + part * tl.load(s_ptrs + g, mask=col_ok, other=0.0)[None, :]
+
+
+@triton.jit
+def _int4_gemv_step(x_row, w_rows, s_rows, z_rows, col_ok, k0, k_in, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP: tl.constexpr, ZP: tl.constexpr):
+    """[BN] float32: sum over columns k0 .. k0 + BLOCK_K of W[n, k] * x[k] (BLOCK_K a multiple of 128, k0 of
+    BLOCK_K); x_row the activation row pointer, w_rows [BN] packed rows, s_rows / z_rows [BN] scales / zeros."""
+    NG: tl.constexpr = BLOCK_K // 128
+    blk = k0 // 128 + tl.arange(0, NG)  # [NG] packing blocks of this step
+    blk_ok = blk < tl.cdiv(k_in, 128)
+    j = tl.arange(0, 64)
+    lo_k = (blk * 128)[:, None] + j[None, :]  # [NG, 64] columns of the low nibbles (high: + 64)
+    x_lo = tl.load(x_row + lo_k, mask=lo_k < k_in, other=0.0).to(tl.float32)
+    x_hi = tl.load(x_row + lo_k + 64, mask=lo_k + 64 < k_in, other=0.0).to(tl.float32)
+    byte = (blk * 64)[None, :, None] + j[None, None, :]  # [1, NG, 64]
+    b = tl.load(w_rows[:, None, None] + byte, mask=col_ok[:, None, None] & blk_ok[None, :, None], other=0)
+    if GROUP == 128 and not ZP:
+        lo = (b & 15).to(tl.float32) - 8.0  # [BN, NG, 64]
+        hi = (b >> 4).to(tl.float32) - 8.0
+        part = tl.sum(lo * x_lo[None, :, :] + hi * x_hi[None, :, :], 2)  # [BN, NG]
+        scale = tl.load(s_rows[:, None] + blk[None, :], mask=col_ok[:, None] & blk_ok[None, :], other=0.0)
+        out = tl.sum(part * scale, 1)
+    else:
+        out = _int4_gemv_half(b & 15, x_lo, blk * 128, s_rows, z_rows, col_ok, blk_ok, BLOCK_N, NG, GROUP, ZP)
+        out += _int4_gemv_half(b >> 4, x_hi, blk * 128 + 64, s_rows, z_rows, col_ok, blk_ok, BLOCK_N, NG, GROUP, ZP)
+    return out
+
+
+@triton.jit
+def _int4_gemv_half(codes, x, col0, s_rows, z_rows, col_ok, blk_ok, BLOCK_N: tl.constexpr, NG: tl.constexpr,
+                    GROUP: tl.constexpr, ZP: tl.constexpr):
+    """[BN] float32 of one half (64 columns from col0 [NG]) of each packing block: codes [BN, NG, 64], x [NG, 64]; the
+    half's H = 64 / W pieces of W columns each get their own scale (and zero)."""
+    W: tl.constexpr = 64 if GROUP > 64 else GROUP
+    H: tl.constexpr = 64 // W
+    values = codes.to(tl.float32) if ZP else codes.to(tl.float32) - 8.0
+    part = tl.sum(tl.reshape(values * x[None, :, :], (BLOCK_N, NG, H, W)), 3)  # [BN, NG, H]
+    g = ((col0[:, None] + tl.arange(0, H)[None, :] * W) // GROUP)[None, :, :]  # [1, NG, H] scale groups
+    ok = col_ok[:, None, None] & blk_ok[None, :, None]
+    if ZP:
+        zero = tl.load(z_rows[:, None, None] + g, mask=ok, other=0.0)
+        part = part - tl.sum(tl.reshape(x, (NG, H, W)), 2)[None, :, :] * zero
+    scale = tl.load(s_rows[:, None, None] + g, mask=ok, other=0.0)  # [BN, NG, H]
+    return tl.sum(tl.sum(part * scale, 2), 1)
+
+
+@triton.jit
+def _int4_gemv_loop(acc, acc_up, a_row, w_rows, s_rows, z_rows, col_ok, k_in, stride_bn, stride_sn, up_rows,
+                    GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                    ZP: tl.constexpr):
+    """(gate or only, up) [BN] float32 sums of the GEMV over all of K for int4 rows w_rows [BN]."""
+    for k0 in range(0, k_in, BLOCK_K):
+        acc += _int4_gemv_step(a_row, w_rows, s_rows, z_rows, col_ok, k0, k_in, BLOCK_N, BLOCK_K, GROUP, ZP)
+        if GATED:
+            up = up_rows * stride_sn
+            acc_up += _int4_gemv_step(a_row, w_rows + up_rows * stride_bn, s_rows + up, z_rows + up, col_ok, k0, k_in,
+                                      BLOCK_N, BLOCK_K, GROUP, ZP)
+    return acc, acc_up
