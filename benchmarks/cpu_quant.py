@@ -6,8 +6,9 @@ llama-cpp-python is installed; else FACTS.md's 16.8 ms/token is cited, marked as
         [--threads 2]
 
 DIRs come from `moemesh quantize`; left out, they are made once (int8 rtn symmetric, int4 grid, both group 32: no
-calibration, about a minute) under MOEMESH_HOME/quant/ and reused, so a re-run takes a few minutes. ms/token = decode seconds / steps after one prefill step of a 32-token prompt
-(median of `repeats`, engines interleaved). Writes benchmarks/results/cpu-quant.{json,md} with the machine, the
+calibration, about a minute) under MOEMESH_HOME/quant/ and reused, so a re-run takes a few minutes.
+ms/token = decode seconds / steps after one prefill step of a 32-token prompt (median of `repeats`, engines
+interleaved). Writes benchmarks/results/cpu-quant.{json,md} with the machine, the
 load average before and after, and the command.
 """
 

@@ -160,6 +160,8 @@ async def probe(args: argparse.Namespace) -> dict:
             "window": args.window,
             "alone": {"p99_s": p99(alone), "failed": sum(not r.ok for r in alone), **phase_figures(s0, s1, args.seconds)},
             "with_slow": {"p99_s": p99(records), "failed": sum(not r.ok for r in records), "slow_errors": len(errors),
+                          "load_error_samples": sorted({str(r.error)[:120] for r in records if r.error})[:5],
+                          "slow_error_samples": sorted(set(errors))[:5],
                           "slow_chunks_read": read[0], **phase_figures(s1, s2, args.seconds),
                           "batcher_over_time": await watch}}
 

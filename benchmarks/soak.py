@@ -160,6 +160,7 @@ async def _slow_phase(target: str, key: str, slow_key: str, model: str, status_p
             "max_tokens": args.slow_tokens, "window": args.slow_window, "chunks_read": read[0], "error_samples": sorted(set(slow_errors))[:5],
             "p99_alone_s": p99(alone, 0, float("inf")), "p99_with_slow_s": p99(records, 0, float("inf")),
             "failed_alone": sum(not r.ok for r in alone), "failed_with_slow": sum(not r.ok for r in records),
+            "load_error_samples": sorted({str(r.error)[:120] for r in records if r.error})[:5],
             "alone": phase_figures(s0, s1, seconds), "with_slow": phase_figures(s1, s2, seconds)}
 
 

@@ -16,8 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="built-in name (smollm2, smollm2-moe), checkpoint dir or HF repo id")
     p.add_argument("--bits", type=int, choices=(4, 8), default=4)
     p.add_argument("--method", choices=("gptq", "rtn", "grid"), default="rtn",
-                   help="gptq: calibrated (Hessian of each Linear's input); rtn: round to nearest, no data; grid: "
-                   "exact re-encoding of weights already on a 4-bit grid (GGUF-born models such as the built-in "
+                   help="gptq: calibrated (Hessian of each Linear's input; Linears with fewer than 2 calibration "
+                   "tokens per input are rounded to nearest instead: see quant/gptq.py); rtn: round to nearest, "
+                   "no data; grid: exact re-encoding of weights already on a 4-bit grid (GGUF-born models such as the built-in "
                    "smollm2), int8 for tensors that are not")
     p.add_argument("--group-size", type=int, default=32, help="input columns per scale (must divide every K)")
     p.add_argument("--symmetric", action="store_true", help="symmetric codes (default: asymmetric, zero points)")

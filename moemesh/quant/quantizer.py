@@ -40,7 +40,7 @@ class QuantSettings:
     # GPTQ only where the calibration tokens are >= this many times the Linear's inputs K; RTN elsewhere. Fewer make
     # the Hessian rank-deficient (rank <= tokens) and GPTQ fits the calibration text instead of the layer: SmolLM2's
     # down_proj (K 1536) on 1.6k tokens came out 2.3x worse than RTN on held-out inputs (3x better on the calibration
-    # text itself); its K = 576 Linears on the same text beat RTN. See docs in quant/gptq.py.
+    # text itself); its K = 576 Linears on the same text beat RTN. See quant/gptq.py.
     tokens_per_input: float = 2.0
     int8_modules: tuple[str, ...] = field(default_factory=tuple)
 

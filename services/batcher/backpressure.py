@@ -23,9 +23,11 @@ in the gateway -> the gateway->client window (the client's HTTP/2 setting; Envoy
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
+log = logging.getLogger(__name__)
 HIGH_EVENTS = 128  # undelivered events of one request that park it
 LOW_EVENTS = 0  # ... and at which it is queued again (hysteresis: a resume costs a recompute; see above)
 STALL_S = 120.0  # seconds a parked sequence's client may take nothing before the sequence is ended
@@ -85,3 +87,12 @@ class Backpressure:
         """Parked requests whose client took nothing for stall_s seconds (the caller ends them)."""
         limit = self.clock() - self.limits.stall_s
         return [seq_id for seq_id, b in buffers.items() if b.parked_at is not None and b.taken_at < limit]
+
+    async def end_stalled(self, buffers: Callable[[], dict[str, StreamBuffer]], cancel: Callable[[str], object],
+                          every: float = 1.0) -> None:
+        """Runs until cancelled: every `every` seconds, cancels the stalled requests (the engine loop's task)."""
+        while True:
+            await asyncio.sleep(every)
+            for seq_id in self.stalled(buffers()):
+                log.info("%s: its client read nothing for %.0f s while parked: cancelled", seq_id, self.limits.stall_s)
+                cancel(seq_id)

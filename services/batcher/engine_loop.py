@@ -77,6 +77,7 @@ class EngineLoop:
         self._ready = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stalls: asyncio.Task | None = None  # ends streams parked past the stall limit
+        self._preemptions_counted = 0  # scheduler.preemptions already added to the Prometheus counter
         self._refusals = 0
         self._stopping = False
         self.recovery = RouterRecovery(give_up=router_wait)  # a router that dies or restarts: recompute
@@ -85,7 +86,8 @@ class EngineLoop:
     # ---- life cycle -----------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher-engine-loop")
-        self._stalls = asyncio.get_running_loop().create_task(self._end_stalled(), name="batcher-stalls")
+        self._stalls = asyncio.get_running_loop().create_task(
+            self.backpressure.end_stalled(lambda: {k: s.queue for k, s in self._streams.items()}, self.cancel))
 
     async def stop(self, wait: float = 5.0) -> None:
         """Stops stepping after the step in flight (waiting up to `wait` seconds); ends every open stream as
@@ -217,13 +219,11 @@ class EngineLoop:
                 await asyncio.sleep(self.ERROR_BACKOFF)
             return False
         self._refusals = 0
-        before = scheduler.preemptions
         scheduler.complete(plan, outcome)
         self.busy.add(outcome.compute_seconds)
         metrics.ROUTER_BUSY_SECONDS.inc(outcome.compute_seconds)
         metrics.BATCH_SIZE.observe(len(plan.items))
         metrics.ITERATION_TOKENS.observe(plan.tokens)
-        metrics.PREEMPTIONS.inc(scheduler.preemptions - before)
         return True
 
     async def _release(self, seq_ids: list[str]) -> None:
@@ -273,14 +273,6 @@ class EngineLoop:
             self.scheduler.resume(seq_id)
             self._wake.set()
 
-    async def _end_stalled(self) -> None:
-        """Ends the sequences parked for longer than the stall limit (checked every second)."""
-        while True:
-            await asyncio.sleep(1.0)
-            buffers = {k: s.queue for k, s in self._streams.items()}
-            for seq_id in self.backpressure.stalled(buffers):
-                log.info("%s: its client read nothing for %.0f s: cancelled", seq_id, self.backpressure.limits.stall_s)
-                self.cancel(seq_id)
 
     def _observe(self, stream: _Stream, event: Event, now: float) -> None:
         if event.token_ids:
@@ -300,6 +292,9 @@ class EngineLoop:
 
     def _update_gauges(self) -> None:
         s = self.scheduler
+        # preemptions happen while planning (slot fairness, KV room) and when parking, not in complete(): count all
+        metrics.PREEMPTIONS.inc(max(0, s.preemptions - self._preemptions_counted))
+        self._preemptions_counted = s.preemptions
         metrics.RUNNING.set(len(s.running))
         metrics.WAITING.set(len(s.queue))
         metrics.KV_USAGE.set(1 - s.kv.free / s.kv.total)

@@ -59,8 +59,7 @@ def _engines(path):
     return plain, paged
 
 
-# V2: q_lora + group-limited routing; V3 (yarn rope, no q_lora) marked slow: ~1 min each on the busy 2-core machine.
-@pytest.mark.parametrize("arch", ["deepseek_v2", pytest.param("deepseek_v3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])  # q_lora + group-limited / yarn, no q_lora
 def test_absorbed_decode_matches_expanded_engine(tiny_hf, arch):
     path, _ = tiny_hf(arch)
     plain, paged = _engines(path)
