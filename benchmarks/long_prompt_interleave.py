@@ -1,8 +1,8 @@
 """A short request arriving during a long prefill, on the real mesh: `moemesh up --no-auth` (gateway, batcher, router,
 expert shards as separate processes, the built-in model, CPU), requests sent to its batcher's Generate as token ids.
 
-Per repeat (the two runs interleaved, so that load drift on a shared machine hits both alike; fresh random prompts
-every run, so the prefix cache never helps):
+Per repeat (the two runs interleaved, alone first in odd repeats and last in even ones, so that load drift on a
+shared machine hits both alike; fresh random prompts every run, so the prefix cache never helps):
   alone: a long prompt (--long-tokens, default 7,800) with 1 token out, by itself: its time to first token;
   mixed: a long prompt, then --delay s (default 3) later a short one (--short-tokens, default 5; 4 tokens out): the
          short one's TTFT from its own send, and the long one's TTFT.
@@ -76,6 +76,14 @@ async def ttft(stub, prompt: list[int], max_tokens: int, rid: str) -> float:
     return first
 
 
+async def mixed_run(stub, draw, args: argparse.Namespace, rep: int) -> tuple[float, float]:
+    """The long prompt, the short one --delay s later: (short TTFT, long TTFT)."""
+    long_task = asyncio.ensure_future(ttft(stub, draw(args.long_tokens), 1, f"long-{rep}"))
+    await asyncio.sleep(args.delay)
+    short = await ttft(stub, draw(args.short_tokens), 4, f"short-{rep}")
+    return short, await long_task
+
+
 def steps_done(metrics_port: int) -> float:
     """Steps the batcher has run (its iteration-tokens histogram's count)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
@@ -98,13 +106,13 @@ async def measure(batcher: dict, args: argparse.Namespace, save) -> list[dict]:
         stub = batcher_pb2_grpc.BatcherStub(channel)
         await ttft(stub, draw(64), 2, "warm")
         for rep in range(args.repeats):
+            if rep % 2:  # every other repeat runs mixed first: a load that drifts one way favours neither run
+                short, mixed = await mixed_run(stub, draw, args, rep)
             before = steps_done(batcher["metrics_port"])
             alone = await ttft(stub, draw(args.long_tokens), 1, f"alone-{rep}")
             step_s = alone / max(1.0, steps_done(batcher["metrics_port"]) - before)
-            long_task = asyncio.ensure_future(ttft(stub, draw(args.long_tokens), 1, f"long-{rep}"))
-            await asyncio.sleep(args.delay)
-            short = await ttft(stub, draw(args.short_tokens), 4, f"short-{rep}")
-            mixed = await long_task
+            if not rep % 2:
+                short, mixed = await mixed_run(stub, draw, args, rep)
             rows.append({"long_alone_ttft_s": alone, "long_mixed_ttft_s": mixed, "short_ttft_s": short,
                          "long_growth": mixed / alone, "long_step_s": step_s, "short_ttft_steps": short / step_s,
                          "loadavg": os.getloadavg()})
