@@ -56,6 +56,8 @@ class ChatReply:
     id: str
     tool_calls: tuple[dict, ...] = ()  # OpenAI-shaped {"id", "type", "function": {"name", "arguments"}}
     choices: tuple[str, ...] = ()  # every choice's text when n > 1 (content is choices[0])
+    # with prompt_logprobs=N: (token text, log-probability or None for the first token) per prompt token
+    prompt_logprobs: tuple[tuple[str, float | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -187,8 +189,9 @@ class ChatModel:
         calls = tuple({"id": c.id, "type": c.type, "function": {"name": c.function.name,
                                                                  "arguments": c.function.arguments}}
                       for c in choice.message.tool_calls)
+        prompt = tuple((p.token, p.logprob if p.HasField("logprob") else None) for p in response.prompt_logprobs)
         return ChatReply(choice.message.content, _usage(response.usage), choice.finish_reason, response.model,
-                         response.id, calls, tuple(c.message.content for c in response.choices))
+                         response.id, calls, tuple(c.message.content for c in response.choices), prompt)
 
     def close(self) -> None:
         if self._sync is not None:

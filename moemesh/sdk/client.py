@@ -90,6 +90,13 @@ class ChatClient:
         request = build_request(messages, model=self._model(model), **params)
         return self._stub.CreateChatCompletion(request, metadata=self._metadata, timeout=self.timeout)
 
+    def text_complete(self, prompt: str, *, model: str | None = None, **params: Any) -> chat_pb2.Completion:
+        """/v1/completions over gRPC (CreateCompletion): text in, text out, with OpenAI-named parameters (max_tokens,
+        temperature, logprobs, echo, prompt_logprobs, stop, n, ...); None values are not sent."""
+        body = {"model": self._model(model), "prompt": prompt, **{k: v for k, v in params.items() if v is not None}}
+        request = json_format.ParseDict(body, chat_pb2.CompletionRequest())
+        return self._stub.CreateCompletion(request, metadata=self._metadata, timeout=self.timeout)
+
     def stream(self, messages: Messages, *, model: str | None = None,
                **params: Any) -> Iterator[chat_pb2.ChatCompletionChunk]:
         """Chunks as they arrive; raises ChatStreamError for an in-band error chunk."""

@@ -74,3 +74,18 @@ def test_chat_prompt_logprobs_extension_through_the_edge(edge_mesh: EdgeMesh) ->
     entries = reply.model_extra["prompt_logprobs"]
     assert len(entries) == reply.usage.prompt_tokens
     assert "logprob" not in entries[0] and entries[1]["logprob"] < 0 and len(entries[1]["top_logprobs"]) == 1
+
+
+def test_the_sdk_exposes_prompt_logprobs_and_completions(edge_mesh: EdgeMesh) -> None:
+    from moemesh.sdk import ChatClient, ChatModel
+
+    with ChatClient(edge_mesh.status["gateway"], edge_mesh.api_key, model=edge_mesh.model) as client:
+        typed = _grpc_completion(edge_mesh, prompt_logprobs=0)
+        done = client.text_complete(PROMPT, max_tokens=1, temperature=0, echo=True, logprobs=0)
+        assert done.choices[0].text.startswith(PROMPT)
+        numbers = list(done.choices[0].logprobs.numeric_token_logprobs[1:len(typed.choices[0].prompt_logprobs)])
+        assert numbers == [e.logprob for e in typed.choices[0].prompt_logprobs[1:]]
+    with ChatModel(edge_mesh.model, endpoint=edge_mesh.status["gateway"], api_key=edge_mesh.api_key) as model:
+        reply = model.chat(PROMPT, max_tokens=1, prompt_logprobs=0)
+    assert len(reply.prompt_logprobs) == reply.usage.prompt_tokens
+    assert reply.prompt_logprobs[0][1] is None and all(lp is not None and lp < 0 for _, lp in reply.prompt_logprobs[1:])
