@@ -6,7 +6,7 @@ the torch engine (the weights' own error) and on the ONNX Runtime backend (plus 
 
 Texts (both held out: nothing here or in `moemesh quantize` tunes on them): ../shared/eval/wikitext2-test.raw
 (Wikipedia) and benchmarks/data/heldout_us_founding.txt (18th-19th century public-domain prose, see
-benchmarks/data/README.md). Calibration uses moemesh/quant/data/ or text the model writes itself. Few windows on
+benchmarks/data/README.md). Calibration uses moemesh/quant/data/ (or --calib). Few windows on
 purpose (2 shared cores): the default scores 4 windows of 512 tokens per text. Writes
 benchmarks/results/<out>.{json,md}.
 """

@@ -24,6 +24,7 @@ from moemesh.quant.writer import packed_tensors, quantization_config, write_chec
 LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|(mlp|block_sparse_moe)\."
                     r"((shared_experts?|experts\.\d+)\.)?(gate_proj|up_proj|down_proj|w1|w2|w3))\.weight$")
 METHODS = ("rtn", "gptq", "grid")
+FEW_TOKENS = 32_768  # calibration tokens below which GPTQ is warned about (the GPTQ paper used 128 x 2048)
 GRID_MIN_FIT = 0.5  # grid: a tensor with fewer groups on a 4-bit grid than this is stored in int8 instead
 
 
@@ -92,7 +93,12 @@ def collect_hessians(model_dir: Path, s: QuantSettings, log: Callable[[str], Non
         for h in handles:
             h.remove()
     fell = calib.apply_fallback(s.min_tokens) if calib is not None else []
-    log(f"calibrated on {sum(len(w) for w in windows)} tokens of {s.calib} ({len(fell)} experts fell back)")
+    tokens = sum(len(w) for w in windows)
+    log(f"calibrated on {tokens} tokens of {s.calib} ({len(fell)} experts fell back)")
+    if tokens < FEW_TOKENS:
+        log(f"warning: {tokens} calibration tokens is few for GPTQ: on smollm2 the shipped 1.6k-token text gives a "
+            f"worse int4 perplexity than rtn (benchmarks/results/quant-quality-summary.md); give --calib a larger "
+            f"text of the serving domain")
     return hessians, fell
 
 
