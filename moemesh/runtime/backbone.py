@@ -1,6 +1,6 @@
 """The model minus its routed experts: embeddings, attention, norms, expert gates, shared experts, LM head.
 
-Per MoE layer the backbone routes (Router), hands the routed part to an ExpertDispatch (in process or over gRPC)
+Per MoE layer the backbone routes (gate.Gate), hands the routed part to an ExpertDispatch (in process or over gRPC)
 and adds the shared expert itself. Loading reads only non-expert tensors.
 """
 
@@ -17,7 +17,7 @@ from moemesh.runtime.experts import moe_prefix
 from moemesh.runtime.layers import GatedMLP, Linear, Loader, RMSNorm
 from moemesh.runtime.mla import LatentAttention
 from moemesh.runtime.rope import Rotary
-from moemesh.runtime.routing import Router
+from moemesh.runtime.gate import Gate
 from moemesh.runtime.spec import ModelSpec
 from moemesh.runtime.step_context import StepContext
 from moemesh.runtime.types import ExpertDispatch
@@ -28,9 +28,9 @@ class MoeBlock(nn.Module):
 
     expert_load: ExpertLoad | None = None  # routed-token counters, set by ExpertLoad.attach (the router does)
 
-    def __init__(self, layer: int, router: Router, shared: GatedMLP | None, shared_gate: Linear | None) -> None:
+    def __init__(self, layer: int, gate: Gate, shared: GatedMLP | None, shared_gate: Linear | None) -> None:
         super().__init__()
-        self.layer, self.router, self.shared, self.shared_gate = layer, router, shared, shared_gate
+        self.layer, self.gate, self.shared, self.shared_gate = layer, gate, shared, shared_gate
 
     @classmethod
     def load(cls, ld: Loader, layer: int, spec: ModelSpec) -> MoeBlock:
@@ -42,10 +42,10 @@ class MoeBlock(nn.Module):
             shared = GatedMLP.load(ld, f"{prefix}.{name}", spec.hidden_act)
         if moe.shared_gate:
             shared_gate = Linear.load(ld, f"{prefix}.shared_expert_gate")
-        return cls(layer, Router.load(ld, f"{prefix}.gate", moe), shared, shared_gate)
+        return cls(layer, Gate.load(ld, f"{prefix}.gate", moe), shared, shared_gate)
 
     def forward(self, h: torch.Tensor, dispatch: ExpertDispatch) -> torch.Tensor:  # [T, H] -> [T, H]
-        topk_ids, topk_weights = self.router(h)  # [T, K] int64, [T, K] float32
+        topk_ids, topk_weights = self.gate(h)  # [T, K] int64, [T, K] float32
         if self.expert_load is not None:  # on the device, no host sync
             self.expert_load.record(self.layer, topk_ids)
         pending = dispatch.submit(self.layer, h, topk_ids, topk_weights)
@@ -95,7 +95,7 @@ class Backbone(nn.Module):
             if isinstance(module, Attention):
                 module.set_fast(on and not self.rotary.interleaved and self.rotary.inv_freq.shape[0] * 2 ==
                                 module.spec.head_dim)
-            elif isinstance(module, Router):
+            elif isinstance(module, Gate):
                 module.set_fast(on)
 
     @classmethod

@@ -34,7 +34,7 @@ LOCAL = "local"  # placement address of experts running inside the router
 
 
 @dataclass
-class Router:
+class RouterProcess:
     """Everything the router process holds; close() releases it (server on_stop)."""
 
     servicer: RouterServicer
@@ -103,7 +103,7 @@ def _planned(path: str) -> tuple[list[list[int]], dict | None]:
         raise PlacementError(str(exc)) from None
 
 
-def build_router(config: RouterConfig) -> Router:
+def build_router(config: RouterConfig) -> RouterProcess:
     if config.compute_threads:
         torch.set_num_threads(config.compute_threads)
     model_dir = resolve_model(config.model)
@@ -132,12 +132,12 @@ def build_router(config: RouterConfig) -> Router:
              ", ".join(f"{p.address} ({t})" for p, t in zip(placement, transports())), info.kv_blocks_total,
              info.kv_block_size, info.max_context)
     servicer = RouterServicer(engine, worker, placement, transports=transports, seq_lease=config.seq_lease)
-    return Router(servicer, engine, worker, clients, dispatch)
+    return RouterProcess(servicer, engine, worker, clients, dispatch)
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
     config = RouterConfig.load(argv)
-    routers: list[Router] = []
+    routers: list[RouterProcess] = []
 
     async def register(server: grpc.aio.Server) -> list[str]:
         # Off the loop: start-up blocks on shard Info calls (and in-process test shards need the loop to answer).

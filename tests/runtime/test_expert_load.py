@@ -27,7 +27,7 @@ def test_counts_equal_the_gates_choices_over_prefill_and_decode(tiny_moe_dir):
         return hook
 
     for block in (m for m in engine.backbone.modules() if isinstance(m, MoeBlock)):
-        block.router.register_forward_hook(remember(block))
+        block.gate.register_forward_hook(remember(block))
     token = engine.step([SeqWork("a", PROMPT, 0), SeqWork("b", PROMPT[:4], 0)])[0].token_id
     engine.step([SeqWork("a", [token], len(PROMPT))])
     counts = load.snapshot()

@@ -14,7 +14,7 @@ import hf_tiny
 from moemesh.runtime.dispatch import SumDispatch
 from moemesh.runtime.engine import Engine
 from moemesh.runtime.experts import ExpertBank
-from moemesh.runtime.routing import Router
+from moemesh.runtime.gate import Gate
 from moemesh.runtime.spec import MoeSpec, load_spec
 from moemesh.runtime.types import SeqWork
 
@@ -75,7 +75,7 @@ def test_router_weighting(weighting):
     spec = MoeSpec(num_experts=4, top_k=2, intermediate_size=8, scoring=weighting,
                    norm_topk_prob=weighting == "softmax")
     weight = torch.eye(4, 6)  # logits = the first 4 features
-    ids, weights = Router(spec, weight)(torch.tensor([[3.0, 1.0, 2.0, 0.0, 9.0, 9.0]]))
+    ids, weights = Gate(spec, weight)(torch.tensor([[3.0, 1.0, 2.0, 0.0, 9.0, 9.0]]))
     assert ids.tolist() == [[0, 2]]
     expected = [[1.0, 1.0]] if weighting == "unit" else torch.softmax(torch.tensor([[3.0, 2.0]]), -1).tolist()
     torch.testing.assert_close(weights, torch.tensor(expected))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moemesh.runtime.families import spec_from_config
-from moemesh.runtime.routing import Router
+from moemesh.runtime.gate import Gate
 from moemesh.runtime.spec import ConfigError
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
@@ -72,9 +72,9 @@ def test_group_limited_routing_keeps_only_the_best_groups():
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(16, 32, generator=g), torch.randn(16, generator=g) * 0.1
     hidden = torch.randn(64, 32, generator=g)
-    ids, weights = Router(spec, weight, bias)(hidden)
+    ids, weights = Gate(spec, weight, bias)(hidden)
     assert ids.shape == (64, 4)
     assert all(len(set((row // 2).tolist())) <= 4 for row in ids)  # experts from at most topk_group groups
-    ungrouped, _ = Router(dataclasses.replace(spec, n_group=1, topk_group=1), weight, bias)(hidden)
+    ungrouped, _ = Gate(dataclasses.replace(spec, n_group=1, topk_group=1), weight, bias)(hidden)
     assert (ids.sort(-1).values != ungrouped.sort(-1).values).any(dim=-1).sum() > 0  # the limit changes choices
     torch.testing.assert_close(weights.sum(-1), torch.full((64,), 2.5))  # normalised, then scaled

@@ -25,7 +25,7 @@ from services.expert import servicer as expert_servicer
 from services.expert.__main__ import build_servicer
 from services.expert.config import ExpertConfig
 from services.expert.step_spans import StepSpans
-from services.router.__main__ import Router, build_router
+from services.router.__main__ import RouterProcess, build_router
 from services.router.config import RouterConfig
 from services.router.placement import PlacementError
 from services.router.servicer import RouterServicer, add_to_server
@@ -37,7 +37,7 @@ PROMPT = [1, 9690, 314, 253, 1345, 30, 2045, 28, 198, 4161, 2]  # 11 token ids
 @dataclass
 class Mesh:
     stub: router_pb2_grpc.RouterStub
-    router: Router
+    router: RouterProcess
     experts: list[RunningService]
     expert_servicers: list[expert_servicer.ExpertServicer]
     exporter: InMemorySpanExporter

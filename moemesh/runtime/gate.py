@@ -2,7 +2,7 @@
 
 Scoring follows each family (see MoeSpec): softmax over all experts (Mixtral, Qwen, OLMoE, DeepSeek V2), sigmoid with
 a selection-only correction bias (DeepSeek V3), or moemesh "unit" (top-k logits, weight 1.0 each). Group-limited
-routing (DeepSeek) first keeps the topk_group best of n_group expert groups. Router logits are computed in float32.
+routing (DeepSeek) first keeps the topk_group best of n_group expert groups. Gate logits are computed in float32.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from moemesh.runtime.layers import Loader
 from moemesh.runtime.spec import MoeSpec
 
 
-class Router(nn.Module):
+class Gate(nn.Module):
     def __init__(self, spec: MoeSpec, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.spec = spec
@@ -28,7 +28,7 @@ class Router(nn.Module):
         self.fast = on and s.scoring == "softmax" and s.n_group == 1 and self.correction_bias is None
 
     @classmethod
-    def load(cls, ld: Loader, prefix: str, spec: MoeSpec) -> Router:
+    def load(cls, ld: Loader, prefix: str, spec: MoeSpec) -> Gate:
         weight = ld.tensor(f"{prefix}.weight", torch.float32)
         bias = ld.tensor(f"{prefix}.e_score_correction_bias", torch.float32) if spec.correction_bias else None
         if weight.shape[0] != spec.num_experts:
