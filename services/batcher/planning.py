@@ -22,6 +22,12 @@ if TYPE_CHECKING:
     from services.batcher.prefix_sharing import PrefixSharing
 
 
+# A step in which a short request joins a long prefill keeps this share of the token budget for prefill chunks
+# (at 512: 32 tokens). On 2 CPU cores a quarter (128 tokens at 7.8k of context) still took about a second, which
+# the newcomer waited on top of the step already running (benchmarks/long_prompt_interleave.py).
+JOIN_STEP_SHARE = 1 / 16
+
+
 class StepPasses:
     policy: Policy
     kv: KvView
@@ -65,13 +71,14 @@ class StepPasses:
 
     def _admit_short(self, draft: Draft, now: float) -> None:
         """Admits requests whose whole prompt fits in half the budget left, before running prefill chunks. When one
-        joins while a long prefill would fill the step, the step is cut to a quarter of max_step_tokens: the newcomer's
-        first token comes with this step, and a chunk's time grows with its context (attention), not only with its
-        tokens, so a full chunk deep into a long prompt is the slowest step there is. The long prompt loses at most
-        one short step per joining request; a flood of short ones is bounded by the batch size."""
+        joins while a long prefill would fill the step, the step's prefill is cut to JOIN_STEP_SHARE of
+        max_step_tokens: the newcomer's first token comes with this step, and a chunk's time grows with its context
+        (attention), not only with its tokens, so a full chunk deep into a long prompt is the slowest step there is.
+        The long prompt still advances (a few tokens) and loses at most one short step per joining request; a flood
+        of short ones is bounded by the batch size."""
         if self._admit(draft, now, whole=True) and any(
                 s.pending > draft.budget for s in self.running if s.seq_id not in draft.planned):
-            draft.budget = min(draft.budget, self.policy.max_step_tokens / 4)
+            draft.budget = min(draft.budget, self.policy.max_step_tokens * JOIN_STEP_SHARE)
 
     def _admit(self, draft: Draft, now: float, whole: bool = False) -> int:
         """Admits waiting sequences in fair order; returns how many. Those waiting for a running sequence to write their prefix are

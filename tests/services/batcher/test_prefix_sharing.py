@@ -8,6 +8,7 @@ import asyncio
 import torch
 
 from moemesh.runtime.types import SamplingParams
+from services.batcher.planning import JOIN_STEP_SHARE
 from services.batcher.prefix_sharing import PrefixSharing, Share
 from tests.services.batcher.mesh import mesh
 from tests.services.batcher.sim import ids, make, run_step, run_until_idle, seq
@@ -129,9 +130,10 @@ def test_a_short_request_joins_at_once_during_a_long_prefill():
     hi = items(plan)["hi"]
     assert hi.sample and len(hi.token_ids) == 5  # its whole prompt in the next step: the first token comes out
     assert [e.token_ids for e in events if e.seq_id == "hi"] == [[1000]]
-    assert 0 < len(items(plan)["long"].token_ids) <= 32 // 4  # a short step: the newcomer's first token comes soon
+    assert 0 < len(items(plan)["long"].token_ids) <= 32 * JOIN_STEP_SHARE  # a short step: the first token comes soon
     plan, _ = run_step(sched, router, clock)
-    assert len(items(plan)["long"].token_ids) == 32 - 4  # then full chunks again (a 4-token block beside hi's decode)
+    long = items(plan)["long"]
+    assert len(long.token_ids) >= 32 - 4 and (long.position + len(long.token_ids)) % 4 == 0  # full chunks again
 
 
 def test_short_steps_only_when_a_long_prefill_would_fill_the_step():
