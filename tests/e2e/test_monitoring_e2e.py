@@ -88,7 +88,8 @@ def test_prometheus_scrapes_the_mesh_and_every_panel_query_answers(mesh: Running
         for panel in PANELS:  # the Grafana dashboard's queries: valid PromQL over the mesh's real series
             for _, expr in panel.queries:
                 prom.query(expr)
-        assert prom.query(PANELS[0].queries[0][1]), "no QPS series"
+        # rate() needs two scrapes of the gateway's counter: the gateway may have been scraped once so far
+        wait_for(lambda: prom.query(PANELS[0].queries[0][1]), 30, "the gateway's QPS series")
         rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
         assert len(rules) == 6 and all(r["health"] == "ok" for r in rules), rules
         wait_for(lambda: any(a["labels"]["alertname"] == "MoemeshTenantBudget80" and a["labels"]["tenant"] == "acme"
