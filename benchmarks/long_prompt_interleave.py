@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
+from tests.mesh_process import stop_mesh  # noqa: E402
 
 
 def start_mesh(model: str, workdir: Path) -> tuple[subprocess.Popen, dict]:
@@ -50,15 +49,6 @@ def start_mesh(model: str, workdir: Path) -> tuple[subprocess.Popen, dict]:
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
                             start_new_session=True)
     return proc, wait_status(proc, status, log, timeout_s=900)
-
-
-def stop_mesh(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
 
 
 async def ttft(stub, prompt: list[int], max_tokens: int, rid: str) -> float:

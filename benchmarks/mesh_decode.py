@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tests.mesh_process import stop_mesh  # noqa: E402
 PROMPT = ("Write a long story about a lighthouse keeper who finds a message in a bottle, with many details about the "
           "sea, the weather and the village.")
 
@@ -128,15 +128,6 @@ def start_mesh(model: str, transport: str, workdir: Path, pipeline: bool = True)
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
                             start_new_session=True)
     return proc, wait_status(proc, status, log, timeout_s=900)
-
-
-def stop_mesh(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
 
 
 def measure(args: argparse.Namespace) -> dict:

@@ -1,8 +1,11 @@
-"""What every test that runs `moemesh up` as a subprocess needs: a free port, and waiting for the status file."""
+"""What every test (and benchmark) that runs `moemesh up` as a subprocess needs: a free port, waiting for the status
+file, and stopping it (SIGINT, then the whole process group)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -26,3 +29,13 @@ def wait_status(proc: subprocess.Popen, status_path: Path, output: Path, timeout
             raise AssertionError(f"moemesh up exited with {proc.returncode}:\n{output.read_text()[-4000:]}")
         time.sleep(0.2)
     raise AssertionError(f"mesh not SERVING after {timeout_s} s:\n{output.read_text()[-4000:]}")
+
+
+def stop_mesh(proc: subprocess.Popen) -> None:
+    """SIGINT (a clean stop of every service), then SIGKILL of the process group `up` leads after 30 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
