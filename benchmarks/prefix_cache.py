@@ -5,8 +5,8 @@ Workloads (same token ids, same schedule, only the router's prefix cache differs
   - shared: one 1,024-token system prompt, 32 users each adding a 32-token question, 8 tokens out, all arriving
     together (a cold service: nobody's prefix is written yet; with the cache on, the batcher holds users 1-31 until
     user 0 has fed the system prompt, then they hit it: services/batcher/prefix_sharing.py). Reported: wall time and
-    requests/s of all 32, their mean TTFT, then the TTFT of one more user arriving alone (its prefix cached with the
-    cache on).
+    requests/s of all 32, their mean TTFT, then the median TTFT of 5 more users arriving alone one after another
+    (their prefix cached with the cache on).
   - multi-turn: 4 conversations x 4 turns; each turn's prompt is the whole conversation so far (previous prompt +
     the answer + 48 new tokens), 16 tokens out; the conversations' turns run concurrently.
 
@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -86,7 +88,8 @@ def tokens(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(200, 40000) for _ in range(n)]
 
 
-def shared_workload(bench: Bench, rng: random.Random, users: int, system_len: int) -> dict:
+def shared_workload(bench: Bench, rng: random.Random, users: int, system_len: int, late_users: int = 5,
+                    profile: Path | None = None) -> dict:
     system = tokens(rng, system_len)
     questions = [tokens(rng, 32) for _ in range(users + 1)]
     start = time.monotonic()
@@ -95,11 +98,31 @@ def shared_workload(bench: Bench, rng: random.Random, users: int, system_len: in
     bench.run()
     wall = time.monotonic() - start
     ttfts = sorted(bench.ttft(f"u{i}") for i in range(users))
-    bench.add("late", system + questions[users], 8)
-    bench.run()
+    late = []  # users arriving alone, one after another: with the cache on each finds the system prompt cached
+    for i in range(late_users):
+        with _profiled(profile if i == late_users - 1 else None):
+            bench.add(f"late{i}", system + tokens(rng, 32), 8)
+            bench.run()
+        late.append(bench.ttft(f"late{i}"))
     return {"wall_s": wall, "requests_per_s": users / wall, "mean_ttft_s": sum(ttfts) / len(ttfts),
-            "cold_ttft_s": bench.ttft("u0"), "cached_prefix_ttft_s": bench.ttft("late"),
-            "cached_tokens": sum(bench.cached.values())}
+            "cold_ttft_s": bench.ttft("u0"), "cached_prefix_ttft_s": statistics.median(late),
+            "late_ttfts_s": late, "cached_tokens": sum(bench.cached.values())}
+
+
+@contextlib.contextmanager
+def _profiled(path: Path | None):
+    """torch.profiler around one late user's whole request when asked: where a cached request's time goes."""
+    if path is None:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        yield
+    path.parent.mkdir(parents=True, exist_ok=True)
+    avg = prof.key_averages()
+    path.write_text(avg.table(sort_by="self_cpu_time_total", row_limit=40) + "\n" +
+                    (avg.table(sort_by="self_cuda_time_total", row_limit=25) if len(acts) > 1 else ""))
 
 
 def multi_turn_workload(bench: Bench, rng: random.Random, chats: int, turns: int) -> dict:
@@ -122,7 +145,9 @@ def run_mode(args, cache: bool) -> dict:
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, kv_blocks=args.kv_blocks,
                          block_size=16, prefix_cache=cache, load_format=args.load_format)
     policy = Policy(mode="continuous", max_batch_size=32, max_step_tokens=args.step_tokens, max_wait=0.0)
-    out = {"shared": shared_workload(Bench(engine, policy), random.Random(0), args.users, args.system_tokens)}
+    prof = args.profile / f"late-cache-{'on' if cache else 'off'}.txt" if args.profile else None
+    out = {"shared": shared_workload(Bench(engine, policy), random.Random(0), args.users, args.system_tokens,
+                                     args.late_users, prof)}
     out["multi_turn"] = multi_turn_workload(Bench(engine, policy), random.Random(1), args.chats, args.turns)
     return out
 
@@ -159,6 +184,9 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--kv-blocks", type=int, default=4096)
     p.add_argument("--step-tokens", type=int, default=512)
+    p.add_argument("--late-users", type=int, default=5, help="users arriving alone after the 32: the cached-prefix "
+                   "TTFT is their median")
+    p.add_argument("--profile", type=Path, default=None, help="folder: torch.profiler tables of the last late user")
     p.add_argument("--out", default="prefix-cache-cpu")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -169,7 +197,7 @@ def main() -> None:
     meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.platform(),
             "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "device": args.device,
-            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None, "args": vars(args),
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
             "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}
     out = ROOT / "benchmarks" / "results"

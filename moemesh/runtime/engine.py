@@ -238,11 +238,19 @@ class Engine:
                 result.prompt_logprobs = self.prompts.score(w, rows[w.seq_id], scored[w.seq_id])
 
     def _decode(self, works: list[SeqWork]) -> torch.Tensor:
-        """All works decode one token: the paged runner (CUDA graphs where captured); logits [N, V] float32."""
-        self.dispatch.begin_step(self.decode.rows_for(len(works)))
+        """A small step (decode tokens, short prefill chunks) through the paged runner, one row per token (CUDA
+        graphs where captured); logits [N, V] float32 of the sampling works' last rows."""
+        tokens, positions, tables, keep = [], [], [], []
+        for w in works:
+            table = self.blocks.table(w.seq_id)
+            tokens.extend(w.token_ids)
+            positions.extend(range(w.position, w.position + len(w.token_ids)))
+            tables.extend([table] * len(w.token_ids))
+            if w.sample:
+                keep.append(len(tokens) - 1)
+        self.dispatch.begin_step(self.decode.rows_for(len(tokens)))
         try:
-            return self.decode.run([w.token_ids[0] for w in works], [w.position for w in works],
-                                   [self.blocks.table(w.seq_id) for w in works])
+            return self.decode.run(tokens, positions, tables, keep)
         finally:
             self.dispatch.end_step()
 

@@ -13,7 +13,7 @@ from moemesh.runtime.dispatch import LocalDispatch
 from moemesh.runtime.engine import Engine
 from moemesh.runtime.experts import ExpertBank
 from moemesh.runtime.gpu import kernels_usable
-from moemesh.runtime.types import SeqWork
+from moemesh.runtime.types import SequenceWork
 
 cuda = pytest.mark.skipif(bool(kernels_usable(torch.device("cuda"), torch.bfloat16)),
                           reason=f"needs CUDA with Triton: {kernels_usable(torch.device('cuda'), torch.bfloat16)}")
@@ -107,11 +107,11 @@ def test_paged_decode_attention_matches_sdpa():
 
 def _decode_logits(engine, prompts, steps):
     """Teacher-forced: prefill, then `steps` decode steps feeding token 7 + step; logits of every step."""
-    works = [SeqWork(f"s{i}", p, 0) for i, p in enumerate(prompts)]
+    works = [SequenceWork(f"s{i}", p, 0) for i, p in enumerate(prompts)]
     out = [engine.step_with_logits(works)[1]]
     pos = [len(p) for p in prompts]
     for step in range(steps):
-        works = [SeqWork(f"s{i}", [7 + step + i], pos[i]) for i in range(len(prompts))]
+        works = [SequenceWork(f"s{i}", [7 + step + i], pos[i]) for i in range(len(prompts))]
         out.append(engine.step_with_logits(works)[1])
         pos = [p + 1 for p in pos]
     return out
@@ -133,7 +133,32 @@ def test_decode_graphs_match_the_eager_engine(tmp_path, batch):
     for engine in (graphs, eager):
         got = _decode_logits(engine, prompts, 20)
         assert all(_rel(g, w) < 3e-2 for g, w in zip(got, want)), [_rel(g, w) for g, w in zip(got, want)]
-    assert len(graphs.decode.graphs) == 1
+    # the prompts' prefill (one row per token: 5 -> bucket 8; 5 + 14 + ... + 41 = 115 -> 128) and the decode steps
+    assert sorted(graphs.decode.graphs) == ([1, 8] if batch == 1 else [8, 128])
+
+
+@cuda
+def test_prefill_chunks_and_cached_tails_replay_in_the_small_step_graphs(tmp_path):
+    """A prompt whose head is in the prefix cache computes its tail as rows of a graph; a short prompt joins a
+    decoding sequence in one step: both give the logits of the gathered-context SDPA path."""
+    path = _qwen3_config(tmp_path)
+    kw = dict(load_format="dummy", device="cuda", dtype=BF16, kv_blocks=64, block_size=16)
+    graphs, reference = Engine.load(path, prefix_cache=True, **kw), Engine.load(path, **kw)
+    reference.decode = None
+    reference.dispatch.bank.fused_off = "reference"
+    reference.backbone.set_fast(False)
+    head = [11 + i % 50 for i in range(40)]  # two full 16-token blocks become cacheable
+    graphs.step_with_logits([SequenceWork("a", head, 0)])
+    tail = head[:32] + [5, 6, 7, 8, 9, 10, 11]
+    results, got = graphs.step_with_logits([SequenceWork("b", tail, 0)])
+    assert results[0].cached_tokens == 32 and 8 in graphs.decode.graphs  # 7 tail rows: bucket 8
+    _, want = reference.step_with_logits([SequenceWork("b", tail, 0)])
+    assert _rel(got, want) < 3e-2, _rel(got, want)
+    reference.step_with_logits([SequenceWork("a", head, 0)])
+    mixed = [SequenceWork("a", [3], 40), SequenceWork("c", [4 + i for i in range(20)], 0)]  # decode + fresh prompt: 21 rows
+    got, want = (e.step_with_logits(mixed)[1] for e in (graphs, reference))
+    assert got.shape == want.shape == (2, 1000) and _rel(got, want) < 3e-2, _rel(got, want)
+    assert 32 in graphs.decode.graphs
 
 
 @cuda

@@ -1,10 +1,18 @@
-"""Decode steps (every sequence adds one token) on CUDA over static buffers, replayed as CUDA graphs.
+"""Small steps (decode tokens and short prefill chunks, up to BUCKETS[-1] tokens in all) on CUDA over static
+buffers, replayed as CUDA graphs.
 
-    works -> host: tokens, positions, KV slots, context lengths, block tables of n sequences, padded to the bucket
+Every token is one row with its own context: token i of a work at position p is the row at position p + i whose
+context is the sequence's first p + i + 1 tokens, read through the sequence's block table. The norm/rope (or
+attention) kernel writes every row's K/V into the pools before any row attends, so a prefill chunk's rows see each
+other causally through their context lengths, as decode rows see their past (vLLM's unified varlen attention does the
+same). A cached request's short tail, or a short prompt joining a decode batch, is then one replay, not an eager
+step of ~25 launches per layer.
+
+    works -> host: tokens, positions, KV slots, context lengths, block tables of n rows, padded to the bucket
              b >= n (padding rows: token 0 at position 0, written to a trash KV block no sequence owns)
           -> two host-to-device copies into static buffers
           -> graph of bucket b (captured on first use: Backbone.forward with a DecodeContext: paged attention,
-             fused MoE, LM head) replayed -> static logits [b, V] float32 -> rows [:n] to the sampler
+             fused MoE, LM head) replayed -> static logits [b, V] float32 -> the sampling rows to the sampler
 
 DecodeContext stands in for StepContext: the attention writes the new K/V into the pools and reads the context
 through the block tables (paged_attention.py), so every shape is fixed per bucket and nothing syncs with the host.
@@ -72,31 +80,35 @@ class DecodeRunner:
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
 
     def takes(self, works: list) -> bool:
-        """True for a pure decode step (each work one sampled token of a started sequence) that fits a bucket."""
-        return len(works) <= BUCKETS[-1] and all(len(w.token_ids) == 1 and w.position > 0 and w.sample
-                                                 for w in works)
+        """True for a step whose tokens (decode tokens and prefill chunks together) fit the largest bucket."""
+        return all(w.token_ids for w in works) and sum(len(w.token_ids) for w in works) <= BUCKETS[-1]
 
     @staticmethod
     def rows_for(n: int) -> int:
-        """Rows every MoE layer carries for n sequences (the bucket: the dispatch sees padded batches)."""
+        """Rows every MoE layer carries for n tokens (the bucket: the dispatch sees padded batches)."""
         return bucket_for(n)
 
-    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """n sequences' new tokens, their positions and block tables -> logits [n, V] float32."""
+    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]],
+            keep: list[int] | None = None) -> torch.Tensor:
+        """n rows: their tokens, positions and (their sequence's) block tables -> logits [n, V] float32, or only
+        the rows `keep` lists (each sampling sequence's last row) [len(keep), V]."""
         n = len(tokens)
         b = bucket_for(n)
         if b is None:
-            raise ValueError(f"decode runner takes at most {BUCKETS[-1]} sequences, got {n}")
+            raise ValueError(f"decode runner takes at most {BUCKETS[-1]} tokens, got {n}")
         width = self._stage(tokens, positions, tables, b)
         self.rows[:, :b].copy_(self.host_rows[:, :b], non_blocking=True)
         self.tables[:b, :width].copy_(self.host_tables[:b, :width], non_blocking=True)
         self.lens[:b].copy_(self.rows[3, :b])
         if not self.graphs_on:
-            return self._forward(b)[:n]
-        if b not in self.graphs:
-            self.graphs[b] = self._capture(b)
-        graph, logits = self.graphs[b]
-        graph.replay()
+            logits = self._forward(b)
+        else:
+            if b not in self.graphs:
+                self.graphs[b] = self._capture(b)
+            graph, logits = self.graphs[b]
+            graph.replay()
+        if keep is not None and keep != list(range(n)):
+            return logits[torch.tensor(keep, dtype=torch.int64).to(logits.device, non_blocking=True)]
         return logits[:n].clone()  # the next replay overwrites the static output
 
     def _stage(self, tokens: list[int], positions: list[int], tables: list[list[int]], b: int) -> int:
