@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from moemesh.models.registry import resolve_model  # noqa: E402
 from moemesh.runtime.engine import Engine  # noqa: E402
-from moemesh.runtime.types import Guided, SamplingParams, SeqWork  # noqa: E402
+from moemesh.runtime.types import Guided, SamplingParams, SequenceWork  # noqa: E402
 from moemesh.tokenization.chat_tokenizer import ChatTokenizer  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
@@ -43,11 +43,11 @@ def _run(engine: Engine, prompt: list[int], batch: int, steps: int, guided: Guid
     params = SamplingParams(temperature=0.7, seed=1, max_tokens=steps + 8, ignore_eos=True, guided=guided,
                             prompt_tokens=len(prompt))
     ids = [f"{tag}-{i}" for i in range(batch)]
-    results = engine.step([SeqWork(i, prompt, 0, params) for i in ids])
+    results = engine.step([SequenceWork(i, prompt, 0, params) for i in ids])
     last = {r.seq_id: r.token_id for r in results}
     start = time.perf_counter()
     for k in range(steps):
-        works = [SeqWork(i, [last[i]], len(prompt) + k, params) for i in ids]
+        works = [SequenceWork(i, [last[i]], len(prompt) + k, params) for i in ids]
         last = {r.seq_id: r.token_id for r in engine.step(works)}
     seconds = time.perf_counter() - start
     engine.release(ids)
@@ -58,12 +58,12 @@ def _answer(engine: Engine, tok: ChatTokenizer, prompt: list[int], seed: int) ->
     params = SamplingParams(temperature=1.0, seed=seed, max_tokens=48, guided=Guided(json_schema=json.dumps(SCHEMA)),
                             prompt_tokens=len(prompt))
     seq, out = f"v{seed}", []
-    result = engine.step([SeqWork(seq, prompt, 0, params)])[0]
+    result = engine.step([SequenceWork(seq, prompt, 0, params)])[0]
     while result.token_id not in engine.spec.eos_token_ids and len(out) < params.max_tokens:
         out.append(result.token_id)
         if len(out) == params.max_tokens:
             break
-        result = engine.step([SeqWork(seq, [out[-1]], len(prompt) + len(out) - 1, params)])[0]
+        result = engine.step([SequenceWork(seq, [out[-1]], len(prompt) + len(out) - 1, params)])[0]
     engine.release([seq])
     return tok.decode(out, skip_special_tokens=True)
 

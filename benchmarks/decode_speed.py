@@ -43,15 +43,15 @@ def prompts(model_dir: Path, batch: int, length: int) -> list[list[int]]:
 
 def runtime_decode(engine, batch_prompts: list[list[int]], steps: int) -> float:
     """Seconds for `steps` decode steps of the whole batch through Engine.step (after its prefill step)."""
-    from moemesh.runtime.types import SamplingParams, SeqWork
+    from moemesh.runtime.types import SamplingParams, SequenceWork
 
     sampling = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
-    works = [SeqWork(f"s{i}", p, 0, sampling) for i, p in enumerate(batch_prompts)]
+    works = [SequenceWork(f"s{i}", p, 0, sampling) for i, p in enumerate(batch_prompts)]
     results = engine.step(works)
     positions = [len(p) for p in batch_prompts]
     start = time.perf_counter()
     for _ in range(steps):
-        works = [SeqWork(f"s{i}", [r.token_id], positions[i], sampling) for i, r in enumerate(results)]
+        works = [SequenceWork(f"s{i}", [r.token_id], positions[i], sampling) for i, r in enumerate(results)]
         results = engine.step(works)
         positions = [p + 1 for p in positions]
     seconds = time.perf_counter() - start

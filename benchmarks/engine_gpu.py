@@ -79,15 +79,15 @@ def roofline_ms(spec, batch: int, context: float, expert_bytes: float = 2) -> fl
 
 def time_decode(engine, batch: int, prompt: int, steps: int, warmup: int) -> float:
     """Median ms of `steps` decode steps of `batch` sequences after a prefill and `warmup` decode steps."""
-    from moemesh.runtime.types import SeqWork
+    from moemesh.runtime.types import SequenceWork
 
     gen = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, engine.spec.vocab_size, (batch, prompt), generator=gen).tolist()
     seqs = [f"b{batch}-{i}" for i in range(batch)]
-    results = engine.step([SeqWork(s, p, 0) for s, p in zip(seqs, ids)])
+    results = engine.step([SequenceWork(s, p, 0) for s, p in zip(seqs, ids)])
     pos, times = prompt, []
     for step in range(warmup + steps):
-        works = [SeqWork(s, [r.token_id], pos) for s, r in zip(seqs, results)]
+        works = [SequenceWork(s, [r.token_id], pos) for s, r in zip(seqs, results)]
         started = time.perf_counter()
         results = engine.step(works)
         times.append(time.perf_counter() - started)

@@ -57,7 +57,7 @@ def engine_decode(model: str, batch: int, tokens: int, threads: int) -> float:
 def _engine_decode(model: str, batch: int, tokens: int) -> float:
     from moemesh.models.registry import resolve_model
     from moemesh.runtime.engine import Engine
-    from moemesh.runtime.types import SamplingParams, SeqWork
+    from moemesh.runtime.types import SamplingParams, SequenceWork
     from moemesh.tokenization.chat_tokenizer import ChatTokenizer
 
     global _ENGINE
@@ -67,10 +67,10 @@ def _engine_decode(model: str, batch: int, tokens: int) -> float:
     # The same chat-templated prompt the gateway renders for the mesh's request (same prompt length, same tokens).
     ids, _ = ChatTokenizer.load(model_dir).encode_chat([{"role": "user", "content": PROMPT}])
     sampling = SamplingParams(max_tokens=tokens + 1, ignore_eos=True)
-    results = _ENGINE.step([SeqWork(f"s{i}", ids, 0, sampling) for i in range(batch)])
+    results = _ENGINE.step([SequenceWork(f"s{i}", ids, 0, sampling) for i in range(batch)])
     times, position = [], len(ids)
     for _ in range(tokens):
-        works = [SeqWork(f"s{i}", [r.token_id], position, sampling) for i, r in enumerate(results)]
+        works = [SequenceWork(f"s{i}", [r.token_id], position, sampling) for i, r in enumerate(results)]
         start = time.perf_counter()
         results = _ENGINE.step(works)
         times.append(time.perf_counter() - start)

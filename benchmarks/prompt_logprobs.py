@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from moemesh.models.registry import resolve_model  # noqa: E402
 from moemesh.runtime.engine import Engine  # noqa: E402
-from moemesh.runtime.types import SamplingParams, SeqWork  # noqa: E402
+from moemesh.runtime.types import SamplingParams, SequenceWork  # noqa: E402
 from moemesh.tokenization.chat_tokenizer import ChatTokenizer  # noqa: E402
 
 TEXT = "The quick brown fox jumps over the lazy dog; the cat sleeps on the warm windowsill. "
@@ -38,7 +38,7 @@ def _prefill(engine: Engine, prompt: list[int], chunk: int, scored: int | None, 
     start = time.perf_counter()
     for pos in range(0, len(prompt), chunk):
         end = min(len(prompt), pos + chunk)
-        engine.step([SeqWork(tag, prompt[pos:end], pos, params, sample=end == len(prompt), salt=tag)])
+        engine.step([SequenceWork(tag, prompt[pos:end], pos, params, sample=end == len(prompt), salt=tag)])
     seconds = time.perf_counter() - start
     engine.release([tag])
     return seconds

@@ -10,7 +10,8 @@ with them vs without says whether they starve it. RSS and fds are sampled all al
 
     .venv/bin/python benchmarks/soak.py --minutes 20 --slow-streams 1000     # the issue's run
     .venv/bin/python benchmarks/soak.py --minutes 3 --slow-streams 200 --slow-minutes 1   # a short validation
-Writes benchmarks/results/soak.json and soak.md (machine, command).
+    .venv/bin/python benchmarks/soak.py --phase slow --slow-streams 1000 --slow-minutes 2   # the slow phase only
+Writes benchmarks/results/soak.json and soak.md (machine, command); --phase slow: slow-readers.json and .md.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from chaos import start_mesh, tiny_model  # noqa: E402
-from slow_readers import batcher_counters, cpu_seconds, phase_figures, slow_readers  # noqa: E402
+from slow_phase import rows as slow_rows, run_slow_phase, summary as slow_summary  # noqa: E402
 from moemesh.bench.backends import GrpcBackend  # noqa: E402
 from moemesh.bench.load import LoadRun  # noqa: E402
 from moemesh.bench.report import machine  # noqa: E402
@@ -90,6 +91,13 @@ async def run(args: argparse.Namespace) -> dict:
     status = json.loads(status_path.read_text())
     target, key, model = status["gateway"], status["api_key"], status["model"]
     slow_key = _tenant(home, "slow")
+    load = lambda rate, seconds, seed: _load(target, key, model, rate, seconds, seed)  # noqa: E731
+    if args.phase == "slow":
+        try:
+            return await _slow_only(target, key, slow_key, model, status_path, load, args)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
     cap = await capacity(target, key, model, args.capacity_s)
     total, samples = args.minutes * 60, []
     clock0 = time.perf_counter()
@@ -100,7 +108,7 @@ async def run(args: argparse.Namespace) -> dict:
     window = min(300.0, total / 3)
     first, last = p99(records, clock0, clock0 + window), p99(records, clock0 + total - window, clock0 + total)
     soak_samples = [x for x in samples if x[0] <= total + 1]
-    slow = await _slow_phase(target, key, slow_key, model, status_path, 0.3 * cap, args)
+    slow = await run_slow_phase(target, key, slow_key, model, status_path, 0.3 * cap, args, load)
     done.set()
     await watcher
     proc.send_signal(signal.SIGTERM)
@@ -141,27 +149,13 @@ def _series(samples: list, every: float) -> list[dict]:
     return out
 
 
-async def _slow_phase(target: str, key: str, slow_key: str, model: str, status_path: Path, rate: float,
-                      args: argparse.Namespace) -> dict:
-    """The load tenant at `rate` alone, then as long next to the slow readers of tenant slow (CPU per service, the
-    batcher's tokens, steps, preemptions and parks in each half)."""
-    seconds, streams = args.slow_minutes * 60, args.slow_streams
-    snap = lambda: (cpu_seconds(status_path), batcher_counters(status_path))  # noqa: E731
-    s0 = snap()
-    alone, _ = await _load(target, key, model, rate, seconds, seed=2)
-    s1 = snap()
-    held, read = [0], [0]
-    mixed = asyncio.create_task(_load(target, key, model, rate, seconds, seed=3))
-    slow_errors = await slow_readers(target, slow_key, model, streams, seconds, held, args.slow_tokens, read,
-                                     args.slow_window)
-    records, _ = await mixed
-    s2 = snap()
-    return {"streams": streams, "rate_rps": round(rate, 2), "seconds": round(seconds), "errors": len(slow_errors),
-            "max_tokens": args.slow_tokens, "window": args.slow_window, "chunks_read": read[0], "error_samples": sorted(set(slow_errors))[:5],
-            "p99_alone_s": p99(alone, 0, float("inf")), "p99_with_slow_s": p99(records, 0, float("inf")),
-            "failed_alone": sum(not r.ok for r in alone), "failed_with_slow": sum(not r.ok for r in records),
-            "load_error_samples": sorted({str(r.error)[:120] for r in records if r.error})[:5],
-            "alone": phase_figures(s0, s1, seconds), "with_slow": phase_figures(s1, s2, seconds)}
+async def _slow_only(target: str, key: str, slow_key: str, model: str, status_path: Path, load, args) -> dict:
+    """--phase slow: the slow-reader phase on a fresh mesh, the load tenant at --load-rate (or 30% of capacity)."""
+    await load(2.0, 10.0, 9)  # warm-up
+    rate = args.load_rate or 0.3 * await capacity(target, key, model, args.capacity_s)
+    slow = await run_slow_phase(target, key, slow_key, model, status_path, rate, args, load)
+    return {"phase": "slow", "slow": slow,
+            "batcher_env": {k: v for k, v in os.environ.items() if k.startswith("MOEMESH_BATCHER_")}}
 
 
 def _tenant(home: Path, name: str) -> str:
@@ -204,13 +198,7 @@ def write(doc: dict, argv: list[str], name: str = "soak") -> None:
         f"p99 end-to-end: first {doc['window_s']:.0f} s {doc['p99_first_s']} s, last {doc['p99_last_s']} s "
         f"(ratio {doc['p99_ratio']}; limit 1.2).", "", *rows, "",
         "RSS / open fds per service over time (soak, then the slow-reader phase):", "", *_series_rows(doc), "",
-        f"Slow readers (tenant `slow`, max_tokens {slow['max_tokens']}, 1 chunk/s, HTTP/2 stream window "
-        f"{slow['window'] or 'grpc default (BDP)'} B, after the soak; batcher {doc['batcher_env']}): "
-        f"{slow['streams']} streams held {slow['seconds']} s, {slow['errors']} errors "
-        f"{slow['error_samples'] or ''}, {slow['chunks_read']} chunks read; the load tenant at "
-        f"{slow['rate_rps']} req/s (30% of capacity): p99 alone {slow['p99_alone_s']} s "
-        f"({slow['failed_alone']} failed), next to the slow streams {slow['p99_with_slow_s']} s "
-        f"({slow['failed_with_slow']} failed).", "", *_slow_rows(slow), ""])
+        "Slow readers, after the soak:", "", slow_summary(slow), "", *slow_rows(slow), ""])
     (RESULTS / f"{name}.md").write_text(text)
     print(text)
 
@@ -230,16 +218,20 @@ def _series_rows(doc: dict) -> list[str]:
     return out
 
 
-def _slow_rows(slow: dict) -> list[str]:
-    a, w = slow["alone"], slow["with_slow"]
-    out = ["| slow-reader phase | load tenant p99 (s) | tokens/s | steps | mean batch | preemptions | parks | "
-           "CPU cores per service |", "|---|---|---|---|---|---|---|---|"]
-    for label, f, p in (("load tenant alone", a, slow["p99_alone_s"]), ("with slow readers", w,
-                                                                       slow["p99_with_slow_s"])):
-        cpu = ", ".join(f"{k} {v}" for k, v in sorted(f["cpu_cores"].items()))
-        out.append(f"| {label} | {p} | {f['tokens_per_s']} | {f['steps']} | {f['mean_batch']} | "
-                   f"{f['preemptions']} | {f['parks']} | {cpu} |")
-    return out
+def write_slow(doc: dict, argv: list[str]) -> None:
+    """--phase slow: benchmarks/results/slow-readers.{json,md}."""
+    doc.update(machine=machine(), command=" ".join([".venv/bin/python", "benchmarks/soak.py", *argv]),
+               date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "slow-readers.json").write_text(json.dumps(doc, indent=2) + "\n")
+    m, slow = doc["machine"], doc["slow"]
+    text = "\n".join([
+        "# Slow readers next to a tenant under load", "", f"Command: `{doc['command']}` ({doc['date']})", "",
+        f"Machine: {m['platform']}, {m['cpus']} CPUs (shared with other work), load average {m['loadavg']}, commit "
+        f"{m['git_commit']}. Tiny MoE model, `moemesh up` defaults; batcher env {doc['batcher_env']}.", "",
+        slow_summary(slow), "", *slow_rows(slow), ""])
+    (RESULTS / "slow-readers.md").write_text(text)
+    print(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,9 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow-window", type=int, default=65535,
                    help="slow clients' HTTP/2 stream window in bytes (the RFC default; 0: grpc's BDP-grown window)")
     p.add_argument("--name", default="soak", help="result files benchmarks/results/<name>.{json,md}")
+    p.add_argument("--phase", choices=("all", "slow"), default="all",
+                   help="all: the soak, then the slow-reader phase; slow: the slow-reader phase only")
+    p.add_argument("--load-rate", type=float, default=0.0,
+                   help="--phase slow: the load tenant's req/s (0: 30%% of the measured capacity)")
     args = p.parse_args(argv)
     doc = asyncio.run(run(args))
-    write(doc, argv, args.name)
+    if args.phase == "slow":
+        write_slow(doc, argv)
+    else:
+        write(doc, argv, args.name)
     return 0
 
 

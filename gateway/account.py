@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import grpc
 
-from moemesh.serving.errors import ServiceError
+from moemesh.errors import ErrorStatus, ServiceError
 from moemesh.v1 import chat_pb2, metering_pb2, metering_pb2_grpc
 
 # How long SubmitFeedback waits for this gateway's still-pending commit of the rated request (the commit runs in the
@@ -24,7 +24,7 @@ RPC_TIMEOUT_S = 30.0
 
 
 class NotMetered(ServiceError):
-    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+    status = ErrorStatus.FAILED_PRECONDITION
 
     def __init__(self) -> None:
         super().__init__("this gateway runs without auth (--no-auth): no usage is recorded, so there is no usage "

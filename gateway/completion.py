@@ -30,7 +30,7 @@ from gateway.events import (
     FINISH_CANCELLED, FINISH_DEADLINE, FINISH_ERROR, GenerateParams, Tenant, TokenEvent, TokenInfo, UsageRecord,
 )
 from moemesh.runtime.stopping import StopChecker
-from moemesh.serving.errors import ServiceError
+from moemesh.errors import ErrorStatus, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,14 @@ class Finish:
 
 
 class EngineFailure(ServiceError):
-    grpc_status = "INTERNAL"
+    status = ErrorStatus.INTERNAL
 
 
 class EngineLost(ServiceError):
     """The engine failed mid-generation: in practice a mesh service (router, expert shard) went away. Retrying is
     the right reaction, hence UNAVAILABLE and not INTERNAL."""
 
-    grpc_status = "UNAVAILABLE"
+    status = ErrorStatus.UNAVAILABLE
 
 
 FINISH_REJECTED = "rejected"  # the ledger's finish_reason of a request refused before it ran (0 tokens, $0)

@@ -16,6 +16,7 @@ import grpc
 
 from gateway.events import Tenant, UsageRecord
 from gateway.upstream import PeerLost, _lost
+from moemesh.errors import ErrorStatus
 from moemesh.v1 import metering_pb2, metering_pb2_grpc
 
 LOCAL_TENANT = Tenant(name="default", key_id="default", namespace="default")  # = metering's dev tenant
@@ -28,7 +29,7 @@ METERING_CALL_S = 10.0
 
 
 class UnauthenticatedError(PermissionError):
-    grpc_status = "UNAUTHENTICATED"
+    status = ErrorStatus.UNAUTHENTICATED
 
 
 class MeteringClient:

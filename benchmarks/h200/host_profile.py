@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     args = p.parse_args()
     from moemesh.runtime.engine import Engine
-    from moemesh.runtime.types import SeqWork
+    from moemesh.runtime.types import SequenceWork
 
     model = Path(tempfile.mkdtemp())
     (model / "config.json").write_text(json.dumps({**QWEN3_30B_A3B, "num_hidden_layers": args.layers}))
@@ -37,16 +37,16 @@ def main() -> None:
                          max_context=512)
     ids = torch.randint(0, 151936, (args.batch, 128)).tolist()
     seqs = [f"s{i}" for i in range(args.batch)]
-    results = engine.step([SeqWork(s, q, 0) for s, q in zip(seqs, ids)])
+    results = engine.step([SequenceWork(s, q, 0) for s, q in zip(seqs, ids)])
     pos = 128
     for _ in range(3):
-        results = engine.step([SeqWork(s, [r.token_id], pos) for s, r in zip(seqs, results)])
+        results = engine.step([SequenceWork(s, [r.token_id], pos) for s, r in zip(seqs, results)])
         pos += 1
     prof = cProfile.Profile()
     started = time.perf_counter()
     prof.enable()
     for _ in range(args.steps):
-        results = engine.step([SeqWork(s, [r.token_id], pos) for s, r in zip(seqs, results)])
+        results = engine.step([SequenceWork(s, [r.token_id], pos) for s, r in zip(seqs, results)])
         pos += 1
     prof.disable()
     ms = (time.perf_counter() - started) / args.steps * 1e3

@@ -18,7 +18,7 @@ from moemesh.bench.load import Clock
 from moemesh.bench.stats import RequestRecord
 from moemesh.bench.workload import LoadSpec, poisson_offsets, synthetic_prompt
 from moemesh.runtime.stopping import StopChecker
-from moemesh.runtime.types import SamplingParams, SeqWork
+from moemesh.runtime.types import SamplingParams, SequenceWork
 
 PromptIds = Callable[[str], list[int]]  # prompt text -> token ids (chat template applied)
 
@@ -32,10 +32,10 @@ class _Seq:
     position: int = 0  # tokens in the KV cache
     last: int | None = None  # last sampled token
 
-    def work(self, sampling: SamplingParams) -> SeqWork:
+    def work(self, sampling: SamplingParams) -> SequenceWork:
         if self.last is None:
-            return SeqWork(self.seq_id, self.prompt, 0, sampling)
-        return SeqWork(self.seq_id, [self.last], self.position, sampling)
+            return SequenceWork(self.seq_id, self.prompt, 0, sampling)
+        return SequenceWork(self.seq_id, [self.last], self.position, sampling)
 
 
 class InProcessRun:
@@ -122,7 +122,7 @@ class InProcessRun:
                     if self._accept(seq, work, result.token_id, now)]
         self._finish(finished, now)
 
-    def _accept(self, seq: _Seq, work: SeqWork, token: int, now: float) -> bool:
+    def _accept(self, seq: _Seq, work: SequenceWork, token: int, now: float) -> bool:
         """Record one sampled token; True when the sequence finished with it."""
         seq.position += len(work.token_ids)
         seq.last = token

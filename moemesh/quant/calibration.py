@@ -23,19 +23,25 @@ DEFAULT_CALIB = Path(__file__).with_name("data") / "calib_en.txt"
 
 
 class Hessians:
-    """name -> [K, K] float32 sum of x x^T, and name -> token count."""
+    """name -> [K, K] float32 sum of x x^T, name -> [K] sum of |x| (AWQ's activation scale), name -> token count."""
 
     def __init__(self) -> None:
         self.h: dict[str, torch.Tensor] = {}
+        self.abs_sum: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
+
+    def abs_mean(self, name: str) -> torch.Tensor:
+        """[K] mean |x| per input channel over the tokens recorded for `name`."""
+        return self.abs_sum[name] / max(self.tokens[name], 1)
 
     def add(self, names: list[str], x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # [T, K]
         if x.shape[0] == 0:
             return
-        xtx = x.T @ x
+        xtx, absx = x.T @ x, x.abs().sum(0)
         for name in names:  # q/k/v (gate/up) share one input: one product
             self.h[name] = self.h[name] + xtx if name in self.h else xtx.clone()
+            self.abs_sum[name] = self.abs_sum[name] + absx if name in self.abs_sum else absx.clone()
             self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
 
 
@@ -83,6 +89,13 @@ class CalibrationDispatch(Dispatch):
             self.hessians.add([down_name], self.bank.act(g) * u)  # [n, I]
             self.routed[(layer, e)] = self.routed.get((layer, e), 0) + len(tokens)
         return self.bank.forward(layer, hidden, topk_ids, topk_weights)
+
+    def export_layer_stats(self, key: str) -> None:
+        """Copies each MoE layer's all-token input statistics into self.hessians under key.format(layer)."""
+        for layer in list(self.layer_h.tokens):
+            name = key.format(layer)
+            self.hessians.h[name], self.hessians.abs_sum[name] = self.layer_h.h[layer], self.layer_h.abs_sum[layer]
+            self.hessians.tokens[name] = self.layer_h.tokens[layer]
 
     def apply_fallback(self, min_tokens: int) -> list[tuple[int, int]]:
         """Experts with < min_tokens routed tokens: gate/up Hessian := the layer's all-token Hessian, down's :=

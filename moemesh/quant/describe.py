@@ -25,7 +25,7 @@ def describe_config(config: dict) -> str:
         weights = [g.get("weights") or {} for g in (q.get("config_groups") or {}).values()]
         bits = "+".join(f"int{b}" for b in sorted({w.get("num_bits") for w in weights if w.get("num_bits")}))
         groups = sorted({w.get("group_size") for w in weights if w.get("group_size")})
-        group = f" group {groups[0]}" if len(groups) == 1 else ""
+        group = f" group {'/'.join(str(g) for g in groups)}" if groups else ""
         return f"{bits or 'int'}{' ' + made_by if made_by else ''}{group} (compressed-tensors)"
     group = q.get("group_size") or q.get("q_group_size")
     bits = q.get("bits") or q.get("w_bit")

@@ -33,11 +33,12 @@ def packed_tensors(prefix: str, qw: QWeight, dtype: torch.dtype, symmetric: bool
     return out
 
 
-def quantization_config(modules: dict[int, list[str]], group: int, symmetric: bool,
-                        float_zero: tuple[int, ...] = ()) -> dict:
-    """modules: bits -> module names (no `.weight`); float_zero: bit widths whose zero points are float (grid)."""
+def quantization_config(modules: dict, group: int, symmetric: bool, float_zero: tuple[int, ...] = ()) -> dict:
+    """modules: bits, or (bits, group size), -> module names (no `.weight`); a plain bits key uses `group`.
+    float_zero: bit widths whose zero points are float (grid)."""
     groups = {}
-    for i, (bits, names) in enumerate(sorted(modules.items())):
+    keyed = {(k, group) if isinstance(k, int) else tuple(k): names for k, names in modules.items()}
+    for i, ((bits, group), names) in enumerate(sorted(keyed.items())):
         groups[f"group_{i}"] = {
             "targets": sorted(names), "input_activations": None, "output_activations": None,
             "format": "pack-quantized",

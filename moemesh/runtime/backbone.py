@@ -6,6 +6,9 @@ and adds the shared expert itself. Loading reads only non-expert tensors.
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +24,8 @@ from moemesh.runtime.gate import Gate
 from moemesh.runtime.spec import ModelSpec
 from moemesh.runtime.step_context import StepContext
 from moemesh.runtime.types import ExpertDispatch
+
+T = TypeVar("T")
 
 
 class MoeBlock(nn.Module):
@@ -45,6 +50,11 @@ class MoeBlock(nn.Module):
         return cls(layer, Gate.load(ld, f"{prefix}.gate", moe), shared, shared_gate)
 
     def forward(self, h: torch.Tensor, dispatch: ExpertDispatch) -> torch.Tensor:  # [T, H] -> [T, H]
+        return drive(self.steps(h, dispatch))
+
+    def steps(self, h: torch.Tensor, dispatch: ExpertDispatch) -> Generator[None, None, torch.Tensor]:
+        """forward() as a generator that yields once, while the routed experts are out (after submit and the
+        shared expert, before collect): a caller may run another micro-batch's work there (micro_batch.py)."""
         topk_ids, topk_weights = self.gate(h)  # [T, K] int64, [T, K] float32
         if self.expert_load is not None:  # on the device, no host sync
             self.expert_load.record(self.layer, topk_ids)
@@ -54,6 +64,7 @@ class MoeBlock(nn.Module):
             shared = self.shared(h)
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(h)) * shared
+        yield
         out = dispatch.collect(pending)
         return out if shared is None else out + shared
 
@@ -119,21 +130,30 @@ class Backbone(nn.Module):
         pools: list[tuple[torch.Tensor, torch.Tensor]] | None = None,  # per layer; None: no cache
         logit_rows: torch.Tensor | None = None,  # [N] rows to compute logits for; None: all
     ) -> torch.Tensor:
+        h = drive(self.hidden_steps(token_ids, ctx, dispatch, pools))  # [T, H] after the final norm
+        if logit_rows is not None:
+            h = h[logit_rows]
+        return F.linear(h, self.lm_head).float()  # [N, V]
+
+    def hidden_steps(self, token_ids: torch.Tensor, ctx: StepContext, dispatch: ExpertDispatch,
+                     pools: list | None = None) -> Generator[None, None, torch.Tensor]:
+        """Every layer on token_ids [T] -> the final-normed hidden [T, H] (the generator's return value); yields
+        once per MoE layer while its routed experts are out (MoeBlock.steps). forward() drives it to the end;
+        micro_batch.py alternates two of them (ping-pong)."""
         x = F.embedding(token_ids, self.embed)  # [T, H]
         rope = self.rotary.table(ctx.positions, x.dtype)
         if self.fast:
-            return self._forward_fast(x, rope, ctx, dispatch, pools, logit_rows)
+            return (yield from self._fast_steps(x, rope, ctx, dispatch, pools))
         for i, layer in enumerate(self.layers):
             x = x + layer.attn(layer.input_norm(x), rope, self.rotary, ctx, pools[i] if pools is not None else None)
             h = layer.post_norm(x)
-            x = x + (layer.mlp(h, dispatch) if isinstance(layer.mlp, MoeBlock) else layer.mlp(h))
-        if logit_rows is not None:
-            x = x[logit_rows]
-        return F.linear(self.norm(x), self.lm_head).float()  # [N, V]
+            mlp = (yield from layer.mlp.steps(h, dispatch)) if isinstance(layer.mlp, MoeBlock) else layer.mlp(h)
+            x = x + mlp.to(x.dtype)  # routed experts may come back in float32 (LocalDispatch on the GPU)
+        return self.norm(x)
 
-    def _forward_fast(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: StepContext,
-                      dispatch: ExpertDispatch, pools: list | None, logit_rows: torch.Tensor | None) -> torch.Tensor:
-        """forward() with each residual add fused into the next RMSNorm (one launch instead of ~8)."""
+    def _fast_steps(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: StepContext,
+                    dispatch: ExpertDispatch, pools: list | None) -> Generator[None, None, torch.Tensor]:
+        """hidden_steps() with each residual add fused into the next RMSNorm (one launch instead of ~8)."""
         from moemesh.runtime.gpu.fused_ops import add_rms_norm
 
         layers = list(self.layers)
@@ -141,9 +161,16 @@ class Backbone(nn.Module):
         for i, layer in enumerate(layers):
             attn = layer.attn(h, rope, self.rotary, ctx, pools[i] if pools is not None else None)
             x, h = add_rms_norm(x, attn, layer.post_norm.weight, layer.post_norm.eps)
-            mlp = layer.mlp(h, dispatch) if isinstance(layer.mlp, MoeBlock) else layer.mlp(h)
+            mlp = (yield from layer.mlp.steps(h, dispatch)) if isinstance(layer.mlp, MoeBlock) else layer.mlp(h)
             norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.norm
             x, h = add_rms_norm(x, mlp, norm.weight, norm.eps)
-        if logit_rows is not None:
-            h = h[logit_rows]
-        return F.linear(h, self.lm_head).float()  # [N, V]
+        return h
+
+
+def drive(steps: Generator[None, None, T]) -> T:
+    """Runs a generator of hidden_steps()/MoeBlock.steps() to its end (no other work at its yields); its return."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value

@@ -43,10 +43,12 @@ class LocalDispatch(Dispatch):
     def __init__(self, bank: ExpertBank) -> None:
         self.bank = bank
         self.capturable = bank.device.type == "cuda"  # in process on the GPU: kernels only (see ExpertBank)
+        self._kw = {"float32_ok": True} if isinstance(bank, ExpertBank) else {}  # not the ONNX Runtime bank
 
     def submit(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                topk_weights: torch.Tensor) -> torch.Tensor:
-        return self.bank.forward(layer, hidden, topk_ids, topk_weights).to(hidden.device)
+        # float32 from the fused kernels: Backbone adds it to the residual (casting where it is not fused)
+        return self.bank.forward(layer, hidden, topk_ids, topk_weights, **self._kw).to(hidden.device)
 
 
 class SumDispatch(Dispatch):

@@ -15,38 +15,16 @@ import torch
 
 from moemesh.runtime.backbone import Backbone
 from moemesh.runtime.block_manager import BlockManager
-from moemesh.runtime.checkpoint import resolve_model_dir
-from moemesh.runtime.dispatch import DenseModel, LocalDispatch
-from moemesh.runtime.dummy import open_checkpoint
-from moemesh.runtime.experts import ExpertBank
-from moemesh.runtime.gpu import decode_plan, kernels_usable
+from moemesh.runtime.engine_loader import as_dtype, load_engine  # noqa: F401 (as_dtype: services import it here)
 from moemesh.runtime.kv_cache import KVCache
-from moemesh.runtime.ort import check_backend
 from moemesh.runtime.prompt_logprobs import PromptScorer, logit_rows, scored_works
-from moemesh.quant.describe import describe_checkpoint
-from moemesh.runtime.quant import check_quantization, quantize_dense_ffn
 from moemesh.runtime.sampling import Sampler, SeqSampleState
-from moemesh.runtime.spec import ModelSpec, load_spec
+from moemesh.runtime.spec import ModelSpec
 from moemesh.runtime.step_context import StepContext
 from moemesh.runtime.step_works import SeqState, check, fill_in
 from moemesh.runtime.types import ContextLengthError, EngineInfo, ExpertDispatch, Guided, SeqResult, SeqWork
 
 log = logging.getLogger(__name__)
-
-# Default KV budget (neither kv_blocks nor kv_memory_bytes given): 256 MiB, raised up to 1 GiB so that one
-# full-context sequence fits, and never more blocks than DEFAULT_MAX_SEQUENCES full-context sequences need.
-DEFAULT_KV_BYTES = 256 * 2**20
-MAX_DEFAULT_KV_BYTES = 2**30
-DEFAULT_MAX_SEQUENCES = 16
-
-
-def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
-    return value
 
 
 class Engine:
@@ -65,6 +43,7 @@ class Engine:
         self.model_dir: Path | None = None  # where the tokenizer lives (grammars need its vocabulary)
         self.grammars = None  # runtime/grammar.GrammarBook, built on the first constrained request
         self.prompts = PromptScorer()  # prompt logprobs (prompt_logprobs.py): tails between prefill chunks
+        self.micro = None  # micro_batch.MicroBatching: ping-pong halves of large steps (the router sets it)
 
     @classmethod
     def load(cls, model_dir: str | Path, *, dispatch: ExpertDispatch | None = None, device: str | torch.device = "cpu",
@@ -73,62 +52,17 @@ class Engine:
              load_format: str = "auto", cuda_graphs: bool = True, quantization: str = "none",
              backend: str = "torch", prefix_cache: bool = True) -> Engine:
         """dispatch None: every routed expert in process. KV capacity: kv_blocks, else the blocks kv_memory_bytes
-        buys (default: see DEFAULT_KV_BYTES). max_context defaults to the model's and is capped by the capacity.
-        load_format "dummy": random weights from config.json alone (dummy.py). cuda_graphs: capture decode steps
-        on CUDA where possible (EngineInfo.cuda_graphs says what happened). quantization none/fp8/int8/int4: weight-only
-        quantized routed experts in process (a given dispatch quantizes its own), or the FFN of a dense model.
+        buys (default: engine_loader.DEFAULT_KV_BYTES). max_context defaults to the model's and is capped by the
+        capacity. load_format "dummy": random weights from config.json alone (dummy.py). cuda_graphs: capture decode
+        steps on CUDA where possible (EngineInfo.cuda_graphs says what happened). quantization none/fp8/int8/int4:
+        weight-only quantized routed experts in process (a given dispatch quantizes its own), or the FFN of a dense
+        model.
         backend onnxruntime: dense layers and in-process experts on ONNX Runtime int4/int8 (runtime/ort/).
         prefix_cache: share the K/V of full blocks of equal prefixes (same salt) between sequences."""
-        check_quantization(quantization)
-        check_backend(backend, dtype, quantization)
-        local = resolve_model_dir(model_dir)
-        device, dtype = torch.device(device), as_dtype(dtype)
-        spec = load_spec(local)
-        if max_context is not None and not 1 <= max_context <= spec.max_context:
-            raise ValueError(f"max_context must be in [1, {spec.max_context}] for this model, got {max_context}")
-        context = max_context or spec.max_context
-        with open_checkpoint(local, spec, load_format) as ckpt:
-            backbone = Backbone.load(ckpt, spec, device, dtype)
-            quantized = dict(getattr(ckpt, "quantized", {}))  # int4/int8 checkpoints: the codes, for ORT
-        if spec.moe is None:
-            quantize_dense_ffn(backbone, quantization)
-        backbone.set_fast(not kernels_usable(device, dtype))  # the Triton kernels of gpu/fused_ops.py on CUDA
-        if backend == "onnxruntime":
-            from moemesh.runtime.ort.backbone import OrtBackbone, default_weights
-
-            backbone = OrtBackbone(backbone, default_weights(quantized), str(device))
-        if dispatch is None and spec.moe and backend == "onnxruntime":
-            from moemesh.runtime.ort.experts import OrtExpertBank
-
-            dispatch = LocalDispatch(OrtExpertBank.load(local, device=str(device), spec=spec, load_format=load_format))
-        if dispatch is None:
-            bank = (ExpertBank.load(local, device=device, dtype=dtype, spec=spec, load_format=load_format,
-                                    quantization=quantization) if spec.moe else None)
-            dispatch = LocalDispatch(bank) if bank is not None else DenseModel()
-        shapes = backbone.cache_shapes()
-        if kv_blocks is None:
-            full_context = KVCache.bytes_per_token(spec.num_layers, shapes, dtype) * context
-            budget = kv_memory_bytes or min(max(DEFAULT_KV_BYTES, full_context), MAX_DEFAULT_KV_BYTES)
-            kv_blocks = KVCache.blocks_for_budget(budget, block_size, spec.num_layers, shapes, dtype)
-            if kv_memory_bytes is None:
-                kv_blocks = min(kv_blocks, DEFAULT_MAX_SEQUENCES * -(-context // block_size))
-        blocks = BlockManager(kv_blocks, block_size, prefix_cache=prefix_cache)
-        paged, graphs, note = decode_plan(spec, device, dtype, dispatch, cuda_graphs)
-        # The paged decode runner pads batches with rows that write into one extra block no sequence owns.
-        cache = KVCache(spec.num_layers, kv_blocks + paged, block_size, shapes, device, dtype)
-        max_context = min(context, kv_blocks * block_size)
-        decode = None
-        if paged:
-            from moemesh.runtime.gpu.decode_graphs import DecodeRunner  # imports triton
-
-            decode = DecodeRunner(backbone, dispatch, cache.pools, block_size, -(-max_context // block_size),
-                                  trash_block=kv_blocks, device=device, graphs=graphs)
-        name = model_name or (local.name if Path(model_dir).expanduser().is_dir() else str(model_dir))
-        engine = cls(spec, backbone, dispatch, cache, blocks, max_context=max_context, model_name=name, device=device,
-                     decode=decode, cuda_graphs=note,
-                     quantization=quantization if quantization != "none" else describe_checkpoint(local))
-        engine.model_dir, engine.backend = local, backend
-        return engine
+        return load_engine(cls, model_dir, dispatch=dispatch, device=device, dtype=dtype, kv_blocks=kv_blocks,
+                           kv_memory_bytes=kv_memory_bytes, block_size=block_size, max_context=max_context,
+                           model_name=model_name, load_format=load_format, cuda_graphs=cuda_graphs,
+                           quantization=quantization, backend=backend, prefix_cache=prefix_cache)
 
     # ---- stepping -------------------------------------------------------------------------------------------
 
@@ -210,18 +144,23 @@ class Engine:
         """Logits [N, V] of the sampling works' last rows, and of every row [L, V] of each scored work."""
         if not works:  # every work was a cached chunk
             return torch.empty(0, self.spec.vocab_size, device=self.device), {}
-        if not scored and self.decode is not None and self.decode.takes(works):
-            return self._decode(works), {}
         new = [len(w.token_ids) for w in works]
+        split = self.micro.split_at(new) if self.micro is not None else None  # ping-pong halves (micro_batch.py)
+        if split is None and not scored and self.decode is not None and self.decode.takes(works):
+            return self._decode(works), {}
         tables = [self.blocks.table(w.seq_id) for w in works]
-        ctx = StepContext.build([w.position for w in works], new, tables, self.blocks.block_size, self.device)
         tokens = torch.tensor([t for w in works for t in w.token_ids], dtype=torch.int64, device=self.device)
         rows, sampled, spans = logit_rows(works, new, scored or {})
-        self.dispatch.begin_step(len(tokens))
-        try:
-            logits = self.backbone(tokens, ctx, self.dispatch, self.cache.pools, rows.to(self.device))
-        finally:
-            self.dispatch.end_step()
+        if split is not None:
+            logits = self.micro.forward(self.backbone, self.dispatch, tokens, [w.position for w in works], new,
+                                        tables, self.blocks.block_size, self.cache.pools, rows, split)
+        else:
+            ctx = StepContext.build([w.position for w in works], new, tables, self.blocks.block_size, self.device)
+            self.dispatch.begin_step(len(tokens))
+            try:
+                logits = self.backbone(tokens, ctx, self.dispatch, self.cache.pools, rows.to(self.device))
+            finally:
+                self.dispatch.end_step()
         if not spans:
             return logits, {}
         return logits[sampled], {seq_id: logits[a:b] for seq_id, (a, b) in spans.items()}

@@ -167,16 +167,21 @@ class ExpertBank:
         return bank
 
     def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
-                topk_weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+                topk_weights: torch.Tensor, out: torch.Tensor | None = None,
+                float32_ok: bool = False) -> torch.Tensor:
         """hidden [T, H], topk_ids [T, K] global ids (-1 unused, int32 or int64), topk_weights [T, K] -> [T, H] in
         hidden's dtype and device; written into `out` ([T, H], hidden's dtype; e.g. a shared-memory output region)
-        when given, which is then returned."""
+        when given, which is then returned. float32_ok: the fused path may return its float32 sum as is (the caller
+        adds it to the residual stream in float32: one conversion launch per layer less)."""
         if layer not in self.gate_up:
             raise KeyError(f"layer {layer} is not hosted here (hosted: {self.layers})")
         caller_device, caller_dtype = hidden.device, hidden.dtype
         hidden, topk_weights = hidden.to(self.device), topk_weights.to(self.device)
         if not self.fused_off:
-            return _into(self._fused(layer, hidden, topk_ids, topk_weights), out, caller_device, caller_dtype)
+            y = self._fused(layer, hidden, topk_ids, topk_weights)  # [T, H] float32
+            if float32_ok and out is None and caller_device == self.device:
+                return y
+            return _into(y, out, caller_device, caller_dtype)
         # The torch reference path from here on (the CPU, or a GPU setting the fused kernel does not cover: see
         # fused_off). Its data-dependent shapes (count_nonzero, nonzero, bincount) synchronize the host once per
         # layer; the fused path above does not, and it is the one CUDA graphs capture.

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from moemesh.runtime.sampling import validate, wants_logprobs
 from moemesh.runtime.stopping import StopChecker
-from moemesh.runtime.types import EngineInfo, SamplingParams, SeqResult, SeqWork
+from moemesh.runtime.types import EngineInfo, SamplingParams, SequenceResult, SequenceWork
 
 Decode = Callable[[list[int]], str]
 
@@ -30,7 +30,7 @@ class StepEngine(Protocol):
 
     info: EngineInfo
 
-    def step(self, work: list[SeqWork]) -> list[SeqResult]: ...
+    def step(self, work: list[SequenceWork]) -> list[SequenceResult]: ...
 
     def release(self, seq_ids: list[str]) -> object: ...
 
@@ -91,15 +91,15 @@ class _Running:
         if wants_logprobs(self.params):
             self.completion.logprobs, self.completion.top_logprobs = [], []
 
-    def work(self, prefill_chunk: int | None) -> SeqWork:
+    def work(self, prefill_chunk: int | None) -> SequenceWork:
         """This sequence's next step: the next prompt chunk, or its last sampled token."""
         if self.position < len(self.prompt):
             end = len(self.prompt) if prefill_chunk is None else min(len(self.prompt), self.position + prefill_chunk)
             chunk = self.prompt[self.position : end]
-            return SeqWork(self.seq_id, chunk, self.position, self.params, sample=end == len(self.prompt))
-        return SeqWork(self.seq_id, [self.completion.token_ids[-1]], self.position, self.params)
+            return SequenceWork(self.seq_id, chunk, self.position, self.params, sample=end == len(self.prompt))
+        return SequenceWork(self.seq_id, [self.completion.token_ids[-1]], self.position, self.params)
 
-    def accept(self, result: SeqResult, max_context: int) -> bool:
+    def accept(self, result: SequenceResult, max_context: int) -> bool:
         """Record a sampled token; True when the sequence finished with it."""
         tok = result.token_id
         out = self.completion
@@ -189,7 +189,7 @@ def _params_list(
 
 
 def _advance(
-    running: list[_Running], works: list[SeqWork], results: list[SeqResult], max_context: int
+    running: list[_Running], works: list[SequenceWork], results: list[SequenceResult], max_context: int
 ) -> list[_Running]:
     """Apply one step's results; returns the sequences that finished in it."""
     by_id = {r.seq_id: r for r in results}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moemesh.runtime.types import SamplingParams, SeqWork
+from moemesh.runtime.types import SamplingParams, SequenceWork
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class PromptLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
-def prompt_end(params: SamplingParams, sampled: bool, work: SeqWork) -> int:
+def prompt_end(params: SamplingParams, sampled: bool, work: SequenceWork) -> int:
     """Position where the prompt ends: params.prompt_tokens when the caller said; else everything fed before the
     sequence's first sample is prompt."""
     if params.prompt_tokens is not None:
@@ -38,13 +38,13 @@ def prompt_end(params: SamplingParams, sampled: bool, work: SeqWork) -> int:
     return 0 if sampled else work.position + len(work.token_ids)
 
 
-def scores(params: SamplingParams | None, sampled: bool, work: SeqWork) -> bool:
+def scores(params: SamplingParams | None, sampled: bool, work: SequenceWork) -> bool:
     """Whether the work feeds prompt tokens whose logprobs were asked for."""
     return params is not None and params.prompt_logprobs is not None and work.position < prompt_end(
         params, sampled, work)
 
 
-def scored_works(works: list[SeqWork], sampled: Callable[[str], bool]) -> dict[str, int]:
+def scored_works(works: list[SequenceWork], sampled: Callable[[str], bool]) -> dict[str, int]:
     """Sequence -> prompt end for the works that score prompt tokens; sampled(seq_id): whether the sequence
     sampled a token before (asked only of works that want prompt logprobs: others cost one attribute test)."""
     out = {}
@@ -57,7 +57,7 @@ def scored_works(works: list[SeqWork], sampled: Callable[[str], bool]) -> dict[s
     return out
 
 
-def logit_rows(works: list[SeqWork], new: list[int], scored: dict[str, int]):
+def logit_rows(works: list[SequenceWork], new: list[int], scored: dict[str, int]):
     """Rows of a step (T = sum(new) tokens) to compute logits for: each sampling work's last row, every row of a
     scored work. Returns rows [R] int64, where the sampling rows are among them [N], and each scored work's
     (first, end) among them."""
@@ -80,7 +80,7 @@ class PromptScorer:
     def __init__(self) -> None:
         self._tail: dict[str, torch.Tensor] = {}  # seq id -> [V] log-softmax of its last computed prompt row
 
-    def score(self, work: SeqWork, logits: torch.Tensor, end: int) -> list[PromptLogprob]:
+    def score(self, work: SequenceWork, logits: torch.Tensor, end: int) -> list[PromptLogprob]:
         """logits: [L, V] of every row of the work (L = len(work.token_ids)); end: prompt_end(...). Returns one
         entry per token the work fed before `end`."""
         n_top = work.sampling.prompt_logprobs

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from moemesh.runtime.sampling import SeqSampleState, validate
-from moemesh.runtime.types import ContextLengthError, SamplingParams, SequenceStateError, SeqWork
+from moemesh.runtime.types import ContextLengthError, SamplingParams, SequenceStateError, SequenceWork
 
 
 @dataclass
@@ -25,7 +25,7 @@ class SeqState:
     last_token: int | None = None  # the token sampled in its last sampling step (not in the KV cache yet)
 
 
-def fill_in(works: list[SeqWork], seqs: dict[str, SeqState]) -> list[SeqWork]:
+def fill_in(works: list[SequenceWork], seqs: dict[str, SeqState]) -> list[SequenceWork]:
     """Works with their sampling parameters (None: the sequence's own) and followed token filled in. Raises
     SequenceStateError for a work that follows a sequence with no sampled token."""
     out = []
@@ -43,7 +43,7 @@ def fill_in(works: list[SeqWork], seqs: dict[str, SeqState]) -> list[SeqWork]:
     return out
 
 
-def check(works: list[SeqWork], seqs: dict[str, SeqState], vocab_size: int, max_context: int) -> None:
+def check(works: list[SequenceWork], seqs: dict[str, SeqState], vocab_size: int, max_context: int) -> None:
     """Each sequence at most once, tokens in the vocabulary, positions equal to the cached lengths, the context
     window respected, sampling parameters valid."""
     ids = [w.seq_id for w in works]

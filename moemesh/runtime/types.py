@@ -1,6 +1,6 @@
 """Plain dataclasses exchanged between the runtime and the services (the servicers translate protobuf to these).
 
-    batcher --StepRequest--> router servicer --list[SeqWork]--> Engine.step --> list[SeqResult]
+    batcher --StepRequest--> router servicer --list[SequenceWork]--> Engine.step --> list[SequenceResult]
                                                    |
                        Backbone forward, per MoE layer:  dispatch.submit(layer, hidden, ids, weights) ... collect()
                                                    |   (LocalDispatch in-process, or the router's gRPC fan-out)
@@ -49,7 +49,7 @@ class Guided:
 
 
 @dataclass
-class SeqWork:
+class SequenceWork:
     """One sequence's share of a step: a prefill chunk or one decode token."""
 
     seq_id: str
@@ -63,7 +63,7 @@ class SeqWork:
 
 
 @dataclass
-class SeqResult:
+class SequenceResult:
     """What a step produced for one sequence."""
 
     seq_id: str
@@ -72,6 +72,11 @@ class SeqResult:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     cached_tokens: int = 0  # tokens of this work found in the prefix cache (not computed)
     prompt_logprobs: list = field(default_factory=list)  # runtime/prompt_logprobs.PromptLogprob per prompt token fed
+
+
+# TRANSITIONAL (until engine.py and services/router take the new names in one pass): the old names.
+SeqWork = SequenceWork
+SeqResult = SequenceResult
 
 
 @dataclass(frozen=True)

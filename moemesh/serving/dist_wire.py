@@ -19,12 +19,21 @@ gloo shard also sends bare 64-byte (kind BEAT, seq) headers on REPLY every heart
 shorter than the posted receive), so the router's bounded wait tells a long block from a stalled shard. A dead peer
 closes its TCP connections: the pending gloo operation fails at once. A gloo wait that times out closes the pair,
 so any failure ends the group.
+
+NCCL has neither: a receive from a dead or stopped peer spins on the GPU, and a blocking wait that times out aborts
+and (TORCH_NCCL_ASYNC_ERROR_HANDLING's default) takes the process down. So NCCL groups are formed with error handling
+"clean up only" and an op timeout of a week (an idle mesh is not a fault); both ends poll their works (wait_polled),
+asking the router's liveness watch of every shard (services/router/shard_watch.py, Expert/Watch) between polls, and
+abort the group (ncclCommAbort) when it names a lost shard.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import socket
+import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -35,6 +44,9 @@ REQUEST_HEAD, REQUEST_BODY, REPLY, CONTEXT = 0, 1, 2, 3  # tags
 HEAD_BYTES = HEAD_WORDS * 8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("gloo", "nccl")
+NCCL_OP_TIMEOUT_S = 7 * 24 * 3600.0  # liveness is the watch's job: NCCL's own watchdog must not end an idle group
+SPIN_POLLS = 200  # wait_polled: first polls only yield the GIL (a reply is usually microseconds away) ...
+POLL_S = 0.0002  # ... then sleep this long between polls
 
 
 def body_bytes(tokens: int, hidden_size: int, top_k: int, dtype: torch.dtype) -> int:
@@ -88,15 +100,18 @@ def form_group(store: dist.Store, name: str, rank: int, world_size: int, backend
         options._timeout = timeout
         return dist.ProcessGroupGloo(prefixed, rank, world_size, options)
     if backend == "nccl":  # written for GPUs, not run on the CPU-only test machines
+        # 2 = abort the communicators on an error, never tear the process down (read when the group is built)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout
+        options._timeout = datetime.timedelta(seconds=NCCL_OP_TIMEOUT_S)  # set-up is bounded by the store's timeout
         return dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
     raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
 
 
 def abort(group) -> None:
-    """Ends a group without waiting for its peers (NCCL: its kernels would otherwise wait forever; gloo: closes its
-    sockets at once, as dropping the object, which the caller does next, would too). Called with nothing pending."""
+    """Ends a group without waiting for its peers (NCCL: its kernels would otherwise wait forever, and pending works
+    complete; gloo: closes its sockets at once, as dropping the object would too, but does not wake a thread blocked
+    in a wait of this process: call it for gloo with nothing pending)."""
     if group is not None and hasattr(group, "abort"):
         try:
             group.abort()
@@ -115,3 +130,17 @@ def wait(work, timeout_s: float | None) -> None:
         work.wait()
     else:
         work.wait(datetime.timedelta(seconds=timeout_s))
+
+
+def wait_polled(work, fault: Callable[[], str | None]) -> None:
+    """Waits for `work` by polling is_completed() (NCCL: a blocking wait cannot be interrupted), asking fault()
+    between polls; raises RuntimeError(fault's reason) as soon as it gives one. Not for gloo point-to-point works:
+    theirs completes only inside wait()."""
+    polls = 0
+    while not work.is_completed():
+        why = fault()
+        if why:
+            raise RuntimeError(why)
+        time.sleep(0 if polls < SPIN_POLLS else POLL_S)
+        polls += 1
+    work.wait()  # completed: makes the current stream wait for NCCL's (no CPU block)

@@ -1,13 +1,19 @@
-"""Exception -> gRPC status policy of every moemesh service (applied by interceptors.StatusInterceptor).
+"""Exception -> gRPC status policy of every moemesh service (applied by interceptors.StatusInterceptor): the servicer
+edge, the one place where a domain failure becomes a gRPC code.
 
 A handler never lets a known failure surface as UNKNOWN: builtin exception classes map to the codes below, a domain
-error names its own code with a `grpc_status` attribute (a grpc.StatusCode or its name, e.g. "RESOURCE_EXHAUSTED"),
-an error from an upstream call keeps the upstream code, and anything else is INTERNAL (with its traceback logged).
+error declares its kind with a `status` attribute (a moemesh.errors.ErrorStatus, mapped to the gRPC code of the
+same name), an error from an upstream call keeps the upstream code, and anything else is INTERNAL (with its
+traceback logged).
 """
 
 from __future__ import annotations
 
 import grpc
+
+from moemesh.errors import ErrorStatus, ServiceError, status_of
+
+__all__ = ["BUILTIN_STATUS", "ServiceError", "grpc_code", "status_for"]
 
 # Checked in order: the first matching class wins (KeyError is a LookupError; TimeoutError is an OSError).
 BUILTIN_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
@@ -19,27 +25,13 @@ BUILTIN_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 )
 
 
-class ServiceError(Exception):
-    """A domain failure with an explicit status. Subclass it, or set `grpc_status` on any exception class.
-
-    `retry_after_ms` (when set) travels as trailing metadata `retry-after-ms`, the hint RESOURCE_EXHAUSTED carries.
-    `error_code` (on any exception; e.g. "context_length_exceeded") travels as trailing metadata `error-code`: the
-    machine-readable reason a caller can act on, and the edge's OpenAI `code`.
-    """
-
-    grpc_status: grpc.StatusCode | str = grpc.StatusCode.FAILED_PRECONDITION
-    retry_after_ms: int | None = None
-
-    def __init__(self, message: str, *, status: grpc.StatusCode | str | None = None,
-                 retry_after_ms: int | None = None) -> None:
-        super().__init__(message)
-        if status is not None:
-            self.grpc_status = status
-        if retry_after_ms is not None:
-            self.retry_after_ms = retry_after_ms
+def grpc_code(status: ErrorStatus) -> grpc.StatusCode:
+    """The gRPC code a domain status becomes (members are named like gRPC's codes; a test checks every one)."""
+    return grpc.StatusCode[status.name]
 
 
-def _as_code(value: grpc.StatusCode | str) -> grpc.StatusCode:
+def _legacy_code(value: grpc.StatusCode | str) -> grpc.StatusCode:
+    # TRANSITIONAL: `grpc_status` on exceptions not yet converted to `status`.
     if isinstance(value, grpc.StatusCode):
         return value
     try:
@@ -80,9 +72,12 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
         code = grpc.StatusCode.INTERNAL if code in (None, grpc.StatusCode.UNKNOWN, grpc.StatusCode.OK) else code
         details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
         return code, details or code.name, tuple(trailing)
-    status = getattr(exc, "grpc_status", None)
+    status = status_of(exc)
     if status is not None:
-        return _as_code(status), _details(exc), tuple(trailing)
+        return grpc_code(status), _details(exc), tuple(trailing)
+    legacy = getattr(exc, "grpc_status", None)
+    if legacy is not None:
+        return _legacy_code(legacy), _details(exc), tuple(trailing)
     for cls, code in BUILTIN_STATUS:
         if isinstance(exc, cls):
             return code, _details(exc), tuple(trailing)

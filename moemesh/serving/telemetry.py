@@ -46,7 +46,8 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 # Per-layer calls: thousands per request. The expert aggregates them into one span per step and shard
 # (services/expert/step_spans.py); the router calls them on an untraced channel (services/router/step_trace.py).
-UNTRACED_METHODS: frozenset[str] = frozenset({"/moemesh.v1.Expert/Forward"})
+# Watch: a router's long-lived liveness stream of a shard (services/router/shard_watch.py): a span would last hours.
+UNTRACED_METHODS: frozenset[str] = frozenset({"/moemesh.v1.Expert/Forward", "/moemesh.v1.Expert/Watch"})
 _UNTRACED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 _state: dict[str, TracerProvider | str] = {}
 _lock = threading.Lock()

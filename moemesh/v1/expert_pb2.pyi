@@ -138,3 +138,17 @@ class JoinGroupResponse(_message.Message):
     ok: bool
     reason: str
     def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("interval_ms", "group_name")
+    INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
+    interval_ms: int
+    group_name: str
+    def __init__(self, interval_ms: _Optional[int] = ..., group_name: _Optional[str] = ...) -> None: ...
+
+class WatchBeat(_message.Message):
+    __slots__ = ("count",)
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    def __init__(self, count: _Optional[int] = ...) -> None: ...

@@ -55,6 +55,11 @@ class ExpertStub:
                 request_serializer=moemesh_dot_v1_dot_expert__pb2.JoinGroupRequest.SerializeToString,
                 response_deserializer=moemesh_dot_v1_dot_expert__pb2.JoinGroupResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/moemesh.v1.Expert/Watch',
+                request_serializer=moemesh_dot_v1_dot_expert__pb2.WatchRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_expert__pb2.WatchBeat.FromString,
+                _registered_method=True)
 
 
 class ExpertServicer:
@@ -99,6 +104,17 @@ class ExpertServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """Liveness of this shard for a router whose blocks travel on a process group (the data plane cannot tell a dead
+        or stalled NCCL peer from a slow one): the shard sends a beat every interval_ms until the router cancels the
+        call. The stream breaking (the process died) or a beat overdue (it stalled) makes the router abort the group and
+        fail the step. When the call ends, the shard ends its membership of group_name (aborting a stuck NCCL
+        communicator) unless a later JoinGroup already replaced it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +137,11 @@ def add_ExpertServicer_to_server(servicer, server):
                     servicer.JoinGroup,
                     request_deserializer=moemesh_dot_v1_dot_expert__pb2.JoinGroupRequest.FromString,
                     response_serializer=moemesh_dot_v1_dot_expert__pb2.JoinGroupResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=moemesh_dot_v1_dot_expert__pb2.WatchRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_expert__pb2.WatchBeat.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -232,6 +253,33 @@ class Expert:
             '/moemesh.v1.Expert/JoinGroup',
             moemesh_dot_v1_dot_expert__pb2.JoinGroupRequest.SerializeToString,
             moemesh_dot_v1_dot_expert__pb2.JoinGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moemesh.v1.Expert/Watch',
+            moemesh_dot_v1_dot_expert__pb2.WatchRequest.SerializeToString,
+            moemesh_dot_v1_dot_expert__pb2.WatchBeat.FromString,
             options,
             channel_credentials,
             insecure,

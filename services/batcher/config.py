@@ -10,6 +10,7 @@ its meaning and unit; services/batcher/policy.py explains the four modes.
 | max_queue_per_tenant  | 0          | most requests waiting per tenant (0: only max_queue)                     |
 | max_step_tokens       | 512        | continuous mode: most tokens per step, decodes + prefill chunks          |
 | kv_watermark          | 0.01       | fraction of KV blocks kept free when admitting, so running ones can grow |
+| prefix_hold           | 10         | seconds a request waits for a running one to write their shared prefix   |
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class BatcherConfig(ServiceConfig):
     max_queue_per_tenant: int = setting(0, "most requests waiting per tenant, in requests (0: only max_queue)")
     max_step_tokens: int = setting(512, "continuous mode: most tokens per step (decode tokens + prefill chunks)")
     kv_watermark: float = setting(0.01, "fraction (0-1) of KV blocks kept free when admitting a new sequence")
+    prefix_hold: float = setting(10.0, "seconds a waiting request may wait for a running sequence of its tenant to "
+                                 "write the prompt prefix they share, then hit it in the prefix cache instead of "
+                                 "computing it again (prefix_sharing.py); 0: never wait")
     retry_after_min_ms: float = setting(50.0, "smallest retry-after hint with RESOURCE_EXHAUSTED, in milliseconds")
     retry_after_max_ms: float = setting(30000.0, "largest retry-after hint with RESOURCE_EXHAUSTED, in milliseconds")
     step_timeout: float = setting(120.0, "seconds one Router.Step call may take before the step fails")
@@ -67,6 +71,9 @@ class BatcherConfig(ServiceConfig):
         for name in ("max_wait_ms", "max_queue_per_tenant"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{self.source(name)}: {getattr(self, name)!r} must be >= 0")
+        if not 0 <= self.prefix_hold < float("inf"):  # also refuses nan
+            raise ConfigError(f"{self.source('prefix_hold')}: {self.prefix_hold!r} must be >= 0 seconds "
+                              "(0: never wait)")
         if not 0 <= self.kv_watermark < 1:
             raise ConfigError(f"{self.source('kv_watermark')}: {self.kv_watermark!r} is not a fraction in [0, 1)")
         if not 0 < self.retry_after_min_ms <= self.retry_after_max_ms:
@@ -87,6 +94,7 @@ class BatcherConfig(ServiceConfig):
             max_queue_per_tenant=self.max_queue_per_tenant,
             max_step_tokens=self.max_step_tokens,
             kv_watermark=self.kv_watermark,
+            prefix_hold=self.prefix_hold,
             retry_after_min=self.retry_after_min_ms / 1000,
             retry_after_max=self.retry_after_max_ms / 1000,
         )

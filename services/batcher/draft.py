@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from services.batcher.kv_view import KvView
 from services.batcher.sequence import Sequence
-from services.batcher.step import WorkItem
+from services.batcher.step import SequenceWork
 
 
 @dataclass
@@ -16,7 +16,7 @@ class Draft:
     # Tokens of chunks expected to come from the prefix cache (their sequence's last chunk did), not charged to the
     # budget: if the cache misses after all, the step computes at most this much more than the budget.
     bonus: float = 0.0
-    items: list[WorkItem] = field(default_factory=list)
+    items: list[SequenceWork] = field(default_factory=list)
     planned: set[str] = field(default_factory=set)
     preempted: bool = False
 
@@ -34,7 +34,7 @@ class Draft:
             self.budget += extra
         kv.take(start, start + n)
         sample = start + n == seq.length
-        self.items.append(WorkItem(seq=seq, token_ids=seq.window(start, n), position=start, sample=sample))
+        self.items.append(SequenceWork(seq=seq, token_ids=seq.window(start, n), position=start, sample=sample))
         self.planned.add(seq.seq_id)
         self.budget -= n - free
         return n - free

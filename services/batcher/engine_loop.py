@@ -19,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence as Seq
 
+from moemesh.errors import ErrorStatus
 from services.batcher import metrics
 from services.batcher.backpressure import Backpressure, Limits
+from services.batcher.client_stream import ClientStream
 from services.batcher.kv_view import KvView
 from services.batcher.lookahead import drive
 from services.batcher.meters import BusyMeter
@@ -44,15 +45,8 @@ class RouterPort(Protocol):
 
 class RouterNotReady(Exception):
     """The router did not answer Info in time (UNAVAILABLE for the caller)."""
-    grpc_status = "UNAVAILABLE"
 
-
-@dataclass
-class _Stream:
-    arrival: float
-    queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
-    first_token_at: float | None = None
-    last_token_at: float | None = None
+    status = ErrorStatus.UNAVAILABLE
 
 
 class EngineLoop:
@@ -72,7 +66,7 @@ class EngineLoop:
         self.busy = BusyMeter(busy_window, clock)
         self.scheduler: Scheduler | None = None
         self.limits: RouterLimits | None = None
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, ClientStream] = {}
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -124,7 +118,7 @@ class EngineLoop:
         scheduler = await self.wait_ready()
         scheduler.add(seq)
         buffer = self.backpressure.buffer(lambda: self._resume(seq.seq_id))
-        stream = self._streams[seq.seq_id] = _Stream(arrival=seq.arrival, queue=buffer)
+        stream = self._streams[seq.seq_id] = ClientStream(arrival=seq.arrival, queue=buffer)
         metrics.PROMPT_TOKENS.inc(len(seq.prompt_ids))
         self._wake.set()
         return stream.queue
@@ -162,8 +156,9 @@ class EngineLoop:
                                self.policy.kv_watermark)
         self.limits = limits
         self.scheduler = Scheduler(self.policy, kv, limits.max_context, limits.eos_token_ids, self.clock)
-        log.info("router %s: model %s, context %d, %d KV blocks of %d tokens, eos %s", getattr(self.router, "address", ""),
-                 limits.model, limits.max_context, limits.kv_blocks_total, limits.kv_block_size, limits.eos_token_ids)
+        log.info("router %s: model %s, context %d, %d KV blocks of %d tokens, eos %s",
+                 getattr(self.router, "address", ""), limits.model, limits.max_context, limits.kv_blocks_total,
+                 limits.kv_block_size, limits.eos_token_ids)
         self._ready.set()
 
     async def _turn(self) -> None:
@@ -259,7 +254,7 @@ class EngineLoop:
             stream = self._streams.get(event.seq_id)
             if stream is None:
                 continue
-            self._observe(stream, event, now)
+            stream.observe(event, now)
             stream.queue.put_nowait(event)
             if event.finish is not None:
                 del self._streams[event.seq_id]
@@ -272,23 +267,6 @@ class EngineLoop:
         if self.scheduler is not None and seq_id in self._streams:
             self.scheduler.resume(seq_id)
             self._wake.set()
-
-
-    def _observe(self, stream: _Stream, event: Event, now: float) -> None:
-        if event.token_ids:
-            metrics.GENERATION_TOKENS.inc(len(event.token_ids))
-            if stream.first_token_at is None:
-                stream.first_token_at = now
-                metrics.TTFT.observe(now - stream.arrival)
-                metrics.QUEUE_TIME.observe(event.queue_seconds)
-            else:
-                metrics.ITL.observe(now - stream.last_token_at)
-            stream.last_token_at = now
-        if event.finish is not None:
-            if stream.first_token_at is None:
-                metrics.QUEUE_TIME.observe(event.queue_seconds)
-            metrics.E2E.observe(now - stream.arrival)
-            metrics.FINISHED.labels(event.finish.value).inc()
 
     def _update_gauges(self) -> None:
         s = self.scheduler

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
+from moemesh.runtime import types as runtime  # its SequenceWork/SequenceResult: the engine's side of ours
 from moemesh.runtime.prefix_cache import cache_salt
-from moemesh.runtime.types import CapacityError, SamplingParams, SeqWork
-from services.batcher.step import RouterFull, RouterLimits, SeqOutput, StepOutcome, StepPlan, WorkItem
+from moemesh.runtime.types import CapacityError, SamplingParams
+from services.batcher.step import RouterFull, RouterLimits, SequenceResult, SequenceWork, StepOutcome, StepPlan
 
 
 class LocalRouter:
@@ -41,16 +42,16 @@ class LocalRouter:
             raise RouterFull(str(exc), self.engine.blocks.free_blocks) from exc
         blocks = self.engine.blocks
         ids = blocks.take_dirty() | {w.seq_id for w in works}
-        outputs = [SeqOutput(r.seq_id, r.token_id, r.logprob, r.top_logprobs, r.cached_tokens,
-                             [(e.logprob, list(e.top)) for e in r.prompt_logprobs]) for r in results]
+        outputs = [SequenceResult(r.seq_id, r.token_id, r.logprob, r.top_logprobs, r.cached_tokens,
+                                  [(e.logprob, list(e.top)) for e in r.prompt_logprobs]) for r in results]
         return StepOutcome(outputs, 0.0, blocks.free_blocks, {i: blocks.own(i) for i in ids if i in blocks},
                            blocks.cached_blocks)
 
-    def _work(self, item: WorkItem) -> SeqWork:
+    def _work(self, item: SequenceWork) -> runtime.SequenceWork:
         seq = item.seq
         first = item.position == 0
         if item.follows:  # the engine feeds the token it sampled last (the batcher may not know it yet)
-            return SeqWork(seq.seq_id, [], item.position, sampling=None, follows=True)
-        return SeqWork(seq.seq_id, item.token_ids, item.position, sample=item.sample,
-                       sampling=self.sampling(seq) if first else None,
-                       salt=cache_salt(seq.tenant, seq.cache_salt) if first else "")
+            return runtime.SequenceWork(seq.seq_id, [], item.position, sampling=None, follows=True)
+        return runtime.SequenceWork(seq.seq_id, item.token_ids, item.position, sample=item.sample,
+                                    sampling=self.sampling(seq) if first else None,
+                                    salt=cache_salt(seq.tenant, seq.cache_salt) if first else "")

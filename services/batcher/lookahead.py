@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from services.batcher.scheduler import Scheduler
 from services.batcher.sequence import Sequence, Status
-from services.batcher.step import StepOutcome, StepPlan, WorkItem
+from services.batcher.step import SequenceWork, StepOutcome, StepPlan
 
 if TYPE_CHECKING:
     from services.batcher.engine_loop import EngineLoop
@@ -83,7 +83,7 @@ def plan_ahead(scheduler: Scheduler, prev: StepPlan, now: float) -> StepPlan | N
         return None
     if any(s.deadline is not None and s.deadline <= now for s in scheduler.running):
         return None  # the scheduler expires it
-    items = [WorkItem(seq=i.seq, token_ids=[], position=i.position + len(i.token_ids), sample=True, follows=True)
+    items = [SequenceWork(seq=i.seq, token_ids=[], position=i.position + len(i.token_ids), sample=True, follows=True)
              for i in prev.items if i.seq.seq_id in sampled and not _ends_after_next(i.seq, scheduler.max_context)]
     kv = scheduler.kv
     if not items or sum(kv.extra(i.position, i.position + 1) for i in items) > kv.free:

@@ -19,7 +19,7 @@ from opentelemetry import trace
 
 from moemesh.serving.telemetry import client_channel, tracer
 from moemesh.v1 import router_pb2, router_pb2_grpc
-from services.batcher.step import RouterFull, RouterLimits, SeqOutput, StepOutcome, StepPlan, WorkItem
+from services.batcher.step import RouterFull, RouterLimits, SequenceResult, SequenceWork, StepOutcome, StepPlan
 
 _MAX_LINKS = 64
 
@@ -61,15 +61,9 @@ class RouterClient:
                 if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
                 raise RouterFull(exc.details() or "KV cache full", await self._free_blocks()) from exc
-        outputs = [
-            SeqOutput(seq_id=o.seq_id, token_id=o.token_id if o.HasField("token_id") else None, logprob=o.logprob,
-                      top_logprobs=[(t.token_id, t.logprob) for t in o.top_logprobs], cached_tokens=o.cached_tokens,
-                      prompt_logprobs=[(p.logprob if p.HasField("logprob") else None,
-                                        [(t.token_id, t.logprob) for t in p.top_logprobs]) for p in o.prompt_logprobs])
-            for o in r.results
-        ]
-        return StepOutcome(outputs=outputs, compute_seconds=r.compute_seconds, kv_blocks_free=r.kv_blocks_free,
-                           kv_blocks_own=dict(r.kv_blocks_own), kv_blocks_cached=r.kv_blocks_cached)
+        return StepOutcome(outputs=[_result(o) for o in r.results], compute_seconds=r.compute_seconds,
+                           kv_blocks_free=r.kv_blocks_free, kv_blocks_own=dict(r.kv_blocks_own),
+                           kv_blocks_cached=r.kv_blocks_cached)
 
     def _timeout(self, plan: StepPlan) -> float:
         """The step's gRPC deadline: step_timeout, or sooner when every sequence in it has a deadline (the latest
@@ -89,7 +83,7 @@ class RouterClient:
         await self._channel.close()
 
 
-def _work(item: WorkItem) -> router_pb2.SequenceWork:
+def _work(item: SequenceWork) -> router_pb2.SequenceWork:
     """Sampling parameters, tenant and cache salt travel once per sequence: with its first work (position 0, also
     when it restarts after a preemption); the router keeps them."""
     if item.follows:  # the router feeds its own last sampled token (the batcher may not know it yet)
@@ -102,6 +96,14 @@ def _work(item: WorkItem) -> router_pb2.SequenceWork:
             work.sampling.CopyFrom(seq.sampling)
         work.tenant, work.cache_salt = seq.tenant, seq.cache_salt
     return work
+
+
+def _result(o: router_pb2.SequenceResult) -> SequenceResult:
+    return SequenceResult(
+        seq_id=o.seq_id, token_id=o.token_id if o.HasField("token_id") else None, logprob=o.logprob,
+        top_logprobs=[(t.token_id, t.logprob) for t in o.top_logprobs], cached_tokens=o.cached_tokens,
+        prompt_logprobs=[(p.logprob if p.HasField("logprob") else None,
+                          [(t.token_id, t.logprob) for t in p.top_logprobs]) for p in o.prompt_logprobs])
 
 
 def _trace_parent(plan: StepPlan):

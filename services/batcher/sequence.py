@@ -63,7 +63,7 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens the router served from its prefix cache (first computation)
     cache_streak: bool = False  # its last prefill chunk came wholly from the prefix cache
     finish: Finish | None = None
-    prompt_scores: list | None = None  # prompt logprobs gathered over the prefill chunks (SeqOutput.prompt_logprobs)
+    prompt_scores: list | None = None  # prompt logprobs gathered over prefill chunks (SequenceResult.prompt_logprobs)
     prompt_scores_sent: bool = False  # delivered with the first token: a recompute's repeats are dropped
     serial: int = field(default_factory=lambda: next(_serial))  # tie-break: earlier submissions first
 

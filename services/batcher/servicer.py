@@ -15,7 +15,7 @@ import time
 import grpc
 from opentelemetry import baggage, context as otel_context, trace
 
-from moemesh.serving.errors import ServiceError
+from moemesh.errors import ErrorStatus, ServiceError
 from moemesh.serving.telemetry import REQUEST_ID_KEY
 from moemesh.v1 import batcher_pb2, batcher_pb2_grpc, common_pb2
 from services.batcher import metrics
@@ -108,7 +108,7 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
             return await self._loop.submit(seq)
         except QueueFull as exc:
             metrics.REJECTED.labels("queue_full").inc()
-            raise ServiceError(str(exc), status=grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise ServiceError(str(exc), status=ErrorStatus.RESOURCE_EXHAUSTED,
                                retry_after_ms=math.ceil(exc.retry_after * 1000)) from None
         except InvalidRequest:
             metrics.REJECTED.labels("invalid").inc()
@@ -131,9 +131,9 @@ def _raise_if_failed_early(event: Event) -> None:
     """Endings before any token are errors of the call, not a completion."""
     if event.finish is Finish.DEADLINE:
         raise ServiceError(f"deadline passed after {event.queue_seconds:.3f} s in the queue",
-                           status=grpc.StatusCode.DEADLINE_EXCEEDED)
+                           status=ErrorStatus.DEADLINE_EXCEEDED)
     if event.finish is Finish.ERROR:
-        raise ServiceError(event.detail or "the router failed", status=grpc.StatusCode.UNAVAILABLE)
+        raise ServiceError(event.detail or "the router failed", status=ErrorStatus.UNAVAILABLE)
 
 
 def add_to_server(servicer: BatcherServicer, server: grpc.aio.Server) -> list[str]:

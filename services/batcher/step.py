@@ -8,7 +8,7 @@ from services.batcher.sequence import Finish, Sequence
 
 
 @dataclass
-class WorkItem:
+class SequenceWork:
     """One sequence's share of a step: tokens[position : position + len(token_ids)]."""
 
     seq: Sequence
@@ -23,7 +23,7 @@ class WorkItem:
 @dataclass
 class StepPlan:
     step_id: int
-    items: list[WorkItem]
+    items: list[SequenceWork]
     release: list[str] = field(default_factory=list)  # sequences the router drops before this step's work
 
     @property
@@ -32,7 +32,7 @@ class StepPlan:
 
 
 @dataclass
-class SeqOutput:
+class SequenceResult:
     """The router's answer for one work item."""
 
     seq_id: str
@@ -46,7 +46,7 @@ class SeqOutput:
 
 @dataclass
 class StepOutcome:
-    outputs: list[SeqOutput]
+    outputs: list[SequenceResult]
     compute_seconds: float  # time inside the router
     kv_blocks_free: int  # idle cached blocks included (evicted on demand)
     kv_blocks_own: dict[str, int] = field(default_factory=dict)  # blocks only that sequence holds (changed ones)
@@ -69,7 +69,7 @@ class Event:
     preemptions: int = 0
     cached_tokens: int = 0  # prompt tokens served from the router's prefix cache
     detail: str = ""  # why the sequence ended, in words (errors, deadlines)
-    prompt_logprobs: list = field(default_factory=list)  # every prompt token's (see SeqOutput), first token's event
+    prompt_logprobs: list = field(default_factory=list)  # every prompt token's (SequenceResult), first token's event
 
 
 @dataclass

@@ -151,6 +151,14 @@ class Member:
     def close(self) -> None:
         self._stop.set()
 
+    def abort(self) -> None:
+        """Ends the membership: NCCL kernels still waiting for a router that is gone are aborted (they would spin
+        on the GPU forever). gloo is only marked ended: its abort would not wake the serving thread's receive, which
+        the router closing its sockets (or dying) fails anyway."""
+        self.close()
+        if self.spec.backend == "nccl":
+            dist_wire.abort(self._group)
+
 
 class DistServer:
     """The shard's memberships; join() is called from the JoinGroup RPC (off the event loop: it blocks)."""
@@ -197,6 +205,14 @@ class DistServer:
         log.info("joined %s group %s as rank %d of %d (rendezvous %s)", spec.backend, spec.group_name, spec.rank,
                  spec.world_size, spec.store_address)
         return None
+
+    def watch_ended(self, group_name: str) -> None:
+        """The router's Watch of group_name ended (it dropped the group, or died): that membership ends too.
+        Aborted on a thread of its own: the caller is the event loop, and an NCCL abort may take a while."""
+        for member in self._members:
+            if member.spec.group_name == group_name and member.alive:
+                log.info("%s group %s: the router's watch ended; leaving the group", member.spec.backend, group_name)
+                threading.Thread(target=member.abort, name=f"dist-abort-{group_name}", daemon=True).start()
 
     def close(self) -> None:
         for member in self._members:

@@ -122,6 +122,18 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         reason = await asyncio.to_thread(self._dist.join, spec)  # blocks until every rank connected
         return expert_pb2.JoinGroupResponse(ok=reason is None, reason=reason or "")
 
+    async def Watch(self, request: expert_pb2.WatchRequest, context: grpc.aio.ServicerContext):
+        # Beats from the event loop, not the compute thread: a long block on a live shard still beats.
+        interval, count = max(request.interval_ms, 10) / 1000, 0
+        try:
+            while True:
+                count += 1
+                yield expert_pb2.WatchBeat(count=count)
+                await asyncio.sleep(interval)
+        finally:  # the router cancelled (it dropped the group) or is gone: leave that group
+            if request.group_name:
+                self._dist.watch_ended(request.group_name)
+
     def _attach_cuda_ipc(self, request: expert_pb2.AttachRequest) -> str | None:
         ident, shard = self._identity, self._shard
         reason = cuda_ipc_server.refusal(request, ident.device, ident.dtype, shard.hidden_size,

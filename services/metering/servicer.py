@@ -8,7 +8,7 @@ import functools
 import grpc
 import redis.exceptions
 
-from moemesh.serving.errors import ServiceError
+from moemesh.errors import ErrorStatus, ServiceError
 from moemesh.v1 import metering_pb2 as pb
 from moemesh.v1 import metering_pb2_grpc
 from services.metering import metrics
@@ -30,7 +30,7 @@ def _redis_unavailable(handler):
         try:
             return await handler(self, request, context)
         except _REDIS_DOWN as exc:
-            raise ServiceError(f"metering cannot reach Redis: {exc}", status=grpc.StatusCode.UNAVAILABLE) from exc
+            raise ServiceError(f"metering cannot reach Redis: {exc}", status=ErrorStatus.UNAVAILABLE) from exc
 
     return wrapped
 
@@ -140,7 +140,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServicer):
             await self.tenants.get(request.tenant)
             report = await build_report(self.meter.redis, request.tenant, *_period(request), with_rows=True)
         except _REDIS_DOWN as exc:
-            raise ServiceError(f"metering cannot reach Redis: {exc}", status=grpc.StatusCode.UNAVAILABLE) from exc
+            raise ServiceError(f"metering cannot reach Redis: {exc}", status=ErrorStatus.UNAVAILABLE) from exc
         for row in report.rows:
             rec = pb.UsageRecord(
                 ledger_id=row["ledger_id"], at_unix=row["at_unix"], request_id=row["request_id"],

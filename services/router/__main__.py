@@ -24,7 +24,7 @@ from services.router.config import RouterConfig
 from services.router.engine_worker import EngineWorker
 from services.router.expert_client import GrpcShardClient
 from services.router.placement import Placement, PlacementError, ReplicaSplit, check_file, check_same_model
-from services.router import cuda_ipc_dispatch
+from services.router import cuda_ipc_dispatch, pingpong
 from services.router.link_choice import is_local
 from services.router.shm_dispatch import ShmDispatch
 from services.router.servicer import RouterServicer, add_to_server
@@ -47,6 +47,7 @@ class RouterProcess:
         self.worker.shutdown()
         if self.dispatch is not None:
             self.dispatch.close()
+        pingpong.close(self.engine.micro)
         for client in self.clients:
             client.close()
 
@@ -118,6 +119,7 @@ def build_router(config: RouterConfig) -> RouterProcess:
             max_context=config.max_context, model_name=config.model, load_format=config.load_format,
             quantization=config.quantization, backend=config.backend, prefix_cache=config.prefix_cache,
         )
+        engine.micro = pingpong.start(config, spec, clients, dispatch)  # second links (before serving)
     except BaseException:
         worker.shutdown()
         if dispatch is not None:

@@ -55,10 +55,14 @@ class RouterConfig(ServiceConfig):
                              "(default: this machine's address on the route to each shard)")
     join_timeout: float = setting(10.0, "seconds a torch.distributed group may take to form (a shard that cannot "
                                   "reach the rendezvous fails start-up after this, naming it)")
-    stall_timeout: float = setting(1.0, "seconds without a heartbeat from a shared-memory shard before its step "
-                                   "fails (a long step on a live shard keeps beating)")
+    stall_timeout: float = setting(1.0, "seconds without a heartbeat from a shared-memory or process-group shard "
+                                   "(data-plane heartbeats, or its Expert/Watch beats) before its step fails (a long "
+                                   "step on a live shard keeps beating)")
     seq_lease: float = setting(30.0, "seconds after which the KV cache of a sequence no batcher stepped is freed "
                                "(a dead batcher's sequences)")
+    pingpong_min_seqs: int = setting(-1, "steps of at least this many sequences split into two micro-batches whose "
+                                     "router work and shard expert work overlap (ping-pong; remote shards over shm, "
+                                     "grpc or cuda_ipc only); 0: off; -1: 8 on CPU, off on CUDA")
     prefix_cache: bool = setting(True, "share the KV blocks of equal prompt prefixes between sequences of one tenant "
                                  "(and cache_salt); idle cached blocks are evicted least recently used")
 
@@ -81,5 +85,7 @@ class RouterConfig(ServiceConfig):
         for name in ("expert_timeout", "connect_timeout", "stall_timeout", "seq_lease", "join_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{self.source(name)}: {getattr(self, name)!r} must be > 0 seconds")
+        if self.pingpong_min_seqs < -1:
+            raise ConfigError(f"{self.source('pingpong_min_seqs')}: {self.pingpong_min_seqs!r} must be >= -1")
         if self.compute_threads < 0:
             raise ConfigError(f"{self.source('compute_threads')}: {self.compute_threads!r} must be >= 0")

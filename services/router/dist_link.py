@@ -7,6 +7,12 @@ posts the request sends and the reply receives, wait blocks on the receives. Any
 sockets: the receive fails at once; a silent one misses its heartbeat for stall_timeout) marks the group broken, so
 every link of it reports down and the step fails; the group object is dropped once no operation is pending (at the
 next form or close) and begin_step re-forms it, with new JoinGroup calls, when the shards answer again.
+
+Every formation also keeps one Expert/Watch stream per shard (services/router/shard_watch.py). NCCL, which sees
+neither a dead nor a stopped peer, waits by polling and fails the step as soon as the watch names a lost shard (its
+stream broke: at once; no beat for stall_timeout: stalled), then aborts the group (ncclCommAbort) so no kernel is
+left waiting; a live shard's long block keeps beating and only call_timeout bounds it. gloo needs no polling (its
+heartbeats and closed sockets say as much, and its point-to-point works complete only inside a blocking wait).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch.distributed as dist
 from moemesh.serving import dist_wire
 from moemesh.v1 import expert_pb2
 from services.router.expert_client import ExpertCallError, GrpcShardClient
+from services.router.shard_watch import GroupWatch
 from services.router.shm_link import AttachRefused
 
 log = logging.getLogger("services.router.dist")
@@ -39,9 +46,13 @@ class DistGroup:
         self.device = torch.device(device if backend == "nccl" else "cpu")  # gloo moves CPU tensors only
         self.join_timeout, self.stall_timeout, self.call_timeout = join_timeout, stall_timeout, call_timeout
         self.advertise = advertise  # the rendezvous host the shards are told ("": our address on the route to each)
+        # Wait by polling works and the watch (NCCL), or block on them (gloo: its works complete only in a wait)
+        self.polled = backend == "nccl"
         self.links = [DistLink(self, client, rank) for rank, client in enumerate(clients, start=1)]
         self.group = None
         self.broken = False
+        self.aborted = ""  # why the group was aborted mid-step (NCCL), "" while it was not
+        self.watch: GroupWatch | None = None  # the shards' liveness while formed
         self._store: dist.TCPStore | None = None
         self._generation = 0
 
@@ -69,7 +80,8 @@ class DistGroup:
         if group is None:
             raise ExpertCallError(self.links[0].address, -1, grpc.StatusCode.UNAVAILABLE,
                                   f"{self.backend} group {name} not formed: {failure}")
-        self.group, self._store, self.broken = group, store, False
+        self.group, self._store, self.broken, self.aborted = group, store, False, ""
+        self.watch = GroupWatch([link.client for link in self.links], name, self.stall_timeout)
         log.info("%s group %s formed: router (rank 0) + %s", self.backend, name,
                  ", ".join(f"{link.address} (rank {link.rank})" for link in self.links))
 
@@ -77,8 +89,26 @@ class DistGroup:
         """Drops the group (its peers see their connections close and end their memberships)."""
         for link in self.links:
             link.forget()
+        if self.watch is not None:
+            self.watch.close()  # the shards leave this formation when their Watch ends
         dist_wire.abort(self.group)
-        self.group, self._store, self.broken = None, None, False
+        self.group, self._store, self.broken, self.aborted, self.watch = None, None, False, "", None
+
+    def fault(self) -> str | None:
+        """Why the group cannot complete the pending step (aborted, or a shard lost by the watch), or None."""
+        if self.aborted:
+            return self.aborted
+        lost = self.watch.verdict() if self.watch is not None else None
+        return None if lost is None else f"expert shard {lost[0]} {lost[1]}"
+
+    def abort_now(self, why: str) -> None:
+        """NCCL: aborts the communicators with works pending, so that every kernel of the step ends (each link's
+        polled wait then fails with `why`); the watches close, so the shards leave the group too."""
+        if not self.aborted:
+            self.aborted, self.broken = why, True
+            if self.watch is not None:
+                self.watch.close()
+            dist_wire.abort(self.group)
 
 
 class DistLink:
@@ -155,25 +185,15 @@ class DistLink:
     def wait(self, seq: int, layer: int, tokens: int) -> torch.Tensor:
         """Blocks until the shard's reply to `seq`; returns the output rows [T, H] (a view: use before next start)."""
         pending, owner = self._pending, self.owner
-        deadline = time.monotonic() + owner.call_timeout
-        beat_s = owner.stall_timeout if owner.backend == "gloo" else owner.call_timeout
         try:
-            # A gloo send completes once the shard posted its receive, which a live shard does at once.
-            dist_wire.wait(pending["send_head"], beat_s)
-            dist_wire.wait(pending["send_body"], beat_s)
-            if "send_context" in pending:
-                dist_wire.wait(pending["send_context"], beat_s)
-            while True:
-                dist_wire.wait(pending["recv"], min(beat_s, max(deadline - time.monotonic(), 0.01)))
-                head, out = dist_wire.reply_views(pending["reply"], tokens, owner.hidden_size, owner.torch_dtype)
-                kind, got_seq, _, _, status, text_len = head[:6].tolist()
-                if kind != dist_wire.BEAT:
-                    break
-                if time.monotonic() > deadline:  # a live shard, but slower than call_timeout
-                    raise RuntimeError(f"no reply within {owner.call_timeout} s")
-                pending["recv"] = owner.group.recv([pending["reply"]], self.rank, dist_wire.REPLY)
+            if owner.polled:
+                self._wait_polled(pending)
+            else:
+                self._wait_gloo(pending, tokens)
+            head, out = dist_wire.reply_views(pending["reply"], tokens, owner.hidden_size, owner.torch_dtype)
+            kind, got_seq, _, _, status, text_len = head[:6].tolist()
         except RuntimeError as exc:
-            self._fail(layer, _describe(exc, beat_s))
+            self._fail(layer, _describe(exc, owner.stall_timeout))
         finally:
             self._pending = {}
         if kind != dist_wire.REPLY or got_seq != seq:
@@ -182,6 +202,43 @@ class DistLink:
             text = bytes(out.reshape(-1).view(torch.uint8)[:text_len].cpu().tolist()).decode(errors="replace")
             raise ExpertCallError(self.address, layer, grpc.StatusCode.FAILED_PRECONDITION, text)
         return out
+
+    def _wait_gloo(self, pending: dict, tokens: int) -> None:
+        """Blocking waits: a dead shard's closed sockets fail them at once, a silent one misses its heartbeat."""
+        owner = self.owner
+        deadline, beat_s = time.monotonic() + owner.call_timeout, owner.stall_timeout
+        # A gloo send completes once the shard posted its receive, which a live shard does at once.
+        for key in ("send_head", "send_body", "send_context"):
+            if key in pending:
+                dist_wire.wait(pending[key], beat_s)
+        while True:
+            dist_wire.wait(pending["recv"], min(beat_s, max(deadline - time.monotonic(), 0.01)))
+            head, _ = dist_wire.reply_views(pending["reply"], tokens, owner.hidden_size, owner.torch_dtype)
+            if int(head[0]) != dist_wire.BEAT:
+                return
+            if time.monotonic() > deadline:  # a live shard, but slower than call_timeout
+                raise RuntimeError(f"no reply within {owner.call_timeout} s")
+            pending["recv"] = owner.group.recv([pending["reply"]], self.rank, dist_wire.REPLY)
+
+    def _wait_polled(self, pending: dict) -> None:
+        """NCCL: polls every work, failing (and aborting the group) once the watch names a lost shard."""
+        owner = self.owner
+        deadline = time.monotonic() + owner.call_timeout
+
+        def fault() -> str | None:
+            if time.monotonic() > deadline:  # the watch says every shard lives: a block slower than call_timeout
+                return f"no reply within {owner.call_timeout} s"
+            return owner.fault()
+
+        try:
+            for key in ("send_head", "send_body", "send_context", "recv"):
+                if key in pending:
+                    dist_wire.wait_polled(pending[key], fault)
+        except RuntimeError as exc:
+            owner.abort_now(str(exc))
+            raise
+        if owner.aborted:  # another link's failure aborted the group: this reply is not trustworthy
+            raise RuntimeError(owner.aborted)
 
     def _grow_request(self, nbytes: int) -> torch.Tensor:
         if self._request.numel() < nbytes:

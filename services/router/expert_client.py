@@ -87,6 +87,10 @@ class GrpcShardClient:
         """Expert/JoinGroup as a future (services/router/dist_link.py: every shard joins while rank 0 waits)."""
         return self._stub.JoinGroup.future(request, timeout=timeout)
 
+    def watch(self, request: expert_pb2.WatchRequest):
+        """Expert/Watch: the shard's liveness beats as a stream, until cancel() (services/router/shard_watch.py)."""
+        return self._stub.Watch(request)
+
     def info_now(self, timeout: float) -> expert_pb2.ExpertInfo:
         """Info without waiting for the shard to come up (re-attach after a fault); raises grpc.RpcError."""
         return self._stub.Info(expert_pb2.ExpertInfoRequest(), timeout=timeout)

@@ -41,7 +41,7 @@ def test_tiny_moe_with_all_experts_on_is_the_concatenated_dense_llama(tmp_path: 
     from transformers import LlamaForCausalLM
 
     from moemesh.builtin.tiny import DENSE_ARCH, make_tiny_model
-    from moemesh.runtime.types import SeqWork
+    from moemesh.runtime.types import SequenceWork
 
     moe = make_tiny_model(tmp_path / "moe", top_k=4, router_weighting="unit", tokenizer_from=tiny_moe_dir)
     dense = make_tiny_model(tmp_path / "dense", arch=DENSE_ARCH, tokenizer_from=tiny_moe_dir)
@@ -56,6 +56,6 @@ def test_tiny_moe_with_all_experts_on_is_the_concatenated_dense_llama(tmp_path: 
 
     ids = ChatTokenizer.load(moe).encode("The capital of France is")
     engine = Engine.load(moe, kv_blocks=4)
-    _, logits = engine.step_with_logits([SeqWork("s", ids, 0)])
+    _, logits = engine.step_with_logits([SequenceWork("s", ids, 0)])
     ref = LlamaForCausalLM.from_pretrained(dense, dtype=torch.float32)(torch.tensor([ids])).logits[0, -1]
     assert torch.allclose(logits[0], ref, atol=1e-4)

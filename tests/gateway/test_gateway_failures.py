@@ -9,13 +9,14 @@ import time
 import grpc
 import pytest
 
+from moemesh.errors import ErrorStatus
 from moemesh.serving import ServiceError
 
 from gateway_harness import AUTH, request
 
 
 async def test_batcher_refusal_before_first_chunk_is_a_real_status_with_retry_hint(mesh) -> None:
-    mesh.script("x", refuse=ServiceError("queue full", status="RESOURCE_EXHAUSTED", retry_after_ms=250))
+    mesh.script("x", refuse=ServiceError("queue full", status=ErrorStatus.RESOURCE_EXHAUSTED, retry_after_ms=250))
     call = mesh.chat.StreamChatCompletion(request(), metadata=AUTH)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         [c async for c in call]

@@ -12,7 +12,7 @@ from moemesh.runtime.checkpoint import Checkpoint
 from moemesh.runtime.dummy import DummyCheckpoint, tensor_shapes
 from moemesh.runtime.engine import Engine
 from moemesh.runtime.spec import load_spec
-from moemesh.runtime.types import SeqWork
+from moemesh.runtime.types import SequenceWork
 
 import hf_tiny
 
@@ -24,7 +24,7 @@ def test_dummy_engine_runs_and_matches_real_shapes(tiny_hf, tmp_path, arch):
     config_only.mkdir()
     shutil.copy(real_dir / "config.json", config_only / "config.json")  # no weights at all
     engine = Engine.load(config_only, load_format="dummy", kv_blocks=8, block_size=4)
-    results, logits = engine.step_with_logits([SeqWork("a", [3, 4, 5], 0)])
+    results, logits = engine.step_with_logits([SequenceWork("a", [3, 4, 5], 0)])
     assert torch.isfinite(logits).all() and results[0].token_id is not None
     spec = load_spec(config_only)
     with Checkpoint(real_dir) as real:

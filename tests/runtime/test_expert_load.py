@@ -10,7 +10,7 @@ import torch
 from moemesh.runtime.backbone import MoeBlock
 from moemesh.runtime.engine import Engine
 from moemesh.runtime.expert_load import ExpertLoad
-from moemesh.runtime.types import SeqWork
+from moemesh.runtime.types import SequenceWork
 
 PROMPT = [1, 9690, 314, 253, 1345, 30, 2045, 28, 198, 4161, 2]
 
@@ -28,8 +28,8 @@ def test_counts_equal_the_gates_choices_over_prefill_and_decode(tiny_moe_dir):
 
     for block in (m for m in engine.backbone.modules() if isinstance(m, MoeBlock)):
         block.gate.register_forward_hook(remember(block))
-    token = engine.step([SeqWork("a", PROMPT, 0), SeqWork("b", PROMPT[:4], 0)])[0].token_id
-    engine.step([SeqWork("a", [token], len(PROMPT))])
+    token = engine.step([SequenceWork("a", PROMPT, 0), SequenceWork("b", PROMPT[:4], 0)])[0].token_id
+    engine.step([SequenceWork("a", [token], len(PROMPT))])
     counts = load.snapshot()
     assert sorted(counts) == [0, 1]  # the tiny MoE's two MoE layers
     assert counts == {layer: [chosen[(layer, e)] for e in range(4)] for layer in (0, 1)}

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from moemesh.runtime.generate import IncrementalText, generate
 from moemesh.runtime.sampling import Sampler, SeqSampleState
-from moemesh.runtime.types import CapacityError, EngineInfo, SamplingParams, SeqResult, SequenceStateError
+from moemesh.runtime.types import CapacityError, EngineInfo, SamplingParams, SequenceResult, SequenceStateError
 
 
 class HistoryEngine:
@@ -47,8 +47,9 @@ class HistoryEngine:
             torch.stack(logits) if logits else torch.zeros(0, self.info.vocab_size),
             [w.sampling for w in sampled], [self.seqs[w.seq_id][1] for w in sampled],
         )
-        by_id = {w.seq_id: SeqResult(w.seq_id, o.token_id, o.logprob, o.top_logprobs) for w, o in zip(sampled, outs)}
-        return [by_id.get(w.seq_id, SeqResult(w.seq_id, None)) for w in work]
+        by_id = {w.seq_id: SequenceResult(w.seq_id, o.token_id, o.logprob, o.top_logprobs)
+                 for w, o in zip(sampled, outs)}
+        return [by_id.get(w.seq_id, SequenceResult(w.seq_id, None)) for w in work]
 
     def release(self, seq_ids):
         for seq_id in seq_ids:

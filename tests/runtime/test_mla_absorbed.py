@@ -12,7 +12,7 @@ from moemesh.runtime.engine import Engine
 from moemesh.runtime.kv_cache import KVCache
 from moemesh.runtime.mla_absorbed import (absorb_query, absorbed_weights, expand_output,
                                           paged_latent_attention_ref)
-from moemesh.runtime.types import SamplingParams, SeqWork
+from moemesh.runtime.types import SamplingParams, SequenceWork
 
 BLOCK, BLOCKS = 4, 24
 
@@ -65,7 +65,7 @@ def test_absorbed_decode_matches_expanded_engine(tiny_hf, arch):
     plain, paged = _engines(path)
     g = torch.Generator().manual_seed(5)
     prompts = {s: torch.randint(3, 256, (n,), generator=g).tolist() for s, n in (("p", 3), ("q", 11), ("r", 6))}
-    works = [SeqWork(s, p, 0, SamplingParams(temperature=0.0)) for s, p in prompts.items()]
+    works = [SequenceWork(s, p, 0, SamplingParams(temperature=0.0)) for s, p in prompts.items()]
     generated: dict[str, list[int]] = {s: [] for s in prompts}
     for step in range(8):  # crosses block boundaries (blocks of 4 tokens)
         (want, want_logits), (got, got_logits) = plain.step_with_logits(works), paged.step_with_logits(works)
@@ -73,5 +73,5 @@ def test_absorbed_decode_matches_expanded_engine(tiny_hf, arch):
         torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=0, msg=f"step {step}")
         for r in want:
             generated[r.seq_id].append(r.token_id)
-        works = [SeqWork(s, [generated[s][-1]], len(prompts[s]) + len(generated[s]) - 1) for s in prompts]
+        works = [SequenceWork(s, [generated[s][-1]], len(prompts[s]) + len(generated[s]) - 1) for s in prompts]
     assert paged.decode.takes(works) and len(generated["q"]) == 8

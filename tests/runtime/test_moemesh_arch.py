@@ -16,7 +16,7 @@ from moemesh.runtime.engine import Engine
 from moemesh.runtime.experts import ExpertBank
 from moemesh.runtime.gate import Gate
 from moemesh.runtime.spec import MoeSpec, load_spec
-from moemesh.runtime.types import SeqWork
+from moemesh.runtime.types import SequenceWork
 
 EXPERTS, SHARED = 4, 16  # llama tiny FFN: 96 neurons = 16 shared + 4 x 20
 
@@ -59,7 +59,7 @@ def test_all_experts_unit_weighting_is_the_dense_llama(tiny_hf, tmp_path):
     prompt = list(range(3, 30))
     expected = hf_tiny.reference_logits(ref, prompt)
     torch.testing.assert_close(engine.forward_logits([prompt])[0], expected, atol=1e-4, rtol=0)
-    _, logits = engine.step_with_logits([SeqWork("a", prompt[:20], 0), SeqWork("b", prompt[:5], 0)])
+    _, logits = engine.step_with_logits([SequenceWork("a", prompt[:20], 0), SequenceWork("b", prompt[:5], 0)])
     torch.testing.assert_close(logits, expected[[19, 4]], atol=1e-4, rtol=0)
 
 

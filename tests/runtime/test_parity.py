@@ -13,7 +13,7 @@ from moemesh.runtime.dispatch import SumDispatch
 from moemesh.runtime.engine import Engine
 from moemesh.runtime.experts import ExpertBank, shard_experts
 from moemesh.runtime.spec import load_spec
-from moemesh.runtime.types import SamplingParams, SeqWork
+from moemesh.runtime.types import SamplingParams, SequenceWork
 
 TOL = 1e-4
 MOE_ARCHS = [a for a in hf_tiny.ARCHS if a != "llama"]
@@ -65,7 +65,7 @@ def test_ragged_steps_through_kv_cache_match_transformers(tiny_hf, arch, sharded
     seqs = {s: _tokens(n, seed=100 + i) for i, (s, n) in enumerate(LENGTHS.items())}
     expected = {s: hf_tiny.reference_logits(ref, toks) for s, toks in seqs.items()}
     for step in SCHEDULE:
-        works = [SeqWork(s, seqs[s][a:b], a, sample=sample) for s, a, b, sample in step]
+        works = [SequenceWork(s, seqs[s][a:b], a, sample=sample) for s, a, b, sample in step]
         results, logits = engine.step_with_logits(works)
         rows = [(s, b) for s, a, b, sample in step if sample]
         assert len(rows) == logits.shape[0]
@@ -83,10 +83,10 @@ def test_greedy_generation_matches_transformers(tiny_hf, arch):
     engine = _engine(path, kv_blocks=32)
     prompts = {"p": _tokens(3, seed=7), "q": _tokens(11, seed=8)}
     generated: dict[str, list[int]] = {s: [] for s in prompts}
-    works = [SeqWork(s, p, 0, SamplingParams(temperature=0.0)) for s, p in prompts.items()]
+    works = [SequenceWork(s, p, 0, SamplingParams(temperature=0.0)) for s, p in prompts.items()]
     for _ in range(32):
         for r in engine.step(works):
             generated[r.seq_id].append(r.token_id)
-        works = [SeqWork(s, [generated[s][-1]], len(prompts[s]) + len(generated[s]) - 1) for s in prompts]
+        works = [SequenceWork(s, [generated[s][-1]], len(prompts[s]) + len(generated[s]) - 1) for s in prompts]
     for s, prompt in prompts.items():
         assert generated[s] == hf_tiny.reference_greedy(ref, prompt, 32), s

@@ -9,13 +9,13 @@ import torch
 from hf_tiny import ARCHS
 from moemesh.runtime.block_manager import BlockManager
 from moemesh.runtime.engine import Engine
-from moemesh.runtime.types import CapacityError, SeqWork
+from moemesh.runtime.types import CapacityError, SequenceWork
 
 PREFIX = [5, 9, 2, 7, 1, 3, 8, 4, 6, 2, 9, 5]  # 3 blocks of 4
 
 
 def _prefill(engine: Engine, seq_id: str, tokens: list[int], salt: str = "t1"):
-    (result,), logits = engine.step_with_logits([SeqWork(seq_id, tokens, 0, salt=salt)])
+    (result,), logits = engine.step_with_logits([SequenceWork(seq_id, tokens, 0, salt=salt)])
     return result, logits[0]
 
 
@@ -33,7 +33,7 @@ def test_hit_gives_the_logits_of_a_full_computation(tiny_hf, arch):
     assert result.token_id == hit_token
     torch.testing.assert_close(hit_logits, logits, atol=1e-4, rtol=1e-4)
     # decoding on top of the shared blocks stays identical too
-    steps = [e.step([SeqWork("b", [hit_token], 15, sampling=None)])[0].token_id for e in (cached, plain)]
+    steps = [e.step([SequenceWork("b", [hit_token], 15, sampling=None)])[0].token_id for e in (cached, plain)]
     assert steps[0] == steps[1]
 
 
@@ -52,7 +52,7 @@ def test_whole_prompt_hit_recomputes_the_last_token(tiny_hf):
     assert again.cached_tokens == 8 and again.token_id == first.token_id  # the last block holds the sampled token
     torch.testing.assert_close(logits, logits2, atol=1e-4, rtol=1e-4)
     # a chunk that does not sample may be served entirely from the cache
-    (chunk,) = engine.step([SeqWork("c", PREFIX[:8], 0, sample=False, salt="t1")])
+    (chunk,) = engine.step([SequenceWork("c", PREFIX[:8], 0, sample=False, salt="t1")])
     assert chunk.cached_tokens == 8 and engine.cached_length("c") == 8
 
 
@@ -95,7 +95,7 @@ def test_preempted_sequence_with_shared_blocks_recomputes_identically(tiny_hf):
     assert second.cached_tokens == 12
     last, position = second.token_id, 14
     for _ in range(3):  # b decodes on the shared blocks
-        (result,) = engine.step([SeqWork("b", [last], position, sampling=None)])
+        (result,) = engine.step([SequenceWork("b", [last], position, sampling=None)])
         last, position = result.token_id, position + 1
     engine.release(["b"])  # preempted: a still holds the shared prefix
     assert engine.blocks.own("a") == engine.blocks.blocks_for(14)

@@ -10,7 +10,7 @@ import torch
 import hf_tiny
 from hf_tiny import DEVICE
 from moemesh.runtime.engine import Engine
-from moemesh.runtime.types import SamplingParams, SeqWork
+from moemesh.runtime.types import SamplingParams, SequenceWork
 
 TOL = 1e-4
 
@@ -32,9 +32,9 @@ def _run_chunked(engine: Engine, seq_id: str, prompt: list[int], params: Samplin
     entries, pos = [], 0
     while pos < len(prompt):
         end = min(len(prompt), pos + chunk)
-        works = [SeqWork(seq_id, prompt[pos:end], pos, params, sample=end == len(prompt))]
+        works = [SequenceWork(seq_id, prompt[pos:end], pos, params, sample=end == len(prompt))]
         if other is not None and pos == 0:
-            works.append(SeqWork(f"{seq_id}-other", other, 0, SamplingParams(max_tokens=4)))
+            works.append(SequenceWork(f"{seq_id}-other", other, 0, SamplingParams(max_tokens=4)))
         results = engine.step(works)
         entries.extend(results[0].prompt_logprobs)
         if other is not None and pos == 0:
@@ -64,15 +64,15 @@ def test_asking_sequence_skips_the_prefix_cache_and_others_still_hit(tiny_hf):
     path, ref = tiny_hf("llama")
     engine = Engine.load(path, device=DEVICE, kv_blocks=32, block_size=4)
     prompt = _prompt(12, seed=3)
-    warm = engine.step([SeqWork("warm", prompt, 0, SamplingParams(max_tokens=2))])[0]
+    warm = engine.step([SequenceWork("warm", prompt, 0, SamplingParams(max_tokens=2))])[0]
     assert warm.cached_tokens == 0
-    plain = engine.step([SeqWork("plain", prompt, 0, SamplingParams(max_tokens=2))])[0]
+    plain = engine.step([SequenceWork("plain", prompt, 0, SamplingParams(max_tokens=2))])[0]
     assert plain.cached_tokens == 8  # two full blocks of 4 (the last token is always computed)
-    asked = engine.step([SeqWork("asked", prompt, 0, SamplingParams(max_tokens=2, prompt_logprobs=0))])[0]
+    asked = engine.step([SequenceWork("asked", prompt, 0, SamplingParams(max_tokens=2, prompt_logprobs=0))])[0]
     assert asked.cached_tokens == 0
     got = torch.tensor([e.logprob for e in asked.prompt_logprobs[1:]])
     torch.testing.assert_close(got, _expected(ref, prompt), atol=TOL, rtol=0)
     assert all(e.top == () for e in asked.prompt_logprobs)  # 0 alternatives asked
     # Decoding after the prompt adds no prompt entries.
-    decode = engine.step([SeqWork("asked", [asked.token_id], len(prompt), None)])[0]
+    decode = engine.step([SequenceWork("asked", [asked.token_id], len(prompt), None)])[0]
     assert decode.prompt_logprobs == []

@@ -7,6 +7,7 @@ import asyncio
 
 import grpc
 
+from moemesh.errors import ErrorStatus
 from moemesh.serving import ServiceError
 from moemesh.v1 import batcher_pb2, batcher_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
@@ -15,7 +16,7 @@ BATCHER = batcher_pb2.DESCRIPTOR.services_by_name["Batcher"].full_name
 
 
 class Quota(ServiceError):
-    grpc_status = "RESOURCE_EXHAUSTED"
+    status = ErrorStatus.RESOURCE_EXHAUSTED
 
 
 # Decode(model=<key>) raises this exception.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from moemesh.serving import client_channel, serve_in_process, status_for
+from moemesh.errors import ErrorStatus
+from moemesh.serving import ServiceError, client_channel, serve_in_process, status_for
 from moemesh.v1 import batcher_pb2, batcher_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
 from .echo import register_echo
@@ -84,11 +85,20 @@ async def test_upstream_rpc_error_keeps_its_code() -> None:
     assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, "max_tokens: -1 is negative")
 
 
-def test_unknown_domain_status_name_is_internal() -> None:
-    class Odd(Exception):
-        grpc_status = "NOT_A_CODE"
+def test_every_domain_status_becomes_the_grpc_code_of_its_name() -> None:
+    for status in ErrorStatus:
+        assert status_for(ServiceError("x", status=status))[0] is grpc.StatusCode[status.name]
 
-    assert status_for(Odd("x"))[0] == grpc.StatusCode.INTERNAL
+
+def test_a_status_attribute_that_is_no_domain_status_is_ignored() -> None:
+    class HttpFailure(ValueError):
+        status = 404  # an HTTP library's response status, not an ErrorStatus
+
+    class Bug(Exception):
+        status = "UNAVAILABLE"  # a code name string is not a domain status either
+
+    assert status_for(HttpFailure("x"))[0] == grpc.StatusCode.INVALID_ARGUMENT  # its builtin class decides
+    assert status_for(Bug("x"))[0] == grpc.StatusCode.INTERNAL
 
 
 async def test_upstream_retry_after_hint_is_passed_on() -> None:

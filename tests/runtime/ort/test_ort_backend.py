@@ -19,7 +19,7 @@ from moemesh.quant.quantizer import QuantSettings, quantize_model  # noqa: E402
 from moemesh.runtime.engine import Engine  # noqa: E402
 from moemesh.runtime.experts import ExpertBank  # noqa: E402
 from moemesh.runtime.ort.experts import OrtExpertBank  # noqa: E402
-from moemesh.runtime.types import SamplingParams, SeqWork  # noqa: E402
+from moemesh.runtime.types import SamplingParams, SequenceWork  # noqa: E402
 
 IDS = [1, 5, 9, 33, 100, 7, 8, 200, 3]
 
@@ -45,10 +45,10 @@ def checkpoint(tmp_path_factory):
 
 def greedy(engine: Engine, steps: int) -> list[int]:
     params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
-    out = engine.step([SeqWork("s", IDS, 0, params)])
+    out = engine.step([SequenceWork("s", IDS, 0, params)])
     tokens = [out[0].token_id]
     for i in range(steps):
-        tokens.append(engine.step([SeqWork("s", [tokens[-1]], len(IDS) + i, params)])[0].token_id)
+        tokens.append(engine.step([SequenceWork("s", [tokens[-1]], len(IDS) + i, params)])[0].token_id)
     return tokens
 
 

@@ -10,7 +10,7 @@ from services.batcher.kv_view import KvView
 from services.batcher.policy import Policy
 from services.batcher.scheduler import Scheduler
 from services.batcher.sequence import Sequence
-from services.batcher.step import Event, SeqOutput, StepOutcome, StepPlan
+from services.batcher.step import Event, SequenceResult, StepOutcome, StepPlan
 
 
 class Clock:
@@ -52,7 +52,7 @@ class SimRouter:
             if item.sample:
                 n_out = len(item.seq.output_ids)
                 token = self.eos if self.eos_after.get(item.seq.seq_id) == n_out else 1000 + n_out
-            outs.append(SeqOutput(item.seq.seq_id, token))
+            outs.append(SequenceResult(item.seq.seq_id, token))
         need = sum(-(-n // self.block_size) for n in after.values())
         assert need <= self.total_blocks, f"KV overflow: {need} > {self.total_blocks}"
         self.cached = after

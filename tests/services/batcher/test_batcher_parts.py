@@ -26,6 +26,13 @@ def test_config_defaults_match_the_documented_knobs():
     assert (c.mode, c.router_addr, c.policy().max_wait, c.max_batch_size) == ("static", "10.0.0.5:7000", 0.02, 8)
 
 
+def test_prefix_hold_reaches_the_policy_from_flag_and_env():
+    assert BatcherConfig.from_args([], env={}).policy().prefix_hold == 10.0  # the documented default
+    env = {"MOEMESH_BATCHER_PREFIX_HOLD": "2.5"}
+    assert BatcherConfig.from_args([], env=env).policy().prefix_hold == 2.5
+    assert BatcherConfig.from_args(["--prefix-hold", "0"], env=env).policy().prefix_hold == 0.0  # flag over env
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--max-wait-ms", "-1"], "--max-wait-ms"),
     (["--max-step-tokens", "8"], "--max-step-tokens"),
@@ -33,6 +40,8 @@ def test_config_defaults_match_the_documented_knobs():
     (["--kv-watermark", "1.5"], "--kv-watermark"),
     (["--router-addr", "nowhere"], "'nowhere'"),
     (["--max-queue", "0"], "--max-queue"),
+    (["--prefix-hold", "-1"], "PREFIX_HOLD: -1.0"),
+    (["--prefix-hold", "nan"], "PREFIX_HOLD: nan"),
 ])
 def test_bad_config_names_the_flag_and_value(argv, words):
     with pytest.raises(ConfigError, match=words):

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from moemesh.v1 import batcher_pb2, common_pb2
 from services.batcher.router_client import RouterClient
 from services.batcher.sequence import Sequence
-from services.batcher.step import StepPlan, WorkItem
+from services.batcher.step import SequenceWork, StepPlan
 from tests.services.batcher.mesh import code_of, mesh, request_for
 
 PROMPT = [1, 9690, 314, 253, 1345, 30, 2045, 28]
@@ -219,7 +219,7 @@ async def test_a_step_span_joins_one_request_trace_and_links_the_others(tiny_moe
                 seqs.append(Sequence(seq_id=f"trace-{name}", prompt_ids=PROMPT, max_tokens=1,
                                      sampling=common_pb2.SamplingParams(), trace=trace.set_span_in_context(
                                          trace.get_current_span())))
-        plan = StepPlan(step_id=7, items=[WorkItem(s, PROMPT, 0, True) for s in seqs])
+        plan = StepPlan(step_id=7, items=[SequenceWork(s, PROMPT, 0, True) for s in seqs])
         outcome = await client.step(plan)
         assert [o.seq_id for o in outcome.outputs] == ["trace-a", "trace-b"] and outcome.compute_seconds > 0
         await client.release(["trace-a", "trace-b"])
