@@ -14,6 +14,7 @@ cache) / 4.22 TB/s (FACTS.md's measured H200 copy bandwidth); with quantized exp
 (int4: half a byte + a float32 scale per 128 weights, EXPERT_BYTES).
 
     PYTHONPATH=. python3 benchmarks/engine_gpu.py --out benchmarks/results        # on the H200, ~4 min
+    PYTHONPATH=. python3 benchmarks/engine_gpu.py --transformers ...              # + transformers generate() rows
 
 `--models qwen3,dsv2lite` adds DeepSeek-V2-Lite's shape (27 layers, MLA with kv_lora_rank 512, 64 routed + 2 shared
 experts, top-6; decode attends over the latent, weight-absorbed: gpu/mla_decode.py); its roofline counts MLA's
@@ -188,6 +189,18 @@ def profile_replays(engine, label: str, out: Path) -> None:
     (out / f"profile-{label}.txt").write_text("\n".join(text) + "\n")
 
 
+def transformers_rows(args, model_dir: Path, config: dict) -> list[dict]:
+    """transformers' generate() at each batch size (benchmarks/transformers_baseline.py); the same roofline."""
+    from moemesh.runtime.spec import load_spec
+    from transformers_baseline import rows as baseline_rows
+
+    spec = load_spec(model_dir)
+    context = args.prompt + args.steps / 2
+    config = {**config, "num_hidden_layers": spec.num_layers}
+    return baseline_rows(config, args.model_label, args.batches, args.prompt, args.steps,
+                         lambda batch: roofline_ms(spec, batch, context))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=None, help="default: each model's own depth")
@@ -201,6 +214,8 @@ def main(argv=None) -> int:
                    help="comma-separated: none (bf16 experts), fp8, int8, int4")
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
                    help="skip the eager and pre-issue-10 rows")
+    p.add_argument("--transformers", action="store_true", help="add transformers generate() rows (same shape, "
+                   "random bf16 weights, grouped_mm experts) to the table")
     p.add_argument("--profile", type=Path, default=None, help="folder for per-kernel profiles of graph replays")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
@@ -212,6 +227,8 @@ def main(argv=None) -> int:
                                                            config["num_hidden_layers"]}))
         model_rows, model_replay = run(args, model_dir)
         rows += model_rows
+        if args.transformers:  # after the engine is freed: both at once would not fit (61 GB each in bf16)
+            rows += transformers_rows(args, model_dir, config)
         replay.update({f"{name} {k}": v for k, v in model_replay.items()} if len(args.models) > 1 else model_replay)
     print(f"graph replay ms by bucket: {replay}", flush=True)
     meta = {"machine": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),

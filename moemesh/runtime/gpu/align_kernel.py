@@ -6,10 +6,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moemesh.runtime.gpu.pdl import enter
+
 
 @triton.jit
 def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, rows_used_ptr, cursor_ptr, p, e, em,
-                  BLOCK_M: tl.constexpr, PB: tl.constexpr, BINS: tl.constexpr):
+                  BLOCK_M: tl.constexpr, PB: tl.constexpr, BINS: tl.constexpr, PDL: tl.constexpr = False):
+    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     lanes = tl.arange(0, PB)
     valid = lanes < p
     ids = tl.load(ids_ptr + lanes, mask=valid, other=-1).to(tl.int32)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moemesh.runtime.gpu import pdl
 from moemesh.runtime.gpu.paged_attention import paged_decode_attention
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -77,6 +78,7 @@ class DecodeRunner:
         self.lens = torch.ones(m, dtype=torch.int32, device=device)
         self.tables = torch.full((m, w), trash_block, dtype=torch.int32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.split_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # ping-pong halves (run's second)
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
 
     def takes(self, works: list) -> bool:
@@ -89,9 +91,12 @@ class DecodeRunner:
         return bucket_for(n)
 
     def run(self, tokens: list[int], positions: list[int], tables: list[list[int]],
-            keep: list[int] | None = None) -> torch.Tensor:
+            keep: list[int] | None = None, second=None) -> torch.Tensor:
         """n rows: their tokens, positions and (their sequence's) block tables -> logits [n, V] float32, or only
-        the rows `keep` lists (each sampling sequence's last row) [len(keep), V]."""
+        the rows `keep` lists (each sampling sequence's last row) [len(keep), V]. second: an ExpertDispatch for
+        ping-pong halves (runtime/micro_batch.py): bucket rows [:b/2] on this runner's dispatch, [b/2:b] on
+        `second`. A cut inside a sequence's chunk is fine: per layer A's attention (and its K/V writes) runs
+        before B's, and A holds the earlier rows."""
         n = len(tokens)
         b = bucket_for(n)
         if b is None:
@@ -100,13 +105,15 @@ class DecodeRunner:
         self.rows[:, :b].copy_(self.host_rows[:, :b], non_blocking=True)
         self.tables[:b, :width].copy_(self.host_tables[:b, :width], non_blocking=True)
         self.lens[:b].copy_(self.rows[3, :b])
-        if not self.graphs_on:
-            logits = self._forward(b)
-        else:
-            if b not in self.graphs:
-                self.graphs[b] = self._capture(b)
-            graph, logits = self.graphs[b]
-            graph.replay()
+        with pdl.enabled(b <= pdl.MAX_ROWS):  # small buckets: each kernel launches while the last one drains
+            if not self.graphs_on:
+                logits = self._forward(b, second)
+            else:
+                graphs = self.graphs if second is None else self.split_graphs
+                if b not in graphs:
+                    graphs[b] = self._capture(b, second)
+                graph, logits = graphs[b]
+                graph.replay()
         if keep is not None and keep != list(range(n)):
             return logits[torch.tensor(keep, dtype=torch.int64).to(logits.device, non_blocking=True)]
         return logits[:n].clone()  # the next replay overwrites the static output
@@ -124,20 +131,28 @@ class DecodeRunner:
                                                     + [[self.trash_block] * width] * pad, dtype=torch.int32)
         return width
 
-    def _forward(self, b: int) -> torch.Tensor:
-        ctx = DecodeContext(self.rows[1, :b], self.rows[2, :b], self.tables[:b], self.lens[:b], self.block_size)
-        return self.backbone(self.rows[0, :b], ctx, self.dispatch, self.pools)  # [b, V] float32
+    def _forward(self, b: int, second=None) -> torch.Tensor:
+        if second is None:
+            ctx = DecodeContext(self.rows[1, :b], self.rows[2, :b], self.tables[:b], self.lens[:b], self.block_size)
+            return self.backbone(self.rows[0, :b], ctx, self.dispatch, self.pools)  # [b, V] float32
+        from moemesh.runtime.micro_batch import split_logits
 
-    def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        halves = [slice(0, b // 2), slice(b // 2, b)]
+        ctx = [DecodeContext(self.rows[1, h], self.rows[2, h], self.tables[h], self.lens[h], self.block_size)
+               for h in halves]
+        return split_logits(self.backbone, [(self.rows[0, halves[0]], ctx[0], self.dispatch),
+                                            (self.rows[0, halves[1]], ctx[1], second)], self.pools)  # [b, V]
+
+    def _capture(self, b: int, second=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up (Triton compiles, allocator settles) on a side stream, then capture. The static inputs already
         hold this step's data, so the warm-up's KV writes are the ones the replay repeats."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward(b)
+                self._forward(b, second)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(b)
+            logits = self._forward(b, second)
         return graph, logits

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from moemesh.runtime.gpu import pdl
+from moemesh.runtime.gpu.pdl import enter
+
 GEMV_MAX_ROWS = 2
 
 
@@ -27,7 +30,9 @@ GEMV_MAX_ROWS = 2
     key=["n", "k"],
 )
 @triton.jit
-def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, n, k, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, n, k, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          PDL: tl.constexpr = False):
+    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     row = tl.program_id(0).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN] output columns
     col_ok = cols < n
@@ -54,5 +59,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
     if t:
         grid = lambda meta: (t, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731 -- Triton's grid callable
-        _gemv[grid](x, weight, bias if bias is not None else x, y, n, k, HAS_BIAS=bias is not None)
+        _gemv[grid](x, weight, bias if bias is not None else x, y, n, k, HAS_BIAS=bias is not None, **pdl.launch())
     return y

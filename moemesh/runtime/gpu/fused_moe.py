@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import triton
 
+from moemesh.runtime.gpu import pdl
 from moemesh.runtime.gpu.moe_align import SMALL_PAIRS, Alignment, align, align_small
 from moemesh.runtime.gpu.moe_kernels import _moe_gemm, _moe_gemv
 from moemesh.runtime.quant import INT4_BLOCK, QuantTensor
@@ -75,7 +76,7 @@ def moe_gemv(a: torch.Tensor, w: Weight, out: torch.Tensor, ids: torch.Tensor, a
         a, data, out, weights if weights is not None else out, ids, scale, zero, n_out, k_in, a.stride(0),
         data.stride(0), data.stride(1), out.stride(0), sse, ssn, up_rows, A_DIV=a_div, GATED=up_rows > 0,
         WEIGHTED=weights is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], SUM_SLOTS=sum_slots, **quant)
+        num_stages=cfg["num_stages"], SUM_SLOTS=sum_slots, **quant, **pdl.launch())
     return out
 
 
@@ -141,7 +142,7 @@ def moe_gemm(a: torch.Tensor, w: Weight, out: torch.Tensor, al: Alignment, a_div
         zero, al.num_pairs, em, n_out, k_in, a.stride(0), data.stride(0), data.stride(1), out.stride(0), sse, ssn,
         up_rows, A_DIV=a_div, GATED=up_rows > 0, WEIGHTED=weights is not None, EVEN_K=k_in % block_k == 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **quant,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **quant, **pdl.launch(),
     )
     return out
 

@@ -16,9 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
+from moemesh.runtime.gpu import pdl
+from moemesh.runtime.gpu.pdl import enter
+
 
 @triton.jit
-def _add_rms_norm(x_ptr, d_ptr, w_ptr, h_ptr, xo_ptr, n, eps, ADD: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rms_norm(x_ptr, d_ptr, w_ptr, h_ptr, xo_ptr, n, eps, ADD: tl.constexpr, BLOCK: tl.constexpr,
+                  PDL: tl.constexpr = False):
+    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
@@ -42,14 +47,15 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     out = torch.empty_like(x) if delta is not None else x
     if t:
         _add_rms_norm[(t,)](x, delta if delta is not None else x, weight, h, out, n, eps, ADD=delta is not None,
-                            BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8)
+                            BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8, **pdl.launch())
     return out, h
 
 
 @triton.jit
 def _norm_rope(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, kp_ptr, vp_ptr, slot_ptr, stride_t, k_offset, eps,
                Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
-               NORM: tl.constexpr, WRITE_KV: tl.constexpr):
+               NORM: tl.constexpr, WRITE_KV: tl.constexpr, PDL: tl.constexpr = False):
+    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     t = tl.program_id(0).to(tl.int64)
     is_k = tl.program_id(1)
     heads = tl.where(is_k == 1, K_HEADS, Q_HEADS)
@@ -96,7 +102,7 @@ def norm_rope_(qkv: torch.Tensor, q_heads: int, k_heads: int, head_dim: int, q_w
     _norm_rope[(t, 2)](qkv, q_weight if norm else qkv, k_weight if norm else qkv, cos, sin, k_pool, v_pool, slots,
                        qkv.stride(0), q_heads * head_dim, eps, Q_HEADS=q_heads, K_HEADS=k_heads,
                        HP=triton.next_power_of_2(max(q_heads, k_heads)), D=head_dim, NORM=norm,
-                       WRITE_KV=kv is not None, num_warps=4)
+                       WRITE_KV=kv is not None, num_warps=4, **pdl.launch())
 
 
 @triton.jit
@@ -121,7 +127,8 @@ def _softmax_topk(s, cols, e, ids_ptr, w_ptr, t, scale, K: tl.constexpr, KP: tl.
 
 @triton.jit
 def _route_softmax(logits_ptr, ids_ptr, w_ptr, e, scale, K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr,
-                   RENORM: tl.constexpr):
+                   RENORM: tl.constexpr, PDL: tl.constexpr = False):
+    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, EP)
     s = tl.load(logits_ptr + t * e + cols, mask=cols < e, other=float("-inf"))
@@ -136,12 +143,15 @@ def route_softmax(logits: torch.Tensor, top_k: int, renormalize: bool,
     weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
     if t:
         _route_softmax[(t,)](logits, ids, weights, e, scale, K=top_k, KP=triton.next_power_of_2(top_k),
-                             EP=triton.next_power_of_2(e), RENORM=renormalize, num_warps=1 if e <= 256 else 4)
+                             EP=triton.next_power_of_2(e), RENORM=renormalize, num_warps=1 if e <= 256 else 4,
+                             **pdl.launch())
     return ids, weights  # one warp for <= 256 experts: the top-k reductions stay in warp shuffles
 
 
 @triton.jit
-def _router_logits(x_ptr, w_ptr, out_ptr, e, h, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+def _router_logits(x_ptr, w_ptr, out_ptr, e, h, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     t = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)  # [BE] experts of this program
     ks = tl.arange(0, BLOCK_K)
@@ -171,6 +181,7 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if t:
         # one expert row per program, its whole row in one load (up to 4096 wide): many short programs in flight
         width = min(4096, triton.next_power_of_2(h))
-        _router_logits[(t, e)](x.contiguous(), weight, out, e, h, BLOCK_E=1, BLOCK_K=width, num_warps=4)
+        _router_logits[(t, e)](x.contiguous(), weight, out, e, h, BLOCK_E=1, BLOCK_K=width, num_warps=4,
+                                       **pdl.launch())
     return out
 

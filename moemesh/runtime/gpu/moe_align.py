@@ -67,6 +67,7 @@ def align_small(local_ids: torch.Tensor, num_experts: int, block_m: int) -> Alig
     results do not depend on it), block -> expert by counting the runs that end before the block."""
     import triton
 
+    from moemesh.runtime.gpu import pdl
     from moemesh.runtime.gpu.align_kernel import _align_kernel
 
     p = local_ids.numel()
@@ -78,5 +79,6 @@ def align_small(local_ids: torch.Tensor, num_experts: int, block_m: int) -> Alig
     bins = triton.next_power_of_2(num_experts + 2)  # bin E: hosted elsewhere, last bin: lanes past P
     cursor = torch.empty(bins, dtype=torch.int32, device=dev)
     _align_kernel[(1,)](local_ids, sorted_ids, block_expert, rows_used, cursor, p, num_experts, em,
-                        BLOCK_M=block_m, PB=triton.next_power_of_2(p), BINS=bins, num_warps=8)
+                        BLOCK_M=block_m, PB=triton.next_power_of_2(p), BINS=bins, num_warps=8,
+                        **pdl.launch())
     return Alignment(sorted_ids, block_expert, rows_used, p, block_m)

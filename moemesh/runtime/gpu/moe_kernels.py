@@ -21,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moemesh.runtime.gpu.pdl import enter
+
 from moemesh.runtime.gpu.int4_kernels import _int4_gemv_loop, _int4_mac
 
 
@@ -29,9 +31,11 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows_used
               num_pairs, em, n_out, k_in, stride_am, stride_be, stride_bn, stride_cm, stride_se, stride_sn, up_rows,
               A_DIV: tl.constexpr, GATED: tl.constexpr, WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr,
               QUANT: tl.constexpr, GROUP_K: tl.constexpr, INT4: tl.constexpr, ZP: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+              PDL: tl.constexpr = False):
     """C[pair] = A[pair // A_DIV] @ B_e^T (B [E, n_out (+ up_rows), k_in], k contiguous), per row block of one expert.
     GATED: C = silu(A @ gate^T) * (A @ up^T), up rows start at up_rows. WEIGHTED: C *= weight[pair]."""
+    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(em, BLOCK_M), tl.cdiv(n_out, BLOCK_N)
     group = GROUP_M * num_n  # programs sharing a group of row blocks walk n first (L2 reuse of A)
@@ -142,11 +146,13 @@ def _gemv_loop(acc, acc_up, a_row, w_rows, s_rows, col_ok, k_in, stride_bn, stri
 def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, zero_ptr, n_out, k_in, stride_am, stride_be,
               stride_bn, stride_cm, stride_se, stride_sn, up_rows, A_DIV: tl.constexpr, GATED: tl.constexpr,
               WEIGHTED: tl.constexpr, QUANT: tl.constexpr, GROUP_K: tl.constexpr, SUM_SLOTS: tl.constexpr,
-              INT4: tl.constexpr, ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              INT4: tl.constexpr, ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              PDL: tl.constexpr = False):
     """Few tokens (decode at batch 1-4): one program per (pair, column block), a dot product per output column, no
     alignment and no tensor cores; many more programs in flight than the row-block GEMM has at this size.
     SUM_SLOTS K > 0: add the row into c[pair // K] (float32, zeroed by the caller) instead of storing c[pair]: the
     per-token sum over slots without a reduction launch (a handful of atomic adds per address)."""
+    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     pair = tl.program_id(0).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     col_ok = cols < n_out

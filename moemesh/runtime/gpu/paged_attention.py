@@ -21,12 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
+from moemesh.runtime.gpu import pdl
+from moemesh.runtime.gpu.pdl import enter
+
 
 @triton.jit
 def _paged_decode(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, lens_ptr, part_ptr, scale,
                   stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb, stride_ob, stride_oh,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
-                  BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+                  BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr = False):
+    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -69,7 +73,9 @@ def _paged_decode(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, lens_ptr, part_ptr, s
 
 
 @triton.jit
-def _combine_splits(part_ptr, out_ptr, stride_ob, stride_oh, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _combine_splits(part_ptr, out_ptr, stride_ob, stride_oh, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    PDL: tl.constexpr = False):
+    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     b = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, SPLITS)
@@ -111,8 +117,9 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, KV_BLOCK=kv_block, BLOCK_N=block_n,
-        SPLITS=splits, num_warps=4, num_stages=2,
+        SPLITS=splits, num_warps=4, num_stages=2, **pdl.launch(),
     )
     if splits > 1:
-        _combine_splits[(b, hq)](part, out, out.stride(0), out.stride(1), SPLITS=splits, HEAD_DIM=d, num_warps=1)
+        _combine_splits[(b, hq)](part, out, out.stride(0), out.stride(1), SPLITS=splits, HEAD_DIM=d, num_warps=1,
+                                 **pdl.launch())
     return out
