@@ -1,7 +1,7 @@
 """Streamed decode through the mesh (`moemesh up`) against the in-process Engine, same model, same machine, one run.
 
-    python benchmarks/mesh_decode.py [--model smollm2-moe] [--tokens 64] [--transports shm] [--pipeline on,off]
-                                     [--threads 1,2] [--repeats 1]
+    python benchmarks/mesh_decode.py [--model smollm2-moe] [--tokens 64] [--transports shm] [--pipeline on]
+                                     [--spin default,-1] [--threads 1,2] [--repeats 1]
 
 In process: Engine.load(model) in this process (OMP_WAIT_POLICY=PASSIVE unless set, recorded in the JSON), the
 chat-templated prompt the gateway renders, one prefill step, then `tokens` greedy decode steps (ignore_eos) at batch 1
@@ -12,7 +12,11 @@ StreamChatCompletion through the gateway (greedy, ignore_eos, max_tokens=tokens)
 streams. ms/token of a stream = (last chunk - first chunk) / (completion tokens - 1): the decode pace a client sees
 (prefill and time to first token excluded); the table shows the median over streams, tok/s = streams x 1000 / that.
 ratio = the in-process engine's best ms/step (its fastest thread count, per batch) / mesh ms/token at the same batch
-(1.0: the mesh decodes as fast as its own engine at its best). Runs are interleaved per repeat (engine, then each
+(1.0: the mesh decodes as fast as its own engine at its best). --spin sets the shards' shared-memory poll window
+(MOEMESH_EXPERT_SPIN_US: default = not set, 0 = block at once, N = poll N microseconds, -1 = auto: 2000 us on the
+shards that leave a core for the router, shard 0 of 2 on 2 cores; one mesh per value, with pipelining on): by default
+the shipped setting and auto (--pipeline on,off adds a row without batcher pipelining). Runs are interleaved per
+repeat (engine, then each
 mesh variant) so that load from other work on the machine spreads over all rows. Defaults take about 4 minutes on
 2 cores at --repeats 2. Writes benchmarks/results/mesh-decode-cpu.json and .md (machine, load average, command).
 """
@@ -112,13 +116,16 @@ async def mesh_streams(gateway: str, concurrency: int, tokens: int) -> list[floa
     return [ms for _, ms in done]
 
 
-def start_mesh(model: str, transport: str, workdir: Path, pipeline: bool = True) -> tuple[subprocess.Popen, dict]:
+def start_mesh(model: str, transport: str, workdir: Path, pipeline: bool = True,
+               spin: str = "default") -> tuple[subprocess.Popen, dict]:
     from moemesh import home
     from tests.mesh_process import free_port, wait_status
 
     env = {**os.environ, "MOEMESH_HOME": str(workdir / "home"), "MOEMESH_ROUTER_EXPERT_TRANSPORT": transport,
            "MOEMESH_MODELS": os.environ.get("MOEMESH_MODELS") or str(home.models_dir()),
            "MOEMESH_BATCHER_PIPELINE": "true" if pipeline else "false"}
+    if spin != "default":  # the expert shards' shm poll window (services/expert/config.py spin_us)
+        env["MOEMESH_EXPERT_SPIN_US"] = spin
     status, log = workdir / f"status-{transport}.json", workdir / f"up-{transport}.log"
     cmd = [sys.executable, "-m", "moemesh.cli.main", "up", "--model", model, "--no-auth", "--gateway-port",
            str(free_port()), "--status-file", str(status)]
@@ -133,17 +140,20 @@ def start_mesh(model: str, transport: str, workdir: Path, pipeline: bool = True)
 def measure(args: argparse.Namespace) -> dict:
     """Interleaved: per repeat, the in-process engine at each thread count, then each mesh variant."""
     rows: dict[str, dict] = {}
-    variants = [(t, p) for t in args.transports.split(",") for p in args.pipeline.split(",")]
+    variants = [(t, p, "default") for t in args.transports.split(",") for p in args.pipeline.split(",")]
+    variants += [(t, "on", spin) for t in args.transports.split(",") for spin in args.spin.split(",")
+                 if spin != "default"]
     for rep in range(args.repeats):
         for threads in args.threads:
             row = rows.setdefault(f"in-process, {threads} thread{'s' if threads > 1 else ''}",
                                   {"batch1": [], "batch8": [], "threads": threads})
             for batch in (1, 8):
                 row[f"batch{batch}"].append(engine_decode(args.model, batch, args.tokens, threads))
-        for transport, pipeline in variants:
-            name = f"mesh {transport}" + ("" if pipeline == "on" else ", no pipelining")
+        for transport, pipeline, spin in variants:
+            name = f"mesh {transport}" + ("" if pipeline == "on" else ", no pipelining") + (
+                "" if spin == "default" else f", MOEMESH_EXPERT_SPIN_US={spin}")
             with tempfile.TemporaryDirectory(prefix="mesh-decode-") as tmp:
-                proc, status = start_mesh(args.model, transport, Path(tmp), pipeline == "on")
+                proc, status = start_mesh(args.model, transport, Path(tmp), pipeline == "on", spin)
                 try:
                     row = rows.setdefault(name, {"batch1": [], "batch8": []})
                     row["transports"] = {n: s.get("transport") for n, s in status["services"].items()
@@ -196,7 +206,10 @@ def report(rows: dict, args: argparse.Namespace, load_start: float) -> tuple[dic
                     "repeats; in process: median Engine.step decode time. ratio = the in-process engine's best "
                     "ms (fastest thread count, per batch) / this row's ms (>= 0.9 is the issue 9 target). "
                     "Pipelining: the batcher sends step N+1 before step N's result is back "
-                    "(services/batcher/lookahead.py); 'no pipelining' sets MOEMESH_BATCHER_PIPELINE=false.", ""])
+                    "(services/batcher/lookahead.py); 'no pipelining' sets MOEMESH_BATCHER_PIPELINE=false. "
+                    "MOEMESH_EXPERT_SPIN_US=N: each shard polls N us for the next request after a reply before it "
+                    "blocks (-1: auto, 2000 us on the shards that leave a core for the router; the plain mesh rows "
+                    "run the shipped services/expert/config.py spin_us).", ""])
     return result, md
 
 
@@ -205,7 +218,10 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-moe")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--transports", default="shm", help="comma-separated expert transports (shm, grpc)")
-    parser.add_argument("--pipeline", default="on,off", help="batcher step pipelining variants: on, off or on,off")
+    parser.add_argument("--pipeline", default="on", help="batcher step pipelining variants: on, off or on,off")
+    parser.add_argument("--spin", default="default,-1",
+                        help="comma-separated shard shm poll windows in us (default, 0, 2000, -1 = auto); values "
+                             "other than default add a mesh row each (pipelining on)")
     parser.add_argument("--threads", type=lambda v: [int(x) for x in v.split(",")], default=None,
                         help="in-process torch thread counts to try (default: 1 and torch's default)")
     parser.add_argument("--repeats", type=int, default=1)

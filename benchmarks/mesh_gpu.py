@@ -4,6 +4,9 @@ concurrency 64 decode throughput.
     inproc     Engine.load in this process; median decode step of 64 sequences (benchmarks/engine_gpu.time_decode)
     colocated  router process (experts in its own ExpertBank: fused MoE + CUDA graphs) + batcher process
     ipc-N      N expert shard processes on the same GPU + router (transport cuda_ipc) + batcher process
+    ipc-N-pp   ipc-N with ping-pong micro-batches (MOEMESH_ROUTER_PINGPONG_MIN_SEQS=8: steps of >= 8 sequences
+               split in two halves over two cuda_ipc links per shard, moemesh/runtime/micro_batch.py; the split
+               steps are captured in the decode runner's own CUDA graphs); ipc-N has ping-pong off
 
 The mesh variants are driven through Batcher.Generate over gRPC (no gateway, tokenizer or metering: synthetic
 prompt ids): 64 concurrent requests of --prompt random tokens and --max-tokens generated tokens (ignore_eos), after
@@ -11,6 +14,7 @@ a short warm-up round (CUDA graph capture). Decode tok/s = tokens streamed insid
 requests are decoding (after the last first token, before the first request ends) / the window.
 
     PYTHONPATH=. python3 benchmarks/mesh_gpu.py --out benchmarks/results     # on the H200
+    PYTHONPATH=. python3 benchmarks/mesh_gpu.py --variants ipc-1,ipc-1-pp,ipc-2,ipc-2-pp --out /tmp/pp  # ping-pong
 """
 
 from __future__ import annotations
@@ -107,8 +111,9 @@ def router_info(address: str) -> dict:
     return {"transports": [p.transport for p in info.placement], "device": info.device}
 
 
-def run_mesh(args, model_dir: Path, shards: int, logs: Path) -> dict:
+def run_mesh(args, model_dir: Path, shards: int, logs: Path, pingpong: bool = False) -> dict:
     common = {"MOEMESH_MODEL": str(model_dir), "OTEL_SDK_DISABLED": "true"}
+    tag = f"{shards}-pp" if pingpong else f"{shards}"  # log names per variant
     procs, addrs = [], []
     try:
         for i in range(shards):
@@ -117,17 +122,18 @@ def run_mesh(args, model_dir: Path, shards: int, logs: Path) -> dict:
             procs.append(start("services.expert", {**common, "MOEMESH_EXPERT_PORT": str(port),
                                "MOEMESH_EXPERT_DEVICE": "cuda", "MOEMESH_EXPERT_DTYPE": "bfloat16",
                                "MOEMESH_EXPERT_LOAD_FORMAT": "dummy", "MOEMESH_EXPERT_NUM_SHARDS": str(shards),
-                               "MOEMESH_EXPERT_SHARD_INDEX": str(i)}, logs / f"expert-{shards}-{i}.log"))
+                               "MOEMESH_EXPERT_SHARD_INDEX": str(i)}, logs / f"expert-{tag}-{i}.log"))
         rport, bport = free_port(), free_port()
         procs.append(start("services.router", {
             **common, "MOEMESH_ROUTER_PORT": str(rport), "EXPERT_ADDRS": ",".join(addrs),
             "MOEMESH_ROUTER_DEVICE": "cuda", "MOEMESH_ROUTER_DTYPE": "bfloat16", "MOEMESH_ROUTER_LOAD_FORMAT": "dummy",
             "MOEMESH_ROUTER_KV_MEMORY_MB": str(args.kv_gib * 1024), "MOEMESH_ROUTER_MAX_CONTEXT": "1024",
-            "MOEMESH_ROUTER_EXPERT_TRANSPORT": "cuda_ipc" if shards else "auto"}, logs / f"router-{shards}.log"))
+            "MOEMESH_ROUTER_EXPERT_TRANSPORT": "cuda_ipc" if shards else "auto",
+            "MOEMESH_ROUTER_PINGPONG_MIN_SEQS": "8" if pingpong else "0"}, logs / f"router-{tag}.log"))
         procs.append(start("services.batcher", {
             **common, "MOEMESH_BATCHER_PORT": str(bport), "ROUTER_ADDR": f"127.0.0.1:{rport}",
             "MOEMESH_BATCHER_MAX_BATCH_SIZE": str(args.concurrency), "MOEMESH_BATCHER_MAX_STEP_TOKENS": "4096"},
-            logs / f"batcher-{shards}.log"))
+            logs / f"batcher-{tag}.log"))
         wait_serving(f"127.0.0.1:{rport}", "moemesh.v1.Router", procs, 300)
         wait_serving(f"127.0.0.1:{bport}", "moemesh.v1.Batcher", procs, 120)
         info = router_info(f"127.0.0.1:{rport}")
@@ -135,7 +141,11 @@ def run_mesh(args, model_dir: Path, shards: int, logs: Path) -> dict:
         times = generate_all(f"127.0.0.1:{bport}", args.concurrency, args.prompt, args.max_tokens,
                              QWEN3_30B_A3B["vocab_size"], 2)
         rate, overall, total = decode_rate(times)
-        return {"decode_tok_s": round(rate, 1), "output_tok_s": round(overall, 1), "tokens": total, **info}
+        # The router's own word on the split ("ping-pong micro-batches on: ..." or "... off: why").
+        said = [line[line.index("ping-pong"):] for line in (logs / f"router-{tag}.log").read_text().splitlines()
+                if "ping-pong micro-batches" in line]
+        return {"decode_tok_s": round(rate, 1), "output_tok_s": round(overall, 1), "tokens": total, **info,
+                "pingpong": said[-1] if said else "?"}
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -182,7 +192,8 @@ def main(argv=None) -> int:
         started = time.monotonic()
         try:
             row = run_inproc(args, model_dir) if variant == "inproc" else run_mesh(
-                args, model_dir, 0 if variant == "colocated" else int(variant.split("-")[1]), args.logs)
+                args, model_dir, 0 if variant == "colocated" else int(variant.split("-")[1]), args.logs,
+                pingpong=variant.endswith("-pp"))
         except Exception as exc:  # noqa: BLE001 -- recorded, the next variant still runs
             row = {"error": f"{type(exc).__name__}: {exc}"}
             for log in sorted(args.logs.glob("*.log")):
@@ -210,7 +221,7 @@ def write(args, rows: list[dict]) -> None:
     for r in rows:
         lines.append(f"| {r['variant']} | {','.join(r.get('transports', [])) or '-'} | {r.get('decode_tok_s', '-')} | "
                      f"{r.get('vs_inproc', '-')} | {r.get('output_tok_s', '-')} | "
-                     f"{r.get('error') or r.get('cuda_graphs', '')} |")
+                     f"{r.get('error') or r.get('cuda_graphs') or r.get('pingpong', '')} |")
     (args.out / "mesh-h200.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -10,7 +10,8 @@ time per step and the idle gap between one step's end and the next one's start (
 batcher), split into legs with the Router/Step server span and the batcher's "batcher.step" span. The idle mesh's CPU
 (10 s before any request) comes first. With --py-spy DIR, every process is also sampled by `py-spy record`
 (speedscope files in DIR).
---pipeline off disables the batcher's step pipelining (MOEMESH_BATCHER_PIPELINE=false), to compare.
+--pipeline off disables the batcher's step pipelining (MOEMESH_BATCHER_PIPELINE=false), to compare; --spin N sets the
+shards' shared-memory poll window (MOEMESH_EXPERT_SPIN_US, microseconds; 0: block at once; -1: auto; default: unset).
 Writes benchmarks/results/mesh-profile-cpu.json and .md.
 """
 
@@ -173,13 +174,14 @@ def main() -> None:
     parser.add_argument("--pipeline", choices=("on", "off"), default="on",
                         help="batcher step pipelining (MOEMESH_BATCHER_PIPELINE); with it on, the router's gap is "
                              "only its own turn-around: the next step is already queued")
+    parser.add_argument("--spin", default="default", help="shard shm poll window in us (default, 0, 2000, -1)")
     parser.add_argument("--py-spy", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mesh-profile-cpu")
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
     rows, idle = [], {}
     with tempfile.TemporaryDirectory(prefix="mesh-profile-") as tmp:
-        proc, status = start_mesh(args.model, args.transport, Path(tmp), args.pipeline == "on")
+        proc, status = start_mesh(args.model, args.transport, Path(tmp), args.pipeline == "on", args.spin)
         try:
             pids = {n: s["pid"] for n, s in status["services"].items()}
             traces = Path(tmp) / "home" / "traces"
@@ -193,7 +195,7 @@ def main() -> None:
     md = render(rows, idle, args, load_start)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "load_average_start": load_start,
-               "load_average_end": os.getloadavg()[0], "pipeline": args.pipeline}
+               "load_average_end": os.getloadavg()[0], "pipeline": args.pipeline, "spin": args.spin}
     args.out.with_suffix(".json").write_text(json.dumps({"command": _command(), "machine": machine,
                                                          "idle_core_percent": idle, "rows": rows}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(md)

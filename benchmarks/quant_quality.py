@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--out", default="quant-quality")
     p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated: torch, onnxruntime")
+    p.add_argument("--base-from", default="", help="take the float32 row from benchmarks/results/<NAME>.json (same "
+                   "model, texts, --max-tokens and --window; perplexity is deterministic) instead of recomputing it")
     p.add_argument("--engine-quant", default="", help="comma-separated Engine.load weight-only schemes (fp8, int8) "
                    "of --model itself, quantized on load (quant.py's rules); torch rows only")
     ns = p.parse_args(argv)
@@ -47,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 backend=backend, quantization=quantization).perplexity, 3)
                 for name, path in texts.items()}
 
-    base = ppl(ns.model, "torch")
-    rows = [{"checkpoint": f"{ns.model} float32", "method": "-", "bits": 32, "group_size": "-", "torch": base,
-             "onnxruntime": None}]
+    base = reused_base(ns) if ns.base_from else ppl(ns.model, "torch")
+    rows = [{"checkpoint": f"{ns.model} float32" + (f" (from {ns.base_from})" if ns.base_from else ""),
+             "method": "-", "bits": 32, "group_size": "-", "torch": base, "onnxruntime": None}]
     print(rows[0], flush=True)
     for item in ns.checkpoints:
         label, _, path = item.partition("=")
@@ -76,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         f"windows of {ns.window}; load average {result['load_average']}. Delta: against the float32 model on the "
         f"torch engine.\n\n{table}\n")
     return 0
+
+
+def reused_base(ns: argparse.Namespace) -> dict[str, float]:
+    """The float32 row of an earlier run, checked to match this one's settings."""
+    prev = json.loads((ROOT / "benchmarks" / "results" / f"{ns.base_from}.json").read_text())
+    for key, value in (("max_tokens", ns.max_tokens), ("window", ns.window)):
+        if prev[key] != value:
+            raise SystemExit(f"--base-from {ns.base_from}: its {key} is {prev[key]}, this run's {value}")
+    return prev["rows"][0]["torch"]
 
 
 def engine_rule(scheme: str) -> str:

@@ -11,8 +11,11 @@ then SIGSTOP of expert-0 for `--stop-s` seconds (SIGCONT after). Per transport a
   again_after_back_s = serving_again_s - shard_back_s (target <= 30 s);
 - left_behind: live processes of the killed shard's process group once the mesh serves again (must be 0).
 At the end each mesh is stopped and every process group it ever had is checked (left_at_end, must be 0).
+Transports "shm+replicas", "dist+replicas": that transport with a placement file putting every expert on both
+shards, so the router routes around the lost shard (serving again before the shard is back).
 
-    .venv/bin/python benchmarks/shard_fault.py [--transports shm,dist,grpc] [--streams 4] [--stop-s 5]
+    .venv/bin/python benchmarks/shard_fault.py [--transports shm,dist,grpc,shm+replicas,dist+replicas] [--streams 4]
+        [--stop-s 5]
 Writes benchmarks/results/shard-fault-cpu.json and .md (machine, command, load average).
 """
 
@@ -45,12 +48,20 @@ HUNG_S = 30.0
 
 def start_mesh(home: Path, model: Path, transport: str) -> tuple[subprocess.Popen, Path]:
     status_path, output = home / "status.json", home / "up.out"
+    extra = ["--expert-transport", transport]
+    if transport.endswith("+replicas"):  # every expert on both shards
+        from moemesh.runtime import placement_plan
+
+        experts = json.loads((model / "config.json").read_text())["num_local_experts"]
+        placement_plan.write(home / "placement.json", [list(range(experts))] * 2, experts, "shard_fault",
+                             {0: [1.0] * experts})
+        extra = ["--expert-transport", transport.split("+")[0], "--placement", str(home / "placement.json")]
     env = {**os.environ, "MOEMESH_HOME": str(home), "OTEL_SDK_DISABLED": "true"}
     env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
     with output.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "moemesh.cli.main", "up", "--model", str(model),
                                  "--gateway-port", str(free_port()), "--status-file", str(status_path),
-                                 "--dashboard-port", "-1", "--expert-transport", transport],
+                                 "--dashboard-port", "-1", *extra],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     wait_status(proc, status_path, output, 300)
     return proc, status_path
@@ -123,7 +134,7 @@ def _alive(pid: int) -> bool:
 
 
 async def one_transport(transport: str, args: argparse.Namespace) -> dict:
-    home = Path(tempfile.mkdtemp(prefix=f"moemesh-fault-{transport}-"))
+    home = Path(tempfile.mkdtemp(prefix=f"moemesh-fault-{transport.replace('+', '-')}-"))
     proc, status_path = start_mesh(home, tiny_model(), transport)
     status = _status(status_path)
     pgids = {os.getpgid(s["pid"]) for s in status["services"].values()}
@@ -183,7 +194,8 @@ def write(doc: dict, argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--transports", type=lambda s: s.split(","), default=["shm", "dist", "grpc"])
+    p.add_argument("--transports", type=lambda s: s.split(","),
+                   default=["shm", "dist", "grpc", "shm+replicas", "dist+replicas"])
     p.add_argument("--streams", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=400)
     p.add_argument("--stop-s", type=float, default=5.0)

@@ -74,6 +74,27 @@ def rows(slow: dict) -> list[str]:
     return out
 
 
+NOTES = """The load tenant's p50/p99 end to end (32 tokens), alone and next to the slow streams; each run below in full.
+What a failure means: `CANCELLED: CANCELLED` with no chunk is gRPC in the gateway cancelling a call that its code had
+not taken in within 30 s (`grpc.server_max_unrequested_time_in_server`): the gateway, then at nice 10, got almost no
+CPU once the engine ran full batches. `DEADLINE_EXCEEDED` would be a slow stream still in the batcher's queue when
+its client's deadline (phase + 120 s) passed."""
+
+
+def overview(runs: list[dict]) -> list[str]:
+    """One row per run: the load tenant alone / next to the slow streams, failures on both sides."""
+    out = ["| run | load average | slow streams | load tenant p50 alone / with (s) | p99 alone / with (s) | "
+           "load tenant failed alone / with | slow streams failed | mean batch with |",
+           "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        s = run["slow"]
+        a, w = s["load_alone"], s["load_with_slow"]
+        out.append(f"| {run['label']} | {run['machine']['loadavg'][0]} | {s['streams']} | "
+                   f"{a['p50_s']} / {w['p50_s']} | {a['p99_s']} / {w['p99_s']} | {a['failed']} / {w['failed']} | "
+                   f"{s['slow']['opened'] - s['slow']['ok']} | {s['with_slow']['mean_batch']} |")
+    return out
+
+
 def summary(slow: dict) -> str:
     s = slow["slow"]
     errors = "; ".join(f"{n} x `{e}`" for e, n in s["errors"].items()) or "none"

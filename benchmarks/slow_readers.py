@@ -4,7 +4,8 @@ generated, the chunks the slow readers actually read, and the batcher's queue/ba
 
     .venv/bin/python benchmarks/slow_readers.py --streams 200 --seconds 40 --rate 4
 Writes benchmarks/results/slow-readers[-TAG].json (machine, command) and a table of every slow-readers-*.json in
-benchmarks/results/slow-readers.md. soak.py reuses `slow_readers`, `cpu_seconds` and `phase_figures`.
+benchmarks/results/slow-readers-probes.md (slow-readers.md is soak.py --phase slow's). soak.py reuses `cpu_seconds`,
+`phase_figures` and `gauges`.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"slow-readers{'-' + args.tag if args.tag else ''}"
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     text = table()
-    (RESULTS / "slow-readers.md").write_text(text)
+    (RESULTS / "slow-readers-probes.md").write_text(text)
     print(text)
     return 0
 

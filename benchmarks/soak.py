@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from chaos import start_mesh, tiny_model  # noqa: E402
-from slow_phase import rows as slow_rows, run_slow_phase, summary as slow_summary  # noqa: E402
+from slow_phase import NOTES, overview, rows as slow_rows, run_slow_phase, summary as slow_summary  # noqa: E402
 from moemesh.bench.backends import GrpcBackend  # noqa: E402
 from moemesh.bench.load import LoadRun  # noqa: E402
 from moemesh.bench.report import machine  # noqa: E402
@@ -154,8 +155,7 @@ async def _slow_only(target: str, key: str, slow_key: str, model: str, status_pa
     await load(2.0, 10.0, 9)  # warm-up
     rate = args.load_rate or 0.3 * await capacity(target, key, model, args.capacity_s)
     slow = await run_slow_phase(target, key, slow_key, model, status_path, rate, args, load)
-    return {"phase": "slow", "slow": slow,
-            "batcher_env": {k: v for k, v in os.environ.items() if k.startswith("MOEMESH_BATCHER_")}}
+    return {"phase": "slow", "slow": slow, "env": {k: v for k, v in os.environ.items() if k.startswith("MOEMESH_")}}
 
 
 def _tenant(home: Path, name: str) -> str:
@@ -218,20 +218,28 @@ def _series_rows(doc: dict) -> list[str]:
     return out
 
 
-def write_slow(doc: dict, argv: list[str]) -> None:
-    """--phase slow: benchmarks/results/slow-readers.{json,md}."""
-    doc.update(machine=machine(), command=" ".join([".venv/bin/python", "benchmarks/soak.py", *argv]),
+def write_slow(doc: dict, argv: list[str], label: str) -> None:
+    """--phase slow: adds this run as `label` (replacing a run of that label) to benchmarks/results/slow-readers.json
+    and renders every run in slow-readers.md."""
+    doc.update(label=label, machine=machine(), command=shlex.join([".venv/bin/python", "benchmarks/soak.py", *argv]),
                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    path = RESULTS / "slow-readers.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    runs = [r for r in old.get("runs", []) if r["label"] != label] + [doc]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "slow-readers.json").write_text(json.dumps(doc, indent=2) + "\n")
-    m, slow = doc["machine"], doc["slow"]
-    text = "\n".join([
-        "# Slow readers next to a tenant under load", "", f"Command: `{doc['command']}` ({doc['date']})", "",
-        f"Machine: {m['platform']}, {m['cpus']} CPUs (shared with other work), load average {m['loadavg']}, commit "
-        f"{m['git_commit']}. Tiny MoE model, `moemesh up` defaults; batcher env {doc['batcher_env']}.", "",
-        slow_summary(slow), "", *slow_rows(slow), ""])
+    path.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    text = "\n".join(["# Slow readers next to a tenant under load", "", NOTES, "", *overview(runs), "",
+                      *[line for run in runs for line in _run(run)]])
     (RESULTS / "slow-readers.md").write_text(text)
     print(text)
+
+
+def _run(doc: dict) -> list[str]:
+    m, slow = doc["machine"], doc["slow"]
+    return [f"## {doc['label']}", "", f"Command: `{doc['command']}` ({doc['date']})", "",
+            f"Machine: {m['platform']}, {m['cpus']} CPUs (shared with other work), load average {m['loadavg']}, commit "
+            f"{m['git_commit']}. Tiny MoE model, `moemesh up`; env {doc['env']}.", "",
+            slow_summary(slow), "", *slow_rows(slow), ""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,10 +257,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="all: the soak, then the slow-reader phase; slow: the slow-reader phase only")
     p.add_argument("--load-rate", type=float, default=0.0,
                    help="--phase slow: the load tenant's req/s (0: 30%% of the measured capacity)")
+    p.add_argument("--label", default="default", help="--phase slow: the run's name in slow-readers.{json,md}")
     args = p.parse_args(argv)
     doc = asyncio.run(run(args))
     if args.phase == "slow":
-        write_slow(doc, argv)
+        write_slow(doc, argv, args.label)
     else:
         write(doc, argv, args.name)
     return 0

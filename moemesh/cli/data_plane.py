@@ -7,10 +7,13 @@ wait and the shards compute while the router waits: each shard gets its share of
 cores // (shards + 1) (at least 1; every core when the experts are in the router).
 OMP_WAIT_POLICY=PASSIVE: an OpenMP worker that spins after its parallel region (libgomp's default) takes a core from
 the other processes; on 2 cores that alone made a shared-memory decode step 1.6x slower (74 vs 46 ms).
-Priority: the front end (gateway, tokenizer, metering and its Redis) runs at nice FRONTEND_NICE. Its work (streaming
-a token, detokenizing, metering) is not on the per-layer path, but on 2 cores it pre-empted the router and the shards
-between their per-layer hand-offs: batch-1 streamed decode went from 0.88x to 0.94x of the in-process engine with it
-(benchmarks/mesh_decode.py). `MOEMESH_FRONTEND_NICE` overrides it (0: off).
+Priority: the front end (gateway, tokenizer, metering and its Redis) runs at nice FRONTEND_NICE, 0 by default. At
+nice 10 batch-1 streamed decode went from 0.88x to 0.94x of the in-process engine (its work pre-empted the router and
+the shards between their per-layer hand-offs; benchmarks/mesh_decode.py), but once the engine is saturated (a full
+batch) a reniced front end gets almost no CPU: next to 1,000 open streams of another tenant, a tenant's p50 went from
+0.7 to 48.7 s and 290 calls waited over 30 s to be taken in by the gateway, which gRPC then cancels (`CANCELLED`);
+at nice 0, 0.5 -> 1.7 s at load 18 (8 s at load 27-35) and no failure (benchmarks/results/slow-readers.md).
+`MOEMESH_FRONTEND_NICE=10` brings the single-user setting back.
 Values already in the environment win.
 """
 
@@ -41,7 +44,7 @@ def thread_env(kind: str, num_shards: int, environ: Mapping[str, str] = os.envir
 
 
 FRONTEND = ("gateway", "tokenizer", "metering")
-FRONTEND_NICE = 10
+FRONTEND_NICE = 0  # see the module doc: a serving mesh must not starve the front end that delivers its tokens
 
 
 def nice_of(name: str, environ: Mapping[str, str] = os.environ) -> int:

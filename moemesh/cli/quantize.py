@@ -18,10 +18,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=("awq", "gptq", "rtn", "grid"), default="rtn",
                    help="awq: activation-aware scales searched per layer on the calibration text, folded into the "
                    "norms / preceding Linears, then round-to-nearest with a clip search (quant/awq.py; MoE experts "
-                   "on their routed tokens, the few-token rule in quant/awq_plan.py); gptq: calibrated (Hessian of each Linear's input; Linears with fewer than 2 calibration "
-                   "tokens per input are rounded to nearest instead: see quant/gptq.py); rtn: round to nearest, "
-                   "no data; grid: exact re-encoding of weights already on a 4-bit grid (GGUF-born models such as the built-in "
-                   "smollm2), int8 for tensors that are not")
+                   "on their routed tokens, the few-token rule in quant/awq_plan.py); gptq: calibrated (Hessian of "
+                   "each Linear's input; Linears with fewer than 2 calibration tokens per input are rounded to "
+                   "nearest instead: see quant/gptq.py); rtn: round to nearest, no data; grid: exact re-encoding of "
+                   "weights already on a 4-bit grid (GGUF-born models such as the built-in smollm2), int8 for "
+                   "tensors that are not")
     p.add_argument("--group-size", type=int, default=32,
                    help="input columns per scale; where it does not divide a Linear's K (SmolLM2: 576 with 128), the "
                    "largest power of two >= 16 dividing K below it (recorded in config.json)")
@@ -30,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --bits 4: keep modules matching REGEX in int8 (repeatable), e.g. 'down_proj$'")
     p.add_argument("--calib", default=None,
                    help="gptq/awq: UTF-8 calibration text (default: moemesh/quant/data/calib_en.txt)")
+    p.add_argument("--awq-duo", action="store_true",
+                   help="awq: also try weight-aware scales mean|x|^a / mean|w|^(1-a) (AutoAWQ's default; 2x search)")
     p.add_argument("--min-tokens", type=int, default=16,
                    help="gptq/awq: routed calibration tokens below which an expert falls back (see --method)")
     p.add_argument("--damp", type=float, default=0.01,
@@ -47,7 +50,7 @@ def run(ns: argparse.Namespace) -> int:
 
     settings = QuantSettings(bits=ns.bits, method=ns.method, group_size=ns.group_size, symmetric=ns.symmetric,
                              int8_modules=tuple(ns.int8), damp=ns.damp,
-                             min_tokens=ns.min_tokens, **({"calib": ns.calib} if ns.calib else {}))
+                             min_tokens=ns.min_tokens, awq_duo=ns.awq_duo, **({"calib": ns.calib} if ns.calib else {}))
     try:
         settings.validate()
     except ValueError as exc:

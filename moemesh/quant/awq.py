@@ -19,6 +19,8 @@ measures each group's output on its own input slice). Skipped for q/k (attention
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +41,18 @@ class Consumer:
     bits: int
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """The searches are thousands of small matmuls: OpenMP workers waking for each made them ~100x slower on 2
+    busy cores (13 ms for a [32, 64] @ [64, 64] product at load 11); one thread, as gptq.py does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
     """trace(D H D^T) = sum over calibration tokens of ||x D^T||^2; delta [N, K], hessian [K, K]."""
     return float(((delta @ hessian) * delta).sum())
@@ -47,32 +61,47 @@ def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
 def fake_quant(w: torch.Tensor, bits: int, group: int, symmetric: bool, shrink: float = 1.0) -> torch.Tensor:
     """Round-to-nearest w [N, K] (range shrunk by `shrink`, codes clamped to the grid) and dequantized."""
     scale, zero = minmax_params(w * shrink, bits, group, symmetric)
-    return QWeight(quantize_groups(w, scale, zero, bits), scale, zero, bits, group).dequantize()
+    return _dequantized(w, scale, zero, bits, group)
 
 
-def scales_for(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
-    """s [K] = mean|x|^alpha, normalised to max * min = 1 (only the relative scale matters to the error)."""
+def scales_for(abs_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """s [K] = mean|x|^alpha (or, "duo" as AutoAWQ/llmcompressor by default, mean|x|^alpha / mean|w|^(1-alpha)),
+    normalised to max * min = 1 (only the relative scale matters to the error)."""
     s = abs_mean.float().clamp(min=1e-4) ** alpha
+    if w_mean is not None:
+        s = (s / (w_mean.float() ** (1 - alpha) + 1e-4)).clamp(min=1e-4)
     return s / (s.max() * s.min()).sqrt()
 
 
+def weight_means(weights: list[torch.Tensor], group: int) -> torch.Tensor:
+    """[K] mean over all rows of |w| / (its group's max |w|): the weight side of duo scaling."""
+    total, rows = 0.0, 0
+    for w in weights:
+        n, k = w.shape
+        a = w.float().abs().view(n, k // group, group)
+        total = total + (a / (a.amax(-1, keepdim=True) + 1e-6)).view(n, k).sum(0)
+        rows += n
+    return total / rows
+
+
 def search_scale(consumers: list[Consumer], abs_mean: torch.Tensor, group: int, symmetric: bool,
-                 expand: torch.Tensor | None = None) -> tuple[torch.Tensor, float, dict[float, float]]:
-    """The best s [K] over ALPHAS for the consumers' summed output error. expand [K'] (long), when given, maps each
-    consumer input channel to its scale (o_proj behind grouped-query attention: a v channel feeds several heads).
-    Returns (s, best alpha, alpha -> error)."""
-    errors: dict[float, float] = {}
-    best = (float("inf"), 0.0, torch.ones_like(abs_mean, dtype=torch.float32))
-    for alpha in ALPHAS:
-        s = scales_for(abs_mean, alpha)
+                 expand: torch.Tensor | None = None, w_mean: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, tuple[float, bool], dict[tuple[float, bool], float]]:
+    """The best s [K] for the consumers' summed output error over ALPHAS, x-only and, when w_mean [K] is given,
+    also duo. expand [K'] (long), when given, maps each consumer input channel to its scale (o_proj behind
+    grouped-query attention: a v channel feeds several heads). Returns (s, (alpha, duo), (alpha, duo) -> error)."""
+    errors: dict[tuple[float, bool], float] = {}
+    best = (float("inf"), (0.0, False), torch.ones_like(abs_mean, dtype=torch.float32))
+    for key in [(a, False) for a in ALPHAS] + ([(a, True) for a in ALPHAS] if w_mean is not None else []):
+        s = scales_for(abs_mean, key[0], w_mean if key[1] else None)
         s_in = s[expand] if expand is not None else s  # [K']
         err = 0.0
         for c in consumers:
             w = c.weight.float()
             err += output_error(w - fake_quant(w * s_in, c.bits, group, symmetric) / s_in, c.hessian)
-        errors[alpha] = err
+        errors[key] = err
         if err < best[0]:
-            best = (err, alpha, s)
+            best = (err, key, s)
     return best[2], best[1], errors
 
 
@@ -96,7 +125,7 @@ def clip_quantize(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, grou
     best = torch.full((n, g), float("inf"))
     for ratio in CLIP_RATIOS:
         s_r, z_r = minmax_params(w * ratio, bits, group, symmetric)
-        d = (fake_from(w, s_r, z_r, bits, group) - w).view(n, g, group)  # [N, G, group]
+        d = (_dequantized(w, s_r, z_r, bits, group) - w).view(n, g, group)  # [N, G, group]
         err = torch.einsum("ngi,gij,ngj->ng", d, blocks.float(), d)  # [N, G]
         better = err < best
         best = torch.where(better, err, best)
@@ -104,5 +133,6 @@ def clip_quantize(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, grou
     return QWeight(quantize_groups(w, scale, zero, bits), scale, zero, bits, group)
 
 
-def fake_from(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+def _dequantized(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """w [N, K] rounded onto the grid of scale/zero [N, G], back in float."""
     return QWeight(quantize_groups(w, scale, zero, bits), scale, zero, bits, group).dequantize()

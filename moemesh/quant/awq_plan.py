@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moemesh.quant.awq import Consumer, search_scale
+from moemesh.quant.awq import Consumer, search_scale, weight_means
 from moemesh.quant.calibration import Hessians
 
 FALLBACK = "experts with < min_tokens routed tokens: down_proj s = 1, gate/up searched on the layer-wide Hessian"
@@ -47,7 +47,7 @@ class Plan:
 
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     cols: dict[str, torch.Tensor] = field(default_factory=dict)
-    alphas: dict[str, float] = field(default_factory=dict)  # group's first consumer -> chosen alpha
+    alphas: dict[str, str] = field(default_factory=dict)  # group's first consumer -> chosen scales, "x^0.35"
 
     def apply(self, name: str, t: torch.Tensor) -> torch.Tensor:
         if name in self.rows:
@@ -66,13 +66,13 @@ def layer_groups(names: set[str], i: int, config: dict, moe_stats: str | None, f
     a dense FFN); fell: FFN prefixes (experts) under the few-token rule."""
     groups, attn, base = [], f"model.layers.{i}.self_attn", f"model.layers.{i}"
     qkv = [f"{attn}.{x}_proj.weight" for x in "qkv"]
-    if all(n in names for n in qkv):
+    if all(n in names for n in qkv) and f"{base}.input_layernorm.weight" in names:  # else: no scale (clip only)
         groups.append(ScaleGroup(qkv, [f"{base}.input_layernorm.weight"], qkv[0]))
         o = _o_group(names, attn, config)
         groups += [o] if o else []
     mlp = next((f"{base}.{m}" for m in ("mlp", "block_sparse_moe") if any(n.startswith(f"{base}.{m}.") for n in names)),
                None)
-    if mlp is None:
+    if mlp is None or f"{base}.post_attention_layernorm.weight" not in names:
         return groups
     ffns, also = set(), []
     for n in sorted(x for x in names if x.startswith(mlp + ".") and x.endswith(".weight")):
@@ -108,23 +108,25 @@ def _o_group(names: set[str], attn: str, config: dict) -> ScaleGroup | None:
 
 
 def build_plan(groups: list[ScaleGroup], read: Callable[[str], torch.Tensor], hessians: Hessians,
-               bits: Callable[[str], int], group: Callable[[str], int], symmetric: bool) -> Plan:
-    """Searches each group's s (quant/awq.py) on the original float weights and calibration Hessians; records
-    consumer columns * s and producer rows * 1/s."""
+               bits: Callable[[str], int], group: Callable[[str], int], symmetric: bool, duo: bool = False) -> Plan:
+    """Searches each group's s (quant/awq.py; duo: also the weight-aware candidates) on the original float weights
+    and calibration Hessians; records consumer columns * s and producer rows * 1/s."""
     plan = Plan()
     for g in groups:
         consumers = [Consumer(read(n).float(), hessians.h[n], bits(n)) for n in g.consumers]
         sizes = {group(n) for n in g.consumers}
         if len(sizes) != 1:
             raise ValueError(f"--method awq: Linears {g.consumers} share an input but got group sizes {sorted(sizes)}")
-        s, alpha, _ = search_scale(consumers, _tied_mean(hessians.abs_mean(g.stats), g.expand), sizes.pop(),
-                                   symmetric, g.expand)
+        size = sizes.pop()
+        w_mean = _tied_mean(weight_means([c.weight for c in consumers], size), g.expand) if duo else None
+        s, (alpha, is_duo), _ = search_scale(consumers, _tied_mean(hessians.abs_mean(g.stats), g.expand), size,
+                                             symmetric, g.expand, w_mean)
         s_in = s[g.expand] if g.expand is not None else s
         for n in g.consumers + g.also:
             plan._mul(plan.cols, n, s_in)
         for n in g.prev:
             plan._mul(plan.rows, n, 1.0 / s)
-        plan.alphas[g.consumers[0].removesuffix(".weight")] = alpha
+        plan.alphas[g.consumers[0].removesuffix(".weight")] = f"x^{alpha:g}" + (f" / w^{1 - alpha:g}" if is_duo else "")
     return plan
 
 
@@ -143,7 +145,7 @@ def clip_allowed(name: str) -> bool:
 
 def plan_checkpoint(read: Callable[[str], torch.Tensor], names: set[str], config: dict, hessians: Hessians,
                     fell: set[str], bits: Callable[[str], int], group: Callable[[str], int], symmetric: bool,
-                    progress: Callable | None = None) -> Plan:
+                    progress: Callable | None = None, duo: bool = False) -> Plan:
     """Every decoder layer's groups (layer_groups) searched into one Plan. MoE layers' all-token input statistics
     are under Hessians key `model.layers.<i>.moe_input` (quantizer.collect_hessians)."""
     plan = Plan()
@@ -151,7 +153,7 @@ def plan_checkpoint(read: Callable[[str], torch.Tensor], names: set[str], config
     for i in progress(layers) if progress else layers:
         moe = f"model.layers.{i}.moe_input"
         groups = layer_groups(names, i, config, moe if moe in hessians.abs_sum else None, fell)
-        part = build_plan(groups, read, hessians, bits, group, symmetric)
+        part = build_plan(groups, read, hessians, bits, group, symmetric, duo)
         for n, v in part.rows.items():
             plan._mul(plan.rows, n, v)
         for n, v in part.cols.items():

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from moemesh.quant import awq_plan
-from moemesh.quant.awq import clip_quantize, scaled_hessian
+from moemesh.quant.awq import clip_quantize, one_thread, scaled_hessian
 from moemesh.quant.calibration import DEFAULT_CALIB, FALLBACK, CalibrationDispatch, Hessians, attach_dense
 from moemesh.quant.gptq import gptq
 from moemesh.quant.grid import grid, grid_params
@@ -46,6 +46,7 @@ class QuantSettings:
     # text itself); its K = 576 Linears on the same text beat RTN. See quant/gptq.py.
     tokens_per_input: float = 2.0
     int8_modules: tuple[str, ...] = field(default_factory=tuple)
+    awq_duo: bool = False  # awq: also search s = mean|x|^a / mean|w|^(1-a) (AutoAWQ's default) beside mean|x|^a
     # a group size that does not divide some K: the largest power-of-two divisor below it there (else an error)
     group_fallback: bool = True
 
@@ -140,7 +141,8 @@ def quantize_tensors(model_dir: Path, s: QuantSettings, log: Callable[[str], Non
     items, dtypes, groups = {}, {}, {}
     with Checkpoint(model_dir) as ckpt:
         linear = _linear_table(ckpt, s)
-        plan = awq_scales(model_dir, ckpt, hessians, fell, s, progress) if s.method == "awq" else None
+        with one_thread():
+            plan = awq_scales(model_dir, ckpt, hessians, fell, s, progress) if s.method == "awq" else None
         for name in progress(ckpt.names()) if progress else ckpt.names():
             raw = ckpt.read(name)
             raw = plan.apply(name, raw) if plan is not None else raw
@@ -196,7 +198,8 @@ def awq_scales(model_dir: Path, ckpt, hessians: Hessians, fell: list, s: QuantSe
     fell_prefixes = {f"{moe_prefix(ckpt, layer)}.experts.{e}" for layer, e in fell}
     linear = _linear_table(ckpt, s)
     return awq_plan.plan_checkpoint(ckpt.read, set(ckpt.names()), config, hessians, fell_prefixes,
-                                    lambda n: linear[n][0], lambda n: linear[n][1], s.symmetric, progress)
+                                    lambda n: linear[n][0], lambda n: linear[n][1], s.symmetric, progress,
+                                    s.awq_duo)
 
 
 def _quantize(w: torch.Tensor, name: str, bits: int, group: int, s: QuantSettings, hessians: Hessians,
@@ -206,7 +209,8 @@ def _quantize(w: torch.Tensor, name: str, bits: int, group: int, s: QuantSetting
         h = hessians.h.get(name) if awq_plan.clip_allowed(name) else None
         if h is not None and name in plan.cols:
             h = scaled_hessian(h, plan.cols[name])
-        return clip_quantize(w, h, bits, group, s.symmetric)
+        with one_thread():
+            return clip_quantize(w, h, bits, group, s.symmetric)
     if s.method == "gptq" and name in hessians.h and hessians.tokens[name] >= s.tokens_per_input * w.shape[1]:
         return gptq(w, hessians.h[name], bits, group, s.symmetric, s.damp)
     if s.method == "grid" and bits == 4:

@@ -17,6 +17,7 @@ from moemesh.runtime.backbone import Backbone
 from moemesh.runtime.block_manager import BlockManager
 from moemesh.runtime.engine_loader import as_dtype, load_engine  # noqa: F401 (as_dtype: services import it here)
 from moemesh.runtime.kv_cache import KVCache
+from moemesh.runtime.micro_batch import stepping
 from moemesh.runtime.prompt_logprobs import PromptScorer, logit_rows, scored_works
 from moemesh.runtime.sampling import Sampler, SeqSampleState
 from moemesh.runtime.spec import ModelSpec
@@ -146,8 +147,8 @@ class Engine:
             return torch.empty(0, self.spec.vocab_size, device=self.device), {}
         new = [len(w.token_ids) for w in works]
         split = self.micro.split_at(new) if self.micro is not None else None  # ping-pong halves (micro_batch.py)
-        if split is None and not scored and self.decode is not None and self.decode.takes(works):
-            return self._decode(works), {}
+        if not scored and self.decode is not None and self.decode.takes(works):
+            return self._decode(works, split is not None), {}
         tables = [self.blocks.table(w.seq_id) for w in works]
         tokens = torch.tensor([t for w in works for t in w.token_ids], dtype=torch.int64, device=self.device)
         rows, sampled, spans = logit_rows(works, new, scored or {})
@@ -156,11 +157,8 @@ class Engine:
                                         tables, self.blocks.block_size, self.cache.pools, rows, split)
         else:
             ctx = StepContext.build([w.position for w in works], new, tables, self.blocks.block_size, self.device)
-            self.dispatch.begin_step(len(tokens))
-            try:
+            with stepping([(self.dispatch, len(tokens))]):
                 logits = self.backbone(tokens, ctx, self.dispatch, self.cache.pools, rows.to(self.device))
-            finally:
-                self.dispatch.end_step()
         if not spans:
             return logits, {}
         return logits[sampled], {seq_id: logits[a:b] for seq_id, (a, b) in spans.items()}
@@ -176,9 +174,10 @@ class Engine:
             if w.seq_id in rows:
                 result.prompt_logprobs = self.prompts.score(w, rows[w.seq_id], scored[w.seq_id])
 
-    def _decode(self, works: list[SeqWork]) -> torch.Tensor:
+    def _decode(self, works: list[SeqWork], split: bool = False) -> torch.Tensor:
         """A small step (decode tokens, short prefill chunks) through the paged runner, one row per token (CUDA
-        graphs where captured); logits [N, V] float32 of the sampling works' last rows."""
+        graphs where captured); logits [N, V] float32 of the sampling works' last rows. split: two ping-pong
+        halves of the bucket's rows, the second on self.micro.second (micro_batch.py)."""
         tokens, positions, tables, keep = [], [], [], []
         for w in works:
             table = self.blocks.table(w.seq_id)
@@ -187,11 +186,10 @@ class Engine:
             tables.extend([table] * len(w.token_ids))
             if w.sample:
                 keep.append(len(tokens) - 1)
-        self.dispatch.begin_step(self.decode.rows_for(len(tokens)))
-        try:
-            return self.decode.run(tokens, positions, tables, keep)
-        finally:
-            self.dispatch.end_step()
+        rows, second = self.decode.rows_for(len(tokens)), self.micro.second if split else None
+        parts = [(self.dispatch, rows // 2), (second, rows - rows // 2)] if split else [(self.dispatch, rows)]
+        with stepping(parts):
+            return self.decode.run(tokens, positions, tables, keep, second)
 
     def _sample(self, works: list[SeqWork], states: list[SeqSampleState], logits: torch.Tensor) -> list[SeqResult]:
         picked = [i for i, w in enumerate(works) if w.sample]

@@ -13,21 +13,20 @@ and only for remote shards (services/router/pingpong.py): with experts in proces
 Invariants: the split falls on sequence boundaries (A = works[:k], B = works[k:]), so each sequence's K/V slots,
 positions and causal mask are exactly those of the unsplit step, and logits rows (work order, increasing) of A come
 before B's: concatenating the halves' logits gives the unsplit layout [N, V]. Nothing here syncs the host with the
-device: the row split is done on the host copy of the rows before they move.
+device: the row split is done on the host copy of the rows before they move. On CUDA the paged decode runner
+(gpu/decode_graphs.py) splits its bucket's rows at b/2 instead, inside its own CUDA graphs (split_logits).
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from moemesh.runtime.step_context import StepContext
 from moemesh.runtime.types import ExpertDispatch
-
-DEFAULT_MIN_SEQS = 8  # CPU default of the router's --pingpong-min-seqs
-
 
 def split_point(new: Sequence[int], min_seqs: int) -> int | None:
     """k such that works[:k] (A) and works[k:] (B) carry token counts as even as sequence boundaries allow; None
@@ -57,10 +56,35 @@ def alternate(halves: list[Generator[None, None, torch.Tensor]]) -> list[torch.T
     return results  # type: ignore[return-value]
 
 
+@contextmanager
+def stepping(parts: Sequence[tuple[ExpertDispatch, int]]) -> Iterator[None]:
+    """begin_step(rows) on each (dispatch, rows) in order; end_step on every begun one afterwards, also after a
+    failure (a dispatch's end_step looks at sys.exc_info() to tell)."""
+    begun: list[ExpertDispatch] = []
+    try:
+        for dispatch, rows in parts:
+            dispatch.begin_step(rows)
+            begun.append(dispatch)
+        yield
+    finally:
+        for dispatch in begun:
+            dispatch.end_step()
+
+
+def split_logits(backbone, halves: Sequence[tuple[torch.Tensor, object, ExpertDispatch]], pools: list | None,
+                 rows: Sequence[torch.Tensor | None] = (None, None)) -> torch.Tensor:
+    """Ping-pong forward of two halves (token ids [T_i], step context, dispatch) -> logits [N, V] float32 of each
+    half's `rows` (device int64; None: all its rows), A's before B's. No host sync (the GPU decode runner captures
+    it)."""
+    hidden = alternate([backbone.hidden_steps(ids, ctx, dispatch, pools) for ids, ctx, dispatch in halves])
+    picked = torch.cat([h if r is None else h[r] for h, r in zip(hidden, rows)])  # [N, H] after the final norm
+    return F.linear(picked, backbone.lm_head).float()  # one pass over the LM head for both halves
+
+
 class MicroBatching:
     """The second dispatch and the threshold; `forward` runs one split step."""
 
-    def __init__(self, second: ExpertDispatch, min_seqs: int = DEFAULT_MIN_SEQS) -> None:
+    def __init__(self, second: ExpertDispatch, min_seqs: int = 8) -> None:
         if min_seqs < 0:
             raise ValueError(f"min_seqs must be >= 0 (0: off), got {min_seqs}")
         self.second, self.min_seqs = second, min_seqs
@@ -76,20 +100,10 @@ class MicroBatching:
         device), split after work k: A on `first`, B on the second dispatch."""
         device, t_a = tokens.device, sum(new[:k])
         cut = int(torch.searchsorted(rows, t_a))  # rows[:cut] are A's rows (host tensor: no device sync)
-        parts = ((first, slice(0, k), tokens[:t_a], rows[:cut]),
-                 (self.second, slice(k, len(new)), tokens[t_a:], rows[cut:] - t_a))
-        begun: list[ExpertDispatch] = []
-        try:
-            halves = []
-            for dispatch, works, ids, _ in parts:
-                ctx = StepContext.build(cached[works], new[works], tables[works], block_size, device)
-                dispatch.begin_step(ids.shape[0])
-                begun.append(dispatch)
-                halves.append(backbone.hidden_steps(ids, ctx, dispatch, pools))
-            hidden = alternate(halves)  # [T_A, H], [T_B, H] after the final norm
-        finally:
-            for dispatch in begun:
-                dispatch.end_step()
+        a, b = slice(0, k), slice(k, len(new))
+        ctx = [StepContext.build(cached[s], new[s], tables[s], block_size, device) for s in (a, b)]
+        with stepping([(first, t_a), (self.second, tokens.shape[0] - t_a)]):
+            logits = split_logits(backbone, [(tokens[:t_a], ctx[0], first), (tokens[t_a:], ctx[1], self.second)],
+                                  pools, [rows[:cut].to(device), (rows[cut:] - t_a).to(device)])
         self.steps += 1
-        return torch.cat([F.linear(h[r.to(device)], backbone.lm_head).float()
-                          for h, (_, _, _, r) in zip(hidden, parts)])  # [N, V]
+        return logits

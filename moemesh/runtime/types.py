@@ -120,7 +120,7 @@ class CapacityError(RuntimeError):
 
 
 class SequenceStateError(ValueError):
-    """A work item's position does not match the cached length, or the sequence is unknown."""
+    """A SequenceWork's position does not match the cached length, or the sequence is unknown."""
 
 
 class ContextLengthError(SequenceStateError):

@@ -143,4 +143,6 @@ def wait_polled(work, fault: Callable[[], str | None]) -> None:
             raise RuntimeError(why)
         time.sleep(0 if polls < SPIN_POLLS else POLL_S)
         polls += 1
-    work.wait()  # completed: makes the current stream wait for NCCL's (no CPU block)
+    # Completed (or failed): a wait with a timeout raises the work's error, where a plain NCCL wait would not; it
+    # also makes the current stream wait for NCCL's.
+    wait(work, 60.0)

@@ -2,7 +2,9 @@
 
 The region is one file under /dev/shm, mapped by both processes (torch.from_file, MAP_SHARED), holding:
 
-    header  [8] int64      header[0]: the shard's heartbeat counter (a shard thread bumps it every HEARTBEAT_S)
+    header  [8] int64      header[0]: the shard's heartbeat counter (a shard thread bumps it every HEARTBEAT_S);
+                           header[1]: seq of the router's latest request, written after its message is sent;
+                           header[2]: seq of the shard's latest reply, written after its message is sent
     hidden  [Tmax, H]      dtype   router -> shard, rows 0..T-1 of the current layer
     ids     [Tmax, K]      int32   router -> shard, global expert ids (-1: unused slot)
     weights [Tmax, K]      float32 router -> shard
@@ -11,9 +13,18 @@ The region is one file under /dev/shm, mapped by both processes (torch.from_file
 Signalling is a UNIX SOCK_SEQPACKET connection carrying one MESSAGE struct per layer each way: the router sends
 (seq, layer, T, 0) after writing the inputs (on a step's first layer followed by the step's W3C trace context as
 "key=value" lines), the shard replies (seq, layer, T, status) after writing the output; status != 0 is followed by a
-UTF-8 error text in the same packet. Blocking recv on both sides: nobody spins, and a
-process that dies closes its end (EOF at once). Invariant: the shard handles one message at a time, in order, so a
-reply with the router's latest seq means the output rows are that request's (stale replies are skipped by seq).
+UTF-8 error text in the same packet. Both sides end a wait in a blocking recv, and a process that dies closes its end
+(EOF at once). Invariant: the shard handles one message at a time, in order, so a reply with the router's latest seq
+means the output rows are that request's (stale replies are skipped by seq).
+
+Spinning (optional, bounded): a side that expects the other's message soon may first poll header[1] / header[2]
+(`spin_while` / `spin_until`, yielding the core between reads) and only then recv. The words are hints written
+after the message is sent, so a recv after a hit returns at once; the message stays the only synchronisation (its
+system calls order the memory), so the words need no atomics. The idea: a blocking wait lets an otherwise idle vCPU
+halt (this CI VM's guest halt polling is off), and waking a halted vCPU costs a VM exit, on every hand-off (30 per
+token at batch 1); a poller that keeps such a core busy skips that. Measured so far only on loaded cores, where the
+shard-side poll lost (benchmarks/results/mesh-decode-cpu-spin-loaded.md): shards poll only when asked (spin_us); the
+router polls only for the replies after the first of a layer (services/router/shm_dispatch.py).
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +40,7 @@ import torch
 
 MESSAGE = struct.Struct("<QIIi")  # seq, layer, tokens, status (0 ok)
 HEADER_WORDS = 8
+REQUEST_WORD, REPLY_WORD = 1, 2  # header words: latest request seq (router), latest reply seq (shard)
 HEARTBEAT_S = 0.1
 SHM_DIR = Path("/dev/shm")
 _ALIGN = 64
@@ -123,18 +136,58 @@ def host_id() -> str:
 def send_message(sock: socket.socket, seq: int, layer: int, tokens: int, status: int = 0, text: str = "") -> None:
     data = MESSAGE.pack(seq, layer, tokens, status) + text.encode()[:4000] if text else \
         MESSAGE.pack(seq, layer, tokens, status)
-    try:  # one write(2): socket.send on a socket with a timeout polls first (a second system call per message)
+    try:  # one write(2): socket.send on a socket with a Python timeout polls first (a second system call)
         os.write(sock.fileno(), data)  # SOCK_SEQPACKET: the whole packet or an error
     except BlockingIOError:  # the peer's queue is full (it is not reading): wait as the socket's timeout allows
-        sock.sendall(data)
+        sock.sendall(data)  # with set_timeout: raises once SO_SNDTIMEO passes again
 
 
 def recv_message(sock: socket.socket) -> tuple[int, int, int, int, str] | None:
-    """(seq, layer, tokens, status, text), or None on EOF (the peer closed or died)."""
-    data = sock.recv(MESSAGE.size + 4096)
+    """(seq, layer, tokens, status, text), or None on EOF (the peer closed or died); TimeoutError when the socket's
+    timeout (set_timeout) passes first."""
+    try:
+        data = sock.recv(MESSAGE.size + 4096)
+    except BlockingIOError:  # SO_RCVTIMEO expired on a blocking socket
+        raise TimeoutError("no shm signal within the receive timeout") from None
     if not data:
         return None
     if len(data) < MESSAGE.size:
         raise ConnectionError(f"short shm signal packet ({len(data)} bytes)")
     seq, layer, tokens, status = MESSAGE.unpack_from(data)
     return seq, layer, tokens, status, data[MESSAGE.size:].decode(errors="replace")
+
+
+def set_timeout(sock: socket.socket, seconds: float | None) -> None:
+    """Send and receive timeouts kept by the kernel (SO_SNDTIMEO, SO_RCVTIMEO; None: wait forever) on a blocking
+    socket: a recv is then one system call (Python's own socket timeout polls first, a second call per message).
+    A timeout shows as TimeoutError from recv_message and as an OSError from send_message."""
+    sock.settimeout(None)
+    micros = 0 if seconds is None else max(int(seconds * 1e6), 1)  # 0 = no timeout
+    value = struct.pack("ll", micros // 1_000_000, micros % 1_000_000)  # struct timeval
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+def spin_while(words, index: int, value: int, seconds: float) -> bool:
+    """Polls words[index] (a numpy view of the header) while it equals `value`, yielding the core between reads
+    (os.sched_yield also releases the GIL), for at most `seconds`; True once it differs."""
+    if words[index] != value:
+        return True
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        os.sched_yield()
+        if words[index] != value:
+            return True
+    return False
+
+
+def spin_until(words, index: int, value: int, seconds: float) -> bool:
+    """Polls words[index] until it equals `value` (as spin_while), for at most `seconds`; True on a hit."""
+    if words[index] == value:
+        return True
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        os.sched_yield()
+        if words[index] == value:
+            return True
+    return False

@@ -1,4 +1,4 @@
-"""A step being planned (scheduler.py): the token budget left, the work items so far, and how one sequence's chunk is
+"""A step being planned (scheduler.py): the token budget left, the SequenceWorks so far, and how one sequence's chunk is
 cut and charged against the budget."""
 
 from __future__ import annotations

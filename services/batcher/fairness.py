@@ -12,15 +12,24 @@ queued nor as active until released.
 
 Batch slots are shared the same way: tenants below their weighted share of the slots are admitted first, and when the
 batch is full the scheduler may preempt a sequence of a tenant above its share to make room (scheduler._rebalance).
+While more than one tenant is active, a tenant is not admitted past its share rounded up (`cap`): one tenant's
+backlog (a thousand streams, say) then cannot fill the spare slots, since on a CPU every sequence in the batch makes
+each step slower for all of them (measured: 15 ms per step at 2-3 sequences, 45-60 ms at 31), and its tokens load the
+front end that must deliver the others' too. A tenant stays active for IDLE_GRACE_S after its last request left: one
+with requests every fraction of a second is not counted out between two of them (the other would fill the batch in
+that gap). Parked sequences count neither as running nor as waiting.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Collection
+import math
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from services.batcher.sequence import Sequence, Status
+
+IDLE_GRACE_S = 1.0  # seconds a tenant counts as active after its last request left (for shares and caps)
 
 
 @dataclass
@@ -30,12 +39,15 @@ class _Tenant:
     heap: list[tuple[tuple[int, float, int], Sequence]] = field(default_factory=list)  # (rank, seq); lazy deletes
     queued: int = 0  # live WAITING entries in heap
     running: int = 0  # sequences of this tenant in the batch
+    idle_at: float | None = None  # clock time it last went idle (nothing waiting or running)
 
 
 class FairQueue:
     """The waiting requests of all tenants, served in weighted-fair order."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] | None = None, idle_grace: float = IDLE_GRACE_S) -> None:
+        self._clock = clock
+        self._grace = idle_grace if clock is not None else 0.0  # no clock: active means waiting or running
         self._tenants: dict[str, _Tenant] = {}
         self._size = 0
         self._last_idle = 0.0  # counter of the tenant that last went idle: the floor when nobody is active
@@ -64,26 +76,36 @@ class FairQueue:
 
     def peek(self, slots: int = 0, skip: Collection[str] = ()) -> Sequence | None:
         """The next sequence to admit, or None when nothing waits. With `slots` (the batch size), tenants holding
-        fewer running sequences than their weighted share of the slots go first; then the smallest counter.
-        Sequences whose seq_id is in `skip` (held back for this step) are passed over: their tenant's next counts."""
+        fewer running sequences than their weighted share of the slots go first; then the smallest counter; tenants
+        at their cap (see `cap`) are passed over. Sequences whose seq_id is in `skip` (held back for this step) are
+        passed over: their tenant's next counts."""
         best: Sequence | None = None
         best_key: tuple = ()
+        active = self._active_weights() if slots > 0 else {}  # once per call: shares and caps of every tenant
+        total = sum(active.values())
         for name, t in self._tenants.items():
             head = self._head(t, skip) if t.queued else None
             if head is None:
                 continue
-            key = (slots > 0 and t.running >= self.share(name, slots), t.counter, t.running)
+            share = slots * t.weight / total if slots > 0 else 0.0  # t waits, so it is active: total > 0
+            if slots > 0 and t.running >= (max(1, math.ceil(share)) if len(active) > 1 else slots):
+                continue  # at its cap (see `cap`)
+            key = (slots > 0 and t.running >= share, t.counter, t.running)
             if best is None or key < best_key:
                 best, best_key = head, key
         return best
 
     def share(self, tenant: str, slots: int) -> float:
         """The tenant's weighted share of `slots` among the active tenants (those waiting or running)."""
-        t = self._tenants.get(tenant)
-        if t is None or not (t.queued or t.running):
-            return 0.0
-        total = sum(x.weight for x in self._tenants.values() if x.queued or x.running)
-        return slots * t.weight / total
+        active = self._active_weights()
+        return slots * active[tenant] / sum(active.values()) if tenant in active else 0.0
+
+    def cap(self, tenant: str, slots: int) -> int:
+        """The most sequences `tenant` may have in a batch of `slots`: all of them while no other tenant is active,
+        else its weighted share rounded up (at least 1). peek() applies the same rule."""
+        if not set(self._active_weights()) - {tenant}:
+            return slots
+        return max(1, math.ceil(self.share(tenant, slots)))
 
     def running(self, tenant: str) -> int:
         t = self._tenants.get(tenant)
@@ -163,6 +185,14 @@ class FairQueue:
     def _note_idle(self, t: _Tenant) -> None:
         if t.queued == 0 and t.running == 0:
             self._last_idle = t.counter
+            t.idle_at = self._clock() if self._clock is not None else None
+
+    def _active_weights(self) -> dict[str, float]:
+        """Weight of each active tenant: waiting or running (parked sequences are neither), or idle for less than
+        the grace."""
+        since = self._clock() - self._grace if self._grace > 0 else None
+        return {name: t.weight for name, t in self._tenants.items() if t.queued or t.running or (
+            since is not None and t.idle_at is not None and t.idle_at > since)}
 
     def _head(self, t: _Tenant, skip: Collection[str]) -> Sequence | None:
         """The tenant's first waiting sequence not in `skip` (rank order; scans only when its head is skipped)."""

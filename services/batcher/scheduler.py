@@ -13,7 +13,8 @@ A step is built in passes (planning.py), decodes first so running sequences keep
 2. (chunked mode) short arrivals: admissions whose whole prompt fits in half the budget left, so a request arriving
    during a long prefill gets its first token within a step or two;
 3. (chunked mode) prefill chunks of running sequences in what is left of the token budget;
-4. admissions in weighted-fair order while the batch and the budget have room and the KV cache keeps its watermark.
+4. admissions in weighted-fair order while the batch and the budget have room and the KV cache keeps its watermark;
+   while several tenants are active, none is admitted past its weighted share of the batch (fairness.FairQueue.cap).
 Admissions pass over a request whose prompt prefix a running sequence of its tenant is still prefilling: it waits
 (at most policy.prefix_hold seconds) and then hits those blocks in the router's prefix cache (prefix_sharing.py).
 Requests whose deadline passed are dropped first, queued or running; cancelled ones leave at once. Every sequence
@@ -52,7 +53,7 @@ class Scheduler(StepPasses):
         self.max_context = max_context
         self.eos = frozenset(eos_ids)
         self.clock = clock
-        self.queue = FairQueue()
+        self.queue = FairQueue(clock)  # per-tenant shares of the batch (fairness.py)
         self.running: list[Sequence] = []
         self.steps = 0
         self.preemptions = 0

@@ -33,7 +33,7 @@ class StepPlan:
 
 @dataclass
 class SequenceResult:
-    """The router's answer for one work item."""
+    """The router's answer for one SequenceWork."""
 
     seq_id: str
     token_id: int | None  # None when the item did not sample

@@ -54,7 +54,10 @@ def build_servicer(config: ExpertConfig) -> ExpertServicer:
     hosts = (f"experts {list(bank.experts)} of layers {list(bank.layers)}" if by_layer is None else
              "experts per layer " + "; ".join(f"{layer}: {list(e)}" for layer, e in sorted(by_layer.items())))
     log.info("shard %d/%d hosts %s (%.1f MB)", config.shard_index, config.num_shards, hosts, bank.weight_bytes / 1e6)
-    return ExpertServicer(shard, identity, StepSpans(tracer("moemesh.expert")))
+    spin_s = config.spin_seconds()
+    if spin_s:
+        log.info("shared-memory links poll %.0f us for the next request before blocking", spin_s * 1e6)
+    return ExpertServicer(shard, identity, StepSpans(tracer("moemesh.expert")), shm_spin_s=spin_s)
 
 
 def _layers_of(config: ExpertConfig) -> dict[int, list[int]] | None:

@@ -7,6 +7,7 @@ index comes from the StatefulSet pod ordinal (deploy/k8s/expert.yaml).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -57,6 +58,14 @@ class ExpertConfig(ServiceConfig):
     quantization: str = setting("none", "weight-only quantization of this shard's experts: none, fp8 (e4m3) "
                                 "or int8, per-channel scales, or int4 (a scale per 128 columns)",
                                 env="MOEMESH_QUANTIZATION", choices=QUANTIZATIONS)
+    spin_us: int = setting(0, "microseconds a shared-memory link polls for the router's next request after each "
+                           "reply before it blocks (0: never; -1: auto, SPIN_AUTO_US on a CPU shard whose index is "
+                           "below the core count - 1, so that a core stays free for the router, else 0)")
+
+    # Covers the router's work between two layers at batch 1 (~0.6 ms on 2 cores). Off by default: on 2 loaded cores
+    # (load 15-28) the blocking hand-off streamed faster (benchmarks/results/mesh-decode-cpu-spin-loaded.md); quiet
+    # cores are untested: `python benchmarks/mesh_decode.py --repeats 2` runs both (-1 row).
+    SPIN_AUTO_US: ClassVar[int] = 2000
 
     def validate(self) -> None:
         super().validate()
@@ -73,6 +82,8 @@ class ExpertConfig(ServiceConfig):
             raise ConfigError(f"{self.source('device')}: {self.device!r} is not cpu, cuda[:N] or mps")
         if self.compute_threads < 0:
             raise ConfigError(f"{self.source('compute_threads')}: {self.compute_threads!r} must be >= 0")
+        if self.spin_us < -1:
+            raise ConfigError(f"{self.source('spin_us')}: {self.spin_us!r} must be >= 0, or -1 (auto)")
         self.expert_list()
         if self.backend == "onnxruntime" and (self.dtype != "float32" or self.quantization != "none"):
             raise ConfigError(f"{self.source('backend')}: onnxruntime needs dtype float32 and quantization none "
@@ -81,3 +92,11 @@ class ExpertConfig(ServiceConfig):
     def expert_list(self) -> tuple[int, ...] | None:
         """Explicit expert ids, or None to use the shard_index/num_shards split."""
         return parse_expert_list(self.experts, self.source("experts")) if self.experts else None
+
+    def spin_seconds(self, cores: int | None = None) -> float:
+        """The shared-memory poll window in seconds (spin_us resolved; cores: the CPUs this process may run on unless
+        given). Only shared-memory links poll, i.e. a router on the same host (`moemesh up`)."""
+        if self.spin_us >= 0:
+            return self.spin_us / 1e6
+        cores = cores or len(os.sched_getaffinity(0)) or 1
+        return self.SPIN_AUTO_US / 1e6 if self.device == "cpu" and self.shard_index < cores - 1 else 0.0

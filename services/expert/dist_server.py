@@ -66,6 +66,8 @@ class Member:
 
     def _recv(self, tensor: torch.Tensor, tag: int, timeout_s: float) -> None:
         dist_wire.wait(self._group.recv([tensor], 0, tag), timeout_s)
+        if self._stop.is_set():  # ended meanwhile (NCCL: aborted, so the receive "completed" with nothing)
+            raise RuntimeError("the membership ended (the router's watch ended)")
 
     def _send(self, tensor: torch.Tensor, tag: int) -> None:
         self._group.send([tensor], 0, tag).wait()

@@ -25,11 +25,18 @@ MERGED_BLOCKS = Counter("expert_merged_blocks", "Blocks computed in one expert b
 FORWARD_CALLS = Counter("expert_forward_calls", "Forward calls, by outcome.", ["outcome"], namespace=NAMESPACE)
 
 
+# Children bound once: labels() is a dict lookup under a lock, and the shared-memory path observes every layer.
+_CALLS = {True: FORWARD_CALLS.labels("ok"), False: FORWARD_CALLS.labels("error")}
+_RECEIVED, _SENT = FORWARD_BYTES.labels("received"), FORWARD_BYTES.labels("sent")
+
+
 def observe_forward(layer: int, tokens: int, bytes_in: int, bytes_out: int, compute_s: float, ok: bool) -> None:
     del layer  # per-layer labels would multiply the series by the layer count; traces carry the layer detail
-    FORWARD_CALLS.labels("ok" if ok else "error").inc()
-    FORWARD_BYTES.labels("received").inc(bytes_in)
-    FORWARD_BYTES.labels("sent").inc(bytes_out)
+    _CALLS[ok].inc()
+    if bytes_in:  # 0 over shared memory (no payload bytes)
+        _RECEIVED.inc(bytes_in)
+    if bytes_out:
+        _SENT.inc(bytes_out)
     if ok:
         FORWARD_SECONDS.observe(compute_s)
         FORWARD_TOKENS.observe(tokens)

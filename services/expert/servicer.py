@@ -42,13 +42,14 @@ class ShardIdentity:
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertServicer):
-    def __init__(self, shard: ExpertShard, identity: ShardIdentity, spans: StepSpans | None = None) -> None:
+    def __init__(self, shard: ExpertShard, identity: ShardIdentity, spans: StepSpans | None = None,
+                 shm_spin_s: float = 0.0) -> None:
         self._shard = shard
         self._identity = identity
         self._spans = spans or StepSpans(tracer("moemesh.expert"))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-compute")
         self._sweeper: asyncio.Task | None = None
-        self._shm = ShmServer(shard, identity.dtype)
+        self._shm = ShmServer(shard, identity.dtype, shm_spin_s)  # spin: ExpertConfig.spin_us
         self._dist = DistServer(shard, identity.dtype)
         self._ipc: list[cuda_ipc_server.CudaIpcAttachment] = []  # same-GPU links (Attach with cuda_ipc set)
 

@@ -1,15 +1,17 @@
 """The shard side of the shared-memory data plane (moemesh/serving/shm_region.py): one attachment per router.
 
-Attach maps the router's region, connects to its signalling socket and starts two threads (not the asyncio loop:
-torch compute would block it): `serve` waits in a blocking recv for (seq, layer, T), runs ExpertShard.forward on the
-region's rows 0..T-1, writes the output in place and replies; `beat` bumps the heartbeat word so the router can tell
-a long step (beats go on) from a stalled process (beats stop). An attachment lives until its socket closes (the
-router closed it, re-attached with a bigger region, or died) or the shard stops.
+Attach maps the router's region, connects to its signalling socket and starts two threads (not the asyncio loop: torch
+compute would block it): `serve` waits in a blocking recv for (seq, layer, T), runs ExpertShard.forward on the
+region's rows 0..T-1, writes the output in place and replies; `beat` bumps the heartbeat word so the router can tell a
+long step (beats go on) from a stalled process (beats stop). With spin_s > 0 (config `spin_us`), `serve` first polls
+the region's request word for that long after each reply before it blocks (shm_region: a core that does not halt
+between the layers of a step takes the next hand-off without a VM exit). An attachment lives until its socket closes
+(the router closed it, re-attached with a bigger region, or died) or the shard stops.
 
 M:N: several routers (data-parallel replicas) attach to one shard, one attachment each. The attachments share one
 MergedCompute (services/expert/merged_compute.py): one forward at a time per shard, and blocks of the same layer that
-wait at the same time (from different routers) run as one expert batch. Each router's tokens are counted under its
-pid (moemesh_expert_router_tokens_total{router}).
+wait at the same time (from different routers) run as one expert batch. Each router's tokens are counted under its pid
+(moemesh_expert_router_tokens_total{router}).
 """
 
 from __future__ import annotations
@@ -48,10 +50,14 @@ class AttachSpec:
 
 class Attachment:
     def __init__(self, shard: ExpertShard, region: shm_region.Region, sock: socket.socket, name: str,
-                 compute: MergedCompute | None = None) -> None:
+                 compute: MergedCompute | None = None, spin_s: float = 0.0) -> None:
         self._shard, self._region, self._sock, self.name = shard, region, sock, name
         self._compute = compute or MergedCompute(shard)  # shared by the shard's attachments (M:N)
+        self._spin_s = spin_s
         self.router = peer_pid(sock)
+        self._tokens = metrics.ROUTER_TOKENS.labels(self.router)  # bound once (labels() per layer is a lookup)
+        self._timeout: float | None = None  # the socket's kernel timeout (shm_region.set_timeout)
+        shm_region.set_timeout(sock, None)
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._serve, name=f"shm-serve-{name}", daemon=True),
                          threading.Thread(target=self._beat, name=f"shm-beat-{name}", daemon=True)]
@@ -66,23 +72,28 @@ class Attachment:
         while not self._stop.wait(shm_region.HEARTBEAT_S):
             self._region.header[0] += 1
 
-    def _receive(self, spans: StepSpans) -> tuple | None:
-        """The next message; while a step span is open, wakes every idle_s to end it once the router is idle."""
+    def _receive(self, spans: StepSpans, last_seq: int) -> tuple | None:
+        """The next message (after polling the request word for spin_s, if set); while a step span is open, wakes
+        every idle_s to end it once the router is idle."""
+        if self._spin_s:
+            shm_region.spin_while(self._region.beats, shm_region.REQUEST_WORD, last_seq, self._spin_s)
         while True:
             timeout = spans.idle_s if spans.open_count else None
-            if timeout != self._sock.gettimeout():  # settimeout is a system call: only on a change
-                self._sock.settimeout(timeout)
+            if timeout != self._timeout:  # a system call: only on a change
+                shm_region.set_timeout(self._sock, timeout)
+                self._timeout = timeout
             try:
                 return shm_region.recv_message(self._sock)
             except TimeoutError:
                 spans.sweep()
 
     def _serve(self) -> None:
-        region, spans, metadata = self._region, StepSpans(tracer("moemesh.expert")), {}
+        region, spans, metadata, peer = self._region, StepSpans(tracer("moemesh.expert")), {}, f"shm:{self.name}"
+        seq = int(region.beats[shm_region.REQUEST_WORD])
         try:
             with torch.inference_mode():
                 while not self._stop.is_set():
-                    message = self._receive(spans)
+                    message = self._receive(spans, seq)
                     if message is None:
                         break  # the router closed the link (or died)
                     seq, layer, tokens, _, headers = message
@@ -94,10 +105,11 @@ class Attachment:
                     except Exception as exc:  # reported to the router, which fails the step
                         status, text = 1, f"{type(exc).__name__}: {exc}"
                     shm_region.send_message(self._sock, seq, layer, tokens, status, text)
+                    region.beats[shm_region.REPLY_WORD] = seq  # after the message (a hint: see shm_region)
                     # Bookkeeping after the reply: the router is not kept waiting for it.
                     metrics.observe_forward(layer, tokens, 0, 0, compute, status == 0)
-                    metrics.ROUTER_TOKENS.labels(self.router).inc(tokens if status == 0 else 0)
-                    spans.record(f"shm:{self.name}", metadata, CallStats(
+                    self._tokens.inc(tokens if status == 0 else 0)
+                    spans.record(peer, metadata, CallStats(
                         layer=layer, tokens=tokens, bytes_received=0, bytes_sent=0, compute_seconds=compute,
                         start_ns=start_ns, end_ns=time.time_ns(), error=text or None))
         except OSError as exc:
@@ -118,8 +130,8 @@ class Attachment:
 class ShmServer:
     """The shard's attachments; attach() is called from the Attach RPC (off the event loop: connect blocks)."""
 
-    def __init__(self, shard: ExpertShard, dtype: str) -> None:
-        self._shard, self._dtype = shard, dtype
+    def __init__(self, shard: ExpertShard, dtype: str, spin_s: float = 0.0) -> None:
+        self._shard, self._dtype, self.spin_s = shard, dtype, spin_s
         self._attachments: list[Attachment] = []
         self._count = 0
         self.compute = MergedCompute(shard)  # one forward at a time, same-layer blocks of several routers merged
@@ -154,11 +166,10 @@ class ShmServer:
         except OSError as exc:
             sock.close()
             return f"cannot connect to the router's socket {spec.socket_path}: {exc}"
-        sock.settimeout(None)  # the serving thread blocks in recv
         self._count += 1
         self._attachments = [a for a in self._attachments if a.alive]
-        self._attachments.append(Attachment(self._shard, region, sock, f"{self._count}",
-                                            self.compute))
+        self._attachments.append(Attachment(self._shard, region, sock, f"{self._count}", self.compute,
+                                            self.spin_s))
         log.info("shm attached: %s, %d tokens x H %d x K %d %s", spec.shm_path, spec.max_tokens, spec.hidden_size,
                  spec.top_k, spec.dtype)
         return None

@@ -60,9 +60,10 @@ class RouterConfig(ServiceConfig):
                                    "step on a live shard keeps beating)")
     seq_lease: float = setting(30.0, "seconds after which the KV cache of a sequence no batcher stepped is freed "
                                "(a dead batcher's sequences)")
-    pingpong_min_seqs: int = setting(-1, "steps of at least this many sequences split into two micro-batches whose "
+    pingpong_min_seqs: int = setting(0, "steps of at least this many sequences split into two micro-batches whose "
                                      "router work and shard expert work overlap (ping-pong; remote shards over shm, "
-                                     "grpc or cuda_ipc only); 0: off; -1: 8 on CPU, off on CUDA")
+                                     "grpc or cuda_ipc only); 0: off (the default: on the shared 2-core CPU it lost "
+                                     "below 64 sequences, benchmarks/results/pingpong-cpu.md)")
     prefix_cache: bool = setting(True, "share the KV blocks of equal prompt prefixes between sequences of one tenant "
                                  "(and cache_salt); idle cached blocks are evicted least recently used")
 
@@ -85,7 +86,7 @@ class RouterConfig(ServiceConfig):
         for name in ("expert_timeout", "connect_timeout", "stall_timeout", "seq_lease", "join_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{self.source(name)}: {getattr(self, name)!r} must be > 0 seconds")
-        if self.pingpong_min_seqs < -1:
-            raise ConfigError(f"{self.source('pingpong_min_seqs')}: {self.pingpong_min_seqs!r} must be >= -1")
+        if self.pingpong_min_seqs < 0:
+            raise ConfigError(f"{self.source('pingpong_min_seqs')}: {self.pingpong_min_seqs!r} must be >= 0 (0: off)")
         if self.compute_threads < 0:
             raise ConfigError(f"{self.source('compute_threads')}: {self.compute_threads!r} must be >= 0")

@@ -49,6 +49,7 @@ class DistGroup:
         # Wait by polling works and the watch (NCCL), or block on them (gloo: its works complete only in a wait)
         self.polled = backend == "nccl"
         self.links = [DistLink(self, client, rank) for rank, client in enumerate(clients, start=1)]
+        self.members: list[DistLink] = []  # the links of the current formation (all, or those left after a fault)
         self.group = None
         self.broken = False
         self.aborted = ""  # why the group was aborted mid-step (NCCL), "" while it was not
@@ -60,30 +61,33 @@ class DistGroup:
     def formed(self) -> bool:
         return self.group is not None and not self.broken
 
-    def form(self) -> None:
-        """(Re-)forms the group; AttachRefused when a shard refuses, ExpertCallError when one fails or is absent."""
+    def form(self, skip: frozenset = frozenset()) -> None:
+        """(Re-)forms the group with every link not in `skip` (a lost shard whose experts have live replicas), ranks
+        1..n in link order; AttachRefused when a shard refuses, ExpertCallError when one fails or is absent."""
         self.teardown()
         self._generation += 1
+        members = [link for link in self.links if link not in skip]
+        for rank, link in enumerate(members, start=1):
+            link.rank = rank
         name = f"moemesh-{os.getpid()}-{self._generation}"
-        first_host = self.links[0].client.address.rpartition(":")[0].strip("[]")
+        first_host = members[0].client.address.rpartition(":")[0].strip("[]")
         bind_ip = dist_wire.local_ip_towards(first_host)
-        store = dist.TCPStore(bind_ip, 0, len(self.links) + 1, True, wait_for_workers=False,
+        store = dist.TCPStore(bind_ip, 0, len(members) + 1, True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=self.join_timeout))
-        futures = [link.join(store.port, name) for link in self.links]  # all in flight: rank 0 waits for them all
+        futures = [link.join(store.port, name, len(members) + 1) for link in members]  # rank 0 waits for them all
         try:
-            group = dist_wire.form_group(store, name, 0, len(self.links) + 1, self.backend, bind_ip,
-                                         self.join_timeout)
+            group = dist_wire.form_group(store, name, 0, len(members) + 1, self.backend, bind_ip, self.join_timeout)
         except RuntimeError as exc:
             group, failure = None, exc
-        for link, future in zip(self.links, futures):
+        for link, future in zip(members, futures):
             link.check_join(future)  # a shard's own reason beats rank 0's timeout
         if group is None:
             raise ExpertCallError(self.links[0].address, -1, grpc.StatusCode.UNAVAILABLE,
                                   f"{self.backend} group {name} not formed: {failure}")
-        self.group, self._store, self.broken, self.aborted = group, store, False, ""
-        self.watch = GroupWatch([link.client for link in self.links], name, self.stall_timeout)
+        self.group, self._store, self.broken, self.aborted, self.members = group, store, False, "", members
+        self.watch = GroupWatch([link.client for link in members], name, self.stall_timeout)
         log.info("%s group %s formed: router (rank 0) + %s", self.backend, name,
-                 ", ".join(f"{link.address} (rank {link.rank})" for link in self.links))
+                 ", ".join(f"{link.address} (rank {link.rank})" for link in members))
 
     def teardown(self) -> None:
         """Drops the group (its peers see their connections close and end their memberships)."""
@@ -93,6 +97,7 @@ class DistGroup:
             self.watch.close()  # the shards leave this formation when their Watch ends
         dist_wire.abort(self.group)
         self.group, self._store, self.broken, self.aborted, self.watch = None, None, False, "", None
+        self.members = []
 
     def fault(self) -> str | None:
         """Why the group cannot complete the pending step (aborted, or a shard lost by the watch), or None."""
@@ -126,7 +131,7 @@ class DistLink:
 
     @property
     def attached(self) -> bool:
-        return self.owner.formed
+        return self.owner.formed and self in self.owner.members
 
     @property
     def max_tokens(self) -> int:
@@ -136,12 +141,12 @@ class DistLink:
         if not self.owner.formed:
             self.owner.form()
 
-    def join(self, store_port: int, name: str) -> Future:
+    def join(self, store_port: int, name: str, world_size: int) -> Future:
         owner = self.owner
         store_host = owner.advertise or dist_wire.local_ip_towards(self.address.rpartition(":")[0].strip("[]"))
         request = expert_pb2.JoinGroupRequest(
             store_address=f"{store_host}:{store_port}", group_name=name, rank=self.rank,
-            world_size=len(owner.links) + 1, backend=owner.backend, hidden_size=owner.hidden_size,
+            world_size=world_size, backend=owner.backend, hidden_size=owner.hidden_size,
             top_k=owner.top_k, dtype=owner.dtype, timeout_ms=int(owner.join_timeout * 1000),
             heartbeat_ms=int(owner.stall_timeout * 250) if owner.backend == "gloo" else 0)
         return self.client.join_group(request, timeout=owner.join_timeout + 5)

@@ -9,8 +9,13 @@ Off (no second dispatch) when:
   - the experts run in the router (no shards): a split only adds launches;
   - a shard is linked by torch.distributed (gloo/nccl): a group link carries one request at a time per pair of ranks
     and a second group per router is not built;
-  - --pingpong-min-seqs 0, or -1 (the default) on CUDA: the split steps run eagerly, outside the decode CUDA
-    graphs (graphs of the split are future work), so it is opt-in there.
+  - --pingpong-min-seqs 0, the default. Measured on the shared 2-core CPU (benchmarks/pingpong_cpu.py, 2 shards
+    over shm, benchmarks/results/pingpong-cpu*.md): decode tok/s on/off 0.66-0.70x at 8 sequences, 0.81-0.96x at
+    16, 1.13-1.16x at 64 in two runs (load 11-26), 0.39x at 64 in a third (load 15-34). The split costs work: per
+    streamed token +30% router and +60% shard CPU at 8 sequences, +14% / +34% at 64 (twice the per-layer calls, half
+    the rows each), and three compute processes on two busy cores leave little idle time for the overlap to fill.
+    On the GPU (split steps of the paged decode runner captured in their own CUDA graphs, gpu/decode_graphs.py) it
+    is not measured yet: `--pingpong-min-seqs 8` turns it on there too.
 """
 
 from __future__ import annotations
@@ -18,48 +23,49 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from moemesh.runtime.micro_batch import DEFAULT_MIN_SEQS, MicroBatching
+from moemesh.runtime.micro_batch import MicroBatching
 from services.router import cuda_ipc_dispatch
 from services.router.expert_client import GrpcShardClient
 from services.router.link_choice import is_local
 from services.router.shm_dispatch import ShmDispatch
 
 log = logging.getLogger("services.router")
-AUTO = -1  # --pingpong-min-seqs default: DEFAULT_MIN_SEQS on CPU, off on CUDA
-
-
-def min_seqs(setting: int, device: str) -> int:
-    """The threshold in sequences (0: off) for the --pingpong-min-seqs setting on this device."""
-    if setting != AUTO:
-        return setting
-    return 0 if device.startswith("cuda") else DEFAULT_MIN_SEQS
 
 
 def start(config, spec, clients: Sequence[GrpcShardClient], dispatch) -> MicroBatching | None:
     """MicroBatching with a second dispatch to the same shards, or None (the reason logged)."""
-    threshold = min_seqs(config.pingpong_min_seqs, config.device)
+    threshold = config.pingpong_min_seqs
     why = _refusal(threshold, dispatch)
     if why:
         log.info("ping-pong micro-batches off: %s", why)
         return None
-    if isinstance(dispatch, cuda_ipc_dispatch.CudaIpcDispatch):
-        second = cuda_ipc_dispatch.start(clients, dispatch.placement, mode="cuda_ipc", device=config.device,
-                                         spec=spec, local=[is_local(c.address) for c in clients],
-                                         call_timeout=config.expert_timeout)
-    else:
-        second = ShmDispatch.start(clients, dispatch.placement, spec.num_experts, mode=dispatch.mode,
-                                   hidden_size=spec.hidden_size, top_k=spec.moe.top_k,
-                                   stall_timeout=config.stall_timeout, call_timeout=config.expert_timeout,
-                                   device=config.device, join_timeout=config.join_timeout, dist_host=config.dist_host)
-        second.split = dispatch.split  # replicated experts: the same per-slot split
+    try:
+        second = _second(config, spec, clients, dispatch)
+    except ConnectionError as exc:  # the shards refused a second attachment: serve unsplit
+        log.warning("ping-pong micro-batches off: second links refused (%s)", exc)
+        return None
     log.info("ping-pong micro-batches on: steps of >= %d sequences split in two (second links: %s)", threshold,
              ", ".join(second.transports()))
     return MicroBatching(second, threshold)
 
 
+def _second(config, spec, clients: Sequence[GrpcShardClient], dispatch):
+    """A second dispatch of the same kind as `dispatch` to the same shards; ConnectionError when refused."""
+    if isinstance(dispatch, cuda_ipc_dispatch.CudaIpcDispatch):
+        return cuda_ipc_dispatch.start(clients, dispatch.placement, mode="cuda_ipc", device=config.device,
+                                       spec=spec, local=[is_local(c.address) for c in clients],
+                                       call_timeout=config.expert_timeout)
+    second = ShmDispatch.start(clients, dispatch.placement, spec.num_experts, mode=dispatch.mode,
+                               hidden_size=spec.hidden_size, top_k=spec.moe.top_k,
+                               stall_timeout=config.stall_timeout, call_timeout=config.expert_timeout,
+                               device=config.device, join_timeout=config.join_timeout, dist_host=config.dist_host)
+    second.split = dispatch.split  # replicated experts: the same per-slot split
+    return second
+
+
 def _refusal(threshold: int, dispatch) -> str:
     if threshold == 0:
-        return "--pingpong-min-seqs is 0" + (" (the default on CUDA)" if dispatch is not None else "")
+        return "--pingpong-min-seqs is 0 (the default)"
     if dispatch is None:
         return "the experts run in the router (a split only adds launches)"
     kinds = set(dispatch.transports())

@@ -144,6 +144,7 @@ class ReplicaSplit:
 
     def __init__(self, owners_by_layer: dict[int, list[list[int]]]) -> None:
         """owners_by_layer: layer -> per expert id, the shard indices hosting it in that layer (in shard order)."""
+        self._owners = owners_by_layer
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer, owners in owners_by_layer.items():
             owners = [o or [-1] for o in owners]
@@ -167,6 +168,15 @@ class ReplicaSplit:
         layer (their Info shows the union), so every slot is routed by the file, replicas or not."""
         return cls({layer: [[i for i, experts in enumerate(rows) if e in experts] for e in range(num_experts)]
                     for layer, rows in per_layer.items()})
+
+    def without(self, lost: set[int]) -> ReplicaSplit | None:
+        """The split with the shards in `lost` taken out (their experts' tokens go to the other replicas); None
+        when an expert hosted in a layer would have no owner left."""
+        owners = {layer: [[s for s in o if s not in lost] for o in rows] for layer, rows in self._owners.items()}
+        pairs = ((before, after) for layer, rows in self._owners.items() for before, after in zip(rows, owners[layer]))
+        if any(before and not after for before, after in pairs):
+            return None
+        return ReplicaSplit(owners)
 
     def _table(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (layer, device)

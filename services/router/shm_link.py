@@ -1,11 +1,13 @@
 """The router's end of one expert shard's shared-memory link (layout and signals: moemesh/serving/shm_region.py).
 
-attach(max_tokens): create the region and a listening abstract UNIX socket, ask the shard over gRPC (Expert/Attach)
-to map the region and connect, accept, then unlink the file (both sides keep their mappings). write() puts the
-layer's inputs into the region, signal() sends the message (start() = both); wait() blocks in recv (the router's CPU
-is idle meanwhile) for the reply with the same seq and returns a view of the output rows. Faults: EOF (the shard died), a heartbeat that stops
-for stall_timeout (the shard hangs), or call_timeout in all -> ExpertCallError (UNAVAILABLE) and the link closes;
-the dispatch re-attaches later. A long step on a live shard is not a stall: its heartbeat thread keeps beating.
+attach(max_tokens): create the region and a listening abstract UNIX socket, ask the shard over gRPC (Expert/Attach) to
+map the region and connect, accept, then unlink the file (both sides keep their mappings). write() puts the layer's
+inputs into the region, signal() sends the message (start() = both); wait() blocks in recv (the router's CPU is idle
+meanwhile) for the reply with the same seq and returns a view of the output rows; wait(spin_s=) first polls the
+region's reply word that long (shm_region: for a reply due any moment, e.g. the second shard's after the first's).
+Faults: EOF (the shard died), a heartbeat that stops for stall_timeout (the shard hangs), or call_timeout in all ->
+ExpertCallError (UNAVAILABLE) and the link closes; the dispatch re-attaches later. A long step on a live shard is not
+a stall: its heartbeat thread keeps beating.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class ShmLink:
             listener.close()
             region.unlink()  # mapped on both sides (or given up): the name is no longer needed
         # recv wakes at least every stall_timeout/4 to look at the heartbeat; no busy wait.
-        sock.settimeout(max(self.stall_timeout / 4, 0.01))
+        shm_region.set_timeout(sock, max(self.stall_timeout / 4, 0.01))
         self.region, self._sock = region, sock
 
     def start(self, seq: int, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
@@ -99,9 +101,13 @@ class ShmLink:
             shm_region.send_message(self._sock, seq, layer, tokens, 0, trace_context)
         except OSError as exc:
             self._fail(layer, f"signal failed ({exc}); did the shard process exit?")
+        self.region.beats[shm_region.REQUEST_WORD] = seq  # after the message: a hint for a polling shard
 
-    def wait(self, seq: int, layer: int, tokens: int) -> torch.Tensor:
-        """Blocks until the shard's reply to `seq`; returns the output rows [T, H] (a view: use before next start)."""
+    def wait(self, seq: int, layer: int, tokens: int, spin_s: float = 0.0) -> torch.Tensor:
+        """Blocks until the shard's reply to `seq` (polling the reply word for spin_s first); returns the output rows
+        [T, H] (a view: use before the next start)."""
+        if spin_s:
+            shm_region.spin_until(self.region.beats, shm_region.REPLY_WORD, seq, spin_s)
         start = time.monotonic()
         beat, beat_at = int(self.region.beats[0]), start
         while True:

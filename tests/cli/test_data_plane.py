@@ -30,15 +30,15 @@ def test_the_front_end_runs_at_lower_priority_than_the_data_plane(tmp_path):
     from moemesh.serving.supervisor import Child
 
     assert [nice_of(n, {}) for n in ("gateway", "tokenizer", "metering")] == [FRONTEND_NICE] * 3
-    assert [nice_of(n, {}) for n in ("router", "batcher", "expert-0")] == [0, 0, 0]
-    assert nice_of("gateway", {"MOEMESH_FRONTEND_NICE": "0"}) == 0
+    assert [nice_of(n, {"MOEMESH_FRONTEND_NICE": "10"}) for n in ("router", "batcher", "expert-0")] == [0, 0, 0]
+    assert nice_of("gateway", {"MOEMESH_FRONTEND_NICE": "10"}) == 10
     with pytest.raises(ValueError, match="MOEMESH_FRONTEND_NICE: 'x'"):
         nice_of("gateway", {"MOEMESH_FRONTEND_NICE": "x"})
     child = Child("gateway", [sys.executable, "-c", "import time; time.sleep(30)"], dict(os.environ),
-                  tmp_path / "gateway.log", nice=nice_of("gateway", {}))
+                  tmp_path / "gateway.log", nice=nice_of("gateway", {"MOEMESH_FRONTEND_NICE": "10"}))
     child.start()
     try:  # the child's niceness is ours plus the increment
-        assert os.getpriority(os.PRIO_PROCESS, child.pid) == os.getpriority(os.PRIO_PROCESS, 0) + FRONTEND_NICE
+        assert os.getpriority(os.PRIO_PROCESS, child.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
     finally:
         child.proc.kill()
         child.proc.wait()

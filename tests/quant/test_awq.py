@@ -63,6 +63,7 @@ def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((got - ref) ** 2).mean() / (ref**2).mean())
 
 
+@pytest.mark.slow  # calibration + quantization of tiny models: 20-100 s on 2 busy cores
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_folding_the_scales_leaves_the_float_model_unchanged(models, settings, kind: str, tmp_path: Path) -> None:
     src = models[kind]
@@ -82,14 +83,15 @@ def test_folding_the_scales_leaves_the_float_model_unchanged(models, settings, k
     assert _rel_err(_logits(out, ids), _logits(src, ids)) < 1e-9
 
 
+@pytest.mark.slow  # calibration + quantization of tiny models: 20-100 s on 2 busy cores
 @pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_awq_int4_has_less_output_error_than_round_to_nearest(models, settings, kind: str, tmp_path: Path) -> None:
+def test_awq_int4_has_less_output_error_than_round_to_nearest(models, settings, awq_checkpoints, kind: str,
+                                                             tmp_path: Path) -> None:
     src, ids = models[kind], _held_out_ids(models[kind])
     ref = _logits(src, ids)
-    err = {}
-    for method in ("rtn", "awq"):
-        quantize_model(src, tmp_path / method, replace(settings, method=method), log=lambda _: None)
-        err[method] = _rel_err(_logits(tmp_path / method, ids), ref)
+    quantize_model(src, tmp_path / "rtn", replace(settings, method="rtn"), log=lambda _: None)
+    err = {"rtn": _rel_err(_logits(tmp_path / "rtn", ids), ref),
+           "awq": _rel_err(_logits(awq_checkpoints[kind][0], ids), ref)}
     assert err["awq"] < 0.6 * err["rtn"], err  # measured: about 0.3x on both
 
 
@@ -98,9 +100,9 @@ def test_alpha_zero_is_round_to_nearest_so_the_search_never_loses_on_its_inputs(
     x = torch.randn(512, 64) * torch.where(torch.arange(64) < 4, 30.0, 1.0)  # 4 salient channels
     w = torch.randn(32, 64)
     c = Consumer(w, x.T @ x, 4)
-    s, alpha, errors = search_scale([c], x.abs().mean(0), 16, False)
-    assert alpha > 0 and errors[alpha] == min(errors.values()) and errors[alpha] < 0.7 * errors[0.0]
-    assert torch.allclose(s, s.new_ones(64)) is False and s[:4].min() > s[4:].max()  # salient channels scaled up
+    s, best, errors = search_scale([c], x.abs().mean(0), 16, False)
+    assert best[0] > 0 and errors[best] == min(errors.values()) and errors[best] < 0.7 * errors[(0.0, False)]
+    assert s[:4].min() > s[4:].max()  # the salient channels are scaled up
     assert output_error(torch.zeros(3, 64), c.hessian) == 0.0
 
 
@@ -111,7 +113,8 @@ def _float_copy(src: Path, out: Path, tensors: dict) -> Path:
             (out / f.name).write_bytes(f.read_bytes())
     config = json.loads((src / "config.json").read_text())
     (out / "config.json").write_text(json.dumps(config))
-    save_file({n: t.contiguous() for n, t in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
     return out
 
 
@@ -130,6 +133,7 @@ def awq_checkpoints(models, settings, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # calibration + quantization of tiny models: 20-100 s on 2 busy cores
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_awq_checkpoint_loads_back_to_the_in_memory_quantized_model(models, awq_checkpoints, kind: str) -> None:
     written, in_memory = awq_checkpoints[kind]
@@ -143,6 +147,7 @@ def test_awq_checkpoint_loads_back_to_the_in_memory_quantized_model(models, awq_
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
 
 
+@pytest.mark.slow  # calibration + quantization of tiny models: 20-100 s on 2 busy cores
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_onnxruntime_backend_serves_the_awq_checkpoint(models, awq_checkpoints, kind: str) -> None:
     written, in_memory = awq_checkpoints[kind]
@@ -152,6 +157,7 @@ def test_onnxruntime_backend_serves_the_awq_checkpoint(models, awq_checkpoints, 
     assert _rel_err(ort, expected) < 1e-3  # MatMulNBits quantizes activations to int8 internally: close, not exact
 
 
+@pytest.mark.slow  # calibration + quantization of tiny models: 20-100 s on 2 busy cores
 def test_transformers_loads_the_dense_awq_checkpoint(models, awq_checkpoints) -> None:
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
@@ -165,6 +171,7 @@ def test_transformers_loads_the_dense_awq_checkpoint(models, awq_checkpoints) ->
     assert torch.allclose(got, expected, atol=1e-3), (got - expected).abs().max()
 
 
+@pytest.mark.slow  # calibration + quantization of tiny models: 20-100 s on 2 busy cores
 def test_experts_with_too_few_routed_tokens_keep_unit_down_scales(models, settings) -> None:
     """The few-token rule (awq_plan.FALLBACK): such an expert's down_proj gets no scale; its gate/up still join the
     layer's shared search (on the layer-wide Hessian); the shared expert, always on, is scaled as usual."""
@@ -176,3 +183,17 @@ def test_experts_with_too_few_routed_tokens_keep_unit_down_scales(models, settin
     downs = sorted(n for n in plan.cols if "down_proj" in n)
     assert downs == [f"model.layers.{i}.mlp.shared_expert.down_proj.weight" for i in (0, 1)]
     assert "model.layers.0.mlp.experts.3.gate_proj.weight" in plan.cols
+
+
+def test_duo_scaling_adds_weight_aware_candidates_and_never_loses_to_x_only() -> None:
+    from moemesh.quant.awq import ALPHAS, weight_means
+
+    torch.manual_seed(1)
+    x = torch.randn(512, 64) * torch.where(torch.arange(64) % 9 == 0, 20.0, 1.0)
+    c = Consumer(torch.randn(32, 64) * torch.where(torch.arange(64) < 8, 5.0, 1.0), x.T @ x, 4)
+    w_mean = weight_means([c.weight], 16)
+    assert w_mean.shape == (64,) and 0 < float(w_mean.min()) and float(w_mean.max()) <= 1
+    _, best, errors = search_scale([c], x.abs().mean(0), 16, False, w_mean=w_mean)
+    assert len(errors) == 2 * len(ALPHAS) and errors[best] == min(errors.values())
+    _, x_only, x_errors = search_scale([c], x.abs().mean(0), 16, False)
+    assert errors[best] <= x_errors[x_only]

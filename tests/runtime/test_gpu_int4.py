@@ -23,7 +23,7 @@ from moemesh.runtime.gpu import kernels_usable, triton_available
 from moemesh.runtime.quant import (INT4_GROUP, QuantLinear, pack_int4, quantize, quantize_int4, stack,
                                    unpack_int4)
 
-from test_gpu_kernels import _decode_logits, _qwen3_config, _rel, _routing
+from test_gpu_kernels import _assert_replays_with_new_routing, _decode_logits, _qwen3_config, _rel, _routing
 
 WHY = kernels_usable(torch.device("cuda"), torch.bfloat16)
 cuda = pytest.mark.skipif(bool(WHY), reason=f"needs CUDA with Triton: {WHY}")
@@ -245,18 +245,7 @@ def test_loaded_int4_bank_is_a_quarter_of_the_bytes_and_close_to_bf16(tmp_path):
 @pytest.mark.parametrize("tokens", [8, 20])  # the GEMV path and the aligned GEMM path
 def test_int4_fused_moe_replays_in_a_cuda_graph(tmp_path, tokens, group, symmetric):
     bank = _int4_bank(_qwen3_config(tmp_path), None, group, symmetric)
-    hidden = torch.randn(tokens, 256, device="cuda", dtype=BF16)
-    ids, weights = _routing(tokens, 16, 4)
-    bank.forward(0, hidden, ids, weights)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = bank.forward(0, hidden, ids, weights)
-    new_ids, new_weights = _routing(tokens, 16, 4)
-    hidden.normal_()
-    ids.copy_(new_ids)
-    weights.copy_(new_weights)
-    graph.replay()
-    assert _rel(out, bank.forward(0, hidden, ids, weights)) < 1e-3
+    _assert_replays_with_new_routing(bank, tokens)
 
 
 @cuda

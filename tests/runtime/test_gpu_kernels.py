@@ -67,6 +67,12 @@ def test_fused_moe_matches_the_torch_path(tmp_path, experts):
 @pytest.mark.parametrize("tokens", [8, 20])  # the GEMV path and the aligned GEMM path
 def test_fused_moe_replays_in_a_cuda_graph_with_new_routing(tmp_path, tokens):
     bank = ExpertBank.load(_qwen3_config(tmp_path), device="cuda", dtype=BF16, load_format="dummy")
+    _assert_replays_with_new_routing(bank, tokens)
+
+
+def _assert_replays_with_new_routing(bank, tokens):
+    """bank.forward of layer 0 captured in a CUDA graph, replayed after new hidden states and routing were copied
+    into the captured inputs, equals an eager call on them (hidden 256, 16 experts, top 4: _qwen3_config)."""
     hidden = torch.randn(tokens, 256, device="cuda", dtype=BF16)
     ids, weights = _routing(tokens, 16, 4)
     bank.forward(0, hidden, ids, weights)  # compile outside the capture
@@ -155,7 +161,8 @@ def test_prefill_chunks_and_cached_tails_replay_in_the_small_step_graphs(tmp_pat
     _, want = reference.step_with_logits([SequenceWork("b", tail, 0)])
     assert _rel(got, want) < 3e-2, _rel(got, want)
     reference.step_with_logits([SequenceWork("a", head, 0)])
-    mixed = [SequenceWork("a", [3], 40), SequenceWork("c", [4 + i for i in range(20)], 0)]  # decode + fresh prompt: 21 rows
+    # a decode token and a fresh 20-token prompt in one step: 21 rows
+    mixed = [SequenceWork("a", [3], 40), SequenceWork("c", [4 + i for i in range(20)], 0)]
     got, want = (e.step_with_logits(mixed)[1] for e in (graphs, reference))
     assert got.shape == want.shape == (2, 1000) and _rel(got, want) < 3e-2, _rel(got, want)
     assert 32 in graphs.decode.graphs

@@ -12,7 +12,7 @@ from moemesh.runtime.experts import ExpertBank
 from moemesh.runtime.gpu import kernels_usable
 from moemesh.runtime.quant import quantize
 
-from test_gpu_kernels import _decode_logits, _qwen3_config, _rel, _routing
+from test_gpu_kernels import _assert_replays_with_new_routing, _decode_logits, _qwen3_config, _rel, _routing
 
 WHY = kernels_usable(torch.device("cuda"), torch.bfloat16)
 cuda = pytest.mark.skipif(bool(WHY), reason=f"needs CUDA with Triton: {WHY}")
@@ -61,18 +61,7 @@ def test_loaded_fp8_bank_is_close_to_bf16_and_half_the_bytes(tmp_path):
 @pytest.mark.parametrize("scheme, block_k", SCHEMES)
 def test_quantized_fused_moe_replays_in_a_cuda_graph(tmp_path, tokens, scheme, block_k):
     bank = _bank(_qwen3_config(tmp_path), scheme, block_k)
-    hidden = torch.randn(tokens, 256, device="cuda", dtype=BF16)
-    ids, weights = _routing(tokens, 16, 4)
-    bank.forward(0, hidden, ids, weights)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = bank.forward(0, hidden, ids, weights)
-    new_ids, new_weights = _routing(tokens, 16, 4)
-    hidden.normal_()
-    ids.copy_(new_ids)
-    weights.copy_(new_weights)
-    graph.replay()
-    assert _rel(out, bank.forward(0, hidden, ids, weights)) < 1e-3
+    _assert_replays_with_new_routing(bank, tokens)
 
 
 @cuda

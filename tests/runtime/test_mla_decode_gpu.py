@@ -16,15 +16,11 @@ import torch
 from moemesh.runtime.engine import Engine
 from moemesh.runtime.gpu import kernels_usable
 from moemesh.runtime.mla_absorbed import paged_latent_attention_ref
-from moemesh.runtime.types import SequenceWork
+from test_gpu_kernels import _decode_logits, _rel
 
 WHY = kernels_usable(torch.device("cuda"), torch.bfloat16)
 cuda = pytest.mark.skipif(bool(WHY), reason=f"needs CUDA with Triton: {WHY}")
 BF16 = torch.bfloat16
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-6)).item()
 
 
 @cuda
@@ -85,18 +81,6 @@ def _deepseek_config(tmp_path):
               "max_position_embeddings": 4096, "tie_word_embeddings": False, "eos_token_id": 2}
     (tmp_path / "config.json").write_text(json.dumps(config))
     return tmp_path
-
-
-def _decode_logits(engine, prompts, steps):
-    """Teacher-forced: prefill, then `steps` decode steps feeding token 7 + step; logits of every step."""
-    works = [SequenceWork(f"s{i}", p, 0) for i, p in enumerate(prompts)]
-    out = [engine.step_with_logits(works)[1]]
-    pos = [len(p) for p in prompts]
-    for step in range(steps):
-        works = [SequenceWork(f"s{i}", [7 + step + i], pos[i]) for i in range(len(prompts))]
-        out.append(engine.step_with_logits(works)[1])
-        pos = [p + 1 for p in pos]
-    return out
 
 
 @cuda

@@ -67,16 +67,23 @@ def _weight_args(w: Weight, block_k: int) -> tuple[tuple, dict, int]:
 
 
 def moe_gemv(a: torch.Tensor, w: Weight, out: torch.Tensor, ids: torch.Tensor, a_div: int, cfg: dict,
-             weights: torch.Tensor | None = None, up_rows: int = 0, sum_slots: int = 0) -> torch.Tensor:
+             weights: torch.Tensor | None = None, up_rows: int = 0, sum_slots: int = 0,
+             zero: torch.Tensor | None = None) -> torch.Tensor:
     """One launch of _moe_gemv: out [P, n_out] fully written (zeros for pairs hosted elsewhere); sum_slots K > 0:
-    out [P / K, n_out] float32 zeroed by the caller, each token's K rows added into it."""
+    out [P / K, n_out] float32 zeroed beforehand, each token's K rows added into it. zero (float32, contiguous, not
+    with weights): zeroed by this launch too (the next launch's accumulator)."""
     n_out, k_in = out.shape[1], a.shape[1]
-    (data, scale, zero, sse, ssn), quant, block_k = _weight_args(w, cfg["BLOCK_K"])
-    _moe_gemv[(ids.numel(), triton.cdiv(n_out, cfg["BLOCK_N"]))](
-        a, data, out, weights if weights is not None else out, ids, scale, zero, n_out, k_in, a.stride(0),
-        data.stride(0), data.stride(1), out.stride(0), sse, ssn, up_rows, A_DIV=a_div, GATED=up_rows > 0,
-        WEIGHTED=weights is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], SUM_SLOTS=sum_slots, **quant, **pdl.launch())
+    (data, scale, zero_points, sse, ssn), quant, block_k = _weight_args(w, cfg["BLOCK_K"])
+    grid = (ids.numel(), triton.cdiv(n_out, cfg["BLOCK_N"]))
+    zero_n = zero.numel() if zero is not None else 0
+    if zero_n > grid[0] * grid[1] * 256 or (zero is not None and weights is not None):
+        raise ValueError(f"cannot zero {zero_n} values with {grid} programs (or with weights)")
+    _moe_gemv[grid](
+        a, data, out, weights if weights is not None else zero if zero is not None else out, ids, scale,
+        zero_points, n_out, k_in, a.stride(0), data.stride(0), data.stride(1), out.stride(0), sse, ssn, up_rows,
+        A_DIV=a_div, GATED=up_rows > 0, WEIGHTED=weights is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], SUM_SLOTS=sum_slots, ZERO_N=zero_n, **quant,
+        **pdl.launch())
     return out
 
 
@@ -172,14 +179,14 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids
 
 def _fused_moe_gemv(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids: torch.Tensor,
                     topk_weights: torch.Tensor) -> torch.Tensor:
-    """fused_moe for a few tokens: two GEMV launches, the second adding each slot into its token's row (a memset
-    and two kernels in all)."""
+    """fused_moe for a few tokens: two GEMV launches, the second adding each slot into its token's row (the first
+    also zeroes the rows the second adds into)."""
     t, k = local_ids.shape
     inter = w_down.shape[2]
     ids = local_ids.reshape(-1).long().contiguous()  # [P]
     hidden = hidden.contiguous()
     act = torch.empty(t * k, inter, dtype=hidden.dtype, device=hidden.device)  # [P, I]
-    moe_gemv(hidden, w_gate_up, act, ids, k, pick_config(t, "gemv_gate_up", w_gate_up), up_rows=inter)
-    out = torch.zeros(t, hidden.shape[1], dtype=torch.float32, device=hidden.device)  # [T, H]
+    out = torch.empty(t, hidden.shape[1], dtype=torch.float32, device=hidden.device)  # [T, H], zeroed by gate_up
+    moe_gemv(hidden, w_gate_up, act, ids, k, pick_config(t, "gemv_gate_up", w_gate_up), up_rows=inter, zero=out)
     weights = topk_weights.reshape(-1).float().contiguous()
     return moe_gemv(act, w_down, out, ids, 1, pick_config(t, "gemv_down", w_gate_up), weights=weights, sum_slots=k)

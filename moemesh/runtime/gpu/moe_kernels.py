@@ -147,12 +147,17 @@ def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, zero_ptr, n_o
               stride_bn, stride_cm, stride_se, stride_sn, up_rows, A_DIV: tl.constexpr, GATED: tl.constexpr,
               WEIGHTED: tl.constexpr, QUANT: tl.constexpr, GROUP_K: tl.constexpr, SUM_SLOTS: tl.constexpr,
               INT4: tl.constexpr, ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              PDL: tl.constexpr = False):
+              ZERO_N: tl.constexpr = 0, PDL: tl.constexpr = False):
     """Few tokens (decode at batch 1-4): one program per (pair, column block), a dot product per output column, no
     alignment and no tensor cores; many more programs in flight than the row-block GEMM has at this size.
     SUM_SLOTS K > 0: add the row into c[pair // K] (float32, zeroed by the caller) instead of storing c[pair]: the
-    per-token sum over slots without a reduction launch (a handful of atomic adds per address)."""
+    per-token sum over slots without a reduction launch (a handful of atomic adds per address).
+    ZERO_N > 0 (not WEIGHTED): also zero the ZERO_N float32 values at weight_ptr, the next launch's SUM_SLOTS
+    accumulator (a memset launch less per layer; the first ZERO_N / 256 programs take 256 values each)."""
     enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
+    if ZERO_N > 0:
+        z = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * 256 + tl.arange(0, 256)
+        tl.store(weight_ptr + z, tl.zeros((256,), dtype=tl.float32), mask=z < ZERO_N)
     pair = tl.program_id(0).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     col_ok = cols < n_out

@@ -1,4 +1,4 @@
-"""A deterministic stand-in for the router in scheduler unit tests: it checks every work item against its own KV
+"""A deterministic stand-in for the router in scheduler unit tests: it checks every SequenceWork against its own KV
 ledger (positions must match, capacity must hold, as the real router enforces) and samples token = position-derived
 ids, so tests exercise the scheduler, not this file."""
 

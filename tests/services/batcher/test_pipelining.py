@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moemesh.runtime.engine import Engine
-from moemesh.runtime.types import SamplingParams, SequenceStateError, SeqWork
+from moemesh.runtime.types import SamplingParams, SequenceStateError, SequenceWork
 from moemesh.v1 import common_pb2, router_pb2
 from services.batcher.lookahead import plan_ahead, settle
 from services.batcher.sequence import Finish, Sequence
@@ -101,15 +101,15 @@ async def test_preemption_under_a_small_kv_cache_gives_the_same_tokens_pipelined
 def test_engine_follow_feeds_its_last_sampled_token(tiny_moe_dir):
     engine = Engine.load(tiny_moe_dir, kv_blocks=16)
     greedy = SamplingParams(max_tokens=8)
-    first = engine.step([SeqWork("a", PROMPT, 0, greedy), SeqWork("b", PROMPT, 0, greedy)])[0].token_id
-    followed = engine.step([SeqWork("a", [], len(PROMPT), None, follows=True)])[0].token_id
-    explicit = engine.step([SeqWork("b", [first], len(PROMPT), None)])[0].token_id
+    first = engine.step([SequenceWork("a", PROMPT, 0, greedy), SequenceWork("b", PROMPT, 0, greedy)])[0].token_id
+    followed = engine.step([SequenceWork("a", [], len(PROMPT), None, follows=True)])[0].token_id
+    explicit = engine.step([SequenceWork("b", [first], len(PROMPT), None)])[0].token_id
     assert followed == explicit and engine.cached_length("a") == len(PROMPT) + 1
     with pytest.raises(SequenceStateError, match="'c'.*unknown"):
-        engine.step([SeqWork("c", [], 0, None, follows=True)])
-    engine.step([SeqWork("d", PROMPT[:4], 0, greedy, sample=False)])
+        engine.step([SequenceWork("c", [], 0, None, follows=True)])
+    engine.step([SequenceWork("d", PROMPT[:4], 0, greedy, sample=False)])
     with pytest.raises(SequenceStateError, match="'d'.*sampled no token"):
-        engine.step([SeqWork("d", [], 4, None, follows=True)])
+        engine.step([SequenceWork("d", [], 4, None, follows=True)])
 
 
 def _pipelined(sched, router, plan, ahead):

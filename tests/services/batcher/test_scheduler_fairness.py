@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from services.batcher.fairness import IDLE_GRACE_S
 from services.batcher.step import QueueFull
 from tests.services.batcher.sim import ids, make, run_step, run_until_idle, seq
 
@@ -42,7 +43,10 @@ def test_a_full_batch_gives_slots_to_a_tenant_below_its_share():
     assert sorted(ids(plan)) == ["A0", "A1", "B0", "B1"]  # B's share is 2 of 4 slots: A's two newest step aside
     assert plan.release == ["A3", "A2"] and sched.get("A3").preemptions == 1
     run_step(sched, router, clock)
-    plan, _ = run_step(sched, router, clock)  # B done: A's preempted ones come back first, recomputed
+    plan, _ = run_step(sched, router, clock)  # B done, but counts as active for IDLE_GRACE_S: A keeps its 2 slots
+    assert ids(plan) == ["A0", "A1"]
+    clock.advance(IDLE_GRACE_S)
+    plan, _ = run_step(sched, router, clock)  # then A's preempted ones come back first, recomputed
     assert ids(plan) == ["A0", "A1", "A2", "A3"] and plan.items[2].position == 0
 
 

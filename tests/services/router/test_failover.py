@@ -1,0 +1,123 @@
+"""A lost shard whose experts all have replicas on a live shard is routed around (issue 9, Faults: "or a replica hosts
+its experts"), with real shard processes over shared memory and gloo (tiny MoE, both shards host all 4 experts):
+the step the SIGKILL lands in fails UNAVAILABLE, the next ones give the in-process engine's logits on the live shard
+alone (a process group re-forms without the lost shard), and the restarted shard rejoins the split (and the group).
+Without a covering replica the steps keep failing until the shard is back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from moemesh.runtime import placement_plan
+from moemesh.runtime.engine import Engine
+from services.router.__main__ import build_router
+from services.router.expert_client import ExpertCallError
+from tests.mesh_process import free_port
+from tests.services.router.test_shm_transport import BLOCK, KV_BLOCKS, PROMPT, ROOT, config
+
+EVERYWHERE = [[0, 1, 2, 3], [0, 1, 2, 3]]  # every expert on both shards
+
+
+class PortShard:
+    """`python -m services.expert --experts ...` on a fixed port (restartable at the same address)."""
+
+    def __init__(self, model_dir, experts: list[int], index: int, home) -> None:
+        self.port, self.model_dir, self.experts, self.index, self.home = free_port(), model_dir, experts, index, home
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "MOEMESH_HOME": str(self.home), "OMP_WAIT_POLICY": "PASSIVE"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.expert", "--model", str(self.model_dir), "--port", str(self.port),
+             "--experts", ",".join(map(str, self.experts)), "--shard-index", str(self.index), "--num-shards", "2",
+             "--compute-threads", "1", "--metrics-port", "-1"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_moe_dir, tmp_path_factory):
+    home = tmp_path_factory.mktemp("failover-home")
+    procs = [PortShard(tiny_moe_dir, experts, i, home) for i, experts in enumerate(EVERYWHERE)]
+    for shard in procs:
+        shard.start()
+    yield procs
+    for shard in procs:
+        shard.stop()
+
+
+@pytest.fixture(scope="module", params=["shm", "dist"])
+def router(request, shards, tiny_moe_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("placement") / "placement.json"
+    placement_plan.write(path, EVERYWHERE, 4, "test", {0: [1.0] * 4, 1: [1.0] * 4})
+    router = build_router(config(tiny_moe_dir, [s.address for s in shards], expert_transport=request.param,
+                                 placement=str(path), stall_timeout=0.5))
+    router.kind = {"dist": "gloo"}.get(request.param, request.param)
+    yield router
+    router.close()
+
+
+def _logits(router):
+    return router.worker.call(router.engine.forward_logits, [PROMPT, PROMPT[:5]])
+
+
+def _until_ok(router, limit_s: float):
+    """The logits of the first call that succeeds within limit_s (UNAVAILABLE meanwhile)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            return _logits(router)
+        except ExpertCallError as exc:
+            assert exc.grpc_status == "UNAVAILABLE" and time.monotonic() < deadline, exc
+            time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_killed_shard_is_routed_around_then_rejoins(router, shards, tiny_moe_dir):
+    want = Engine.load(tiny_moe_dir, kv_blocks=KV_BLOCKS, block_size=BLOCK).forward_logits([PROMPT, PROMPT[:5]])
+    kind = router.kind
+    assert router.dispatch.transports() == [kind, kind]
+    _logits(router)
+    shards[1].proc.send_signal(signal.SIGKILL)
+    shards[1].proc.wait(10)
+    got = _until_ok(router, 5)  # the first step after the kill may fail: the shard was mid-step or between
+    assert router.dispatch.transports() == [kind, f"{kind}-down"]  # a group re-formed without it
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    shards[1].start()
+    deadline = time.monotonic() + 60
+    while router.dispatch.transports() != [kind, kind]:  # re-attached at a step once it answers
+        assert time.monotonic() < deadline, router.dispatch.transports()
+        _logits(router)
+        time.sleep(0.2)
+    for g, w in zip(_logits(router), want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_covering_replica_the_steps_fail_until_the_shard_is_back(router, shards):
+    dispatch = router.dispatch
+    assert dispatch.split.without({0, 1}) is None and dispatch.split.without({1}) is not None
+    os.kill(shards[0].proc.pid, signal.SIGSTOP)
+    os.kill(shards[1].proc.pid, signal.SIGSTOP)
+    try:
+        for _ in range(2):  # the stalled step, then the re-attach refused: nobody hosts the experts
+            with pytest.raises(ExpertCallError) as failed:
+                _logits(router)
+            assert failed.value.grpc_status == "UNAVAILABLE"
+    finally:
+        os.kill(shards[0].proc.pid, signal.SIGCONT)
+        os.kill(shards[1].proc.pid, signal.SIGCONT)
+    _until_ok(router, 30)
+    assert dispatch.transports() == [router.kind, router.kind]
