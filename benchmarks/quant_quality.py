@@ -2,7 +2,7 @@
 the torch engine (the weights' own error) and on the ONNX Runtime backend (plus MatMulNBits' int8 activations).
 
     python benchmarks/quant_quality.py --model smollm2 LABEL=DIR [LABEL=DIR ...]
-        [--text FILE --text FILE] [--max-tokens 2048] [--window 512] [--out NAME]
+        [--text FILE --text FILE] [--max-tokens 2048] [--window 512] [--out NAME] [--base-from NAME]
 
 Texts (both held out: nothing here or in `moemesh quantize` tunes on them): ../shared/eval/wikitext2-test.raw
 (Wikipedia) and benchmarks/data/heldout_us_founding.txt (18th-19th century public-domain prose, see
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"checkpoint": label, "method": config.get("method"), "bits": config.get("bits"),
                      "group_size": config.get("group_size"), "symmetric": config.get("symmetric"),
                      "int8_modules": config.get("int8_modules"), "calib": config.get("calib"),
+                     "group_sizes": config.get("group_sizes"),  # where --group-size did not divide K
                      "torch": ppl(path, "torch"),
                      "onnxruntime": ppl(path, "onnxruntime") if "onnxruntime" in ns.backends else None})
         print(rows[-1], flush=True)

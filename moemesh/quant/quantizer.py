@@ -154,6 +154,9 @@ def quantize_tensors(model_dir: Path, s: QuantSettings, log: Callable[[str], Non
             groups[group] = groups.get(group, 0) + 1
     short = sorted(n.removesuffix(".weight") for n, h in hessians.h.items()
                    if n in linear and hessians.tokens[n] < s.tokens_per_input * h.shape[0])  # GPTQ -> RTN
+    other = {g: n for g, n in groups.items() if g != s.group_size}
+    if other:
+        log(f"--group-size {s.group_size} does not divide every input size: group sizes {other} (Linears) there")
     if short and s.method == "gptq":
         log(f"{len(short)} Linears have < {s.tokens_per_input} calibration tokens per input: round-to-nearest there")
     extra = {**asdict(s), "fallback": awq_plan.FALLBACK if s.method == "awq" else FALLBACK,

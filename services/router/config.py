@@ -62,8 +62,8 @@ class RouterConfig(ServiceConfig):
                                "(a dead batcher's sequences)")
     pingpong_min_seqs: int = setting(0, "steps of at least this many sequences split into two micro-batches whose "
                                      "router work and shard expert work overlap (ping-pong; remote shards over shm, "
-                                     "grpc or cuda_ipc only); 0: off (the default: on the shared 2-core CPU it lost "
-                                     "below 64 sequences, benchmarks/results/pingpong-cpu.md)")
+                                     "grpc or cuda_ipc only); 0: off (the default: on the shared 2-core CPU it measured "
+                                     "0.72-0.85x at 8-64 sequences, benchmarks/results/pingpong-cpu.md)")
     prefix_cache: bool = setting(True, "share the KV blocks of equal prompt prefixes between sequences of one tenant "
                                  "(and cache_salt); idle cached blocks are evicted least recently used")
 

@@ -10,12 +10,12 @@ Off (no second dispatch) when:
   - a shard is linked by torch.distributed (gloo/nccl): a group link carries one request at a time per pair of ranks
     and a second group per router is not built;
   - --pingpong-min-seqs 0, the default. Measured on the shared 2-core CPU (benchmarks/pingpong_cpu.py, 2 shards
-    over shm, benchmarks/results/pingpong-cpu*.md): decode tok/s on/off 0.66-0.70x at 8 sequences, 0.81-0.96x at
-    16, 1.13-1.16x at 64 in two runs (load 11-26), 0.39x at 64 in a third (load 15-34). The split costs work: per
-    streamed token +30% router and +60% shard CPU at 8 sequences, +14% / +34% at 64 (twice the per-layer calls, half
-    the rows each), and three compute processes on two busy cores leave little idle time for the overlap to fill.
-    On the GPU (split steps of the paged decode runner captured in their own CUDA graphs, gpu/decode_graphs.py) it
-    is not measured yet: `--pingpong-min-seqs 8` turns it on there too.
+    over shm, benchmarks/results/pingpong-cpu.md): decode tok/s on/off 0.72x / 0.84x / 0.85x at 8 / 16 / 64
+    sequences in the least loaded run (load 8-10); runs at load 11-26 gave 1.13-1.16x at 64, one at load 15-34
+    0.39x. The split costs work: per streamed token about +30% router and +55% shard CPU at 8 sequences, +10% /
+    +25% at 64 (twice the per-layer calls, half the rows each), and three compute processes on two busy cores leave
+    little idle time for the overlap to fill. On the GPU (split steps of the paged decode runner captured in their
+    own CUDA graphs, gpu/decode_graphs.py) it is not measured yet: `--pingpong-min-seqs 8` turns it on there too.
 """
 
 from __future__ import annotations

@@ -125,3 +125,15 @@ def test_the_quantizer_runs_gptq_only_with_enough_tokens_per_input() -> None:
     q = {ratio: _quantize(w, "l.weight", 4, 32, QuantSettings(method="gptq", tokens_per_input=ratio), hessians).q
          for ratio in (1.5, 2.0)}
     assert torch.equal(q[1.5], gptq(w, x.T @ x, 4, 32).q) and torch.equal(q[2.0], rtn(w, 4, 32).q)
+
+
+def test_a_group_size_that_does_not_divide_k_falls_back_to_a_power_of_two_divisor() -> None:
+    """SmolLM2: --group-size 128 on K = 576 -> 64 (MatMulNBits wants powers of two >= 16); K = 1536 keeps 128."""
+    from moemesh.quant.quantizer import _group
+
+    s = QuantSettings(group_size=128)
+    assert _group(576, "w", s) == 64 and _group(1536, "w", s) == 128 and _group(192, "w", s) == 64
+    with pytest.raises(ValueError, match=r"--group-size 128 does not divide the input size 40 of tensor 'w'"):
+        _group(40, "w", s)  # no power of two >= 16 divides 40 (8 would, but MatMulNBits cannot take it)
+    with pytest.raises(ValueError, match="does not divide"):
+        _group(576, "w", QuantSettings(group_size=128, group_fallback=False))
