@@ -1,7 +1,7 @@
 """Streamed decode through the mesh (`moemesh up`) against the in-process Engine, same model, same machine, one run.
 
     python benchmarks/mesh_decode.py [--model smollm2-moe] [--tokens 64] [--transports shm] [--pipeline on]
-                                     [--spin default,-1] [--threads 1,2] [--repeats 1]
+                                     [--spin default,0] [--threads 1,2] [--repeats 1]
 
 In process: Engine.load(model) in this process (OMP_WAIT_POLICY=PASSIVE unless set, recorded in the JSON), the
 chat-templated prompt the gateway renders, one prefill step, then `tokens` greedy decode steps (ignore_eos) at batch 1
@@ -15,7 +15,7 @@ ratio = the in-process engine's best ms/step (its fastest thread count, per batc
 (1.0: the mesh decodes as fast as its own engine at its best). --spin sets the shards' shared-memory poll window
 (MOEMESH_EXPERT_SPIN_US: default = not set, 0 = block at once, N = poll N microseconds, -1 = auto: 2000 us on the
 shards that leave a core for the router, shard 0 of 2 on 2 cores; one mesh per value, with pipelining on): by default
-the shipped setting and auto (--pipeline on,off adds a row without batcher pipelining). Runs are interleaved per
+the shipped setting (auto) and 0 (--pipeline on,off adds a row without batcher pipelining). Runs are interleaved per
 repeat (engine, then each
 mesh variant) so that load from other work on the machine spreads over all rows. Defaults take about 4 minutes on
 2 cores at --repeats 2. Writes benchmarks/results/mesh-decode-cpu.json and .md (machine, load average, command).
@@ -219,7 +219,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--transports", default="shm", help="comma-separated expert transports (shm, grpc)")
     parser.add_argument("--pipeline", default="on", help="batcher step pipelining variants: on, off or on,off")
-    parser.add_argument("--spin", default="default,-1",
+    parser.add_argument("--spin", default="default,0",
                         help="comma-separated shard shm poll windows in us (default, 0, 2000, -1 = auto); values "
                              "other than default add a mesh row each (pipelining on)")
     parser.add_argument("--threads", type=lambda v: [int(x) for x in v.split(",")], default=None,

@@ -14,14 +14,14 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
-from moemesh.serving.errors import ServiceError
+from moemesh.errors import ErrorStatus, ServiceError
 
 T = TypeVar("T")
 MARGIN_S = 1.5  # streams end this long before the grace does: time to send the error and finish the call
 
 
 class GatewayClosing(ServiceError):
-    grpc_status = "UNAVAILABLE"
+    status = ErrorStatus.UNAVAILABLE
 
     def __init__(self) -> None:
         super().__init__("the gateway is shutting down (a stop or a restart): the answer is cut here; retry the "

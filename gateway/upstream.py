@@ -11,7 +11,7 @@ import grpc
 
 from gateway.events import GenerateParams, TokenEvent
 from gateway.upstream_errors import in_chat_terms
-from moemesh.serving.errors import ServiceError
+from moemesh.errors import ErrorStatus, ServiceError
 from moemesh.v1 import batcher_pb2, batcher_pb2_grpc, common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ BATCHER_CHANNEL_OPTIONS = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_b
 class PeerLost(ServiceError):
     """A peer service went away during a call: UNAVAILABLE with a message that says what to do."""
 
-    grpc_status = grpc.StatusCode.UNAVAILABLE
+    status = ErrorStatus.UNAVAILABLE
 
     def __init__(self, peer: str, cause: object) -> None:
         super().__init__(f"{peer}: {cause}; a mesh service went away (it is restarted): retry the request in a "

@@ -48,8 +48,8 @@ class ServiceError(Exception):
                  retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         if status is not None:
-            if not isinstance(status, ErrorStatus):  # TRANSITIONAL: a grpc.StatusCode (servicer not converted yet)
-                status = ErrorStatus[status.name]
+            if not isinstance(status, ErrorStatus):
+                raise TypeError(f"status must be a moemesh.errors.ErrorStatus, got {status!r}")
             self.status = status
         if retry_after_ms is not None:
             self.retry_after_ms = retry_after_ms

@@ -33,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="gptq/awq: UTF-8 calibration text (default: moemesh/quant/data/calib_en.txt)")
     p.add_argument("--awq-duo", action="store_true",
                    help="awq: also try weight-aware scales mean|x|^a / mean|w|^(1-a) (AutoAWQ's default; 2x search)")
+    p.add_argument("--no-awq-clip", dest="awq_clip", action="store_false",
+                   help="awq: skip the per-group clip search (round W * s to nearest over its full range)")
     p.add_argument("--min-tokens", type=int, default=16,
                    help="gptq/awq: routed calibration tokens below which an expert falls back (see --method)")
     p.add_argument("--damp", type=float, default=0.01,
@@ -50,7 +52,7 @@ def run(ns: argparse.Namespace) -> int:
 
     settings = QuantSettings(bits=ns.bits, method=ns.method, group_size=ns.group_size, symmetric=ns.symmetric,
                              int8_modules=tuple(ns.int8), damp=ns.damp,
-                             min_tokens=ns.min_tokens, awq_duo=ns.awq_duo, **({"calib": ns.calib} if ns.calib else {}))
+                             min_tokens=ns.min_tokens, awq_duo=ns.awq_duo, awq_clip=ns.awq_clip, **({"calib": ns.calib} if ns.calib else {}))
     try:
         settings.validate()
     except ValueError as exc:

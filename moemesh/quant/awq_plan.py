@@ -50,12 +50,15 @@ class Plan:
     alphas: dict[str, str] = field(default_factory=dict)  # group's first consumer -> chosen scales, "x^0.35"
 
     def apply(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """t with its multipliers applied in float32, back in t's dtype (one rounding for bf16 checkpoints)."""
+        if name not in self.rows and name not in self.cols:
+            return t
+        out = t.float()
         if name in self.rows:
-            r = self.rows[name]
-            t = t * r.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
+            out = out * self.rows[name].view(-1, *([1] * (t.dim() - 1)))
         if name in self.cols:
-            t = t * self.cols[name].to(t.dtype)
-        return t
+            out = out * self.cols[name]
+        return out.to(t.dtype)
 
     def _mul(self, table: dict, name: str, v: torch.Tensor) -> None:
         table[name] = table[name] * v if name in table else v.clone()

@@ -46,6 +46,7 @@ class QuantSettings:
     # text itself); its K = 576 Linears on the same text beat RTN. See quant/gptq.py.
     tokens_per_input: float = 2.0
     int8_modules: tuple[str, ...] = field(default_factory=tuple)
+    awq_clip: bool = True  # awq: per-group clip search after scaling (else plain round-to-nearest of W * s)
     awq_duo: bool = False  # awq: also search s = mean|x|^a / mean|w|^(1-a) (AutoAWQ's default) beside mean|x|^a
     # a group size that does not divide some K: the largest power-of-two divisor below it there (else an error)
     group_fallback: bool = True
@@ -209,7 +210,7 @@ def _quantize(w: torch.Tensor, name: str, bits: int, group: int, s: QuantSetting
               plan: awq_plan.Plan | None = None):
     """One Linear's weight [N, K] (awq: already scaled by the plan) -> QWeight by the chosen method."""
     if s.method == "awq":  # clip search on the Hessian of the scaled input x / s
-        h = hessians.h.get(name) if awq_plan.clip_allowed(name) else None
+        h = hessians.h.get(name) if s.awq_clip and awq_plan.clip_allowed(name) else None
         if h is not None and name in plan.cols:
             h = scaled_hessian(h, plan.cols[name])
         with one_thread():

@@ -23,7 +23,7 @@ from moemesh.runtime.sampling import Sampler, SeqSampleState
 from moemesh.runtime.spec import ModelSpec
 from moemesh.runtime.step_context import StepContext
 from moemesh.runtime.step_works import SeqState, check, fill_in
-from moemesh.runtime.types import ContextLengthError, EngineInfo, ExpertDispatch, Guided, SeqResult, SeqWork
+from moemesh.runtime.types import ContextLengthError, EngineInfo, ExpertDispatch, Guided, SequenceResult, SequenceWork
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,11 @@ class Engine:
 
     # ---- stepping -------------------------------------------------------------------------------------------
 
-    def step(self, works: list[SeqWork]) -> list[SeqResult]:
+    def step(self, works: list[SequenceWork]) -> list[SequenceResult]:
         """Run one step; results in work order (token_id None where the work did not sample)."""
         return self.step_with_logits(works)[0]
 
-    def step_with_logits(self, works: list[SeqWork]) -> tuple[list[SeqResult], torch.Tensor]:
+    def step_with_logits(self, works: list[SequenceWork]) -> tuple[list[SequenceResult], torch.Tensor]:
         """step(), also returning the raw logits [N, V] float32 the sampler saw, one row per sampling work in
         work order (for evaluation and parity checks)."""
         if not works:
@@ -102,7 +102,7 @@ class Engine:
             result.cached_tokens = hits[w.seq_id]
         return results, logits
 
-    def _reserve(self, works: list[SeqWork], scored: dict[str, int] | None = None) -> dict[str, int]:
+    def _reserve(self, works: list[SequenceWork], scored: dict[str, int] | None = None) -> dict[str, int]:
         """Adopts cached prefix blocks, then reserves blocks for the rest; returns the tokens hit per sequence.
         A sampling work keeps at least its last token to compute (its logits are needed); a scored one all."""
         hits = {}
@@ -118,7 +118,7 @@ class Engine:
         return hits
 
     @staticmethod
-    def _uncached(works: list[SeqWork], hits: dict[str, int]) -> list[SeqWork]:
+    def _uncached(works: list[SequenceWork], hits: dict[str, int]) -> list[SequenceWork]:
         """What the forward computes: each work without its cached head; fully cached chunks that do not sample
         drop out (sampling works always keep a token, so logits rows stay one per sampling work)."""
         out = []
@@ -140,7 +140,7 @@ class Engine:
             log.warning("%s; falling back to any JSON object", exc)
             return self.grammars.sequence(Guided(json_object=True), params.max_tokens)
 
-    def _forward(self, works: list[SeqWork],
+    def _forward(self, works: list[SequenceWork],
                  scored: dict[str, int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits [N, V] of the sampling works' last rows, and of every row [L, V] of each scored work."""
         if not works:  # every work was a cached chunk
@@ -163,18 +163,18 @@ class Engine:
             return logits, {}
         return logits[sampled], {seq_id: logits[a:b] for seq_id, (a, b) in spans.items()}
 
-    def _scored(self, works: list[SeqWork]) -> dict[str, int]:
+    def _scored(self, works: list[SequenceWork]) -> dict[str, int]:
         """Sequence -> prompt end, for works feeding prompt tokens that asked for logprobs (read before this step
         changes any state: a sequence that sampled before has no prompt left unless prompt_tokens says so)."""
         return scored_works(works, lambda i: i in self._seqs and bool(self._seqs[i].sampling.replayed))
 
-    def _score_prompts(self, works: list[SeqWork], results: list[SeqResult], rows: dict[str, torch.Tensor],
-                       scored: dict[str, int]) -> None:
+    def _score_prompts(self, works: list[SequenceWork], results: list[SequenceResult],
+                       rows: dict[str, torch.Tensor], scored: dict[str, int]) -> None:
         for w, result in zip(works, results):
             if w.seq_id in rows:
                 result.prompt_logprobs = self.prompts.score(w, rows[w.seq_id], scored[w.seq_id])
 
-    def _decode(self, works: list[SeqWork], split: bool = False) -> torch.Tensor:
+    def _decode(self, works: list[SequenceWork], split: bool = False) -> torch.Tensor:
         """A small step (decode tokens, short prefill chunks) through the paged runner, one row per token (CUDA
         graphs where captured); logits [N, V] float32 of the sampling works' last rows. split: two ping-pong
         halves of the bucket's rows, the second on self.micro.second (micro_batch.py)."""
@@ -191,14 +191,15 @@ class Engine:
         with stepping(parts):
             return self.decode.run(tokens, positions, tables, keep, second)
 
-    def _sample(self, works: list[SeqWork], states: list[SeqSampleState], logits: torch.Tensor) -> list[SeqResult]:
+    def _sample(self, works: list[SequenceWork], states: list[SeqSampleState],
+                logits: torch.Tensor) -> list[SequenceResult]:
         picked = [i for i, w in enumerate(works) if w.sample]
         outs = []
         if picked:
             outs = self.sampler.sample(logits, [works[i].sampling for i in picked], [states[i] for i in picked])
-        results = [SeqResult(w.seq_id, None) for w in works]
+        results = [SequenceResult(w.seq_id, None) for w in works]
         for i, out in zip(picked, outs):
-            results[i] = SeqResult(works[i].seq_id, out.token_id, out.logprob, list(out.top_logprobs))
+            results[i] = SequenceResult(works[i].seq_id, out.token_id, out.logprob, list(out.top_logprobs))
         return results
 
     def release(self, seq_ids: list[str]) -> int:

@@ -74,11 +74,6 @@ class SequenceResult:
     prompt_logprobs: list = field(default_factory=list)  # runtime/prompt_logprobs.PromptLogprob per prompt token fed
 
 
-# TRANSITIONAL (until engine.py and services/router take the new names in one pass): the old names.
-SeqWork = SequenceWork
-SeqResult = SequenceResult
-
-
 @dataclass(frozen=True)
 class ExpertPlacement:
     """Which routed experts a shard hosts (same expert ids in every hosted layer)."""

@@ -30,16 +30,6 @@ def grpc_code(status: ErrorStatus) -> grpc.StatusCode:
     return grpc.StatusCode[status.name]
 
 
-def _legacy_code(value: grpc.StatusCode | str) -> grpc.StatusCode:
-    # TRANSITIONAL: `grpc_status` on exceptions not yet converted to `status`.
-    if isinstance(value, grpc.StatusCode):
-        return value
-    try:
-        return grpc.StatusCode[str(value).upper()]
-    except KeyError:
-        return grpc.StatusCode.INTERNAL
-
-
 def _details(exc: BaseException) -> str:
     # KeyError's str() is the repr of its key ("'foo'"); the message reads better without the quotes.
     if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
@@ -75,9 +65,6 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
     status = status_of(exc)
     if status is not None:
         return grpc_code(status), _details(exc), tuple(trailing)
-    legacy = getattr(exc, "grpc_status", None)
-    if legacy is not None:
-        return _legacy_code(legacy), _details(exc), tuple(trailing)
     for cls, code in BUILTIN_STATUS:
         if isinstance(exc, cls):
             return code, _details(exc), tuple(trailing)

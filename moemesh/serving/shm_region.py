@@ -20,10 +20,9 @@ means the output rows are that request's (stale replies are skipped by seq).
 Spinning (optional, bounded): a side that expects the other's message soon may first poll header[1] / header[2]
 (`spin_while` / `spin_until`, yielding the core between reads) and only then recv. The words are hints written
 after the message is sent, so a recv after a hit returns at once; the message stays the only synchronisation (its
-system calls order the memory), so the words need no atomics. The idea: a blocking wait lets an otherwise idle vCPU
-halt (this CI VM's guest halt polling is off), and waking a halted vCPU costs a VM exit, on every hand-off (30 per
-token at batch 1); a poller that keeps such a core busy skips that. Measured so far only on loaded cores, where the
-shard-side poll lost (benchmarks/results/mesh-decode-cpu-spin-loaded.md): shards poll only when asked (spin_us); the
+system calls order the memory), so the words need no atomics. Why: on 2 quiet cores (router + 2 shards) one shard
+that polls while the router computes streamed faster than blocking everywhere (ExpertConfig.spin_us auto; the raw
+wake-up of a blocked process costs only ~5 us here, so the gain is the poller's core staying warm and unshared); the
 router polls only for the replies after the first of a layer (services/router/shm_dispatch.py).
 """
 

@@ -58,13 +58,14 @@ class ExpertConfig(ServiceConfig):
     quantization: str = setting("none", "weight-only quantization of this shard's experts: none, fp8 (e4m3) "
                                 "or int8, per-channel scales, or int4 (a scale per 128 columns)",
                                 env="MOEMESH_QUANTIZATION", choices=QUANTIZATIONS)
-    spin_us: int = setting(0, "microseconds a shared-memory link polls for the router's next request after each "
+    spin_us: int = setting(-1, "microseconds a shared-memory link polls for the router's next request after each "
                            "reply before it blocks (0: never; -1: auto, SPIN_AUTO_US on a CPU shard whose index is "
                            "below the core count - 1, so that a core stays free for the router, else 0)")
 
-    # Covers the router's work between two layers at batch 1 (~0.6 ms on 2 cores). Off by default: on 2 loaded cores
-    # (load 15-28) the blocking hand-off streamed faster (benchmarks/results/mesh-decode-cpu-spin-loaded.md); quiet
-    # cores are untested: `python benchmarks/mesh_decode.py --repeats 2` runs both (-1 row).
+    # Covers the router's work between two layers at batch 1 (~0.6 ms on 2 cores). On 2 nearly quiet cores (load 1-6)
+    # auto beat the blocking hand-off in 4 of 4 paired runs (batch 1: 44.8 vs 48.6 ms per token at best; polling on
+    # both shards was slower than either); on loaded cores (load 15-28) the results went both ways
+    # (benchmarks/results/mesh-decode-cpu-spin-*.md).
     SPIN_AUTO_US: ClassVar[int] = 2000
 
     def validate(self) -> None:

@@ -13,6 +13,8 @@ from typing import Protocol
 
 import torch
 
+from moemesh.errors import ErrorStatus
+
 
 class InvalidTensor(ValueError):
     """A Forward input has the wrong shape or dtype; the message starts with the field name (INVALID_ARGUMENT)."""
@@ -25,7 +27,7 @@ class InvalidTensor(ValueError):
 class LayerNotHosted(RuntimeError):
     """Forward for a layer this shard does not host: the router's placement is stale or wrong."""
 
-    grpc_status = "FAILED_PRECONDITION"
+    status = ErrorStatus.FAILED_PRECONDITION
 
 
 class Bank(Protocol):

@@ -13,6 +13,7 @@ import grpc
 import torch
 
 from moemesh.certs import grpc_tls
+from moemesh.errors import ErrorStatus
 from moemesh.runtime.engine import as_dtype
 from moemesh.runtime.types import ExpertPlacement
 from moemesh.serving.telemetry import CHANNEL_OPTIONS
@@ -24,7 +25,7 @@ from services.router.dispatch import ForwardResult
 class ExpertCallError(RuntimeError):
     """A Forward call to a shard failed; the step is rolled back. UNAVAILABLE for the batcher: retry later."""
 
-    grpc_status = "UNAVAILABLE"
+    status = ErrorStatus.UNAVAILABLE
 
     def __init__(self, address: str, layer: int, code: grpc.StatusCode | None, details: str) -> None:
         name = code.name if code is not None else "ERROR"
@@ -32,7 +33,7 @@ class ExpertCallError(RuntimeError):
         self.address, self.layer, self.code = address, layer, code
         # A shard rejecting our input is a bug on this side, not an outage: surface it as INTERNAL.
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
-            self.grpc_status = "INTERNAL"
+            self.status = ErrorStatus.INTERNAL
 
 
 class _Pending:

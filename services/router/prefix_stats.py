@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moemesh.runtime.types import SeqResult, SeqWork
+from moemesh.runtime.types import SequenceResult, SequenceWork
 from services.router import metrics
 
 
@@ -21,14 +21,14 @@ class PrefixStats:
         self._tenant_of: dict[str, str] = {}
         self._evicted = 0
 
-    def started(self, works: list[SeqWork], tenants: dict[str, str]) -> None:
+    def started(self, works: list[SequenceWork], tenants: dict[str, str]) -> None:
         """Before a step: remember the tenant of the sequences it starts (tenants: seq_id -> tenant of works that
         named one)."""
         for w in works:
             if w.position == 0:
                 self._tenant_of[w.seq_id] = tenants.get(w.seq_id, "")
 
-    def observe(self, works: list[SeqWork], results: list[SeqResult]) -> None:
+    def observe(self, works: list[SequenceWork], results: list[SequenceResult]) -> None:
         """After a successful step: count the prefill work (not single decode tokens) and its hits."""
         for w, r in zip(works, results):
             if len(w.token_ids) == 1 and w.position > 0 and w.sample:

@@ -20,9 +20,9 @@ from moemesh.runtime.engine import Engine
 from moemesh.runtime.expert_load import ExpertLoad
 from moemesh.runtime.prefix_cache import cache_salt
 from moemesh.runtime.types import (
-    CapacityError, ExpertPlacement, Guided, SamplingParams, SeqResult, SequenceStateError, SeqWork,
+    CapacityError, ExpertPlacement, Guided, SamplingParams, SequenceResult, SequenceStateError, SequenceWork,
 )
-from moemesh.serving.errors import ServiceError
+from moemesh.errors import ErrorStatus, ServiceError
 from moemesh.serving.telemetry import tracer
 from moemesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.router import metrics
@@ -52,14 +52,14 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
     )
 
 
-def work_from_proto(w: router_pb2.SequenceWork) -> SeqWork:
+def work_from_proto(w: router_pb2.SequenceWork) -> SequenceWork:
     """No sampling field: the engine uses the sequence's own (sent once, when it started)."""
     sampling = sampling_from_proto(w.sampling) if w.HasField("sampling") else None
-    return SeqWork(seq_id=w.seq_id, token_ids=list(w.token_ids), position=w.position, sampling=sampling,
-                   sample=w.sample, salt=cache_salt(w.tenant, w.cache_salt), follows=w.follows)
+    return SequenceWork(seq_id=w.seq_id, token_ids=list(w.token_ids), position=w.position, sampling=sampling,
+                        sample=w.sample, salt=cache_salt(w.tenant, w.cache_salt), follows=w.follows)
 
 
-def result_to_proto(r: SeqResult) -> router_pb2.SequenceResult:
+def result_to_proto(r: SequenceResult) -> router_pb2.SequenceResult:
     out = router_pb2.SequenceResult(seq_id=r.seq_id, logprob=r.logprob or 0.0, cached_tokens=r.cached_tokens)
     if r.token_id is not None:
         out.token_id = r.token_id
@@ -133,8 +133,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         while self._handed < step_id and time.monotonic() < deadline:
             await asyncio.sleep(0.0005)
 
-    def _release_and_step(self, release: list[str], step_id: int, works: list[SeqWork],
-                          tenants: dict[str, str]) -> tuple[int, list[SeqResult], float, tuple]:
+    def _release_and_step(self, release: list[str], step_id: int, works: list[SequenceWork],
+                          tenants: dict[str, str]) -> tuple[int, list[SequenceResult], float, tuple]:
         """Releases first, even when the step then fails (the batcher has already forgotten those sequences)."""
         released = self._release(release)[0] if release else 0
         self._prefix.started(works, tenants)
@@ -142,13 +142,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._prefix.observe(works, results)
         return released, results, seconds, self._kv_figures(works)
 
-    def _kv_figures(self, works: list[SeqWork]) -> tuple[int, int, dict[str, int]]:
+    def _kv_figures(self, works: list[SequenceWork]) -> tuple[int, int, dict[str, int]]:
         """Free and cached blocks, and own blocks of the step's sequences and of those whose sharing changed."""
         blocks = self._engine.blocks
         ids = blocks.take_dirty() | {w.seq_id for w in works}
         return blocks.free_blocks, blocks.cached_blocks, {i: blocks.own(i) for i in ids if i in blocks}
 
-    def _step(self, step_id: int, works: list[SeqWork]) -> tuple[list[SeqResult], float, int]:
+    def _step(self, step_id: int, works: list[SequenceWork]) -> tuple[list[SequenceResult], float, int]:
         """On the engine thread: one router.step span, the engine step, metrics."""
         tokens = _fed(works)
         start, outcome = time.perf_counter(), "error"
@@ -160,10 +160,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 outcome = "ok"
             except CapacityError as exc:
                 outcome = "capacity"
-                raise ServiceError(str(exc), status=grpc.StatusCode.RESOURCE_EXHAUSTED) from exc
+                raise ServiceError(str(exc), status=ErrorStatus.RESOURCE_EXHAUSTED) from exc
             except SequenceStateError as exc:
                 outcome = "invalid"
-                raise ServiceError(str(exc), status=grpc.StatusCode.INVALID_ARGUMENT) from exc
+                raise ServiceError(str(exc), status=ErrorStatus.INVALID_ARGUMENT) from exc
             finally:
                 seconds = time.perf_counter() - start
                 metrics.observe_step(step, seconds, tokens, len(works), outcome)
@@ -218,7 +218,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return self._expert_load.snapshot() if self._expert_load is not None else {}
 
 
-def _fed(works: list[SeqWork]) -> int:
+def _fed(works: list[SequenceWork]) -> int:
     """Tokens the works feed (a follows work feeds the one token the engine sampled last)."""
     return sum(1 if w.follows else len(w.token_ids) for w in works)
 

@@ -8,12 +8,12 @@ import asyncio
 import socket
 import time
 
-import grpc
 import pytest
 
 from gateway import metering_client, upstream
 from gateway.metering_client import MeteringClient
 from gateway.upstream import PeerLost, TokenizerClient
+from moemesh.errors import ErrorStatus
 from moemesh.serving import client_channel, serve_in_process
 from moemesh.serving.config import ServiceConfig
 from services.tokenizer.catalog import TokenizerCatalog
@@ -69,4 +69,4 @@ async def test_a_stalled_metering_fails_closed_with_unavailable(monkeypatch, sta
         started = time.monotonic()
         with pytest.raises(PeerLost, match="metering: no answer") as err:
             await call()
-        assert err.value.grpc_status == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 3
+        assert err.value.status is ErrorStatus.UNAVAILABLE and time.monotonic() - started < 3

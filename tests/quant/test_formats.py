@@ -129,7 +129,7 @@ def test_the_quantizer_runs_gptq_only_with_enough_tokens_per_input() -> None:
 
 def test_a_group_size_that_does_not_divide_k_falls_back_to_a_power_of_two_divisor() -> None:
     """SmolLM2: --group-size 128 on K = 576 -> 64 (MatMulNBits wants powers of two >= 16); K = 1536 keeps 128."""
-    from moemesh.quant.quantizer import _group
+    from moemesh.quant.quantizer import QuantSettings, _group
 
     s = QuantSettings(group_size=128)
     assert _group(576, "w", s) == 64 and _group(1536, "w", s) == 128 and _group(192, "w", s) == 64

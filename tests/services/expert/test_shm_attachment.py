@@ -1,7 +1,7 @@
 """The shard's end of the shared-memory link (services/expert/shm_server.Attachment) driven over a real SOCK_SEQPACKET
 pair and a real /dev/shm region, with the tiny MoE's real ExpertBank: every reply carries the bank's output, with and
 without the bounded poll for the next request (spin_us), and the header words follow the messages. Also the spin_us
-setting: off by default, auto spins only where a core stays free for the router."""
+setting: auto by default, which spins only where a core stays free for the router."""
 
 from __future__ import annotations
 
@@ -70,11 +70,11 @@ def test_every_reply_is_the_banks_output_with_or_without_polling(bank, tmp_path,
     assert not attachment.alive
 
 
-def test_spin_us_is_off_by_default_and_auto_leaves_a_core_for_the_router():
+def test_spin_us_auto_leaves_a_core_for_the_router():
     def config(**kw) -> ExpertConfig:
         return ExpertConfig(num_shards=2, **kw)
 
-    assert config(shard_index=0).spin_seconds(cores=8) == 0.0  # off unless asked for
+    assert config(shard_index=0).spin_seconds(cores=2) == ExpertConfig.SPIN_AUTO_US / 1e6  # auto by default
     assert config(shard_index=0, spin_us=-1).spin_seconds(cores=2) == ExpertConfig.SPIN_AUTO_US / 1e6
     assert config(shard_index=1, spin_us=-1).spin_seconds(cores=2) == 0.0  # router + shard 0 fill 2 cores
     assert config(shard_index=1, spin_us=-1).spin_seconds(cores=4) > 0.0

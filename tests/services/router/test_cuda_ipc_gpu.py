@@ -36,14 +36,14 @@ def _wait_ready(client, proc, log) -> None:
 
 
 def _steps(engine, prompts):
-    from moemesh.runtime.types import SeqWork
+    from moemesh.runtime.types import SequenceWork
 
     # The decode tokens are fixed, not sampled: with random weights the logits are nearly flat, so a rounding
     # difference (two shards' partial sums added in float32) can flip a greedy choice and the sequences diverge.
-    results, logits = engine.step_with_logits([SeqWork(f"s{i}", p, 0) for i, p in enumerate(prompts)])
+    results, logits = engine.step_with_logits([SequenceWork(f"s{i}", p, 0) for i, p in enumerate(prompts)])
     out, pos = [logits.float().cpu()], len(prompts[0])
     for step in range(3):  # decode: bucket 4, captured then replayed
-        works = [SeqWork(r.seq_id, [(7 * i + 13 * step + 5) % CONFIG["vocab_size"]], pos)
+        works = [SequenceWork(r.seq_id, [(7 * i + 13 * step + 5) % CONFIG["vocab_size"]], pos)
                  for i, r in enumerate(results)]
         results, logits = engine.step_with_logits(works)
         out.append(logits.float().cpu())

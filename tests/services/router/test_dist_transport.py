@@ -14,6 +14,7 @@ import grpc
 import pytest
 import torch
 
+from moemesh.errors import ErrorStatus
 from moemesh.runtime.engine import Engine
 from moemesh.serving import client_channel, serve_in_process
 from moemesh.v1 import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc
@@ -86,7 +87,7 @@ def test_stopped_shard_fails_on_its_missing_heartbeat_then_recovers(router, shar
         start = time.monotonic()
         with pytest.raises(ExpertCallError, match="stalled") as failed:
             router.worker.call(router.engine.forward_logits, [PROMPT])
-        assert failed.value.grpc_status == "UNAVAILABLE" and time.monotonic() - start < 2.0  # stall_timeout 0.5 s
+        assert failed.value.status is ErrorStatus.UNAVAILABLE and time.monotonic() - start < 2.0  # stall_timeout 0.5 s
     finally:
         os.kill(shards[1].proc.pid, signal.SIGCONT)
     assert _step_until_ok(router, 30) < 30

@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+from moemesh.errors import ErrorStatus
 from moemesh.runtime import placement_plan
 from moemesh.runtime.engine import Engine
 from services.router.__main__ import build_router
@@ -80,7 +81,7 @@ def _until_ok(router, limit_s: float):
         try:
             return _logits(router)
         except ExpertCallError as exc:
-            assert exc.grpc_status == "UNAVAILABLE" and time.monotonic() < deadline, exc
+            assert exc.status is ErrorStatus.UNAVAILABLE and time.monotonic() < deadline, exc
             time.sleep(0.1)
 
 
@@ -115,7 +116,7 @@ def test_without_a_covering_replica_the_steps_fail_until_the_shard_is_back(route
         for _ in range(2):  # the stalled step, then the re-attach refused: nobody hosts the experts
             with pytest.raises(ExpertCallError) as failed:
                 _logits(router)
-            assert failed.value.grpc_status == "UNAVAILABLE"
+            assert failed.value.status is ErrorStatus.UNAVAILABLE
     finally:
         os.kill(shards[0].proc.pid, signal.SIGCONT)
         os.kill(shards[1].proc.pid, signal.SIGCONT)

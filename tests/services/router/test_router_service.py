@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import REGISTRY
 
 from moemesh.runtime.engine import Engine
-from moemesh.runtime.types import SamplingParams, SeqWork
+from moemesh.runtime.types import SamplingParams, SequenceWork
 from moemesh.serving import RunningService, client_channel, serve_in_process
 from moemesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.expert import servicer as expert_servicer
@@ -86,7 +86,7 @@ async def test_remote_experts_give_the_local_engines_tokens_and_logits(mesh, tin
     remote_tokens, local_tokens, position, nxt = [], [], 0, PROMPT
     for step in range(5):
         reply = await mesh.stub.Step(router_pb2.StepRequest(step_id=step, work=[work("a", nxt, position)]))
-        expected = local.step([SeqWork("a", nxt, position, params)])[0]
+        expected = local.step([SequenceWork("a", nxt, position, params)])[0]
         got = reply.results[0]
         assert got.token_id == expected.token_id
         assert got.logprob == pytest.approx(expected.logprob, abs=1e-4)
@@ -215,7 +215,7 @@ async def test_without_expert_addrs_the_experts_run_in_the_router(tiny_moe_dir):
             assert [(p.address, list(p.experts)) for p in info.placement] == [("local", [0, 1, 2, 3])]
             local = Engine.load(tiny_moe_dir, kv_blocks=KV_BLOCKS, block_size=BLOCK)
             reply = await stub.Step(router_pb2.StepRequest(work=[work("a", PROMPT, 0)]))
-            assert reply.results[0].token_id == local.step([SeqWork("a", PROMPT, 0)])[0].token_id
+            assert reply.results[0].token_id == local.step([SequenceWork("a", PROMPT, 0)])[0].token_id
     finally:
         router.close()
 

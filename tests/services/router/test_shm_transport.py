@@ -16,6 +16,7 @@ import grpc
 import pytest
 import torch
 
+from moemesh.errors import ErrorStatus
 from moemesh.runtime.engine import Engine
 from moemesh.serving import client_channel, serve_in_process, shm_region
 from moemesh.v1 import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc
@@ -143,7 +144,7 @@ def test_stopped_shard_fails_within_the_stall_timeout_then_recovers(router, shar
         start = time.monotonic()
         with pytest.raises(ExpertCallError, match="stalled: no heartbeat") as info:
             router.worker.call(router.engine.forward_logits, [PROMPT])
-        assert info.value.grpc_status == "UNAVAILABLE" and time.monotonic() - start < 2.0  # stall_timeout 0.5 s
+        assert info.value.status is ErrorStatus.UNAVAILABLE and time.monotonic() - start < 2.0  # stall_timeout 0.5 s
     finally:
         os.kill(shards[0].proc.pid, signal.SIGCONT)
     assert _step_until_ok(router, 30) < 30
