@@ -63,9 +63,9 @@ class ExpertConfig(ServiceConfig):
                            "below the core count - 1, so that a core stays free for the router, else 0)")
 
     # Covers the router's work between two layers at batch 1 (~0.6 ms on 2 cores). On 2 nearly quiet cores (load 1-6)
-    # auto beat the blocking hand-off in 4 of 4 paired runs (batch 1: 44.8 vs 48.6 ms per token at best; polling on
-    # both shards was slower than either); on loaded cores (load 15-28) the results went both ways
-    # (benchmarks/results/mesh-decode-cpu-spin-*.md).
+    # auto beat the blocking hand-off in 6 of 6 paired runs at batch 1 (load 2.3: 43.3 vs 45.7 ms per token, batch 8
+    # 77.5 vs 82.7; polling on both shards was slower than either); on loaded cores (load 15-28) the results went
+    # both ways (benchmarks/results/mesh-decode-cpu-spin-*.md).
     SPIN_AUTO_US: ClassVar[int] = 2000
 
     def validate(self) -> None:

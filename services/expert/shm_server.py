@@ -4,9 +4,9 @@ Attach maps the router's region, connects to its signalling socket and starts tw
 compute would block it): `serve` waits in a blocking recv for (seq, layer, T), runs ExpertShard.forward on the
 region's rows 0..T-1, writes the output in place and replies; `beat` bumps the heartbeat word so the router can tell a
 long step (beats go on) from a stalled process (beats stop). With spin_s > 0 (config `spin_us`), `serve` first polls
-the region's request word for that long after each reply before it blocks (shm_region: a core that does not halt
-between the layers of a step takes the next hand-off without a VM exit). An attachment lives until its socket closes
-(the router closed it, re-attached with a bigger region, or died) or the shard stops.
+the region's request word for that long after each reply before it blocks (see shm_region); every attachment of the
+shard stops polling once a second router attaches (M:N: the routers need those cores). An attachment lives until its
+socket closes (the router closed it, re-attached with a bigger region, or died) or the shard stops.
 
 M:N: several routers (data-parallel replicas) attach to one shard, one attachment each. The attachments share one
 MergedCompute (services/expert/merged_compute.py): one forward at a time per shard, and blocks of the same layer that
@@ -67,6 +67,10 @@ class Attachment:
     @property
     def alive(self) -> bool:
         return not self._stop.is_set()
+
+    def stop_spinning(self) -> None:
+        """Blocks at once after each reply from now on (read by the serving thread before its next wait)."""
+        self._spin_s = 0.0
 
     def _beat(self) -> None:
         while not self._stop.wait(shm_region.HEARTBEAT_S):
@@ -168,8 +172,11 @@ class ShmServer:
             return f"cannot connect to the router's socket {spec.socket_path}: {exc}"
         self._count += 1
         self._attachments = [a for a in self._attachments if a.alive]
-        self._attachments.append(Attachment(self._shard, region, sock, f"{self._count}", self.compute,
-                                            self.spin_s))
+        attachment = Attachment(self._shard, region, sock, f"{self._count}", self.compute, self.spin_s)
+        if {a.router for a in self._attachments} - {attachment.router}:  # M:N (a re-attach keeps its router pid)
+            for other in [*self._attachments, attachment]:  # several routers' pollers would take the routers' cores
+                other.stop_spinning()
+        self._attachments.append(attachment)
         log.info("shm attached: %s, %d tokens x H %d x K %d %s", spec.shm_path, spec.max_tokens, spec.hidden_size,
                  spec.top_k, spec.dtype)
         return None
