@@ -25,18 +25,8 @@ from services.router.__main__ import build_router
 from services.router.dist_link import DistGroup
 from services.router.expert_client import ExpertCallError, GrpcShardClient
 from services.router.servicer import add_to_server
-from tests.services.router.test_shm_transport import BLOCK, KV_BLOCKS, PROMPT, Shard, _step_until_ok, config
-
-
-@pytest.fixture(scope="module")
-def shards(tiny_moe_dir, tmp_path_factory):
-    home = tmp_path_factory.mktemp("dist-home")
-    procs = [Shard(tiny_moe_dir, i, home) for i in (0, 1)]
-    for shard in procs:
-        shard.start()
-    yield procs
-    for shard in procs:
-        shard.stop()
+from tests.services.router.test_shm_transport import (  # noqa: F401 (shards: the fixture)
+    _step_until_ok, BLOCK, config, KV_BLOCKS, PROMPT, shards)
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,8 @@ from moemesh.runtime.types import SamplingParams, SequenceWork
 from moemesh.serving.config import ConfigError
 from services.router.__main__ import build_router
 from services.router.expert_client import ExpertCallError
-from tests.services.router.test_shm_transport import BLOCK, KV_BLOCKS, PROMPT, Shard, config
-
-
-@pytest.fixture(scope="module")
-def shards(tiny_moe_dir, tmp_path_factory):
-    home = tmp_path_factory.mktemp("pingpong-home")
-    procs = [Shard(tiny_moe_dir, i, home) for i in (0, 1)]
-    for shard in procs:
-        shard.start()
-    yield procs
-    for shard in procs:
-        shard.stop()
+from tests.services.router.test_shm_transport import (  # noqa: F401 (shards: the fixture)
+    BLOCK, config, KV_BLOCKS, PROMPT, shards)
 
 
 def _works(step: int, last: dict[str, int], engine) -> list[SequenceWork]:
