@@ -21,7 +21,9 @@ MESH_UP_ARGS = ["--edge", "--edge-port", "0"]
 def _cut_stream(mesh: RunningMesh, cut) -> list[str]:
     """The SSE data lines of a long streamed chat over HTTPS; `cut()` runs once its first content arrived."""
     status = json.loads(mesh.status_path.read_text())
-    body = {"model": status["model"], "stream": True, "max_tokens": 1000,
+    # 1,900 tokens (the tiny model's context is 2,048): ~9 s on a quiet machine, well past the 4.5 s after a stop
+    # at which the gateway cuts its streams (1,000 could finish first: finish_reason "length", no error event)
+    body = {"model": status["model"], "stream": True, "max_tokens": 1900,
             "messages": [{"role": "user", "content": "Tell me a very long story"}]}
     data: list[str] = []
     with httpx2.Client(verify=status["ca_cert"], timeout=120) as client:
