@@ -7,14 +7,13 @@ wait and the shards compute while the router waits: each shard gets its share of
 cores // (shards + 1) (at least 1; every core when the experts are in the router).
 OMP_WAIT_POLICY=PASSIVE: an OpenMP worker that spins after its parallel region (libgomp's default) takes a core from
 the other processes; on 2 cores that alone made a shared-memory decode step 1.6x slower (74 vs 46 ms).
-Priority: the front end (gateway, tokenizer, metering and its Redis) runs at nice FRONTEND_NICE, 10 by default: its
-per-token work then does not pre-empt the router and the shards between their per-layer hand-offs (quiet 2-core
-machine, benchmarks/mesh_decode.py: batch-1 streamed decode 0.91x of the in-process engine at nice 10, 0.84x at 0;
-batch 8 1.01x against 0.93x). Next to 1,000 slow-reading streams of another tenant it still gets its CPU when the
-mesh has the machine to itself (quiet machine: 0 failures, the other tenant's p50 0.27 -> 0.62 s); on a machine
-loaded by other work (load 26) a reniced front end got almost no CPU once the engine ran full batches: calls waited
-over 30 s to be taken in by the gateway, which gRPC then cancels (`CANCELLED`), where nice 0 had none
-(benchmarks/results/slow-readers.md). `MOEMESH_FRONTEND_NICE=0` is the setting for a host shared with other work.
+Priority: the front end (gateway, tokenizer, metering and its Redis) runs at nice FRONTEND_NICE, 0 by default, so that
+it keeps its CPU when the engine is saturated: on a machine loaded by other work (load 26) a front end at nice 10 got
+almost no CPU once the engine ran full batches, calls waited over 30 s to be taken in by the gateway and gRPC cancelled
+them (`CANCELLED`), and a stop could end an HTTP stream without its error event; at nice 0 none of that
+(benchmarks/results/slow-readers.md). `MOEMESH_FRONTEND_NICE=10` suits a machine the mesh has to itself with one
+user: batch-1 streamed decode 0.89-0.91x of the in-process engine against 0.84x at nice 0 (benchmarks/mesh_decode.py,
+quiet 2-core machine), and 1,000 slow streams still had no failure there.
 Values already in the environment win.
 """
 
@@ -45,7 +44,7 @@ def thread_env(kind: str, num_shards: int, environ: Mapping[str, str] = os.envir
 
 
 FRONTEND = ("gateway", "tokenizer", "metering")
-FRONTEND_NICE = 10  # see the module doc (MOEMESH_FRONTEND_NICE=0 on a host shared with other work)
+FRONTEND_NICE = 0  # see the module doc (MOEMESH_FRONTEND_NICE=10 for single-user decode speed)
 
 
 def nice_of(name: str, environ: Mapping[str, str] = os.environ) -> int:
