@@ -196,6 +196,8 @@ class DistLink:
             else:
                 self._wait_gloo(pending, tokens)
             head, out = dist_wire.reply_views(pending["reply"], tokens, owner.hidden_size, owner.torch_dtype)
+            # The reply header says whether the shard computed this layer: the dist transport reads it on the host
+            # every layer by design (gloo: a host tensor, no device sync; NCCL links are not graph-captured).
             kind, got_seq, _, _, status, text_len = head[:6].tolist()
         except RuntimeError as exc:
             self._fail(layer, _describe(exc, owner.stall_timeout))

@@ -16,11 +16,10 @@ import torch
 
 from moemesh.runtime.dispatch import LocalDispatch
 from moemesh.runtime.engine import Engine
-from moemesh.runtime.gpu import kernels_usable, triton_available
+from moemesh.runtime.gpu import triton_available
 from moemesh.runtime.micro_batch import MicroBatching
 
-cuda = pytest.mark.skipif(bool(kernels_usable(torch.device("cuda"), torch.bfloat16)),
-                          reason="needs CUDA with Triton")
+from test_gpu_kernels import cuda  # noqa: E402 (skips off CUDA, naming what is missing)
 
 CHECK = textwrap.dedent('''
     import sys
