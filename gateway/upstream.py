@@ -36,6 +36,9 @@ ENCODE_RETRY_S = 30.0
 BATCHER_CHANNEL_OPTIONS = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4096))
 
 
+_CORE_RESETS = ("RST_STREAM", "Internal error from Core")
+
+
 class PeerLost(ServiceError):
     """A peer service went away during a call: UNAVAILABLE with a message that says what to do."""
 
@@ -53,8 +56,10 @@ def _lost(peer: str, exc: BaseException) -> BaseException:
     if not isinstance(exc, grpc.aio.AioRpcError):
         return exc
     details = exc.details() or exc.code().name
-    # A peer that dies mid-stream resets it: UNAVAILABLE ("Socket closed"), or INTERNAL naming the RST_STREAM.
-    reset = exc.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in details
+    # A peer that dies mid-stream resets it: UNAVAILABLE ("Socket closed"), or INTERNAL from gRPC core itself (naming
+    # the RST_STREAM, or "Internal error from Core" when the call is cut while the channel is torn down: seen in CI on
+    # a SIGKILLed tokenizer). A peer's own INTERNAL reads "internal error: ..." (moemesh.serving.errors).
+    reset = exc.code() == grpc.StatusCode.INTERNAL and any(m in details for m in _CORE_RESETS)
     if exc.code() == grpc.StatusCode.UNAVAILABLE or reset:
         return PeerLost(peer, details)
     return exc

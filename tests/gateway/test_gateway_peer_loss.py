@@ -70,3 +70,18 @@ async def test_a_stalled_metering_fails_closed_with_unavailable(monkeypatch, sta
         with pytest.raises(PeerLost, match="metering: no answer") as err:
             await call()
         assert err.value.status is ErrorStatus.UNAVAILABLE and time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize(("code", "details", "lost"), [
+    ("UNAVAILABLE", "Socket closed", True),
+    ("INTERNAL", "Received RST_STREAM with error code 2", True),
+    ("INTERNAL", "Internal error from Core", True),  # a call cut while gRPC core tears the dead peer's channel down
+    ("INTERNAL", "internal error: ZeroDivisionError: division by zero", False),  # the peer's own bug stays INTERNAL
+    ("INVALID_ARGUMENT", "ids: out of range", False),
+])
+def test_a_broken_peer_call_becomes_peer_lost_and_a_peer_error_stays(code: str, details: str, lost: bool) -> None:
+    import grpc
+
+    exc = grpc.aio.AioRpcError(grpc.StatusCode[code], grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+    out = upstream._lost("tokenizer", exc)
+    assert isinstance(out, PeerLost) is lost and (lost or out is exc)
