@@ -2,7 +2,7 @@
 down weighted and summed over slots into float32 rows), over a wider grid than moe_kernel.py's --tune-gemv: narrow
 column blocks with whole-K tiles included. Prints the best per kind and the JSON entry for the config file.
 
-    PYTHONPATH=. python3 benchmarks/h200/gemv_sweep.py
+    PYTHONPATH=. python3 benchmarks/h200/gemv_sweep.py [none|int4]
 """
 
 from __future__ import annotations
@@ -17,9 +17,18 @@ from moemesh.runtime.gpu.fused_moe import moe_gemv
 
 
 def main() -> None:
+    import sys
+
+    from moemesh.runtime.quant import quantize
+
+    scheme = sys.argv[1] if len(sys.argv) > 1 else "none"  # none (bf16) or int4
     e, inter, h, k, n_layers = 128, 768, 2048, 8, 12  # Qwen3-30B-A3B; 12 layers' weights: more than L2 holds
     layers = [(torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) / 45,
                torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16) / 28) for _ in range(n_layers)]
+    if scheme != "none":
+        layers = [(quantize(gu, scheme), quantize(dn, scheme)) for gu, dn in layers]
+    per_weight = 2.0 if scheme == "none" else 0.5 + 4 / 128  # bytes per weight (int4: + a float32 scale per 128)
+    nbytes = {"gemv_gate_up": k * 2 * inter * h * per_weight, "gemv_down": k * h * inter * per_weight}
     ids = torch.randperm(e, device="cuda")[:k].long()
     weights = torch.rand(k, device="cuda")
     hidden = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
@@ -28,7 +37,8 @@ def main() -> None:
     best = {}
     for kind in ("gemv_gate_up", "gemv_down"):
         timed = []
-        for bn, bk, warps, stages in itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (2, 4, 8), (1, 3)):
+        bks = (256, 512, 1024, 2048) if scheme == "none" else (512, 1024, 2048)
+        for bn, bk, warps, stages in itertools.product((2, 4, 8, 16), bks, (2, 4, 8), (1, 3)):
             cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
 
             def run():  # every layer once, as a decode step does (a graph: no launch overhead, L2 cold-ish)
@@ -49,7 +59,7 @@ def main() -> None:
                 print("skip", cfg, type(exc).__name__)
         timed.sort(key=lambda x: x[0])
         for us, cfg in timed[:4]:
-            print(f"{kind}: {us * 1e3:.2f} us {cfg}", flush=True)
+            print(f"{scheme} {kind}: {us * 1e3:.2f} us {nbytes[kind] / us / 1e6:.0f} GB/s {cfg}", flush=True)
         best[kind] = timed[0][1]
     print(json.dumps(best))
 

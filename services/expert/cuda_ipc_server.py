@@ -15,6 +15,10 @@ First use of a T: the stream is drained and one layer runs on private scratch ro
 Why: a kernel's first launch loads its module (Triton compiles one variant per T range; CUDA lazy loading), and a
 module load may synchronize the whole context; with a cross-process flag wait pending on our stream that
 synchronization would wait for the router, which may be waiting for us (measured: the first eager step deadlocked).
+The same holds across attachments: a router with ping-pong micro-batches attaches twice, and one link's module load
+would wait for the other link's pending flag wait (the ipc-1-pp hang of benchmarks/mesh_gpu.py). So before a link
+serves, it warms every bucket and a spread of eager sizes (WARM_TOKENS) and captures its bucket graphs, one link at
+a time (_PREPARE): the first link loads the process's modules while nothing waits, later links load none.
 The thread exits when the socket closes (router closed the link or died) or the shard stops.
 """
 
@@ -33,6 +37,11 @@ from services.expert import metrics
 log = logging.getLogger("services.expert.cuda_ipc")
 STEP = 0  # the message's layer field: a whole-step announcement
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # = moemesh.runtime.gpu.decode_graphs.BUCKETS (the router's decode rows)
+# Eager sizes warmed before a link serves: each tuned-config range of fused_moe, and sizes not divisible by 16
+# (Triton specializes integer arguments on divisibility by 16).
+WARM_TOKENS = (3, 5, 17, 33, 65, 129, 256, 257, 1024, 1025, 4096, 4097)
+_PREPARE = threading.Lock()  # one link of this process warms/captures at a time (see the module doc)
+_WARM: set[int] = set()  # T whose kernels this process has loaded
 
 
 class CudaIpcAttachment:
@@ -42,7 +51,6 @@ class CudaIpcAttachment:
         self._layers = tuple(sorted(bank.layers))
         self._stream = torch.cuda.Stream(region.raw.device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._warm: set[int] = set()  # T whose kernels are loaded (see the module doc)
         self._pool = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"cuda-ipc-{name}", daemon=True)
@@ -74,15 +82,30 @@ class CudaIpcAttachment:
                             dtype=torch.int32)
         self._layer(self._layers[0], hidden, ids, torch.rand_like(r.weights[:tokens]), torch.empty_like(hidden))
         self._stream.synchronize()
-        self._warm.add(tokens)
+        _WARM.add(tokens)
+
+    def _prepare(self) -> None:
+        """Before this link serves: kernels of every bucket and of WARM_TOKENS loaded, bucket graphs captured."""
+        limit = self._region.layout.max_tokens
+        with _PREPARE, torch.cuda.stream(self._stream):
+            started = time.perf_counter()
+            for tokens in (t for t in (*BUCKETS, *WARM_TOKENS) if t <= limit and t not in _WARM):
+                self._warm_up(tokens)
+            if self._graphs_on:
+                for tokens in (t for t in BUCKETS if t <= limit):
+                    self._graphs[tokens] = self._capture(tokens)
+            log.info("cuda_ipc link %s ready in %.1f s (graphs %s)", self.name, time.perf_counter() - started,
+                     sorted(self._graphs))
 
     def _capture(self, tokens: int) -> torch.cuda.CUDAGraph:
-        """Warm-up on scratch rows (kernels of this T loaded), then capture _enqueue(T)."""
-        self._warm_up(tokens)
+        """Warm-up on scratch rows (kernels of this T loaded), then capture _enqueue(T). thread_local: another
+        link's thread may replay its graphs meanwhile."""
+        if tokens not in _WARM:
+            self._warm_up(tokens)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
             self._enqueue(tokens)
         return graph
 
@@ -93,16 +116,19 @@ class CudaIpcAttachment:
             if self._graphs_on and tokens in BUCKETS:
                 graph = self._graphs.get(tokens)
                 if graph is None:
-                    graph = self._graphs[tokens] = self._capture(tokens)
+                    with _PREPARE:
+                        graph = self._graphs[tokens] = self._capture(tokens)
                 graph.replay()
             else:
-                if tokens not in self._warm:
-                    self._warm_up(tokens)
+                if tokens not in _WARM:
+                    with _PREPARE:
+                        self._warm_up(tokens)
                 self._enqueue(tokens)
 
     def _serve(self) -> None:
         try:
             with torch.inference_mode():
+                self._prepare()
                 while not self._stop.is_set():
                     message = shm_region.recv_message(self._sock)
                     if message is None:

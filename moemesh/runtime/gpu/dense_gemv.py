@@ -32,13 +32,17 @@ GEMV_MAX_ROWS = 2
 @triton.jit
 def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, n, k, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
           PDL: tl.constexpr = False):
-    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     row = tl.program_id(0).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN] output columns
     col_ok = cols < n
     ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, k, BLOCK_K):
+    # The first K step's weights are read before the PDL wait: weights are never written by a decode step, so the
+    # load may overlap the end of the kernel before (for the usual whole-K tile, the whole weight stream does).
+    w = tl.load(w_ptr + cols[:, None] * k + ks[None, :], mask=col_ok[:, None] & (ks < k)[None, :], other=0.0)
+    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
+    x = tl.load(x_ptr + row * k + ks, mask=ks < k, other=0.0).to(tl.float32)  # [BK]
+    acc = tl.sum(w.to(tl.float32) * x[None, :], 1)
+    for k0 in range(BLOCK_K, k, BLOCK_K):
         k_ok = k0 + ks < k
         x = tl.load(x_ptr + row * k + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)  # [BK]
         w = tl.load(w_ptr + cols[:, None] * k + k0 + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)

@@ -151,12 +151,15 @@ def route_softmax(logits: torch.Tensor, top_k: int, renormalize: bool,
 @triton.jit
 def _router_logits(x_ptr, w_ptr, out_ptr, e, h, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                    PDL: tl.constexpr = False):
-    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     t = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)  # [BE] experts of this program
     ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    for k0 in range(0, h, BLOCK_K):
+    # First K step's weights before the PDL wait (never written during a step; see dense_gemv._gemv).
+    w = tl.load(w_ptr + rows[:, None] * h + ks[None, :], mask=(rows[:, None] < e) & (ks < h)[None, :], other=0.0)
+    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
+    x = tl.load(x_ptr + t * h + ks, mask=ks < h, other=0.0).to(tl.float32)  # [BK]
+    acc = tl.sum(w * x[None, :], 1)
+    for k0 in range(BLOCK_K, h, BLOCK_K):
         k_ok = k0 + ks < h
         x = tl.load(x_ptr + t * h + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)  # [BK]
         w = tl.load(w_ptr + rows[:, None] * h + k0 + ks[None, :], mask=(rows[:, None] < e) & k_ok[None, :],
