@@ -98,15 +98,20 @@ class CudaIpcAttachment:
                      sorted(self._graphs))
 
     def _capture(self, tokens: int) -> torch.cuda.CUDAGraph:
-        """Warm-up on scratch rows (kernels of this T loaded), then capture _enqueue(T). thread_local: another
-        link's thread may replay its graphs meanwhile."""
+        """Warm-up on scratch rows (kernels of this T loaded), then capture _enqueue(T) on our stream. Not through
+        `torch.cuda.graph`: its entry synchronizes the device and empties the cache (cudaFree), which would wait for
+        another link's pending flag wait (the ping-pong hang); thread_local: that link may replay meanwhile."""
         if tokens not in _WARM:
             self._warm_up(tokens)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
-            self._enqueue(tokens)
+        with torch.cuda.stream(self._stream):
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                self._enqueue(tokens)
+            finally:
+                graph.capture_end()
         return graph
 
     def _run(self, tokens: int) -> None:
