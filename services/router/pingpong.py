@@ -14,8 +14,13 @@ Off (no second dispatch) when:
     sequences in the least loaded run (load 8-10); runs at load 11-26 gave 1.13-1.16x at 64, one at load 15-34
     0.39x. The split costs work: per streamed token about +30% router and +55% shard CPU at 8 sequences, +10% /
     +25% at 64 (twice the per-layer calls, half the rows each), and three compute processes on two busy cores leave
-    little idle time for the overlap to fill. On the GPU (split steps of the paged decode runner captured in their
-    own CUDA graphs, gpu/decode_graphs.py) it is not measured yet: `--pingpong-min-seqs 8` turns it on there too.
+    little idle time for the overlap to fill. On one H200 (split steps of the paged decode runner captured in their
+    own CUDA graphs, gpu/decode_graphs.py; one cuda_ipc shard process; `benchmarks/mesh_gpu.py --variants
+    ipc-1-pp,ipc-1`, Qwen3-30B-A3B shape, 64 sequences) it loses too: 1,300 vs 1,750 decode tok/s (0.74x), and under
+    CUDA MPS 1,693 vs 2,532 (0.67x; benchmarks/results/mesh-h200-pingpong*.md): router and shard share the same
+    SMs, so there is no idle device to overlap into, while the split doubles the per-layer flag hand-offs and halves
+    the expert GEMMs' rows. The gain MegaScale-Infer reports needs attention and experts on different GPUs (the
+    multi-GPU issue); `--pingpong-min-seqs 8` turns it on anywhere.
 """
 
 from __future__ import annotations
