@@ -38,8 +38,8 @@ def main() -> None:
     for kind in ("gemv_gate_up", "gemv_down"):
         timed = []
         bks = (256, 512, 1024, 2048) if scheme == "none" else (512, 1024, 2048)
-        for bn, bk, warps, stages in itertools.product((2, 4, 8, 16), bks, (2, 4, 8), (1, 3)):
-            cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+        for unroll, bn, bk, warps in itertools.product((True, False), (4, 8, 16), bks, (4, 8)):
+            cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 2, "UNROLL": unroll}
 
             def run():  # every layer once, as a decode step does (a graph: no launch overhead, L2 cold-ish)
                 for gu, dn in layers:
@@ -58,8 +58,9 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 -- a tile that does not fit: skip
                 print("skip", cfg, type(exc).__name__)
         timed.sort(key=lambda x: x[0])
-        for us, cfg in timed[:4]:
-            print(f"{scheme} {kind}: {us * 1e3:.2f} us {nbytes[kind] / us / 1e6:.0f} GB/s {cfg}", flush=True)
+        for unroll in (True, False):
+            for us, cfg in [x for x in timed if x[1]["UNROLL"] == unroll][:3]:
+                print(f"{scheme} {kind}: {us * 1e3:.2f} us {nbytes[kind] / us / 1e6:.0f} GB/s {cfg}", flush=True)
         best[kind] = timed[0][1]
     print(json.dumps(best))
 

@@ -186,7 +186,7 @@ def test_int4_kernels_compile_for_hopper_with_wide_loads(group, zp):
                      ZP=zp)
         out = "*bf16" if gated else "*fp32"
         gemv = _compile_sm90(_moe_gemv, ["*bf16", "*u8", out, "*fp32", "*i64", "*fp32", "*fp32"],
-                             {**flags, "SUM_SLOTS": 0 if gated else 8, "BLOCK_N": 8, "BLOCK_K": 512})
+                             {**flags, "SUM_SLOTS": 0 if gated else 8, "BLOCK_N": 8, "BLOCK_K": 512, "K_STATIC": 0})
         assert "ld.global.v4.b32" in gemv
         gemm = _compile_sm90(_moe_gemm, ["*bf16", "*u8", out, "*fp32", "*i64", "*i64", "*i64", "*fp32", "*fp32"],
                              {**flags, "EVEN_K": True, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8})

@@ -110,12 +110,20 @@ def _int4_gemv_half(codes, x, col0, s_rows, z_rows, col_ok, blk_ok, BLOCK_N: tl.
 @triton.jit
 def _int4_gemv_loop(acc, acc_up, a_row, w_rows, s_rows, z_rows, col_ok, k_in, stride_bn, stride_sn, up_rows,
                     GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                    ZP: tl.constexpr):
-    """(gate or only, up) [BN] float32 sums of the GEMV over all of K for int4 rows w_rows [BN]."""
-    for k0 in range(0, k_in, BLOCK_K):
-        acc += _int4_gemv_step(a_row, w_rows, s_rows, z_rows, col_ok, k0, k_in, BLOCK_N, BLOCK_K, GROUP, ZP)
-        if GATED:
-            up = up_rows * stride_sn
-            acc_up += _int4_gemv_step(a_row, w_rows + up_rows * stride_bn, s_rows + up, z_rows + up, col_ok, k0, k_in,
-                                      BLOCK_N, BLOCK_K, GROUP, ZP)
+                    ZP: tl.constexpr, K_STATIC: tl.constexpr = 0):
+    """(gate or only, up) [BN] float32 sums of the GEMV over all of K for int4 rows w_rows [BN]. K_STATIC = K > 0:
+    the K loop unrolled at compile time, so the loads of every step can be issued before the first step's math."""
+    up = up_rows * stride_sn
+    if K_STATIC > 0:
+        for k0 in tl.static_range(0, K_STATIC, BLOCK_K):
+            acc += _int4_gemv_step(a_row, w_rows, s_rows, z_rows, col_ok, k0, K_STATIC, BLOCK_N, BLOCK_K, GROUP, ZP)
+            if GATED:
+                acc_up += _int4_gemv_step(a_row, w_rows + up_rows * stride_bn, s_rows + up, z_rows + up, col_ok, k0,
+                                          K_STATIC, BLOCK_N, BLOCK_K, GROUP, ZP)
+    else:
+        for k0 in range(0, k_in, BLOCK_K):
+            acc += _int4_gemv_step(a_row, w_rows, s_rows, z_rows, col_ok, k0, k_in, BLOCK_N, BLOCK_K, GROUP, ZP)
+            if GATED:
+                acc_up += _int4_gemv_step(a_row, w_rows + up_rows * stride_bn, s_rows + up, z_rows + up, col_ok, k0,
+                                          k_in, BLOCK_N, BLOCK_K, GROUP, ZP)
     return acc, acc_up

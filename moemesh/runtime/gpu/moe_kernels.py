@@ -122,23 +122,38 @@ def _mac(acc, a, b, s_ptrs, col_ok, k0, QUANT: tl.constexpr, GROUP_K: tl.constex
 
 @triton.jit
 def _gemv_loop(acc, acc_up, a_row, w_rows, s_rows, col_ok, k_in, stride_bn, stride_sn, up_rows,
+               GATED: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr, K_STATIC: tl.constexpr = 0):
+    """The K loop of _moe_gemv for bf16/fp16, int8 and fp8 weights: w_rows [BN, 1] row pointers, s_rows [BN].
+    K_STATIC = K > 0: unrolled at compile time (every step's loads may issue before the first step's math)."""
+    if K_STATIC > 0:
+        for k0 in tl.static_range(0, K_STATIC, BLOCK_K):
+            acc, acc_up = _gemv_step(acc, acc_up, a_row, w_rows, s_rows, col_ok, k0, K_STATIC, stride_bn, stride_sn,
+                                     up_rows, GATED, GROUP_K, BLOCK_K)
+    else:
+        for k0 in range(0, k_in, BLOCK_K):
+            acc, acc_up = _gemv_step(acc, acc_up, a_row, w_rows, s_rows, col_ok, k0, k_in, stride_bn, stride_sn,
+                                     up_rows, GATED, GROUP_K, BLOCK_K)
+    return acc, acc_up
+
+
+@triton.jit
+def _gemv_step(acc, acc_up, a_row, w_rows, s_rows, col_ok, k0, k_in, stride_bn, stride_sn, up_rows,
                GATED: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The K loop of _moe_gemv for bf16/fp16, int8 and fp8 weights: w_rows [BN, 1] row pointers, s_rows [BN]."""
+    """One K step of _gemv_loop: columns k0 .. k0 + BLOCK_K."""
     ks = tl.arange(0, BLOCK_K)
-    for k0 in range(0, k_in, BLOCK_K):
-        k_ok = ks + k0 < k_in
-        x = tl.load(a_row + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]  # [1, BK]
-        mask = col_ok[:, None] & k_ok[None, :]
-        part = tl.sum(tl.load(w_rows + k0 + ks[None, :], mask=mask, other=0.0).to(tl.float32) * x, 1)
+    k_ok = ks + k0 < k_in
+    x = tl.load(a_row + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]  # [1, BK]
+    mask = col_ok[:, None] & k_ok[None, :]
+    part = tl.sum(tl.load(w_rows + k0 + ks[None, :], mask=mask, other=0.0).to(tl.float32) * x, 1)
+    if GROUP_K > 0:
+        part = part * tl.load(s_rows + k0 // GROUP_K, mask=col_ok, other=0.0)
+    acc += part
+    if GATED:
+        up = tl.load(w_rows + up_rows * stride_bn + k0 + ks[None, :], mask=mask, other=0.0)
+        part_up = tl.sum(up.to(tl.float32) * x, 1)
         if GROUP_K > 0:
-            part = part * tl.load(s_rows + k0 // GROUP_K, mask=col_ok, other=0.0)
-        acc += part
-        if GATED:
-            up = tl.load(w_rows + up_rows * stride_bn + k0 + ks[None, :], mask=mask, other=0.0)
-            part_up = tl.sum(up.to(tl.float32) * x, 1)
-            if GROUP_K > 0:
-                part_up = part_up * tl.load(s_rows + up_rows * stride_sn + k0 // GROUP_K, mask=col_ok, other=0.0)
-            acc_up += part_up
+            part_up = part_up * tl.load(s_rows + up_rows * stride_sn + k0 // GROUP_K, mask=col_ok, other=0.0)
+        acc_up += part_up
     return acc, acc_up
 
 
@@ -147,7 +162,7 @@ def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, zero_ptr, n_o
               stride_bn, stride_cm, stride_se, stride_sn, up_rows, A_DIV: tl.constexpr, GATED: tl.constexpr,
               WEIGHTED: tl.constexpr, QUANT: tl.constexpr, GROUP_K: tl.constexpr, SUM_SLOTS: tl.constexpr,
               INT4: tl.constexpr, ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              ZERO_N: tl.constexpr = 0, PDL: tl.constexpr = False):
+              ZERO_N: tl.constexpr = 0, PDL: tl.constexpr = False, K_STATIC: tl.constexpr = 0):
     """Few tokens (decode at batch 1-4): one program per (pair, column block), a dot product per output column, no
     alignment and no tensor cores; many more programs in flight than the row-block GEMM has at this size.
     SUM_SLOTS K > 0: add the row into c[pair // K] (float32, zeroed by the caller) instead of storing c[pair]: the
@@ -171,11 +186,11 @@ def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, zero_ptr, n_o
             w_packed = b_ptr + expert * stride_be + cols * stride_bn  # [BN] packed rows
             z_rows = zero_ptr + expert * stride_se + cols * stride_sn  # [BN] zero points (ZP)
             acc, acc_up = _int4_gemv_loop(acc, acc_up, a_row, w_packed, s_rows, z_rows, col_ok, k_in, stride_bn,
-                                          stride_sn, up_rows, GATED, BLOCK_N, BLOCK_K, GROUP_K, ZP)
+                                          stride_sn, up_rows, GATED, BLOCK_N, BLOCK_K, GROUP_K, ZP, K_STATIC)
         else:
             w_rows = b_ptr + expert * stride_be + cols[:, None] * stride_bn  # [BN, 1]
             acc, acc_up = _gemv_loop(acc, acc_up, a_row, w_rows, s_rows, col_ok, k_in, stride_bn, stride_sn, up_rows,
-                                     GATED, GROUP_K, BLOCK_K)
+                                     GATED, GROUP_K, BLOCK_K, K_STATIC)
         if QUANT and GROUP_K == 0:
             acc = acc * tl.load(s_rows, mask=col_ok, other=0.0)
             if GATED:
