@@ -65,6 +65,24 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
+def dense_limits(t: int, k: int, h: int, inter: int) -> dict[str, float]:
+    """TFLOP/s of cuBLAS bf16 GEMMs as limits for the prefill row: a large square GEMM (the measured peak), and the
+    MoE layer's FLOPs at T tokens as two dense GEMMs (all T*K rows through one expert: no grouping, no gather)."""
+    import triton
+
+    def tflops(m: int, n: int, kk: int) -> float:
+        a = torch.randn(m, kk, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(kk, n, device="cuda", dtype=torch.bfloat16)
+        ms = triton.testing.do_bench(lambda: a @ b, warmup=10, rep=100, return_mode="median")
+        return 2 * m * n * kk / ms / 1e9
+
+    rows = t * k
+    up, down = tflops(rows, 2 * inter, h), tflops(rows, h, inter)
+    flops = 2 * rows * (2 * inter * h + h * inter)
+    both = flops / (2 * rows * 2 * inter * h / up + 2 * rows * h * inter / down)
+    return {"square_8192": round(tflops(8192, 8192, 8192), 1), "dense_same_flops": round(both, 1)}
+
+
 def layers_of_weights(n: int, e: int, h: int, i: int):
     gen = [(torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) * 0.02,
             torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(n)]
@@ -250,7 +268,9 @@ def main(argv=None) -> int:
         fm._tuned.cache_clear()
     bandwidth = copy_bandwidth()
     rows = [r for scheme in args.quantizations for r in bench(layers, args.top_k, bandwidth, scheme)]
+    limits = dense_limits(max(BENCH_TOKENS), args.top_k, args.hidden, args.inter)
     meta = {"machine": torch.cuda.get_device_name(), "copy_TB_per_s": round(bandwidth / 1e12, 2),
+            "bf16_spec_TFLOP_per_s": 989.0, "cublas_TFLOP_per_s": limits,
             "torch": torch.__version__, "python": platform.python_version(), "config": name,
             "command": "PYTHONPATH=. python3 " + " ".join(sys.argv)}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -258,6 +278,9 @@ def main(argv=None) -> int:
     lines = [f"# One MoE layer (E {args.experts}, top-{args.top_k}, H {args.hidden}, I {args.inter}, bf16 activations; "
              f"experts: {', '.join(args.quantizations)})", "",
              f"{meta['machine']}, copy bandwidth {meta['copy_TB_per_s']} TB/s; `{meta['command']}`", "",
+             f"bf16 limits: spec 989 TFLOP/s (dense, H200 SXM); cuBLAS 8192^3 {limits['square_8192']} TFLOP/s; "
+             f"the {max(BENCH_TOKENS)}-token layer's FLOPs as two dense cuBLAS GEMMs (no grouping) "
+             f"{limits['dense_same_flops']} TFLOP/s", "",
              "| tokens | who | us | experts touched | GB/s | % of copy bw | TFLOP/s |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['tokens']} | {r['who']} | {r['us']} | {r['experts_touched']} | {r['GB_per_s']} | "
               f"{r['pct_of_copy_bw']} | {r['TFLOP_per_s']} |" for r in rows]
