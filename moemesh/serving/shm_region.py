@@ -4,7 +4,9 @@ The region is one file under /dev/shm, mapped by both processes (torch.from_file
 
     header  [8] int64      header[0]: the shard's heartbeat counter (a shard thread bumps it every HEARTBEAT_S);
                            header[1]: seq of the router's latest request, written after its message is sent;
-                           header[2]: seq of the shard's latest reply, written after its message is sent
+                           header[2]: seq of the shard's latest reply, written after its message is sent;
+                           header[3]: the shard's CLOCK_MONOTONIC time of its latest beat, in ns (same host, so
+                           the router reads the beat's age directly; 0 from a shard that predates it)
     hidden  [Tmax, H]      dtype   router -> shard, rows 0..T-1 of the current layer
     ids     [Tmax, K]      int32   router -> shard, global expert ids (-1: unused slot)
     weights [Tmax, K]      float32 router -> shard
@@ -40,7 +42,8 @@ import torch
 MESSAGE = struct.Struct("<QIIi")  # seq, layer, tokens, status (0 ok)
 HEADER_WORDS = 8
 REQUEST_WORD, REPLY_WORD = 1, 2  # header words: latest request seq (router), latest reply seq (shard)
-HEARTBEAT_S = 0.1
+BEAT_TIME_WORD = 3  # header word: time.monotonic_ns() of the shard's latest beat
+HEARTBEAT_S = 0.05  # 12 beats per default stall deadline (services/router/stall_deadline.py)
 SHM_DIR = Path("/dev/shm")
 _ALIGN = 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,6 +118,12 @@ class Region:
     def unlink(self) -> None:
         """Removes the file; the mappings stay valid until dropped (done once both sides mapped it)."""
         self.path.unlink(missing_ok=True)
+
+
+def beat(words) -> None:
+    """One heartbeat into a numpy view of the header (a shard thread, every HEARTBEAT_S): the counter and the time."""
+    words[0] += 1
+    words[BEAT_TIME_WORD] = time.monotonic_ns()
 
 
 def socket_address(name: str) -> str | bytes:

@@ -211,6 +211,7 @@ class EngineLoop:
             log.warning("step %d failed: %s", plan.step_id, _describe(exc))
             if not await self.recovery.handle(self, plan, exc):
                 scheduler.fail(plan, f"router step failed: {_describe(exc)}")
+                self._deliver()  # the clients hear of it now, not after the backoff (a shard fault's 1 s budget)
                 await asyncio.sleep(self.ERROR_BACKOFF)
             return False
         self._refusals = 0

@@ -140,15 +140,20 @@ class Member:
                 error=text.decode(errors="replace") or None))
 
     def _beat(self) -> None:
+        """While a block computes, a BEAT every heartbeat_ms (the router's bounded wait restarts on each): the
+        thread ticks at half that, so the router sees a message at most ~1.5 x heartbeat_ms apart, and its own
+        thread keeps beating through a long forward (torch ops release the GIL)."""
         every = self.spec.heartbeat_ms / 1000
-        while not self._stop.wait(every):
+        last = 0.0  # when the latest beat went out
+        while not self._stop.wait(every / 2):
             with self._lock:
-                busy = self._busy
-                if busy is not None and time.monotonic() - busy[2] >= every:
+                busy, now = self._busy, time.monotonic()
+                if busy is not None and now - max(busy[2], last) >= every:
                     try:
                         self._send(dist_wire.header(dist_wire.BEAT, busy[0], busy[1], 0), dist_wire.REPLY)
                     except RuntimeError:
                         return  # the serving thread sees the same failure and ends the membership
+                    last = now
 
     def close(self) -> None:
         self._stop.set()

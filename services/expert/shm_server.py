@@ -2,11 +2,12 @@
 
 Attach maps the router's region, connects to its signalling socket and starts two threads (not the asyncio loop: torch
 compute would block it): `serve` waits in a blocking recv for (seq, layer, T), runs ExpertShard.forward on the
-region's rows 0..T-1, writes the output in place and replies; `beat` bumps the heartbeat word so the router can tell a
-long step (beats go on) from a stalled process (beats stop). With spin_s > 0 (config `spin_us`), `serve` first polls
-the region's request word for that long after each reply before it blocks (see shm_region); every attachment of the
-shard stops polling once a second router attaches (M:N: the routers need those cores). An attachment lives until its
-socket closes (the router closed it, re-attached with a bigger region, or died) or the shard stops.
+region's rows 0..T-1, writes the output in place and replies; `beat` bumps the heartbeat words (counter and monotonic
+time, every shm_region.HEARTBEAT_S) so the router can tell a long step (beats go on) from a stalled process (beats
+stop). With spin_s > 0 (config `spin_us`), `serve` first polls the region's request word for that long after each
+reply before it blocks (see shm_region); every attachment of the shard stops polling once a second router attaches
+(M:N: the routers need those cores). An attachment lives until its socket closes (the router closed it,
+re-attached with a bigger region, or died) or the shard stops.
 
 M:N: several routers (data-parallel replicas) attach to one shard, one attachment each. The attachments share one
 MergedCompute (services/expert/merged_compute.py): one forward at a time per shard, and blocks of the same layer that
@@ -73,8 +74,10 @@ class Attachment:
         self._spin_s = 0.0
 
     def _beat(self) -> None:
+        # Its own thread, not the serving one: a long forward keeps beating (torch ops release the GIL).
+        shm_region.beat(self._region.beats)
         while not self._stop.wait(shm_region.HEARTBEAT_S):
-            self._region.header[0] += 1
+            shm_region.beat(self._region.beats)
 
     def _receive(self, spans: StepSpans, last_seq: int) -> tuple | None:
         """The next message (after polling the request word for spin_s, if set); while a step span is open, wakes

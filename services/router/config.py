@@ -55,9 +55,9 @@ class RouterConfig(ServiceConfig):
                              "(default: this machine's address on the route to each shard)")
     join_timeout: float = setting(10.0, "seconds a torch.distributed group may take to form (a shard that cannot "
                                   "reach the rendezvous fails start-up after this, naming it)")
-    stall_timeout: float = setting(1.0, "seconds without a heartbeat from a shared-memory or process-group shard "
+    stall_timeout: float = setting(0.6, "seconds without a heartbeat from a shared-memory or process-group shard "
                                    "(data-plane heartbeats, or its Expert/Watch beats) before its step fails (a long "
-                                   "step on a live shard keeps beating)")
+                                   "step on a live shard keeps beating; services/router/stall_deadline.py)")
     seq_lease: float = setting(30.0, "seconds after which the KV cache of a sequence no batcher stepped is freed "
                                "(a dead batcher's sequences)")
     pingpong_min_seqs: int = setting(0, "steps of at least this many sequences split into two micro-batches whose "

@@ -4,9 +4,11 @@ DistGroup forms one process group with every shard of this transport (ranks 1..N
 on a free port, JoinGroup RPCs to all shards at once, then rank 0's own member, which returns once every rank has
 connected. One DistLink per shard gives ShmDispatch the interface of ShmLink (attach / start / wait / close): start
 posts the request sends and the reply receives, wait blocks on the receives. Any fault (a dead shard closes its
-sockets: the receive fails at once; a silent one misses its heartbeat for stall_timeout) marks the group broken, so
-every link of it reports down and the step fails; the group object is dropped once no operation is pending (at the
-next form or close) and begin_step re-forms it, with new JoinGroup calls, when the shards answer again.
+sockets: the receive fails at once; a silent one misses its heartbeats, sent every stall_timeout/6 while a block
+computes, for stall_timeout once the block is overdue for its size: the bounded gloo wait, which cannot be
+polled, times out) marks the group broken, so every link of it reports down and the step fails; the group object
+is dropped once no operation is pending (at the next form or close) and begin_step re-forms it, with new JoinGroup
+calls, when the shards answer again.
 
 Every formation also keeps one Expert/Watch stream per shard (services/router/shard_watch.py). NCCL, which sees
 neither a dead nor a stopped peer, waits by polling and fails the step as soon as the watch names a lost shard (its
@@ -29,6 +31,7 @@ import torch.distributed as dist
 
 from moemesh.serving import dist_wire
 from moemesh.v1 import expert_pb2
+from services.router import stall_deadline
 from services.router.expert_client import ExpertCallError, GrpcShardClient
 from services.router.shard_watch import GroupWatch
 from services.router.shm_link import AttachRefused
@@ -39,7 +42,7 @@ UNBOUNDED = 1 << 30  # no preallocated region limits T: buffers grow with the st
 
 class DistGroup:
     def __init__(self, clients: list[GrpcShardClient], *, backend: str, hidden_size: int, top_k: int, dtype: str,
-                 device: str = "cpu", join_timeout: float = 10.0, stall_timeout: float = 1.0,
+                 device: str = "cpu", join_timeout: float = 10.0, stall_timeout: float = stall_deadline.DEFAULT_S,
                  call_timeout: float = 30.0, advertise: str = "") -> None:
         self.backend, self.hidden_size, self.top_k, self.dtype = backend, hidden_size, top_k, dtype
         self.torch_dtype = dist_wire.DTYPES[dtype]
@@ -124,6 +127,7 @@ class DistLink:
         self._request = torch.empty(0, dtype=torch.uint8, device=owner.device)  # packed bodies, grown as needed
         self._reply = torch.empty(0, dtype=torch.uint8, device=owner.device)  # header | output [T, H], grown
         self._pending: dict[str, object] = {}  # in-flight works and the tensors they read or write
+        self.pace = stall_deadline.BlockPace()  # when a block of this link is overdue (gloo's bounded waits)
 
     @property
     def kind(self) -> str:
@@ -148,7 +152,8 @@ class DistLink:
             store_address=f"{store_host}:{store_port}", group_name=name, rank=self.rank,
             world_size=world_size, backend=owner.backend, hidden_size=owner.hidden_size,
             top_k=owner.top_k, dtype=owner.dtype, timeout_ms=int(owner.join_timeout * 1000),
-            heartbeat_ms=int(owner.stall_timeout * 250) if owner.backend == "gloo" else 0)
+            heartbeat_ms=max(1, int(stall_deadline.beat_s(owner.stall_timeout) * 1000)) if owner.backend == "gloo"
+            else 0)
         return self.client.join_group(request, timeout=owner.join_timeout + 5)
 
     def check_join(self, future: Future) -> None:
@@ -212,16 +217,21 @@ class DistLink:
 
     def _wait_gloo(self, pending: dict, tokens: int) -> None:
         """Blocking waits: a dead shard's closed sockets fail them at once, a silent one misses its heartbeat."""
-        owner = self.owner
-        deadline, beat_s = time.monotonic() + owner.call_timeout, owner.stall_timeout
+        owner, start = self.owner, time.monotonic()
+        deadline, beat_s = start + owner.call_timeout, owner.stall_timeout
+        overdue_at = start + self.pace.overdue_after(tokens)  # stall_deadline.BlockPace: a decode block at once
         # A gloo send completes once the shard posted its receive, which a live shard does at once.
         for key in ("send_head", "send_body", "send_context"):
             if key in pending:
                 dist_wire.wait(pending[key], beat_s)
         while True:
-            dist_wire.wait(pending["recv"], min(beat_s, max(deadline - time.monotonic(), 0.01)))
+            # A timeout (which ends the group) = no message for beat_s, and only once the block is overdue.
+            now = time.monotonic()
+            dist_wire.wait(pending["recv"], min(max(beat_s, overdue_at - now), max(deadline - now, 0.01)))
             head, _ = dist_wire.reply_views(pending["reply"], tokens, owner.hidden_size, owner.torch_dtype)
             if int(head[0]) != dist_wire.BEAT:
+                if tokens >= stall_deadline.PACE_MIN_TOKENS:
+                    self.pace.observe(time.monotonic() - start, tokens)
                 return
             if time.monotonic() > deadline:  # a live shard, but slower than call_timeout
                 raise RuntimeError(f"no reply within {owner.call_timeout} s")
@@ -274,5 +284,5 @@ def _describe(exc: RuntimeError, beat_s: float) -> str:
     if "closed by peer" in text or "Connection reset" in text:
         return "the shard closed its connection (process exited?)"
     if "Timed out" in text or "timeout" in text.lower():
-        return f"stalled: no reply or heartbeat for {beat_s:.1f} s"
+        return f"stalled: no reply or heartbeat for {beat_s:.2f} s"
     return text.splitlines()[0][:300] if text else type(exc).__name__

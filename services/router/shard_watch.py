@@ -7,9 +7,10 @@ a group keeps one server-streaming Watch call open; its beats arrive on a reader
 `GroupWatch.verdict()` between polls:
 
 - the stream breaks (UNAVAILABLE, the shard's process exited and its sockets closed): dead at once;
-- no beat for stall_s (the process is stopped, or so starved that it cannot answer): stalled.
+- no beat for stall_s (the process is stopped, or so starved that it cannot answer): stalled, as judged by
+  services/router/stall_deadline.py (which does not blame a shard for the router's own late checks).
 
-The shard beats every stall_s / 4 from its event loop (not its compute thread), so a long block on a live shard does
+The shard beats every stall_s / 6 from its event loop (not its compute thread), so a long block on a live shard does
 not look stalled. Closing a GroupWatch cancels the calls; the shard then ends that membership (services/expert/
 dist_server.py).
 """
@@ -24,9 +25,9 @@ from collections.abc import Sequence
 import grpc
 
 from moemesh.v1 import expert_pb2
+from services.router import stall_deadline
 
 log = logging.getLogger("services.router.watch")
-BEATS_PER_STALL = 4  # beats per stall_s: a shard must miss 4 in a row before it counts as stalled
 
 
 class ShardWatch:
@@ -34,7 +35,8 @@ class ShardWatch:
 
     def __init__(self, client, group_name: str, stall_s: float, clock=time.monotonic) -> None:
         self.address, self.stall_s, self._clock = client.address, stall_s, clock
-        interval_ms = max(10, int(stall_s * 1000 / BEATS_PER_STALL))
+        self._judge = stall_deadline.StallJudge(stall_s, clock)
+        interval_ms = max(10, int(stall_deadline.beat_s(stall_s) * 1000))
         self._call = client.watch(expert_pb2.WatchRequest(interval_ms=interval_ms, group_name=group_name))
         self._last = clock()  # the first beat is due within stall_s of the start too
         self._lost: str | None = None
@@ -55,9 +57,9 @@ class ShardWatch:
     def verdict(self) -> str | None:
         if self._lost is not None:
             return self._lost
-        silent = self._clock() - self._last
-        if silent > self.stall_s:
-            return f"stalled: no liveness beat for {silent:.1f} s (deadline {self.stall_s:.1f} s)"
+        silent = self._judge.stalled(self._last)
+        if silent is not None:
+            return f"stalled: no liveness beat for {silent:.2f} s (deadline {self.stall_s:.2f} s)"
         return None
 
     def close(self) -> None:

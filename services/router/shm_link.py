@@ -7,7 +7,11 @@ meanwhile) for the reply with the same seq and returns a view of the output rows
 region's reply word that long (shm_region: for a reply due any moment, e.g. the second shard's after the first's).
 Faults: EOF (the shard died), a heartbeat that stops for stall_timeout (the shard hangs), or call_timeout in all ->
 ExpertCallError (UNAVAILABLE) and the link closes; the dispatch re-attaches later. A long step on a live shard is not
-a stall: its heartbeat thread keeps beating.
+a stall: its heartbeat thread keeps beating. While it waits, the receive wakes every stall_timeout/10 and reads the
+age of the shard's latest beat from the region (the shard writes its monotonic time; same host, same clock), so
+the step fails within about one poll of the deadline once the block is overdue for its size (a decode block: at
+once; a long prefill block: later) and the shard process has no thread running or waiting for a CPU (stopped, or
+hung; a starved one is left to call_timeout); services/router/stall_deadline.py says when silence counts.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import struct
 import time
 
 import grpc
@@ -22,6 +27,7 @@ import torch
 
 from moemesh.serving import shm_region
 from moemesh.v1 import expert_pb2
+from services.router import stall_deadline
 from services.router.expert_client import ExpertCallError, GrpcShardClient
 
 _IDS = itertools.count()
@@ -35,12 +41,15 @@ class ShmLink:
     kind = "shm"  # the transport name in Router.Info
 
     def __init__(self, client: GrpcShardClient, *, hidden_size: int, top_k: int, dtype: str,
-                 stall_timeout: float = 1.0, call_timeout: float = 30.0) -> None:
+                 stall_timeout: float = stall_deadline.DEFAULT_S, call_timeout: float = 30.0) -> None:
         self.client, self.address = client, client.address
         self.hidden_size, self.top_k, self.dtype = hidden_size, top_k, dtype
         self.stall_timeout, self.call_timeout = stall_timeout, call_timeout
+        self._judge, self.pace = stall_deadline.StallJudge(stall_timeout), stall_deadline.BlockPace()
+        self._beat = (0, 0.0)  # (counter, when seen): the beat clock of a shard that writes no beat time
         self.region: shm_region.Region | None = None
         self._sock: socket.socket | None = None
+        self.pid = 0  # the shard process's (SO_PEERCRED; 0: unknown), whose kernel state tells starved from stopped
 
     @property
     def attached(self) -> bool:
@@ -78,9 +87,13 @@ class ShmLink:
         finally:
             listener.close()
             region.unlink()  # mapped on both sides (or given up): the name is no longer needed
-        # recv wakes at least every stall_timeout/4 to look at the heartbeat; no busy wait.
-        shm_region.set_timeout(sock, max(self.stall_timeout / 4, 0.01))
-        self.region, self._sock = region, sock
+        # recv wakes every poll_s (stall_timeout/10) while it waits, to look at the heartbeat; no busy wait.
+        shm_region.set_timeout(sock, self._judge.poll_s)
+        self.region, self._sock, self._beat = region, sock, (0, 0.0)
+        try:
+            self.pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        except (OSError, AttributeError):
+            self.pid = 0
 
     def start(self, seq: int, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
               topk_weights: torch.Tensor, trace_context: str = "") -> None:
@@ -108,20 +121,20 @@ class ShmLink:
         [T, H] (a view: use before the next start)."""
         if spin_s:
             shm_region.spin_until(self.region.beats, shm_region.REPLY_WORD, seq, spin_s)
-        start = time.monotonic()
-        beat, beat_at = int(self.region.beats[0]), start
+        start, judged = time.monotonic(), False
         while True:
             try:
                 message = shm_region.recv_message(self._sock)
             except TimeoutError:
-                now = time.monotonic()
-                seen = int(self.region.beats[0])
-                if seen != beat:
-                    beat, beat_at = seen, now
-                elif now - beat_at > self.stall_timeout:
-                    self._fail(layer, f"stalled: no heartbeat for {now - beat_at:.1f} s (stall timeout "
-                                      f"{self.stall_timeout} s)")
-                if now - start > self.call_timeout:
+                if not judged:  # the first look of this wait (a decode layer's reply mostly comes before any)
+                    self._judge.reset()
+                    judged = True
+                waited = time.monotonic() - start
+                silence = self._judge.stalled(self._last_beat(), waited > self.pace.overdue_after(tokens))
+                if silence is not None and not stall_deadline.runnable(self.pid):  # starved: --expert-timeout
+                    self._fail(layer, f"stalled: no heartbeat for {silence:.2f} s (stall timeout "
+                                      f"{self.stall_timeout} s) and no reply for {waited:.2f} s")
+                if waited > self.call_timeout:
                     self._fail(layer, f"no reply within {self.call_timeout} s")
                 continue
             except OSError as exc:
@@ -133,7 +146,20 @@ class ShmLink:
                 continue  # the reply to a request of a step that failed earlier
             if status:
                 raise ExpertCallError(self.address, layer, grpc.StatusCode.FAILED_PRECONDITION, text)
+            if tokens >= stall_deadline.PACE_MIN_TOKENS:  # a prefill-sized block: how long such blocks take here
+                self.pace.observe(time.monotonic() - start, tokens)
             return self.region.rows(tokens)[3]
+
+    def _last_beat(self) -> float:
+        """time.monotonic() of the shard's latest beat: the time it wrote, else when its counter was seen to move."""
+        words = self.region.beats
+        written = int(words[shm_region.BEAT_TIME_WORD])
+        if written:
+            return written / 1e9
+        count, now = int(words[0]), time.monotonic()
+        if count != self._beat[0] or not self._beat[1]:
+            self._beat = (count, now)
+        return self._beat[1]
 
     def _fail(self, layer: int, why: str):
         self.close()

@@ -1,8 +1,9 @@
 """An expert shard killed or stopped mid-stream on the real mesh with the torch.distributed (gloo) data plane (issue 9,
-Faults): every stream in flight ends with an in-band UNAVAILABLE within 1 s of a SIGKILL (within the stall deadline
-+ 1 s of a SIGSTOP), the mesh serves again within 30 s of the shard's return (restarted by `moemesh up`, or SIGCONT)
-with the same router process (the group re-forms), and the killed shard leaves no process behind.
-benchmarks/shard_fault.py measures the same for every transport."""
+Faults): every stream in flight ends with an in-band UNAVAILABLE within 1 s of a SIGKILL or a SIGSTOP (the stall
+deadline, 0.6 s, + one poll + the batcher/gateway hop; a loaded CI machine gets STOP_MARGIN_S on top), the mesh
+serves again within 30 s of the shard's return (restarted by `moemesh up`, or SIGCONT) with the same router process
+(the group re-forms), and the killed shard leaves no process behind. benchmarks/shard_fault.py measures the same for
+every transport (quiet: SIGSTOP to the first client error ~0.7 s)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,18 @@ import pytest
 
 from moemesh.sdk import ChatClient
 from moemesh.sdk.client import ChatStreamError
+from services.router import stall_deadline
 
 from mesh_harness import RunningMesh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MESH_UP_ARGS = ["--expert-transport", "dist"]
 STREAMS = 3
-STALL_S = 1.0  # the router's --stall-timeout default: a shard silent this long is stalled
+# The issue's bound is 1 s from the SIGSTOP; quiet it is met with ~0.3 s to spare (the router's default stall
+# deadline + a 60 ms poll + ~50 ms to the client), but on 2 cores busy with the whole suite the hop to the client
+# alone has taken 0.3-0.4 s.
+STOP_MARGIN_S = 0.25
+assert stall_deadline.DEFAULT_S + STOP_MARGIN_S < 1.0
 
 
 def _pid(mesh: RunningMesh, service: str) -> int:
@@ -118,7 +124,7 @@ def test_sigkill_of_a_gloo_shard_mid_stream_errors_within_1_s_and_serves_again(m
 
 
 @pytest.mark.timeout(300)
-def test_sigstop_of_a_gloo_shard_mid_stream_errors_after_the_stall_deadline_and_serves_after_sigcont(
+def test_sigstop_of_a_gloo_shard_mid_stream_errors_within_1_s_and_serves_after_sigcont(
         mesh: RunningMesh) -> None:
     router, victim = _pid(mesh, "router"), _pid(mesh, "expert-1")
 
@@ -128,7 +134,7 @@ def test_sigstop_of_a_gloo_shard_mid_stream_errors_after_the_stall_deadline_and_
 
     try:
         stopped, ends = _streams_cut_by(mesh, stop)
-        _assert_cut_within(stopped, ends, STALL_S + 1.0)
+        _assert_cut_within(stopped, ends, 1.0 + STOP_MARGIN_S)
         time.sleep(max(0.0, stopped + 3.0 - time.monotonic()))
     finally:
         os.kill(victim, signal.SIGCONT)
