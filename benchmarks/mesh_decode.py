@@ -1,7 +1,7 @@
 """Streamed decode through the mesh (`moemesh up`) against the in-process Engine, same model, same machine, one run.
 
     python benchmarks/mesh_decode.py [--model smollm2-moe] [--tokens 64] [--transports shm] [--pipeline on]
-                                     [--spin default,0] [--threads 1,2] [--repeats 1]
+                                     [--spin default,0] [--threads 1,2] [--repeats 1] [--env-variant 'K=V ...']
 
 In process: Engine.load(model) in this process (OMP_WAIT_POLICY=PASSIVE unless set, recorded in the JSON), the
 chat-templated prompt the gateway renders, one prefill step, then `tokens` greedy decode steps (ignore_eos) at batch 1
@@ -17,7 +17,10 @@ ratio = the in-process engine's best ms/step (its fastest thread count, per batc
 shards that leave a core for the router, shard 0 of 2 on 2 cores; one mesh per value, with pipelining on): by default
 the shipped setting (auto) and 0 (--pipeline on,off adds a row without batcher pipelining). Runs are interleaved per
 repeat (engine, then each
-mesh variant) so that load from other work on the machine spreads over all rows. Defaults take about 4 minutes on
+mesh variant) so that load from other work on the machine spreads over all rows. --env-variant adds a mesh row with
+those env settings (e.g. MOEMESH_FRONTEND_NICE=0). A second table gives each mesh process's CPU ms per streamed token
+(utime + stime over the streams): where the mesh's CPU goes, and a figure that other load on the machine moves less
+than wall time. Defaults take about 4 minutes on
 2 cores at --repeats 2. Writes benchmarks/results/mesh-decode-cpu.json and .md (machine, load average, command).
 """
 
@@ -28,6 +31,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -102,8 +106,11 @@ async def _stream(stub, model: str, tokens: int) -> tuple[int, float]:
     return completion, (stamps[-1] - stamps[0]) / (completion - 1) * 1000
 
 
-async def mesh_streams(gateway: str, concurrency: int, tokens: int) -> list[float]:
-    """ms/token of each of `concurrency` simultaneous streams."""
+async def mesh_streams(gateway: str, concurrency: int, tokens: int, pids: dict[str, int] | None = None,
+                       cpu_out: dict[str, float] | None = None) -> list[float]:
+    """ms/token of each of `concurrency` simultaneous streams; with `pids`, cpu_out gets each process's CPU ms per
+    streamed token (utime + stime over the streams, whatever core it ran on; other load moves it less than wall
+    time)."""
     import grpc
 
     from moemesh.v1 import chat_pb2, chat_pb2_grpc
@@ -112,18 +119,35 @@ async def mesh_streams(gateway: str, concurrency: int, tokens: int) -> list[floa
         stub = chat_pb2_grpc.ChatStub(channel)
         model = (await stub.ListModels(chat_pb2.ListModelsRequest(), timeout=30)).data[0].id
         await _stream(stub, model, 4)  # warm-up: first-use costs out of the figures
+        before = cpu_seconds(pids or {})
         done = await asyncio.gather(*(_stream(stub, model, tokens) for _ in range(concurrency)))
+        after = cpu_seconds(pids or {})
+    streamed = sum(n for n, _ in done)
+    if cpu_out is not None:
+        cpu_out.update({k: (after[k] - before[k]) * 1000 / streamed for k in after if k in before})
     return [ms for _, ms in done]
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """utime + stime of each process, in seconds (Linux /proc; clock ticks of 10 ms)."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
 def start_mesh(model: str, transport: str, workdir: Path, pipeline: bool = True,
-               spin: str = "default") -> tuple[subprocess.Popen, dict]:
+               spin: str = "default", extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
     from moemesh import home
     from tests.mesh_process import free_port, wait_status
 
     env = {**os.environ, "MOEMESH_HOME": str(workdir / "home"), "MOEMESH_ROUTER_EXPERT_TRANSPORT": transport,
            "MOEMESH_MODELS": os.environ.get("MOEMESH_MODELS") or str(home.models_dir()),
-           "MOEMESH_BATCHER_PIPELINE": "true" if pipeline else "false"}
+           "MOEMESH_BATCHER_PIPELINE": "true" if pipeline else "false", **(extra_env or {})}
     if spin != "default":  # the expert shards' shm poll window (services/expert/config.py spin_us)
         env["MOEMESH_EXPERT_SPIN_US"] = spin
     status, log = workdir / f"status-{transport}.json", workdir / f"up-{transport}.log"
@@ -140,27 +164,32 @@ def start_mesh(model: str, transport: str, workdir: Path, pipeline: bool = True,
 def measure(args: argparse.Namespace) -> dict:
     """Interleaved: per repeat, the in-process engine at each thread count, then each mesh variant."""
     rows: dict[str, dict] = {}
-    variants = [(t, p, "default") for t in args.transports.split(",") for p in args.pipeline.split(",")]
-    variants += [(t, "on", spin) for t in args.transports.split(",") for spin in args.spin.split(",")
+    variants = [(t, p, "default", "") for t in args.transports.split(",") for p in args.pipeline.split(",")]
+    variants += [(t, "on", spin, "") for t in args.transports.split(",") for spin in args.spin.split(",")
                  if spin != "default"]
+    variants += [(t, "on", "default", e) for t in args.transports.split(",") for e in args.env_variant]
     for rep in range(args.repeats):
         for threads in args.threads:
             row = rows.setdefault(f"in-process, {threads} thread{'s' if threads > 1 else ''}",
                                   {"batch1": [], "batch8": [], "threads": threads})
             for batch in (1, 8):
                 row[f"batch{batch}"].append(engine_decode(args.model, batch, args.tokens, threads))
-        for transport, pipeline, spin in variants:
+        for transport, pipeline, spin, extra in variants:
             name = f"mesh {transport}" + ("" if pipeline == "on" else ", no pipelining") + (
-                "" if spin == "default" else f", MOEMESH_EXPERT_SPIN_US={spin}")
+                "" if spin == "default" else f", MOEMESH_EXPERT_SPIN_US={spin}") + (f", {extra}" if extra else "")
             with tempfile.TemporaryDirectory(prefix="mesh-decode-") as tmp:
-                proc, status = start_mesh(args.model, transport, Path(tmp), pipeline == "on", spin)
+                proc, status = start_mesh(args.model, transport, Path(tmp), pipeline == "on", spin,
+                                          dict(kv.split("=", 1) for kv in extra.split()))
                 try:
                     row = rows.setdefault(name, {"batch1": [], "batch8": []})
                     row["transports"] = {n: s.get("transport") for n, s in status["services"].items()
                                          if n.startswith("expert-")}
+                    pids = {n: s["pid"] for n, s in status["services"].items()}
                     for concurrency in (1, 8):
-                        per_stream = asyncio.run(mesh_streams(status["gateway"], concurrency, args.tokens))
+                        cpu: dict[str, float] = {}
+                        per_stream = asyncio.run(mesh_streams(status["gateway"], concurrency, args.tokens, pids, cpu))
                         row[f"batch{concurrency}"].append(statistics.median(per_stream))
+                        row.setdefault(f"cpu_ms_per_token_batch{concurrency}", []).append(cpu)
                 finally:
                     stop_mesh(proc)
         print(f"repeat {rep + 1}/{args.repeats} (load {os.getloadavg()[0]:.2f}): " + json.dumps(
@@ -187,6 +216,10 @@ def report(rows: dict, args: argparse.Namespace, load_start: float) -> tuple[dic
                          "ratio_to_in_process": ratio, "transports": row.get("transports"), "runs": row}
         table.append(f"| {name} | {transport} | {ms['batch1']:.1f} | {1000 / ms['batch1']:.1f} | "
                      f"{ratio['batch1']:.2f} | {ms['batch8']:.1f} | {8000 / ms['batch8']:.1f} | {ratio['batch8']:.2f} |")
+    for name, row in rows.items():
+        if "cpu_ms_per_token_batch1" in row:
+            summary[name]["cpu_ms_per_token"] = {b: _cpu_medians(row[f"cpu_ms_per_token_{b}"])
+                                                 for b in ("batch1", "batch8")}
     import torch
 
     machine = {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
@@ -194,14 +227,14 @@ def report(rows: dict, args: argparse.Namespace, load_start: float) -> tuple[dic
                "load_average_end": os.getloadavg()[0], "in_process_threads": args.threads,
                "torch_default_threads": torch.get_num_threads(),
                "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_"))}}
-    command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
-                                    else sys.argv[0], *sys.argv[1:]])
+    command = "python " + shlex.join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
+                                      else sys.argv[0], *sys.argv[1:]])  # quoted: --env-variant values hold spaces
     result = {"benchmark": "mesh_decode", "model": args.model, "tokens": args.tokens, "repeats": args.repeats,
               "machine": machine, "command": command, "results": summary}
     md = "\n".join([f"# Streamed decode: mesh vs in-process Engine ({args.model}, {args.tokens} tokens, greedy)", "",
                     f"Command: `{command}`  ", f"Machine: {machine['cpu_cores']} cores, {machine['platform']}, torch "
                     f"{machine['torch']}; load average {load_start:.2f} at start, {machine['load_average_end']:.2f} "
-                    "at end.", "", *table, "",
+                    "at end.", "", *table, "", *_cpu_table(summary), "",
                     "ms/token: median over streams of (last chunk - first chunk) / (tokens - 1), median over "
                     "repeats; in process: median Engine.step decode time. ratio = the in-process engine's best "
                     "ms (fastest thread count, per batch) / this row's ms (>= 0.9 is the issue 9 target). "
@@ -211,6 +244,33 @@ def report(rows: dict, args: argparse.Namespace, load_start: float) -> tuple[dic
                     "blocks (-1: auto, 2000 us on the shards that leave a core for the router; the plain mesh rows "
                     "run the shipped services/expert/config.py spin_us).", ""])
     return result, md
+
+
+_GROUPS = (("router", ("router",)), ("expert shards", ("expert-",)), ("batcher", ("batcher",)),
+           ("gateway", ("gateway",)), ("tokenizer + metering", ("tokenizer", "metering")))
+
+
+def _cpu_medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per process group (_GROUPS) and in all: the median over repeats of CPU ms per streamed token."""
+    out = {}
+    for group, prefixes in _GROUPS:
+        out[group] = statistics.median(sum(v for k, v in run.items() if k.startswith(prefixes)) for run in runs)
+    out["all"] = statistics.median(sum(run.values()) for run in runs)
+    return out
+
+
+def _cpu_table(summary: dict) -> list[str]:
+    """CPU ms per streamed token by process (utime + stime over the streams): where the mesh's CPU goes."""
+    rows = [(name, r["cpu_ms_per_token"][b], b) for name, r in summary.items() if "cpu_ms_per_token" in r
+            for b in ("batch1", "batch8")]
+    if not rows:
+        return []
+    head = " | ".join(g for g, _ in _GROUPS)
+    lines = [f"| CPU ms per streamed token | batch | {head} | all |", "|---" * (len(_GROUPS) + 3) + "|"]
+    for name, cpu, b in rows:
+        cells = " | ".join(f"{cpu[g]:.2f}" for g, _ in _GROUPS)
+        lines.append(f"| {name} | {b[5:]} | {cells} | {cpu['all']:.2f} |")
+    return lines
 
 
 def main() -> None:
@@ -224,6 +284,9 @@ def main() -> None:
                              "other than default add a mesh row each (pipelining on)")
     parser.add_argument("--threads", type=lambda v: [int(x) for x in v.split(",")], default=None,
                         help="in-process torch thread counts to try (default: 1 and torch's default)")
+    parser.add_argument("--env-variant", action="append", default=[], metavar="'K=V [K=V...]'",
+                        help="a further mesh row (pipelining on, default spin) with these env settings, e.g. "
+                             "'MOEMESH_FRONTEND_NICE=10' or 'OTEL_TRACES_SAMPLER=always_off'; repeatable")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mesh-decode-cpu")
     args = parser.parse_args()

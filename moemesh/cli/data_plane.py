@@ -7,13 +7,17 @@ wait and the shards compute while the router waits: each shard gets its share of
 cores // (shards + 1) (at least 1; every core when the experts are in the router).
 OMP_WAIT_POLICY=PASSIVE: an OpenMP worker that spins after its parallel region (libgomp's default) takes a core from
 the other processes; on 2 cores that alone made a shared-memory decode step 1.6x slower (74 vs 46 ms).
-Priority: the front end (gateway, tokenizer, metering and its Redis) runs at nice FRONTEND_NICE, 0 by default, so that
-it keeps its CPU when the engine is saturated: on a machine loaded by other work (load 26) a front end at nice 10 got
-almost no CPU once the engine ran full batches, calls waited over 30 s to be taken in by the gateway and gRPC cancelled
-them (`CANCELLED`), and a stop could end an HTTP stream without its error event; at nice 0 none of that
-(benchmarks/results/slow-readers.md). `MOEMESH_FRONTEND_NICE=10` suits a machine the mesh has to itself with one
-user: batch-1 streamed decode 0.89-0.91x of the in-process engine against 0.84x at nice 0 (benchmarks/mesh_decode.py,
-quiet 2-core machine), and 1,000 slow streams still had no failure there.
+Priority: the front end (gateway, tokenizer, metering and its Redis) runs at nice FRONTEND_NICE, 0 by default. On a
+quiet 2-core machine the niceness makes no measurable difference (benchmarks/results/mesh-decode-cpu.md, two runs:
+batch 1 40.1 / 41.9 ms per token at nice 0 against 41.5 / 40.3 at nice 10, the in-process engine 38.7; batch 8 equal),
+while on a host loaded by other work a reniced front end gets little CPU: at load ~10 batch-1 decode was 57 ms per
+token at nice 0 against 69 at nice 10 (batch 8 the other way, 145 against 115 ms;
+benchmarks/results/mesh-decode-cpu-loaded-nice.md), and at load 26 calls waited over 30 s to be taken in by the
+gateway and gRPC cancelled them (`CANCELLED`, benchmarks/results/slow-readers.md). `MOEMESH_FRONTEND_NICE=10` is safe to use: a stop used to cut an HTTP stream
+without its error event when the reniced gateway was starved (its in-band cut came after the edge had gone);
+`moemesh up` now waits for the gateway before it stops the edge (moemesh/cli/up.py) and the gateway cuts 2.5 s before
+its grace (gateway/closing.py). `MOEMESH_FRONTEND_SCHED=batch` runs the front end under SCHED_BATCH (a full CPU
+share, but wake-ups that never preempt the router or a shard mid-layer): as fast as the others on a quiet machine.
 Values already in the environment win.
 """
 
@@ -44,7 +48,16 @@ def thread_env(kind: str, num_shards: int, environ: Mapping[str, str] = os.envir
 
 
 FRONTEND = ("gateway", "tokenizer", "metering")
-FRONTEND_NICE = 0  # see the module doc (MOEMESH_FRONTEND_NICE=10 for single-user decode speed)
+FRONTEND_NICE = 0  # see the module doc (MOEMESH_FRONTEND_NICE=10 is safe, and no faster on a quiet machine)
+
+
+def sched_batch_of(name: str, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether service `name` runs under SCHED_BATCH: the front end with MOEMESH_FRONTEND_SCHED=batch (its wake-ups
+    then never preempt the router or a shard mid-layer, yet it keeps a full CPU share on a loaded host)."""
+    raw = environ.get("MOEMESH_FRONTEND_SCHED", "normal").strip().lower()
+    if raw not in ("normal", "batch"):
+        raise ValueError(f"MOEMESH_FRONTEND_SCHED: {raw!r} is not 'normal' or 'batch'")
+    return name in FRONTEND and raw == "batch"
 
 
 def nice_of(name: str, environ: Mapping[str, str] = os.environ) -> int:

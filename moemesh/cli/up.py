@@ -43,6 +43,11 @@ from moemesh.serving.supervisor import Child, stop_in_order
 # Shutdown order: nothing is cut off upstream of a draining caller. The edge goes after the gateway: Envoy exits at
 # once on SIGTERM, while the gateway ends its streams in-band (error event, then [DONE] over HTTP) within its grace.
 STOP_WAVES = [["gateway"], ["edge"], ["batcher"], ["router", "tokenizer"], ["expert-0", "expert-1", "metering"]]
+STOP_BUDGET_S = 10.0
+# The edge is told only once the gateway has exited (or after this long): the gateway's grace (up_plan.GRACE_S, 6 s;
+# its streams end in-band 2.5 s before) plus time to exit. With a share of the budget instead (5.4 s), a reniced
+# gateway on a busy host wrote its error events after Envoy had gone: the client saw the stream cut without them.
+GATEWAY_WAVE_S = 7.0
 
 
 class Interrupted(Exception):
@@ -221,7 +226,11 @@ def stop(children: dict[str, Child], path: Path, run_dir: Path, say) -> None:
     last = [n for n in children if n.startswith("expert-")] + ["metering"]  # however many shards were started
     waves = [[children[n] for n in wave if n in children and children[n].proc is not None]
              for wave in up_replicas.stop_waves(STOP_WAVES[:-1], children) + [last]]
-    killed = stop_in_order([w for w in waves if w], budget_s=10.0)
+    for child in waves[0]:  # the gateway wave first, waited for on its own (GATEWAY_WAVE_S); then the rest
+        child.terminate()
+    for child in waves[0]:
+        child.wait(start + GATEWAY_WAVE_S - time.monotonic())
+    killed = stop_in_order([w for w in waves if w], budget_s=STOP_BUDGET_S - (time.monotonic() - start))
     with contextlib.suppress(OSError):
         if json.loads(path.read_text()).get("pid") == os.getpid():
             path.unlink()

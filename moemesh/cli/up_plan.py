@@ -95,7 +95,7 @@ def plan(ns: argparse.Namespace, run_dir: Path) -> dict[str, Child]:
         if name == "gateway":
             env["MOEMESH_GATEWAY_AUTH"] = "false" if ns.no_auth else "true"
         children[name] = Child(name, [sys.executable, "-m", module], env, home.subdir("logs") / f"{name}.log",
-                               nice=data_plane.nice_of(name))
+                               nice=data_plane.nice_of(name), sched_batch=data_plane.sched_batch_of(name))
     return children
 
 

@@ -56,9 +56,9 @@ class MoeBlock(nn.Module):
         """forward() as a generator that yields once, while the routed experts are out (after submit and the
         shared expert, before collect): a caller may run another micro-batch's work there (micro_batch.py)."""
         topk_ids, topk_weights = self.gate(h)  # [T, K] int64, [T, K] float32
-        if self.expert_load is not None:  # on the device, no host sync
-            self.expert_load.record(self.layer, topk_ids)
         pending = dispatch.submit(self.layer, h, topk_ids, topk_weights)
+        if self.expert_load is not None:  # on the device, no host sync; while the experts are out (off the path)
+            self.expert_load.record(self.layer, topk_ids)
         shared = None
         if self.shared is not None:  # computed while the routed experts are out
             shared = self.shared(h)

@@ -18,11 +18,13 @@ PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True) if sys.platform == "linux" else None
 
 
-def _die_with_parent(parent_pid: int, nice: int = 0):
+def _die_with_parent(parent_pid: int, nice: int = 0, sched_batch: bool = False):
     def preexec() -> None:
         os.setpgrp()  # own process group: a terminal's Ctrl-C reaches only the supervisor, which stops us in order
         if nice:
             os.nice(nice)
+        if sched_batch:  # SCHED_BATCH: a full share of the CPU, but its wake-ups never preempt a running process
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         if _LIBC is not None:
             _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
             if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
@@ -42,14 +44,16 @@ class Child:
     proc: subprocess.Popen | None = None
     started: float = field(default=0.0)
     nice: int = 0  # niceness increment (lower CPU priority), applied in the child before exec
+    sched_batch: bool = False  # Linux SCHED_BATCH policy (no wake-up preemption), applied in the child before exec
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {' '.join(self.argv)}\n".encode())
             log.flush()
+            preexec = _die_with_parent(os.getpid(), self.nice, self.sched_batch)
             self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(os.getpid(), self.nice))
+                                         stderr=subprocess.STDOUT, preexec_fn=preexec)
         self.started = time.monotonic()
 
     @property

@@ -15,7 +15,7 @@ from services.batcher.servicer import BatcherServicer, add_to_server
 
 def build(config: BatcherConfig) -> tuple[EngineLoop, RouterClient]:
     """The engine loop over a router client; call inside the running event loop, then loop.start()."""
-    router = RouterClient(config.router_addr, step_timeout=config.step_timeout)
+    router = RouterClient(config.router_addr, step_timeout=config.step_timeout, trace_every=config.trace_every)
     loop = EngineLoop(router, config.policy(), busy_window=config.busy_window, router_wait=config.router_wait,
                       pipeline=config.pipeline, stream_limits=config.stream_limits())
     return loop, router

@@ -53,6 +53,8 @@ class BatcherConfig(ServiceConfig):
     stall_s: float = setting(120.0, "seconds a parked stream's client may read nothing before it is cancelled")
     pipeline: bool = setting(True, "send the next decode step before the current step's result is back (step "
                              "pipelining: the router never waits for the batcher's round trip)")
+    trace_every: int = setting(16, "trace every Nth batch step through router and shards, besides each step that "
+                               "starts a sequence (router_client.py, Sampling); 1: every step")
 
     def validate(self) -> None:
         super().validate()
@@ -60,7 +62,7 @@ class BatcherConfig(ServiceConfig):
         for name in ("step_timeout", "router_wait", "busy_window", "stall_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{self.source(name)}: {getattr(self, name)!r} must be > 0 seconds")
-        for name in ("max_batch_size", "max_queue", "max_step_tokens", "stream_buffer"):
+        for name in ("max_batch_size", "max_queue", "max_step_tokens", "stream_buffer", "trace_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{self.source(name)}: {getattr(self, name)!r} must be >= 1")
         if self.max_step_tokens < self.max_batch_size:

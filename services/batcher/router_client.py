@@ -4,6 +4,12 @@ Tracing: a step serves many requests, so its span "batcher.step" is a child of o
 starts in the step, else the first in the step) and links to the others; the Step call made under it carries that
 trace to the router and the expert shards. A request's trace thus holds the steps it started in, and every step is
 reachable from every request through the links.
+Sampling: a decode step costs each hop a few spans (batcher.step, the Step call's client and server spans,
+router.step, per shard expert.forward_step and expert.step), about 0.25 ms of CPU per token over the mesh on 2 cores.
+So only some steps are traced: every step in which a sequence starts (each request's trace keeps its first step
+through the router and the shards), every `trace_every`-th step, and the step after a failed one. The others run
+under a non-sampled context: every span of theirs, here and downstream, is a cheap non-recording one, and the router
+sends the shards no trace context (no expert.step spans).
 
 Deadlines: a Step call's gRPC deadline is the latest deadline of its sequences (when all have one), so the router
 sees how long the step is worth computing; per-sequence deadlines are enforced by the scheduler between steps.
@@ -16,18 +22,24 @@ from collections.abc import Sequence as Seq
 
 import grpc
 from opentelemetry import trace
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
 from moemesh.serving.telemetry import client_channel, tracer
 from moemesh.v1 import router_pb2, router_pb2_grpc
 from services.batcher.step import RouterFull, RouterLimits, SequenceResult, SequenceWork, StepOutcome, StepPlan
 
 _MAX_LINKS = 64
+TRACE_EVERY = 16  # every 16th step is traced (besides the steps that start a sequence); 1: every step
+_IDS = RandomIdGenerator()
 
 
 class RouterClient:
-    def __init__(self, address: str, step_timeout: float = 120.0, span_tracer: trace.Tracer | None = None) -> None:
+    def __init__(self, address: str, step_timeout: float = 120.0, span_tracer: trace.Tracer | None = None,
+                 trace_every: int = TRACE_EVERY) -> None:
         self.address = address
         self.step_timeout = step_timeout
+        self.trace_every = trace_every
+        self._trace_next = True  # trace the next step sent whatever it holds (the first; the one after a failure)
         self._channel = client_channel(address)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self._tracer = span_tracer or tracer("moemesh.batcher")
@@ -51,19 +63,29 @@ class RouterClient:
         RouterFull on RESOURCE_EXHAUSTED."""
         request = router_pb2.StepRequest(step_id=plan.step_id, work=[_work(i) for i in plan.items],
                                          release=plan.release)
-        parent, links = _trace_parent(plan)
-        attributes = {"moemesh.step_id": plan.step_id, "moemesh.sequences": len(plan.items),
-                      "moemesh.tokens": plan.tokens}
+        if self._sampled(plan):
+            self._trace_next = False
+            parent, links = _trace_parent(plan)
+            attributes = {"moemesh.step_id": plan.step_id, "moemesh.sequences": len(plan.items),
+                          "moemesh.tokens": plan.tokens}
+        else:
+            parent, links, attributes = _unsampled(), None, None
         with self._tracer.start_as_current_span("batcher.step", context=parent, links=links, attributes=attributes):
             try:
                 r = await self._stub.Step(request, timeout=self._timeout(plan))
             except grpc.aio.AioRpcError as exc:
+                self._trace_next = True  # the step after a failed one is traced
                 if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
                 raise RouterFull(exc.details() or "KV cache full", await self._free_blocks()) from exc
         return StepOutcome(outputs=[_result(o) for o in r.results], compute_seconds=r.compute_seconds,
                            kv_blocks_free=r.kv_blocks_free, kv_blocks_own=dict(r.kv_blocks_own),
                            kv_blocks_cached=r.kv_blocks_cached)
+
+    def _sampled(self, plan: StepPlan) -> bool:
+        """Traced steps: see the module doc (Sampling)."""
+        return (self._trace_next or self.trace_every <= 1 or plan.step_id % self.trace_every == 0
+                or any(i.position == 0 and not i.follows for i in plan.items))
 
     def _timeout(self, plan: StepPlan) -> float:
         """The step's gRPC deadline: step_timeout, or sooner when every sequence in it has a deadline (the latest
@@ -104,6 +126,14 @@ def _result(o: router_pb2.SequenceResult) -> SequenceResult:
         top_logprobs=[(t.token_id, t.logprob) for t in o.top_logprobs], cached_tokens=o.cached_tokens,
         prompt_logprobs=[(p.logprob if p.HasField("logprob") else None,
                           [(t.token_id, t.logprob) for t in p.top_logprobs]) for p in o.prompt_logprobs])
+
+
+def _unsampled():
+    """A context whose span is not sampled: spans started under it (here, and at the router and the shards, through
+    the traceparent's flags) do not record. Its own trace id, so that nothing joins a request's trace."""
+    span_ctx = trace.SpanContext(_IDS.generate_trace_id(), _IDS.generate_span_id(), is_remote=False,
+                                 trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT))
+    return trace.set_span_in_context(trace.NonRecordingSpan(span_ctx))
 
 
 def _trace_parent(plan: StepPlan):

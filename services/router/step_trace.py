@@ -7,6 +7,9 @@ channel without the OTel client interceptor; the W3C context of the shard's step
 metadata, so the expert's aggregated server span ("expert.step", see services/expert/step_spans.py) joins the trace.
 With MOEMESH_TRACE_LAYERS=1 every call also gets its own child span "expert.forward" (and the header
 `moemesh-trace-layers: 1` asks the expert for a per-call server span): thousands of spans per request, debugging only.
+A step the batcher did not sample (services/batcher/router_client.py, Sampling: its Step call arrives with a
+non-sampled traceparent) makes no span here and sends the shards no trace context: only the per-shard counts that the
+metrics need are kept.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class ShardStepStats:
     """One shard's share of one step."""
 
     address: str
-    span: trace.Span
+    span: trace.Span | None  # None: the step is not traced
     calls: int = 0
     tokens: int = 0
     bytes_sent: int = 0
@@ -57,9 +60,10 @@ class ShardStepStats:
 class StepTrace:
     """Collects one step's per-shard stats; ends the shard spans (with the aggregates) when the step ends."""
 
-    def __init__(self, step_id: int, tracer: trace.Tracer, per_layer: bool = False) -> None:
+    def __init__(self, step_id: int, tracer: trace.Tracer, per_layer: bool = False, traced: bool = True) -> None:
         self.step_id = step_id
-        self.per_layer = per_layer
+        self.traced = traced
+        self.per_layer = per_layer and traced
         self._tracer = tracer
         self._parent = otel_context.get_current()  # the router.step span's context
         self.shards: dict[int, ShardStepStats] = {}
@@ -68,7 +72,7 @@ class StepTrace:
     def _shard(self, index: int, address: str) -> ShardStepStats:
         stats = self.shards.get(index)
         if stats is None:
-            span = self._tracer.start_span(
+            span = None if not self.traced else self._tracer.start_span(
                 "expert.forward_step", context=self._parent, kind=trace.SpanKind.CLIENT,
                 attributes={"rpc.system": "grpc", "rpc.service": "moemesh.v1.Expert", "rpc.method": "Forward",
                             "server.address": address, "moemesh.step_id": self.step_id, "moemesh.shard": index},
@@ -77,8 +81,11 @@ class StepTrace:
         return stats
 
     def headers(self, index: int, address: str, layer: int) -> dict[str, str]:
-        """Metadata for one per-layer call: W3C context of the shard's step span (or of a per-layer span)."""
+        """Metadata for one per-layer call: W3C context of the shard's step span (or of a per-layer span) and the
+        step id; nothing when the step is not traced (the shard then makes no span)."""
         span = self._shard(index, address).span
+        if span is None:
+            return {}
         carrier: dict[str, str] = {STEP_ID_HEADER: str(self.step_id)}
         if self.per_layer:
             span = self._tracer.start_span(
@@ -91,9 +98,16 @@ class StepTrace:
         return carrier
 
     def count(self, index: int, address: str, layer: int, tokens: int, seconds: float) -> None:
-        """A shared-memory call (no metadata travels, no bytes on the wire): counted in the shard's step span."""
-        self._shard(index, address)
-        self.record(index, layer, tokens=tokens, bytes_sent=0, bytes_received=0, seconds=seconds, compute_seconds=0.0)
+        """A shared-memory call (no metadata travels, no bytes on the wire): counted in the shard's step span. On
+        the critical path once per layer and shard: only what the span and the metrics read."""
+        stats = self.shards.get(index) or self._shard(index, address)
+        stats.calls += 1
+        stats.tokens += tokens
+        stats.seconds += seconds
+        stats.call_seconds.append(seconds)
+        stats.layers.add(layer)
+        if stats.span is not None:
+            stats.end_ns = time.time_ns()
 
     def record(self, index: int, layer: int, *, tokens: int, bytes_sent: int, bytes_received: int,
                seconds: float, compute_seconds: float) -> None:
@@ -119,6 +133,8 @@ class StepTrace:
             span.end()
         self._layer_spans.clear()
         for stats in self.shards.values():
+            if stats.span is None:
+                continue
             stats.span.set_attributes({
                 "moemesh.expert.calls": stats.calls, "moemesh.expert.layers": len(stats.layers),
                 "moemesh.expert.tokens": stats.tokens, "moemesh.expert.bytes_sent": stats.bytes_sent,
@@ -134,8 +150,13 @@ class StepTrace:
 def step_scope(step_id: int, tracer: trace.Tracer, per_layer: bool | None = None) -> Iterator[StepTrace]:
     """Runs a step under a "router.step" span with a StepTrace visible to RemoteDispatch through current_step()."""
     layered = trace_layers_enabled() if per_layer is None else per_layer
-    with tracer.start_as_current_span("router.step", attributes={"moemesh.step_id": step_id}):
-        step = StepTrace(step_id, tracer, layered)
+    caller = trace.get_current_span()
+    if caller.get_span_context().is_valid and not caller.is_recording():  # a step the batcher did not sample
+        scope = contextlib.nullcontext(caller)
+    else:
+        scope = tracer.start_as_current_span("router.step", attributes={"moemesh.step_id": step_id})
+    with scope as span:
+        step = StepTrace(step_id, tracer, layered, traced=span.is_recording())
         token = _CURRENT.set(step)
         error: BaseException | None = None
         try:

@@ -21,9 +21,11 @@ MESH_UP_ARGS = ["--edge", "--edge-port", "0"]
 def _cut_stream(mesh: RunningMesh, cut) -> list[str]:
     """The SSE data lines of a long streamed chat over HTTPS; `cut()` runs once its first content arrived."""
     status = json.loads(mesh.status_path.read_text())
-    # 1,900 tokens (the tiny model's context is 2,048): ~9 s on a quiet machine, well past the 4.5 s after a stop
-    # at which the gateway cuts its streams (1,000 could finish first: finish_reason "length", no error event)
-    body = {"model": status["model"], "stream": True, "max_tokens": 1900,
+    # The stream must outlast the cut, else it ends normally (a finish chunk, [DONE], no error event) and proves
+    # nothing: 1,900 tokens (the tiny model's context is 2,048; ~9 s on a quiet machine, well past the 3.5 s after a
+    # stop at which the gateway cuts its streams), and ignore_eos: the tiny random model, sampled, emits an EOS
+    # within 1,200 tokens in about 1 of 30 streams.
+    body = {"model": status["model"], "stream": True, "max_tokens": 1900, "ignore_eos": True,
             "messages": [{"role": "user", "content": "Tell me a very long story"}]}
     data: list[str] = []
     with httpx2.Client(verify=status["ca_cert"], timeout=120) as client:
@@ -39,8 +41,11 @@ def _cut_stream(mesh: RunningMesh, cut) -> list[str]:
 
 
 def _assert_error_then_done(data: list[str]) -> dict:
-    assert data[-1] == "[DONE]", data[-3:]
-    error = json.loads(data[-2])["error"]
+    assert data[-1] == "[DONE]", f"no [DONE] (the stream was cut below the SSE level): {data[-2:]}"
+    last = json.loads(data[-2])
+    finish = [c.get("finish_reason") for c in last.get("choices", ())]
+    assert "error" in last, f"ended without an error event (finish {finish}, {len(data)} chunks): {data[-3:]}"
+    error = last["error"]
     assert error["code"] == "UNAVAILABLE" and "retry the request" in error["message"], error
     return error
 

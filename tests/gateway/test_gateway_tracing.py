@@ -6,22 +6,16 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from moemesh.serving import setup_tracing
+from span_capture import memory_exporter
 
 from gateway_harness import AUTH, request
 
 
 @pytest.fixture(scope="module")
 def exporter() -> InMemorySpanExporter:
-    provider = setup_tracing("gateway-tests")  # the process's one SDK provider, whoever set it up first
-    assert isinstance(provider, TracerProvider)
-    memory = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    return memory
+    return memory_exporter("gateway-tests")
 
 
 def _tree(exporter: InMemorySpanExporter, request_id: str):

@@ -10,25 +10,21 @@ import logging
 import grpc
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from moemesh.serving import client_channel, request_scope, serve_in_process, setup_tracing, sync_client_channel
+from moemesh.serving import client_channel, request_scope, serve_in_process, sync_client_channel
 from moemesh.serving.logging import TraceContextFilter
 from moemesh.serving.telemetry import JsonlSpanExporter, flush_tracing
 from moemesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+from span_capture import memory_exporter
 
 from .echo import TOKENIZER, EchoTokenizer
 
 
 @pytest.fixture(scope="module")
 def spans() -> InMemorySpanExporter:
-    provider = setup_tracing("serving-tests")  # the process's one SDK provider, whoever set it up first
-    assert isinstance(provider, TracerProvider)
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
+    return memory_exporter("serving-tests")
 
 
 class Front(tokenizer_pb2_grpc.TokenizerServicer):
