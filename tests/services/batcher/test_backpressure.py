@@ -9,7 +9,6 @@ import contextlib
 
 import grpc
 import pytest
-import torch
 
 from gateway.upstream import BATCHER_CHANNEL_OPTIONS
 from moemesh.serving import client_channel, serve_in_process
@@ -86,14 +85,6 @@ def test_a_parked_sequence_leaves_the_batch_and_recomputes_when_resumed():
     sched.resume("slow")
     done = finals(run_until_idle(sched, router, clock))["slow"]
     assert done.completion_tokens == 8 and done.preemptions == 1
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @contextlib.asynccontextmanager

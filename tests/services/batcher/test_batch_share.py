@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-import torch
-
 from services.batcher.fairness import IDLE_GRACE_S, FairQueue
 from tests.services.batcher.mesh import request_for
 from tests.services.batcher.sim import Clock, make, run_step, seq
@@ -76,14 +73,6 @@ def test_an_idle_tenant_keeps_its_share_for_the_grace_only():
     assert q.cap("A", 8) == 4
     clock.advance(IDLE_GRACE_S)
     assert q.cap("A", 8) == 8
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 async def test_over_grpc_a_flood_of_streams_keeps_to_its_share_of_the_batch(tiny_moe_dir):

@@ -9,7 +9,6 @@ import time
 
 import grpc
 import pytest
-import torch
 
 from opentelemetry import trace
 from prometheus_client import REGISTRY
@@ -24,15 +23,6 @@ from services.batcher.step import SequenceWork, StepPlan
 from tests.services.batcher.mesh import code_of, mesh, request_for
 
 PROMPT = [1, 9690, 314, 253, 1345, 30, 2045, 28]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tests share 2 cores with other workers: one torch thread keeps step times steady.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def sample(name: str) -> float:

@@ -9,7 +9,6 @@ import asyncio
 
 import grpc
 import pytest
-import torch
 
 from moemesh.runtime.engine import Engine
 from moemesh.runtime.types import SamplingParams, SequenceStateError, SequenceWork
@@ -20,14 +19,6 @@ from tests.services.batcher.mesh import mesh, request_for
 from tests.services.batcher.sim import make, seq
 
 PROMPT = [1, 9690, 314, 253, 1345, 30, 2045, 28]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Overlap:

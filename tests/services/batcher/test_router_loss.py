@@ -11,7 +11,6 @@ import time
 
 import grpc
 import pytest
-import torch
 
 from moemesh.serving import client_channel, serve_in_process
 from moemesh.serving.config import ServiceConfig
@@ -32,14 +31,6 @@ def free_port() -> int:
 
 
 PROMPT = [1, 9690, 314, 253, 1345, 30, 2045, 28]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @contextlib.asynccontextmanager
