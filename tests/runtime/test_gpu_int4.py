@@ -23,7 +23,8 @@ from moemesh.runtime.gpu import kernels_usable, triton_available
 from moemesh.runtime.quant import (INT4_GROUP, QuantLinear, pack_int4, quantize, quantize_int4, stack,
                                    unpack_int4)
 
-from test_gpu_kernels import _assert_replays_with_new_routing, _decode_logits, _qwen3_config, _rel, _routing
+from test_gpu_kernels import (_assert_replays_with_new_routing, _decode_logits, _qwen3_config, _rel, _routing,
+                              interpreter)
 
 WHY = kernels_usable(torch.device("cuda"), torch.bfloat16)
 cuda = pytest.mark.skipif(bool(WHY), reason=f"needs CUDA with Triton: {WHY}")
@@ -139,9 +140,7 @@ def test_cpu_engine_serves_int4_experts_and_says_so(tmp_path):
     assert all(bool(torch.isfinite(step).all()) for step in logits)
 
 
-@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU check: on a GPU the compiled kernels are tested above "
-                    "(the interpreter of the GPU image's Triton 3.6 differs from the CPU venv's 3.9)")
+@interpreter
 @pytest.mark.parametrize("variants", [
     ["sym128"],  # what quantize() makes: GEMV at 1 token, GEMM at 20
     pytest.param(["asym32", "sym64", "asym128"], marks=pytest.mark.slow),  # checkpoint layouts (~60 s loaded)

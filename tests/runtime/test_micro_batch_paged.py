@@ -16,10 +16,9 @@ import torch
 
 from moemesh.runtime.dispatch import LocalDispatch
 from moemesh.runtime.engine import Engine
-from moemesh.runtime.gpu import triton_available
 from moemesh.runtime.micro_batch import MicroBatching
 
-from test_gpu_kernels import cuda  # noqa: E402 (skips off CUDA, naming what is missing)
+from test_gpu_kernels import cuda, interpreter  # noqa: E402 (skips off CUDA, naming what is missing)
 
 CHECK = textwrap.dedent('''
     import sys
@@ -59,9 +58,7 @@ CHECK = textwrap.dedent('''
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU check: on a GPU the compiled kernels run below "
-                    "(the interpreter of the GPU image's Triton 3.6 differs from the CPU venv's 3.9)")
+@interpreter
 def test_decode_runner_halves_under_the_triton_interpreter(tiny_moe_dir):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", CHECK, str(tiny_moe_dir)], env=env, capture_output=True, text=True,

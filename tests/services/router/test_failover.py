@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -20,38 +18,15 @@ from moemesh.runtime import placement_plan
 from moemesh.runtime.engine import Engine
 from services.router.__main__ import build_router
 from services.router.expert_client import ExpertCallError
-from tests.mesh_process import free_port
-from tests.services.router.test_shm_transport import BLOCK, KV_BLOCKS, PROMPT, ROOT, config
+from tests.services.router.test_shm_transport import BLOCK, KV_BLOCKS, PROMPT, Shard, config
 
 EVERYWHERE = [[0, 1, 2, 3], [0, 1, 2, 3]]  # every expert on both shards
-
-
-class PortShard:
-    """`python -m services.expert --experts ...` on a fixed port (restartable at the same address)."""
-
-    def __init__(self, model_dir, experts: list[int], index: int, home) -> None:
-        self.port, self.model_dir, self.experts, self.index, self.home = free_port(), model_dir, experts, index, home
-        self.address = f"127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "MOEMESH_HOME": str(self.home), "OMP_WAIT_POLICY": "PASSIVE"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.expert", "--model", str(self.model_dir), "--port", str(self.port),
-             "--experts", ",".join(map(str, self.experts)), "--shard-index", str(self.index), "--num-shards", "2",
-             "--compute-threads", "1", "--metrics-port", "-1"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
 def shards(tiny_moe_dir, tmp_path_factory):
     home = tmp_path_factory.mktemp("failover-home")
-    procs = [PortShard(tiny_moe_dir, experts, i, home) for i, experts in enumerate(EVERYWHERE)]
+    procs = [Shard(tiny_moe_dir, i, home, experts) for i, experts in enumerate(EVERYWHERE)]
     for shard in procs:
         shard.start()
     yield procs

@@ -24,13 +24,8 @@ class DtypeShard(Shard):
 
     dtype = "float32"
 
-    def start(self) -> None:
-        env = {**os.environ, "MOEMESH_HOME": str(self.home), "OMP_WAIT_POLICY": "PASSIVE",
-               "MOEMESH_EXPERT_DTYPE": self.dtype}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.expert", "--model", str(self.model_dir), "--port", str(self.port),
-             "--shard-index", str(self.index), "--num-shards", "2", "--compute-threads", "1", "--metrics-port", "-1"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "MOEMESH_EXPERT_DTYPE": self.dtype}
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,6 @@ file leaving an expert out, refuse to start naming the shard and the experts."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -17,36 +13,15 @@ from moemesh.runtime import placement_plan
 from moemesh.runtime.engine import Engine
 from services.router.__main__ import build_router
 from services.router.placement import PlacementError
-from tests.mesh_process import free_port
-from tests.services.router.test_shm_transport import BLOCK, KV_BLOCKS, PROMPT, ROOT, config
+from tests.services.router.test_shm_transport import BLOCK, KV_BLOCKS, PROMPT, Shard, config
 
 REPLICATED = [[0, 1, 2], [2, 3]]  # expert 2 on both shards
-
-
-class ListedShard:
-    """`python -m services.expert --experts ...` on its own port."""
-
-    def __init__(self, model_dir, experts: list[int], index: int, home, placement=None) -> None:
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        env = {**os.environ, "MOEMESH_HOME": str(home), "OMP_WAIT_POLICY": "PASSIVE"}
-        per_layer = ["--placement", str(placement)] if placement else []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.expert", "--model", str(model_dir), "--port", str(self.port),
-             "--experts", ",".join(map(str, experts)), "--shard-index", str(index), "--num-shards", "2",
-             "--compute-threads", "1", "--metrics-port", "-1", *per_layer],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
 def shards(tiny_moe_dir, tmp_path_factory):
     home = tmp_path_factory.mktemp("replica-home")
-    procs = [ListedShard(tiny_moe_dir, experts, i, home) for i, experts in enumerate(REPLICATED)]
+    procs = [Shard(tiny_moe_dir, i, home, experts).start() for i, experts in enumerate(REPLICATED)]
     yield procs
     for shard in procs:
         shard.stop()
@@ -111,7 +86,8 @@ def test_a_per_layer_placement_keeps_the_logits(tiny_moe_dir, tmp_path):
     union = placement_plan.union(per_layer)
     assert union == [[0, 1, 2, 3], [0, 2, 3]]
     placement_plan.write(path, union, 4, "test", {0: [1.0] * 4, 1: [1.0] * 4}, per_layer)
-    procs = [ListedShard(tiny_moe_dir, experts, i, tmp_path, placement=path) for i, experts in enumerate(union)]
+    procs = [Shard(tiny_moe_dir, i, tmp_path, experts, ("--placement", str(path))).start()
+             for i, experts in enumerate(union)]
     try:
         router = build_router(config(tiny_moe_dir, [s.address for s in procs], placement=str(path)))
         try:

@@ -4,6 +4,7 @@ local experts, Step/Release/Info semantics and status codes, placement validatio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -59,20 +60,27 @@ def router_config(model_dir, addrs, transport: str = "grpc") -> RouterConfig:
                         expert_transport=transport)
 
 
+@contextlib.asynccontextmanager
+async def served_router(model_dir, tracer):
+    """Two expert shards and a router over gRPC links, served in this process: (router server, router, shard
+    servers, shard servicers)."""
+    servicers = [make_expert(model_dir, i, tracer) for i in (0, 1)]
+    async with serve_in_process(lambda s: expert_servicer.add_to_server(servicers[0], s), name="expert-0") as a, \
+            serve_in_process(lambda s: expert_servicer.add_to_server(servicers[1], s), name="expert-1") as b:
+        router = await asyncio.to_thread(build_router, router_config(model_dir, [a.address, b.address]))
+        servicer = RouterServicer(router.engine, router.worker, router.servicer._placement, tracer)
+        async with serve_in_process(lambda s: add_to_server(servicer, s), name="router") as r:
+            yield r, router, [a, b], servicers
+        router.close()
+
+
 @pytest.fixture
 async def mesh(tiny_moe_dir):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("test")
-    servicers = [make_expert(tiny_moe_dir, i, tracer) for i in (0, 1)]
-    async with serve_in_process(lambda s: expert_servicer.add_to_server(servicers[0], s), name="expert-0") as a, \
-            serve_in_process(lambda s: expert_servicer.add_to_server(servicers[1], s), name="expert-1") as b:
-        router = await asyncio.to_thread(build_router, router_config(tiny_moe_dir, [a.address, b.address]))
-        servicer = RouterServicer(router.engine, router.worker, router.servicer._placement, tracer)
-        async with serve_in_process(lambda s: add_to_server(servicer, s), name="router") as r:
-            yield Mesh(router_pb2_grpc.RouterStub(client_channel(r.address)), router, [a, b], servicers, exporter)
-        router.close()
+    async with served_router(tiny_moe_dir, provider.get_tracer("test")) as (r, router, shards, servicers):
+        yield Mesh(router_pb2_grpc.RouterStub(client_channel(r.address)), router, shards, servicers, exporter)
 
 
 def work(seq: str, tokens: list[int], position: int, sample: bool = True) -> router_pb2.SequenceWork:

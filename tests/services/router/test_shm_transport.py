@@ -36,20 +36,27 @@ PROMPT = [1, 9690, 314, 253, 1345, 30, 2045, 28, 198, 4161, 2]
 
 
 class Shard:
-    """One `python -m services.expert` process on a fixed port (restartable at the same address)."""
+    """One `python -m services.expert` process (shard `index` of 2) on a fixed port (restartable at the same
+    address); `experts`: the --experts it hosts (default: its half), `args`: more flags (e.g. --placement)."""
 
-    def __init__(self, model_dir: Path, index: int, home: Path) -> None:
+    def __init__(self, model_dir: Path, index: int, home: Path, experts: list[int] | None = None,
+                 args: tuple[str, ...] = ()) -> None:
         self.model_dir, self.index, self.home = model_dir, index, home
+        listed = ("--experts", ",".join(map(str, experts))) if experts is not None else ()
+        self.args = (*listed, *args)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
-        env = {**os.environ, "MOEMESH_HOME": str(self.home), "OMP_WAIT_POLICY": "PASSIVE"}
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "MOEMESH_HOME": str(self.home), "OMP_WAIT_POLICY": "PASSIVE"}
+
+    def start(self) -> Shard:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.expert", "--model", str(self.model_dir), "--port", str(self.port),
-             "--shard-index", str(self.index), "--num-shards", "2", "--compute-threads", "1", "--metrics-port", "-1"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--shard-index", str(self.index), "--num-shards", "2", "--compute-threads", "1", "--metrics-port", "-1",
+             *self.args], cwd=ROOT, env=self.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -10,16 +10,12 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from moemesh.serving import serve_in_process
 from moemesh.v1 import common_pb2
 from services.batcher.router_client import RouterClient
 from services.batcher.sequence import Sequence
 from services.batcher.step import SequenceWork, StepPlan
-from services.expert import servicer as expert_servicer
-from services.router.__main__ import build_router
-from services.router.servicer import RouterServicer, add_to_server
 from span_capture import memory_exporter
-from tests.services.router.test_router_service import PROMPT, make_expert, router_config
+from tests.services.router.test_router_service import PROMPT, served_router
 
 @pytest.fixture(scope="module")
 def exporter() -> InMemorySpanExporter:
@@ -28,17 +24,10 @@ def exporter() -> InMemorySpanExporter:
 
 @pytest.fixture
 async def client(tiny_moe_dir, exporter):
-    tracer = trace.get_tracer("sampling-tests")
-    servicers = [make_expert(tiny_moe_dir, i, tracer) for i in (0, 1)]
-    async with serve_in_process(lambda s: expert_servicer.add_to_server(servicers[0], s), name="expert-0") as a, \
-            serve_in_process(lambda s: expert_servicer.add_to_server(servicers[1], s), name="expert-1") as b:
-        router = await asyncio.to_thread(build_router, router_config(tiny_moe_dir, [a.address, b.address]))
-        servicer = RouterServicer(router.engine, router.worker, router.servicer._placement, tracer)
-        async with serve_in_process(lambda s: add_to_server(servicer, s), name="router") as r:
-            client = RouterClient(r.address, trace_every=4)
-            yield client, servicers
-            await client.close()
-        router.close()
+    async with served_router(tiny_moe_dir, trace.get_tracer("sampling-tests")) as (r, _, _, servicers):
+        client = RouterClient(r.address, trace_every=4)
+        yield client, servicers
+        await client.close()
 
 
 def _traced_steps(exporter: InMemorySpanExporter, name: str) -> list[int]:
