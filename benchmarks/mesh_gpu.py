@@ -111,9 +111,24 @@ def router_info(address: str) -> dict:
     return {"transports": [p.transport for p in info.placement], "device": info.device}
 
 
+def step_spans(home: Path, since_ns: int) -> dict:
+    """--trace: medians over the router's router.step spans (the engine step on its engine thread) after since_ns:
+    their length and the gap between one's end and the next one's start (engine thread outside Engine.step)."""
+    spans = [json.loads(line) for line in (home / "traces" / "router.jsonl").read_text().splitlines()]
+    steps = sorted((s["start"], s["end"]) for s in spans if s["name"] == "router.step" and s["start"] >= since_ns)
+    busy = [(e - s) / 1e6 for s, e in steps]
+    gaps = [(b[0] - a[1]) / 1e6 for a, b in zip(steps, steps[1:])]
+    med = lambda xs: round(sorted(xs)[len(xs) // 2], 3) if xs else None  # noqa: E731
+    return {"traced_steps": len(steps), "router_step_ms": med(busy), "router_gap_ms": med(gaps),
+            "router_gap_mean_ms": round(sum(gaps) / len(gaps), 3) if gaps else None}
+
+
 def run_mesh(args, model_dir: Path, shards: int, logs: Path, pingpong: bool = False) -> dict:
-    common = {"MOEMESH_MODEL": str(model_dir), "OTEL_SDK_DISABLED": "true"}
     tag = f"{shards}-pp" if pingpong else f"{shards}"  # log names per variant
+    home = logs / f"home-{tag}"
+    common = {"MOEMESH_MODEL": str(model_dir), "OTEL_SDK_DISABLED": "true"}
+    if args.trace:  # every step sampled, spans appended to home/traces/<service>.jsonl
+        common = {"MOEMESH_MODEL": str(model_dir), "MOEMESH_HOME": str(home), "MOEMESH_BATCHER_TRACE_EVERY": "1"}
     procs, addrs = [], []
     try:
         for i in range(shards):
@@ -138,9 +153,13 @@ def run_mesh(args, model_dir: Path, shards: int, logs: Path, pingpong: bool = Fa
         wait_serving(f"127.0.0.1:{bport}", "moemesh.v1.Batcher", procs, 120)
         info = router_info(f"127.0.0.1:{rport}")
         generate_all(f"127.0.0.1:{bport}", args.concurrency, args.prompt, 8, QWEN3_30B_A3B["vocab_size"], 1)
+        since = time.time_ns()
         times = generate_all(f"127.0.0.1:{bport}", args.concurrency, args.prompt, args.max_tokens,
                              QWEN3_30B_A3B["vocab_size"], 2)
         rate, overall, total = decode_rate(times)
+        if args.trace:
+            time.sleep(2)  # the span processors flush every 0.2 s
+            info.update(step_spans(home, since))
         # The router's own word on the split ("ping-pong micro-batches on: ..." or "... off: why").
         said = [line[line.index("ping-pong"):] for line in (logs / f"router-{tag}.log").read_text().splitlines()
                 if "ping-pong micro-batches" in line]
@@ -179,6 +198,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="inproc,colocated,ipc-1,ipc-2")
     p.add_argument("--budget-s", type=float, default=400.0, help="skip variants once this much time has passed")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--trace", action="store_true", help="mesh variants: trace every step, report the router's "
+                   "median step and gap between steps (tracing itself costs some speed)")
     p.add_argument("--logs", type=Path, default=Path(tempfile.mkdtemp(prefix="mesh-gpu-")))
     args = p.parse_args(argv)
     args.logs.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 down weighted and summed over slots into float32 rows), over a wider grid than moe_kernel.py's --tune-gemv: narrow
 column blocks with whole-K tiles included. Prints the best per kind and the JSON entry for the config file.
 
-    PYTHONPATH=. python3 benchmarks/h200/gemv_sweep.py [none|int4]
+    PYTHONPATH=. python3 benchmarks/h200/gemv_sweep.py [none|int4] [unroll,loop,words]
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ def main() -> None:
     from moemesh.runtime.quant import quantize
 
     scheme = sys.argv[1] if len(sys.argv) > 1 else "none"  # none (bf16) or int4
+    # K loops to sweep: unroll (K_STATIC), loop (dynamic), words (int4 only: int4_kernels._int4_words)
+    loops = sys.argv[2].split(",") if len(sys.argv) > 2 else ("unroll", "loop")
     e, inter, h, k, n_layers = 128, 768, 2048, 8, 12  # Qwen3-30B-A3B; 12 layers' weights: more than L2 holds
     layers = [(torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) / 45,
                torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16) / 28) for _ in range(n_layers)]
@@ -38,8 +40,9 @@ def main() -> None:
     for kind in ("gemv_gate_up", "gemv_down"):
         timed = []
         bks = (256, 512, 1024, 2048) if scheme == "none" else (512, 1024, 2048)
-        for unroll, bn, bk, warps in itertools.product((True, False), (4, 8, 16), bks, (4, 8)):
-            cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 2, "UNROLL": unroll}
+        for loop, bn, bk, warps in itertools.product(loops, (4, 8, 16), bks, (4, 8)):
+            cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 2, "UNROLL": loop != "loop",
+                   "WORDS": loop == "words"}
 
             def run():  # every layer once, as a decode step does (a graph: no launch overhead, L2 cold-ish)
                 for gu, dn in layers:
@@ -58,8 +61,9 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 -- a tile that does not fit: skip
                 print("skip", cfg, type(exc).__name__)
         timed.sort(key=lambda x: x[0])
-        for unroll in (True, False):
-            for us, cfg in [x for x in timed if x[1]["UNROLL"] == unroll][:3]:
+        for loop in loops:
+            for us, cfg in [x for x in timed if ("words" if x[1]["WORDS"] else "unroll" if x[1]["UNROLL"] else
+                                                 "loop") == loop][:3]:
                 print(f"{scheme} {kind}: {us * 1e3:.2f} us {nbytes[kind] / us / 1e6:.0f} GB/s {cfg}", flush=True)
         best[kind] = timed[0][1]
     print(json.dumps(best))

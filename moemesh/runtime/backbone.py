@@ -55,10 +55,9 @@ class MoeBlock(nn.Module):
     def steps(self, h: torch.Tensor, dispatch: ExpertDispatch) -> Generator[None, None, torch.Tensor]:
         """forward() as a generator that yields once, while the routed experts are out (after submit and the
         shared expert, before collect): a caller may run another micro-batch's work there (micro_batch.py)."""
-        topk_ids, topk_weights = self.gate(h)  # [T, K] int64, [T, K] float32
+        counts = self.expert_load.counts[self.layer] if self.expert_load is not None else None  # [E], on the device
+        topk_ids, topk_weights = self.gate(h, counts)  # [T, K] int64, [T, K] float32
         pending = dispatch.submit(self.layer, h, topk_ids, topk_weights)
-        if self.expert_load is not None:  # on the device, no host sync; while the experts are out (off the path)
-            self.expert_load.record(self.layer, topk_ids)
         shared = None
         if self.shared is not None:  # computed while the routed experts are out
             shared = self.shared(h)

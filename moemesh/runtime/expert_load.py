@@ -1,8 +1,8 @@
 """Tokens routed to each (MoE layer, expert), counted on the device: the load signal for balancing and placement.
 
-MoeBlock.forward calls `record(layer, topk_ids)` once per MoE layer per step. The count is an index_add_ into a
-[L, E] int64 tensor on the model's device: no host synchronization, nothing that breaks CUDA graph capture, one
-small kernel per layer. The host sees the counts only when someone asks (`snapshot`, one device->host copy), e.g.
+MoeBlock hands its gate the layer's row of a [L, E] int64 tensor on the model's device; the gate adds its choices
+there (`count`; on CUDA inside the top-k launch itself, gpu/fused_ops.route_softmax): no host synchronization,
+nothing that breaks CUDA graph capture, no launch of its own. The host sees the counts only when someone asks (`snapshot`, one device->host copy), e.g.
 when Prometheus scrapes or Router.Info is called; run it on the thread that steps the engine (the router's engine
 worker) so it never lands inside a step being captured.
 """
@@ -37,13 +37,13 @@ class ExpertLoad:
             block.expert_load = load
         return load
 
-    def record(self, layer: int, topk_ids: torch.Tensor) -> None:
-        """Count one layer's routing: topk_ids [T, K] int64 expert ids (-1: unused slot, not counted)."""
-        ids = topk_ids.reshape(-1)  # [T*K]
-        valid = (ids >= 0).to(torch.int64)
-        self.counts[layer].index_add_(0, ids.clamp(min=0), valid)
-
     def snapshot(self) -> dict[int, list[int]]:
         """{MoE layer: tokens per expert id} since start (one device->host copy)."""
         host = self.counts.cpu().tolist()
         return {layer: host[layer] for layer in self.moe_layers}
+
+
+def count(counts: torch.Tensor, topk_ids: torch.Tensor) -> None:
+    """counts [E] int64 += one per routed slot of topk_ids [T, K] int64 (-1: an unused slot, not counted)."""
+    ids = topk_ids.reshape(-1)  # [T*K]
+    counts.index_add_(0, ids.clamp(min=0), (ids >= 0).to(torch.int64))

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moemesh.runtime.expert_load import count
 from moemesh.runtime.layers import Loader
 from moemesh.runtime.spec import MoeSpec
 
@@ -35,12 +36,22 @@ class Gate(nn.Module):
             raise ValueError(f"{prefix}.weight has {weight.shape[0]} rows, config says {spec.num_experts} experts")
         return cls(spec, weight, bias)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (ids [T, K] int64, weights [T, K] float32). counts [E] int64: each chosen expert's routed-token
+        counter goes up by one, on the device (expert_load.py; in the top-k launch itself on the fast path)."""
         s = self.spec
         if self.fast:  # CUDA: two launches (float32 logits, then softmax + top-k) instead of ~6
             from moemesh.runtime.gpu.fused_ops import route_softmax, router_logits
 
-            return route_softmax(router_logits(x, self.weight), s.top_k, s.norm_topk_prob, s.routed_scaling_factor)
+            return route_softmax(router_logits(x, self.weight), s.top_k, s.norm_topk_prob, s.routed_scaling_factor,
+                                 counts)
+        ids, weights = self._route(x)
+        if counts is not None:
+            count(counts, ids)
+        return ids, weights
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.spec
         logits = F.linear(x.float(), self.weight)  # [T, E]
         if s.scoring == "unit":
             ids = logits.topk(s.top_k, dim=-1).indices

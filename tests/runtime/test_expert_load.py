@@ -9,7 +9,7 @@ import torch
 
 from moemesh.runtime.backbone import MoeBlock
 from moemesh.runtime.engine import Engine
-from moemesh.runtime.expert_load import ExpertLoad
+from moemesh.runtime.expert_load import ExpertLoad, count
 from moemesh.runtime.types import SequenceWork
 
 PROMPT = [1, 9690, 314, 253, 1345, 30, 2045, 28, 198, 4161, 2]
@@ -39,9 +39,9 @@ def test_counts_equal_the_gates_choices_over_prefill_and_decode(tiny_moe_dir):
 
 def test_unused_slots_are_not_counted():
     load = ExpertLoad(num_layers=3, num_experts=4, moe_layers=(1, 2), device="cpu")
-    load.record(1, torch.tensor([[0, 3], [3, -1], [-1, -1]]))
-    load.record(2, torch.tensor([[2, 2]]))
-    load.record(1, torch.tensor([[3, 1]]))
+    count(load.counts[1], torch.tensor([[0, 3], [3, -1], [-1, -1]]))
+    count(load.counts[2], torch.tensor([[2, 2]]))
+    count(load.counts[1], torch.tensor([[3, 1]]))
     assert load.snapshot() == {1: [1, 1, 0, 3], 2: [0, 0, 2, 0]}
 
 

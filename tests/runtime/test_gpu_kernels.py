@@ -231,6 +231,9 @@ def test_fused_ops_match_their_torch_references():
     want_w, want_ids = probs.topk(8, dim=-1)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(weights, want_w / want_w.sum(-1, keepdim=True))
+    counts = torch.full((128,), 5, dtype=torch.int64, device="cuda")  # the expert-load counters, in the same launch
+    assert torch.equal(route_softmax(logits, 8, True, 1.0, counts)[0], ids)
+    assert torch.equal(counts, 5 + torch.bincount(ids.reshape(-1), minlength=128))
 
 
 @cuda

@@ -85,7 +85,8 @@ def moe_gemv(a: torch.Tensor, w: Weight, out: torch.Tensor, ids: torch.Tensor, a
         zero_points, n_out, k_in, a.stride(0), data.stride(0), data.stride(1), out.stride(0), sse, ssn, up_rows,
         A_DIV=a_div, GATED=up_rows > 0, WEIGHTED=weights is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], SUM_SLOTS=sum_slots, ZERO_N=zero_n,
-        K_STATIC=k_in if cfg.get("UNROLL") else 0, **quant, **pdl.launch())
+        K_STATIC=k_in if cfg.get("UNROLL") or cfg.get("WORDS") else 0, WORDS=bool(cfg.get("WORDS")), **quant,
+        **pdl.launch())
     return out
 
 

@@ -106,8 +106,10 @@ def norm_rope_(qkv: torch.Tensor, q_heads: int, k_heads: int, head_dim: int, q_w
 
 
 @triton.jit
-def _softmax_topk(s, cols, e, ids_ptr, w_ptr, t, scale, K: tl.constexpr, KP: tl.constexpr, RENORM: tl.constexpr):
-    """s [EP] logits of row t (-inf beyond e) -> ids/weights row t: softmax, top-k by repeated arg-max, renorm."""
+def _softmax_topk(s, cols, e, ids_ptr, w_ptr, counts_ptr, t, scale, K: tl.constexpr, KP: tl.constexpr,
+                  RENORM: tl.constexpr, COUNT: tl.constexpr):
+    """s [EP] logits of row t (-inf beyond e) -> ids/weights row t: softmax, top-k by repeated arg-max, renorm.
+    COUNT: also add 1 to counts[id] for each chosen expert (the expert-load counters, expert_load.py)."""
     p = tl.exp(s - tl.max(s, 0))
     p = p / tl.sum(p, 0)  # [EP] probabilities over all experts
     p = tl.where(cols < e, p, -1.0)
@@ -123,28 +125,31 @@ def _softmax_topk(s, cols, e, ids_ptr, w_ptr, t, scale, K: tl.constexpr, KP: tl.
         ws = ws / tl.sum(ws, 0)
     tl.store(ids_ptr + t * K + slots, ids, mask=slots < K)
     tl.store(w_ptr + t * K + slots, ws * scale, mask=slots < K)
+    if COUNT:
+        tl.atomic_add(counts_ptr + ids, tl.full((KP,), 1, tl.int64), mask=slots < K, sem="relaxed")
 
 
 @triton.jit
-def _route_softmax(logits_ptr, ids_ptr, w_ptr, e, scale, K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr,
-                   RENORM: tl.constexpr, PDL: tl.constexpr = False):
+def _route_softmax(logits_ptr, ids_ptr, w_ptr, counts_ptr, e, scale, K: tl.constexpr, KP: tl.constexpr,
+                   EP: tl.constexpr, RENORM: tl.constexpr, COUNT: tl.constexpr, PDL: tl.constexpr = False):
     enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, EP)
     s = tl.load(logits_ptr + t * e + cols, mask=cols < e, other=float("-inf"))
-    _softmax_topk(s, cols, e, ids_ptr, w_ptr, t, scale, K, KP, RENORM)
+    _softmax_topk(s, cols, e, ids_ptr, w_ptr, counts_ptr, t, scale, K, KP, RENORM, COUNT)
 
 
-def route_softmax(logits: torch.Tensor, top_k: int, renormalize: bool,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] float32 -> (ids [T, K] int64, weights [T, K] float32) as Router's softmax scoring."""
+def route_softmax(logits: torch.Tensor, top_k: int, renormalize: bool, scale: float,
+                  counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] float32 -> (ids [T, K] int64, weights [T, K] float32) as Router's softmax scoring. counts [E]
+    int64 (contiguous): each chosen expert's count goes up by one, in the same launch."""
     t, e = logits.shape
     ids = torch.empty(t, top_k, dtype=torch.int64, device=logits.device)
     weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
     if t:
-        _route_softmax[(t,)](logits, ids, weights, e, scale, K=top_k, KP=triton.next_power_of_2(top_k),
-                             EP=triton.next_power_of_2(e), RENORM=renormalize, num_warps=1 if e <= 256 else 4,
-                             **pdl.launch())
+        _route_softmax[(t,)](logits, ids, weights, counts if counts is not None else ids, e, scale, K=top_k,
+                             KP=triton.next_power_of_2(top_k), EP=triton.next_power_of_2(e), RENORM=renormalize,
+                             COUNT=counts is not None, num_warps=1 if e <= 256 else 4, **pdl.launch())
     return ids, weights  # one warp for <= 256 experts: the top-k reductions stay in warp shuffles
 
 

@@ -162,7 +162,8 @@ def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, zero_ptr, n_o
               stride_bn, stride_cm, stride_se, stride_sn, up_rows, A_DIV: tl.constexpr, GATED: tl.constexpr,
               WEIGHTED: tl.constexpr, QUANT: tl.constexpr, GROUP_K: tl.constexpr, SUM_SLOTS: tl.constexpr,
               INT4: tl.constexpr, ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              ZERO_N: tl.constexpr = 0, PDL: tl.constexpr = False, K_STATIC: tl.constexpr = 0):
+              ZERO_N: tl.constexpr = 0, PDL: tl.constexpr = False, K_STATIC: tl.constexpr = 0,
+              WORDS: tl.constexpr = False):
     """Few tokens (decode at batch 1-4): one program per (pair, column block), a dot product per output column, no
     alignment and no tensor cores; many more programs in flight than the row-block GEMM has at this size.
     SUM_SLOTS K > 0: add the row into c[pair // K] (float32, zeroed by the caller) instead of storing c[pair]: the
@@ -186,7 +187,7 @@ def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, zero_ptr, n_o
             w_packed = b_ptr + expert * stride_be + cols * stride_bn  # [BN] packed rows
             z_rows = zero_ptr + expert * stride_se + cols * stride_sn  # [BN] zero points (ZP)
             acc, acc_up = _int4_gemv_loop(acc, acc_up, a_row, w_packed, s_rows, z_rows, col_ok, k_in, stride_bn,
-                                          stride_sn, up_rows, GATED, BLOCK_N, BLOCK_K, GROUP_K, ZP, K_STATIC)
+                                          stride_sn, up_rows, GATED, BLOCK_N, BLOCK_K, GROUP_K, ZP, K_STATIC, WORDS)
         else:
             w_rows = b_ptr + expert * stride_be + cols[:, None] * stride_bn  # [BN, 1]
             acc, acc_up = _gemv_loop(acc, acc_up, a_row, w_rows, s_rows, col_ok, k_in, stride_bn, stride_sn, up_rows,
