@@ -19,6 +19,9 @@ class Dispatch:
     # True when submit/collect only queue device work on the caller's stream (no host round trip, no host sync), so
     # a decode step that calls them can be captured in a CUDA graph and replayed. Transports say so themselves.
     capturable = False
+    # True when a step may be launched before the previous step's results reached the host (runtime/step_ahead.py):
+    # the experts' work is queued in stream order and no step can fail after its launch.
+    steps_ahead = False
 
     def begin_step(self, tokens: int) -> None:
         """Called once per step before the forward with T, the tokens every MoE layer of the step carries."""
@@ -43,6 +46,7 @@ class LocalDispatch(Dispatch):
     def __init__(self, bank: ExpertBank) -> None:
         self.bank = bank
         self.capturable = bank.device.type == "cuda"  # in process on the GPU: kernels only (see ExpertBank)
+        self.steps_ahead = self.capturable
         self._kw = {"float32_ok": True} if isinstance(bank, ExpertBank) else {}  # not the ONNX Runtime bank
 
     def submit(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,

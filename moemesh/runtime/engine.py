@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from moemesh.runtime import step_ahead
 from moemesh.runtime.backbone import Backbone
 from moemesh.runtime.block_manager import BlockManager
 from moemesh.runtime.engine_loader import as_dtype, load_engine  # noqa: F401 (as_dtype: services import it here)
@@ -45,6 +46,7 @@ class Engine:
         self.grammars = None  # runtime/grammar.GrammarBook, built on the first constrained request
         self.prompts = PromptScorer()  # prompt logprobs (prompt_logprobs.py): tails between prefill chunks
         self.micro = None  # micro_batch.MicroBatching: ping-pong halves of large steps (the router sets it)
+        self.pending: list = []  # step_ahead.Launched steps not finished yet, oldest first
 
     @classmethod
     def load(cls, model_dir: str | Path, *, dispatch: ExpertDispatch | None = None, device: str | torch.device = "cpu",
@@ -71,11 +73,26 @@ class Engine:
         """Run one step; results in work order (token_id None where the work did not sample)."""
         return self.step_with_logits(works)[0]
 
+    def launch(self, works: list[SequenceWork], after=None):
+        """step() split in two for plain decode steps: queue the step's device work without waiting (after: the
+        launched step whose tokens the follows works take, still on the device). None: does not qualify, use
+        step(). See step_ahead.py."""
+        return step_ahead.launch(self, works, after)
+
+    def finish(self, launched) -> list[SequenceResult]:
+        """The results of a launched step (waits for its device work)."""
+        return step_ahead.finish(self, launched)
+
+    def abort(self, launched) -> None:
+        """Undo a launched step that has not finished (the step it followed failed)."""
+        step_ahead.abort(self, launched)
+
     def step_with_logits(self, works: list[SequenceWork]) -> tuple[list[SequenceResult], torch.Tensor]:
         """step(), also returning the raw logits [N, V] float32 the sampler saw, one row per sampling work in
         work order (for evaluation and parity checks)."""
         if not works:
             return [], torch.empty(0, self.spec.vocab_size)
+        step_ahead.settle(self)  # launched steps first: their state is what this step builds on
         works = fill_in(works, self._seqs)  # sampling parameters and followed tokens (step_works.py)
         check(works, self._seqs, self.spec.vocab_size, self.max_context)
         scored = self._scored(works)  # works whose prompt tokens are scored (prompt_logprobs.py)
@@ -174,10 +191,11 @@ class Engine:
             if w.seq_id in rows:
                 result.prompt_logprobs = self.prompts.score(w, rows[w.seq_id], scored[w.seq_id])
 
-    def _decode(self, works: list[SequenceWork], split: bool = False) -> torch.Tensor:
+    def _decode(self, works: list[SequenceWork], split: bool = False, fed=None) -> torch.Tensor:
         """A small step (decode tokens, short prefill chunks) through the paged runner, one row per token (CUDA
         graphs where captured); logits [N, V] float32 of the sampling works' last rows. split: two ping-pong
-        halves of the bucket's rows, the second on self.micro.second (micro_batch.py)."""
+        halves of the bucket's rows, the second on self.micro.second (micro_batch.py). fed: tokens taken on the
+        device (DecodeRunner.run; one-token works only)."""
         tokens, positions, tables, keep = [], [], [], []
         for w in works:
             table = self.blocks.table(w.seq_id)
@@ -189,7 +207,7 @@ class Engine:
         rows, second = self.decode.rows_for(len(tokens)), self.micro.second if split else None
         parts = [(self.dispatch, rows // 2), (second, rows - rows // 2)] if split else [(self.dispatch, rows)]
         with stepping(parts):
-            return self.decode.run(tokens, positions, tables, keep, second)
+            return self.decode.run(tokens, positions, tables, keep, second, fed)
 
     def _sample(self, works: list[SequenceWork], states: list[SeqSampleState],
                 logits: torch.Tensor) -> list[SequenceResult]:
@@ -204,6 +222,7 @@ class Engine:
 
     def release(self, seq_ids: list[str]) -> int:
         """Drop sequences and free their KV blocks; unknown ids are ignored. Returns how many were known."""
+        step_ahead.settle(self)
         released = 0
         for seq_id in seq_ids:
             self.prompts.forget(seq_id)

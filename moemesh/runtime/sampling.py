@@ -135,6 +135,16 @@ class Sampler:
         self, logits: torch.Tensor, params: list[SamplingParams], states: list[SeqSampleState]
     ) -> list[SampleOut]:
         """logits: [N, V] float32, one row per sequence; returns one SampleOut per row and observes each token."""
+        tokens, logits = self.draw(logits, params, states)
+        outs = self._with_logprobs(logits, tokens, params)
+        for out, state in zip(outs, states):
+            state.observe(out.token_id)
+        return outs
+
+    def draw(self, logits: torch.Tensor, params: list[SamplingParams],
+             states: list[SeqSampleState]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device half of sample(), no host sync: (tokens [N] int64, the logits after penalties, bias and
+        grammar [N, V] float32). Observes nothing."""
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(states):
             raise ValueError(f"logits {tuple(logits.shape)} must be [N, V] with N = {len(params)} params and states")
         logits = self._penalised(logits.float(), params, states)  # [N, V], a copy
@@ -149,10 +159,7 @@ class Sampler:
             temp = torch.tensor([temps[i] for i in sampled], device=logits.device).unsqueeze(1)
             chosen = self._draw(logits[rows] / temp, [params[i] for i in sampled], [states[i] for i in sampled])
             tokens[rows] = chosen
-        outs = self._with_logprobs(logits, tokens, params)
-        for out, state in zip(outs, states):
-            state.observe(out.token_id)
-        return outs
+        return tokens, logits
 
     @staticmethod
     def _penalised(logits: torch.Tensor, params: list[SamplingParams], states: list[SeqSampleState]) -> torch.Tensor:

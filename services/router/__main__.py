@@ -133,7 +133,8 @@ def build_router(config: RouterConfig) -> RouterProcess:
              len(info.moe_layers), info.num_experts,
              ", ".join(f"{p.address} ({t})" for p, t in zip(placement, transports())), info.kv_blocks_total,
              info.kv_block_size, info.max_context)
-    servicer = RouterServicer(engine, worker, placement, transports=transports, seq_lease=config.seq_lease)
+    servicer = RouterServicer(engine, worker, placement, transports=transports, seq_lease=config.seq_lease,
+                              steps_ahead=config.steps_ahead)
     return RouterProcess(servicer, engine, worker, clients, dispatch)
 
 

@@ -64,6 +64,8 @@ class RouterConfig(ServiceConfig):
                                      "router work and shard expert work overlap (ping-pong; remote shards over shm, "
                                      "grpc or cuda_ipc only); 0: off (the default: on the shared 2-core CPU it measured "
                                      "0.72-0.85x at 8-64 sequences, benchmarks/results/pingpong-cpu.md)")
+    steps_ahead: bool = setting(True, "launch a pipelined decode step while the one before it still runs on the GPU "
+                                "(in-process experts, plain sampling; services/router/steps_ahead.py)")
     prefix_cache: bool = setting(True, "share the KV blocks of equal prompt prefixes between sequences of one tenant "
                                  "(and cache_salt); idle cached blocks are evicted least recently used")
 

@@ -30,6 +30,7 @@ from services.router.engine_worker import EngineWorker
 from services.router.leases import SequenceLeases
 from services.router.prefix_stats import PrefixStats
 from services.router.step_trace import step_scope
+from services.router.steps_ahead import StepsAhead
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
@@ -75,7 +76,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     def __init__(self, engine: Engine, worker: EngineWorker, placement: tuple[ExpertPlacement, ...],
                  tracer_: trace.Tracer | None = None, transports: Callable[[], list[str]] | None = None,
-                 seq_lease: float = 30.0) -> None:
+                 seq_lease: float = 30.0, steps_ahead: bool = True) -> None:
         self._engine, self._worker, self._placement = engine, worker, placement
         # A new id per process: a batcher that sees it change knows the KV cache it relied on is gone (recompute).
         self.instance_id = uuid.uuid4().hex
@@ -83,6 +84,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._prefix = PrefixStats()  # prefix-cache hits per tenant
         self._sweeper: asyncio.Task | None = None
         self._handed = 0  # step_id of the last Step handed to the engine thread (pipelined steps wait for theirs)
+        self._ahead = StepsAhead(engine, steps_ahead)  # launches an offered step behind the running one
         self._transports = transports or (lambda: [""] * len(placement))  # per shard: "shm", "grpc", "local"...
         self._tracer = tracer_ or tracer("moemesh.router")
         # Routed-token counters on the device; read on the engine thread (never inside a step), only when asked.
@@ -119,6 +121,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if any(w.follows for w in works):  # pipelined: must reach the engine thread after the step it follows
             await self._after_step(request.step_id - 1)
         self._handed = request.step_id
+        if not request.release:  # the engine thread may launch it while the step before it still runs
+            self._ahead.offer(request.step_id, works)
         released, results, seconds, (free, cached, own) = await self._worker.run(
             self._release_and_step, list(request.release), request.step_id, works, tenants)
         return router_pb2.StepResponse(results=[result_to_proto(r) for r in results], compute_seconds=seconds,
@@ -155,7 +159,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         with step_scope(step_id, self._tracer) as step:
             trace.get_current_span().set_attributes({"moemesh.sequences": len(works), "moemesh.tokens": tokens})
             try:
-                results = self._engine.step(works)
+                results = self._ahead.step(step_id, works)
                 self._leases.touch(w.seq_id for w in works)  # after the step: a long step never counts as idle
                 outcome = "ok"
             except CapacityError as exc:

@@ -91,12 +91,14 @@ class DecodeRunner:
         return bucket_for(n)
 
     def run(self, tokens: list[int], positions: list[int], tables: list[list[int]],
-            keep: list[int] | None = None, second=None) -> torch.Tensor:
+            keep: list[int] | None = None, second=None, fed=None) -> torch.Tensor:
         """n rows: their tokens, positions and (their sequence's) block tables -> logits [n, V] float32, or only
         the rows `keep` lists (each sampling sequence's last row) [len(keep), V]. second: an ExpertDispatch for
         ping-pong halves (runtime/micro_batch.py): bucket rows [:b/2] on this runner's dispatch, [b/2:b] on
         `second`. A cut inside a sequence's chunk is fine: per layer A's attention (and its K/V writes) runs
-        before B's, and A holds the earlier rows."""
+        before B's, and A holds the earlier rows. fed (source [M] int64 on the device, src [F], rows [F] int64 on
+        the host): row rows[j] takes token source[src[j]] on the device instead of tokens[rows[j]] (a launched
+        step's sampled tokens, runtime/step_ahead.py)."""
         n = len(tokens)
         b = bucket_for(n)
         if b is None:
@@ -104,6 +106,11 @@ class DecodeRunner:
         width = self._stage(tokens, positions, tables, b)
         self.rows[:, :b].copy_(self.host_rows[:, :b], non_blocking=True)
         self.tables[:b, :width].copy_(self.host_tables[:b, :width], non_blocking=True)
+        if fed is not None:
+            source, src, rows = fed
+            dev = source.device
+            self.rows[0].index_copy_(0, rows.to(dev, non_blocking=True),
+                                     source.index_select(0, src.to(dev, non_blocking=True)))
         self.lens[:b].copy_(self.rows[3, :b])
         with pdl.enabled(b <= pdl.MAX_ROWS):  # small buckets: each kernel launches while the last one drains
             if not self.graphs_on:
