@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,12 +40,24 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU seconds of the process: the sum of its live threads' run time in ns (/proc/<pid>/task/*/schedstat), not
+    utime + stime in 10 ms ticks (at 64 tokens a tick is 0.16 ms per token: coarser than the front end's costs).
+    A thread that ended meanwhile is missed; the services' threads live as long as they do."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            continue
+    if total:
+        return total / 1e9
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14, 15)
 
 
-def router_steps(traces: Path, since_ns: int) -> list[tuple[int, int, int]]:
-    """(start, end, sequences) of every router.step span after since_ns, by start."""
+def router_steps(traces: Path, since_ns: int) -> list[tuple[int, int, int, int]]:
+    """(start, end, sequences, step id) of every router.step span after since_ns, by start. Steps are traced only
+    in part (services/batcher/router_client.py, Sampling): every step with MOEMESH_BATCHER_TRACE_EVERY=1."""
     flush_wait = time.monotonic() + 2
     while time.monotonic() < flush_wait:  # the BatchSpanProcessor exports every 200 ms
         time.sleep(0.5)
@@ -53,7 +66,9 @@ def router_steps(traces: Path, since_ns: int) -> list[tuple[int, int, int]]:
     for line in path.read_text().splitlines() if path.exists() else []:
         span = json.loads(line)
         if span["name"] == "router.step" and span["start"] >= since_ns:
-            out.append((span["start"], span["end"], span["attributes"].get("moemesh.sequences", 0)))
+            attributes = span["attributes"]
+            out.append((span["start"], span["end"], attributes.get("moemesh.sequences", 0),
+                        attributes.get("moemesh.step_id", -1)))
     return sorted(out)
 
 
@@ -93,9 +108,10 @@ def gap_parts(traces: Path, since_ns: int) -> dict:
     return {k: statistics.median(v) / 1e6 for k, v in legs.items() if v}
 
 
-def gaps(steps: list[tuple[int, int, int]]) -> dict:
-    busy = [(e - s) / 1e6 for s, e, _ in steps]
-    idle = [(steps[i + 1][0] - steps[i][1]) / 1e6 for i in range(len(steps) - 1)]
+def gaps(steps: list[tuple[int, int, int, int]]) -> dict:
+    """Busy ms per traced step; idle ms between two traced steps only when they are consecutive (step ids)."""
+    busy = [(e - s) / 1e6 for s, e, _, _ in steps]
+    idle = [(b[0] - a[1]) / 1e6 for a, b in zip(steps, steps[1:]) if b[3] == a[3] + 1]
     if not busy:
         return {}
     return {"steps": len(steps), "step_ms_median": statistics.median(busy),
@@ -104,10 +120,12 @@ def gaps(steps: list[tuple[int, int, int]]) -> dict:
             "gap_ms_p90": sorted(idle)[int(0.9 * len(idle))] if idle else 0.0}
 
 
-async def decode_cpu(gateway: str, pids: dict[str, int], concurrency: int, tokens: int) -> tuple[list[float], dict]:
+async def decode_cpu(gateway: str, pids: dict[str, int], concurrency: int, tokens: int,
+                     on_mark=lambda name: None) -> tuple[list[float], dict]:
     """Streams like mesh_decode.mesh_streams; CPU seconds of every process between the moment every stream has its
     second chunk and the moment the streams together have (tokens - 1) x concurrency chunks: decode only, no
-    prefill. Returns (ms/token per stream, {"tokens": chunks in between, "cpu": {name: seconds}})."""
+    prefill. on_mark("a") / on_mark("b") run at those two moments (cProfile start / stop). Returns (ms/token per
+    stream, {"tokens": chunks in between, "cpu": {name: seconds}})."""
     import grpc
 
     from moemesh.v1 import chat_pb2, chat_pb2_grpc, common_pb2
@@ -126,6 +144,7 @@ async def decode_cpu(gateway: str, pids: dict[str, int], concurrency: int, token
                 for name, at in (("a", 2 * concurrency), ("b", (tokens - 1) * concurrency)):
                     if seen[0] == at:
                         marks[name] = (seen[0], {n: cpu_seconds(p) for n, p in pids.items()})
+                        on_mark(name)
         return (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1000
 
     async with grpc.aio.insecure_channel(gateway) as channel:
@@ -137,7 +156,7 @@ async def decode_cpu(gateway: str, pids: dict[str, int], concurrency: int, token
 
 
 def run_load(gateway: str, pids: dict[str, int], concurrency: int, tokens: int, traces: Path,
-             spy_dir: Path | None) -> dict:
+             spy_dir: Path | None, cprofile: Path | None = None) -> dict:
     spies = []
     if spy_dir is not None:
         spy_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +172,10 @@ def run_load(gateway: str, pids: dict[str, int], concurrency: int, tokens: int, 
     per_stream = asyncio.run(mesh_streams(gateway, concurrency, tokens))
     wall = time.perf_counter() - start
     after = {n: cpu_seconds(p) for n, p in pids.items()}
-    _, decode = asyncio.run(decode_cpu(gateway, pids, concurrency, tokens))
+    profiled = {n: p for n, p in pids.items() if n in PROFILED} if cprofile else {}
+    _, decode = asyncio.run(decode_cpu(gateway, pids, concurrency, tokens, lambda mark: [
+        os.kill(pid, signal.SIGUSR1 if mark == "a" else signal.SIGUSR2) for pid in profiled.values()]))
+    profiles = collect_profiles(cprofile, profiled, concurrency, decode["tokens"]) if profiled else {}
     for spy in spies:
         spy.send_signal(2)
     for spy in spies:
@@ -163,7 +185,33 @@ def run_load(gateway: str, pids: dict[str, int], concurrency: int, tokens: int, 
     return {"concurrency": concurrency, "ms_per_token": statistics.median(per_stream), "wall_s": wall,
             "cpu_ms_per_token": cpu_ms, "cpu_ms_per_token_total": sum(cpu_ms.values()),
             "decode_cpu_ms_per_token": {n: c * 1000 / decode["tokens"] for n, c in decode["cpu"].items()},
-            "router_steps": gaps(router_steps(traces, since)), "gap_legs_ms": gap_parts(traces, since)}
+            "router_steps": gaps(router_steps(traces, since)), "gap_legs_ms": gap_parts(traces, since),
+            "cprofile_top": profiles}
+
+
+# The front end: what --cprofile profiles (benchmarks/cprofile_hook/sitecustomize.py, by OTEL_SERVICE_NAME).
+PROFILED = ("batcher", "gateway", "tokenizer", "metering")
+
+
+def collect_profiles(folder: Path, profiled: dict[str, int], concurrency: int, tokens: int, top: int = 25) -> dict:
+    """Waits for each profiled service's DIR/<name>.prof, renames it <name>-c<concurrency>.prof and returns its top
+    functions by own time: {name: [(function, calls per token, own us per token, cumulative us per token)]}."""
+    import pstats
+
+    out = {}
+    for name in profiled:
+        path, give_up = folder / f"{name}.prof", time.monotonic() + 10
+        while not path.exists() and time.monotonic() < give_up:
+            time.sleep(0.2)
+        if not path.exists():
+            continue
+        time.sleep(0.3)  # the dump may still be being written
+        kept = path.rename(folder / f"{name}-c{concurrency}.prof")
+        stats = pstats.Stats(str(kept)).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
+        rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+        out[name] = [(f"{Path(f).name}:{line}({func})", nc / tokens, tt * 1e6 / tokens, ct * 1e6 / tokens)
+                     for (f, line, func), (_, nc, tt, ct, _) in rows]
+    return out
 
 
 def main() -> None:
@@ -176,12 +224,16 @@ def main() -> None:
                              "only its own turn-around: the next step is already queued")
     parser.add_argument("--spin", default="default", help="shard shm poll window in us (default, 0, 2000, -1)")
     parser.add_argument("--py-spy", type=Path, default=None)
+    parser.add_argument("--cprofile", type=Path, default=None, metavar="DIR",
+                        help="cProfile the front end's services over the decode-only window (their main thread); "
+                        ".prof files and each one's top functions per token in DIR")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mesh-profile-cpu")
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
     rows, idle = [], {}
     with tempfile.TemporaryDirectory(prefix="mesh-profile-") as tmp:
-        proc, status = start_mesh(args.model, args.transport, Path(tmp), args.pipeline == "on", args.spin)
+        proc, status = start_mesh(args.model, args.transport, Path(tmp), args.pipeline == "on", args.spin,
+                                  cprofile_env(args.cprofile))
         try:
             pids = {n: s["pid"] for n, s in status["services"].items()}
             traces = Path(tmp) / "home" / "traces"
@@ -189,7 +241,8 @@ def main() -> None:
             time.sleep(10)
             idle = {n: (cpu_seconds(p) - before[n]) * 100 for n, p in pids.items()}  # % of one core
             for concurrency in (1, 8):
-                rows.append(run_load(status["gateway"], pids, concurrency, args.tokens, traces, args.py_spy))
+                rows.append(run_load(status["gateway"], pids, concurrency, args.tokens, traces, args.py_spy,
+                                     args.cprofile))
         finally:
             stop_mesh(proc)
     md = render(rows, idle, args, load_start)
@@ -200,6 +253,15 @@ def main() -> None:
                                                          "idle_core_percent": idle, "rows": rows}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(md)
     print(md)
+
+
+def cprofile_env(folder: Path | None) -> dict[str, str]:
+    if folder is None:
+        return {}
+    folder.mkdir(parents=True, exist_ok=True)
+    hook = str(ROOT / "benchmarks" / "cprofile_hook")
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [hook, os.environ.get("PYTHONPATH")])),
+            "MOEMESH_CPROFILE_DIR": str(folder.resolve()), "MOEMESH_CPROFILE_SERVICES": ",".join(PROFILED)}
 
 
 def _command() -> str:
@@ -229,12 +291,25 @@ def render(rows: list[dict], idle: dict, args: argparse.Namespace, load_start: f
               "pipelined, batcher_turn is negative: the next step left before this one's result came back; "
               "next_request_lead: how long before this step's end the next Step reached the router):", ""] + [f"- concurrency {r['concurrency']}: " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                              r["gap_legs_ms"].items()) for r in rows]
+    table += _profile_lines(rows)
     return "\n".join([f"# CPU ms per streamed token per mesh process ({args.model}, {args.tokens} tokens)", "",
                       f"Command: `{_command()}`; {os.cpu_count()} cores; load average {load_start:.2f} at start, "
                       f"{os.getloadavg()[0]:.2f} at end.", "", *table, "",
                       "CPU ms per token: utime+stime of the process over the run (prefills included) / completion "
                       "tokens streamed. Router gap: from the end of one router.step span to the start of the next "
                       "(waiting for the batcher).", ""])
+
+
+def _profile_lines(rows: list[dict], top: int = 12) -> list[str]:
+    """--cprofile: each front-end service's top functions by own time, per decoded token."""
+    out = []
+    for r in rows:
+        for name, funcs in (r.get("cprofile_top") or {}).items():
+            out += ["", f"cProfile, {name}, concurrency {r['concurrency']} (per decoded token; cProfile slows "
+                    "Python calls, so compare these between runs, not with the CPU tables):", "",
+                    "| function | calls | own us | cumulative us |", "|---|---|---|---|"]
+            out += [f"| `{f}` | {n:.1f} | {tt:.0f} | {ct:.0f} |" for f, n, tt, ct in funcs[:top]]
+    return out
 
 
 if __name__ == "__main__":

@@ -145,6 +145,9 @@ class CudaIpcDispatch(Dispatch):
     def __init__(self, links: list[CudaIpcLink], placement: Placement, moe_layers: Sequence[int],
                  capturable: bool) -> None:
         self.links, self.placement, self.capturable = links, placement, capturable
+        # Steps launched ahead (runtime/step_ahead.py) queue their announcements, flags and copies in stream order
+        # behind the running step's, on both sides; a shard's failure fails the next begin_step as before.
+        self.steps_ahead = capturable
         self._first = min(moe_layers)
         self._of_layer = {layer: placement.shards_for_layer(layer) for layer in moe_layers}
         self._tokens, self._eager, self._captured = 0, 0, False
