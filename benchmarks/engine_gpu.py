@@ -97,6 +97,29 @@ def time_decode(engine, batch: int, prompt: int, steps: int, warmup: int) -> flo
     return statistics.median(times[warmup:]) * 1e3
 
 
+def time_decode_ahead(engine, batch: int, prompt: int, steps: int, warmup: int) -> float:
+    """Median ms between the finishes of consecutive decode steps, each launched before the previous one finished."""
+    from moemesh.runtime.types import SequenceWork
+
+    gen = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, engine.spec.vocab_size, (batch, prompt), generator=gen).tolist()
+    seqs = [f"a{batch}-{i}" for i in range(batch)]
+    engine.step([SequenceWork(s, p, 0) for s, p in zip(seqs, ids)])
+    previous, times, last = None, [], time.perf_counter()
+    for step in range(warmup + steps + 1):
+        launched = engine.launch([SequenceWork(s, [], prompt + step, None, follows=True) for s in seqs], previous)
+        assert launched is not None, "a plain decode step must launch ahead"
+        if previous is not None:
+            engine.finish(previous)
+            now = time.perf_counter()
+            times.append(now - last)
+            last = now
+        previous = launched
+    engine.finish(previous)
+    engine.release(seqs)
+    return statistics.median(times[warmup:]) * 1e3
+
+
 def run(args, model_dir: Path) -> tuple[list[dict], dict]:
     """Rows of every quantization in turn (one engine at a time: 61 GB in bf16); the eager and pre-issue-10 rows
     only for bf16. Returns (rows, graph replay ms by quantization and bucket)."""
@@ -138,23 +161,29 @@ def load(args, model_dir: Path, quantization: str):
 def row(engine, args, who: str, label: str, batch: int, steps: int) -> dict:
     spec = engine.spec
     ms = time_decode(engine, batch, args.prompt, steps, args.warmup)
+    pipelined = who == "moemesh" and engine.decode is not None
+    ahead = time_decode_ahead(engine, batch, args.prompt, steps, args.warmup) if pipelined else None
     context = args.prompt + args.warmup + steps / 2
     out = {"model": f"{args.model_label} (random weights)", "layers": spec.num_layers, "who": who,
            "quantization": label, "batch": batch, "ms_per_step": round(ms, 2), "tok_s": round(batch * 1e3 / ms, 1),
            "roofline_ms": round(roofline_ms(spec, batch, context, EXPERT_BYTES[label]), 2)}
+    if ahead is not None:  # each step launched behind the previous one, as the router runs pipelined steps
+        out["ms_per_step_ahead"] = round(ahead, 2)
     print(json.dumps(out), flush=True)
     return out
 
 
 def speedups(rows: list[dict]) -> list[str]:
-    """Lines 'int4 vs bf16: batch 1 1.62x, ...' (bf16 ms / quantized ms per step, moemesh rows of one model)."""
-    ms = {(r["model"], r["quantization"], r["batch"]): r["ms_per_step"] for r in rows if r["who"] == "moemesh"}
+    """Lines 'int4 vs bf16: batch 1 1.62x, ...' (bf16 ms / quantized ms per step, moemesh rows of one model), for
+    Engine.step and for steps launched ahead."""
     lines = []
-    for model, label in sorted({(m, q) for m, q, _ in ms if q != "bf16"}):
-        pairs = [f"batch {b} {ms[(m, 'bf16', b)] / t:.2f}x" for (m, q, b), t in sorted(ms.items())
-                 if (m, q) == (model, label) and (m, "bf16", b) in ms]
-        if pairs:
-            lines.append(f"{model}: {label} vs bf16 decode speed-up: {', '.join(pairs)}")
+    for key, how in (("ms_per_step", "Engine.step"), ("ms_per_step_ahead", "launched ahead")):
+        ms = {(r["model"], r["quantization"], r["batch"]): r[key] for r in rows if r["who"] == "moemesh" and key in r}
+        for model, label in sorted({(m, q) for m, q, _ in ms if q != "bf16"}):
+            pairs = [f"batch {b} {ms[(m, 'bf16', b)] / t:.2f}x" for (m, q, b), t in sorted(ms.items())
+                     if (m, q) == (model, label) and (m, "bf16", b) in ms]
+            if pairs:
+                lines.append(f"{model}: {label} vs bf16 decode speed-up ({how}): {', '.join(pairs)}")
     return lines
 
 
@@ -239,9 +268,11 @@ def main(argv=None) -> int:
     (args.out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     lines = [f"# Engine decode step, {', '.join(MODELS[n][0] for n in args.models)}, random weights", "",
              f"{meta['machine']}; prompt {args.prompt}, {args.steps} timed decode steps; `{meta['command']}`", "",
-             "| model | layers | who | experts | batch | ms/step | tok/s | roofline ms |", "|---" * 8 + "|"]
+             "| model | layers | who | experts | batch | ms/step | tok/s | roofline ms | ms/step launched ahead |",
+             "|---" * 9 + "|"]
     lines += [f"| {r['model']} | {r['layers']} | {r['who']} | {r['quantization']} | {r['batch']} | "
-              f"{r['ms_per_step']} | {r['tok_s']} | {r['roofline_ms']} |" for r in rows]
+              f"{r['ms_per_step']} | {r['tok_s']} | {r['roofline_ms']} | {r.get('ms_per_step_ahead', '-')} |"
+              for r in rows]
     lines += ["", f"GPU time of one captured step (graph replay alone) by experts' dtype and bucket, ms: {replay}"]
     lines += speedups(rows)
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")

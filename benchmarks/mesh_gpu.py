@@ -29,7 +29,6 @@ import os
 import platform
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import grpc
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_gpu import QWEN3_30B_A3B, time_decode  # noqa: E402
+from engine_gpu import QWEN3_30B_A3B, time_decode, time_decode_ahead  # noqa: E402
 
 T0 = time.monotonic()
 
@@ -176,29 +175,6 @@ def run_mesh(args, model_dir: Path, shards: int, logs: Path, pingpong: bool = Fa
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
-
-
-def time_decode_ahead(engine, batch: int, prompt: int, steps: int, warmup: int) -> float:
-    """Median ms between the finishes of consecutive decode steps, each launched before the previous one finished."""
-    from moemesh.runtime.types import SequenceWork
-
-    gen = torch.Generator().manual_seed(batch)
-    ids = torch.randint(0, engine.spec.vocab_size, (batch, prompt), generator=gen).tolist()
-    seqs = [f"a{batch}-{i}" for i in range(batch)]
-    engine.step([SequenceWork(s, p, 0) for s, p in zip(seqs, ids)])
-    previous, times, last = None, [], time.perf_counter()
-    for step in range(warmup + steps + 1):
-        launched = engine.launch([SequenceWork(s, [], prompt + step, None, follows=True) for s in seqs], previous)
-        assert launched is not None, "a plain decode step must launch ahead"
-        if previous is not None:
-            engine.finish(previous)
-            now = time.perf_counter()
-            times.append(now - last)
-            last = now
-        previous = launched
-    engine.finish(previous)
-    engine.release(seqs)
-    return statistics.median(times[warmup:]) * 1e3
 
 
 def run_inproc(args, model_dir: Path, ahead: bool = False) -> dict:

@@ -2,7 +2,7 @@
 down weighted and summed over slots into float32 rows), over a wider grid than moe_kernel.py's --tune-gemv: narrow
 column blocks with whole-K tiles included. Prints the best per kind and the JSON entry for the config file.
 
-    PYTHONPATH=. python3 benchmarks/h200/gemv_sweep.py [none|int4] [unroll,loop,words]
+    PYTHONPATH=. python3 benchmarks/h200/gemv_sweep.py [none|int4] [unroll,loop,words] [gemv_gate_up,gemv_down]
 """
 
 from __future__ import annotations
@@ -37,10 +37,13 @@ def main() -> None:
     act = torch.empty(k, inter, device="cuda", dtype=torch.bfloat16)
     out = torch.zeros(1, h, device="cuda")
     best = {}
-    for kind in ("gemv_gate_up", "gemv_down"):
+    kinds = sys.argv[3].split(",") if len(sys.argv) > 3 else ("gemv_gate_up", "gemv_down")
+    for kind in kinds:
         timed = []
-        bks = (256, 512, 1024, 2048) if scheme == "none" else (512, 1024, 2048)
-        for loop, bn, bk, warps in itertools.product(loops, (4, 8, 16), bks, (4, 8)):
+        # int4: K steps of whole 128-column blocks; down's K (768) is 6 blocks, so 256 or 512 wastes none / 2 of 8
+        bks = (256, 512, 1024, 2048) if scheme == "none" else (256, 512) if kind == "gemv_down" else (512, 1024, 2048)
+        bns = (8, 16, 32) if kind == "gemv_down" and loops == ["words"] else (8, 16) if loops == ["words"] else (4, 8, 16)
+        for loop, bn, bk, warps in itertools.product(loops, bns, bks, (4, 8)):
             cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 2, "UNROLL": loop != "loop",
                    "WORDS": loop == "words"}
 

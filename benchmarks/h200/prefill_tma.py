@@ -7,6 +7,7 @@ The other token counts run the best config of each BLOCK_M. Every config runs in
 the sweep stops. Weights rotate over 2 layers (one layer's 1.2 GB is far beyond L2 anyway).
 
     source benchmarks/h200/setup.sh && python3 benchmarks/h200/prefill_tma.py --out $OUT     # about 4 min
+    ... --no-sweep: the default configs only
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe_kernel import routing  # noqa: E402
+from moe_kernel import dense_limits, routing  # noqa: E402
 
 from moemesh.runtime.experts import GROUPED_MM  # noqa: E402
 from moemesh.runtime.gpu import prefill_moe as pm, prefill_permute as pp  # noqa: E402
@@ -218,7 +219,8 @@ def write(out: Path, meta: dict, sweep_rows: list[dict], rows: list[dict], parts
     swept = meta["swept_tokens"]
     lines = [f"# MoE layer prefill (E {E}, top-{K}, H {H}, I {I}, bf16): prefill_moe (TMA, persistent) vs "
              "fused_moe vs torch._grouped_mm", "", f"{meta['machine']}; `{meta['command']}`; torch {meta['torch']}, "
-             f"triton {meta['triton']}", "", f"{swept} tokens, alone: {parts}", "",
+             f"triton {meta['triton']}", "", f"{swept} tokens, alone: {parts}; cuBLAS bf16 TFLOP/s: "
+             f"{meta['cublas_TFLOP_per_s']}", "",
              "| tokens | who | combine | permute | BLOCK_M | us | TFLOP/s | % of 989 | rel err vs fused_moe |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['tokens']} | {r['who']} | {r['combine']} | {r['permute']} | {r['BLOCK_M']} | {r['us']} | "
@@ -237,6 +239,7 @@ def main(argv=None) -> int:
                    help="the first one is swept")
     p.add_argument("--budget", type=float, default=230.0,
                    help="seconds: the sweep stops at budget - 80, the whole-layer rows of prefill_moe at budget")
+    p.add_argument("--no-sweep", action="store_true", help="only the default configs (about 1 min)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
     started = time.perf_counter()
@@ -246,7 +249,7 @@ def main(argv=None) -> int:
               for _ in range(2)]
     print(f"sweep at T={args.tokens[0]}", flush=True)
     case = Case(args.tokens[0], layers)
-    sweep_rows = sweep(case, deadline - 80)  # leave time for the whole-layer rows
+    sweep_rows = [] if args.no_sweep else sweep(case, deadline - 80)  # leave time for the whole-layer rows
     defaults = {(128, c): (pm.DEFAULT_GATE_UP, pm.DEFAULT_DOWN, 0.0) for c in ("gather", "atomic")}
     pairs = best_pairs(sweep_rows) or defaults
     rows = layer_rows(case, pairs, deadline - 45)
@@ -261,14 +264,23 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         case = Case(t, layers)
         rows += layer_rows(case, pairs, deadline)
+    write(args.out, machine_meta(args.tokens[0], pairs, started), sweep_rows, rows, parts)
+    return 0
+
+
+def machine_meta(swept: int, pairs: dict, started: float) -> dict:
+    """Machine, versions, command, the best config pairs and the cuBLAS limits (moe_kernel.py's dense_limits)."""
     machine = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (Triton interpreter smoke run)"
     meta = {"machine": machine, "host": platform.platform(), "torch": torch.__version__, "triton": triton.__version__,
-            "bf16_spec_TFLOP_per_s": PEAK, "swept_tokens": args.tokens[0], "command": "python3 " + " ".join(sys.argv),
+            "bf16_spec_TFLOP_per_s": PEAK, "swept_tokens": swept, "command": "python3 " + " ".join(sys.argv),
             "seconds": round(time.perf_counter() - started, 1),
             "best_pairs": [{"BLOCK_M": bm, "combine": c, "gate_up": up, "down": dn, "us_alone": round(us, 1)}
                            for (bm, c), (up, dn, us) in sorted(pairs.items())]}
-    write(args.out, meta, sweep_rows, rows, parts)
-    return 0
+    try:  # the swept layer's FLOPs as two dense cuBLAS GEMMs, and 8192^3
+        meta["cublas_TFLOP_per_s"] = dense_limits(swept, K, H, I) if DEV == "cuda" else {}
+    except Exception as exc:  # noqa: BLE001
+        meta["cublas_TFLOP_per_s"] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+    return meta
 
 
 if __name__ == "__main__":

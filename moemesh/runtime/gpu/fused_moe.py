@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import torch
 import triton
 
-from moemesh.runtime.gpu import pdl
+from moemesh.runtime.gpu import pdl, prefill_moe
 from moemesh.runtime.gpu.moe_align import SMALL_PAIRS, Alignment, align, align_small
 from moemesh.runtime.gpu.moe_kernels import _moe_gemm, _moe_gemv
 from moemesh.runtime.quant import INT4_BLOCK, QuantTensor
@@ -88,9 +89,13 @@ def moe_gemv(a: torch.Tensor, w: Weight, out: torch.Tensor, ids: torch.Tensor, a
         zero_points, n_out, k_in, a.stride(0), data.stride(0), data.stride(1), out.stride(0), sse, ssn, up_rows,
         A_DIV=a_div, GATED=up_rows > 0, WEIGHTED=weights is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], SUM_SLOTS=sum_slots, ZERO_N=zero_n,
-        K_STATIC=k_in if cfg.get("UNROLL") or cfg.get("WORDS") else 0, WORDS=bool(cfg.get("WORDS")), **quant,
-        **pdl.launch())
+        K_STATIC=k_in if cfg.get("UNROLL") or cfg.get("WORDS") else 0, WORDS=_words(cfg), **quant, **pdl.launch())
     return out
+
+
+def _words(cfg: dict) -> int:
+    """_moe_gemv's WORDS: 0 off, 1 the int4 word decode in plain Triton (the interpreter), 2 with inline lop3."""
+    return 0 if not cfg.get("WORDS") else 1 if os.environ.get("TRITON_INTERPRET") == "1" else 2
 
 
 def default_config(tokens: int, kind: str) -> dict[str, int]:
@@ -169,6 +174,8 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids
     inter = w_down.shape[2]
     if t * k <= GEMV_MAX_PAIRS and configs is None:
         return _fused_moe_gemv(hidden, w_gate_up, w_down, local_ids, topk_weights)
+    if configs is None and prefill_moe.wanted(hidden, w_gate_up, w_down):  # large bf16 steps on Hopper: TMA + wgmma
+        return prefill_moe.prefill_moe(hidden, w_gate_up, w_down, local_ids, topk_weights)
     cfg_up, cfg_down = configs or (pick_config(t, "gate_up", w_gate_up), pick_config(t, "down", w_gate_up))
     hidden = hidden.contiguous()
     weights = topk_weights.reshape(-1).float().contiguous()  # [P]

@@ -101,11 +101,18 @@ def _int4_words(w_rows, col_ok, k0, k_in, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _int4_words_dot(words, x_row, s_rows, col_ok, k0, k_in, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _int4_words_dot(words, x_row, s_rows, col_ok, k0, k_in, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    ASM: tl.constexpr):
     """[BN] float32 sums over columns k0 .. k0 + BLOCK_K of W[n, k] * x[k] from _int4_words (GROUP 128, symmetric).
-    Word i of packing block p is bytes 4i .. 4i+3: byte m's low nibble is column 128p + 4i + m, its high nibble
-    128p + 64 + 4i + m. A code becomes float through the exponent trick ((c | 0x4B000000) as float32 = 2^23 + c): no
-    int-to-float conversion, which Hopper issues at a quarter of the FMA rate."""
+    Word i of packing block p is bytes 4i .. 4i+3: byte m's low nibble (bits 8m) is column 128p + 4i + m, its high
+    nibble (bits 8m + 4) column 128p + 64 + 4i + m.
+
+    Each code c becomes a float with one AND-OR (no shift for two of the eight, one shared shift for the others, no
+    int-to-float conversion, which Hopper issues at a quarter of the FMA rate): the nibble placed at mantissa bit
+    q (12 or 16) of 1.0 reads v = 1 + c * 2^(q - 23). With x' = x * 2^(23 - q) (per column, shared by every row),
+    v * x' = x' + c * x, so one FMA per code gives sum(x') + sum(c * x), and sum((c - 8) * x) = that - sum(x') -
+    8 * sum(x), both sums taken once per program. float32 keeps ~2^-16 of sum|x| (the x' terms are at most 2^11 x):
+    well inside bf16's 2^-8."""
     NG: tl.constexpr = BLOCK_K // 128
     blk = k0 // 128 + tl.arange(0, NG)  # [NG] packing blocks of this step
     col = (blk * 128)[:, None] + tl.arange(0, 64)[None, :]  # [NG, 64] columns of the low nibbles
@@ -113,13 +120,25 @@ def _int4_words_dot(words, x_row, s_rows, col_ok, k0, k_in, BLOCK_N: tl.constexp
     x_hi = tl.load(x_row + col + 64, mask=col + 64 < k_in, other=0.0).to(tl.float32)
     lo0, lo1, lo2, lo3 = _quarters(x_lo, NG)  # [NG, 16] each: x at columns 4i + m
     hi0, hi1, hi2, hi3 = _quarters(x_hi, NG)
-    prod = _nibble(words, 0) * lo0[None, :, :] + _nibble(words, 4) * hi0[None, :, :]
-    prod += _nibble(words, 8) * lo1[None, :, :] + _nibble(words, 12) * hi1[None, :, :]
-    prod += _nibble(words, 16) * lo2[None, :, :] + _nibble(words, 20) * hi2[None, :, :]
-    prod += _nibble(words, 24) * lo3[None, :, :] + _nibble(words, 28) * hi3[None, :, :]
+    # bit 12 of the mantissa: x * 2^11; bit 16: x * 2^7 (see the table in the loop below)
+    lo0, hi0, hi1, hi2 = lo0 * 2048.0, hi0 * 2048.0, hi1 * 2048.0, hi2 * 2048.0
+    lo1, lo2, lo3, hi3 = lo1 * 128.0, lo2 * 128.0, lo3 * 128.0, hi3 * 128.0
+    base = tl.sum(lo0 + hi0 + hi1 + hi2 + lo1 + lo2 + lo3 + hi3, 1)  # [NG] sum of x' per block
+    plain = tl.sum(x_lo, 1) + tl.sum(x_hi, 1)  # [NG] sum of x per block
+    # code at word bit s -> mantissa bit 12 or 16: s 0 (<< 12), 4 (<< 8), 8 (<< 8), 12, 16, 20 (>> 8), 24 (>> 8), 28 (>> 12)
+    up8, down8 = words << 8, words >> 8
+    acc = _code(words << 12, 0xF000, ASM) * lo0[None, :, :]
+    acc = tl.fma(_code(up8, 0xF000, ASM), hi0[None, :, :], acc)
+    acc = tl.fma(_code(up8, 0xF0000, ASM), lo1[None, :, :], acc)
+    acc = tl.fma(_code(words, 0xF000, ASM), hi1[None, :, :], acc)
+    acc = tl.fma(_code(words, 0xF0000, ASM), lo2[None, :, :], acc)
+    acc = tl.fma(_code(down8, 0xF000, ASM), hi2[None, :, :], acc)
+    acc = tl.fma(_code(down8, 0xF0000, ASM), lo3[None, :, :], acc)
+    acc = tl.fma(_code(words >> 12, 0xF0000, ASM), hi3[None, :, :], acc)  # [BN, NG, 16]
+    part = tl.sum(acc, 2) - (base + 8.0 * plain)[None, :]  # [BN, NG] sum of (c - 8) * x
     blk_ok = blk < tl.cdiv(k_in, 128)
     scale = tl.load(s_rows[:, None] + blk[None, :], mask=col_ok[:, None] & blk_ok[None, :], other=0.0)  # [BN, NG]
-    return tl.sum(tl.sum(prod, 2) * scale, 1)
+    return tl.sum(part * scale, 1)
 
 
 @triton.jit
@@ -132,9 +151,16 @@ def _quarters(x, NG: tl.constexpr):
 
 
 @triton.jit
-def _nibble(words, SHIFT: tl.constexpr):
-    """float32 code - 8 of the nibble at bit SHIFT of every word (exact: codes are < 16)."""
-    return (((words >> SHIFT) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+def _code(words, MASK: tl.constexpr, ASM: tl.constexpr):
+    """1 + c * 2^(q - 23) as float32 for the nibble c at bits q .. q + 3 (MASK = 15 << q) of each word. ASM: one
+    lop3 ((w & MASK) | 0x3F800000, lookup table 0xEA) where ptxas would emit an AND and an OR; the Triton
+    interpreter cannot run inline assembly, so it takes the two-operation form."""
+    if ASM:
+        bits = tl.inline_asm_elementwise(f"lop3.b32 $0, $1, {MASK}, 1065353216, 0xEA;", "=r,r", [words],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        bits = (words & MASK) | 0x3F800000
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -158,17 +184,18 @@ def _int4_gemv_half(codes, x, col0, s_rows, z_rows, col_ok, blk_ok, BLOCK_N: tl.
 @triton.jit
 def _int4_gemv_loop(acc, acc_up, a_row, w_rows, s_rows, z_rows, col_ok, k_in, stride_bn, stride_sn, up_rows,
                     GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                    ZP: tl.constexpr, K_STATIC: tl.constexpr = 0, WORDS: tl.constexpr = False):
+                    ZP: tl.constexpr, K_STATIC: tl.constexpr = 0, WORDS: tl.constexpr = 0):
     """(gate or only, up) [BN] float32 sums of the GEMV over all of K for int4 rows w_rows [BN]. K_STATIC = K > 0:
     the K loop unrolled at compile time, so the loads of every step can be issued before the first step's math."""
     up = up_rows * stride_sn
-    if WORDS and GROUP == 128 and not ZP:  # each step's gate and up words are loaded before either's math
+    if WORDS > 0 and GROUP == 128 and not ZP:  # each step's gate and up words are loaded before either's math
         for k0 in tl.static_range(0, K_STATIC, BLOCK_K):
             words = _int4_words(w_rows, col_ok, k0, K_STATIC, BLOCK_K)
             if GATED:
                 words_up = _int4_words(w_rows + up_rows * stride_bn, col_ok, k0, K_STATIC, BLOCK_K)
-                acc_up += _int4_words_dot(words_up, a_row, s_rows + up, col_ok, k0, K_STATIC, BLOCK_N, BLOCK_K)
-            acc += _int4_words_dot(words, a_row, s_rows, col_ok, k0, K_STATIC, BLOCK_N, BLOCK_K)
+                acc_up += _int4_words_dot(words_up, a_row, s_rows + up, col_ok, k0, K_STATIC, BLOCK_N, BLOCK_K,
+                                          WORDS == 2)
+            acc += _int4_words_dot(words, a_row, s_rows, col_ok, k0, K_STATIC, BLOCK_N, BLOCK_K, WORDS == 2)
     elif K_STATIC > 0:
         for k0 in tl.static_range(0, K_STATIC, BLOCK_K):
             acc += _int4_gemv_step(a_row, w_rows, s_rows, z_rows, col_ok, k0, K_STATIC, BLOCK_N, BLOCK_K, GROUP, ZP)

@@ -163,7 +163,7 @@ def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, zero_ptr, n_o
               WEIGHTED: tl.constexpr, QUANT: tl.constexpr, GROUP_K: tl.constexpr, SUM_SLOTS: tl.constexpr,
               INT4: tl.constexpr, ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               ZERO_N: tl.constexpr = 0, PDL: tl.constexpr = False, K_STATIC: tl.constexpr = 0,
-              WORDS: tl.constexpr = False):
+              WORDS: tl.constexpr = 0):
     """Few tokens (decode at batch 1-4): one program per (pair, column block), a dot product per output column, no
     alignment and no tensor cores; many more programs in flight than the row-block GEMM has at this size.
     SUM_SLOTS K > 0: add the row into c[pair // K] (float32, zeroed by the caller) instead of storing c[pair]: the
