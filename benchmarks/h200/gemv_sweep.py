@@ -42,7 +42,8 @@ def main() -> None:
         timed = []
         # int4: K steps of whole 128-column blocks; down's K (768) is 6 blocks, so 256 or 512 wastes none / 2 of 8
         bks = (256, 512, 1024, 2048) if scheme == "none" else (256, 512) if kind == "gemv_down" else (512, 1024, 2048)
-        bns = (8, 16, 32) if kind == "gemv_down" and loops == ["words"] else (8, 16) if loops == ["words"] else (4, 8, 16)
+        words_only = list(loops) == ["words"]
+        bns = (8, 16, 32) if kind == "gemv_down" and words_only else (8, 16) if words_only else (4, 8, 16)
         for loop, bn, bk, warps in itertools.product(loops, bns, bks, (4, 8)):
             cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 2, "UNROLL": loop != "loop",
                    "WORDS": loop == "words"}
@@ -65,11 +66,14 @@ def main() -> None:
                 print("skip", cfg, type(exc).__name__)
         timed.sort(key=lambda x: x[0])
         for loop in loops:
-            for us, cfg in [x for x in timed if ("words" if x[1]["WORDS"] else "unroll" if x[1]["UNROLL"] else
-                                                 "loop") == loop][:3]:
+            for us, cfg in [x for x in timed if _loop(x[1]) == loop][:3]:
                 print(f"{scheme} {kind}: {us * 1e3:.2f} us {nbytes[kind] / us / 1e6:.0f} GB/s {cfg}", flush=True)
         best[kind] = timed[0][1]
     print(json.dumps(best))
+
+
+def _loop(cfg: dict) -> str:
+    return "words" if cfg["WORDS"] else "unroll" if cfg["UNROLL"] else "loop"
 
 
 if __name__ == "__main__":

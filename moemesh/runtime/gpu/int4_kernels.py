@@ -182,20 +182,29 @@ def _int4_gemv_half(codes, x, col0, s_rows, z_rows, col_ok, blk_ok, BLOCK_N: tl.
 
 
 @triton.jit
+def _int4_words_step(acc, acc_up, a_row, w_rows, s_rows, col_ok, k0, k_in, stride_bn, up, up_rows,
+                     GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+    """One K step of the word-wise GEMV: gate (or only) and up words loaded first, then both dots."""
+    words = _int4_words(w_rows, col_ok, k0, k_in, BLOCK_K)
+    if GATED:
+        words_up = _int4_words(w_rows + up_rows * stride_bn, col_ok, k0, k_in, BLOCK_K)
+        acc_up += _int4_words_dot(words_up, a_row, s_rows + up, col_ok, k0, k_in, BLOCK_N, BLOCK_K, ASM)
+    acc += _int4_words_dot(words, a_row, s_rows, col_ok, k0, k_in, BLOCK_N, BLOCK_K, ASM)
+    return acc, acc_up
+
+
+@triton.jit
 def _int4_gemv_loop(acc, acc_up, a_row, w_rows, s_rows, z_rows, col_ok, k_in, stride_bn, stride_sn, up_rows,
                     GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                     ZP: tl.constexpr, K_STATIC: tl.constexpr = 0, WORDS: tl.constexpr = 0):
     """(gate or only, up) [BN] float32 sums of the GEMV over all of K for int4 rows w_rows [BN]. K_STATIC = K > 0:
     the K loop unrolled at compile time, so the loads of every step can be issued before the first step's math."""
     up = up_rows * stride_sn
-    if WORDS > 0 and GROUP == 128 and not ZP:  # each step's gate and up words are loaded before either's math
+    # WORDS: unrolled only (as a dynamic loop left to Triton's pipeliner it measured 12.0 vs 9.5 us, gate_up T=1)
+    if WORDS > 0 and GROUP == 128 and not ZP and K_STATIC > 0:
         for k0 in tl.static_range(0, K_STATIC, BLOCK_K):
-            words = _int4_words(w_rows, col_ok, k0, K_STATIC, BLOCK_K)
-            if GATED:
-                words_up = _int4_words(w_rows + up_rows * stride_bn, col_ok, k0, K_STATIC, BLOCK_K)
-                acc_up += _int4_words_dot(words_up, a_row, s_rows + up, col_ok, k0, K_STATIC, BLOCK_N, BLOCK_K,
-                                          WORDS == 2)
-            acc += _int4_words_dot(words, a_row, s_rows, col_ok, k0, K_STATIC, BLOCK_N, BLOCK_K, WORDS == 2)
+            acc, acc_up = _int4_words_step(acc, acc_up, a_row, w_rows, s_rows, col_ok, k0, K_STATIC, stride_bn,
+                                           up, up_rows, GATED, BLOCK_N, BLOCK_K, WORDS == 2)
     elif K_STATIC > 0:
         for k0 in tl.static_range(0, K_STATIC, BLOCK_K):
             acc += _int4_gemv_step(a_row, w_rows, s_rows, z_rows, col_ok, k0, K_STATIC, BLOCK_N, BLOCK_K, GROUP, ZP)
