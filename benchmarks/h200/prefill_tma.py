@@ -3,8 +3,10 @@ torch._grouped_mm in one run, at 4,096 tokens (and 1,024, 16,384) of the Qwen3-3
 H 2048, I 768, bf16). At 4,096 tokens: a sweep of block configs per kernel (each kernel timed alone, replayed in a
 CUDA graph), the best pair with a shared BLOCK_M, then the whole layer (align + permute + 2 GEMMs + combine, graph
 replay) for both combines (gather-sum kernel vs float32 atomics), its error against fused_moe, and a breakdown.
-The other token counts run the best config of each BLOCK_M. Every config runs in try/except; past --budget seconds
-the sweep stops. Weights rotate over 2 layers (one layer's 1.2 GB is far beyond L2 anyway).
+Beside the defaults, the variants of prefill_tma_configs.py (EPI_SPLIT, PDL) as whole layers and in the sweep, and
+each part alone. The other token counts run the best config of each BLOCK_M, the defaults and the fastest variant.
+Every config runs in try/except; past --budget seconds the sweep stops. Weights rotate over 2 layers (one layer's
+1.2 GB is far beyond L2 anyway).
 
     source benchmarks/h200/setup.sh && python3 benchmarks/h200/prefill_tma.py --out $OUT     # about 4 min
     ... --no-sweep: the default configs only
@@ -24,7 +26,9 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_kernel import dense_limits, routing  # noqa: E402
+from prefill_tma_configs import DOWN_GRID, GATE_UP_GRID, SPLIT_DOWN, VARIANTS  # noqa: E402
 
 from moemesh.runtime.experts import GROUPED_MM  # noqa: E402
 from moemesh.runtime.gpu import prefill_moe as pm, prefill_permute as pp  # noqa: E402
@@ -33,16 +37,6 @@ from moemesh.runtime.gpu.fused_moe import fused_moe  # noqa: E402
 PEAK = 989.0  # bf16 dense TFLOP/s, H200 SXM spec
 E, K, H, I = 128, 8, 2048, 768
 DEV, DT = "cuda", torch.bfloat16  # a smoke run on the CPU (Triton's interpreter) swaps these for cpu, float16
-UP_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "FUSED_GU", "FLATTEN")
-GATE_UP_GRID = [dict(zip(UP_KEYS, v)) for v in (
-    (128, 128, 64, 8, 8, 3, True, True), (128, 128, 64, 8, 8, 4, True, True), (128, 64, 64, 8, 8, 4, True, True),
-    (128, 128, 64, 16, 8, 3, True, True), (128, 128, 128, 8, 8, 2, True, True), (128, 128, 64, 8, 8, 3, False, False),
-    (128, 128, 64, 8, 8, 3, True, False), (64, 128, 64, 8, 4, 4, True, True), (64, 64, 64, 8, 4, 4, True, True),
-    (64, 128, 64, 8, 4, 3, True, False), (64, 128, 64, 8, 8, 4, True, True), (64, 128, 64, 8, 4, 3, False, False))]
-DOWN_GRID = [dict(zip(UP_KEYS[:6] + ("FLATTEN",), v)) for v in (
-    (128, 128, 64, 8, 8, 4, True), (128, 256, 64, 8, 8, 3, True), (128, 128, 128, 8, 8, 3, True),
-    (128, 128, 64, 8, 4, 4, True), (128, 128, 64, 8, 8, 4, False), (64, 128, 64, 8, 4, 4, True),
-    (64, 256, 64, 8, 4, 3, True), (64, 128, 128, 8, 4, 3, True), (64, 256, 64, 8, 8, 4, True))]
 
 
 def graph_ms(fns) -> float:
@@ -83,15 +77,17 @@ class Case:
         al, a, _, act, _ = self.rows(cfg["BLOCK_M"])
         return graph_ms([lambda gu=gu: pm.launch_gate_up(a, gu, act, al, cfg) for gu, _ in self.layers])
 
-    def down_ms(self, cfg: dict, combine: str) -> float:
-        """The down GEMM plus its combine: the gather-sum kernel, or zeroing the atomics' float32 output."""
+    def down_ms(self, cfg: dict, combine: str, gemm: bool = True) -> float:
+        """The down GEMM plus its combine: the gather-sum kernel, or zeroing the atomics' float32 output.
+        combine "none": the GEMM alone (y rows); gemm=False: the combine alone."""
         al, _, inv, act, y = self.rows(cfg["BLOCK_M"])
         out = torch.empty(self.t, H, device=DEV)
 
         def run(dn):
             if combine == "atomic":
                 out.zero_()
-            pm.launch_down(act, dn, y, out, self.flat_weights, al, K, cfg, atomic=combine == "atomic")
+            if gemm:
+                pm.launch_down(act, dn, y, out, self.flat_weights, al, K, cfg, atomic=combine == "atomic")
             if combine == "gather":
                 pp.gather_sum(y, inv, self.ids, out)
         return graph_ms([lambda dn=dn: run(dn) for _, dn in self.layers])
@@ -134,7 +130,8 @@ def sweep(case: Case, deadline: float) -> list[dict]:
     """Each gate_up config, each down config x combine, timed alone (TFLOP/s of that kernel's own FLOPs)."""
     results = []
     lists = [[("gate_up", cfg, "") for cfg in GATE_UP_GRID]]
-    lists += [[("down", cfg, combine) for cfg in DOWN_GRID] for combine in ("gather", "atomic")]
+    lists += [[("down", cfg, combine) for cfg in DOWN_GRID if not (combine == "atomic" and cfg.get("EPI_SPLIT"))]
+              for combine in ("gather", "atomic")]  # EPI_SPLIT changes only the gather combine's y store
     # round robin over the three lists (each starts with its default), so a cut-short sweep still covers each kind
     jobs = [job for group in itertools.zip_longest(*lists) for job in group if job]
     for kind, cfg, combine in jobs:
@@ -172,15 +169,17 @@ def best_pairs(results: list[dict]) -> dict[tuple[int, str], tuple[dict, dict, f
     return best
 
 
-def layer_rows(case: Case, pairs: dict, deadline: float) -> list[dict]:
+def layer_rows(case: Case, pairs: dict, deadline: float, variants=()) -> list[dict]:
     """The whole layer: fused_moe, torch._grouped_mm, prefill_moe per (BLOCK_M, combine) pair given (fused
-    permute), and the fastest pair again with moe_align's alignment + the copy kernel."""
+    permute), the fastest pair again with moe_align's alignment + the copy kernel, and variants [(name, gate_up
+    config, down config)] with the gather combine."""
     rows = []
-    jobs = [("fused_moe", None, "", None), ("torch._grouped_mm", None, "", None)]
-    jobs += [("prefill_moe", (up, dn), combine, True) for (_, combine), (up, dn, _) in sorted(pairs.items())]
+    jobs = [("fused_moe", None, "", None, ""), ("torch._grouped_mm", None, "", None, "")]
+    jobs += [("prefill_moe", (up, dn), "gather", True, name) for name, up, dn in variants]
+    jobs += [("prefill_moe", (up, dn), combine, True, "best") for (_, combine), (up, dn, _) in sorted(pairs.items())]
     (_, combine), (up, dn, _) = min(pairs.items(), key=lambda kv: kv[1][2])
-    jobs.append(("prefill_moe", (up, dn), combine, False))
-    for who, configs, combine, fused_permute in jobs:
+    jobs.append(("prefill_moe", (up, dn), combine, False, "best"))
+    for who, configs, combine, fused_permute, name in jobs:
         if who == "prefill_moe" and time.perf_counter() > deadline:
             print(f"  budget spent: skipping T={case.t} {combine} {configs}", flush=True)
             continue
@@ -188,28 +187,39 @@ def layer_rows(case: Case, pairs: dict, deadline: float) -> list[dict]:
             ms = case.layer_ms(who, configs, combine or "gather", fused_permute)
             err = case.rel_error(configs, combine, fused_permute) if who == "prefill_moe" else 0.0
         except Exception as exc:  # noqa: BLE001
-            print(f"  skip T={case.t} {who} {combine}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+            print(f"  skip T={case.t} {who} {combine} {name}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
             continue
         bm = configs[0]["BLOCK_M"] if configs else None
         permute = "" if fused_permute is None else "fused" if fused_permute else "moe_align"
-        rows.append({"tokens": case.t, "who": who, "combine": combine, "permute": permute, "BLOCK_M": bm,
-                     "us": round(ms * 1e3, 1), "TFLOP_per_s": round(tflops(case.flops, ms), 1),
+        rows.append({"tokens": case.t, "who": who, "variant": name, "combine": combine, "permute": permute,
+                     "BLOCK_M": bm, "us": round(ms * 1e3, 1), "TFLOP_per_s": round(tflops(case.flops, ms), 1),
                      "pct_of_989": round(100 * tflops(case.flops, ms) / PEAK, 1), "rel_err_vs_fused_moe": err,
                      "configs": configs})
-        print(f"  T={case.t} {who} {combine} {permute} BM={bm}: {ms * 1e3:.1f} us, {rows[-1]['TFLOP_per_s']} "
-              f"TFLOP/s ({rows[-1]['pct_of_989']}%), rel err {err:.2e}", flush=True)
+        print(f"  T={case.t} {who} {name} {combine} {permute} BM={bm}: {ms * 1e3:.1f} us, "
+              f"{rows[-1]['TFLOP_per_s']} TFLOP/s ({rows[-1]['pct_of_989']}%), rel err {err:.2e}", flush=True)
     return rows
 
 
 def breakdown(case: Case, up: dict) -> dict[str, float]:
-    """us of the row movement alone at the best gate_up's BLOCK_M (graph replay)."""
+    """us of each part alone (graph replay): the row movement at the best gate_up's BLOCK_M, and at BLOCK_M 128
+    the default GEMMs without their combine (and EPI_SPLIT's down GEMM), and the gather-sum alone."""
     from moemesh.runtime.gpu.moe_align import align
 
     bm = up["BLOCK_M"]
-    parts = {"align_us": lambda: align(case.ids, E, bm), "align_plus_copy_us": lambda: pp.permute(case.hidden,
-                                                                                                    case.ids, E, bm),
+    parts = {"align_us": lambda: align(case.ids, E, bm),
+             "align_plus_copy_us": lambda: pp.permute(case.hidden, case.ids, E, bm),
              "permute_fused_us": lambda: pp.permute_fused(case.hidden, case.ids, E, bm)}
-    return {name: round(graph_ms([fn]) * 1e3, 1) for name, fn in parts.items()}
+    got = {name: round(graph_ms([fn]) * 1e3, 1) for name, fn in parts.items()}
+    gemms = {"gate_up_default_us": lambda: case.gate_up_ms(pm.DEFAULT_GATE_UP),
+             "down_default_gemm_only_us": lambda: case.down_ms(pm.DEFAULT_DOWN, "none"),
+             "down_EPI_SPLIT_gemm_only_us": lambda: case.down_ms(SPLIT_DOWN[0], "none"),
+             "gather_sum_only_us": lambda: case.down_ms(pm.DEFAULT_DOWN, "gather", gemm=False)}
+    for name, fn in gemms.items():
+        try:
+            got[name] = round(fn() * 1e3, 1)
+        except Exception as exc:  # noqa: BLE001
+            got[name] = f"{type(exc).__name__}: {str(exc)[:80]}"
+    return got
 
 
 def write(out: Path, meta: dict, sweep_rows: list[dict], rows: list[dict], parts: dict) -> None:
@@ -221,10 +231,11 @@ def write(out: Path, meta: dict, sweep_rows: list[dict], rows: list[dict], parts
              "fused_moe vs torch._grouped_mm", "", f"{meta['machine']}; `{meta['command']}`; torch {meta['torch']}, "
              f"triton {meta['triton']}", "", f"{swept} tokens, alone: {parts}; cuBLAS bf16 TFLOP/s: "
              f"{meta['cublas_TFLOP_per_s']}", "",
-             "| tokens | who | combine | permute | BLOCK_M | us | TFLOP/s | % of 989 | rel err vs fused_moe |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['tokens']} | {r['who']} | {r['combine']} | {r['permute']} | {r['BLOCK_M']} | {r['us']} | "
-              f"{r['TFLOP_per_s']} | {r['pct_of_989']} | {r['rel_err_vs_fused_moe']:.1e} |" for r in rows]
+             "| tokens | who | variant | combine | permute | BLOCK_M | us | TFLOP/s | % of 989 | rel err vs fused_moe"
+             " |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['tokens']} | {r['who']} | {r['variant']} | {r['combine']} | {r['permute']} | {r['BLOCK_M']} | "
+              f"{r['us']} | {r['TFLOP_per_s']} | {r['pct_of_989']} | {r['rel_err_vs_fused_moe']:.1e} |" for r in rows]
     lines += ["", f"Sweep at {swept} tokens, each kernel alone:", "", "| kernel | combine | us | TFLOP/s | config |",
               "|---|---|---|---|---|"]
     lines += [f"| {r['kind']} | {r['combine']} | {r['us']} | {r['TFLOP_per_s']} | {r['config']} |"
@@ -252,7 +263,10 @@ def main(argv=None) -> int:
     sweep_rows = [] if args.no_sweep else sweep(case, deadline - 80)  # leave time for the whole-layer rows
     defaults = {(128, c): (pm.DEFAULT_GATE_UP, pm.DEFAULT_DOWN, 0.0) for c in ("gather", "atomic")}
     pairs = best_pairs(sweep_rows) or defaults
-    rows = layer_rows(case, pairs, deadline - 45)
+    rows = layer_rows(case, pairs, deadline - 45, VARIANTS)
+    named = {name: (name, up, dn) for name, up, dn in VARIANTS}
+    fastest = min((r for r in rows if r["variant"] in named), key=lambda r: r["us"], default=None)
+    again = [named["default"]] + ([named[fastest["variant"]]] if fastest and fastest["variant"] != "default" else [])
     best_up = min(pairs.values(), key=lambda v: v[2])[0]
     try:
         parts = breakdown(case, best_up)
@@ -263,7 +277,7 @@ def main(argv=None) -> int:
         if DEV == "cuda":
             torch.cuda.empty_cache()
         case = Case(t, layers)
-        rows += layer_rows(case, pairs, deadline)
+        rows += layer_rows(case, pairs, deadline, again)  # the defaults and the fastest variant too
     write(args.out, machine_meta(args.tokens[0], pairs, started), sweep_rows, rows, parts)
     return 0
 

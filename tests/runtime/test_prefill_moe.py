@@ -68,14 +68,18 @@ CHECKS = textwrap.dedent('''
             blocks = al.block_expert[:used // 16]
             assert torch.equal(blocks.repeat_interleave(16)[rows], ids.reshape(-1)[hosted]), name + ": experts"
         want = reference(hid, wgu, wdn, ids, w)
-        for combine, fused, fused_permute in (("gather", True, True), ("atomic", True, False),
-                                              ("gather", False, False), ("atomic", False, True)):
+        # (combine, FUSED_GU, fused_permute, EPI_SPLIT); EPI_SPLIT (the option prefill_tma.py measures) at one size
+        combos = [("gather", True, True, False), ("atomic", True, False, False),
+                  ("gather", False, False, False), ("atomic", False, True, False)]
+        combos += [("gather", True, True, True), ("gather", False, False, True)] if t < 100 else []
+        for combine, fused, fused_permute, split in combos:
             up = {**cfg, "FUSED_GU": fused, "FLATTEN": fused}
-            got = pm.prefill_moe(hid, wgu, wdn, ids, w, configs=(up, cfg), combine=combine,
+            got = pm.prefill_moe(hid, wgu, wdn, ids, w, configs=(up, {**cfg, "EPI_SPLIT": split}), combine=combine,
                                  fused_permute=fused_permute)
             rel = ((got - want).norm() / want.norm()).item()
-            assert got.dtype == torch.float32 and rel < 2e-3, (t, combine, fused, fused_permute, rel)
-            assert got[3].abs().max().item() == 0.0, (combine, fused)
+            case = (t, combine, fused, fused_permute, split, rel)
+            assert got.dtype == torch.float32 and rel < 2e-3, case
+            assert got[3].abs().max().item() == 0.0, case
     print("ok")
 ''')
 
@@ -139,30 +143,40 @@ def _desc(shape) -> str:
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_prefill_kernels_compile_for_hopper_with_tma_and_wgmma(tmp_path):
     """The default configs (H200): both GEMMs copy tiles with TMA and multiply with wgmma; ptxas (when present)
-    reports no spills and no wgmma serialization; the atomic combine adds 4 floats per instruction."""
+    reports no spills and no wgmma serialization; the atomic combine adds 4 floats per instruction. Only PTX that
+    Triton 3.6 (the H200's) and 3.9 both emit is asserted."""
     from moemesh.runtime.gpu import prefill_moe as pm
 
     up, dn = pm.DEFAULT_GATE_UP, pm.DEFAULT_DOWN
-    bm, bn, bk = up["BLOCK_M"], up["BLOCK_N"], up["BLOCK_K"]
-    ptx = {"gate_up": compile_sm90(
-        pm._gate_up_gemm, {"a_desc": _desc([bm, bk]), "w_desc": _desc([bn, bk]), "w2_desc": _desc([1, 2, bn, bk]),
-                           "act_desc": _desc([bm, bn]), "expert_ptr": "*i64", "rows_used_ptr": "*i64"},
-        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=up["GROUP_M"], NUM_SMS=132, FLATTEN=True, FUSED_GU=True),
-        up["num_warps"], up["num_stages"])}
-    bm, bn, bk = dn["BLOCK_M"], dn["BLOCK_N"], dn["BLOCK_K"]
-    for atomic in (False, True):
-        ptx[f"down atomic={atomic}"] = compile_sm90(
-            pm._down_gemm, {"act_desc": _desc([bm, bk]), "w_desc": _desc([bn, bk]), "y_desc": _desc([bm, bn]),
-                            "out_ptr": "*fp32", "sorted_ptr": "*i64", "weight_ptr": "*fp32", "expert_ptr": "*i64",
-                            "rows_used_ptr": "*i64"},
-            dict(TOP_K=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=dn["GROUP_M"], NUM_SMS=132, FLATTEN=True,
-                 ATOMIC=atomic), dn["num_warps"], dn["num_stages"])
-    assert re.search(r"(red|atom)\.global\.gpu\.relaxed\.add\.v4\.f32", ptx["down atomic=True"])  # 3.9: red, 3.6: atom
+    ptx = {f"gate_up pdl={p}": _gate_up_ptx(up, pdl=p) for p in (False, True)}
+    # (BN, stages, atomic, split): the split epilogue's staging room buys a 4th stage; compiled with PDL
+    for bn, stages, atomic, split in ((256, 3, False, False), (128, 4, True, False), (256, 4, False, True)):
+        bm, bk = dn["BLOCK_M"], dn["BLOCK_K"]
+        ptx[f"down {bm} x {bn} atomic={atomic} split={split}"] = compile_sm90(
+            pm._down_gemm, {"act_desc": _desc([bm, bk]), "w_desc": _desc([bn, bk]),
+                            "y_desc": _desc([bm, bn // 2 if split else bn]), "out_ptr": "*fp32",
+                            "sorted_ptr": "*i64", "weight_ptr": "*fp32", "expert_ptr": "*i64", "rows_used_ptr": "*i64"},
+            dict(TOP_K=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=dn["GROUP_M"], NUM_SMS=132,
+                 FLATTEN=True, ATOMIC=atomic, EPI_SPLIT=split, PDL=split), dn["num_warps"], stages)
+    assert re.search(r"(red|atom)\.global\.gpu\.relaxed\.add\.v4\.f32", ptx["down 128 x 128 atomic=True split=False"])
+    for name in ("gate_up pdl=True", "down 128 x 256 atomic=False split=True"):  # compiled with PDL
+        assert "griddepcontrol.wait" in ptx[name] and "griddepcontrol" not in ptx["gate_up pdl=False"], name
     for name, text in ptx.items():
         assert "cp.async.bulk.tensor" in text and "wgmma.mma_async" in text, name
         if PTXAS:
             report = _ptxas_report(text, tmp_path)
             assert "0 bytes spill stores" in report and "C7515" not in report, (name, report)
+
+
+def _gate_up_ptx(cfg: dict, pdl: bool = False) -> str:
+    from moemesh.runtime.gpu import prefill_moe as pm
+
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    return compile_sm90(
+        pm._gate_up_gemm, {"a_desc": _desc([bm, bk]), "w_desc": _desc([bn, bk]), "w2_desc": _desc([1, 2, bn, bk]),
+                           "act_desc": _desc([bm, bn]), "expert_ptr": "*i64", "rows_used_ptr": "*i64"},
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], NUM_SMS=132, FLATTEN=True,
+             FUSED_GU=True, PDL=pdl), cfg["num_warps"], cfg["num_stages"])
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -181,9 +195,10 @@ def test_row_movement_kernels_compile_for_hopper():
 
 
 @cuda
-@pytest.mark.parametrize("combine, fused_gu, fused_permute", [("gather", True, True), ("atomic", True, True),
-                                                              ("gather", False, False), ("atomic", True, False)])
-def test_prefill_moe_matches_fused_moe_on_the_gpu(combine, fused_gu, fused_permute, monkeypatch):
+@pytest.mark.parametrize("combine, fused_gu, fused_permute, variant", [
+    ("gather", True, True, ""), ("atomic", True, True, ""), ("gather", False, False, ""), ("atomic", True, False, ""),
+    ("gather", True, True, "EPI_SPLIT"), ("gather", True, True, "PDL"), ("atomic", True, True, "PDL")])
+def test_prefill_moe_matches_fused_moe_on_the_gpu(combine, fused_gu, fused_permute, variant, monkeypatch):
     from moemesh.runtime.gpu import prefill_moe as module
     from moemesh.runtime.gpu.fused_moe import fused_moe
     from moemesh.runtime.gpu.prefill_moe import ATOMIC_DOWN, DEFAULT_DOWN, DEFAULT_GATE_UP, prefill_moe
@@ -198,8 +213,9 @@ def test_prefill_moe_matches_fused_moe_on_the_gpu(combine, fused_gu, fused_permu
         w, ids = torch.randn(t, e, device="cuda").softmax(-1).topk(k, -1)
         ids[1] = -1  # hosted elsewhere: the row stays zero
         want = fused_moe(hid, wgu, wdn, ids, w)
-        cfg_up = {**DEFAULT_GATE_UP, "FUSED_GU": fused_gu, "FLATTEN": fused_gu}
-        cfg_down = ATOMIC_DOWN if combine == "atomic" else DEFAULT_DOWN
+        cfg_up = {**DEFAULT_GATE_UP, "FUSED_GU": fused_gu, "FLATTEN": fused_gu, "PDL": variant == "PDL"}
+        cfg_down = {**(ATOMIC_DOWN if combine == "atomic" else DEFAULT_DOWN), "EPI_SPLIT": variant == "EPI_SPLIT",
+                    "PDL": variant == "PDL"}
         got = prefill_moe(hid, wgu, wdn, ids, w, configs=(cfg_up, cfg_down), combine=combine,
                           fused_permute=fused_permute)
         rel = ((got - want).norm() / want.norm()).item()

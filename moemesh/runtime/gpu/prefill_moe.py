@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from moemesh.runtime.gpu import pdl
+from moemesh.runtime.gpu.pdl import enter
 from moemesh.runtime.gpu.moe_align import Alignment
 from moemesh.runtime.gpu.prefill_permute import gather_sum, permute, permute_fused
 
@@ -47,6 +49,14 @@ DEFAULT_GATE_UP = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, 
                    "FUSED_GU": True, "FLATTEN": True}
 DEFAULT_DOWN = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3,
                 "FLATTEN": True}
+# Options, off by default: the whole layer at 4,096 tokens on the H200 (Triton 3.6, one run of
+# benchmarks/h200/prefill_tma.py, benchmarks/results/prefill-tma-h200-variants.md) took 744 us with the defaults,
+# 714 with EPI_SPLIT, 721 with PDL: equal within noise (fused_moe, which calls these defaults, took 717 in that run).
+# EPI_SPLIT (down): the y tile stored as two [BM, BN / 2] halves (half the staging buffer, so BN 256 fits 4 stages;
+#   that run also copied the weight tile as two [BN / 2, BK] boxes, dropped with the 512-wide tiles they allowed).
+# PDL (either GEMM; down's also sets the gather-sum's): programmatic dependent launch, see _pdl.
+# Dropped after that run, 1.4-1.6x slower: gate_up gathering hidden's rows itself instead of the permuted copy
+# (1,052 us), and BM 64 x [64, 512] tiles (1,019 us).
 # The atomic combine's float32 epilogue does not fit a 256-wide tile in shared memory (278 KB > 227 KB).
 ATOMIC_DOWN = {**DEFAULT_DOWN, "BLOCK_N": 128, "num_stages": 4}
 
@@ -65,10 +75,11 @@ def _tile(tile, num_m, num_n, expert_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 @triton.jit
 def _gate_up_gemm(a_desc, w_desc, w2_desc, act_desc, expert_ptr, rows_used_ptr, inter, k_in,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                  NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, FUSED_GU: tl.constexpr):
+                  NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, FUSED_GU: tl.constexpr, PDL: tl.constexpr = False):
     """act = silu(A @ gate^T) * (A @ up^T) per [BM, BN] tile. w_desc: gate_up as [E * 2I, H] rows, block
     [BN, BK]. FUSED_GU: w2_desc is gate_up as [E, 2, I, H], block [1, 2, BN, BK] (gate and up tiles in one TMA copy,
     one [BM, 2 BN] wgmma), else the gate and up tiles are two copies and two dots."""
+    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     num_m = (tl.load(rows_used_ptr) // BLOCK_M).to(tl.int32)
     num_n = inter // BLOCK_N
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=FLATTEN):
@@ -96,9 +107,11 @@ def _gate_up_gemm(a_desc, w_desc, w2_desc, act_desc, expert_ptr, rows_used_ptr, 
 def _down_gemm(act_desc, w_desc, y_desc, out_ptr, sorted_ptr, weight_ptr, expert_ptr, rows_used_ptr, num_pairs,
                hidden, k_in, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
-               ATOMIC: tl.constexpr):
+               ATOMIC: tl.constexpr, EPI_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
     """y = weight[pair] * (act @ down^T) per [BM, BN] tile; w_desc: down as [E * H, I] rows, block [BN, BK].
-    ATOMIC: add the tile into out[pair // K] (float32, zeroed by the caller), else store it to y (bf16 rows)."""
+    ATOMIC: add the tile into out[pair // K] (float32, zeroed by the caller), else store it to y (bf16 rows;
+    EPI_SPLIT: y_desc's block is [BM, BN / 2])."""
+    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     num_m = (tl.load(rows_used_ptr) // BLOCK_M).to(tl.int32)
     num_n = hidden // BLOCK_N
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=FLATTEN):
@@ -114,6 +127,10 @@ def _down_gemm(act_desc, w_desc, y_desc, out_ptr, sorted_ptr, weight_ptr, expert
             mask = ok[:, None] & (cols < hidden)[None, :]  # a full [BM, BN] mask (Triton's interpreter)
             tl.atomic_add(out_ptr + (pair // TOP_K)[:, None] * hidden + cols[None, :], acc, mask=mask,
                           sem="relaxed")
+        elif EPI_SPLIT:  # two [BM, BN / 2] stores: half the shared-memory staging tile, room for a deeper pipeline
+            left, right = acc.reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1).split()
+            y_desc.store([row0, n0], left.to(y_desc.dtype))
+            y_desc.store([row0, n0 + BLOCK_N // 2], right.to(y_desc.dtype))
         else:
             y_desc.store([row0, n0], acc.to(y_desc.dtype))
 
@@ -171,13 +188,14 @@ def prefill_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Ten
     al, a, inv = (permute_fused if fused_permute else permute)(hidden, local_ids, e, bm)
     em = al.sorted_ids.numel()
     act = torch.empty(em, inter, dtype=hidden.dtype, device=dev)  # [EM, I]
-    launch_gate_up(a, w_gate_up, act, al, cfg_up)
+    # every torch launch before gate_up: between the GEMMs it would break the PDL chain (cfg["PDL"])
     weights = topk_weights.reshape(-1).float().contiguous()  # [P]
     out = (torch.zeros if combine == "atomic" else torch.empty)(t, h, dtype=torch.float32, device=dev)  # [T, H]
     y = torch.empty(em if combine == "gather" else bm, h, dtype=hidden.dtype, device=dev)  # [EM, H] (gather)
+    launch_gate_up(a, w_gate_up, act, al, cfg_up)
     launch_down(act, w_down, y, out, weights, al, k, cfg_down, atomic=combine == "atomic")
     if combine == "gather":
-        gather_sum(y, inv, local_ids, out)
+        gather_sum(y, inv, local_ids, out, **_pdl(cfg_down))
     return out
 
 
@@ -192,7 +210,7 @@ def launch_gate_up(a: torch.Tensor, w_gate_up: torch.Tensor, act: torch.Tensor, 
         TensorDescriptor(w2, list(w2.shape), list(w2.stride()), [1, 2, bn, bk]),
         TensorDescriptor.from_tensor(act, [bm, bn]), al.block_expert, al.rows_used, two_i // 2, h,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], NUM_SMS=sms, FLATTEN=cfg.get("FLATTEN", True),
-        FUSED_GU=cfg.get("FUSED_GU", True), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        FUSED_GU=cfg.get("FUSED_GU", True), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(cfg))
 
 
 def launch_down(act: torch.Tensor, w_down: torch.Tensor, y: torch.Tensor, out: torch.Tensor, weights: torch.Tensor,
@@ -201,10 +219,17 @@ def launch_down(act: torch.Tensor, w_down: torch.Tensor, y: torch.Tensor, out: t
     (float32, zeroed) at row pair // top_k; weights [P] float32."""
     e, h, inter = w_down.shape
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    split = cfg.get("EPI_SPLIT", False) and not atomic  # y stored as two [BM, BN / 2] halves (no y with atomics)
     sms = _num_sms(act.device)
     _down_gemm[(sms,)](
         TensorDescriptor.from_tensor(act, [bm, bk]), TensorDescriptor.from_tensor(w_down.view(e * h, inter), [bn, bk]),
-        TensorDescriptor.from_tensor(y, [bm, bn]), out, al.sorted_ids, weights, al.block_expert, al.rows_used,
-        al.num_pairs, h, inter, TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
-        NUM_SMS=sms, FLATTEN=cfg.get("FLATTEN", True), ATOMIC=atomic,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        TensorDescriptor.from_tensor(y, [bm, bn // 2 if split else bn]), out, al.sorted_ids, weights,
+        al.block_expert, al.rows_used, al.num_pairs, h, inter, TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        GROUP_M=cfg["GROUP_M"], NUM_SMS=sms, FLATTEN=cfg.get("FLATTEN", True), ATOMIC=atomic, EPI_SPLIT=split,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(cfg))
+
+
+def _pdl(cfg: dict) -> dict:
+    """cfg["PDL"]: launched as a programmatic dependent of the kernel before (pdl.py), so its launch and ramp overlap
+    that kernel's last wave; off on the CPU / interpreter / before sm_90 (pdl.ON)."""
+    return {"PDL": True, "launch_pdl": True} if cfg.get("PDL", False) and pdl.ON else {"PDL": False}

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moemesh.runtime.gpu.pdl import enter
 from moemesh.runtime.gpu.moe_align import SMALL_PAIRS, Alignment, align, align_small, padded_rows
 
 ROWS, BLOCK_H = 16, 256  # rows x columns per copy step
@@ -127,8 +128,10 @@ def permute_fused(hidden: torch.Tensor, local_ids: torch.Tensor, num_experts: in
 
 
 @triton.jit
-def _gather_sum(y_ptr, inv_ptr, ids_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+def _gather_sum(y_ptr, inv_ptr, ids_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
+                PDL: tl.constexpr = False):
     """out[t, cols] = sum over the token's K pairs hosted here of y[inv[pair], cols], in float32."""
+    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     t = tl.program_id(0).to(tl.int64)
     slots = t * TOP_K + tl.arange(0, TOP_K)
     hosted = tl.load(ids_ptr + slots) >= 0  # inv is unwritten for pairs hosted elsewhere
@@ -139,10 +142,12 @@ def _gather_sum(y_ptr, inv_ptr, ids_ptr, out_ptr, hidden, TOP_K: tl.constexpr, B
     tl.store(out_ptr + t * hidden + cols, tl.sum(y.to(tl.float32), 0), mask=cols < hidden)
 
 
-def gather_sum(y: torch.Tensor, inv: torch.Tensor, local_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out [T, H] float32 = per token, the sum of its hosted pairs' rows of y [EM, H] (inv [P]: row of each pair)."""
+def gather_sum(y: torch.Tensor, inv: torch.Tensor, local_ids: torch.Tensor, out: torch.Tensor,
+               **launch) -> torch.Tensor:
+    """out [T, H] float32 = per token, the sum of its hosted pairs' rows of y [EM, H] (inv [P]: row of each pair).
+    launch: prefill_moe._pdl's PDL options."""
     t, k = local_ids.shape
     h = out.shape[1]
     _gather_sum[(t, triton.cdiv(h, 1024))](y, inv, local_ids.reshape(-1).contiguous(), out, h, TOP_K=k,
-                                           BLOCK_H=1024, num_warps=4)
+                                           BLOCK_H=1024, num_warps=4, **launch)
     return out
