@@ -1,6 +1,6 @@
 """Where a streamed token's CPU goes in the mesh: CPU ms per generated token per process, and the router's gaps.
 
-    python benchmarks/mesh_profile.py [--model smollm2-moe] [--tokens 24] [--py-spy DIR]
+    python benchmarks/mesh_profile.py [--model smollm2-moe] [--tokens 24] [--py-spy DIR] [--cprofile DIR]
 
 Starts `moemesh up` like benchmarks/mesh_decode.py (temporary MOEMESH_HOME, shm transport), then for concurrency 1
 and 8: reads utime+stime of every mesh process (/proc/<pid>/stat, threads included) around the streams, and divides
@@ -9,7 +9,10 @@ second chunk on: no prefill). The router's "router.step" spans (MOEMESH_HOME/tra
 time per step and the idle gap between one step's end and the next one's start (the time the router waits for the
 batcher), split into legs with the Router/Step server span and the batcher's "batcher.step" span. The idle mesh's CPU
 (10 s before any request) comes first. With --py-spy DIR, every process is also sampled by `py-spy record`
-(speedscope files in DIR).
+(speedscope files in DIR). With --cprofile DIR, the front end's services (batcher, gateway, tokenizer, metering)
+run cProfile on their event loop's thread over the decode-only window (benchmarks/cprofile_hook/sitecustomize.py,
+started and stopped by signals): DIR/<service>-c<concurrency>.prof, and each one's top functions per token in the
+report. CPU is read from every thread's run time in ns (/proc/<pid>/task/*/schedstat), not in 10 ms ticks.
 --pipeline off disables the batcher's step pipelining (MOEMESH_BATCHER_PIPELINE=false), to compare; --spin N sets the
 shards' shared-memory poll window (MOEMESH_EXPERT_SPIN_US, microseconds; 0: block at once; -1: auto; default: unset).
 Writes benchmarks/results/mesh-profile-cpu.json and .md.
@@ -34,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from frontend_cprofile import PROFILED, collect_profiles, cprofile_env, profile_lines  # noqa: E402
 from mesh_decode import PROMPT, mesh_streams, start_mesh, stop_mesh  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -189,31 +193,6 @@ def run_load(gateway: str, pids: dict[str, int], concurrency: int, tokens: int, 
             "cprofile_top": profiles}
 
 
-# The front end: what --cprofile profiles (benchmarks/cprofile_hook/sitecustomize.py, by OTEL_SERVICE_NAME).
-PROFILED = ("batcher", "gateway", "tokenizer", "metering")
-
-
-def collect_profiles(folder: Path, profiled: dict[str, int], concurrency: int, tokens: int, top: int = 25) -> dict:
-    """Waits for each profiled service's DIR/<name>.prof, renames it <name>-c<concurrency>.prof and returns its top
-    functions by own time: {name: [(function, calls per token, own us per token, cumulative us per token)]}."""
-    import pstats
-
-    out = {}
-    for name in profiled:
-        path, give_up = folder / f"{name}.prof", time.monotonic() + 10
-        while not path.exists() and time.monotonic() < give_up:
-            time.sleep(0.2)
-        if not path.exists():
-            continue
-        time.sleep(0.3)  # the dump may still be being written
-        kept = path.rename(folder / f"{name}-c{concurrency}.prof")
-        stats = pstats.Stats(str(kept)).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
-        rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
-        out[name] = [(f"{Path(f).name}:{line}({func})", nc / tokens, tt * 1e6 / tokens, ct * 1e6 / tokens)
-                     for (f, line, func), (_, nc, tt, ct, _) in rows]
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-moe")
@@ -255,15 +234,6 @@ def main() -> None:
     print(md)
 
 
-def cprofile_env(folder: Path | None) -> dict[str, str]:
-    if folder is None:
-        return {}
-    folder.mkdir(parents=True, exist_ok=True)
-    hook = str(ROOT / "benchmarks" / "cprofile_hook")
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [hook, os.environ.get("PYTHONPATH")])),
-            "MOEMESH_CPROFILE_DIR": str(folder.resolve()), "MOEMESH_CPROFILE_SERVICES": ",".join(PROFILED)}
-
-
 def _command() -> str:
     return "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
                                  else sys.argv[0], *sys.argv[1:]])
@@ -291,25 +261,13 @@ def render(rows: list[dict], idle: dict, args: argparse.Namespace, load_start: f
               "pipelined, batcher_turn is negative: the next step left before this one's result came back; "
               "next_request_lead: how long before this step's end the next Step reached the router):", ""] + [f"- concurrency {r['concurrency']}: " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                              r["gap_legs_ms"].items()) for r in rows]
-    table += _profile_lines(rows)
+    table += profile_lines(rows)
     return "\n".join([f"# CPU ms per streamed token per mesh process ({args.model}, {args.tokens} tokens)", "",
                       f"Command: `{_command()}`; {os.cpu_count()} cores; load average {load_start:.2f} at start, "
                       f"{os.getloadavg()[0]:.2f} at end.", "", *table, "",
                       "CPU ms per token: utime+stime of the process over the run (prefills included) / completion "
                       "tokens streamed. Router gap: from the end of one router.step span to the start of the next "
                       "(waiting for the batcher).", ""])
-
-
-def _profile_lines(rows: list[dict], top: int = 12) -> list[str]:
-    """--cprofile: each front-end service's top functions by own time, per decoded token."""
-    out = []
-    for r in rows:
-        for name, funcs in (r.get("cprofile_top") or {}).items():
-            out += ["", f"cProfile, {name}, concurrency {r['concurrency']} (per decoded token; cProfile slows "
-                    "Python calls, so compare these between runs, not with the CPU tables):", "",
-                    "| function | calls | own us | cumulative us |", "|---|---|---|---|"]
-            out += [f"| `{f}` | {n:.1f} | {tt:.0f} | {ct:.0f} |" for f, n, tt, ct in funcs[:top]]
-    return out
 
 
 if __name__ == "__main__":

@@ -32,10 +32,18 @@ class GatewayClosing(ServiceError):
 
 
 class Closing:
-    """Set once the gateway drains; `guard(items)` passes a stream's items on until then."""
+    """Set once the gateway drains; `guard(items)` passes a stream's items on until then.
+
+    The items are read in the caller's own task (a task and an asyncio.wait per item cost the gateway ~0.1 ms of
+    CPU per streamed token, a sixth of its share); the drain's timer cancels the tasks that wait for their next item
+    (`_waiting`), and guard turns that one cancellation, which it asked for (`_cut`), into GatewayClosing. Any other
+    cancellation (the caller went away) is the caller's and passes through. Either way the stream's own cleanup
+    (where the commit runs) happens."""
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self._waiting: set[asyncio.Task] = set()  # tasks inside guard, waiting for a stream's next item
+        self._cut: set[asyncio.Task] = set()  # of those, the ones the drain cancelled
 
     @property
     def closed(self) -> bool:
@@ -44,31 +52,40 @@ class Closing:
     def begin(self, grace: float | None) -> None:
         """Called (in the loop) when draining starts: streams end MARGIN_S before the grace is over."""
         delay = max(0.0, (grace or 0.0) - MARGIN_S)
-        asyncio.get_running_loop().call_later(delay, self._event.set)
+        asyncio.get_running_loop().call_later(delay, self._close)
+
+    def _close(self) -> None:
+        self._event.set()
+        for task in self._waiting:
+            self._cut.add(task)
+            task.cancel()
 
     async def guard(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
         """The items of `items` until the gateway closes; then `items` is cancelled (its cleanup, the commit, runs)
         and GatewayClosing is raised."""
-        source = aiter(items)
-        closing = asyncio.ensure_future(self._event.wait())
-        step: asyncio.Future | None = None
+        source, task = aiter(items), asyncio.current_task()
         try:
-            while True:
-                # The next item on a task of its own, so that the wait can end without it; the task runs in a copy
-                # of this context (request scope, trace).
-                step = asyncio.ensure_future(anext(source))
-                done, _ = await asyncio.wait({step, closing}, return_when=asyncio.FIRST_COMPLETED)
-                if step not in done:
-                    step.cancel()
-                    with contextlib.suppress(BaseException):
-                        await step
-                    raise GatewayClosing()
+            while not self.closed:
+                self._waiting.add(task)
                 try:
-                    item = step.result()
+                    item = await anext(source)
                 except StopAsyncIteration:
                     return
+                except asyncio.CancelledError:
+                    if task not in self._cut:
+                        raise  # the caller's own cancellation
+                    break
+                finally:
+                    self._waiting.discard(task)
+                if task in self._cut:  # the source let the cancellation pass and gave an item: closing anyway
+                    break
                 yield item
-        finally:
-            closing.cancel()
-            if step is not None and not step.done():  # our caller went away: so does the stream (and it commits)
-                step.cancel()
+        finally:  # our caller went away, or the gateway closes: so does the stream (and it commits)
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(BaseException):
+                    await aclose()
+        if task in self._cut:
+            self._cut.discard(task)
+            task.uncancel()
+        raise GatewayClosing()

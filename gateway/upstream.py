@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from gateway.detokenizers import ChosenDetokenizer, LocalDecoders, check_ids
 from gateway.events import GenerateParams, TokenEvent
 from gateway.upstream_errors import in_chat_terms
 from moemesh.errors import ErrorStatus, ServiceError
@@ -68,6 +69,7 @@ def _lost(peer: str, exc: BaseException) -> BaseException:
 class TokenizerClient:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = tokenizer_pb2_grpc.TokenizerStub(channel)
+        self._decoders = LocalDecoders(self._definition)  # streams detokenize here (gateway/detokenizers.py)
 
     async def encode_chat(self, model: str, messages: list[dict], tools_json: str = "") -> list[int]:
         chat = tokenizer_pb2.ChatInput(add_generation_prompt=True, tools_json=tools_json,
@@ -90,11 +92,26 @@ class TokenizerClient:
         return tuple(info.eos_token_ids)
 
     async def pieces(self, model: str, ids: list[int]) -> list[tuple[str, bytes]]:
+        local = self._decoders.known(model)
+        if local is not None:  # the same ChatTokenizer.token_piece the service runs
+            check_ids(ids, local.vocab_size)
+            return [(p.text, p.bytes) for p in map(local.token_piece, ids)]
         response = await self._stub.Pieces(tokenizer_pb2.PiecesRequest(model=model, ids=ids))
         return [(p.text, p.bytes) for p in response.pieces]
 
-    def detokenizer(self, model: str) -> StreamDetokenizer:
-        return StreamDetokenizer(self._stub, model)
+    def detokenizer(self, model: str) -> ChosenDetokenizer:
+        """In this process once the model's definition is here, else over DetokenizeStream."""
+        return ChosenDetokenizer(self._decoders, model, lambda: StreamDetokenizer(self._stub, model))
+
+    async def _definition(self, model: str) -> str | None:
+        """The model's tokenizer.json (Tokenizer.Definition); None from a service without that RPC."""
+        request = tokenizer_pb2.TokenizerDefinitionRequest(model=model)
+        try:
+            return (await self._stub.Definition(request, timeout=TOKENIZER_CALL_S)).tokenizer_json or None
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return None
+            raise _lost("tokenizer", exc) from exc
 
 
 async def _retried(method, request):

@@ -116,3 +116,17 @@ class PiecesResponse(_message.Message):
     PIECES_FIELD_NUMBER: _ClassVar[int]
     pieces: _containers.RepeatedCompositeFieldContainer[TokenPiece]
     def __init__(self, pieces: _Optional[_Iterable[_Union[TokenPiece, _Mapping]]] = ...) -> None: ...
+
+class TokenizerDefinitionRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class TokenizerDefinition(_message.Message):
+    __slots__ = ("model", "tokenizer_json")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    tokenizer_json: str
+    def __init__(self, model: _Optional[str] = ..., tokenizer_json: _Optional[str] = ...) -> None: ...

@@ -60,6 +60,11 @@ class TokenizerStub:
                 request_serializer=moemesh_dot_v1_dot_tokenizer__pb2.PiecesRequest.SerializeToString,
                 response_deserializer=moemesh_dot_v1_dot_tokenizer__pb2.PiecesResponse.FromString,
                 _registered_method=True)
+        self.Definition = channel.unary_unary(
+                '/moemesh.v1.Tokenizer/Definition',
+                request_serializer=moemesh_dot_v1_dot_tokenizer__pb2.TokenizerDefinitionRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_tokenizer__pb2.TokenizerDefinition.FromString,
+                _registered_method=True)
 
 
 class TokenizerServicer:
@@ -103,6 +108,14 @@ class TokenizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Definition(self, request, context):
+        """The model's tokenizer definition, for a caller that detokenizes its streams in its own process (the gateway):
+        the same text DetokenizeStream gives (same definition, same incremental algorithm), without a call per token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +143,11 @@ def add_TokenizerServicer_to_server(servicer, server):
                     servicer.Pieces,
                     request_deserializer=moemesh_dot_v1_dot_tokenizer__pb2.PiecesRequest.FromString,
                     response_serializer=moemesh_dot_v1_dot_tokenizer__pb2.PiecesResponse.SerializeToString,
+            ),
+            'Definition': grpc.unary_unary_rpc_method_handler(
+                    servicer.Definition,
+                    request_deserializer=moemesh_dot_v1_dot_tokenizer__pb2.TokenizerDefinitionRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_tokenizer__pb2.TokenizerDefinition.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +286,33 @@ class Tokenizer:
             '/moemesh.v1.Tokenizer/Pieces',
             moemesh_dot_v1_dot_tokenizer__pb2.PiecesRequest.SerializeToString,
             moemesh_dot_v1_dot_tokenizer__pb2.PiecesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Definition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.Tokenizer/Definition',
+            moemesh_dot_v1_dot_tokenizer__pb2.TokenizerDefinitionRequest.SerializeToString,
+            moemesh_dot_v1_dot_tokenizer__pb2.TokenizerDefinition.FromString,
             options,
             channel_credentials,
             insecure,

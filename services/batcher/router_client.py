@@ -9,7 +9,10 @@ router.step, per shard expert.forward_step and expert.step), about 0.25 ms of CP
 So only some steps are traced: every step in which a sequence starts (each request's trace keeps its first step
 through the router and the shards), every `trace_every`-th step, and the step after a failed one. The others run
 under a non-sampled context: every span of theirs, here and downstream, is a cheap non-recording one, and the router
-sends the shards no trace context (no expert.step spans).
+sends the shards no trace context (no expert.step spans). An untraced step goes out on a second channel without
+the OTel client interceptor, carrying only a not-sampled traceparent that this client writes itself: the
+interceptor's per-call work (an extra task, a non-recording span, context propagation) was about a tenth of the
+batcher's CPU per token at batch 1 (benchmarks/results/mesh-profile-cpu-frontend.md), for spans nobody records.
 
 Deadlines: a Step call's gRPC deadline is the latest deadline of its sequences (when all have one), so the router
 sees how long the step is worth computing; per-sequence deadlines are enforced by the scheduler between steps.
@@ -42,6 +45,8 @@ class RouterClient:
         self._trace_next = True  # trace the next step sent whatever it holds (the first; the one after a failure)
         self._channel = client_channel(address)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
+        self._plain_channel = client_channel(address, traced=False)  # untraced steps (module doc, Sampling)
+        self._plain_stub = router_pb2_grpc.RouterStub(self._plain_channel)
         self._tracer = span_tracer or tracer("moemesh.batcher")
 
     async def info(self, timeout: float = 10.0) -> RouterLimits:
@@ -63,24 +68,28 @@ class RouterClient:
         RouterFull on RESOURCE_EXHAUSTED."""
         request = router_pb2.StepRequest(step_id=plan.step_id, work=[_work(i) for i in plan.items],
                                          release=plan.release)
-        if self._sampled(plan):
-            self._trace_next = False
-            parent, links = _trace_parent(plan)
-            attributes = {"moemesh.step_id": plan.step_id, "moemesh.sequences": len(plan.items),
-                          "moemesh.tokens": plan.tokens}
-        else:
-            parent, links, attributes = _unsampled(), None, None
-        with self._tracer.start_as_current_span("batcher.step", context=parent, links=links, attributes=attributes):
-            try:
-                r = await self._stub.Step(request, timeout=self._timeout(plan))
-            except grpc.aio.AioRpcError as exc:
-                self._trace_next = True  # the step after a failed one is traced
-                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise
-                raise RouterFull(exc.details() or "KV cache full", await self._free_blocks()) from exc
+        try:
+            if self._sampled(plan):
+                self._trace_next = False
+                r = await self._traced_step(plan, request)
+            else:
+                r = await self._plain_stub.Step(request, timeout=self._timeout(plan), metadata=_unsampled_metadata())
+        except grpc.aio.AioRpcError as exc:
+            self._trace_next = True  # the step after a failed one is traced
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            raise RouterFull(exc.details() or "KV cache full", await self._free_blocks()) from exc
         return StepOutcome(outputs=[_result(o) for o in r.results], compute_seconds=r.compute_seconds,
                            kv_blocks_free=r.kv_blocks_free, kv_blocks_own=dict(r.kv_blocks_own),
                            kv_blocks_cached=r.kv_blocks_cached)
+
+    async def _traced_step(self, plan: StepPlan, request: router_pb2.StepRequest) -> router_pb2.StepResponse:
+        """The Step call under a "batcher.step" span (module doc, Tracing), on the traced channel."""
+        parent, links = _trace_parent(plan)
+        attributes = {"moemesh.step_id": plan.step_id, "moemesh.sequences": len(plan.items),
+                      "moemesh.tokens": plan.tokens}
+        with self._tracer.start_as_current_span("batcher.step", context=parent, links=links, attributes=attributes):
+            return await self._stub.Step(request, timeout=self._timeout(plan))
 
     def _sampled(self, plan: StepPlan) -> bool:
         """Traced steps: see the module doc (Sampling)."""
@@ -103,6 +112,7 @@ class RouterClient:
 
     async def close(self) -> None:
         await self._channel.close()
+        await self._plain_channel.close()
 
 
 def _work(item: SequenceWork) -> router_pb2.SequenceWork:
@@ -128,12 +138,11 @@ def _result(o: router_pb2.SequenceResult) -> SequenceResult:
                           [(t.token_id, t.logprob) for t in p.top_logprobs]) for p in o.prompt_logprobs])
 
 
-def _unsampled():
-    """A context whose span is not sampled: spans started under it (here, and at the router and the shards, through
-    the traceparent's flags) do not record. Its own trace id, so that nothing joins a request's trace."""
-    span_ctx = trace.SpanContext(_IDS.generate_trace_id(), _IDS.generate_span_id(), is_remote=False,
-                                 trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT))
-    return trace.set_span_in_context(trace.NonRecordingSpan(span_ctx))
+def _unsampled_metadata() -> tuple[tuple[str, str], ...]:
+    """A W3C traceparent whose flags say "not sampled": the router's spans under it (and the shards', which it then
+    sends no context) do not record. Its own trace id, so that nothing joins a request's trace, nor starts a trace of
+    its own (a call without a traceparent would be a sampled root at the router)."""
+    return (("traceparent", f"00-{_IDS.generate_trace_id():032x}-{_IDS.generate_span_id():016x}-00"),)
 
 
 def _trace_parent(plan: StepPlan):

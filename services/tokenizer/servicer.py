@@ -40,6 +40,7 @@ def _tools(chat: tokenizer_pb2.ChatInput) -> list[dict] | None:
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     def __init__(self, catalog: TokenizerCatalog) -> None:
         self._catalog = catalog
+        self._definitions: dict[int, str] = {}  # id(ChatTokenizer) -> its tokenizer.json (serialized once)
 
     async def Encode(self, request: tokenizer_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
         tokenizer = self._catalog.get(request.model)
@@ -93,6 +94,15 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         return tokenizer_pb2.PiecesResponse(
             pieces=[tokenizer_pb2.TokenPiece(id=p.token_id, text=p.text, bytes=p.bytes) for p in pieces]
         )
+
+    async def Definition(self, request: tokenizer_pb2.TokenizerDefinitionRequest, context: grpc.aio.ServicerContext):
+        """The tokenizer.json a caller needs to detokenize in its own process (the gateway does, instead of a
+        DetokenizeStream message per token)."""
+        tokenizer = self._catalog.get(request.model)
+        if id(tokenizer) not in self._definitions:
+            self._definitions[id(tokenizer)] = tokenizer.tokenizer.to_str()
+        return tokenizer_pb2.TokenizerDefinition(model=request.model or self._catalog.models[0],
+                                                 tokenizer_json=self._definitions[id(tokenizer)])
 
 
 def add_to_server(servicer: TokenizerServicer, server: grpc.aio.Server) -> list[str]:

@@ -53,9 +53,28 @@ def test_batcher_sigkill_during_streams_then_a_new_chat_within_60_s(mesh: Runnin
     _billed_as_delivered(mesh, outcomes)
 
 
-@pytest.mark.parametrize("victim", ["tokenizer", "expert-1"])
+def test_a_dead_tokenizer_leaves_streams_in_flight_alone_and_serves_again(mesh: RunningMesh) -> None:
+    """The gateway detokenizes running streams in its own process (gateway/detokenizers.py): they finish normally;
+    new requests wait for the restarted tokenizer (Encode)."""
+    outcomes: dict[int, tuple[str, int, object]] = {}
+    started = threading.Barrier(STREAMS + 1, timeout=120)
+    threads = [threading.Thread(target=_stream, args=(mesh, i, started, outcomes)) for i in range(STREAMS)]
+    for t in threads:
+        t.start()
+    started.wait()
+    os.kill(json.loads(mesh.status_path.read_text())["services"]["tokenizer"]["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    for t in threads:
+        t.join(120)
+    assert sorted(outcomes) == list(range(STREAMS)) and all(end is None and n > 0 for _, n, end in outcomes.values()), \
+        outcomes
+    _chat_within(mesh, killed, 60.0)
+    assert mesh.proc.poll() is None
+
+
+@pytest.mark.parametrize("victim", ["expert-1"])
 def test_a_dead_peer_is_unavailable_with_advice_and_serves_again(mesh: RunningMesh, victim: str) -> None:
-    """Was INTERNAL ("InvalidStateError: RPC already finished" for the tokenizer) before."""
+    """Was INTERNAL ("InvalidStateError: RPC already finished" for the tokenizer, when streams detokenized there)."""
     outcomes: dict[int, tuple[str, int, object]] = {}
     started = threading.Barrier(STREAMS + 1, timeout=120)
     threads = [threading.Thread(target=_stream, args=(mesh, i, started, outcomes)) for i in range(STREAMS)]

@@ -13,7 +13,7 @@ from gateway.models import ModelCatalog
 from gateway.servicer import ChatServicer
 from gateway.servicer import add_to_server as add_chat
 from gateway.upstream import BatcherClient, TokenizerClient
-from gateway_harness import MODEL, Mesh, RecordingMetering, ScriptedBatcher
+from gateway_harness import MODEL, Mesh, RecordingMetering, ScriptedBatcher, StreamOnlyTokenizer
 from moemesh.serving import client_channel, serve_in_process
 from moemesh.tokenization.chat_tokenizer import ChatTokenizer
 from moemesh.v1 import batcher_pb2_grpc, chat_pb2_grpc, metering_pb2_grpc
@@ -28,14 +28,16 @@ def gateway_tokenizer(tiny_moe_dir: Path) -> ChatTokenizer:
 
 
 @pytest.fixture
-async def mesh(tiny_moe_dir: Path, gateway_tokenizer: ChatTokenizer):
+async def mesh(request, tiny_moe_dir: Path, gateway_tokenizer: ChatTokenizer):
+    """indirect param "stream": the tokenizer service has no Definition (the gateway's DetokenizeStream path)."""
     batcher, metering = ScriptedBatcher(), RecordingMetering()
     catalog = TokenizerCatalog({MODEL: gateway_tokenizer})
+    servicer_class = StreamOnlyTokenizer if getattr(request, "param", "") == "stream" else TokenizerServicer
 
     def upstreams(server):
         batcher_pb2_grpc.add_BatcherServicer_to_server(batcher, server)
         metering_pb2_grpc.add_MeteringServicer_to_server(metering, server)
-        return [*add_tokenizer(TokenizerServicer(catalog), server), "moemesh.v1.Batcher", "moemesh.v1.Metering"]
+        return [*add_tokenizer(servicer_class(catalog), server), "moemesh.v1.Batcher", "moemesh.v1.Metering"]
 
     async with serve_in_process(upstreams, name="upstreams") as up:
         channels = [client_channel(up.address) for _ in range(3)]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from moemesh.tokenization.chat_tokenizer import ChatTokenizer
+from services.tokenizer.servicer import TokenizerServicer
 from moemesh.v1 import (
     batcher_pb2, batcher_pb2_grpc, chat_pb2, chat_pb2_grpc, common_pb2, metering_pb2, metering_pb2_grpc,
 )
@@ -18,6 +19,14 @@ from moemesh.v1 import (
 MODEL = "tiny"
 API_KEY = "mm-test-key"
 EOS = 2  # <|im_end|> in SmolLM2's vocabulary
+
+
+class StreamOnlyTokenizer(TokenizerServicer):
+    """A tokenizer service from before Tokenizer.Definition (UNIMPLEMENTED): the gateway detokenizes over
+    DetokenizeStream."""
+
+    async def Definition(self, request, context):
+        raise NotImplementedError("Definition: not in this version")
 
 
 @dataclass

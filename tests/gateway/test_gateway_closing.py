@@ -55,3 +55,17 @@ async def test_a_caller_going_away_cancels_the_stream() -> None:
         await task
     await asyncio.sleep(0.05)
     assert cleaned == ["committed"]
+
+
+async def test_the_cut_leaves_the_task_uncancelled_and_a_later_stream_ends_at_once() -> None:
+    closing, cleaned = Closing(), []
+    closing.begin(MARGIN_S)  # closes on the next loop turn
+    with pytest.raises(GatewayClosing):
+        async for _ in closing.guard(_endless(cleaned)):
+            pass
+    # the drain's cancellation was turned into GatewayClosing: this task is not left cancelling
+    assert asyncio.current_task().cancelling() == 0 and cleaned == ["committed"]
+    await asyncio.sleep(0.02)  # the task goes on awaiting normally
+    with pytest.raises(GatewayClosing):
+        async for _ in closing.guard(_endless(cleaned)):
+            pytest.fail("no item after the gateway closed")

@@ -113,3 +113,16 @@ async def test_pieces_give_each_token_alone_with_exact_bytes(tokenizer_stub, cha
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await tokenizer_stub.Pieces(tokenizer_pb2.PiecesRequest(model=MODEL, ids=[49152]))
     assert "ids[0]: 49152 is outside the vocabulary" in info.value.details()
+
+
+async def test_definition_is_the_served_tokenizer(tokenizer_stub, chat_tokenizer: ChatTokenizer) -> None:
+    from tokenizers import Tokenizer
+
+    got = await tokenizer_stub.Definition(tokenizer_pb2.TokenizerDefinitionRequest(model=MODEL))
+    copy = Tokenizer.from_str(got.tokenizer_json)
+    ids, rendered = chat_tokenizer.encode_chat(CHAT)
+    assert got.model == MODEL and copy.decode(ids, skip_special_tokens=False) == rendered
+    assert copy.get_vocab_size(with_added_tokens=True) == chat_tokenizer.vocab_size
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await tokenizer_stub.Definition(tokenizer_pb2.TokenizerDefinitionRequest(model="nope"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
