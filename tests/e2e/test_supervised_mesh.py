@@ -53,28 +53,8 @@ def test_batcher_sigkill_during_streams_then_a_new_chat_within_60_s(mesh: Runnin
     _billed_as_delivered(mesh, outcomes)
 
 
-def test_a_dead_tokenizer_leaves_streams_in_flight_alone_and_serves_again(mesh: RunningMesh) -> None:
-    """The gateway detokenizes running streams in its own process (gateway/detokenizers.py): they finish normally;
-    new requests wait for the restarted tokenizer (Encode)."""
-    outcomes: dict[int, tuple[str, int, object]] = {}
-    started = threading.Barrier(STREAMS + 1, timeout=120)
-    threads = [threading.Thread(target=_stream, args=(mesh, i, started, outcomes)) for i in range(STREAMS)]
-    for t in threads:
-        t.start()
-    started.wait()
-    os.kill(json.loads(mesh.status_path.read_text())["services"]["tokenizer"]["pid"], signal.SIGKILL)
-    killed = time.monotonic()
-    for t in threads:
-        t.join(120)
-    assert sorted(outcomes) == list(range(STREAMS)) and all(end is None and n > 0 for _, n, end in outcomes.values()), \
-        outcomes
-    _chat_within(mesh, killed, 60.0)
-    assert mesh.proc.poll() is None
-
-
-@pytest.mark.parametrize("victim", ["expert-1"])
-def test_a_dead_peer_is_unavailable_with_advice_and_serves_again(mesh: RunningMesh, victim: str) -> None:
-    """Was INTERNAL ("InvalidStateError: RPC already finished" for the tokenizer, when streams detokenized there)."""
+def _kill_mid_streams(mesh: RunningMesh, victim: str) -> tuple[dict[int, tuple[str, int, object]], float]:
+    """STREAMS chat streams started, `victim` SIGKILLed while they run; (each stream's outcome, the kill's time)."""
     outcomes: dict[int, tuple[str, int, object]] = {}
     started = threading.Barrier(STREAMS + 1, timeout=120)
     threads = [threading.Thread(target=_stream, args=(mesh, i, started, outcomes)) for i in range(STREAMS)]
@@ -85,6 +65,23 @@ def test_a_dead_peer_is_unavailable_with_advice_and_serves_again(mesh: RunningMe
     killed = time.monotonic()
     for t in threads:
         t.join(120)
+    return outcomes, killed
+
+
+def test_a_dead_tokenizer_leaves_streams_in_flight_alone_and_serves_again(mesh: RunningMesh) -> None:
+    """The gateway detokenizes running streams in its own process (gateway/detokenizers.py): they finish normally;
+    new requests wait for the restarted tokenizer (Encode)."""
+    outcomes, killed = _kill_mid_streams(mesh, "tokenizer")
+    assert sorted(outcomes) == list(range(STREAMS)) and all(end is None and n > 0 for _, n, end in outcomes.values()), \
+        outcomes
+    _chat_within(mesh, killed, 60.0)
+    assert mesh.proc.poll() is None
+
+
+@pytest.mark.parametrize("victim", ["expert-1"])
+def test_a_dead_peer_is_unavailable_with_advice_and_serves_again(mesh: RunningMesh, victim: str) -> None:
+    """Was INTERNAL ("InvalidStateError: RPC already finished" for the tokenizer, when streams detokenized there)."""
+    outcomes, killed = _kill_mid_streams(mesh, victim)
     for _, _, end in outcomes.values():
         assert isinstance(end, ChatStreamError), end  # in-band: each stream had started
         assert end.code == "UNAVAILABLE" and "retry the request" in end.message, end
