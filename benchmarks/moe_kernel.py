@@ -37,7 +37,9 @@ def candidates(tokens: int, int4: bool = False) -> list[dict]:
     else:
         grid = itertools.product((32, 64, 128), (64, 128), (128,) if int4 else (64,), (8,), (4, 8), (3,))
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-    return [dict(zip(keys, values)) for values in grid]
+    configs = [dict(zip(keys, values)) for values in grid]
+    # int4: both ways of turning codes into floats (int4_kernels._int4_mac's MAGIC), the faster one per size
+    return [{**c, "MAGIC": m} for c in configs for m in (False, True)] if int4 else configs
 
 
 def expert_bytes(scheme: str, h: int, inter: int) -> float:

@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from moemesh.runtime.gpu.fused_moe import GEMV_MAX_PAIRS, fused_moe
+from moemesh.runtime.gpu.fused_moe import GEMV_MAX_PAIRS, default_config, fused_moe
 from moemesh.runtime.quant import quantize_int4
 
 E, H, I, K = 4, 256, 192, 2  # down's K = 192: a partial second 128-column group
@@ -36,7 +36,15 @@ def reference(hidden, gate_up, down, ids, weights):
 
 
 VARIANTS = {"sym128": (128, True, (1, 20)), "asym32": (32, False, (1, 20)), "sym64": (64, True, (1, 20)),
-            "asym128": (128, False, (1, 20))}  # (group, symmetric, token counts): every int4 kernel branch
+            "asym128": (128, False, (1, 20)), "sym128-magic": (128, True, (20,)), "asym32-magic": (32, False, (20,)), "sym64-magic": (64, True, (20,))}
+# (group, symmetric, token counts): every int4 kernel branch; -magic: the GEMM with codes made floats by _magic
+
+
+def configs(name: str, t: int):
+    """fused_moe's config override: None (its own choice), or the default tiles with MAGIC for -magic variants."""
+    if not name.endswith("-magic"):
+        return None
+    return tuple({**default_config(t, kind), "MAGIC": True} for kind in ("gate_up", "down"))
 
 
 def main(names: list[str]) -> None:
@@ -56,7 +64,7 @@ def main(names: list[str]) -> None:
             ids[0, -1] = -1  # an unused slot
             if t > 1:
                 ids[1] = -1  # every expert of token 1 hosted elsewhere: its row must stay zero
-            got = fused_moe(hidden, gu, dn, ids, weights)
+            got = fused_moe(hidden, gu, dn, ids, weights, configs(name, t))
             want = reference(hidden, gu_ref, dn_ref, ids, weights)
             rel[f"{name} T={t}"] = ((got - want).norm() / want.norm()).item()
             if t > 1:

@@ -160,7 +160,8 @@ def moe_gemm(a: torch.Tensor, w: Weight, out: torch.Tensor, al: Alignment, a_div
         zero, al.num_pairs, em, n_out, k_in, a.stride(0), data.stride(0), data.stride(1), out.stride(0), sse, ssn,
         up_rows, A_DIV=a_div, GATED=up_rows > 0, WEIGHTED=weights is not None, EVEN_K=k_in % block_k == 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **quant, **pdl.launch(),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], MAGIC=quant["INT4"] and cfg.get("MAGIC", False),
+        **quant, **pdl.launch(),
     )
     return out
 
