@@ -165,6 +165,10 @@ def _compile_sm90(fn, pointers: list[str], consts: dict):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    import inspect
+
+    defaults = {q.name: q.default for q in fn.params if q.is_constexpr and q.default is not inspect.Parameter.empty}
+    consts = {**defaults, **consts}  # constexprs left out take their defaults (not an i32 argument)
     names, ptrs, sig = fn.arg_names, iter(pointers), {}
     for n in names:
         sig[n] = "constexpr" if n in consts else next(ptrs) if n.endswith("_ptr") else "i64" if "stride" in n else "i32"
