@@ -80,11 +80,28 @@ class Attention(nn.Module):
                       pools: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """CUDA: the same function as forward with 3 launches before attention instead of ~30 (gpu/fused_ops)."""
         from moemesh.runtime.gpu.dense_gemv import linear
+
+        return self._attend_fast(linear(x, self.qkv_weight, self.qkv_bias), rope, ctx, pools)
+
+    def forward_normed(self, x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm,
+                       rope: tuple[torch.Tensor, torch.Tensor], ctx: StepContext,
+                       pools: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fast path (set_fast) of forward(norm(x + delta)): residual x [T, H] and the last block's output
+        delta [T, H] (None: x alone) -> (x + delta [T, H], o_proj output [T, H]). At GEMV sizes the add and the
+        norm run in the q/k/v GEMV's prologue (dense_gemv.norm_linear): one launch fewer."""
+        from moemesh.runtime.gpu.dense_gemv import norm_linear
+
+        x, qkv = norm_linear(x, delta, norm.weight, norm.eps, self.qkv_weight, self.qkv_bias)
+        return x, self._attend_fast(qkv, rope, ctx, pools)
+
+    def _attend_fast(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: StepContext,
+                     pools: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """qkv [T, (Hq + 2 Hkv) D] -> o_proj output [T, H]: q/k norm + rope (+ the K/V pool writes) in one launch."""
+        from moemesh.runtime.gpu.dense_gemv import linear
         from moemesh.runtime.gpu.fused_ops import norm_rope_
 
-        s, t = self.spec, x.shape[0]
+        s, t = self.spec, qkv.shape[0]
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        qkv = linear(x, self.qkv_weight, self.qkv_bias)  # [T, (Hq + 2 Hkv) D]
         norm = s.qk_norm == "head"
         cos, sin = (r.view(t, s.head_dim) for r in rope)
         decode = getattr(ctx, "paged_decode", False)  # decode: the same kernel writes K/V into the pools

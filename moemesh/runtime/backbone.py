@@ -6,6 +6,7 @@ and adds the shared expert itself. Loading reads only non-expert tensors.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator
 from typing import TypeVar
 
@@ -52,11 +53,13 @@ class MoeBlock(nn.Module):
     def forward(self, h: torch.Tensor, dispatch: ExpertDispatch) -> torch.Tensor:  # [T, H] -> [T, H]
         return drive(self.steps(h, dispatch))
 
-    def steps(self, h: torch.Tensor, dispatch: ExpertDispatch) -> Generator[None, None, torch.Tensor]:
+    def steps(self, h: torch.Tensor, dispatch: ExpertDispatch,
+              logits: torch.Tensor | None = None) -> Generator[None, None, torch.Tensor]:
         """forward() as a generator that yields once, while the routed experts are out (after submit and the
-        shared expert, before collect): a caller may run another micro-batch's work there (micro_batch.py)."""
+        shared expert, before collect): a caller may run another micro-batch's work there (micro_batch.py).
+        logits [T, E] float32: the gate's logits of h, already computed (Backbone._fast_steps)."""
         counts = self.expert_load.counts[self.layer] if self.expert_load is not None else None  # [E], on the device
-        topk_ids, topk_weights = self.gate(h, counts)  # [T, K] int64, [T, K] float32
+        topk_ids, topk_weights = self.gate(h, counts, logits)  # [T, K] int64, [T, K] float32
         pending = dispatch.submit(self.layer, h, topk_ids, topk_weights)
         shared = None
         if self.shared is not None:  # computed while the routed experts are out
@@ -87,6 +90,9 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
+    # Fast path at GEMV sizes: add + RMSNorm inside the next GEMV's launch (off: MOEMESH_NORM_FOLD=0, an A/B check)
+    fold_norms = os.environ.get("MOEMESH_NORM_FOLD", "1") != "0"
+
     def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[DecoderLayer], norm: RMSNorm,
                  lm_head: torch.Tensor | None, device: torch.device | str) -> None:
         super().__init__()
@@ -152,18 +158,32 @@ class Backbone(nn.Module):
 
     def _fast_steps(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: StepContext,
                     dispatch: ExpertDispatch, pools: list | None) -> Generator[None, None, torch.Tensor]:
-        """hidden_steps() with each residual add fused into the next RMSNorm (one launch instead of ~8)."""
-        from moemesh.runtime.gpu.fused_ops import add_rms_norm
+        """hidden_steps() with each residual add fused into the next RMSNorm (one launch instead of ~8). At GEMV
+        sizes (T <= dense_gemv.GEMV_MAX_ROWS) each add + norm folds further into the kernel that reads its output:
+        the input norm into the q/k/v GEMV, the post-attention norm into the router logits (2 launches fewer per
+        layer). x' (the residual) and h come out with the bits of add_rms_norm's."""
+        from moemesh.runtime.gpu.dense_gemv import GEMV_MAX_ROWS
+        from moemesh.runtime.gpu.fused_ops import add_rms_norm, router_logits_norm
 
-        layers = list(self.layers)
-        x, h = add_rms_norm(x, None, layers[0].input_norm.weight, layers[0].input_norm.eps)
-        for i, layer in enumerate(layers):
-            attn = layer.attn(h, rope, self.rotary, ctx, pools[i] if pools is not None else None)
-            x, h = add_rms_norm(x, attn, layer.post_norm.weight, layer.post_norm.eps)
-            mlp = (yield from layer.mlp.steps(h, dispatch)) if isinstance(layer.mlp, MoeBlock) else layer.mlp(h)
-            norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.norm
-            x, h = add_rms_norm(x, mlp, norm.weight, norm.eps)
-        return h
+        fold = self.fold_norms and x.shape[0] <= GEMV_MAX_ROWS
+        delta = None  # [T, H] the last block's output, not yet added into the residual x
+        for i, layer in enumerate(self.layers):
+            pool = pools[i] if pools is not None else None
+            if fold and isinstance(layer.attn, Attention) and layer.attn.fast:
+                x, attn = layer.attn.forward_normed(x, delta, layer.input_norm, rope, ctx, pool)
+            else:
+                x, h = add_rms_norm(x, delta, layer.input_norm.weight, layer.input_norm.eps)
+                attn = layer.attn(h, rope, self.rotary, ctx, pool)
+            post, logits = layer.post_norm, None
+            if fold and isinstance(layer.mlp, MoeBlock):
+                x, h, logits = router_logits_norm(x, attn, post.weight, post.eps, layer.mlp.gate.weight)
+            else:
+                x, h = add_rms_norm(x, attn, post.weight, post.eps)
+            if isinstance(layer.mlp, MoeBlock):
+                delta = yield from layer.mlp.steps(h, dispatch, logits)
+            else:
+                delta = layer.mlp(h)
+        return add_rms_norm(x, delta, self.norm.weight, self.norm.eps)[1]
 
 
 def drive(steps: Generator[None, None, T]) -> T:

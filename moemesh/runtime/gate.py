@@ -36,23 +36,26 @@ class Gate(nn.Module):
             raise ValueError(f"{prefix}.weight has {weight.shape[0]} rows, config says {spec.num_experts} experts")
         return cls(spec, weight, bias)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor | None = None,
+                logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (ids [T, K] int64, weights [T, K] float32). counts [E] int64: each chosen expert's routed-token
-        counter goes up by one, on the device (expert_load.py; in the top-k launch itself on the fast path)."""
+        counter goes up by one, on the device (expert_load.py; in the top-k launch itself on the fast path).
+        logits [T, E] float32: x.float() @ weight^T already computed (the backbone's fast path folds it into the
+        post-attention norm's launch, fused_ops.router_logits_norm)."""
         s = self.spec
         if self.fast:  # CUDA: two launches (float32 logits, then softmax + top-k) instead of ~6
             from moemesh.runtime.gpu.fused_ops import route_softmax, router_logits
 
-            return route_softmax(router_logits(x, self.weight), s.top_k, s.norm_topk_prob, s.routed_scaling_factor,
-                                 counts)
-        ids, weights = self._route(x)
+            logits = router_logits(x, self.weight) if logits is None else logits
+            return route_softmax(logits, s.top_k, s.norm_topk_prob, s.routed_scaling_factor, counts)
+        ids, weights = self._route(x, logits)
         if counts is not None:
             count(counts, ids)
         return ids, weights
 
-    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _route(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec
-        logits = F.linear(x.float(), self.weight)  # [T, E]
+        logits = F.linear(x.float(), self.weight) if logits is None else logits  # [T, E]
         if s.scoring == "unit":
             ids = logits.topk(s.top_k, dim=-1).indices
             return ids, torch.ones(ids.shape, dtype=torch.float32, device=x.device)

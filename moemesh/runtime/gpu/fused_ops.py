@@ -6,6 +6,8 @@ every launch still costs ~2 us, and a layer had ~90 of them).
     route_softmax  router logits [T, E] -> softmax -> top-k -> optional renormalisation -> (ids, weights)
     router_logits  x [T, H] @ W^T in float32, one launch at decode sizes (fusing it with route_softmax through a
                    last-program-does-top-k ticket was measured slower on the H200: 5.9 us against 2.4 + 2.4)
+    router_logits_norm  add_rms_norm + router_logits in one launch at decode sizes: each program normalises its row
+                   (rms_scale, fold_act; dense_gemv.norm_linear folds the input norm into the q/k/v GEMV the same way)
 
 Each matches the torch reference up to bf16 rounding (one rounding at the end instead of one per torch op).
 """
@@ -49,6 +51,43 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
         _add_rms_norm[(t,)](x, delta if delta is not None else x, weight, h, out, n, eps, ADD=delta is not None,
                             BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8, **pdl.launch())
     return out, h
+
+
+@triton.jit
+def _residual(x_ptr, d_ptr, offs, ok, ADD: tl.constexpr):
+    """x (+ d) at offs, the sum in float32 rounded to x's dtype (the residual stream's)."""
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+    if ADD:
+        x = (x.to(tl.float32) + tl.load(d_ptr + offs, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
+def rms_scale(x_ptr, d_ptr, n, eps, ADD: tl.constexpr, BLOCK: tl.constexpr):
+    """1 / rms of the row x (+ d) [n]: _add_rms_norm's statistic, in its order (BLOCK >= n, one reduction)."""
+    cols = tl.arange(0, BLOCK)
+    xf = _residual(x_ptr, d_ptr, cols, cols < n, ADD).to(tl.float32)
+    return tl.rsqrt(tl.sum(xf * xf, 0) / n + eps)
+
+
+@triton.jit
+def fold_act(x_ptr, d_ptr, nw_ptr, xo_ptr, ho_ptr, offs, ok, r, stored, NORM: tl.constexpr, ADD: tl.constexpr,
+             STORE_H: tl.constexpr):
+    """A GEMV's float32 input chunk at offs (ok = offs < row length): x itself, or (NORM) h = rmsnorm(x + d) * nw
+    with _add_rms_norm's roundings (x + d to x's dtype, times r to it, times nw to it), r = rms_scale of the row.
+    Where offs < stored (the row length in one program per row, else 0): x + d is stored to xo (ADD) and h to ho
+    (STORE_H), both in x's dtype. (A bool scalar & a block mask breaks Triton 3.9's interpreter, hence the bound.)"""
+    if NORM:
+        x = _residual(x_ptr, d_ptr, offs, ok, ADD)
+        if ADD:
+            tl.store(xo_ptr + offs, x, mask=offs < stored)
+        nw = tl.load(nw_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        x = ((x.to(tl.float32) * r).to(x.dtype).to(tl.float32) * nw).to(x.dtype)
+        if STORE_H:
+            tl.store(ho_ptr + offs, x, mask=offs < stored)
+    else:
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -154,23 +193,47 @@ def route_softmax(logits: torch.Tensor, top_k: int, renormalize: bool, scale: fl
 
 
 @triton.jit
-def _router_logits(x_ptr, w_ptr, out_ptr, e, h, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PDL: tl.constexpr = False):
+def _router_body(x_ptr, d_ptr, nw_ptr, xo_ptr, ho_ptr, w_ptr, out_ptr, e, h, eps, NORM: tl.constexpr,
+                 ADD: tl.constexpr, NORM_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr):
+    """Logits of row t for BLOCK_E experts; NORM: of rmsnorm(x + d) * nw (see fold_act), program (t, 0) stores
+    x + d and the normed row for the experts."""
     t = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)  # [BE] experts of this program
     ks = tl.arange(0, BLOCK_K)
     # First K step's weights before the PDL wait (never written during a step; see dense_gemv._gemv).
     w = tl.load(w_ptr + rows[:, None] * h + ks[None, :], mask=(rows[:, None] < e) & (ks < h)[None, :], other=0.0)
     enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
-    x = tl.load(x_ptr + t * h + ks, mask=ks < h, other=0.0).to(tl.float32)  # [BK]
+    r = 1.0
+    if NORM:
+        r = rms_scale(x_ptr + t * h, d_ptr + t * h, h, eps, ADD, NORM_BLOCK)
+    stored = tl.where(tl.program_id(1) == 0, h, 0)  # program (t, 0) stores x' and h
+    x = fold_act(x_ptr + t * h, d_ptr + t * h, nw_ptr, xo_ptr + t * h, ho_ptr + t * h, ks, ks < h, r, stored,
+                 NORM, ADD, True)  # [BK] float32
     acc = tl.sum(w * x[None, :], 1)
     for k0 in range(BLOCK_K, h, BLOCK_K):
         k_ok = k0 + ks < h
-        x = tl.load(x_ptr + t * h + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)  # [BK]
+        x = fold_act(x_ptr + t * h, d_ptr + t * h, nw_ptr, xo_ptr + t * h, ho_ptr + t * h, k0 + ks, k_ok, r, stored,
+                     NORM, ADD, True)  # [BK]
         w = tl.load(w_ptr + rows[:, None] * h + k0 + ks[None, :], mask=(rows[:, None] < e) & k_ok[None, :],
                     other=0.0)  # [BE, BK] float32
         acc += tl.sum(w * x[None, :], 1)
     tl.store(out_ptr + t * e + rows, acc, mask=rows < e)
+
+
+@triton.jit
+def _router_logits(x_ptr, w_ptr, out_ptr, e, h, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    _router_body(x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, w_ptr, out_ptr, e, h, 0.0, False, False, 1, BLOCK_E, BLOCK_K,
+                 PDL)
+
+
+@triton.jit
+def _router_logits_norm(x_ptr, d_ptr, nw_ptr, xo_ptr, ho_ptr, w_ptr, out_ptr, e, h, eps, ADD: tl.constexpr,
+                        NORM_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    _router_body(x_ptr, d_ptr, nw_ptr, xo_ptr, ho_ptr, w_ptr, out_ptr, e, h, eps, True, ADD, NORM_BLOCK, BLOCK_E,
+                 BLOCK_K, PDL)
 
 
 # Rows up to which the one-launch GEMV wins: it re-reads W (float32, 1 MB at 128 experts x 2048) per row from L2, so
@@ -193,3 +256,30 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                                        **pdl.launch())
     return out
 
+
+
+# Widest row whose norm folds into the GEMV after it: the statistic is one NORM_BLOCK-wide reduction per program, as
+# in _add_rms_norm (same order, same bits), held in registers beside the weight tile.
+NORM_FOLD_MAX = 8192
+
+
+def router_logits_norm(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                       weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """add_rms_norm(x, delta, norm_weight, eps) then router_logits(h, weight), in one launch at decode sizes: x, delta
+    [T, H] contiguous -> (x' = x + delta [T, H], h = rmsnorm(x') * norm_weight [T, H], logits [T, E] float32), the
+    same bits as the pair. Every program normalises its row itself (from L2; 4-12 KB); program (t, 0) stores x', h."""
+    t, n = x.shape
+    e = weight.shape[0]
+    if t > ROUTER_GEMV_MAX_TOKENS or n > NORM_FOLD_MAX or not t:
+        x, h = add_rms_norm(x, delta, norm_weight, eps)
+        return x, h, router_logits(h, weight)
+    x = x.contiguous()
+    out = torch.empty(t, e, dtype=torch.float32, device=x.device)
+    h = torch.empty_like(x)
+    summed = torch.empty_like(x) if delta is not None else x
+    d = delta.contiguous() if delta is not None else x
+    width = min(4096, triton.next_power_of_2(n))  # as router_logits: one expert row per program
+    _router_logits_norm[(t, e)](x, d, norm_weight, summed, h, weight, out, e, n, eps, ADD=delta is not None,
+                                NORM_BLOCK=triton.next_power_of_2(n), BLOCK_E=1, BLOCK_K=width, num_warps=4,
+                                **pdl.launch())
+    return summed, h, out
