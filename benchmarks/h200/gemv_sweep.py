@@ -2,7 +2,9 @@
 down weighted and summed over slots into float32 rows), over a wider grid than moe_kernel.py's --tune-gemv: narrow
 column blocks with whole-K tiles included. Prints the best per kind and the JSON entry for the config file.
 
-    PYTHONPATH=. python3 benchmarks/h200/gemv_sweep.py [none|int4] [unroll,loop,words] [gemv_gate_up,gemv_down]
+    PYTHONPATH=. python3 benchmarks/h200/gemv_sweep.py [none|int4] [unroll,loop,words,words-xq] [gemv_gate_up,gemv_down]
+
+words-xq: the word-wise int4 GEMV with the activations' quarters loaded strided (XQ; not yet measured on the H200).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def main() -> None:
     from moemesh.runtime.quant import quantize
 
     scheme = sys.argv[1] if len(sys.argv) > 1 else "none"  # none (bf16) or int4
-    # K loops to sweep: unroll (K_STATIC), loop (dynamic), words (int4 only: int4_kernels._int4_words)
+    # K loops to sweep: unroll (K_STATIC), loop (dynamic), words and words-xq (int4 only: int4_kernels._int4_words)
     loops = sys.argv[2].split(",") if len(sys.argv) > 2 else ("unroll", "loop")
     e, inter, h, k, n_layers = 128, 768, 2048, 8, 12  # Qwen3-30B-A3B; 12 layers' weights: more than L2 holds
     layers = [(torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) / 45,
@@ -42,11 +44,11 @@ def main() -> None:
         timed = []
         # int4: K steps of whole 128-column blocks; down's K (768) is 6 blocks, so 256 or 512 wastes none / 2 of 8
         bks = (256, 512, 1024, 2048) if scheme == "none" else (256, 512) if kind == "gemv_down" else (512, 1024, 2048)
-        words_only = list(loops) == ["words"]
+        words_only = set(loops) <= {"words", "words-xq"}
         bns = (8, 16, 32) if kind == "gemv_down" and words_only else (8, 16) if words_only else (4, 8, 16)
         for loop, bn, bk, warps in itertools.product(loops, bns, bks, (4, 8)):
             cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 2, "UNROLL": loop != "loop",
-                   "WORDS": loop == "words"}
+                   "WORDS": loop.startswith("words"), "XQ": loop == "words-xq"}
 
             def run():  # every layer once, as a decode step does (a graph: no launch overhead, L2 cold-ish)
                 for gu, dn in layers:
@@ -73,7 +75,7 @@ def main() -> None:
 
 
 def _loop(cfg: dict) -> str:
-    return "words" if cfg["WORDS"] else "unroll" if cfg["UNROLL"] else "loop"
+    return ("words-xq" if cfg["XQ"] else "words") if cfg["WORDS"] else "unroll" if cfg["UNROLL"] else "loop"
 
 
 if __name__ == "__main__":
