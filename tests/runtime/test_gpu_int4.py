@@ -192,11 +192,12 @@ def test_int4_kernels_compile_for_hopper_with_wide_loads(group, zp):
         gemv = _compile_sm90(_moe_gemv, ["*bf16", "*u8", out, "*fp32", "*i64", "*fp32", "*fp32"],
                              {**flags, "SUM_SLOTS": 0 if gated else 8, "BLOCK_N": 8, "BLOCK_K": 512, "K_STATIC": 0})
         assert "ld.global.v4.b32" in gemv
-        if group == 128 and not zp and not gated:  # the word-wise down GEMV, activations' quarters loaded strided
+        if group == 128 and not zp:  # the word-wise GEMV, XQ (quarters loaded strided; gate and up rows stacked)
+            shape = {"SUM_SLOTS": 0, "BLOCK_N": 16, "BLOCK_K": 1024, "K_STATIC": 2048} if gated else \
+                {"SUM_SLOTS": 8, "BLOCK_N": 32, "BLOCK_K": 256, "K_STATIC": 768}
             syncs = [_compile_sm90(_moe_gemv, ["*bf16", "*u8", out, "*fp32", "*i64", "*fp32", "*fp32"],
-                                   {**flags, "SUM_SLOTS": 8, "BLOCK_N": 32, "BLOCK_K": 256, "K_STATIC": 768,
-                                    "WORDS": words}).count("bar.sync") for words in (2, 6)]
-            assert syncs[1] <= 2 < syncs[0], syncs  # XQ: no shared-memory round trip of the activations
+                                   {**flags, **shape, "WORDS": words}).count("bar.sync") for words in (2, 6)]
+            assert 4 * syncs[1] < syncs[0], syncs  # far fewer shared-memory round trips of the activations
         for magic in (False, True):  # both ways codes become floats (a tuned choice)
             gemm = _compile_sm90(_moe_gemm, ["*bf16", "*u8", out, "*fp32", "*i64", "*i64", "*i64", "*fp32", "*fp32"],
                                  {**flags, "EVEN_K": True, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8,

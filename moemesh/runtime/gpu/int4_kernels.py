@@ -230,7 +230,17 @@ def _int4_gemv_half(codes, x, col0, s_rows, z_rows, col_ok, blk_ok, BLOCK_N: tl.
 def _int4_words_step(acc, acc_up, a_row, w_rows, s_rows, col_ok, k0, k_in, stride_bn, up, up_rows,
                      GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
                      XQ: tl.constexpr = False):
-    """One K step of the word-wise GEMV: gate (or only) and up words loaded first, then both dots."""
+    """One K step of the word-wise GEMV: gate (or only) and up words loaded first, then both dots. XQ and GATED:
+    gate row n and up row n as rows 2n and 2n + 1 of one [2 BN] block, one dot: the activations' quarters are
+    brought into the dot's layout once for both (a shared-memory round trip and barrier each, otherwise twice)."""
+    if GATED and XQ:
+        rows = tl.reshape(tl.join(w_rows, w_rows + up_rows * stride_bn), (2 * BLOCK_N,))  # [2 BN] gate, up, ...
+        ok = tl.reshape(tl.join(col_ok, col_ok), (2 * BLOCK_N,))
+        scales = tl.reshape(tl.join(s_rows, s_rows + up), (2 * BLOCK_N,))
+        words = _int4_words(rows, ok, k0, k_in, BLOCK_K)  # [2 BN, BLOCK_K / 128, 16]
+        both = _int4_words_dot(words, a_row, scales, ok, k0, k_in, 2 * BLOCK_N, BLOCK_K, ASM, XQ)  # [2 BN]
+        gate, up_part = tl.split(tl.reshape(both, (BLOCK_N, 2)))
+        return acc + gate, acc_up + up_part
     words = _int4_words(w_rows, col_ok, k0, k_in, BLOCK_K)
     if GATED:
         words_up = _int4_words(w_rows + up_rows * stride_bn, col_ok, k0, k_in, BLOCK_K)
