@@ -257,7 +257,6 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-
 # Widest row whose norm folds into the GEMV after it: the statistic is one NORM_BLOCK-wide reduction per program, as
 # in _add_rms_norm (same order, same bits), held in registers beside the weight tile.
 NORM_FOLD_MAX = 8192
