@@ -144,6 +144,8 @@ def finish(engine, launched: Launched) -> list[SequenceResult]:
         finish(engine, launched.after)
     if launched.event is not None:
         launched.event.synchronize()
+    # host: the pinned CPU tensor the step's one device-to-host copy filled (waited for by the event above), so
+    # this reads host memory and stalls nothing: the one .tolist() of a step, not of a layer
     launched.token_list = launched.host.tolist()
     results = []
     for i, (w, state, token) in enumerate(zip(launched.works, launched.states, launched.token_list)):

@@ -23,9 +23,11 @@ from test_gpu_kernels import _qwen3_config, _rel
 
 WHY = kernels_usable(torch.device("cuda"), torch.bfloat16)
 cuda = pytest.mark.skipif(bool(WHY), reason=f"needs CUDA with Triton: {WHY}")
-interpreter = pytest.mark.skipif(not triton_available() or torch.cuda.is_available(),
-                                 reason="a Triton-interpreter check for a CPU machine with Triton; on a GPU the "
-                                 "compiled kernels are checked by the cuda test")
+interpreter = pytest.mark.skipif(
+    not triton_available() or torch.cuda.is_available(),
+    reason="runs the kernels under Triton's interpreter on CPU tensors, which needs Triton and a machine without "
+    "CUDA (with CUDA the engine loads on the GPU); on a GPU the compiled kernels are checked against the same "
+    "references by the cuda tests of this file")
 
 KERNELS = textwrap.dedent('''
     import torch
