@@ -94,12 +94,10 @@ def moe_gemv(a: torch.Tensor, w: Weight, out: torch.Tensor, ids: torch.Tensor, a
 
 
 def _words(cfg: dict) -> int:
-    """_moe_gemv's WORDS: 0 off, 1 the int4 word decode in plain Triton (the interpreter), 2 with inline lop3; + 4
-    with XQ (int4_kernels._int4_words_dot: the activations' quarters loaded strided, no shared-memory layout change;
-    a sweep candidate, benchmarks/h200/gemv_sweep.py)."""
+    """_moe_gemv's WORDS: 0 off, 1 the int4 word decode in plain Triton (the interpreter), 2 with inline lop3."""
     if not cfg.get("WORDS"):
         return 0
-    return (1 if os.environ.get("TRITON_INTERPRET") == "1" else 2) + (4 if cfg.get("XQ") else 0)
+    return 1 if os.environ.get("TRITON_INTERPRET") == "1" else 2
 
 
 def default_config(tokens: int, kind: str) -> dict[str, int]:

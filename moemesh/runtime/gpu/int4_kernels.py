@@ -130,7 +130,7 @@ def _int4_words(w_rows, col_ok, k0, k_in, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _int4_words_dot(words, x_row, s_rows, col_ok, k0, k_in, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    ASM: tl.constexpr, XQ: tl.constexpr = False):
+                    ASM: tl.constexpr):
     """[BN] float32 sums over columns k0 .. k0 + BLOCK_K of W[n, k] * x[k] from _int4_words (GROUP 128, symmetric).
     Word i of packing block p is bytes 4i .. 4i+3: byte m's low nibble (bits 8m) is column 128p + 4i + m, its high
     nibble (bits 8m + 4) column 128p + 64 + 4i + m.
@@ -141,25 +141,15 @@ def _int4_words_dot(words, x_row, s_rows, col_ok, k0, k_in, BLOCK_N: tl.constexp
     v * x' = x' + c * x, so one FMA per code gives sum(x') + sum(c * x), and sum((c - 8) * x) = that - sum(x') -
     8 * sum(x), both sums taken once per program. float32 keeps ~2^-16 of sum|x| (the x' terms are at most 2^11 x):
     well inside bf16's 2^-8.
-    XQ: each of the eight [NG, 16] activation quarters is loaded strided (4 apart, from L1) in the layout the dot
-    wants, instead of two contiguous [NG, 64] loads split through shared memory (sm_90 PTX of the down GEMV: 1
-    barrier instead of 43, 52 registers instead of 96). Not yet timed on the H200: a gemv_sweep.py candidate."""
+    """
     NG: tl.constexpr = BLOCK_K // 128
     blk = k0 // 128 + tl.arange(0, NG)  # [NG] packing blocks of this step
-    if XQ:  # each quarter loaded straight from memory (strided, from L1): no shared-memory layout change
-        col = (blk * 128)[:, None] + 4 * tl.arange(0, 16)[None, :]  # [NG, 16] columns 128p + 4i
-        lo0, lo1, lo2, lo3 = _x_at(x_row, col, k_in), _x_at(x_row, col + 1, k_in), _x_at(x_row, col + 2, k_in), \
-            _x_at(x_row, col + 3, k_in)
-        hi0, hi1, hi2, hi3 = _x_at(x_row, col + 64, k_in), _x_at(x_row, col + 65, k_in), \
-            _x_at(x_row, col + 66, k_in), _x_at(x_row, col + 67, k_in)
-        plain = tl.sum(lo0 + lo1 + lo2 + lo3 + hi0 + hi1 + hi2 + hi3, 1)  # [NG] sum of x per block
-    else:
-        col = (blk * 128)[:, None] + tl.arange(0, 64)[None, :]  # [NG, 64] columns of the low nibbles
-        x_lo = tl.load(x_row + col, mask=col < k_in, other=0.0).to(tl.float32)
-        x_hi = tl.load(x_row + col + 64, mask=col + 64 < k_in, other=0.0).to(tl.float32)
-        lo0, lo1, lo2, lo3 = _quarters(x_lo, NG)  # [NG, 16] each: x at columns 4i + m
-        hi0, hi1, hi2, hi3 = _quarters(x_hi, NG)
-        plain = tl.sum(x_lo, 1) + tl.sum(x_hi, 1)  # [NG] sum of x per block
+    col = (blk * 128)[:, None] + tl.arange(0, 64)[None, :]  # [NG, 64] columns of the low nibbles
+    x_lo = tl.load(x_row + col, mask=col < k_in, other=0.0).to(tl.float32)
+    x_hi = tl.load(x_row + col + 64, mask=col + 64 < k_in, other=0.0).to(tl.float32)
+    lo0, lo1, lo2, lo3 = _quarters(x_lo, NG)  # [NG, 16] each: x at columns 4i + m
+    hi0, hi1, hi2, hi3 = _quarters(x_hi, NG)
+    plain = tl.sum(x_lo, 1) + tl.sum(x_hi, 1)  # [NG] sum of x per block
     # bit 12 of the mantissa: x * 2^11; bit 16: x * 2^7 (see the table in the loop below)
     lo0, hi0, hi1, hi2 = lo0 * 2048.0, hi0 * 2048.0, hi1 * 2048.0, hi2 * 2048.0
     lo1, lo2, lo3, hi3 = lo1 * 128.0, lo2 * 128.0, lo3 * 128.0, hi3 * 128.0
@@ -178,12 +168,6 @@ def _int4_words_dot(words, x_row, s_rows, col_ok, k0, k_in, BLOCK_N: tl.constexp
     blk_ok = blk < tl.cdiv(k_in, 128)
     scale = tl.load(s_rows[:, None] + blk[None, :], mask=col_ok[:, None] & blk_ok[None, :], other=0.0)  # [BN, NG]
     return tl.sum(part * scale, 1)
-
-
-@triton.jit
-def _x_at(x_row, col, k_in):
-    """x[col] as float32, 0 past k_in."""
-    return tl.load(x_row + col, mask=col < k_in, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -228,24 +212,15 @@ def _int4_gemv_half(codes, x, col0, s_rows, z_rows, col_ok, blk_ok, BLOCK_N: tl.
 
 @triton.jit
 def _int4_words_step(acc, acc_up, a_row, w_rows, s_rows, col_ok, k0, k_in, stride_bn, up, up_rows,
-                     GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
-                     XQ: tl.constexpr = False):
-    """One K step of the word-wise GEMV: gate (or only) and up words loaded first, then both dots. XQ and GATED:
-    gate row n and up row n as rows 2n and 2n + 1 of one [2 BN] block, one dot: the activations' quarters are
-    brought into the dot's layout once for both (a shared-memory round trip and barrier each, otherwise twice)."""
-    if GATED and XQ:
-        rows = tl.reshape(tl.join(w_rows, w_rows + up_rows * stride_bn), (2 * BLOCK_N,))  # [2 BN] gate, up, ...
-        ok = tl.reshape(tl.join(col_ok, col_ok), (2 * BLOCK_N,))
-        scales = tl.reshape(tl.join(s_rows, s_rows + up), (2 * BLOCK_N,))
-        words = _int4_words(rows, ok, k0, k_in, BLOCK_K)  # [2 BN, BLOCK_K / 128, 16]
-        both = _int4_words_dot(words, a_row, scales, ok, k0, k_in, 2 * BLOCK_N, BLOCK_K, ASM, XQ)  # [2 BN]
-        gate, up_part = tl.split(tl.reshape(both, (BLOCK_N, 2)))
-        return acc + gate, acc_up + up_part
+                     GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+    """One K step of the word-wise GEMV: gate (or only) and up words loaded first, then both dots. (Measured on the
+    H200, 2026-11-29: loading the activations' quarters strided instead of through shared memory, with gate and up
+    rows stacked into one dot, was no faster: gate_up 11.5 vs 9.4 us, down 7.6 vs 7.2; removed.)"""
     words = _int4_words(w_rows, col_ok, k0, k_in, BLOCK_K)
     if GATED:
         words_up = _int4_words(w_rows + up_rows * stride_bn, col_ok, k0, k_in, BLOCK_K)
-        acc_up += _int4_words_dot(words_up, a_row, s_rows + up, col_ok, k0, k_in, BLOCK_N, BLOCK_K, ASM, XQ)
-    acc += _int4_words_dot(words, a_row, s_rows, col_ok, k0, k_in, BLOCK_N, BLOCK_K, ASM, XQ)
+        acc_up += _int4_words_dot(words_up, a_row, s_rows + up, col_ok, k0, k_in, BLOCK_N, BLOCK_K, ASM)
+    acc += _int4_words_dot(words, a_row, s_rows, col_ok, k0, k_in, BLOCK_N, BLOCK_K, ASM)
     return acc, acc_up
 
 
@@ -256,11 +231,12 @@ def _int4_gemv_loop(acc, acc_up, a_row, w_rows, s_rows, z_rows, col_ok, k_in, st
     """(gate or only, up) [BN] float32 sums of the GEMV over all of K for int4 rows w_rows [BN]. K_STATIC = K > 0:
     the K loop unrolled at compile time, so the loads of every step can be issued before the first step's math."""
     up = up_rows * stride_sn
-    # WORDS: unrolled only (as a dynamic loop left to Triton's pipeliner it measured 12.0 vs 9.5 us, gate_up T=1)
+    # WORDS: unrolled only (as a dynamic loop, H200 at T=1: gate_up 12.0 vs 9.5 us with Triton's pipeliner, 10.8 vs
+    # 9.4 with few registers and many programs per SM; down 8.1 vs 7.2)
     if WORDS > 0 and GROUP == 128 and not ZP and K_STATIC > 0:
         for k0 in tl.static_range(0, K_STATIC, BLOCK_K):
             acc, acc_up = _int4_words_step(acc, acc_up, a_row, w_rows, s_rows, col_ok, k0, K_STATIC, stride_bn,
-                                           up, up_rows, GATED, BLOCK_N, BLOCK_K, WORDS % 4 == 2, WORDS >= 4)
+                                           up, up_rows, GATED, BLOCK_N, BLOCK_K, WORDS == 2)
     elif K_STATIC > 0:
         for k0 in tl.static_range(0, K_STATIC, BLOCK_K):
             acc += _int4_gemv_step(a_row, w_rows, s_rows, z_rows, col_ok, k0, K_STATIC, BLOCK_N, BLOCK_K, GROUP, ZP)
