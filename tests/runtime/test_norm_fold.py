@@ -42,13 +42,11 @@ KERNELS = textwrap.dedent('''
         d = torch.randn(t, k, dtype=d_dtype) if add else None
         w, b = torch.randn(50, k, dtype=BF) / 16, torch.randn(50, dtype=BF) if bias else None
         summed, h = fused_ops.add_rms_norm(x, d, nw, 1e-6)  # the unfused pair: add + norm, then the GEMV
-        want = torch.empty(t, 50, dtype=BF)
-        block_k = min(128, 1 << (k - 1).bit_length())  # norm_linear's interpreter config: 300 -> 3 K steps
-        dense_gemv._gemv.fn[(t, 13)](h, w, b if bias else h, want, 50, k, HAS_BIAS=bias, BLOCK_N=4, BLOCK_K=block_k)
-        assert torch.equal(dense_gemv.linear(h, w, b), want), "linear takes the same interpreter config"
-        got_x, got = dense_gemv.norm_linear(x, d, nw, 1e-6, w, b)
-        case = f"q/k/v T={t} K={k} add={add}"
-        assert torch.equal(got, want) and torch.equal(got_x, summed), case + ": bits of the pair"
+        for cfg in (None, {"BLOCK_N": 4, "BLOCK_K": 128, "num_warps": 4}):  # the default (whole K); K steps of 128
+            want = dense_gemv.linear(h, w, b, cfg)
+            got_x, got = dense_gemv.norm_linear(x, d, nw, 1e-6, w, b, cfg)
+            case = f"q/k/v T={t} K={k} add={add} cfg={cfg}"
+            assert torch.equal(got, want) and torch.equal(got_x, summed), case + ": bits of the pair"
         ref_x = (x.float() + d.float()).to(BF) if add else x
         ref = torch.nn.functional.linear(RMSNorm(nw, 1e-6)(ref_x).float(), w.float(), None if b is None else b.float())
         # Triton 3.9's interpreter rounds float32 -> bfloat16 toward zero, torch to nearest: one ulp apart at most
@@ -159,16 +157,17 @@ def test_a_fast_step_with_the_fold_gives_the_logits_without_it(tmp_path):
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_folded_kernels_compile_for_hopper_with_pdl():
-    """Every GEMV config the autotuner may pick and the router's compile for sm_90 with PDL, without a GPU."""
+    """The q/k/v GEMV's default config (test_dense_gemv: the tuned ones) and the router's compile for sm_90 with
+    PDL, without a GPU."""
     from moemesh.runtime.gpu import dense_gemv, fused_ops
     from test_prefill_moe import compile_sm90
 
     ptrs = {n: "*bf16" for n in ("x_ptr", "nw_ptr", "xo_ptr", "ho_ptr", "w_ptr", "b_ptr", "y_ptr")}
     types = {**ptrs, "d_ptr": "*fp32", "eps": "fp32"}  # delta: the routed experts' float32 output
-    for config in dense_gemv._gemv_norm.configs:
-        consts = dict(HAS_BIAS=False, ADD=True, NORM_BLOCK=2048, PDL=True, **config.kwargs)
-        assert "griddepcontrol.wait" in compile_sm90(dense_gemv._gemv_norm.fn, types, consts, config.num_warps,
-                                                     config.num_stages), config
+    config = dense_gemv.default_config(5120, 2048, True)
+    consts = dict(HAS_BIAS=False, ADD=True, ROWS=1, NORM_BLOCK=2048, PDL=True, BLOCK_N=config["BLOCK_N"],
+                  BLOCK_K=config["BLOCK_K"])
+    assert "griddepcontrol.wait" in compile_sm90(dense_gemv._gemv_norm, types, consts, config["num_warps"], 1), config
     types = {**ptrs, "d_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32", "eps": "fp32"}
     consts = dict(ADD=True, NORM_BLOCK=2048, BLOCK_E=1, BLOCK_K=2048, PDL=True)
     assert "griddepcontrol.wait" in compile_sm90(fused_ops._router_logits_norm, types, consts, 4, 1)
@@ -225,8 +224,8 @@ def _greedy(engine, prompts, steps, forced=None):
 @cuda
 @pytest.mark.parametrize("batch", [1, 2])  # both GEMV sizes, in their CUDA graphs (buckets 1 and 2)
 def test_decode_steps_give_the_same_tokens_with_and_without_the_fold(tmp_path, batch):
-    """The folded norms give the unfolded kernels' bits where both GEMVs run one config; the autotuner may pick
-    another for the folded one (float32 sums in another order), so a token may differ only at a near-tie."""
+    """The folded norms give the unfolded kernels' bits where both GEMVs run one config and layout; the tuned table
+    gives the folded one its own config (float32 sums in another order), so a token may differ only at a near-tie."""
     path = _qwen3_config(tmp_path, layers=4)
     kw = dict(load_format="dummy", device="cuda", dtype=torch.bfloat16, kv_blocks=64, block_size=16)
     folded, plain = Engine.load(path, **kw), Engine.load(path, **kw)
