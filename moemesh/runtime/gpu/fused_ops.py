@@ -91,37 +91,36 @@ def fold_act(x_ptr, d_ptr, nw_ptr, xo_ptr, ho_ptr, offs, ok, r, stored, NORM: tl
 
 
 @triton.jit
-def _norm_rope(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, kp_ptr, vp_ptr, slot_ptr, stride_t, k_offset, eps,
-               Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
-               NORM: tl.constexpr, WRITE_KV: tl.constexpr, PDL: tl.constexpr = False):
+def _norm_rope(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, kp_ptr, vp_ptr, slot_ptr, stride_t, eps,
+               Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, D: tl.constexpr, NORM: tl.constexpr,
+               WRITE_KV: tl.constexpr, PDL: tl.constexpr = False):
+    """Program (t, h): head h of token t's row, h < Q_HEADS a q head, else k head h - Q_HEADS (v is not rotated)."""
     enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     t = tl.program_id(0).to(tl.int64)
-    is_k = tl.program_id(1)
-    heads = tl.where(is_k == 1, K_HEADS, Q_HEADS)
-    base = qkv_ptr + t * stride_t + is_k * k_offset
-    hh = tl.arange(0, HP)[:, None]  # [HP, 1]
-    i = tl.arange(0, D)[None, :]  # [1, D]
+    head = tl.program_id(1)
+    is_k = head >= Q_HEADS
+    row = qkv_ptr + t * stride_t + head * D  # head h (q, then k, then v heads) at columns h * D ..
+    i = tl.arange(0, D)  # [D]
     partner = (i + D // 2) % D  # rotate-half: out[i] = x[i] cos[i] -/+ x[partner] sin[i]
-    ok = hh < heads
-    x = tl.load(base + hh * D + i, mask=ok, other=0.0)
-    xp = tl.load(base + hh * D + partner, mask=ok, other=0.0)
+    x = tl.load(row + i)
+    xp = tl.load(row + partner)
     dtype = x.dtype
     x, xp = x.to(tl.float32), xp.to(tl.float32)
     if NORM:  # per-head RMSNorm, rounded to the dtype after the scale and after the weight, as RMSNorm does
-        r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]  # [HP, 1]
-        w_ptr = tl.where(is_k == 1, kw_ptr, qw_ptr)
+        r = tl.rsqrt(tl.sum(x * x, 0) / D + eps)
+        w_ptr = tl.where(is_k, kw_ptr, qw_ptr)
         x = ((x * r).to(dtype).to(tl.float32) * tl.load(w_ptr + i).to(tl.float32)).to(dtype).to(tl.float32)
         xp = ((xp * r).to(dtype).to(tl.float32) * tl.load(w_ptr + partner).to(tl.float32)).to(dtype).to(tl.float32)
     cos = tl.load(cos_ptr + t * D + i).to(tl.float32)
     sin = tl.load(sin_ptr + t * D + i).to(tl.float32)
     out = x * cos + tl.where(i < D // 2, -xp, xp) * sin
-    tl.store(base + hh * D + i, out.to(dtype), mask=ok)
-    if WRITE_KV:  # decode: the k program also writes this token's K (rotated) and V into the pools [slots, Hkv, D]
-        if is_k == 1:
-            slot = tl.load(slot_ptr + t)
-            tl.store(kp_ptr + slot * (K_HEADS * D) + hh * D + i, out.to(kp_ptr.dtype.element_ty), mask=ok)
-            v = tl.load(base + K_HEADS * D + hh * D + i, mask=ok, other=0.0)
-            tl.store(vp_ptr + slot * (K_HEADS * D) + hh * D + i, v.to(vp_ptr.dtype.element_ty), mask=ok)
+    tl.store(row + i, out.to(dtype))
+    if WRITE_KV:  # decode: a k program also writes its head of this token's K (rotated) and V into the pools
+        if is_k:
+            kv = tl.load(slot_ptr + t) * (K_HEADS * D) + (head - Q_HEADS) * D + i  # [D] in pools [slots, Hkv, D]
+            tl.store(kp_ptr + kv, out.to(kp_ptr.dtype.element_ty))
+            v = tl.load(row + K_HEADS * D + i)  # v head h - Q_HEADS sits K_HEADS heads after k head h - Q_HEADS
+            tl.store(vp_ptr + kv, v.to(vp_ptr.dtype.element_ty))
 
 
 def norm_rope_(qkv: torch.Tensor, q_heads: int, k_heads: int, head_dim: int, q_weight: torch.Tensor | None,
@@ -138,10 +137,12 @@ def norm_rope_(qkv: torch.Tensor, q_heads: int, k_heads: int, head_dim: int, q_w
     if kv is not None and not all(p.is_contiguous() for p in kv[:2]):
         raise ValueError("norm_rope_ writes K/V into contiguous pools only")
     k_pool, v_pool, slots = kv if kv is not None else (qkv, qkv, qkv)
-    _norm_rope[(t, 2)](qkv, q_weight if norm else qkv, k_weight if norm else qkv, cos, sin, k_pool, v_pool, slots,
-                       qkv.stride(0), q_heads * head_dim, eps, Q_HEADS=q_heads, K_HEADS=k_heads,
-                       HP=triton.next_power_of_2(max(q_heads, k_heads)), D=head_dim, NORM=norm,
-                       WRITE_KV=kv is not None, num_warps=4, **pdl.launch())
+    # One program per head. H200, Qwen3-30B-A3B decode (benchmarks/h200/small_kernels.py, us per layer): 1.64,
+    # against 2.0 / 2.02 with 2 / 4 heads per program and 2.42 with two programs (all q heads, all k heads).
+    _norm_rope[(t, q_heads + k_heads)](qkv, q_weight if norm else qkv, k_weight if norm else qkv, cos, sin, k_pool,
+                                       v_pool, slots, qkv.stride(0), eps, Q_HEADS=q_heads, K_HEADS=k_heads,
+                                       D=head_dim, NORM=norm, WRITE_KV=kv is not None,
+                                       num_warps=max(1, min(4, head_dim // 128)), **pdl.launch())
 
 
 @triton.jit
@@ -178,6 +179,8 @@ def _route_softmax(logits_ptr, ids_ptr, w_ptr, counts_ptr, e, scale, K: tl.const
     _softmax_topk(s, cols, e, ids_ptr, w_ptr, counts_ptr, t, scale, K, KP, RENORM, COUNT)
 
 
+# Routing inside the expert GEMV's programs (each computing its slot's expert by ranking the row's probabilities)
+# was removed: H200 us per layer, alone 2.46 against this launch's 2.11, GEMV included 29.11 against 24.77.
 def route_softmax(logits: torch.Tensor, top_k: int, renormalize: bool, scale: float,
                   counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] float32 -> (ids [T, K] int64, weights [T, K] float32) as Router's softmax scoring. counts [E]
@@ -277,7 +280,9 @@ def router_logits_norm(x: torch.Tensor, delta: torch.Tensor | None, norm_weight:
     h = torch.empty_like(x)
     summed = torch.empty_like(x) if delta is not None else x
     d = delta.contiguous() if delta is not None else x
-    width = min(4096, triton.next_power_of_2(n))  # as router_logits: one expert row per program
+    # As router_logits: one expert row per program. H200 (small_kernels.py, us per layer): 2.08; 2 / 4 experts per
+    # program (fewer programs re-normalising the row) 1.99 / 3.22: too little for a second path, removed.
+    width = min(4096, triton.next_power_of_2(n))
     _router_logits_norm[(t, e)](x, d, norm_weight, summed, h, weight, out, e, n, eps, ADD=delta is not None,
                                 NORM_BLOCK=triton.next_power_of_2(n), BLOCK_E=1, BLOCK_K=width, num_warps=4,
                                 **pdl.launch())

@@ -30,27 +30,34 @@ def _paged_decode(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, lens_ptr, part_ptr, s
                   stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb, stride_ob, stride_oh,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr = False):
-    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # Before the PDL wait: the context length and the first tile's block-table entries. Both are written before the
+    # step (host copies); no kernel of the step writes them, so the first K/V loads wait on one dependent load
+    # fewer after it. H200 (small_kernels.py, us per layer, context 130 / 2000): 5.22 / 7.64 against 5.06 / 8.25;
+    # batch-1 engine graph with it and one norm_rope program per head 2.46 / 2.00 ms (bf16 / int4), 2.52 / 2.05 before.
+    seq_len = tl.load(lens_ptr + b)
+    tiles = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), SPLITS)  # tiles per split
+    lo = split * tiles * BLOCK_N
+    hi = tl.minimum(lo + tiles * BLOCK_N, seq_len)
+    first = lo + tl.arange(0, BLOCK_N)
+    block = tl.load(table_ptr + b * stride_tb + first // KV_BLOCK, mask=first < hi, other=0)  # [N]
+    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py); q is the last kernel's output
     g = tl.arange(0, GROUP_PAD)
     g_ok = g < GROUP
     heads = kv_head * GROUP + g  # [G] query heads served by this kv head
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
-    seq_len = tl.load(lens_ptr + b)
-    tiles = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), SPLITS)  # tiles per split
-    lo = split * tiles * BLOCK_N
-    hi = tl.minimum(lo + tiles * BLOCK_N, seq_len)
     m_i = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)  # [N] token positions of this tile
         ok = pos < hi
-        block = tl.load(table_ptr + b * stride_tb + pos // KV_BLOCK, mask=ok, other=0)
-        slot = block.to(tl.int64) * KV_BLOCK + pos % KV_BLOCK  # [N]
+        nxt = pos + BLOCK_N  # this tile's entries were loaded a tile ahead; load the next tile's now
+        this, block = block, tl.load(table_ptr + b * stride_tb + nxt // KV_BLOCK, mask=nxt < hi, other=0)
+        slot = this.to(tl.int64) * KV_BLOCK + pos % KV_BLOCK  # [N]
         k = tl.load(k_ptr + slot[:, None] * stride_ks + kv_head * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
         v = tl.load(v_ptr + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :], mask=ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale  # [G, N] float32
@@ -89,6 +96,9 @@ def _combine_splits(part_ptr, out_ptr, stride_ob, stride_oh, SPLITS: tl.constexp
     tl.store(out_ptr + b * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
+# Tried and removed: a minimum of context tokens per split (MIN_TILES; 128-512 tokens, so a short context runs in
+# fewer splits and the combine exits): H200 7.1-8.1 / 8.4-17.1 us per layer at context 130 / 2000, against 5.06 /
+# 8.25 with every split in use (benchmarks/h200/small_kernels.py, 2026-11-29).
 def splits_for(batch: int, kv_heads: int, max_splits: int = 16, programs: int = 128) -> int:
     """Context splits per (sequence, kv head): enough programs to fill the GPU at small batch, 1 when B * Hkv
     already does. A power of two (the combine kernel's arange)."""
