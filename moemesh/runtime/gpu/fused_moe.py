@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import triton
 
-from moemesh.runtime.gpu import pdl, prefill_moe
+from moemesh.runtime.gpu import int4_prefill, pdl, prefill_moe
 from moemesh.runtime.gpu.moe_align import SMALL_PAIRS, Alignment, align, align_small
 from moemesh.runtime.gpu.moe_kernels import _moe_gemm, _moe_gemv
 from moemesh.runtime.quant import INT4_BLOCK, QuantTensor
@@ -179,6 +179,8 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids
         return _fused_moe_gemv(hidden, w_gate_up, w_down, local_ids, topk_weights)
     if configs is None and prefill_moe.wanted(hidden, w_gate_up, w_down):  # large bf16 steps on Hopper: TMA + wgmma
         return prefill_moe.prefill_moe(hidden, w_gate_up, w_down, local_ids, topk_weights)
+    if configs is None and int4_prefill.wanted(hidden, w_gate_up, w_down):  # large int4 steps: dequantized, TMA
+        return int4_prefill.int4_prefill(hidden, w_gate_up, w_down, local_ids, topk_weights)
     cfg_up, cfg_down = configs or (pick_config(t, "gate_up", w_gate_up), pick_config(t, "down", w_gate_up))
     hidden = hidden.contiguous()
     weights = topk_weights.reshape(-1).float().contiguous()  # [P]

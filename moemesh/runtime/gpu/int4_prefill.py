@@ -1,0 +1,106 @@
+"""Large int4 steps (prefill) through the bf16 TMA + wgmma kernels: the experts dequantized into a scratch, a chunk
+of experts at a time, then prefill_moe per chunk.
+
+    int4 w_gate_up, w_down [E, ...] --_dequant (chunk of C experts)--> bf16 scratch [C, 2I, H], [C, H, I]
+    local_ids [T, K] --(ids in the chunk, else -1)--> prefill_moe(hidden, scratch, ...) --> += out [T, H] float32
+
+Why: the int4 row-block GEMM (moe_kernels._moe_gemm) dequantizes every weight tile once per row block, in the
+GEMM's inner loop; at 4,096 tokens one Qwen3-30B-A3B MoE layer took 2,009 us against 712 us for bf16 through
+prefill_moe (H200, benchmarks/results/moe-kernel-h200-int4-ab.md). Dequantizing a layer's experts once costs their
+bf16 bytes written and read again (~1.2 GB for 128 experts: ~0.4 ms at HBM speed), which pays from ~2,048 tokens
+on (MIN_TOKENS). The scratch is one buffer per (shape, device), reused by every layer; SCRATCH_BYTES bounds it
+(more experts than fit: several chunks, each a prefill_moe call over all tokens, slots outside the chunk -1).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from moemesh.runtime.gpu import prefill_moe
+from moemesh.runtime.quant import QuantTensor
+
+MIN_TOKENS = int(os.environ.get("MOEMESH_INT4_PREFILL_MIN_TOKENS", "2048"))
+SCRATCH_BYTES = int(os.environ.get("MOEMESH_INT4_PREFILL_SCRATCH_MB", "2048")) * 2**20
+ROWS = 32  # rows of one program (each walking its rows' packing blocks): 16 packed bytes per thread and block
+
+
+@triton.jit
+def _dequant(q_ptr, s_ptr, z_ptr, out_ptr, rows, cols, stride_q, stride_s, GROUP: tl.constexpr, ZP: tl.constexpr,
+             BLOCKS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out[r, c] = (code(r, c) - zero) * scale for BLOCK_R rows: q [rows, BLOCKS * 64] packed (quant.py: byte j of
+    block p = column 128p + j low nibble, 128p + 64 + j high), scale / zero [rows, G] per GROUP columns."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = (r < rows)[:, None]
+    r64 = r.to(tl.int64)[:, None]
+    j = tl.arange(0, 64)[None, :]
+    for p in range(BLOCKS):
+        b = tl.load(q_ptr + r64 * stride_q + p * 64 + j, mask=r_ok, other=0)  # [R, 64] uint8
+        for half in tl.static_range(2):  # low nibbles: columns 128p + j, high: 128p + 64 + j
+            c = p * 128 + half * 64 + j  # [1, 64]
+            code = ((b >> 4) if half == 1 else (b & 15)).to(tl.float32)
+            ok = r_ok & (c < cols)
+            # GROUP >= 64: one scale (and zero) per row for this half, else one per GROUP columns of it
+            g = (p * 128 + half * 64) // GROUP if GROUP >= 64 else c // GROUP  # [1] or [1, 64]
+            s = tl.load(s_ptr + r64 * stride_s + g, mask=r_ok, other=0.0)
+            zero = tl.load(z_ptr + r64 * stride_s + g, mask=r_ok, other=0.0) if ZP else 8.0
+            tl.store(out_ptr + r64 * cols + c, ((code - zero) * s).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def dequantize_into(w: QuantTensor, out: torch.Tensor) -> torch.Tensor:
+    """out [E', N, K] (contiguous, bf16/fp16) = w.dequantize(out.dtype) for an int4 stack w [E', N, K] (one launch;
+    the same values as QuantTensor.dequantize: (code - zero) * scale in float32, one rounding)."""
+    e, n, k = out.shape
+    q, scale = w.q.reshape(e * n, -1), w.scale.reshape(e * n, -1)
+    zero = w.zero.reshape(e * n, -1) if w.zero is not None else scale
+    rows = e * n
+    _dequant[(triton.cdiv(rows, ROWS),)](q, scale, zero, out, rows, k, q.stride(0), scale.stride(0),
+                                         GROUP=w.block_k, ZP=w.zero is not None, BLOCKS=q.shape[1] // 64,
+                                         BLOCK_R=ROWS)
+    return out
+
+
+def wanted(hidden: torch.Tensor, w_gate_up, w_down) -> bool:
+    """Whether fused_moe should take this step here: int4 stacks of both, enough tokens, prefill_moe usable."""
+    if not (isinstance(w_gate_up, QuantTensor) and isinstance(w_down, QuantTensor)):
+        return False
+    if w_gate_up.scheme != "int4" or w_down.scheme != "int4" or hidden.shape[0] < MIN_TOKENS:
+        return False
+    if not (prefill_moe.ENABLED and hidden.is_cuda and torch.cuda.get_device_capability(hidden.device)[0] >= 9):
+        return False
+    # what prefill_moe will be given (usable() reads dtype, contiguity and shape): meta tensors, no memory
+    return prefill_moe.usable(hidden, torch.empty(1, *w_gate_up.shape[1:], dtype=hidden.dtype, device="meta"),
+                              torch.empty(1, *w_down.shape[1:], dtype=hidden.dtype, device="meta")) == ""
+
+
+def int4_prefill(hidden: torch.Tensor, w_gate_up: QuantTensor, w_down: QuantTensor, local_ids: torch.Tensor,
+                 topk_weights: torch.Tensor, configs: tuple[dict, dict] | None = None) -> torch.Tensor:
+    """fused_moe's contract for int4 experts: hidden [T, H], local_ids [T, K] (-1: not hosted), topk_weights
+    [T, K] -> [T, H] float32, through dequantized chunks of experts and prefill_moe (configs: its block configs;
+    tests)."""
+    e = w_gate_up.shape[0]
+    gu_shape, dn_shape = tuple(w_gate_up.shape[1:]), tuple(w_down.shape[1:])
+    per_expert = (gu_shape[0] * gu_shape[1] + dn_shape[0] * dn_shape[1]) * hidden.element_size()
+    chunk = max(1, min(e, SCRATCH_BYTES // per_expert))
+    gu_buf, dn_buf = _scratch(chunk, gu_shape, dn_shape, hidden.dtype, hidden.device)
+    out = None
+    for e0 in range(0, e, chunk):
+        c = min(chunk, e - e0)
+        gu, dn = dequantize_into(w_gate_up[e0:e0 + c], gu_buf[:c]), dequantize_into(w_down[e0:e0 + c], dn_buf[:c])
+        inside = (local_ids >= e0) & (local_ids < e0 + c)
+        ids = torch.where(inside, local_ids - e0, torch.full_like(local_ids, -1))  # [T, K] chunk-local, else -1
+        part = prefill_moe.prefill_moe(hidden, gu, dn, ids, topk_weights, configs)
+        out = part if out is None else out.add_(part)
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _scratch(chunk: int, gu_shape: tuple, dn_shape: tuple, dtype: torch.dtype,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dequantized experts' buffers, allocated once per shape and device (every layer reuses them)."""
+    return (torch.empty(chunk, *gu_shape, dtype=dtype, device=device),
+            torch.empty(chunk, *dn_shape, dtype=dtype, device=device))

@@ -1,0 +1,131 @@
+"""Large int4 steps through dequantized experts and prefill_moe (gpu/int4_prefill.py): the dequantization kernel
+against QuantTensor.dequantize, the chunked path against a per-expert torch loop (Triton's interpreter on a CPU
+machine, float16 as test_prefill_moe.py), when fused_moe takes it, and on a GPU against fused_moe on the same
+weights dequantized."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from moemesh.runtime.gpu import kernels_usable, triton_available
+
+WHY = kernels_usable(torch.device("cuda"), torch.bfloat16)
+cuda = pytest.mark.skipif(bool(WHY), reason=f"needs CUDA with Triton: {WHY}")
+interpreter = pytest.mark.skipif(not triton_available() or torch.cuda.is_available(),
+                                 reason="a Triton-interpreter check for a CPU machine with Triton; on a GPU the "
+                                 "compiled kernels are checked by the cuda test")
+
+# Runs in a fresh interpreter: TRITON_INTERPRET must be set before triton.jit decorates the kernels.
+CHECKS = textwrap.dedent('''
+    import torch
+    from moemesh.runtime.gpu import int4_prefill as ip
+    from moemesh.runtime.quant import quantize_int4
+
+    torch.manual_seed(0)
+    F16 = torch.float16
+    for group, symmetric, n, k in ((128, True, 48, 256), (32, False, 40, 96), (64, True, 16, 64)):
+        w = quantize_int4(torch.randn(3, n, k) * 0.05, group, symmetric)
+        got = ip.dequantize_into(w, torch.empty(3, n, k, dtype=F16))
+        assert torch.equal(got, w.dequantize(F16)), (group, symmetric, k)
+
+    t, kk, e, h, inter = 37, 4, 6, 128, 64
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}
+    gu = quantize_int4(torch.randn(e, 2 * inter, h) * 0.1, 32, False)
+    dn = quantize_int4(torch.randn(e, h, inter) * 0.1, 128, True)
+    hid = torch.randn(t, h, dtype=F16)
+    w, ids = torch.randn(t, e).softmax(-1).topk(kk, -1)
+    ids[0, -1] = -1  # one slot hosted elsewhere
+    ids[3] = -1  # every expert of token 3 elsewhere: its row stays zero
+    wgu, wdn = gu.dequantize(torch.float32), dn.dequantize(torch.float32)
+    want = torch.zeros(t, h)
+    for tt in range(t):
+        for s in range(kk):
+            x = int(ids[tt, s])
+            if x >= 0:
+                g, u = (wgu[x] @ hid[tt].float()).chunk(2)
+                act = (torch.nn.functional.silu(g) * u).to(F16).float()
+                want[tt] += w[tt, s] * (wdn[x] @ act)
+    per_expert = (2 * inter * h + h * inter) * 2
+    for budget in (e * per_expert, 4 * per_expert, per_expert):  # one chunk, two (4 + 2 experts), six
+        ip.SCRATCH_BYTES = budget
+        ip._scratch.cache_clear()
+        got = ip.int4_prefill(hid, gu, dn, ids, w, configs=(cfg, cfg))
+        rel = ((got - want).norm() / want.norm()).item()
+        assert got.dtype == torch.float32 and rel < 2e-3, (budget, rel)
+        assert got[3].abs().max().item() == 0.0, budget
+    print("ok")
+''')
+
+
+@interpreter
+def test_dequantization_and_chunked_prefill_under_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_fused_moe_takes_it_for_large_int4_steps_only():
+    """wanted(): int4 stacks of both weights, >= MIN_TOKENS tokens, on a GPU prefill_moe can serve; never for
+    bf16 weights, short steps or CPU tensors (the row-block GEMM / torch paths stay)."""
+    from moemesh.runtime.gpu import int4_prefill as ip
+    from moemesh.runtime.quant import quantize_int4
+
+    gu = quantize_int4(torch.randn(2, 256, 256) * 0.05, 128, True)  # I 128, H 256: prefill_moe's block multiples
+    dn = quantize_int4(torch.randn(2, 256, 128) * 0.05, 128, True)
+    hidden = torch.randn(ip.MIN_TOKENS, 256, dtype=torch.bfloat16)
+    assert not ip.wanted(hidden, gu, dn)  # CPU tensors
+    assert not ip.wanted(hidden, gu.dequantize(torch.bfloat16), dn.dequantize(torch.bfloat16))
+    if torch.cuda.is_available():
+        gu, dn, hidden = gu.to("cuda"), dn.to("cuda"), hidden.cuda()
+        hopper = torch.cuda.get_device_capability()[0] >= 9
+        assert ip.wanted(hidden, gu, dn) == hopper
+        assert not ip.wanted(hidden[:ip.MIN_TOKENS - 1], gu, dn)
+
+
+@cuda
+def test_int4_prefill_matches_prefill_moe_on_the_dequantized_weights():
+    """Qwen3-30B-A3B's expert shapes at 2,048 tokens, every expert touched: the chunked path (two chunks) against
+    prefill_moe given the same weights dequantized by QuantTensor.dequantize."""
+    from moemesh.runtime.gpu import int4_prefill as ip
+    from moemesh.runtime.gpu import prefill_moe
+    from moemesh.runtime.gpu.fused_moe import fused_moe
+    from moemesh.runtime.quant import quantize
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("prefill_moe needs Hopper (TMA)")
+    torch.manual_seed(0)
+    e, h, inter, t, k = 128, 2048, 768, 2048, 8
+    gu = quantize(torch.randn(e, 2 * inter, h, device="cuda") / 45, "int4")
+    dn = quantize(torch.randn(e, h, inter, device="cuda") / 28, "int4")
+    hidden = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    w, ids = torch.randn(t, e, device="cuda").softmax(-1).topk(k, -1)
+    want = prefill_moe.prefill_moe(hidden, gu.dequantize(torch.bfloat16), dn.dequantize(torch.bfloat16), ids, w)
+    assert ip.wanted(hidden, gu, dn)
+    got = fused_moe(hidden, gu, dn, ids, w)  # fused_moe hands it to int4_prefill
+    assert ((got - want).norm() / want.norm()).item() < 1e-3
+    budget, ip.SCRATCH_BYTES = ip.SCRATCH_BYTES, 64 * (3 * inter * h * 2)  # 64 experts a chunk: two chunks
+    try:
+        got = ip.int4_prefill(hidden, gu, dn, ids, w)
+    finally:
+        ip.SCRATCH_BYTES = budget
+    assert ((got - want).norm() / want.norm()).item() < 1e-3
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_dequantization_kernel_compiles_for_hopper_with_wide_stores():
+    """The compiled path (the interpreter runs the Python semantics only), symmetric groups of 128 (what
+    quantize() makes) and asymmetric groups of 32 (checkpoints): 16-byte packed loads."""
+    from test_prefill_moe import compile_sm90
+
+    from moemesh.runtime.gpu.int4_prefill import ROWS, _dequant
+
+    types = {"q_ptr": "*u8", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*bf16"}  # strides: i32, 16-aligned
+    for group, zp in ((128, False), (32, True)):
+        ptx = compile_sm90(_dequant, types, dict(GROUP=group, ZP=zp, BLOCKS=16, BLOCK_R=ROWS), 4, 1)
+        assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, group
