@@ -5,11 +5,12 @@ of experts at a time, then prefill_moe per chunk.
     local_ids [T, K] --(ids in the chunk, else -1)--> prefill_moe(hidden, scratch, ...) --> += out [T, H] float32
 
 Why: the int4 row-block GEMM (moe_kernels._moe_gemm) dequantizes every weight tile once per row block, in the
-GEMM's inner loop; at 4,096 tokens one Qwen3-30B-A3B MoE layer took 2,009 us against 712 us for bf16 through
-prefill_moe (H200, benchmarks/results/moe-kernel-h200-int4-ab.md). Dequantizing a layer's experts once costs their
-bf16 bytes written and read again (~1.2 GB for 128 experts: ~0.4 ms at HBM speed), which pays from ~2,048 tokens
-on (MIN_TOKENS). The scratch is one buffer per (shape, device), reused by every layer; SCRATCH_BYTES bounds it
-(more experts than fit: several chunks, each a prefill_moe call over all tokens, slots outside the chunk -1).
+GEMM's inner loop. Measured on the H200 (benchmarks/h200/int4_prefill.py, one Qwen3-30B-A3B layer, us): 2,048
+tokens 1,262 -> 1,016, 4,096 2,035 -> 1,236, 8,192 4,151 -> 1,712 (bf16 prefill_moe: 504, 724, 1,200); at 1,024 the
+GEMM stays faster (830 vs 926), hence MIN_TOKENS. Dequantizing a layer's 128 experts writes their bf16 bytes (~1.2
+GB) in 503 us (3.0 TB/s). The scratch is one buffer per (shape, device), reused by every layer (1.2 GB for this
+model, allocated at the first such step); SCRATCH_BYTES bounds it (more experts than fit: several chunks, each a
+prefill_moe call over all tokens with the slots outside the chunk -1).
 """
 
 from __future__ import annotations
