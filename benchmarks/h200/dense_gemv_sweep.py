@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from graph_timing import graph_us
 from moemesh.runtime.gpu import dense_gemv, fused_ops, pdl
 
 KINDS = {"qkv_norm": (5120, 2048, True), "qkv": (5120, 2048, False), "o": (2048, 4096, False)}  # (N, K, norm)
@@ -116,17 +117,7 @@ def bench(step, use_pdl: bool) -> float:
         for i in range(LAYERS):
             step(i)
         return (time.perf_counter() - started) * 1e6 / LAYERS
-    with pdl.enabled(use_pdl):
-        for i in range(LAYERS):
-            step(i)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(LAYERS):
-                step(i)
-    ms = triton.testing.do_bench(graph.replay, warmup=5, rep=30, return_mode="median")
-    del graph
-    return ms * 1e3 / LAYERS
+    return graph_us(step, LAYERS, use_pdl)
 
 
 def _registers(norm: bool) -> tuple[int | None, int | None]:

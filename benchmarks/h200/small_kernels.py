@@ -27,6 +27,7 @@ import triton
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from graph_timing import graph_us  # noqa: E402 -- benchmarks/h200, the script's own folder
 from moemesh.runtime.gpu import fused_ops, paged_attention, pdl  # noqa: E402
 
 LAYERS = 48
@@ -36,17 +37,7 @@ BF = torch.bfloat16
 
 def _time(fn, pdl_on: bool) -> float:
     """fn(layer) for every layer, in a CUDA graph; microseconds per layer (median replay / LAYERS)."""
-    with pdl.enabled(pdl_on):
-        for _ in range(2):  # compile, settle the allocator
-            for layer in range(LAYERS):
-                fn(layer)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for layer in range(LAYERS):
-                fn(layer)
-    ms = triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median")
-    return ms * 1e3 / LAYERS
+    return graph_us(fn, LAYERS, pdl_on, passes=2, warmup=10, rep=50)
 
 
 def _row(rows: list, kernel: str, variant: str, fn, pdl_on: bool, **extra) -> None:

@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from interpreted import run_interpreted
+
 from moemesh.runtime.gpu import kernels_usable, triton_available
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -73,15 +75,9 @@ PATHS = textwrap.dedent('''
 ''')
 
 
-def _interpret(script: str) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
-
-
 @interpreter
 def test_every_tile_path_matches_torch_and_the_unfused_pair_under_the_interpreter():
-    _interpret(PATHS)
+    run_interpreted(PATHS)
 
 
 def test_configs_come_from_the_tuned_table_else_the_default(tmp_path, monkeypatch):

@@ -5,21 +5,14 @@ weights dequantized."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
-from moemesh.runtime.gpu import kernels_usable, triton_available
+from interpreted import cuda, interpreter, run_interpreted
 
-WHY = kernels_usable(torch.device("cuda"), torch.bfloat16)
-cuda = pytest.mark.skipif(bool(WHY), reason=f"needs CUDA with Triton: {WHY}")
-interpreter = pytest.mark.skipif(not triton_available() or torch.cuda.is_available(),
-                                 reason="a Triton-interpreter check for a CPU machine with Triton; on a GPU the "
-                                 "compiled kernels are checked by the cuda test")
+from moemesh.runtime.gpu import triton_available
 
 # Runs in a fresh interpreter: TRITON_INTERPRET must be set before triton.jit decorates the kernels.
 CHECKS = textwrap.dedent('''
@@ -65,9 +58,7 @@ CHECKS = textwrap.dedent('''
 
 @interpreter
 def test_dequantization_and_chunked_prefill_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_interpreted(CHECKS)
 
 
 def test_fused_moe_takes_it_for_large_int4_steps_only():

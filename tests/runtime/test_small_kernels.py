@@ -6,21 +6,14 @@ without a GPU, and on CUDA at the Qwen3-30B-A3B shapes against the same torch re
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
-from moemesh.runtime.gpu import kernels_usable, triton_available
+from interpreted import cuda, interpreter, run_interpreted
 
-WHY = kernels_usable(torch.device("cuda"), torch.bfloat16)
-cuda = pytest.mark.skipif(bool(WHY), reason=f"needs CUDA with Triton: {WHY}")
-interpreter = pytest.mark.skipif(not triton_available() or torch.cuda.is_available(),
-                                 reason="a Triton-interpreter check for a CPU machine with Triton; on a GPU the "
-                                 "compiled kernels are checked by the cuda test of this file")
+from moemesh.runtime.gpu import triton_available
 
 # Shared by the interpreter run and the CUDA test: `dev` is set before these run.
 CASES = textwrap.dedent('''
@@ -107,9 +100,7 @@ INTERPRETED = CASES + textwrap.dedent('''
 
 @interpreter
 def test_small_kernels_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_interpreted(INTERPRETED)
 
 
 @cuda
