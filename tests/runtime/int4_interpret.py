@@ -37,17 +37,21 @@ def reference(hidden, gate_up, down, ids, weights):
 
 VARIANTS = {"sym128": (128, True, (1, 20)), "asym32": (32, False, (1, 20)), "sym64": (64, True, (1, 20)),
             "asym128": (128, False, (1, 20)), "sym128-magic": (128, True, (20,)),
-            "asym32-magic": (32, False, (20,)), "sym64-magic": (64, True, (20,)), "sym128-words": (128, True, (1, 3))}
+            "asym32-magic": (32, False, (20,)), "sym64-magic": (64, True, (20,)), "sym128-words": (128, True, (1, 3)),
+            "sym128-tc": (128, True, (1, 3))}
 # (group, symmetric, token counts): every int4 kernel branch; -magic: the GEMM with codes made floats by _magic;
-# -words: the word-wise GEMV (int4_kernels._int4_words_dot, what the H200's table runs at 1-4 tokens)
+# -words: the word-wise GEMV (int4_kernels._int4_words_dot, what the H200's table runs at 1-4 tokens); -tc: the GEMV
+# on tensor cores (int4_tc.py, a sweep candidate)
+GEMV_CONFIGS = {"words": {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "WORDS": True},
+                "tc": {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1, "TC": True}}
 
 
-def word_gemv(hidden, gu, dn, ids, weights):
-    """The few-token path with the word-wise int4 GEMV, both kernels (K unrolled, 2 K steps of gate_up)."""
+def word_gemv(hidden, gu, dn, ids, weights, variant):
+    """The few-token path with an int4 GEMV variant (GEMV_CONFIGS), both kernels."""
     pairs = ids.reshape(-1).long().contiguous()
     act = torch.empty(pairs.numel(), I, dtype=DT)
     out = torch.zeros(hidden.shape[0], H, dtype=torch.float32)
-    cfg = {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "WORDS": True}
+    cfg = GEMV_CONFIGS[variant]
     moe_gemv(hidden, gu, act, pairs, K, cfg, up_rows=I)
     return moe_gemv(act, dn, out, pairs, 1, cfg, weights=weights.reshape(-1).float().contiguous(), sum_slots=K)
 
@@ -76,8 +80,9 @@ def main(names: list[str]) -> None:
             ids[0, -1] = -1  # an unused slot
             if t > 1:
                 ids[1] = -1  # every expert of token 1 hosted elsewhere: its row must stay zero
-            if name.endswith("-words"):
-                got = word_gemv(hidden, gu, dn, ids, weights)
+            variant = name.rsplit("-", 1)[-1]
+            if variant in GEMV_CONFIGS:
+                got = word_gemv(hidden, gu, dn, ids, weights, variant)
             else:
                 got = fused_moe(hidden, gu, dn, ids, weights, configs(name, t))
             want = reference(hidden, gu_ref, dn_ref, ids, weights)
