@@ -142,7 +142,7 @@ def test_cpu_engine_serves_int4_experts_and_says_so(tmp_path):
 
 @interpreter
 @pytest.mark.parametrize("variants", [
-    ["sym128", "sym128-magic", "sym128-words", "sym128-tc"],  # what quantize() makes: GEMV at 1 token, GEMM at 20 (both code conversions)
+    ["sym128", "sym128-magic", "sym128-words", "sym128-tc", "sym128-tcu"],  # what quantize() makes: GEMV at 1 token, GEMM at 20 (both code conversions)
     pytest.param(["asym32", "sym64", "asym128", "asym32-magic", "sym64-magic"], marks=pytest.mark.slow),  # checkpoint layouts
 ])
 def test_int4_kernels_under_the_triton_interpreter(variants):

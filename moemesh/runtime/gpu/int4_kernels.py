@@ -237,7 +237,7 @@ def _int4_gemv_loop(acc, acc_up, a_row, w_rows, s_rows, z_rows, col_ok, k_in, st
     # vs 9.4 with few registers and many programs per SM; down 8.1 vs 7.2). 3-4: tensor cores (int4_tc.py).
     if WORDS >= 3 and GROUP == 128 and not ZP:
         acc, acc_up = _int4_tc_loop(acc, acc_up, a_row, w_rows, s_rows, col_ok, k_in, stride_bn, stride_sn, up_rows,
-                                    GATED, BLOCK_N, WORDS == 3)
+                                    GATED, BLOCK_N, WORDS == 3, K_STATIC)
     elif WORDS > 0 and GROUP == 128 and not ZP and K_STATIC > 0:
         for k0 in tl.static_range(0, K_STATIC, BLOCK_K):
             acc, acc_up = _int4_words_step(acc, acc_up, a_row, w_rows, s_rows, col_ok, k0, K_STATIC, stride_bn,

@@ -8,8 +8,9 @@ every shipped config until the H200 says otherwise).
 Why: the word-wise FMA GEMV (int4_kernels._int4_words_dot) runs 4.45 instructions per weight for gate_up and 7.7
 for down on the H200 (ncu), against 2.5 for its decode (shift, lop3, FMA per code): the activations' layout change
 and the reductions. Here the tensor cores do the multiply-add and the reuse of x across rows, and a code costs half
-a shift and half a lop3 (two 16-bit lanes per register, inline PTX): sm_90 SASS of the block loop (Triton 3.6) 2.66
-instructions per weight at BLOCK_N 64 (wgmma), 5.05 at 32 (mma.sync, the x side not amortised). Not yet timed.
+a shift and half a lop3 (two 16-bit lanes per register, inline PTX): sm_90 SASS (Triton 3.6), instructions per
+weight, blocks unrolled (K_STATIC): gate_up 2.56 at BLOCK_N 64, down 2.55 at 128 (wgmma); as a loop 3.75 / 3.56;
+at BLOCK_N 32 (mma.sync) the x side is not amortised (6.45). Not yet timed on the H200.
 
 Layout (quant.py): uint16 m of a block holds bytes 2m and 2m + 1; nibble q (bits 4q) is column 2m + q // 2, plus 64
 for odd q. Symmetric groups of 128 only (one scale per block); OFFSET + code is exact in bf16 (128) and fp16 (1024)
@@ -58,28 +59,43 @@ def _block_dots(u, u_up, x_row, blk, k_in, GATED: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
-def _int4_tc_loop(acc, acc_up, x_row, w_rows, s_rows, col_ok, k_in, stride_bn, stride_sn, up_rows,
-                  GATED: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
-    """(gate or only, up) [BN] float32 sums of the GEMV over all of K: w_rows [BN] packed row pointers (bytes), x_row
-    the activation row, s_rows [BN] the rows' scales (one per 128 columns)."""
+def _tc_block(tile, tile_up, gate, up, x_row, s_rows, col_ok, blk, k_in, stride_sn, up_rows, GATED: tl.constexpr,
+              BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+    """tile (and tile_up) [BN, 16] += block blk's scaled partial products (gate / up: [BN, 32] uint16 pointers)."""
     DT: tl.constexpr = x_row.dtype.element_ty
     OFFSET: tl.constexpr = 128.0 if DT == tl.bfloat16 else 1024.0
+    u = tl.load(gate + blk * 32, mask=col_ok[:, None], other=0)
+    u_up = u
+    if GATED:
+        u_up = tl.load(up + blk * 32, mask=col_ok[:, None], other=0)
+    part, part_up, xsum = _block_dots(u, u_up, x_row, blk, k_in, GATED, BLOCK_N, DT, ASM)
+    off = (OFFSET + 8.0) * xsum
+    tile += (part - off) * tl.load(s_rows + blk, mask=col_ok, other=0.0)[:, None]  # 0 past n_out
+    if GATED:
+        tile_up += (part_up - off) * tl.load(s_rows + up_rows * stride_sn + blk, mask=col_ok, other=0.0)[:, None]
+    return tile, tile_up
+
+
+@triton.jit
+def _int4_tc_loop(acc, acc_up, x_row, w_rows, s_rows, col_ok, k_in, stride_bn, stride_sn, up_rows,
+                  GATED: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr, K_STATIC: tl.constexpr = 0):
+    """(gate or only, up) [BN] float32 sums of the GEMV over all of K: w_rows [BN] packed row pointers (bytes), x_row
+    the activation row, s_rows [BN] the rows' scales (one per 128 columns). K_STATIC = K > 0: blocks unrolled, the
+    activations' bounds checks resolved at compile time."""
     m = tl.arange(0, 32)
     n16 = tl.arange(0, 16)
     gate = w_rows.to(tl.pointer_type(tl.uint16))[:, None] + m[None, :]  # [BN, 32]
     up = (w_rows + up_rows * stride_bn).to(tl.pointer_type(tl.uint16))[:, None] + m[None, :]
     tile = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
     tile_up = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-    for blk in range(0, tl.cdiv(k_in, 128)):
-        u = tl.load(gate + blk * 32, mask=col_ok[:, None], other=0)
-        u_up = u
-        if GATED:
-            u_up = tl.load(up + blk * 32, mask=col_ok[:, None], other=0)
-        part, part_up, xsum = _block_dots(u, u_up, x_row, blk, k_in, GATED, BLOCK_N, DT, ASM)
-        off = (OFFSET + 8.0) * xsum
-        tile += (part - off) * tl.load(s_rows + blk, mask=col_ok, other=0.0)[:, None]  # 0 past n_out
-        if GATED:
-            tile_up += (part_up - off) * tl.load(s_rows + up_rows * stride_sn + blk, mask=col_ok, other=0.0)[:, None]
+    if K_STATIC > 0:
+        for blk in tl.static_range(0, (K_STATIC + 127) // 128):
+            tile, tile_up = _tc_block(tile, tile_up, gate, up, x_row, s_rows, col_ok, blk, K_STATIC, stride_sn,
+                                      up_rows, GATED, BLOCK_N, ASM)
+    else:
+        for blk in range(0, tl.cdiv(k_in, 128)):
+            tile, tile_up = _tc_block(tile, tile_up, gate, up, x_row, s_rows, col_ok, blk, k_in, stride_sn, up_rows,
+                                      GATED, BLOCK_N, ASM)
     acc += tl.sum(tl.where(n16[None, :] == 0, tile, 0.0), 1)  # column 0
     if GATED:
         acc_up += tl.sum(tl.where(n16[None, :] == 0, tile_up, 0.0), 1)
