@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import textwrap
 
-import pytest
 import torch
 
-from interpreted import cuda, interpreter, run_interpreted
+from interpreted import hopper, interpreter, needs_triton, run_interpreted
 
-from moemesh.runtime.gpu import triton_available
 
 # Runs in a fresh interpreter: TRITON_INTERPRET must be set before triton.jit decorates the kernels.
 CHECKS = textwrap.dedent('''
@@ -74,12 +72,12 @@ def test_fused_moe_takes_it_for_large_int4_steps_only():
     assert not ip.wanted(hidden, gu.dequantize(torch.bfloat16), dn.dequantize(torch.bfloat16))
     if torch.cuda.is_available():
         gu, dn, hidden = gu.to("cuda"), dn.to("cuda"), hidden.cuda()
-        hopper = torch.cuda.get_device_capability()[0] >= 9
-        assert ip.wanted(hidden, gu, dn) == hopper
+        sm90 = torch.cuda.get_device_capability()[0] >= 9
+        assert ip.wanted(hidden, gu, dn) == sm90
         assert not ip.wanted(hidden[:ip.MIN_TOKENS - 1], gu, dn)
 
 
-@cuda
+@hopper
 def test_int4_prefill_matches_prefill_moe_on_the_dequantized_weights():
     """Qwen3-30B-A3B's expert shapes at 2,048 tokens, every expert touched: the chunked path (two chunks) against
     prefill_moe given the same weights dequantized by QuantTensor.dequantize."""
@@ -88,8 +86,6 @@ def test_int4_prefill_matches_prefill_moe_on_the_dequantized_weights():
     from moemesh.runtime.gpu.fused_moe import fused_moe
     from moemesh.runtime.quant import quantize
 
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("prefill_moe needs Hopper (TMA)")
     torch.manual_seed(0)
     e, h, inter, t, k = 128, 2048, 768, 2048, 8
     gu = quantize(torch.randn(e, 2 * inter, h, device="cuda") / 45, "int4")
@@ -108,7 +104,7 @@ def test_int4_prefill_matches_prefill_moe_on_the_dequantized_weights():
     assert ((got - want).norm() / want.norm()).item() < 1e-3
 
 
-@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@needs_triton
 def test_dequantization_kernel_compiles_for_hopper_with_wide_stores():
     """The compiled path (the interpreter runs the Python semantics only), symmetric groups of 128 (what
     quantize() makes) and asymmetric groups of 32 (checkpoints): 16-byte packed loads."""

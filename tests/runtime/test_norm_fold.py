@@ -15,6 +15,8 @@ import textwrap
 import pytest
 import torch
 
+from interpreted import needs_triton
+
 from moemesh.runtime.engine import Engine
 from moemesh.runtime.gpu import kernels_usable, triton_available
 from moemesh.runtime.types import SequenceWork
@@ -155,7 +157,7 @@ def test_a_fast_step_with_the_fold_gives_the_logits_without_it(tmp_path):
     _interpret(STEP, str(_qwen3_config(tmp_path, experts=8, top_k=2)))
 
 
-@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@needs_triton
 def test_folded_kernels_compile_for_hopper_with_pdl():
     """The q/k/v GEMV's default config (test_dense_gemv: the tuned ones) and the router's compile for sm_90 with
     PDL, without a GPU."""

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import textwrap
 
-import pytest
 import torch
 
-from interpreted import cuda, interpreter, run_interpreted
+from interpreted import cuda, interpreter, needs_triton, run_interpreted
 
-from moemesh.runtime.gpu import triton_available
 
 # Shared by the interpreter run and the CUDA test: `dev` is set before these run.
 CASES = textwrap.dedent('''
@@ -122,7 +120,7 @@ def _sm90(fn, types: dict[str, str], consts: dict, num_warps: int = 4) -> str:
     return compile_sm90(fn, types, consts, num_warps, 2)
 
 
-@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@needs_triton
 def test_small_kernels_compile_for_hopper_with_pdl():
     """norm_rope_ and the decode attention compile for sm_90 with PDL (Triton 3.6, the H200's: PYTHONPATH=/tmp/t36),
     as launched, without spilling to local memory; the attention reads its context length before the PDL wait."""
