@@ -2,19 +2,15 @@
 down weighted and summed over slots into float32 rows), over a wider grid than moe_kernel.py's --tune-gemv: narrow
 column blocks with whole-K tiles included. Prints the best per kind and the JSON entry for the config file.
 
-    PYTHONPATH=. python3 benchmarks/h200/gemv_sweep.py [none|int4] [unroll,loop,words,tc,tc-unroll] [gemv_gate_up,gemv_down]
+    PYTHONPATH=. python3 benchmarks/h200/gemv_sweep.py [none|int4] [unroll,loop,words] [gemv_gate_up,gemv_down]
 
 GEMV_SWEEP_BN, GEMV_SWEEP_BK, GEMV_SWEEP_WARPS and GEMV_SWEEP_STAGES (comma-separated) replace the swept
 BLOCK_N, BLOCK_K, warps and stages (default 2). (Measured 2026-11-29 and dropped: the word-wise int4 GEMV in a
 dynamic K loop, few registers and many programs per SM: gate_up 10.75 us at best vs 9.45 unrolled, down 8.09 vs 7.18.)
 
-tc, tc-unroll: the int4 GEMV on tensor cores (gpu/int4_tc.py; BLOCK_N 32-128, its K step one 128-column block;
-tc-unroll with the blocks unrolled at compile time): prepared
-2026-11-29, not yet timed (sm_90 SASS, Triton 3.6: 3.75 / 3.56 instructions per weight for gate_up at BLOCK_N 64 /
-down at 128 in the loop, 2.56 / 2.55 unrolled, against 4.45 / 7.7 for words).
-
 (Measured on the H200 and dropped, 2026-11-29: words-xq, the activations' quarters loaded strided and gate/up rows
-stacked, gate_up 11.5 vs 9.4 us, down 7.6 vs 7.2.)
+stacked, gate_up 11.5 vs 9.4 us, down 7.6 vs 7.2. Int4 GEMV on tensor cores: uint16 loads as the dot's A operand, x in
+one column of B; SASS 2.56 instructions per weight unrolled, yet 23.2 vs 9.4 us gate_up, 11.9 vs 7.1 us down.)
 """
 
 from __future__ import annotations
@@ -57,16 +53,12 @@ def main() -> None:
         bks = (256, 512, 1024, 2048) if scheme == "none" else (256, 512) if kind == "gemv_down" else (512, 1024, 2048)
         words_only = set(loops) <= {"words"}
         bns = (8, 16, 32) if kind == "gemv_down" and words_only else (8, 16) if words_only else (4, 8, 16)
-        if set(loops) <= {"tc", "tc-unroll"}:
-            bns, bks = (32, 64, 128), (128,)
         bns = _ints("GEMV_SWEEP_BN", bns)  # e.g. GEMV_SWEEP_BN=4,8,16,32 GEMV_SWEEP_WARPS=2,4,8: a wider grid
         for loop, bn, bk, warps, stages in itertools.product(loops, bns, _ints("GEMV_SWEEP_BK", bks),
                                                              _ints("GEMV_SWEEP_WARPS", (4, 8)),
                                                              _ints("GEMV_SWEEP_STAGES", (2,))):
             cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages,
-                   "UNROLL": loop not in ("loop", "tc"), "WORDS": loop == "words", "TC": loop.startswith("tc")}
-            if loop.startswith("tc") and bn < 16:
-                continue  # tl.dot's smallest M
+                   "UNROLL": loop != "loop", "WORDS": loop == "words"}
 
             def run():  # every layer once, as a decode step does (a graph: no launch overhead, L2 cold-ish)
                 for gu, dn in layers:
@@ -99,8 +91,6 @@ def _ints(name: str, default: tuple) -> tuple:
 
 
 def _loop(cfg: dict) -> str:
-    if cfg.get("TC"):
-        return "tc-unroll" if cfg["UNROLL"] else "tc"
     return "words" if cfg["WORDS"] else "unroll" if cfg["UNROLL"] else "loop"
 
 

@@ -37,14 +37,10 @@ def reference(hidden, gate_up, down, ids, weights):
 
 VARIANTS = {"sym128": (128, True, (1, 20)), "asym32": (32, False, (1, 20)), "sym64": (64, True, (1, 20)),
             "asym128": (128, False, (1, 20)), "sym128-magic": (128, True, (20,)),
-            "asym32-magic": (32, False, (20,)), "sym64-magic": (64, True, (20,)), "sym128-words": (128, True, (1, 3)),
-            "sym128-tc": (128, True, (1, 3)), "sym128-tcu": (128, True, (1, 3))}
+            "asym32-magic": (32, False, (20,)), "sym64-magic": (64, True, (20,)), "sym128-words": (128, True, (1, 3))}
 # (group, symmetric, token counts): every int4 kernel branch; -magic: the GEMM with codes made floats by _magic;
-# -words: the word-wise GEMV (int4_kernels._int4_words_dot, what the H200's table runs at 1-4 tokens); -tc: the GEMV
-# on tensor cores (int4_tc.py, a sweep candidate; -tcu: its blocks unrolled)
-GEMV_CONFIGS = {"words": {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "WORDS": True},
-                "tc": {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1, "TC": True},
-                "tcu": {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1, "TC": True, "UNROLL": True}}
+# -words: the word-wise GEMV (int4_kernels._int4_words_dot, what the H200's table runs at 1-4 tokens)
+GEMV_CONFIGS = {"words": {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "WORDS": True}}
 
 
 def word_gemv(hidden, gu, dn, ids, weights, variant):

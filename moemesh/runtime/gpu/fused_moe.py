@@ -94,14 +94,10 @@ def moe_gemv(a: torch.Tensor, w: Weight, out: torch.Tensor, ids: torch.Tensor, a
 
 
 def _words(cfg: dict) -> int:
-    """_moe_gemv's WORDS: 0 off, 1 the int4 word decode in plain Triton (the interpreter), 2 with inline lop3; TC
-    (tensor cores, int4_tc.py; a sweep candidate): 4 in plain Triton, 3 with inline PTX."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if cfg.get("TC"):
-        return 4 if interpreted else 3
+    """_moe_gemv's WORDS: 0 off, 1 the int4 word decode in plain Triton (the interpreter), 2 with inline lop3."""
     if not cfg.get("WORDS"):
         return 0
-    return 1 if interpreted else 2
+    return 1 if os.environ.get("TRITON_INTERPRET") == "1" else 2
 
 
 def default_config(tokens: int, kind: str) -> dict[str, int]:

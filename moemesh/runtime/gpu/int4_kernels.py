@@ -18,8 +18,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moemesh.runtime.gpu.int4_tc import _int4_tc_loop
-
 
 @triton.jit
 def _int4_mac(acc, a_rows, b_cols, s_ptrs, z_ptrs, row_ok, col_ok, k0, k_in,
@@ -233,12 +231,11 @@ def _int4_gemv_loop(acc, acc_up, a_row, w_rows, s_rows, z_rows, col_ok, k_in, st
     """(gate or only, up) [BN] float32 sums of the GEMV over all of K for int4 rows w_rows [BN]. K_STATIC = K > 0:
     the K loop unrolled at compile time, so the loads of every step can be issued before the first step's math."""
     up = up_rows * stride_sn
-    # WORDS 1-2: unrolled only (as a dynamic loop, H200 at T=1: gate_up 12.0 vs 9.5 us with Triton's pipeliner, 10.8
-    # vs 9.4 with few registers and many programs per SM; down 8.1 vs 7.2). 3-4: tensor cores (int4_tc.py).
-    if WORDS >= 3 and GROUP == 128 and not ZP:
-        acc, acc_up = _int4_tc_loop(acc, acc_up, a_row, w_rows, s_rows, col_ok, k_in, stride_bn, stride_sn, up_rows,
-                                    GATED, BLOCK_N, WORDS == 3, K_STATIC)
-    elif WORDS > 0 and GROUP == 128 and not ZP and K_STATIC > 0:
+    # WORDS: unrolled only (as a dynamic loop, H200 at T=1: gate_up 12.0 vs 9.5 us with Triton's pipeliner, 10.8 vs
+    # 9.4 with few registers and many programs per SM; down 8.1 vs 7.2). Measured on the H200 and dropped, 2026-11-29:
+    # int4 GEMV on tensor cores: uint16 loads as the dot's A operand, x in one column of B; SASS 2.56 instructions per
+    # weight unrolled, yet 23.2 vs 9.4 us gate_up, 11.9 vs 7.1 us down.
+    if WORDS > 0 and GROUP == 128 and not ZP and K_STATIC > 0:
         for k0 in tl.static_range(0, K_STATIC, BLOCK_K):
             acc, acc_up = _int4_words_step(acc, acc_up, a_row, w_rows, s_rows, col_ok, k0, K_STATIC, stride_bn,
                                            up, up_rows, GATED, BLOCK_N, BLOCK_K, WORDS == 2)
