@@ -16,6 +16,12 @@ starts after its predecessor as usual).
 Measured on the H200 (Qwen3-30B-A3B shape, 48 layers, graph replay): batch 1 3.03 -> 2.74 ms, batch 8 8.37 -> 8.16
 ms, batch 64 unchanged on the GPU but 1 ms slower per step end to end; so it is on up to MAX_ROWS rows. Off on the
 CPU and under Triton's interpreter (PDL compiles away), before compute capability 9.0, and with MOEMESH_PDL=0.
+
+Weights are read before the wait (dense_gemv): the o GEMV after a 4 us latency-bound kernel adds only 4.0 us (4.2 TB/s
+for its 16.8 MB). Measured on the H200 and dropped, 2026-11-29: pulling weights into L2 ahead with Hopper's bulk
+prefetch (cp.async.bulk.prefetch.L2, 16 KB pieces from 16-128 programs, from a kernel of its own or from the idle
+kernel before the GEMV): slower every time (o 8.1 -> 12.6 us with the idle kernel, q/k/v 10.5 -> 14.4, int4 expert
+GEMVs 14.6 -> 40.6, bf16 24.4 -> 55.5): the programs that issue it end only when it lands, ~2 TB/s at best.
 """
 
 from __future__ import annotations
