@@ -2,7 +2,10 @@
 down weighted and summed over slots into float32 rows), over a wider grid than moe_kernel.py's --tune-gemv: narrow
 column blocks with whole-K tiles included. Prints the best per kind and the JSON entry for the config file.
 
-    PYTHONPATH=. python3 benchmarks/h200/gemv_sweep.py [none|int4] [unroll,loop,words] [gemv_gate_up,gemv_down]
+    PYTHONPATH=. python3 benchmarks/h200/gemv_sweep.py [none|int4] [unroll,loop,words,dp4a,dp4a32] [gemv_gate_up,gemv_down]
+
+dp4a, dp4a32 (int4 only): the word-wise GEMV on integer dot products, activations rounded to int8 with a step per 128
+(per 32) columns (gpu/int4_dp4a.py).
 
 GEMV_SWEEP_BN, GEMV_SWEEP_BK, GEMV_SWEEP_WARPS and GEMV_SWEEP_STAGES (comma-separated) replace the swept
 BLOCK_N, BLOCK_K, warps and stages (default 2). (Measured 2026-11-29 and dropped: the word-wise int4 GEMV in a
@@ -53,14 +56,16 @@ def main() -> None:
         timed = []
         # int4: K steps of whole 128-column blocks; down's K (768) is 6 blocks, so 256 or 512 wastes none / 2 of 8
         bks = (256, 512, 1024, 2048) if scheme == "none" else (256, 512) if kind == "gemv_down" else (512, 1024, 2048)
-        words_only = set(loops) <= {"words"}
+        words_only = set(loops) <= {"words", "dp4a", "dp4a32"}
         bns = (8, 16, 32) if kind == "gemv_down" and words_only else (8, 16) if words_only else (4, 8, 16)
         bns = _ints("GEMV_SWEEP_BN", bns)  # e.g. GEMV_SWEEP_BN=4,8,16,32 GEMV_SWEEP_WARPS=2,4,8: a wider grid
         for loop, bn, bk, warps, stages in itertools.product(loops, bns, _ints("GEMV_SWEEP_BK", bks),
                                                              _ints("GEMV_SWEEP_WARPS", (4, 8)),
                                                              _ints("GEMV_SWEEP_STAGES", (2,))):
             cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages,
-                   "UNROLL": loop != "loop", "WORDS": loop == "words"}
+                   "UNROLL": loop != "loop", "WORDS": loop in ("words", "dp4a", "dp4a32")}
+            if loop.startswith("dp4a"):
+                cfg["DP4A"] = 32 if loop == "dp4a32" else 128
 
             def run():  # every layer once, as a decode step does (a graph: no launch overhead, L2 cold-ish)
                 for gu, dn in layers:
@@ -93,6 +98,8 @@ def _ints(name: str, default: tuple) -> tuple:
 
 
 def _loop(cfg: dict) -> str:
+    if cfg.get("DP4A"):
+        return "dp4a32" if cfg["DP4A"] == 32 else "dp4a"
     return "words" if cfg["WORDS"] else "unroll" if cfg["UNROLL"] else "loop"
 
 

@@ -23,31 +23,47 @@ E, H, I, K = 4, 256, 192, 2  # down's K = 192: a partial second 128-column group
 DT = torch.float16
 
 
-def reference(hidden, gate_up, down, ids, weights):
-    """sum_k weight * SwiGLU expert, the activation rounded to DT as the kernel stores it; ids -1 contribute 0."""
+def reference(hidden, gate_up, down, ids, weights, x_step=None):
+    """sum_k weight * SwiGLU expert, the activation rounded to DT as the kernel stores it; ids -1 contribute 0.
+    x_step 128 / 32: each GEMV's input rounded to int8 per that many columns first (int4_dp4a.py's activations)."""
+    q = (lambda x: int8_blocks(x, x_step)) if x_step else (lambda x: x.float())
     out = torch.zeros(hidden.shape[0], H)
     for t in range(hidden.shape[0]):
         for k in range(K):
             e = int(ids[t, k])
             if e >= 0:
-                g, u = (hidden[t].float() @ gate_up[e].T).chunk(2)
-                out[t] += weights[t, k] * ((F.silu(g) * u).to(DT).float() @ down[e].T)
+                g, u = (q(hidden[t]) @ gate_up[e].T).chunk(2)
+                out[t] += weights[t, k] * (q((F.silu(g) * u).to(DT)) @ down[e].T)
     return out
+
+
+def int8_blocks(x, cols):
+    """x [K] -> float32 x rounded to int8 steps of absmax / 127 per `cols` columns (half away from zero)."""
+    x = x.float()
+    pad = torch.cat([x, x.new_zeros(-x.numel() % cols)]).view(-1, cols)
+    step = pad.abs().amax(1, keepdim=True) / 127
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    v = pad / step
+    return ((v + torch.where(v >= 0, 0.5, -0.5)).trunc() * step).reshape(-1)[:x.numel()]
 
 
 VARIANTS = {"sym128": (128, True, (1, 20)), "asym32": (32, False, (1, 20)), "sym64": (64, True, (1, 20)),
             "asym128": (128, False, (1, 20)), "sym128-magic": (128, True, (20,)),
-            "asym32-magic": (32, False, (20,)), "sym64-magic": (64, True, (20,)), "sym128-words": (128, True, (1, 3))}
+            "asym32-magic": (32, False, (20,)), "sym64-magic": (64, True, (20,)), "sym128-words": (128, True, (1, 3)),
+            "sym128-dp4a": (128, True, (1, 3)), "sym128-dp4a32": (128, True, (1, 3))}
 # (group, symmetric, token counts): every int4 kernel branch; -magic: the GEMM with codes made floats by _magic;
 # -words: the word-wise GEMV (int4_kernels._int4_words_dot, what the H200's table runs at 1-4 tokens)
-GEMV_CONFIGS = {"words": {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "WORDS": True}}
+# -dp4a: the word-wise GEMV on integer dot products (int4_dp4a.py), against the reference with int8 activations
+GEMV_CONFIGS = {"words": {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "WORDS": True},
+                "dp4a": {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "WORDS": True, "DP4A": 128},
+                "dp4a32": {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "WORDS": True, "DP4A": 32}}
 
 
 def word_gemv(hidden, gu, dn, ids, weights, variant):
     """The few-token path with an int4 GEMV variant (GEMV_CONFIGS), both kernels."""
     pairs = ids.reshape(-1).long().contiguous()
-    act = torch.empty(pairs.numel(), I, dtype=DT)
-    out = torch.zeros(hidden.shape[0], H, dtype=torch.float32)
+    act = torch.empty(pairs.numel(), I, dtype=DT, device=hidden.device)
+    out = torch.zeros(hidden.shape[0], H, dtype=torch.float32, device=hidden.device)
     cfg = GEMV_CONFIGS[variant]
     moe_gemv(hidden, gu, act, pairs, K, cfg, up_rows=I)
     return moe_gemv(act, dn, out, pairs, 1, cfg, weights=weights.reshape(-1).float().contiguous(), sum_slots=K)
@@ -82,7 +98,7 @@ def main(names: list[str]) -> None:
                 got = word_gemv(hidden, gu, dn, ids, weights, variant)
             else:
                 got = fused_moe(hidden, gu, dn, ids, weights, configs(name, t))
-            want = reference(hidden, gu_ref, dn_ref, ids, weights)
+            want = reference(hidden, gu_ref, dn_ref, ids, weights, x_step={"dp4a": 128, "dp4a32": 32}.get(variant))
             rel[f"{name} T={t}"] = ((got - want).norm() / want.norm()).item()
             if t > 1:
                 elsewhere = max(elsewhere, got[1].abs().max().item())

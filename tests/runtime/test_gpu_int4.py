@@ -142,7 +142,7 @@ def test_cpu_engine_serves_int4_experts_and_says_so(tmp_path):
 
 @interpreter
 @pytest.mark.parametrize("variants", [
-    ["sym128", "sym128-magic", "sym128-words"],  # what quantize() makes: GEMV at 1 token, GEMM at 20 (both code conversions)
+    ["sym128", "sym128-magic", "sym128-words", "sym128-dp4a", "sym128-dp4a32"],  # what quantize() makes: GEMV at 1 token, GEMM at 20 (both code conversions)
     pytest.param(["asym32", "sym64", "asym128", "asym32-magic", "sym64-magic"], marks=pytest.mark.slow),  # checkpoint layouts
 ])
 def test_int4_kernels_under_the_triton_interpreter(variants):
@@ -198,11 +198,34 @@ def test_int4_kernels_compile_for_hopper_with_wide_loads(group, zp):
             words = _compile_sm90(_moe_gemv, ["*bf16", "*u8", out, "*fp32", "*i64", "*fp32", "*fp32"],
                                   {**flags, **shape, "WORDS": 2})
             assert "lop3.b32" in words and "ld.global.v4.b32" in words
+            dp4a = _compile_sm90(_moe_gemv, ["*bf16", "*u8", out, "*fp32", "*i64", "*fp32", "*fp32"],
+                                 {**flags, **shape, "WORDS": 4})  # integer dot products (int4_dp4a.py)
+            assert "dp4a.u32.s32" in dp4a and "ld.global.v4.b32" in dp4a
         for magic in (False, True):  # both ways codes become floats (a tuned choice)
             gemm = _compile_sm90(_moe_gemm, ["*bf16", "*u8", out, "*fp32", "*i64", "*i64", "*i64", "*fp32", "*fp32"],
                                  {**flags, "EVEN_K": True, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8,
                                   "MAGIC": magic})
             assert "wgmma.mma_async" in gemm
+
+
+@cuda
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("variant, step", [("dp4a", 128), ("dp4a32", 32)])
+def test_int4_dp4a_gemv_on_the_gpu_matches_int8_activations(tokens, variant, step):
+    """The GEMV on inline dp4a (int4_dp4a.py, the H200's int4 decode) against the float32 reference whose GEMV inputs
+    are rounded to int8 per 128 columns as the kernel rounds them; and near the float decode (the rounding's cost)."""
+    import int4_interpret as ii
+
+    torch.manual_seed(0)
+    gu = quantize_int4(torch.randn(ii.E, 2 * ii.I, ii.H) * 0.05, 128, True)
+    dn = quantize_int4(torch.randn(ii.E, ii.H, ii.I) * 0.05, 128, True)
+    hidden = torch.randn(tokens, ii.H).to(ii.DT)
+    weights, ids = torch.randn(tokens, ii.E).softmax(-1).topk(ii.K)
+    ref = (gu.dequantize(torch.float32), dn.dequantize(torch.float32))
+    args = (hidden.cuda(), gu.to("cuda"), dn.to("cuda"), ids.cuda(), weights.cuda())
+    got = ii.word_gemv(*args, variant).cpu()
+    assert _rel(got, ii.reference(hidden, *ref, ids, weights, x_step=step)) < 1e-4
+    assert _rel(got, ii.word_gemv(*args, "words").cpu()) < 3e-2
 
 
 VARIANTS = [(128, True), (32, False), (64, True), (128, False)]  # (group, symmetric): every int4 kernel branch

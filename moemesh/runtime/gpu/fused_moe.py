@@ -41,7 +41,8 @@ GEMV_MAX_PAIRS = 32  # up to this many (token, slot) pairs the GEMV kernel runs 
 # the first step's math; measured on the H200 at T=1 (benchmarks/h200/gemv_sweep.py): 5-10% faster per kernel.
 # WORDS (symmetric int4, groups of 128): packed weights read as 32-bit words, each step's gate and up words loaded
 # before either's math, nibbles decoded without int-to-float conversions (int4_kernels._int4_words); T=1 on the H200:
-# gate_up 12.7 -> 11.0 us, down 8.8 -> 8.5 us.
+# gate_up 12.7 -> 11.0 us, down 8.8 -> 8.5 us. DP4A (int4_dp4a.py, the H200 table's choice since 2026-11-29): the same
+# words on integer dot products, activations rounded to int8 per 32 columns: gate_up 9.4 -> 7.8 us, down 7.1 -> 5.8.
 GEMV_DEFAULT = {"gemv_gate_up": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3, "UNROLL": True},
                 "gemv_down": {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3, "UNROLL": True}}
 # int4 rows hold a quarter of bf16's bytes: wider K steps keep 16-byte loads per thread (bf16's GEMV table does not
@@ -50,6 +51,9 @@ GEMV_DEFAULT = {"gemv_gate_up": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, 
 GEMV_INT4_DEFAULT = {"gemv_gate_up": {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3, "UNROLL": True},
                      "gemv_down": {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3, "UNROLL": True}}
 Weight = torch.Tensor | QuantTensor
+# DP4A in an int4 GEMV config (symmetric groups of 128): integer dot products with the activations rounded to int8,
+# one step per DP4A (128 or 32) columns (int4_dp4a.py). MOEMESH_INT4_DP4A=0 keeps float activations everywhere.
+DP4A_ON = os.environ.get("MOEMESH_INT4_DP4A", "1") != "0"
 
 
 def _weight_args(w: Weight, block_k: int) -> tuple[tuple, dict, int]:
@@ -94,10 +98,12 @@ def moe_gemv(a: torch.Tensor, w: Weight, out: torch.Tensor, ids: torch.Tensor, a
 
 
 def _words(cfg: dict) -> int:
-    """_moe_gemv's WORDS: 0 off, 1 the int4 word decode in plain Triton (the interpreter), 2 with inline lop3."""
+    """_moe_gemv's WORDS: 0 off, 1 the int4 word decode in plain Triton (the interpreter), 2 with inline lop3; DP4A
+    (int4_dp4a.py): 3 / 4 with an activation step per 128 columns (plain Triton / inline dp4a), 5 / 6 per 32."""
     if not cfg.get("WORDS"):
         return 0
-    return 1 if os.environ.get("TRITON_INTERPRET") == "1" else 2
+    dp4a = cfg.get("DP4A") if DP4A_ON else None  # 128 (or True) / 32: columns per activation step
+    return (1 if not dp4a else 5 if dp4a == 32 else 3) + (os.environ.get("TRITON_INTERPRET") != "1")
 
 
 def default_config(tokens: int, kind: str) -> dict[str, int]:

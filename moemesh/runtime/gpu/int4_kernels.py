@@ -18,6 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moemesh.runtime.gpu.int4_dp4a import _int4_dp4a_dot, _quarters
+
 
 @triton.jit
 def _int4_mac(acc, a_rows, b_cols, s_ptrs, z_ptrs, row_ok, col_ok, k0, k_in,
@@ -171,15 +173,6 @@ def _int4_words_dot(words, x_row, s_rows, col_ok, k0, k_in, BLOCK_N: tl.constexp
 
 
 @triton.jit
-def _quarters(x, NG: tl.constexpr):
-    """x [NG, 64] -> the four [NG, 16] tensors x[:, 4i + m] for m = 0, 1, 2, 3."""
-    even, odd = tl.split(tl.reshape(x, (NG, 16, 2, 2)))  # m = 2a + b: split takes b (the last axis) first
-    x0, x2 = tl.split(even)
-    x1, x3 = tl.split(odd)
-    return x0, x1, x2, x3
-
-
-@triton.jit
 def _code(words, MASK: tl.constexpr, ASM: tl.constexpr):
     """1 + c * 2^(q - 23) as float32 for the nibble c at bits q .. q + 3 (MASK = 15 << q) of each word. ASM: one
     lop3 ((w & MASK) | 0x3F800000, lookup table 0xEA) where ptxas would emit an AND and an OR; the Triton
@@ -212,16 +205,26 @@ def _int4_gemv_half(codes, x, col0, s_rows, z_rows, col_ok, blk_ok, BLOCK_N: tl.
 
 @triton.jit
 def _int4_words_step(acc, acc_up, a_row, w_rows, s_rows, col_ok, k0, k_in, stride_bn, up, up_rows,
-                     GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
-    """One K step of the word-wise GEMV: gate (or only) and up words loaded first, then both dots. (Measured on the
-    H200, 2026-11-29: loading the activations' quarters strided instead of through shared memory, with gate and up
-    rows stacked into one dot, was no faster: gate_up 11.5 vs 9.4 us, down 7.6 vs 7.2; removed.)"""
+                     GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
+                     DP4A: tl.constexpr = 0):
+    """One K step of the word-wise GEMV: gate (or only) and up words loaded first, then both dots (DP4A > 0: on integer
+    dot products, int4_dp4a.py, DP4A its SUB: one activation step per 128 columns, 2: per 32). (Measured on the H200, 2026-11-29: loading the activations' quarters strided
+    instead of through shared memory, with gate and up rows stacked into one dot, was no faster: gate_up 11.5 vs
+    9.4 us, down 7.6 vs 7.2; removed.)"""
     words = _int4_words(w_rows, col_ok, k0, k_in, BLOCK_K)
     if GATED:
         words_up = _int4_words(w_rows + up_rows * stride_bn, col_ok, k0, k_in, BLOCK_K)
-        acc_up += _int4_words_dot(words_up, a_row, s_rows + up, col_ok, k0, k_in, BLOCK_N, BLOCK_K, ASM)
-    acc += _int4_words_dot(words, a_row, s_rows, col_ok, k0, k_in, BLOCK_N, BLOCK_K, ASM)
+        acc_up += _words_dot(words_up, a_row, s_rows + up, col_ok, k0, k_in, BLOCK_N, BLOCK_K, ASM, DP4A)
+    acc += _words_dot(words, a_row, s_rows, col_ok, k0, k_in, BLOCK_N, BLOCK_K, ASM, DP4A)
     return acc, acc_up
+
+
+@triton.jit
+def _words_dot(words, a_row, s_rows, col_ok, k0, k_in, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               ASM: tl.constexpr, DP4A: tl.constexpr):
+    if DP4A > 0:
+        return _int4_dp4a_dot(words, a_row, s_rows, col_ok, k0, k_in, BLOCK_N, BLOCK_K, ASM, DP4A)
+    return _int4_words_dot(words, a_row, s_rows, col_ok, k0, k_in, BLOCK_N, BLOCK_K, ASM)
 
 
 @triton.jit
@@ -238,7 +241,8 @@ def _int4_gemv_loop(acc, acc_up, a_row, w_rows, s_rows, z_rows, col_ok, k_in, st
     if WORDS > 0 and GROUP == 128 and not ZP and K_STATIC > 0:
         for k0 in tl.static_range(0, K_STATIC, BLOCK_K):
             acc, acc_up = _int4_words_step(acc, acc_up, a_row, w_rows, s_rows, col_ok, k0, K_STATIC, stride_bn,
-                                           up, up_rows, GATED, BLOCK_N, BLOCK_K, WORDS == 2)
+                                           up, up_rows, GATED, BLOCK_N, BLOCK_K, WORDS % 2 == 0,
+                                           0 if WORDS < 3 else 1 if WORDS < 5 else 2)
     elif K_STATIC > 0:
         for k0 in tl.static_range(0, K_STATIC, BLOCK_K):
             acc += _int4_gemv_step(a_row, w_rows, s_rows, z_rows, col_ok, k0, K_STATIC, BLOCK_N, BLOCK_K, GROUP, ZP)

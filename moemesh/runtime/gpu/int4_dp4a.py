@@ -1,0 +1,120 @@
+"""The few-token int4 GEMV on integer dot products (config key "DP4A"; symmetric groups of 128): the activations
+quantized to int8 per 128-column block inside the kernel, four codes times four activations per `dp4a`, as
+llama.cpp's mmvq kernels do with its q8_1 activations.
+
+The word-wise float decode (int4_kernels._int4_words_dot) spends 4.45 instructions per weight at batch 1 on the H200
+(ncu, 2026-11-29): the expert GEMVs run at a third of HBM's rate with the SMs' issue slots full. Here a 32-bit word
+of 8 codes costs an AND, a shift-and-AND and two dp4a (and one add):
+
+    x [NG, 128] (this K step's blocks) -> sx [NG] = absmax / 127, q = round(x / sx) int8     # per program, per step
+      q packed 4 per int32 as the codes are: word i of a block = columns 4i..4i+3 (low nibbles), 64+4i.. (high)
+    words [BN, NG, 16] -> dot [BN, NG] = sum dp4a(w & 0x0F0F0F0F, q_lo) + dp4a((w >> 4) & 0x0F0F0F0F, q_hi)
+    sum_k (c_k - 8) * x_k * scale  ~=  (dot - 8 * sum(q)) * sx * scale[BN, NG]               # exact in int32
+
+The only rounding added is x's to int8 (a relative step of 1/254 of each block's largest value, below int4's own
+weight error by far); benchmarks/h200/gemv_sweep.py reports it beside the float decode.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _quarters(x, NG: tl.constexpr):
+    """x [NG, 64] -> the four [NG, 16] tensors x[:, 4i + m] for m = 0, 1, 2, 3."""
+    even, odd = tl.split(tl.reshape(x, (NG, 16, 2, 2)))  # m = 2a + b: split takes b (the last axis) first
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _pack(q, NG: tl.constexpr):
+    """q [NG, 64] int32 in [-127, 127] -> [NG, 16] int32 words holding bytes q[:, 4i + m] at bits 8m."""
+    q0, q1, q2, q3 = _quarters(q, NG)
+    return (q0 & 255) | ((q1 & 255) << 8) | ((q2 & 255) << 16) | (q3 << 24)
+
+
+@triton.jit
+def _round(v):
+    """Round half away from zero to int32 (Triton's interpreter has no rint)."""
+    return (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)
+
+
+@triton.jit
+def _dp4a(words, x, SHIFT: tl.constexpr, ASM: tl.constexpr):
+    """Per word: dp4a of its four nibbles at bits SHIFT, SHIFT + 8, ... (codes, unsigned) with x's four signed bytes.
+    Without ASM (the interpreter): the same sum byte by byte."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            f"{{ .reg .b32 c; shr.u32 c, $1, {SHIFT}; and.b32 c, c, 0x0F0F0F0F; dp4a.u32.s32 $0, c, $2, 0; }}",
+            "=r,r,r", [words, x], dtype=tl.int32, is_pure=True, pack=1)
+    total = tl.zeros_like(words)
+    for m in tl.static_range(4):
+        total += ((words >> (8 * m + SHIFT)) & 15) * ((x << (24 - 8 * m)) >> 24)  # code * byte m sign-extended
+    return total
+
+
+@triton.jit
+def _quantize(x, NG: tl.constexpr, SUB: tl.constexpr):
+    """x [NG, 64] float32 -> (q [NG, 64] int32 in [-127, 127], step [NG, SUB], sum of q [NG, SUB]): one step
+    (absmax / 127) per 64 / SUB columns."""
+    xs = tl.reshape(x, (NG, SUB, 64 // SUB))
+    amax = tl.max(tl.abs(xs), 2)  # [NG, SUB]
+    step = tl.where(amax > 0, amax / 127.0, 1.0)  # an all-zero piece: q = 0 whatever the step
+    v = xs / step[:, :, None]
+    q = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)  # half away from zero (the interpreter has no rint)
+    return tl.reshape(q, (NG, 64)), step, tl.sum(q, 2)
+
+
+@triton.jit
+def _int4_dp4a_dot(words, x_row, s_rows, col_ok, k0, k_in, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   ASM: tl.constexpr, SUB: tl.constexpr = 1):
+    """_int4_words_dot's contract on integer dot products: [BN] float32 sums over columns k0 .. k0 + BLOCK_K of
+    W[n, k] * x[k] (x rounded to int8 with one step per 64 / SUB columns: SUB 1, a step per 128-column block, or 2
+    per 32 columns) from words [BN, BLOCK_K / 128, 16] (_int4_words)."""
+    NG: tl.constexpr = BLOCK_K // 128
+    blk = k0 // 128 + tl.arange(0, NG)  # [NG] packing blocks of this step
+    col = (blk * 128)[:, None] + tl.arange(0, 64)[None, :]  # [NG, 64] columns of the low nibbles
+    x_lo = tl.load(x_row + col, mask=col < k_in, other=0.0).to(tl.float32)
+    x_hi = tl.load(x_row + col + 64, mask=col + 64 < k_in, other=0.0).to(tl.float32)
+    if SUB == 1:  # one step for the whole block: both halves share it, one dp4a chain per word
+        amax = tl.maximum(tl.max(tl.abs(x_lo), 1), tl.max(tl.abs(x_hi), 1))  # [NG]
+        sx = tl.where(amax > 0, amax / 127.0, 1.0)  # [NG]
+        q_lo, q_hi = _round(x_lo / sx[:, None]), _round(x_hi / sx[:, None])  # [NG, 64] in [-127, 127]
+        q_sum = tl.sum(q_lo, 1) + tl.sum(q_hi, 1)  # [NG]
+        dot = tl.sum(_dp4a_pair(words, _pack(q_lo, NG)[None, :, :], _pack(q_hi, NG)[None, :, :], ASM), 2)
+        part = (dot - 8 * q_sum[None, :]).to(tl.float32) * sx[None, :]  # [BN, NG]
+    else:  # word i of a half covers its columns 4i..4i+3: words 0-7 the first 32, 8-15 the next
+        q_lo, s_lo, n_lo = _quantize(x_lo, NG, SUB)
+        q_hi, s_hi, n_hi = _quantize(x_hi, NG, SUB)
+        d_lo = tl.sum(tl.reshape(_dp4a(words, _pack(q_lo, NG)[None, :, :], 0, ASM), (BLOCK_N, NG, SUB, 16 // SUB)), 3)
+        d_hi = tl.sum(tl.reshape(_dp4a(words, _pack(q_hi, NG)[None, :, :], 4, ASM), (BLOCK_N, NG, SUB, 16 // SUB)), 3)
+        part = tl.sum((d_lo - 8 * n_lo[None, :, :]).to(tl.float32) * s_lo[None, :, :]
+                      + (d_hi - 8 * n_hi[None, :, :]).to(tl.float32) * s_hi[None, :, :], 2)  # [BN, NG]
+    blk_ok = blk < tl.cdiv(k_in, 128)
+    scale = tl.load(s_rows[:, None] + blk[None, :], mask=col_ok[:, None] & blk_ok[None, :], other=0.0)  # [BN, NG]
+    return tl.sum(part * scale, 1)
+
+
+@triton.jit
+def _dp4a_pair(words, x_lo, x_hi, ASM: tl.constexpr):
+    """dp4a(low nibbles, x_lo) + dp4a(high nibbles, x_hi) per word: codes as unsigned bytes, x signed. Without ASM
+    (the interpreter): the same sum byte by byte."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 l, h; and.b32 l, $1, 0x0F0F0F0F; shr.u32 h, $1, 4; and.b32 h, h, 0x0F0F0F0F; "
+            "dp4a.u32.s32 $0, l, $2, 0; dp4a.u32.s32 $0, h, $3, $0; }",
+            "=r,r,r,r", [words, x_lo, x_hi], dtype=tl.int32, is_pure=True, pack=1)
+    total = tl.zeros_like(words)
+    for m in tl.static_range(4):
+        lo = (words >> (8 * m)) & 15
+        hi = (words >> (8 * m + 4)) & 15
+        xl = ((x_lo << (24 - 8 * m)) >> 24)  # byte m, sign-extended
+        xh = ((x_hi << (24 - 8 * m)) >> 24)
+        total += lo * xl + hi * xh
+    return total
+
+
