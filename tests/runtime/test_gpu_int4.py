@@ -296,3 +296,23 @@ def test_int4_decode_graphs_match_the_torch_reference(tmp_path):
     want = _decode_logits(reference, prompts, 12)
     got = _decode_logits(graphs, prompts, 12)
     assert all(_rel(g, w) < 3e-2 for g, w in zip(got, want)), [_rel(g, w) for g, w in zip(got, want)]
+
+
+def test_gemv_serves_more_pairs_only_where_its_tuned_config_is_on_dp4a(tmp_path, monkeypatch):
+    """fused_moe.gemv_max_pairs: the tuned int4 GEMV's MAX_PAIRS when that GEMV runs on dp4a (and dp4a is not turned
+    off), else GEMV_MAX_PAIRS; bf16 weights never read it."""
+    from moemesh.runtime.gpu import fused_moe as fm
+
+    gemv = {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2, "WORDS": True}
+    w = quantize(torch.randn(4, 2 * 128, 256), "int4")  # on the CPU: the table of device "cpu"
+    name = fm.config_name(4, 128, 256, "int4", "cpu")
+    monkeypatch.setattr(fm, "CONFIG_DIR", tmp_path)
+    for entry, on, want in (({**gemv, "DP4A": 32, "MAX_PAIRS": 128}, True, 128),
+                            ({**gemv, "DP4A": 32, "MAX_PAIRS": 128}, False, fm.GEMV_MAX_PAIRS),
+                            ({**gemv, "MAX_PAIRS": 128}, True, fm.GEMV_MAX_PAIRS)):
+        (tmp_path / name).write_text(json.dumps({"1": {"gemv_gate_up": entry}}))
+        fm._tuned.cache_clear()
+        monkeypatch.setattr(fm, "DP4A_ON", on)
+        assert fm.gemv_max_pairs(w) == want, (entry, on)
+        assert fm.gemv_max_pairs(torch.randn(4, 256, 256)) == fm.GEMV_MAX_PAIRS
+    fm._tuned.cache_clear()

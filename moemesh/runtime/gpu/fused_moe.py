@@ -181,7 +181,7 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids
     SwiGLU expert. configs: (gate_up, down) overrides."""
     t, k = local_ids.shape
     inter = w_down.shape[2]
-    if t * k <= GEMV_MAX_PAIRS and configs is None:
+    if configs is None and t * k <= gemv_max_pairs(w_gate_up):
         return _fused_moe_gemv(hidden, w_gate_up, w_down, local_ids, topk_weights)
     if configs is None and prefill_moe.wanted(hidden, w_gate_up, w_down):  # large bf16 steps on Hopper: TMA + wgmma
         return prefill_moe.prefill_moe(hidden, w_gate_up, w_down, local_ids, topk_weights)
@@ -199,6 +199,16 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids
     y = torch.zeros(t * k, hidden.shape[1], dtype=torch.float32, device=hidden.device)  # [P, H]
     moe_gemm(act, w_down, y, al_down, 1, cfg_down, weights=weights)
     return y.view(t, k, -1).sum(dim=1)  # [T, H]
+
+
+def gemv_max_pairs(w_gate_up: Weight) -> int:
+    """Up to how many (token, slot) pairs fused_moe runs the GEMV: GEMV_MAX_PAIRS, or the tuned GEMV's MAX_PAIRS
+    where it is on dp4a (int4, the H200: one MoE layer at 8 tokens 53 us against 122 with the GEMM, at 16 tokens 99
+    against 165; benchmarks/h200/int4_gemv_gemm.py)."""
+    if not isinstance(w_gate_up, QuantTensor) or w_gate_up.scheme != "int4" or not DP4A_ON:
+        return GEMV_MAX_PAIRS
+    cfg = pick_config(1, "gemv_gate_up", w_gate_up)
+    return cfg.get("MAX_PAIRS", GEMV_MAX_PAIRS) if cfg.get("DP4A") else GEMV_MAX_PAIRS
 
 
 def _fused_moe_gemv(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids: torch.Tensor,
