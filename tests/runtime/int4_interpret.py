@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from moemesh.runtime.gpu.fused_moe import GEMV_MAX_PAIRS, _fused_moe_rows, default_config, fused_moe, moe_gemv
+from moemesh.runtime.gpu.fused_moe import GEMV_MAX_PAIRS, default_config, fused_moe, moe_gemv
 from moemesh.runtime.quant import quantize_int4
 
 E, H, I, K = 4, 256, 192, 2  # down's K = 192: a partial second 128-column group
@@ -50,15 +50,10 @@ def int8_blocks(x, cols):
 VARIANTS = {"sym128": (128, True, (1, 20)), "asym32": (32, False, (1, 20)), "sym64": (64, True, (1, 20)),
             "asym128": (128, False, (1, 20)), "sym128-magic": (128, True, (20,)),
             "asym32-magic": (32, False, (20,)), "sym64-magic": (64, True, (20,)), "sym128-words": (128, True, (1, 3)),
-            "sym128-dp4a": (128, True, (1, 3)), "sym128-dp4a32": (128, True, (1, 3)),
-            "sym128-rows": (128, True, (3, 12))}
+            "sym128-dp4a": (128, True, (1, 3)), "sym128-dp4a32": (128, True, (1, 3))}
 # (group, symmetric, token counts): every int4 kernel branch; -magic: the GEMM with codes made floats by _magic;
 # -words: the word-wise GEMV (int4_kernels._int4_words_dot, what the H200's table runs at 1-4 tokens)
 # -dp4a: the word-wise GEMV on integer dot products (int4_dp4a.py), against the reference with int8 activations
-# -rows: int4_rows.py (pairs sorted by expert, each block's weights once for its rows; 4-row blocks: several per
-# expert at 12 tokens, padding rows at 3)
-ROWS_CONFIGS = ({"BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "DP4A": 32},
-                {"BLOCK_M": 4, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "DP4A": 32})
 GEMV_CONFIGS = {"words": {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "WORDS": True},
                 "dp4a": {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "WORDS": True, "DP4A": 128},
                 "dp4a32": {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "WORDS": True, "DP4A": 32}}
@@ -101,12 +96,9 @@ def main(names: list[str]) -> None:
             variant = name.rsplit("-", 1)[-1]
             if variant in GEMV_CONFIGS:
                 got = word_gemv(hidden, gu, dn, ids, weights, variant)
-            elif variant == "rows":
-                got = _fused_moe_rows(hidden, gu, dn, ids, weights, ROWS_CONFIGS)
             else:
                 got = fused_moe(hidden, gu, dn, ids, weights, configs(name, t))
-            want = reference(hidden, gu_ref, dn_ref, ids, weights,
-                             x_step={"dp4a": 128, "dp4a32": 32, "rows": 32}.get(variant))
+            want = reference(hidden, gu_ref, dn_ref, ids, weights, x_step={"dp4a": 128, "dp4a32": 32}.get(variant))
             rel[f"{name} T={t}"] = ((got - want).norm() / want.norm()).item()
             if t > 1:
                 elsewhere = max(elsewhere, got[1].abs().max().item())

@@ -142,7 +142,7 @@ def test_cpu_engine_serves_int4_experts_and_says_so(tmp_path):
 
 @interpreter
 @pytest.mark.parametrize("variants", [
-    ["sym128", "sym128-magic", "sym128-words", "sym128-dp4a", "sym128-dp4a32", "sym128-rows"],  # what quantize() makes: GEMV at 1 token, GEMM at 20 (both code conversions)
+    ["sym128", "sym128-magic", "sym128-words", "sym128-dp4a", "sym128-dp4a32"],  # what quantize() makes: GEMV at 1 token, GEMM at 20 (both code conversions)
     pytest.param(["asym32", "sym64", "asym128", "asym32-magic", "sym64-magic"], marks=pytest.mark.slow),  # checkpoint layouts
 ])
 def test_int4_kernels_under_the_triton_interpreter(variants):
@@ -183,7 +183,6 @@ def test_int4_kernels_compile_for_hopper_with_wide_loads(group, zp):
     """The compiled path (the interpreter test runs the Python semantics only): both int4 kernels compile for sm_90,
     gate_up (SiLU-and-mul) and down (routing weight, summed slots), the GEMV reading weights with 16-byte loads and
     the GEMM on Hopper's wgmma."""
-    from moemesh.runtime.gpu import int4_rows
     from moemesh.runtime.gpu.moe_kernels import _moe_gemm, _moe_gemv
 
     for gated in (True, False):
@@ -202,12 +201,6 @@ def test_int4_kernels_compile_for_hopper_with_wide_loads(group, zp):
             dp4a = _compile_sm90(_moe_gemv, ["*bf16", "*u8", out, "*fp32", "*i64", "*fp32", "*fp32"],
                                  {**flags, **shape, "WORDS": 4})  # integer dot products (int4_dp4a.py)
             assert "dp4a.u32.s32" in dp4a and "ld.global.v4.b32" in dp4a
-            rows = _compile_sm90(int4_rows._int4_rows, ["*bf16", "*u8", out, "*fp32", "*i64", "*i64", "*i64",
-                                                        "*fp32"],
-                                 {"A_DIV": flags["A_DIV"], "GATED": gated, "WEIGHTED": not gated, "BLOCK_M": 8,
-                                  "SUM_SLOTS": shape["SUM_SLOTS"], "BLOCK_N": 16, "BLOCK_K": 512,
-                                  "K_STATIC": shape["K_STATIC"], "ASM": True, "SUB": 2})  # int4_rows.py
-            assert "dp4a.u32.s32" in rows and "ld.global.v4.b32" in rows
         for magic in (False, True):  # both ways codes become floats (a tuned choice)
             gemm = _compile_sm90(_moe_gemm, ["*bf16", "*u8", out, "*fp32", "*i64", "*i64", "*i64", "*fp32", "*fp32"],
                                  {**flags, "EVEN_K": True, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8,
@@ -233,26 +226,6 @@ def test_int4_dp4a_gemv_on_the_gpu_matches_int8_activations(tokens, variant, ste
     got = ii.word_gemv(*args, variant).cpu()
     assert _rel(got, ii.reference(hidden, *ref, ids, weights, x_step=step)) < 1e-4
     assert _rel(got, ii.word_gemv(*args, "words").cpu()) < 3e-2
-
-
-@cuda
-def test_int4_rows_on_the_gpu_match_int8_activations():
-    """int4_rows.py on the GPU (inline dp4a; several row blocks per expert, padding rows, a token hosted nowhere)
-    against the float32 reference with int8 activations per 32 columns."""
-    import int4_interpret as ii
-    from moemesh.runtime.gpu.fused_moe import _fused_moe_rows
-
-    torch.manual_seed(0)
-    gu = quantize_int4(torch.randn(ii.E, 2 * ii.I, ii.H) * 0.05, 128, True)
-    dn = quantize_int4(torch.randn(ii.E, ii.H, ii.I) * 0.05, 128, True)
-    hidden = torch.randn(12, ii.H).to(ii.DT)
-    weights, ids = torch.randn(12, ii.E).softmax(-1).topk(ii.K)
-    ids[1] = -1
-    ref = (gu.dequantize(torch.float32), dn.dequantize(torch.float32))
-    got = _fused_moe_rows(hidden.cuda(), gu.to("cuda"), dn.to("cuda"), ids.cuda(), weights.cuda(),
-                          ii.ROWS_CONFIGS).cpu()
-    assert _rel(got, ii.reference(hidden, *ref, ids, weights, x_step=32)) < 1e-4
-    assert got[1].abs().max().item() == 0.0
 
 
 VARIANTS = [(128, True), (32, False), (64, True), (128, False)]  # (group, symmetric): every int4 kernel branch

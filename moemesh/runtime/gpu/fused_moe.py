@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import triton
 
-from moemesh.runtime.gpu import int4_prefill, int4_rows, pdl, prefill_moe
+from moemesh.runtime.gpu import int4_prefill, pdl, prefill_moe
 from moemesh.runtime.gpu.moe_align import SMALL_PAIRS, Alignment, align, align_small
 from moemesh.runtime.gpu.moe_kernels import _moe_gemm, _moe_gemv
 from moemesh.runtime.quant import INT4_BLOCK, QuantTensor
@@ -144,8 +144,7 @@ def pick_config(tokens: int, kind: str, w_gate_up: Weight) -> dict[str, int]:
     int4 = isinstance(w_gate_up, QuantTensor) and w_gate_up.scheme == "int4"
     dtype = "int4" if int4 else data.dtype
     gemv = kind.startswith("gemv")
-    own = int4 and (gemv or kind.startswith("rows"))  # int4's own kernels: never the bf16 table's configs
-    dtypes = (dtype, torch.bfloat16) if isinstance(w_gate_up, QuantTensor) and not own else (dtype,)
+    dtypes = (dtype, torch.bfloat16) if isinstance(w_gate_up, QuantTensor) and not (int4 and gemv) else (dtype,)
     for name in (config_name(e, two_i // 2, h, d, device) for d in dtypes):
         table = {m: entry[kind] for m, entry in _tuned(name).items() if kind in entry}
         if table and gemv:
@@ -184,9 +183,6 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids
     inter = w_down.shape[2]
     if configs is None and t * k <= gemv_max_pairs(w_gate_up):
         return _fused_moe_gemv(hidden, w_gate_up, w_down, local_ids, topk_weights)
-    rows = rows_configs(t, t * k, w_gate_up) if configs is None else None
-    if rows:  # int4 at a few dozen tokens: each expert's weights once for all its pairs, on dp4a
-        return _fused_moe_rows(hidden, w_gate_up, w_down, local_ids, topk_weights, rows)
     if configs is None and prefill_moe.wanted(hidden, w_gate_up, w_down):  # large bf16 steps on Hopper: TMA + wgmma
         return prefill_moe.prefill_moe(hidden, w_gate_up, w_down, local_ids, topk_weights)
     if configs is None and int4_prefill.wanted(hidden, w_gate_up, w_down):  # large int4 steps: dequantized, TMA
@@ -213,39 +209,6 @@ def gemv_max_pairs(w_gate_up: Weight) -> int:
         return GEMV_MAX_PAIRS
     cfg = pick_config(1, "gemv_gate_up", w_gate_up)
     return cfg.get("MAX_PAIRS", GEMV_MAX_PAIRS) if cfg.get("DP4A") else GEMV_MAX_PAIRS
-
-
-def rows_configs(tokens: int, pairs: int, w_gate_up: Weight) -> tuple[dict, dict] | None:
-    """int4_rows' (gate_up, down) configs when the tuned int4 table has them for this many pairs (their MAX_PAIRS)
-    and the weights suit dp4a (int4, symmetric, groups of 128), else None."""
-    if not (_dp4a_weights(w_gate_up) and DP4A_ON):
-        return None
-    up, down = (pick_config(tokens, kind, w_gate_up) for kind in ("rows_gate_up", "rows_down"))
-    return (up, down) if pairs <= up.get("MAX_PAIRS", 0) and "BLOCK_M" in down else None
-
-
-def _dp4a_weights(w: Weight) -> bool:
-    return isinstance(w, QuantTensor) and w.scheme == "int4" and w.block_k == INT4_BLOCK and w.zero is None
-
-
-def _fused_moe_rows(hidden: torch.Tensor, w_gate_up: QuantTensor, w_down: QuantTensor, local_ids: torch.Tensor,
-                    topk_weights: torch.Tensor, cfgs: tuple[dict, dict]) -> torch.Tensor:
-    """fused_moe through int4_rows.py: one alignment, two launches (gate_up also zeroes the rows down adds into)."""
-    t, k = local_ids.shape
-    cfg_up, cfg_down = cfgs
-    hidden = hidden.contiguous()
-    weights = topk_weights.reshape(-1).float().contiguous()  # [P]; before the kernels (a torch launch)
-    asm = os.environ.get("TRITON_INTERPRET") != "1"
-    al = align_small(local_ids, w_gate_up.shape[0], cfg_up["BLOCK_M"])
-    act = torch.empty(t * k, w_down.shape[2], dtype=hidden.dtype, device=hidden.device)  # [P, I]
-    out = torch.empty(t, hidden.shape[1], dtype=torch.float32, device=hidden.device)  # [T, H], zeroed by gate_up
-    int4_rows.launch(hidden, w_gate_up, act, out, al, k, cfg_up, up_rows=w_down.shape[2], zero_n=out.numel(),
-                     asm=asm, pdl_args=pdl.launch())
-    if cfg_down["BLOCK_M"] != cfg_up["BLOCK_M"]:
-        al = align_small(local_ids, w_down.shape[0], cfg_down["BLOCK_M"])
-    int4_rows.launch(act, w_down, out, weights, al, 1, cfg_down, weighted=True, sum_slots=k, asm=asm,
-                     pdl_args=pdl.launch())
-    return out
 
 
 def _fused_moe_gemv(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids: torch.Tensor,
