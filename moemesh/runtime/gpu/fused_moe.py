@@ -204,7 +204,10 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids
 def gemv_max_pairs(w_gate_up: Weight) -> int:
     """Up to how many (token, slot) pairs fused_moe runs the GEMV: GEMV_MAX_PAIRS, or the tuned GEMV's MAX_PAIRS
     where it is on dp4a (int4, the H200: one MoE layer at 8 tokens 53 us against 122 with the GEMM, at 16 tokens 99
-    against 165; benchmarks/h200/int4_gemv_gemm.py)."""
+    against 165; benchmarks/h200/int4_gemv_gemm.py). Beyond (48 tokens on), the GEMM: 230 us flat from 48 to 128
+    tokens. (Measured on the H200 and dropped, 2026-11-29: each expert's weights decoded once for all its pairs
+    (sorted by moe_align, 8-row blocks), dp4a per row with each row's activations rounded per program: 642 us at 64
+    tokens, 1,346 at 128, against the GEMM's 233 / 239; the per-row activation rounding and selects dominate.)"""
     if not isinstance(w_gate_up, QuantTensor) or w_gate_up.scheme != "int4" or not DP4A_ON:
         return GEMV_MAX_PAIRS
     cfg = pick_config(1, "gemv_gate_up", w_gate_up)
