@@ -2,7 +2,8 @@
 down weighted and summed over slots into float32 rows), over a wider grid than moe_kernel.py's --tune-gemv: narrow
 column blocks with whole-K tiles included. Prints the best per kind and the JSON entry for the config file.
 
-    PYTHONPATH=. python3 benchmarks/h200/gemv_sweep.py [none|int4] [unroll,loop,words,dp4a,dp4a32] [gemv_gate_up,gemv_down]
+    PYTHONPATH=. python3 benchmarks/h200/gemv_sweep.py [none|int4] [unroll,loop,words,dp4a,dp4a32] \
+        [gemv_gate_up,gemv_down]
 
 dp4a, dp4a32 (int4 only): the word-wise GEMV on integer dot products, activations rounded to int8 with a step per 128
 (per 32) columns (gpu/int4_dp4a.py).

@@ -207,10 +207,10 @@ def _int4_gemv_half(codes, x, col0, s_rows, z_rows, col_ok, blk_ok, BLOCK_N: tl.
 def _int4_words_step(acc, acc_up, a_row, w_rows, s_rows, col_ok, k0, k_in, stride_bn, up, up_rows,
                      GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
                      DP4A: tl.constexpr = 0):
-    """One K step of the word-wise GEMV: gate (or only) and up words loaded first, then both dots (DP4A > 0: on integer
-    dot products, int4_dp4a.py, DP4A its SUB: one activation step per 128 columns, 2: per 32). (Measured on the H200, 2026-11-29: loading the activations' quarters strided
-    instead of through shared memory, with gate and up rows stacked into one dot, was no faster: gate_up 11.5 vs
-    9.4 us, down 7.6 vs 7.2; removed.)"""
+    """One K step of the word-wise GEMV: gate (or only) and up words loaded first, then both dots (DP4A > 0: on
+    integer dot products, int4_dp4a.py, DP4A its SUB: 1, one activation step per 128 columns; 2, per 32).
+    (Measured on the H200, 2026-11-29: loading the activations' quarters strided instead of through shared memory,
+    with gate and up rows stacked into one dot, was no faster: gate_up 11.5 vs 9.4 us, down 7.6 vs 7.2; removed.)"""
     words = _int4_words(w_rows, col_ok, k0, k_in, BLOCK_K)
     if GATED:
         words_up = _int4_words(w_rows + up_rows * stride_bn, col_ok, k0, k_in, BLOCK_K)
