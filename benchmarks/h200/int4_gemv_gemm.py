@@ -6,8 +6,9 @@ distinct weights in one CUDA graph (PDL up to pdl.MAX_ROWS tokens, as the decode
 
 --write: the int4 table's GEMV entry gets MAX_PAIRS = top-k x the largest token count up to which the GEMV was faster
 at every count timed (fused_moe.gemv_max_pairs reads it). Writes int4-gemv-gemm-h200.json (machine, command, rows)
-to --out and prints a table. Also reports the relative difference of the two paths' outputs (the GEMV rounds
-activations to int8 when its config says DP4A; the GEMM does not).
+to --out and prints a table. Also reports the relative difference of the paths' outputs (the GEMV rounds
+activations to int8 when its config says DP4A; the GEMM does not), and times the GEMM's I8 candidate (int8 tensor
+cores, int4_dp4a._int4_mac_i8; prepared 2026-11-29, not yet timed) on the same tiles beside them.
 """
 
 from __future__ import annotations
@@ -47,17 +48,22 @@ def main() -> None:
         w = torch.rand(t, K, device="cuda").softmax(-1)
         x = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
         cfgs = tuple(fm.pick_config(t, kind, layers[0][0]) for kind in ("gate_up", "down"))
+        i8 = tuple({**c, "I8": True} for c in cfgs)  # the candidate: int8 tensor cores (int4_dp4a._int4_mac_i8)
         paths = {"gemm": lambda i: fm.fused_moe(x, *layers[i], ids, w, cfgs),  # configs given: never the GEMV
-                 "gemv": lambda i: fm._fused_moe_gemv(x, *layers[i], ids, w)}
+                 "gemv": lambda i: fm._fused_moe_gemv(x, *layers[i], ids, w),
+                 "gemm_i8": lambda i: fm.fused_moe(x, *layers[i], ids, w, i8)}
         us = {name: round(graph_us(fn, LAYERS, t <= pdl.MAX_ROWS, passes=2), 2) for name, fn in paths.items()}
-        a, b = paths["gemm"](0), paths["gemv"](0)
+        a, b, c = (paths[n](0) for n in ("gemm", "gemv", "gemm_i8"))
         rows.append({"tokens": t, "pairs": t * K, "gemm_us": us["gemm"], "gemv_us": us["gemv"],
-                     "rel_diff": float((a - b).norm() / a.norm())})
+                     "gemm_i8_us": us["gemm_i8"], "rel_diff": float((a - b).norm() / a.norm()),
+                     "i8_rel_diff": float((a - c).norm() / a.norm())})
         print(rows[-1], flush=True)
-    print("\n| tokens | pairs | GEMM us | GEMV us | faster | rel. diff |\n|---|---|---|---|---|---|")
+    print("\n| tokens | pairs | GEMM us | GEMV us | GEMM I8 us | GEMV or GEMM | GEMV diff | I8 diff |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in rows:
         best = "GEMV" if r["gemv_us"] < r["gemm_us"] else "GEMM"
-        print(f"| {r['tokens']} | {r['pairs']} | {r['gemm_us']} | {r['gemv_us']} | {best} | {r['rel_diff']:.1e} |")
+        print(f"| {r['tokens']} | {r['pairs']} | {r['gemm_us']} | {r['gemv_us']} | {r['gemm_i8_us']} | {best} | "
+              f"{r['rel_diff']:.1e} | {r['i8_rel_diff']:.1e} |")
     pairs = 0
     for r in rows:  # the GEMV's range: from the smallest count up to the first where the GEMM wins
         if r["gemv_us"] >= r["gemm_us"]:

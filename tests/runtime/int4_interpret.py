@@ -50,7 +50,8 @@ def int8_blocks(x, cols):
 VARIANTS = {"sym128": (128, True, (1, 20)), "asym32": (32, False, (1, 20)), "sym64": (64, True, (1, 20)),
             "asym128": (128, False, (1, 20)), "sym128-magic": (128, True, (20,)),
             "asym32-magic": (32, False, (20,)), "sym64-magic": (64, True, (20,)), "sym128-words": (128, True, (1, 3)),
-            "sym128-dp4a": (128, True, (1, 3)), "sym128-dp4a32": (128, True, (1, 3))}
+            "sym128-dp4a": (128, True, (1, 3)), "sym128-dp4a32": (128, True, (1, 3)),
+            "sym128-i8": (128, True, (20,))}
 # (group, symmetric, token counts): every int4 kernel branch; -magic: the GEMM with codes made floats by _magic;
 # -words: the word-wise GEMV (int4_kernels._int4_words_dot, what the H200's table runs at 1-4 tokens)
 # -dp4a: the word-wise GEMV on integer dot products (int4_dp4a.py), against the reference with int8 activations
@@ -70,10 +71,12 @@ def word_gemv(hidden, gu, dn, ids, weights, variant):
 
 
 def configs(name: str, t: int):
-    """fused_moe's config override: None (its own choice), or the default tiles with MAGIC for -magic variants."""
-    if not name.endswith("-magic"):
+    """fused_moe's config override: None (its own choice), or the default tiles with MAGIC for -magic variants (I8,
+    the GEMM on int8 tensor cores, for -i8)."""
+    flag = {"magic": "MAGIC", "i8": "I8"}.get(name.rsplit("-", 1)[-1])
+    if not flag:
         return None
-    return tuple({**default_config(t, kind), "MAGIC": True} for kind in ("gate_up", "down"))
+    return tuple({**default_config(t, kind), flag: True} for kind in ("gate_up", "down"))
 
 
 def main(names: list[str]) -> None:
@@ -98,7 +101,8 @@ def main(names: list[str]) -> None:
                 got = word_gemv(hidden, gu, dn, ids, weights, variant)
             else:
                 got = fused_moe(hidden, gu, dn, ids, weights, configs(name, t))
-            want = reference(hidden, gu_ref, dn_ref, ids, weights, x_step={"dp4a": 128, "dp4a32": 32}.get(variant))
+            step = {"dp4a": 128, "dp4a32": 32, "i8": 128}.get(variant)  # the activations' int8 rounding, if any
+            want = reference(hidden, gu_ref, dn_ref, ids, weights, x_step=step)
             rel[f"{name} T={t}"] = ((got - want).norm() / want.norm()).item()
             if t > 1:
                 elsewhere = max(elsewhere, got[1].abs().max().item())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,7 +144,7 @@ def test_cpu_engine_serves_int4_experts_and_says_so(tmp_path):
 @interpreter
 @pytest.mark.parametrize("variants", [
     # what quantize() makes: GEMV at 1 token, GEMM at 20 (both code conversions), the GEMV's decodes
-    ["sym128", "sym128-magic", "sym128-words", "sym128-dp4a", "sym128-dp4a32"],
+    ["sym128", "sym128-magic", "sym128-words", "sym128-dp4a", "sym128-dp4a32", "sym128-i8"],
     # checkpoint layouts
     pytest.param(["asym32", "sym64", "asym128", "asym32-magic", "sym64-magic"], marks=pytest.mark.slow),
 ])
@@ -208,6 +209,11 @@ def test_int4_kernels_compile_for_hopper_with_wide_loads(group, zp):
                                  {**flags, "EVEN_K": True, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8,
                                   "MAGIC": magic})
             assert "wgmma.mma_async" in gemm
+        if group == 128 and not zp:  # the I8 candidate: int8 tensor cores (int4_dp4a._int4_mac_i8)
+            i8 = _compile_sm90(_moe_gemm, ["*bf16", "*u8", out, "*fp32", "*i64", "*i64", "*i64", "*fp32", "*fp32"],
+                               {**flags, "EVEN_K": True, "BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 1,
+                                "I8": 2})
+            assert re.search(r"mma[\w.]*\.s32\.s8\.s8", i8) and "and.b32" in i8
 
 
 @cuda

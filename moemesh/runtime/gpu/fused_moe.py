@@ -169,9 +169,16 @@ def moe_gemm(a: torch.Tensor, w: Weight, out: torch.Tensor, al: Alignment, a_div
         up_rows, A_DIV=a_div, GATED=up_rows > 0, WEIGHTED=weights is not None, EVEN_K=k_in % block_k == 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], MAGIC=quant["INT4"] and cfg.get("MAGIC", False),
-        **quant, **pdl.launch(),
+        I8=_i8(cfg, quant), **quant, **pdl.launch(),
     )
     return out
+
+
+def _i8(cfg: dict, quant: dict) -> int:
+    """_moe_gemm's I8 (int4 on int8 tensor cores, a sweep candidate): 0 off, 1 in plain Triton, 2 with inline PTX."""
+    if not (cfg.get("I8") and quant["INT4"] and DP4A_ON):
+        return 0
+    return 1 if os.environ.get("TRITON_INTERPRET") == "1" else 2
 
 
 def fused_moe(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids: torch.Tensor,

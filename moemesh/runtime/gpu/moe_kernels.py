@@ -23,6 +23,7 @@ import triton.language as tl
 
 from moemesh.runtime.gpu.pdl import enter
 
+from moemesh.runtime.gpu.int4_dp4a import _int4_mac_i8
 from moemesh.runtime.gpu.int4_kernels import _int4_gemv_loop, _int4_mac
 
 
@@ -32,9 +33,10 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows_used
               A_DIV: tl.constexpr, GATED: tl.constexpr, WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr,
               QUANT: tl.constexpr, GROUP_K: tl.constexpr, INT4: tl.constexpr, ZP: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-              PDL: tl.constexpr = False, MAGIC: tl.constexpr = False):
+              PDL: tl.constexpr = False, MAGIC: tl.constexpr = False, I8: tl.constexpr = 0):
     """C[pair] = A[pair // A_DIV] @ B_e^T (B [E, n_out (+ up_rows), k_in], k contiguous), per row block of one expert.
-    GATED: C = silu(A @ gate^T) * (A @ up^T), up rows start at up_rows. WEIGHTED: C *= weight[pair]."""
+    GATED: C = silu(A @ gate^T) * (A @ up^T), up rows start at up_rows. WEIGHTED: C *= weight[pair]. I8 (int4): 1 / 2
+    int4_dp4a._int4_mac_i8's K step, in plain Triton (the interpreter) / with inline PTX."""
     enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(em, BLOCK_M), tl.cdiv(n_out, BLOCK_N)
@@ -63,10 +65,16 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows_used
         z_ptrs = zero_ptr + expert * stride_se + cols * stride_sn  # [BN] zero points (ZP), laid out as the scales
         up = up_rows * stride_sn
         for k0 in range(0, k_in, 128):
-            acc = _int4_mac(acc, a_rows, b_cols, s_ptrs, z_ptrs, row_ok, col_ok, k0, k_in, GROUP_K, ZP, MAGIC)
-            if GATED:
-                acc_up = _int4_mac(acc_up, a_rows, b_cols + up_rows * stride_bn, s_ptrs + up, z_ptrs + up, row_ok,
-                                   col_ok, k0, k_in, GROUP_K, ZP, MAGIC)
+            if I8 > 0 and GROUP_K == 128 and not ZP:  # int8 tensor cores, activations rounded (int4_dp4a.py)
+                acc = _int4_mac_i8(acc, a_rows, b_cols, s_ptrs, row_ok, col_ok, k0, k_in, I8 == 2)
+                if GATED:
+                    acc_up = _int4_mac_i8(acc_up, a_rows, b_cols + up_rows * stride_bn, s_ptrs + up, row_ok, col_ok,
+                                          k0, k_in, I8 == 2)
+            else:
+                acc = _int4_mac(acc, a_rows, b_cols, s_ptrs, z_ptrs, row_ok, col_ok, k0, k_in, GROUP_K, ZP, MAGIC)
+                if GATED:
+                    acc_up = _int4_mac(acc_up, a_rows, b_cols + up_rows * stride_bn, s_ptrs + up, z_ptrs + up,
+                                       row_ok, col_ok, k0, k_in, GROUP_K, ZP, MAGIC)
     else:
         acc, acc_up = _gemm_loop(acc, acc_up, a_ptrs, b_ptrs, s_ptrs, row_ok, col_ok, ks, k_in, stride_bn, stride_sn,
                                  up_rows, GATED, EVEN_K, QUANT, GROUP_K, BLOCK_K)
