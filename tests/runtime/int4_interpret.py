@@ -25,7 +25,7 @@ DT = torch.float16
 
 def reference(hidden, gate_up, down, ids, weights, x_step=None):
     """sum_k weight * SwiGLU expert, the activation rounded to DT as the kernel stores it; ids -1 contribute 0.
-    x_step 128 / 32: each GEMV's input rounded to int8 per that many columns first (int4_dp4a.py's activations)."""
+    x_step 128 / 32: each product's input rounded to int8 per that many columns first (int4_dp4a.py's activations)."""
     q = (lambda x: int8_blocks(x, x_step)) if x_step else (lambda x: x.float())
     out = torch.zeros(hidden.shape[0], H)
     for t in range(hidden.shape[0]):
@@ -54,7 +54,8 @@ VARIANTS = {"sym128": (128, True, (1, 20)), "asym32": (32, False, (1, 20)), "sym
             "sym128-i8": (128, True, (20,))}
 # (group, symmetric, token counts): every int4 kernel branch; -magic: the GEMM with codes made floats by _magic;
 # -words: the word-wise GEMV (int4_kernels._int4_words_dot, what the H200's table runs at 1-4 tokens)
-# -dp4a: the word-wise GEMV on integer dot products (int4_dp4a.py), against the reference with int8 activations
+# -dp4a: the word-wise GEMV on integer dot products (int4_dp4a.py), against the reference with int8 activations;
+# -i8: the GEMM's candidate on int8 tensor cores (int4_dp4a._int4_mac_i8), likewise
 GEMV_CONFIGS = {"words": {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "WORDS": True},
                 "dp4a": {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "WORDS": True, "DP4A": 128},
                 "dp4a32": {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "WORDS": True, "DP4A": 32}}
