@@ -7,8 +7,8 @@ distinct weights in one CUDA graph (PDL up to pdl.MAX_ROWS tokens, as the decode
 --write: the int4 table's GEMV entry gets MAX_PAIRS = top-k x the largest token count up to which the GEMV was faster
 at every count timed (fused_moe.gemv_max_pairs reads it). Writes int4-gemv-gemm-h200.json (machine, command, rows)
 to --out and prints a table. Also reports the relative difference of the paths' outputs (the GEMV rounds
-activations to int8 when its config says DP4A; the GEMM does not), and times the GEMM's I8 candidate (int8 tensor
-cores, int4_dp4a._int4_mac_i8; prepared 2026-11-29, not yet timed) on the same tiles beside them.
+activations to int8 when its config says DP4A; the GEMM does not), and times the GEMM on int8 tensor cores (I8,
+int4_dp4a._int4_mac_i8) on the same tiles beside them (int4_i8_sweep.py tunes its tiles).
 """
 
 from __future__ import annotations

@@ -175,7 +175,8 @@ def moe_gemm(a: torch.Tensor, w: Weight, out: torch.Tensor, al: Alignment, a_div
 
 
 def _i8(cfg: dict, quant: dict) -> int:
-    """_moe_gemm's I8 (int4 on int8 tensor cores, a sweep candidate): 0 off, 1 in plain Triton, 2 with inline PTX."""
+    """_moe_gemm's I8 (int4 on int8 tensor cores where the tuned config says so; int4_dp4a.py): 0 off, 1 in plain
+    Triton (the interpreter), 2 with inline PTX."""
     if not (cfg.get("I8") and quant["INT4"] and DP4A_ON):
         return 0
     return 1 if os.environ.get("TRITON_INTERPRET") == "1" else 2
@@ -210,9 +211,9 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids
 
 def gemv_max_pairs(w_gate_up: Weight) -> int:
     """Up to how many (token, slot) pairs fused_moe runs the GEMV: GEMV_MAX_PAIRS, or the tuned GEMV's MAX_PAIRS
-    where it is on dp4a (int4, the H200: one MoE layer at 8 tokens 53 us against 122 with the GEMM, at 16 tokens 99
-    against 165; benchmarks/h200/int4_gemv_gemm.py). Beyond (48 tokens on), the GEMM: 230 us flat from 48 to 128
-    tokens. (Measured on the H200 and dropped, 2026-11-29: each expert's weights decoded once for all its pairs
+    where it is on dp4a (int4, the H200: one MoE layer at 8 tokens 53 us against 122 with the float GEMM, at 16
+    tokens 98 against 121 with the GEMM on int8 tensor cores, at 24 141 against 144; benchmarks/h200/int4_i8_sweep.py).
+    Beyond (32 tokens on), the I8 GEMM: 151-172 us from 32 to 128 tokens. (Measured on the H200 and dropped, 2026-11-29: each expert's weights decoded once for all its pairs
     (sorted by moe_align, 8-row blocks), dp4a per row with each row's activations rounded per program: 642 us at 64
     tokens, 1,346 at 128, against the GEMM's 233 / 239; the per-row activation rounding and selects dominate.)"""
     if not isinstance(w_gate_up, QuantTensor) or w_gate_up.scheme != "int4" or not DP4A_ON:
