@@ -1,7 +1,6 @@
 """The Engine on one GPU at the full Qwen3-30B-A3B shape (48 layers, random weights via load_format="dummy"), in bf16
 and with weight-only quantized experts (`--quantizations none,fp8`: fp8 e4m3 per-channel; int8 and int4 (a scale
-per 128 columns) also accepted: `--quantizations none,fp8,int4` adds int4 rows and the int4/bf16 speed-up;
-`int4+attention` quantizes the attention projections too, as AWQ / GPTQ checkpoints do: quantize_attention).
+per 128 columns) also accepted: `--quantizations none,fp8,int4` adds int4 rows and the int4/bf16 speed-up).
 
     config.json written here -> Engine.load(load_format="dummy") on cuda -> per batch size: prefill `--prompt`
     tokens per sequence in one step, warm-up decode steps (CUDA graph capture), then `--steps` timed decode steps
@@ -61,9 +60,9 @@ MODELS = {"qwen3": ("Qwen3-30B-A3B shape", QWEN3_30B_A3B), "dsv2lite": ("DeepSee
 EXPERT_BYTES = {"bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5 + 4 / 128}  # per expert weight, scales included
 
 
-def roofline_ms(spec, batch: int, context: float, expert_bytes: float = 2, attn_bytes: float = 2) -> float:
+def roofline_ms(spec, batch: int, context: float, expert_bytes: float = 2) -> float:
     a, m, h = spec.attention, spec.moe, spec.hidden_size
-    attn = (2 * a.num_heads + 2 * a.num_kv_heads) * a.head_dim * h * attn_bytes
+    attn = (2 * a.num_heads + 2 * a.num_kv_heads) * a.head_dim * h * 2
     kv = batch * context * 2 * a.num_kv_heads * a.head_dim * 2
     if a.mla:  # q (or q_a + q_b), kv_a, kv_b, o in bf16; the cache holds the latent + the rope key per token
         r, q = a.kv_lora_rank, a.num_heads * a.head_dim
@@ -152,8 +151,7 @@ def load(args, model_dir: Path, quantization: str):
     started = time.perf_counter()
     engine = Engine.load(model_dir, load_format="dummy", device="cuda", dtype=torch.bfloat16,
                          kv_memory_bytes=args.kv_gib * 2**30, max_context=args.prompt + args.steps + 64,
-                         quantization=quantization.partition("+")[0],
-                         quantize_attention=quantization.endswith("+attention"))
+                         quantization=quantization)
     print(f"loaded {engine.spec.num_layers} layers of {args.model_label} ({quantization}, experts "
           f"{engine.dispatch.bank.weight_bytes / 1e9:.1f} GB) "
           f"in {time.perf_counter() - started:.0f} s; graphs: {engine.info.cuda_graphs}", flush=True)
@@ -168,18 +166,11 @@ def row(engine, args, who: str, label: str, batch: int, steps: int) -> dict:
     context = args.prompt + args.warmup + steps / 2
     out = {"model": f"{args.model_label} (random weights)", "layers": spec.num_layers, "who": who,
            "quantization": label, "batch": batch, "ms_per_step": round(ms, 2), "tok_s": round(batch * 1e3 / ms, 1),
-           "roofline_ms": round(roofline_ms(spec, batch, context, *_bytes(label)), 2)}
+           "roofline_ms": round(roofline_ms(spec, batch, context, EXPERT_BYTES[label]), 2)}
     if ahead is not None:  # each step launched behind the previous one, as the router runs pipelined steps
         out["ms_per_step_ahead"] = round(ahead, 2)
     print(json.dumps(out), flush=True)
     return out
-
-
-def _bytes(label: str) -> tuple[float, float]:
-    """Bytes per weight of the experts and of the attention projections for a row's label ("int4+attention": both
-    int4)."""
-    base, _, attention = label.partition("+")
-    return EXPERT_BYTES[base], EXPERT_BYTES[base] if attention else 2
 
 
 def speedups(rows: list[dict]) -> list[str]:

@@ -4,6 +4,9 @@ norm, o [2048, 4096]), 12 layers of distinct weights in one CUDA graph (graph_ti
 
     PYTHONPATH=. python3 benchmarks/h200/dense_int4.py [--rows 1,2] [--out DIR]
 
+Measured 2026-11-30 (us per layer, bf16 -> int4): 1 row 16.0 -> 11.9, 2 rows 21.4 -> 13.4, 8 rows 20.9 -> 24.3; in
+the engine the batch-1 step gained only 0.05 ms of 1.95, so int4 attention was dropped (see quant.py's module doc).
+
 int4 at a row count: add_rms_norm + the q/k/v GEMV + the o GEMV, each GEMV swept over tiles (BLOCK_N x BLOCK_K x
 warps, dp4a with an activation step per 32 columns); bf16: the tuned dense GEMVs as the engine runs them. Prints a
 table; writes dense-int4-h200.json (machine, command, rows) to --out.

@@ -23,15 +23,14 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q, k, v, o
         self.q_norm, self.k_norm = q_norm, k_norm
         self.fast = False  # CUDA: one q/k/v GEMM, q/k norm + rope in one Triton kernel (set_fast)
-        self.qkv_quant = None  # quant.quantize_attention: q/k/v as one QuantLinear (q/k/v_proj are views of it)
 
     def set_fast(self, on: bool) -> None:
         """Fuse q/k/v into one weight [(Hq + 2 Hkv) D, H] (the three Linears become views of it, no copy kept)."""
         s, projections = self.spec, (self.q_proj, self.k_proj, self.v_proj)
         biases = [p.bias is not None for p in projections]
         self.fast = on and s.qk_norm in (None, "head") and s.clip_qkv is None and len(set(biases)) == 1
-        if not self.fast or hasattr(self, "qkv_weight") or self.qkv_quant is not None:
-            return  # quantized (quant.quantize_attention): qkv_quant is the fused projection already
+        if not self.fast or hasattr(self, "qkv_weight"):
+            return
         self.qkv_weight = torch.cat([p.weight for p in projections])
         self.qkv_bias = torch.cat([p.bias for p in projections]) if biases[0] else None
         for p, part in zip(projections, self.qkv_weight.split([p.weight.shape[0] for p in projections])):
@@ -82,8 +81,7 @@ class Attention(nn.Module):
         """CUDA: the same function as forward with 3 launches before attention instead of ~30 (gpu/fused_ops)."""
         from moemesh.runtime.gpu.dense_gemv import linear
 
-        qkv = self.qkv_quant(x) if self.qkv_quant is not None else linear(x, self.qkv_weight, self.qkv_bias)
-        return self._attend_fast(qkv, rope, ctx, pools)
+        return self._attend_fast(linear(x, self.qkv_weight, self.qkv_bias), rope, ctx, pools)
 
     def forward_normed(self, x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm,
                        rope: tuple[torch.Tensor, torch.Tensor], ctx: StepContext,
@@ -92,11 +90,7 @@ class Attention(nn.Module):
         delta [T, H] (None: x alone) -> (x + delta [T, H], o_proj output [T, H]). At GEMV sizes the add and the
         norm run in the q/k/v GEMV's prologue (dense_gemv.norm_linear): one launch fewer."""
         from moemesh.runtime.gpu.dense_gemv import norm_linear
-        from moemesh.runtime.gpu.fused_ops import add_rms_norm
 
-        if self.qkv_quant is not None:  # quantized: the norm in a launch of its own (gpu/quant_linear.py)
-            x, h = add_rms_norm(x, delta, norm.weight, norm.eps)
-            return x, self._attend_fast(self.qkv_quant(h), rope, ctx, pools)
         x, qkv = norm_linear(x, delta, norm.weight, norm.eps, self.qkv_weight, self.qkv_bias)
         return x, self._attend_fast(qkv, rope, ctx, pools)
 
@@ -119,8 +113,6 @@ class Attention(nn.Module):
         v = qkv[:, q_size + kv_size:].view(t, s.num_kv_heads, s.head_dim)
         if decode:
             out = ctx.read(q, pools, s.scale) if kv is not None else ctx.attend(q, k, v, pools, s.scale)
-            if self.qkv_quant is not None:
-                return self.o_proj(out.reshape(t, q_size))
             return linear(out.reshape(t, q_size), self.o_proj.weight, self.o_proj.bias)
         return self._sdpa(q, k, v, ctx, pools)
 

@@ -53,21 +53,19 @@ class Engine:
              dtype: torch.dtype | str = torch.float32, kv_blocks: int | None = None, kv_memory_bytes: int | None = None,
              block_size: int = 16, max_context: int | None = None, model_name: str | None = None,
              load_format: str = "auto", cuda_graphs: bool = True, quantization: str = "none",
-             backend: str = "torch", prefix_cache: bool = True, quantize_attention: bool = False) -> Engine:
+             backend: str = "torch", prefix_cache: bool = True) -> Engine:
         """dispatch None: every routed expert in process. KV capacity: kv_blocks, else the blocks kv_memory_bytes
         buys (default: engine_loader.DEFAULT_KV_BYTES). max_context defaults to the model's and is capped by the
         capacity. load_format "dummy": random weights from config.json alone (dummy.py). cuda_graphs: capture decode
         steps on CUDA where possible (EngineInfo.cuda_graphs says what happened). quantization none/fp8/int8/int4:
         weight-only quantized routed experts in process (a given dispatch quantizes its own), or the FFN of a dense
-        model. quantize_attention: the attention projections (q/k/v/o) too, in the same scheme (int4 on CUDA: a
-        dp4a GEMV at 1-2 rows; quant.quantize_attention).
+        model.
         backend onnxruntime: dense layers and in-process experts on ONNX Runtime int4/int8 (runtime/ort/).
         prefix_cache: share the K/V of full blocks of equal prefixes (same salt) between sequences."""
         return load_engine(cls, model_dir, dispatch=dispatch, device=device, dtype=dtype, kv_blocks=kv_blocks,
                            kv_memory_bytes=kv_memory_bytes, block_size=block_size, max_context=max_context,
                            model_name=model_name, load_format=load_format, cuda_graphs=cuda_graphs,
-                           quantization=quantization, backend=backend, prefix_cache=prefix_cache,
-                           quantize_attention=quantize_attention)
+                           quantization=quantization, backend=backend, prefix_cache=prefix_cache)
 
     # ---- stepping -------------------------------------------------------------------------------------------
 

@@ -18,7 +18,6 @@ from moemesh.runtime.gpu import decode_plan, kernels_usable
 from moemesh.runtime.kv_cache import KVCache
 from moemesh.runtime.ort import check_backend
 from moemesh.runtime.quant import check_quantization, quantize_dense_ffn
-from moemesh.runtime.quant import quantize_attention as quantize_attention_layers
 from moemesh.runtime.spec import ModelSpec, load_spec
 from moemesh.runtime.types import ExpertDispatch
 
@@ -41,7 +40,7 @@ def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 def load_engine(cls, model_dir: str | Path, *, dispatch: ExpertDispatch | None, device: str | torch.device,
                 dtype: torch.dtype | str, kv_blocks: int | None, kv_memory_bytes: int | None, block_size: int,
                 max_context: int | None, model_name: str | None, load_format: str, cuda_graphs: bool,
-                quantization: str, backend: str, prefix_cache: bool, quantize_attention: bool = False):
+                quantization: str, backend: str, prefix_cache: bool):
     """An instance of `cls` (the Engine class); the arguments are Engine.load's, documented there."""
     check_quantization(quantization)
     check_backend(backend, dtype, quantization)
@@ -51,10 +50,7 @@ def load_engine(cls, model_dir: str | Path, *, dispatch: ExpertDispatch | None, 
     if max_context is not None and not 1 <= max_context <= spec.max_context:
         raise ValueError(f"max_context must be in [1, {spec.max_context}] for this model, got {max_context}")
     context = max_context or spec.max_context
-    if quantize_attention and (quantization == "none" or backend != "torch"):
-        raise ValueError("quantize_attention needs quantization fp8, int8 or int4 and backend torch, got "
-                         f"quantization {quantization!r}, backend {backend!r}")
-    backbone = _backbone(local, spec, device, dtype, load_format, quantization, backend, quantize_attention)
+    backbone = _backbone(local, spec, device, dtype, load_format, quantization, backend)
     if dispatch is None:
         dispatch = _local_dispatch(local, spec, device, dtype, load_format, quantization, backend)
     shapes = backbone.cache_shapes()
@@ -74,23 +70,19 @@ def load_engine(cls, model_dir: str | Path, *, dispatch: ExpertDispatch | None, 
     name = model_name or (local.name if Path(model_dir).expanduser().is_dir() else str(model_dir))
     engine = cls(spec, backbone, dispatch, cache, blocks, max_context=max_context, model_name=name, device=device,
                  decode=decode, cuda_graphs=note,
-                 quantization=(quantization if quantization != "none" else describe_checkpoint(local)) +
-                 ("+attention" if quantize_attention else ""))
+                 quantization=quantization if quantization != "none" else describe_checkpoint(local))
     engine.model_dir, engine.backend = local, backend
     return engine
 
 
 def _backbone(local: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype, load_format: str,
-              quantization: str, backend: str, quantize_attention: bool = False) -> Backbone:
-    """The dense part: embeddings, attention, norms, shared experts, dense FFNs (on ORT: from the quantized codes);
-    quantize_attention: the attention projections in the quantization's scheme (before set_fast fuses q/k/v)."""
+              quantization: str, backend: str) -> Backbone:
+    """The dense part: embeddings, attention, norms, shared experts, dense FFNs (on ORT: from the quantized codes)."""
     with open_checkpoint(local, spec, load_format) as ckpt:
         backbone = Backbone.load(ckpt, spec, device, dtype)
         quantized = dict(getattr(ckpt, "quantized", {}))  # int4/int8 checkpoints: the codes, for ORT
     if spec.moe is None:
         quantize_dense_ffn(backbone, quantization)
-    if quantize_attention:
-        quantize_attention_layers(backbone, quantization)
     backbone.set_fast(not kernels_usable(device, dtype))  # the Triton kernels of gpu/fused_ops.py on CUDA
     if backend == "onnxruntime":
         from moemesh.runtime.ort.backbone import OrtBackbone, default_weights

@@ -18,9 +18,12 @@ matching halves of the activations, with no interleave of nibbles across lanes, 
 to its sum.
 
 What is quantized: the routed experts (ExpertBank); in a model without routed experts, the dense FFN (GatedMLP
-layers), so that a dense checkpoint can be served and measured the same way; with quantize_attention also the
-attention projections (q/k/v/o, as AWQ and GPTQ checkpoints carry them). Router gates, shared experts, embeddings
-and the LM head stay in the compute dtype.
+layers), so that a dense checkpoint can be served and measured the same way. Attention, router gates, shared experts,
+embeddings and the LM head stay in the compute dtype. (Measured on the H200 and dropped, 2026-11-30: int4 attention
+projections as AWQ / GPTQ checkpoints carry them, q/k/v/o on the dp4a GEMV at 1-2 rows and dequantized + cuBLAS
+beyond; Qwen3-30B-A3B shape, int4 experts, graph replay ms per step: batch 1 1.95 -> 1.90, batch 8 4.22 -> 6.57,
+batch 64 10.49 -> 12.99. Alone the GEMVs save 4 us per layer (benchmarks/h200/dense_int4.py), in the step 1: the
+bf16 GEMVs already load their weights before the PDL wait, overlapping the kernel before.)
 
 On CUDA the fused Triton kernels (gpu/moe_kernels.py) read q and scale and dequantize in registers (half the weight
 bytes of bf16; int4 about a quarter); the torch paths (the CPU reference) dequantize on the fly with
@@ -216,8 +219,7 @@ def int4_from_qweight(qw, name: str = "weight") -> QuantTensor:
 
 
 class QuantLinear(nn.Module):
-    """Linear over a QuantTensor weight [out, in] (dense FFNs; attention projections under quantize_attention). On
-    CUDA the kernels of gpu/quant_linear.py; elsewhere dequantized on the fly (the reference path)."""
+    """Linear over a QuantTensor weight [out, in]: dequantized on the fly (the reference path; dense FFNs only)."""
 
     def __init__(self, weight: QuantTensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -226,51 +228,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("zero", weight.zero)  # int4 zero points, or None
         self.block_k, self.cols = weight.block_k, weight.cols
         self.bias = bias
-        # the GEMV's expert of each row (all 0), made here: a step inside a CUDA graph capture cannot make it
-        self.register_buffer("rows", torch.zeros(8, dtype=torch.int64, device=weight.q.device), persistent=False)
-
-    @property
-    def weight_q(self) -> QuantTensor:
-        return QuantTensor(self.q, self.scale, self.block_k, self.cols, self.zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16):  # the kernels' dtypes
-            from moemesh.runtime.gpu.quant_linear import quant_linear  # imports triton
-
-            return quant_linear(x, self.weight_q, self.bias, self.rows)
-        return F.linear(x, self.weight_q.dequantize(x.dtype), self.bias)  # [out, in] dequantized
-
-
-def quantize_attention(backbone: nn.Module, scheme: str) -> int:
-    """Replace the q/k/v/o projections of every grouped-query Attention layer by QuantLinear (int4: groups of 128;
-    fp8 FP8_BLOCK_K-column blocks; int8 per channel), as AWQ / GPTQ checkpoints carry them; returns how many layers.
-    q/k/v are quantized as one [Nq + 2 Nkv, H] weight (the fused projection of Attention's fast path) and each keeps a
-    view of its rows. MLA (DeepSeek) attention is left in the compute dtype."""
-    from moemesh.runtime.attention import Attention
-
-    if scheme == "none":
-        return 0
-    block_k = FP8_BLOCK_K if scheme == "fp8" else None
-    count = 0
-    for layer in backbone.layers:
-        attn = layer.attn
-        if not isinstance(attn, Attention):
-            continue
-        parts = (attn.q_proj, attn.k_proj, attn.v_proj)
-        biases = [p.bias for p in parts]
-        qkv = QuantLinear(quantize(torch.cat([p.weight.data for p in parts]), scheme, block_k),
-                          torch.cat(biases) if all(b is not None for b in biases) else None)
-        start = 0
-        for name, p in zip(("q_proj", "k_proj", "v_proj"), parts):
-            rows = slice(start, start + p.weight.shape[0])
-            w = qkv.weight_q
-            setattr(attn, name, QuantLinear(QuantTensor(w.q[rows], w.scale[rows], w.block_k, w.cols,
-                                                        None if w.zero is None else w.zero[rows]), p.bias))
-            start = rows.stop
-        attn.qkv_quant = qkv
-        attn.o_proj = QuantLinear(quantize(attn.o_proj.weight.data, scheme, block_k), attn.o_proj.bias)
-        count += 1
-    return count
+        w = QuantTensor(self.q, self.scale, self.block_k, self.cols, self.zero).dequantize(x.dtype)  # [out, in]
+        return F.linear(x, w, self.bias)
 
 
 def quantize_dense_ffn(backbone: nn.Module, scheme: str) -> int:
