@@ -179,6 +179,10 @@ def _route_softmax(logits_ptr, ids_ptr, w_ptr, counts_ptr, e, scale, K: tl.const
     _softmax_topk(s, cols, e, ids_ptr, w_ptr, counts_ptr, t, scale, K, KP, RENORM, COUNT)
 
 
+# Also removed (2026-11-30): the router GEMV's last program per token routing (an acq_rel ticket per (token, expert)
+# program, the last reading the row's logits back with .cg loads): H200 5.53 us per layer against 4.08 for this launch
+# plus router_logits_norm (benchmarks/h200/small_kernels.py); each program's barrier + atomic and the one program's
+# top-k after them cost more than the launch they save.
 # Routing inside the expert GEMV's programs (each computing its slot's expert by ranking the row's probabilities)
 # was removed: H200 us per layer, alone 2.46 against this launch's 2.11, GEMV included 29.11 against 24.77.
 def route_softmax(logits: torch.Tensor, top_k: int, renormalize: bool, scale: float,

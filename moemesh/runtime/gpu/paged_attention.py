@@ -96,6 +96,11 @@ def _combine_splits(part_ptr, out_ptr, stride_ob, stride_oh, SPLITS: tl.constexp
     tl.store(out_ptr + b * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
+# Tried and removed (2026-11-30): the last split of each (sequence, kv head) combining instead of _combine_splits
+# (a bar.sync + acq_rel atomic ticket per program, the last one reading the GROUP heads' partials with .cg loads):
+# H200 9.28 / 12.03 us per layer at context 130 / 2000 against 5.51 / 7.73 for the two launches; batch-1 graph of
+# the Qwen3-30B-A3B shape (with the fused routing below) bf16 2.72 vs 2.47 ms. The lone last program's combine sits
+# on the critical path, where the second launch spreads it over B * Hq programs and overlaps through PDL.
 # Tried and removed: a minimum of context tokens per split (MIN_TILES; 128-512 tokens, so a short context runs in
 # fewer splits and the combine exits): H200 7.1-8.1 / 8.4-17.1 us per layer at context 130 / 2000, against 5.06 /
 # 8.25 with every split in use (benchmarks/h200/small_kernels.py, 2026-11-29).
