@@ -7,7 +7,9 @@ of experts at a time, then prefill_moe per chunk.
 Why: the int4 row-block GEMM (moe_kernels._moe_gemm) dequantizes every weight tile once per row block, in the
 GEMM's inner loop. Measured on the H200 (benchmarks/h200/int4_prefill.py, one Qwen3-30B-A3B layer, us): 2,048
 tokens 1,262 -> 1,016, 4,096 2,035 -> 1,236, 8,192 4,151 -> 1,712 (bf16 prefill_moe: 504, 724, 1,200); at 1,024 the
-GEMM stays faster (830 vs 926), hence MIN_TOKENS. Dequantizing a layer's 128 experts writes their bf16 bytes (~1.2
+GEMM stays faster (830 vs 926; since on int8 tensor cores, I8, 781), hence MIN_TOKENS. The I8 GEMM's best tiles at
+2,048 / 4,096 tokens took 1,187 / 1,986 us against this path's 1,006 / 1,230 (benchmarks/h200/int4_i8_sweep.py,
+2026-11-30). Dequantizing a layer's 128 experts writes their bf16 bytes (~1.2
 GB) in 503 us (3.0 TB/s). The scratch is one buffer per (shape, device), reused by every layer (1.2 GB for this
 model, allocated at the first such step); SCRATCH_BYTES bounds it (more experts than fit: several chunks, each a
 prefill_moe call over all tokens with the slots outside the chunk -1).
