@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
-import triton
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from graph_timing import graph_us  # noqa: E402 -- benchmarks/h200, the script's own folder
+from graph_timing import graph_us, write_json  # noqa: E402 -- benchmarks/h200, the script's own folder
 from moemesh.runtime.gpu import dense_gemv, fused_ops, pdl  # noqa: E402
 from moemesh.runtime.gpu import fused_moe as fm  # noqa: E402
 from moemesh.runtime.quant import quantize  # noqa: E402
@@ -75,16 +72,14 @@ def main() -> None:
         row["int4_us"] = round(row["norm_us"] + row["int4_qkv_us"] + row["int4_o_us"], 2)
         print({k: v for k, v in row.items() if not isinstance(v, dict)}, flush=True)
         rows.append(row)
-    print("\n| rows | bf16 q/k/v+norm | bf16 o | bf16 sum | norm | int4 q/k/v | int4 o | int4 sum | tiles (q/k/v; o) |\n"
+    print("\n| rows | bf16 q/k/v+norm | bf16 o | bf16 sum | norm | int4 q/k/v | int4 o | int4 sum | "
+          "tiles (q/k/v; o) |\n"
           "|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tl = "; ".join(f"{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']}" for c in (r["int4_qkv_cfg"], r["int4_o_cfg"]))
         print(f"| {r['rows']} | {r['bf16_qkv_norm_us']} | {r['bf16_o_us']} | {r['bf16_us']} | {r['norm_us']} | "
               f"{r['int4_qkv_us']} | {r['int4_o_us']} | {r['int4_us']} | {tl} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dense-int4-h200.json").write_text(json.dumps(
-        {"machine": torch.cuda.get_device_name(), "host": platform.node(), "torch": torch.__version__,
-         "triton": triton.__version__, "command": " ".join(["python3"] + sys.argv), "rows": rows}, indent=1) + "\n")
+    write_json(args.out / "dense-int4-h200.json", rows=rows)
 
 
 if __name__ == "__main__":

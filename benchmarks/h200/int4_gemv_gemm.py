@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
-import triton
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from graph_timing import graph_us  # noqa: E402 -- benchmarks/h200, the script's own folder
+from graph_timing import graph_us, int4_expert_layers, write_json  # noqa: E402 -- benchmarks/h200, this folder
 from moemesh.runtime.gpu import fused_moe as fm  # noqa: E402
 from moemesh.runtime.gpu import pdl  # noqa: E402
-from moemesh.runtime.quant import quantize  # noqa: E402
 
 E, I, H, K, LAYERS = 128, 768, 2048, 8, 12
 
@@ -39,9 +36,7 @@ def main() -> None:
     p.add_argument("--write", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     args = p.parse_args()
-    layers = [(quantize(torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / 45, "int4"),
-               quantize(torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / 28, "int4"))
-              for _ in range(LAYERS)]
+    layers = int4_expert_layers(E, I, H, LAYERS)
     rows = []
     for t in (int(v) for v in args.tokens.split(",")):
         ids = torch.stack([torch.randperm(E, device="cuda")[:K] for _ in range(t)]).long()  # [T, K]
@@ -72,11 +67,7 @@ def main() -> None:
     print("GEMV faster up to", pairs, "pairs")
     if args.write and pairs:
         _write_max_pairs(layers[0][0], pairs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "int4-gemv-gemm-h200.json").write_text(json.dumps(
-        {"machine": torch.cuda.get_device_name(), "host": platform.node(), "torch": torch.__version__,
-         "triton": triton.__version__, "command": " ".join(["python3"] + sys.argv), "gemv_faster_up_to_pairs": pairs,
-         "rows": rows}, indent=1) + "\n")
+    write_json(args.out / "int4-gemv-gemm-h200.json", gemv_faster_up_to_pairs=pairs, rows=rows)
 
 
 def _write_max_pairs(w, pairs: int) -> None:

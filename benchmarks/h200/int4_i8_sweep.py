@@ -15,20 +15,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
-import triton
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from graph_timing import graph_us  # noqa: E402 -- benchmarks/h200, the script's own folder
+from graph_timing import graph_us, int4_expert_layers, write_json  # noqa: E402 -- benchmarks/h200, this folder
 from moemesh.runtime.gpu import fused_moe as fm  # noqa: E402
 from moemesh.runtime.gpu import pdl  # noqa: E402
-from moemesh.runtime.quant import quantize  # noqa: E402
 
 E, I, H, K, LAYERS = 128, 768, 2048, 8, 12
 KINDS = ("gate_up", "down")
@@ -105,21 +102,17 @@ def main() -> None:
     p.add_argument("--write", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     args = p.parse_args()
-    layers = [(quantize(torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / 45, "int4"),
-               quantize(torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / 28, "int4"))
-              for _ in range(LAYERS)]
+    layers = int4_expert_layers(E, I, H, LAYERS)
     rows = [sweep(int(t), layers) for t in args.tokens.split(",")]
-    print("\n| tokens | table us | I8 us (best tiles) | GEMV us | gate_up I8 tile | down I8 tile |\n|---|---|---|---|---|---|")
+    print("\n| tokens | table us | I8 us (best tiles) | GEMV us | gate_up I8 tile | down I8 tile |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
         tiles = [f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
                  for c in (r["gate_up_best_i8"], r["down_best_i8"])]
         print(f"| {r['tokens']} | {r['table_us']} | {r['i8_us']} | {r.get('gemv_us', '')} | {tiles[0]} | {tiles[1]} |")
     if args.write:
         write(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "int4-i8-sweep-h200.json").write_text(json.dumps(
-        {"machine": torch.cuda.get_device_name(), "host": platform.node(), "torch": torch.__version__,
-         "triton": triton.__version__, "command": " ".join(["python3"] + sys.argv), "rows": rows}, indent=1) + "\n")
+    write_json(args.out / "int4-i8-sweep-h200.json", rows=rows)
 
 
 if __name__ == "__main__":
