@@ -2,7 +2,8 @@
 table's current configs and, up to 32 tokens, the dp4a GEMV; Qwen3-30B-A3B's expert shape (E 128, top-8, H 2048,
 I 768), 12 layers of distinct weights in one CUDA graph (graph_timing.graph_us), us per layer.
 
-    PYTHONPATH=. python3 benchmarks/h200/int4_i8_sweep.py [--tokens 16,24,32,64,128,256,1024] [--write] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/h200/int4_i8_sweep.py [--tokens 16,24,32,64,128,256,1024] [--stages 3,4]
+        [--write] [--out DIR]
 
 Each kind (gate_up, down) is swept with the other kind at its table config, so a row's difference is that kernel's.
 --write: each table entry whose token count was timed takes the best I8 config of each kind where it beats the
@@ -31,15 +32,15 @@ E, I, H, K, LAYERS = 128, 768, 2048, 8, 12
 KINDS = ("gate_up", "down")
 
 
-def candidates(tokens: int) -> list[dict]:
+def candidates(tokens: int, stages: tuple[int, ...] = (3,)) -> list[dict]:
     """I8 tiles worth timing at this token count (row blocks no taller than the rows an expert may get)."""
     rows = (16, 32) if tokens <= 32 else (16, 32, 64) if tokens <= 256 else (64, 128)
     return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 128, "GROUP_M": 1 if tokens <= 128 else 8, "num_warps": w,
              "num_stages": s, "MAGIC": False, "I8": True}
-            for m, n, w, s in itertools.product(rows, (64, 128, 256), (4, 8), (3,))]
+            for m, n, w, s in itertools.product(rows, (64, 128, 256), (4, 8), stages)]
 
 
-def sweep(tokens: int, layers) -> dict:
+def sweep(tokens: int, layers, stages: tuple[int, ...] = (3,)) -> dict:
     ids = torch.stack([torch.randperm(E, device="cuda")[:K] for _ in range(tokens)]).long()  # [T, K]
     w = torch.rand(tokens, K, device="cuda").softmax(-1)
     x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
@@ -57,7 +58,7 @@ def sweep(tokens: int, layers) -> dict:
     best = list(base)
     for j, kind in enumerate(KINDS):
         timed = []
-        for c in candidates(tokens):
+        for c in candidates(tokens, stages):
             cfgs = tuple(c if i == j else base[i] for i in range(2))
             timed.append((us(cfgs), c))
         t, c = min(timed, key=lambda tc: tc[0])
@@ -100,10 +101,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", default="16,24,32,64,128,256,1024")
     p.add_argument("--write", action="store_true")
+    p.add_argument("--stages", default="3", help="pipeline depths to sweep (comma-separated)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     args = p.parse_args()
     layers = int4_expert_layers(E, I, H, LAYERS)
-    rows = [sweep(int(t), layers) for t in args.tokens.split(",")]
+    stages = tuple(int(s) for s in args.stages.split(","))
+    rows = [sweep(int(t), layers, stages) for t in args.tokens.split(",")]
     print("\n| tokens | table us | I8 us (best tiles) | GEMV us | gate_up I8 tile | down I8 tile |\n"
           "|---|---|---|---|---|---|")
     for r in rows:
