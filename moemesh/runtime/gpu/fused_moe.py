@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import triton
 
-from moemesh.runtime.gpu import int4_prefill, pdl, prefill_moe
+from moemesh.runtime.gpu import int4_prefill, moe_swap, pdl, prefill_moe
 from moemesh.runtime.gpu.moe_align import SMALL_PAIRS, Alignment, align, align_small
 from moemesh.runtime.gpu.moe_kernels import _moe_gemm, _moe_gemv
 from moemesh.runtime.quant import INT4_BLOCK, QuantTensor
@@ -195,18 +195,31 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids
         return prefill_moe.prefill_moe(hidden, w_gate_up, w_down, local_ids, topk_weights)
     if configs is None and int4_prefill.wanted(hidden, w_gate_up, w_down):  # large int4 steps: dequantized, TMA
         return int4_prefill.int4_prefill(hidden, w_gate_up, w_down, local_ids, topk_weights)
-    cfg_up, cfg_down = configs or (pick_config(t, "gate_up", w_gate_up), pick_config(t, "down", w_gate_up))
+    swap = configs is None and swap_configs(t, w_gate_up)  # 8-bit experts at decode sizes: moe_swap.py
+    cfg_up, cfg_down = swap or configs or (pick_config(t, "gate_up", w_gate_up), pick_config(t, "down", w_gate_up))
+    gemm = moe_swap.moe_gemm_swap if swap else moe_gemm
     hidden = hidden.contiguous()
     weights = topk_weights.reshape(-1).float().contiguous()  # [P]
     aligner = align_small if t * k <= SMALL_PAIRS else align  # one launch for decode sizes
     al_up = aligner(local_ids, w_gate_up.shape[0], cfg_up["BLOCK_M"])
     act = torch.empty(t * k, inter, dtype=hidden.dtype, device=hidden.device)  # [P, I]
-    moe_gemm(hidden, w_gate_up, act, al_up, k, cfg_up, up_rows=inter)
+    gemm(hidden, w_gate_up, act, al_up, k, cfg_up, up_rows=inter)
     al_down = al_up if cfg_down["BLOCK_M"] == cfg_up["BLOCK_M"] else aligner(local_ids, w_down.shape[0],
                                                                               cfg_down["BLOCK_M"])
     y = torch.zeros(t * k, hidden.shape[1], dtype=torch.float32, device=hidden.device)  # [P, H]
-    moe_gemm(act, w_down, y, al_down, 1, cfg_down, weights=weights)
+    gemm(act, w_down, y, al_down, 1, cfg_down, weights=weights)
     return y.view(t, k, -1).sum(dim=1)  # [T, H]
+
+
+def swap_configs(tokens: int, w_gate_up: Weight) -> tuple[dict, dict] | None:
+    """(gate_up, down) configs of moe_swap for a step of `tokens` tokens, from the weights' own tuned table (not
+    bf16's), or None where fused_moe's GEMM runs it."""
+    if not moe_swap.usable(w_gate_up):
+        return None
+    e, two_i, h = w_gate_up.shape
+    tuned = _tuned(config_name(e, two_i // 2, h, w_gate_up.q.dtype, _device_name(w_gate_up.q.device.index or 0)))
+    up, down = (moe_swap.config(tokens, tuned, kind) for kind in ("swap_gate_up", "swap_down"))
+    return (up, down) if up and down else None
 
 
 def gemv_max_pairs(w_gate_up: Weight) -> int:

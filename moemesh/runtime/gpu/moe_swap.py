@@ -1,0 +1,149 @@
+"""8-bit experts (fp8 e4m3, int8) at decode sizes: fused_moe's grouped GEMM with its operands swapped.
+
+_moe_gemm (moe_kernels.py) multiplies the tokens A [BM, BK] by the expert's weights B [BK, BN]. With 8-bit weights,
+B is converted in registers (fp8 -> f16 -> bf16, three conversions per two weights) and must then go back through
+shared memory, where the tensor cores read their right operand. Here the weights are the left operand, which
+mma / wgmma read straight from registers, and the few tokens of an expert are the right one (vLLM's and
+TensorRT-LLM's "swap AB" for small M):
+
+    hidden / act rows, sorted pairs (moe_align: BLOCK_M rows per expert block, P marks padding)
+      -> acc^T [BN, BM] = W_e [BN, K] @ X [BM, K]^T, in fp16:                               # float32 accumulators
+           W: one cvt.rn.f16x2.e4m3x2 per two fp8 weights (int8: exact in fp16)
+           X: bf16 -> fp16 once per tile; exact for |x| in [2^-14, 65504], clamped to +-65504 beyond
+      -> scales (per channel on acc's rows after the K loop, or per GROUP_K block on each partial product)
+      -> GATED: silu(gate) * up; WEIGHTED: x routing weight[pair]
+      -> C[pair, cols] = acc^T's columns                                                    # [P, n_out]
+
+One MoE layer of the Qwen3-30B-A3B shape (E 128, top-8, H 2048, I 768) on the H200, fp8 per channel, graph replay,
+against fused_moe's GEMM (benchmarks/h200/swap_sweep.py): 8 tokens 112 -> 83 us, 16: 154 -> 120, 32: 200 -> 156,
+64: 222 -> 176, 128: 225 -> 200, 256: 328 -> 259. Exact bf16 instead of fp16 (a prmt/lop3 bit move and a bf16x2
+multiply by 2^120 per two weights) was 4-12% slower than fp16; Triton's own fp8 -> bf16 conversion here 15-40% slower.
+
+fused_moe hands a step to moe_gemm_swap when `config` finds an entry (configs/*.json kinds "swap_gate_up" and
+"swap_down", written by swap_sweep.py --write; SWAP_DEFAULT elsewhere up to SWAP_MAX_TOKENS tokens).
+MOEMESH_MOE_SWAP=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from moemesh.runtime.gpu import pdl
+from moemesh.runtime.gpu.moe_align import Alignment
+from moemesh.runtime.gpu.pdl import enter
+from moemesh.runtime.quant import QuantTensor
+
+ENABLED = os.environ.get("MOEMESH_MOE_SWAP", "1") != "0"
+SWAP_MAX_TOKENS = 256  # without a tuned table: the largest step measured faster on the H200
+# Without a tuned table: the H200's winners. An entry at m tokens serves the steps above the previous entry up to m.
+SWAP_DEFAULT = {64: {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+                128: {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+                256: {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}}
+FP16_MAX = tl.constexpr(65504.0)  # activations beyond fp16's range are clamped to it
+
+
+@triton.jit
+def _moe_gemm_swap(x_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows_used_ptr, scale_ptr,
+                   num_pairs, n_out, k_in, stride_xm, stride_we, stride_wn, stride_cm, stride_se, stride_sn,
+                   up_rows, X_DIV: tl.constexpr, GATED: tl.constexpr, WEIGHTED: tl.constexpr,
+                   GROUP_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, FP8: tl.constexpr = True, PDL: tl.constexpr = False):
+    """C[pair] = X[pair // X_DIV] @ W_e^T for one [BM rows of one expert, BN output channels] tile, computed as
+    its transpose. W [E, n_out (+ up_rows), k_in] int8, or FP8: e4m3 bits as uint8 (masked loads fill zeros, which
+    Triton's interpreter cannot cast to fp8); scales [E, N, G]. Grid: (n_out / BN, EM / BM)."""
+    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
+    pid_m = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(rows_used_ptr):
+        return  # past the padded rows in use this step (the grid is sized for the worst case)
+    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BM] int64; num_pairs marks padding
+    row_ok = pair < num_pairs
+    expert = tl.load(expert_ptr + pid_m)
+    cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN]
+    col_ok = cols < n_out
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + (pair // X_DIV)[:, None] * stride_xm + ks[None, :]  # [BM, BK]
+    w_ptrs = w_ptr + expert * stride_we + cols[:, None] * stride_wn + ks[None, :]  # [BN, BK]
+    s_ptrs = scale_ptr + expert * stride_se + cols * stride_sn  # [BN]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # [BN, BM]: C's tile transposed
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, k_in, BLOCK_K):
+        if EVEN_K:
+            x_ok, w_ok = row_ok[:, None], col_ok[:, None]
+        else:
+            k_ok = ks < k_in - k0  # [BK]
+            x_ok, w_ok = row_ok[:, None] & k_ok[None, :], col_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptrs, mask=x_ok, other=0.0)
+        x = tl.clamp(x.to(tl.float32), -FP16_MAX, FP16_MAX).to(tl.float16).T  # [BK, BM]
+        acc = _mac(acc, tl.load(w_ptrs, mask=w_ok, other=0), x, s_ptrs, k0, GROUP_K, FP8)
+        if GATED:
+            acc_up = _mac(acc_up, tl.load(w_ptrs + up_rows * stride_wn, mask=w_ok, other=0), x,
+                          s_ptrs + up_rows * stride_sn, k0, GROUP_K, FP8)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if GROUP_K == 0:  # per-channel scales: once, on the float32 accumulators' rows
+        acc = acc * tl.load(s_ptrs, mask=col_ok, other=0.0)[:, None]
+        if GATED:
+            acc_up = acc_up * tl.load(s_ptrs + up_rows * stride_sn, mask=col_ok, other=0.0)[:, None]
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up in float32, one rounding
+    if WEIGHTED:
+        acc = acc * tl.load(weight_ptr + pair, mask=row_ok, other=0.0)[None, :]
+    c_ptrs = c_ptr + pair[None, :] * stride_cm + cols[:, None]  # [BN, BM]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _mac(acc, w, x, s_ptrs, k0, GROUP_K: tl.constexpr, FP8: tl.constexpr):
+    """acc [BN, BM] += w [BN, BK] (8-bit, to fp16 in registers) @ x [BK, BM] (fp16); block scales on the partial."""
+    if FP8:
+        w16 = w.to(tl.float8e4nv, bitcast=True).to(tl.float16)  # cvt.rn.f16x2.e4m3x2: two weights per instruction
+    else:
+        w16 = w.to(tl.float16)
+    if GROUP_K > 0:
+        return acc + tl.dot(w16, x) * tl.load(s_ptrs + k0 // GROUP_K)[:, None]
+    return tl.dot(w16, x, acc)
+
+
+def config(tokens: int, tuned: dict[int, dict] | None, kind: str) -> dict | None:
+    """The swap config for a step of `tokens` tokens, or None for fused_moe's GEMM. tuned: {tokens: entry} of the
+    weights' table (entries with `kind` = "swap_gate_up" / "swap_down" are the token counts where the swap won)."""
+    if not ENABLED:
+        return None
+    table = {m: e[kind] for m, e in (tuned or {}).items() if kind in e} or {
+        m: c for m, c in SWAP_DEFAULT.items() if m <= SWAP_MAX_TOKENS}
+    if tokens > max(table):
+        return None
+    return table[min((m for m in table if m >= tokens), default=max(table))]
+
+
+def usable(w) -> bool:
+    """8-bit weight-only QuantTensors on a GPU (int4 has its own kernels)."""
+    return isinstance(w, QuantTensor) and w.scheme in ("fp8", "int8") and w.q.is_cuda
+
+
+def moe_gemm_swap(x: torch.Tensor, w: QuantTensor, out: torch.Tensor, al: Alignment, x_div: int, cfg: dict,
+                  weights: torch.Tensor | None = None, up_rows: int = 0) -> torch.Tensor:
+    """fused_moe.moe_gemm's contract with the swapped kernel: out [P, n_out] = (GATED: SwiGLU of) x[pair // x_div] @
+    W_e^T (x WEIGHTED weights[pair]) for the pairs al sorted; rows of pairs not computed are left as they were."""
+    n_out, k_in = out.shape[1], x.shape[1]
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    if al.block_m != bm:
+        raise ValueError(f"alignment of {al.block_m}-row blocks for a BLOCK_M {bm} config")
+    group = 0 if w.per_channel else w.block_k
+    block_k = min(cfg["BLOCK_K"], group) if group else cfg["BLOCK_K"]
+    if group % block_k:
+        raise ValueError(f"scale block of {group} columns is not a multiple of BLOCK_K {block_k}")
+    em = al.sorted_ids.numel()
+    grid = (triton.cdiv(n_out, bn), triton.cdiv(em, bm))
+    fp8 = w.scheme == "fp8"
+    _moe_gemm_swap[grid](
+        x, w.q.view(torch.uint8) if fp8 else w.q, out, weights if weights is not None else out, al.sorted_ids, al.block_expert, al.rows_used, w.scale,
+        al.num_pairs, n_out, k_in, x.stride(0), w.q.stride(0), w.q.stride(1), out.stride(0), w.scale.stride(0),
+        w.scale.stride(1), up_rows, X_DIV=x_div, GATED=up_rows > 0, WEIGHTED=weights is not None, GROUP_K=group,
+        EVEN_K=k_in % block_k == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, FP8=fp8, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **pdl.launch())
+    return out

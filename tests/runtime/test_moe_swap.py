@@ -1,0 +1,121 @@
+"""The swapped-operand grouped GEMM for 8-bit experts (gpu/moe_swap.py). On a CPU machine its kernel runs under
+Triton's interpreter against the dequantized weights in torch (fp8 and int8, per channel and in 128-column blocks,
+ragged K and N, padding rows, a pair whose expert is not hosted), its sm_90 PTX is checked (weights as the tensor
+cores' register operand), and the config rule is checked in plain Python. On a GPU fused_moe's swapped path is
+checked against its own GEMM, in and out of a CUDA graph."""
+
+from __future__ import annotations
+
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from interpreted import cuda, interpreter, needs_triton, run_interpreted
+
+CHECKS = textwrap.dedent('''
+    import torch
+    from moemesh.runtime.gpu import moe_swap as ms
+    from moemesh.runtime.gpu.moe_align import align_small
+    from moemesh.runtime.quant import quantize
+
+    torch.manual_seed(0)
+    e, k, h, inter, t = 4, 2, 320, 96, 5  # K steps of 128 leave a ragged tail (320, 96); N tiles of 64 too (96)
+    gu, dn = torch.randn(e, 2 * inter, h) * 0.05, torch.randn(e, h, inter) * 0.05
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    ids[0, 1] = -1  # an expert another shard hosts: its pair stays zero
+    w = torch.rand(t, k)
+    x = torch.randn(t, h).half()
+    cfg = {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2}
+    for scheme, block in (("fp8", None), ("int8", None), ("fp8", 128)):
+        gq, dq = quantize(gu, scheme, block), quantize(dn, scheme, block)
+        g, d = gq.dequantize(torch.float32), dq.dequantize(torch.float32)
+        want = torch.zeros(t * k, h)
+        for p, ex in enumerate(ids.reshape(-1).tolist()):
+            if ex >= 0:
+                gate_up = g[ex] @ x[p // k].float()
+                act = (torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:]).half().float()
+                want[p] = w.reshape(-1)[p] * (d[ex] @ act)
+        al = align_small(ids, e, cfg["BLOCK_M"])
+        act = torch.empty(t * k, inter).half()
+        y = torch.zeros(t * k, h)
+        ms.moe_gemm_swap(x, gq, act, al, k, cfg, up_rows=inter)
+        ms.moe_gemm_swap(act, dq, y, al, 1, cfg, weights=w.reshape(-1).float().contiguous())
+        err = ((y - want).norm() / want.norm()).item()
+        assert err < 2e-3, (scheme, block, err)
+        assert y[1].abs().sum() == 0, "the pair of the expert not hosted here stays zero"
+    print("ok")
+''')
+
+
+@interpreter
+def test_swapped_gemm_matches_the_dequantized_reference_under_the_interpreter():
+    run_interpreted(CHECKS)
+
+
+@needs_triton
+@pytest.mark.parametrize("block_m", [8, 16])
+def test_weights_are_the_register_operand_on_hopper(block_m):
+    """sm_90 PTX: two fp8 weights per cvt.rn.f16x2.e4m3x2 and no bf16 conversion; fp16 tensor-core products, with
+    wgmma the weights its first operand as registers ({%r...}) and the tokens the shared-memory descriptor (Triton
+    3.6 multiplies 8-row blocks with mma.sync, whose operands are all registers)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_prefill_moe import compile_sm90
+
+    from moemesh.runtime.gpu import moe_swap as ms
+
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*u8", "c_ptr": "*bf16", "weight_ptr": "*fp32", "sorted_ptr": "*i64",
+            "expert_ptr": "*i64", "rows_used_ptr": "*i64", "scale_ptr": "*fp32"}
+    ptx = compile_sm90(ms._moe_gemm_swap, ptrs, dict(X_DIV=8, GATED=True, WEIGHTED=False, GROUP_K=0, EVEN_K=True,
+                                                      BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=256), 4, 3)
+    assert "cvt.rn.f16x2.e4m3x2" in ptx and "cvt.bf16.f16" not in ptx
+    mma = set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx))
+    assert mma and all(".f32.f16.f16" in m for m in mma), mma
+    if any(m.startswith("wgmma") for m in mma):
+        assert re.search(r"wgmma\.mma_async[^;]*\}, \{%r", ptx), "A operand from registers"
+
+
+def test_config_rule(monkeypatch):
+    """Tuned entries serve the steps up to their token count; beyond the largest, fused_moe's GEMM; untuned shapes
+    use the defaults up to SWAP_MAX_TOKENS; MOEMESH_MOE_SWAP=0 (ENABLED) turns it off."""
+    from moemesh.runtime.gpu import moe_swap as ms
+
+    tuned = {8: {"swap_gate_up": {"BLOCK_M": 8}}, 64: {"swap_gate_up": {"BLOCK_M": 16}}, 128: {"down": {}}}
+    assert [ms.config(t, tuned, "swap_gate_up")["BLOCK_M"] for t in (1, 8, 9, 64)] == [8, 8, 16, 16]
+    assert ms.config(65, tuned, "swap_gate_up") is None and ms.config(65, tuned, "swap_down")["BLOCK_M"] == 16
+    assert ms.config(ms.SWAP_MAX_TOKENS, {}, "swap_down") is not None
+    assert ms.config(ms.SWAP_MAX_TOKENS + 1, {}, "swap_down") is None
+    monkeypatch.setattr(ms, "ENABLED", False)
+    assert ms.config(8, tuned, "swap_gate_up") is None
+
+
+@cuda
+@pytest.mark.parametrize("scheme, block_k", [("fp8", None), ("int8", None), ("fp8", 128)])
+def test_fused_moe_takes_the_swap_and_matches_its_gemm(scheme, block_k):
+    """fused_moe at 8-256 tokens (Qwen3-30B-A3B's layer shape) against the same call on its own GEMM (configs
+    given), then replayed in a CUDA graph with new routing."""
+    from moemesh.runtime.gpu.fused_moe import fused_moe, pick_config, swap_configs
+    from moemesh.runtime.quant import quantize
+
+    e, k, h, inter = 128, 8, 2048, 768
+    gu = quantize(torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) * 0.02, scheme, block_k)
+    dn = quantize(torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16) * 0.02, scheme, block_k)
+    for t in (8, 64, 200):
+        assert swap_configs(t, gu) is not None
+        x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+        w, ids = torch.randn(t, e, device="cuda").softmax(-1).topk(k, dim=-1)
+        got = fused_moe(x, gu, dn, ids, w)
+        want = fused_moe(x, gu, dn, ids, w, configs=(pick_config(t, "gate_up", gu), pick_config(t, "down", gu)))
+        assert ((got - want).norm() / want.norm()).item() < 1e-3, t
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fused_moe(x, gu, dn, ids, w)
+    w2, ids2 = torch.randn(t, e, device="cuda").softmax(-1).topk(k, dim=-1)
+    w.copy_(w2)
+    ids.copy_(ids2)
+    g.replay()
+    want = fused_moe(x, gu, dn, ids, w, configs=(pick_config(t, "gate_up", gu), pick_config(t, "down", gu)))
+    assert ((out - want).norm() / want.norm()).item() < 1e-3
