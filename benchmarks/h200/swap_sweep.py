@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")]
     rows = [r for s in args.schemes.split(",") for r in sweep(s, tokens)]
-    print("\n| scheme | tokens | HBM limit us | fused_moe GEMM us | swap us | speedup | % of HBM limit (swap) | config |")
+    print("\n| scheme | tokens | HBM limit us | fused_moe GEMM us | swap us | speedup | % of HBM limit (swap) "
+          "| config |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         sw = r["swap_us"]

@@ -79,13 +79,14 @@ def test_weights_are_the_register_operand_on_hopper(block_m):
 
 
 def test_config_rule(monkeypatch):
-    """Tuned entries serve the steps up to their token count; beyond the largest, fused_moe's GEMM; untuned shapes
-    use the defaults up to SWAP_MAX_TOKENS; MOEMESH_MOE_SWAP=0 (ENABLED) turns it off."""
+    """Tuned entries serve the steps up to their token count; beyond the largest, and in a table without entries of
+    the kind (swept, the swap lost), fused_moe's GEMM; untuned shapes use the defaults up to SWAP_MAX_TOKENS;
+    MOEMESH_MOE_SWAP=0 (ENABLED) turns it off."""
     from moemesh.runtime.gpu import moe_swap as ms
 
     tuned = {8: {"swap_gate_up": {"BLOCK_M": 8}}, 64: {"swap_gate_up": {"BLOCK_M": 16}}, 128: {"down": {}}}
     assert [ms.config(t, tuned, "swap_gate_up")["BLOCK_M"] for t in (1, 8, 9, 64)] == [8, 8, 16, 16]
-    assert ms.config(65, tuned, "swap_gate_up") is None and ms.config(65, tuned, "swap_down")["BLOCK_M"] == 16
+    assert ms.config(65, tuned, "swap_gate_up") is None and ms.config(8, tuned, "swap_down") is None
     assert ms.config(ms.SWAP_MAX_TOKENS, {}, "swap_down") is not None
     assert ms.config(ms.SWAP_MAX_TOKENS + 1, {}, "swap_down") is None
     monkeypatch.setattr(ms, "ENABLED", False)
@@ -93,14 +94,15 @@ def test_config_rule(monkeypatch):
 
 
 @cuda
-@pytest.mark.parametrize("scheme, block_k", [("fp8", None), ("int8", None), ("fp8", 128)])
+@pytest.mark.parametrize("scheme, block_k", [("fp8", None), ("fp8", 128)])
 def test_fused_moe_takes_the_swap_and_matches_its_gemm(scheme, block_k):
     """fused_moe at 8-256 tokens (Qwen3-30B-A3B's layer shape) against the same call on its own GEMM (configs
-    given), then replayed in a CUDA graph with new routing."""
+    given), then replayed in a CUDA graph with new routing. int8 experts keep the GEMM (measured slower here)."""
     from moemesh.runtime.gpu.fused_moe import fused_moe, pick_config, swap_configs
     from moemesh.runtime.quant import quantize
 
     e, k, h, inter = 128, 8, 2048, 768
+    assert swap_configs(64, quantize(torch.zeros(e, 2 * inter, h, device="cuda"), "int8")) is None
     gu = quantize(torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) * 0.02, scheme, block_k)
     dn = quantize(torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16) * 0.02, scheme, block_k)
     for t in (8, 64, 200):

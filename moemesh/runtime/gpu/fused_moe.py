@@ -226,7 +226,8 @@ def gemv_max_pairs(w_gate_up: Weight) -> int:
     """Up to how many (token, slot) pairs fused_moe runs the GEMV: GEMV_MAX_PAIRS, or the tuned GEMV's MAX_PAIRS
     where it is on dp4a (int4, the H200: one MoE layer at 8 tokens 53 us against 122 with the float GEMM, at 16
     tokens 98 against 121 with the GEMM on int8 tensor cores, at 24 141 against 144; benchmarks/h200/int4_i8_sweep.py).
-    Beyond (32 tokens on), the I8 GEMM: 151-172 us from 32 to 128 tokens. (Measured on the H200 and dropped, 2026-11-29: each expert's weights decoded once for all its pairs
+    Beyond (32 tokens on), the I8 GEMM: 151-172 us from 32 to 128 tokens. (Measured on the H200 and dropped,
+    2026-11-29: each expert's weights decoded once for all its pairs
     (sorted by moe_align, 8-row blocks), dp4a per row with each row's activations rounded per program: 642 us at 64
     tokens, 1,346 at 128, against the GEMM's 233 / 239; the per-row activation rounding and selects dominate.)"""
     if not isinstance(w_gate_up, QuantTensor) or w_gate_up.scheme != "int4" or not DP4A_ON:

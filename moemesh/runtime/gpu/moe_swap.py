@@ -14,13 +14,16 @@ TensorRT-LLM's "swap AB" for small M):
       -> GATED: silu(gate) * up; WEIGHTED: x routing weight[pair]
       -> C[pair, cols] = acc^T's columns                                                    # [P, n_out]
 
-One MoE layer of the Qwen3-30B-A3B shape (E 128, top-8, H 2048, I 768) on the H200, fp8 per channel, graph replay,
-against fused_moe's GEMM (benchmarks/h200/swap_sweep.py): 8 tokens 112 -> 83 us, 16: 154 -> 120, 32: 200 -> 156,
-64: 222 -> 176, 128: 225 -> 200, 256: 328 -> 259. Exact bf16 instead of fp16 (a prmt/lop3 bit move and a bf16x2
-multiply by 2^120 per two weights) was 4-12% slower than fp16; Triton's own fp8 -> bf16 conversion here 15-40% slower.
+One MoE layer of the Qwen3-30B-A3B shape (E 128, top-8, H 2048, I 768) on the H200, fp8 per channel, 12 layers of
+distinct weights in one CUDA graph, us per layer, fused_moe's GEMM -> this (benchmarks/h200/swap_sweep.py,
+benchmarks/results/moe-swap-h200.json): 8 tokens 100.9 -> 76.3, 16: 164.6 -> 122.1, 32: 199.1 -> 149.9,
+64: 217.5 -> 166.4 (84% of the HBM limit), 128: 221.5 -> 190.1, 256: 326.3 -> 253.7, 512: 387.5 -> 355.1.
+Measured and not taken: exact bf16 products (a prmt/lop3 bit move and a bf16x2 multiply by 2^120 per two weights)
+were 4-12% slower than fp16, Triton's own fp8 -> bf16 conversion 15-40% slower; int8 weights here (Triton's int8 ->
+fp16 is one I2F per weight) were 0.72-0.95x of fused_moe's GEMM, so only fp8 comes here (`usable`).
 
 fused_moe hands a step to moe_gemm_swap when `config` finds an entry (configs/*.json kinds "swap_gate_up" and
-"swap_down", written by swap_sweep.py --write; SWAP_DEFAULT elsewhere up to SWAP_MAX_TOKENS tokens).
+"swap_down", written by swap_sweep.py --write; SWAP_DEFAULT where the GPU has no table, up to SWAP_MAX_TOKENS).
 MOEMESH_MOE_SWAP=0 turns it off.
 """
 
@@ -39,7 +42,8 @@ from moemesh.runtime.quant import QuantTensor
 
 ENABLED = os.environ.get("MOEMESH_MOE_SWAP", "1") != "0"
 SWAP_MAX_TOKENS = 256  # without a tuned table: the largest step measured faster on the H200
-# Without a tuned table: the H200's winners. An entry at m tokens serves the steps above the previous entry up to m.
+# Without a tuned table: the H200's winners (its own table, from swap_sweep.py, reaches 512 tokens). An entry at m
+# tokens serves the steps above the previous entry up to m.
 SWAP_DEFAULT = {64: {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
                 128: {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
                 256: {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}}
@@ -110,19 +114,22 @@ def _mac(acc, w, x, s_ptrs, k0, GROUP_K: tl.constexpr, FP8: tl.constexpr):
 
 def config(tokens: int, tuned: dict[int, dict] | None, kind: str) -> dict | None:
     """The swap config for a step of `tokens` tokens, or None for fused_moe's GEMM. tuned: {tokens: entry} of the
-    weights' table (entries with `kind` = "swap_gate_up" / "swap_down" are the token counts where the swap won)."""
+    weights' table (entries with `kind` = "swap_gate_up" / "swap_down" are the token counts where the swap won; a
+    table without them was swept and the swap lost: None)."""
     if not ENABLED:
         return None
-    table = {m: e[kind] for m, e in (tuned or {}).items() if kind in e} or {
+    table = {m: e[kind] for m, e in tuned.items() if kind in e} if tuned else {
         m: c for m, c in SWAP_DEFAULT.items() if m <= SWAP_MAX_TOKENS}
+    if not table:
+        return None
     if tokens > max(table):
         return None
     return table[min((m for m in table if m >= tokens), default=max(table))]
 
 
 def usable(w) -> bool:
-    """8-bit weight-only QuantTensors on a GPU (int4 has its own kernels)."""
-    return isinstance(w, QuantTensor) and w.scheme in ("fp8", "int8") and w.q.is_cuda
+    """fp8 weight-only QuantTensors on a GPU (int8 measured slower here; int4 has its own kernels)."""
+    return isinstance(w, QuantTensor) and w.scheme == "fp8" and w.q.is_cuda
 
 
 def moe_gemm_swap(x: torch.Tensor, w: QuantTensor, out: torch.Tensor, al: Alignment, x_div: int, cfg: dict,
@@ -141,7 +148,8 @@ def moe_gemm_swap(x: torch.Tensor, w: QuantTensor, out: torch.Tensor, al: Alignm
     grid = (triton.cdiv(n_out, bn), triton.cdiv(em, bm))
     fp8 = w.scheme == "fp8"
     _moe_gemm_swap[grid](
-        x, w.q.view(torch.uint8) if fp8 else w.q, out, weights if weights is not None else out, al.sorted_ids, al.block_expert, al.rows_used, w.scale,
+        x, w.q.view(torch.uint8) if fp8 else w.q, out, weights if weights is not None else out, al.sorted_ids,
+        al.block_expert, al.rows_used, w.scale,
         al.num_pairs, n_out, k_in, x.stride(0), w.q.stride(0), w.q.stride(1), out.stride(0), w.scale.stride(0),
         w.scale.stride(1), up_rows, X_DIV=x_div, GATED=up_rows > 0, WEIGHTED=weights is not None, GROUP_K=group,
         EVEN_K=k_in % block_k == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, FP8=fp8, num_warps=cfg["num_warps"],
