@@ -76,6 +76,10 @@ def test_weights_are_the_register_operand_on_hopper(block_m):
     assert mma and all(".f32.f16.f16" in m for m in mma), mma
     if any(m.startswith("wgmma") for m in mma):
         assert re.search(r"wgmma\.mma_async[^;]*\}, \{%r", ptx), "A operand from registers"
+    int8 = compile_sm90(ms._moe_gemm_swap, {**ptrs, "w_ptr": "*i8"}, dict(
+        X_DIV=8, GATED=True, WEIGHTED=False, GROUP_K=0, EVEN_K=True, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=256,
+        FP8=False, ASM=True), 4, 3)
+    assert "0x64806480" in int8 and "sub.f16x2" in int8, "int8 weights through I8_F16 (prmt under 0x64, minus 1152)"
 
 
 def test_config_rule(monkeypatch):
@@ -87,31 +91,36 @@ def test_config_rule(monkeypatch):
     tuned = {8: {"swap_gate_up": {"BLOCK_M": 8}}, 64: {"swap_gate_up": {"BLOCK_M": 16}}, 128: {"down": {}}}
     assert [ms.config(t, tuned, "swap_gate_up")["BLOCK_M"] for t in (1, 8, 9, 64)] == [8, 8, 16, 16]
     assert ms.config(65, tuned, "swap_gate_up") is None and ms.config(8, tuned, "swap_down") is None
-    assert ms.config(ms.SWAP_MAX_TOKENS, {}, "swap_down") is not None
-    assert ms.config(ms.SWAP_MAX_TOKENS + 1, {}, "swap_down") is None
+    for scheme, most in ms.SWAP_MAX_TOKENS.items():
+        assert ms.config(most, {}, "swap_down", scheme) is not None
+        assert ms.config(most + 1, {}, "swap_down", scheme) is None
     monkeypatch.setattr(ms, "ENABLED", False)
     assert ms.config(8, tuned, "swap_gate_up") is None
 
 
 @cuda
-@pytest.mark.parametrize("scheme, block_k", [("fp8", None), ("fp8", 128)])
-def test_fused_moe_takes_the_swap_and_matches_its_gemm(scheme, block_k):
-    """fused_moe at 8-256 tokens (Qwen3-30B-A3B's layer shape) against the same call on its own GEMM (configs
-    given), then replayed in a CUDA graph with new routing. int8 experts keep the GEMM (measured slower here)."""
+@pytest.mark.parametrize("scheme, block_k, up_to", [("fp8", None, 512), ("fp8", 128, 512), ("int8", None, 64)])
+def test_fused_moe_takes_the_swap_and_matches_its_gemm(scheme, block_k, up_to):
+    """fused_moe at 8-200 tokens (Qwen3-30B-A3B's layer shape) against the same call on its own GEMM (configs
+    given), then replayed in a CUDA graph with new routing. up_to: the H200 table's range for the scheme (int8's
+    swap wins only up to 64 tokens)."""
     from moemesh.runtime.gpu.fused_moe import fused_moe, pick_config, swap_configs
     from moemesh.runtime.quant import quantize
 
     e, k, h, inter = 128, 8, 2048, 768
-    assert swap_configs(64, quantize(torch.zeros(e, 2 * inter, h, device="cuda"), "int8")) is None
     gu = quantize(torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) * 0.02, scheme, block_k)
     dn = quantize(torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16) * 0.02, scheme, block_k)
+    h200 = torch.cuda.get_device_name() == "NVIDIA H200"
     for t in (8, 64, 200):
-        assert swap_configs(t, gu) is not None
+        assert (swap_configs(t, gu) is not None) == (t <= (up_to if h200 else moe_swap_max(scheme))), t
         x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
         w, ids = torch.randn(t, e, device="cuda").softmax(-1).topk(k, dim=-1)
         got = fused_moe(x, gu, dn, ids, w)
         want = fused_moe(x, gu, dn, ids, w, configs=(pick_config(t, "gate_up", gu), pick_config(t, "down", gu)))
         assert ((got - want).norm() / want.norm()).item() < 1e-3, t
+    t = 64
+    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    w, ids = torch.randn(t, e, device="cuda").softmax(-1).topk(k, dim=-1)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         out = fused_moe(x, gu, dn, ids, w)
@@ -121,3 +130,9 @@ def test_fused_moe_takes_the_swap_and_matches_its_gemm(scheme, block_k):
     g.replay()
     want = fused_moe(x, gu, dn, ids, w, configs=(pick_config(t, "gate_up", gu), pick_config(t, "down", gu)))
     assert ((out - want).norm() / want.norm()).item() < 1e-3
+
+
+def moe_swap_max(scheme: str) -> int:
+    from moemesh.runtime.gpu import moe_swap
+
+    return moe_swap.SWAP_MAX_TOKENS[scheme]

@@ -218,7 +218,7 @@ def swap_configs(tokens: int, w_gate_up: Weight) -> tuple[dict, dict] | None:
         return None
     e, two_i, h = w_gate_up.shape
     tuned = _tuned(config_name(e, two_i // 2, h, w_gate_up.q.dtype, _device_name(w_gate_up.q.device.index or 0)))
-    up, down = (moe_swap.config(tokens, tuned, kind) for kind in ("swap_gate_up", "swap_down"))
+    up, down = (moe_swap.config(tokens, tuned, kind, w_gate_up.scheme) for kind in ("swap_gate_up", "swap_down"))
     return (up, down) if up and down else None
 
 

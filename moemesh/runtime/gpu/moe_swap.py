@@ -8,7 +8,7 @@ TensorRT-LLM's "swap AB" for small M):
 
     hidden / act rows, sorted pairs (moe_align: BLOCK_M rows per expert block, P marks padding)
       -> acc^T [BN, BM] = W_e [BN, K] @ X [BM, K]^T, in fp16:                               # float32 accumulators
-           W: one cvt.rn.f16x2.e4m3x2 per two fp8 weights (int8: exact in fp16)
+           W: one cvt.rn.f16x2.e4m3x2 per two fp8 weights (int8: I8_F16, exact)
            X: bf16 -> fp16 once per tile; exact for |x| in [2^-14, 65504], clamped to +-65504 beyond
       -> scales (per channel on acc's rows after the K loop, or per GROUP_K block on each partial product)
       -> GATED: silu(gate) * up; WEIGHTED: x routing weight[pair]
@@ -18,9 +18,11 @@ One MoE layer of the Qwen3-30B-A3B shape (E 128, top-8, H 2048, I 768) on the H2
 distinct weights in one CUDA graph, us per layer, fused_moe's GEMM -> this (benchmarks/h200/swap_sweep.py,
 benchmarks/results/moe-swap-h200.json): 8 tokens 100.9 -> 76.3, 16: 164.6 -> 122.1, 32: 199.1 -> 149.9,
 64: 217.5 -> 166.4 (84% of the HBM limit), 128: 221.5 -> 190.1, 256: 326.3 -> 253.7, 512: 387.5 -> 355.1.
-Measured and not taken: exact bf16 products (a prmt/lop3 bit move and a bf16x2 multiply by 2^120 per two weights)
-were 4-12% slower than fp16, Triton's own fp8 -> bf16 conversion 15-40% slower; int8 weights here (Triton's int8 ->
-fp16 is one I2F per weight) were 0.72-0.95x of fused_moe's GEMM, so only fp8 comes here (`usable`).
+int8 (each weight + 128 under an fp16 exponent byte, I8_F16): 8 tokens 87.9 -> 77.2, 16: 133.7 -> 123.2,
+32: 162.1 -> 150.5, 64: 176.2 -> 167.0; at 128-512 tokens 0.88-1.02x, so the int8 table stops at 64
+(benchmarks/results/moe-swap-h200-int8.json; Triton's own int8 -> fp16, one I2F per weight, was 0.72-0.95x).
+Measured and not taken: exact bf16 products for fp8 (a prmt/lop3 bit move and a bf16x2 multiply by 2^120 per two
+weights) were 4-12% slower than fp16, Triton's own fp8 -> bf16 conversion 15-40% slower.
 
 fused_moe hands a step to moe_gemm_swap when `config` finds an entry (configs/*.json kinds "swap_gate_up" and
 "swap_down", written by swap_sweep.py --write; SWAP_DEFAULT where the GPU has no table, up to SWAP_MAX_TOKENS).
@@ -41,12 +43,26 @@ from moemesh.runtime.gpu.pdl import enter
 from moemesh.runtime.quant import QuantTensor
 
 ENABLED = os.environ.get("MOEMESH_MOE_SWAP", "1") != "0"
-SWAP_MAX_TOKENS = 256  # without a tuned table: the largest step measured faster on the H200
+# Without a tuned table: the largest step measured faster on the H200, by scheme.
+SWAP_MAX_TOKENS = {"fp8": 256, "int8": 64}
 # Without a tuned table: the H200's winners (its own table, from swap_sweep.py, reaches 512 tokens). An entry at m
 # tokens serves the steps above the previous entry up to m.
 SWAP_DEFAULT = {64: {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
                 128: {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
                 256: {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}}
+# 4 int8 -> 4 fp16 (two words), ASM: each byte + 128 under an fp16 high byte 0x64 is 1024 + (q + 128), exactly;
+# minus 1152 leaves q. One xor, two prmt, two f16x2 subtractions per four weights (Triton's int8 -> fp16 is one
+# I2F per weight).
+I8_F16 = tl.constexpr("""{
+.reg .b32 a, h, c;
+xor.b32 a, $2, 0x80808080;
+mov.b32 h, 0x64646464;
+mov.b32 c, 0x64806480;
+prmt.b32 $0, a, h, 0x5140;
+prmt.b32 $1, a, h, 0x5342;
+sub.f16x2 $0, $0, c;
+sub.f16x2 $1, $1, c;
+}""")
 FP16_MAX = tl.constexpr(65504.0)  # activations beyond fp16's range are clamped to it
 
 
@@ -55,7 +71,8 @@ def _moe_gemm_swap(x_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows
                    num_pairs, n_out, k_in, stride_xm, stride_we, stride_wn, stride_cm, stride_se, stride_sn,
                    up_rows, X_DIV: tl.constexpr, GATED: tl.constexpr, WEIGHTED: tl.constexpr,
                    GROUP_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, FP8: tl.constexpr = True, PDL: tl.constexpr = False):
+                   BLOCK_K: tl.constexpr, FP8: tl.constexpr = True, ASM: tl.constexpr = False,
+                   PDL: tl.constexpr = False):
     """C[pair] = X[pair // X_DIV] @ W_e^T for one [BM rows of one expert, BN output channels] tile, computed as
     its transpose. W [E, n_out (+ up_rows), k_in] int8, or FP8: e4m3 bits as uint8 (masked loads fill zeros, which
     Triton's interpreter cannot cast to fp8); scales [E, N, G]. Grid: (n_out / BN, EM / BM)."""
@@ -82,10 +99,10 @@ def _moe_gemm_swap(x_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows
             x_ok, w_ok = row_ok[:, None] & k_ok[None, :], col_ok[:, None] & k_ok[None, :]
         x = tl.load(x_ptrs, mask=x_ok, other=0.0)
         x = tl.clamp(x.to(tl.float32), -FP16_MAX, FP16_MAX).to(tl.float16).T  # [BK, BM]
-        acc = _mac(acc, tl.load(w_ptrs, mask=w_ok, other=0), x, s_ptrs, k0, GROUP_K, FP8)
+        acc = _mac(acc, tl.load(w_ptrs, mask=w_ok, other=0), x, s_ptrs, k0, GROUP_K, FP8, ASM)
         if GATED:
             acc_up = _mac(acc_up, tl.load(w_ptrs + up_rows * stride_wn, mask=w_ok, other=0), x,
-                          s_ptrs + up_rows * stride_sn, k0, GROUP_K, FP8)
+                          s_ptrs + up_rows * stride_sn, k0, GROUP_K, FP8, ASM)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if GROUP_K == 0:  # per-channel scales: once, on the float32 accumulators' rows
@@ -101,10 +118,12 @@ def _moe_gemm_swap(x_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows
 
 
 @triton.jit
-def _mac(acc, w, x, s_ptrs, k0, GROUP_K: tl.constexpr, FP8: tl.constexpr):
+def _mac(acc, w, x, s_ptrs, k0, GROUP_K: tl.constexpr, FP8: tl.constexpr, ASM: tl.constexpr):
     """acc [BN, BM] += w [BN, BK] (8-bit, to fp16 in registers) @ x [BK, BM] (fp16); block scales on the partial."""
     if FP8:
         w16 = w.to(tl.float8e4nv, bitcast=True).to(tl.float16)  # cvt.rn.f16x2.e4m3x2: two weights per instruction
+    elif ASM:
+        w16 = tl.inline_asm_elementwise(I8_F16, "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
     else:
         w16 = w.to(tl.float16)
     if GROUP_K > 0:
@@ -112,14 +131,14 @@ def _mac(acc, w, x, s_ptrs, k0, GROUP_K: tl.constexpr, FP8: tl.constexpr):
     return tl.dot(w16, x, acc)
 
 
-def config(tokens: int, tuned: dict[int, dict] | None, kind: str) -> dict | None:
+def config(tokens: int, tuned: dict[int, dict] | None, kind: str, scheme: str = "fp8") -> dict | None:
     """The swap config for a step of `tokens` tokens, or None for fused_moe's GEMM. tuned: {tokens: entry} of the
     weights' table (entries with `kind` = "swap_gate_up" / "swap_down" are the token counts where the swap won; a
     table without them was swept and the swap lost: None)."""
     if not ENABLED:
         return None
     table = {m: e[kind] for m, e in tuned.items() if kind in e} if tuned else {
-        m: c for m, c in SWAP_DEFAULT.items() if m <= SWAP_MAX_TOKENS}
+        m: c for m, c in SWAP_DEFAULT.items() if m <= SWAP_MAX_TOKENS[scheme]}
     if not table:
         return None
     if tokens > max(table):
@@ -128,8 +147,8 @@ def config(tokens: int, tuned: dict[int, dict] | None, kind: str) -> dict | None
 
 
 def usable(w) -> bool:
-    """fp8 weight-only QuantTensors on a GPU (int8 measured slower here; int4 has its own kernels)."""
-    return isinstance(w, QuantTensor) and w.scheme == "fp8" and w.q.is_cuda
+    """8-bit weight-only QuantTensors on a GPU (int4 has its own kernels)."""
+    return isinstance(w, QuantTensor) and w.scheme in ("fp8", "int8") and w.q.is_cuda
 
 
 def moe_gemm_swap(x: torch.Tensor, w: QuantTensor, out: torch.Tensor, al: Alignment, x_div: int, cfg: dict,
@@ -152,6 +171,7 @@ def moe_gemm_swap(x: torch.Tensor, w: QuantTensor, out: torch.Tensor, al: Alignm
         al.block_expert, al.rows_used, w.scale,
         al.num_pairs, n_out, k_in, x.stride(0), w.q.stride(0), w.q.stride(1), out.stride(0), w.scale.stride(0),
         w.scale.stride(1), up_rows, X_DIV=x_div, GATED=up_rows > 0, WEIGHTED=weights is not None, GROUP_K=group,
-        EVEN_K=k_in % block_k == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, FP8=fp8, num_warps=cfg["num_warps"],
+        EVEN_K=k_in % block_k == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, FP8=fp8,
+        ASM=not fp8 and os.environ.get("TRITON_INTERPRET") != "1", num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **pdl.launch())
     return out
