@@ -213,11 +213,12 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids
 
 def swap_configs(tokens: int, w_gate_up: Weight) -> tuple[dict, dict] | None:
     """(gate_up, down) configs of moe_swap for a step of `tokens` tokens, from the weights' own tuned table (not
-    bf16's), or None where fused_moe's GEMM runs it."""
+    bf16's), or None where fused_moe's GEMM runs it. (The GEMV, where gemv_max_pairs takes the step, comes first.)"""
     if not moe_swap.usable(w_gate_up):
         return None
     e, two_i, h = w_gate_up.shape
-    tuned = _tuned(config_name(e, two_i // 2, h, w_gate_up.q.dtype, _device_name(w_gate_up.q.device.index or 0)))
+    dtype = "int4" if w_gate_up.scheme == "int4" else w_gate_up.q.dtype
+    tuned = _tuned(config_name(e, two_i // 2, h, dtype, _device_name(w_gate_up.q.device.index or 0)))
     up, down = (moe_swap.config(tokens, tuned, kind, w_gate_up.scheme) for kind in ("swap_gate_up", "swap_down"))
     return (up, down) if up and down else None
 
@@ -226,8 +227,9 @@ def gemv_max_pairs(w_gate_up: Weight) -> int:
     """Up to how many (token, slot) pairs fused_moe runs the GEMV: GEMV_MAX_PAIRS, or the tuned GEMV's MAX_PAIRS
     where it is on dp4a (int4, the H200: one MoE layer at 8 tokens 53 us against 122 with the float GEMM, at 16
     tokens 98 against 121 with the GEMM on int8 tensor cores, at 24 141 against 144; benchmarks/h200/int4_i8_sweep.py).
-    Beyond (32 tokens on), the I8 GEMM: 151-172 us from 32 to 128 tokens. (Measured on the H200 and dropped,
-    2026-11-29: each expert's weights decoded once for all its pairs
+    The table's MAX_PAIRS is 128 (16 tokens) since the swapped GEMM (moe_swap.py) took 24-64 tokens: at 24 123 us
+    against the GEMV's 141. From 128 tokens the I8 GEMM (151-172 us from 32 to 128 tokens). (Measured on the H200
+    and dropped, 2026-11-29: each expert's weights decoded once for all its pairs
     (sorted by moe_align, 8-row blocks), dp4a per row with each row's activations rounded per program: 642 us at 64
     tokens, 1,346 at 128, against the GEMM's 233 / 239; the per-row activation rounding and selects dominate.)"""
     if not isinstance(w_gate_up, QuantTensor) or w_gate_up.scheme != "int4" or not DP4A_ON:

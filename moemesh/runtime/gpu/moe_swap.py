@@ -1,4 +1,4 @@
-"""8-bit experts (fp8 e4m3, int8) at decode sizes: fused_moe's grouped GEMM with its operands swapped.
+"""Quantized experts (fp8 e4m3, int8, int4) at decode sizes: fused_moe's grouped GEMM with its operands swapped.
 
 _moe_gemm (moe_kernels.py) multiplies the tokens A [BM, BK] by the expert's weights B [BK, BN]. With 8-bit weights,
 B is converted in registers (fp8 -> f16 -> bf16, three conversions per two weights) and must then go back through
@@ -8,7 +8,7 @@ TensorRT-LLM's "swap AB" for small M):
 
     hidden / act rows, sorted pairs (moe_align: BLOCK_M rows per expert block, P marks padding)
       -> acc^T [BN, BM] = W_e [BN, K] @ X [BM, K]^T, in fp16:                               # float32 accumulators
-           W: one cvt.rn.f16x2.e4m3x2 per two fp8 weights (int8: I8_F16, exact)
+           W: one cvt.rn.f16x2.e4m3x2 per two fp8 weights (int8: I8_F16, int4: I4_F16; exact)
            X: bf16 -> fp16 once per tile; exact for |x| in [2^-14, 65504], clamped to +-65504 beyond
       -> scales (per channel on acc's rows after the K loop, or per GROUP_K block on each partial product)
       -> GATED: silu(gate) * up; WEIGHTED: x routing weight[pair]
@@ -21,6 +21,11 @@ benchmarks/results/moe-swap-h200.json): 8 tokens 100.9 -> 76.3, 16: 164.6 -> 122
 int8 (each weight + 128 under an fp16 exponent byte, I8_F16): 8 tokens 87.9 -> 77.2, 16: 133.7 -> 123.2,
 32: 162.1 -> 150.5, 64: 176.2 -> 167.0; at 128-512 tokens 0.88-1.02x, so the int8 table stops at 64
 (benchmarks/results/moe-swap-h200-int8.json; Triton's own int8 -> fp16, one I2F per weight, was 0.72-0.95x).
+int4 (symmetric, groups of 128; I4_F16 unpacks eight codes per word into fp16, two dots per 128-column block):
+24 tokens 141.2 -> 122.9, 32: 151.8 -> 131.7, 64: 164.6 -> 145.0 (45-48% of the HBM limit: unpacking, not HBM, bounds
+it); the dp4a GEMV stays faster to 16 tokens (98.5 vs 116.8) and the int8-tensor-core GEMM from 128 (173.0 vs 179.4),
+so the int4 table has swap entries at 24-64 and the GEMV's MAX_PAIRS is 128
+(benchmarks/results/moe-swap-h200-int4.json).
 Measured and not taken: exact bf16 products for fp8 (a prmt/lop3 bit move and a bf16x2 multiply by 2^120 per two
 weights) were 4-12% slower than fp16, Triton's own fp8 -> bf16 conversion 15-40% slower.
 
@@ -43,8 +48,9 @@ from moemesh.runtime.gpu.pdl import enter
 from moemesh.runtime.quant import QuantTensor
 
 ENABLED = os.environ.get("MOEMESH_MOE_SWAP", "1") != "0"
-# Without a tuned table: the largest step measured faster on the H200, by scheme.
-SWAP_MAX_TOKENS = {"fp8": 256, "int8": 64}
+# Without a tuned table: the largest step measured faster on the H200, by scheme (int4: none; its range on the
+# H200, between the dp4a GEMV's and the int8-tensor-core GEMM's, is the tuned table's).
+SWAP_MAX_TOKENS = {"fp8": 256, "int8": 64, "int4": 0}
 # Without a tuned table: the H200's winners (its own table, from swap_sweep.py, reaches 512 tokens). An entry at m
 # tokens serves the steps above the previous entry up to m.
 SWAP_DEFAULT = {64: {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
@@ -63,6 +69,26 @@ prmt.b32 $1, a, h, 0x5342;
 sub.f16x2 $0, $0, c;
 sub.f16x2 $1, $1, c;
 }""")
+# 4 bytes of symmetric int4 codes -> their 4 low and 4 high nibbles as fp16 code - 8 (two words each, INT4 + ASM): a
+# byte (or the word shifted by 4) under an fp16 high byte 0x64, the nibble kept by an AND, is 1024 + code; minus 1032.
+I4_F16 = tl.constexpr("""{
+.reg .b32 h, c, s;
+mov.b32 h, 0x64646464;
+mov.b32 c, 0x64086408;
+shr.b32 s, $4, 4;
+prmt.b32 $0, $4, h, 0x5140;
+prmt.b32 $1, $4, h, 0x5342;
+prmt.b32 $2, s, h, 0x5140;
+prmt.b32 $3, s, h, 0x5342;
+and.b32 $0, $0, 0xFF0FFF0F;
+and.b32 $1, $1, 0xFF0FFF0F;
+and.b32 $2, $2, 0xFF0FFF0F;
+and.b32 $3, $3, 0xFF0FFF0F;
+sub.f16x2 $0, $0, c;
+sub.f16x2 $1, $1, c;
+sub.f16x2 $2, $2, c;
+sub.f16x2 $3, $3, c;
+}""")
 FP16_MAX = tl.constexpr(65504.0)  # activations beyond fp16's range are clamped to it
 
 
@@ -72,7 +98,7 @@ def _moe_gemm_swap(x_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows
                    up_rows, X_DIV: tl.constexpr, GATED: tl.constexpr, WEIGHTED: tl.constexpr,
                    GROUP_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, FP8: tl.constexpr = True, ASM: tl.constexpr = False,
-                   PDL: tl.constexpr = False):
+                   INT4: tl.constexpr = False, PDL: tl.constexpr = False):
     """C[pair] = X[pair // X_DIV] @ W_e^T for one [BM rows of one expert, BN output channels] tile, computed as
     its transpose. W [E, n_out (+ up_rows), k_in] int8, or FP8: e4m3 bits as uint8 (masked loads fill zeros, which
     Triton's interpreter cannot cast to fp8); scales [E, N, G]. Grid: (n_out / BN, EM / BM)."""
@@ -85,12 +111,37 @@ def _moe_gemm_swap(x_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows
     expert = tl.load(expert_ptr + pid_m)
     cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN]
     col_ok = cols < n_out
-    ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + (pair // X_DIV)[:, None] * stride_xm + ks[None, :]  # [BM, BK]
-    w_ptrs = w_ptr + expert * stride_we + cols[:, None] * stride_wn + ks[None, :]  # [BN, BK]
     s_ptrs = scale_ptr + expert * stride_se + cols * stride_sn  # [BN]
+    x_rows = x_ptr + (pair // X_DIV) * stride_xm  # [BM]
+    w_rows = w_ptr + expert * stride_we + cols * stride_wn  # [BN]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # [BN, BM]: C's tile transposed
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if INT4:
+        acc, acc_up = _int4_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride_wn, stride_sn,
+                                 up_rows, GATED, ASM)
+    else:
+        acc, acc_up = _byte_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride_wn, stride_sn,
+                                 up_rows, GATED, GROUP_K, EVEN_K, BLOCK_K, FP8, ASM)
+    if GROUP_K == 0:  # per-channel scales: once, on the float32 accumulators' rows (int4: GROUP_K 128)
+        acc = acc * tl.load(s_ptrs, mask=col_ok, other=0.0)[:, None]
+        if GATED:
+            acc_up = acc_up * tl.load(s_ptrs + up_rows * stride_sn, mask=col_ok, other=0.0)[:, None]
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up in float32, one rounding
+    if WEIGHTED:
+        acc = acc * tl.load(weight_ptr + pair, mask=row_ok, other=0.0)[None, :]
+    c_ptrs = c_ptr + pair[None, :] * stride_cm + cols[:, None]  # [BN, BM]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _byte_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride_wn, stride_sn, up_rows,
+               GATED: tl.constexpr, GROUP_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+               FP8: tl.constexpr, ASM: tl.constexpr):
+    """The K loop for fp8 / int8 weights: BLOCK_K columns per step."""
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_rows[:, None] + ks[None, :]  # [BM, BK]
+    w_ptrs = w_rows[:, None] + ks[None, :]  # [BN, BK]
     for k0 in range(0, k_in, BLOCK_K):
         if EVEN_K:
             x_ok, w_ok = row_ok[:, None], col_ok[:, None]
@@ -105,16 +156,42 @@ def _moe_gemm_swap(x_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows
                           s_ptrs + up_rows * stride_sn, k0, GROUP_K, FP8, ASM)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if GROUP_K == 0:  # per-channel scales: once, on the float32 accumulators' rows
-        acc = acc * tl.load(s_ptrs, mask=col_ok, other=0.0)[:, None]
+    return acc, acc_up
+
+
+@triton.jit
+def _int4_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride_wn, stride_sn, up_rows,
+               GATED: tl.constexpr, ASM: tl.constexpr):
+    """The K loop for symmetric int4 in groups of 128 (quant.py's packing: byte j of a row's block p holds column
+    128p + j in its low nibble and 128p + 64 + j in its high one): per block, two fp16 dots and the group's scale on
+    the partial. x_rows [BM] activation row pointers, w_rows [BN] packed weight rows."""
+    j = tl.arange(0, 64)
+    for k0 in range(0, k_in, 128):
+        x_lo = tl.load(x_rows[:, None] + k0 + j[None, :], mask=row_ok[:, None] & (j < k_in - k0)[None, :], other=0.0)
+        x_hi = tl.load(x_rows[:, None] + k0 + 64 + j[None, :], mask=row_ok[:, None] & (j < k_in - k0 - 64)[None, :],
+                       other=0.0)
+        x_lo = tl.clamp(x_lo.to(tl.float32), -FP16_MAX, FP16_MAX).to(tl.float16).T  # [64, BM]
+        x_hi = tl.clamp(x_hi.to(tl.float32), -FP16_MAX, FP16_MAX).to(tl.float16).T
+        b = tl.load(w_rows[:, None] + k0 // 2 + j[None, :], mask=col_ok[:, None], other=0)  # [BN, 64] uint8
+        acc = _int4_part(acc, b, x_lo, x_hi, s_ptrs + k0 // 128, col_ok, ASM)
         if GATED:
-            acc_up = acc_up * tl.load(s_ptrs + up_rows * stride_sn, mask=col_ok, other=0.0)[:, None]
-    if GATED:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up in float32, one rounding
-    if WEIGHTED:
-        acc = acc * tl.load(weight_ptr + pair, mask=row_ok, other=0.0)[None, :]
-    c_ptrs = c_ptr + pair[None, :] * stride_cm + cols[:, None]  # [BN, BM]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+            b = tl.load(w_rows[:, None] + up_rows * stride_wn + k0 // 2 + j[None, :], mask=col_ok[:, None], other=0)
+            acc_up = _int4_part(acc_up, b, x_lo, x_hi, s_ptrs + up_rows * stride_sn + k0 // 128, col_ok, ASM)
+    return acc, acc_up
+
+
+@triton.jit
+def _int4_part(acc, b, x_lo, x_hi, s_ptrs, col_ok, ASM: tl.constexpr):
+    """acc [BN, BM] += (codes [BN, 64 + 64] - 8) @ [x_lo; x_hi] times the group scales [BN]."""
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(I4_F16, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                           is_pure=True, pack=4)
+    else:
+        lo = ((b & 15).to(tl.int8) - 8).to(tl.float16)
+        hi = ((b >> 4).to(tl.int8) - 8).to(tl.float16)
+    part = tl.dot(lo, x_lo)
+    part = tl.dot(hi, x_hi, part)
+    return acc + part * tl.load(s_ptrs, mask=col_ok, other=0.0)[:, None]
 
 
 @triton.jit
@@ -147,8 +224,10 @@ def config(tokens: int, tuned: dict[int, dict] | None, kind: str, scheme: str = 
 
 
 def usable(w) -> bool:
-    """8-bit weight-only QuantTensors on a GPU (int4 has its own kernels)."""
-    return isinstance(w, QuantTensor) and w.scheme in ("fp8", "int8") and w.q.is_cuda
+    """fp8 / int8 weight-only QuantTensors, or symmetric int4 in groups of 128, on a GPU."""
+    if not isinstance(w, QuantTensor) or not w.q.is_cuda:
+        return False
+    return w.scheme in ("fp8", "int8") or (w.scheme == "int4" and w.zero is None and w.block_k == 128)
 
 
 def moe_gemm_swap(x: torch.Tensor, w: QuantTensor, out: torch.Tensor, al: Alignment, x_div: int, cfg: dict,
@@ -157,10 +236,13 @@ def moe_gemm_swap(x: torch.Tensor, w: QuantTensor, out: torch.Tensor, al: Alignm
     W_e^T (x WEIGHTED weights[pair]) for the pairs al sorted; rows of pairs not computed are left as they were."""
     n_out, k_in = out.shape[1], x.shape[1]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    int4 = w.scheme == "int4"
+    if int4 and (w.zero is not None or w.block_k != 128):
+        raise ValueError("int4 through the swapped GEMM needs symmetric codes in groups of 128")
     if al.block_m != bm:
         raise ValueError(f"alignment of {al.block_m}-row blocks for a BLOCK_M {bm} config")
     group = 0 if w.per_channel else w.block_k
-    block_k = min(cfg["BLOCK_K"], group) if group else cfg["BLOCK_K"]
+    block_k = 128 if int4 else min(cfg["BLOCK_K"], group) if group else cfg["BLOCK_K"]
     if group % block_k:
         raise ValueError(f"scale block of {group} columns is not a multiple of BLOCK_K {block_k}")
     em = al.sorted_ids.numel()
@@ -172,6 +254,6 @@ def moe_gemm_swap(x: torch.Tensor, w: QuantTensor, out: torch.Tensor, al: Alignm
         al.num_pairs, n_out, k_in, x.stride(0), w.q.stride(0), w.q.stride(1), out.stride(0), w.scale.stride(0),
         w.scale.stride(1), up_rows, X_DIV=x_div, GATED=up_rows > 0, WEIGHTED=weights is not None, GROUP_K=group,
         EVEN_K=k_in % block_k == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, FP8=fp8,
-        ASM=not fp8 and os.environ.get("TRITON_INTERPRET") != "1", num_warps=cfg["num_warps"],
+        ASM=not fp8 and os.environ.get("TRITON_INTERPRET") != "1", INT4=int4, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **pdl.launch())
     return out
