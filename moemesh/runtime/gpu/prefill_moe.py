@@ -58,6 +58,10 @@ DEFAULT_DOWN = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "nu
 # Dropped after that run, 1.4-1.6x slower: gate_up gathering hidden's rows itself instead of the permuted copy
 # (1,052 us), and BM 64 x [64, 512] tiles (1,019 us).
 # The atomic combine's float32 epilogue does not fit a 256-wide tile in shared memory (278 KB > 227 KB).
+# Measured 2026-11-30 and not taken: Triton 3.6's automatic warp specialization on Hopper (tl.range(...,
+# warp_specialize=True), 4 warps, no FLATTEN, the descriptors made in the kernel: host-made ones fail its data
+# partitioning, as does the fused gate/up tile's reshape). 4,096 tokens, each GEMM alone: gate_up 401 -> 381 us with
+# [128, 128] x BK 128, 2 stages, exact, but its BK 64 configs (3 and 4 stages) returned NaN; down 233 -> 229 us.
 ATOMIC_DOWN = {**DEFAULT_DOWN, "BLOCK_N": 128, "num_stages": 4}
 
 
