@@ -6,6 +6,8 @@
       -> kernel 2, WEIGHTED: y[p] = weight[p] * (act[p] @ down_e^T)                              # [P, H] fp32
       -> out[t] = sum_k y[t*K + k]                                                               # [T, H] fp32
 
+Quantized experts at decode sizes (fp8 to 512 tokens, int8 to 64, int4 from 17 to 64 on the H200) run both kernels
+with their operands swapped instead (moe_swap.py: the weights the tensor cores' register operand).
 Each program computes one BLOCK_M x BLOCK_N tile of one expert's rows, so an expert's weights are read once per
 row block: at decode sizes the kernels stream each selected expert's weights once (memory bound). Block shapes come
 from configs/*.json, tuned per token count on the target GPU (benchmarks/moe_kernel.py writes them), as vLLM does.
@@ -195,7 +197,7 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids
         return prefill_moe.prefill_moe(hidden, w_gate_up, w_down, local_ids, topk_weights)
     if configs is None and int4_prefill.wanted(hidden, w_gate_up, w_down):  # large int4 steps: dequantized, TMA
         return int4_prefill.int4_prefill(hidden, w_gate_up, w_down, local_ids, topk_weights)
-    swap = configs is None and swap_configs(t, w_gate_up)  # 8-bit experts at decode sizes: moe_swap.py
+    swap = configs is None and swap_configs(t, w_gate_up)  # quantized experts at decode sizes: moe_swap.py
     cfg_up, cfg_down = swap or configs or (pick_config(t, "gate_up", w_gate_up), pick_config(t, "down", w_gate_up))
     gemm = moe_swap.moe_gemm_swap if swap else moe_gemm
     hidden = hidden.contiguous()

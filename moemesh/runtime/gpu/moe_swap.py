@@ -101,7 +101,9 @@ def _moe_gemm_swap(x_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows
                    INT4: tl.constexpr = False, PDL: tl.constexpr = False):
     """C[pair] = X[pair // X_DIV] @ W_e^T for one [BM rows of one expert, BN output channels] tile, computed as
     its transpose. W [E, n_out (+ up_rows), k_in] int8, or FP8: e4m3 bits as uint8 (masked loads fill zeros, which
-    Triton's interpreter cannot cast to fp8); scales [E, N, G]. Grid: (n_out / BN, EM / BM)."""
+    Triton's interpreter cannot cast to fp8), or INT4: [E, N, k_in / 2] packed codes; scales [E, N, G].
+    ASM: int8 / int4 converted by inline PTX (I8_F16, I4_F16), else in plain Triton (the interpreter).
+    Grid: (n_out / BN, EM / BM)."""
     enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     pid_m = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(rows_used_ptr):
@@ -216,11 +218,8 @@ def config(tokens: int, tuned: dict[int, dict] | None, kind: str, scheme: str = 
         return None
     table = {m: e[kind] for m, e in tuned.items() if kind in e} if tuned else {
         m: c for m, c in SWAP_DEFAULT.items() if m <= SWAP_MAX_TOKENS[scheme]}
-    if not table:
-        return None
-    if tokens > max(table):
-        return None
-    return table[min((m for m in table if m >= tokens), default=max(table))]
+    fits = [m for m in table if m >= tokens]
+    return table[min(fits)] if fits else None
 
 
 def usable(w) -> bool:
