@@ -8,9 +8,11 @@ HBM limit of the experts the step touches (their 8-bit bytes / the copy bandwidt
 
 Every config's output is checked against fused_moe without the swap (its GEMV or GEMM; relative error < 1e-3, or
 2e-2 for int4, whose dp4a GEMV and int8-tensor-core GEMM round the activations to int8; else the config is refused).
---write: the weights' table (configs/E=...,dtype=float8_e4m3fn|int8,...json) gets "swap_gate_up" / "swap_down"
-entries at each token count timed where the best swap config beat fused_moe's GEMM by more than 3%, and loses them
-where it did not. Writes moe-swap-h200.json (machine, command, rows) to --out; prints a table.
+--write: the weights' table (configs/E=...,dtype=float8_e4m3fn|int8|int4,...json) gets "swap_gate_up" / "swap_down"
+entries at each token count timed where the best swap config beat what fused_moe runs without it by more than 3%,
+and loses them where it did not; in the int4 table the dp4a GEMV's MAX_PAIRS becomes top-k x the largest count timed
+below the swap's first win (run it after int4_gemv_gemm.py / int4_i8_sweep.py, which set MAX_PAIRS without the
+swap). Writes moe-swap-h200.json (machine, command, rows) to --out; prints a table.
 """
 
 from __future__ import annotations
@@ -98,6 +100,12 @@ def write_table(scheme: str, rows: list[dict]) -> Path:
             if won:
                 entry[kind] = r["swap_config"]
     table = {m: e for m, e in sorted(table.items(), key=lambda kv: int(kv[0])) if e}
+    gemv = table[min(table, key=int)].get("gemv_gate_up", {}) if table else {}
+    won = [r["tokens"] for r in rows if "swap_gate_up" in table.get(str(r["tokens"]), {})]
+    if scheme == "int4" and won and "MAX_PAIRS" in gemv:  # the dp4a GEMV keeps the steps below the swap's first win
+        below = [r["tokens"] for r in rows if r["tokens"] < min(won)]
+        gemv["MAX_PAIRS"] = K * max(below, default=0)
+        print("wrote MAX_PAIRS", gemv["MAX_PAIRS"])
     path.write_text(json.dumps(table, indent=1) + "\n")
     return path
 
