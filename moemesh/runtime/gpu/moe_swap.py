@@ -20,7 +20,8 @@ benchmarks/results/moe-swap-h200.json): 8 tokens 100.9 -> 76.3, 16: 164.6 -> 122
 64: 217.5 -> 166.4 (84% of the HBM limit), 128: 221.5 -> 190.1, 256: 326.3 -> 253.7, 512: 387.5 -> 355.1.
 int8 (each weight + 128 under an fp16 exponent byte, I8_F16): 8 tokens 87.9 -> 77.2, 16: 133.7 -> 123.2,
 32: 162.1 -> 150.5, 64: 176.2 -> 167.0; at 128-512 tokens 0.88-1.02x, so the int8 table stops at 64
-(benchmarks/results/moe-swap-h200-int8.json; Triton's own int8 -> fp16, one I2F per weight, was 0.72-0.95x).
+(benchmarks/results/moe-swap-h200-int8.json; with Triton's own int8 -> fp16, one I2F per weight, it was 0.72-0.95x:
+moe-swap-h200.json's int8 rows).
 int4 (symmetric, groups of 128; I4_F16 unpacks eight codes per word into fp16, two dots per 128-column block):
 24 tokens 141.2 -> 122.9, 32: 151.8 -> 131.7, 64: 164.6 -> 145.0 (45-48% of the HBM limit: unpacking, not HBM, bounds
 it); the dp4a GEMV stays faster to 16 tokens (98.5 vs 116.8) and the int8-tensor-core GEMM from 128 (173.0 vs 179.4),
