@@ -121,7 +121,12 @@ def test_fused_moe_takes_the_swap_and_matches_its_gemm(scheme, block_k, up_to, t
         assert ((got - want).norm() / want.norm()).item() < tol, t
     t = 64
     x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    x[3, 5] = 1e5  # beyond fp16: the swap clamps it to 65504 (the module doc), the GEMM keeps it
     w, ids = torch.randn(t, e, device="cuda").softmax(-1).topk(k, dim=-1)
+    clamped = fused_moe(x.clamp(-65504, 65504), gu, dn, ids, w,
+                        configs=(pick_config(t, "gate_up", gu), pick_config(t, "down", gu)))
+    assert ((fused_moe(x, gu, dn, ids, w) - clamped).norm() / clamped.norm()).item() < tol
+    x[3, 5] = 0.5
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         out = fused_moe(x, gu, dn, ids, w)
