@@ -6,8 +6,8 @@
       -> kernel 2, WEIGHTED: y[p] = weight[p] * (act[p] @ down_e^T)                              # [P, H] fp32
       -> out[t] = sum_k y[t*K + k]                                                               # [T, H] fp32
 
-Quantized experts at decode sizes (fp8 to 512 tokens, int8 to 64, int4 from 17 to 64 on the H200) run both kernels
-with their operands swapped instead (moe_swap.py: the weights the tensor cores' register operand).
+Quantized experts at decode sizes (fp8 from 5 to 256 tokens on the H200; int8 / int4 where a table says so) run
+both kernels with their operands swapped instead (moe_swap.py: the weights the tensor cores' register operand).
 Each program computes one BLOCK_M x BLOCK_N tile of one expert's rows, so an expert's weights are read once per
 row block: at decode sizes the kernels stream each selected expert's weights once (memory bound). Block shapes come
 from configs/*.json, tuned per token count on the target GPU (benchmarks/moe_kernel.py writes them), as vLLM does.
@@ -229,9 +229,8 @@ def gemv_max_pairs(w_gate_up: Weight) -> int:
     """Up to how many (token, slot) pairs fused_moe runs the GEMV: GEMV_MAX_PAIRS, or the tuned GEMV's MAX_PAIRS
     where it is on dp4a (int4, the H200: one MoE layer at 8 tokens 53 us against 122 with the float GEMM, at 16
     tokens 98 against 121 with the GEMM on int8 tensor cores, at 24 141 against 144; benchmarks/h200/int4_i8_sweep.py).
-    The table's MAX_PAIRS is 128 (16 tokens) since the swapped GEMM (moe_swap.py) took 24-64 tokens: at 24 123 us
-    against the GEMV's 141. From 128 tokens the I8 GEMM (151-172 us from 32 to 128 tokens). (Measured on the H200
-    and dropped, 2026-11-29: each expert's weights decoded once for all its pairs
+    Beyond (32 tokens on), the I8 GEMM: 151-172 us from 32 to 128 tokens. (Measured on the H200 and dropped,
+    2026-11-29: each expert's weights decoded once for all its pairs
     (sorted by moe_align, 8-row blocks), dp4a per row with each row's activations rounded per program: 642 us at 64
     tokens, 1,346 at 128, against the GEMM's 233 / 239; the per-row activation rounding and selects dominate.)"""
     if not isinstance(w_gate_up, QuantTensor) or w_gate_up.scheme != "int4" or not DP4A_ON:

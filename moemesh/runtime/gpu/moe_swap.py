@@ -9,24 +9,25 @@ TensorRT-LLM's "swap AB" for small M):
     hidden / act rows, sorted pairs (moe_align: BLOCK_M rows per expert block, P marks padding)
       -> acc^T [BN, BM] = W_e [BN, K] @ X [BM, K]^T, in fp16:                               # float32 accumulators
            W: one cvt.rn.f16x2.e4m3x2 per two fp8 weights (int8: I8_F16, int4: I4_F16; exact)
-           X: bf16 -> fp16 once per tile; exact for |x| in [2^-14, 65504], clamped to +-65504 beyond
+           X: bf16 -> fp16 once per tile, a row divided by a power of two where it passes 2^15 (_fp16)
       -> scales (per channel on acc's rows after the K loop, or per GROUP_K block on each partial product)
       -> GATED: silu(gate) * up; WEIGHTED: x routing weight[pair]
       -> C[pair, cols] = acc^T's columns                                                    # [P, n_out]
 
-One MoE layer of the Qwen3-30B-A3B shape (E 128, top-8, H 2048, I 768) on the H200, fp8 per channel, 12 layers of
-distinct weights in one CUDA graph, us per layer, fused_moe's GEMM -> this (benchmarks/h200/swap_sweep.py,
-benchmarks/results/moe-swap-h200.json): 8 tokens 100.9 -> 76.3, 16: 164.6 -> 122.1, 32: 199.1 -> 149.9,
-64: 217.5 -> 166.4 (84% of the HBM limit), 128: 221.5 -> 190.1, 256: 326.3 -> 253.7, 512: 387.5 -> 355.1.
-int8 (each weight + 128 under an fp16 exponent byte, I8_F16): 8 tokens 87.9 -> 77.2, 16: 133.7 -> 123.2,
-32: 162.1 -> 150.5, 64: 176.2 -> 167.0; at 128-512 tokens 0.88-1.02x, so the int8 table stops at 64
-(benchmarks/results/moe-swap-h200-int8.json; with Triton's own int8 -> fp16, one I2F per weight, it was 0.72-0.95x:
-moe-swap-h200.json's int8 rows).
-int4 (symmetric, groups of 128; I4_F16 unpacks eight codes per word into fp16, two dots per 128-column block):
-24 tokens 141.2 -> 122.9, 32: 151.8 -> 131.7, 64: 164.6 -> 145.0 (45-48% of the HBM limit: unpacking, not HBM, bounds
-it); the dp4a GEMV stays faster to 16 tokens (98.5 vs 116.8) and the int8-tensor-core GEMM from 128 (173.0 vs 179.4),
-so the int4 table has swap entries at 24-64 and the GEMV's MAX_PAIRS is 128
-(benchmarks/results/moe-swap-h200-int4.json).
+Measured on the H200 (2026-11-30) with a first version that clamped activations to fp16's +-65504 instead of
+scaling rows: one MoE layer of the Qwen3-30B-A3B shape (E 128, top-8, H 2048, I 768), 12 layers of distinct weights
+in one CUDA graph, us per layer, what fused_moe ran before -> this (benchmarks/h200/swap_sweep.py):
+- fp8 per channel (moe-swap-h200.json): 8 tokens 100.9 -> 76.3, 16: 164.6 -> 122.1, 32: 199.1 -> 149.9,
+  64: 217.5 -> 166.4 (84% of the HBM limit), 128: 221.5 -> 190.1, 256: 326.3 -> 253.7, 512: 387.5 -> 355.1.
+- int8 (I8_F16, moe-swap-h200-int8.json): 8 tokens 87.9 -> 77.2, 16: 133.7 -> 123.2, 32: 162.1 -> 150.5,
+  64: 176.2 -> 167.0; 0.88-1.02x from 128 (with Triton's own int8 -> fp16, one I2F per weight: 0.72-0.95x).
+- int4 (symmetric, groups of 128; I4_F16, two dots per 128-column block; moe-swap-h200-int4.json): 24 tokens
+  141.2 -> 122.9, 32: 151.8 -> 131.7, 64: 164.6 -> 145.0 (45-48% of the HBM limit); the dp4a GEMV stays faster to
+  16 tokens, the int8-tensor-core GEMM from 128.
+Clamping was wrong for outlier tokens (a SwiGLU output past 65504 is plain in Qwen-family models, which is why they
+run in bf16), so rows are now scaled: 11-14% more instructions per K step (sm_90 SASS of the main loop, fp8 485 ->
+553, int8 680 -> 756, int4 677 -> 759), not yet timed. Until swap_sweep.py re-measures it, the H200 fp8 table keeps
+8-256 tokens (512 won by only 1.09x) and int8 / int4 keep their previous kernels (their wins were 1.06-1.15x).
 Measured and not taken: exact bf16 products for fp8 (a prmt/lop3 bit move and a bf16x2 multiply by 2^120 per two
 weights) were 4-12% slower than fp16, Triton's own fp8 -> bf16 conversion 15-40% slower.
 
@@ -49,9 +50,8 @@ from moemesh.runtime.gpu.pdl import enter
 from moemesh.runtime.quant import QuantTensor
 
 ENABLED = os.environ.get("MOEMESH_MOE_SWAP", "1") != "0"
-# Without a tuned table: the largest step measured faster on the H200, by scheme (int4: none; its range on the
-# H200, between the dp4a GEMV's and the int8-tensor-core GEMM's, is the tuned table's).
-SWAP_MAX_TOKENS = {"fp8": 256, "int8": 64, "int4": 0}
+# Without a tuned table: the largest step to take the swap, by scheme (int8 and int4: only where a table says so).
+SWAP_MAX_TOKENS = {"fp8": 256, "int8": 0, "int4": 0}
 # Without a tuned table: the H200's winners (its own table, from swap_sweep.py, reaches 512 tokens). An entry at m
 # tokens serves the steps above the previous entry up to m.
 SWAP_DEFAULT = {64: {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
@@ -90,7 +90,6 @@ sub.f16x2 $1, $1, c;
 sub.f16x2 $2, $2, c;
 sub.f16x2 $3, $3, c;
 }""")
-FP16_MAX = tl.constexpr(65504.0)  # activations beyond fp16's range are clamped to it
 
 
 @triton.jit
@@ -151,11 +150,11 @@ def _byte_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride
         else:
             k_ok = ks < k_in - k0  # [BK]
             x_ok, w_ok = row_ok[:, None] & k_ok[None, :], col_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_ptrs, mask=x_ok, other=0.0)
-        x = tl.clamp(x.to(tl.float32), -FP16_MAX, FP16_MAX).to(tl.float16).T  # [BK, BM]
-        acc = _mac(acc, tl.load(w_ptrs, mask=w_ok, other=0), x, s_ptrs, k0, GROUP_K, FP8, ASM)
+        xf = tl.load(x_ptrs, mask=x_ok, other=0.0).to(tl.float32)  # [BM, BK]
+        x, rs = _fp16(xf, tl.max(tl.abs(xf), 1))  # [BK, BM], [BM]
+        acc = _mac(acc, tl.load(w_ptrs, mask=w_ok, other=0), x, rs, s_ptrs, k0, GROUP_K, FP8, ASM)
         if GATED:
-            acc_up = _mac(acc_up, tl.load(w_ptrs + up_rows * stride_wn, mask=w_ok, other=0), x,
+            acc_up = _mac(acc_up, tl.load(w_ptrs + up_rows * stride_wn, mask=w_ok, other=0), x, rs,
                           s_ptrs + up_rows * stride_sn, k0, GROUP_K, FP8, ASM)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -173,42 +172,56 @@ def _int4_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride
         x_lo = tl.load(x_rows[:, None] + k0 + j[None, :], mask=row_ok[:, None] & (j < k_in - k0)[None, :], other=0.0)
         x_hi = tl.load(x_rows[:, None] + k0 + 64 + j[None, :], mask=row_ok[:, None] & (j < k_in - k0 - 64)[None, :],
                        other=0.0)
-        x_lo = tl.clamp(x_lo.to(tl.float32), -FP16_MAX, FP16_MAX).to(tl.float16).T  # [64, BM]
-        x_hi = tl.clamp(x_hi.to(tl.float32), -FP16_MAX, FP16_MAX).to(tl.float16).T
+        x_lo, x_hi = x_lo.to(tl.float32), x_hi.to(tl.float32)
+        big = tl.maximum(tl.max(tl.abs(x_lo), 1), tl.max(tl.abs(x_hi), 1))  # [BM] over the 128-column block
+        x_lo, rs = _fp16(x_lo, big)  # [64, BM], [BM]
+        x_hi, rs = _fp16(x_hi, big)
         b = tl.load(w_rows[:, None] + k0 // 2 + j[None, :], mask=col_ok[:, None], other=0)  # [BN, 64] uint8
-        acc = _int4_part(acc, b, x_lo, x_hi, s_ptrs + k0 // 128, col_ok, ASM)
+        acc = _int4_part(acc, b, x_lo, x_hi, rs, s_ptrs + k0 // 128, col_ok, ASM)
         if GATED:
             b = tl.load(w_rows[:, None] + up_rows * stride_wn + k0 // 2 + j[None, :], mask=col_ok[:, None], other=0)
-            acc_up = _int4_part(acc_up, b, x_lo, x_hi, s_ptrs + up_rows * stride_sn + k0 // 128, col_ok, ASM)
+            acc_up = _int4_part(acc_up, b, x_lo, x_hi, rs, s_ptrs + up_rows * stride_sn + k0 // 128, col_ok, ASM)
     return acc, acc_up
 
 
 @triton.jit
-def _int4_part(acc, b, x_lo, x_hi, s_ptrs, col_ok, ASM: tl.constexpr):
-    """acc [BN, BM] += (codes [BN, 64 + 64] - 8) @ [x_lo; x_hi] times the group scales [BN]."""
+def _fp16(x, big):
+    """x [BM, K'] float32, big [BM] the rows' largest magnitudes -> (x / rs in fp16, transposed [K', BM]; rs [BM]):
+    rs a power of two, 1 unless a row passes 2^15, so that fp16 (11 significant bits, bf16 has 8, but a range to
+    65504 only) holds any bf16 activation, a SwiGLU output of an outlier token included. Below 2^-14 of rs fp16 keeps
+    fewer bits (subnormals)."""
+    rs = tl.where(big > 32768.0, tl.exp2(tl.ceil(tl.log2(big)) - 15.0), 1.0)  # big / rs <= 2^15 (x 1 + approx)
+    return (x / rs[:, None]).to(tl.float16).T, rs
+
+
+@triton.jit
+def _int4_part(acc, b, x_lo, x_hi, rs, s_ptrs, col_ok, ASM: tl.constexpr):
+    """acc [BN, BM] += (codes [BN, 64 + 64] - 8) @ [x_lo; x_hi] (rows divided by rs [BM]) times the group scales
+    [BN] and rs."""
     if ASM:
         lo, hi = tl.inline_asm_elementwise(I4_F16, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
                                            is_pure=True, pack=4)
     else:
         lo = ((b & 15).to(tl.int8) - 8).to(tl.float16)
         hi = ((b >> 4).to(tl.int8) - 8).to(tl.float16)
-    part = tl.dot(lo, x_lo)
-    part = tl.dot(hi, x_hi, part)
-    return acc + part * tl.load(s_ptrs, mask=col_ok, other=0.0)[:, None]
+    part = tl.dot(hi, x_hi, tl.dot(lo, x_lo))
+    return acc + part * tl.load(s_ptrs, mask=col_ok, other=0.0)[:, None] * rs[None, :]
 
 
 @triton.jit
-def _mac(acc, w, x, s_ptrs, k0, GROUP_K: tl.constexpr, FP8: tl.constexpr, ASM: tl.constexpr):
-    """acc [BN, BM] += w [BN, BK] (8-bit, to fp16 in registers) @ x [BK, BM] (fp16); block scales on the partial."""
+def _mac(acc, w, x, rs, s_ptrs, k0, GROUP_K: tl.constexpr, FP8: tl.constexpr, ASM: tl.constexpr):
+    """acc [BN, BM] += w [BN, BK] (8-bit, to fp16 in registers) @ x [BK, BM] (fp16, rows divided by rs [BM]) times
+    rs; block scales on the partial."""
     if FP8:
         w16 = w.to(tl.float8e4nv, bitcast=True).to(tl.float16)  # cvt.rn.f16x2.e4m3x2: two weights per instruction
     elif ASM:
         w16 = tl.inline_asm_elementwise(I8_F16, "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
     else:
         w16 = w.to(tl.float16)
+    part = tl.dot(w16, x) * rs[None, :]
     if GROUP_K > 0:
-        return acc + tl.dot(w16, x) * tl.load(s_ptrs + k0 // GROUP_K)[:, None]
-    return tl.dot(w16, x, acc)
+        part = part * tl.load(s_ptrs + k0 // GROUP_K)[:, None]
+    return acc + part
 
 
 def config(tokens: int, tuned: dict[int, dict] | None, kind: str, scheme: str = "fp8") -> dict | None:
