@@ -9,7 +9,7 @@ TensorRT-LLM's "swap AB" for small M):
     hidden / act rows, sorted pairs (moe_align: BLOCK_M rows per expert block, P marks padding)
       -> acc^T [BN, BM] = W_e [BN, K] @ X [BM, K]^T, in fp16:                               # float32 accumulators
            W: one cvt.rn.f16x2.e4m3x2 per two fp8 weights (int8: I8_F16, int4: I4_F16; exact)
-           X: bf16 -> fp16 once per tile, a row divided by a power of two where it passes 2^15 (_fp16)
+           X: bf16 -> fp16 once per tile, a row divided by a power of two where it passes 2^15 (_row_scale)
       -> scales (per channel on acc's rows after the K loop, or per GROUP_K block on each partial product)
       -> GATED: silu(gate) * up; WEIGHTED: x routing weight[pair]
       -> C[pair, cols] = acc^T's columns                                                    # [P, n_out]
@@ -151,7 +151,8 @@ def _byte_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride
             k_ok = ks < k_in - k0  # [BK]
             x_ok, w_ok = row_ok[:, None] & k_ok[None, :], col_ok[:, None] & k_ok[None, :]
         xf = tl.load(x_ptrs, mask=x_ok, other=0.0).to(tl.float32)  # [BM, BK]
-        x, rs = _fp16(xf, tl.max(tl.abs(xf), 1))  # [BK, BM], [BM]
+        rs = _row_scale(tl.max(tl.abs(xf), 1))  # [BM]
+        x = _fp16(xf, rs)  # [BK, BM]
         acc = _mac(acc, tl.load(w_ptrs, mask=w_ok, other=0), x, rs, s_ptrs, k0, GROUP_K, FP8, ASM)
         if GATED:
             acc_up = _mac(acc_up, tl.load(w_ptrs + up_rows * stride_wn, mask=w_ok, other=0), x, rs,
@@ -174,8 +175,8 @@ def _int4_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride
                        other=0.0)
         x_lo, x_hi = x_lo.to(tl.float32), x_hi.to(tl.float32)
         big = tl.maximum(tl.max(tl.abs(x_lo), 1), tl.max(tl.abs(x_hi), 1))  # [BM] over the 128-column block
-        x_lo, rs = _fp16(x_lo, big)  # [64, BM], [BM]
-        x_hi, rs = _fp16(x_hi, big)
+        rs = _row_scale(big)  # [BM]
+        x_lo, x_hi = _fp16(x_lo, rs), _fp16(x_hi, rs)  # [64, BM] each
         b = tl.load(w_rows[:, None] + k0 // 2 + j[None, :], mask=col_ok[:, None], other=0)  # [BN, 64] uint8
         acc = _int4_part(acc, b, x_lo, x_hi, rs, s_ptrs + k0 // 128, col_ok, ASM)
         if GATED:
@@ -185,13 +186,17 @@ def _int4_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride
 
 
 @triton.jit
-def _fp16(x, big):
-    """x [BM, K'] float32, big [BM] the rows' largest magnitudes -> (x / rs in fp16, transposed [K', BM]; rs [BM]):
-    rs a power of two, 1 unless a row passes 2^15, so that fp16 (11 significant bits, bf16 has 8, but a range to
-    65504 only) holds any bf16 activation, a SwiGLU output of an outlier token included. Below 2^-14 of rs fp16 keeps
-    fewer bits (subnormals)."""
-    rs = tl.where(big > 32768.0, tl.exp2(tl.ceil(tl.log2(big)) - 15.0), 1.0)  # big / rs <= 2^15 (x 1 + approx)
-    return (x / rs[:, None]).to(tl.float16).T, rs
+def _row_scale(big):
+    """big [BM] the rows' largest magnitudes in a tile -> rs [BM]: a power of two, 1 unless a row passes 2^15, so that
+    fp16 (11 significant bits, bf16 has 8, but a range to 65504 only) holds x / rs for any bf16 activation, a SwiGLU
+    output of an outlier token included. Below 2^-14 of rs fp16 keeps fewer bits (subnormals)."""
+    return tl.where(big > 32768.0, tl.exp2(tl.ceil(tl.log2(big)) - 15.0), 1.0)  # big / rs <= 2^15 (x 1 + approx)
+
+
+@triton.jit
+def _fp16(x, rs):
+    """x [BM, K'] float32 -> x / rs [BM] in fp16, transposed [K', BM] (the dot's right operand)."""
+    return (x / rs[:, None]).to(tl.float16).T
 
 
 @triton.jit
