@@ -14,20 +14,19 @@ TensorRT-LLM's "swap AB" for small M):
       -> GATED: silu(gate) * up; WEIGHTED: x routing weight[pair]
       -> C[pair, cols] = acc^T's columns                                                    # [P, n_out]
 
-Measured on the H200 (2026-11-30) with a first version that clamped activations to fp16's +-65504 instead of
-scaling rows: one MoE layer of the Qwen3-30B-A3B shape (E 128, top-8, H 2048, I 768), 12 layers of distinct weights
-in one CUDA graph, us per layer, what fused_moe ran before -> this (benchmarks/h200/swap_sweep.py):
-- fp8 per channel (moe-swap-h200.json): 8 tokens 100.9 -> 76.3, 16: 164.6 -> 122.1, 32: 199.1 -> 149.9,
-  64: 217.5 -> 166.4 (84% of the HBM limit), 128: 221.5 -> 190.1, 256: 326.3 -> 253.7, 512: 387.5 -> 355.1.
-- int8 (I8_F16, moe-swap-h200-int8.json): 8 tokens 87.9 -> 77.2, 16: 133.7 -> 123.2, 32: 162.1 -> 150.5,
-  64: 176.2 -> 167.0; 0.88-1.02x from 128 (with Triton's own int8 -> fp16, one I2F per weight: 0.72-0.95x).
-- int4 (symmetric, groups of 128; I4_F16, two dots per 128-column block; moe-swap-h200-int4.json): 24 tokens
-  141.2 -> 122.9, 32: 151.8 -> 131.7, 64: 164.6 -> 145.0 (45-48% of the HBM limit); the dp4a GEMV stays faster to
-  16 tokens, the int8-tensor-core GEMM from 128.
-Clamping was wrong for outlier tokens (a SwiGLU output past 65504 is plain in Qwen-family models, which is why they
-run in bf16), so rows are now scaled: 11-14% more instructions per K step (sm_90 SASS of the main loop, fp8 485 ->
-553, int8 680 -> 756, int4 677 -> 759), not yet timed. Until swap_sweep.py re-measures it, the H200 fp8 table keeps
-8-256 tokens (512 won by only 1.09x) and int8 / int4 keep their previous kernels (their wins were 1.06-1.15x).
+Measured on the H200 (2026-11-30, moe-swap-h200.json): one MoE layer of the Qwen3-30B-A3B shape (E 128, top-8,
+H 2048, I 768), 12 layers of distinct weights in one CUDA graph, us per layer, what fused_moe runs without the swap ->
+this (benchmarks/h200/swap_sweep.py --schemes fp8,int8,int4 --write):
+- fp8 per channel: 8 tokens 100.9 -> 83.2, 16: 164.6 -> 129.7, 32: 199.3 -> 156.5, 64: 217.8 -> 171.6 (81% of the
+  HBM limit), 128: 221.0 -> 196.1, 256: 325.2 -> 305.9; 512: 388.8 against 538.2 (not taken).
+- int8 (I8_F16): 8 tokens 90.5 -> 81.9, 16: 134.1 -> 130.0, 24: 153.5 -> 147.4 (taken to 24 tokens); 32-64
+  1.01-1.02x (under --write's 3%, not taken); 0.59-0.95x from 128.
+- int4 (symmetric, groups of 128; I4_F16): 24 tokens 141.7 -> 132.9, 64: 163.6 -> 158.5; the dp4a GEMV stays faster
+  to 16 tokens, the int8-tensor-core GEMM from 128.
+A first version clamped activations to fp16's +-65504 and was 3-9% faster at 8-128 tokens (fp8 64: 166.4, 256:
+253.7; int8 1.06-1.14x, int4 1.14-1.15x). Clamping is wrong for outlier tokens (a SwiGLU output past 65504 is plain
+in Qwen-family models, which is why they run in bf16), so rows are scaled: 11-14% more instructions per K step (sm_90
+SASS of the main loop, fp8 485 -> 553, int8 680 -> 756, int4 677 -> 759).
 Measured and not taken: exact bf16 products for fp8 (a prmt/lop3 bit move and a bf16x2 multiply by 2^120 per two
 weights) were 4-12% slower than fp16, Triton's own fp8 -> bf16 conversion 15-40% slower.
 
