@@ -38,8 +38,6 @@ from moemesh.runtime.quant import INT4_BLOCK, QuantTensor
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-# The down GEMV prefetches its experts' rows into L2 while gate_up runs (moe_gemv's `early`); MOEMESH_MOE_EARLY=0: off.
-EARLY_DOWN = os.environ.get("MOEMESH_MOE_EARLY", "1") != "0"
 GEMV_MAX_PAIRS = 32  # up to this many (token, slot) pairs the GEMV kernel runs (experts are then mostly distinct)
 # UNROLL: the K loop unrolled at compile time (K as a constexpr), so a program issues every K step's loads before
 # the first step's math; measured on the H200 at T=1 (benchmarks/h200/gemv_sweep.py): 5-10% faster per kernel.
@@ -82,18 +80,11 @@ def _weight_args(w: Weight, block_k: int) -> tuple[tuple, dict, int]:
 
 def moe_gemv(a: torch.Tensor, w: Weight, out: torch.Tensor, ids: torch.Tensor, a_div: int, cfg: dict,
              weights: torch.Tensor | None = None, up_rows: int = 0, sum_slots: int = 0,
-             zero: torch.Tensor | None = None, early: str = "") -> torch.Tensor:
+             zero: torch.Tensor | None = None) -> torch.Tensor:
     """One launch of _moe_gemv: out [P, n_out] fully written (zeros for pairs hosted elsewhere); sum_slots K > 0:
     out [P / K, n_out] float32 zeroed beforehand, each token's K rows added into it. zero (float32, contiguous, not
-    with weights): zeroed by this launch too (the next launch's accumulator). early (under PDL): "wait" for the
-    launch before a prefetching one (WAIT_FIRST), "prefetch" for that one (its rows into L2 before its wait)."""
+    with weights): zeroed by this launch too (the next launch's accumulator)."""
     n_out, k_in = out.shape[1], a.shape[1]
-    launch = pdl.launch()
-    if launch["PDL"] and early == "prefetch":
-        row_bytes = k_in // 2 if getattr(w, "scheme", "") == "int4" else k_in * _data(w).element_size()
-        launch["EARLY_LINES"] = triton.next_power_of_2(triton.cdiv(row_bytes, 128))
-    elif launch["PDL"] and early == "wait":
-        launch["WAIT_FIRST"] = True
     (data, scale, zero_points, sse, ssn), quant, block_k = _weight_args(w, cfg["BLOCK_K"])
     grid = (ids.numel(), triton.cdiv(n_out, cfg["BLOCK_N"]))
     zero_n = zero.numel() if zero is not None else 0
@@ -104,12 +95,8 @@ def moe_gemv(a: torch.Tensor, w: Weight, out: torch.Tensor, ids: torch.Tensor, a
         zero_points, n_out, k_in, a.stride(0), data.stride(0), data.stride(1), out.stride(0), sse, ssn, up_rows,
         A_DIV=a_div, GATED=up_rows > 0, WEIGHTED=weights is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], SUM_SLOTS=sum_slots, ZERO_N=zero_n,
-        K_STATIC=k_in if cfg.get("UNROLL") or cfg.get("WORDS") else 0, WORDS=_words(cfg), **quant, **launch)
+        K_STATIC=k_in if cfg.get("UNROLL") or cfg.get("WORDS") else 0, WORDS=_words(cfg), **quant, **pdl.launch())
     return out
-
-
-def _data(w: Weight) -> torch.Tensor:
-    return w.q if isinstance(w, QuantTensor) else w
 
 
 def _words(cfg: dict) -> int:
@@ -262,9 +249,6 @@ def _fused_moe_gemv(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, loc
     hidden = hidden.contiguous()
     act = torch.empty(t * k, inter, dtype=hidden.dtype, device=hidden.device)  # [P, I]
     out = torch.empty(t, hidden.shape[1], dtype=torch.float32, device=hidden.device)  # [T, H], zeroed by gate_up
-    early = EARLY_DOWN
-    moe_gemv(hidden, w_gate_up, act, ids, k, pick_config(t, "gemv_gate_up", w_gate_up), up_rows=inter, zero=out,
-             early="wait" if early else "")
+    moe_gemv(hidden, w_gate_up, act, ids, k, pick_config(t, "gemv_gate_up", w_gate_up), up_rows=inter, zero=out)
     weights = topk_weights.reshape(-1).float().contiguous()
-    return moe_gemv(act, w_down, out, ids, 1, pick_config(t, "gemv_down", w_gate_up), weights=weights, sum_slots=k,
-                    early="prefetch" if early else "")
+    return moe_gemv(act, w_down, out, ids, 1, pick_config(t, "gemv_down", w_gate_up), weights=weights, sum_slots=k)

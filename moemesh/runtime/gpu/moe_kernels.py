@@ -171,19 +171,14 @@ def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, zero_ptr, n_o
               WEIGHTED: tl.constexpr, QUANT: tl.constexpr, GROUP_K: tl.constexpr, SUM_SLOTS: tl.constexpr,
               INT4: tl.constexpr, ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               ZERO_N: tl.constexpr = 0, PDL: tl.constexpr = False, K_STATIC: tl.constexpr = 0,
-              WORDS: tl.constexpr = 0, EARLY_LINES: tl.constexpr = 0, WAIT_FIRST: tl.constexpr = False):
+              WORDS: tl.constexpr = 0):
     """Few tokens (decode at batch 1-4): one program per (pair, column block), a dot product per output column, no
     alignment and no tensor cores; many more programs in flight than the row-block GEMM has at this size.
     SUM_SLOTS K > 0: add the row into c[pair // K] (float32, zeroed by the caller) instead of storing c[pair]: the
     per-token sum over slots without a reduction launch (a handful of atomic adds per address).
     ZERO_N > 0 (not WEIGHTED): also zero the ZERO_N float32 values at weight_ptr, the next launch's SUM_SLOTS
-    accumulator (a memset launch less per layer; the first ZERO_N / 256 programs take 256 values each).
-    EARLY_LINES L > 0 (under PDL, after a launch with WAIT_FIRST): before the wait, the program's [BLOCK_N] weight
-    rows (L 128-byte lines each) are prefetched into L2 for its expert, read from ids (written two kernels back), so
-    that they stream while the kernel before still runs. A hint only: the math reads ids and weights after the wait."""
-    if EARLY_LINES > 0:
-        _prefetch_rows(b_ptr, ids_ptr, n_out, k_in, stride_be, stride_bn, INT4, BLOCK_N, EARLY_LINES)
-    enter(PDL, WAIT_FIRST)  # PDL: launch the next kernel early, wait for the last (pdl.py)
+    accumulator (a memset launch less per layer; the first ZERO_N / 256 programs take 256 values each)."""
+    enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     if ZERO_N > 0:
         z = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * 256 + tl.arange(0, 256)
         tl.store(weight_ptr + z, tl.zeros((256,), dtype=tl.float32), mask=z < ZERO_N)
@@ -218,17 +213,3 @@ def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, zero_ptr, n_o
         tl.atomic_add(c_ptr + (pair // SUM_SLOTS) * stride_cm + cols, acc, mask=hosted, sem="relaxed")
     else:
         tl.store(c_ptr + pair * stride_cm + cols, acc.to(c_ptr.dtype.element_ty), mask=col_ok)
-
-
-@triton.jit
-def _prefetch_rows(b_ptr, ids_ptr, n_out, k_in, stride_be, stride_bn, INT4: tl.constexpr, BLOCK_N: tl.constexpr,
-                   LINES: tl.constexpr):
-    """prefetch.global.L2 of the lines of this program's weight rows (expert ids[pair], columns of block
-    program_id(1)); lines past a row's end are clamped to its last byte."""
-    expert = tl.maximum(tl.load(ids_ptr + tl.program_id(0), cache_modifier=".cg"), 0)  # -1 (elsewhere): any rows
-    cols = tl.minimum(tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N), n_out - 1).to(tl.int64)
-    rows = (b_ptr + expert * stride_be + cols * stride_bn).to(tl.pointer_type(tl.uint8), bitcast=True)  # [BN]
-    row_bytes = k_in // 2 if INT4 else k_in * b_ptr.dtype.element_ty.primitive_bitwidth // 8
-    offs = tl.minimum(tl.arange(0, LINES) * 128, row_bytes - 1)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [rows[:, None] + offs[None, :]],
-                              dtype=tl.int32, is_pure=False, pack=1)

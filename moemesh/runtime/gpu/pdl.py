@@ -62,14 +62,8 @@ def launch() -> dict:
 
 
 @triton.jit
-def enter(PDL: tl.constexpr, WAIT_FIRST: tl.constexpr = False):
-    """Let the next kernel launch, then wait for the previous one's writes (see the module doc). WAIT_FIRST: the
-    other order, so that the next kernel, once launched, may already read what the kernel before this one wrote
-    (fused_moe's down GEMV reads the routing before its own wait, to prefetch its experts' rows)."""
+def enter(PDL: tl.constexpr):
+    """Let the next kernel launch, then wait for the previous one's writes (see the module doc)."""
     if PDL:
-        if WAIT_FIRST:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        else:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
