@@ -23,6 +23,18 @@ CHECKS = textwrap.dedent('''
     fused_ops._router_logits[(3, 4)](x, w, out, 16, 256, BLOCK_E=4, BLOCK_K=128)
     assert (out - x.float() @ w.T).abs().max() < 1e-4, "router logits"
     assert (fused_ops.router_logits(x, w) - x.float() @ w.T).abs().max() < 1e-4, "router logits, one row each"
+    xb, wb = torch.randn(37, 200, dtype=torch.bfloat16), torch.randn(20, 200)  # ragged tiles in T, E and K
+    assert (fused_ops.router_logits(xb, wb) - xb.float() @ wb.T).abs().max() < 1e-4, "router logits, tiled"
+    from moemesh.runtime.gpu import fused_moe
+    ids = torch.tensor([[0, -1, 3, 2], [-1, -1, 1, 0], [5, 4, -1, 7]])  # -1: hosted elsewhere
+    y = torch.randn(12, 300)
+    y[ids.reshape(-1) < 0] = float("nan")  # rows the GEMMs never write
+    want = torch.where((ids >= 0)[:, :, None], y.view(3, 4, 300), 0.0).sum(1)
+    assert torch.allclose(fused_moe.slot_sum(y, ids), want, atol=1e-5), "slot sum"
+    ids3, y3 = ids[:, :3], y[:9].nan_to_num(0.0)
+    y3[ids3.reshape(-1) < 0] = float("nan")  # a top-k that is no power of two: the torch fallback
+    want3 = torch.where((ids3 >= 0)[:, :, None], y3.view(3, 3, 300), 0.0).sum(1)
+    assert torch.allclose(fused_moe.slot_sum(y3, ids3), want3, atol=1e-5), "slot sum, top-3"
     t, hq, hk, d = 2, 4, 2, 16
     qkv = torch.randn(t, (hq + 2 * hk) * d)
     ref = qkv.clone()

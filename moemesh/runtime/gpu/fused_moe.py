@@ -33,7 +33,7 @@ import triton
 
 from moemesh.runtime.gpu import int4_prefill, moe_swap, pdl, prefill_moe
 from moemesh.runtime.gpu.moe_align import SMALL_PAIRS, Alignment, align, align_small
-from moemesh.runtime.gpu.moe_kernels import _moe_gemm, _moe_gemv
+from moemesh.runtime.gpu.moe_kernels import _moe_gemm, _moe_gemv, _slot_sum
 from moemesh.runtime.quant import INT4_BLOCK, QuantTensor
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -208,9 +208,26 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids
     gemm(hidden, w_gate_up, act, al_up, k, cfg_up, up_rows=inter)
     al_down = al_up if cfg_down["BLOCK_M"] == cfg_up["BLOCK_M"] else aligner(local_ids, w_down.shape[0],
                                                                               cfg_down["BLOCK_M"])
-    y = torch.zeros(t * k, hidden.shape[1], dtype=torch.float32, device=hidden.device)  # [P, H]
+    y = torch.empty(t * k, hidden.shape[1], dtype=torch.float32, device=hidden.device)  # [P, H]
     gemm(act, w_down, y, al_down, 1, cfg_down, weights=weights)
-    return y.view(t, k, -1).sum(dim=1)  # [T, H]
+    return slot_sum(y, local_ids)
+
+
+def slot_sum(y: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+    """y [P, H] float32 (rows of slots hosted elsewhere unwritten) -> [T, H] float32, each token's hosted slots
+    summed: one launch, where a zero fill of y and torch's sum took two (H200, Qwen3-30B-A3B shape at 64 tokens:
+    2.9 + 6.7 us per layer under ncu)."""
+    t, k = local_ids.shape
+    h = y.shape[1]
+    out = torch.empty(t, h, dtype=torch.float32, device=y.device)
+    if not t:
+        return out
+    if k & (k - 1) == 0:  # a power-of-two top-k: one [K, BLOCK_H] tile per program
+        _slot_sum[(t, triton.cdiv(h, 1024))](y, local_ids.reshape(-1).contiguous(), out, h, TOP_K=k, BLOCK_H=1024,
+                                             num_warps=4)
+        return out
+    hosted = (local_ids >= 0).reshape(t, k, 1)
+    return torch.where(hosted, y.view(t, k, h), 0.0).sum(dim=1)
 
 
 def swap_configs(tokens: int, w_gate_up: Weight) -> tuple[dict, dict] | None:

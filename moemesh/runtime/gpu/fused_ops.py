@@ -20,6 +20,7 @@ import triton.language as tl
 
 from moemesh.runtime.gpu import pdl
 from moemesh.runtime.gpu.pdl import enter
+from moemesh.runtime.gpu.router_tiles import ROUTER_TILE_MAX_TOKENS, router_tiles
 
 
 @triton.jit
@@ -253,8 +254,10 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     one launch (instead of a cast, cuBLAS's float32 GEMV and its reduction: three launches at decode sizes)."""
     t, h = x.shape
     e = weight.shape[0]
-    if t > ROUTER_GEMV_MAX_TOKENS:
+    if t > ROUTER_TILE_MAX_TOKENS or not weight.is_contiguous():
         return torch.nn.functional.linear(x.float(), weight)
+    if t > ROUTER_GEMV_MAX_TOKENS:
+        return router_tiles(x.contiguous(), weight)  # one launch instead of cuBLAS's three (router_tiles.py)
     out = torch.empty(t, e, dtype=torch.float32, device=x.device)
     if t:
         # one expert row per program, its whole row in one load (up to 4096 wide): many short programs in flight

@@ -1,0 +1,51 @@
+"""Router logits for a batch of decode rows (9 to ROUTER_TILE_MAX_TOKENS): logits [T, E] float32 = x.float() @ W^T
+with W [E, H] float32, as a Triton tiled GEMM on the CUDA cores (fp32 FMAs, no TF32: the routing must not move).
+
+fused_ops.router_logits runs rows up to 8 as a GEMV (one program per row and expert). Beyond, it used cuBLAS: a cast
+of x to float32, then a SIMT SGEMM split over K and its reduction kernel, 3 launches and 12 us per layer at 64 rows on
+the H200 (Qwen3-30B-A3B shape, ncu: 7.3 + 4.6, benchmarks/results/ncu-step-h200-fp8-b64.md). Here one launch:
+
+    x [T, H] (bf16 / fp16 / fp32) -> tiles [BLOCK_T, BLOCK_K] converted to float32 in registers
+    W [E, H] float32               -> tiles [BLOCK_E, BLOCK_K]
+      -> acc [BLOCK_T, BLOCK_E] += x_tile @ w_tile^T (tl.dot, input_precision "ieee": FMAs)   # float32
+      -> logits[rows, experts]
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ROUTER_TILE_MAX_TOKENS = 1024  # beyond (prefill chunks), cuBLAS's SGEMM has the SMs to itself
+BLOCK_T, BLOCK_E, BLOCK_K = 16, 16, 64
+
+
+@triton.jit
+def _router_tiles(x_ptr, w_ptr, out_ptr, t, e, h, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)  # [BE]
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * h + ks[None, :]  # [BT, BK]
+    w_ptrs = w_ptr + experts.to(tl.int64)[:, None] * h + ks[None, :]  # [BE, BK]
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for k0 in range(0, h, BLOCK_K):
+        k_ok = (ks < h - k0)[None, :]
+        x = tl.load(x_ptrs, mask=(rows < t)[:, None] & k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs, mask=(experts < e)[:, None] & k_ok, other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    tl.store(out_ptr + rows[:, None] * e + experts[None, :], acc, mask=(rows < t)[:, None] & (experts < e)[None, :])
+
+
+def router_tiles(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, H] contiguous (any float dtype), weight [E, H] float32 contiguous -> logits [T, E] float32."""
+    t, h = x.shape
+    e = weight.shape[0]
+    out = torch.empty(t, e, dtype=torch.float32, device=x.device)
+    if t:
+        _router_tiles[(triton.cdiv(t, BLOCK_T), triton.cdiv(e, BLOCK_E))](
+            x, weight, out, t, e, h, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3)
+    return out
