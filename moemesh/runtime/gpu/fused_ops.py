@@ -254,7 +254,7 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     one launch (instead of a cast, cuBLAS's float32 GEMV and its reduction: three launches at decode sizes)."""
     t, h = x.shape
     e = weight.shape[0]
-    if t > ROUTER_TILE_MAX_TOKENS or not weight.is_contiguous():
+    if t > ROUTER_TILE_MAX_TOKENS or not weight.is_contiguous() or x.dtype == torch.float32:
         return torch.nn.functional.linear(x.float(), weight)
     if t > ROUTER_GEMV_MAX_TOKENS:
         return router_tiles(x.contiguous(), weight)  # one launch instead of cuBLAS's three (router_tiles.py)

@@ -1,14 +1,18 @@
 """Router logits for a batch of decode rows (9 to ROUTER_TILE_MAX_TOKENS): logits [T, E] float32 = x.float() @ W^T
-with W [E, H] float32, as a Triton tiled GEMM on the CUDA cores (fp32 FMAs, no TF32: the routing must not move).
+with W [E, H] float32, as a Triton tiled GEMM on tensor cores at float32 accuracy ("2xTF32").
 
 fused_ops.router_logits runs rows up to 8 as a GEMV (one program per row and expert). Beyond, it used cuBLAS: a cast
 of x to float32, then a SIMT SGEMM split over K and its reduction kernel, 3 launches and 12 us per layer at 64 rows on
 the H200 (Qwen3-30B-A3B shape, ncu: 7.3 + 4.6, benchmarks/results/ncu-step-h200-fp8-b64.md). Here one launch:
 
-    x [T, H] (bf16 / fp16 / fp32) -> tiles [BLOCK_T, BLOCK_K] converted to float32 in registers
-    W [E, H] float32               -> tiles [BLOCK_E, BLOCK_K]
-      -> acc [BLOCK_T, BLOCK_E] += x_tile @ w_tile^T (tl.dot, input_precision "ieee": FMAs)   # float32
+    x [T, H] bf16 / fp16 -> tiles [BLOCK_T, BLOCK_K], exact in TF32 (8 / 11 significant bits of TF32's 11)
+    W [E, H] float32      -> tiles [BLOCK_E, BLOCK_K] split w = hi + lo, hi = w with its low 13 mantissa bits cleared
+                             (a TF32 value), lo = w - hi (exact in float32, |lo| < 2^-10 |w|)
+      -> acc [BLOCK_T, BLOCK_E] += x @ hi^T + x @ lo^T  (two TF32 tensor-core dots)      # float32
       -> logits[rows, experts]
+Each product misses only lo's own rounding to TF32: 2^-21 of |x w| against float32's 2^-24, in a float32 sum over H.
+(Measured on the H200 and replaced, 2026-11-30: the same tiles with float32 FMA dots (input_precision "ieee"), 49.7
+us per layer at 64 rows: Triton stages every FMA dot operand through shared memory.) float32 x takes cuBLAS.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ def _router_tiles(x_ptr, w_ptr, out_ptr, t, e, h, BLOCK_T: tl.constexpr, BLOCK_E
         k_ok = (ks < h - k0)[None, :]
         x = tl.load(x_ptrs, mask=(rows < t)[:, None] & k_ok, other=0.0).to(tl.float32)
         w = tl.load(w_ptrs, mask=(experts < e)[:, None] & k_ok, other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        hi = (w.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)  # [BE, BK], TF32 values
+        acc = tl.dot(x, tl.trans(hi), acc, input_precision="tf32")
+        acc = tl.dot(x, tl.trans(w - hi), acc, input_precision="tf32")
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     tl.store(out_ptr + rows[:, None] * e + experts[None, :], acc, mask=(rows < t)[:, None] & (experts < e)[None, :])
