@@ -255,7 +255,7 @@ def test_norm_rope_writes_the_decode_tokens_kv_into_the_pools():
 
 
 @cuda
-@pytest.mark.parametrize("tokens", [1, 8, 9, 64, 300, 1025])  # the GEMV to 8, router_tiles to 1,024, then cuBLAS
+@pytest.mark.parametrize("tokens", [1, 8, 9, 64])  # the Triton GEMV to ROUTER_GEMV_MAX_TOKENS, then cuBLAS
 def test_router_logits_match_float32_linear(tokens):
     from moemesh.runtime.gpu.fused_ops import router_logits
 

@@ -23,8 +23,6 @@ CHECKS = textwrap.dedent('''
     fused_ops._router_logits[(3, 4)](x, w, out, 16, 256, BLOCK_E=4, BLOCK_K=128)
     assert (out - x.float() @ w.T).abs().max() < 1e-4, "router logits"
     assert (fused_ops.router_logits(x, w) - x.float() @ w.T).abs().max() < 1e-4, "router logits, one row each"
-    xb, wb = torch.randn(37, 200, dtype=torch.bfloat16), torch.randn(20, 200)  # ragged tiles in T, E and K
-    assert (fused_ops.router_logits(xb, wb) - xb.float() @ wb.T).abs().max() < 1e-4, "router logits, tiled"
     from moemesh.runtime.gpu import fused_moe
     ids = torch.tensor([[0, -1, 3, 2], [-1, -1, 1, 0], [5, 4, -1, 7]])  # -1: hosted elsewhere
     y = torch.randn(12, 300)

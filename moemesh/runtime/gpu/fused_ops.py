@@ -20,7 +20,6 @@ import triton.language as tl
 
 from moemesh.runtime.gpu import pdl
 from moemesh.runtime.gpu.pdl import enter
-from moemesh.runtime.gpu.router_tiles import ROUTER_TILE_MAX_TOKENS, router_tiles
 
 
 @triton.jit
@@ -245,7 +244,9 @@ def _router_logits_norm(x_ptr, d_ptr, nw_ptr, xo_ptr, ho_ptr, w_ptr, out_ptr, e,
 
 
 # Rows up to which the one-launch GEMV wins: it re-reads W (float32, 1 MB at 128 experts x 2048) per row from L2, so
-# from a few rows on cuBLAS's cast + GEMM is cheaper.
+# from a few rows on cuBLAS's cast + GEMM is cheaper. (Measured on the H200, 2026-11-30, 64 rows, ncu: cuBLAS's SIMT
+# SGEMM + split-K reduction 7.3 + 4.6 us; Triton [16 x 16] tiles were slower: float32 FMA dots 49.7 us, two TF32
+# dots on a hi/lo split of W 18.3 us with BLOCK_K 64, 16.5 with 256, 32 programs latency-bound.)
 ROUTER_GEMV_MAX_TOKENS = 8
 
 
@@ -254,10 +255,8 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     one launch (instead of a cast, cuBLAS's float32 GEMV and its reduction: three launches at decode sizes)."""
     t, h = x.shape
     e = weight.shape[0]
-    if t > ROUTER_TILE_MAX_TOKENS or not weight.is_contiguous() or x.dtype == torch.float32:
+    if t > ROUTER_GEMV_MAX_TOKENS or not weight.is_contiguous():
         return torch.nn.functional.linear(x.float(), weight)
-    if t > ROUTER_GEMV_MAX_TOKENS:
-        return router_tiles(x.contiguous(), weight)  # one launch instead of cuBLAS's three (router_tiles.py)
     out = torch.empty(t, e, dtype=torch.float32, device=x.device)
     if t:
         # one expert row per program, its whole row in one load (up to 4096 wide): many short programs in flight
