@@ -215,8 +215,9 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids
 
 def slot_sum(y: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
     """y [P, H] float32 (rows of slots hosted elsewhere unwritten) -> [T, H] float32, each token's hosted slots
-    summed: one launch, where a zero fill of y and torch's sum took two (H200, Qwen3-30B-A3B shape at 64 tokens:
-    2.9 + 6.7 us per layer under ncu)."""
+    summed: one launch, where a zero fill of y and torch's sum took two (H200, Qwen3-30B-A3B shape at 64 tokens,
+    ncu: 5.4 us per layer against 2.9 + 6.7; graph replay of the 48-layer step at batch 8 / 64 / 128, fp8 5.78 /
+    11.11 / 12.56 -> 5.59 / 10.89 / 12.26 ms, bf16 8.33 / 17.01 / 18.09 -> 8.24 / 16.80 / 17.73)."""
     t, k = local_ids.shape
     h = y.shape[1]
     out = torch.empty(t, h, dtype=torch.float32, device=y.device)
