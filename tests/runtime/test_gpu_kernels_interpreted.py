@@ -24,6 +24,16 @@ CHECKS = textwrap.dedent('''
     assert (out - x.float() @ w.T).abs().max() < 1e-4, "router logits"
     assert (fused_ops.router_logits(x, w) - x.float() @ w.T).abs().max() < 1e-4, "router logits, one row each"
     from moemesh.runtime.gpu import fused_moe
+    from moemesh.runtime.gpu.moe_align import align, align_small
+    for t, k, e, block_m in ((1, 8, 128, 16), (64, 8, 128, 8), (37, 8, 128, 64), (7, 2, 6, 32), (5, 4, 9, 8)):
+        ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+        ids[0, -1] = -1  # hosted elsewhere
+        want, got = align(ids, e, block_m), align_small(ids, e, block_m)
+        assert torch.equal(want.block_expert, got.block_expert), ("block -> expert", t, k, e, block_m)
+        assert torch.equal(want.rows_used, got.rows_used), ("rows used", t, k, e, block_m)
+        for b in range(want.block_expert.numel()):  # rows within a block may come in any order
+            rows = slice(b * block_m, (b + 1) * block_m)
+            assert torch.equal(want.sorted_ids[rows].sort().values, got.sorted_ids[rows].sort().values), (t, b)
     ids = torch.tensor([[0, -1, 3, 2], [-1, -1, 1, 0], [5, 4, -1, 7]])  # -1: hosted elsewhere
     y = torch.randn(12, 300)
     y[ids.reshape(-1) < 0] = float("nan")  # rows the GEMMs never write

@@ -67,6 +67,7 @@ CHECKS = textwrap.dedent('''
             assert int((al.sorted_ids < p).sum()) == int(hosted.sum()) and int(al.rows_used) == used, name
             blocks = al.block_expert[:used // 16]
             assert torch.equal(blocks.repeat_interleave(16)[rows], ids.reshape(-1)[hosted]), name + ": experts"
+            assert (al.block_expert[used // 16:] == -1).all(), name + ": blocks past the runs"
         want = reference(hid, wgu, wdn, ids, w)
         # (combine, FUSED_GU, fused_permute, EPI_SPLIT); EPI_SPLIT (the option prefill_tma.py measures) at one size
         combos = [("gather", True, True, False), ("atomic", True, False, False),

@@ -81,14 +81,15 @@ def _claim_rows(ids_ptr, h_ptr, a_ptr, inv_ptr, sorted_ptr, counts_ptr, filled_p
         mask = here[:, None] & (cols < hidden)[None, :]
         x = tl.load(h_ptr + src[:, None] * hidden + cols[None, :], mask=mask)
         tl.store(a_ptr + row[:, None] * hidden + cols[None, :], x, mask=mask)
-    if tl.program_id(0) == 0:  # block -> expert: the first expert whose run ends past the block's first row
-        tl.store(rows_used_ptr, tl.sum(padded, 0).to(tl.int64))
-        for b0 in range(0, em // BLOCK_M, 32):
-            blocks = b0 + tl.arange(0, 32)
-            done = tl.where(bins[None, :] < num_experts, ends[None, :] <= (blocks * BLOCK_M)[:, None], 0)
-            expert = tl.sum(done.to(tl.int32), 1)  # [32]
-            tl.store(expert_ptr + blocks, tl.where(expert < num_experts, expert, -1).to(tl.int64),
-                     mask=blocks < em // BLOCK_M)
+    if tl.program_id(0) == 0:  # block -> expert: each expert writes its run's blocks, the blocks past them -1
+        used = tl.sum(padded, 0)
+        tl.store(rows_used_ptr, used.to(tl.int64))
+        runs, first = padded // BLOCK_M, (ends - padded) // BLOCK_M  # [BINS] (align_kernel.py: no [blocks, BINS])
+        for j in range(0, tl.max(runs, 0)):
+            tl.store(expert_ptr + first + j, bins.to(tl.int64), mask=j < runs)
+        for b0 in range(used // BLOCK_M, em // BLOCK_M, BINS):
+            blocks = b0 + bins
+            tl.store(expert_ptr + blocks, tl.full((BINS,), -1, tl.int64), mask=blocks < em // BLOCK_M)
 
 
 def permute(hidden: torch.Tensor, local_ids: torch.Tensor, num_experts: int, block_m: int):
