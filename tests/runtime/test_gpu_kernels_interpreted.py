@@ -40,7 +40,7 @@ CHECKS = textwrap.dedent('''
     want = torch.where((ids >= 0)[:, :, None], y.view(3, 4, 300), 0.0).sum(1)
     assert torch.allclose(fused_moe.slot_sum(y, ids), want, atol=1e-5), "slot sum"
     ids3, y3 = ids[:, :3], y[:9].nan_to_num(0.0)
-    y3[ids3.reshape(-1) < 0] = float("nan")  # a top-k that is no power of two: the torch fallback
+    y3[ids3.reshape(-1) < 0] = float("nan")  # a top-k that is no power of two (DeepSeek's 6): masked slots
     want3 = torch.where((ids3 >= 0)[:, :, None], y3.view(3, 3, 300), 0.0).sum(1)
     assert torch.allclose(fused_moe.slot_sum(y3, ids3), want3, atol=1e-5), "slot sum, top-3"
     t, hq, hk, d = 2, 4, 2, 16

@@ -221,14 +221,10 @@ def slot_sum(y: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
     t, k = local_ids.shape
     h = y.shape[1]
     out = torch.empty(t, h, dtype=torch.float32, device=y.device)
-    if not t:
-        return out
-    if k & (k - 1) == 0:  # a power-of-two top-k: one [K, BLOCK_H] tile per program
-        _slot_sum[(t, triton.cdiv(h, 1024))](y, local_ids.reshape(-1).contiguous(), out, h, TOP_K=k, BLOCK_H=1024,
-                                             num_warps=4)
-        return out
-    hosted = (local_ids >= 0).reshape(t, k, 1)
-    return torch.where(hosted, y.view(t, k, h), 0.0).sum(dim=1)
+    if t:  # one [K, BLOCK_H] tile per program
+        _slot_sum[(t, triton.cdiv(h, 1024))](y, local_ids.reshape(-1).contiguous(), out, h, TOP_K=k,
+                                             KP=triton.next_power_of_2(k), BLOCK_H=1024, num_warps=4)
+    return out
 
 
 def swap_configs(tokens: int, w_gate_up: Weight) -> tuple[dict, dict] | None:
