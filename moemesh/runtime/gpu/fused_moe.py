@@ -4,14 +4,14 @@
       -> align (moe_align.py): pair ids sorted by expert, padded per expert to BLOCK_M rows
       -> kernel 1, GATED: act[p] = silu(hidden[p // K] @ gate_e^T) * (hidden[p // K] @ up_e^T)     # [P, I]
       -> kernel 2, WEIGHTED: y[p] = weight[p] * (act[p] @ down_e^T)                              # [P, H] fp32
-      -> out[t] = sum_k y[t*K + k]                                                               # [T, H] fp32
+      -> slot_sum: out[t] = sum over hosted k of y[t*K + k], one kernel                           # [T, H] fp32
 
-Quantized experts at decode sizes (fp8 from 5 to 256 tokens on the H200; int8 / int4 where a table says so) run
+Quantized experts at decode sizes (fp8 from 5 to 256 tokens on the H200; int8 to 24, int4 from 17 to 64) run
 both kernels with their operands swapped instead (moe_swap.py: the weights the tensor cores' register operand).
 Each program computes one BLOCK_M x BLOCK_N tile of one expert's rows, so an expert's weights are read once per
 row block: at decode sizes the kernels stream each selected expert's weights once (memory bound). Block shapes come
 from configs/*.json, tuned per token count on the target GPU (benchmarks/moe_kernel.py writes them), as vLLM does.
-Pairs of experts not hosted here are never computed; their rows of y stay zero.
+Pairs of experts not hosted here are never computed; their rows of y stay unwritten and slot_sum masks them.
 
 Weights are bf16/fp16 tensors or quant.QuantTensor stacks (int8 / fp8 e4m3 + float32 scales, or int4 two per byte +
 a float32 scale per 128 (or 32, 64) columns, optionally zero points), dequantized inside the kernels (moe_kernels.py,
