@@ -192,7 +192,8 @@ def test_row_movement_kernels_compile_for_hopper():
     compile_sm90(pp._count_experts, ptrs, dict(CHUNK=1024, BINS=256), 4, 3)
     assert "atom.global" in compile_sm90(pp._claim_rows, ptrs, dict(TOP_K=8, BLOCK_M=128, BINS=256, ROWS=pp.ROWS,
                                                                     BLOCK_H=pp.BLOCK_H), 4, 3)
-    assert "ld.global.v4" in compile_sm90(pp._gather_sum, ptrs, dict(TOP_K=8, BLOCK_H=1024), 4, 3)
+    assert "ld.global.v4" in compile_sm90(pp._gather_sum, ptrs, dict(TOP_K=8, KP=8, BLOCK_H=1024, INV=True,
+                                                                     PDL=False), 4, 3)
 
 
 @cuda

@@ -214,17 +214,3 @@ def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, zero_ptr, n_o
     else:
         tl.store(c_ptr + pair * stride_cm + cols, acc.to(c_ptr.dtype.element_ty), mask=col_ok)
 
-
-@triton.jit
-def _slot_sum(y_ptr, ids_ptr, out_ptr, hidden, TOP_K: tl.constexpr, KP: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[t, cols] = sum over the token's K slots hosted here (ids >= 0) of y[t * K + k, cols], float32, in slot
-    order (y's rows of slots hosted elsewhere are never written by the GEMMs: masked, not zeroed). KP: K rounded up
-    to a power of two."""
-    t = tl.program_id(0).to(tl.int64)
-    k = tl.arange(0, KP)
-    slots = t * TOP_K + k  # [KP]
-    hosted = (tl.load(ids_ptr + slots, mask=k < TOP_K, other=-1) >= 0) & (k < TOP_K)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = hosted[:, None] & (cols < hidden)[None, :]
-    y = tl.load(y_ptr + slots[:, None] * hidden + cols[None, :], mask=mask, other=0.0)  # [K, BLOCK_H]
-    tl.store(out_ptr + t * hidden + cols, tl.sum(y, 0), mask=cols < hidden)

@@ -12,7 +12,8 @@ inv [P] (the row of each pair hosted here):
                     in any order and padding rows of A are left unwritten: every GEMM row is independent and padding
                     rows are never read back (gather_sum reads through inv; the atomic combine masks them).
 
-gather_sum: out[t] = sum_k y[inv[t*K + k]] in float32, over the slots hosted here (local id >= 0).
+gather_sum: out[t] = sum_k y[inv[t*K + k]] in float32, over the slots hosted here (local id >= 0); without inv
+(fused_moe.slot_sum) y[t*K + k].
 """
 
 from __future__ import annotations
@@ -129,26 +130,32 @@ def permute_fused(hidden: torch.Tensor, local_ids: torch.Tensor, num_experts: in
 
 
 @triton.jit
-def _gather_sum(y_ptr, inv_ptr, ids_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
-                PDL: tl.constexpr = False):
-    """out[t, cols] = sum over the token's K pairs hosted here of y[inv[pair], cols], in float32."""
+def _gather_sum(y_ptr, inv_ptr, ids_ptr, out_ptr, hidden, TOP_K: tl.constexpr, KP: tl.constexpr,
+                BLOCK_H: tl.constexpr, INV: tl.constexpr = True, PDL: tl.constexpr = False):
+    """out[t, cols] = sum over the token's K pairs hosted here of y[inv[pair], cols] (INV; else y[pair, cols]), in
+    float32, in slot order. KP: K rounded up to a power of two (the padded slots are masked)."""
     enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     t = tl.program_id(0).to(tl.int64)
-    slots = t * TOP_K + tl.arange(0, TOP_K)
-    hosted = tl.load(ids_ptr + slots) >= 0  # inv is unwritten for pairs hosted elsewhere
-    rows = tl.load(inv_ptr + slots, mask=hosted, other=0).to(tl.int64)  # [K]
+    k = tl.arange(0, KP)
+    slots = t * TOP_K + k
+    hosted = (tl.load(ids_ptr + slots, mask=k < TOP_K, other=-1) >= 0) & (k < TOP_K)  # rows of others: unwritten
+    rows = slots  # [KP]
+    if INV:
+        rows = tl.load(inv_ptr + slots, mask=hosted, other=0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = hosted[:, None] & (cols < hidden)[None, :]
-    y = tl.load(y_ptr + rows[:, None] * hidden + cols[None, :], mask=mask, other=0.0)  # [K, BLOCK_H]
+    y = tl.load(y_ptr + rows[:, None] * hidden + cols[None, :], mask=mask, other=0.0)  # [KP, BLOCK_H]
     tl.store(out_ptr + t * hidden + cols, tl.sum(y.to(tl.float32), 0), mask=cols < hidden)
 
 
-def gather_sum(y: torch.Tensor, inv: torch.Tensor, local_ids: torch.Tensor, out: torch.Tensor,
+def gather_sum(y: torch.Tensor, inv: torch.Tensor | None, local_ids: torch.Tensor, out: torch.Tensor,
                **launch) -> torch.Tensor:
-    """out [T, H] float32 = per token, the sum of its hosted pairs' rows of y [EM, H] (inv [P]: row of each pair).
-    launch: prefill_moe._pdl's PDL options."""
+    """out [T, H] float32 = per token, the sum of its hosted pairs' rows of y (inv [P]: the row of each pair in y
+    [EM, H]; None: y [P, H] holds pair p at row p). launch: prefill_moe._pdl's PDL options."""
     t, k = local_ids.shape
     h = out.shape[1]
-    _gather_sum[(t, triton.cdiv(h, 1024))](y, inv, local_ids.reshape(-1).contiguous(), out, h, TOP_K=k,
-                                           BLOCK_H=1024, num_warps=4, **launch)
+    if t:
+        _gather_sum[(t, triton.cdiv(h, 1024))](y, inv if inv is not None else y, local_ids.reshape(-1).contiguous(),
+                                               out, h, TOP_K=k, KP=triton.next_power_of_2(k), BLOCK_H=1024,
+                                               INV=inv is not None, num_warps=4, **launch)
     return out
