@@ -9,7 +9,7 @@ TensorRT-LLM's "swap AB" for small M):
     hidden / act rows, sorted pairs (moe_align: BLOCK_M rows per expert block, P marks padding)
       -> acc^T [BN, BM] = W_e [BN, K] @ X [BM, K]^T, in fp16:                               # float32 accumulators
            W: one cvt.rn.f16x2.e4m3x2 per two fp8 weights (int8: I8_F16, int4: I4_F16; exact)
-           X: bf16 -> fp16 once per tile, a row divided by a power of two where it passes 2^15 (_row_scale)
+           X: bf16 -> fp16 as is; a tile that comes out non-finite runs again with rows scaled (_row_scale)
       -> scales (per channel on acc's rows after the K loop, or per GROUP_K block on each partial product)
       -> GATED: silu(gate) * up; WEIGHTED: x routing weight[pair]
       -> C[pair, cols] = acc^T's columns                                                    # [P, n_out]
@@ -23,10 +23,12 @@ this (benchmarks/h200/swap_sweep.py --schemes fp8,int8,int4 --write):
   1.01-1.02x (under --write's 3%, not taken); 0.59-0.95x from 128.
 - int4 (symmetric, groups of 128; I4_F16): 24 tokens 141.7 -> 132.9, 64: 163.6 -> 158.5; the dp4a GEMV stays faster
   to 16 tokens, the int8-tensor-core GEMM from 128.
-A first version clamped activations to fp16's +-65504 and was 3-9% faster at 8-128 tokens (fp8 64: 166.4, 256:
-253.7; int8 1.06-1.14x, int4 1.14-1.15x). Clamping is wrong for outlier tokens (a SwiGLU output past 65504 is plain
-in Qwen-family models, which is why they run in bf16), so rows are scaled: 11-14% more instructions per K step (sm_90
-SASS of the main loop, fp8 485 -> 553, int8 680 -> 756, int4 677 -> 759).
+Rows are never clamped (a SwiGLU output past 65504 is plain for Qwen-family outlier tokens). A first version did,
+3-9% faster (fp8 64 tokens: 166.4, 256: 253.7); scaling rows in every K step cost 11-14% more instructions (main
+loop sm_90 SASS: fp8 485 -> 553, int8 680 -> 756, int4 677 -> 759): the figures above. Now (not yet timed) the loop
+takes the activations as they are (a bf16 value is exact in fp16, or infinite past 65504; per-channel scales let the
+dot accumulate in place) and only a tile whose accumulators come out non-finite runs again with rows scaled (_tile's
+SCALE, not pipelined): main loop fp8 425, int8 612, int4 654; scaled loop 533 / 738 / 741; registers 168 / 168 / 128.
 Measured and not taken: exact bf16 products for fp8 (a prmt/lop3 bit move and a bf16x2 multiply by 2^120 per two
 weights) were 4-12% slower than fp16, Triton's own fp8 -> bf16 conversion 15-40% slower.
 
@@ -115,14 +117,13 @@ def _moe_gemm_swap(x_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows
     s_ptrs = scale_ptr + expert * stride_se + cols * stride_sn  # [BN]
     x_rows = x_ptr + (pair // X_DIV) * stride_xm  # [BM]
     w_rows = w_ptr + expert * stride_we + cols * stride_wn  # [BN]
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # [BN, BM]: C's tile transposed
-    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    if INT4:
-        acc, acc_up = _int4_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride_wn, stride_sn,
-                                 up_rows, GATED, ASM)
-    else:
-        acc, acc_up = _byte_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride_wn, stride_sn,
-                                 up_rows, GATED, GROUP_K, EVEN_K, BLOCK_K, FP8, ASM)
+    # Activations as they are first (a bf16 value is exact in fp16 or, past 65504, infinite); only a tile whose
+    # accumulators come out non-finite (an outlier row, or a NaN from upstream) runs again with its rows scaled.
+    acc, acc_up = _tile(x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride_wn, stride_sn, up_rows, GATED, GROUP_K,
+                        EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, FP8, ASM, INT4, False)
+    if tl.sum(tl.where(acc - acc == 0, 0, 1)) + tl.sum(tl.where(acc_up - acc_up == 0, 0, 1)) > 0:
+        acc, acc_up = _tile(x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride_wn, stride_sn, up_rows, GATED,
+                            GROUP_K, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, FP8, ASM, INT4, True)
     if GROUP_K == 0:  # per-channel scales: once, on the float32 accumulators' rows (int4: GROUP_K 128)
         acc = acc * tl.load(s_ptrs, mask=col_ok, other=0.0)[:, None]
         if GATED:
@@ -136,26 +137,40 @@ def _moe_gemm_swap(x_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows
 
 
 @triton.jit
+def _tile(x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride_wn, stride_sn, up_rows, GATED: tl.constexpr,
+          GROUP_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr, FP8: tl.constexpr, ASM: tl.constexpr, INT4: tl.constexpr, SCALE: tl.constexpr):
+    """(acc, acc_up) [BN, BM] float32 of the tile over all of K. SCALE: rows scaled per K step (_row_scale)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # [BN, BM]: C's tile transposed
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if INT4:
+        return _int4_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride_wn, stride_sn, up_rows,
+                          GATED, ASM, SCALE)
+    return _byte_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride_wn, stride_sn, up_rows,
+                      GATED, GROUP_K, EVEN_K, BLOCK_K, FP8, ASM, SCALE)
+
+
+@triton.jit
 def _byte_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride_wn, stride_sn, up_rows,
                GATED: tl.constexpr, GROUP_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
-               FP8: tl.constexpr, ASM: tl.constexpr):
+               FP8: tl.constexpr, ASM: tl.constexpr, SCALE: tl.constexpr):
     """The K loop for fp8 / int8 weights: BLOCK_K columns per step."""
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_rows[:, None] + ks[None, :]  # [BM, BK]
     w_ptrs = w_rows[:, None] + ks[None, :]  # [BN, BK]
-    for k0 in range(0, k_in, BLOCK_K):
+    for k0 in tl.range(0, k_in, BLOCK_K, num_stages=1 if SCALE else None):  # the rare path: not pipelined
         if EVEN_K:
             x_ok, w_ok = row_ok[:, None], col_ok[:, None]
         else:
             k_ok = ks < k_in - k0  # [BK]
             x_ok, w_ok = row_ok[:, None] & k_ok[None, :], col_ok[:, None] & k_ok[None, :]
         xf = tl.load(x_ptrs, mask=x_ok, other=0.0).to(tl.float32)  # [BM, BK]
-        rs = _row_scale(tl.max(tl.abs(xf), 1))  # [BM]
-        x = _fp16(xf, rs)  # [BK, BM]
-        acc = _mac(acc, tl.load(w_ptrs, mask=w_ok, other=0), x, rs, s_ptrs, k0, GROUP_K, FP8, ASM)
+        rs = _row_scale(tl.max(tl.abs(xf), 1), SCALE)  # [BM]
+        x = _fp16(xf, rs, SCALE)  # [BK, BM]
+        acc = _mac(acc, tl.load(w_ptrs, mask=w_ok, other=0), x, rs, s_ptrs, k0, GROUP_K, FP8, ASM, SCALE)
         if GATED:
             acc_up = _mac(acc_up, tl.load(w_ptrs + up_rows * stride_wn, mask=w_ok, other=0), x, rs,
-                          s_ptrs + up_rows * stride_sn, k0, GROUP_K, FP8, ASM)
+                          s_ptrs + up_rows * stride_sn, k0, GROUP_K, FP8, ASM, SCALE)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     return acc, acc_up
@@ -163,43 +178,48 @@ def _byte_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride
 
 @triton.jit
 def _int4_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride_wn, stride_sn, up_rows,
-               GATED: tl.constexpr, ASM: tl.constexpr):
+               GATED: tl.constexpr, ASM: tl.constexpr, SCALE: tl.constexpr):
     """The K loop for symmetric int4 in groups of 128 (quant.py's packing: byte j of a row's block p holds column
     128p + j in its low nibble and 128p + 64 + j in its high one): per block, two fp16 dots and the group's scale on
     the partial. x_rows [BM] activation row pointers, w_rows [BN] packed weight rows."""
     j = tl.arange(0, 64)
-    for k0 in range(0, k_in, 128):
+    for k0 in tl.range(0, k_in, 128, num_stages=1 if SCALE else None):  # the rare path: not pipelined
         x_lo = tl.load(x_rows[:, None] + k0 + j[None, :], mask=row_ok[:, None] & (j < k_in - k0)[None, :], other=0.0)
         x_hi = tl.load(x_rows[:, None] + k0 + 64 + j[None, :], mask=row_ok[:, None] & (j < k_in - k0 - 64)[None, :],
                        other=0.0)
         x_lo, x_hi = x_lo.to(tl.float32), x_hi.to(tl.float32)
-        big = tl.maximum(tl.max(tl.abs(x_lo), 1), tl.max(tl.abs(x_hi), 1))  # [BM] over the 128-column block
-        rs = _row_scale(big)  # [BM]
-        x_lo, x_hi = _fp16(x_lo, rs), _fp16(x_hi, rs)  # [64, BM] each
+        rs = _row_scale(tl.maximum(tl.max(tl.abs(x_lo), 1), tl.max(tl.abs(x_hi), 1)), SCALE)  # [BM] per block
+        x_lo, x_hi = _fp16(x_lo, rs, SCALE), _fp16(x_hi, rs, SCALE)  # [64, BM] each
         b = tl.load(w_rows[:, None] + k0 // 2 + j[None, :], mask=col_ok[:, None], other=0)  # [BN, 64] uint8
-        acc = _int4_part(acc, b, x_lo, x_hi, rs, s_ptrs + k0 // 128, col_ok, ASM)
+        acc = _int4_part(acc, b, x_lo, x_hi, rs, s_ptrs + k0 // 128, col_ok, ASM, SCALE)
         if GATED:
             b = tl.load(w_rows[:, None] + up_rows * stride_wn + k0 // 2 + j[None, :], mask=col_ok[:, None], other=0)
-            acc_up = _int4_part(acc_up, b, x_lo, x_hi, rs, s_ptrs + up_rows * stride_sn + k0 // 128, col_ok, ASM)
+            acc_up = _int4_part(acc_up, b, x_lo, x_hi, rs, s_ptrs + up_rows * stride_sn + k0 // 128, col_ok, ASM,
+                                SCALE)
     return acc, acc_up
 
 
 @triton.jit
-def _row_scale(big):
+def _row_scale(big, SCALE: tl.constexpr):
     """big [BM] the rows' largest magnitudes in a tile -> rs [BM]: a power of two, 1 unless a row passes 2^15, so that
     fp16 (11 significant bits, bf16 has 8, but a range to 65504 only) holds x / rs for any bf16 activation, a SwiGLU
-    output of an outlier token included. Below 2^-14 of rs fp16 keeps fewer bits (subnormals)."""
-    return tl.where(big > 32768.0, tl.exp2(tl.ceil(tl.log2(big)) - 15.0), 1.0)  # big / rs <= 2^15 (x 1 + approx)
+    output of an outlier token included. Below 2^-14 of rs fp16 keeps fewer bits (subnormals). Without SCALE: unused."""
+    if SCALE:
+        return tl.where(big > 32768.0, tl.exp2(tl.ceil(tl.log2(big)) - 15.0), 1.0)  # big / rs <= 2^15
+    return big
 
 
 @triton.jit
-def _fp16(x, rs):
-    """x [BM, K'] float32 -> x / rs [BM] in fp16, transposed [K', BM] (the dot's right operand)."""
-    return (x / rs[:, None]).to(tl.float16).T
+def _fp16(x, rs, SCALE: tl.constexpr):
+    """x [BM, K'] float32 -> x / rs [BM] (SCALE) in fp16, transposed [K', BM] (the dot's right operand); times 1 / rs,
+    exact for a power of two, where a division per element cost a MUFU.RCP and more."""
+    if SCALE:
+        return (x * (1.0 / rs)[:, None]).to(tl.float16).T
+    return x.to(tl.float16).T
 
 
 @triton.jit
-def _int4_part(acc, b, x_lo, x_hi, rs, s_ptrs, col_ok, ASM: tl.constexpr):
+def _int4_part(acc, b, x_lo, x_hi, rs, s_ptrs, col_ok, ASM: tl.constexpr, SCALE: tl.constexpr):
     """acc [BN, BM] += (codes [BN, 64 + 64] - 8) @ [x_lo; x_hi] (rows divided by rs [BM]) times the group scales
     [BN] and rs."""
     if ASM:
@@ -208,21 +228,28 @@ def _int4_part(acc, b, x_lo, x_hi, rs, s_ptrs, col_ok, ASM: tl.constexpr):
     else:
         lo = ((b & 15).to(tl.int8) - 8).to(tl.float16)
         hi = ((b >> 4).to(tl.int8) - 8).to(tl.float16)
-    part = tl.dot(hi, x_hi, tl.dot(lo, x_lo))
-    return acc + part * tl.load(s_ptrs, mask=col_ok, other=0.0)[:, None] * rs[None, :]
+    part = tl.dot(hi, x_hi, tl.dot(lo, x_lo)) * tl.load(s_ptrs, mask=col_ok, other=0.0)[:, None]
+    if SCALE:
+        part = part * rs[None, :]
+    return acc + part
 
 
 @triton.jit
-def _mac(acc, w, x, rs, s_ptrs, k0, GROUP_K: tl.constexpr, FP8: tl.constexpr, ASM: tl.constexpr):
-    """acc [BN, BM] += w [BN, BK] (8-bit, to fp16 in registers) @ x [BK, BM] (fp16, rows divided by rs [BM]) times
-    rs; block scales on the partial."""
+def _mac(acc, w, x, rs, s_ptrs, k0, GROUP_K: tl.constexpr, FP8: tl.constexpr, ASM: tl.constexpr,
+         SCALE: tl.constexpr):
+    """acc [BN, BM] += w [BN, BK] (8-bit, to fp16 in registers) @ x [BK, BM] (fp16; SCALE: rows divided by rs [BM],
+    the partial times rs); block scales on the partial. Per-channel without SCALE: the dot accumulates in place."""
     if FP8:
         w16 = w.to(tl.float8e4nv, bitcast=True).to(tl.float16)  # cvt.rn.f16x2.e4m3x2: two weights per instruction
     elif ASM:
         w16 = tl.inline_asm_elementwise(I8_F16, "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
     else:
         w16 = w.to(tl.float16)
-    part = tl.dot(w16, x) * rs[None, :]
+    if GROUP_K == 0 and not SCALE:
+        return tl.dot(w16, x, acc)
+    part = tl.dot(w16, x)
+    if SCALE:
+        part = part * rs[None, :]
     if GROUP_K > 0:
         part = part * tl.load(s_ptrs + k0 // GROUP_K)[:, None]
     return acc + part
