@@ -72,7 +72,8 @@ def test_weights_are_the_register_operand_on_hopper(block_m):
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*u8", "c_ptr": "*bf16", "weight_ptr": "*fp32", "sorted_ptr": "*i64",
             "expert_ptr": "*i64", "rows_used_ptr": "*i64", "scale_ptr": "*fp32"}
     ptx = compile_sm90(ms._moe_gemm_swap, ptrs, dict(X_DIV=8, GATED=True, WEIGHTED=False, GROUP_K=0, EVEN_K=True,
-                                                      BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=256), 4, 3)
+                                                      BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=256, FP8=True,
+                                                      ASM=False, INT4=False, PDL=False), 4, 3)
     assert "cvt.rn.f16x2.e4m3x2" in ptx and "cvt.bf16.f16" not in ptx
     mma = set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx))
     assert mma and all(".f32.f16.f16" in m for m in mma), mma
@@ -80,7 +81,7 @@ def test_weights_are_the_register_operand_on_hopper(block_m):
         assert re.search(r"wgmma\.mma_async[^;]*\}, \{%r", ptx), "A operand from registers"
     int8 = compile_sm90(ms._moe_gemm_swap, {**ptrs, "w_ptr": "*i8"}, dict(
         X_DIV=8, GATED=True, WEIGHTED=False, GROUP_K=0, EVEN_K=True, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=256,
-        FP8=False, ASM=True), 4, 3)
+        FP8=False, ASM=True, INT4=False, PDL=False), 4, 3)
     assert "0x64806480" in int8 and "sub.f16x2" in int8, "int8 weights through I8_F16 (prmt under 0x64, minus 1152)"
 
 
