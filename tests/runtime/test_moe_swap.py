@@ -143,8 +143,8 @@ def test_swapped_fused_moe_matches_its_gemm(scheme, block_k, tol, monkeypatch):
 
 @cuda
 def test_fused_moe_takes_the_swap_where_the_tables_say():
-    """On the H200, fp8 experts of Qwen3-30B-A3B's shape from its table (8-256 tokens); int8 / int4 not (no entries
-    until re-measured, moe_swap's doc); elsewhere fp8 up to SWAP_MAX_TOKENS."""
+    """On the H200, fp8 experts of Qwen3-30B-A3B's shape from its table (8-256 tokens), int8 from its own (8-64);
+    elsewhere fp8 up to SWAP_MAX_TOKENS and int8 not at all (no table, no default)."""
     from moemesh.runtime.gpu import moe_swap as ms
     from moemesh.runtime.gpu.fused_moe import swap_configs
     from moemesh.runtime.quant import quantize
@@ -154,4 +154,5 @@ def test_fused_moe_takes_the_swap_where_the_tables_say():
     int8 = quantize(torch.zeros(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16), "int8")
     most = 256 if torch.cuda.get_device_name() == "NVIDIA H200" else ms.SWAP_MAX_TOKENS["fp8"]
     assert swap_configs(most, fp8) is not None and swap_configs(most + 1, fp8) is None
-    assert swap_configs(64, int8) is None
+    h200 = torch.cuda.get_device_name() == "NVIDIA H200"
+    assert (swap_configs(64, int8) is not None) == h200 and swap_configs(65, int8) is None

@@ -17,18 +17,16 @@ TensorRT-LLM's "swap AB" for small M):
 Measured on the H200 (2026-11-30, moe-swap-h200.json): one MoE layer of the Qwen3-30B-A3B shape (E 128, top-8,
 H 2048, I 768), 12 layers of distinct weights in one CUDA graph, us per layer, what fused_moe runs without the swap ->
 this (benchmarks/h200/swap_sweep.py --schemes fp8,int8,int4 --write):
-- fp8 per channel: 8 tokens 100.9 -> 83.2, 16: 164.6 -> 129.7, 32: 199.3 -> 156.5, 64: 217.8 -> 171.6 (81% of the
-  HBM limit), 128: 221.0 -> 196.1, 256: 325.2 -> 305.9; 512: 388.8 against 538.2 (not taken).
-- int8 (I8_F16): 8 tokens 90.5 -> 81.9, 16: 134.1 -> 130.0, 24: 153.5 -> 147.4 (taken to 24 tokens); 32-64
-  1.01-1.02x (under --write's 3%, not taken); 0.59-0.95x from 128.
-- int4 (symmetric, groups of 128; I4_F16): 24 tokens 141.7 -> 132.9, 64: 163.6 -> 158.5; the dp4a GEMV stays faster
+- fp8 per channel: 8 tokens 97.5 -> 73.9, 16: 158.8 -> 119.7, 32: 192.2 -> 147.2, 64: 209.8 -> 160.4 (87% of the
+  HBM limit), 128: 209.0 -> 176.5, 256: 297.6 -> 245.4; 512: 345.6 against 343.5 (under 3%, not taken).
+- int8 (I8_F16): 8 tokens 86.5 -> 76.1, 16: 127.2 -> 120.9, 64: 168.5 -> 161.8 (taken to 64); 0.81-1.02x from 128.
+- int4 (symmetric, groups of 128; I4_F16): 24 tokens 137.2 -> 118.2, 64: 155.5 -> 141.0; the dp4a GEMV stays faster
   to 16 tokens, the int8-tensor-core GEMM from 128.
-Rows are never clamped (a SwiGLU output past 65504 is plain for Qwen-family outlier tokens). A first version did,
-3-9% faster (fp8 64 tokens: 166.4, 256: 253.7); scaling rows in every K step cost 11-14% more instructions (main
-loop sm_90 SASS: fp8 485 -> 553, int8 680 -> 756, int4 677 -> 759): the figures above. Now (not yet timed) the loop
-takes the activations as they are (a bf16 value is exact in fp16, or infinite past 65504; per-channel scales let the
-dot accumulate in place) and only a tile whose accumulators come out non-finite runs again with rows scaled (_tile's
-SCALE, not pipelined): main loop fp8 425, int8 612, int4 654; scaled loop 533 / 738 / 741; registers 168 / 168 / 128.
+Rows are never clamped (a SwiGLU output past 65504 is plain for Qwen-family outlier tokens). The K loop takes the
+activations as they are (a bf16 value is exact in fp16, or infinite past 65504; per-channel scales let the dot
+accumulate in place); only a tile whose accumulators come out non-finite runs again with rows scaled (_tile's SCALE,
+not pipelined). Main loop sm_90 SASS: fp8 425, int8 612, int4 654 instructions; registers 168 / 168 / 128. Scaling
+rows in every K step instead (fp8 553, int8 756, int4 759) was 7-25% slower: fp8 64 tokens 171.6, 256: 305.9.
 Measured and not taken: exact bf16 products for fp8 (a prmt/lop3 bit move and a bf16x2 multiply by 2^120 per two
 weights) were 4-12% slower than fp16, Triton's own fp8 -> bf16 conversion 15-40% slower.
 
