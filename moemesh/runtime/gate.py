@@ -44,9 +44,10 @@ class Gate(nn.Module):
         post-attention norm's launch, fused_ops.router_logits_norm)."""
         s = self.spec
         if self.fast:  # CUDA: two launches (float32 logits, then softmax + top-k) instead of ~6
-            from moemesh.runtime.gpu.fused_ops import route_softmax, router_logits
+            from moemesh.runtime.gpu import router_gemm
+            from moemesh.runtime.gpu.fused_ops import route_softmax
 
-            logits = router_logits(x, self.weight) if logits is None else logits
+            logits = router_gemm.logits(x, self.weight) if logits is None else logits  # or [S, T, E] partials
             return route_softmax(logits, s.top_k, s.norm_topk_prob, s.routed_scaling_factor, counts)
         ids, weights = self._route(x, logits)
         if counts is not None:

@@ -266,6 +266,27 @@ def test_router_logits_match_float32_linear(tokens):
 
 
 @cuda
+@pytest.mark.parametrize("tokens", [9, 64, 200, 512])  # router_gemm's split-K rows
+def test_router_split_k_partials_sum_to_float32_linear_and_route_alike(tokens):
+    """The partial sums add up to x @ W^T within float32 rounding (FMA products, not TF32), and route_softmax of the
+    partials picks what it picks from their sum."""
+    from moemesh.runtime.gpu import router_gemm
+    from moemesh.runtime.gpu.fused_ops import route_softmax
+
+    x = torch.randn(tokens, 2048, device="cuda", dtype=BF16)
+    w = torch.randn(128, 2048, device="cuda") / 45
+    part = router_gemm.logits(x, w)
+    assert part.shape == (16, tokens, 128)
+    torch.testing.assert_close(part.double().sum(0), x.double() @ w.double().T, rtol=1e-4, atol=1e-4)
+    ids, weights = route_softmax(part, 8, True, 1.0)
+    summed = part[0].clone()
+    for p in part[1:]:  # the kernel's order, so the same bits
+        summed += p
+    want_ids, want_w = route_softmax(summed, 8, True, 1.0)
+    assert torch.equal(ids, want_ids) and torch.allclose(weights, want_w, atol=1e-6)
+
+
+@cuda
 @pytest.mark.parametrize("rows,bias", [(1, False), (2, True), (5, False)])  # GEMV rows, and cuBLAS beyond them
 def test_dense_gemv_matches_linear(rows, bias):
     from moemesh.runtime.gpu.dense_gemv import linear

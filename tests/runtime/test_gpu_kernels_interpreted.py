@@ -23,6 +23,13 @@ CHECKS = textwrap.dedent('''
     fused_ops._router_logits[(3, 4)](x, w, out, 16, 256, BLOCK_E=4, BLOCK_K=128)
     assert (out - x.float() @ w.T).abs().max() < 1e-4, "router logits"
     assert (fused_ops.router_logits(x, w) - x.float() @ w.T).abs().max() < 1e-4, "router logits, one row each"
+    from moemesh.runtime.gpu import router_gemm
+    xs, ws = torch.randn(37, 300, dtype=torch.bfloat16), torch.randn(40, 300)  # ragged rows, experts and K
+    part = router_gemm.logits(xs, ws)  # 9-512 rows: split-K partial sums
+    assert part.shape == (3, 37, 40) and (part.sum(0) - xs.float() @ ws.T).abs().max() < 1e-3, "router split-K"
+    ids, wts = fused_ops.route_softmax(part, 4, True, 1.0)
+    want_ids, want_w = fused_ops.route_softmax(part.sum(0), 4, True, 1.0)
+    assert torch.equal(ids, want_ids) and torch.allclose(wts, want_w, atol=1e-6), "top-k of the partials' sum"
     from moemesh.runtime.gpu import fused_moe
     from moemesh.runtime.gpu.moe_align import align, align_small
     for t, k, e, block_m in ((1, 8, 128, 16), (64, 8, 128, 8), (37, 8, 128, 64), (7, 2, 6, 32), (5, 4, 9, 8)):

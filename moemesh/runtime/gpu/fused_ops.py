@@ -3,7 +3,7 @@ every launch still costs ~2 us, and a layer had ~90 of them).
 
     add_rms_norm   x' = x + delta (optional); h = weight * rmsnorm(x') (float32 statistics, the RMSNorm order)
     norm_rope_     in place on the fused qkv rows: per-head RMSNorm of q and k (Qwen3) then rotate-half rope
-    route_softmax  router logits [T, E] -> softmax -> top-k -> optional renormalisation -> (ids, weights)
+    route_softmax  router logits [T, E] (or split-K partials, router_gemm.py) -> softmax -> top-k -> renorm
     router_logits  x [T, H] @ W^T in float32, one launch at decode sizes (fusing it with route_softmax through a
                    last-program-does-top-k ticket was measured slower on the H200: 5.9 us against 2.4 + 2.4)
     router_logits_norm  add_rms_norm + router_logits in one launch at decode sizes: each program normalises its row
@@ -170,12 +170,15 @@ def _softmax_topk(s, cols, e, ids_ptr, w_ptr, counts_ptr, t, scale, K: tl.conste
 
 
 @triton.jit
-def _route_softmax(logits_ptr, ids_ptr, w_ptr, counts_ptr, e, scale, K: tl.constexpr, KP: tl.constexpr,
-                   EP: tl.constexpr, RENORM: tl.constexpr, COUNT: tl.constexpr, PDL: tl.constexpr = False):
+def _route_softmax(logits_ptr, ids_ptr, w_ptr, counts_ptr, e, split_stride, scale, K: tl.constexpr,
+                   KP: tl.constexpr, EP: tl.constexpr, RENORM: tl.constexpr, COUNT: tl.constexpr,
+                   SPLITS: tl.constexpr = 1, PDL: tl.constexpr = False):
     enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, EP)
     s = tl.load(logits_ptr + t * e + cols, mask=cols < e, other=float("-inf"))
+    for i in tl.static_range(1, SPLITS):  # split-K partial sums (router_gemm.py), added in order
+        s += tl.load(logits_ptr + i * split_stride + t * e + cols, mask=cols < e, other=0.0)
     _softmax_topk(s, cols, e, ids_ptr, w_ptr, counts_ptr, t, scale, K, KP, RENORM, COUNT)
 
 
@@ -187,15 +190,16 @@ def _route_softmax(logits_ptr, ids_ptr, w_ptr, counts_ptr, e, scale, K: tl.const
 # was removed: H200 us per layer, alone 2.46 against this launch's 2.11, GEMV included 29.11 against 24.77.
 def route_softmax(logits: torch.Tensor, top_k: int, renormalize: bool, scale: float,
                   counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] float32 -> (ids [T, K] int64, weights [T, K] float32) as Router's softmax scoring. counts [E]
-    int64 (contiguous): each chosen expert's count goes up by one, in the same launch."""
-    t, e = logits.shape
+    """logits [T, E] float32, or [S, T, E] partial sums (router_gemm.py; contiguous) -> (ids [T, K] int64, weights
+    [T, K] float32) as Router's softmax scoring. counts [E] int64 (contiguous): each chosen expert's count + 1."""
+    t, e = logits.shape[-2:]
+    splits = logits.shape[0] if logits.dim() == 3 else 1
     ids = torch.empty(t, top_k, dtype=torch.int64, device=logits.device)
     weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
     if t:
-        _route_softmax[(t,)](logits, ids, weights, counts if counts is not None else ids, e, scale, K=top_k,
+        _route_softmax[(t,)](logits, ids, weights, counts if counts is not None else ids, e, t * e, scale, K=top_k,
                              KP=triton.next_power_of_2(top_k), EP=triton.next_power_of_2(e), RENORM=renormalize,
-                             COUNT=counts is not None, num_warps=1 if e <= 256 else 4, **pdl.launch())
+                             COUNT=counts is not None, SPLITS=splits, num_warps=1 if e <= 256 else 4, **pdl.launch())
     return ids, weights  # one warp for <= 256 experts: the top-k reductions stay in warp shuffles
 
 

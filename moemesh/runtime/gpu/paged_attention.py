@@ -104,18 +104,23 @@ def _combine_splits(part_ptr, out_ptr, stride_ob, stride_oh, SPLITS: tl.constexp
 # Tried and removed: a minimum of context tokens per split (MIN_TILES; 128-512 tokens, so a short context runs in
 # fewer splits and the combine exits): H200 7.1-8.1 / 8.4-17.1 us per layer at context 130 / 2000, against 5.06 /
 # 8.25 with every split in use (benchmarks/h200/small_kernels.py, 2026-11-29).
-def splits_for(batch: int, kv_heads: int, max_splits: int = 16, programs: int = 128) -> int:
-    """Context splits per (sequence, kv head): enough programs to fill the GPU at small batch, 1 when B * Hkv
-    already does. A power of two (the combine kernel's arange)."""
+def splits_for(batch: int, kv_heads: int, max_splits: int = 16, programs: int = 1024) -> int:
+    """Context splits per (sequence, kv head): the fewest that give `programs` programs, at most max_splits. A power
+    of two (the combine kernel's arange). Fixed per batch bucket (the graph is captured once), so it must serve short
+    and long contexts alike; 1,024 does. H200 (benchmarks/h200/paged_sweep.py, paged-decode-h200.json), us per layer
+    at context 160 / 1,024 / 4,096, the old rule (128 programs) -> this: batch 8 5.3 / 12.1 / 35.2 -> 7.7 / 10.4 /
+    23.3; batch 64 12.5 / 51.7 / 193.5 -> 12.9 / 40.7 / 134.1 (HBM limit 5.0 / 31.8 / 127.2); batch 128 16.1 /
+    74.9 / 283.5 -> 18.8 / 73.6 / 260.8; batch 1 unchanged (16 splits). One split of BLOCK_N 128 with 8 warps summed
+    2-5% less over the three contexts at batch 64-128, but was 25% slower at batch 128, context 160."""
     s = 1
-    while s < max_splits and batch * kv_heads * s * 2 <= programs:
+    while s < max_splits and batch * kv_heads * s < programs:
         s *= 2
     return s
 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, kv_block: int, block_n: int = 64,
-                           splits: int | None = None) -> torch.Tensor:
+                           splits: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """q [B, Hq, D]; pools [slots, Hkv, D]; block_tables [B, W] int32; seq_lens [B] int32 (>= 1, the new token
     included, its K/V already written) -> [B, Hq, D] in q's dtype. splits: context splits (None: splits_for)."""
     b, hq, d = q.shape
@@ -132,7 +137,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, KV_BLOCK=kv_block, BLOCK_N=block_n,
-        SPLITS=splits, num_warps=4, num_stages=2, **pdl.launch(),
+        SPLITS=splits, num_warps=num_warps, num_stages=2, **pdl.launch(),
     )
     if splits > 1:
         _combine_splits[(b, hq)](part, out, out.stride(0), out.stride(1), SPLITS=splits, HEAD_DIM=d, num_warps=1,
