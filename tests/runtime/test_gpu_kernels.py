@@ -268,8 +268,8 @@ def test_router_logits_match_float32_linear(tokens):
 @cuda
 @pytest.mark.parametrize("tokens", [9, 64, 200, 512])  # router_gemm's split-K rows
 def test_router_split_k_partials_sum_to_float32_linear_and_route_alike(tokens):
-    """The partial sums add up to x @ W^T within float32 rounding (FMA products, not TF32), and route_softmax of the
-    partials picks what it picks from their sum."""
+    """The partial sums add up to x @ W^T within float32 rounding (W split in two for TF32), and route_softmax of
+    the partials picks what it picks from their sum."""
     from moemesh.runtime.gpu import router_gemm
     from moemesh.runtime.gpu.fused_ops import route_softmax
 
