@@ -100,9 +100,9 @@ def test_grouped_mm_matches_per_expert_loop_on_cuda(tiny_hf):
     path, _ = tiny_hf("qwen3_moe")
     bank = ExpertBank.load(path, device="cuda", dtype=torch.bfloat16)
     assert bank._use_grouped_mm()
-    layer = bank.layers[0]
+    weights = bank.gate_up[bank.layers[0]], bank.down[bank.layers[0]]  # [E, 2I, H], [E, H, I]
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(40, 64, device="cuda", generator=g, dtype=torch.bfloat16)
     counts = torch.tensor([5, 0, 12, 3, 0, 9, 11, 0], device="cuda")  # empty experts too
-    torch.testing.assert_close(bank._grouped(layer, x, counts).float(), bank._per_expert(layer, x, counts).float(),
-                               atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(bank._grouped(*weights, x, counts).float(),
+                               bank._per_expert(*weights, x, counts).float(), atol=2e-2, rtol=2e-2)
