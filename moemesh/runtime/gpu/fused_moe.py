@@ -248,6 +248,9 @@ def gemv_max_pairs(w_gate_up: Weight) -> int:
     return cfg.get("MAX_PAIRS", GEMV_MAX_PAIRS) if cfg.get("DP4A") else GEMV_MAX_PAIRS
 
 
+# Measured and dropped (2026-11-30, branch one-launch-int4): int4's two GEMVs in one launch, down's programs loading
+# their weights first and waiting on per-pair counters for gate_up's rows. Correct, slower on the H200 (48-layer graph
+# replay, batch 1 2.01 vs 1.94 ms, batch 4 3.58 vs 3.13): the waiting programs hold SM slots while gate_up runs.
 def _fused_moe_gemv(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids: torch.Tensor,
                     topk_weights: torch.Tensor) -> torch.Tensor:
     """fused_moe for a few tokens: two GEMV launches, the second adding each slot into its token's row (the first
