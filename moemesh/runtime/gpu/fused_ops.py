@@ -247,10 +247,10 @@ def _router_logits_norm(x_ptr, d_ptr, nw_ptr, xo_ptr, ho_ptr, w_ptr, out_ptr, e,
                  BLOCK_K, PDL)
 
 
-# Rows up to which the one-launch GEMV wins: it re-reads W (float32, 1 MB at 128 experts x 2048) per row from L2, so
-# from a few rows on cuBLAS's cast + GEMM is cheaper. (Measured on the H200, 2026-11-30, 64 rows, ncu: cuBLAS's SIMT
-# SGEMM + split-K reduction 7.3 + 4.6 us; Triton [16 x 16] tiles were slower: float32 FMA dots 49.7 us, two TF32
-# dots on a hi/lo split of W 18.3 us with BLOCK_K 64, 16.5 with 256, 32 programs latency-bound.)
+# Rows up to which the one-launch GEMV wins: it re-reads W (float32, 1 MB at 128 experts x 2048) per row from L2.
+# Past it, Gate's fast path takes router_gemm.py's split-K partials (9-512 rows; 4.4 us at 64 rows on the H200, one
+# program per K block) and the rest cuBLAS. (Measured 2026-11-30, 64 rows, ncu: cuBLAS's SIMT SGEMM + split-K
+# reduction 7.3 + 4.6 us; whole-K Triton [16 x 16] tiles, 32 programs, latency-bound: 16.5-49.7 us.)
 ROUTER_GEMV_MAX_TOKENS = 8
 
 
