@@ -14,6 +14,12 @@ configs in two runs on the H200 (noise), compiled ~14 variants per shape at star
 depend on the run. No split-K: it would need a combine (float32 atomics or a second pass; a last-program combine
 was measured slower on the H200, graph 2.67 vs 2.53 ms), and there is no parallelism to win: at BLOCK_N <= 8 the
 q/k/v and o GEMVs have >= 256 column blocks for 132 SMs, each issuing its whole weight slice in one load.
+
+Measured on the H200 and not merged, 2026-11-30 (branch splitk-projections, benchmarks/results/splitk-h200.json):
+3-128 rows as Triton split-K partials summed by the kernel that reads the projection (add_rms_norm for o, norm_rope_
+for q/k/v), 48 layers in one graph, us per layer with that reader, best of 18 tiles: o 9.8-12.0 against cuBLAS's
+10.2-12.0, q/k/v 10.0-16.4 against 10.0-12.5 (HBM limits 4.0 / 5.0). In a graph cuBLAS already sits near the latency
+floor of one ~20 MB read; ncu's cold-cache 8.6 + 3.7 us for o at 64 rows overstated what its reduction costs.
 """
 
 from __future__ import annotations
