@@ -62,6 +62,10 @@ DEFAULT_DOWN = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "nu
 # warp_specialize=True), 4 warps, no FLATTEN, the descriptors made in the kernel: host-made ones fail its data
 # partitioning, as does the fused gate/up tile's reshape). 4,096 tokens, each GEMM alone: gate_up 401 -> 381 us with
 # [128, 128] x BK 128, 2 stages, exact, but its BK 64 configs (3 and 4 stages) returned NaN; down 233 -> 229 us.
+# Measured 2026-11-30 and not taken (branch prefill-mixed-tiles, benchmarks/results/prefill-tma-h200-mixed.md): less
+# padding with mixed tiles, each expert's run padded to 64 rows and covered by [128, .] tiles plus one [64, .] tile
+# for an odd last block, both in one persistent kernel (padded rows at 4,096 tokens: 1.23 -> 1.12x the pairs). Exact,
+# but slower: 798 vs 753 us for the layer, with EPI_SPLIT 772 vs 710.
 ATOMIC_DOWN = {**DEFAULT_DOWN, "BLOCK_N": 128, "num_stages": 4}
 
 
