@@ -251,6 +251,11 @@ def gemv_max_pairs(w_gate_up: Weight) -> int:
 # Measured and dropped (2026-11-30, branch one-launch-int4): int4's two GEMVs in one launch, down's programs loading
 # their weights first and waiting on per-pair counters for gate_up's rows. Correct, slower on the H200 (48-layer graph
 # replay, batch 1 2.01 vs 1.94 ms, batch 4 3.58 vs 3.13): the waiting programs hold SM slots while gate_up runs.
+# Also dropped (2026-11-30, branch int4-slice-moe, benchmarks/results/int4-slice-h200.json): one launch with no waiting,
+# each program a slice of C rows of one expert's intermediate (its gate and up rows, then the same rows of a down^T
+# copy made at load, added into the token's row with float32 atomics). Exact (2.9e-4 against torch, the dp4a GEMVs
+# 1.2e-2), but 30.1-50 us per layer at one token against the two GEMVs' 14.5 in a graph: Triton 3.6 gives it ~250
+# registers a thread, one program per SM, three waves of ~15 us.
 def _fused_moe_gemv(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids: torch.Tensor,
                     topk_weights: torch.Tensor) -> torch.Tensor:
     """fused_moe for a few tokens: two GEMV launches, the second adding each slot into its token's row (the first
