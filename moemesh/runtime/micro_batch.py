@@ -23,7 +23,6 @@ from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
 from moemesh.runtime.step_context import StepContext
 from moemesh.runtime.types import ExpertDispatch
@@ -78,7 +77,7 @@ def split_logits(backbone, halves: Sequence[tuple[torch.Tensor, object, ExpertDi
     it)."""
     hidden = alternate([backbone.hidden_steps(ids, ctx, dispatch, pools) for ids, ctx, dispatch in halves])
     picked = torch.cat([h if r is None else h[r] for h, r in zip(hidden, rows)])  # [N, H] after the final norm
-    return F.linear(picked, backbone.lm_head).float()  # one pass over the LM head for both halves
+    return backbone.logits(picked)  # one pass over the LM head for both halves
 
 
 class MicroBatching:
