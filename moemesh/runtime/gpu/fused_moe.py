@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import triton
 
-from moemesh.runtime.gpu import int4_prefill, moe_swap, pdl, prefill_moe, prefill_permute
+from moemesh.runtime.gpu import int4_prefill, moe_swap, pdl, prefill_fp8, prefill_moe, prefill_permute
 from moemesh.runtime.gpu.moe_align import SMALL_PAIRS, Alignment, align, align_small
 from moemesh.runtime.gpu.moe_kernels import _moe_gemm, _moe_gemv
 from moemesh.runtime.quant import INT4_BLOCK, QuantTensor
@@ -195,6 +195,8 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids
         return _fused_moe_gemv(hidden, w_gate_up, w_down, local_ids, topk_weights)
     if configs is None and prefill_moe.wanted(hidden, w_gate_up, w_down):  # large bf16 steps on Hopper: TMA + wgmma
         return prefill_moe.prefill_moe(hidden, w_gate_up, w_down, local_ids, topk_weights)
+    if configs is None and prefill_fp8.wanted(hidden, w_gate_up, w_down):  # large fp8 steps: e4m3 x e4m3 wgmma
+        return prefill_fp8.prefill_fp8(hidden, w_gate_up, w_down, local_ids, topk_weights)
     if configs is None and int4_prefill.wanted(hidden, w_gate_up, w_down):  # large int4 steps: dequantized, TMA
         return int4_prefill.int4_prefill(hidden, w_gate_up, w_down, local_ids, topk_weights)
     swap = configs is None and swap_configs(t, w_gate_up)  # quantized experts at decode sizes: moe_swap.py

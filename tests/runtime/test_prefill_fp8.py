@@ -1,0 +1,164 @@
+"""The fp8 prefill path (gpu/prefill_fp8.py: e4m3 activations and weights on fp8 wgmma). On a CPU machine its kernels
+run under Triton's interpreter against prefill_fp8.w8a8_reference (the same roundings in torch) and compile for sm_90
+without a GPU (TMA copies, fp8 wgmma, no spills). On a GPU it is checked against the reference, against fused_moe's
+W8A16 path on the same weights, and through fused_moe's dispatch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from moemesh.runtime.gpu import kernels_usable, triton_available
+
+WHY = kernels_usable(torch.device("cuda"), torch.bfloat16)
+HOPPER = not WHY and torch.cuda.get_device_capability()[0] >= 9
+hopper = pytest.mark.skipif(not HOPPER, reason=f"needs a Hopper GPU with Triton: {WHY or 'compute capability < 9'}")
+interpreter = pytest.mark.skipif(not triton_available() or torch.cuda.is_available(),
+                                 reason="a Triton-interpreter check for a CPU machine with Triton; on a GPU the "
+                                 "compiled kernels are checked by the hopper tests")
+
+# Runs in a fresh interpreter: TRITON_INTERPRET must be set before triton.jit decorates the kernels.
+CHECKS = textwrap.dedent('''
+    import numpy as np, torch
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    convert = interpreter._convert_float
+
+    def convert_float(data, src, dst, rounding):
+        """Triton 3.9's interpreter drops the carry when it rounds a mantissa up into the exponent (124.3 -> 64 in
+        e4m3): float32 -> e4m3 goes through torch (round to nearest even, as the GPU's cvt.rn.satfinite)."""
+        if src == tl.float32 and dst == tl.float8e4nv:
+            x = torch.from_numpy(np.frombuffer(data.tobytes(), dtype=np.float32).copy())
+            return x.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return convert(data, src, dst, rounding)
+
+    interpreter._convert_float = convert_float
+    from moemesh.runtime.gpu import prefill_fp8 as pf
+    from moemesh.runtime.quant import quantize
+
+    torch.manual_seed(0)
+    up = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}
+    for t, k, e, h, inter, bk in ((37, 4, 8, 128, 64, 16), (300, 4, 4, 64, 32, 32)):
+        hid = torch.randn(t, h, dtype=torch.float16)
+        hid[5] = 0  # an all-zero token: scale 1, zeros through
+        wgu = quantize(torch.randn(e, 2 * inter, h) * 0.1, "fp8")
+        wdn = quantize(torch.randn(e, h, inter) * 0.1, "fp8")
+        w, ids = torch.randn(t, e).softmax(-1).topk(k, -1)
+        ids[0, -1] = -1  # one slot hosted elsewhere
+        ids[3] = -1  # a token whose experts are all hosted elsewhere: its row stays zero
+        want = pf.w8a8_reference(hid, wgu, wdn, ids, w, act_group=32)
+        got = pf.prefill_fp8(hid, wgu, wdn, ids, w, configs=(up, {**up, "BLOCK_K": bk}))
+        rel = ((got - want).norm() / want.norm()).item()
+        assert got.dtype == torch.float32 and rel < 1e-3, (t, bk, rel)
+        assert got[3].abs().max().item() == 0.0 and got[5].abs().max().item() == 0.0, t
+    print("ok")
+''')
+
+
+@interpreter
+def test_prefill_fp8_under_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_operands_prefill_fp8_cannot_take_are_refused_with_the_reason():
+    from moemesh.runtime.gpu import prefill_fp8 as pf
+    from moemesh.runtime.quant import quantize
+
+    hid = torch.zeros(4, 256, dtype=torch.bfloat16)
+    wgu, wdn = quantize(torch.randn(2, 256, 256), "fp8"), quantize(torch.randn(2, 256, 128), "fp8")
+    assert pf.usable(hid, wgu, wdn) == ""
+    assert "w_gate_up is not an fp8 QuantTensor" in pf.usable(hid, torch.zeros(2, 256, 256), wdn)
+    assert "w_down is not an fp8" in pf.usable(hid, wgu, quantize(torch.randn(2, 256, 128), "int8"))
+    blocks = quantize(torch.randn(2, 256, 256), "fp8", block_k=128)
+    assert "w_gate_up has 128-column scale blocks" in pf.usable(hid, blocks, wdn)
+    assert "hidden dtype torch.float32" in pf.usable(hid.float(), wgu, wdn)
+    odd = quantize(torch.randn(2, 192, 256), "fp8"), quantize(torch.randn(2, 256, 96), "fp8")
+    assert "I 96 is not a multiple of the block 128" in pf.usable(hid, *odd)
+    cfg_up = {**pf.DEFAULT_GATE_UP, "BLOCK_N": 64}
+    assert "does not divide gate_up's BLOCK_N 64" in pf.usable(hid, wgu, wdn, cfg_up, pf.DEFAULT_DOWN)
+    with pytest.raises(ValueError, match="prefill_fp8: w_gate_up has 128-column"):
+        pf.prefill_fp8(hid, blocks, wdn, torch.zeros(4, 2, dtype=torch.int64), torch.ones(4, 2))
+
+
+def _fp8_desc(shape) -> str:
+    return f"tensordesc<fp8e4nv[{', '.join(map(str, shape))}]>"
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_fp8_prefill_kernels_compile_for_hopper_with_tma_and_fp8_wgmma(tmp_path):
+    """The default configs: both GEMMs copy tiles with TMA and multiply e4m3 x e4m3 with wgmma; ptxas (when present)
+    reports no spills and no serialized wgmma."""
+    from test_prefill_moe import PTXAS, _ptxas_report, compile_sm90
+
+    from moemesh.runtime.gpu import prefill_fp8 as pf
+
+    up, dn = pf.DEFAULT_GATE_UP, pf.DEFAULT_DOWN
+    common = {"sorted_ptr": "*i64", "expert_ptr": "*i64", "rows_used_ptr": "*i64", "act_scale_ptr": "*fp32",
+              "w_scale_ptr": "*fp32"}
+    bm, bn, bk = up["BLOCK_M"], up["BLOCK_N"], up["BLOCK_K"]
+    ptx = {"gate_up": compile_sm90(
+        pf._gate_up_fp8, {**common, "a_desc": _fp8_desc([bm, bk]), "w2_desc": _fp8_desc([1, 2, bn, bk]),
+                          "act_desc": _fp8_desc([bm, bn]), "tok_scale_ptr": "*fp32"},
+        dict(TOP_K=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=up["GROUP_M"], NUM_SMS=132, PDL=False),
+        up["num_warps"], up["num_stages"])}
+    bm, bn, bk = dn["BLOCK_M"], dn["BLOCK_N"], dn["BLOCK_K"]
+    ptx["down"] = compile_sm90(
+        pf._down_fp8, {**common, "act_desc": _fp8_desc([bm, bk]), "w_desc": _fp8_desc([bn, bk]),
+                       "y_desc": f"tensordesc<bf16[{bm}, {bn}]>", "weight_ptr": "*fp32"},
+        dict(ACT_GROUP=up["BLOCK_N"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=dn["GROUP_M"], NUM_SMS=132,
+             PDL=False), dn["num_warps"], dn["num_stages"])
+    for name, text in ptx.items():
+        assert "cp.async.bulk.tensor" in text and "wgmma.mma_async" in text and ".e4m3.e4m3" in text, name
+        if PTXAS:
+            report = _ptxas_report(text, tmp_path)
+            assert "0 bytes spill stores" in report and "C7515" not in report, (name, report)
+
+
+def _layer(t: int, e: int = 16, h: int = 512, inter: int = 256, k: int = 4):
+    from moemesh.runtime.quant import quantize
+
+    wgu = torch.randn(e, 2 * inter, h, device="cuda") * 0.05
+    wdn = torch.randn(e, h, inter, device="cuda") * 0.05
+    hid = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    w, ids = torch.randn(t, e, device="cuda").softmax(-1).topk(k, -1)
+    ids[1] = -1  # hosted elsewhere: the row stays zero
+    return hid, quantize(wgu, "fp8"), quantize(wdn, "fp8"), ids, w
+
+
+@hopper
+@pytest.mark.parametrize("t", [300, 1100])  # one-launch align; sorted align (> 4096 pairs)
+def test_prefill_fp8_matches_its_reference_and_the_w8a16_path_on_the_gpu(t, monkeypatch):
+    from moemesh.runtime.gpu import prefill_fp8 as pf
+    from moemesh.runtime.gpu.fused_moe import fused_moe
+
+    torch.manual_seed(0)
+    hid, wgu, wdn, ids, w = _layer(t)
+    got = pf.prefill_fp8(hid, wgu, wdn, ids, w)
+    want = pf.w8a8_reference(hid, wgu, wdn, ids, w)
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 2e-3 and got[1].abs().max().item() == 0.0, rel
+    monkeypatch.setattr(pf, "ENABLED", False)  # fused_moe's own W8A16 row-block GEMM
+    w8a16 = fused_moe(hid, wgu, wdn, ids, w)
+    rel = ((got - w8a16).norm() / w8a16.norm()).item()
+    assert rel < 5e-2, rel  # the activations' e4m3 rounding (about 3% per value) averaged over each dot
+
+
+@hopper
+def test_fused_moe_hands_large_fp8_steps_to_prefill_fp8():
+    """From PREFILL_MIN_TOKENS on, fused_moe's answer is prefill_fp8's, bit for bit (rows are independent of where
+    the permute's atomics put them; the gather-sum adds slots in order)."""
+    from moemesh.runtime.gpu import prefill_fp8 as pf
+    from moemesh.runtime.gpu.fused_moe import fused_moe
+
+    torch.manual_seed(0)
+    hid, wgu, wdn, ids, w = _layer(1100)
+    assert pf.wanted(hid, wgu, wdn) and not pf.wanted(hid[:64], wgu, wdn)
+    assert torch.equal(fused_moe(hid, wgu, wdn, ids, w), pf.prefill_fp8(hid, wgu, wdn, ids, w))
