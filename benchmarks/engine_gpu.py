@@ -97,6 +97,22 @@ def time_decode(engine, batch: int, prompt: int, steps: int, warmup: int) -> flo
     return statistics.median(times[warmup:]) * 1e3
 
 
+def time_prefill(engine, prompt: int, repeats: int = 3) -> float:
+    """Median ms of Engine.step on one new sequence of `prompt` tokens (its first token out: the time to first token
+    on an idle engine), after one untimed prefill (kernel compilation)."""
+    from moemesh.runtime.types import SequenceWork
+
+    gen = torch.Generator().manual_seed(prompt)
+    times = []
+    for i in range(repeats + 1):
+        ids = torch.randint(0, engine.spec.vocab_size, (prompt,), generator=gen).tolist()
+        started = time.perf_counter()
+        engine.step([SequenceWork(f"p{i}", ids, 0)])
+        times.append(time.perf_counter() - started)
+        engine.release([f"p{i}"])
+    return statistics.median(times[1:]) * 1e3
+
+
 def time_decode_ahead(engine, batch: int, prompt: int, steps: int, warmup: int) -> float:
     """Median ms between the finishes of consecutive decode steps, each launched before the previous one finished."""
     from moemesh.runtime.types import SequenceWork
@@ -169,6 +185,8 @@ def row(engine, args, who: str, label: str, batch: int, steps: int) -> dict:
            "roofline_ms": round(roofline_ms(spec, batch, context, EXPERT_BYTES[label]), 2)}
     if ahead is not None:  # each step launched behind the previous one, as the router runs pipelined steps
         out["ms_per_step_ahead"] = round(ahead, 2)
+    if batch == 1 and who == "moemesh":  # one prompt of --prompt tokens, alone
+        out["prefill_ms"] = round(time_prefill(engine, args.prompt), 2)
     print(json.dumps(out), flush=True)
     return out
 
@@ -268,11 +286,11 @@ def main(argv=None) -> int:
     (args.out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     lines = [f"# Engine decode step, {', '.join(MODELS[n][0] for n in args.models)}, random weights", "",
              f"{meta['machine']}; prompt {args.prompt}, {args.steps} timed decode steps; `{meta['command']}`", "",
-             "| model | layers | who | experts | batch | ms/step | tok/s | roofline ms | ms/step launched ahead |",
-             "|---" * 9 + "|"]
+             "| model | layers | who | experts | batch | ms/step | tok/s | roofline ms | ms/step launched ahead | "
+             f"prefill ms ({args.prompt} tokens, alone) |", "|---" * 10 + "|"]
     lines += [f"| {r['model']} | {r['layers']} | {r['who']} | {r['quantization']} | {r['batch']} | "
-              f"{r['ms_per_step']} | {r['tok_s']} | {r['roofline_ms']} | {r.get('ms_per_step_ahead', '-')} |"
-              for r in rows]
+              f"{r['ms_per_step']} | {r['tok_s']} | {r['roofline_ms']} | {r.get('ms_per_step_ahead', '-')} | "
+              f"{r.get('prefill_ms', '-')} |" for r in rows]
     lines += ["", f"GPU time of one captured step (graph replay alone) by experts' dtype and bucket, ms: {replay}"]
     lines += speedups(rows)
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -14,6 +14,7 @@ benchmarks/results/<out>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -64,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                      "onnxruntime": ppl(path, "onnxruntime") if "onnxruntime" in ns.backends else None})
         print(rows[-1], flush=True)
     for scheme in filter(None, ns.engine_quant.split(",")):  # Engine.load(quantization=...): no checkpoint
+        with w8a8_emulation(scheme == "fp8-w8a8"):
+            got = ppl(ns.model, "torch", scheme.removesuffix("-w8a8"))
         rows.append({"checkpoint": f"{ns.model} --quantization {scheme}", "method": "engine " + scheme, "bits": 8,
-                     "group_size": engine_rule(scheme), "torch": ppl(ns.model, "torch", scheme), "onnxruntime": None})
+                     "group_size": engine_rule(scheme), "torch": got, "onnxruntime": None})
         print(rows[-1], flush=True)
     result = {"command": "python " + " ".join(sys.argv), "model": ns.model, "texts": {k: str(v) for k, v in
               texts.items()}, "max_tokens": ns.max_tokens, "window": ns.window,
@@ -90,10 +93,34 @@ def reused_base(ns: argparse.Namespace) -> dict[str, float]:
     return prev["rows"][0]["torch"]
 
 
+@contextlib.contextmanager
+def w8a8_emulation(on: bool):
+    """fp8-w8a8: the routed experts computed with the GPU prefill's numerics (gpu/prefill_fp8.py: each token's input
+    and each expert's act rounded to e4m3 as well as the weights), by its torch reference, here on the CPU. The act
+    gets one scale per row and expert (the kernel: per 128 columns; SmolLM2-MoE's experts have 192)."""
+    from moemesh.runtime.experts import ExpertBank
+
+    forward = ExpertBank.forward
+
+    def emulated(self, layer, hidden, topk_ids, topk_weights, out=None, float32_ok=False):
+        from moemesh.runtime.gpu.prefill_fp8 import w8a8_reference
+
+        gate_up, down = self.gate_up[layer], self.down[layer]
+        y = w8a8_reference(hidden, gate_up, down, topk_ids.long(), topk_weights, act_group=down.shape[2])
+        return y.to(hidden.dtype) if out is None else out.copy_(y)
+    ExpertBank.forward = ExpertBank.__call__ = emulated if on else forward
+    try:
+        yield
+    finally:
+        ExpertBank.forward = ExpertBank.__call__ = forward
+
+
 def engine_rule(scheme: str) -> str:
     """What Engine.load(quantization=scheme) does to a dense FFN (quant.quantize_dense_ffn), for the table."""
     from moemesh.runtime.quant import FP8_BLOCK_K
 
+    if scheme == "fp8-w8a8":
+        return f"{FP8_BLOCK_K} (dense FFN; experts: channel, activations e4m3 per token / expert row)"
     return f"{FP8_BLOCK_K} (dense FFN; experts: channel)" if scheme == "fp8" else "channel"
 
 

@@ -53,10 +53,12 @@ CHECKS = textwrap.dedent('''
         ids[0, -1] = -1  # one slot hosted elsewhere
         ids[3] = -1  # a token whose experts are all hosted elsewhere: its row stays zero
         want = pf.w8a8_reference(hid, wgu, wdn, ids, w, act_group=32)
-        got = pf.prefill_fp8(hid, wgu, wdn, ids, w, configs=(up, {**up, "BLOCK_K": bk}))
-        rel = ((got - want).norm() / want.norm()).item()
-        assert got.dtype == torch.float32 and rel < 1e-3, (t, bk, rel)
-        assert got[3].abs().max().item() == 0.0 and got[5].abs().max().item() == 0.0, t
+        for promote in (False, True):  # PROMOTE: each K step summed outside the accumulator the dot adds to
+            cfgs = ({**up, "PROMOTE": promote}, {**up, "BLOCK_K": bk, "PROMOTE": promote})
+            got = pf.prefill_fp8(hid, wgu, wdn, ids, w, configs=cfgs)
+            rel = ((got - want).norm() / want.norm()).item()
+            assert got.dtype == torch.float32 and rel < 1e-3, (t, bk, promote, rel)
+            assert got[3].abs().max().item() == 0.0 and got[5].abs().max().item() == 0.0, t
     print("ok")
 ''')
 
@@ -107,14 +109,15 @@ def test_fp8_prefill_kernels_compile_for_hopper_with_tma_and_fp8_wgmma(tmp_path)
     ptx = {"gate_up": compile_sm90(
         pf._gate_up_fp8, {**common, "a_desc": _fp8_desc([bm, bk]), "w2_desc": _fp8_desc([1, 2, bn, bk]),
                           "act_desc": _fp8_desc([bm, bn]), "tok_scale_ptr": "*fp32"},
-        dict(TOP_K=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=up["GROUP_M"], NUM_SMS=132, PDL=False),
+        dict(TOP_K=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=up["GROUP_M"], NUM_SMS=132, PROMOTE=False,
+             PDL=False),
         up["num_warps"], up["num_stages"])}
     bm, bn, bk = dn["BLOCK_M"], dn["BLOCK_N"], dn["BLOCK_K"]
     ptx["down"] = compile_sm90(
         pf._down_fp8, {**common, "act_desc": _fp8_desc([bm, bk]), "w_desc": _fp8_desc([bn, bk]),
                        "y_desc": f"tensordesc<bf16[{bm}, {bn}]>", "weight_ptr": "*fp32"},
         dict(ACT_GROUP=up["BLOCK_N"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=dn["GROUP_M"], NUM_SMS=132,
-             PDL=False), dn["num_warps"], dn["num_stages"])
+             PROMOTE=False, PDL=False), dn["num_warps"], dn["num_stages"])
     for name, text in ptx.items():
         assert "cp.async.bulk.tensor" in text and "wgmma.mma_async" in text and ".e4m3.e4m3" in text, name
         if PTXAS:
@@ -123,32 +126,40 @@ def test_fp8_prefill_kernels_compile_for_hopper_with_tma_and_fp8_wgmma(tmp_path)
 
 
 def _layer(t: int, e: int = 16, h: int = 512, inter: int = 256, k: int = 4):
+    """(hidden, fp8 gate_up, fp8 down, ids, weights, bf16 gate_up, bf16 down) on the GPU."""
     from moemesh.runtime.quant import quantize
 
-    wgu = torch.randn(e, 2 * inter, h, device="cuda") * 0.05
-    wdn = torch.randn(e, h, inter, device="cuda") * 0.05
+    wgu = (torch.randn(e, 2 * inter, h, device="cuda") * 0.05).bfloat16()
+    wdn = (torch.randn(e, h, inter, device="cuda") * 0.05).bfloat16()
     hid = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
     w, ids = torch.randn(t, e, device="cuda").softmax(-1).topk(k, -1)
     ids[1] = -1  # hosted elsewhere: the row stays zero
-    return hid, quantize(wgu, "fp8"), quantize(wdn, "fp8"), ids, w
+    return hid, quantize(wgu.float(), "fp8"), quantize(wdn.float(), "fp8"), ids, w, wgu, wdn
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
 
 
 @hopper
 @pytest.mark.parametrize("t", [300, 1100])  # one-launch align; sorted align (> 4096 pairs)
-def test_prefill_fp8_matches_its_reference_and_the_w8a16_path_on_the_gpu(t, monkeypatch):
+def test_prefill_fp8_matches_its_reference_and_keeps_the_w8a16_error_budget_on_the_gpu(t, monkeypatch):
+    """Against the torch reference: within 2% (the H200 run: 1.0%), not the interpreter's 1e-3: fp8 wgmma keeps
+    fewer accumulator bits than float32, and a value that lands on the other side of an e4m3 rounding boundary when
+    act is rounded moves by a whole e4m3 step. Against bf16 weights: at most 1.6x the W8A16 path's error (the H200
+    benchmark: 6.4% vs 4.6%, the activations' e4m3 rounding added in quadrature)."""
     from moemesh.runtime.gpu import prefill_fp8 as pf
     from moemesh.runtime.gpu.fused_moe import fused_moe
 
     torch.manual_seed(0)
-    hid, wgu, wdn, ids, w = _layer(t)
+    hid, wgu, wdn, ids, w, wgu16, wdn16 = _layer(t)
     got = pf.prefill_fp8(hid, wgu, wdn, ids, w)
-    want = pf.w8a8_reference(hid, wgu, wdn, ids, w)
-    rel = ((got - want).norm() / want.norm()).item()
-    assert rel < 2e-3 and got[1].abs().max().item() == 0.0, rel
+    assert got[1].abs().max().item() == 0.0
+    assert _rel(got, pf.w8a8_reference(hid, wgu, wdn, ids, w)) < 2e-2
+    exact = fused_moe(hid, wgu16, wdn16, ids, w)
     monkeypatch.setattr(pf, "ENABLED", False)  # fused_moe's own W8A16 row-block GEMM
     w8a16 = fused_moe(hid, wgu, wdn, ids, w)
-    rel = ((got - w8a16).norm() / w8a16.norm()).item()
-    assert rel < 5e-2, rel  # the activations' e4m3 rounding (about 3% per value) averaged over each dot
+    assert _rel(got, exact) < 1.6 * _rel(w8a16, exact), (_rel(got, exact), _rel(w8a16, exact))
 
 
 @hopper
@@ -159,6 +170,6 @@ def test_fused_moe_hands_large_fp8_steps_to_prefill_fp8():
     from moemesh.runtime.gpu.fused_moe import fused_moe
 
     torch.manual_seed(0)
-    hid, wgu, wdn, ids, w = _layer(1100)
+    hid, wgu, wdn, ids, w, _, _ = _layer(1100)
     assert pf.wanted(hid, wgu, wdn) and not pf.wanted(hid[:64], wgu, wdn)
     assert torch.equal(fused_moe(hid, wgu, wdn, ids, w), pf.prefill_fp8(hid, wgu, wdn, ids, w))

@@ -40,7 +40,7 @@ FP8_MAX = 448.0  # largest finite e4m3
 # H200 starting points (benchmarks/h200/prefill_fp8.py sweeps around them). BLOCK_K 128 e4m3 = 128 bytes a row, the
 # same shared-memory tile as bf16's 64. gate_up's BLOCK_N is also the act scale group and down's BLOCK_K.
 DEFAULT_GATE_UP = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-DEFAULT_DOWN = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+DEFAULT_DOWN = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 16, "num_warps": 8, "num_stages": 3}
 
 
 @triton.jit
@@ -51,7 +51,8 @@ def _quantize_tokens(h_ptr, q_ptr, s_ptr, hidden, BLOCK_H: tl.constexpr):
     x = tl.load(h_ptr + t * hidden + cols, mask=cols < hidden, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), 0)
     step = tl.where(amax > 0, amax / 448.0, 1.0)
-    tl.store(q_ptr + t * hidden + cols, (x / step).to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=cols < hidden)
+    q = (x / step).to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(q_ptr + t * hidden + cols, q, mask=cols < hidden)
     tl.store(s_ptr + t, step)
 
 
@@ -59,9 +60,11 @@ def _quantize_tokens(h_ptr, q_ptr, s_ptr, hidden, BLOCK_H: tl.constexpr):
 def _gate_up_fp8(a_desc, w2_desc, act_desc, act_scale_ptr, tok_scale_ptr, w_scale_ptr, sorted_ptr, expert_ptr,
                  rows_used_ptr, num_pairs, inter, k_in, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
-                 PDL: tl.constexpr = False):
+                 PROMOTE: tl.constexpr = False, PDL: tl.constexpr = False):
     """act_q, s_act per [BM, BN] tile (module doc). w2_desc: gate_up e4m3 as [E, 2, I, H], block [1, 2, BN, BK]
-    (gate and up tiles in one copy, one [BM, 2 BN] wgmma); w_scale [E, 2I] per channel; act_scale [EM, I / BN]."""
+    (gate and up tiles in one copy, one [BM, 2 BN] wgmma); w_scale [E, 2I] per channel; act_scale [EM, I / BN].
+    PROMOTE: each K step's product summed into the float32 accumulator outside the tensor cores (DeepSeek-V3's
+    remedy for fp8 wgmma's narrower accumulator; twice the accumulator registers)."""
     enter(PDL)
     num_m = (tl.load(rows_used_ptr) // BLOCK_M).to(tl.int32)
     num_n = inter // BLOCK_N
@@ -71,7 +74,10 @@ def _gate_up_fp8(a_desc, w2_desc, act_desc, act_scale_ptr, tok_scale_ptr, w_scal
         for k0 in range(0, k_in, BLOCK_K):
             a = a_desc.load([row0, k0])  # [BM, BK] e4m3
             w = w2_desc.load([expert, 0, n0, k0]).reshape(2 * BLOCK_N, BLOCK_K)  # [gate; up] rows, e4m3
-            acc = tl.dot(a, w.T, acc)
+            if PROMOTE:
+                acc += tl.dot(a, w.T)
+            else:
+                acc = tl.dot(a, w.T, acc)
         gate, up = acc.reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1).split()  # [BM, BN] each
         rows = row0 + tl.arange(0, BLOCK_M)
         pair = tl.load(sorted_ptr + rows)  # [BM] int64; num_pairs on padding rows
@@ -90,9 +96,10 @@ def _gate_up_fp8(a_desc, w2_desc, act_desc, act_scale_ptr, tok_scale_ptr, w_scal
 def _down_fp8(act_desc, w_desc, y_desc, act_scale_ptr, w_scale_ptr, sorted_ptr, weight_ptr, expert_ptr,
               rows_used_ptr, num_pairs, hidden, k_in, ACT_GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
-              PDL: tl.constexpr = False):
+              PROMOTE: tl.constexpr = False, PDL: tl.constexpr = False):
     """y = weight[pair] * s_w * sum_k s_act[:, k] (act_q_k @ down_k^T) per [BM, BN] tile; w_desc: down e4m3 as
-    [E * H, I] rows, block [BN, BK]; w_scale [E, H] per channel. BLOCK_K divides ACT_GROUP (one act scale a step)."""
+    [E * H, I] rows, block [BN, BK]; w_scale [E, H] per channel. BLOCK_K divides ACT_GROUP (one act scale a step).
+    PROMOTE: each step's product scaled into a second accumulator instead of rescaling the one the dot adds to."""
     enter(PDL)
     num_m = (tl.load(rows_used_ptr) // BLOCK_M).to(tl.int32)
     num_n = hidden // BLOCK_N
@@ -104,9 +111,12 @@ def _down_fp8(act_desc, w_desc, y_desc, act_scale_ptr, w_scale_ptr, sorted_ptr, 
         prev = tl.full((BLOCK_M,), 1.0, tl.float32)
         for k0 in range(0, k_in, BLOCK_K):
             s = tl.load(act_scale_ptr + rows * groups + k0 // ACT_GROUP)  # [BM]
-            acc = acc * (prev / s)[:, None]
-            acc = tl.dot(act_desc.load([row0, k0]), w_desc.load([expert * hidden + n0, k0]).T, acc)
-            prev = s
+            a, w = act_desc.load([row0, k0]), w_desc.load([expert * hidden + n0, k0])
+            if PROMOTE:
+                acc += tl.dot(a, w.T) * s[:, None]
+            else:
+                acc = tl.dot(a, w.T, acc * (prev / s)[:, None])
+                prev = s
         pair = tl.load(sorted_ptr + rows)  # [BM] int64; num_pairs on padding rows
         row_scale = prev * tl.load(weight_ptr + pair, mask=pair < num_pairs, other=0.0)  # [BM]
         col_scale = tl.load(w_scale_ptr + expert.to(tl.int64) * hidden + n0 + tl.arange(0, BLOCK_N))  # [BN]
@@ -191,7 +201,8 @@ def launch_gate_up(a, s_tok, w_gate_up: QuantTensor, act, act_scale, al, top_k: 
                                                                      [1, 2, bn, bk]),
         TensorDescriptor.from_tensor(act, [bm, bn]), act_scale, s_tok, w_gate_up.scale, al.sorted_ids,
         al.block_expert, al.rows_used, al.num_pairs, two_i // 2, h, TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        GROUP_M=cfg["GROUP_M"], NUM_SMS=sms, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        GROUP_M=cfg["GROUP_M"], NUM_SMS=sms, PROMOTE=cfg.get("PROMOTE", False), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
 
 
 def launch_down(act, act_scale, w_down: QuantTensor, y, weights, al, cfg: dict, act_group: int) -> None:
@@ -200,10 +211,12 @@ def launch_down(act, act_scale, w_down: QuantTensor, y, weights, al, cfg: dict, 
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     sms = _num_sms(act.device)
     _down_fp8[(sms,)](
-        TensorDescriptor.from_tensor(act, [bm, bk]), TensorDescriptor.from_tensor(w_down.q.view(e * h, inter), [bn, bk]),
+        TensorDescriptor.from_tensor(act, [bm, bk]),
+        TensorDescriptor.from_tensor(w_down.q.view(e * h, inter), [bn, bk]),
         TensorDescriptor.from_tensor(y, [bm, bn]), act_scale, w_down.scale, al.sorted_ids, weights, al.block_expert,
         al.rows_used, al.num_pairs, h, inter, ACT_GROUP=act_group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        GROUP_M=cfg["GROUP_M"], NUM_SMS=sms, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        GROUP_M=cfg["GROUP_M"], NUM_SMS=sms, PROMOTE=cfg.get("PROMOTE", False), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
 
 
 def w8a8_reference(hidden: torch.Tensor, w_gate_up: QuantTensor, w_down: QuantTensor, local_ids: torch.Tensor,
