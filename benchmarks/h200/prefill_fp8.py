@@ -32,7 +32,7 @@ PEAK_BF16, PEAK_FP8 = 989.0, 1979.0  # dense TFLOP/s, H200 SXM spec
 E, K, H, I = 128, 8, 2048, 768
 UP_GRID = [{**pf.DEFAULT_GATE_UP, **d} for d in ({}, {"num_stages": 4}, {"GROUP_M": 16}, {"GROUP_M": 4},
                                                  {"BLOCK_N": 64, "PROMOTE": True})]
-DOWN_GRID = [{**pf.DEFAULT_DOWN, **d} for d in ({}, {"GROUP_M": 8}, {"BLOCK_N": 128, "num_stages": 4},
+DOWN_GRID = [{**pf.DEFAULT_DOWN, **d} for d in ({}, {"GROUP_M": 16}, {"BLOCK_N": 128, "num_stages": 4},
                                                 {"BLOCK_N": 128, "PROMOTE": True, "num_stages": 4},
                                                 {"PROMOTE": True}, {"BLOCK_K": 64, "num_stages": 4})]
 # Both GEMMs summing each K step outside the tensor cores: the accuracy side of PROMOTE (errors table).

@@ -8,11 +8,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from moemesh.runtime.layers import Linear, Loader, RMSNorm
 from moemesh.runtime.rope import Rotary
 from moemesh.runtime.spec import AttentionSpec
 from moemesh.runtime.step_context import StepContext
+
+
+def causal_mask(ctx: StepContext, q: torch.Tensor):
+    """SDPA's attn_mask for this step. One sequence on CUDA: query t sees keys 0 .. c + t, which is causal aligned to
+    the lower right (no mask tensor: the flash kernel skips the blocks above the diagonal). A 4,096-token prompt of
+    the Qwen3-30B-A3B shape on the H200 spent 0.80 ms a layer in cuDNN's SDPA with the explicit [1, 1, Tq, Tk] mask
+    (every block computed, 47% of the prefill). Several sequences (each its own offset and padding) and the CPU (its
+    numerics pinned by the parity tests) keep the explicit mask."""
+    if ctx.batch == 1 and q.is_cuda:
+        return causal_lower_right(ctx.q_len, ctx.kv_len)
+    return ctx.mask
 
 
 class Attention(nn.Module):
@@ -126,7 +138,7 @@ class Attention(nn.Module):
             q_pad.transpose(1, 2),  # [B, Hq, Tq, D]
             k_ctx.transpose(1, 2).to(q.dtype),  # [B, Hkv, Tk, D]
             v_ctx.transpose(1, 2).to(q.dtype),
-            attn_mask=ctx.mask,
+            attn_mask=causal_mask(ctx, q),
             scale=s.scale,
             enable_gqa=s.num_heads != s.num_kv_heads,
         )  # [B, Hq, Tq, D]

@@ -40,7 +40,7 @@ FP8_MAX = 448.0  # largest finite e4m3
 # H200 starting points (benchmarks/h200/prefill_fp8.py sweeps around them). BLOCK_K 128 e4m3 = 128 bytes a row, the
 # same shared-memory tile as bf16's 64. gate_up's BLOCK_N is also the act scale group and down's BLOCK_K.
 DEFAULT_GATE_UP = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-DEFAULT_DOWN = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 16, "num_warps": 8, "num_stages": 3}
+DEFAULT_DOWN = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
 @triton.jit
