@@ -15,8 +15,8 @@ are permuted once, so every GEMM operand is a plain 2D tile that Hopper's TMA en
 Both GEMMs are persistent: NUM_SMS programs walk the tiles (tile -> row block -> expert through block_expert),
 stopping at rows_used (read on the device: no host sync, graph-capturable). Tiles of GROUP_M row blocks walk N
 first, so the row blocks of one expert (~2 at 4,096 tokens x top-8 over 128 experts) share each weight tile in L2.
-Weights must be bf16/fp16 tensors (quantized experts keep fused_moe), with I and H multiples of the N and K blocks
-(a weight tile must not run into the next expert's rows); `usable` says why not otherwise.
+Weights must be bf16/fp16 tensors (fp8 ones: prefill_fp8.py; others keep fused_moe), with I and H multiples of the N
+and K blocks (a weight tile must not run into the next expert's rows); `usable` says why not otherwise.
 
 fused_moe.fused_moe hands every call `wanted` accepts to prefill_moe (MOEMESH_PREFILL_TMA=0 turns it off);
 benchmarks/h200/prefill_tma.py measures it beside fused_moe's row-block GEMM and torch._grouped_mm.
