@@ -20,11 +20,22 @@ def causal_mask(ctx: StepContext, q: torch.Tensor):
     """SDPA's attn_mask for this step. One sequence on CUDA: query t sees keys 0 .. c + t, which is causal aligned to
     the lower right (no mask tensor: the flash kernel skips the blocks above the diagonal). A 4,096-token prompt of
     the Qwen3-30B-A3B shape on the H200 spent 0.80 ms a layer in cuDNN's SDPA with the explicit [1, 1, Tq, Tk] mask
-    (every block computed, 47% of the prefill). Several sequences (each its own offset and padding) and the CPU (its
-    numerics pinned by the parity tests) keep the explicit mask."""
+    (every block computed, 47% of the prefill). Several sequences on CUDA go through paged_prefill; the CPU (its
+    numerics pinned by the parity tests) keeps the explicit mask."""
     if ctx.batch == 1 and q.is_cuda:
         return causal_lower_right(ctx.q_len, ctx.kv_len)
     return ctx.mask
+
+
+def paged_prefill(ctx: StepContext, q: torch.Tensor, pools, spec: AttentionSpec) -> bool:
+    """Whether this step attends through gpu/prefill_attention.py: several sequences on CUDA with a paged cache (one
+    sequence keeps SDPA's causal kernel, the CPU the padded SDPA path)."""
+    if ctx.batch == 1 or not q.is_cuda or pools is None or ctx.table is None:
+        return False
+    from moemesh.runtime.gpu.prefill_attention import usable
+
+    return all(p.is_contiguous() and p.dtype == q.dtype for p in pools) and usable(
+        spec.num_heads, spec.num_kv_heads, spec.head_dim)
 
 
 class Attention(nn.Module):
@@ -132,6 +143,15 @@ class Attention(nn.Module):
               pools: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Gathered context + SDPA (prefill, CPU): q [T, Hq, D], k/v [T, Hkv, D] -> o_proj output [T, H]."""
         s, t = self.spec, q.shape[0]
+        if paged_prefill(ctx, q, pools, s):  # several sequences on CUDA: through the block tables, no padding
+            from moemesh.runtime.gpu.prefill_attention import prefill_attention
+
+            k_pool, v_pool = pools
+            k_pool.index_copy_(0, ctx.slots, k.to(k_pool.dtype))
+            v_pool.index_copy_(0, ctx.slots, v.to(v_pool.dtype))
+            out = prefill_attention(q, k_pool, v_pool, ctx.table, ctx.starts, ctx.new, ctx.cached,
+                                    ctx.tiles(s.num_heads // s.num_kv_heads), ctx.block_size, s.scale)
+            return self.o_proj(out.reshape(t, s.num_heads * s.head_dim))
         k_ctx, v_ctx = ctx.context(pools, k, v)  # [B, Tk, Hkv, D]
         q_pad = ctx.pad_queries(q)  # [B, Tq, Hq, D]
         out = F.scaled_dot_product_attention(

@@ -9,7 +9,7 @@ Without a cache (full-sequence scoring) the context is the step's own new tokens
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,10 +21,33 @@ class StepContext:
     q_index: torch.Tensor  # [T] int64, row of every new token in the flattened [B * Tq] padded queries
     ctx_index: torch.Tensor  # [B, Tk] int64, pool slot (paged) or step row (no cache) of each context key
     slots: torch.Tensor | None  # [T] int64, pool slot each new token's K/V is written to; None: no cache
-    mask: torch.Tensor  # [B, 1, Tq, Tk] bool, True where attention is allowed
     batch: int
     q_len: int  # Tq
     kv_len: int  # Tk
+    cached: torch.Tensor  # [B] int64, c_b
+    new: torch.Tensor  # [B] int64, n_b
+    starts: torch.Tensor  # [B] int64, first row of each sequence
+    table: torch.Tensor | None  # [B, W] int64 block tables (paged), None: no cache
+    block_size: int
+    new_list: tuple[int, ...]  # n_b on the host
+    _mask: torch.Tensor | None = field(default=None, repr=False)
+    _tiles: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[B, 1, Tq, Tk] bool, True where attention is allowed; built on first use (the paged prefill kernel and
+        one-sequence SDPA on CUDA never need it)."""
+        if self._mask is None:
+            self._mask = self._build_mask(self.cached, self.new, self.q_len, self.kv_len, self.positions.device)
+        return self._mask
+
+    def tiles(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """gpu/prefill_attention.py's tile list for `group` query heads per kv head, once per step."""
+        if group not in self._tiles:
+            from moemesh.runtime.gpu.prefill_attention import tiles
+
+            self._tiles[group] = tiles(list(self.new_list), group, self.positions.device)
+        return self._tiles[group]
 
     @classmethod
     def build(
@@ -51,18 +74,18 @@ class StepContext:
             if any(cached):
                 raise ValueError(f"scoring without a cache needs every sequence to start at 0, got cached {cached}")
             ctx_index = torch.where(valid, starts[:, None] + j[None, :], 0)
-            slots = None
+            slots, table = None, None
         else:
             width = max(len(t) for t in block_tables)
             table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int64, device=device)
             block_of_j = torch.clamp(j // block_size, max=width - 1)
             ctx_index = torch.where(valid, table[:, block_of_j] * block_size + j % block_size, 0)  # [B, Tk]
             slots = ctx_index[seq_of_token, positions]
-        mask = cls._mask(cached_t, new_t, q_len, kv_len, device)
-        return cls(positions, seq_of_token, q_index, ctx_index, slots, mask, b, q_len, kv_len)
+        return cls(positions, seq_of_token, q_index, ctx_index, slots, b, q_len, kv_len, cached_t, new_t, starts,
+                   table, block_size, tuple(new))
 
     @staticmethod
-    def _mask(cached: torch.Tensor, new: torch.Tensor, q_len: int, kv_len: int,
+    def _build_mask(cached: torch.Tensor, new: torch.Tensor, q_len: int, kv_len: int,
               device: torch.device | str) -> torch.Tensor:
         t = torch.arange(q_len, device=device)[None, :, None]  # [1, Tq, 1]
         j = torch.arange(kv_len, device=device)[None, None, :]  # [1, 1, Tk]

@@ -1,0 +1,104 @@
+"""Attention for a large step of several sequences (prefill chunks beside decode tokens), read through the paged
+KV cache's block tables: no padded [B, Tq, ...] queries, no gathered [B, Tk, ...] context, no [B, 1, Tq, Tk] mask.
+
+    q [T, Hq, D] (the step's rows, sequence after sequence), K/V pools [slots, Hkv, D] (this step's K/V written)
+      -> tiles: (sequence b, first row t0) for every BLOCK_T rows of each sequence's n_b new tokens (host-built)
+      -> program (tile, kv head): its BLOCK_T rows x the GROUP = Hq / Hkv query heads of that kv head as one
+         [BLOCK_T * GROUP, D] query block sharing each K/V tile; keys 0 .. c_b + t for row t (causal with the
+         sequence's c_b cached tokens), online softmax over tiles of BLOCK_N keys
+      -> out [T, Hq, D]
+
+Why: step_context.py pads every sequence to the longest chunk and the longest context, so a 448-token prefill chunk
+beside 64 decode tokens (the batcher's 512-token steps) computed 65 x 448 query rows against the longest context and
+built a [65, 1, 448, Tk] mask. One sequence alone keeps SDPA (attention.causal_mask: cuDNN's flash kernel, faster
+than this one). Decode-only steps never come here (paged_attention.py, in the CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64  # keys per tile
+ROWS = 128  # query rows a program holds: BLOCK_T tokens x GROUP heads
+
+
+@triton.jit
+def _prefill_paged(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, tile_seq_ptr, tile_t_ptr, start_ptr, new_ptr, cached_ptr,
+                   scale, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb, stride_ot,
+                   stride_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    b = tl.load(tile_seq_ptr + tile)
+    t0 = tl.load(tile_t_ptr + tile)
+    n, c, row0 = tl.load(new_ptr + b), tl.load(cached_ptr + b), tl.load(start_ptr + b)
+    r = tl.arange(0, BLOCK_T * GROUP)
+    t = t0 + r // GROUP  # [R] token of each query row within the chunk
+    head = kv_head * GROUP + r % GROUP  # [R] its query head
+    ok = t < n
+    d = tl.arange(0, HEAD_DIM)
+    rows = (row0 + t).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=ok[:, None],
+                other=0.0)  # [R, D]
+    limit = c + t  # [R] the last key each row sees (key 0 always: no row is all -inf)
+    hi = tl.minimum(c + t0 + BLOCK_T, c + n)  # keys this tile needs: 0 .. hi - 1
+    m_i = tl.full((BLOCK_T * GROUP,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_T * GROUP,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_T * GROUP, HEAD_DIM), dtype=tl.float32)
+    for j0 in range(0, hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)  # [N] key positions
+        j_ok = j < hi
+        block = tl.load(table_ptr + b * stride_tb + j // KV_BLOCK, mask=j_ok, other=0)
+        slot = block.to(tl.int64) * KV_BLOCK + j % KV_BLOCK  # [N]
+        k = tl.load(k_ptr + slot[:, None] * stride_ks + kv_head * stride_kh + d[None, :], mask=j_ok[:, None],
+                    other=0.0)  # [N, D]
+        s = tl.dot(q, tl.trans(k)) * scale  # [R, N] float32
+        s = tl.where((j[None, :] <= limit[:, None]) & j_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :], mask=j_ok[:, None],
+                    other=0.0)  # [N, D]
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+def usable(q_heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Power-of-two head_dim (one [R, D] tile) and a group that divides ROWS."""
+    group = q_heads // kv_heads
+    return head_dim & (head_dim - 1) == 0 and 16 <= head_dim <= 256 and ROWS % group == 0 and q_heads % kv_heads == 0
+
+
+def tiles(new: list[int], group: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence [N], first row [N]) of every BLOCK_T = ROWS / group rows of each sequence, longest sequences'
+    tiles first (their programs walk the most keys)."""
+    block_t = ROWS // group
+    pairs = [(b, t0) for b in sorted(range(len(new)), key=lambda i: -new[i]) for t0 in range(0, new[b], block_t)]
+    both = torch.tensor(pairs, dtype=torch.int32).T.contiguous().to(device, non_blocking=True)
+    return both[0], both[1]
+
+
+def prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
+                      starts: torch.Tensor, new: torch.Tensor, cached: torch.Tensor,
+                      tile_list: tuple[torch.Tensor, torch.Tensor], kv_block: int, scale: float) -> torch.Tensor:
+    """q [T, Hq, D] -> [T, Hq, D]: row t of sequence b attends to its keys 0 .. cached[b] + t through table [B, W]
+    (pool slot of key j: table[b, j // kv_block] * kv_block + j % kv_block). starts / new / cached [B] int: each
+    sequence's first row, its new rows, its cached tokens (this step's K/V already in the pools)."""
+    t, hq, d = q.shape
+    hkv = k_pool.shape[1]
+    group = hq // hkv
+    out = torch.empty_like(q)
+    seq, first = tile_list
+    if seq.numel():
+        _prefill_paged[(seq.numel(), hkv)](
+            q, k_pool, v_pool, out, table, seq, first, starts, new, cached, scale, q.stride(0), q.stride(1),
+            k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1), table.stride(0), out.stride(0),
+            out.stride(1), GROUP=group, HEAD_DIM=d, KV_BLOCK=kv_block, BLOCK_T=ROWS // group, BLOCK_N=BLOCK_N,
+            num_warps=8, num_stages=2)
+    return out
