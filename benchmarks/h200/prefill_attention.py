@@ -19,10 +19,13 @@ import triton
 from torch.nn.attention.bias import causal_lower_right
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from moemesh.runtime.gpu.prefill_attention import prefill_attention  # noqa: E402
+from moemesh.runtime.gpu.prefill_attention import CONFIG, prefill_attention, tiles  # noqa: E402
 from moemesh.runtime.step_context import StepContext  # noqa: E402
 
 HQ, HKV, D, BS = 32, 4, 128, 16
+GRID = [{**CONFIG, **d} for d in ({"BLOCK_N": 128}, {"num_stages": 3}, {"ROWS": 128, "num_warps": 8},
+                                  {"num_warps": 8}, {"BLOCK_N": 32}, {"ROWS": 128, "BLOCK_N": 128, "num_warps": 8,
+                                   "num_stages": 3})]
 CASES = {  # name: (cached, new) per sequence
     "chunk 448 at 1,600 + 64 decodes at 2,000": ([1600] + [2000] * 64, [448] + [1] * 64),
     "4 prompts of 1,024": ([0] * 4, [1024] * 4),
@@ -69,13 +72,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    rows = []
+    rows, sweep = [], []
     for name, (cached, new) in CASES.items():
         ctx, q, kp, vp = case(cached, new)
-        tiles = ctx.tiles(HQ // HKV)
+        tile_list = ctx.tiles(HQ // HKV)
 
         def ours():
-            return prefill_attention(q, kp, vp, ctx.table, ctx.starts, ctx.new, ctx.cached, tiles, BS, D ** -0.5)
+            return prefill_attention(q, kp, vp, ctx.table, ctx.starts, ctx.new, ctx.cached, tile_list, BS, D ** -0.5)
         want = padded(ctx, q, kp, vp)
         err = ((ours().float() - want.float()).norm() / want.float().norm()).item()
         flops = sum(4 * n * (c + (n + 1) / 2) * D * HQ for c, n in zip(cached, new))  # causal: half the square
@@ -85,10 +88,22 @@ def main(argv=None) -> int:
             r[f"{who}_us"] = round(triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median") * 1e3, 1)
         rows.append(r)
         print(json.dumps(r), flush=True)
+        for cfg in GRID:  # the kernel's configs on this step
+            t = tiles(list(new), HQ // HKV, "cuda", cfg["ROWS"])
+            try:
+                us = triton.testing.do_bench(lambda: prefill_attention(q, kp, vp, ctx.table, ctx.starts, ctx.new,
+                                                                       ctx.cached, t, BS, D ** -0.5, cfg),
+                                             warmup=5, rep=40, return_mode="median") * 1e3
+            except Exception as exc:  # noqa: BLE001 -- out of shared memory / registers: skip it
+                print(f"  skip {cfg}: {type(exc).__name__}", flush=True)
+                continue
+            sweep.append({"case": name, "config": cfg, "us": round(us, 1)})
+            print(f"  {us:8.1f} us {cfg}", flush=True)
     meta = {"machine": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "command": "python3 benchmarks/h200/prefill_attention.py " + " ".join(argv or sys.argv[1:])}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "prefill-attention-h200.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    (args.out / "prefill-attention-h200.json").write_text(json.dumps({**meta, "rows": rows, "sweep": sweep},
+                                                                     indent=1) + "\n")
     lines = ["# One layer's attention, steps of several sequences (32 q / 4 kv heads, D 128), us", "",
              f"{meta['machine']}; `{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}", "",
              "| step | paged kernel | padded SDPA + mask (before) | SDPA per sequence | FLOP limit | rel err |",

@@ -79,8 +79,9 @@ def test_prefill_attention_compiles_for_hopper_with_tensor_cores(tmp_path):
     types = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
     types.update({n: "*i64" for n in ("table_ptr", "start_ptr", "new_ptr", "cached_ptr")})
     types.update({"tile_seq_ptr": "*i32", "tile_t_ptr": "*i32", "scale": "fp32"})
-    ptx = compile_sm90(pa._prefill_paged, types, dict(GROUP=8, HEAD_DIM=128, KV_BLOCK=16, BLOCK_T=16,
-                                                       BLOCK_N=pa.BLOCK_N), 8, 2)
+    cfg = pa.CONFIG
+    ptx = compile_sm90(pa._prefill_paged, types, dict(GROUP=8, HEAD_DIM=128, KV_BLOCK=16, BLOCK_T=cfg["ROWS"] // 8,
+                                                       BLOCK_N=cfg["BLOCK_N"]), cfg["num_warps"], cfg["num_stages"])
     assert "mma" in ptx
     if PTXAS:
         report = _ptxas_report(ptx, tmp_path)

@@ -21,7 +21,9 @@ import triton
 import triton.language as tl
 
 BLOCK_N = 64  # keys per tile
-ROWS = 128  # query rows a program holds: BLOCK_T tokens x GROUP heads
+ROWS = 64  # query rows a program holds: BLOCK_T tokens x GROUP heads
+# H200, Qwen3 heads (benchmarks/h200/prefill_attention.py's sweep): 64 rows on 4 warps beat 128 on 8 in all 4 steps
+CONFIG = {"BLOCK_N": BLOCK_N, "ROWS": ROWS, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
@@ -42,31 +44,44 @@ def _prefill_paged(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, tile_seq_ptr, tile_t
     rows = (row0 + t).to(tl.int64)
     q = tl.load(q_ptr + rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=ok[:, None],
                 other=0.0)  # [R, D]
+    qk_scale = scale * 1.4426950408889634  # scores in log2 units: exp2 in the softmax
     limit = c + t  # [R] the last key each row sees (key 0 always: no row is all -inf)
     hi = tl.minimum(c + t0 + BLOCK_T, c + n)  # keys this tile needs: 0 .. hi - 1
+    full = (c + t0 + 1) // BLOCK_N * BLOCK_N  # keys before this are seen by every row: tiles without a mask
     m_i = tl.full((BLOCK_T * GROUP,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_T * GROUP,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_T * GROUP, HEAD_DIM), dtype=tl.float32)
-    for j0 in range(0, hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)  # [N] key positions
-        j_ok = j < hi
-        block = tl.load(table_ptr + b * stride_tb + j // KV_BLOCK, mask=j_ok, other=0)
-        slot = block.to(tl.int64) * KV_BLOCK + j % KV_BLOCK  # [N]
-        k = tl.load(k_ptr + slot[:, None] * stride_ks + kv_head * stride_kh + d[None, :], mask=j_ok[:, None],
-                    other=0.0)  # [N, D]
-        s = tl.dot(q, tl.trans(k)) * scale  # [R, N] float32
-        s = tl.where((j[None, :] <= limit[:, None]) & j_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :], mask=j_ok[:, None],
-                    other=0.0)  # [N, D]
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    for j0 in range(0, full, BLOCK_N):
+        acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, qk_scale, k_ptr, v_ptr, table_ptr, b, kv_head, j0, limit, hi, d,
+                                  stride_ks, stride_kh, stride_vs, stride_vh, stride_tb, KV_BLOCK, BLOCK_N, False)
+    for j0 in range(full, hi, BLOCK_N):  # the diagonal: causal and end masks
+        acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, qk_scale, k_ptr, v_ptr, table_ptr, b, kv_head, j0, limit, hi, d,
+                                  stride_ks, stride_kh, stride_vs, stride_vh, stride_tb, KV_BLOCK, BLOCK_N, True)
     out = acc / l_i[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def _key_tile(acc, m_i, l_i, q, qk_scale, k_ptr, v_ptr, table_ptr, b, kv_head, j0, limit, hi, d, stride_ks, stride_kh,
+              stride_vs, stride_vh, stride_tb, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """One tile of BLOCK_N keys from j0 into the online softmax (acc [R, D], running max m_i and sum l_i [R])."""
+    j = j0 + tl.arange(0, BLOCK_N)  # [N] key positions
+    j_ok = j < hi
+    block = tl.load(table_ptr + b * stride_tb + j // KV_BLOCK, mask=j_ok, other=0)
+    slot = block.to(tl.int64) * KV_BLOCK + j % KV_BLOCK  # [N]
+    k = tl.load(k_ptr + slot[:, None] * stride_ks + kv_head * stride_kh + d[None, :], mask=j_ok[:, None],
+                other=0.0)  # [N, D]
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # [R, N] float32, log2 units
+    if MASKED:
+        s = tl.where((j[None, :] <= limit[:, None]) & j_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    v = tl.load(v_ptr + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :], mask=j_ok[:, None],
+                other=0.0)  # [N, D]
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i * alpha + tl.sum(p, 1)
 
 
 def usable(q_heads: int, kv_heads: int, head_dim: int) -> bool:
@@ -75,10 +90,10 @@ def usable(q_heads: int, kv_heads: int, head_dim: int) -> bool:
     return head_dim & (head_dim - 1) == 0 and 16 <= head_dim <= 256 and ROWS % group == 0 and q_heads % kv_heads == 0
 
 
-def tiles(new: list[int], group: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence [N], first row [N]) of every BLOCK_T = ROWS / group rows of each sequence, longest sequences'
+def tiles(new: list[int], group: int, device, rows: int = ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence [N], first row [N]) of every BLOCK_T = rows / group rows of each sequence, longest sequences'
     tiles first (their programs walk the most keys)."""
-    block_t = ROWS // group
+    block_t = rows // group
     pairs = [(b, t0) for b in sorted(range(len(new)), key=lambda i: -new[i]) for t0 in range(0, new[b], block_t)]
     both = torch.tensor(pairs, dtype=torch.int32).T.contiguous().to(device, non_blocking=True)
     return both[0], both[1]
@@ -86,10 +101,12 @@ def tiles(new: list[int], group: int, device) -> tuple[torch.Tensor, torch.Tenso
 
 def prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
                       starts: torch.Tensor, new: torch.Tensor, cached: torch.Tensor,
-                      tile_list: tuple[torch.Tensor, torch.Tensor], kv_block: int, scale: float) -> torch.Tensor:
+                      tile_list: tuple[torch.Tensor, torch.Tensor], kv_block: int, scale: float,
+                      cfg: dict = CONFIG) -> torch.Tensor:
     """q [T, Hq, D] -> [T, Hq, D]: row t of sequence b attends to its keys 0 .. cached[b] + t through table [B, W]
     (pool slot of key j: table[b, j // kv_block] * kv_block + j % kv_block). starts / new / cached [B] int: each
-    sequence's first row, its new rows, its cached tokens (this step's K/V already in the pools)."""
+    sequence's first row, its new rows, its cached tokens (this step's K/V already in the pools). tile_list from
+    tiles(..., cfg["ROWS"])."""
     t, hq, d = q.shape
     hkv = k_pool.shape[1]
     group = hq // hkv
@@ -99,6 +116,6 @@ def prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         _prefill_paged[(seq.numel(), hkv)](
             q, k_pool, v_pool, out, table, seq, first, starts, new, cached, scale, q.stride(0), q.stride(1),
             k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1), table.stride(0), out.stride(0),
-            out.stride(1), GROUP=group, HEAD_DIM=d, KV_BLOCK=kv_block, BLOCK_T=ROWS // group, BLOCK_N=BLOCK_N,
-            num_warps=8, num_stages=2)
+            out.stride(1), GROUP=group, HEAD_DIM=d, KV_BLOCK=kv_block, BLOCK_T=cfg["ROWS"] // group,
+            BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
