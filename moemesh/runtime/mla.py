@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moemesh.runtime.attention import causal_mask
 from moemesh.runtime.layers import Linear, Loader, RMSNorm
 from moemesh.runtime.mla_absorbed import absorbed_decode
 from moemesh.runtime.rope import Rotary
@@ -78,7 +79,7 @@ class LatentAttention(nn.Module):
         k = torch.cat((k_nope, rot_ctx.to(x.dtype)[:, :, None, :].expand(b, tk, heads, rdim)), dim=-1)
         q = ctx.pad_queries(torch.cat((q_nope, q_rot), dim=-1))  # [B, Tq, Hq, nope + rope]
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=ctx.mask, scale=s.scale
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=causal_mask(ctx, q), scale=s.scale
         )  # [B, Hq, Tq, v]
         out = ctx.unpad(out.transpose(1, 2))  # [T, Hq, v]
         return p["o_proj"](out.reshape(x.shape[0], heads * vdim))
