@@ -47,10 +47,16 @@ def main(argv=None) -> int:
         return wall * 1e3
 
     prefill("warm")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as prof:
         wall = prefill("profiled")
     kernels = {}
+    host = {}
     for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CPU and ev.name.startswith("cuda"):  # runtime calls: syncs
+            h = host.setdefault(ev.name, [0, 0.0])
+            h[0] += 1
+            h[1] += ev.cpu_time_total / 1e3
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             k = kernels.setdefault(ev.name[:90], [0, 0.0])
             k[0] += 1
@@ -60,9 +66,12 @@ def main(argv=None) -> int:
     print(f"prefill of {args.prompt} tokens ({args.quantization}): wall {wall:.2f} ms, kernels {total:.2f} ms")
     for name, (count, ms) in top:
         print(f"{ms:8.2f} ms {100 * ms / total:5.1f}% x{count:<5d} {name}")
+    print("CUDA runtime calls on the host (count, ms): " + ", ".join(
+        f"{n} x{c} {ms:.2f}" for n, (c, ms) in sorted(host.items(), key=lambda kv: -kv[1][1])[:8]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"prefill-profile-h200-{args.quantization}-{args.prompt}.json").write_text(json.dumps(
         {"machine": torch.cuda.get_device_name(), "command": "python3 " + " ".join(sys.argv), "wall_ms": wall,
+         "host_cuda_calls": {n: {"count": c, "ms": round(m, 3)} for n, (c, m) in host.items()},
          "kernel_ms": total, "top": [{"kernel": n, "count": c, "ms": round(m, 3)} for n, (c, m) in top]},
         indent=1) + "\n")
     return 0

@@ -97,7 +97,10 @@ def tiles(new: list[int], group: int, device, rows: int = ROWS) -> tuple[torch.T
     tiles first (their programs walk the most keys)."""
     block_t = rows // group
     pairs = [(b, t0) for b in sorted(range(len(new)), key=lambda i: -new[i]) for t0 in range(0, new[b], block_t)]
-    both = torch.tensor(pairs, dtype=torch.int32).T.contiguous().to(device, non_blocking=True)
+    both = torch.tensor(pairs, dtype=torch.int32).T.contiguous()
+    if torch.device(device).type == "cuda":  # built at the first layer's attention: a pageable copy would wait for
+        both = both.pin_memory()  # the kernels queued before it, a pinned one does not
+    both = both.to(device, non_blocking=True)
     return both[0], both[1]
 
 
