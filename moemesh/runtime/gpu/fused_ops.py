@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moemesh.runtime.gpu import pdl
+from moemesh.runtime.gpu import norm_rope_rows, pdl
 from moemesh.runtime.gpu.pdl import enter
 
 
@@ -133,6 +133,8 @@ def norm_rope_(qkv: torch.Tensor, q_heads: int, k_heads: int, head_dim: int, q_w
     t = qkv.shape[0]
     if not t:
         return
+    if kv is None and t >= norm_rope_rows.MIN_TOKENS:  # prefill: ROWS tokens a program
+        return norm_rope_rows.norm_rope_rows_(qkv, q_heads, k_heads, head_dim, q_weight, k_weight, eps, cos, sin)
     norm = q_weight is not None
     if kv is not None and not all(p.is_contiguous() for p in kv[:2]):
         raise ValueError("norm_rope_ writes K/V into contiguous pools only")
