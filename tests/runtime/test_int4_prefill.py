@@ -24,6 +24,9 @@ CHECKS = textwrap.dedent('''
         w = quantize_int4(torch.randn(3, n, k) * 0.05, group, symmetric)
         got = ip.dequantize_into(w, torch.empty(3, n, k, dtype=F16))
         assert torch.equal(got, w.dequantize(F16)), (group, symmetric, k)
+    w = quantize_int4(torch.randn(3, 48, 256) * 0.05, 128, True)
+    codes = ip.as_fp8(w, torch.empty(3, 48, 256, dtype=torch.float8_e4m3fn))  # code - 8 in e4m3, w's own scales
+    assert torch.equal(codes.dequantize(torch.float32), w.dequantize(torch.float32)) and codes.scheme == "fp8"
 
     t, kk, e, h, inter = 37, 4, 6, 128, 64
     cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}
@@ -78,7 +81,7 @@ def test_fused_moe_takes_it_for_large_int4_steps_only():
 
 
 @hopper
-def test_int4_prefill_matches_prefill_moe_on_the_dequantized_weights():
+def test_int4_prefill_matches_prefill_moe_on_the_dequantized_weights(monkeypatch):
     """Qwen3-30B-A3B's expert shapes at 2,048 tokens, every expert touched: the chunked path (two chunks) against
     prefill_moe given the same weights dequantized by QuantTensor.dequantize."""
     from moemesh.runtime.gpu import int4_prefill as ip
@@ -94,6 +97,7 @@ def test_int4_prefill_matches_prefill_moe_on_the_dequantized_weights():
     w, ids = torch.randn(t, e, device="cuda").softmax(-1).topk(k, -1)
     want = prefill_moe.prefill_moe(hidden, gu.dequantize(torch.bfloat16), dn.dequantize(torch.bfloat16), ids, w)
     assert ip.wanted(hidden, gu, dn)
+    monkeypatch.setattr(ip, "FP8", False)  # the bf16 route (the e4m3 one: the next test)
     got = fused_moe(hidden, gu, dn, ids, w)  # fused_moe hands it to int4_prefill
     assert ((got - want).norm() / want.norm()).item() < 1e-3
     budget, ip.SCRATCH_BYTES = ip.SCRATCH_BYTES, 64 * (3 * inter * h * 2)  # 64 experts a chunk: two chunks
@@ -102,6 +106,31 @@ def test_int4_prefill_matches_prefill_moe_on_the_dequantized_weights():
     finally:
         ip.SCRATCH_BYTES = budget
     assert ((got - want).norm() / want.norm()).item() < 1e-3
+
+
+@hopper
+def test_symmetric_int4_prefill_runs_on_fp8_tensor_cores():
+    """Symmetric int4 with 128-column groups from 1,024 tokens: the codes as e4m3 (exact) with their group scales,
+    W8A8 through prefill_fp8 (activations rounded to e4m3: prefill_fp8's error budget against the bf16 route)."""
+    from moemesh.runtime.gpu import int4_prefill as ip
+    from moemesh.runtime.gpu import prefill_fp8
+    from moemesh.runtime.gpu.fused_moe import fused_moe
+    from moemesh.runtime.quant import quantize
+
+    torch.manual_seed(0)
+    e, h, inter, t, k = 128, 2048, 768, 1024, 8
+    gu = quantize(torch.randn(e, 2 * inter, h, device="cuda") / 45, "int4")
+    dn = quantize(torch.randn(e, h, inter, device="cuda") / 28, "int4")
+    hidden = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    w, ids = torch.randn(t, e, device="cuda").softmax(-1).topk(k, -1)
+    assert ip.fp8_wanted(hidden, gu, dn) and not ip.fp8_wanted(hidden[:t // 2], gu, dn)
+    got = fused_moe(hidden, gu, dn, ids, w)
+    codes_gu = ip.as_fp8(gu, torch.empty(gu.shape, dtype=torch.float8_e4m3fn, device="cuda"))
+    codes_dn = ip.as_fp8(dn, torch.empty(dn.shape, dtype=torch.float8_e4m3fn, device="cuda"))
+    want = prefill_fp8.w8a8_reference(hidden, codes_gu, codes_dn, ids, w)
+    assert ((got - want).norm() / want.norm()).item() < 2e-2
+    bf16 = ip.int4_prefill(hidden, gu, dn, ids, w, fp8=False)
+    assert ((got - bf16).norm() / bf16.norm()).item() < 6e-2  # the activations' e4m3 rounding
 
 
 @needs_triton
@@ -114,5 +143,8 @@ def test_dequantization_kernel_compiles_for_hopper_with_wide_stores():
 
     types = {"q_ptr": "*u8", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*bf16"}  # strides: i32, 16-aligned
     for group, zp in ((128, False), (32, True)):
-        ptx = compile_sm90(_dequant, types, dict(GROUP=group, ZP=zp, BLOCKS=16, BLOCK_R=ROWS), 4, 1)
+        ptx = compile_sm90(_dequant, types, dict(GROUP=group, ZP=zp, BLOCKS=16, BLOCK_R=ROWS, CODES=False), 4, 1)
         assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, group
+    ptx = compile_sm90(_dequant, {**types, "out_ptr": "*fp8e4nv"}, dict(GROUP=128, ZP=False, BLOCKS=16, BLOCK_R=ROWS,
+                                                                        CODES=True), 4, 1)
+    assert "ld.global.v4.b32" in ptx and "st.global" in ptx  # e4m3 codes: 8 bytes a thread and store

@@ -47,18 +47,21 @@ CHECKS = textwrap.dedent('''
     for t, k, e, h, inter, bk in ((37, 4, 8, 128, 64, 16), (300, 4, 4, 64, 32, 32)):
         hid = torch.randn(t, h, dtype=torch.float16)
         hid[5] = 0  # an all-zero token: scale 1, zeros through
-        wgu = quantize(torch.randn(e, 2 * inter, h) * 0.1, "fp8")
-        wdn = quantize(torch.randn(e, h, inter) * 0.1, "fp8")
+        w_gu, w_dn = torch.randn(e, 2 * inter, h) * 0.1, torch.randn(e, h, inter) * 0.1
+        w_dn[:, :, :bk] *= 20  # blocks of very different scales (block-scaled weights keep them apart)
         w, ids = torch.randn(t, e).softmax(-1).topk(k, -1)
         ids[0, -1] = -1  # one slot hosted elsewhere
         ids[3] = -1  # a token whose experts are all hosted elsewhere: its row stays zero
-        want = pf.w8a8_reference(hid, wgu, wdn, ids, w, act_group=32)
-        for promote in (False, True):  # PROMOTE: each K step summed outside the accumulator the dot adds to
-            cfgs = ({**up, "PROMOTE": promote}, {**up, "BLOCK_K": bk, "PROMOTE": promote})
-            got = pf.prefill_fp8(hid, wgu, wdn, ids, w, configs=cfgs)
-            rel = ((got - want).norm() / want.norm()).item()
-            assert got.dtype == torch.float32 and rel < 1e-3, (t, bk, promote, rel)
-            assert got[3].abs().max().item() == 0.0 and got[5].abs().max().item() == 0.0, t
+        for blocks in (False, True):  # one scale per channel, or per BLOCK_K columns (int4 codes, DeepSeek FP8)
+            wgu = quantize(w_gu, "fp8", up["BLOCK_K"] if blocks else None)
+            wdn = quantize(w_dn, "fp8", bk if blocks else None)
+            want = pf.w8a8_reference(hid, wgu, wdn, ids, w, act_group=32)
+            for promote in (False, True):  # PROMOTE: each K step summed outside the accumulator the dot adds to
+                cfgs = ({**up, "PROMOTE": promote}, {**up, "BLOCK_K": bk, "PROMOTE": promote})
+                got = pf.prefill_fp8(hid, wgu, wdn, ids, w, configs=cfgs)
+                rel = ((got - want).norm() / want.norm()).item()
+                assert got.dtype == torch.float32 and rel < 1e-3, (t, bk, blocks, promote, rel)
+                assert got[3].abs().max().item() == 0.0 and got[5].abs().max().item() == 0.0, t
     print("ok")
 ''')
 
@@ -79,14 +82,15 @@ def test_operands_prefill_fp8_cannot_take_are_refused_with_the_reason():
     assert pf.usable(hid, wgu, wdn) == ""
     assert "w_gate_up is not an fp8 QuantTensor" in pf.usable(hid, torch.zeros(2, 256, 256), wdn)
     assert "w_down is not an fp8" in pf.usable(hid, wgu, quantize(torch.randn(2, 256, 128), "int8"))
-    blocks = quantize(torch.randn(2, 256, 256), "fp8", block_k=128)
-    assert "w_gate_up has 128-column scale blocks" in pf.usable(hid, blocks, wdn)
+    assert pf.usable(hid, quantize(torch.randn(2, 256, 256), "fp8", block_k=128), wdn) == ""  # per BLOCK_K
+    blocks = quantize(torch.randn(2, 256, 256), "fp8", block_k=64)
+    assert "w_gate_up has 64-column scale blocks" in pf.usable(hid, blocks, wdn)
     assert "hidden dtype torch.float32" in pf.usable(hid.float(), wgu, wdn)
     odd = quantize(torch.randn(2, 192, 256), "fp8"), quantize(torch.randn(2, 256, 96), "fp8")
     assert "I 96 is not a multiple of the block 128" in pf.usable(hid, *odd)
     cfg_up = {**pf.DEFAULT_GATE_UP, "BLOCK_N": 64}
     assert "does not divide gate_up's BLOCK_N 64" in pf.usable(hid, wgu, wdn, cfg_up, pf.DEFAULT_DOWN)
-    with pytest.raises(ValueError, match="prefill_fp8: w_gate_up has 128-column"):
+    with pytest.raises(ValueError, match="prefill_fp8: w_gate_up has 64-column"):
         pf.prefill_fp8(hid, blocks, wdn, torch.zeros(4, 2, dtype=torch.int64), torch.ones(4, 2))
 
 
@@ -105,19 +109,20 @@ def test_fp8_prefill_kernels_compile_for_hopper_with_tma_and_fp8_wgmma(tmp_path)
     up, dn = pf.DEFAULT_GATE_UP, pf.DEFAULT_DOWN
     common = {"sorted_ptr": "*i64", "expert_ptr": "*i64", "rows_used_ptr": "*i64", "act_scale_ptr": "*fp32",
               "w_scale_ptr": "*fp32"}
-    bm, bn, bk = up["BLOCK_M"], up["BLOCK_N"], up["BLOCK_K"]
-    ptx = {"gate_up": compile_sm90(
-        pf._gate_up_fp8, {**common, "a_desc": _fp8_desc([bm, bk]), "w2_desc": _fp8_desc([1, 2, bn, bk]),
-                          "act_desc": _fp8_desc([bm, bn]), "tok_scale_ptr": "*fp32"},
-        dict(TOP_K=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=up["GROUP_M"], NUM_SMS=132, PROMOTE=False,
-             PDL=False),
-        up["num_warps"], up["num_stages"])}
-    bm, bn, bk = dn["BLOCK_M"], dn["BLOCK_N"], dn["BLOCK_K"]
-    ptx["down"] = compile_sm90(
-        pf._down_fp8, {**common, "act_desc": _fp8_desc([bm, bk]), "w_desc": _fp8_desc([bn, bk]),
-                       "y_desc": f"tensordesc<bf16[{bm}, {bn}]>", "weight_ptr": "*fp32"},
-        dict(ACT_GROUP=up["BLOCK_N"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=dn["GROUP_M"], NUM_SMS=132,
-             PROMOTE=False, PDL=False), dn["num_warps"], dn["num_stages"])
+    ptx = {}
+    for w_groups in (0, 16):  # one weight scale per channel; per 128 columns (H 2048 / 128, I 768 / 128)
+        bm, bn, bk = up["BLOCK_M"], up["BLOCK_N"], up["BLOCK_K"]
+        ptx[f"gate_up groups={w_groups}"] = compile_sm90(
+            pf._gate_up_fp8, {**common, "a_desc": _fp8_desc([bm, bk]), "w2_desc": _fp8_desc([1, 2, bn, bk]),
+                              "act_desc": _fp8_desc([bm, bn]), "tok_scale_ptr": "*fp32"},
+            dict(TOP_K=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=up["GROUP_M"], NUM_SMS=132, W_GROUPS=w_groups,
+                 PROMOTE=False, PDL=False), up["num_warps"], up["num_stages"])
+        bm, bn, bk = dn["BLOCK_M"], dn["BLOCK_N"], dn["BLOCK_K"]
+        ptx[f"down groups={w_groups}"] = compile_sm90(
+            pf._down_fp8, {**common, "act_desc": _fp8_desc([bm, bk]), "w_desc": _fp8_desc([bn, bk]),
+                           "y_desc": f"tensordesc<bf16[{bm}, {bn}]>", "weight_ptr": "*fp32"},
+            dict(ACT_GROUP=up["BLOCK_N"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=dn["GROUP_M"], NUM_SMS=132,
+                 W_GROUPS=w_groups * 6 // 16, PROMOTE=False, PDL=False), dn["num_warps"], dn["num_stages"])
     for name, text in ptx.items():
         assert "cp.async.bulk.tensor" in text and "wgmma.mma_async" in text and ".e4m3.e4m3" in text, name
         if PTXAS:

@@ -197,7 +197,8 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids
         return prefill_moe.prefill_moe(hidden, w_gate_up, w_down, local_ids, topk_weights)
     if configs is None and prefill_fp8.wanted(hidden, w_gate_up, w_down):  # large fp8 steps: e4m3 x e4m3 wgmma
         return prefill_fp8.prefill_fp8(hidden, w_gate_up, w_down, local_ids, topk_weights)
-    if configs is None and int4_prefill.wanted(hidden, w_gate_up, w_down):  # large int4 steps: dequantized, TMA
+    if configs is None and (int4_prefill.fp8_wanted(hidden, w_gate_up, w_down)  # large int4 steps: e4m3 codes
+                            or int4_prefill.wanted(hidden, w_gate_up, w_down)):  # or dequantized to bf16, TMA
         return int4_prefill.int4_prefill(hidden, w_gate_up, w_down, local_ids, topk_weights)
     swap = configs is None and swap_configs(t, w_gate_up)  # quantized experts at decode sizes: moe_swap.py
     cfg_up, cfg_down = swap or configs or (pick_config(t, "gate_up", w_gate_up), pick_config(t, "down", w_gate_up))

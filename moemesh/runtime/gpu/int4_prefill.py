@@ -24,19 +24,21 @@ import torch
 import triton
 import triton.language as tl
 
-from moemesh.runtime.gpu import prefill_moe
+from moemesh.runtime.gpu import prefill_fp8, prefill_moe
 from moemesh.runtime.quant import QuantTensor
 
-MIN_TOKENS = int(os.environ.get("MOEMESH_INT4_PREFILL_MIN_TOKENS", "2048"))
+MIN_TOKENS = int(os.environ.get("MOEMESH_INT4_PREFILL_MIN_TOKENS", "2048"))  # the bf16 route's threshold
+FP8 = os.environ.get("MOEMESH_INT4_PREFILL_FP8", "1") == "1"  # symmetric int4 as e4m3 codes through prefill_fp8
 SCRATCH_BYTES = int(os.environ.get("MOEMESH_INT4_PREFILL_SCRATCH_MB", "2048")) * 2**20
 ROWS = 32  # rows of one program (each walking its rows' packing blocks): 16 packed bytes per thread and block
 
 
 @triton.jit
 def _dequant(q_ptr, s_ptr, z_ptr, out_ptr, rows, cols, stride_q, stride_s, GROUP: tl.constexpr, ZP: tl.constexpr,
-             BLOCKS: tl.constexpr, BLOCK_R: tl.constexpr):
+             BLOCKS: tl.constexpr, BLOCK_R: tl.constexpr, CODES: tl.constexpr = False):
     """out[r, c] = (code(r, c) - zero) * scale for BLOCK_R rows: q [rows, BLOCKS * 64] packed (quant.py: byte j of
-    block p = column 128p + j low nibble, 128p + 64 + j high), scale / zero [rows, G] per GROUP columns."""
+    block p = column 128p + j low nibble, 128p + 64 + j high), scale / zero [rows, G] per GROUP columns. CODES: the
+    unscaled code - 8 (symmetric; exact in e4m3), the scales kept as they are."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = (r < rows)[:, None]
     r64 = r.to(tl.int64)[:, None]
@@ -49,9 +51,24 @@ def _dequant(q_ptr, s_ptr, z_ptr, out_ptr, rows, cols, stride_q, stride_s, GROUP
             ok = r_ok & (c < cols)
             # GROUP >= 64: one scale (and zero) per row for this half, else one per GROUP columns of it
             g = (p * 128 + half * 64) // GROUP if GROUP >= 64 else c // GROUP  # [1] or [1, 64]
-            s = tl.load(s_ptr + r64 * stride_s + g, mask=r_ok, other=0.0)
-            zero = tl.load(z_ptr + r64 * stride_s + g, mask=r_ok, other=0.0) if ZP else 8.0
-            tl.store(out_ptr + r64 * cols + c, ((code - zero) * s).to(out_ptr.dtype.element_ty), mask=ok)
+            if CODES:
+                tl.store(out_ptr + r64 * cols + c, (code - 8.0).to(out_ptr.dtype.element_ty), mask=ok)
+            else:
+                s = tl.load(s_ptr + r64 * stride_s + g, mask=r_ok, other=0.0)
+                zero = tl.load(z_ptr + r64 * stride_s + g, mask=r_ok, other=0.0) if ZP else 8.0
+                tl.store(out_ptr + r64 * cols + c, ((code - zero) * s).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def as_fp8(w: QuantTensor, out: torch.Tensor) -> QuantTensor:
+    """A symmetric int4 stack w [E', N, K] with 128-column groups as the same values in e4m3 (code - 8, exact) with
+    w's own scales: a QuantTensor for prefill_fp8's block-scaled weights; out [E', N, K] float8_e4m3fn receives the
+    codes (one launch)."""
+    e, n, k = out.shape
+    q, scale = w.q.reshape(e * n, -1), w.scale.reshape(e * n, -1)
+    _dequant[(triton.cdiv(e * n, ROWS),)](q, scale, scale, out, e * n, k, q.stride(0), scale.stride(0),
+                                          GROUP=w.block_k, ZP=False, BLOCKS=q.shape[1] // 64, BLOCK_R=ROWS,
+                                          CODES=True)
+    return QuantTensor(out, w.scale, w.block_k)
 
 
 def dequantize_into(w: QuantTensor, out: torch.Tensor) -> torch.Tensor:
@@ -80,23 +97,50 @@ def wanted(hidden: torch.Tensor, w_gate_up, w_down) -> bool:
                               torch.empty(1, *w_down.shape[1:], dtype=hidden.dtype, device="meta")) == ""
 
 
+def fp8_wanted(hidden: torch.Tensor, w_gate_up, w_down) -> bool:
+    """Whether int4_prefill should go through e4m3 codes and prefill_fp8 (W8A8): symmetric int4 stacks of both
+    with prefill_fp8's 128-column groups, from its token count on (H200, one Qwen3-30B-A3B layer:
+    benchmarks/results/int4-prefill-h200-fp8.md)."""
+    if not (isinstance(w_gate_up, QuantTensor) and isinstance(w_down, QuantTensor) and FP8 and prefill_fp8.ENABLED):
+        return False
+    if w_gate_up.scheme != "int4" or w_down.scheme != "int4" or w_gate_up.zero is not None or w_down.zero is not None:
+        return False
+    if hidden.shape[0] < prefill_fp8.PREFILL_MIN_TOKENS or not hidden.is_cuda:
+        return False
+    if torch.cuda.get_device_capability(hidden.device)[0] < 9:
+        return False
+    meta = [QuantTensor(torch.empty(1, *w.shape[1:], dtype=torch.float8_e4m3fn, device="meta"),
+                        torch.empty(1, w.shape[1], w.shape[2] // 128, device="meta"), w.block_k)
+            for w in (w_gate_up, w_down)]
+    return all(w.block_k == 128 and w.shape[2] % 128 == 0 for w in (w_gate_up, w_down)) and \
+        prefill_fp8.usable(hidden, *meta) == ""
+
+
 def int4_prefill(hidden: torch.Tensor, w_gate_up: QuantTensor, w_down: QuantTensor, local_ids: torch.Tensor,
-                 topk_weights: torch.Tensor, configs: tuple[dict, dict] | None = None) -> torch.Tensor:
+                 topk_weights: torch.Tensor, configs: tuple[dict, dict] | None = None,
+                 fp8: bool | None = None) -> torch.Tensor:
     """fused_moe's contract for int4 experts: hidden [T, H], local_ids [T, K] (-1: not hosted), topk_weights
-    [T, K] -> [T, H] float32, through dequantized chunks of experts and prefill_moe (configs: its block configs;
-    tests)."""
+    [T, K] -> [T, H] float32, through chunks of experts made e4m3 codes for prefill_fp8 (fp8; None: fp8_wanted) or
+    dequantized to bf16 for prefill_moe (configs: that kernel's block configs; tests)."""
+    fp8 = fp8_wanted(hidden, w_gate_up, w_down) if fp8 is None else fp8
     e = w_gate_up.shape[0]
     gu_shape, dn_shape = tuple(w_gate_up.shape[1:]), tuple(w_down.shape[1:])
-    per_expert = (gu_shape[0] * gu_shape[1] + dn_shape[0] * dn_shape[1]) * hidden.element_size()
+    dtype = torch.float8_e4m3fn if fp8 else hidden.dtype
+    per_expert = (gu_shape[0] * gu_shape[1] + dn_shape[0] * dn_shape[1]) * dtype.itemsize
     chunk = max(1, min(e, SCRATCH_BYTES // per_expert))
-    gu_buf, dn_buf = _scratch(chunk, gu_shape, dn_shape, hidden.dtype, hidden.device)
+    gu_buf, dn_buf = _scratch(chunk, gu_shape, dn_shape, dtype, hidden.device)
     out = None
     for e0 in range(0, e, chunk):
         c = min(chunk, e - e0)
-        gu, dn = dequantize_into(w_gate_up[e0:e0 + c], gu_buf[:c]), dequantize_into(w_down[e0:e0 + c], dn_buf[:c])
         inside = (local_ids >= e0) & (local_ids < e0 + c)
         ids = torch.where(inside, local_ids - e0, torch.full_like(local_ids, -1))  # [T, K] chunk-local, else -1
-        part = prefill_moe.prefill_moe(hidden, gu, dn, ids, topk_weights, configs)
+        if fp8:
+            gu, dn = as_fp8(w_gate_up[e0:e0 + c], gu_buf[:c]), as_fp8(w_down[e0:e0 + c], dn_buf[:c])
+            part = prefill_fp8.prefill_fp8(hidden, gu, dn, ids, topk_weights, configs)
+        else:
+            gu, dn = dequantize_into(w_gate_up[e0:e0 + c], gu_buf[:c]), dequantize_into(w_down[e0:e0 + c],
+                                                                                         dn_buf[:c])
+            part = prefill_moe.prefill_moe(hidden, gu, dn, ids, topk_weights, configs)
         out = part if out is None else out.add_(part)
     return out
 

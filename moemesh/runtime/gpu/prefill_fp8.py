@@ -65,31 +65,43 @@ def _quantize_tokens(h_ptr, q_ptr, s_ptr, hidden, BLOCK_H: tl.constexpr):
 def _gate_up_fp8(a_desc, w2_desc, act_desc, act_scale_ptr, tok_scale_ptr, w_scale_ptr, sorted_ptr, expert_ptr,
                  rows_used_ptr, num_pairs, inter, k_in, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
-                 PROMOTE: tl.constexpr = False, PDL: tl.constexpr = False):
+                 W_GROUPS: tl.constexpr = 0, PROMOTE: tl.constexpr = False, PDL: tl.constexpr = False):
     """act_q, s_act per [BM, BN] tile (module doc). w2_desc: gate_up e4m3 as [E, 2, I, H], block [1, 2, BN, BK]
-    (gate and up tiles in one copy, one [BM, 2 BN] wgmma); w_scale [E, 2I] per channel; act_scale [EM, I / BN].
-    PROMOTE: each K step's product summed into the float32 accumulator outside the tensor cores (DeepSeek-V3's
-    remedy for fp8 wgmma's narrower accumulator; twice the accumulator registers)."""
+    (gate and up tiles in one copy, one [BM, 2 BN] wgmma); w_scale [E, 2I, max(W_GROUPS, 1)]: one per channel
+    (W_GROUPS 0) or per BLOCK_K columns (W_GROUPS = H / BLOCK_K: each step's columns rescaled as act's are in
+    _down_fp8); act_scale [EM, I / BN]. PROMOTE: each K step's product summed into the float32 accumulator outside
+    the tensor cores (DeepSeek-V3's remedy for fp8 wgmma's narrower accumulator; twice the accumulator registers)."""
     enter(PDL)
     num_m = (tl.load(rows_used_ptr) // BLOCK_M).to(tl.int32)
     num_n = inter // BLOCK_N
+    j2 = tl.arange(0, 2 * BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
         row0, n0, expert = _tile(tile, num_m, num_n, expert_ptr, BLOCK_M, BLOCK_N, GROUP_M)
+        wrow = expert.to(tl.int64) * 2 * inter + n0 + j2 + tl.where(j2 < BLOCK_N, 0, inter - BLOCK_N)  # [2BN]
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        prev_w = tl.full((2 * BLOCK_N,), 1.0, tl.float32)
         for k0 in range(0, k_in, BLOCK_K):
             a = a_desc.load([row0, k0])  # [BM, BK] e4m3
             w = w2_desc.load([expert, 0, n0, k0]).reshape(2 * BLOCK_N, BLOCK_K)  # [gate; up] rows, e4m3
-            if PROMOTE:
+            if W_GROUPS > 0:
+                s_w = tl.load(w_scale_ptr + wrow * W_GROUPS + k0 // BLOCK_K)  # [2BN]
+                if PROMOTE:
+                    acc += tl.dot(a, w.T) * s_w[None, :]
+                else:
+                    acc = tl.dot(a, w.T, acc * (prev_w / s_w)[None, :])
+                    prev_w = s_w
+            elif PROMOTE:
                 acc += tl.dot(a, w.T)
             else:
                 acc = tl.dot(a, w.T, acc)
-        gate, up = acc.reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1).split()  # [BM, BN] each
+        if W_GROUPS == 0:
+            acc = acc * tl.load(w_scale_ptr + wrow)[None, :]
+        else:
+            acc = acc * prev_w[None, :]  # all ones with PROMOTE
         rows = row0 + tl.arange(0, BLOCK_M)
         pair = tl.load(sorted_ptr + rows)  # [BM] int64; num_pairs on padding rows
         s_tok = tl.load(tok_scale_ptr + pair // TOP_K, mask=pair < num_pairs, other=0.0)  # 0: padding rows -> 0
-        cols = expert.to(tl.int64) * 2 * inter + n0 + tl.arange(0, BLOCK_N)
-        gate = gate * s_tok[:, None] * tl.load(w_scale_ptr + cols)[None, :]
-        up = up * s_tok[:, None] * tl.load(w_scale_ptr + cols + inter)[None, :]
+        gate, up = (acc * s_tok[:, None]).reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1).split()  # [BM, BN] each
         act = gate / (1.0 + tl.exp(-gate)) * up  # [BM, BN] float32
         amax = tl.max(tl.abs(act), 1)
         step = tl.where(amax > 0, amax / 448.0, 1.0)  # [BM]
@@ -101,10 +113,11 @@ def _gate_up_fp8(a_desc, w2_desc, act_desc, act_scale_ptr, tok_scale_ptr, w_scal
 def _down_fp8(act_desc, w_desc, y_desc, act_scale_ptr, w_scale_ptr, sorted_ptr, weight_ptr, expert_ptr,
               rows_used_ptr, num_pairs, hidden, k_in, ACT_GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
-              PROMOTE: tl.constexpr = False, PDL: tl.constexpr = False):
-    """y = weight[pair] * s_w * sum_k s_act[:, k] (act_q_k @ down_k^T) per [BM, BN] tile; w_desc: down e4m3 as
-    [E * H, I] rows, block [BN, BK]; w_scale [E, H] per channel. BLOCK_K divides ACT_GROUP (one act scale a step).
-    PROMOTE: each step's product scaled into a second accumulator instead of rescaling the one the dot adds to."""
+              W_GROUPS: tl.constexpr = 0, PROMOTE: tl.constexpr = False, PDL: tl.constexpr = False):
+    """y = weight[pair] * sum_k s_act[:, k] s_w[:, k] (act_q_k @ down_k^T) per [BM, BN] tile; w_desc: down e4m3 as
+    [E * H, I] rows, block [BN, BK]; w_scale [E, H, max(W_GROUPS, 1)] as _gate_up_fp8's. BLOCK_K divides ACT_GROUP
+    (one act scale a step). PROMOTE: each step's product scaled into a second accumulator instead of rescaling the
+    one the dot adds to (by the rank-1 ratio of this step's scales to the last's)."""
     enter(PDL)
     num_m = (tl.load(rows_used_ptr) // BLOCK_M).to(tl.int32)
     num_n = hidden // BLOCK_N
@@ -112,19 +125,28 @@ def _down_fp8(act_desc, w_desc, y_desc, act_scale_ptr, w_scale_ptr, sorted_ptr, 
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
         row0, n0, expert = _tile(tile, num_m, num_n, expert_ptr, BLOCK_M, BLOCK_N, GROUP_M)
         rows = row0 + tl.arange(0, BLOCK_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # in units of the last step's act scale
+        wrow = expert.to(tl.int64) * hidden + n0 + tl.arange(0, BLOCK_N)  # [BN]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # in units of the last step's scales
         prev = tl.full((BLOCK_M,), 1.0, tl.float32)
+        prev_w = tl.full((BLOCK_N,), 1.0, tl.float32)
         for k0 in range(0, k_in, BLOCK_K):
             s = tl.load(act_scale_ptr + rows * groups + k0 // ACT_GROUP)  # [BM]
             a, w = act_desc.load([row0, k0]), w_desc.load([expert * hidden + n0, k0])
-            if PROMOTE:
+            if W_GROUPS > 0:
+                s_w = tl.load(w_scale_ptr + wrow * W_GROUPS + k0 // BLOCK_K)  # [BN]
+                if PROMOTE:
+                    acc += tl.dot(a, w.T) * s[:, None] * s_w[None, :]
+                else:
+                    acc = tl.dot(a, w.T, acc * (prev / s)[:, None] * (prev_w / s_w)[None, :])
+                    prev, prev_w = s, s_w
+            elif PROMOTE:
                 acc += tl.dot(a, w.T) * s[:, None]
             else:
                 acc = tl.dot(a, w.T, acc * (prev / s)[:, None])
                 prev = s
         pair = tl.load(sorted_ptr + rows)  # [BM] int64; num_pairs on padding rows
         row_scale = prev * tl.load(weight_ptr + pair, mask=pair < num_pairs, other=0.0)  # [BM]
-        col_scale = tl.load(w_scale_ptr + expert.to(tl.int64) * hidden + n0 + tl.arange(0, BLOCK_N))  # [BN]
+        col_scale = tl.load(w_scale_ptr + wrow) if W_GROUPS == 0 else prev_w  # [BN]; ones with PROMOTE
         y_desc.store([row0, n0], (acc * row_scale[:, None] * col_scale[None, :]).to(y_desc.dtype))
 
 
@@ -134,8 +156,10 @@ def usable(hidden: torch.Tensor, w_gate_up, w_down, cfg_up: dict = DEFAULT_GATE_
     for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
         if not isinstance(w, QuantTensor) or w.scheme != "fp8":
             return f"{name} is not an fp8 QuantTensor"
-        if not w.per_channel:
-            return f"{name} has {w.block_k}-column scale blocks (prefill_fp8 takes one scale per channel)"
+        block_k = (cfg_up if name == "w_gate_up" else cfg_down)["BLOCK_K"]
+        if not w.per_channel and (w.block_k != block_k or w.scale.shape[-1] * block_k != w.shape[-1]):
+            return f"{name} has {w.block_k}-column scale blocks (prefill_fp8 takes one scale per channel or per " \
+                   f"{block_k} columns)"
         if not (w.q.is_contiguous() and w.scale.is_contiguous()):
             return f"{name} is not contiguous (the TMA descriptors view it as 2D rows)"
     if hidden.dtype not in (torch.bfloat16, torch.float16):
@@ -206,8 +230,13 @@ def launch_gate_up(a, s_tok, w_gate_up: QuantTensor, act, act_scale, al, top_k: 
                                                                      [1, 2, bn, bk]),
         TensorDescriptor.from_tensor(act, [bm, bn]), act_scale, s_tok, w_gate_up.scale, al.sorted_ids,
         al.block_expert, al.rows_used, al.num_pairs, two_i // 2, h, TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        GROUP_M=cfg["GROUP_M"], NUM_SMS=sms, PROMOTE=cfg.get("PROMOTE", False), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        GROUP_M=cfg["GROUP_M"], NUM_SMS=sms, W_GROUPS=_groups(w_gate_up), PROMOTE=cfg.get("PROMOTE", False),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _groups(w: QuantTensor) -> int:
+    """The kernels' W_GROUPS: 0 for one scale per channel, else the scale columns per row."""
+    return 0 if w.per_channel else w.scale.shape[-1]
 
 
 def launch_down(act, act_scale, w_down: QuantTensor, y, weights, al, cfg: dict, act_group: int) -> None:
@@ -220,8 +249,8 @@ def launch_down(act, act_scale, w_down: QuantTensor, y, weights, al, cfg: dict, 
         TensorDescriptor.from_tensor(w_down.q.view(e * h, inter), [bn, bk]),
         TensorDescriptor.from_tensor(y, [bm, bn]), act_scale, w_down.scale, al.sorted_ids, weights, al.block_expert,
         al.rows_used, al.num_pairs, h, inter, ACT_GROUP=act_group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        GROUP_M=cfg["GROUP_M"], NUM_SMS=sms, PROMOTE=cfg.get("PROMOTE", False), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        GROUP_M=cfg["GROUP_M"], NUM_SMS=sms, W_GROUPS=_groups(w_down), PROMOTE=cfg.get("PROMOTE", False),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def w8a8_reference(hidden: torch.Tensor, w_gate_up: QuantTensor, w_down: QuantTensor, local_ids: torch.Tensor,
@@ -240,8 +269,8 @@ def w8a8_reference(hidden: torch.Tensor, w_gate_up: QuantTensor, w_down: QuantTe
     out = torch.zeros(t, hidden.shape[1], device=hidden.device)
     for e in local_ids[local_ids >= 0].unique().tolist():
         tok, slot = (local_ids == e).nonzero(as_tuple=True)
-        gu = x[tok] @ (w_gate_up.q[e].float() * w_gate_up.scale[e]).T  # [R, 2I]
+        gu = x[tok] @ w_gate_up[e].dequantize(torch.float32).T  # [R, 2I]
         act = e4m3(torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:], inter // act_group)
-        y = act @ (w_down.q[e].float() * w_down.scale[e]).T  # [R, H]
+        y = act @ w_down[e].dequantize(torch.float32).T  # [R, H]
         out.index_add_(0, tok, y * topk_weights[tok, slot, None].float())
     return out
