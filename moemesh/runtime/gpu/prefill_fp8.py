@@ -18,7 +18,8 @@ bf16 experts 727-730; a 4,096-token prompt's first token 132 -> 87 ms (48 layers
 Scales: weights one per output channel (experts.py quantizes routed experts so); tokens one per row (the gate_up
 input); act one per row and gate_up tile, so the down GEMM rescales its float32 accumulator at each K step
 (acc = acc * s_prev / s_cur, then the dot into it; the same multiply count as a second accumulator, half the
-registers). Block-scaled weights (DeepSeek's FP8 checkpoints) keep fused_moe (`usable` says so).
+registers). Weights scaled per BLOCK_K columns of a row (DeepSeek's FP8 checkpoints as from_block_fp8 reads them,
+int4 codes from int4_prefill.as_fp8) are rescaled the same way per column (W_GROUPS); other blocks keep fused_moe.
 Error: each activation keeps e4m3's 3 mantissa bits, as each weight does: the layer is 6.4% from bf16 weights (W8A16:
 4.6%), as its float32 torch reference is, so fp8 wgmma's narrower accumulator adds nothing visible (PROMOTE: 6.35%,
 40% slower). SmolLM2-MoE perplexity with these numerics emulated on the CPU: +0.88% on wikitext-2 (W8A16 +0.37%),
