@@ -254,7 +254,9 @@ def _int4_bank(path, experts=None, group=INT4_GROUP, symmetric=True):
 @cuda
 @pytest.mark.parametrize("group, symmetric", VARIANTS)
 @pytest.mark.parametrize("experts", [None, (0, 2, 3, 5, 8, 9, 10, 15)])  # the whole bank, or one shard
-def test_int4_fused_moe_matches_the_dequantized_reference(tmp_path, experts, group, symmetric):
+def test_int4_fused_moe_matches_the_dequantized_reference(tmp_path, experts, group, symmetric, monkeypatch):
+    from moemesh.runtime.gpu import int4_prefill
+
     bank = _int4_bank(_qwen3_config(tmp_path), experts, group, symmetric)
     assert bank.fused_off == "" and bank.quantization == "int4"
     for t in (1, 7, 64, 300, 1100):  # GEMV (<= 32 pairs), one-launch align, sorted align (> 4096 pairs)
@@ -263,13 +265,17 @@ def test_int4_fused_moe_matches_the_dequantized_reference(tmp_path, experts, gro
         ids[0, -1] = -1
         if experts:  # token 1 routed only to experts hosted elsewhere: its row stays zero
             ids[min(1, t - 1)] = torch.tensor([1, 4, 6, 7], device="cuda")
-        got = bank.forward(1, hidden, ids, weights)
         bank.fused_off = "reference"  # torch path: dequantize the layer to bf16, grouped GEMMs
         want = bank.forward(1, hidden, ids, weights)
         bank.fused_off = ""
-        assert got.dtype == BF16 and _rel(got, want) < 2e-2, (t, _rel(got, want))
-        if experts:
-            assert got[min(1, t - 1)].abs().max().item() == 0.0
+        # from 1,024 tokens symmetric groups of 128 also round the activations to e4m3 (int4_prefill's fp8 route,
+        # W8A8): checked on and, for the weight-only bound, off
+        for fp8, bound in ((False, 2e-2), (True, 6e-2)) if t >= 1024 else ((True, 2e-2),):
+            monkeypatch.setattr(int4_prefill, "FP8", fp8)
+            got = bank.forward(1, hidden, ids, weights)
+            assert got.dtype == BF16 and _rel(got, want) < bound, (t, fp8, _rel(got, want))
+            if experts:
+                assert got[min(1, t - 1)].abs().max().item() == 0.0
 
 
 @cuda
