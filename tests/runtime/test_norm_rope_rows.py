@@ -3,20 +3,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
 import torch
 
-from moemesh.runtime.gpu import kernels_usable, triton_available
-
-WHY = kernels_usable(torch.device("cuda"), torch.bfloat16)
-cuda = pytest.mark.skipif(bool(WHY), reason=f"needs CUDA with Triton: {WHY}")
-interpreter = pytest.mark.skipif(not triton_available() or torch.cuda.is_available(),
-                                 reason="a Triton-interpreter check for a CPU machine with Triton")
+from interpreted import cuda, interpreter, needs_triton, run_interpreted
 
 CHECKS = textwrap.dedent('''
     import torch
@@ -40,12 +31,10 @@ CHECKS = textwrap.dedent('''
 
 @interpreter
 def test_norm_rope_rows_matches_the_decode_kernel_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_interpreted(CHECKS)
 
 
-@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@needs_triton
 def test_norm_rope_rows_compiles_for_hopper_without_spills(tmp_path):
     from test_prefill_moe import PTXAS, _ptxas_report, compile_sm90
 

@@ -5,20 +5,11 @@ tokens, past the graph buckets) match the same prompts stepped one sequence at a
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
 import torch
 
-from moemesh.runtime.gpu import kernels_usable, triton_available
-
-WHY = kernels_usable(torch.device("cuda"), torch.bfloat16)
-cuda = pytest.mark.skipif(bool(WHY), reason=f"needs CUDA with Triton: {WHY}")
-interpreter = pytest.mark.skipif(not triton_available() or torch.cuda.is_available(),
-                                 reason="a Triton-interpreter check for a CPU machine with Triton")
+from interpreted import cuda, interpreter, needs_triton, run_interpreted
 
 CHECKS = textwrap.dedent('''
     import torch
@@ -56,9 +47,7 @@ CHECKS = textwrap.dedent('''
 
 @interpreter
 def test_prefill_attention_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_interpreted(CHECKS)
 
 
 def test_shapes_the_kernel_cannot_take_are_refused():
@@ -70,7 +59,7 @@ def test_shapes_the_kernel_cannot_take_are_refused():
     assert not usable(256, 1, 128)  # a group of 256 rows exceeds the program's 128
 
 
-@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@needs_triton
 def test_prefill_attention_compiles_for_hopper_with_tensor_cores(tmp_path):
     from test_prefill_moe import PTXAS, _ptxas_report, compile_sm90
 

@@ -5,22 +5,12 @@ W8A16 path on the same weights, and through fused_moe's dispatch."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
-from moemesh.runtime.gpu import kernels_usable, triton_available
-
-WHY = kernels_usable(torch.device("cuda"), torch.bfloat16)
-HOPPER = not WHY and torch.cuda.get_device_capability()[0] >= 9
-hopper = pytest.mark.skipif(not HOPPER, reason=f"needs a Hopper GPU with Triton: {WHY or 'compute capability < 9'}")
-interpreter = pytest.mark.skipif(not triton_available() or torch.cuda.is_available(),
-                                 reason="a Triton-interpreter check for a CPU machine with Triton; on a GPU the "
-                                 "compiled kernels are checked by the hopper tests")
+from interpreted import hopper, interpreter, needs_triton, run_interpreted
 
 # Runs in a fresh interpreter: TRITON_INTERPRET must be set before triton.jit decorates the kernels.
 CHECKS = textwrap.dedent('''
@@ -68,9 +58,7 @@ CHECKS = textwrap.dedent('''
 
 @interpreter
 def test_prefill_fp8_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_interpreted(CHECKS)
 
 
 def test_operands_prefill_fp8_cannot_take_are_refused_with_the_reason():
@@ -98,7 +86,7 @@ def _fp8_desc(shape) -> str:
     return f"tensordesc<fp8e4nv[{', '.join(map(str, shape))}]>"
 
 
-@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@needs_triton
 def test_fp8_prefill_kernels_compile_for_hopper_with_tma_and_fp8_wgmma(tmp_path):
     """The default configs: both GEMMs copy tiles with TMA and multiply e4m3 x e4m3 with wgmma; ptxas (when present)
     reports no spills and no serialized wgmma."""
