@@ -86,7 +86,7 @@ class StepContext:
 
     @staticmethod
     def _build_mask(cached: torch.Tensor, new: torch.Tensor, q_len: int, kv_len: int,
-              device: torch.device | str) -> torch.Tensor:
+                    device: torch.device | str) -> torch.Tensor:
         t = torch.arange(q_len, device=device)[None, :, None]  # [1, Tq, 1]
         j = torch.arange(kv_len, device=device)[None, None, :]  # [1, 1, Tk]
         allowed = j <= cached[:, None, None] + t  # [B, Tq, Tk] causal with the sequence's offset
