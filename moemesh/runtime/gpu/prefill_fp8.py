@@ -256,7 +256,8 @@ def launch_down(act, act_scale, w_down: QuantTensor, y, weights, al, cfg: dict, 
 
 def w8a8_reference(hidden: torch.Tensor, w_gate_up: QuantTensor, w_down: QuantTensor, local_ids: torch.Tensor,
                    topk_weights: torch.Tensor, act_group: int = DEFAULT_GATE_UP["BLOCK_N"]) -> torch.Tensor:
-    """prefill_fp8's numerics in torch (float32 math, e4m3 rounding where the kernels round), per expert: the
+    """prefill_fp8's numerics in torch (float32 math, e4m3 rounding where the kernels round), per expert over every
+    token (rows are independent, so a token's unchosen experts add zero; no data-dependent shapes, no host sync): the
     reference of its tests and benchmark. -> [T, H] float32."""
     def e4m3(x: torch.Tensor, groups: int) -> torch.Tensor:  # x [R, C] -> dequantized, one scale per C / groups
         xs = x.unflatten(-1, (groups, -1))
@@ -264,14 +265,13 @@ def w8a8_reference(hidden: torch.Tensor, w_gate_up: QuantTensor, w_down: QuantTe
         step = torch.where(step > 0, step, torch.ones_like(step))
         return ((xs / step).to(torch.float8_e4m3fn).float() * step).flatten(-2)
 
-    t, k = local_ids.shape
-    inter = w_down.shape[2]
+    t, num_experts, inter = local_ids.shape[0], w_gate_up.shape[0], w_down.shape[2]
     x = e4m3(hidden.float(), 1)  # [T, H]
+    weights = torch.zeros(t, num_experts + 1, device=hidden.device)  # [T, E + 1]; column E: hosted elsewhere
+    weights.scatter_add_(1, torch.where(local_ids >= 0, local_ids, num_experts).long(), topk_weights.float())
     out = torch.zeros(t, hidden.shape[1], device=hidden.device)
-    for e in local_ids[local_ids >= 0].unique().tolist():
-        tok, slot = (local_ids == e).nonzero(as_tuple=True)
-        gu = x[tok] @ w_gate_up[e].dequantize(torch.float32).T  # [R, 2I]
+    for e in range(num_experts):
+        gu = x @ w_gate_up[e].dequantize(torch.float32).T  # [T, 2I]
         act = e4m3(torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:], inter // act_group)
-        y = act @ w_down[e].dequantize(torch.float32).T  # [R, H]
-        out.index_add_(0, tok, y * topk_weights[tok, slot, None].float())
+        out += (act @ w_down[e].dequantize(torch.float32).T) * weights[:, e, None]  # [T, H]
     return out
