@@ -80,6 +80,18 @@ def test_fused_moe_takes_it_for_large_int4_steps_only():
         assert not ip.wanted(hidden[:ip.MIN_TOKENS - 1], gu, dn)
 
 
+def _qwen3_int4_layer(t: int, e: int = 128, h: int = 2048, inter: int = 768, k: int = 8):
+    """(hidden [t, H] bf16, int4 gate_up, int4 down, ids, weights) of a Qwen3-30B-A3B-shaped layer on the GPU."""
+    from moemesh.runtime.quant import quantize
+
+    torch.manual_seed(0)
+    gu = quantize(torch.randn(e, 2 * inter, h, device="cuda") / 45, "int4")
+    dn = quantize(torch.randn(e, h, inter, device="cuda") / 28, "int4")
+    hidden = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    w, ids = torch.randn(t, e, device="cuda").softmax(-1).topk(k, -1)
+    return hidden, gu, dn, ids, w
+
+
 @hopper
 def test_int4_prefill_matches_prefill_moe_on_the_dequantized_weights(monkeypatch):
     """Qwen3-30B-A3B's expert shapes at 2,048 tokens, every expert touched: the chunked path (two chunks) against
@@ -87,14 +99,9 @@ def test_int4_prefill_matches_prefill_moe_on_the_dequantized_weights(monkeypatch
     from moemesh.runtime.gpu import int4_prefill as ip
     from moemesh.runtime.gpu import prefill_moe
     from moemesh.runtime.gpu.fused_moe import fused_moe
-    from moemesh.runtime.quant import quantize
 
-    torch.manual_seed(0)
-    e, h, inter, t, k = 128, 2048, 768, 2048, 8
-    gu = quantize(torch.randn(e, 2 * inter, h, device="cuda") / 45, "int4")
-    dn = quantize(torch.randn(e, h, inter, device="cuda") / 28, "int4")
-    hidden = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
-    w, ids = torch.randn(t, e, device="cuda").softmax(-1).topk(k, -1)
+    hidden, gu, dn, ids, w = _qwen3_int4_layer(2048)
+    h, inter = hidden.shape[1], dn.shape[2]
     want = prefill_moe.prefill_moe(hidden, gu.dequantize(torch.bfloat16), dn.dequantize(torch.bfloat16), ids, w)
     assert ip.wanted(hidden, gu, dn)
     monkeypatch.setattr(ip, "FP8", False)  # the bf16 route (the e4m3 one: the next test)
@@ -115,14 +122,9 @@ def test_symmetric_int4_prefill_runs_on_fp8_tensor_cores():
     from moemesh.runtime.gpu import int4_prefill as ip
     from moemesh.runtime.gpu import prefill_fp8
     from moemesh.runtime.gpu.fused_moe import fused_moe
-    from moemesh.runtime.quant import quantize
 
-    torch.manual_seed(0)
-    e, h, inter, t, k = 128, 2048, 768, 1024, 8
-    gu = quantize(torch.randn(e, 2 * inter, h, device="cuda") / 45, "int4")
-    dn = quantize(torch.randn(e, h, inter, device="cuda") / 28, "int4")
-    hidden = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
-    w, ids = torch.randn(t, e, device="cuda").softmax(-1).topk(k, -1)
+    t = 1024
+    hidden, gu, dn, ids, w = _qwen3_int4_layer(t)
     assert ip.fp8_wanted(hidden, gu, dn) and not ip.fp8_wanted(hidden[:t // 2], gu, dn)
     got = fused_moe(hidden, gu, dn, ids, w)
     codes_gu = ip.as_fp8(gu, torch.empty(gu.shape, dtype=torch.float8_e4m3fn, device="cuda"))
