@@ -47,15 +47,12 @@ class LoadRun:
             await self._poisson()
         return self.records, self.clock() - self._start
 
-    def _elapsed(self) -> float:
-        return self.clock() - self._start
-
     async def _worker(self) -> None:
         while True:
-            index = next(self._next)
-            if not self.spec.more(index, self._elapsed()):
+            index, now = next(self._next), self.clock()
+            if not self.spec.more(index, now - self._start):
                 return
-            await self._one(index)
+            await self._one(index, now)
 
     async def _poisson(self) -> None:
         slots = asyncio.Semaphore(self.spec.concurrency)
@@ -69,13 +66,16 @@ class LoadRun:
 
     async def _slotted(self, slots: asyncio.Semaphore, index: int) -> None:
         async with slots:
-            if self.spec.duration_s is not None and self._elapsed() >= self.spec.duration_s:
+            now = self.clock()
+            if self.spec.duration_s is not None and now - self._start >= self.spec.duration_s:
                 return  # arrived in time but found no slot before the end: never sent, not counted
-            await self._one(index)
+            await self._one(index, now)
 
-    async def _one(self, index: int) -> None:
+    async def _one(self, index: int, now: float) -> None:
+        """Sends request `index`; its record starts at `now`, the instant the deadline was checked at (a start
+        read after building the prompt could land past a deadline the check saw as not yet reached)."""
         prompt = synthetic_prompt(index, self.spec.prompt_tokens, self.spec.seed)
-        record = RequestRecord(start=self.clock())
+        record = RequestRecord(start=now)
         self.records.append(record)
         try:
             await self.backend.send(prompt, self.spec, record, self.clock)
