@@ -20,6 +20,10 @@ cache) / 4.22 TB/s (FACTS.md's measured H200 copy bandwidth); with quantized exp
 experts, top-6; decode attends over the latent, weight-absorbed: gpu/mla_decode.py); its roofline counts MLA's
 latent KV bytes ((kv_lora_rank + rope dim) per token and layer) and its attention, shared-expert and dense-layer
 weights. `--layers` defaults to each model's own depth.
+
+`--kv-cache-dtype fp8` keeps the KV cache in e4m3 (its rows and roofline count one byte per cached value); with a long
+`--prompt` (e.g. 4096 at batch 64) it shows what the cache's bytes cost a decode step. Prompts are prefilled in steps
+of at most PREFILL_TOKENS tokens.
 """
 
 from __future__ import annotations
@@ -57,13 +61,14 @@ DEEPSEEK_V2_LITE = {  # deepseek-ai/DeepSeek-V2-Lite's config.json (the fields t
     "bos_token_id": 100000, "eos_token_id": 100001,
 }
 MODELS = {"qwen3": ("Qwen3-30B-A3B shape", QWEN3_30B_A3B), "dsv2lite": ("DeepSeek-V2-Lite shape", DEEPSEEK_V2_LITE)}
+PREFILL_TOKENS = 16384  # a batch's prompts are prefilled in steps of whole prompts up to this many tokens
 EXPERT_BYTES = {"bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5 + 4 / 128}  # per expert weight, scales included
 
 
-def roofline_ms(spec, batch: int, context: float, expert_bytes: float = 2) -> float:
+def roofline_ms(spec, batch: int, context: float, expert_bytes: float = 2, kv_bytes: int = 2) -> float:
     a, m, h = spec.attention, spec.moe, spec.hidden_size
     attn = (2 * a.num_heads + 2 * a.num_kv_heads) * a.head_dim * h * 2
-    kv = batch * context * 2 * a.num_kv_heads * a.head_dim * 2
+    kv = batch * context * 2 * a.num_kv_heads * a.head_dim * kv_bytes
     if a.mla:  # q (or q_a + q_b), kv_a, kv_b, o in bf16; the cache holds the latent + the rope key per token
         r, q = a.kv_lora_rank, a.num_heads * a.head_dim
         q_bytes = q * h if a.q_lora_rank is None else a.q_lora_rank * (h + q)
@@ -85,7 +90,7 @@ def time_decode(engine, batch: int, prompt: int, steps: int, warmup: int) -> flo
     gen = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, engine.spec.vocab_size, (batch, prompt), generator=gen).tolist()
     seqs = [f"b{batch}-{i}" for i in range(batch)]
-    results = engine.step([SequenceWork(s, p, 0) for s, p in zip(seqs, ids)])
+    results = prefill(engine, seqs, ids)
     pos, times = prompt, []
     for step in range(warmup + steps):
         works = [SequenceWork(s, [r.token_id], pos) for s, r in zip(seqs, results)]
@@ -95,6 +100,15 @@ def time_decode(engine, batch: int, prompt: int, steps: int, warmup: int) -> flo
         pos += 1
     engine.release(seqs)
     return statistics.median(times[warmup:]) * 1e3
+
+
+def prefill(engine, seqs: list[str], ids: list[list[int]]) -> list:
+    """Each sequence's prompt in steps of whole prompts up to PREFILL_TOKENS tokens; the results in order."""
+    from moemesh.runtime.types import SequenceWork
+
+    per_step = max(1, PREFILL_TOKENS // len(ids[0]))
+    return [r for i in range(0, len(seqs), per_step)
+            for r in engine.step([SequenceWork(s, p, 0) for s, p in zip(seqs[i:i + per_step], ids[i:i + per_step])])]
 
 
 def time_prefill(engine, prompt: int, repeats: int = 3) -> float:
@@ -120,7 +134,7 @@ def time_decode_ahead(engine, batch: int, prompt: int, steps: int, warmup: int) 
     gen = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, engine.spec.vocab_size, (batch, prompt), generator=gen).tolist()
     seqs = [f"a{batch}-{i}" for i in range(batch)]
-    engine.step([SequenceWork(s, p, 0) for s, p in zip(seqs, ids)])
+    prefill(engine, seqs, ids)
     previous, times, last = None, [], time.perf_counter()
     for step in range(warmup + steps + 1):
         launched = engine.launch([SequenceWork(s, [], prompt + step, None, follows=True) for s in seqs], previous)
@@ -167,10 +181,11 @@ def load(args, model_dir: Path, quantization: str):
     started = time.perf_counter()
     engine = Engine.load(model_dir, load_format="dummy", device="cuda", dtype=torch.bfloat16,
                          kv_memory_bytes=args.kv_gib * 2**30, max_context=args.prompt + args.steps + 64,
-                         quantization=quantization)
+                         quantization=quantization, kv_cache_dtype=args.kv_cache_dtype)
     print(f"loaded {engine.spec.num_layers} layers of {args.model_label} ({quantization}, experts "
           f"{engine.dispatch.bank.weight_bytes / 1e9:.1f} GB) "
-          f"in {time.perf_counter() - started:.0f} s; graphs: {engine.info.cuda_graphs}", flush=True)
+          f"in {time.perf_counter() - started:.0f} s; graphs: {engine.info.cuda_graphs}; KV cache "
+          f"{engine.info.kv_cache_dtype}, {engine.info.kv_blocks_total} blocks", flush=True)
     return engine
 
 
@@ -182,7 +197,9 @@ def row(engine, args, who: str, label: str, batch: int, steps: int) -> dict:
     context = args.prompt + args.warmup + steps / 2
     out = {"model": f"{args.model_label} (random weights)", "layers": spec.num_layers, "who": who,
            "quantization": label, "batch": batch, "ms_per_step": round(ms, 2), "tok_s": round(batch * 1e3 / ms, 1),
-           "roofline_ms": round(roofline_ms(spec, batch, context, EXPERT_BYTES[label]), 2)}
+           "kv_cache_dtype": engine.info.kv_cache_dtype,
+           "roofline_ms": round(roofline_ms(spec, batch, context, EXPERT_BYTES[label],
+                                            1 if engine.info.kv_cache_dtype == "fp8" else 2), 2)}
     if ahead is not None:  # each step launched behind the previous one, as the router runs pipelined steps
         out["ms_per_step_ahead"] = round(ahead, 2)
     if batch == 1 and who == "moemesh":  # one prompt of --prompt tokens, alone
@@ -257,6 +274,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--kv-gib", type=int, default=4)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"), help="what the KV cache stores")
     p.add_argument("--quantizations", type=lambda s: s.split(","), default=["none", "fp8"],
                    help="comma-separated: none (bf16 experts), fp8, int8, int4")
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
@@ -280,12 +298,14 @@ def main(argv=None) -> int:
     print(f"graph replay ms by bucket: {replay}", flush=True)
     meta = {"machine": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
             "command": "PYTHONPATH=. python3 " + " ".join(sys.argv), "prompt": args.prompt, "steps": args.steps,
+            "kv_cache_dtype": args.kv_cache_dtype,
             "graph_replay_ms": replay}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "engine-h200" if args.models == ["qwen3"] else "engine-h200-" + "-".join(args.models)
     (args.out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     lines = [f"# Engine decode step, {', '.join(MODELS[n][0] for n in args.models)}, random weights", "",
-             f"{meta['machine']}; prompt {args.prompt}, {args.steps} timed decode steps; `{meta['command']}`", "",
+             f"{meta['machine']}; prompt {args.prompt}, {args.steps} timed decode steps, KV cache "
+             f"{args.kv_cache_dtype}; `{meta['command']}`", "",
              "| model | layers | who | experts | batch | ms/step | tok/s | roofline ms | ms/step launched ahead | "
              f"prefill ms ({args.prompt} tokens, alone) |", "|---" * 10 + "|"]
     lines += [f"| {r['model']} | {r['layers']} | {r['who']} | {r['quantization']} | {r['batch']} | "

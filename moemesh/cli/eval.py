@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="weight-only quantization of the experts (a dense model: its FFN)")
     ppl.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
                      help="onnxruntime: int4/int8 MatMulNBits (the checkpoint's, else int8 round-to-nearest)")
+    ppl.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                     help="fp8: score K/V rounded as an e4m3 KV cache holds them")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(func=run_perplexity)
 
@@ -39,7 +41,8 @@ def run_perplexity(ns: argparse.Namespace) -> int:
     try:
         result = evaluate_perplexity(ns.model, ns.text, max_tokens=ns.max_tokens, window=ns.window, batch=ns.batch,
                                      device=ns.device, dtype=ns.dtype, progress=not ns.json,
-                                     quantization=ns.quantization, backend=ns.backend)
+                                     quantization=ns.quantization, backend=ns.backend,
+                                     kv_cache_dtype=ns.kv_cache_dtype)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -50,6 +53,7 @@ def run_perplexity(ns: argparse.Namespace) -> int:
     print(f"text         {result.text} ({result.text_tokens} tokens, sha256 {result.text_sha256[:12]})")
     print(f"scored       {result.tokens} tokens in {result.windows} window(s) of {result.window} "
           f"({result.predictions} predictions), max_tokens {result.max_tokens}")
-    print(f"device       {result.device} {result.dtype}, quantization {result.quantization}, {result.seconds:.1f}s")
+    print(f"device       {result.device} {result.dtype}, quantization {result.quantization}, "
+          f"KV cache {result.kv_cache_dtype}, {result.seconds:.1f}s")
     print(f"perplexity   {result.perplexity:.4f}  (mean NLL {result.mean_nll:.5f})")
     return 0

@@ -73,6 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
                    help="onnxruntime: int4/int8 weight-only matmuls on CPU for the router's dense layers and the "
                    "expert shards (an int4 checkpoint from `moemesh quantize`, else int8; MOEMESH_BACKEND)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                   help="fp8: the router's KV cache in e4m3, twice the tokens per byte (MOEMESH_KV_CACHE_DTYPE)")
     data_plane.add_arguments(p)  # --expert-transport, --placement
     up_replicas.add_arguments(p)  # --routers N: data-parallel replicas sharing the shards (M:N)
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for SERVING (first run "

@@ -72,7 +72,8 @@ def plan(ns: argparse.Namespace, run_dir: Path) -> dict[str, Child]:
             "EXPERT_ADDRS": ",".join(addr[n] for n in experts), "METERING_ADDR": addr["metering"],
             "GATEWAY_ADDR": addr["gateway"], "MOEMESH_HOME": str(home.home()),
             "MOEMESH_QUANTIZATION": getattr(ns, "quantization", "none"),
-            "MOEMESH_BACKEND": getattr(ns, "backend", "torch")}
+            "MOEMESH_BACKEND": getattr(ns, "backend", "torch"),
+            "MOEMESH_KV_CACHE_DTYPE": getattr(ns, "kv_cache_dtype", "auto")}
     children = {}
     for name, (module, _) in SERVICES.items():
         if name not in addr:

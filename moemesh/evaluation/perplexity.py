@@ -40,6 +40,7 @@ class PerplexityResult:
     seconds: float
     quantization: str = "none"  # weight-only quantization of the experts / dense FFN (Engine.load)
     backend: str = "torch"  # torch or onnxruntime (Engine.load)
+    kv_cache_dtype: str = "auto"  # auto or fp8: K/V rounded as the cache would hold them (Engine.load)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,7 +91,7 @@ def default_batch(window: int, vocab_size: int) -> int:
 def evaluate_perplexity(model: str, text_path: str | Path, *, max_tokens: int | None = None,
                         window: int | None = None, batch: int | None = None, device: str = "cpu",
                         dtype: str = "float32", progress: bool = False, quantization: str = "none",
-                        backend: str = "torch") -> PerplexityResult:
+                        backend: str = "torch", kv_cache_dtype: str = "auto") -> PerplexityResult:
     from moemesh.models.registry import resolve_model
     from moemesh.runtime.engine import Engine
     from moemesh.tokenization.chat_tokenizer import ChatTokenizer
@@ -102,7 +103,7 @@ def evaluate_perplexity(model: str, text_path: str | Path, *, max_tokens: int | 
     ids = ChatTokenizer.load(model_dir).encode(text)  # the tokenizer's own post-processor, nothing added by us
     scored = ids[:max_tokens] if max_tokens is not None else ids
     engine = Engine.load(model_dir, device=device, dtype=dtype, kv_blocks=1, quantization=quantization,
-                         backend=backend)
+                         backend=backend, kv_cache_dtype=kv_cache_dtype)
     context = engine.spec.max_context
     window = window or min(len(scored), context)
     if window > context:
@@ -117,5 +118,5 @@ def evaluate_perplexity(model: str, text_path: str | Path, *, max_tokens: int | 
         perplexity=math.exp(total / count), mean_nll=total / count, tokens=sum(len(w) for w in windows),
         predictions=count, windows=len(windows), window=window, max_tokens=max_tokens, text_tokens=len(ids),
         device=device, dtype=dtype, seconds=round(time.perf_counter() - start, 3), quantization=quantization,
-        backend=backend,
+        backend=backend, kv_cache_dtype=kv_cache_dtype,
     )

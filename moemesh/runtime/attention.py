@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from moemesh.runtime.kv_cache import FP8, store
 from moemesh.runtime.layers import Linear, Loader, RMSNorm
 from moemesh.runtime.rope import Rotary
 from moemesh.runtime.spec import AttentionSpec
@@ -34,7 +35,7 @@ def paged_prefill(ctx: StepContext, q: torch.Tensor, pools, spec: AttentionSpec)
         return False
     from moemesh.runtime.gpu.prefill_attention import usable
 
-    return all(p.is_contiguous() and p.dtype == q.dtype for p in pools) and usable(
+    return all(p.is_contiguous() and p.dtype in (q.dtype, FP8) for p in pools) and usable(
         spec.num_heads, spec.num_kv_heads, spec.head_dim)
 
 
@@ -147,8 +148,8 @@ class Attention(nn.Module):
             from moemesh.runtime.gpu.prefill_attention import prefill_attention
 
             k_pool, v_pool = pools
-            k_pool.index_copy_(0, ctx.slots, k.to(k_pool.dtype))
-            v_pool.index_copy_(0, ctx.slots, v.to(v_pool.dtype))
+            store(k_pool, ctx.slots, k)
+            store(v_pool, ctx.slots, v)
             out = prefill_attention(q, k_pool, v_pool, ctx.table, ctx.starts, ctx.new, ctx.cached,
                                     ctx.tiles(s.num_heads // s.num_kv_heads), ctx.block_size, s.scale)
             return self.o_proj(out.reshape(t, s.num_heads * s.head_dim))

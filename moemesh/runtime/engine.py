@@ -17,7 +17,7 @@ from moemesh.runtime import step_ahead
 from moemesh.runtime.backbone import Backbone
 from moemesh.runtime.block_manager import BlockManager
 from moemesh.runtime.engine_loader import as_dtype, load_engine  # noqa: F401 (as_dtype: services import it here)
-from moemesh.runtime.kv_cache import KVCache
+from moemesh.runtime.kv_cache import FP8, KVCache
 from moemesh.runtime.micro_batch import stepping
 from moemesh.runtime.prompt_logprobs import PromptScorer, logit_rows, scored_works
 from moemesh.runtime.sampling import Sampler, SeqSampleState
@@ -53,7 +53,7 @@ class Engine:
              dtype: torch.dtype | str = torch.float32, kv_blocks: int | None = None, kv_memory_bytes: int | None = None,
              block_size: int = 16, max_context: int | None = None, model_name: str | None = None,
              load_format: str = "auto", cuda_graphs: bool = True, quantization: str = "none",
-             backend: str = "torch", prefix_cache: bool = True) -> Engine:
+             backend: str = "torch", prefix_cache: bool = True, kv_cache_dtype: str = "auto") -> Engine:
         """dispatch None: every routed expert in process. KV capacity: kv_blocks, else the blocks kv_memory_bytes
         buys (default: engine_loader.DEFAULT_KV_BYTES). max_context defaults to the model's and is capped by the
         capacity. load_format "dummy": random weights from config.json alone (dummy.py). cuda_graphs: capture decode
@@ -61,11 +61,13 @@ class Engine:
         weight-only quantized routed experts in process (a given dispatch quantizes its own), or the FFN of a dense
         model.
         backend onnxruntime: dense layers and in-process experts on ONNX Runtime int4/int8 (runtime/ort/).
-        prefix_cache: share the K/V of full blocks of equal prefixes (same salt) between sequences."""
+        prefix_cache: share the K/V of full blocks of equal prefixes (same salt) between sequences.
+        kv_cache_dtype auto (the model's dtype) or fp8: e4m3 K/V, twice the tokens per byte (kv_cache.py)."""
         return load_engine(cls, model_dir, dispatch=dispatch, device=device, dtype=dtype, kv_blocks=kv_blocks,
                            kv_memory_bytes=kv_memory_bytes, block_size=block_size, max_context=max_context,
                            model_name=model_name, load_format=load_format, cuda_graphs=cuda_graphs,
-                           quantization=quantization, backend=backend, prefix_cache=prefix_cache)
+                           quantization=quantization, backend=backend, prefix_cache=prefix_cache,
+                           kv_cache_dtype=kv_cache_dtype)
 
     # ---- stepping -------------------------------------------------------------------------------------------
 
@@ -246,6 +248,7 @@ class Engine:
             raise ContextLengthError(f"{longest} tokens exceed the model's context {self.spec.max_context}")
         lengths = [len(ids) for ids in token_ids_batch]
         ctx = StepContext.build([0] * len(lengths), lengths, None, self.blocks.block_size, self.device)
+        ctx.kv_dtype = self.cache.dtype if self.cache.dtype != self.dtype else None  # score as the cache would hold
         tokens = torch.tensor([t for ids in token_ids_batch for t in ids], dtype=torch.int64, device=self.device)
         self.dispatch.begin_step(len(tokens))
         try:
@@ -267,5 +270,10 @@ class Engine:
             dtype=str(self.dtype).removeprefix("torch."), cuda_graphs=self.cuda_graphs, quantization=self.quantization,
             backend=self.backend,
             prefix_cache=self.blocks.prefix_cache, kv_blocks_cached=self.blocks.cached_blocks,
-            kv_blocks_evicted=self.blocks.index.evictions,
+            kv_blocks_evicted=self.blocks.index.evictions, kv_cache_dtype=self.kv_cache_dtype,
         )
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """The pools' dtype by name: "fp8" (e4m3) or the model's dtype."""
+        return "fp8" if self.cache.dtype == FP8 else str(self.cache.dtype).removeprefix("torch.")

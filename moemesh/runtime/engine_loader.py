@@ -15,7 +15,7 @@ from moemesh.runtime.dispatch import DenseModel, LocalDispatch
 from moemesh.runtime.dummy import open_checkpoint
 from moemesh.runtime.experts import ExpertBank
 from moemesh.runtime.gpu import decode_plan, kernels_usable
-from moemesh.runtime.kv_cache import KVCache
+from moemesh.runtime.kv_cache import FP8, KVCache, cache_dtype
 from moemesh.runtime.ort import check_backend
 from moemesh.runtime.quant import check_quantization, quantize_dense_ffn
 from moemesh.runtime.spec import ModelSpec, load_spec
@@ -40,13 +40,14 @@ def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 def load_engine(cls, model_dir: str | Path, *, dispatch: ExpertDispatch | None, device: str | torch.device,
                 dtype: torch.dtype | str, kv_blocks: int | None, kv_memory_bytes: int | None, block_size: int,
                 max_context: int | None, model_name: str | None, load_format: str, cuda_graphs: bool,
-                quantization: str, backend: str, prefix_cache: bool):
+                quantization: str, backend: str, prefix_cache: bool, kv_cache_dtype: str = "auto"):
     """An instance of `cls` (the Engine class); the arguments are Engine.load's, documented there."""
     check_quantization(quantization)
     check_backend(backend, dtype, quantization)
     local = resolve_model_dir(model_dir)
     device, dtype = torch.device(device), as_dtype(dtype)
     spec = load_spec(local)
+    kv_dtype = _kv_dtype(kv_cache_dtype, dtype, spec, backend)
     if max_context is not None and not 1 <= max_context <= spec.max_context:
         raise ValueError(f"max_context must be in [1, {spec.max_context}] for this model, got {max_context}")
     context = max_context or spec.max_context
@@ -55,11 +56,11 @@ def load_engine(cls, model_dir: str | Path, *, dispatch: ExpertDispatch | None, 
         dispatch = _local_dispatch(local, spec, device, dtype, load_format, quantization, backend)
     shapes = backbone.cache_shapes()
     if kv_blocks is None:
-        kv_blocks = default_kv_blocks(spec, shapes, dtype, context, block_size, kv_memory_bytes)
+        kv_blocks = default_kv_blocks(spec, shapes, kv_dtype, context, block_size, kv_memory_bytes)
     blocks = BlockManager(kv_blocks, block_size, prefix_cache=prefix_cache)
     paged, graphs, note = decode_plan(spec, device, dtype, dispatch, cuda_graphs)
     # The paged decode runner pads batches with rows that write into one extra block no sequence owns.
-    cache = KVCache(spec.num_layers, kv_blocks + paged, block_size, shapes, device, dtype)
+    cache = KVCache(spec.num_layers, kv_blocks + paged, block_size, shapes, device, kv_dtype)
     max_context = min(context, kv_blocks * block_size)
     decode = None
     if paged:
@@ -73,6 +74,17 @@ def load_engine(cls, model_dir: str | Path, *, dispatch: ExpertDispatch | None, 
                  quantization=quantization if quantization != "none" else describe_checkpoint(local))
     engine.model_dir, engine.backend = local, backend
     return engine
+
+
+def _kv_dtype(kv_cache_dtype: str, dtype: torch.dtype, spec: ModelSpec, backend: str) -> torch.dtype:
+    """The KV pools' dtype (kv_cache.py), or a ValueError naming kv_cache_dtype where fp8 is not served."""
+    kv_dtype = cache_dtype(kv_cache_dtype, dtype)
+    if kv_dtype == FP8 and spec.attention.mla:
+        raise ValueError("kv_cache_dtype 'fp8' serves grouped-query attention; this model's latent attention (MLA) "
+                         "keeps kv_cache_dtype 'auto'")
+    if kv_dtype == FP8 and backend != "torch":
+        raise ValueError(f"kv_cache_dtype 'fp8' needs backend 'torch', got backend {backend!r}")
+    return kv_dtype
 
 
 def _backbone(local: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype, load_format: str,

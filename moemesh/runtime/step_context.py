@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moemesh.runtime.kv_cache import gather, narrow, store
+
 
 @dataclass
 class StepContext:
@@ -30,6 +32,7 @@ class StepContext:
     table: torch.Tensor | None  # [B, W] int64 block tables (paged), None: no cache
     block_size: int
     new_list: tuple[int, ...]  # n_b on the host
+    kv_dtype: torch.dtype | None = None  # without a cache: round K/V as a cache of this dtype would (fp8 scoring)
     _mask: torch.Tensor | None = field(default=None, repr=False)
     _tiles: dict = field(default_factory=dict, repr=False)
 
@@ -104,14 +107,13 @@ class StepContext:
         # rows (advanced indexing costs milliseconds per call on a busy 2-core machine).
         flat = self.ctx_index.reshape(-1)  # [B * Tk]
         if pools is None:
-            source_a, source_b = a, b
+            source_a, source_b = (narrow(z, self.kv_dtype) for z in (a, b)) if self.kv_dtype else (a, b)
         else:
             source_a, source_b = pools
-            source_a.index_copy_(0, self.slots, a.to(source_a.dtype))
-            source_b.index_copy_(0, self.slots, b.to(source_b.dtype))
+            store(source_a, self.slots, a)
+            store(source_b, self.slots, b)
         shape = (self.batch, self.kv_len)
-        return (source_a.index_select(0, flat).view(*shape, *a.shape[1:]),
-                source_b.index_select(0, flat).view(*shape, *b.shape[1:]))
+        return (gather(source_a, flat).view(*shape, *a.shape[1:]), gather(source_b, flat).view(*shape, *b.shape[1:]))
 
     def pad_queries(self, q: torch.Tensor) -> torch.Tensor:
         """[T, *S] -> [B, Tq, *S] (zeros in padded rows)."""

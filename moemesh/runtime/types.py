@@ -147,3 +147,4 @@ class EngineInfo:
     prefix_cache: bool = False  # full KV blocks shared between sequences of one salt
     kv_blocks_cached: int = 0  # idle blocks kept for their prefix (also counted in kv_blocks_free)
     kv_blocks_evicted: int = 0  # cached blocks evicted since start
+    kv_cache_dtype: str = ""  # what the KV pools hold: "fp8" (e4m3) or the model's dtype ("" from older routers)

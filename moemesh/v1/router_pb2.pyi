@@ -109,7 +109,7 @@ class ExpertPlacement(_message.Message):
     def __init__(self, address: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., experts: _Optional[_Iterable[int]] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class RouterInfo(_message.Message):
-    __slots__ = ("model", "architecture", "max_context", "kv_block_size", "kv_blocks_total", "kv_blocks_free", "active_sequences", "vocab_size", "num_layers", "num_experts", "experts_per_token", "placement", "device", "dtype", "eos_token_ids", "moe_layers", "expert_tokens", "instance_id", "cuda_graphs", "quantization", "prefix_cache", "kv_blocks_cached", "kv_blocks_evicted", "prefix_cache_tenants", "backend")
+    __slots__ = ("model", "architecture", "max_context", "kv_block_size", "kv_blocks_total", "kv_blocks_free", "active_sequences", "vocab_size", "num_layers", "num_experts", "experts_per_token", "placement", "device", "dtype", "eos_token_ids", "moe_layers", "expert_tokens", "instance_id", "cuda_graphs", "quantization", "prefix_cache", "kv_blocks_cached", "kv_blocks_evicted", "prefix_cache_tenants", "backend", "kv_cache_dtype")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class RouterInfo(_message.Message):
     KV_BLOCKS_EVICTED_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_TENANTS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     max_context: int
@@ -160,7 +161,8 @@ class RouterInfo(_message.Message):
     kv_blocks_evicted: int
     prefix_cache_tenants: _containers.RepeatedCompositeFieldContainer[TenantCacheStats]
     backend: str
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., active_sequences: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., moe_layers: _Optional[_Iterable[int]] = ..., expert_tokens: _Optional[_Iterable[_Union[ExpertLayerLoad, _Mapping]]] = ..., instance_id: _Optional[str] = ..., cuda_graphs: _Optional[str] = ..., quantization: _Optional[str] = ..., prefix_cache: _Optional[bool] = ..., kv_blocks_cached: _Optional[int] = ..., kv_blocks_evicted: _Optional[int] = ..., prefix_cache_tenants: _Optional[_Iterable[_Union[TenantCacheStats, _Mapping]]] = ..., backend: _Optional[str] = ...) -> None: ...
+    kv_cache_dtype: str
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., active_sequences: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., moe_layers: _Optional[_Iterable[int]] = ..., expert_tokens: _Optional[_Iterable[_Union[ExpertLayerLoad, _Mapping]]] = ..., instance_id: _Optional[str] = ..., cuda_graphs: _Optional[str] = ..., quantization: _Optional[str] = ..., prefix_cache: _Optional[bool] = ..., kv_blocks_cached: _Optional[int] = ..., kv_blocks_evicted: _Optional[int] = ..., prefix_cache_tenants: _Optional[_Iterable[_Union[TenantCacheStats, _Mapping]]] = ..., backend: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
 
 class TenantCacheStats(_message.Message):
     __slots__ = ("tenant", "prompt_tokens", "cached_tokens")

@@ -118,6 +118,7 @@ def build_router(config: RouterConfig) -> RouterProcess:
             kv_blocks=config.kv_blocks, kv_memory_bytes=kv_bytes, block_size=config.block_size,
             max_context=config.max_context, model_name=config.model, load_format=config.load_format,
             quantization=config.quantization, backend=config.backend, prefix_cache=config.prefix_cache,
+            kv_cache_dtype=config.kv_cache_dtype,
         )
         engine.micro = pingpong.start(config, spec, clients, dispatch)  # second links (before serving)
     except BaseException:

@@ -48,6 +48,9 @@ class RouterConfig(ServiceConfig):
                                 env="MOEMESH_QUANTIZATION", choices=QUANTIZATIONS)
     backend: str = setting("torch", "dense layers (and in-process experts): torch, or onnxruntime (int4/int8 "
                            "MatMulNBits; float32 only)", env="MOEMESH_BACKEND", choices=("torch", "onnxruntime"))
+    kv_cache_dtype: str = setting("auto", "what the paged KV cache stores: auto (the model's dtype) or fp8 (e4m3, "
+                                  "twice the tokens per byte; grouped-query attention models)",
+                                  env="MOEMESH_KV_CACHE_DTYPE", choices=("auto", "fp8"))
     placement: str = setting("", "placement file from `moemesh placement` (expert replicas, per-layer expert "
                              "sets): the shards must host its entries in EXPERT_ADDRS order; replicated experts "
                              "split their tokens")

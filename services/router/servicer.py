@@ -205,7 +205,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             instance_id=self.instance_id, cuda_graphs=info.cuda_graphs, quantization=info.quantization,
             backend=info.backend,
             prefix_cache=info.prefix_cache, kv_blocks_cached=info.kv_blocks_cached,
-            kv_blocks_evicted=info.kv_blocks_evicted,
+            kv_blocks_evicted=info.kv_blocks_evicted, kv_cache_dtype=info.kv_cache_dtype,
             prefix_cache_tenants=[router_pb2.TenantCacheStats(tenant=t, prompt_tokens=h.prompt_tokens,
                                                               cached_tokens=h.cached_tokens)
                                   for t, h in sorted(self._prefix.tenants.items())],

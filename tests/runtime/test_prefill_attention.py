@@ -69,12 +69,15 @@ def test_prefill_attention_compiles_for_hopper_with_tensor_cores(tmp_path):
     types.update({n: "*i64" for n in ("table_ptr", "start_ptr", "new_ptr", "cached_ptr")})
     types.update({"tile_seq_ptr": "*i32", "tile_t_ptr": "*i32", "scale": "fp32"})
     cfg = pa.CONFIG
-    ptx = compile_sm90(pa._prefill_paged, types, dict(GROUP=8, HEAD_DIM=128, KV_BLOCK=16, BLOCK_T=cfg["ROWS"] // 8,
-                                                       BLOCK_N=cfg["BLOCK_N"]), cfg["num_warps"], cfg["num_stages"])
-    assert "mma" in ptx
-    if PTXAS:
-        report = _ptxas_report(ptx, tmp_path)
-        assert "0 bytes spill stores" in report, report
+    for fp8 in (False, True):  # fp8: the pools as e4m3 bytes (kv_cache_dtype "fp8"), fp16 dots
+        kinds = {**types, **({"k_ptr": "*u8", "v_ptr": "*u8"} if fp8 else {})}
+        ptx = compile_sm90(pa._prefill_paged, kinds, dict(GROUP=8, HEAD_DIM=128, KV_BLOCK=16, BLOCK_T=cfg["ROWS"] // 8,
+                                                           BLOCK_N=cfg["BLOCK_N"], FP8_KV=fp8), cfg["num_warps"],
+                           cfg["num_stages"])
+        assert "mma" in ptx and ("cvt.rn.f16x2.e4m3x2" in ptx) == fp8, fp8
+        if PTXAS:
+            report = _ptxas_report(ptx, tmp_path)
+            assert "0 bytes spill stores" in report, (fp8, report)
 
 
 @cuda

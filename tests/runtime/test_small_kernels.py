@@ -127,13 +127,16 @@ def test_small_kernels_compile_for_hopper_with_pdl():
     from moemesh.runtime.gpu import fused_ops, paged_attention
 
     types = {n: "*bf16" for n in ("qkv_ptr", "qw_ptr", "kw_ptr", "cos_ptr", "sin_ptr", "kp_ptr", "vp_ptr")}
-    ptx = _sm90(fused_ops._norm_rope, {**types, "slot_ptr": "*i64", "eps": "fp32"},
-                dict(Q_HEADS=32, K_HEADS=4, D=128, NORM=True, WRITE_KV=True, PDL=True), 1)
-    assert "griddepcontrol.wait" in ptx and "ld.local" not in ptx
+    fp8_pools = {"kp_ptr": "*u8", "vp_ptr": "*u8"}  # kv_cache_dtype "fp8": e4m3 bytes, saturated on the way in
+    for fp8 in (False, True):
+        ptx = _sm90(fused_ops._norm_rope, {**types, **(fp8_pools if fp8 else {}), "slot_ptr": "*i64", "eps": "fp32"},
+                    dict(Q_HEADS=32, K_HEADS=4, D=128, NORM=True, WRITE_KV=True, FP8_KV=fp8, PDL=True), 1)
+        assert "griddepcontrol.wait" in ptx and "ld.local" not in ptx and ("e4m3" in ptx) == fp8, fp8
     types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "table_ptr": "*i32",
              "lens_ptr": "*i32", "part_ptr": "*fp32", "scale": "fp32"}
-    for splits in (1, 16):
-        ptx = _sm90(paged_attention._paged_decode, types, dict(GROUP=8, GROUP_PAD=16, HEAD_DIM=128, KV_BLOCK=16,
-                    BLOCK_N=64, SPLITS=splits, PDL=True))
+    for splits, fp8 in ((1, False), (16, False), (16, True)):
+        kinds = {**types, **({"k_ptr": "*u8", "v_ptr": "*u8"} if fp8 else {})}
+        ptx = _sm90(paged_attention._paged_decode, kinds, dict(GROUP=8, GROUP_PAD=16, HEAD_DIM=128, KV_BLOCK=16,
+                    BLOCK_N=64, SPLITS=splits, FP8_KV=fp8, PDL=True))
         assert "griddepcontrol.wait" in ptx and "ld.local" not in ptx, splits
         assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait"), f"{splits} splits: lens read after the wait"

@@ -27,6 +27,7 @@ import torch
 
 from moemesh.runtime.gpu import pdl
 from moemesh.runtime.gpu.paged_attention import paged_decode_attention
+from moemesh.runtime.kv_cache import store
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -49,9 +50,8 @@ class DecodeContext:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                pools: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
         """q [B, Hq, D], k/v [B, Hkv, D] -> [B, Hq, D]; writes k/v into the layer's pools first."""
-        k_pool, v_pool = pools
-        k_pool.index_copy_(0, self.slots, k.to(k_pool.dtype))
-        v_pool.index_copy_(0, self.slots, v.to(v_pool.dtype))
+        store(pools[0], self.slots, k)
+        store(pools[1], self.slots, v)
         return self.read(q, pools, scale)
 
     def read(self, q: torch.Tensor, pools: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moemesh.runtime.gpu.paged_attention import kv_bytes, widen
+
 BLOCK_N = 64  # keys per tile
 ROWS = 64  # query rows a program holds: BLOCK_T tokens x GROUP heads
 # H200, Qwen3 heads (benchmarks/h200/prefill_attention.py's sweep): 64 rows on 4 warps beat 128 on 8 in all 4 steps
@@ -32,7 +34,7 @@ CONFIG = {"BLOCK_N": BLOCK_N, "ROWS": ROWS, "num_warps": 4, "num_stages": 2}
 def _prefill_paged(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, tile_seq_ptr, tile_t_ptr, start_ptr, new_ptr, cached_ptr,
                    scale, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb, stride_ot,
                    stride_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, FP8_KV: tl.constexpr = False):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     b = tl.load(tile_seq_ptr + tile)
@@ -47,6 +49,8 @@ def _prefill_paged(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, tile_seq_ptr, tile_t
     q = tl.load(q_ptr + rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=ok[:, None],
                 other=0.0)  # [R, D]
     qk_scale = scale * 1.4426950408889634  # scores in log2 units: exp2 in the softmax
+    if FP8_KV:  # fp16 dots over e4m3 pools (paged_attention.py's decode kernel does the same), q pre-scaled
+        q, qk_scale = (q.to(tl.float32) * qk_scale).to(tl.float16), 1.0
     limit = c + t  # [R] the last key each row sees (key 0 always: no row is all -inf)
     hi = tl.minimum(c + t0 + BLOCK_T, c + n)  # keys this tile needs: 0 .. hi - 1
     full = (c + t0 + 1) // BLOCK_N * BLOCK_N  # keys before this are seen by every row: tiles without a mask
@@ -55,10 +59,10 @@ def _prefill_paged(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, tile_seq_ptr, tile_t
     acc = tl.zeros((BLOCK_T * GROUP, HEAD_DIM), dtype=tl.float32)
     for j0 in range(0, full, BLOCK_N):
         acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, qk_scale, k_ptr, v_ptr, table_ptr, b, kv_head, j0, limit, hi, d,
-                                  stride_ks, stride_kh, stride_vs, stride_vh, stride_tb, KV_BLOCK, BLOCK_N, False)
+                                  stride_ks, stride_kh, stride_vs, stride_vh, stride_tb, KV_BLOCK, BLOCK_N, False, FP8_KV)
     for j0 in range(full, hi, BLOCK_N):  # the diagonal: causal and end masks
         acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, qk_scale, k_ptr, v_ptr, table_ptr, b, kv_head, j0, limit, hi, d,
-                                  stride_ks, stride_kh, stride_vs, stride_vh, stride_tb, KV_BLOCK, BLOCK_N, True)
+                                  stride_ks, stride_kh, stride_vs, stride_vh, stride_tb, KV_BLOCK, BLOCK_N, True, FP8_KV)
     out = acc / l_i[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
@@ -66,22 +70,23 @@ def _prefill_paged(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, tile_seq_ptr, tile_t
 
 @triton.jit
 def _key_tile(acc, m_i, l_i, q, qk_scale, k_ptr, v_ptr, table_ptr, b, kv_head, j0, limit, hi, d, stride_ks, stride_kh,
-              stride_vs, stride_vh, stride_tb, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+              stride_vs, stride_vh, stride_tb, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              FP8_KV: tl.constexpr):
     """One tile of BLOCK_N keys from j0 into the online softmax (acc [R, D], running max m_i and sum l_i [R])."""
     j = j0 + tl.arange(0, BLOCK_N)  # [N] key positions
     j_ok = j < hi
     block = tl.load(table_ptr + b * stride_tb + j // KV_BLOCK, mask=j_ok, other=0)
     slot = block.to(tl.int64) * KV_BLOCK + j % KV_BLOCK  # [N]
-    k = tl.load(k_ptr + slot[:, None] * stride_ks + kv_head * stride_kh + d[None, :], mask=j_ok[:, None],
-                other=0.0)  # [N, D]
+    k = widen(tl.load(k_ptr + slot[:, None] * stride_ks + kv_head * stride_kh + d[None, :], mask=j_ok[:, None],
+                      other=0), q.dtype, FP8_KV)  # [N, D]
     s = tl.dot(q, tl.trans(k)) * qk_scale  # [R, N] float32, log2 units
     if MASKED:
         s = tl.where((j[None, :] <= limit[:, None]) & j_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    v = tl.load(v_ptr + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :], mask=j_ok[:, None],
-                other=0.0)  # [N, D]
+    v = widen(tl.load(v_ptr + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :], mask=j_ok[:, None],
+                      other=0), q.dtype, FP8_KV)  # [N, D]
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, m_new, l_i * alpha + tl.sum(p, 1)
 
@@ -117,10 +122,11 @@ def prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     group = hq // hkv
     out = torch.empty_like(q)
     seq, first = tile_list
+    (k_pool, fp8), (v_pool, _) = kv_bytes(k_pool), kv_bytes(v_pool)
     if seq.numel():
         _prefill_paged[(seq.numel(), hkv)](
             q, k_pool, v_pool, out, table, seq, first, starts, new, cached, scale, q.stride(0), q.stride(1),
             k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1), table.stride(0), out.stride(0),
             out.stride(1), GROUP=group, HEAD_DIM=d, KV_BLOCK=kv_block, BLOCK_T=cfg["ROWS"] // group,
-            BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            BLOCK_N=cfg["BLOCK_N"], FP8_KV=fp8, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
