@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from graph_timing import graph_us, write_json  # noqa: E402 -- benchmarks/h200, the script's own folder
 from moemesh.runtime.gpu import paged_attention as pa  # noqa: E402
-from moemesh.runtime.kv_cache import FP8, narrow  # noqa: E402
+from moemesh.runtime.kv_cache import FP8, narrow, to_token_minor  # noqa: E402
 
 LAYERS = 48
 HQ, HKV, D, BS = 32, 4, 128, 16
@@ -42,7 +42,9 @@ def case(batch: int, context: int, kv: str) -> tuple[list, dict]:
     sets = []
     for _ in range(distinct):
         pools = torch.randn(2, blocks * BS, HKV, D, device="cuda", dtype=torch.bfloat16)
-        pools = narrow(pools, FP8) if kv == "fp8" else pools
+        if kv == "fp8":  # K [slots, Hkv, D], V [blocks, Hkv, D, BS] (kv_cache.py's fp8 pools)
+            pools = narrow(pools, FP8).view(torch.uint8)
+            pools = (pools[0].view(FP8), to_token_minor(pools[1], BS).view(FP8))
         tables = torch.randperm(blocks, device="cuda", dtype=torch.int32).view(batch, -1)  # [B, W]
         sets.append((torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16), pools, tables))
     lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)

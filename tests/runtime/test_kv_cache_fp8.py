@@ -28,6 +28,10 @@ def test_store_keeps_the_nearest_e4m3_saturated_and_gather_reads_it_back():
     assert back[0, 0, 2] == FP8_MAX and back[0, 0, 3] == -FP8_MAX and back[0, 0, 1] == torch.tensor(-0.3).to(FP8).float()
     assert torch.equal(back[2], torch.zeros(2, 4)), "untouched slots stay zero"
     assert torch.equal(narrow(x, torch.float32), x), "a model-dtype cache keeps values as they are"
+    blocks = torch.zeros(4, 2, 4, 2, dtype=FP8)  # the fp8 V pool: blocks of 2 tokens, tokens innermost
+    store(blocks, torch.tensor([6, 1]), x)
+    assert torch.equal(gather(blocks, torch.tensor([1, 6, 0])).float(), back)
+    assert torch.equal(blocks[3, :, :, 0].float(), want[0]) and torch.equal(blocks[0, :, :, 1].float(), want[1])
 
 
 def test_fp8_cache_buys_as_many_more_blocks_as_its_bytes_are_fewer(tiny_hf):
@@ -87,7 +91,7 @@ CHECKS = textwrap.dedent('''
     interpreter._convert_float = convert_float
     import torch.nn.functional as F
     from moemesh.runtime.gpu import fused_ops, paged_attention, prefill_attention as pa
-    from moemesh.runtime.kv_cache import FP8, narrow
+    from moemesh.runtime.kv_cache import FP8, gather, narrow, to_token_minor
     from moemesh.runtime.step_context import StepContext
 
     torch.manual_seed(0)
@@ -95,17 +99,20 @@ CHECKS = textwrap.dedent('''
     qkv = torch.randn(t, (hq + 2 * hk) * d) * 200  # some K/V past 448: saturated
     ref = qkv.clone()
     cos, sin = torch.randn(t, d), torch.randn(t, d)
-    kp, vp, slots = torch.zeros(10, hk, d, dtype=FP8), torch.zeros(10, hk, d, dtype=FP8), torch.tensor([3, 7, 0])
+    kp, slots = torch.zeros(12, hk, d, dtype=FP8), torch.tensor([3, 7, 0])
+    vp = torch.zeros(3, hk, d, 4, dtype=FP8)  # V: blocks of 4 tokens, tokens innermost
     fused_ops.norm_rope_(qkv, hq, hk, d, None, None, 0.0, cos, sin, (kp, vp, slots))
     fused_ops.norm_rope_(ref, hq, hk, d, None, None, 0.0, cos, sin)
     k_want = narrow(ref[:, hq * d:(hq + hk) * d].reshape(t, hk, d), FP8)
     v_want = narrow(ref[:, (hq + hk) * d:].reshape(t, hk, d), FP8)
     assert torch.equal(kp.view(torch.uint8)[slots], k_want.view(torch.uint8)), "K written as e4m3"
-    assert torch.equal(vp.view(torch.uint8)[slots], v_want.view(torch.uint8)), "V written as e4m3"
+    assert torch.equal(gather(vp, slots).view(torch.uint8), v_want.view(torch.uint8)), "V written as e4m3"
+    assert int((vp.view(torch.uint8) != 0).sum()) == int((v_want.view(torch.uint8) != 0).sum()), "only its slots"
     assert kp.float().abs().max() == 448.0, "saturated, not NaN"
 
     b, hq, hkv, d, bs = 2, 8, 2, 16, 4
-    kpool, vpool = (narrow(torch.randn(64, hkv, d) * 3, FP8) for _ in range(2))
+    kpool, vslots = (narrow(torch.randn(64, hkv, d) * 3, FP8) for _ in range(2))
+    vpool = to_token_minor(vslots.view(torch.uint8), bs).view(FP8)
     tables = torch.randperm(16)[:8].view(2, 4).int()
     lens = torch.tensor([13, 5], dtype=torch.int32)
     q = torch.randn(b, hq, d)
@@ -113,7 +120,7 @@ CHECKS = textwrap.dedent('''
     for i in range(b):
         idx = torch.cat([torch.arange(int(tables[i, j]) * bs, int(tables[i, j]) * bs + bs) for j in range(4)])
         k, v = (p.view(torch.uint8)[idx[:int(lens[i])]].view(FP8).float().repeat_interleave(hq // hkv, 1)
-                for p in (kpool, vpool))
+                for p in (kpool, vslots))
         want[i] = torch.einsum("ht,thd->hd", (torch.einsum("hd,thd->ht", q[i], k) * 0.25).softmax(-1), v)
     for splits in (1, 4):
         got = paged_attention.paged_decode_attention(q, kpool, vpool, tables, lens, 0.25, bs, block_n=4,
@@ -129,11 +136,12 @@ CHECKS = textwrap.dedent('''
         tables.append(perm[used:used + -(-(c + n) // bs)])
         used += len(tables[-1])
     ctx = StepContext.build(cached, new, tables, bs, "cpu")
-    k_pool, v_pool = (narrow(torch.randn(slots, hkv, d) * 2, FP8) for _ in range(2))
+    k_pool, v_slots = (narrow(torch.randn(slots, hkv, d) * 2, FP8) for _ in range(2))
+    v_pool = to_token_minor(v_slots.view(torch.uint8), bs).view(FP8)
     q = torch.randn(sum(new), hq, d, dtype=torch.float16)
     got = pa.prefill_attention(q, k_pool, v_pool, ctx.table, ctx.starts, ctx.new, ctx.cached, ctx.tiles(hq // hkv),
                                bs, d ** -0.5)
-    k_ctx, v_ctx = (p.view(torch.uint8)[ctx.ctx_index].view(FP8).float() for p in (k_pool, v_pool))
+    k_ctx, v_ctx = (p.view(torch.uint8)[ctx.ctx_index].view(FP8).float() for p in (k_pool, v_slots))
     want = F.scaled_dot_product_attention(ctx.pad_queries(q.float()).transpose(1, 2), k_ctx.transpose(1, 2),
                                           v_ctx.transpose(1, 2), attn_mask=ctx.mask, scale=d ** -0.5, enable_gqa=True)
     err = (got.float() - ctx.unpad(want.transpose(1, 2))).abs().max().item()

@@ -130,7 +130,8 @@ def test_small_kernels_compile_for_hopper_with_pdl():
     fp8_pools = {"kp_ptr": "*u8", "vp_ptr": "*u8"}  # kv_cache_dtype "fp8": e4m3 bytes, saturated on the way in
     for fp8 in (False, True):
         ptx = _sm90(fused_ops._norm_rope, {**types, **(fp8_pools if fp8 else {}), "slot_ptr": "*i64", "eps": "fp32"},
-                    dict(Q_HEADS=32, K_HEADS=4, D=128, NORM=True, WRITE_KV=True, FP8_KV=fp8, PDL=True), 1)
+                    dict(Q_HEADS=32, K_HEADS=4, D=128, NORM=True, WRITE_KV=True, FP8_KV=fp8, BS=16 if fp8 else 1,
+                         PDL=True), 1)
         assert "griddepcontrol.wait" in ptx and "ld.local" not in ptx and ("e4m3" in ptx) == fp8, fp8
     types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "table_ptr": "*i32",
              "lens_ptr": "*i32", "part_ptr": "*fp32", "scale": "fp32"}

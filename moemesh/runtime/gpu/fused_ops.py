@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from moemesh.runtime.gpu import norm_rope_rows, pdl
-from moemesh.runtime.gpu.paged_attention import kv_bytes, narrow
+from moemesh.runtime.gpu.paged_attention import check_pools, kv_bytes, narrow
 from moemesh.runtime.gpu.pdl import enter
 
 
@@ -94,7 +94,7 @@ def fold_act(x_ptr, d_ptr, nw_ptr, xo_ptr, ho_ptr, offs, ok, r, stored, NORM: tl
 @triton.jit
 def _norm_rope(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, kp_ptr, vp_ptr, slot_ptr, stride_t, eps,
                Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, D: tl.constexpr, NORM: tl.constexpr,
-               WRITE_KV: tl.constexpr, FP8_KV: tl.constexpr = False, PDL: tl.constexpr = False):
+               WRITE_KV: tl.constexpr, FP8_KV: tl.constexpr = False, BS: tl.constexpr = 1, PDL: tl.constexpr = False):
     """Program (t, h): head h of token t's row, h < Q_HEADS a q head, else k head h - Q_HEADS (v is not rotated)."""
     enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
     t = tl.program_id(0).to(tl.int64)
@@ -121,6 +121,9 @@ def _norm_rope(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, kp_ptr, vp_ptr, slot_p
             kv = tl.load(slot_ptr + t) * (K_HEADS * D) + (head - Q_HEADS) * D + i  # [D] in pools [slots, Hkv, D]
             tl.store(kp_ptr + kv, narrow(out, dtype, FP8_KV))
             v = tl.load(row + K_HEADS * D + i)  # v head h - Q_HEADS sits K_HEADS heads after k head h - Q_HEADS
+            if FP8_KV:  # the token-minor V pool [blocks, Hkv, D, BS] (kv_cache.py)
+                slot = tl.load(slot_ptr + t)
+                kv = (slot // BS * K_HEADS + head - Q_HEADS) * (D * BS) + i * BS + slot % BS
             tl.store(vp_ptr + kv, narrow(v, dtype, FP8_KV))
 
 
@@ -140,12 +143,15 @@ def norm_rope_(qkv: torch.Tensor, q_heads: int, k_heads: int, head_dim: int, q_w
     if kv is not None and not all(p.is_contiguous() for p in kv[:2]):
         raise ValueError("norm_rope_ writes K/V into contiguous pools only")
     k_pool, v_pool, slots = kv if kv is not None else (qkv, qkv, qkv)
+    if kv is not None:
+        check_pools(k_pool, v_pool)
     (k_pool, fp8), (v_pool, _) = kv_bytes(k_pool), kv_bytes(v_pool)
     # One program per head. H200, Qwen3-30B-A3B decode (benchmarks/h200/small_kernels.py, us per layer): 1.64,
     # against 2.0 / 2.02 with 2 / 4 heads per program and 2.42 with two programs (all q heads, all k heads).
     _norm_rope[(t, q_heads + k_heads)](qkv, q_weight if norm else qkv, k_weight if norm else qkv, cos, sin, k_pool,
                                        v_pool, slots, qkv.stride(0), eps, Q_HEADS=q_heads, K_HEADS=k_heads,
                                        D=head_dim, NORM=norm, WRITE_KV=kv is not None, FP8_KV=fp8,
+                                       BS=v_pool.shape[-1] if fp8 else 1,
                                        num_warps=max(1, min(4, head_dim // 128)), **pdl.launch())
 
 

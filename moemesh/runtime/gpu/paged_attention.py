@@ -15,8 +15,9 @@ head) each take an equal share of the tiles and write their unnormalised partial
 buffer, and a second kernel combines them: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
 
 fp8 pools (kv_cache.py) arrive as their bytes (uint8: masked loads fill 0, which Triton's interpreter cannot cast to
-fp8) and are widened to fp16 after the load (`widen`; the dots run in fp16 with q pre-scaled, float32 accumulators):
-half the bytes of the bf16 cache.
+fp8) and are widened to fp16 in the dots' register layout (`widen`; the dots run in fp16 with q pre-scaled, float32
+accumulators): half the bytes of the bf16 cache. Their V pool keeps each block's tokens innermost ([blocks, Hkv, D,
+bs], kv_cache.py), so a tile's V is read as [N, D] with runs of KV_BLOCK contiguous bytes along N (`v_tile`).
 """
 
 from __future__ import annotations
@@ -29,12 +30,11 @@ import triton.language as tl
 
 from moemesh.runtime.gpu import pdl
 from moemesh.runtime.gpu.pdl import enter
-from moemesh.runtime.kv_cache import FP8
+from moemesh.runtime.kv_cache import FP8, token_minor
 
 
-# 4 e4m3 bytes -> 4 fp16 (two words): one cvt per two values. As inline PTX the conversion stays where the load put
-# the bytes (Triton moves a plain conversion behind its shared-memory layout change, which then reads V's transposed
-# dot operand one byte at a time: 64 ld.shared.b8 per thread and tile). Off under the interpreter (no PTX).
+# 4 e4m3 bytes -> 4 fp16 (two words): one cvt per two values (Triton's own e4m3 -> fp16 takes the same cvt but
+# its bf16 route a second per value). Off under the interpreter (no PTX).
 E4M3_F16 = tl.constexpr("""{
 .reg .b16 lo, hi;
 mov.b32 {lo, hi}, $2;
@@ -49,7 +49,7 @@ def widen(x, dtype, FP8_KV: tl.constexpr):
     """A tile loaded from a KV pool -> dtype: FP8_KV, the pool's e4m3 bytes (uint8) as fp16 (dtype must be fp16)."""
     if FP8_KV:
         if ASM:
-            return tl.inline_asm_elementwise(E4M3_F16, "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
+            return tl.inline_asm_elementwise(E4M3_F16, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
         return x.to(tl.float8e4nv, bitcast=True).to(tl.float16)
     return x.to(dtype)
 
@@ -64,9 +64,31 @@ def narrow(x, dtype, FP8_KV: tl.constexpr):
     return x
 
 
+@triton.jit
+def v_tile(v_ptr, block, pos, ok, kv_head, d, stride_vs, stride_vh, KV_BLOCK: tl.constexpr, FP8_KV: tl.constexpr):
+    """V [N, D] of tokens `pos` [N] (block: their KV blocks [N]; ok: which exist). FP8_KV: from the token-minor pool
+    [blocks, Hkv, D, KV_BLOCK] (stride_vs: a block's), read without a mask (a token past the context reads a slot of
+    its block, or of block 0, which holds a finite value; its probability is 0) so that the runs of KV_BLOCK bytes
+    along N (pos starts a tile at a multiple of KV_BLOCK) load as vectors. Else [slots, Hkv, D]."""
+    if FP8_KV:
+        offs = block.to(tl.int64)[:, None] * stride_vs + kv_head * stride_vh + d[None, :] * KV_BLOCK + (
+            pos % KV_BLOCK)[:, None]  # [N, D]
+        return tl.load(v_ptr + tl.max_contiguous(tl.multiple_of(offs, [KV_BLOCK, 1]), [KV_BLOCK, 1]))
+    slot = block.to(tl.int64) * KV_BLOCK + pos % KV_BLOCK  # [N]
+    return tl.load(v_ptr + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :], mask=ok[:, None], other=0.0)
+
+
 def kv_bytes(pool: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """(what a kernel is given for the pool, FP8_KV): an fp8 pool as its bytes (see the module doc)."""
     return (pool.view(torch.uint8), True) if pool.dtype == FP8 else (pool, False)
+
+
+def check_pools(k_pool: torch.Tensor, v_pool: torch.Tensor) -> None:
+    """fp8 pools come as kv_cache.KVCache makes them: K [slots, Hkv, D], V [blocks, Hkv, D, bs]; else both
+    [slots, Hkv, D]."""
+    if (k_pool.dtype == FP8) != (token_minor(v_pool) > 0) or k_pool.dtype != v_pool.dtype:
+        raise ValueError(f"K/V pools must both be fp8 (V [blocks, Hkv, D, bs]) or both [slots, Hkv, D] of one dtype, "
+                         f"got {k_pool.dtype} {tuple(k_pool.shape)} and {v_pool.dtype} {tuple(v_pool.shape)}")
 
 
 @triton.jit
@@ -106,7 +128,7 @@ def _paged_decode(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, lens_ptr, part_ptr, s
         this, block = block, tl.load(table_ptr + b * stride_tb + nxt // KV_BLOCK, mask=nxt < hi, other=0)
         slot = this.to(tl.int64) * KV_BLOCK + pos % KV_BLOCK  # [N]
         k = tl.load(k_ptr + slot[:, None] * stride_ks + kv_head * stride_kh + d[None, :], mask=ok[:, None], other=0)
-        v = tl.load(v_ptr + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :], mask=ok[:, None], other=0)
+        v = v_tile(v_ptr, this, pos, ok, kv_head, d, stride_vs, stride_vh, KV_BLOCK, FP8_KV)
         k, v = widen(k, q.dtype, FP8_KV), widen(v, q.dtype, FP8_KV)  # [N, D] each
         s = tl.dot(q, tl.trans(k)) * scale  # [G, N] float32
         s = tl.where(ok[None, :], s, float("-inf"))
@@ -169,21 +191,22 @@ def splits_for(batch: int, kv_heads: int, max_splits: int = 16, programs: int = 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, kv_block: int, block_n: int = 64,
                            splits: int | None = None, num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
-    """q [B, Hq, D]; pools [slots, Hkv, D]; block_tables [B, W] int32; seq_lens [B] int32 (>= 1, the new token
-    included, its K/V already written) -> [B, Hq, D] in q's dtype. splits: context splits (None: splits_for)."""
+    """q [B, Hq, D]; pools [slots, Hkv, D] (fp8: V [blocks, Hkv, D, kv_block]); block_tables [B, W] int32; seq_lens
+    [B] int32 (>= 1, the new token included, its K/V already written) -> [B, Hq, D] in q's dtype. splits: context
+    splits (None: splits_for)."""
     b, hq, d = q.shape
     hkv = k_pool.shape[1]
-    if hq % hkv or d & (d - 1) or k_pool.stride(2) != 1 or v_pool.stride(2) != 1 or q.stride(2) != 1:
+    check_pools(k_pool, v_pool)
+    if hq % hkv or d & (d - 1) or k_pool.stride(2) != 1 or v_pool.stride(-1) != 1 or q.stride(2) != 1:
         raise ValueError(f"paged decode needs Hq % Hkv == 0, a power-of-two head dim and contiguous heads, got "
                          f"q {tuple(q.shape)}, pools {tuple(k_pool.shape)}")
     group = hq // hkv
     out = torch.empty_like(q)
     (k_pool, fp8), (v_pool, _) = kv_bytes(k_pool), kv_bytes(v_pool)
-    # fp8 pools: half the splits and no cp.async stage (their bytes are widened in registers before the shared-memory
-    # layout change). H200, batch 64 / 128 at context 4,096 (paged_sweep.py --kv fp8): 116.6 / 223.2 us per layer
-    # against 123.4 / 237.0 with the bf16 cache's choice (bf16 cache: 134.7 / 260.1).
+    # fp8 pools: half the splits. H200 (a probe of this kernel): batch 64 / 128 at context 4,096 96.2 / 186.3 us per
+    # layer (best of splits 1-8, BLOCK_N 64-128, 4-8 warps, 1-3 stages: 96.2 / 177.1); bf16 cache 134.7 / 260.1.
     splits = splits_for(b, hkv, programs=512 if fp8 else 1024) if splits is None else splits
-    num_stages = (1 if fp8 else 2) if num_stages is None else num_stages
+    num_stages = 2 if num_stages is None else num_stages
     part = torch.empty(b, hq, splits, d + 2, dtype=torch.float32, device=q.device) if splits > 1 else out
     _paged_decode[(b, hkv, splits)](
         q, k_pool, v_pool, out, block_tables, seq_lens, part, scale,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moemesh.runtime.gpu.paged_attention import kv_bytes, widen
+from moemesh.runtime.gpu.paged_attention import check_pools, kv_bytes, v_tile, widen
 
 BLOCK_N = 64  # keys per tile
 ROWS = 64  # query rows a program holds: BLOCK_T tokens x GROUP heads
@@ -85,8 +85,8 @@ def _key_tile(acc, m_i, l_i, q, qk_scale, k_ptr, v_ptr, table_ptr, b, kv_head, j
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    v = widen(tl.load(v_ptr + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :], mask=j_ok[:, None],
-                      other=0), q.dtype, FP8_KV)  # [N, D]
+    v = widen(v_tile(v_ptr, block, j, j_ok, kv_head, d, stride_vs, stride_vh, KV_BLOCK, FP8_KV), q.dtype,
+              FP8_KV)  # [N, D]; fp8: from the token-minor V pool
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, m_new, l_i * alpha + tl.sum(p, 1)
 
@@ -122,6 +122,7 @@ def prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     group = hq // hkv
     out = torch.empty_like(q)
     seq, first = tile_list
+    check_pools(k_pool, v_pool)
     (k_pool, fp8), (v_pool, _) = kv_bytes(k_pool), kv_bytes(v_pool)
     if seq.numel():
         _prefill_paged[(seq.numel(), hkv)](
