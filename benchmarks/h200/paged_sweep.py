@@ -66,7 +66,7 @@ def sweep(batch: int, context: int, kv: str, quick: bool) -> dict:
     sets, info = case(batch, context, kv)
     q, pools, tables = sets[0]
     want = pa.paged_decode_attention(q, pools[0], pools[1], tables, info["lens"], D ** -0.5, BS, splits=1)
-    ours = (pa.splits_for(batch, HKV, programs=512 if kv == "fp8" else 1024), 64, 4, 1 if kv == "fp8" else 2)
+    ours = (pa.splits_for(batch, HKV, programs=512 if kv == "fp8" else 1024), 64, 4, 2)
     times = {}
     variants = [v for v in VARIANTS if v[0] == ours[0]] if quick else VARIANTS
     variants = [v for v in variants if v[0] in SPLITS] if SPLITS else variants
