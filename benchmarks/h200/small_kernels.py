@@ -5,7 +5,7 @@ the replay; printed per layer (graph time / 48).
 
     PYTHONPATH=. python3 benchmarks/h200/small_kernels.py [--contexts 130,2000] [--no-pdl] [--out FILE_OR_DIR]
 
-  norm_rope   fused_ops.norm_rope_ (q/k RMSNorm + rope + K/V pool write; one program per head)
+  norm_rope   norm_rope.norm_rope_ (q/k RMSNorm + rope + K/V pool write; one program per head)
   attention   paged_attention.paged_decode_attention (+ its combine) at each context
   routing     fused_ops.route_softmax, router_logits_norm, and the two in a row (the decode step's router)
 The variants these replaced, measured on the H200 on 2026-11-29, are named in the kernels' comments. A kernel that
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from graph_timing import graph_us  # noqa: E402 -- benchmarks/h200, the script's own folder
-from moemesh.runtime.gpu import fused_ops, paged_attention, pdl  # noqa: E402
+from moemesh.runtime.gpu import fused_ops, norm_rope, paged_attention, pdl  # noqa: E402
 
 LAYERS = 48
 HQ, HKV, D, H, E, K, BS = 32, 4, 128, 2048, 128, 8, 16
@@ -61,7 +61,7 @@ def bench_norm_rope(rows: list, pdl_on: bool) -> None:
     slots = torch.tensor([129], device="cuda")
 
     def fn(i):
-        fused_ops.norm_rope_(qkv[i], HQ, HKV, D, qw[i], kw[i], 1e-6, cos, sin, (pools[0, i], pools[1, i], slots))
+        norm_rope.norm_rope_(qkv[i], HQ, HKV, D, qw[i], kw[i], 1e-6, cos, sin, (pools[0, i], pools[1, i], slots))
     _row(rows, "norm_rope", "one program per head", fn, pdl_on)
 
 

@@ -122,7 +122,7 @@ class Attention(nn.Module):
                      pools: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """qkv [T, (Hq + 2 Hkv) D] -> o_proj output [T, H]: q/k norm + rope (+ the K/V pool writes) in one launch."""
         from moemesh.runtime.gpu.dense_gemv import linear
-        from moemesh.runtime.gpu.fused_ops import norm_rope_
+        from moemesh.runtime.gpu.norm_rope import norm_rope_
 
         s, t = self.spec, qkv.shape[0]
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim

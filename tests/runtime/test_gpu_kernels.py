@@ -204,7 +204,8 @@ def test_one_launch_alignment_groups_the_same_pairs_as_the_torch_one():
 
 @cuda
 def test_fused_ops_match_their_torch_references():
-    from moemesh.runtime.gpu.fused_ops import add_rms_norm, norm_rope_, route_softmax
+    from moemesh.runtime.gpu.fused_ops import add_rms_norm, route_softmax
+    from moemesh.runtime.gpu.norm_rope import norm_rope_
     from moemesh.runtime.layers import RMSNorm
     from moemesh.runtime.rope import Rotary
     from moemesh.runtime.spec import RopeSpec
@@ -238,7 +239,7 @@ def test_fused_ops_match_their_torch_references():
 
 @cuda
 def test_norm_rope_writes_the_decode_tokens_kv_into_the_pools():
-    from moemesh.runtime.gpu.fused_ops import norm_rope_
+    from moemesh.runtime.gpu.norm_rope import norm_rope_
 
     t, hq, hk, dim = 5, 32, 4, 128
     qkv = torch.randn(t, (hq + 2 * hk) * dim, device="cuda", dtype=BF16)

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 CHECKS = textwrap.dedent('''
     import torch
-    from moemesh.runtime.gpu import dense_gemv, fused_ops, paged_attention
+    from moemesh.runtime.gpu import dense_gemv, fused_ops, norm_rope, paged_attention
 
     torch.manual_seed(0)
     x, w = torch.randn(3, 256, dtype=torch.bfloat16), torch.randn(16, 256)
@@ -55,8 +55,8 @@ CHECKS = textwrap.dedent('''
     ref = qkv.clone()
     cos, sin = torch.randn(t, d), torch.randn(t, d)
     kp, vp, slots = torch.zeros(10, hk, d), torch.zeros(10, hk, d), torch.tensor([3, 7])
-    fused_ops.norm_rope_(qkv, hq, hk, d, None, None, 0.0, cos, sin, (kp, vp, slots))
-    fused_ops.norm_rope_(ref, hq, hk, d, None, None, 0.0, cos, sin)
+    norm_rope.norm_rope_(qkv, hq, hk, d, None, None, 0.0, cos, sin, (kp, vp, slots))
+    norm_rope.norm_rope_(ref, hq, hk, d, None, None, 0.0, cos, sin)
     assert torch.equal(qkv, ref), "q/k rotated as without the pools"
     assert torch.equal(kp[slots].reshape(t, -1), ref[:, hq * d:(hq + hk) * d]), "K written to its slots"
     assert torch.equal(vp[slots].reshape(t, -1), ref[:, (hq + hk) * d:]), "V written to its slots"

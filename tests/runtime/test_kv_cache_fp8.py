@@ -90,7 +90,7 @@ CHECKS = textwrap.dedent('''
 
     interpreter._convert_float = convert_float
     import torch.nn.functional as F
-    from moemesh.runtime.gpu import fused_ops, paged_attention, prefill_attention as pa
+    from moemesh.runtime.gpu import norm_rope, paged_attention, prefill_attention as pa
     from moemesh.runtime.kv_cache import FP8, gather, narrow, to_token_minor
     from moemesh.runtime.step_context import StepContext
 
@@ -101,8 +101,8 @@ CHECKS = textwrap.dedent('''
     cos, sin = torch.randn(t, d), torch.randn(t, d)
     kp, slots = torch.zeros(12, hk, d, dtype=FP8), torch.tensor([3, 7, 0])
     vp = torch.zeros(3, hk, d, 4, dtype=FP8)  # V: blocks of 4 tokens, tokens innermost
-    fused_ops.norm_rope_(qkv, hq, hk, d, None, None, 0.0, cos, sin, (kp, vp, slots))
-    fused_ops.norm_rope_(ref, hq, hk, d, None, None, 0.0, cos, sin)
+    norm_rope.norm_rope_(qkv, hq, hk, d, None, None, 0.0, cos, sin, (kp, vp, slots))
+    norm_rope.norm_rope_(ref, hq, hk, d, None, None, 0.0, cos, sin)
     k_want = narrow(ref[:, hq * d:(hq + hk) * d].reshape(t, hk, d), FP8)
     v_want = narrow(ref[:, (hq + hk) * d:].reshape(t, hk, d), FP8)
     assert torch.equal(kp.view(torch.uint8)[slots], k_want.view(torch.uint8)), "K written as e4m3"

@@ -11,7 +11,7 @@ from interpreted import cuda, interpreter, needs_triton, run_interpreted
 
 CHECKS = textwrap.dedent('''
     import torch
-    from moemesh.runtime.gpu import fused_ops, norm_rope_rows
+    from moemesh.runtime.gpu import norm_rope, norm_rope_rows
 
     torch.manual_seed(0)
     t, hq, hk, d = 37, 4, 2, 32  # 37: a last block of 5 tokens
@@ -22,7 +22,7 @@ CHECKS = textwrap.dedent('''
         weights = (qw, kw) if norm else (None, None)
         ref = qkv.clone()
         for i in range(t):  # the decode kernel, one token at a time (below MIN_TOKENS)
-            fused_ops.norm_rope_(ref[i:i + 1], hq, hk, d, *weights, 1e-6, cos[i:i + 1], sin[i:i + 1])
+            norm_rope.norm_rope_(ref[i:i + 1], hq, hk, d, *weights, 1e-6, cos[i:i + 1], sin[i:i + 1])
         norm_rope_rows.norm_rope_rows_(qkv, hq, hk, d, *weights, 1e-6, cos, sin)
         assert torch.equal(qkv, ref), (norm, (qkv.float() - ref.float()).abs().max().item())
     print("ok")
@@ -49,7 +49,7 @@ def test_norm_rope_rows_compiles_for_hopper_without_spills(tmp_path):
 
 @cuda
 def test_norm_rope_at_prefill_size_matches_torch():
-    from moemesh.runtime.gpu.fused_ops import norm_rope_
+    from moemesh.runtime.gpu.norm_rope import norm_rope_
     from moemesh.runtime.gpu.norm_rope_rows import MIN_TOKENS
     from moemesh.runtime.layers import RMSNorm
     from moemesh.runtime.rope import Rotary

@@ -16,7 +16,7 @@ from interpreted import cuda, interpreter, needs_triton, run_interpreted
 # Shared by the interpreter run and the CUDA test: `dev` is set before these run.
 CASES = textwrap.dedent('''
     import torch
-    from moemesh.runtime.gpu import fused_ops, paged_attention
+    from moemesh.runtime.gpu import fused_ops, norm_rope, paged_attention
     from moemesh.runtime.layers import RMSNorm
 
     def rope_ref(x, w, cos, sin):  # x [T, H, D]: per-head RMSNorm (w; None: none) then rotate-half
@@ -32,7 +32,7 @@ CASES = textwrap.dedent('''
         for qw, kw in ((torch.rand(d, device=dev, dtype=dtype) + 0.5, torch.rand(d, device=dev, dtype=dtype) + 0.5),
                        (None, None)):
             qkv, k_pool, v_pool = qkv0.clone(), *(torch.zeros(3 * t, hk, d, device=dev, dtype=dtype) for _ in "kv")
-            fused_ops.norm_rope_(qkv, hq, hk, d, qw, kw, 1e-6, cos, sin, (k_pool, v_pool, slots))
+            norm_rope.norm_rope_(qkv, hq, hk, d, qw, kw, 1e-6, cos, sin, (k_pool, v_pool, slots))
             q = rope_ref(qkv0[:, :hq * d].view(t, hq, d), qw, cos, sin)
             k = rope_ref(qkv0[:, hq * d:(hq + hk) * d].view(t, hk, d), kw, cos, sin)
             got = qkv[:, :(hq + hk) * d].float()
@@ -124,12 +124,12 @@ def _sm90(fn, types: dict[str, str], consts: dict, num_warps: int = 4) -> str:
 def test_small_kernels_compile_for_hopper_with_pdl():
     """norm_rope_ and the decode attention compile for sm_90 with PDL (Triton 3.6, the H200's: PYTHONPATH=/tmp/t36),
     as launched, without spilling to local memory; the attention reads its context length before the PDL wait."""
-    from moemesh.runtime.gpu import fused_ops, paged_attention
+    from moemesh.runtime.gpu import fused_ops, norm_rope, paged_attention
 
     types = {n: "*bf16" for n in ("qkv_ptr", "qw_ptr", "kw_ptr", "cos_ptr", "sin_ptr", "kp_ptr", "vp_ptr")}
     fp8_pools = {"kp_ptr": "*u8", "vp_ptr": "*u8"}  # kv_cache_dtype "fp8": e4m3 bytes, saturated on the way in
     for fp8 in (False, True):
-        ptx = _sm90(fused_ops._norm_rope, {**types, **(fp8_pools if fp8 else {}), "slot_ptr": "*i64", "eps": "fp32"},
+        ptx = _sm90(norm_rope._norm_rope, {**types, **(fp8_pools if fp8 else {}), "slot_ptr": "*i64", "eps": "fp32"},
                     dict(Q_HEADS=32, K_HEADS=4, D=128, NORM=True, WRITE_KV=True, FP8_KV=fp8, BS=16 if fp8 else 1,
                          PDL=True), 1)
         assert "griddepcontrol.wait" in ptx and "ld.local" not in ptx and ("e4m3" in ptx) == fp8, fp8

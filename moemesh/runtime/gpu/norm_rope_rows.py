@@ -1,4 +1,4 @@
-"""q/k RMSNorm per head + RoPE in place for prefill-sized steps: fused_ops.norm_rope_'s function with ROWS tokens per
+"""q/k RMSNorm per head + RoPE in place for prefill-sized steps: norm_rope.norm_rope_'s function with ROWS tokens per
 program instead of one.
 
     qkv [T, (Hq + 2 Hkv) D] -> program (block of ROWS tokens, head h < Hq + Hkv): x [ROWS, D] of head h,

@@ -145,6 +145,7 @@ async def test_info_reports_model_limits_and_placement(mesh):
         (mesh.experts[0].address, [0, 1], [0, 1]), (mesh.experts[1].address, [2, 3], [0, 1])]
     assert info.device == "cpu" and info.dtype == "float32"
     assert info.cuda_graphs == "off: device cpu is not CUDA" and info.quantization == "none"
+    assert info.kv_cache_dtype == "float32"
 
 
 async def test_step_without_sampling_and_release(mesh):
