@@ -50,3 +50,15 @@ def test_plan_cpu_default_keeps_two_shards(tmp_path):
     children = up.plan(_ns(), tmp_path)
     assert sorted(n for n in children if n.startswith("expert-")) == ["expert-0", "expert-1"]
     assert children["router"].env["MOEMESH_ROUTER_DEVICE"] == "cpu"
+
+
+def test_plan_hands_the_kv_cache_dtype_to_the_router(tmp_path):
+    from moemesh.serving.config import ConfigError
+    from services.router.config import RouterConfig
+
+    assert up.plan(_ns(), tmp_path)["router"].env["MOEMESH_KV_CACHE_DTYPE"] == "auto"
+    env = up.plan(_ns(kv_cache_dtype="fp8"), tmp_path)["router"].env
+    assert env["MOEMESH_KV_CACHE_DTYPE"] == "fp8"
+    assert RouterConfig.from_args([], env).kv_cache_dtype == "fp8"
+    with pytest.raises(ConfigError, match="MOEMESH_KV_CACHE_DTYPE: 'int8' is not one of"):
+        RouterConfig.from_args([], {**env, "MOEMESH_KV_CACHE_DTYPE": "int8"})
