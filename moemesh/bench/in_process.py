@@ -149,7 +149,8 @@ def kv_blocks_for(spec: LoadSpec, longest_prompt: int, block_size: int = 16) -> 
     return spec.concurrency * per_sequence
 
 
-def load_engine(model: str, spec: LoadSpec, *, device: str, dtype: str) -> tuple[object, PromptIds]:
+def load_engine(model: str, spec: LoadSpec, *, device: str, dtype: str,
+                kv_cache_dtype: str = "auto") -> tuple[object, PromptIds]:
     """(Engine with KV for the whole load, prompt text -> ids through the model's chat template, as the mesh's
     tokenizer service renders a one-message conversation)."""
     from moemesh.models.registry import resolve_model
@@ -164,4 +165,6 @@ def load_engine(model: str, spec: LoadSpec, *, device: str, dtype: str) -> tuple
 
     longest = max(len(prompt_ids(synthetic_prompt(i, spec.prompt_tokens, spec.seed))) for i in range(8))
     blocks = kv_blocks_for(spec, longest + spec.prompt_tokens // 4 + 8)  # margin: later prompts may be longer
-    return Engine.load(model_dir, device=device, dtype=dtype, kv_blocks=blocks, model_name=model), prompt_ids
+    engine = Engine.load(model_dir, device=device, dtype=dtype, kv_blocks=blocks, model_name=model,
+                         kv_cache_dtype=kv_cache_dtype)
+    return engine, prompt_ids

@@ -59,6 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--in-process", action="store_true", help="run the load on the Engine in this process")
     p.add_argument("--device", default="cpu", help="--in-process: torch device (default cpu)")
     p.add_argument("--dtype", default="float32", help="--in-process: compute dtype (default float32)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                   help="--in-process: what the KV cache stores (fp8: e4m3)")
     p.set_defaults(func=run)
 
 
@@ -163,10 +165,10 @@ def _in_process(ns: argparse.Namespace, spec: LoadSpec, argv: list[str]) -> dict
     model = ns.model or (status_file.read(ns.status_file) or {}).get("model")
     if not model:
         raise ValueError("--model: required with --in-process (no running `moemesh up` to take it from)")
-    engine, prompt_ids = load_engine(model, spec, device=ns.device, dtype=ns.dtype)
+    engine, prompt_ids = load_engine(model, spec, device=ns.device, dtype=ns.dtype, kv_cache_dtype=ns.kv_cache_dtype)
     InProcessRun(engine, prompt_ids, LoadSpec(requests=1, prompt_tokens=8, max_tokens=2)).run()  # warm-up
     progress = _progress(ns, spec)
     records, duration = InProcessRun(engine, prompt_ids, spec, on_done=progress.update).run()
     progress.close()
     return report.document(summarize(records, duration), spec, mode="in-process", target=f"Engine({ns.device})",
-                           model=model, argv=argv, device=f"{ns.device} {ns.dtype}")
+                           model=model, argv=argv, device=f"{ns.device} {ns.dtype}, KV {engine.kv_cache_dtype}")

@@ -22,7 +22,7 @@ def bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 def test_in_process_json_has_the_figures_machine_and_command(tiny_moe_dir, tmp_path):
     out = bench("--in-process", "--model", str(tiny_moe_dir), "--concurrency", "2", "--requests", "4",
                 "--prompt-tokens", "8", "--max-tokens", "3", "--ignore-eos", "--json", "--output",
-                str(tmp_path / "r.json"))
+                str(tmp_path / "r.json"), "--kv-cache-dtype", "fp8")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert KEYS <= set(doc) and doc == json.loads((tmp_path / "r.json").read_text())
@@ -32,6 +32,7 @@ def test_in_process_json_has_the_figures_machine_and_command(tiny_moe_dir, tmp_p
     assert doc["ttft_ms"]["p50"] < doc["e2e_ms"]["p50"] and doc["prompt_tokens_mean"] > 8  # chat template added
     assert doc["command"].startswith("moemesh bench --in-process") and doc["machine"]["cpus"] >= 1
     assert "4/4 requests" in out.stderr  # the progress bar
+    assert "KV fp8" in json.dumps(doc)  # an e4m3 KV cache, as asked
 
 
 def test_bad_flags_name_themselves():
