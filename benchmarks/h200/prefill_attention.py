@@ -2,8 +2,10 @@
 KV blocks), in one run: the paged prefill kernel (gpu/prefill_attention.py), the padded SDPA path with the explicit
 mask it replaced (step_context.py: gather + pad + mask, as on the CPU), each sequence alone through SDPA's causal
 kernel (one launch per sequence), and the FLOP limit at 989 TFLOP/s. Also the error against the padded path.
+`--kv fp8`: the paged kernel over an fp8 cache (K [slots, Hkv, D], V [blocks, Hkv, D, 16] e4m3, kv_cache.py) beside
+the same bf16 rows on those values widened (files *-fp8.*).
 
-    source benchmarks/h200/setup.sh && python3 benchmarks/h200/prefill_attention.py --out $OUT
+    source benchmarks/h200/setup.sh && python3 benchmarks/h200/prefill_attention.py [--kv fp8] --out $OUT
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from moemesh.runtime.gpu.prefill_attention import CONFIG, prefill_attention, tiles  # noqa: E402
+from moemesh.runtime.kv_cache import FP8, narrow, to_token_minor  # noqa: E402
 from moemesh.runtime.step_context import StepContext  # noqa: E402
 
 HQ, HKV, D, BS = 32, 4, 128, 16
@@ -69,6 +72,7 @@ def alone(ctx, q, k_pool, v_pool, cached, new):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kv", default="bf16", choices=("bf16", "fp8"), help="the cache the paged kernel reads")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -76,9 +80,13 @@ def main(argv=None) -> int:
     for name, (cached, new) in CASES.items():
         ctx, q, kp, vp = case(cached, new)
         tile_list = ctx.tiles(HQ // HKV)
+        cache = (kp, vp)
+        if args.kv == "fp8":  # the kernel reads e4m3; the torch rows read the same values in bf16
+            cache = (narrow(kp, FP8), to_token_minor(narrow(vp, FP8).view(torch.uint8), BS).view(FP8))
+            kp, vp = narrow(kp, FP8).to(q.dtype), narrow(vp, FP8).to(q.dtype)
 
         def ours():
-            return prefill_attention(q, kp, vp, ctx.table, ctx.starts, ctx.new, ctx.cached, tile_list, BS, D ** -0.5)
+            return prefill_attention(q, *cache, ctx.table, ctx.starts, ctx.new, ctx.cached, tile_list, BS, D ** -0.5)
         want = padded(ctx, q, kp, vp)
         err = ((ours().float() - want.float()).norm() / want.float().norm()).item()
         flops = sum(4 * n * (c + (n + 1) / 2) * D * HQ for c, n in zip(cached, new))  # causal: half the square
@@ -91,7 +99,7 @@ def main(argv=None) -> int:
         for cfg in GRID:  # the kernel's configs on this step
             t = tiles(list(new), HQ // HKV, "cuda", cfg["ROWS"])
             try:
-                us = triton.testing.do_bench(lambda: prefill_attention(q, kp, vp, ctx.table, ctx.starts, ctx.new,
+                us = triton.testing.do_bench(lambda: prefill_attention(q, *cache, ctx.table, ctx.starts, ctx.new,
                                                                        ctx.cached, t, BS, D ** -0.5, cfg),
                                              warmup=5, rep=40, return_mode="median") * 1e3
             except Exception as exc:  # noqa: BLE001 -- out of shared memory / registers: skip it
@@ -102,15 +110,16 @@ def main(argv=None) -> int:
     meta = {"machine": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "command": "python3 benchmarks/h200/prefill_attention.py " + " ".join(argv or sys.argv[1:])}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "prefill-attention-h200.json").write_text(json.dumps({**meta, "rows": rows, "sweep": sweep},
+    stem = "prefill-attention-h200" + ("-fp8" if args.kv == "fp8" else "")
+    (args.out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows, "sweep": sweep},
                                                                      indent=1) + "\n")
-    lines = ["# One layer's attention, steps of several sequences (32 q / 4 kv heads, D 128), us", "",
+    lines = [f"# One layer's attention, steps of several sequences (32 q / 4 kv heads, D 128), {args.kv} cache, us", "",
              f"{meta['machine']}; `{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}", "",
              "| step | paged kernel | padded SDPA + mask (before) | SDPA per sequence | FLOP limit | rel err |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['case']} | {r['paged_kernel_us']} | {r['padded_sdpa_mask_us']} | {r['sdpa_per_sequence_us']} | "
               f"{r['limit_us']} | {r['error_vs_padded']} |" for r in rows]
-    (args.out / "prefill-attention-h200.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
