@@ -6,6 +6,38 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
+
+# Check scripts that round float32 to e4m3 start with this: Triton 3.9's interpreter drops the carry when it rounds a
+# mantissa up into the exponent (124.3 -> 64 in e4m3), so that conversion goes through torch (round to nearest even,
+# as the GPU's cvt.rn.satfinite).
+E4M3_SHIM = textwrap.dedent('''
+    import numpy as np, torch
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    convert = interpreter._convert_float
+
+    def convert_float(data, src, dst, rounding):
+        if src == tl.float32 and dst == tl.float8e4nv:
+            x = torch.from_numpy(np.frombuffer(data.tobytes(), dtype=np.float32).copy())
+            return x.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return convert(data, src, dst, rounding)
+
+    interpreter._convert_float = convert_float
+''')
+
+# Check scripts of paged decode attention define their reference with this: q [B, Hq, D] over pools [slots, Hkv, D]
+# (float) through tables [B, W] of bs-token blocks, seq_lens [B], scale -> [B, Hq, D].
+PAGED_REFERENCE = textwrap.dedent('''
+    def paged_reference(q, k_slots, v_slots, tables, lens, bs, scale):
+        want = torch.empty_like(q)
+        for i in range(q.shape[0]):
+            idx = torch.cat([torch.arange(int(j) * bs, int(j) * bs + bs) for j in tables[i]])[:int(lens[i])]
+            k, v = (p[idx].float().repeat_interleave(q.shape[1] // p.shape[1], 1) for p in (k_slots, v_slots))
+            want[i] = torch.einsum("ht,thd->hd", (torch.einsum("hd,thd->ht", q[i], k) * scale).softmax(-1), v)
+        return want
+''')
 
 
 def run_interpreted(script: str, timeout: int = 600) -> None:

@@ -13,7 +13,9 @@ import pytest
 
 pytest.importorskip("triton")
 
-CHECKS = textwrap.dedent('''
+from interpreted import PAGED_REFERENCE  # noqa: E402
+
+CHECKS = PAGED_REFERENCE + textwrap.dedent('''
     import torch
     from moemesh.runtime.gpu import dense_gemv, fused_ops, norm_rope, paged_attention
 
@@ -67,12 +69,7 @@ CHECKS = textwrap.dedent('''
     tables = torch.randperm(16)[:8].view(2, 4).int()
     lens = torch.tensor([13, 5], dtype=torch.int32)
     q = torch.randn(b, hq, d)
-    want = torch.empty_like(q)
-    for i in range(b):
-        idx = torch.cat([torch.arange(int(tables[i, j]) * bs, int(tables[i, j]) * bs + bs) for j in range(4)])
-        idx = idx[:int(lens[i])]
-        k, v = (p[idx].repeat_interleave(hq // hkv, 1) for p in (kpool, vpool))
-        want[i] = torch.einsum("ht,thd->hd", (torch.einsum("hd,thd->ht", q[i], k) * 0.25).softmax(-1), v)
+    want = paged_reference(q, kpool, vpool, tables, lens, bs, 0.25)
     for splits in (1, 4):
         got = paged_attention.paged_decode_attention(q, kpool, vpool, tables, lens, 0.25, bs, block_n=4,
                                                      splits=splits)

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from interpreted import cuda, interpreter, run_interpreted
+from interpreted import E4M3_SHIM, PAGED_REFERENCE, cuda, interpreter, run_interpreted
 from moemesh.runtime.engine import Engine
 from moemesh.runtime.kv_cache import FP8, FP8_MAX, KVCache, gather, narrow, store
 from moemesh.runtime.types import SequenceWork
@@ -73,22 +73,8 @@ def test_unserved_kv_cache_dtypes_fail_at_load_naming_the_field(tiny_hf):
         Engine.load(mla, kv_blocks=2, kv_cache_dtype="fp8")
 
 
-CHECKS = textwrap.dedent('''
-    import numpy as np, torch
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    convert = interpreter._convert_float
-
-    def convert_float(data, src, dst, rounding):
-        """Triton 3.9's interpreter drops the carry when it rounds a mantissa up into the exponent: float32 -> e4m3
-        goes through torch (round to nearest even, as the GPU's cvt.rn.satfinite)."""
-        if src == tl.float32 and dst == tl.float8e4nv:
-            x = torch.from_numpy(np.frombuffer(data.tobytes(), dtype=np.float32).copy())
-            return x.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-        return convert(data, src, dst, rounding)
-
-    interpreter._convert_float = convert_float
+CHECKS = E4M3_SHIM + PAGED_REFERENCE + textwrap.dedent('''
+    import torch
     import torch.nn.functional as F
     from moemesh.runtime.gpu import norm_rope, paged_attention, prefill_attention as pa
     from moemesh.runtime.kv_cache import FP8, gather, narrow, to_token_minor
@@ -116,12 +102,7 @@ CHECKS = textwrap.dedent('''
     tables = torch.randperm(16)[:8].view(2, 4).int()
     lens = torch.tensor([13, 5], dtype=torch.int32)
     q = torch.randn(b, hq, d)
-    want = torch.empty_like(q)
-    for i in range(b):
-        idx = torch.cat([torch.arange(int(tables[i, j]) * bs, int(tables[i, j]) * bs + bs) for j in range(4)])
-        k, v = (p.view(torch.uint8)[idx[:int(lens[i])]].view(FP8).float().repeat_interleave(hq // hkv, 1)
-                for p in (kpool, vslots))
-        want[i] = torch.einsum("ht,thd->hd", (torch.einsum("hd,thd->ht", q[i], k) * 0.25).softmax(-1), v)
+    want = paged_reference(q, kpool.float(), vslots.float(), tables, lens, bs, 0.25)
     for splits in (1, 4):
         got = paged_attention.paged_decode_attention(q, kpool, vpool, tables, lens, 0.25, bs, block_n=4,
                                                      splits=splits)

@@ -10,25 +10,11 @@ import textwrap
 import pytest
 import torch
 
-from interpreted import hopper, interpreter, needs_triton, run_interpreted
+from interpreted import E4M3_SHIM, hopper, interpreter, needs_triton, run_interpreted
 
 # Runs in a fresh interpreter: TRITON_INTERPRET must be set before triton.jit decorates the kernels.
-CHECKS = textwrap.dedent('''
-    import numpy as np, torch
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    convert = interpreter._convert_float
-
-    def convert_float(data, src, dst, rounding):
-        """Triton 3.9's interpreter drops the carry when it rounds a mantissa up into the exponent (124.3 -> 64 in
-        e4m3): float32 -> e4m3 goes through torch (round to nearest even, as the GPU's cvt.rn.satfinite)."""
-        if src == tl.float32 and dst == tl.float8e4nv:
-            x = torch.from_numpy(np.frombuffer(data.tobytes(), dtype=np.float32).copy())
-            return x.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-        return convert(data, src, dst, rounding)
-
-    interpreter._convert_float = convert_float
+CHECKS = E4M3_SHIM + textwrap.dedent('''
+    import torch
     from moemesh.runtime.gpu import prefill_fp8 as pf
     from moemesh.runtime.quant import quantize
 
