@@ -20,7 +20,8 @@ norm/rope kernel's own saturating cast); every reader widens to the compute dtyp
 tokens innermost, [blocks, Hkv, D, block_size] (vLLM's V layout): attention reduces P @ V over tokens, so the tensor
 cores want a value's neighbours along tokens, which this layout gives as contiguous bytes (in [slots, Hkv, D] each byte
 would be read alone, or the tile staged once more through shared memory). H200, batch 64 / 128 at context 4,096, us
-per layer: bf16 cache 134.7 / 260.1, fp8 [slots, Hkv, D] 116.6 / 223.3, fp8 token-minor V 96.2 / 177.1.
+per layer: bf16 cache 134.7 / 260.9, fp8 [slots, Hkv, D] 116.6 / 223.3, fp8 token-minor V 94.5 / 189.4
+(benchmarks/results/paged-decode-h200-fp8.md).
 """
 
 from __future__ import annotations

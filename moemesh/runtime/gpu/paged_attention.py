@@ -203,8 +203,8 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     group = hq // hkv
     out = torch.empty_like(q)
     (k_pool, fp8), (v_pool, _) = kv_bytes(k_pool), kv_bytes(v_pool)
-    # fp8 pools: half the splits. H200 (a probe of this kernel): batch 64 / 128 at context 4,096 96.2 / 186.3 us per
-    # layer (best of splits 1-8, BLOCK_N 64-128, 4-8 warps, 1-3 stages: 96.2 / 177.1); bf16 cache 134.7 / 260.1.
+    # fp8 pools: half the splits. H200, batch 64 / 128 at context 4,096 (paged_sweep.py --kv bf16,fp8): 94.5 / 189.4
+    # us per layer (the best variants at these splits 94.5 / 183.7); the bf16 cache 134.7 / 260.9.
     splits = splits_for(b, hkv, programs=512 if fp8 else 1024) if splits is None else splits
     num_stages = 2 if num_stages is None else num_stages
     # Tried and dropped (H200, 2026-11-30): fp8 V loaded a tile ahead into registers (its loads are not cp.async, so
