@@ -77,8 +77,8 @@ def test_windows_and_max_tokens(tiny_dense: Path, text_file: Path, capsys: pytes
     assert out["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
     expected_keys = {"model", "model_dir", "text", "text_sha256", "perplexity", "mean_nll", "tokens", "predictions",
                      "windows", "window", "max_tokens", "text_tokens", "device", "dtype", "seconds", "backend",
-                     "quantization"}
-    assert set(out) == expected_keys
+                     "quantization", "kv_cache_dtype"}
+    assert set(out) == expected_keys and out["kv_cache_dtype"] == "auto"
 
 
 def test_plain_output_and_errors(tiny_dense: Path, text_file: Path, tmp_path: Path,
