@@ -37,7 +37,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moemesh.runtime.gpu.pdl import enter
-from moemesh.runtime.gpu.prefill_moe import PREFILL_MIN_TOKENS, _num_sms, _tile
+from moemesh.runtime.gpu.prefill_moe import PREFILL_MIN_TOKENS, _num_sms, _tile, tile_problem
 from moemesh.runtime.gpu.prefill_permute import gather_sum, permute_fused
 from moemesh.runtime.quant import QuantTensor
 
@@ -165,15 +165,10 @@ def usable(hidden: torch.Tensor, w_gate_up, w_down, cfg_up: dict = DEFAULT_GATE_
             return f"{name} is not contiguous (the TMA descriptors view it as 2D rows)"
     if hidden.dtype not in (torch.bfloat16, torch.float16):
         return f"hidden dtype {hidden.dtype} (bf16 or fp16)"
-    inter, h = w_down.shape[2], w_down.shape[1]
-    for name, size, block in (("I", inter, cfg_up["BLOCK_N"]), ("H", h, cfg_up["BLOCK_K"]),
-                              ("H", h, cfg_down["BLOCK_N"]), ("I", inter, cfg_down["BLOCK_K"])):
-        if size % block:
-            return f"{name} {size} is not a multiple of the block {block}"
+    if why := tile_problem(w_down, cfg_up, cfg_down):
+        return why
     if cfg_up["BLOCK_N"] % cfg_down["BLOCK_K"]:
         return f"down's BLOCK_K {cfg_down['BLOCK_K']} does not divide gate_up's BLOCK_N {cfg_up['BLOCK_N']}"
-    if cfg_up["BLOCK_M"] != cfg_down["BLOCK_M"]:
-        return f"BLOCK_M differs between gate_up ({cfg_up['BLOCK_M']}) and down ({cfg_down['BLOCK_M']})"
     return ""
 
 

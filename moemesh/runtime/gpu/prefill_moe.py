@@ -153,6 +153,12 @@ def usable(hidden: torch.Tensor, w_gate_up, w_down, cfg_up: dict = DEFAULT_GATE_
     if w_gate_up.dtype != hidden.dtype or w_down.dtype != hidden.dtype or hidden.dtype not in (torch.bfloat16,
                                                                                                    torch.float16):
         return f"dtypes {hidden.dtype} / {w_gate_up.dtype} / {w_down.dtype} (one of bf16, fp16 for all)"
+    return tile_problem(w_down, cfg_up, cfg_down)
+
+
+def tile_problem(w_down, cfg_up: dict, cfg_down: dict) -> str:
+    """'' when the experts' I and H (w_down [E, H, I]) tile by both GEMMs' blocks and the two share BLOCK_M, else
+    why not (prefill_moe.usable and prefill_fp8.usable)."""
     inter, h = w_down.shape[2], w_down.shape[1]
     for name, size, block in (("I", inter, cfg_up["BLOCK_N"]), ("H", h, cfg_up["BLOCK_K"]),
                               ("H", h, cfg_down["BLOCK_N"]), ("I", inter, cfg_down["BLOCK_K"])):
