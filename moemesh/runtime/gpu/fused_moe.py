@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import triton
 
-from moemesh.runtime.gpu import int4_prefill, moe_swap, pdl, prefill_fp8, prefill_moe, prefill_permute
+from moemesh.runtime.gpu import int4_prefill, int4_q8, moe_swap, pdl, prefill_fp8, prefill_moe, prefill_permute
 from moemesh.runtime.gpu.moe_align import SMALL_PAIRS, Alignment, align, align_small
 from moemesh.runtime.gpu.moe_kernels import _moe_gemm, _moe_gemv
 from moemesh.runtime.quant import INT4_BLOCK, QuantTensor
@@ -56,6 +56,10 @@ Weight = torch.Tensor | QuantTensor
 # DP4A in an int4 GEMV config (symmetric groups of 128): integer dot products with the activations rounded to int8,
 # one step per DP4A (128 or 32) columns (int4_dp4a.py). MOEMESH_INT4_DP4A=0 keeps float activations everywhere.
 DP4A_ON = os.environ.get("MOEMESH_INT4_DP4A", "1") != "0"
+# Q8 (int4 table, kinds q8_gate_up / q8_down; int4_q8.py): the activations rounded once per row instead of in every
+# GEMV program; H200, one token, both GEMVs in a graph: 14.46 -> 12.98 us per layer (benchmarks/h200/int4_q8.py).
+# MOEMESH_INT4_Q8=0 (or MOEMESH_INT4_DP4A=0) keeps the dp4a GEMVs.
+Q8_ON = DP4A_ON and os.environ.get("MOEMESH_INT4_Q8", "1") != "0"
 
 
 def _weight_args(w: Weight, block_k: int) -> tuple[tuple, dict, int]:
@@ -237,6 +241,19 @@ def swap_configs(tokens: int, w_gate_up: Weight) -> tuple[dict, dict] | None:
     return (up, down) if up and down else None
 
 
+def q8_configs(w_gate_up: Weight) -> tuple[dict, dict] | None:
+    """(gate_up, down) configs of int4_q8's GEMVs where this GPU's int4 table has them (kinds q8_gate_up, q8_down of
+    its first entry), else None: untuned GPUs keep the dp4a / word GEMVs."""
+    if not (Q8_ON and isinstance(w_gate_up, QuantTensor) and w_gate_up.scheme == "int4"):
+        return None
+    e, two_i, h = w_gate_up.shape
+    data = w_gate_up.q
+    device = _device_name(data.device.index or 0) if data.is_cuda else "cpu"  # cpu: Triton's interpreter
+    table = _tuned(config_name(e, two_i // 2, h, "int4", device))
+    entry = table[min(table)] if table else {}
+    return (entry["q8_gate_up"], entry["q8_down"]) if "q8_gate_up" in entry and "q8_down" in entry else None
+
+
 def gemv_max_pairs(w_gate_up: Weight) -> int:
     """Up to how many (token, slot) pairs fused_moe runs the GEMV: GEMV_MAX_PAIRS, or the tuned GEMV's MAX_PAIRS
     where it is on dp4a (int4, the H200: one MoE layer at 8 tokens 53 us against 122 with the float GEMM, at 16
@@ -267,6 +284,9 @@ def _fused_moe_gemv(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, loc
     inter = w_down.shape[2]
     ids = local_ids.reshape(-1).long().contiguous()  # [P]
     hidden = hidden.contiguous()
+    q8 = q8_configs(w_gate_up)
+    if q8 is not None and int4_q8.usable(hidden, w_gate_up, w_down, q8[0]):
+        return int4_q8.moe_q8(hidden, w_gate_up, w_down, ids, topk_weights.reshape(-1).float().contiguous(), *q8)
     act = torch.empty(t * k, inter, dtype=hidden.dtype, device=hidden.device)  # [P, I]
     out = torch.empty(t, hidden.shape[1], dtype=torch.float32, device=hidden.device)  # [T, H], zeroed by gate_up
     moe_gemv(hidden, w_gate_up, act, ids, k, pick_config(t, "gemv_gate_up", w_gate_up), up_rows=inter, zero=out)
