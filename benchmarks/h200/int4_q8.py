@@ -12,9 +12,14 @@ import itertools
 import pathlib
 
 import torch
+import triton
+import triton.language as tl
 
 from graph_timing import graph_us, int4_expert_layers, write_json
+from moemesh.runtime.gpu import pdl
 from moemesh.runtime.gpu.fused_moe import moe_gemv, pick_config
+from moemesh.runtime.gpu.int4_kernels import _int4_words
+from moemesh.runtime.gpu.pdl import enter
 from moemesh.runtime.gpu.int4_q8 import q8_gemv, quantize_rows
 
 E, INTER, H, K, LAYERS = 128, 768, 2048, 8, 12
@@ -23,6 +28,7 @@ E, INTER, H, K, LAYERS = 128, 768, 2048, 8, 12
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the q8 GEMVs' block shapes")
     args = ap.parse_args()
     torch.manual_seed(0)
     layers = int4_expert_layers(E, INTER, H, LAYERS)
@@ -53,6 +59,11 @@ def main() -> None:
     record("chain", "dp4a", graph_us(chain_old, LAYERS, True))
     ref = chain_old(0).clone()
 
+    floors(record, layers, ids)
+    token_chains(rows, record, layers, hidden, ids, weights, ref)
+    if not args.sweep:
+        write_json(pathlib.Path(args.out) / "int4-q8-h200.json", rows=rows)
+        return
     best = {}
     for g in (8, 32, 64):
         xq, xs = quantize_rows(hidden, g)
@@ -103,6 +114,53 @@ def main() -> None:
         record("chain", f"q8 G{g}", us, {"gate_up": gcfg, "down": dcfg, "rel_err_vs_dp4a": round(err, 4)})
     out_dir = pathlib.Path(args.out)
     write_json(out_dir / "int4-q8-h200.json", rows=rows)
+
+
+@triton.jit
+def _read_only(b_ptr, ids_ptr, out_ptr, stride_be, stride_bn, up_rows, K: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr = False):
+    """The q8 GEMV's weight reads and nothing else (words xor-reduced, one int per program): its memory floor."""
+    enter(PDL)
+    pair = tl.program_id(0)
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    expert = tl.load(ids_ptr + pair)
+    rows = b_ptr + expert * stride_be + cols * stride_bn
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 128, 16), dtype=tl.int32)
+    for k0 in tl.static_range(0, K, BLOCK_K):
+        acc ^= _int4_words(rows, cols < up_rows, k0, K, BLOCK_K)
+        if GATED:
+            acc ^= _int4_words(rows + up_rows * stride_bn, cols < up_rows, k0, K, BLOCK_K)
+    tl.store(out_ptr + pair * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.reshape(acc, (BLOCK_N * BLOCK_K // 8,)), 0))
+
+
+def floors(record, layers, ids) -> None:
+    """Pure weight reads with the q8 GEMVs' grids, 12 layers in a PDL graph: what their access pattern costs."""
+    sink = torch.empty(1 << 16, dtype=torch.int32, device="cuda")
+    for kind, bn, bk, warps in (("gate_up", 8, 1024, 2), ("gate_up", 8, 1024, 4), ("gate_up", 16, 1024, 4),
+                                ("gate_up", 32, 1024, 8), ("down", 16, 512, 2), ("down", 32, 256, 4),
+                                ("down", 8, 256, 2)):
+        gated, k_in, n = (True, H, INTER) if kind == "gate_up" else (False, INTER, H)
+
+        def run(i, bn=bn, bk=bk, warps=warps, gated=gated, k_in=k_in, n=n):
+            w = layers[i][0 if gated else 1].q
+            _read_only[(K, n // bn)](w, ids, sink, w.stride(0), w.stride(1), n, K=k_in, BLOCK_N=bn, BLOCK_K=bk,
+                                     GATED=gated, num_warps=warps, **pdl.launch())
+        record(kind, "read only", graph_us(run, LAYERS, True), {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps})
+
+
+def token_chains(rows, record, layers, hidden, ids, weights, ref) -> None:
+    """The one-token chain as the H200 table's q8 configs run it: quantize_rows + q8 gate_up + q8 down."""
+    gcfg = {"G": 32, "BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 2}
+    dcfg = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 2}
+    aq = torch.empty(K, INTER, dtype=torch.int8, device="cuda")
+    asteps = torch.empty(K, INTER // 8, device="cuda")
+
+    def two_gemvs(i):
+        o = torch.empty(1, H, device="cuda")
+        xq, xs = quantize_rows(hidden, 32)
+        q8_gemv(xq, xs, layers[i][0], ids, K, gcfg, aq, out_steps=asteps, up_rows=INTER, zero=o)
+        return q8_gemv(aq, asteps, layers[i][1], ids, 1, dcfg, o, weights=weights, sum_slots=K)
+    record("chain", "q8 gemvs", graph_us(two_gemvs, LAYERS, True), {"gate_up": gcfg, "down": dcfg})
 
 
 if __name__ == "__main__":

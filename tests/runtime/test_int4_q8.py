@@ -33,7 +33,7 @@ def test_q8_gemvs_on_the_gpu():
 @cuda
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_fused_moe_takes_q8_where_the_gpus_table_has_it(tokens, monkeypatch):
-    """At Qwen3-30B-A3B's expert shape fused_moe returns moe_q8's bits where this GPU's int4 table has q8 configs
+    """At Qwen3-30B-A3B's expert shape fused_moe returns moe_q8's result where this GPU's int4 table has q8 configs
     (the H200's does), and the dp4a GEMVs' with MOEMESH_INT4_Q8 off; the two within int8 rounding of each other."""
     from moemesh.runtime.gpu import fused_moe as fm
     from moemesh.runtime.gpu.int4_q8 import moe_q8
@@ -47,12 +47,15 @@ def test_fused_moe_takes_q8_where_the_gpus_table_has_it(tokens, monkeypatch):
     configs = fm.q8_configs(gu)
     if configs is None:
         pytest.skip(f"no q8 configs in the int4 table of {torch.cuda.get_device_name()}")
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
     got = fm.fused_moe(hidden, gu, dn, ids, weights)
-    assert torch.equal(got, moe_q8(hidden, gu, dn, ids.reshape(-1), weights.reshape(-1), *configs))
+    q8 = moe_q8(hidden, gu, dn, ids.reshape(-1), weights.reshape(-1), *configs)
     monkeypatch.setattr(fm, "Q8_ON", False)
     dp4a = fm.fused_moe(hidden, gu, dn, ids, weights)
-    assert not torch.equal(got, dp4a)
-    assert ((got - dp4a).norm() / dp4a.norm()).item() < 3e-2
+    # the slots' float32 atomic adds land in any order: q8 within 1e-5 of itself, ~1% from the dp4a GEMVs
+    assert rel(got, q8) < 1e-5 < 1e-3 < rel(got, dp4a) < 3e-2, (rel(got, q8), rel(got, dp4a))
 
 
 def test_q8_configs_come_only_from_a_tuned_table(tmp_path, monkeypatch):
