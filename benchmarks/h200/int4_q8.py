@@ -29,9 +29,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--sweep", action="store_true", help="also sweep the q8 GEMVs' block shapes")
+    ap.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="instead: fused_moe at these token counts (random routing) with q8, dp4a and the GEMM")
     args = ap.parse_args()
     torch.manual_seed(0)
     layers = int4_expert_layers(E, INTER, H, LAYERS)
+    if args.tokens:
+        rows = by_tokens(layers, args.tokens)
+        write_json(pathlib.Path(args.out) / "int4-q8-tokens-h200.json", rows=rows)
+        return
     ids = torch.randperm(E, device="cuda")[:K].long()
     weights = torch.rand(K, device="cuda")
     hidden = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
@@ -161,6 +167,38 @@ def token_chains(rows, record, layers, hidden, ids, weights, ref) -> None:
         q8_gemv(xq, xs, layers[i][0], ids, K, gcfg, aq, out_steps=asteps, up_rows=INTER, zero=o)
         return q8_gemv(aq, asteps, layers[i][1], ids, 1, dcfg, o, weights=weights, sum_slots=K)
     record("chain", "q8 gemvs", graph_us(two_gemvs, LAYERS, True), {"gate_up": gcfg, "down": dcfg})
+
+
+def by_tokens(layers, counts: list[int]) -> list[dict]:
+    """One MoE layer (us, 12 layers' weights in one PDL graph, routing random per token) at each token count: the q8
+    GEMVs (int4_q8.moe_q8, any count), the dp4a GEMVs (fused_moe with q8 off, up to its MAX_PAIRS) and fused_moe's
+    GEMM (the table's configs passed in, so the GEMVs are skipped)."""
+    from moemesh.runtime.gpu import fused_moe as fm
+    from moemesh.runtime.gpu.int4_q8 import moe_q8
+    rows = []
+    gu0 = layers[0][0]
+    q8 = fm.q8_configs(gu0)
+    for t in counts:
+        hidden = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
+        weights, ids = torch.randn(t, E, device="cuda").softmax(-1).topk(K)
+        flat_ids, flat_w = ids.reshape(-1).contiguous(), weights.reshape(-1).contiguous()
+        gemm = (fm.pick_config(t, "gate_up", gu0), fm.pick_config(t, "down", gu0))
+        ways = {"q8": lambda i: moe_q8(hidden, layers[i][0], layers[i][1], flat_ids, flat_w, *q8),
+                "gemm": lambda i: fm.fused_moe(hidden, layers[i][0], layers[i][1], ids, weights, configs=gemm)}
+        if t * K <= 128:
+            def dp4a(i):
+                fm.Q8_ON = False
+                try:
+                    return fm.fused_moe(hidden, layers[i][0], layers[i][1], ids, weights)
+                finally:
+                    fm.Q8_ON = True
+            ways["dp4a"] = dp4a
+        row = {"tokens": t, "experts_touched": int(ids.unique().numel())}
+        for name, fn in ways.items():
+            row[name + "_us"] = round(graph_us(fn, LAYERS, t <= 8), 2)
+        print(row, flush=True)
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":

@@ -78,6 +78,13 @@ def test_q8_configs_come_only_from_a_tuned_table(tmp_path, monkeypatch):
         monkeypatch.setattr(fm, "Q8_ON", on)
         assert fm.q8_configs(w) == want, (entry, on)
         assert fm.q8_configs(torch.randn(4, 256, 256)) is None
+    # the q8 GEMVs' MAX_PAIRS is how far fused_moe runs a GEMV while they are on
+    (tmp_path / name).write_text(json.dumps({"1": {"q8_gate_up": {**gu_cfg, "MAX_PAIRS": 192}, "q8_down": dn_cfg}}))
+    fm._tuned.cache_clear()
+    monkeypatch.setattr(fm, "Q8_ON", True)
+    assert fm.gemv_max_pairs(w) == 192
+    monkeypatch.setattr(fm, "Q8_ON", False)
+    assert fm.gemv_max_pairs(w) == fm.GEMV_MAX_PAIRS
     fm._tuned.cache_clear()
     hidden = torch.randn(1, 256)
     assert usable(hidden, w, down, gu_cfg)
