@@ -32,6 +32,7 @@ import triton.language as tl
 
 from moemesh.runtime.gpu.int4_dp4a import _dp4a, _round
 from moemesh.runtime.gpu.int4_kernels import _int4_words
+from moemesh.runtime.gpu.moe_kernels import _add_slots, _gemv_start
 from moemesh.runtime.gpu import pdl
 from moemesh.runtime.gpu.pdl import enter
 from moemesh.runtime.quant import QuantTensor
@@ -78,13 +79,7 @@ def _int4_q8_gemv(xq_ptr, xs_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, 
     columns rounded to int8 (c int8) with their step (absmax / 127 of the BLOCK_N columns) at cs[pair, block];
     else stored in c's dtype."""
     enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
-    if ZERO_N > 0:
-        z = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * 256 + tl.arange(0, 256)
-        tl.store(weight_ptr + z, tl.zeros((256,), dtype=tl.float32), mask=z < ZERO_N)
-    pair = tl.program_id(0).to(tl.int64)
-    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    col_ok = cols < n_out
-    expert = tl.load(ids_ptr + pair)
+    pair, cols, col_ok, expert = _gemv_start(weight_ptr, ids_ptr, n_out, BLOCK_N, ZERO_N)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if expert >= 0:  # hosted elsewhere (-1): the row stays zero
         acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -104,8 +99,7 @@ def _int4_q8_gemv(xq_ptr, xs_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, 
         if WEIGHTED:
             acc = acc * tl.load(weight_ptr + pair)
     if SUM_SLOTS > 0:
-        hosted = tl.where(col_ok, expert, -1) >= 0  # = col_ok & (expert >= 0), as a tensor (Triton's interpreter)
-        tl.atomic_add(c_ptr + (pair // SUM_SLOTS) * stride_cm + cols, acc, mask=hosted, sem="relaxed")
+        _add_slots(acc, c_ptr, pair, cols, col_ok, expert, stride_cm, SUM_SLOTS)
     elif Q_OUT:
         amax = tl.max(tl.where(col_ok, tl.abs(acc), 0.0), 0)
         step = tl.where(amax > 0, amax / 127.0, 1.0)

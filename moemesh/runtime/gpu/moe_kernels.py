@@ -179,13 +179,7 @@ def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, zero_ptr, n_o
     ZERO_N > 0 (not WEIGHTED): also zero the ZERO_N float32 values at weight_ptr, the next launch's SUM_SLOTS
     accumulator (a memset launch less per layer; the first ZERO_N / 256 programs take 256 values each)."""
     enter(PDL)  # PDL: launch the next kernel early, wait for the last (pdl.py)
-    if ZERO_N > 0:
-        z = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * 256 + tl.arange(0, 256)
-        tl.store(weight_ptr + z, tl.zeros((256,), dtype=tl.float32), mask=z < ZERO_N)
-    pair = tl.program_id(0).to(tl.int64)
-    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    col_ok = cols < n_out
-    expert = tl.load(ids_ptr + pair)
+    pair, cols, col_ok, expert = _gemv_start(weight_ptr, ids_ptr, n_out, BLOCK_N, ZERO_N)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if expert >= 0:  # hosted elsewhere (-1): the row stays zero
@@ -209,8 +203,26 @@ def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, zero_ptr, n_o
         if WEIGHTED:
             acc = acc * tl.load(weight_ptr + pair)
     if SUM_SLOTS > 0:
-        hosted = tl.where(col_ok, expert, -1) >= 0  # = col_ok & (expert >= 0), as a tensor (Triton's interpreter)
-        tl.atomic_add(c_ptr + (pair // SUM_SLOTS) * stride_cm + cols, acc, mask=hosted, sem="relaxed")
+        _add_slots(acc, c_ptr, pair, cols, col_ok, expert, stride_cm, SUM_SLOTS)
     else:
         tl.store(c_ptr + pair * stride_cm + cols, acc.to(c_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _gemv_start(weight_ptr, ids_ptr, n_out, BLOCK_N: tl.constexpr, ZERO_N: tl.constexpr):
+    """The few-token GEMVs' first lines (this kernel's and int4_q8's): ZERO_N > 0, zero the next launch's ZERO_N
+    float32 accumulator values at weight_ptr; then (pair, cols [BN] int64, col_ok, expert id) of this program."""
+    if ZERO_N > 0:
+        z = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * 256 + tl.arange(0, 256)
+        tl.store(weight_ptr + z, tl.zeros((256,), dtype=tl.float32), mask=z < ZERO_N)
+    pair = tl.program_id(0).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    return pair, cols, cols < n_out, tl.load(ids_ptr + pair)
+
+
+@triton.jit
+def _add_slots(acc, c_ptr, pair, cols, col_ok, expert, stride_cm, SUM_SLOTS: tl.constexpr):
+    """acc [BN] added into float32 c[pair // SUM_SLOTS, cols] (the token's row), unless the expert is elsewhere."""
+    hosted = tl.where(col_ok, expert, -1) >= 0  # = col_ok & (expert >= 0), as a tensor (Triton's interpreter)
+    tl.atomic_add(c_ptr + (pair // SUM_SLOTS) * stride_cm + cols, acc, mask=hosted, sem="relaxed")
 
