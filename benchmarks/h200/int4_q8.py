@@ -171,28 +171,31 @@ def token_chains(rows, record, layers, hidden, ids, weights, ref) -> None:
 
 def by_tokens(layers, counts: list[int]) -> list[dict]:
     """One MoE layer (us, 12 layers' weights in one PDL graph, routing random per token) at each token count: the q8
-    GEMVs (int4_q8.moe_q8, any count), the dp4a GEMVs (fused_moe with q8 off, up to its MAX_PAIRS) and fused_moe's
-    GEMM (the table's configs passed in, so the GEMVs are skipped)."""
+    GEMVs (int4_q8.moe_q8, any count), fused_moe as it runs without them (MOEMESH_INT4_Q8=0: the dp4a GEMVs up to
+    their MAX_PAIRS, then the table's swapped-operand GEMM or GEMM) and fused_moe's GEMM alone (the table's configs
+    passed in)."""
     from moemesh.runtime.gpu import fused_moe as fm
     from moemesh.runtime.gpu.int4_q8 import moe_q8
     rows = []
     gu0 = layers[0][0]
     q8 = fm.q8_configs(gu0)
+
+    def without_q8(fn):
+        def run(i):
+            fm.Q8_ON = False
+            try:
+                return fn(i)
+            finally:
+                fm.Q8_ON = True
+        return run
     for t in counts:
         hidden = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
         weights, ids = torch.randn(t, E, device="cuda").softmax(-1).topk(K)
         flat_ids, flat_w = ids.reshape(-1).contiguous(), weights.reshape(-1).contiguous()
         gemm = (fm.pick_config(t, "gate_up", gu0), fm.pick_config(t, "down", gu0))
         ways = {"q8": lambda i: moe_q8(hidden, layers[i][0], layers[i][1], flat_ids, flat_w, *q8),
+                "without_q8": without_q8(lambda i: fm.fused_moe(hidden, layers[i][0], layers[i][1], ids, weights)),
                 "gemm": lambda i: fm.fused_moe(hidden, layers[i][0], layers[i][1], ids, weights, configs=gemm)}
-        if t * K <= 128:
-            def dp4a(i):
-                fm.Q8_ON = False
-                try:
-                    return fm.fused_moe(hidden, layers[i][0], layers[i][1], ids, weights)
-                finally:
-                    fm.Q8_ON = True
-            ways["dp4a"] = dp4a
         row = {"tokens": t, "experts_touched": int(ids.unique().numel())}
         for name, fn in ways.items():
             row[name + "_us"] = round(graph_us(fn, LAYERS, t <= 8), 2)
