@@ -32,7 +32,7 @@ import triton.language as tl
 
 from moemesh.runtime.gpu.int4_dp4a import _dp4a, _round
 from moemesh.runtime.gpu.int4_kernels import _int4_words
-from moemesh.runtime.gpu.moe_kernels import _add_slots, _gemv_start
+from moemesh.runtime.gpu.moe_kernels import _add_slots, _gate_weigh, _gemv_start
 from moemesh.runtime.gpu import pdl
 from moemesh.runtime.gpu.pdl import enter
 from moemesh.runtime.quant import QuantTensor
@@ -94,10 +94,7 @@ def _int4_q8_gemv(xq_ptr, xs_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, 
                 acc_up += _q8_dot(words_up, xq_row, xs_row, s_rows + up_rows * stride_sn, col_ok, k0, K, BLOCK_N,
                                   BLOCK_K, G, ASM)
             acc += _q8_dot(words, xq_row, xs_row, s_rows, col_ok, k0, K, BLOCK_N, BLOCK_K, G, ASM)
-        if GATED:
-            acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-        if WEIGHTED:
-            acc = acc * tl.load(weight_ptr + pair)
+        acc = _gate_weigh(acc, acc_up, weight_ptr, pair, GATED, WEIGHTED)
     if SUM_SLOTS > 0:
         _add_slots(acc, c_ptr, pair, cols, col_ok, expert, stride_cm, SUM_SLOTS)
     elif Q_OUT:

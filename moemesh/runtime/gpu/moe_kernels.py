@@ -198,10 +198,7 @@ def _moe_gemv(a_ptr, b_ptr, c_ptr, weight_ptr, ids_ptr, scale_ptr, zero_ptr, n_o
             acc = acc * tl.load(s_rows, mask=col_ok, other=0.0)
             if GATED:
                 acc_up = acc_up * tl.load(s_rows + up_rows * stride_sn, mask=col_ok, other=0.0)
-        if GATED:
-            acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-        if WEIGHTED:
-            acc = acc * tl.load(weight_ptr + pair)
+        acc = _gate_weigh(acc, acc_up, weight_ptr, pair, GATED, WEIGHTED)
     if SUM_SLOTS > 0:
         _add_slots(acc, c_ptr, pair, cols, col_ok, expert, stride_cm, SUM_SLOTS)
     else:
@@ -218,6 +215,16 @@ def _gemv_start(weight_ptr, ids_ptr, n_out, BLOCK_N: tl.constexpr, ZERO_N: tl.co
     pair = tl.program_id(0).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     return pair, cols, cols < n_out, tl.load(ids_ptr + pair)
+
+
+@triton.jit
+def _gate_weigh(acc, acc_up, weight_ptr, pair, GATED: tl.constexpr, WEIGHTED: tl.constexpr):
+    """A GEMV row's epilogue math: GATED, silu(gate) * up in float32; WEIGHTED, times the pair's routing weight."""
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if WEIGHTED:
+        acc = acc * tl.load(weight_ptr + pair)
+    return acc
 
 
 @triton.jit
