@@ -61,6 +61,7 @@ def main(device: str) -> None:
         plain = reference(hidden, gu, dn, ids, weights, 0, 0)
         assert rel(got, exact) < 2e-3, (group, act_group, rel(got, exact))
         assert rel(got, plain) < 3e-2, (group, act_group, rel(got, plain))
+    assert moe_q8(hidden[:0], gu, dn, ids[:0].reshape(-1), weights[:0].reshape(-1), cfg_gu, cfg_dn).shape == (0, H)
     print("ok")
 
 

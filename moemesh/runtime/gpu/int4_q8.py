@@ -172,8 +172,10 @@ def moe_q8(hidden: torch.Tensor, w_gate_up: QuantTensor, w_down: QuantTensor, id
     """fused_moe's few-token path on q8 activations: hidden [T, H], ids [T * K] local expert ids (-1: elsewhere),
     weights [T * K] float32 -> [T, H] float32. Three launches: quantize_rows (a step per cfg_gate_up["G"] columns),
     gate_up (act rounded per its BLOCK_N columns in its epilogue, out zeroed), down (slots summed into out)."""
-    t, k = hidden.shape[0], ids.numel() // max(hidden.shape[0], 1)
-    inter = w_down.shape[2]
+    t, inter = hidden.shape[0], w_down.shape[2]
+    if not t:
+        return torch.zeros(0, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    k = ids.numel() // t
     xq, xs = quantize_rows(hidden.contiguous(), cfg_gate_up["G"])
     aq = torch.empty(ids.numel(), inter, dtype=torch.int8, device=hidden.device)  # [P, I]
     steps = torch.empty(ids.numel(), inter // cfg_gate_up["BLOCK_N"], dtype=torch.float32, device=hidden.device)
