@@ -30,14 +30,22 @@ def test_q8_gemvs_on_the_gpu():
     int4_q8_check.main("cuda")
 
 
+H200_INT4 = "E=128,I=768,H=2048,dtype=int4,device=NVIDIA_H200.json"
+
+
 @cuda
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_fused_moe_takes_q8_where_the_gpus_table_has_it(tokens, monkeypatch):
-    """At Qwen3-30B-A3B's expert shape fused_moe returns moe_q8's result where this GPU's int4 table has q8 configs
-    (the H200's does), and the dp4a GEMVs' with MOEMESH_INT4_Q8 off; the two within int8 rounding of each other."""
+def test_fused_moe_takes_q8_where_the_gpus_table_has_it(tokens, tmp_path, monkeypatch):
+    """At Qwen3-30B-A3B's expert shape, with the H200's int4 table (copied under this GPU's name: any CUDA GPU runs
+    it), fused_moe returns moe_q8's result, and the other GEMVs' with MOEMESH_INT4_Q8 off; the two within int8
+    rounding of each other."""
     from moemesh.runtime.gpu import fused_moe as fm
     from moemesh.runtime.gpu.int4_q8 import moe_q8
 
+    table = (fm.CONFIG_DIR / H200_INT4).read_text()
+    monkeypatch.setattr(fm, "CONFIG_DIR", tmp_path)
+    (tmp_path / fm.config_name(128, 768, 2048, "int4", torch.cuda.get_device_name())).write_text(table)
+    fm._tuned.cache_clear()
     torch.manual_seed(0)
     e, inter, h = 128, 768, 2048
     gu = quantize(torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) / 45, "int4")
@@ -45,17 +53,30 @@ def test_fused_moe_takes_q8_where_the_gpus_table_has_it(tokens, monkeypatch):
     hidden = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16)
     weights, ids = torch.randn(tokens, e, device="cuda").softmax(-1).topk(8)
     configs = fm.q8_configs(gu)
-    if configs is None:
-        pytest.skip(f"no q8 configs in the int4 table of {torch.cuda.get_device_name()}")
+
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 
-    got = fm.fused_moe(hidden, gu, dn, ids, weights)
-    q8 = moe_q8(hidden, gu, dn, ids.reshape(-1), weights.reshape(-1), *configs)
-    monkeypatch.setattr(fm, "Q8_ON", False)
-    dp4a = fm.fused_moe(hidden, gu, dn, ids, weights)
-    # the slots' float32 atomic adds land in any order: q8 within 1e-5 of itself, ~1% from the dp4a GEMVs
+    try:
+        got = fm.fused_moe(hidden, gu, dn, ids, weights)
+        q8 = moe_q8(hidden, gu, dn, ids.reshape(-1), weights.reshape(-1), *configs)
+        monkeypatch.setattr(fm, "Q8_ON", False)
+        dp4a = fm.fused_moe(hidden, gu, dn, ids, weights)
+    finally:
+        fm._tuned.cache_clear()
+    # the slots' float32 atomic adds land in any order: q8 within 1e-5 of itself, ~1% from the other GEMVs
     assert rel(got, q8) < 1e-5 < 1e-3 < rel(got, dp4a) < 3e-2, (rel(got, q8), rel(got, dp4a))
+
+
+def test_the_h200_int4_table_runs_q8_to_20_tokens():
+    """The shipped H200 table has both q8 kinds, the GEMV to 160 pairs (20 tokens at top-8; measured crossover with
+    the swapped GEMM, benchmarks/results/int4-q8-h200.md) and an act group gate_up's epilogue can round."""
+    from moemesh.runtime.gpu import fused_moe as fm
+
+    entry = json.loads((fm.CONFIG_DIR / H200_INT4).read_text())["1"]
+    gate_up, down = entry["q8_gate_up"], entry["q8_down"]
+    assert gate_up["MAX_PAIRS"] == 160 and gate_up["G"] in (8, 16, 32, 64) and gate_up["BLOCK_N"] in (8, 16, 32, 64)
+    assert down["BLOCK_K"] % 128 == 0 and down["num_warps"] >= 1
 
 
 def test_q8_configs_come_only_from_a_tuned_table(tmp_path, monkeypatch):
@@ -78,6 +99,7 @@ def test_q8_configs_come_only_from_a_tuned_table(tmp_path, monkeypatch):
         monkeypatch.setattr(fm, "Q8_ON", on)
         assert fm.q8_configs(w) == want, (entry, on)
         assert fm.q8_configs(torch.randn(4, 256, 256)) is None
+        assert fm.q8_configs(quantize_int4(torch.randn(4, 256, 256), 128, False)) is None  # zero points
     # the q8 GEMVs' MAX_PAIRS is how far fused_moe runs a GEMV while they are on
     (tmp_path / name).write_text(json.dumps({"1": {"q8_gate_up": {**gu_cfg, "MAX_PAIRS": 192}, "q8_down": dn_cfg}}))
     fm._tuned.cache_clear()

@@ -243,8 +243,9 @@ def swap_configs(tokens: int, w_gate_up: Weight) -> tuple[dict, dict] | None:
 
 def q8_configs(w_gate_up: Weight) -> tuple[dict, dict] | None:
     """(gate_up, down) configs of int4_q8's GEMVs where this GPU's int4 table has them (kinds q8_gate_up, q8_down of
-    its first entry), else None: untuned GPUs keep the dp4a / word GEMVs."""
-    if not (Q8_ON and isinstance(w_gate_up, QuantTensor) and w_gate_up.scheme == "int4"):
+    its first entry) and weights they read, else None: untuned GPUs and other int4 keep the dp4a / word GEMVs
+    (and their own MAX_PAIRS)."""
+    if not (Q8_ON and int4_q8.plain(w_gate_up)):
         return None
     e, two_i, h = w_gate_up.shape
     data = w_gate_up.q

@@ -157,11 +157,14 @@ def q8_gemv(xq: torch.Tensor, xs: torch.Tensor, w: QuantTensor, ids: torch.Tenso
     return out
 
 
+def plain(w: Weight) -> bool:
+    """Whether w is int4 the q8 GEMVs read: symmetric, one scale per 128 columns."""
+    return isinstance(w, QuantTensor) and w.scheme == "int4" and w.zero is None and w.block_k == 128
+
+
 def usable(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, cfg_gate_up: dict) -> bool:
-    """Whether moe_q8 takes these weights: symmetric int4 groups of 128, H and I whole 128-column blocks, and
-    gate_up's BLOCK_N (the step group of act) a power of two from 8 to 64 dividing I."""
-    def plain(w):
-        return isinstance(w, QuantTensor) and w.scheme == "int4" and w.zero is None and w.block_k == 128
+    """Whether moe_q8 takes these weights: both plain(), H and I whole 128-column blocks, and gate_up's BLOCK_N
+    (the step group of act) a power of two from 8 to 64 dividing I."""
     bn, inter = cfg_gate_up["BLOCK_N"], w_down.shape[2]
     return (plain(w_gate_up) and plain(w_down) and hidden.shape[1] % 128 == 0 and inter % 128 == 0
             and bn in (8, 16, 32, 64) and inter % bn == 0)
