@@ -23,7 +23,10 @@ embeddings and the LM head stay in the compute dtype. (Measured on the H200 and 
 projections as AWQ / GPTQ checkpoints carry them, q/k/v/o on the dp4a GEMV at 1-2 rows and dequantized + cuBLAS
 beyond; Qwen3-30B-A3B shape, int4 experts, graph replay ms per step: batch 1 1.95 -> 1.90, batch 8 4.22 -> 6.57,
 batch 64 10.49 -> 12.99. Alone the GEMVs save 4 us per layer (benchmarks/h200/dense_int4.py), in the step 1: the
-bf16 GEMVs already load their weights before the PDL wait, overlapping the kernel before.)
+bf16 GEMVs already load their weights before the PDL wait, overlapping the kernel before. Measured again and
+dropped the same day, branch int4-attention-prefetch: a dense int4 GEMV loading its codes before the PDL wait too,
+float activations, the norm folded in: batch 1 1.88 -> 2.08 ms, batch 8 4.04 -> 10.40; its work after the wait
+outlasts bf16's whole GEMV. benchmarks/results/step-ablation-h200.md.)
 
 On CUDA the fused Triton kernels (gpu/moe_kernels.py) read q and scale and dequantize in registers (half the weight
 bytes of bf16; int4 about a quarter); the torch paths (the CPU reference) dequantize on the fly with
