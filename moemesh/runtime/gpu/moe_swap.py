@@ -28,7 +28,10 @@ accumulate in place); only a tile whose accumulators come out non-finite runs ag
 not pipelined). Main loop sm_90 SASS: fp8 425, int8 612, int4 654 instructions; registers 168 / 168 / 128. Scaling
 rows in every K step instead (fp8 553, int8 756, int4 759) was 7-25% slower: fp8 64 tokens 171.6, 256: 305.9.
 Measured and not taken: exact bf16 products for fp8 (a prmt/lop3 bit move and a bf16x2 multiply by 2^120 per two
-weights) were 4-12% slower than fp16, Triton's own fp8 -> bf16 conversion 15-40% slower.
+weights) were 4-12% slower than fp16, Triton's own fp8 -> bf16 conversion 15-40% slower. int4 on int8 tensor cores
+(branch int4-swap-i8, 2026-11-30: codes unpacked four per AND into s8 wgmma operands, rows rounded to int8 once per
+128 columns by int4_q8.quantize_rows before each GEMM): 32 / 64 / 128 / 256 tokens 140.3 / 159.8 / 182.9 / 275.1 us
+per layer against this kernel's 122.6 / 141.8 / 157.9 / 241.4 (benchmarks/results/moe-swap-i8-h200.json).
 
 fused_moe hands a step to moe_gemm_swap when `config` finds an entry (configs/*.json kinds "swap_gate_up" and
 "swap_down", written by swap_sweep.py --write; SWAP_DEFAULT where the GPU has no table, up to SWAP_MAX_TOKENS).
