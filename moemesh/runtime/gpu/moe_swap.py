@@ -21,7 +21,8 @@ this (benchmarks/h200/swap_sweep.py --schemes fp8,int8,int4 --write):
   HBM limit), 128: 209.0 -> 176.5, 256: 297.6 -> 245.4; 512: 345.6 against 343.5 (under 3%, not taken).
 - int8 (I8_F16): 8 tokens 86.5 -> 76.1, 16: 127.2 -> 120.9, 64: 168.5 -> 161.8 (taken to 64); 0.81-1.02x from 128.
 - int4 (symmetric, groups of 128; I4_F16): 24 tokens 137.2 -> 118.2, 64: 155.5 -> 141.0; the dp4a GEMV stays faster
-  to 16 tokens, the int8-tensor-core GEMM from 128.
+  to 16 tokens, the int8-tensor-core GEMM from 128. With a tile per GEMM (swap_sweep.py --per-kind; down on 128
+  columns, gate_up too at 64 tokens on 8 warps): 24 / 32 / 64 tokens 110.1 / 117.1 / 132.4.
 Rows are never clamped (a SwiGLU output past 65504 is plain for Qwen-family outlier tokens). The K loop takes the
 activations as they are (a bf16 value is exact in fp16, or infinite past 65504; per-channel scales let the dot
 accumulate in place); only a tile whose accumulators come out non-finite runs again with rows scaled (_tile's SCALE,
