@@ -68,24 +68,23 @@ def ablations() -> dict:
 
     qkv = [(dense_gemv, "norm_linear", _empty_norm_linear)]
     o = [(dense_gemv, "linear", _empty_linear)]
+    rope = [(norm_rope, "norm_rope_", lambda *a, **k: None)]
+    attend = [(decode_graphs.DecodeContext, "read", lambda self, q, pools, scale: torch.empty_like(q))]
+    head = [(backbone.Backbone, "logits", _no_logits)]
     return {
         "q/k/v GEMV (with its norm)": qkv,
         "o GEMV": o,
         "q/k/v + o GEMVs": qkv + o,
         "q/k/v + o GEMVs at 1/4 bytes": [(dense_gemv, "norm_linear", _quarter(dense_gemv.norm_linear, 4)),
                                          (dense_gemv, "linear", _quarter(dense_gemv.linear, 1))],
-        "q/k norm + rope + KV write": [(norm_rope, "norm_rope_", lambda *a, **k: None)],
-        "attention (paged decode + combine)": [(decode_graphs.DecodeContext, "read",
-                                                lambda self, q, pools, scale: torch.empty_like(q))],
+        "q/k norm + rope + KV write": rope,
+        "attention (paged decode + combine)": attend,
         "router logits (with its norm)": [(fused_ops, "router_logits_norm",
                                            lambda x, a, nw, eps, gw: (x, x, torch.empty(
                                                x.shape[0], gw.shape[0], dtype=torch.float32, device=x.device)))],
         "routed experts (routing + MoE kernels)": [(backbone.MoeBlock, "steps", _no_moe)],
-        "LM head": [(backbone.Backbone, "logits", _no_logits)],
-        "everything but the MoE": qkv + o + [
-            (norm_rope, "norm_rope_", lambda *a, **k: None),
-            (decode_graphs.DecodeContext, "read", lambda self, q, pools, scale: torch.empty_like(q)),
-            (backbone.Backbone, "logits", _no_logits)],
+        "LM head": head,
+        "everything but the MoE": qkv + o + rope + attend + head,
     }
 
 

@@ -141,6 +141,14 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
+def _own_table(w: QuantTensor) -> dict[int, dict]:
+    """The tuned table of a quantized gate_up stack's own dtype (int4, or its storage dtype) on its device ("cpu":
+    Triton's interpreter), without pick_config's fallback to bf16's."""
+    e, two_i, h = w.shape
+    device = _device_name(w.q.device.index or 0) if w.q.is_cuda else "cpu"
+    return _tuned(config_name(e, two_i // 2, h, "int4" if w.scheme == "int4" else w.q.dtype, device))
+
+
 def pick_config(tokens: int, kind: str, w_gate_up: Weight) -> dict[str, int]:
     """Tuned config of the nearest token count for this shape, weight dtype and GPU (quantized weights fall back
     to the bf16 table of the shape, kind by kind, except int4's GEMV), else default_config / the GEMV defaults."""
@@ -234,9 +242,7 @@ def swap_configs(tokens: int, w_gate_up: Weight) -> tuple[dict, dict] | None:
     bf16's), or None where fused_moe's GEMM runs it. (The GEMV, where gemv_max_pairs takes the step, comes first.)"""
     if not moe_swap.usable(w_gate_up):
         return None
-    e, two_i, h = w_gate_up.shape
-    dtype = "int4" if w_gate_up.scheme == "int4" else w_gate_up.q.dtype
-    tuned = _tuned(config_name(e, two_i // 2, h, dtype, _device_name(w_gate_up.q.device.index or 0)))
+    tuned = _own_table(w_gate_up)
     up, down = (moe_swap.config(tokens, tuned, kind, w_gate_up.scheme) for kind in ("swap_gate_up", "swap_down"))
     return (up, down) if up and down else None
 
@@ -247,10 +253,7 @@ def q8_configs(w_gate_up: Weight) -> tuple[dict, dict] | None:
     (and their own MAX_PAIRS)."""
     if not (Q8_ON and int4_q8.plain(w_gate_up)):
         return None
-    e, two_i, h = w_gate_up.shape
-    data = w_gate_up.q
-    device = _device_name(data.device.index or 0) if data.is_cuda else "cpu"  # cpu: Triton's interpreter
-    table = _tuned(config_name(e, two_i // 2, h, "int4", device))
+    table = _own_table(w_gate_up)
     entry = table[min(table)] if table else {}
     return (entry["q8_gate_up"], entry["q8_down"]) if "q8_gate_up" in entry and "q8_down" in entry else None
 
