@@ -37,11 +37,11 @@ E, I, H, K, LAYERS, COPY_BW = 128, 768, 2048, 8, 12, 4.22e12
 
 def candidates(tokens: int, scheme: str) -> list[dict]:
     """Row blocks no taller than about twice the rows an expert gets at this step, 4 warps (one warpgroup); int4
-    steps one 128-column packing block at a time (BLOCK_K 128 only)."""
+    steps one or two 128-column packing blocks at a time (BLOCK_K 128 / 256)."""
     per_expert = tokens * K / E
     rows = [m for m in (8, 16, 32, 64) if m <= max(8, 2 * per_expert)][-2:]
     return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": 4, "num_stages": s}
-            for m, n, k, s in itertools.product(rows, (64, 128), (128,) if scheme == "int4" else (128, 256), (3, 4))]
+            for m, n, k, s in itertools.product(rows, (64, 128), (128, 256), (3, 4))]
 
 
 def layer_us(layers, x, ids, w, swap: dict | None, swap_down: dict | None = None) -> tuple[float, torch.Tensor]:
@@ -58,18 +58,19 @@ def layer_us(layers, x, ids, w, swap: dict | None, swap_down: dict | None = None
         fm.swap_configs, fm.gemv_max_pairs = originals
 
 
-def kind_candidates(tokens: int, scheme: str) -> list[dict]:
-    """--per-kind: wider tiles for one GEMM with the other at the joint sweep's best (8 warps, 256 columns)."""
+def kind_candidates(tokens: int, joint: dict) -> list[dict]:
+    """--per-kind: wider tiles for one GEMM with the other at the joint sweep's best (8 warps, 256 columns), at the
+    joint best's BLOCK_K and stages."""
     rows = [m for m in (8, 16, 32, 64) if m <= max(8, 2 * tokens * K / E)][-2:]
-    return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 128 if scheme == "int4" else 256, "num_warps": wp,
-             "num_stages": st} for m, n, wp, st in itertools.product(rows, (64, 128, 256), (4, 8), (3, 4))]
+    return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": joint["BLOCK_K"], "num_warps": wp,
+             "num_stages": joint["num_stages"]} for m, n, wp in itertools.product(rows, (64, 128, 256), (4, 8))]
 
 
 def per_kind(layers, x, ids, w, want, joint: tuple, scheme: str, t: int) -> tuple:
     """(us, gate_up config, down config): down swept with gate_up at the joint best, then gate_up with that down."""
     best = (joint[0], joint[1], joint[1])
     for kind in ("down", "gate_up"):
-        for cfg in kind_candidates(t, scheme):
+        for cfg in kind_candidates(t, joint[1]):
             up, down = (best[1], cfg) if kind == "down" else (cfg, best[2])
             try:
                 us, got = layer_us(layers, x, ids, w, up, down)

@@ -22,7 +22,11 @@ this (benchmarks/h200/swap_sweep.py --schemes fp8,int8,int4 --write):
 - int8 (I8_F16): 8 tokens 86.5 -> 76.1, 16: 127.2 -> 120.9, 64: 168.5 -> 161.8 (taken to 64); 0.81-1.02x from 128.
 - int4 (symmetric, groups of 128; I4_F16): 24 tokens 137.2 -> 118.2, 64: 155.5 -> 141.0; the dp4a GEMV stays faster
   to 16 tokens, the int8-tensor-core GEMM from 128. With a tile per GEMM (swap_sweep.py --per-kind; down on 128
-  columns, gate_up too at 64 tokens on 8 warps): 24 / 32 / 64 tokens 110.1 / 117.1 / 132.4.
+  columns, gate_up too at 64 tokens on 8 warps): 24 / 32 / 64 tokens 110.1 / 117.1 / 132.4. With I4_F16's ten
+  instructions per four bytes and two packing blocks per K step (BLOCK_K 256; moe-swap-int4-bk256-h200.json): 24 / 32
+  / 64 / 128 tokens 103.2 / 109.5 / 119.8 / 148.5 (57-58% of the HBM limit to 64 tokens; the GEMM 136.0 / 142.9 /
+  152.4 / 157.0, so 128 tokens now takes the swap too); 16 tokens stays on the q8 GEMV (93.5 against 88.1). The
+  conversion alone, same tiles, one lease (swap_ab.py): 16-128 tokens 0.98-1.09x.
 Rows are never clamped (a SwiGLU output past 65504 is plain for Qwen-family outlier tokens). The K loop takes the
 activations as they are (a bf16 value is exact in fp16, or infinite past 65504; per-channel scales let the dot
 accumulate in place); only a tile whose accumulators come out non-finite runs again with rows scaled (_tile's SCALE,
@@ -73,25 +77,31 @@ prmt.b32 $1, a, h, 0x5342;
 sub.f16x2 $0, $0, c;
 sub.f16x2 $1, $1, c;
 }""")
-# 4 bytes of symmetric int4 codes -> their 4 low and 4 high nibbles as fp16 code - 8 (two words each, INT4 + ASM): a
-# byte (or the word shifted by 4) under an fp16 high byte 0x64, the nibble kept by an AND, is 1024 + code; minus 1032.
+# 4 bytes of symmetric int4 codes -> their 4 low and 4 high nibbles as fp16 code - 8 (two words each, INT4 + ASM). Two
+# prmt spread the bytes over 16-bit lanes (bytes 0, 1 and 2, 3); per lane pair, one lop3 keeps the low nibbles under
+# an fp16 high byte 0x64 (1024 + code; minus 1032), one the high ones (1024 + 16 code; times 1/16 minus 72: one fma,
+# exact). Ten instructions per four bytes where shifting the word and masking each prmt's output took thirteen; the
+# conversion stays elementwise (output i from byte i), so any register layout Triton gives the operand is correct.
+# (Under Triton 3.6 the tensor-core operand holds four adjacent bytes per register, mma.sync kWidth 4; Triton 3.9's
+# wgmma operand holds two, where two bytes per call (pack 2) avoids LLVM repacking bytes (sm_90 SASS of the K loop
+# 530 -> 379 instructions there) but measured 1-12% slower on the H200 under 3.6, 386 instructions -> more.)
 I4_F16 = tl.constexpr("""{
-.reg .b32 h, c, s;
-mov.b32 h, 0x64646464;
+.reg .b32 z, m, c, s, o, p, q;
+mov.b32 z, 0;
+mov.b32 m, 0x64006400;
 mov.b32 c, 0x64086408;
-shr.b32 s, $4, 4;
-prmt.b32 $0, $4, h, 0x5140;
-prmt.b32 $1, $4, h, 0x5342;
-prmt.b32 $2, s, h, 0x5140;
-prmt.b32 $3, s, h, 0x5342;
-and.b32 $0, $0, 0xFF0FFF0F;
-and.b32 $1, $1, 0xFF0FFF0F;
-and.b32 $2, $2, 0xFF0FFF0F;
-and.b32 $3, $3, 0xFF0FFF0F;
+mov.b32 s, 0x2C002C00;
+mov.b32 o, 0xD480D480;
+prmt.b32 p, $4, z, 0x4140;
+prmt.b32 q, $4, z, 0x4342;
+lop3.b32 $0, p, 0x000F000F, m, 0xEA;
+lop3.b32 $1, q, 0x000F000F, m, 0xEA;
+lop3.b32 $2, p, 0x00F000F0, m, 0xEA;
+lop3.b32 $3, q, 0x00F000F0, m, 0xEA;
 sub.f16x2 $0, $0, c;
 sub.f16x2 $1, $1, c;
-sub.f16x2 $2, $2, c;
-sub.f16x2 $3, $3, c;
+fma.rn.f16x2 $2, $2, s, o;
+fma.rn.f16x2 $3, $3, s, o;
 }""")
 
 
@@ -147,7 +157,7 @@ def _tile(x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride_wn, stride_sn, up
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     if INT4:
         return _int4_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride_wn, stride_sn, up_rows,
-                          GATED, ASM, SCALE)
+                          GATED, BLOCK_K, ASM, SCALE)
     return _byte_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride_wn, stride_sn, up_rows,
                       GATED, GROUP_K, EVEN_K, BLOCK_K, FP8, ASM, SCALE)
 
@@ -180,24 +190,30 @@ def _byte_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride
 
 @triton.jit
 def _int4_loop(acc, acc_up, x_rows, w_rows, s_ptrs, row_ok, col_ok, k_in, stride_wn, stride_sn, up_rows,
-               GATED: tl.constexpr, ASM: tl.constexpr, SCALE: tl.constexpr):
+               GATED: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr, SCALE: tl.constexpr):
     """The K loop for symmetric int4 in groups of 128 (quant.py's packing: byte j of a row's block p holds column
-    128p + j in its low nibble and 128p + 64 + j in its high one): per block, two fp16 dots and the group's scale on
-    the partial. x_rows [BM] activation row pointers, w_rows [BN] packed weight rows."""
+    128p + j in its low nibble and 128p + 64 + j in its high one): BLOCK_K / 128 blocks per step (unrolled), per
+    block two fp16 dots and the group's scale on the partial. x_rows [BM] activation row pointers, w_rows [BN]
+    packed weight rows. A block past k_in (a ragged last step) is masked whole."""
     j = tl.arange(0, 64)
-    for k0 in tl.range(0, k_in, 128, num_stages=1 if SCALE else None):  # the rare path: not pipelined
-        x_lo = tl.load(x_rows[:, None] + k0 + j[None, :], mask=row_ok[:, None] & (j < k_in - k0)[None, :], other=0.0)
-        x_hi = tl.load(x_rows[:, None] + k0 + 64 + j[None, :], mask=row_ok[:, None] & (j < k_in - k0 - 64)[None, :],
-                       other=0.0)
-        x_lo, x_hi = x_lo.to(tl.float32), x_hi.to(tl.float32)
-        rs = _row_scale(tl.maximum(tl.max(tl.abs(x_lo), 1), tl.max(tl.abs(x_hi), 1)), SCALE)  # [BM] per block
-        x_lo, x_hi = _fp16(x_lo, rs, SCALE), _fp16(x_hi, rs, SCALE)  # [64, BM] each
-        b = tl.load(w_rows[:, None] + k0 // 2 + j[None, :], mask=col_ok[:, None], other=0)  # [BN, 64] uint8
-        acc = _int4_part(acc, b, x_lo, x_hi, rs, s_ptrs + k0 // 128, col_ok, ASM, SCALE)
-        if GATED:
-            b = tl.load(w_rows[:, None] + up_rows * stride_wn + k0 // 2 + j[None, :], mask=col_ok[:, None], other=0)
-            acc_up = _int4_part(acc_up, b, x_lo, x_hi, rs, s_ptrs + up_rows * stride_sn + k0 // 128, col_ok, ASM,
-                                SCALE)
+    for k0 in tl.range(0, k_in, BLOCK_K, num_stages=1 if SCALE else None):  # the rare path: not pipelined
+        for blk in tl.static_range(BLOCK_K // 128):
+            kb = k0 + blk * 128
+            x_lo = tl.load(x_rows[:, None] + kb + j[None, :], mask=row_ok[:, None] & (j < k_in - kb)[None, :],
+                           other=0.0)
+            x_hi = tl.load(x_rows[:, None] + kb + 64 + j[None, :],
+                           mask=row_ok[:, None] & (j < k_in - kb - 64)[None, :], other=0.0)
+            x_lo, x_hi = x_lo.to(tl.float32), x_hi.to(tl.float32)
+            rs = _row_scale(tl.maximum(tl.max(tl.abs(x_lo), 1), tl.max(tl.abs(x_hi), 1)), SCALE)  # [BM] per block
+            x_lo, x_hi = _fp16(x_lo, rs, SCALE), _fp16(x_hi, rs, SCALE)  # [64, BM] each
+            w_ok = tl.where(kb < k_in, col_ok, False)  # [BN]
+            b = tl.load(w_rows[:, None] + kb // 2 + j[None, :], mask=w_ok[:, None], other=0)  # [BN, 64] uint8
+            acc = _int4_part(acc, b, x_lo, x_hi, rs, s_ptrs + kb // 128, w_ok, ASM, SCALE)
+            if GATED:
+                b = tl.load(w_rows[:, None] + up_rows * stride_wn + kb // 2 + j[None, :], mask=w_ok[:, None],
+                            other=0)
+                acc_up = _int4_part(acc_up, b, x_lo, x_hi, rs, s_ptrs + up_rows * stride_sn + kb // 128, w_ok, ASM,
+                                    SCALE)
     return acc, acc_up
 
 
@@ -288,9 +304,12 @@ def moe_gemm_swap(x: torch.Tensor, w: QuantTensor, out: torch.Tensor, al: Alignm
     if al.block_m != bm:
         raise ValueError(f"alignment of {al.block_m}-row blocks for a BLOCK_M {bm} config")
     group = 0 if w.per_channel else w.block_k
-    block_k = 128 if int4 else min(cfg["BLOCK_K"], group) if group else cfg["BLOCK_K"]
-    if group % block_k:
-        raise ValueError(f"scale block of {group} columns is not a multiple of BLOCK_K {block_k}")
+    if int4:  # one or two 128-column packing blocks per K step
+        block_k = 256 if cfg["BLOCK_K"] >= 256 else 128
+    else:
+        block_k = min(cfg["BLOCK_K"], group) if group else cfg["BLOCK_K"]
+        if group % block_k:
+            raise ValueError(f"scale block of {group} columns is not a multiple of BLOCK_K {block_k}")
     em = al.sorted_ids.numel()
     grid = (triton.cdiv(n_out, bn), triton.cdiv(em, bm))
     fp8 = w.scheme == "fp8"
