@@ -19,6 +19,8 @@ H 2048, I 768), 12 layers of distinct weights in one CUDA graph, us per layer, w
 this (benchmarks/h200/swap_sweep.py --schemes fp8,int8,int4 --write):
 - fp8 per channel: 8 tokens 97.5 -> 73.9, 16: 158.8 -> 119.7, 32: 192.2 -> 147.2, 64: 209.8 -> 160.4 (87% of the
   HBM limit), 128: 209.0 -> 176.5, 256: 297.6 -> 245.4; 512: 345.6 against 343.5 (under 3%, not taken).
+  Each GEMM's own tile (swap_sweep.py --per-kind, moe-swap-fp8-per-kind-h200.json) changed only 256 tokens: 242.3 ->
+  235.5 (16-row blocks, down on 128 columns); 8 / 16 / 32 / 64 tokens 73.6 / 118.5 / 145.9 / 159.7 (76-88%).
 - int8 (I8_F16): 8 tokens 86.5 -> 76.1, 16: 127.2 -> 120.9, 64: 168.5 -> 161.8 (taken to 64); 0.81-1.02x from 128.
 - int4 (symmetric, groups of 128; I4_F16): 24 tokens 137.2 -> 118.2, 64: 155.5 -> 141.0; the dp4a GEMV stays faster
   to 16 tokens, the int8-tensor-core GEMM from 128. With a tile per GEMM (swap_sweep.py --per-kind; down on 128
@@ -27,6 +29,9 @@ this (benchmarks/h200/swap_sweep.py --schemes fp8,int8,int4 --write):
   / 64 / 128 tokens 103.2 / 109.5 / 119.8 / 148.5 (57-58% of the HBM limit to 64 tokens; the GEMM 136.0 / 142.9 /
   152.4 / 157.0, so 128 tokens now takes the swap too); 16 tokens stays on the q8 GEMV (93.5 against 88.1). The
   conversion alone, same tiles, one lease (swap_ab.py): 16-128 tokens 0.98-1.09x.
+  Nsight Compute, gate_up at 64 tokens (int4 vs fp8): DRAM 52 vs 80% of peak, issue slots busy 62 vs 36%, 3.0x
+  the warp instructions per weight byte (the nibble conversion ~42% of int4's), occupancy 25 vs 19% (registers
+  and shared memory); so int4 is held by issue and latency, not bandwidth.
 Rows are never clamped (a SwiGLU output past 65504 is plain for Qwen-family outlier tokens). The K loop takes the
 activations as they are (a bf16 value is exact in fp16, or infinite past 65504; per-channel scales let the dot
 accumulate in place); only a tile whose accumulators come out non-finite runs again with rows scaled (_tile's SCALE,
@@ -85,6 +90,10 @@ sub.f16x2 $1, $1, c;
 # (Under Triton 3.6 the tensor-core operand holds four adjacent bytes per register, mma.sync kWidth 4; Triton 3.9's
 # wgmma operand holds two, where two bytes per call (pack 2) avoids LLVM repacking bytes (sm_90 SASS of the K loop
 # 530 -> 379 instructions there) but measured 1-12% slower on the H200 under 3.6, 386 instructions -> more.)
+# Measured and dropped (H200, Triton 3.6, moe-swap-ab-int4-offsets-h200.json): six instructions per four bytes, the
+# codes left as 1024 + c and 1024 + 16 c and the offsets taken off each token's dot per block from its activations'
+# column sums computed in the K loop: 0.65-0.71x at 24-128 tokens (the sums' reductions and layout changes cost more
+# than the four instructions saved; precomputed sums would need a launch per GEMM).
 I4_F16 = tl.constexpr("""{
 .reg .b32 z, m, c, s, o, p, q;
 mov.b32 z, 0;
