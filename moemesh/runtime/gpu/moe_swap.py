@@ -27,11 +27,8 @@ this (benchmarks/h200/swap_sweep.py --schemes fp8,int8,int4 --write):
   columns, gate_up too at 64 tokens on 8 warps): 24 / 32 / 64 tokens 110.1 / 117.1 / 132.4. With I4_F16's ten
   instructions per four bytes and two packing blocks per K step (BLOCK_K 256; moe-swap-int4-bk256-h200.json): 24 / 32
   / 64 / 128 tokens 103.2 / 109.5 / 119.8 / 148.5 (57-58% of the HBM limit to 64 tokens; the GEMM 136.0 / 142.9 /
-  152.4 / 157.0, so 128 tokens now takes the swap too); 16 tokens stays on the q8 GEMV (93.5 against 88.1). The
-  conversion alone, same tiles, one lease (swap_ab.py): 16-128 tokens 0.98-1.09x.
-  Nsight Compute, gate_up at 64 tokens (int4 vs fp8): DRAM 52 vs 80% of peak, issue slots busy 62 vs 36%, 3.0x
-  the warp instructions per weight byte (the nibble conversion ~42% of int4's), occupancy 25 vs 19% (registers
-  and shared memory); so int4 is held by issue and latency, not bandwidth.
+  152.4 / 157.0, so 128 tokens now takes the swap too); 16 tokens stays on the q8 GEMV (93.5 against 88.1).
+  Why int4 stays near 55% of its limit: widen_ptx.py (Nsight Compute: issue and latency, not bandwidth).
 Rows are never clamped (a SwiGLU output past 65504 is plain for Qwen-family outlier tokens). The K loop takes the
 activations as they are (a bf16 value is exact in fp16, or infinite past 65504; per-channel scales let the dot
 accumulate in place); only a tile whose accumulators come out non-finite runs again with rows scaled (_tile's SCALE,
@@ -59,6 +56,7 @@ import triton.language as tl
 from moemesh.runtime.gpu import pdl
 from moemesh.runtime.gpu.moe_align import Alignment
 from moemesh.runtime.gpu.pdl import enter
+from moemesh.runtime.gpu.widen_ptx import I4_F16, I8_F16
 from moemesh.runtime.quant import QuantTensor
 
 ENABLED = os.environ.get("MOEMESH_MOE_SWAP", "1") != "0"
@@ -69,51 +67,6 @@ SWAP_MAX_TOKENS = {"fp8": 256, "int8": 0, "int4": 0}
 SWAP_DEFAULT = {64: {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
                 128: {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
                 256: {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}}
-# 4 int8 -> 4 fp16 (two words), ASM: each byte + 128 under an fp16 high byte 0x64 is 1024 + (q + 128), exactly;
-# minus 1152 leaves q. One xor, two prmt, two f16x2 subtractions per four weights (Triton's int8 -> fp16 is one
-# I2F per weight).
-I8_F16 = tl.constexpr("""{
-.reg .b32 a, h, c;
-xor.b32 a, $2, 0x80808080;
-mov.b32 h, 0x64646464;
-mov.b32 c, 0x64806480;
-prmt.b32 $0, a, h, 0x5140;
-prmt.b32 $1, a, h, 0x5342;
-sub.f16x2 $0, $0, c;
-sub.f16x2 $1, $1, c;
-}""")
-# 4 bytes of symmetric int4 codes -> their 4 low and 4 high nibbles as fp16 code - 8 (two words each, INT4 + ASM). Two
-# prmt spread the bytes over 16-bit lanes (bytes 0, 1 and 2, 3); per lane pair, one lop3 keeps the low nibbles under
-# an fp16 high byte 0x64 (1024 + code; minus 1032), one the high ones (1024 + 16 code; times 1/16 minus 72: one fma,
-# exact). Ten instructions per four bytes where shifting the word and masking each prmt's output took thirteen; the
-# conversion stays elementwise (output i from byte i), so any register layout Triton gives the operand is correct.
-# (Under Triton 3.6 the tensor-core operand holds four adjacent bytes per register, mma.sync kWidth 4; Triton 3.9's
-# wgmma operand holds two, where two bytes per call (pack 2) avoids LLVM repacking bytes (sm_90 SASS of the K loop
-# 530 -> 379 instructions there) but measured 1-12% slower on the H200 under 3.6, 386 instructions -> more.)
-# Measured and dropped (H200, Triton 3.6, moe-swap-ab-int4-offsets-h200.json): six instructions per four bytes, the
-# codes left as 1024 + c and 1024 + 16 c and the offsets taken off each token's dot per block from its activations'
-# column sums computed in the K loop: 0.65-0.71x at 24-128 tokens (the sums' reductions and layout changes cost more
-# than the four instructions saved; precomputed sums would need a launch per GEMM).
-I4_F16 = tl.constexpr("""{
-.reg .b32 z, m, c, s, o, p, q;
-mov.b32 z, 0;
-mov.b32 m, 0x64006400;
-mov.b32 c, 0x64086408;
-mov.b32 s, 0x2C002C00;
-mov.b32 o, 0xD480D480;
-prmt.b32 p, $4, z, 0x4140;
-prmt.b32 q, $4, z, 0x4342;
-lop3.b32 $0, p, 0x000F000F, m, 0xEA;
-lop3.b32 $1, q, 0x000F000F, m, 0xEA;
-lop3.b32 $2, p, 0x00F000F0, m, 0xEA;
-lop3.b32 $3, q, 0x00F000F0, m, 0xEA;
-sub.f16x2 $0, $0, c;
-sub.f16x2 $1, $1, c;
-fma.rn.f16x2 $2, $2, s, o;
-fma.rn.f16x2 $3, $3, s, o;
-}""")
-
-
 @triton.jit
 def _moe_gemm_swap(x_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, rows_used_ptr, scale_ptr,
                    num_pairs, n_out, k_in, stride_xm, stride_we, stride_wn, stride_cm, stride_se, stride_sn,
