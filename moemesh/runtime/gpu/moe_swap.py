@@ -22,6 +22,7 @@ this (benchmarks/h200/swap_sweep.py --schemes fp8,int8,int4 --write):
   Each GEMM's own tile (swap_sweep.py --per-kind, moe-swap-fp8-per-kind-h200.json) changed only 256 tokens: 242.3 ->
   235.5 (16-row blocks, down on 128 columns); 8 / 16 / 32 / 64 tokens 73.6 / 118.5 / 145.9 / 159.7 (76-88%).
 - int8 (I8_F16): 8 tokens 86.5 -> 76.1, 16: 127.2 -> 120.9, 64: 168.5 -> 161.8 (taken to 64); 0.81-1.02x from 128.
+  Per GEMM (moe-swap-int8-per-kind-h200.json): 8 / 16 / 32 / 64 tokens 74.3 / 119.7 / 147.0 / 160.7, no gain.
 - int4 (symmetric, groups of 128; I4_F16): 24 tokens 137.2 -> 118.2, 64: 155.5 -> 141.0; the dp4a GEMV stays faster
   to 16 tokens, the int8-tensor-core GEMM from 128. With a tile per GEMM (swap_sweep.py --per-kind; down on 128
   columns, gate_up too at 64 tokens on 8 warps): 24 / 32 / 64 tokens 110.1 / 117.1 / 132.4. With I4_F16's ten
