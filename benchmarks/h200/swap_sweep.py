@@ -4,6 +4,7 @@ one CUDA graph (graph_timing.graph_us), whole MoE layers (align, both GEMMs, the
 HBM limit of the experts the step touches (their 8-bit bytes / the copy bandwidth).
 
     PYTHONPATH=. python3 benchmarks/h200/swap_sweep.py [--schemes fp8,int8] [--tokens 8,16,32,64,128,256,512]
+        [--per-kind] [--maxnreg 96,80]
         [--write] [--out DIR]
 
 Every config's output is checked against fused_moe without the swap (its GEMV or GEMM; relative error < 1e-3, or
@@ -35,13 +36,14 @@ from moemesh.runtime.quant import quantize  # noqa: E402
 E, I, H, K, LAYERS, COPY_BW = 128, 768, 2048, 8, 12, 4.22e12
 
 
-def candidates(tokens: int, scheme: str) -> list[dict]:
+def candidates(tokens: int, scheme: str, maxnreg: tuple = (None,)) -> list[dict]:
     """Row blocks no taller than about twice the rows an expert gets at this step, 4 warps (one warpgroup); int4
-    steps one or two 128-column packing blocks at a time (BLOCK_K 128 / 256)."""
+    steps one or two 128-column packing blocks at a time (BLOCK_K 128 / 256). maxnreg: register caps to try (None:
+    the compiler's choice), for more programs per SM."""
     per_expert = tokens * K / E
     rows = [m for m in (8, 16, 32, 64) if m <= max(8, 2 * per_expert)][-2:]
-    return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": 4, "num_stages": s}
-            for m, n, k, s in itertools.product(rows, (64, 128), (128, 256), (3, 4))]
+    return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": 4, "num_stages": s, **({"maxnreg": r} if r else {})}
+            for m, n, k, s, r in itertools.product(rows, (64, 128), (128, 256), (3, 4), maxnreg)]
 
 
 def layer_us(layers, x, ids, w, swap: dict | None, swap_down: dict | None = None) -> tuple[float, torch.Tensor]:
@@ -63,7 +65,8 @@ def kind_candidates(tokens: int, joint: dict) -> list[dict]:
     joint best's BLOCK_K and stages."""
     rows = [m for m in (8, 16, 32, 64) if m <= max(8, 2 * tokens * K / E)][-2:]
     return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": joint["BLOCK_K"], "num_warps": wp,
-             "num_stages": joint["num_stages"]} for m, n, wp in itertools.product(rows, (64, 128, 256), (4, 8))]
+             "num_stages": joint["num_stages"], **({"maxnreg": joint["maxnreg"]} if "maxnreg" in joint else {})}
+            for m, n, wp in itertools.product(rows, (64, 128, 256), (4, 8))]
 
 
 def per_kind(layers, x, ids, w, want, joint: tuple, scheme: str, t: int) -> tuple:
@@ -82,7 +85,7 @@ def per_kind(layers, x, ids, w, want, joint: tuple, scheme: str, t: int) -> tupl
     return best
 
 
-def sweep(scheme: str, tokens: list[int], kinds: bool = False) -> list[dict]:
+def sweep(scheme: str, tokens: list[int], kinds: bool = False, maxnreg: tuple = (None,)) -> list[dict]:
     torch.manual_seed(0)
     layers = [(quantize(torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / 45, scheme),
                quantize(torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / 28, scheme))
@@ -94,7 +97,7 @@ def sweep(scheme: str, tokens: list[int], kinds: bool = False) -> list[dict]:
         limit = ids.unique().numel() * 3 * H * I * (0.5 if scheme == "int4" else 1) / COPY_BW * 1e6
         base_us, want = layer_us(layers, x, ids, w, None)
         best = None
-        for cfg in candidates(t, scheme):
+        for cfg in candidates(t, scheme, maxnreg):
             try:
                 us, got = layer_us(layers, x, ids, w, cfg)
             except Exception as e:  # noqa: BLE001 -- a tile the GPU refuses (shared memory): skip it, say why
@@ -143,10 +146,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="8,16,32,64,128,256,512")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--per-kind", action="store_true", help="then sweep each GEMM's tile with the other's fixed")
+    ap.add_argument("--maxnreg", default="", help="register caps to try beside the compiler's choice, e.g. 96,80")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")]
-    rows = [r for s in args.schemes.split(",") for r in sweep(s, tokens, args.per_kind)]
+    caps = (None,) + tuple(int(r) for r in args.maxnreg.split(",") if r)
+    rows = [r for s in args.schemes.split(",") for r in sweep(s, tokens, args.per_kind, caps)]
     print("\n| scheme | tokens | HBM limit us | fused_moe GEMM us | swap us | speedup | % of HBM limit (swap) "
           "| config |")
     print("|---|---|---|---|---|---|---|---|")

@@ -29,7 +29,9 @@ this (benchmarks/h200/swap_sweep.py --schemes fp8,int8,int4 --write):
   instructions per four bytes and two packing blocks per K step (BLOCK_K 256; moe-swap-int4-bk256-h200.json): 24 / 32
   / 64 / 128 tokens 103.2 / 109.5 / 119.8 / 148.5 (57-58% of the HBM limit to 64 tokens; the GEMM 136.0 / 142.9 /
   152.4 / 157.0, so 128 tokens now takes the swap too); 16 tokens stays on the q8 GEMV (93.5 against 88.1).
-  Why int4 stays near 55% of its limit: widen_ptx.py (Nsight Compute: issue and latency, not bandwidth).
+  Why int4 stays near 55% of its limit: widen_ptx.py (Nsight Compute: issue and latency, not bandwidth). Capping
+  registers for more programs per SM (a config's "maxnreg"; swap_sweep.py --maxnreg 96,80) gained nothing: 24 / 32
+  / 64 / 128 tokens 104.3 / 112.1 / 121.2 / 150.3, the caps chosen only at 24 (moe-swap-int4-maxnreg-h200.json).
 Rows are never clamped (a SwiGLU output past 65504 is plain for Qwen-family outlier tokens). The K loop takes the
 activations as they are (a bf16 value is exact in fp16, or infinite past 65504; per-channel scales let the dot
 accumulate in place); only a tile whose accumulators come out non-finite runs again with rows scaled (_tile's SCALE,
@@ -283,5 +285,5 @@ def moe_gemm_swap(x: torch.Tensor, w: QuantTensor, out: torch.Tensor, al: Alignm
         w.scale.stride(1), up_rows, X_DIV=x_div, GATED=up_rows > 0, WEIGHTED=weights is not None, GROUP_K=group,
         EVEN_K=k_in % block_k == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, FP8=fp8,
         ASM=not fp8 and os.environ.get("TRITON_INTERPRET") != "1", INT4=int4, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **pdl.launch())
+        num_stages=cfg["num_stages"], **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}), **pdl.launch())
     return out
