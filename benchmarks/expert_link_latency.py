@@ -1,12 +1,19 @@
-"""Per-layer round trip of the router's expert data planes on this machine (loopback): shm, gloo (dist), grpc.
+"""Per-layer round trip of the router's expert data planes on this machine: shm, torch.distributed (dist: gloo on
+CPUs, NCCL on GPUs), grpc.
 
     python benchmarks/expert_link_latency.py [--hidden 576] [--tokens 1,8,64] [--iters 200]
+    python benchmarks/expert_link_latency.py --device cuda --modes dist --hidden 2048 --experts 128 --top-k 8 \
+        --tokens 1,64,256 --shards 1 --out benchmarks/results/expert-link-nccl-h200   # two GPUs: router 0, shard 1
 
-Two expert shard processes (`python -m services.expert`, 1 compute thread each) of a small random MoE checkpoint
-(hidden H, 8 experts top-2, expert FFN 16 wide, so the experts' compute is small next to the transport); the router
-side is ShmDispatch.start(mode) in this process, timed around dispatch(layer, hidden [T, H], ids, weights): post to
-both shards, both compute, both replies summed. Median and p90 microseconds per layer over `iters` calls after 20
-warm-up calls. Writes benchmarks/results/expert-link-latency.json and .md (machine, load average, command).
+--shards expert shard processes (default 2; `python -m services.expert`, 1 compute thread each) of a small random
+MoE checkpoint (hidden H, E experts top-K, expert FFN 16 wide, so the experts' compute is small next to the
+transport); the router side is ShmDispatch.start(mode) in this process, timed around dispatch(layer, hidden [T, H],
+ids, weights): post to every shard, each computes, the replies summed. On CUDA the router's tensors live on cuda:0,
+the shards (bf16) on --shard-gpu (NCCL takes one rank per GPU: on two GPUs, --shards 1), every call is
+synchronised, and the same experts' forward in this process (ExpertBank on cuda:0, shard by shard) is timed too:
+round trip minus it = what the data plane adds per layer (dispatch, combine, the shard's request handling). Median
+and p90 microseconds per layer over `iters` calls after 20 warm-up calls. Writes OUT.json and .md (machine, load
+average, command).
 """
 
 from __future__ import annotations
@@ -27,51 +34,100 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def start_shards(model: Path, home: Path) -> tuple[list[subprocess.Popen], list[str]]:
+def checkpoint(out: Path, hidden: int, experts: int, top_k: int) -> Path:
+    """A 2-layer random MoE checkpoint (config.json + safetensors; no tokenizer: shards do not read one)."""
+    from safetensors.numpy import save_file
+
+    from moemesh.builtin.tiny import MOE_ARCH, tiny_config, tiny_weights
+
+    config = tiny_config(MOE_ARCH, num_experts=experts, top_k=top_k, hidden=hidden, layers=2, heads=hidden // 64,
+                         kv_heads=max(1, hidden // 256), intermediate=64, moe_intermediate=16,
+                         shared_expert_intermediate=0, router_weighting="softmax")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tiny_weights(config, 0), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def start_shards(model: Path, home: Path, device: str, shard_gpu: str,
+                 shards: int) -> tuple[list[subprocess.Popen], list[str]]:
     from mesh_process import free_port
 
     procs, addrs = [], []
-    for index in (0, 1):
+    for index in range(shards):
         port = free_port()
         env = {**os.environ, "MOEMESH_HOME": str(home), "OMP_WAIT_POLICY": "PASSIVE"}
+        extra = []
+        if device == "cuda":
+            env["CUDA_VISIBLE_DEVICES"] = shard_gpu
+            extra = ["--device", "cuda", "--dtype", "bfloat16"]
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "services.expert", "--model", str(model), "--port", str(port), "--shard-index",
-             str(index), "--num-shards", "2", "--compute-threads", "1", "--metrics-port", "-1"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+             str(index), "--num-shards", str(shards), "--compute-threads", "1", "--metrics-port", "-1", *extra],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=(home / f"shard{index}.log").open("w")))
         addrs.append(f"127.0.0.1:{port}")
     return procs, addrs
 
 
-def measure(addrs: list[str], mode: str, hidden: int, tokens: int, iters: int) -> dict:
+def timed(call, iters: int, sync) -> list[float]:
+    """Microseconds of each of `iters` calls after 20 warm-up calls, sorted."""
+    times = []
+    for i in range(iters + 20):
+        start = time.perf_counter()
+        call(i)
+        sync()
+        if i >= 20:
+            times.append((time.perf_counter() - start) * 1e6)
+    return sorted(times)
+
+
+def local_compute_us(model: Path, num_experts: int, shards: int, x, ids, weights, iters: int) -> float:
+    """Median us of the shards' experts run in this process on x's device, one shard's after the other's."""
+    import torch
+
+    from moemesh.runtime.experts import ExpertBank, shard_experts
+
+    halves = [ExpertBank.load(model, experts=shard_experts(num_experts, shards, i), device=x.device,
+                              dtype=x.dtype) for i in range(shards)]
+
+    def both(i: int) -> None:
+        for bank in halves:
+            bank.forward(i % 2, x, ids, weights)
+    return statistics.median(timed(both, iters, torch.cuda.synchronize if x.is_cuda else lambda: None))
+
+
+def measure(addrs: list[str], mode: str, args, tokens: int, model: Path) -> dict:
     import torch
 
     from services.router.expert_client import GrpcShardClient
     from services.router.placement import Placement
     from services.router.shm_dispatch import ShmDispatch
 
+    cuda = args.device == "cuda"
     clients = [GrpcShardClient(a, connect_timeout=120) for a in addrs]
     placement = Placement(tuple(c.placement() for c in clients))
-    dispatch = ShmDispatch.start(clients, placement, 8, mode=mode, hidden_size=hidden, top_k=2, stall_timeout=1.0,
-                                 call_timeout=30.0)
+    dispatch = ShmDispatch.start(clients, placement, args.experts, mode=mode, hidden_size=args.hidden,
+                                 top_k=args.top_k, stall_timeout=5.0, call_timeout=60.0,
+                                 device="cuda:0" if cuda else "cpu")
+    device, dtype = ("cuda:0", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     try:
-        x = torch.randn(tokens, hidden)  # [T, H]
-        ids = torch.randint(0, 8, (tokens, 2))  # [T, K]
-        weights = torch.full((tokens, 2), 0.5)  # [T, K]
-        times = []
+        x = torch.randn(tokens, args.hidden, device=device).to(dtype)  # [T, H]
+        ids = torch.stack([torch.randperm(args.experts)[:args.top_k] for _ in range(tokens)]).to(device)  # [T, K]
+        weights = torch.full((tokens, args.top_k), 1.0 / args.top_k, device=device)  # [T, K]
         dispatch.begin_step(tokens)
-        for i in range(iters + 20):
-            start = time.perf_counter()
-            dispatch(i % 2, x, ids, weights)
-            if i >= 20:
-                times.append((time.perf_counter() - start) * 1e6)
+        times = timed(lambda i: dispatch(i % 2, x, ids, weights), args.iters, sync)
         dispatch.end_step()
-        times.sort()
-        return {"transport": dispatch.transports()[0], "tokens": tokens, "median_us": statistics.median(times),
-                "p90_us": times[int(len(times) * 0.9)]}
+        row = {"transport": dispatch.transports()[0], "tokens": tokens, "median_us": statistics.median(times),
+               "p90_us": times[int(len(times) * 0.9)]}
     finally:
         dispatch.close()
         for client in clients:
             client.close()
+    if cuda:  # the same experts in this process: what the round trip adds to them
+        row["local_compute_us"] = local_compute_us(model, args.experts, args.shards, x, ids, weights, args.iters)
+        row["data_plane_us"] = row["median_us"] - row["local_compute_us"]
+    return row
 
 
 def main() -> None:
@@ -80,28 +136,42 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,8,64")
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--modes", default="shm,dist,grpc")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--shard-gpu", default="1", help="cuda: CUDA_VISIBLE_DEVICES of the shards")
+    parser.add_argument("--shards", type=int, default=2, help="expert shard processes (NCCL: one rank per GPU, so "
+                        "on two GPUs one shard beside the router)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "expert-link-latency")
     args = parser.parse_args()
-    from moemesh.builtin.tiny import make_tiny_model
-    from moemesh.home import models_dir
-
     with tempfile.TemporaryDirectory() as tmp:
-        model = make_tiny_model(Path(tmp) / "model", num_experts=8, top_k=2, hidden=args.hidden, layers=2,
-                                heads=9, kv_heads=3, intermediate=64, moe_intermediate=16,
-                                tokenizer_from=models_dir() / "smollm2")
-        procs, addrs = start_shards(model, Path(tmp))
+        model = checkpoint(Path(tmp) / "model", args.hidden, args.experts, args.top_k)
+        procs, addrs = start_shards(model, Path(tmp), args.device, args.shard_gpu, args.shards)
         try:
-            rows = [measure(addrs, mode, args.hidden, int(t), args.iters)
+            rows = [measure(addrs, mode, args, int(t), model)
                     for mode in args.modes.split(",") for t in args.tokens.split(",")]
+        except Exception:
+            for i in range(args.shards):
+                print(f"shard {i} log:\n" + (Path(tmp) / f"shard{i}.log").read_text()[-2000:])
+            raise
         finally:
             for proc in procs:
                 proc.kill()
-    lines = ["| transport | T | median us/layer | p90 us/layer |", "|---|---|---|---|"]
-    lines += [f"| {r['transport']} | {r['tokens']} | {r['median_us']:.0f} | {r['p90_us']:.0f} |" for r in rows]
+    lines = ["| transport | T | median us/layer | p90 us/layer | same experts in-process us | data plane us |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['transport']} | {r['tokens']} | {r['median_us']:.0f} | {r['p90_us']:.0f} | "
+              f"{r.get('local_compute_us', float('nan')):.0f} | {r.get('data_plane_us', float('nan')):.0f} |"
+              for r in rows]
     print("\n".join(lines))
     meta = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
             "load_average": os.getloadavg(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "hidden": args.hidden}
-    out = ROOT / "benchmarks" / "results" / "expert-link-latency"
+            "hidden": args.hidden, "experts": args.experts, "top_k": args.top_k, "device": args.device}
+    if args.device == "cuda":
+        import torch
+
+        meta["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     out.with_suffix(".md").write_text(f"# Expert data plane, per-layer round trip\n\n{json.dumps(meta)}\n\n"
                                       + "\n".join(lines) + "\n")
