@@ -69,6 +69,14 @@ def start_shards(model: Path, home: Path, device: str, shard_gpu: str,
     return procs, addrs
 
 
+def progress(what: str) -> None:
+    """A line per stage (NCCL formation, shard start-up can wait long on a new machine): seconds since start."""
+    print(f"[{time.monotonic() - STARTED:7.1f} s] {what}", flush=True)
+
+
+STARTED = time.monotonic()
+
+
 def timed(call, iters: int, sync) -> list[float]:
     """Microseconds of each of `iters` calls after 20 warm-up calls, sorted."""
     times = []
@@ -106,9 +114,11 @@ def measure(addrs: list[str], mode: str, args, tokens: int, model: Path) -> dict
     cuda = args.device == "cuda"
     clients = [GrpcShardClient(a, connect_timeout=120) for a in addrs]
     placement = Placement(tuple(c.placement() for c in clients))
+    progress(f"{mode}, {tokens} tokens: {len(clients)} shard(s) answer; forming the links")
     dispatch = ShmDispatch.start(clients, placement, args.experts, mode=mode, hidden_size=args.hidden,
                                  top_k=args.top_k, stall_timeout=5.0, call_timeout=60.0,
-                                 device="cuda:0" if cuda else "cpu")
+                                 device="cuda:0" if cuda else "cpu", join_timeout=60.0)
+    progress(f"{mode}, {tokens} tokens: links {dispatch.transports()}; timing {args.iters} calls")
     device, dtype = ("cuda:0", torch.bfloat16) if cuda else ("cpu", torch.float32)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     try:
@@ -127,6 +137,7 @@ def measure(addrs: list[str], mode: str, args, tokens: int, model: Path) -> dict
     if cuda:  # the same experts in this process: what the round trip adds to them
         row["local_compute_us"] = local_compute_us(model, args.experts, args.shards, x, ids, weights, args.iters)
         row["data_plane_us"] = row["median_us"] - row["local_compute_us"]
+    progress(f"{mode}, {tokens} tokens: {row}")
     return row
 
 
@@ -146,6 +157,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = checkpoint(Path(tmp) / "model", args.hidden, args.experts, args.top_k)
+        progress(f"checkpoint written; starting {args.shards} shard(s)")
         procs, addrs = start_shards(model, Path(tmp), args.device, args.shard_gpu, args.shards)
         try:
             rows = [measure(addrs, mode, args, int(t), model)

@@ -10,5 +10,6 @@ mkdir -p .whl
   grpcio-tools==1.84.0 grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0 \
   opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions opentelemetry-proto \
   opentelemetry-exporter-otlp-proto-grpc opentelemetry-exporter-otlp-proto-common \
+  opentelemetry-instrumentation opentelemetry-instrumentation-grpc wrapt prometheus_client \
   cryptography cffi pycparser googleapis-common-protos
 ls .whl

@@ -19,8 +19,6 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from moemesh.builtin.gguf_tokenizer import TOKENIZER_FILES
-
 MOE_ARCH = "MoemeshLlamaMoeForCausalLM"
 DENSE_ARCH = "LlamaForCausalLM"
 VOCAB_SIZE = 49152
@@ -108,6 +106,8 @@ def make_tiny_model(out_dir: str | Path, *, arch: str = MOE_ARCH, num_experts: i
 
 
 def _write_tokenizer(out: Path, tokenizer_from: str | Path | None) -> None:
+    from moemesh.builtin.gguf_tokenizer import TOKENIZER_FILES  # here: the gguf package only where a tokenizer is made
+
     if tokenizer_from is not None:
         for name in TOKENIZER_FILES:
             shutil.copyfile(Path(tokenizer_from) / name, out / name)
