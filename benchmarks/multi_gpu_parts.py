@@ -170,7 +170,8 @@ def kill_under_load(mesh: Mesh, service: str, clients: int, max_tokens: int, han
 
 def model_dir(device: str, layers: int, logs: Path) -> str:
     """cpu: the built-in smollm2-moe's checkpoint; cuda: the Qwen3-30B-A3B shape with dummy weights and SmolLM2's
-    tokenizer (vocab cut to its 49152 ids so that every generated id detokenizes; eos/bos its ids)."""
+    tokenizer (vocab cut to its 49152 ids so that every generated id detokenizes; eos/bos its ids), from
+    MOEMESH_TOKENIZER_DIR where set (a machine without the built-in model: benchmarks/h200/wheels.sh carries it)."""
     from moemesh.models.registry import resolve_model
 
     if device == "cpu":
@@ -182,7 +183,8 @@ def model_dir(device: str, layers: int, logs: Path) -> str:
     config = {**QWEN3_30B_A3B, "num_hidden_layers": layers, "vocab_size": 49152, "bos_token_id": 1,
               "eos_token_id": 2}
     (out / "config.json").write_text(json.dumps(config))
-    tokenizer = resolve_model("smollm2", progress=False)
+    carried = os.environ.get("MOEMESH_TOKENIZER_DIR")
+    tokenizer = Path(carried) if carried else resolve_model("smollm2", progress=False)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (tokenizer / name).exists():
             shutil.copy(tokenizer / name, out / name)

