@@ -51,6 +51,23 @@ CHECKS = textwrap.dedent('''
         err = ((y - want).norm() / want.norm()).item()
         assert err < 2e-3, (scheme, block, bk, err)
         assert y[1].abs().sum() == 0, "the pair of the expert not hosted here stays zero"
+    h, inter = 256, 128  # whole K steps (EVEN_K: no K masks), int4
+    gu, dn = torch.randn(e, 2 * inter, h) * 0.05, torch.randn(e, h, inter) * 0.05
+    gq, dq = quantize(gu, "int4"), quantize(dn, "int4")
+    g, d = gq.dequantize(torch.float32), dq.dequantize(torch.float32)
+    cfg["BLOCK_K"] = 256
+    x = torch.randn(t, h).half()
+    want = torch.zeros(t * k, h)
+    for p, ex in enumerate(ids.reshape(-1).tolist()):
+        if ex >= 0:
+            gate_up = g[ex] @ x[p // k].float()
+            want[p] = w.reshape(-1)[p] * (d[ex] @ (torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:]))
+    al = align_small(ids, e, cfg["BLOCK_M"])
+    act, y = torch.empty(t * k, inter), torch.zeros(t * k, h)
+    ms.moe_gemm_swap(x, gq, act, al, k, cfg, up_rows=inter)
+    ms.moe_gemm_swap(act, dq, y, al, 1, cfg, weights=w.reshape(-1).float().contiguous())
+    err = ((y - want).norm() / want.norm()).item()
+    assert err < 2e-3, err
     print("ok")
 ''')
 
