@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from graph_timing import graph_us, int4_expert_layers, write_json  # noqa: E402 -- benchmarks/h200, this folder
+from graph_timing import graph_us, expert_layers, write_json  # noqa: E402 -- benchmarks/h200, this folder
 from moemesh.runtime.gpu import fused_moe as fm  # noqa: E402
 from moemesh.runtime.gpu import pdl  # noqa: E402
 
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--write", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     args = p.parse_args()
-    layers = int4_expert_layers(E, I, H, LAYERS)
+    layers = expert_layers(E, I, H, LAYERS)
     rows = []
     for t in (int(v) for v in args.tokens.split(",")):
         ids = torch.stack([torch.randperm(E, device="cuda")[:K] for _ in range(t)]).long()  # [T, K]

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from graph_timing import graph_us, int4_expert_layers, write_json  # noqa: E402 -- benchmarks/h200, this folder
+from graph_timing import graph_us, expert_layers, write_json  # noqa: E402 -- benchmarks/h200, this folder
 from moemesh.runtime.gpu import fused_moe as fm  # noqa: E402
 from moemesh.runtime.gpu import pdl  # noqa: E402
 
@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument("--stages", default="3", help="pipeline depths to sweep (comma-separated)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     args = p.parse_args()
-    layers = int4_expert_layers(E, I, H, LAYERS)
+    layers = expert_layers(E, I, H, LAYERS)
     stages = tuple(int(s) for s in args.stages.split(","))
     rows = [sweep(int(t), layers, stages) for t in args.tokens.split(",")]
     print("\n| tokens | table us | I8 us (best tiles) | GEMV us | gate_up I8 tile | down I8 tile |\n"

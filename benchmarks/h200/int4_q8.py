@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from graph_timing import graph_us, int4_expert_layers, write_json
+from graph_timing import graph_us, expert_layers, write_json
 from moemesh.runtime.gpu import pdl
 from moemesh.runtime.gpu.fused_moe import moe_gemv, pick_config
 from moemesh.runtime.gpu.int4_kernels import _int4_words
@@ -33,7 +33,7 @@ def main() -> None:
                     help="instead: fused_moe at these token counts (random routing) with q8, dp4a and the GEMM")
     args = ap.parse_args()
     torch.manual_seed(0)
-    layers = int4_expert_layers(E, INTER, H, LAYERS)
+    layers = expert_layers(E, INTER, H, LAYERS)
     if args.tokens:
         rows = by_tokens(layers, args.tokens)
         write_json(pathlib.Path(args.out) / "int4-q8-tokens-h200.json", rows=rows)

@@ -23,10 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from graph_timing import graph_us, write_json  # noqa: E402 -- benchmarks/h200, this folder
+from graph_timing import graph_us, moe_steps, write_json  # noqa: E402 -- benchmarks/h200, this folder
 from moemesh.runtime.gpu import fused_moe as fm  # noqa: E402
 from moemesh.runtime.gpu import moe_swap  # noqa: E402
-from moemesh.runtime.quant import quantize  # noqa: E402
 
 E, I, H, K, LAYERS, COPY_BW = 128, 768, 2048, 8, 12, 4.22e12
 
@@ -57,15 +56,8 @@ def layer_us(layers, x, ids, w, module, cfgs) -> tuple[float, torch.Tensor]:
 
 
 def compare(scheme: str, tokens: list[int], old) -> list[dict]:
-    torch.manual_seed(0)
-    layers = [(quantize(torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / 45, scheme),
-               quantize(torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / 28, scheme))
-              for _ in range(LAYERS)]
     rows = []
-    for t in tokens:
-        x = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
-        w, ids = torch.randn(t, E, device="cuda").softmax(-1).topk(K, dim=-1)
-        limit = ids.unique().numel() * 3 * H * I * (0.5 if scheme == "int4" else 1) / COPY_BW * 1e6
+    for layers, t, x, w, ids, limit in moe_steps(scheme, tokens, (E, I, H, K), LAYERS, COPY_BW):
         cfgs = tiles(t, layers[0][0])
         old_us, want = layer_us(layers, x, ids, w, old, cfgs)
         new_us, got = layer_us(layers, x, ids, w, moe_swap, cfgs)

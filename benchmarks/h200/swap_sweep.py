@@ -29,9 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from graph_timing import graph_us, write_json  # noqa: E402 -- benchmarks/h200, this folder
+from graph_timing import graph_us, moe_steps, write_json  # noqa: E402 -- benchmarks/h200, this folder
 from moemesh.runtime.gpu import fused_moe as fm  # noqa: E402
-from moemesh.runtime.quant import quantize  # noqa: E402
 
 E, I, H, K, LAYERS, COPY_BW = 128, 768, 2048, 8, 12, 4.22e12
 
@@ -86,15 +85,8 @@ def per_kind(layers, x, ids, w, want, joint: tuple, scheme: str, t: int) -> tupl
 
 
 def sweep(scheme: str, tokens: list[int], kinds: bool = False, maxnreg: tuple = (None,)) -> list[dict]:
-    torch.manual_seed(0)
-    layers = [(quantize(torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / 45, scheme),
-               quantize(torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / 28, scheme))
-              for _ in range(LAYERS)]
     rows = []
-    for t in tokens:
-        x = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
-        w, ids = torch.randn(t, E, device="cuda").softmax(-1).topk(K, dim=-1)
-        limit = ids.unique().numel() * 3 * H * I * (0.5 if scheme == "int4" else 1) / COPY_BW * 1e6
+    for layers, t, x, w, ids, limit in moe_steps(scheme, tokens, (E, I, H, K), LAYERS, COPY_BW):
         base_us, want = layer_us(layers, x, ids, w, None)
         best = None
         for cfg in candidates(t, scheme, maxnreg):
