@@ -36,11 +36,14 @@ E, I, H, K, LAYERS, COPY_BW = 128, 768, 2048, 8, 12, 4.22e12
 
 
 def candidates(tokens: int, scheme: str, maxnreg: tuple = (None,)) -> list[dict]:
-    """Row blocks no taller than about twice the rows an expert gets at this step, 4 warps (one warpgroup); int4
+    """Row blocks no taller than about twice the rows an expert gets at this step, and 8 rows always (Triton 3.6 gives
+    8-row blocks mma.sync with the weights loaded four bytes a register; 16 and more rows take wgmma, whose register
+    operand it loads two bytes at a time: sm_90 SASS of fp8 at BM 16 has 77 shared loads per K step against 19 at
+    BM 8, sass_loops.py); 4 warps (one warpgroup); int4
     steps one or two 128-column packing blocks at a time (BLOCK_K 128 / 256). maxnreg: register caps to try (None:
     the compiler's choice), for more programs per SM."""
     per_expert = tokens * K / E
-    rows = [m for m in (8, 16, 32, 64) if m <= max(8, 2 * per_expert)][-2:]
+    rows = sorted({8, *[m for m in (8, 16, 32, 64) if m <= max(8, 2 * per_expert)][-2:]})
     return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": 4, "num_stages": s, **({"maxnreg": r} if r else {})}
             for m, n, k, s, r in itertools.product(rows, (64, 128), (128, 256), (3, 4), maxnreg)]
 
@@ -62,7 +65,7 @@ def layer_us(layers, x, ids, w, swap: dict | None, swap_down: dict | None = None
 def kind_candidates(tokens: int, joint: dict) -> list[dict]:
     """--per-kind: wider tiles for one GEMM with the other at the joint sweep's best (8 warps, 256 columns), at the
     joint best's BLOCK_K and stages."""
-    rows = [m for m in (8, 16, 32, 64) if m <= max(8, 2 * tokens * K / E)][-2:]
+    rows = sorted({8, *[m for m in (8, 16, 32, 64) if m <= max(8, 2 * tokens * K / E)][-2:]})  # as candidates
     return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": joint["BLOCK_K"], "num_warps": wp,
              "num_stages": joint["num_stages"], **({"maxnreg": joint["maxnreg"]} if "maxnreg" in joint else {})}
             for m, n, wp in itertools.product(rows, (64, 128, 256), (4, 8))]
