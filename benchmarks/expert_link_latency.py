@@ -19,6 +19,7 @@ average, command).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -89,14 +90,20 @@ def timed(call, iters: int, sync) -> list[float]:
     return sorted(times)
 
 
+@functools.lru_cache(maxsize=None)
+def shard_banks(model: Path, num_experts: int, shards: int, device: str, dtype) -> tuple:
+    """The shards' ExpertBanks in this process, loaded once per run (every token count times the same experts)."""
+    from moemesh.runtime.experts import ExpertBank, shard_experts
+
+    return tuple(ExpertBank.load(model, experts=shard_experts(num_experts, shards, i), device=device, dtype=dtype)
+                 for i in range(shards))
+
+
 def local_compute_us(model: Path, num_experts: int, shards: int, x, ids, weights, iters: int) -> float:
     """Median us of the shards' experts run in this process on x's device, one shard's after the other's."""
     import torch
 
-    from moemesh.runtime.experts import ExpertBank, shard_experts
-
-    halves = [ExpertBank.load(model, experts=shard_experts(num_experts, shards, i), device=x.device,
-                              dtype=x.dtype) for i in range(shards)]
+    halves = shard_banks(model, num_experts, shards, str(x.device), x.dtype)
 
     def both(i: int) -> None:
         for bank in halves:
