@@ -65,9 +65,20 @@ class Member:
         return not self._stop.is_set()
 
     def _recv(self, tensor: torch.Tensor, tag: int, timeout_s: float) -> None:
-        dist_wire.wait(self._group.recv([tensor], 0, tag), timeout_s)
+        work = self._group.recv([tensor], 0, tag)
+        if self.spec.backend == "nccl":  # polled: torch's NCCL wait with a timeout sleeps 1-10 ms between its polls
+            deadline = time.monotonic() + timeout_s
+            dist_wire.wait_polled(work, lambda: self._stopped(deadline))
+        else:
+            dist_wire.wait(work, timeout_s)
         if self._stop.is_set():  # ended meanwhile (NCCL: aborted, so the receive "completed" with nothing)
             raise RuntimeError("the membership ended (the router's watch ended)")
+
+    def _stopped(self, deadline: float) -> str | None:
+        """Why a polled NCCL receive must end (the membership ended, or nothing came before the deadline), or None."""
+        if self._stop.is_set():
+            return "the membership ended (the router's watch ended)"
+        return "no message from the router in time" if time.monotonic() > deadline else None
 
     def _send(self, tensor: torch.Tensor, tag: int) -> None:
         self._group.send([tensor], 0, tag).wait()
@@ -75,9 +86,9 @@ class Member:
     def _serve(self) -> None:
         spec, head = self.spec, torch.zeros(dist_wire.HEAD_WORDS, dtype=torch.int64, device=self._device)  # [8]
         body = torch.empty(0, dtype=torch.uint8, device=self._device)
-        if self._device.type == "cuda":  # NCCL uses this thread's current device
-            torch.cuda.set_device(self._device)
         try:
+            if self._device.type == "cuda":  # NCCL uses this thread's current device
+                torch.cuda.set_device(self._device)
             with torch.inference_mode():
                 while not self._stop.is_set():
                     self._recv(head, dist_wire.REQUEST_HEAD, IDLE_S)
@@ -91,6 +102,8 @@ class Member:
                     self._block(seq, layer, tokens, body[:nbytes])
         except RuntimeError as exc:  # the router closed the group (re-forming it, or gone)
             log.info("%s group %s ended: %s", spec.backend, spec.group_name, str(exc).splitlines()[0][:200])
+        except Exception:  # a fault of this member: leave the group, so the router's wait ends instead of hanging
+            log.exception("%s group %s: the serving thread failed; leaving the group", spec.backend, spec.group_name)
         finally:
             self.close()
             with self._spans_lock:
@@ -206,6 +219,8 @@ class DistServer:
             return (f"cannot join {spec.backend} group {spec.group_name} at rendezvous {spec.store_address}: "
                     f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}")
         device = self._shard.device if spec.backend == "nccl" else torch.device("cpu")
+        if device.type == "cuda" and device.index is None:  # "cuda": set_device needs the index (NCCL's device)
+            device = torch.device("cuda", torch.cuda.current_device())
         self._members = [m for m in self._members if m.alive]
         spans = StepSpans(self.tracer or default_tracer("moemesh.expert"))
         self._members.append(Member(self._shard, group, spec, device, spans))
