@@ -11,9 +11,10 @@ Every config's output is checked against fused_moe without the swap (its GEMV or
 2e-2 for int4, whose dp4a GEMV and int8-tensor-core GEMM round the activations to int8; else the config is refused).
 --write: the weights' table (configs/E=...,dtype=float8_e4m3fn|int8|int4,...json) gets "swap_gate_up" / "swap_down"
 entries at each token count timed where the best swap config beat what fused_moe runs without it by more than 3%,
-and loses them where it did not; in the int4 table the dp4a GEMV's MAX_PAIRS becomes top-k x the largest count timed
-below the swap's first win (run it after int4_gemv_gemm.py / int4_i8_sweep.py, which set MAX_PAIRS without the
-swap). Writes moe-swap-h200.json (machine, command, rows) to --out; prints a table.
+and "swap": false where it did not (a larger count's entry then stops there); in the int4 table the dp4a GEMV's
+MAX_PAIRS becomes top-k x the largest count timed below the swap's first win (run it after int4_gemv_gemm.py /
+int4_i8_sweep.py, which set MAX_PAIRS without the swap). Writes moe-swap-h200.json (machine, command, rows) to
+--out; prints a table.
 """
 
 from __future__ import annotations
@@ -120,6 +121,9 @@ def write_table(scheme: str, rows: list[dict]) -> Path:
     for r in rows:
         entry = table.setdefault(str(r["tokens"]), {})
         won = r["swap_us"] is not None and r["swap_us"] < 0.97 * r["fused_moe_gemm_us"]
+        entry.pop("swap", None)
+        if not won:  # marks the count, so that a larger count's swap entry does not reach down to it
+            entry["swap"] = False
         for kind in ("swap_gate_up", "swap_down"):
             entry.pop(kind, None)
             if won:  # --per-kind rows carry each GEMM's own tile

@@ -162,8 +162,8 @@ def test_swapped_fused_moe_matches_its_gemm(scheme, block_k, tol, monkeypatch):
 
 @cuda
 def test_fused_moe_takes_the_swap_where_the_tables_say():
-    """On the H200, fp8 experts of Qwen3-30B-A3B's shape from its table (8-256 tokens), int8 from its own (8-64);
-    elsewhere fp8 up to SWAP_MAX_TOKENS and int8 not at all (no table, no default)."""
+    """On the H200, fp8 experts of Qwen3-30B-A3B's shape from its table (8-256 tokens), int8 from its own (8-64 and
+    129-256: "swap": false at 128); elsewhere fp8 up to SWAP_MAX_TOKENS and int8 not at all (no table, no default)."""
     from moemesh.runtime.gpu import moe_swap as ms
     from moemesh.runtime.gpu.fused_moe import swap_configs
     from moemesh.runtime.quant import quantize
@@ -174,4 +174,19 @@ def test_fused_moe_takes_the_swap_where_the_tables_say():
     most = 256 if torch.cuda.get_device_name() == "NVIDIA H200" else ms.SWAP_MAX_TOKENS["fp8"]
     assert swap_configs(most, fp8) is not None and swap_configs(most + 1, fp8) is None
     h200 = torch.cuda.get_device_name() == "NVIDIA H200"
-    assert (swap_configs(64, int8) is not None) == h200 and swap_configs(65, int8) is None
+    assert all((swap_configs(t, int8) is not None) == h200 for t in (64, 129, 256))
+    assert all(swap_configs(t, int8) is None for t in (65, 128, 257))
+
+
+def test_a_lost_count_stops_a_larger_counts_swap(monkeypatch):
+    """A table entry with "swap": false (swap_sweep --write, where the swap lost) keeps the swap's larger-count entry
+    from reaching down to it: steps up to that count run fused_moe's GEMM, steps above it the larger entry."""
+    from moemesh.runtime.gpu import moe_swap as ms
+
+    monkeypatch.setattr(ms, "ENABLED", True)
+    won = {"swap_gate_up": {"BLOCK_M": 8, "BLOCK_N": 64}, "swap_down": {"BLOCK_M": 8, "BLOCK_N": 128}}
+    tuned = {8: won, 64: won, 128: {"swap": False}, 256: won}
+    assert [ms.config(t, tuned, "swap_down") is not None for t in (1, 64, 65, 128, 129, 256, 257)] == [
+        True, True, False, False, True, True, False]
+    assert ms.config(200, tuned, "swap_gate_up") == won["swap_gate_up"]
+    assert ms.config(100, {64: won, 256: won}, "swap_gate_up") == won["swap_gate_up"]  # without the mark: reaches

@@ -244,11 +244,12 @@ def _mac(acc, w, x, rs, s_ptrs, k0, GROUP_K: tl.constexpr, FP8: tl.constexpr, AS
 
 def config(tokens: int, tuned: dict[int, dict] | None, kind: str, scheme: str = "fp8") -> dict | None:
     """The swap config for a step of `tokens` tokens, or None for fused_moe's GEMM. tuned: {tokens: entry} of the
-    weights' table (entries with `kind` = "swap_gate_up" / "swap_down" are the token counts where the swap won; a
-    table without them was swept and the swap lost: None)."""
+    weights' table (entries with `kind` = "swap_gate_up" / "swap_down" are the token counts where the swap won,
+    entries with "swap": false those where it lost; a step takes the nearest such count at or above it; a table
+    without either was swept and the swap lost everywhere: None)."""
     if not ENABLED:
         return None
-    table = {m: e[kind] for m, e in tuned.items() if kind in e} if tuned else {
+    table = {m: e.get(kind) for m, e in tuned.items() if kind in e or e.get("swap") is False} if tuned else {
         m: c for m, c in SWAP_DEFAULT.items() if m <= SWAP_MAX_TOKENS[scheme]}
     fits = [m for m in table if m >= tokens]
     return table[min(fits)] if fits else None
