@@ -2,6 +2,7 @@
 
     python benchmarks/mesh_decode.py [--model smollm2-moe] [--tokens 64] [--transports shm] [--pipeline on]
                                      [--spin default,0] [--threads 1,2] [--repeats 1] [--env-variant 'K=V ...']
+                                     [--up-variant 'MOEMESH UP ARGS']
 
 In process: Engine.load(model) in this process (OMP_WAIT_POLICY=PASSIVE unless set, recorded in the JSON), the
 chat-templated prompt the gateway renders, one prefill step, then `tokens` greedy decode steps (ignore_eos) at batch 1
@@ -18,7 +19,8 @@ shards that leave a core for the router, shard 0 of 2 on 2 cores; one mesh per v
 the shipped setting (auto) and 0 (--pipeline on,off adds a row without batcher pipelining). Runs are interleaved per
 repeat (engine, then each
 mesh variant) so that load from other work on the machine spreads over all rows. --env-variant adds a mesh row with
-those env settings (e.g. MOEMESH_FRONTEND_NICE=0). A second table gives each mesh process's CPU ms per streamed token
+those env settings (e.g. MOEMESH_FRONTEND_NICE=0), --up-variant one started with further `moemesh up` arguments (e.g.
+'--backend onnxruntime --expert-shards 0'). A second table gives each mesh process's CPU ms per streamed token
 (utime + stime over the streams): where the mesh's CPU goes, and a figure that other load on the machine moves less
 than wall time. Defaults take about 4 minutes on
 2 cores at --repeats 2. Writes benchmarks/results/mesh-decode-cpu.json and .md (machine, load average, command).
@@ -141,7 +143,8 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
 
 
 def start_mesh(model: str, transport: str, workdir: Path, pipeline: bool = True,
-               spin: str = "default", extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
+               spin: str = "default", extra_env: dict[str, str] | None = None,
+               up_args: list[str] | None = None) -> tuple[subprocess.Popen, dict]:
     from moemesh import home
     from tests.mesh_process import free_port, wait_status
 
@@ -152,7 +155,7 @@ def start_mesh(model: str, transport: str, workdir: Path, pipeline: bool = True,
         env["MOEMESH_EXPERT_SPIN_US"] = spin
     status, log = workdir / f"status-{transport}.json", workdir / f"up-{transport}.log"
     cmd = [sys.executable, "-m", "moemesh.cli.main", "up", "--model", model, "--no-auth", "--gateway-port",
-           str(free_port()), "--status-file", str(status)]
+           str(free_port()), "--status-file", str(status), *(up_args or [])]
     help_text = subprocess.run([*cmd[:4], "--help"], capture_output=True, text=True, env=env).stdout
     if "--dashboard-port" in help_text:
         cmd += ["--dashboard-port", "-1"]  # no scraping while timing
@@ -164,22 +167,24 @@ def start_mesh(model: str, transport: str, workdir: Path, pipeline: bool = True,
 def measure(args: argparse.Namespace) -> dict:
     """Interleaved: per repeat, the in-process engine at each thread count, then each mesh variant."""
     rows: dict[str, dict] = {}
-    variants = [(t, p, "default", "") for t in args.transports.split(",") for p in args.pipeline.split(",")]
-    variants += [(t, "on", spin, "") for t in args.transports.split(",") for spin in args.spin.split(",")
+    variants = [(t, p, "default", "", "") for t in args.transports.split(",") for p in args.pipeline.split(",")]
+    variants += [(t, "on", spin, "", "") for t in args.transports.split(",") for spin in args.spin.split(",")
                  if spin != "default"]
-    variants += [(t, "on", "default", e) for t in args.transports.split(",") for e in args.env_variant]
+    variants += [(t, "on", "default", e, "") for t in args.transports.split(",") for e in args.env_variant]
+    variants += [(t, "on", "default", "", u) for t in args.transports.split(",") for u in args.up_variant]
     for rep in range(args.repeats):
         for threads in args.threads:
             row = rows.setdefault(f"in-process, {threads} thread{'s' if threads > 1 else ''}",
                                   {"batch1": [], "batch8": [], "threads": threads})
             for batch in (1, 8):
                 row[f"batch{batch}"].append(engine_decode(args.model, batch, args.tokens, threads))
-        for transport, pipeline, spin, extra in variants:
+        for transport, pipeline, spin, extra, up in variants:
             name = f"mesh {transport}" + ("" if pipeline == "on" else ", no pipelining") + (
-                "" if spin == "default" else f", MOEMESH_EXPERT_SPIN_US={spin}") + (f", {extra}" if extra else "")
+                "" if spin == "default" else f", MOEMESH_EXPERT_SPIN_US={spin}") + (f", {extra}" if extra else "") + (
+                f", up {up}" if up else "")
             with tempfile.TemporaryDirectory(prefix="mesh-decode-") as tmp:
                 proc, status = start_mesh(args.model, transport, Path(tmp), pipeline == "on", spin,
-                                          dict(kv.split("=", 1) for kv in extra.split()))
+                                          dict(kv.split("=", 1) for kv in extra.split()), shlex.split(up))
                 try:
                     row = rows.setdefault(name, {"batch1": [], "batch8": []})
                     row["transports"] = {n: s.get("transport") for n, s in status["services"].items()
@@ -287,6 +292,9 @@ def main() -> None:
     parser.add_argument("--env-variant", action="append", default=[], metavar="'K=V [K=V...]'",
                         help="a further mesh row (pipelining on, default spin) with these env settings, e.g. "
                              "'MOEMESH_FRONTEND_NICE=10' or 'OTEL_TRACES_SAMPLER=always_off'; repeatable")
+    parser.add_argument("--up-variant", action="append", default=[], metavar="'ARGS'",
+                        help="a further mesh row (pipelining on, default spin) started with these `moemesh up` "
+                             "arguments, e.g. '--backend onnxruntime --expert-shards 0'; repeatable")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mesh-decode-cpu")
     args = parser.parse_args()
