@@ -41,7 +41,10 @@ Measured and not taken: exact bf16 products for fp8 (a prmt/lop3 bit move and a 
 weights) were 4-12% slower than fp16, Triton's own fp8 -> bf16 conversion 15-40% slower. int4 on int8 tensor cores
 (branch int4-swap-i8, 2026-11-30: codes unpacked four per AND into s8 wgmma operands, rows rounded to int8 once per
 128 columns by int4_q8.quantize_rows before each GEMM): 32 / 64 / 128 / 256 tokens 140.3 / 159.8 / 182.9 / 275.1 us
-per layer against this kernel's 122.6 / 141.8 / 157.9 / 241.4 (benchmarks/results/moe-swap-i8-h200.json).
+per layer against this kernel's 122.6 / 141.8 / 157.9 / 241.4 (benchmarks/results/moe-swap-i8-h200.json). int4
+codes as bf16 beside bf16 activations (branch int4-swap-bf16: no x conversion, 634 instructions): 0.91-0.94x at 16-64
+tokens, 1.02x at 128 (benchmarks/h200/swap_ab.py, 2026-11-30). EVEN_K (whole K steps without masks): 1.04-1.06x at
+24-64 tokens, 1.01x at 128, the same bits (moe-swap-ab-int4-evenk-h200.json).
 
 fused_moe hands a step to moe_gemm_swap when `config` finds an entry (configs/*.json kinds "swap_gate_up" and
 "swap_down", written by swap_sweep.py --write; SWAP_DEFAULT where the GPU has no table, up to SWAP_MAX_TOKENS).
