@@ -130,8 +130,11 @@ def add_arguments(p) -> None:
                    "replicated experts' tokens")
 
 
-def transport_line(flag: str | None, transports: Mapping[str, str]) -> str:
-    """The printout's line: the requested mode, then what the router chose per shard (Router.Info)."""
+def transport_line(flag: str | None, transports: Mapping[str, str], shards: int = 1) -> str:
+    """The printout's line: the requested mode, then what the router chose per shard (Router.Info); with no shard
+    processes, that the experts run in the router."""
+    if not shards:
+        return "  expert transport: none, the experts run in the router process (--expert-shards 0)"
     chosen = ", ".join(f"{n} {t}" for n, t in sorted(transports.items())) or "unknown"
     return f"  expert transport: {chosen} (--expert-transport {requested_transport(flag)})"
 

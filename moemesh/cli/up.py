@@ -164,7 +164,7 @@ def run(ns: argparse.Namespace) -> NoReturn:
         per_router = {r: data_plane.expert_transports(ready[r]["address"], shard_addrs)
                       for r, _ in up_replicas.names(getattr(ns, "routers", 1))}
         transports = per_router["router"]
-        say(data_plane.transport_line(getattr(ns, "expert_transport", None), transports))
+        say(data_plane.transport_line(getattr(ns, "expert_transport", None), transports, len(shard_addrs)))
         replicas = up_replicas.status(ready, getattr(ns, "routers", 1), per_router)
         for line in up_replicas.lines(replicas):
             say(line)

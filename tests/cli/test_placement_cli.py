@@ -132,3 +132,5 @@ def test_the_printout_names_the_requested_and_the_chosen_transports(monkeypatch)
     line = transport_line(None, {"expert-1": "shm", "expert-0": "shm"})
     assert line == "  expert transport: expert-0 shm, expert-1 shm (--expert-transport auto)"
     assert transport_line("dist", {"expert-0": "gloo"}).endswith("expert-0 gloo (--expert-transport dist)")
+    assert transport_line(None, {}, shards=0).endswith("the experts run in the router process (--expert-shards 0)")
+    assert transport_line(None, {}).endswith("unknown (--expert-transport auto)")  # shards that did not answer
