@@ -6,7 +6,7 @@ dense weights, batch 1 and batch 8, in one run.
 Runtime: one prefill step (all prompts), then `steps` greedy decode steps of Engine.step, timed alone.
 transformers: generate(max_new_tokens=steps+1) minus generate(max_new_tokens=1) (the prefill and first token), so
 both count the same decode steps. tokens/s = batch x steps / decode seconds; median of `repeats` runs,
-interleaved across the three models.
+interleaved across the models; "backend packed" is smollm2-moe on torch's int8 CPU kernels (runtime/packed.py).
 Writes benchmarks/results/decode_speed.json and prints a table.
 """
 
@@ -102,12 +102,15 @@ def main() -> int:
     dense, moe = resolve_model("smollm2"), resolve_model("smollm2-moe")
     hf = LlamaForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
     engines = {name: Engine.load(path, kv_blocks=64) for name, path in (("dense", dense), ("moe", moe))}
+    engines["moe-packed"] = Engine.load(moe, kv_blocks=64, backend="packed")  # int8 weights, bf16 activations
     rows = []
     for batch in ns.batches:
         batch_prompts = prompts(dense, batch, ns.prompt_len)
         runs = {"smollm2 (runtime)": lambda: runtime_decode(engines["dense"], batch_prompts, ns.steps),
                 "smollm2-moe (runtime, 8 of 8 experts)":
                     lambda: runtime_decode(engines["moe"], batch_prompts, ns.steps),
+                "smollm2-moe (runtime, backend packed: int8)":
+                    lambda: runtime_decode(engines["moe-packed"], batch_prompts, ns.steps),
                 "smollm2 (transformers generate)": lambda: hf_decode(hf, batch_prompts, ns.steps)}
         for name, seconds in measure(runs, ns.repeats).items():
             rows.append({"model": name, "batch": batch, "decode_steps": ns.steps, "seconds": round(seconds, 3),

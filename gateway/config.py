@@ -30,7 +30,7 @@ class GatewayConfig(ServiceConfig):
     request_timeout: float = setting(300.0, "seconds a request may take end to end (also the batcher deadline)")
     max_n: int = setting(8, "most choices (n) one request may ask for; each is its own sequence")
     backend: str = setting("torch", "runtime the router runs the model on (reported by /v1/models)",
-                           env="MOEMESH_BACKEND", choices=("torch", "onnxruntime"))
+                           env="MOEMESH_BACKEND", choices=("torch", "onnxruntime", "packed"))
 
     @property
     def batcher_addrs(self) -> tuple[str, ...]:

@@ -22,8 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ppl.add_argument("--quantization", default="none", choices=["none", "fp8", "int8", "int4"],
                      help="weight-only quantization of the experts (a dense model: its FFN)")
-    ppl.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
-                     help="onnxruntime: int4/int8 MatMulNBits (the checkpoint's, else int8 round-to-nearest)")
+    ppl.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "packed"],
+                     help="onnxruntime: int4/int8 MatMulNBits (the checkpoint's, else int8 round-to-nearest); "
+                     "packed: torch's int8/int4 CPU kernels (the checkpoint's int4 codes, else int8)")
     ppl.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                      help="fp8: score K/V rounded as an e4m3 KV cache holds them")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")

@@ -70,9 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="dummy: random weights from the model's config.json (benchmarks without a checkpoint)")
     p.add_argument("--quantization", default="none", choices=("none", "fp8", "int8", "int4"),
                    help="weight-only quantization of the experts (router and shards; MOEMESH_QUANTIZATION)")
-    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
-                   help="onnxruntime: int4/int8 weight-only matmuls on CPU for the router's dense layers and the "
-                   "expert shards (an int4 checkpoint from `moemesh quantize`, else int8; MOEMESH_BACKEND)")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "packed"),
+                   help="CPU weight-only int4/int8 matmuls for the router's dense layers and the expert shards (an "
+                   "int4 checkpoint from `moemesh quantize`, else int8): packed (torch's kernels, bf16 activations) "
+                   "or onnxruntime (MatMulNBits, int8 activations); MOEMESH_BACKEND")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
                    help="fp8: the router's KV cache in e4m3, twice the tokens per byte (MOEMESH_KV_CACHE_DTYPE)")
     data_plane.add_arguments(p)  # --expert-transport, --placement

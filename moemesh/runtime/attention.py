@@ -47,6 +47,7 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q, k, v, o
         self.q_norm, self.k_norm = q_norm, k_norm
         self.fast = False  # CUDA: one q/k/v GEMM, q/k norm + rope in one Triton kernel (set_fast)
+        self.fused_qkv: nn.Module | None = None  # backend packed: x -> [T, (Hq + 2 Hkv) D] in one call
 
     def set_fast(self, on: bool) -> None:
         """Fuse q/k/v into one weight [(Hq + 2 Hkv) D, H] (the three Linears become views of it, no copy kept)."""
@@ -83,7 +84,11 @@ class Attention(nn.Module):
         t = x.shape[0]
         if self.fast:
             return self._forward_fast(x, rope, ctx, pools)
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, Hq*D], [T, Hkv*D], [T, Hkv*D]
+        if self.fused_qkv is not None:
+            kv_size = s.num_kv_heads * s.head_dim
+            q, k, v = self.fused_qkv(x).split([s.num_heads * s.head_dim, kv_size, kv_size], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, Hq*D], [T, Hkv*D], [T, Hkv*D]
         if s.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if s.clip_qkv is not None:

@@ -103,6 +103,7 @@ class Backbone(nn.Module):
         self.lm_head = self.embed if lm_head is None else nn.Parameter(lm_head, requires_grad=False)  # [V, H]
         self.rotary = Rotary(spec.rope, device)
         self.fast = False  # CUDA: fused residual-add + RMSNorm and the fused attention/routing kernels (set_fast)
+        self.packed_head = None  # backend packed: the LM head on torch's packed int8 kernel (packed_layers.py)
 
     def set_fast(self, on: bool) -> None:
         """Switch every module to the Triton kernels of gpu/fused_ops.py (CUDA) or back to the torch reference."""
@@ -144,6 +145,8 @@ class Backbone(nn.Module):
         """h [N, H] -> float32 logits [N, V]. On CUDA with bf16/fp16 weights cuBLAS writes float32 itself (no
         [N, V] half-precision copy and conversion kernel: at 128 rows of Qwen3's 151,936-token vocabulary, 117 MB of
         traffic less per step); elsewhere the half-precision product is converted."""
+        if self.packed_head is not None:
+            return self.packed_head(h).float()
         if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and self.lm_head.dtype == h.dtype:
             return torch.mm(h, self.lm_head.t(), out_dtype=torch.float32)
         return F.linear(h, self.lm_head).float()

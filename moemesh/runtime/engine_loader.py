@@ -16,6 +16,7 @@ from moemesh.runtime.dummy import open_checkpoint
 from moemesh.runtime.experts import ExpertBank
 from moemesh.runtime.gpu import decode_plan, kernels_usable
 from moemesh.runtime.kv_cache import FP8, KVCache, cache_dtype
+from moemesh.runtime.packed_layers import pack_backbone
 from moemesh.runtime.ort import check_backend
 from moemesh.runtime.quant import check_quantization, quantize_dense_ffn
 from moemesh.runtime.spec import ModelSpec, load_spec
@@ -43,7 +44,7 @@ def load_engine(cls, model_dir: str | Path, *, dispatch: ExpertDispatch | None, 
                 quantization: str, backend: str, prefix_cache: bool, kv_cache_dtype: str = "auto"):
     """An instance of `cls` (the Engine class); the arguments are Engine.load's, documented there."""
     check_quantization(quantization)
-    check_backend(backend, dtype, quantization)
+    check_backend(backend, dtype, quantization, device)
     local = resolve_model_dir(model_dir)
     device, dtype = torch.device(device), as_dtype(dtype)
     spec = load_spec(local)
@@ -71,9 +72,16 @@ def load_engine(cls, model_dir: str | Path, *, dispatch: ExpertDispatch | None, 
     name = model_name or (local.name if Path(model_dir).expanduser().is_dir() else str(model_dir))
     engine = cls(spec, backbone, dispatch, cache, blocks, max_context=max_context, model_name=name, device=device,
                  decode=decode, cuda_graphs=note,
-                 quantization=quantization if quantization != "none" else describe_checkpoint(local))
+                 quantization=_reported(local, quantization, backend))
     engine.model_dir, engine.backend = local, backend
     return engine
+
+
+def _reported(local: Path, quantization: str, backend: str) -> str:
+    """What Router.Info says of the weights: the scheme asked for, else the checkpoint's; backend packed runs
+    float weights as int8 (packed_layers.py)."""
+    described = quantization if quantization != "none" else describe_checkpoint(local)
+    return "int8" if backend == "packed" and described == "none" else described
 
 
 def _kv_dtype(kv_cache_dtype: str, dtype: torch.dtype, spec: ModelSpec, backend: str) -> torch.dtype:
@@ -96,6 +104,8 @@ def _backbone(local: Path, spec: ModelSpec, device: torch.device, dtype: torch.d
     if spec.moe is None:
         quantize_dense_ffn(backbone, quantization)
     backbone.set_fast(not kernels_usable(device, dtype))  # the Triton kernels of gpu/fused_ops.py on CUDA
+    if backend == "packed":
+        pack_backbone(backbone)
     if backend == "onnxruntime":
         from moemesh.runtime.ort.backbone import OrtBackbone, default_weights
 
@@ -113,7 +123,7 @@ def _local_dispatch(local: Path, spec: ModelSpec, device: torch.device, dtype: t
     if not spec.moe:
         return DenseModel()
     return LocalDispatch(ExpertBank.load(local, device=device, dtype=dtype, spec=spec, load_format=load_format,
-                                         quantization=quantization))
+                                         quantization=quantization, packed=backend == "packed"))
 
 
 def default_kv_blocks(spec: ModelSpec, shapes, dtype: torch.dtype, context: int, block_size: int,

@@ -19,6 +19,8 @@ from moemesh.runtime.checkpoint import Checkpoint, resolve_model_dir
 from moemesh.runtime.dummy import open_checkpoint
 from moemesh.runtime.gpu import kernels_usable
 from moemesh.runtime.layers import ACTIVATIONS
+from moemesh.runtime.packed import matmul
+from moemesh.runtime.packed_layers import PackedExperts
 from moemesh.runtime.quant import (QuantTensor, check_quantization, concat_rows, from_block_fp8, int4_from_qweight,
                                    quantize, stack)
 from moemesh.runtime.spec import ModelSpec, load_spec
@@ -133,6 +135,7 @@ class ExpertBank:
         # column[id + 1]: 1 + the row of global expert id, 0 for an expert hosted elsewhere or the unused id -1. [E + 1]
         self._column = torch.cat((torch.zeros(1, dtype=torch.int64), local + 1)).to(self.device)
         self._concat: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # see _all_selected
+        self.packed: PackedExperts | None = None  # backend packed (load): the layers on torch's packed kernels
         # '' when forward runs the fused Triton kernels (CUDA, bf16/fp16, SiLU), else why it keeps the torch path.
         self.fused_off = kernels_usable(self.device, self.dtype) or (
             "" if spec.hidden_act == "silu" else f"activation {spec.hidden_act} (the fused kernel is SiLU)") or (
@@ -142,10 +145,10 @@ class ExpertBank:
     def load(cls, model_dir: str | Path, experts: tuple[int, ...] | list[int] | None = None,
              layers: list[int] | tuple[int, ...] | None = None, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32, spec: ModelSpec | None = None,
-             load_format: str = "auto", quantization: str = "none") -> ExpertBank:
+             load_format: str = "auto", quantization: str = "none", packed: bool = False) -> ExpertBank:
         """experts: global ids to host (None: all); layers: MoE layers to host (None: every MoE layer);
         load_format "dummy": random weights from config.json alone (see dummy.py); quantization: none, fp8, int8,
-        int4 (weight-only, see quant.py)."""
+        int4 (weight-only, see quant.py); packed: the CPU's packed int8 / int4 kernels (packed_layers.py)."""
         check_quantization(quantization)
         model_dir = resolve_model_dir(model_dir)
         spec = spec or load_spec(model_dir)
@@ -164,6 +167,11 @@ class ExpertBank:
                 gate_up[layer], down[layer] = _read_layer(ckpt, prefix, experts, device, dtype, quantization)
             bank = cls(spec, experts, gate_up, down, dtype)
             bank.read_names = tuple(ckpt.reads)
+            if packed:
+                if bank.device.type != "cpu":
+                    raise ValueError(f"backend packed runs torch's int8 / int4 CPU kernels, not on {device}")
+                names = {layer: moe_prefix(ckpt, layer) for layer in layers}
+                bank.packed = PackedExperts(bank, dict(getattr(ckpt, "quantized", {})), names)
         return bank
 
     def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
@@ -207,8 +215,12 @@ class ExpertBank:
         counts = torch.bincount(local[order], minlength=len(self.experts))  # [E_local]
         tokens = order // k  # [P] token of each pair
         x = hidden[tokens].to(self.dtype)  # [P, H] one gather for all experts
-        run = self._grouped if self._use_grouped_mm() else self._per_expert
-        y = run(*self._dense(layer), x, counts)  # [P, H]
+        if self.packed is not None:
+            y = self._per_expert(self.packed.each(layer), x, counts)  # [P, H]
+        elif self._use_grouped_mm():
+            y = self._grouped(*self._dense(layer), x, counts)
+        else:
+            y = self._per_expert(list(zip(*self._dense(layer))), x, counts)
         weights = topk_weights.reshape(-1)[order].float()  # [P]
         result.index_add_(0, tokens, y.float() * weights[:, None])
 
@@ -218,7 +230,7 @@ class ExpertBank:
         side are one FFN of E_local * I neurons, so two GEMMs replace E_local pairs, no gather or scatter; each
         neuron is scaled by its expert's routing weight. column [T, K] 1 + local row (0: elsewhere or unused).
         Returns [T, H]: `out` when it has the compute dtype (the down GEMM writes it), else float32."""
-        concat = self._concat.get(layer)
+        concat = self.packed.dense(layer) if self.packed is not None else self._concat.get(layer)
         if concat is None:  # cached only unquantized: it duplicates the layer's expert weights
             gate_up, down = self._dense(layer)
             e, two_i, h = gate_up.shape
@@ -231,12 +243,12 @@ class ExpertBank:
         weights = torch.zeros(t, experts + 1, dtype=torch.float32, device=self.device)  # [T, 1 + E_local]
         weights.scatter_add_(1, column, topk_weights.float())  # column 0 collects the slots hosted elsewhere
         x = hidden.to(self.dtype)  # [T, H]
-        gate, up = (x @ gate_up_w.T).chunk(2, dim=1)  # [T, E*I] each
+        gate, up = matmul(x, gate_up_w).chunk(2, dim=1)  # [T, E*I] each
         act = self.act(gate).mul_(up)
         act.view(t, experts, -1).mul_(weights[:, 1:, None].to(self.dtype))
         if out is not None and out.dtype == self.dtype and out.device == self.device:
-            return torch.matmul(act, down_w.T, out=out)
-        return (act @ down_w.T).float()  # [T, H]
+            return torch.matmul(act, down_w.T, out=out) if self.packed is None else out.copy_(matmul(act, down_w))
+        return matmul(act, down_w).float()  # [T, H]
 
     def _dense(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [E, 2I, H], down [E, H, I]) in the compute dtype; quantized layers dequantized on the fly."""
@@ -256,16 +268,16 @@ class ExpertBank:
     def _use_grouped_mm(self) -> bool:
         return self.device.type == "cuda" and self.dtype == torch.bfloat16 and GROUPED_MM is not None
 
-    def _per_expert(self, w_gate_up: torch.Tensor, w_down: torch.Tensor, x: torch.Tensor,
-                    counts: torch.Tensor) -> torch.Tensor:
-        """One matmul pair per hosted expert that has tokens (x rows grouped by expert, counts [E_local])."""
+    def _per_expert(self, pairs: list, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One matmul pair per hosted expert that has tokens (x rows grouped by expert, counts [E_local]); pairs:
+        per hosted expert (gate_up [2I, H], down [H, I]), tensors or packed weights."""
         y = torch.empty_like(x)
         start = 0
-        for e, n in enumerate(counts.tolist()):
+        for (w_gate_up, w_down), n in zip(pairs, counts.tolist()):
             if n:
                 rows = slice(start, start + n)
-                gate, up = (x[rows] @ w_gate_up[e].T).chunk(2, dim=-1)  # [n, I] each
-                y[rows] = (self.act(gate) * up) @ w_down[e].T  # [n, H]
+                gate, up = matmul(x[rows], w_gate_up).chunk(2, dim=-1)  # [n, I] each
+                y[rows] = matmul(self.act(gate) * up, w_down)  # [n, H]
                 start += n
         return y
 

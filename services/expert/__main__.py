@@ -47,7 +47,8 @@ def build_servicer(config: ExpertConfig) -> ExpertServicer:
                                   load_format=config.load_format)
     else:
         bank = ExpertBank.load(model_dir, experts=experts, device=device, dtype=dtype, spec=spec,
-                               load_format=config.load_format, quantization=config.quantization)
+                               load_format=config.load_format, quantization=config.quantization,
+                               packed=config.backend == "packed")
     shard = ExpertShard(bank, hidden_size=spec.hidden_size, num_experts=spec.num_experts, dtype=dtype, device=device)
     identity = ShardIdentity(model=config.model, shard_index=config.shard_index, num_shards=config.num_shards,
                              backend=config.backend, dtype=config.dtype, device=str(device))

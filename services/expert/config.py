@@ -15,7 +15,7 @@ from moemesh.serving.config import ConfigError, ServiceConfig, setting
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "fp8", "int8", "int4")  # = moemesh.runtime.quant.QUANTIZATIONS (configs import no torch)
-BACKENDS = ("torch", "onnxruntime")  # = moemesh.runtime.ort.BACKENDS
+BACKENDS = ("torch", "onnxruntime", "packed")  # = moemesh.runtime.ort.BACKENDS
 
 
 def parse_expert_list(items: tuple[str, ...], source: str) -> tuple[int, ...]:
@@ -51,7 +51,7 @@ class ExpertConfig(ServiceConfig):
                              "shard_index of each layer (overrides experts)")
     device: str = setting("cpu", "torch device of the experts (cpu, cuda, cuda:1)")
     dtype: str = setting("float32", "compute dtype of the experts", choices=DTYPES)
-    backend: str = setting("torch", "expert backend: torch, or onnxruntime (int4/int8 MatMulNBits: the checkpoint's weights, else int8 round-to-nearest; float32 only)", env="MOEMESH_BACKEND", choices=BACKENDS)
+    backend: str = setting("torch", "expert backend: torch, onnxruntime (int4/int8 MatMulNBits: the checkpoint's weights, else int8 round-to-nearest; float32 only) or packed (torch's int8/int4 CPU kernels: the checkpoint's int4 codes, else int8)", env="MOEMESH_BACKEND", choices=BACKENDS)
     compute_threads: int = setting(0, "torch intra-op threads (0: torch's default)")
     load_format: str = setting("auto", "weights: auto (the checkpoint's) or dummy (random from config.json, seeded per "
                                "tensor name, as the router's)", choices=("auto", "dummy"))
@@ -86,6 +86,9 @@ class ExpertConfig(ServiceConfig):
         if self.spin_us < -1:
             raise ConfigError(f"{self.source('spin_us')}: {self.spin_us!r} must be >= 0, or -1 (auto)")
         self.expert_list()
+        if self.backend == "packed" and (self.device.split(":")[0] != "cpu" or self.quantization == "fp8"):
+            raise ConfigError(f"{self.source('backend')}: packed runs torch's int8/int4 CPU kernels: it needs device "
+                              f"cpu and quantization none, int8 or int4 (got {self.device!r}, {self.quantization!r})")
         if self.backend == "onnxruntime" and (self.dtype != "float32" or self.quantization != "none"):
             raise ConfigError(f"{self.source('backend')}: onnxruntime needs dtype float32 and quantization none "
                               f"(got {self.dtype!r}, {self.quantization!r})")

@@ -46,8 +46,9 @@ class RouterConfig(ServiceConfig):
                                 "model's FFN): none, fp8 (e4m3) or int8, per-channel scales, or int4 (a scale "
                                 "per 128 columns)",
                                 env="MOEMESH_QUANTIZATION", choices=QUANTIZATIONS)
-    backend: str = setting("torch", "dense layers (and in-process experts): torch, or onnxruntime (int4/int8 "
-                           "MatMulNBits; float32 only)", env="MOEMESH_BACKEND", choices=("torch", "onnxruntime"))
+    backend: str = setting("torch", "dense layers (and in-process experts): torch, onnxruntime (int4/int8 "
+                           "MatMulNBits; float32 only) or packed (torch's int8/int4 CPU kernels)",
+                           env="MOEMESH_BACKEND", choices=("torch", "onnxruntime", "packed"))
     kv_cache_dtype: str = setting("auto", "what the paged KV cache stores: auto (the model's dtype) or fp8 (e4m3, "
                                   "twice the tokens per byte; grouped-query attention models)",
                                   env="MOEMESH_KV_CACHE_DTYPE", choices=("auto", "fp8"))
