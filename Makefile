@@ -48,7 +48,7 @@ test: install
 	$(BIN)/python -m pytest -q --durations=25
 
 run: install
-	$(BIN)/moemesh up
+	$(BIN)/moemesh up --backend packed
 
 # Development CA and TLS certificates under MOEMESH_HOME/certs (the edge's; `moemesh certs --help` for mTLS peers).
 certs: install

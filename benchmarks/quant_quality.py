@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--out", default="quant-quality")
-    p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated: torch, onnxruntime")
+    p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated: torch, onnxruntime, packed "
+                   "(packed also scores the float model itself: its int8 weights and bf16 activations)")
     p.add_argument("--base-from", default="", help="take the float32 row from benchmarks/results/<NAME>.json (same "
                    "model, texts, --max-tokens and --window; perplexity is deterministic) instead of recomputing it")
     p.add_argument("--engine-quant", default="", help="comma-separated Engine.load weight-only schemes (fp8, int8) "
@@ -51,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
                 for name, path in texts.items()}
 
     base = reused_base(ns) if ns.base_from else ppl(ns.model, "torch")
+    packed = "packed" in ns.backends
     rows = [{"checkpoint": f"{ns.model} float32" + (f" (from {ns.base_from})" if ns.base_from else ""),
-             "method": "-", "bits": 32, "group_size": "-", "torch": base, "onnxruntime": None}]
+             "method": "-", "bits": 32, "group_size": "-", "torch": base, "onnxruntime": None,
+             "packed": ppl(ns.model, "packed") if packed else None}]
     print(rows[0], flush=True)
     for item in ns.checkpoints:
         label, _, path = item.partition("=")
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                      "int8_modules": config.get("int8_modules"), "calib": config.get("calib"),
                      "group_sizes": config.get("group_sizes"),  # where --group-size did not divide K
                      "torch": ppl(path, "torch"),
-                     "onnxruntime": ppl(path, "onnxruntime") if "onnxruntime" in ns.backends else None})
+                     "onnxruntime": ppl(path, "onnxruntime") if "onnxruntime" in ns.backends else None,
+                     "packed": ppl(path, "packed") if packed else None})
         print(rows[-1], flush=True)
     for scheme in filter(None, ns.engine_quant.split(",")):  # Engine.load(quantization=...): no checkpoint
         with w8a8_emulation(scheme == "fp8-w8a8"):
@@ -128,10 +132,13 @@ def render(rows: list[dict], base: dict[str, float], texts: list[str]) -> str:
     def cell(value: float | None, text: str) -> str:
         return "-" if value is None else f"{value} ({100 * (value / base[text] - 1):+.2f}%)"
 
-    head = "".join(f" {t} torch | {t} ORT |" for t in texts)
-    lines = [f"| checkpoint | method | bits | group |{head}", "|---|---|---|---|" + "---|---|" * len(texts)]
+    packed = any(r.get("packed") for r in rows)
+    head = "".join(f" {t} torch | {t} ORT |" + (f" {t} packed |" if packed else "") for t in texts)
+    lines = [f"| checkpoint | method | bits | group |{head}",
+             "|---|---|---|---|" + ("---|---|---|" if packed else "---|---|") * len(texts)]
     for r in rows:
-        cells = "".join(f" {cell(r['torch'][t], t)} | {cell((r['onnxruntime'] or {}).get(t), t)} |" for t in texts)
+        cells = "".join(f" {cell(r['torch'][t], t)} | {cell((r['onnxruntime'] or {}).get(t), t)} |" +
+                        (f" {cell((r.get('packed') or {}).get(t), t)} |" if packed else "") for t in texts)
         lines.append(f"| {r['checkpoint']} | {r['method']} | {r['bits']} | {r['group_size']} |{cells}")
     return "\n".join(lines)
 
