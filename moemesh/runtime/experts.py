@@ -172,6 +172,7 @@ class ExpertBank:
                     raise ValueError(f"backend packed runs torch's int8 / int4 CPU kernels, not on {device}")
                 names = {layer: moe_prefix(ckpt, layer) for layer in layers}
                 bank.packed = PackedExperts(bank, dict(getattr(ckpt, "quantized", {})), names)
+                bank.weight_bytes = bank.packed.nbytes
         return bank
 
     def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
@@ -197,7 +198,9 @@ class ExpertBank:
         # decode step's expert call, so the dense path below is kept to a handful of ops.
         column = self._column[topk_ids.to(self.device, torch.int64) + 1]  # [T, K]
         selected = int(column.count_nonzero())
-        if selected == hidden.shape[0] * len(self.experts):  # every token selected every hosted expert
+        every = selected == hidden.shape[0] * len(self.experts)  # every token selected every hosted expert
+        # packed: only one form exists; the dense one also serves a token that selected fewer (weight 0 for the rest)
+        if every if self.packed is None else self.packed.all_selected:
             y = self._all_selected(layer, hidden, column, topk_weights, out)
             return y if y is out else _into(y, out, caller_device, caller_dtype)
         result = torch.zeros(hidden.shape, dtype=torch.float32, device=self.device)  # accumulate in float32

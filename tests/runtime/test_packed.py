@@ -128,3 +128,14 @@ def test_bad_settings_name_the_field(tiny) -> None:
 
     with pytest.raises(ConfigError, match="backend.*needs device cpu"):
         ExpertConfig(model=str(src), backend="packed", device="cuda").validate()
+
+
+def test_the_dense_form_serves_tokens_that_select_fewer_and_the_float_stacks_are_freed(tiny) -> None:
+    src, _ = tiny["dense"]
+    ref, packed = ExpertBank.load(src), ExpertBank.load(src, packed=True)
+    assert packed.gate_up[0] is None and packed.weight_bytes < ref.weight_bytes / 3  # int8 against float32
+    hidden = torch.randn(3, ref.spec.hidden_size)
+    ids = torch.tensor([[0, 1, 2, 3], [3, -1, 1, -1], [2, 0, -1, -1]])  # unused slots: fewer than all selected
+    weights = torch.rand(3, 4)
+    a, b = ref.forward(1, hidden, ids, weights), packed.forward(1, hidden, ids, weights)
+    assert rel(b, a) < 0.02, rel(b, a)
