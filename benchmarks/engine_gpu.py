@@ -192,7 +192,10 @@ def load(args, model_dir: Path, quantization: str):
 def row(engine, args, who: str, label: str, batch: int, steps: int) -> dict:
     spec = engine.spec
     ms = time_decode(engine, batch, args.prompt, steps, args.warmup)
-    pipelined = who == "moemesh" and engine.decode is not None
+    from moemesh.runtime.gpu.decode_graphs import BUCKETS
+
+    # launched ahead: only steps the decode runner takes (its buckets); a larger batch runs Engine.step alone
+    pipelined = who == "moemesh" and engine.decode is not None and batch <= BUCKETS[-1]
     ahead = time_decode_ahead(engine, batch, args.prompt, steps, args.warmup) if pipelined else None
     context = args.prompt + args.warmup + steps / 2
     out = {"model": f"{args.model_label} (random weights)", "layers": spec.num_layers, "who": who,

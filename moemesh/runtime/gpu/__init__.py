@@ -48,4 +48,6 @@ def decode_plan(spec, device: torch.device, dtype: torch.dtype, dispatch, cuda_g
         return True, False, f"off: dispatch {type(dispatch).__name__} cannot be captured (decode runs eagerly)"
     if not cuda_graphs:
         return True, False, "off: disabled by the caller (decode runs eagerly with paged attention)"
-    return True, True, "on: decode steps of 1-128 sequences, buckets 1,2,4,8,16,32,64,128"
+    from moemesh.runtime.gpu.decode_graphs import BUCKETS
+
+    return True, True, f"on: decode steps of 1-{BUCKETS[-1]} sequences, buckets {','.join(map(str, BUCKETS))}"

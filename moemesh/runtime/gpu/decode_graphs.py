@@ -30,7 +30,10 @@ from moemesh.runtime.gpu import pdl
 from moemesh.runtime.gpu.paged_attention import paged_decode_attention
 from moemesh.runtime.kv_cache import store
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# 256: an H200 step of 256 decode rows (Qwen3-30B-A3B shape, 48 layers) took 34.5 ms eagerly in every expert dtype
+# (host-bound) and 22.2 / 18.6 / 16.0 ms as a replay in bf16 / int8 / int4 (benchmarks/engine_gpu.py --batches
+# 128,256; benchmarks/results/engine-h200-bucket256.md).
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass
