@@ -20,7 +20,7 @@ the shipped setting (auto) and 0 (--pipeline on,off adds a row without batcher p
 repeat (engine, then each
 mesh variant) so that load from other work on the machine spreads over all rows. --env-variant adds a mesh row with
 those env settings (e.g. MOEMESH_FRONTEND_NICE=0), --up-variant one started with further `moemesh up` arguments (e.g.
-'--backend onnxruntime --expert-shards 0'). A second table gives each mesh process's CPU ms per streamed token
+'--backend onnxruntime --expert-shards 0'; leading K=V words are its environment: 'MOEMESH_EXPERT_SPIN_US=0 --backend packed'). A second table gives each mesh process's CPU ms per streamed token
 (utime + stime over the streams): where the mesh's CPU goes, and a figure that other load on the machine moves less
 than wall time. Defaults take about 4 minutes on
 2 cores at --repeats 2. Writes benchmarks/results/mesh-decode-cpu.json and .md (machine, load average, command).
@@ -33,6 +33,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -182,9 +183,11 @@ def measure(args: argparse.Namespace) -> dict:
             name = f"mesh {transport}" + ("" if pipeline == "on" else ", no pipelining") + (
                 "" if spin == "default" else f", MOEMESH_EXPERT_SPIN_US={spin}") + (f", {extra}" if extra else "") + (
                 f", up {up}" if up else "")
+            up_env = [w for w in shlex.split(up) if re.fullmatch(r"[A-Z_]+=.*", w)]  # leading K=V: its env
             with tempfile.TemporaryDirectory(prefix="mesh-decode-") as tmp:
                 proc, status = start_mesh(args.model, transport, Path(tmp), pipeline == "on", spin,
-                                          dict(kv.split("=", 1) for kv in extra.split()), shlex.split(up))
+                                          dict(kv.split("=", 1) for kv in [*extra.split(), *up_env]),
+                                          [w for w in shlex.split(up) if w not in up_env])
                 try:
                     row = rows.setdefault(name, {"batch1": [], "batch8": []})
                     row["transports"] = {n: s.get("transport") for n, s in status["services"].items()
