@@ -34,6 +34,13 @@ from moemesh.runtime.kv_cache import store
 # (host-bound) and 22.2 / 18.6 / 16.0 ms as a replay in bf16 / int8 / int4 (benchmarks/engine_gpu.py --batches
 # 128,256; benchmarks/results/engine-h200-bucket256.md).
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# A prefill row reads its sequence's whole context through the block table, where the prefill kernel reads it once
+# per tile of queries: past this many (rows x context) token reads in a step's prefill chunks, the prefill path is
+# the faster one. H200, 48 layers, a prompt's tail after a cached prefix (benchmarks/h200/cached_tail.py,
+# benchmarks/results/cached-tail-h200.md), graphs / prefill path ms: 250 rows after 4,000 tokens (1.06M reads) 26.7 /
+# 45.5, 128 after 12,000 (1.55M) 35.1 / 54.2, 250 after 12,000 (3.06M) 58.8 / 49.0. Decode rows (one token of a
+# sequence) always take the graphs: the other path gathers their whole context.
+MAX_PREFILL_READS = 2_000_000
 
 
 @dataclass
@@ -63,6 +70,15 @@ class DecodeContext:
         return paged_decode_attention(q, pools[0], pools[1], self.block_tables, self.seq_lens, scale, self.kv_block)
 
 
+def fits(works: list) -> bool:
+    """True for a step whose tokens (decode tokens and prefill chunks together) fit the largest bucket, with its
+    prefill chunks' context reads within MAX_PREFILL_READS."""
+    if not all(w.token_ids for w in works) or sum(len(w.token_ids) for w in works) > BUCKETS[-1]:
+        return False
+    reads = sum(len(w.token_ids) * (w.position + len(w.token_ids)) for w in works if len(w.token_ids) > 1)
+    return reads <= MAX_PREFILL_READS
+
+
 def bucket_for(n: int) -> int | None:
     return next((b for b in BUCKETS if b >= n), None)
 
@@ -87,8 +103,7 @@ class DecodeRunner:
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
 
     def takes(self, works: list) -> bool:
-        """True for a step whose tokens (decode tokens and prefill chunks together) fit the largest bucket."""
-        return all(w.token_ids for w in works) and sum(len(w.token_ids) for w in works) <= BUCKETS[-1]
+        return fits(works)
 
     @staticmethod
     def rows_for(n: int) -> int:
