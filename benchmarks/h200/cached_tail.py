@@ -62,7 +62,8 @@ def main() -> int:
 
     for tail in (int(t) for t in args.tails.split(",")):
         graph, eager = tail_ms(tail, True), tail_ms(tail, False)
-        rows.append({"prefix": args.prefix, "tail": tail, "graphs_ms": round(graph, 2), "prefill_path_ms": round(eager, 2)})
+        rows.append({"prefix": args.prefix, "tail": tail, "graphs_ms": round(graph, 2),
+                     "prefill_path_ms": round(eager, 2)})
         print(rows[-1], flush=True)
     table = "| cached prefix | tail tokens | decode graphs ms | prefill path ms |\n|---|---|---|---|\n" + "".join(
         f"| {r['prefix']} | {r['tail']} | {r['graphs_ms']} | {r['prefill_path_ms']} |\n" for r in rows)

@@ -13,8 +13,8 @@ Runtime's fast MatMulNBits path does (its accuracy level 4): that rounding flips
 on this model (first token "The" -1.88 vs "L" -1.97 in float32), bf16 keeps it (packed int8: "The" -1.38, "L" -2.01).
 ORT's float-activation levels (0-3) were 6x slower than level 4 on this CPU.
 
-Shapes the kernels take (else `pack` returns None and the caller keeps its float weight): int8 K % 16 == 0 (torch 2.13's int8
-kernel crashes on K = 8, 24, 40), int4 N % 16 == 0 and a group of 32..256 columns dividing K.
+Shapes the kernels take (else `pack` returns None and the caller keeps its float weight): int8 K % 16 == 0 (torch
+2.13's int8 kernel crashes on K = 8, 24, 40), int4 N % 16 == 0 and a group of 32..256 columns dividing K.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The packed backend's layers (`--backend packed`, the CPU): every projection, the LM head and the routed experts
 on torch's packed int8 / int4 kernels (packed.py).
 
-    Backbone: q/k/v (fused: one call), o, dense FFN and shared-expert projections -> PackedLinear (int8 per row, from the float
-              weights; a dense QuantLinear's weights as they dequantize); the LM head (tied embeddings too) -> int8
-              (the embedding lookup keeps the float table). Router gates stay float (tiny, and they pick experts).
+    Backbone: q/k/v (fused: one call), o, dense FFN and shared-expert projections -> PackedLinear (int8 per row,
+              from the float weights; a dense QuantLinear's as they dequantize); the LM head (tied embeddings
+              too) -> int8 (the embedding lookup keeps the float table). Router gates stay float (tiny, and they
+              pick experts).
     Experts:  a checkpoint's int4 codes are kept as they are (its other integer weights, and float, int8 or fp8
               stacks, become int8 per row; `--quantization int4` rounds float experts to int4 first). Two forms:
               dense [2 E I, H] (gates, then ups) and [H, E I]: a step where every token selects every hosted expert

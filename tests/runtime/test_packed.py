@@ -108,7 +108,8 @@ def test_the_packed_engine_tracks_the_torch_engine(tiny) -> None:
     for path in (src, qdir):
         ref, packed = Engine.load(path, kv_blocks=8), Engine.load(path, kv_blocks=8, backend="packed")
         attn = packed.backbone.layers[1].attn
-        assert isinstance(attn.fused_qkv, PackedLinear) and attn.q_proj is None and isinstance(attn.o_proj, PackedLinear)
+        assert isinstance(attn.fused_qkv, PackedLinear) and attn.q_proj is None
+        assert isinstance(attn.o_proj, PackedLinear)
         assert packed.backbone.packed_head is not None
         a, b = ref.forward_logits([ids])[0], packed.forward_logits([ids])[0]
         assert rel(b, a) < 0.03, rel(b, a)
