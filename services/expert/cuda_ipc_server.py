@@ -36,7 +36,7 @@ from services.expert import metrics
 
 log = logging.getLogger("services.expert.cuda_ipc")
 STEP = 0  # the message's layer field: a whole-step announcement
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # = moemesh.runtime.gpu.decode_graphs.BUCKETS (the router's decode rows)
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # = moemesh.runtime.gpu.decode_graphs.BUCKETS (the router's decode rows)
 # Eager sizes warmed before a link serves: each tuned-config range of fused_moe, and sizes not divisible by 16
 # (Triton specializes integer arguments on divisibility by 16).
 WARM_TOKENS = (3, 5, 17, 33, 65, 129, 256, 257, 1024, 1025, 4096, 4097)

@@ -9,9 +9,9 @@ from moemesh.runtime.types import SequenceWork
 
 
 def test_decode_rows_fit_up_to_the_largest_bucket_whatever_their_context() -> None:
-    assert BUCKETS[-1] == 256
-    assert fits([SequenceWork(f"s{i}", [5], 30_000) for i in range(256)])
-    assert not fits([SequenceWork(f"s{i}", [5], 10) for i in range(257)])
+    assert BUCKETS[-1] == 512
+    assert fits([SequenceWork(f"s{i}", [5], 30_000) for i in range(512)])
+    assert not fits([SequenceWork(f"s{i}", [5], 10) for i in range(513)])
     assert not fits([SequenceWork("a", [], 10)])  # a work without tokens is not a decode row
 
 

@@ -129,7 +129,7 @@ def _decode_logits(engine, prompts, steps):
 
 
 @cuda
-@pytest.mark.parametrize("batch", [1, 5, 7])  # 5, 7: padded to the bucket of 8
+@pytest.mark.parametrize("batch", [1, 5, 7, 9])  # 5, 7: padded to the bucket of 8, 9 to 16
 def test_decode_graphs_match_the_eager_engine(tmp_path, batch):
     path = _qwen3_config(tmp_path)
     kw = dict(load_format="dummy", device="cuda", dtype=BF16, kv_blocks=64, block_size=16)
@@ -144,9 +144,9 @@ def test_decode_graphs_match_the_eager_engine(tmp_path, batch):
     for engine in (graphs, eager):
         got = _decode_logits(engine, prompts, 20)
         assert all(_rel(g, w) < 3e-2 for g, w in zip(got, want)), [_rel(g, w) for g, w in zip(got, want)]
-    # the prompts' prefill (one row per token: 5 -> bucket 8; 5 + 14 + ... + 41 = 115 -> 128; ... + 59 = 224 -> 256)
-    # and the decode steps
-    assert sorted(graphs.decode.graphs) == {1: [1, 8], 5: [8, 128], 7: [8, 256]}[batch]
+    # the prompts' prefill (one row per token: 5 -> bucket 8; 5 + 14 + ... + 41 = 115 -> 128; ... + 59 = 224 -> 256;
+    # ... + 77 = 369 -> 512) and the decode steps
+    assert sorted(graphs.decode.graphs) == {1: [1, 8], 5: [8, 128], 7: [8, 256], 9: [16, 512]}[batch]
 
 
 @cuda

@@ -30,10 +30,11 @@ from moemesh.runtime.gpu import pdl
 from moemesh.runtime.gpu.paged_attention import paged_decode_attention
 from moemesh.runtime.kv_cache import store
 
-# 256: an H200 step of 256 decode rows (Qwen3-30B-A3B shape, 48 layers) took 34.5 ms eagerly in every expert dtype
-# (host-bound) and 22.2 / 18.6 / 16.0 ms as a replay in bf16 / int8 / int4 (benchmarks/engine_gpu.py --batches
-# 128,256; benchmarks/results/engine-h200-bucket256.md).
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# 256 and 512 (the batcher's default max_step_tokens): an H200 step of 256 decode rows (Qwen3-30B-A3B shape, 48
+# layers) took 34.5 ms eagerly in every expert dtype (host-bound) and 22.2 / 18.6 / 16.0 ms as a replay in bf16 /
+# int8 / int4; 512 rows 35.1 / 36.3 ms eagerly in bf16 / int4, 26.1 / 23.1 ms replayed (benchmarks/engine_gpu.py;
+# benchmarks/results/engine-h200-bucket256.md, engine-h200-bucket512.md).
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # A prefill row reads its sequence's whole context through the block table, where the prefill kernel reads it once
 # per tile of queries: past this many (rows x context) token reads in a step's prefill chunks, the prefill path is
 # the faster one. H200, 48 layers, a prompt's tail after a cached prefix (benchmarks/h200/cached_tail.py,
