@@ -23,8 +23,6 @@ from torch import nn
 from moemesh.runtime.packed import Codes, PackedWeight, codes_of, concat, matmul, pack
 from moemesh.runtime.quant import QuantLinear, QuantTensor
 
-PER_EXPERT_NAMES = (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))  # = experts.py's, by role
-
 Part = Codes | torch.Tensor  # an int4 expert matrix as codes, anything else as float32
 
 
@@ -121,9 +119,11 @@ class PackedExperts:
 
     def _parts(self, layer: int) -> tuple[list[Part], list[Part]]:
         """Per hosted expert: gate_up [2I, H] and down [H, I], as codes where int4 codes exist."""
+        from moemesh.runtime.experts import PER_EXPERT_NAMES  # experts.py imports this module
+
         gate_up, down = [], []
         for row, e in enumerate(self.bank.experts):
-            g, u, d = (self._stored(layer, e, names) for names in PER_EXPERT_NAMES)
+            g, u, d = (self._stored(layer, e, names) for names in zip(*PER_EXPERT_NAMES))  # by role: gate, up, down
             gate_up.append(concat([g, u], 0) if g is not None and u is not None else None)
             down.append(d)
             gate_up[-1] = gate_up[-1] or _part(self.bank.gate_up[layer], row)
