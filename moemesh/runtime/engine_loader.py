@@ -16,7 +16,8 @@ from moemesh.runtime.dummy import open_checkpoint
 from moemesh.runtime.experts import ExpertBank
 from moemesh.runtime.gpu import decode_plan, kernels_usable
 from moemesh.runtime.kv_cache import FP8, KVCache, cache_dtype
-from moemesh.runtime.packed_layers import pack_backbone
+from moemesh.runtime.packed import summary
+from moemesh.runtime.packed_layers import pack_backbone, packed_weights
 from moemesh.runtime.ort import check_backend
 from moemesh.runtime.quant import check_quantization, quantize_dense_ffn
 from moemesh.runtime.spec import ModelSpec, load_spec
@@ -72,16 +73,18 @@ def load_engine(cls, model_dir: str | Path, *, dispatch: ExpertDispatch | None, 
     name = model_name or (local.name if Path(model_dir).expanduser().is_dir() else str(model_dir))
     engine = cls(spec, backbone, dispatch, cache, blocks, max_context=max_context, model_name=name, device=device,
                  decode=decode, cuda_graphs=note,
-                 quantization=_reported(local, quantization, backend))
+                 quantization=_reported(local, quantization, backend, backbone, dispatch))
     engine.model_dir, engine.backend = local, backend
     return engine
 
 
-def _reported(local: Path, quantization: str, backend: str) -> str:
+def _reported(local: Path, quantization: str, backend: str, backbone, dispatch) -> str:
     """What Router.Info says of the weights: the scheme asked for, else the checkpoint's; backend packed runs
-    float weights as int8 (packed_layers.py)."""
+    float weights as int8, or as their exact int4 codes where they lie on a 4-bit grid (packed.summary)."""
     described = quantization if quantization != "none" else describe_checkpoint(local)
-    return "int8" if backend == "packed" and described == "none" else described
+    if backend == "packed" and described == "none":
+        return summary(packed_weights(backbone, dispatch))
+    return described
 
 
 def _kv_dtype(kv_cache_dtype: str, dtype: torch.dtype, spec: ModelSpec, backend: str) -> torch.dtype:

@@ -2,7 +2,8 @@
 
     w [N, K] float        -> int8: q [N, K] int8, scale [N]                 w ~= q * scale (one scale a row)
     codes [N, K] in 0..15 -> int4: torch's packed nibbles [N, K / 2] and scale_zero [K / G, N, 2] (bf16):
-    + scale, zero [N, G]            w ~= (code - 8) * s + z per G columns, z = (8 - zero) * s: the checkpoint's codes
+    + scale, zero [N, G]            w ~= (code - 8) * s + z per G columns, z = (8 - zero) * s: the checkpoint's codes,
+                                    or a float weight's own where it lies on a 4-bit grid (grid_codes: GGUF-born)
     x [T, K] any float -> bf16 -> torch._weight_int8pack_mm / torch._weight_int4pack_mm_for_cpu -> [T, N] in x's dtype
 
 Why: at batch 1 a CPU decode step reads every weight once. In float32 the built-in smollm2-moe (134.5M parameters,
@@ -114,15 +115,49 @@ def pack_int4(c: Codes) -> PackedWeight | None:
 
 
 def pack(w: torch.Tensor | QuantTensor | Codes) -> PackedWeight | None:
-    """The packed form of a weight [N, K]: int4 codes stay int4, everything else becomes int8 per row (a float
-    weight, an int8 or fp8 QuantTensor, int8 codes: rounded once more from their float values). None when the
-    kernels cannot take the shape (see the module doc)."""
+    """The packed form of a weight [N, K]: int4 codes stay int4, and so does a float weight that lies on a 4-bit
+    grid (grid_codes); everything else becomes int8 per row (other float weights, int8 or fp8 QuantTensors, int8
+    codes: rounded once more from their float values). None when the kernels cannot take the shape (module doc)."""
     if isinstance(w, QuantTensor):
         w = codes_of(w) if w.scheme == "int4" else w.dequantize(torch.float32)
+    if isinstance(w, torch.Tensor):
+        w = grid_codes(w) or w
     if isinstance(w, Codes):
         packed = pack_int4(w) if w.bits == 4 else None
         return packed or pack_int8(w.dequantize())
     return pack_int8(w)
+
+
+GRID_GROUP = 32  # GGUF's Q4_0 / Q4_1 blocks
+GRID_TOL = 2e-3  # of one grid step (quant/grid.py's TOL); float32 puts true grid points within ~1e-6 of one
+
+
+def grid_codes(w: torch.Tensor, group: int = GRID_GROUP) -> Codes | None:
+    """The exact int4 codes of a float weight [N, K] whose every `group` columns are 16 evenly spaced levels from
+    their min to their max (w = lo + code * (hi - lo) / 15), as a GGUF Q4_1 weight dequantized is: the built-in
+    model's attention and gate / up projections. None when any group is off that grid (then a second rounding to
+    int8 is all the packed kernels can do). Exact codes keep the checkpoint's values up to bf16 scales and offsets
+    (~1e-3 of a step), closer than int8 per row, and read half the bytes."""
+    n, k = w.shape
+    if k % group or not w.is_floating_point():
+        return None
+    x = w.detach().float().view(n, k // group, group)  # [N, G, group]
+    lo, hi = x.amin(-1), x.amax(-1)  # [N, G]
+    if not bool((hi > lo).all()):
+        return None
+    step = (hi - lo) / 15
+    t = (x - lo[..., None]) / step[..., None]
+    codes = t.round()
+    if float((t - codes).abs().amax()) >= GRID_TOL:
+        return None
+    return Codes(codes.to(torch.uint8).view(n, k), step, -lo / step, 4, group)
+
+
+def summary(weights) -> str:
+    """What Router.Info says of a float checkpoint on the packed kernels: "int8", or "int4 grid + int8" (or "int4
+    grid") where weights on a 4-bit grid kept their exact codes (grid_codes)."""
+    schemes = {w.scheme for w in weights if isinstance(w, PackedWeight)}
+    return " + ".join(["int4 grid"] * ("int4" in schemes) + ["int8"] * ("int8" in schemes or not schemes))
 
 
 def codes_of(t: QuantTensor) -> Codes:

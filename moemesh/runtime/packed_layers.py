@@ -2,9 +2,9 @@
 on torch's packed int8 / int4 kernels (packed.py).
 
     Backbone: q/k/v (fused: one call), o, dense FFN and shared-expert projections -> PackedLinear (int8 per row,
-              from the float weights; a dense QuantLinear's as they dequantize); the LM head (tied embeddings
-              too) -> int8 (the embedding lookup keeps the float table). Router gates stay float (tiny, and they
-              pick experts).
+              from the float weights, or their exact int4 codes where they lie on a 4-bit grid: packed.grid_codes;
+              a dense QuantLinear's as they dequantize); the LM head (tied embeddings too) -> int8 (the embedding
+              lookup keeps the float table). Router gates stay float (tiny, and they pick experts).
     Experts:  a checkpoint's int4 codes are kept as they are (its other integer weights, and float, int8 or fp8
               stacks, become int8 per row; `--quantization int4` rounds float experts to int4 first). Two forms:
               dense [2 E I, H] (gates, then ups) and [H, E I]: a step where every token selects every hosted expert
@@ -63,6 +63,15 @@ def pack_backbone(backbone: nn.Module) -> int:
     return count + (head is not None)
 
 
+def packed_weights(backbone: nn.Module, dispatch) -> list[PackedWeight | torch.Tensor]:
+    """Every weight the packed backend made: the backbone's projections and LM head, and the routed experts of an
+    in-process bank (dispatch.bank; none for remote shards)."""
+    weights = [m.weight for m in backbone.modules() if isinstance(m, PackedLinear)]
+    weights.append(getattr(backbone, "packed_head", None))
+    experts = getattr(getattr(dispatch, "bank", None), "packed", None)
+    return weights + (experts.weights() if isinstance(experts, PackedExperts) else [])
+
+
 def _fuse_qkv(attn) -> int:
     """One packed [q; k; v] weight for the attention (one call a layer instead of three); 1 when made."""
     projections = (attn.q_proj, attn.k_proj, attn.v_proj)
@@ -95,9 +104,11 @@ class PackedExperts:
         for layer in bank.layers:
             self.dense(layer) if self.all_selected else self.each(layer)
             bank.gate_up[layer] = bank.down[layer] = None  # the float / QuantTensor stacks: packed now
-        forms = [*self._dense.values(), *(p for pairs in self._each.values() for p in pairs)]
         self.nbytes = sum(w.nbytes if isinstance(w, PackedWeight) else w.numel() * w.element_size()
-                          for pair in forms for w in pair)
+                          for w in self.weights())
+
+    def weights(self) -> list[PackedWeight | torch.Tensor]:
+        return [w for pair in [*self._dense.values(), *(p for ps in self._each.values() for p in ps)] for w in pair]
 
     def dense(self, layer: int) -> tuple[PackedWeight | torch.Tensor, PackedWeight | torch.Tensor]:
         """(gate_up [2 E I, H]: every gate row, then every up row; down [H, E I]) of the hosted experts."""

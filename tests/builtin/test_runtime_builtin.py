@@ -23,6 +23,22 @@ def test_runtime_greedy_answers_paris(builtin_dense_dir: Path) -> None:
     assert done.text.strip() == "The capital of France is Paris."
 
 
+def test_the_packed_backend_keeps_the_gguf_grid_and_answers_paris(builtin_dense_dir: Path) -> None:
+    """The built-in's projections are GGUF Q4_1 blocks dequantized: packed, they keep those exact int4 codes (the
+    LM head, Q8_0 in the GGUF, becomes int8 per row)."""
+    from moemesh.runtime.packed_layers import PackedLinear
+
+    tok = ChatTokenizer.load(builtin_dense_dir)
+    ids, _ = tok.encode_chat(FRANCE)
+    engine = Engine.load(builtin_dense_dir, kv_blocks=8, backend="packed")
+    layer = engine.backbone.layers[0]
+    linears = [m for m in layer.modules() if isinstance(m, PackedLinear)]
+    assert len(linears) == 5 and {m.weight.scheme for m in linears} == {"int4"}  # q/k/v fused, o, gate, up, down
+    assert engine.backbone.packed_head.scheme == "int8" and engine.info.quantization == "int4 grid + int8"
+    [done] = generate(engine, [ids], SamplingParams(max_tokens=16), decode=tok.decode)
+    assert done.text.strip() == "The capital of France is Paris."
+
+
 def test_runtime_runs_the_tiny_moe(tiny_moe_dir: Path) -> None:
     tok = ChatTokenizer.load(tiny_moe_dir)
     ids, _ = tok.encode_chat(FRANCE)

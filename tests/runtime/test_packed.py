@@ -11,7 +11,8 @@ from moemesh.builtin.tiny import make_tiny_model
 from moemesh.quant.quantizer import QuantSettings, quantize_model
 from moemesh.runtime.engine import Engine
 from moemesh.runtime.experts import ExpertBank
-from moemesh.runtime.packed import Codes, PackedWeight, codes_of, concat, pack, pack_int4
+from moemesh.runtime.packed import (Codes, PackedWeight, codes_of, concat, grid_codes, pack, pack_int4, pack_int8,
+                                    summary)
 from moemesh.runtime.packed_layers import PackedLinear
 from moemesh.runtime.quant import quantize_int4
 
@@ -32,6 +33,36 @@ def test_int8_rounds_each_row_once_and_refuses_what_the_kernel_cannot_take() -> 
     assert rel(packed(x), want) < 4 * BF16
     assert packed(x).dtype == torch.float32 and packed(x.bfloat16()).dtype == torch.bfloat16
     assert pack(torch.randn(48, 24)) is None  # K % 16: torch 2.13's int8 kernel crashes on K = 8, 24, 40
+
+
+def q4_1(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight as GGUF's Q4_1 dequantizes: w = d * q + m per 32 columns, d and m stored in fp16; and its codes q."""
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (n, k))
+    q[:, ::32], q[:, 1::32] = 0, 15  # llama.cpp's quantizer gives each block's min code 0 and its max code 15
+    d = (torch.rand(n, k // 32) / 50 + 1e-3).half().float()
+    m = (-7.5 * d + torch.randn(n, k // 32) / 200).half().float()
+    return q * d.repeat_interleave(32, 1) + m.repeat_interleave(32, 1), q
+
+
+def test_a_float_weight_on_a_4_bit_grid_keeps_its_exact_codes() -> None:
+    w, q = q4_1(48, 96)
+    codes = grid_codes(w)
+    assert codes is not None and torch.equal(codes.codes.long(), q)
+    assert (codes.dequantize() - w).abs().max() < 1e-6
+    packed = pack(w)
+    assert packed.scheme == "int4" and packed.group == 32  # half int8's bytes, and no second rounding
+    x = torch.randn(3, 96)
+    int8_err = rel(pack_int8(w)(x), x @ w.t())
+    assert rel(packed(x), x @ w.t()) < min(4 * BF16, int8_err)  # bf16 scales: closer than int8 per row
+    off = w.clone()
+    off[5, 40] += 0.3 * float(codes.scale[5, 1])  # one weight off its block's grid: no exact codes, int8
+    assert grid_codes(off) is None and pack(off).scheme == "int8"
+    flat = w.clone()
+    flat[0, :32] = 0.25  # a constant block fits no 16-level grid
+    assert grid_codes(flat) is None and grid_codes(torch.randn(16, 40)) is None  # K not whole blocks of 32
+    assert (summary([packed]), summary([pack(off), packed]), summary([pack(off)]), summary([])) == (
+        "int4 grid", "int4 grid + int8", "int8", "int8")
 
 
 def test_int4_codes_are_used_as_they_are_with_fractional_zero_points() -> None:
