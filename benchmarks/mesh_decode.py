@@ -53,19 +53,19 @@ PROMPT = ("Write a long story about a lighthouse keeper who finds a message in a
           "sea, the weather and the village.")
 
 
-def engine_decode(model: str, batch: int, tokens: int, threads: int) -> float:
+def engine_decode(model: str, batch: int, tokens: int, threads: int, backend: str = "torch") -> float:
     """Median ms of one decode step of `batch` sequences through Engine.step with `threads` torch threads."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _engine_decode(model, batch, tokens)
+        return _engine_decode(model, batch, tokens, backend)
     finally:
         torch.set_num_threads(before)
 
 
-def _engine_decode(model: str, batch: int, tokens: int) -> float:
+def _engine_decode(model: str, batch: int, tokens: int, backend: str) -> float:
     from moemesh.models.registry import resolve_model
     from moemesh.runtime.engine import Engine
     from moemesh.runtime.types import SamplingParams, SequenceWork
@@ -74,7 +74,7 @@ def _engine_decode(model: str, batch: int, tokens: int) -> float:
     global _ENGINE
     model_dir = resolve_model(model)
     if "_ENGINE" not in globals():
-        _ENGINE = Engine.load(model_dir, kv_blocks=256)
+        _ENGINE = Engine.load(model_dir, kv_blocks=256, backend=backend)
     # The same chat-templated prompt the gateway renders for the mesh's request (same prompt length, same tokens).
     ids, _ = ChatTokenizer.load(model_dir).encode_chat([{"role": "user", "content": PROMPT}])
     sampling = SamplingParams(max_tokens=tokens + 1, ignore_eos=True)
@@ -175,10 +175,12 @@ def measure(args: argparse.Namespace) -> dict:
     variants += [(t, "on", "default", "", u) for t in args.transports.split(",") for u in args.up_variant]
     for rep in range(args.repeats):
         for threads in args.threads:
-            row = rows.setdefault(f"in-process, {threads} thread{'s' if threads > 1 else ''}",
+            backend = "" if args.engine_backend == "torch" else f", backend {args.engine_backend}"
+            row = rows.setdefault(f"in-process{backend}, {threads} thread{'s' if threads > 1 else ''}",
                                   {"batch1": [], "batch8": [], "threads": threads})
             for batch in (1, 8):
-                row[f"batch{batch}"].append(engine_decode(args.model, batch, args.tokens, threads))
+                row[f"batch{batch}"].append(engine_decode(args.model, batch, args.tokens, threads,
+                                                          args.engine_backend))
         for transport, pipeline, spin, extra, up in variants:
             name = f"mesh {transport}" + ("" if pipeline == "on" else ", no pipelining") + (
                 "" if spin == "default" else f", MOEMESH_EXPERT_SPIN_US={spin}") + (f", {extra}" if extra else "") + (
@@ -299,6 +301,8 @@ def main() -> None:
                         help="a further mesh row (pipelining on, default spin) started with these `moemesh up` "
                              "arguments, e.g. '--backend onnxruntime --expert-shards 0'; repeatable")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--engine-backend", default="torch", choices=("torch", "packed", "onnxruntime"),
+                        help="the in-process engine's backend (the baseline of the ratio column)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mesh-decode-cpu")
     args = parser.parse_args()
     if args.threads is None:
