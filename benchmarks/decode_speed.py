@@ -6,7 +6,10 @@ dense weights, batch 1 and batch 8, in one run.
 Runtime: one prefill step (all prompts), then `steps` greedy decode steps of Engine.step, timed alone.
 transformers: generate(max_new_tokens=steps+1) minus generate(max_new_tokens=1) (the prefill and first token), so
 both count the same decode steps. tokens/s = batch x steps / decode seconds; median of `repeats` runs,
-interleaved across the models; "backend packed" is smollm2-moe on torch's int8 CPU kernels (runtime/packed.py).
+interleaved across the models; "backend packed" is smollm2-moe on torch's int8 / int4 CPU kernels (runtime/packed.py:
+the built-in's GGUF-born projections keep their exact int4 codes). The reference, where llama-cpp-python is installed
+(not a dependency: e.g. CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON" pip install llama-cpp-python): llama.cpp on the
+built-in's own Q4_1 GGUF (the dense model), batch 1, the same prompt ids, greedy, 2 threads.
 Writes benchmarks/results/decode_speed.json and prints a table.
 """
 
@@ -74,6 +77,32 @@ def hf_decode(model, batch_prompts: list[list[int]], steps: int) -> float:
     return timed(steps + 1) - timed(1)
 
 
+def llama_cpp_decoder(threads: int):
+    """A function (prompt ids, steps) -> decode seconds on llama.cpp over the built-in GGUF, or None when
+    llama-cpp-python is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    import numpy as np
+
+    from moemesh.builtin.gguf_source import builtin_gguf_path
+
+    llm = Llama(model_path=str(builtin_gguf_path()), n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
+
+    def decode(prompt: list[int], steps: int) -> float:
+        llm.reset()
+        llm.eval(prompt)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        start = time.perf_counter()
+        for _ in range(steps):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return time.perf_counter() - start
+
+    return decode
+
+
 def measure(fns: dict, repeats: int) -> dict[str, float]:
     """Median seconds per name; the runs are interleaved (A B C A B C ...) so load from other jobs on shared cores
     hits every model alike."""
@@ -102,16 +131,19 @@ def main() -> int:
     dense, moe = resolve_model("smollm2"), resolve_model("smollm2-moe")
     hf = LlamaForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
     engines = {name: Engine.load(path, kv_blocks=64) for name, path in (("dense", dense), ("moe", moe))}
-    engines["moe-packed"] = Engine.load(moe, kv_blocks=64, backend="packed")  # int8 weights, bf16 activations
+    engines["moe-packed"] = Engine.load(moe, kv_blocks=64, backend="packed")
+    llama = llama_cpp_decoder(torch.get_num_threads())  # int8 weights, bf16 activations
     rows = []
     for batch in ns.batches:
         batch_prompts = prompts(dense, batch, ns.prompt_len)
         runs = {"smollm2 (runtime)": lambda: runtime_decode(engines["dense"], batch_prompts, ns.steps),
                 "smollm2-moe (runtime, 8 of 8 experts)":
                     lambda: runtime_decode(engines["moe"], batch_prompts, ns.steps),
-                "smollm2-moe (runtime, backend packed: int8)":
+                f"smollm2-moe (runtime, backend packed: {engines['moe-packed'].info.quantization})":
                     lambda: runtime_decode(engines["moe-packed"], batch_prompts, ns.steps),
                 "smollm2 (transformers generate)": lambda: hf_decode(hf, batch_prompts, ns.steps)}
+        if llama is not None and batch == 1:
+            runs["smollm2 Q4_1 GGUF (llama.cpp, reference)"] = lambda: llama(batch_prompts[0], ns.steps)
         for name, seconds in measure(runs, ns.repeats).items():
             rows.append({"model": name, "batch": batch, "decode_steps": ns.steps, "seconds": round(seconds, 3),
                          "tokens_per_s": round(batch * ns.steps / seconds, 2)})

@@ -1,6 +1,6 @@
 """Where a streamed token's CPU goes in the mesh: CPU ms per generated token per process, and the router's gaps.
 
-    python benchmarks/mesh_profile.py [--model smollm2-moe] [--tokens 24] [--py-spy DIR] [--cprofile DIR]
+    python benchmarks/mesh_profile.py [--model smollm2-moe] [--tokens 24] [--py-spy DIR] [--cprofile DIR] [--up ARGS]
 
 Starts `moemesh up` like benchmarks/mesh_decode.py (temporary MOEMESH_HOME, shm transport), then for concurrency 1
 and 8: reads utime+stime of every mesh process (/proc/<pid>/stat, threads included) around the streams, and divides
@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import signal
 import statistics
 import subprocess
@@ -203,6 +204,7 @@ def main() -> None:
                              "only its own turn-around: the next step is already queued")
     parser.add_argument("--spin", default="default", help="shard shm poll window in us (default, 0, 2000, -1)")
     parser.add_argument("--py-spy", type=Path, default=None)
+    parser.add_argument("--up", default="", help="more `moemesh up` arguments, e.g. '--backend packed' (make run's)")
     parser.add_argument("--cprofile", type=Path, default=None, metavar="DIR",
                         help="cProfile the front end's services over the decode-only window (their main thread); "
                         ".prof files and each one's top functions per token in DIR")
@@ -212,7 +214,7 @@ def main() -> None:
     rows, idle = [], {}
     with tempfile.TemporaryDirectory(prefix="mesh-profile-") as tmp:
         proc, status = start_mesh(args.model, args.transport, Path(tmp), args.pipeline == "on", args.spin,
-                                  cprofile_env(args.cprofile))
+                                  cprofile_env(args.cprofile), shlex.split(args.up))
         try:
             pids = {n: s["pid"] for n, s in status["services"].items()}
             traces = Path(tmp) / "home" / "traces"

@@ -25,6 +25,8 @@ def causal_mask(ctx: StepContext, q: torch.Tensor):
     numerics pinned by the parity tests) keeps the explicit mask."""
     if ctx.batch == 1 and q.is_cuda:
         return causal_lower_right(ctx.q_len, ctx.kv_len)
+    if ctx.batch == 1 and ctx.q_len == 1:  # one decode token sees its whole context: no mask to build or read
+        return None
     return ctx.mask
 
 
@@ -84,6 +86,12 @@ class Attention(nn.Module):
         t = x.shape[0]
         if self.fast:
             return self._forward_fast(x, rope, ctx, pools)
+        if self.fused_qkv is not None and not s.qk_norm and s.clip_qkv is None:  # packed (CPU): rope q, k at once
+            qkv = self.fused_qkv(x)  # [T, (Hq + 2 Hkv) D]
+            heads = s.num_heads + s.num_kv_heads
+            qk = rotary.apply(qkv[:, :heads * s.head_dim].view(t, heads, s.head_dim), *rope)  # [T, Hq + Hkv, D]
+            q, k = qk[:, :s.num_heads], qk[:, s.num_heads:]
+            return self._sdpa(q, k, qkv[:, heads * s.head_dim:].view(t, s.num_kv_heads, s.head_dim), ctx, pools)
         if self.fused_qkv is not None:
             kv_size = s.num_kv_heads * s.head_dim
             q, k, v = self.fused_qkv(x).split([s.num_heads * s.head_dim, kv_size, kv_size], -1)

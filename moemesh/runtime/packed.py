@@ -81,12 +81,13 @@ class PackedWeight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., N] in x's dtype (computed in bf16 with float32 sums)."""
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # [T, K]
+        flat = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).to(torch.bfloat16)  # [T, K]
         if self.scheme == "int8":
             y = torch._weight_int8pack_mm(flat, self.data, self.scale)
         else:
             y = torch._weight_int4pack_mm_for_cpu(flat, self.data, self.group, self.scale)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])  # [..., N]
+        y = y.to(x.dtype)  # [T, N]
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.shape[0])  # [..., N] (a decode step: ~4k calls)
 
 
 def pack_int8(w: torch.Tensor) -> PackedWeight | None:
