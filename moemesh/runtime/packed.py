@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moemesh.quant.grid import grid_params
 from moemesh.runtime.quant import QuantTensor, unpack_int4
 
 SCHEMES = ("int8", "int4")
@@ -130,28 +131,23 @@ def pack(w: torch.Tensor | QuantTensor | Codes) -> PackedWeight | None:
 
 
 GRID_GROUP = 32  # GGUF's Q4_0 / Q4_1 blocks
-GRID_TOL = 2e-3  # of one grid step (quant/grid.py's TOL); float32 puts true grid points within ~1e-6 of one
 
 
 def grid_codes(w: torch.Tensor, group: int = GRID_GROUP) -> Codes | None:
     """The exact int4 codes of a float weight [N, K] whose every `group` columns are 16 evenly spaced levels from
     their min to their max (w = lo + code * (hi - lo) / 15), as a GGUF Q4_1 weight dequantized is: the built-in
-    model's attention and gate / up projections. None when any group is off that grid (then a second rounding to
-    int8 is all the packed kernels can do). Exact codes keep the checkpoint's values up to bf16 scales and offsets
-    (~1e-3 of a step), closer than int8 per row, and read half the bytes."""
+    model's attention and gate / up projections (quant/grid.py's test, its widest grid only). None when any group is
+    off that grid (then a second rounding to int8 is all the packed kernels can do). Exact codes keep the
+    checkpoint's values up to bf16 scales and offsets (~1e-3 of a step), closer than int8 per row, and read half the
+    bytes."""
     n, k = w.shape
     if k % group or not w.is_floating_point():
         return None
-    x = w.detach().float().view(n, k // group, group)  # [N, G, group]
-    lo, hi = x.amin(-1), x.amax(-1)  # [N, G]
-    if not bool((hi > lo).all()):
+    scale, zero_f, fits = grid_params(w.detach(), 4, group, widest_only=True)  # [N, G] each
+    if not bool(fits.all()):
         return None
-    step = (hi - lo) / 15
-    t = (x - lo[..., None]) / step[..., None]
-    codes = t.round()
-    if float((t - codes).abs().amax()) >= GRID_TOL:
-        return None
-    return Codes(codes.to(torch.uint8).view(n, k), step, -lo / step, 4, group)
+    x = w.detach().float().view(n, k // group, group) / scale[..., None] + zero_f[..., None]
+    return Codes(x.round().clamp(0, 15).to(torch.uint8).view(n, k), scale, zero_f, 4, group)
 
 
 def summary(weights) -> str:
