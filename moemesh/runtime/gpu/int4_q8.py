@@ -19,7 +19,10 @@ H200, one token, both GEMVs in a PDL graph (benchmarks/results/int4-q8-h200.md),
 float activations). Measured and dropped: down for one token as 128 programs owning 16 columns each for all slots,
 rows prefetched into L2 before the PDL wait: 18.0-24.7 us for the chain; gate_up's programs prefetching their
 expert's down rows into L2 (prefetch.global.L2, 64 lines each): before their own loads 14.03, after their math 12.81
-against 12.97 (noise).
+against 12.97 (noise). Dropped 2026-12-01: quantize_rows folded into the post-attention norm's launch
+(fused_ops.router_logits_norm's program (t, 0) rounding h as it stores it, the rows riding on h to moe_q8): 48-layer
+graph replay at batch 1 1.87 / 1.87 ms without, 1.85 / 1.85 with (alternated, one call): 0.4 us a layer, PDL having
+hidden most of the launch, for a side channel through dispatch, bank and backbone.
 """
 
 from __future__ import annotations
