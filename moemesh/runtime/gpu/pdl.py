@@ -25,6 +25,9 @@ GEMVs 14.6 -> 40.6, bf16 24.4 -> 55.5): the programs that issue it end only when
 Also dropped, 2026-11-30: the expert down GEMV issuing prefetch.global.L2 for its rows before its wait (expert ids
 read early, the gate_up GEMV waiting before it let the down GEMV launch). Graph replay of the 48-layer step, on / off:
 bf16 batch 1 2.65 / 2.45 ms, batch 2 4.10 / 3.55; fp8 2.36 / 2.15; int4 1.96 / 1.95 (unchanged at batch 8).
+Also dropped, 2026-12-01 (benchmarks/h200/l2_prefetch.py, l2-prefetch-h200.json): the next layer's q/k/v weights
+read into L2 by a parallel graph branch while this layer's int4 experts run. Even from L2 that GEMV takes 5.1 us
+against 7.7 from HBM, and the branch (21 MB) outlasts the experts' 12.9 us: the chain rose from 18.7 to 19.8-36.7 us.
 """
 
 from __future__ import annotations
