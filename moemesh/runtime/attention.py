@@ -25,8 +25,6 @@ def causal_mask(ctx: StepContext, q: torch.Tensor):
     numerics pinned by the parity tests) keeps the explicit mask."""
     if ctx.batch == 1 and q.is_cuda:
         return causal_lower_right(ctx.q_len, ctx.kv_len)
-    if ctx.batch == 1 and ctx.q_len == 1:  # one decode token sees its whole context: no mask to build or read
-        return None
     return ctx.mask
 
 
@@ -153,6 +151,16 @@ class Attention(nn.Module):
             return linear(out.reshape(t, q_size), self.o_proj.weight, self.o_proj.bias)
         return self._sdpa(q, k, v, ctx, pools)
 
+    def _attend_one(self, q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor) -> torch.Tensor:
+        """One query token over its whole context: q [1, Hq, D], k_ctx / v_ctx [Tk, Hkv, D] -> [1, Hq * D]. Two
+        batched matmuls and a softmax (SDPA's CPU kernel and the transposes around it cost ~3x that per layer);
+        the query heads of one kv head side by side, as SDPA's enable_gqa groups them."""
+        s = self.spec
+        qg = q.reshape(s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim)  # [Hkv, G, D]
+        scores = torch.bmm(qg, k_ctx.permute(1, 2, 0).to(q.dtype)).mul_(s.scale)  # [Hkv, G, Tk]
+        out = torch.bmm(scores.softmax(-1), v_ctx.transpose(0, 1).to(q.dtype))  # [Hkv, G, D]
+        return out.reshape(1, s.num_heads * s.head_dim)
+
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext,
               pools: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Gathered context + SDPA (prefill, CPU): q [T, Hq, D], k/v [T, Hkv, D] -> o_proj output [T, H]."""
@@ -167,6 +175,8 @@ class Attention(nn.Module):
                                     ctx.tiles(s.num_heads // s.num_kv_heads), ctx.block_size, s.scale)
             return self.o_proj(out.reshape(t, s.num_heads * s.head_dim))
         k_ctx, v_ctx = ctx.context(pools, k, v)  # [B, Tk, Hkv, D]
+        if ctx.batch == 1 and ctx.q_len == 1 and not q.is_cuda:  # a CPU decode step of one sequence
+            return self.o_proj(self._attend_one(q, k_ctx[0], v_ctx[0]))
         q_pad = ctx.pad_queries(q)  # [B, Tq, Hq, D]
         out = F.scaled_dot_product_attention(
             q_pad.transpose(1, 2),  # [B, Hq, Tq, D]
