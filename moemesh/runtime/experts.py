@@ -197,10 +197,10 @@ class ExpertBank:
         # One gather maps global ids to 1 + local row (0: not hosted here); on the CPU the per-op cost dominates a
         # decode step's expert call, so the dense path below is kept to a handful of ops.
         column = self._column[topk_ids.to(self.device, torch.int64) + 1]  # [T, K]
+        selected = int(column.count_nonzero())
+        every = selected == hidden.shape[0] * len(self.experts)  # every token selected every hosted expert
         # packed: only one form exists; the dense one also serves a token that selected fewer (weight 0 for the rest)
-        dense = self.packed.all_selected if self.packed is not None else None
-        selected = 0 if dense else int(column.count_nonzero())
-        if dense or (dense is None and selected == hidden.shape[0] * len(self.experts)):  # all hosted, all tokens
+        if every if self.packed is None else self.packed.all_selected:
             y = self._all_selected(layer, hidden, column, topk_weights, out)
             return y if y is out else _into(y, out, caller_device, caller_dtype)
         result = torch.zeros(hidden.shape, dtype=torch.float32, device=self.device)  # accumulate in float32
