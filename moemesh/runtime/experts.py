@@ -276,9 +276,8 @@ class ExpertBank:
         per hosted expert (gate_up [2I, H], down [H, I]), tensors or packed weights."""
         y = torch.empty_like(x)
         start = 0
-        for e, n in enumerate(counts.tolist()):
+        for (w_gate_up, w_down), n in zip(pairs, counts.tolist()):
             if n:
-                w_gate_up, w_down = pairs[e]
                 rows = slice(start, start + n)
                 gate, up = matmul(x[rows], w_gate_up).chunk(2, dim=-1)  # [n, I] each
                 y[rows] = matmul(self.act(gate) * up, w_down)  # [n, H]
