@@ -282,7 +282,12 @@ def gemv_max_pairs(w_gate_up: Weight) -> int:
 # each program a slice of C rows of one expert's intermediate (its gate and up rows, then the same rows of a down^T
 # copy made at load, added into the token's row with float32 atomics). Exact (2.9e-4 against torch, the dp4a GEMVs
 # 1.2e-2), but 30.1-50 us per layer at one token against the two GEMVs' 14.5 in a graph: Triton 3.6 gives it ~250
-# registers a thread, one program per SM, three waves of ~15 us.
+# registers a thread, one program per SM, three waves of ~15 us. Again 2026-12-01 (branch int4-slice-dp4a,
+# benchmarks/results/int4-slice-dp4a-h200.json): both dots on dp4a over q8 activations, down read in its own layout
+# (BB bytes of each row = 2 BB intermediate columns, no copy), quantize_rows zeroing the output: exact against its
+# rounding (4e-7), best of 14 tiles 16.5 us per layer at one token against the q8 GEMVs' 12.8 (2 tokens 27.5 vs
+# 19.1, 4 tokens 42.3 vs 28.7); without its atomics 17.1 (not the cost); 151-255 registers a thread. The ALU work
+# (~2.3 instructions a weight, ~3 us a layer spread over every SM) no longer overlaps a second kernel's loads.
 def _fused_moe_gemv(hidden: torch.Tensor, w_gate_up: Weight, w_down: Weight, local_ids: torch.Tensor,
                     topk_weights: torch.Tensor) -> torch.Tensor:
     """fused_moe for a few tokens: two GEMV launches, the second adding each slot into its token's row (the first
