@@ -24,6 +24,7 @@ from moemesh.runtime.attention import Attention
 from moemesh.runtime.backbone import Backbone, MoeBlock
 from moemesh.runtime.ort.graph import Builder, linear, rms_norm, silu_mul
 from moemesh.runtime.ort.session import Graph
+from moemesh.runtime.ort.step_path import StepPath
 
 Weights = Callable[[str, torch.Tensor], "QWeight | torch.Tensor"]  # checkpoint name, float weight -> what to run
 SMALL_STEP = 16  # steps of at most this many tokens run torch (attention) on one thread: see forward
@@ -61,14 +62,24 @@ class OrtBackbone(nn.Module):
         self.base, self.spec, self.rotary = base, base.spec, base.rotary
         self.embed = base.embed  # [V, H] float: a lookup reads one row per token
         self.fast = False
+        picked: dict = {}  # checkpoint name -> what the graphs run, kept for the step graph (built on first use)
+
+        choose = weights
+
+        def remember(name: str, w: torch.Tensor):
+            if name not in picked:
+                picked[name] = choose(name, w)
+            return picked[name]
+        weights = remember
         self.moe = [isinstance(layer.mlp, MoeBlock) for layer in base.layers]
         n = len(base.layers)
         self.pre = {i: Graph(self._pre(i, weights), device) for i in range(n) if i == 0 or self.moe[i - 1]}
         self.tail = [Graph(self._tail(i, weights), device) for i in range(n)]
         head = base.lm_head.detach().float()
         # Symmetric: exact for Q8_0-born embeddings (the built-in model's), round-to-nearest otherwise.
-        self.head = Graph(self._head(rtn(head, HEAD_BITS, 32, symmetric=True) if head.shape[1] % 32 == 0 else head),
-                          device)
+        picked["head"] = rtn(head, HEAD_BITS, 32, symmetric=True) if head.shape[1] % 32 == 0 else head
+        self.head = Graph(self._head(picked["head"]), device)
+        self.step_path = StepPath(self, picked, device)
         self.attend = [Attention(a.spec, a.q_proj, a.k_proj, a.v_proj, nn.Identity(), a.q_norm, a.k_norm)
                        for a in (layer.attn for layer in base.layers)]  # o_proj is in the tail graph
         self._drop_float_weights()
@@ -149,6 +160,9 @@ class OrtBackbone(nn.Module):
     def _forward(self, token_ids: torch.Tensor, ctx, dispatch, pools, logit_rows) -> torch.Tensor:
         x = F.embedding(token_ids, self.embed).float()  # [T, H]
         rope = self.rotary.table(ctx.positions, x.dtype)
+        logits = self.step_path.run(x, rope, ctx, dispatch, pools)  # a whole decode step in one call, where it can
+        if logits is not None:
+            return logits if logit_rows is None else logits[logit_rows]
         q, k, v = self.pre[0].run(x=x)
         for i, layer in enumerate(self.base.layers):
             attn = self._attention(i, q, k, v, rope, ctx, pools[i] if pools is not None else None)  # [T, A]

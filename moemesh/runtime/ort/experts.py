@@ -60,6 +60,8 @@ class OrtExpertBank:
         self.dtype, self.device, self.fused_off = torch.float32, torch.device("cpu"), "onnxruntime backend"
         self.weight_bytes = sum(q.q.numel() * q.bits // 8 + q.scale.numel() * 4 for t in weights.values() for q in t)
         self.single = {key: Graph(self._expert_graph(*w), device) for key, w in weights.items()}
+        self.weights = weights  # for bank_nodes (an in-process step graph); dropped by release_weights
+
         self.bank = {layer: Graph(self._bank_graph([weights[(layer, e)] for e in self.experts]), device)
                      for layer in self.layers
                      if _uniform([weights[(layer, e)][2] for e in self.experts])}
@@ -91,14 +93,16 @@ class OrtExpertBank:
     @staticmethod
     def _bank_graph(triples: list[tuple[QWeight, QWeight, QWeight]]):
         b = Builder()
-        e, inter = len(triples), triples[0][0].shape[0]
-        gate = linear(b, "h", cat_rows([t[0] for t in triples]), None, "gate")  # [T, E*I]
-        up = linear(b, "h", cat_rows([t[1] for t in triples]), None, "up")
-        act = b.op("Reshape", [silu_mul(b, gate, up), b.const(np.array([0, e, inter], np.int64))])  # [T, E, I]
-        act = b.op("Mul", [act, b.op("Unsqueeze", ["w", b.const(np.array([2], np.int64))])])
-        act = b.op("Reshape", [act, b.const(np.array([0, e * inter], np.int64))])  # [T, E*I]
-        y = linear(b, act, cat_cols([t[2] for t in triples]), None, "down")  # [T, H]
-        return b.model([("h", ["T", triples[0][0].shape[1]]), ("w", ["T", e])], [(y, "y")])
+        y = bank_body(b, triples, "h", "w")
+        return b.model([("h", ["T", triples[0][0].shape[1]]), ("w", ["T", len(triples)])], [(y, "y")])
+
+    def bank_nodes(self, layer: int):
+        """(builder, h, w) -> y: this layer's bank as nodes of a caller's graph (step_graph.py), or None where
+        the layer has no bank graph (its experts' quantization differs)."""
+        if layer not in self.bank:
+            return None
+        triples = [self.weights[(layer, e)] for e in self.experts]
+        return lambda b, h, w: bank_body(b, triples, h, w)
 
     def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor:
@@ -122,6 +126,22 @@ class OrtExpertBank:
         return out.to(hidden.device, hidden.dtype)
 
     __call__ = forward
+
+    def release_weights(self) -> None:
+        """Frees the QWeights kept for bank_nodes (the graphs hold their own copies)."""
+        self.weights = {}
+
+
+def bank_body(b: Builder, triples: list[tuple[QWeight, QWeight, QWeight]], h: str, w: str) -> str:
+    """Every expert of triples side by side as one SwiGLU of E*I neurons, each scaled by its expert's routing weight:
+    h [T, H], w [T, E] -> y [T, H]."""
+    e, inter = len(triples), triples[0][0].shape[0]
+    gate_up = linear(b, h, cat_rows([t[0] for t in triples] + [t[1] for t in triples]), None, "gate_up")
+    gate, up = b.op_n("Split", [gate_up], 2, axis=-1)  # [T, E*I] each: one MatMulNBits for both
+    act = b.op("Reshape", [silu_mul(b, gate, up), b.const(np.array([0, e, inter], np.int64))])  # [T, E, I]
+    act = b.op("Mul", [act, b.op("Unsqueeze", [w, b.const(np.array([2], np.int64))])])
+    act = b.op("Reshape", [act, b.const(np.array([0, e * inter], np.int64))])  # [T, E*I]
+    return linear(b, act, cat_cols([t[2] for t in triples]), None, "down")  # [T, H]
 
 
 def _names(ckpt: Checkpoint, prefix: str, e: int) -> tuple[str | None, ...]:
