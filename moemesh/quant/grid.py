@@ -44,3 +44,18 @@ def grid(w: torch.Tensor, bits: int, group: int, fallback: QWeight) -> QWeight:
     q = torch.where(fits[..., None], x.round().clamp(0, 2**bits - 1), fallback.q.view(n, k // group, group).float())
     zero = zero_f.round().clamp(0, 2**bits - 1).to(torch.uint8)
     return QWeight(q.to(torch.uint8).view(n, k), scale, zero, bits, group, zero_f)
+
+
+def on_grid(w: torch.Tensor, bits: int = 4, group: int = 32) -> QWeight | None:
+    """w [N, K] as its exact codes when every `group` columns are 2**bits evenly spaced levels from their min to their
+    max (llama.cpp's Q4_1 blocks dequantized: the built-in model's attention and gate / up projections), else None
+    (then the caller's quantizer rounds it). The ONNX Runtime backend's choice for a float checkpoint's weights."""
+    n, k = w.shape
+    if k % group or not w.is_floating_point():
+        return None
+    scale, zero_f, fits = grid_params(w, bits, group, widest_only=True)
+    if not bool(fits.all()):
+        return None
+    q = (w.float().view(n, k // group, group) / scale[..., None] + zero_f[..., None]).round().clamp(0, 2**bits - 1)
+    zero = zero_f.round().clamp(0, 2**bits - 1).to(torch.uint8)
+    return QWeight(q.to(torch.uint8).view(n, k), scale, zero, bits, group, zero_f)

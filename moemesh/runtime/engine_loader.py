@@ -79,11 +79,15 @@ def load_engine(cls, model_dir: str | Path, *, dispatch: ExpertDispatch | None, 
 
 
 def _reported(local: Path, quantization: str, backend: str, backbone, dispatch) -> str:
-    """What Router.Info says of the weights: the scheme asked for, else the checkpoint's; backend packed runs
-    float weights as int8, or as their exact int4 codes where they lie on a 4-bit grid (packed.summary)."""
+    """What Router.Info says of the weights: the scheme asked for, else the checkpoint's; backends packed and
+    onnxruntime run float weights as int8, or as their exact int4 codes where they lie on a 4-bit grid
+    (packed.summary; ort/backbone.py schemes)."""
     described = quantization if quantization != "none" else describe_checkpoint(local)
     if backend == "packed" and described == "none":
         return summary(packed_weights(backbone, dispatch))
+    if backend == "onnxruntime" and described == "none":  # what the graphs run (ort/backbone.py schemes)
+        ran = getattr(backbone, "schemes", set()) | getattr(getattr(dispatch, "bank", None), "schemes", set())
+        return " + ".join(s for s in ("int4 grid", "int4", "int8", "float32") if s in ran) or described
     return described
 
 

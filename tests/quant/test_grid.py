@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from moemesh.quant.formats import QuantizedLayout
-from moemesh.quant.grid import grid, grid_params
+from moemesh.quant.grid import grid, grid_params, on_grid
 from moemesh.quant.packing import rtn
 from moemesh.quant.writer import packed_tensors, quantization_config
 from moemesh.runtime.ort.graph import Builder
@@ -33,6 +33,22 @@ def test_q4_1_weights_are_recovered_exactly_where_rtn_is_not() -> None:
 def test_float_weights_do_not_fit_a_grid() -> None:
     _, _, fits = grid_params(torch.randn(16, 64), 4, 32)
     assert not fits.any()
+
+
+def test_on_grid_takes_a_whole_weight_or_none() -> None:
+    """ORT's choice for a float checkpoint's weight: its exact codes when every group is on its widest grid (llama.cpp's
+    Q4_1 quantizer gives each block's min code 0 and its max 15), else None (one group off, columns not whole
+    groups), so the caller rounds it."""
+    torch.manual_seed(2)
+    d, m = (torch.rand(32, 3, 1) * 0.05 + 0.01).half().float(), (-torch.rand(32, 3, 1) * 0.4).half().float()
+    codes = torch.randint(0, 16, (32, 3, 32)).float()
+    codes[..., 0], codes[..., 1] = 0, 15
+    w = (d * codes + m).view(32, 96)
+    qw = on_grid(w)
+    assert qw is not None and qw.zero_f is not None and torch.allclose(qw.dequantize(), w, atol=1e-6)
+    off = w.clone()
+    off[3, 40] += 1e-3
+    assert on_grid(off) is None and on_grid(w[:, :80]) is None
 
 
 def test_fractional_zero_points_survive_the_checkpoint_and_ort() -> None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moemesh.quant.grid import on_grid
 from moemesh.quant.packing import QWeight, rtn
 from moemesh.runtime.attention import Attention
 from moemesh.runtime.backbone import Backbone, MoeBlock
@@ -33,12 +34,28 @@ HEAD_BITS = int(os.environ.get("MOEMESH_ORT_HEAD_BITS", 8))
 
 
 def default_weights(quantized: dict[str, QWeight], bits: int = 8, group: int = 32) -> Weights:
-    """The checkpoint's own QWeight where it has one, else round-to-nearest `bits` (float when K % group)."""
+    """The checkpoint's own QWeight where it has one, else a float weight's exact int4 codes where it lies on a 4-bit
+    grid (quant/grid.on_grid: the built-in's GGUF-born projections, as the packed backend keeps them), else
+    round-to-nearest `bits` (float when K % group)."""
     def pick(name: str, w: torch.Tensor):
         if name in quantized:
             return quantized[name]
-        return rtn(w.float(), bits, group) if w.shape[1] % group == 0 else w.float()
+        return float_weight(w, bits, group)
     return pick
+
+
+def float_weight(w: torch.Tensor, bits: int = 8, group: int = 32) -> QWeight | torch.Tensor:
+    """What ORT runs for a float weight [N, K]: its exact int4 grid codes, else round-to-nearest `bits`, else (K not
+    whole groups) the float weight."""
+    if w.shape[1] % group:
+        return w.float()
+    return on_grid(w) or rtn(w.float(), bits, group)
+
+
+def schemes(weights) -> set[str]:
+    """Router.Info's words for what the graphs run: "int4 grid" (fractional zero points), "int4", "int8", "float32"."""
+    return {("int4 grid" if w.zero_f is not None else f"int{w.bits}") if isinstance(w, QWeight) else "float32"
+            for w in weights}
 
 
 def supported(backbone: Backbone) -> str:
@@ -80,6 +97,7 @@ class OrtBackbone(nn.Module):
         picked["head"] = rtn(head, HEAD_BITS, 32, symmetric=True) if head.shape[1] % 32 == 0 else head
         self.head = Graph(self._head(picked["head"]), device)
         self.step_path = StepPath(self, picked, device)
+        self.schemes = schemes(picked.values())  # Router.Info (engine_loader._reported)
         self.attend = [Attention(a.spec, a.q_proj, a.k_proj, a.v_proj, nn.Identity(), a.q_norm, a.k_norm)
                        for a in (layer.attn for layer in base.layers)]  # o_proj is in the tail graph
         self._drop_float_weights()

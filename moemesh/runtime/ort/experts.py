@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moemesh.quant.grid import on_grid
 from moemesh.quant.packing import QWeight, rtn
 from moemesh.runtime.checkpoint import Checkpoint, resolve_model_dir
 from moemesh.runtime.experts import PER_EXPERT_NAMES, ExpertBank, moe_prefix
@@ -61,6 +62,7 @@ class OrtExpertBank:
         self.weight_bytes = sum(q.q.numel() * q.bits // 8 + q.scale.numel() * 4 for t in weights.values() for q in t)
         self.single = {key: Graph(self._expert_graph(*w), device) for key, w in weights.items()}
         self.weights = weights  # for bank_nodes (an in-process step graph); dropped by release_weights
+        self.schemes = {("int4 grid" if q.zero_f is not None else f"int{q.bits}") for t in weights.values() for q in t}
 
         self.bank = {layer: Graph(self._bank_graph([weights[(layer, e)] for e in self.experts]), device)
                      for layer in self.layers
@@ -69,7 +71,8 @@ class OrtExpertBank:
     @classmethod
     def load(cls, model_dir: str | Path, experts=None, layers=None, device: str = "cpu", spec=None,
              load_format: str = "auto", bits: int = 8) -> OrtExpertBank:
-        """The hosted experts' QWeights from an int4/int8 checkpoint, else `bits` round-to-nearest."""
+        """The hosted experts' QWeights from an int4/int8 checkpoint, else a float weight's exact int4 codes where
+        it lies on a 4-bit grid (quant/grid.on_grid), else `bits` round-to-nearest."""
         bank = ExpertBank.load(model_dir, experts=experts, layers=layers, spec=spec, load_format=load_format)
         weights = {}
         with Checkpoint(resolve_model_dir(model_dir)) as ckpt:
@@ -81,7 +84,7 @@ class OrtExpertBank:
                     names = _names(ckpt, prefix, e)
                     weights[(layer, e)] = tuple(
                         ckpt.quant.qweight(n, ckpt._raw) if ckpt.quant is not None and n and n in ckpt.quant
-                        else rtn(w.float(), bits, 32) for n, w in zip(names, floats))
+                        else on_grid(w) or rtn(w.float(), bits, 32) for n, w in zip(names, floats))
         return cls(bank, weights, device)
 
     @staticmethod

@@ -1,7 +1,7 @@
 """The ONNX Runtime backend's one-call decode step (moemesh/runtime/ort/step_graph.py, step_path.py) against its own
 per-layer path on the same int4 checkpoints (tiny transformers-written models): logits of ragged batches and of one
 sequence (whose new K/V rows are written into the pools in place), the routed experts when every token selects every
-expert, the cases that keep the per-layer path, and MatMulNBits with fractional zero points.
+expert, the cases that keep the per-layer path, and the built-in MoE served from its float checkpoint.
 
 MatMulNBits runs at accuracy level 1 here (float activations), so the two paths agree to float32 rounding; at the
 default level 4 each path rounds its own activations to int8 and they drift apart by that rounding's noise."""
@@ -11,8 +11,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -119,20 +117,16 @@ def test_sparse_routing_keeps_the_layer_path(checkpoint, monkeypatch):
     assert calls == [] and "all selected" in engine.backbone.step_path.off
 
 
-def test_fractional_zero_points_run_exactly():
-    """MatMulNBits with Q4_1-style weights (w = d * q + m per group: fractional zero points) as Builder emits it
-    (the kernel's symmetric path plus a correction) equals x @ w^T."""
-    from moemesh.quant.grid import grid
-    from moemesh.quant.packing import rtn
-    from moemesh.runtime.ort.graph import Builder, linear
+def test_the_builtin_moe_keeps_its_gguf_grid_and_decodes_in_one_call(monkeypatch):
+    """The built-in smollm2-moe from its float checkpoint: GGUF-born projections on their exact int4 codes
+    (quant/grid.on_grid; Router.Info "int4 grid + int8": the MoE's permuted down projections and the LM head are
+    int8), every expert in process and selected, so each decode step is one call; within float32 rounding of the
+    per-layer path."""
+    from moemesh.models.registry import resolve_model
 
-    torch.manual_seed(0)
-    d, m = torch.rand(24, 3, 1) * 0.05 + 0.01, -torch.rand(24, 3, 1) * 0.3
-    w = (d * torch.randint(0, 16, (24, 3, 32)) + m).view(24, 96)
-    qw = grid(w, 4, 32, rtn(w, 4, 32))
-    assert qw.zero_f is not None and not torch.equal(qw.zero_f, qw.zero.float())
-    b = Builder(accuracy=1)
-    model = b.model([("x", ["T", 96])], [(linear(b, "x", qw), "y")])
-    x = torch.randn(5, 96)
-    y = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x.numpy()})[0]
-    assert np.allclose(y, (x @ w.T).numpy(), atol=1e-4), np.abs(y - (x @ w.T).numpy()).max()
+    calls = _calls(monkeypatch)
+    moe = resolve_model("smollm2-moe", progress=False)
+    layers, graph = (Engine.load(moe, kv_blocks=8, backend="onnxruntime") for _ in range(2))
+    layers.backbone.step_path.off = "the reference"
+    assert graph.info.quantization == "int4 grid + int8" and graph.backbone.schemes == {"int4 grid", "int8"}
+    assert _decode(layers, graph, PROMPTS[:2], steps=3) < 1e-4 and calls == [2] * 3
