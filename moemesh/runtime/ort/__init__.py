@@ -1,5 +1,6 @@
 """The ONNX Runtime backend (`--backend onnxruntime`): int4/int8 weight-only matmuls (MatMulNBits) for the dense
-layers (backbone.py) and the routed experts (experts.py); torch keeps attention, routing and the KV cache."""
+layers (backbone.py) and the routed experts (experts.py); torch keeps attention, routing and the KV cache, except in
+decode steps that run as one ORT call (step_graph.py, step_path.py)."""
 
 from __future__ import annotations
 
