@@ -10,7 +10,7 @@ Per decoder layer i (H hidden, A = Hq*D attention width):
 So a dense model costs one ORT call per layer per step, plus the head. Decode steps (one new token per sequence)
 run instead as one call for the whole model where step_path.py allows (step_graph.py: the same weights, attention
 in the graph, every expert in process and selected): at batch 1 on two cores that took the built-in smollm2-moe
-from 38.7 to 16.4 ms a token (benchmarks/results/cpu-quant-smollm2-moe.md).
+from 38.3 to 16.3 ms a token (benchmarks/results/cpu-quant-smollm2-moe.md).
 """
 
 from __future__ import annotations
