@@ -61,7 +61,8 @@ class OrtExpertBank:
         self.dtype, self.device, self.fused_off = torch.float32, torch.device("cpu"), "onnxruntime backend"
         self.weight_bytes = sum(q.q.numel() * q.bits // 8 + q.scale.numel() * 4 for t in weights.values() for q in t)
         self.single = {key: Graph(self._expert_graph(*w), device) for key, w in weights.items()}
-        self.weights = weights  # for bank_nodes (an in-process step graph); dropped by release_weights
+        # for bank_nodes (a step graph in the process that hosts every expert); released once the graph is built
+        self.weights = weights if len(self.experts) == bank.spec.num_experts else {}
         self.schemes = {("int4 grid" if q.zero_f is not None else f"int{q.bits}") for t in weights.values() for q in t}
 
         self.bank = {layer: Graph(self._bank_graph([weights[(layer, e)] for e in self.experts]), device)
@@ -102,7 +103,7 @@ class OrtExpertBank:
     def bank_nodes(self, layer: int):
         """(builder, h, w) -> y: this layer's bank as nodes of a caller's graph (step_graph.py), or None where
         the layer has no bank graph (its experts' quantization differs)."""
-        if layer not in self.bank:
+        if layer not in self.bank or not self.weights:
             return None
         triples = [self.weights[(layer, e)] for e in self.experts]
         return lambda b, h, w: bank_body(b, triples, h, w)

@@ -53,8 +53,7 @@ class StepPath:
             self.off = why
         else:
             self.graph = StepGraph(self.backbone, self.picked, banks, self.device)
-            bank = getattr(dispatch, "bank", None)
-            getattr(bank, "release_weights", lambda: None)()
+        getattr(getattr(dispatch, "bank", None), "release_weights", lambda: None)()
         self.picked = {}  # the per-layer graphs hold their own copies
         return self.graph is not None
 
