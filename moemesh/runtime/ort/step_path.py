@@ -11,6 +11,7 @@ MOEMESH_ORT_STEP_GRAPH=0 keeps the per-layer path.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from moemesh.runtime.ort.step_graph import StepGraph, unsupported
 
 ENABLED = os.environ.get("MOEMESH_ORT_STEP_GRAPH", "1") != "0"
+log = logging.getLogger(__name__)
 
 
 class StepPath:
@@ -51,8 +53,10 @@ class StepPath:
         why = unsupported(base, banks)
         if why:
             self.off = why
+            log.info("onnxruntime: decode steps call ORT once per layer (%s)", why)
         else:
             self.graph = StepGraph(self.backbone, self.picked, banks, self.device)
+            log.info("onnxruntime: a decode step is one ORT call (%d layers in one graph)", len(base.layers))
         getattr(getattr(dispatch, "bank", None), "release_weights", lambda: None)()
         self.picked = {}  # the per-layer graphs hold their own copies
         return self.graph is not None
