@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(ns.repeats):
         for name, t in timers.items():
             samples[name].append(t())
-    rows = [{"engine": name, "model": ns.model, "ms_per_token": round(statistics.median(v), 2), "samples_ms": [round(x, 2) for x in v],
-             "measured": True} for name, v in samples.items()]
+    rows = [{"engine": name, "model": ns.model, "ms_per_token": round(statistics.median(v), 2),
+             "samples_ms": [round(x, 2) for x in v], "measured": True} for name, v in samples.items()]
     if llama is None:
         rows.append({"engine": "llama.cpp Q4_1 GGUF (FACTS.md, not measured here)", "ms_per_token": LLAMA_FACT_MS,
                      "samples_ms": [], "measured": False})
@@ -130,7 +130,8 @@ def write(rows: list[dict], ns, load_before, load_after) -> None:
     stem = "cpu-quant" if ns.model == "smollm2" else f"cpu-quant-{ns.model}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{stem}.md").write_text(
-        f"# CPU decode of {ns.model}, batch 1 ({ns.threads} threads)\n\n`{result['command']}`\n\nMachine: {result['machine']}; "
+        f"# CPU decode of {ns.model}, batch 1 ({ns.threads} threads)\n\n`{result['command']}`\n\n"
+        f"Machine: {result['machine']}; "
         f"load average before {result['load_average_before']}, after {result['load_average_after']}.\n\n"
         f"{table}\n")
 

@@ -93,7 +93,7 @@ class StepGraph:
             return self._qk(b, attn, *(self._proj(b, h, weights, i, n) for n in "qkv"))
         biases = [getattr(attn, f"{n}_proj").bias for n in "qkv"]
         bias = None if all(x is None for x in biases) else np.concatenate(
-            [(x.detach().numpy() if x is not None else np.zeros(p.shape[0], np.float32)) for x, p in zip(biases, parts)])
+            [x.detach().numpy() if x is not None else np.zeros(p.shape[0], np.float32) for x, p in zip(biases, parts)])
         y = linear(b, h, cat_rows(parts), bias, "qkv")
         sizes = [p.shape[0] for p in parts]
         if sa.qk_norm is not None or sa.clip_qkv is not None:
