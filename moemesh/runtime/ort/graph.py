@@ -11,9 +11,16 @@ import os
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from moemesh.quant.packing import QWeight, pack_nibbles
+
+def as_array(t) -> np.ndarray:
+    """A weight as the graph stores it: a (CPU) torch tensor's float32 values, or a numpy array as it is; read once
+    when a graph is built, never per step."""
+    return t.detach().float().contiguous().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
 
 OPSET = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
 # accuracy_level 4: activations quantized to int8 per block inside the kernel (the fast AVX2/AVX512-VNNI path);
@@ -33,9 +40,10 @@ class Builder:
         self._n += 1
         return f"{stem}_{self._n}"
 
-    def const(self, array: np.ndarray, stem: str = "c") -> str:
+    def const(self, array, stem: str = "c") -> str:
+        """A numpy array (kept as it is) or a torch tensor (as_array) as an initializer."""
         name = self.name(stem)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(as_array(array)), name))
         return name
 
     def op(self, op_type: str, inputs: list[str], domain: str = "", **attrs) -> str:
@@ -61,7 +69,7 @@ class Builder:
         codes = qw.q.numpy().reshape(n, blocks, qw.group)
         blob = pack_nibbles(codes) if qw.bits == 4 else codes.astype(np.uint8)
         middle = qw.zero_f is not None
-        zeros = np.full((n, blocks), 1 << (qw.bits - 1), np.uint8) if middle else qw.zero.numpy().astype(np.uint8)
+        zeros = np.full((n, blocks), 1 << (qw.bits - 1), np.uint8) if middle else np.asarray(qw.zero, np.uint8)
         if qw.bits == 4:
             if blocks % 2:
                 zeros = np.concatenate([zeros, np.zeros((n, 1), np.uint8)], axis=1)
@@ -77,14 +85,14 @@ class Builder:
         (m - z_f) s, so y gains sum_g (sum_{k in g} x_k) c[n, g] with c = (m - z_f) s [N, G]: (the group sums
         [T, G], c^T [G, N]) for one Gemm that also adds y (x 2D: G = K / group, 18 for K = 576)."""
         n, k = qw.shape
-        c = ((float(1 << (qw.bits - 1)) - qw.zero_f) * qw.scale).numpy().astype(np.float32)  # [N, G]
+        c = as_array((float(1 << (qw.bits - 1)) - qw.zero_f) * qw.scale)  # [N, G]
         groups = self.op("Reshape", [x, self.const(np.array([-1, k // qw.group, qw.group], np.int64))])
         sums = self.op("ReduceSum", [groups, self.const(np.array([-1], np.int64))], keepdims=0)  # [T, G]
         return sums, self.const(np.ascontiguousarray(c.T), stem + "_zc")  # [T, G], [G, N]
 
-    def matmul_f(self, x: str, w: np.ndarray, stem: str = "w") -> str:
+    def matmul_f(self, x: str, w, stem: str = "w") -> str:
         """x @ w.T for a float weight w [N, K] (kept float32: layers the caller chose not to quantize)."""
-        return self.op("MatMul", [x, self.const(np.ascontiguousarray(w.T.astype(np.float32)), stem)])
+        return self.op("MatMul", [x, self.const(np.ascontiguousarray(as_array(w).T.astype(np.float32)), stem)])
 
     def rename(self, value: str, name: str) -> str:
         """value (a node output) renamed to name everywhere: a graph output without an Identity node's copy."""
@@ -109,17 +117,17 @@ class Builder:
         return helper.make_model(graph, opset_imports=OPSET, ir_version=10)
 
 
-def rms_norm(b: Builder, x: str, weight: np.ndarray, eps: float) -> str:
+def rms_norm(b: Builder, x: str, weight, eps: float) -> str:
     """weight * x / sqrt(mean(x^2) + eps) over the last axis (SimplifiedLayerNormalization: ORT's RMSNorm kernel)."""
-    return b.op("SimplifiedLayerNormalization", [x, b.const(weight.astype(np.float32), "norm")], axis=-1,
+    return b.op("SimplifiedLayerNormalization", [x, b.const(as_array(weight).astype(np.float32), "norm")], axis=-1,
                 epsilon=float(eps), stash_type=1)
 
 
-def add_rms_norm(b: Builder, x: str, delta: str, weight: np.ndarray, eps: float) -> tuple[str, str]:
+def add_rms_norm(b: Builder, x: str, delta: str, weight, eps: float) -> tuple[str, str]:
     """(x + delta, rms_norm(x + delta)) in one node (com.microsoft SkipSimplifiedLayerNormalization)."""
     h, total = b.name("norm"), b.name("residual")
-    b.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [x, delta, b.const(weight.astype(np.float32),
-                                    "norm")], [h, "", "", total], domain="com.microsoft", epsilon=float(eps)))
+    b.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [x, delta, b.const(
+        as_array(weight).astype(np.float32), "norm")], [h, "", "", total], domain="com.microsoft", epsilon=float(eps)))
     return total, h
 
 
@@ -128,7 +136,7 @@ def silu_mul(b: Builder, gate: str, up: str) -> str:
     return b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
 
 
-def linear(b: Builder, x: str, weight, bias: np.ndarray | None = None, stem: str = "w") -> str:
-    """x @ W^T (+ bias); weight a QWeight (MatMulNBits) or a float [N, K] array (plain MatMul)."""
+def linear(b: Builder, x: str, weight, bias=None, stem: str = "w") -> str:
+    """x @ W^T (+ bias); weight a QWeight (MatMulNBits) or a float [N, K] array or tensor (plain MatMul)."""
     y = b.matmul_q(x, weight, stem) if isinstance(weight, QWeight) else b.matmul_f(x, weight, stem)
-    return b.op("Add", [y, b.const(bias.astype(np.float32), stem + "_b")]) if bias is not None else y
+    return b.op("Add", [y, b.const(as_array(bias).astype(np.float32), stem + "_b")]) if bias is not None else y

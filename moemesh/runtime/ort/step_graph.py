@@ -66,8 +66,8 @@ class StepGraph:
         axes = lambda *v: b.const(np.array(v, np.int64))  # noqa: E731
 
         def norm(x, delta, rms):  # the residual add folded into the norm where there is one
-            weight = rms.weight.detach().numpy()
-            return (x, rms_norm(b, x, weight, rms.eps)) if delta is None else add_rms_norm(b, x, delta, weight, rms.eps)
+            w = rms.weight
+            return (x, rms_norm(b, x, w, rms.eps)) if delta is None else add_rms_norm(b, x, delta, w, rms.eps)
         for i, layer in enumerate(self.base.layers):
             x, h = norm(x, delta, layer.input_norm)
             q, k, v = self._qkv_heads(b, h, weights, i)  # [T, Hq, D], [T, Hkv, D] x2, q and k roped
@@ -92,8 +92,8 @@ class StepGraph:
         if not (all(isinstance(p, QWeight) for p in parts) and _uniform(parts)):
             return self._qk(b, attn, *(self._proj(b, h, weights, i, n) for n in "qkv"))
         biases = [getattr(attn, f"{n}_proj").bias for n in "qkv"]
-        bias = None if all(x is None for x in biases) else np.concatenate(
-            [x.detach().numpy() if x is not None else np.zeros(p.shape[0], np.float32) for x, p in zip(biases, parts)])
+        bias = None if all(x is None for x in biases) else torch.cat(
+            [x.detach().float() if x is not None else torch.zeros(p.shape[0]) for x, p in zip(biases, parts)])
         y = linear(b, h, cat_rows(parts), bias, "qkv")
         sizes = [p.shape[0] for p in parts]
         if sa.qk_norm is not None or sa.clip_qkv is not None:
@@ -105,23 +105,22 @@ class StepGraph:
 
     def _proj(self, b: Builder, h: str, weights: dict, i: int, name: str) -> str:
         proj = getattr(self.base.layers[i].attn, f"{name}_proj")
-        bias = proj.bias.detach().numpy() if proj.bias is not None else None
-        return linear(b, h, weights[f"model.layers.{i}.self_attn.{name}_proj.weight"], bias, name)
+        return linear(b, h, weights[f"model.layers.{i}.self_attn.{name}_proj.weight"], proj.bias, name)
 
     def _qk(self, b: Builder, attn, q: str, k: str, v: str) -> tuple[str, str, str]:
         """The torch Attention's steps between the projections and the context: q/k norm, clip, heads, rope."""
         s = attn.spec
         if s.qk_norm == "full":
-            q = rms_norm(b, q, attn.q_norm.weight.detach().numpy(), attn.q_norm.eps)
-            k = rms_norm(b, k, attn.k_norm.weight.detach().numpy(), attn.k_norm.eps)
+            q = rms_norm(b, q, attn.q_norm.weight, attn.q_norm.eps)
+            k = rms_norm(b, k, attn.k_norm.weight, attn.k_norm.eps)
         if s.clip_qkv is not None:
             lo, hi = b.const(np.array(-s.clip_qkv, np.float32)), b.const(np.array(s.clip_qkv, np.float32))
             q, k, v = (b.op("Clip", [z, lo, hi]) for z in (q, k, v))
         q, k, v = (b.op("Reshape", [z, b.const(np.array([0, n, s.head_dim], np.int64))])
                    for z, n in ((q, s.num_heads), (k, s.num_kv_heads), (v, s.num_kv_heads)))
         if s.qk_norm == "head":
-            q = rms_norm(b, q, attn.q_norm.weight.detach().numpy(), attn.q_norm.eps)
-            k = rms_norm(b, k, attn.k_norm.weight.detach().numpy(), attn.k_norm.eps)
+            q = rms_norm(b, q, attn.q_norm.weight, attn.q_norm.eps)
+            k = rms_norm(b, k, attn.k_norm.weight, attn.k_norm.eps)
         return self._rope(b, q), self._rope(b, k), v
 
     @staticmethod
@@ -153,7 +152,7 @@ class StepGraph:
                 gate, up = linear(b, h, gate, None, "gate"), linear(b, h, up, None, "up")
             return linear(b, silu_mul(b, gate, up), weights[f"{p}.down_proj.weight"], None, "down")
         m = self.spec.moe
-        logits = b.matmul_f(h, layer.mlp.gate.weight.detach().numpy(), "router")  # [T, E] float32
+        logits = b.matmul_f(h, layer.mlp.gate.weight, "router")  # [T, E] float32
         if m.scoring == "unit":
             w = b.op("Add", [b.op("Mul", [logits, b.const(np.array(0.0, np.float32))]),
                              b.const(np.array(1.0, np.float32))])
