@@ -49,10 +49,12 @@ def grid(w: torch.Tensor, bits: int, group: int, fallback: QWeight) -> QWeight:
 def on_grid(w: torch.Tensor, bits: int = 4, group: int = 32) -> QWeight | None:
     """w [N, K] as its exact codes when every `group` columns are 2**bits evenly spaced levels from their min to their
     max (llama.cpp's Q4_1 blocks dequantized: the built-in model's attention and gate / up projections), else None
-    (then the caller's quantizer rounds it). The ONNX Runtime backend's choice for a float checkpoint's weights."""
+    (then the caller's quantizer rounds it). What both CPU backends keep of a float checkpoint's weights (ONNX Runtime
+as is, packed through packed.grid_codes)."""
     n, k = w.shape
     if k % group or not w.is_floating_point():
         return None
+    w = w.detach()
     scale, zero_f, fits = grid_params(w, bits, group, widest_only=True)
     if not bool(fits.all()):
         return None

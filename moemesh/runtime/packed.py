@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moemesh.quant.grid import grid_params
+from moemesh.quant.grid import on_grid
 from moemesh.runtime.quant import QuantTensor, unpack_int4
 
 SCHEMES = ("int8", "int4")
@@ -140,14 +140,8 @@ def grid_codes(w: torch.Tensor, group: int = GRID_GROUP) -> Codes | None:
     off that grid (then a second rounding to int8 is all the packed kernels can do). Exact codes keep the
     checkpoint's values up to bf16 scales and offsets (~1e-3 of a step), closer than int8 per row, and read half the
     bytes."""
-    n, k = w.shape
-    if k % group or not w.is_floating_point():
-        return None
-    scale, zero_f, fits = grid_params(w.detach(), 4, group, widest_only=True)  # [N, G] each
-    if not bool(fits.all()):
-        return None
-    x = w.detach().float().view(n, k // group, group) / scale[..., None] + zero_f[..., None]
-    return Codes(x.round().clamp(0, 15).to(torch.uint8).view(n, k), scale, zero_f, 4, group)
+    qw = on_grid(w, 4, group)
+    return None if qw is None else Codes(qw.q, qw.scale, qw.zero_f, 4, group)
 
 
 def summary(weights) -> str:

@@ -26,7 +26,7 @@ from moemesh.quant.grid import on_grid
 from moemesh.quant.packing import QWeight, rtn
 from moemesh.runtime.attention import Attention
 from moemesh.runtime.backbone import Backbone, MoeBlock
-from moemesh.runtime.ort.graph import Builder, linear, rms_norm, silu_mul
+from moemesh.runtime.ort.graph import Builder, linear, rms_norm, schemes, silu_mul
 from moemesh.runtime.ort.session import Graph
 from moemesh.runtime.ort.step_path import StepPath
 
@@ -53,12 +53,6 @@ def float_weight(w: torch.Tensor, bits: int = 8, group: int = 32) -> QWeight | t
     if w.shape[1] % group:
         return w.float()
     return on_grid(w) or rtn(w.float(), bits, group)
-
-
-def schemes(weights) -> set[str]:
-    """Router.Info's words for what the graphs run: "int4 grid" (fractional zero points), "int4", "int8", "float32"."""
-    return {("int4 grid" if w.zero_f is not None else f"int{w.bits}") if isinstance(w, QWeight) else "float32"
-            for w in weights}
 
 
 def supported(backbone: Backbone) -> str:

@@ -21,7 +21,7 @@ from moemesh.quant.grid import on_grid
 from moemesh.quant.packing import QWeight, rtn
 from moemesh.runtime.checkpoint import Checkpoint, resolve_model_dir
 from moemesh.runtime.experts import PER_EXPERT_NAMES, ExpertBank, moe_prefix
-from moemesh.runtime.ort.graph import Builder, linear, silu_mul
+from moemesh.runtime.ort.graph import Builder, linear, schemes, silu_mul
 from moemesh.runtime.ort.session import Graph
 
 
@@ -63,7 +63,7 @@ class OrtExpertBank:
         self.single = {key: Graph(self._expert_graph(*w), device) for key, w in weights.items()}
         # for bank_nodes (a step graph in the process that hosts every expert); released once the graph is built
         self.weights = weights if len(self.experts) == bank.spec.num_experts else {}
-        self.schemes = {("int4 grid" if q.zero_f is not None else f"int{q.bits}") for t in weights.values() for q in t}
+        self.schemes = schemes(q for t in weights.values() for q in t)  # Router.Info (engine_loader._reported)
 
         self.bank = {layer: Graph(self._bank_graph([weights[(layer, e)] for e in self.experts]), device)
                      for layer in self.layers

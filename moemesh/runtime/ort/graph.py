@@ -123,6 +123,12 @@ def rms_norm(b: Builder, x: str, weight, eps: float) -> str:
                 epsilon=float(eps), stash_type=1)
 
 
+def schemes(weights) -> set[str]:
+    """Router.Info's words for what graphs run: "int4 grid" (fractional zero points), "int4", "int8", "float32"."""
+    return {("int4 grid" if w.zero_f is not None else f"int{w.bits}") if isinstance(w, QWeight) else "float32"
+            for w in weights}
+
+
 def add_rms_norm(b: Builder, x: str, delta: str, weight, eps: float) -> tuple[str, str]:
     """(x + delta, rms_norm(x + delta)) in one node (com.microsoft SkipSimplifiedLayerNormalization)."""
     h, total = b.name("norm"), b.name("residual")
